@@ -1,0 +1,72 @@
+"""Backend registry and selection.
+
+Selection order: explicit ``backend=`` argument > ``GPUBN_BACKEND`` environment
+variable > automatic (CuPy arrays -> ``cuda``, NumPy arrays -> ``numpy``).
+An explicitly requested backend that cannot run raises ``RuntimeError`` saying
+why; automatic selection never falls back silently.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+from .base import Backend, ChannelStats
+
+# name -> "module:Class", imported on first use so that importing gpubn never
+# needs CuPy or a C++ compiler.
+_REGISTRY = {
+    "numpy": "gpubn.backends.numpy_backend:NumpyBackend",
+    "emu": "gpubn.backends.emu:EmuBackend",
+    "cuda": "gpubn.backends.cuda:CudaBackend",
+}
+_INSTANCES: dict = {}
+
+BACKENDS = tuple(_REGISTRY)
+
+
+def _load(name: str) -> Backend:
+    if name not in _INSTANCES:
+        module_name, cls_name = _REGISTRY[name].split(":")
+        try:
+            cls = getattr(importlib.import_module(module_name), cls_name)
+        except ImportError as exc:  # backend module missing its dependency
+            raise RuntimeError(f"backend {name!r} is not available: {exc}") from exc
+        reason = cls.unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(f"backend {name!r} is not available: {reason}")
+        _INSTANCES[name] = cls()
+    return _INSTANCES[name]
+
+
+def available_backends():
+    """Names of the backends that can run on this machine."""
+    names = []
+    for name in _REGISTRY:
+        try:
+            _load(name)
+        except RuntimeError:
+            continue
+        names.append(name)
+    return names
+
+
+def _is_cupy_array(x) -> bool:
+    return type(x).__module__.split(".")[0] == "cupy"
+
+
+def get_backend(backend=None, x=None) -> Backend:
+    """Resolve a backend name (or ``None``) for array ``x``."""
+    if isinstance(backend, Backend):
+        return backend
+    if backend is None:
+        backend = os.environ.get("GPUBN_BACKEND") or None
+    if backend is None:
+        return _load("cuda" if _is_cupy_array(x) else "numpy")
+    if not isinstance(backend, str) or backend not in _REGISTRY:
+        raise ValueError(
+            f"backend must be one of {', '.join(map(repr, _REGISTRY))} or None, got {backend!r}")
+    return _load(backend)
+
+
+__all__ = ["Backend", "ChannelStats", "BACKENDS", "available_backends", "get_backend"]

@@ -1,0 +1,92 @@
+"""The internal backend interface.
+
+Every backend works on *canonical* arrays: C-contiguous, 3-D, shaped
+``(outer, C, inner)`` where ``outer`` is the product of the dimensions before
+the channel axis and ``inner`` the product of those after it.  NCHW input is
+``(N, C, H*W)``; channels-last input (``axis=-1``) is ``(N*H*W, C, 1)``.  The
+functional layer (``gpubn.functional``) validates arguments, builds this view
+and dispatches; a backend never sees an invalid argument.
+
+Per-channel vectors (weight, bias, running statistics, saved mean/invstd) are
+1-D arrays of length C in the *accumulation dtype*: float32 for float16 /
+bfloat16 / float32 data, float64 for float64 data.  ``None`` for weight means
+1, for bias 0.  Running statistics are updated in place.
+
+``count`` below is ``outer * inner``: the number of values per channel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple
+
+
+@dataclass
+class ChannelStats:
+    """Welford triple per channel: exact integer count, mean and M2 (sum of
+    squared deviations) in the accumulation dtype."""
+
+    count: int
+    mean: Any
+    m2: Any
+
+
+class Backend:
+    """Base class. Subclasses set ``name`` and ``xp`` (the array module)."""
+
+    name: str = "?"
+    xp: Any = None
+
+    # -- availability --------------------------------------------------
+    @classmethod
+    def unavailable_reason(cls) -> Optional[str]:
+        """None when the backend can run here, else a sentence saying why not."""
+        return None
+
+    def owns(self, x) -> bool:
+        """True when ``x`` is an array of this backend's array module."""
+        return isinstance(x, self.xp.ndarray)
+
+    # -- batch norm ----------------------------------------------------
+    def bn_stats(self, x3) -> ChannelStats:
+        """Per-channel Welford triple of a canonical array (no side effects)."""
+        raise NotImplementedError
+
+    def bn_forward_train(self, x3, weight, bias, running_mean, running_var,
+                         momentum: float, eps: float) -> Tuple[Any, Any, Any]:
+        """Training forward: returns ``(y3, mean, invstd)``.
+
+        Normalizes with the biased batch variance.  When ``running_mean`` /
+        ``running_var`` are not None they are updated in place with the given
+        exponential factor ``momentum`` (already resolved from ``None`` /
+        ``num_batches_tracked`` by the caller) and the *unbiased* variance.
+        """
+        raise NotImplementedError
+
+    def bn_forward_eval(self, x3, weight, bias, running_mean, running_var,
+                        eps: float) -> Tuple[Any, Any, Any]:
+        """Inference forward with running statistics: ``(y3, mean, invstd)``
+        where mean is running_mean and invstd = 1/sqrt(running_var + eps)."""
+        raise NotImplementedError
+
+    def bn_apply(self, x3, mean, invstd, weight, bias):
+        """y = (x - mean) * invstd * weight + bias, per channel (used after
+        statistics were merged elsewhere, e.g. across processes)."""
+        raise NotImplementedError
+
+    def bn_backward_reduce(self, dy3, x3, mean, invstd) -> Tuple[Any, Any]:
+        """Per-channel ``(sum dy, sum dy * xhat)`` in the accumulation dtype."""
+        raise NotImplementedError
+
+    def bn_backward_dx(self, dy3, x3, mean, invstd, weight, sum_dy,
+                       sum_dy_xhat, count: int):
+        """Training-mode dx from already reduced sums (count values/channel):
+        dx = weight*invstd*(dy - sum_dy/count - xhat*sum_dy_xhat/count)."""
+        raise NotImplementedError
+
+    def bn_backward(self, dy3, x3, mean, invstd, weight,
+                    training: bool) -> Tuple[Any, Any, Any]:
+        """Fused backward: ``(dx3, dweight, dbias)``; dweight/dbias in the
+        accumulation dtype.  ``training=False`` holds the statistics fixed
+        (dx = dy * weight * invstd)."""
+        raise NotImplementedError
