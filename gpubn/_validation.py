@@ -1,0 +1,128 @@
+"""Argument checks and the canonical view, shared by every normalization op.
+
+Every check raises ``TypeError`` or ``ValueError`` with a message that names the
+argument and the problem.  They are pure: callers run all of them before any
+state (running statistics, counters) is touched.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+FLOAT_DTYPES = ("float16", "float32", "float64")
+
+
+def acc_dtype(dtype) -> np.dtype:
+    """Accumulation dtype for a storage dtype: float64 for float64 data,
+    float32 for everything narrower (float16, bfloat16, float32)."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def _is_array(x) -> bool:
+    return hasattr(x, "dtype") and hasattr(x, "shape") and hasattr(x, "ndim")
+
+
+def check_float_array(x, name: str):
+    """``x`` must be an array of float16/float32/float64 (bfloat16 by name)."""
+    if not _is_array(x):
+        raise TypeError(f"{name} must be an array (numpy.ndarray or cupy.ndarray), "
+                        f"got {type(x).__name__}")
+    dt = np.dtype(x.dtype) if not str(x.dtype) == "bfloat16" else None
+    if dt is not None and dt.name not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have a floating-point dtype (float16, float32 or "
+                        f"float64), got {x.dtype}")
+
+
+def normalize_axis(axis, ndim: int, name: str = "axis") -> int:
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(axis).__name__}")
+    axis = int(axis)
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{name}={axis} is out of range for an input with {ndim} "
+                         f"dimensions (allowed: {-ndim} to {ndim - 1})")
+    return axis % ndim
+
+
+def check_input(x, axis, name: str = "x", min_ndim: int = 2) -> int:
+    """Check the data array and its channel axis; return the axis in [0, ndim)."""
+    check_float_array(x, name)
+    if x.ndim < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimensions "
+                         f"(batch and channel), got shape {tuple(x.shape)}")
+    axis = normalize_axis(axis, x.ndim)
+    if x.size == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}): batch norm needs "
+                         f"at least one value per channel")
+    return axis
+
+
+def check_eps(eps, name: str = "eps") -> float:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"{name} must be a positive float, got {type(eps).__name__}")
+    eps = float(eps)
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"{name} must be a positive finite number, got {eps}")
+    return eps
+
+
+def check_momentum(momentum, name: str = "momentum"):
+    """``None`` (cumulative average) or a number in [0, 1]."""
+    if momentum is None:
+        return None
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise TypeError(f"{name} must be a float in [0, 1] or None, "
+                        f"got {type(momentum).__name__}")
+    momentum = float(momentum)
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1] or None, got {momentum}")
+    return momentum
+
+
+def check_channel_vector(v, name: str, num_channels: int, backend=None,
+                         writable: bool = False):
+    """A per-channel parameter: None, or a 1-D float array of length C.
+
+    With ``writable=True`` (running statistics, updated in place) it must also
+    be an array of the backend's own array module and writeable.
+    """
+    if v is None:
+        return
+    check_float_array(v, name)
+    if tuple(v.shape) != (num_channels,):
+        raise ValueError(f"{name} must have shape ({num_channels},) to match the "
+                         f"{num_channels} channels of the input, got shape {tuple(v.shape)}")
+    if writable:
+        if backend is not None and not backend.owns(v):
+            raise TypeError(f"{name} is updated in place, so it must be a "
+                            f"{backend.xp.__name__} array for backend {backend.name!r}, "
+                            f"got {type(v).__module__}.{type(v).__name__}")
+        flags = getattr(v, "flags", None)
+        if flags is not None and not getattr(flags, "writeable", True):
+            raise ValueError(f"{name} is updated in place but is read-only")
+
+
+def check_count(count: int, training: bool, shape, name: str = "x"):
+    if training and count < 2:
+        raise ValueError(f"expected more than 1 value per channel when training, got "
+                         f"{name} of shape {tuple(shape)} ({count} value per channel)")
+
+
+def canonical_shape(shape, axis: int):
+    """(outer, C, inner) for a shape and a channel axis in [0, ndim)."""
+    outer = math.prod(shape[:axis])
+    inner = math.prod(shape[axis + 1:])
+    return outer, shape[axis], inner
+
+
+def canonical_view(x, axis: int, xp=None):
+    """C-contiguous ``(outer, C, inner)`` array holding ``x``; a view when ``x``
+    is already C-contiguous, else one copy."""
+    if xp is None:
+        xp = np
+    x3 = x.reshape(canonical_shape(tuple(x.shape), axis))
+    if not x3.flags.c_contiguous:
+        x3 = xp.ascontiguousarray(x3)
+    return x3
