@@ -1,0 +1,167 @@
+"""Command line: ``python -m bench [cpu] [gpu] [traffic] [options]``.
+
+Without a section name it runs the CPU benchmark and the emu traffic
+accounting, plus the GPU benchmark when CuPy sees a CUDA device.  Tables go
+to stdout, progress to stderr, rows are appended as JSON lines to ``--out``
+(default ``bench/results/<date-time>.jsonl``), and PNG charts are written
+next to it when matplotlib is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import List, Optional
+
+from . import gpu as gpu_mod
+from .env import machine_info
+from .providers import cpu_providers, select
+from .report import (format_summary, format_table, format_traffic_table, plot,
+                     write_jsonl)
+from .runner import Progress, run_suite
+from .suites import DTYPES, KINDS, OPS, SUITES, get_suite
+from .traffic import run_traffic, traffic_cases
+
+SECTIONS = ("cpu", "gpu", "traffic")
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark gpubn against PyTorch and a textbook NumPy version "
+                    "(CPU), PyTorch CUDA (GPU), and count the CUDA kernels' memory "
+                    "traffic on the emu backend.")
+    p.add_argument("sections", nargs="*", metavar="SECTION",
+                   help=f"any of {', '.join(SECTIONS)} (default: cpu and traffic, "
+                        "plus gpu when a CUDA device is present)")
+    p.add_argument("--suite", default=None, choices=sorted(SUITES),
+                   help="shape suite (default: 'default' on the CPU, 'resnet50' plus the "
+                        "default suite's other shapes on the GPU: 'full')")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, few repeats (seconds)")
+    p.add_argument("--dtype", action="append", choices=DTYPES, default=None,
+                   help="dtype(s) to run (repeatable; default float32)")
+    p.add_argument("--kind", action="append", choices=KINDS, default=None,
+                   help="op families to run (repeatable; default all)")
+    p.add_argument("--op", action="append", choices=OPS, default=None,
+                   help="ops to run (repeatable; default all)")
+    p.add_argument("--provider", action="append", default=None,
+                   help="providers to run (repeatable; e.g. torch-cpu, gpubn-numpy, "
+                        "naive-numpy, torch-cuda, gpubn-cuda)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed calls per measurement (default 5 CPU, 50 GPU; 3 with --quick)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed calls before timing, after the checked first call (default 1)")
+    p.add_argument("--out", default=None,
+                   help="JSON-lines file the rows are appended to "
+                        "(default bench/results/<date-time>.jsonl)")
+    p.add_argument("--no-chart", action="store_true", help="do not write PNG charts")
+    p.add_argument("--no-check", action="store_true",
+                   help="do not compare each provider's outputs with PyTorch's")
+    p.add_argument("--markdown", action="store_true", help="print tables as Markdown")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    return p
+
+
+def _chart_path(out: str, section: str) -> str:
+    stem = out[:-6] if out.endswith(".jsonl") else os.path.splitext(out)[0]
+    return f"{stem}-{section}.png"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    bad = [s for s in args.sections if s not in SECTIONS]
+    if bad:
+        print(f"error: unknown section(s) {bad}; choose from {SECTIONS}", file=sys.stderr)
+        return 2
+    if args.repeats is not None and args.repeats < 1:
+        print("error: --repeats must be >= 1", file=sys.stderr)
+        return 2
+    if args.warmup < 0:
+        print("error: --warmup must be >= 0", file=sys.stderr)
+        return 2
+    gpu_reason = gpu_mod.gpu_unavailable_reason()
+    sections = list(args.sections) or (["cpu", "traffic"] + (["gpu"] if gpu_reason is None else []))
+    suite = "quick" if args.quick else args.suite
+    dtypes = args.dtype or ["float32"]
+    out = args.out or os.path.join(RESULTS_DIR, time.strftime("%Y%m%d-%H%M%S") + ".jsonl")
+
+    gpu_info = None
+    if "gpu" in sections and gpu_reason is None:
+        gpu_info = gpu_mod.device_info()
+    machine = machine_info(gpu_info)
+    print(f"# machine: {machine['cpu']} ({machine['cpu_count']} cores), python {machine['python']}, "
+          f"numpy {machine['numpy']}, torch {machine['torch']} ({machine['torch_threads']} threads), "
+          f"gpubn {machine['gpubn']}, cupy {machine['cupy']}")
+    if gpu_info:
+        print(f"# gpu: {gpu_info['name']}, {gpu_info['sm_count']} SMs, peak "
+              f"{gpu_info['peak_gbps'] or float('nan'):.0f} GB/s")
+    status = 0
+    quiet = args.quiet
+    try:
+        if "cpu" in sections:
+            cases = get_suite(suite or "default", dtypes, args.kind, args.op)
+            providers = select(cpu_providers(), args.provider and
+                               [p for p in args.provider if not p.endswith("cuda")])
+            repeats = args.repeats or (3 if args.quick else 5)
+            total = sum(len(o) for _, o in cases) * len(providers)
+            print(f"# cpu: suite {suite or 'default'}, {len(cases)} shapes, {total} measurements, "
+                  f"{repeats} repeats", file=sys.stderr)
+            rows = run_suite(cases, providers, repeats=repeats, warmup=args.warmup,
+                             suite=suite or "default", check=not args.no_check,
+                             progress=Progress(total, enabled=not quiet))
+            for r in rows:
+                r["section"] = "cpu"
+            print("\n## CPU: median time [min-max ms], ratio to PyTorch CPU\n")
+            print(format_table(rows, markdown=args.markdown))
+            print()
+            print(format_summary(rows))
+            write_jsonl(rows, out, machine)
+            if not args.no_chart:
+                png = plot(rows, _chart_path(out, "cpu"))
+                print(f"# chart: {png}" if png else "# chart: skipped (matplotlib not installed)")
+        if "gpu" in sections:
+            if gpu_reason is not None:
+                print(f"\n## GPU: unavailable: {gpu_reason}")
+            else:
+                cases = get_suite(suite or "full", dtypes, args.kind, args.op)
+                providers = select(gpu_mod.gpu_providers(), args.provider and
+                                   [p for p in args.provider if p.endswith("cuda")])
+                repeats = args.repeats or (10 if args.quick else 50)
+                total = sum(len(o) for _, o in cases) * len(providers)
+                rows = run_suite(cases, providers, repeats=repeats, warmup=max(args.warmup, 3),
+                                 suite=suite or "full", check=not args.no_check,
+                                 peak_bytes_per_s=(gpu_info["peak_gbps"] or 0) * 1e9 or None,
+                                 progress=Progress(total, enabled=not quiet))
+                for r in rows:
+                    r["section"] = "gpu"
+                print("\n## GPU: median time [min-max], ratio to PyTorch CUDA, GB/s (share of peak)\n")
+                print(format_table(rows, markdown=args.markdown))
+                print()
+                print(format_summary(rows))
+                write_jsonl(rows, out, machine)
+                if not args.no_chart:
+                    png = plot(rows, _chart_path(out, "gpu"))
+                    print(f"# chart: {png}" if png else "# chart: skipped (matplotlib not installed)")
+        if "traffic" in sections:
+            cases = traffic_cases()
+            if args.kind:
+                cases = [(c, o) for c, o in cases if c.kind in args.kind]
+            total = sum(len(o) for _, o in cases)
+            rows = run_traffic(cases, progress=Progress(total, enabled=not quiet))
+            for r in rows:
+                r["section"] = "traffic"
+            print("\n## emu: global-memory traffic per op (passes = bytes / bytes of x)\n")
+            print(format_traffic_table(rows, markdown=args.markdown))
+            write_jsonl(rows, out, machine)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        status = 130
+    print(f"\n# results appended to {out}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""What machine and which versions produced a set of results."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+from typing import Dict, Optional
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(module: str) -> Optional[str]:
+    try:
+        return importlib.import_module(module).__version__
+    except Exception:
+        return None
+
+
+def _loadavg():
+    """1-minute load average when the run started: other work on the machine
+    skews timings (PyTorch's worker threads suffer most)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
+def machine_info(gpu: Optional[Dict] = None) -> Dict:
+    """Machine, CPU and library versions; ``gpu`` (from
+    :func:`bench.gpu.device_info`) is included when given."""
+    info = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "loadavg": _loadavg(),
+        "python": platform.python_version(),
+        "numpy": _version("numpy"),
+        "torch": _version("torch"),
+        "gpubn": _version("gpubn"),
+        "cupy": _version("cupy"),
+    }
+    try:
+        torch = importlib.import_module("torch")
+        info["torch_threads"] = torch.get_num_threads()
+    except Exception:
+        info["torch_threads"] = None
+    if gpu:
+        info["gpu"] = gpu
+    return info

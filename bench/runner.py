@@ -1,0 +1,180 @@
+"""Measure a suite: every (case, op) on every provider, one shared setup.
+
+For each (case, op) the runner builds one :class:`~bench.inputs.Setup`, asks
+each provider for a callable, calls it once untimed (warm-up, and its outputs
+are compared with the peer's, so a wrong result cannot hide behind a fast
+time), then times ``warmup`` more untimed and ``repeats`` timed calls.  Each
+measurement becomes one row (a dict, see :func:`make_row`); providers that
+cannot run become rows with ``status`` "unavailable" and the reason.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import time
+import traceback
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .inputs import make_setup
+from .metrics import bytes_moved, gbps, summarize
+from .suites import Case, KIND_ABBREV
+
+# Largest allowed relative error (max |a - b| / max |b|) of any output
+# against the peer's, per dtype.  float32 reductions over millions of values
+# differ between summation orders by ~1e-5 relative.
+CHECK_TOL = {"float16": 2e-2, "float32": 2e-3, "float64": 1e-9}
+
+OUTPUT_NAMES = {
+    "fwd_train": ("y",),
+    "fwd_infer": ("y",),
+    "bwd": ("dx", "dweight", "dbias"),
+    "fwd_bwd": ("y", "dx", "dweight", "dbias"),
+}
+
+
+def compare(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray], op: str,
+            dtype: str) -> str:
+    """"ok" or a sentence naming the first output that differs and by how much."""
+    names = OUTPUT_NAMES[op]
+    if len(outputs) != len(names) or len(reference) != len(names):
+        return f"mismatch: expected {len(names)} outputs {names}, got {len(outputs)} and {len(reference)}"
+    tol = CHECK_TOL[dtype]
+    for name, a, b in zip(names, outputs, reference):
+        a = np.asarray(a, dtype=np.float64)
+        b = np.asarray(b, dtype=np.float64)
+        if a.shape != b.shape:
+            return f"mismatch: {name} has shape {a.shape}, expected {b.shape}"
+        if not np.all(np.isfinite(a)):
+            return f"mismatch: {name} has non-finite values"
+        scale = max(float(np.max(np.abs(b))) if b.size else 0.0, 1e-30)
+        err = float(np.max(np.abs(a - b))) / scale if a.size else 0.0
+        if not err <= tol:
+            return f"mismatch: {name} differs by {err:.2e} relative (tolerance {tol:.0e})"
+    return "ok"
+
+
+def make_row(case: Case, op: str, provider, *, status: str = "ok", times=None,
+             reason: str = "", check: str = "", peak_bytes_per_s: Optional[float] = None,
+             suite: str = "") -> Dict:
+    nbytes = bytes_moved(case.kind, op, case.shape, case.axis, case.dtype)
+    row = {
+        "suite": suite,
+        "device": provider.device,
+        "provider": provider.name,
+        "backend": provider.backend,
+        "kind": case.kind,
+        "op": op,
+        "layout": case.layout,
+        "shape": list(case.shape),
+        "axis": case.axis,
+        "dtype": case.dtype,
+        "label": case.label,
+        "numel": case.numel,
+        "bytes": nbytes,
+        "status": status,
+        "reason": reason,
+        "check": check,
+        "median_s": None, "min_s": None, "max_s": None, "repeats": 0,
+        "gbps": None, "peak_gbps": None, "peak_share": None,
+        "ratio_to_torch": None,
+    }
+    if provider.note:
+        row["note"] = provider.note
+    if times is not None:
+        s = summarize(times)
+        row.update(median_s=s["median"], min_s=s["min"], max_s=s["max"], repeats=s["repeats"])
+        row["gbps"] = gbps(nbytes, s["median"])
+        if peak_bytes_per_s:
+            row["peak_gbps"] = peak_bytes_per_s / 1e9
+            row["peak_share"] = row["gbps"] / row["peak_gbps"] if row["gbps"] else None
+    return row
+
+
+def add_ratios(rows: List[Dict]) -> None:
+    """Fill ``ratio_to_torch``: median time over the median of the torch row
+    of the same (device, case, op) in the same run."""
+    peers = {}
+    for r in rows:
+        if r["backend"] == "torch" and r["median_s"]:
+            peers[(r["device"], r["kind"], r["layout"], tuple(r["shape"]), r["dtype"], r["op"])] = r["median_s"]
+    for r in rows:
+        key = (r["device"], r["kind"], r["layout"], tuple(r["shape"]), r["dtype"], r["op"])
+        if r["median_s"] and key in peers:
+            r["ratio_to_torch"] = r["median_s"] / peers[key]
+
+
+class Progress:
+    """One line per measurement on a stream (stderr by default)."""
+
+    def __init__(self, total: int, stream=None, enabled: bool = True):
+        self.total = total
+        self.done = 0
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled
+        self.t0 = time.perf_counter()
+
+    def step(self, text: str) -> None:
+        self.done += 1
+        if self.enabled:
+            elapsed = time.perf_counter() - self.t0
+            print(f"[{self.done:>4}/{self.total}] {elapsed:7.1f}s  {text}", file=self.stream, flush=True)
+
+
+def run_suite(cases, providers, *, repeats: int = 5, warmup: int = 1, suite: str = "",
+              peak_bytes_per_s: Optional[float] = None, check: bool = True,
+              progress: Optional[Progress] = None, seed: int = 0) -> List[Dict]:
+    """Measure every ``(case, ops)`` of ``cases`` on every provider."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    total = sum(len(ops) for _, ops in cases) * len(providers)
+    progress = progress or Progress(total)
+    reasons = {p.name: p.unavailable_reason() for p in providers}
+    # the peer runs first so the others can be checked against its outputs
+    ordered = sorted(providers, key=lambda p: not p.peer)
+    rows: List[Dict] = []
+    for case, ops in cases:
+        setup = make_setup(case, seed=seed)
+        for op in ops:
+            reference = None
+            for p in ordered:
+                desc = f"{KIND_ABBREV[case.kind]} {case.layout} {case.shape_str} {case.dtype} {op} {p.name}"
+                reason = reasons[p.name] or p.supports(case, op)
+                if reason:
+                    rows.append(make_row(case, op, p, status="unavailable", reason=reason, suite=suite))
+                    progress.step(f"{desc}: unavailable ({reason})")
+                    continue
+                try:
+                    fn = p.prepare(setup, op)
+                    outputs = p.to_host(fn())
+                    verdict = ""
+                    if check:
+                        if reference is None:
+                            reference = outputs
+                            verdict = "reference"
+                        else:
+                            verdict = compare(outputs, reference, op, case.dtype)
+                    gc.collect()
+                    times = p.timer(fn, repeats, warmup)
+                    del fn, outputs
+                except Exception as exc:  # one failing provider must not stop the run
+                    msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                    if "BENCH_DEBUG" in __import__("os").environ:
+                        traceback.print_exc()
+                    rows.append(make_row(case, op, p, status="error", reason=msg, suite=suite))
+                    progress.step(f"{desc}: error ({msg})")
+                    continue
+                row = make_row(case, op, p, times=times, check=verdict, suite=suite,
+                               peak_bytes_per_s=peak_bytes_per_s if p.device == "gpu" else None)
+                rows.append(row)
+                progress.step(f"{desc}: {row['median_s'] * 1e3:.3f} ms"
+                              + (f" [{verdict}]" if verdict not in ("", "ok", "reference") else ""))
+            reference = None
+        del setup
+        gc.collect()
+    add_ratios(rows)
+    return rows

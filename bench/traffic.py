@@ -1,0 +1,196 @@
+"""Global-memory traffic and launches per op, counted by the emu backend.
+
+The emu backend runs the very kernels of ``kernels/*.cu`` on the CPU and
+records, per launch, the bytes loaded from and stored to global memory
+(argument buffers) and, per argument buffer, its own counts.  This module
+runs each op once on small shapes under ``gpubn.emu.recording()`` and turns
+the records into:
+
+``launches``           kernel launches of the op
+``bytes_per_element``  all global bytes moved / elements of x
+``passes``             all global bytes / bytes of x: element-sized passes,
+                       per-channel vectors and workspaces included
+``tensor_passes``      only the element-sized buffers (x, y, dy, dx) / bytes
+                       of x, when the records say which buffer is which
+
+against the ideal (forward reads x and writes y: 2 passes; backward reads x
+and dy and writes dx: 3) and against what a PyTorch-style kernel sequence
+needs (forward: statistics pass + normalize pass = 3; backward: reduction
+pass over x and dy, then dx pass re-reading them = 5).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .inputs import DMAX, EPS, MOMENTUM, RENORM_MOMENTUM, RMAX, make_setup
+from .metrics import ITEMSIZE
+from .suites import Case, KIND_ABBREV
+
+IDEAL_PASSES = {"fwd_train": 2, "fwd_infer": 2, "bwd": 3, "fwd_bwd": 5}
+PYTORCH_PASSES = {"fwd_train": 3, "fwd_infer": 2, "bwd": 5, "fwd_bwd": 8}
+# PyTorch's CUDA batch norm: statistics, finalize, elementwise; backward:
+# reduce + elementwise (fused into one for contiguous NCHW).
+PYTORCH_LAUNCHES = {"fwd_train": 3, "fwd_infer": 1, "bwd": 2, "fwd_bwd": 5}
+# Layer norm keeps a row on chip in the forward (one kernel, 2 passes); the
+# backward is a dx kernel plus a dweight/dbias column reduction.
+LN_PYTORCH_PASSES = {"fwd_train": 2, "fwd_infer": 2, "bwd": 5, "fwd_bwd": 7}
+LN_PYTORCH_LAUNCHES = {"fwd_train": 1, "fwd_infer": 1, "bwd": 2, "fwd_bwd": 3}
+
+
+def traffic_cases() -> List[Tuple[Case, Sequence[str]]]:
+    """Small shapes (the emu checks every access): NCHW, NHWC, NC, rows."""
+    bn_ops = ("fwd_train", "fwd_infer", "bwd")
+    return [
+        (Case("batch_norm", (8, 16, 16, 16), "NCHW", label="small conv"), bn_ops),
+        (Case("batch_norm", (8, 16, 16, 16), "NHWC", label="small conv"), bn_ops),
+        (Case("batch_norm", (256, 64), "NC", label="small mlp"), bn_ops),
+        (Case("batch_renorm", (8, 16, 16, 16), "NCHW", label="small conv"), ("fwd_train", "bwd")),
+        (Case("layer_norm", (64, 256), "rows", label="small transformer"), ("fwd_train", "bwd")),
+    ]
+
+
+def _get(record, key, default=None):
+    if isinstance(record, dict):
+        return record.get(key, default)
+    return getattr(record, key, default)
+
+
+def _buffers(record) -> Optional[Dict]:
+    """Per-buffer counts of a launch record as {index: (loaded, stored, nbytes)};
+    None when the record carries none."""
+    for key in ("buffers", "per_buffer", "buffer_bytes"):
+        raw = _get(record, key)
+        if raw is not None:
+            break
+    else:
+        return None
+    out = {}
+    items = raw.items() if isinstance(raw, dict) else enumerate(raw)
+    for idx, b in items:
+        if b is None:
+            continue
+        if isinstance(b, (tuple, list)):
+            loaded, stored = b[0], b[1]
+            nbytes = b[2] if len(b) > 2 else None
+        else:
+            loaded = _get(b, "bytes_loaded", _get(b, "loaded", 0))
+            stored = _get(b, "bytes_stored", _get(b, "stored", 0))
+            nbytes = _get(b, "nbytes", _get(b, "size", None))
+        out[idx] = (int(loaded or 0), int(stored or 0), None if nbytes is None else int(nbytes))
+    return out
+
+
+def summarize_records(records: Sequence, numel: int, itemsize: int) -> Dict:
+    """Launches, bytes and passes of one op from its launch records."""
+    x_bytes = numel * itemsize
+    loaded = sum(int(_get(r, "bytes_loaded", 0)) for r in records)
+    stored = sum(int(_get(r, "bytes_stored", 0)) for r in records)
+    tensor = 0
+    known = True
+    for r in records:
+        bufs = _buffers(r)
+        if bufs is None or any(nb is None for _, _, nb in bufs.values()):
+            known = False
+            break
+        tensor += sum(ld + st for ld, st, nb in bufs.values() if nb == x_bytes)
+    return {
+        "launches": len(records),
+        "kernels": [str(_get(r, "kernel", "?")) for r in records],
+        "bytes_loaded": loaded,
+        "bytes_stored": stored,
+        "bytes_per_element": (loaded + stored) / numel,
+        "passes": (loaded + stored) / x_bytes,
+        "tensor_passes": tensor / x_bytes if known else None,
+    }
+
+
+def emu_unavailable_reason() -> Optional[str]:
+    try:
+        gpubn = importlib.import_module("gpubn")
+    except Exception as exc:  # pragma: no cover
+        return f"cannot import gpubn: {exc}"
+    try:
+        emu = importlib.import_module("gpubn.emu")
+    except Exception as exc:
+        return f"gpubn.emu cannot be imported: {exc}"
+    if not hasattr(emu, "recording"):
+        return "gpubn.emu.recording is not available in this version"
+    if not hasattr(gpubn, "batch_norm_forward"):
+        return "gpubn.batch_norm_forward is not available in this version"
+    try:
+        from gpubn.backends import get_backend
+        get_backend("emu")
+    except Exception as exc:
+        return str(exc)
+    return None
+
+
+def _run_op(case: Case, op: str, setup, recording):
+    """Run ``op`` on the emu backend; record only the op itself."""
+    gpubn = importlib.import_module("gpubn")
+    state = setup.state()
+    x, dy, w, b = setup.x, setup.dy, setup.weight, setup.bias
+    rm, rv = state["running_mean"], state["running_var"]
+    training = op != "fwd_infer"
+    if case.kind == "batch_norm":
+        fwd, bwd = gpubn.batch_norm_forward, getattr(gpubn, "batch_norm_backward", None)
+        args = (x, w, b, rm, rv)
+        kwargs = dict(training=training, momentum=MOMENTUM, eps=EPS, axis=case.axis, backend="emu")
+    elif case.kind == "batch_renorm":
+        fwd, bwd = gpubn.batch_renorm_forward, getattr(gpubn, "batch_renorm_backward", None)
+        args = (x, w, b, rm, rv, RMAX, DMAX)
+        kwargs = dict(training=training, momentum=RENORM_MOMENTUM, eps=EPS, axis=case.axis,
+                      backend="emu")
+    else:
+        fwd, bwd = gpubn.layer_norm_forward, getattr(gpubn, "layer_norm_backward", None)
+        args = (x, (case.shape[-1],), w, b)
+        kwargs = dict(eps=EPS, backend="emu")
+    if op in ("fwd_train", "fwd_infer"):
+        with recording() as log:
+            fwd(*args, **kwargs)
+        return list(log)
+    _, saved = fwd(*args, **kwargs)
+    with recording() as log:
+        bwd(dy, saved)
+    return list(log)
+
+
+def run_traffic(cases=None, progress=None) -> List[Dict]:
+    """One row per (case, op) with the emu counts, or the reason it could
+    not run."""
+    cases = traffic_cases() if cases is None else cases
+    reason = emu_unavailable_reason()
+    recording = None
+    if reason is None:
+        recording = importlib.import_module("gpubn.emu").recording
+    rows = []
+    for case, ops in cases:
+        setup = make_setup(case) if reason is None else None
+        for op in ops:
+            pt_passes = (LN_PYTORCH_PASSES if case.kind == "layer_norm" else PYTORCH_PASSES)[op]
+            pt_launches = (LN_PYTORCH_LAUNCHES if case.kind == "layer_norm" else PYTORCH_LAUNCHES)[op]
+            row = {
+                "device": "emu", "provider": "gpubn-emu", "backend": "emu",
+                "kind": case.kind, "op": op, "layout": case.layout, "shape": list(case.shape),
+                "axis": case.axis, "dtype": case.dtype, "numel": case.numel,
+                "ideal_passes": IDEAL_PASSES[op], "pytorch_passes": pt_passes,
+                "pytorch_launches": pt_launches, "status": "ok", "reason": "",
+            }
+            desc = f"emu {KIND_ABBREV[case.kind]} {case.layout} {case.shape_str} {op}"
+            if reason is not None:
+                row.update(status="unavailable", reason=reason)
+            else:
+                try:
+                    records = _run_op(case, op, setup, recording)
+                    row.update(summarize_records(records, case.numel, ITEMSIZE[case.dtype]))
+                except Exception as exc:
+                    row.update(status="error", reason=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
+            rows.append(row)
+            if progress is not None:
+                progress.step(desc + (f": {row['passes']:.2f} passes, {row['launches']} launches"
+                                      if row["status"] == "ok" else f": {row['status']} ({row['reason']})"))
+    return rows
