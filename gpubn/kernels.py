@@ -1,0 +1,152 @@
+"""The kernel catalog: which source holds which kernel, and the name
+expressions (template instantiations) each storage dtype needs.
+
+Both kernel backends (``cuda`` through CuPy ``RawModule``, ``emu`` through
+``gpubn.emu.RawModule``) and the NVRTC compile test take their kernel names
+from here, so a kernel added to ``kernels/*.cu`` is registered in one place.
+
+Kernel sources live in the checkout's ``kernels/`` directory; an installed
+package ships them as ``gpubn/_kernels`` (see pyproject).  ``kernels_dir()``
+finds whichever is present.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import os
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+import numpy as np
+
+# storage dtype name -> (C++ storage type, C++ accumulation type)
+CXX_TYPES: Dict[str, Tuple[str, str]] = {
+    "float16": ("gpubn::half", "float"),
+    "bfloat16": ("gpubn::bfloat16", "float"),
+    "float32": ("float", "float"),
+    "float64": ("double", "double"),
+}
+
+# Bytes moved by one vectorized load or store.
+VECTOR_BYTES = 16
+
+# Options every compile uses (besides the include directory of kernels/).
+COMPILE_OPTIONS = ("-std=c++17",)
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One templated kernel: its source file and whether it takes a VEC
+    (elements per vector access) template argument."""
+
+    name: str
+    source: str
+    vectorized: bool
+
+
+KERNELS: Dict[str, KernelSpec] = {
+    spec.name: spec
+    for spec in (
+        KernelSpec("bn_stats_nchw", "bn_stats.cu", True),
+        KernelSpec("bn_stats_nhwc", "bn_stats.cu", False),
+        KernelSpec("bn_apply_nchw", "bn_forward.cu", True),
+        KernelSpec("bn_apply_nhwc", "bn_forward.cu", True),
+        KernelSpec("bn_backward_reduce_nchw", "bn_backward.cu", True),
+        KernelSpec("bn_backward_reduce_nhwc", "bn_backward.cu", False),
+        KernelSpec("bn_backward_dx_nchw", "bn_backward.cu", True),
+        KernelSpec("bn_backward_dx_nhwc", "bn_backward.cu", True),
+    )
+}
+
+SOURCES: Tuple[str, ...] = tuple(dict.fromkeys(spec.source for spec in KERNELS.values()))
+
+
+def dtype_name(dtype) -> str:
+    """Catalog key of a storage dtype ('float16', 'bfloat16', 'float32', 'float64')."""
+    if isinstance(dtype, str) and dtype in CXX_TYPES:
+        return dtype
+    try:
+        name = np.dtype(dtype).name
+    except TypeError:
+        name = str(dtype)
+    if name not in CXX_TYPES:
+        raise TypeError(f"dtype {name!r} has no kernels; supported: {', '.join(CXX_TYPES)}")
+    return name
+
+
+def itemsize(dtype_key: str) -> int:
+    return 2 if dtype_key in ("float16", "bfloat16") else np.dtype(dtype_key).itemsize
+
+
+def vector_width(dtype_key: str) -> int:
+    """Elements per 16-byte access for a storage dtype."""
+    return VECTOR_BYTES // itemsize(dtype_key)
+
+
+def name_expression(kernel: str, dtype, vec: int = 1) -> str:
+    """The C++ name expression of one instantiation, e.g.
+    ``gpubn::bn_stats_nchw<float, float, 4>``."""
+    spec = KERNELS[kernel]
+    key = dtype_name(dtype)
+    t, acc = CXX_TYPES[key]
+    if spec.vectorized:
+        if vec not in (1, vector_width(key)):
+            raise ValueError(f"{kernel}: vec must be 1 or {vector_width(key)} for {key}, got {vec}")
+        return f"gpubn::{kernel}<{t}, {acc}, {vec}>"
+    if vec != 1:
+        raise ValueError(f"{kernel} is not vectorized (vec must be 1, got {vec})")
+    return f"gpubn::{kernel}<{t}, {acc}>"
+
+
+def name_expressions(source: str, dtype) -> Tuple[str, ...]:
+    """Every instantiation of ``source`` that one storage dtype needs."""
+    key = dtype_name(dtype)
+    names = []
+    for spec in KERNELS.values():
+        if spec.source != source:
+            continue
+        widths = (1, vector_width(key)) if spec.vectorized else (1,)
+        names.extend(name_expression(spec.name, key, w) for w in widths)
+    return tuple(names)
+
+
+def all_name_expressions(source: str) -> Tuple[str, ...]:
+    """Every instantiation of ``source`` over all storage dtypes."""
+    return tuple(n for key in CXX_TYPES for n in name_expressions(source, key))
+
+
+def kernels_dir() -> str:
+    """Directory holding kernels/*.cu and *.cuh (installed or checkout)."""
+    try:
+        installed = importlib.resources.files("gpubn._kernels")
+        path = os.fspath(installed)
+        if os.path.isfile(os.path.join(path, "gpubn_common.cuh")):
+            return path
+    except (ModuleNotFoundError, TypeError):
+        pass
+    checkout = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+    if os.path.isfile(os.path.join(checkout, "gpubn_common.cuh")):
+        return checkout
+    raise FileNotFoundError("gpubn kernel sources not found (neither gpubn/_kernels nor kernels/)")
+
+
+@functools.lru_cache(maxsize=None)
+def read_source(source: str) -> str:
+    """Text of one kernel source file, read once per process."""
+    if source not in SOURCES:
+        raise ValueError(f"unknown kernel source {source!r}; known: {', '.join(SOURCES)}")
+    with open(os.path.join(kernels_dir(), source), encoding="utf-8") as f:
+        return f.read()
+
+
+def compile_options() -> Tuple[str, ...]:
+    """Options for NVRTC / emu: the kernels' include directory and C++17."""
+    return ("-I" + kernels_dir(),) + COMPILE_OPTIONS
+
+
+__all__ = [
+    "CXX_TYPES", "KERNELS", "SOURCES", "KernelSpec", "dtype_name", "vector_width",
+    "name_expression", "name_expressions", "all_name_expressions", "kernels_dir",
+    "read_source", "compile_options",
+]

@@ -1,0 +1,163 @@
+// bn_backward.cu -- the fused batch-norm backward.
+//
+// bn_backward_reduce_*: one read of dy and x per channel, reduced (two-stage
+// when the launch splits channels) to
+//   sum_dy_out[c]      = sum dy                      (= dbias)
+//   sum_dy_xhat_out[c] = invstd * sum dy * (x - mean) (= dweight)
+// With dx_eval non-null (statistics held fixed, eval-mode backward) the same
+// pass also writes dx = dy * weight * invstd, so that backward is one launch.
+//
+// bn_backward_dx_*: training-mode dx from the reduced sums,
+//   dx = a * (dy - b - (x - mean) * k)
+//   a = weight * invstd, b = sum_dy / m, k = invstd * sum_dy_xhat / m,
+// and (training == 0) dx = weight * invstd * dy without reading x.
+//
+// Exported kernels (name expressions, see gpubn/kernels.py):
+//   gpubn::bn_backward_reduce_nchw<T, Acc, VEC>, gpubn::bn_backward_reduce_nhwc<T, Acc>
+//   gpubn::bn_backward_dx_nchw<T, Acc, VEC>,     gpubn::bn_backward_dx_nhwc<T, Acc, VEC>
+#include "gpubn_common.cuh"
+
+namespace gpubn {
+
+template <class Acc>
+__device__ __forceinline__ void finish_grad(const GradSums<Acc>& g, int c, const Acc* invstd,
+                                            Acc* sum_dy_out, Acc* sum_dy_xhat_out) {
+    sum_dy_out[c] = g.sum_dy;
+    sum_dy_xhat_out[c] = g.sum_dy_xmu * invstd[c];
+}
+
+template <class T, class Acc, int VEC>
+__global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS)
+bn_backward_reduce_nchw(const T* __restrict__ dy, const T* __restrict__ x, const Acc* mean,
+                        const Acc* invstd, const Acc* weight, T* __restrict__ dx_eval,
+                        long long outer, int channels, long long inner,
+                        GradSums<Acc>* partials, unsigned int* counters, Acc* sum_dy_out,
+                        Acc* sum_dy_xhat_out) {
+    const int c = blockIdx.x;
+    const long long base = (long long)c * inner;
+    const Acc m = mean[c];
+    const Acc a = weight ? weight[c] * invstd[c] : invstd[c];
+    GradSums<Acc> g = channel_walk_nchw<VEC, GradSums<Acc>>(
+        outer, channels, inner, [&](GradSums<Acc>& s, long long offset) {
+            const Vec<T, VEC> gv = load_vec<T, VEC>(dy + base + offset);
+            const Vec<T, VEC> xv = load_vec<T, VEC>(x + base + offset);
+            Vec<T, VEC> out;
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) {
+                const Acc d = to_acc(gv.v[j]);
+                s.sum_dy += d;
+                s.sum_dy_xmu = fma_acc(d, Acc(to_acc(xv.v[j])) - m, s.sum_dy_xmu);
+                store_acc(out.v[j], a * d);
+            }
+            if (dx_eval) store_vec<T, VEC>(dx_eval + base + offset, out);
+        });
+    channel_finish_nchw(g, partials, counters, [&](const GradSums<Acc>& total) {
+        finish_grad(total, c, invstd, sum_dy_out, sum_dy_xhat_out);
+    });
+}
+
+template <class T, class Acc>
+__global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS)
+bn_backward_reduce_nhwc(const T* __restrict__ dy, const T* __restrict__ x, const Acc* mean,
+                        const Acc* invstd, const Acc* weight, T* __restrict__ dx_eval,
+                        long long rows, int channels, GradSums<Acc>* partials,
+                        unsigned int* counters, Acc* sum_dy_out, Acc* sum_dy_xhat_out) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    Acc m = Acc(0), a = Acc(0);
+    if (c < channels) {
+        m = mean[c];
+        a = weight ? weight[c] * invstd[c] : invstd[c];
+    }
+    GradSums<Acc> g = channel_walk_nhwc<GradSums<Acc>>(
+        rows, channels, [&](GradSums<Acc>& s, long long offset) {
+            const Acc d = to_acc(dy[offset]);
+            s.sum_dy += d;
+            s.sum_dy_xmu = fma_acc(d, Acc(to_acc(x[offset])) - m, s.sum_dy_xmu);
+            if (dx_eval) store_acc(dx_eval[offset], a * d);
+        });
+    channel_finish_nhwc(g, channels, partials, counters, [&](const GradSums<Acc>& total, int ch) {
+        finish_grad(total, ch, invstd, sum_dy_out, sum_dy_xhat_out);
+    });
+}
+
+template <class Acc>
+struct DxConsts {
+    Acc a;     // weight * invstd
+    Acc b;     // sum_dy / m
+    Acc k;     // invstd * sum_dy_xhat / m
+    Acc mean;
+};
+
+template <class Acc>
+__device__ __forceinline__ DxConsts<Acc> dx_consts(int c, const Acc* mean, const Acc* invstd,
+                                                   const Acc* weight, const Acc* sum_dy,
+                                                   const Acc* sum_dy_xhat, Acc inv_count,
+                                                   int training) {
+    DxConsts<Acc> q;
+    const Acc is = invstd[c];
+    q.a = weight ? weight[c] * is : is;
+    if (training) {
+        q.b = sum_dy[c] * inv_count;
+        q.k = is * sum_dy_xhat[c] * inv_count;
+        q.mean = mean[c];
+    } else {
+        q.b = Acc(0);
+        q.k = Acc(0);
+        q.mean = Acc(0);
+    }
+    return q;
+}
+
+template <class T, class Acc, int VEC>
+__device__ __forceinline__ void dx_body(const T* __restrict__ dy, const T* __restrict__ x,
+                                        T* __restrict__ dx, const DxConsts<Acc>* q, int qstride,
+                                        long long off, int training) {
+    const Vec<T, VEC> gv = load_vec<T, VEC>(dy + off);
+    Vec<T, VEC> out;
+    if (training) {
+        const Vec<T, VEC> xv = load_vec<T, VEC>(x + off);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+            const DxConsts<Acc>& p = q[j * qstride];
+            const Acc xmu = Acc(to_acc(xv.v[j])) - p.mean;
+            store_acc(out.v[j], p.a * fma_acc(-xmu, p.k, Acc(to_acc(gv.v[j])) - p.b));
+        }
+    } else {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) store_acc(out.v[j], q[j * qstride].a * Acc(to_acc(gv.v[j])));
+    }
+    store_vec<T, VEC>(dx + off, out);
+}
+
+template <class T, class Acc, int VEC>
+__global__ void bn_backward_dx_nchw(const T* __restrict__ dy, const T* __restrict__ x,
+                                    T* __restrict__ dx, const Acc* mean, const Acc* invstd,
+                                    const Acc* weight, const Acc* sum_dy, const Acc* sum_dy_xhat,
+                                    long long outer, int channels, long long inner,
+                                    Acc inv_count, int training) {
+    channel_map_nchw<VEC, DxConsts<Acc>>(
+        outer, channels, inner,
+        [&](int c, bool) {
+            return dx_consts(c, mean, invstd, weight, sum_dy, sum_dy_xhat, inv_count, training);
+        },
+        [&](const DxConsts<Acc>* q, int qstride, long long off) {
+            dx_body<T, Acc, VEC>(dy, x, dx, q, qstride, off, training);
+        });
+}
+
+template <class T, class Acc, int VEC>
+__global__ void bn_backward_dx_nhwc(const T* __restrict__ dy, const T* __restrict__ x,
+                                    T* __restrict__ dx, const Acc* mean, const Acc* invstd,
+                                    const Acc* weight, const Acc* sum_dy, const Acc* sum_dy_xhat,
+                                    long long rows, int channels, Acc inv_count, int training) {
+    channel_map_nhwc<VEC, DxConsts<Acc>>(
+        rows, channels,
+        [&](int c, bool) {
+            return dx_consts(c, mean, invstd, weight, sum_dy, sum_dy_xhat, inv_count, training);
+        },
+        [&](const DxConsts<Acc>* q, int qstride, long long off) {
+            dx_body<T, Acc, VEC>(dy, x, dx, q, qstride, off, training);
+        });
+}
+
+}  // namespace gpubn

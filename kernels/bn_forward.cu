@@ -1,0 +1,84 @@
+// bn_forward.cu -- normalize, scale and shift: y = x * scale + shift with the
+// per-channel constants scale = weight * invstd and shift = bias - mean * scale
+// folded once per run (one FMA per element).
+//
+//   from_var == 0: `spread` holds invstd (training forward, bn_apply).
+//   from_var != 0: `spread` holds the running variance; invstd is
+//                  1 / sqrt(var + eps) (inference, one launch).
+// weight / bias may be null (1 and 0).  When mean_out / invstd_out are non-null
+// one thread per channel also writes the mean and invstd it used.
+//
+// Exported kernels (name expressions, see gpubn/kernels.py):
+//   gpubn::bn_apply_nchw<T, Acc, VEC>   channel axis with inner > 1
+//   gpubn::bn_apply_nhwc<T, Acc, VEC>   channels last (inner == 1)
+#include "gpubn_common.cuh"
+
+namespace gpubn {
+
+template <class Acc>
+struct Affine {
+    Acc scale;
+    Acc shift;
+};
+
+template <class Acc>
+__device__ __forceinline__ Affine<Acc> affine_of(int c, bool first, const Acc* mean,
+                                                 const Acc* spread, const Acc* weight,
+                                                 const Acc* bias, Acc* mean_out,
+                                                 Acc* invstd_out, int from_var, Acc eps) {
+    const Acc m = mean[c];
+    const Acc invstd = from_var ? inv_sqrt(spread[c] + eps) : spread[c];
+    if (first) {
+        if (mean_out) mean_out[c] = m;
+        if (invstd_out) invstd_out[c] = invstd;
+    }
+    Affine<Acc> k;
+    k.scale = weight ? weight[c] * invstd : invstd;
+    k.shift = fma_acc(-m, k.scale, bias ? bias[c] : Acc(0));
+    return k;
+}
+
+template <class T, class Acc, int VEC>
+__device__ __forceinline__ void affine_body(const T* __restrict__ x, T* __restrict__ y,
+                                            const Affine<Acc>* k, int kstride, long long off) {
+    const Vec<T, VEC> in = load_vec<T, VEC>(x + off);
+    Vec<T, VEC> out;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j)
+        store_acc(out.v[j], fma_acc(Acc(to_acc(in.v[j])), k[j * kstride].scale, k[j * kstride].shift));
+    store_vec<T, VEC>(y + off, out);
+}
+
+template <class T, class Acc, int VEC>
+__global__ void bn_apply_nchw(const T* __restrict__ x, T* __restrict__ y, const Acc* mean,
+                              const Acc* spread, const Acc* weight, const Acc* bias,
+                              Acc* mean_out, Acc* invstd_out, long long outer, int channels,
+                              long long inner, int from_var, Acc eps) {
+    channel_map_nchw<VEC, Affine<Acc>>(
+        outer, channels, inner,
+        [&](int c, bool first) {
+            return affine_of(c, first, mean, spread, weight, bias, mean_out, invstd_out, from_var,
+                             eps);
+        },
+        [&](const Affine<Acc>* k, int kstride, long long off) {
+            affine_body<T, Acc, VEC>(x, y, k, kstride, off);
+        });
+}
+
+template <class T, class Acc, int VEC>
+__global__ void bn_apply_nhwc(const T* __restrict__ x, T* __restrict__ y, const Acc* mean,
+                              const Acc* spread, const Acc* weight, const Acc* bias,
+                              Acc* mean_out, Acc* invstd_out, long long rows, int channels,
+                              int from_var, Acc eps) {
+    channel_map_nhwc<VEC, Affine<Acc>>(
+        rows, channels,
+        [&](int c, bool first) {
+            return affine_of(c, first, mean, spread, weight, bias, mean_out, invstd_out, from_var,
+                             eps);
+        },
+        [&](const Affine<Acc>* k, int kstride, long long off) {
+            affine_body<T, Acc, VEC>(x, y, k, kstride, off);
+        });
+}
+
+}  // namespace gpubn

@@ -1,0 +1,66 @@
+// bn_stats.cu -- per-channel statistics in one launch.
+//
+// Welford per thread, Chan merges across the block, and (when the launch
+// splits a channel over S blocks) partial triples merged in index order by
+// the last block of each channel.  The finishing thread writes whichever
+// outputs are non-null:
+//   mean_out, m2_out      the channel's Welford mean and M2 (stats only),
+//   invstd_out            1 / sqrt(M2 / n + eps) (training forward),
+//   running_mean/_var     running = (1 - momentum) * running + momentum * batch,
+//                         with the unbiased batch variance M2 / (n - 1).
+//
+// Exported kernels (name expressions, see gpubn/kernels.py):
+//   gpubn::bn_stats_nchw<T, Acc, VEC>   channel axis with inner > 1
+//   gpubn::bn_stats_nhwc<T, Acc>        channels last (inner == 1)
+#include "gpubn_common.cuh"
+
+namespace gpubn {
+
+template <class Acc>
+__device__ __forceinline__ void finish_stats(const Welford<Acc>& w, int c, Acc* mean_out,
+                                             Acc* m2_out, Acc* invstd_out, Acc* running_mean,
+                                             Acc* running_var, Acc momentum, Acc eps) {
+    if (mean_out) mean_out[c] = w.mean;
+    if (m2_out) m2_out[c] = w.m2;
+    if (invstd_out) invstd_out[c] = inv_sqrt(w.m2 / Acc(w.n) + eps);
+    if (running_mean)
+        running_mean[c] = fma_acc(momentum, w.mean, (Acc(1) - momentum) * running_mean[c]);
+    if (running_var) {
+        const Acc unbiased = w.n > 1 ? w.m2 / Acc(w.n - 1) : w.m2 / Acc(w.n);
+        running_var[c] = fma_acc(momentum, unbiased, (Acc(1) - momentum) * running_var[c]);
+    }
+}
+
+template <class T, class Acc, int VEC>
+__global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS)
+bn_stats_nchw(const T* __restrict__ x, long long outer, int channels, long long inner,
+              Welford<Acc>* partials, unsigned int* counters, Acc* mean_out, Acc* m2_out,
+              Acc* invstd_out, Acc* running_mean, Acc* running_var, Acc momentum, Acc eps) {
+    const int c = blockIdx.x;
+    const T* xc = x + (long long)c * inner;
+    Welford<Acc> w = channel_walk_nchw<VEC, Welford<Acc>>(
+        outer, channels, inner, [&](Welford<Acc>& s, long long offset) {
+            const Vec<T, VEC> v = load_vec<T, VEC>(xc + offset);
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) s.push(to_acc(v.v[j]));
+        });
+    channel_finish_nchw(w, partials, counters, [&](const Welford<Acc>& total) {
+        finish_stats(total, c, mean_out, m2_out, invstd_out, running_mean, running_var, momentum,
+                     eps);
+    });
+}
+
+template <class T, class Acc>
+__global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS)
+bn_stats_nhwc(const T* __restrict__ x, long long rows, int channels, Welford<Acc>* partials,
+              unsigned int* counters, Acc* mean_out, Acc* m2_out, Acc* invstd_out,
+              Acc* running_mean, Acc* running_var, Acc momentum, Acc eps) {
+    Welford<Acc> w = channel_walk_nhwc<Welford<Acc>>(
+        rows, channels, [&](Welford<Acc>& s, long long offset) { s.push(to_acc(x[offset])); });
+    channel_finish_nhwc(w, channels, partials, counters, [&](const Welford<Acc>& total, int c) {
+        finish_stats(total, c, mean_out, m2_out, invstd_out, running_mean, running_var, momentum,
+                     eps);
+    });
+}
+
+}  // namespace gpubn

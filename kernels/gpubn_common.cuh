@@ -1,0 +1,438 @@
+// gpubn_common.cuh -- the project's own device header.
+//
+// Everything the batch-norm kernels share: half / bfloat16 storage types and
+// their conversions, vector loads, Welford triples with Chan's merge, warp and
+// block reductions, and the "last block of a channel finishes" handshake.
+//
+// It includes nothing: NVRTC compiles the kernels with no CUDA toolkit headers
+// on the include path, and the emu backend compiles the same text as C++ for
+// the CPU.  The one place that tells the two apart is the GPUBN_DEVICE_PTX
+// switch below (half-precision conversion instructions).
+#pragma once
+
+#if defined(__CUDACC_RTC__) || defined(__CUDACC__)
+#define GPUBN_DEVICE_PTX 1
+#else
+#define GPUBN_DEVICE_PTX 0
+#endif
+
+// Largest block (threads) the reduction kernels are written for; the launch
+// configuration (gpubn/launch.py, MAX_REDUCE_THREADS) never exceeds it.
+#define GPUBN_MAX_REDUCE_THREADS 256
+
+namespace gpubn {
+
+// ---------------------------------------------------------------------------
+// Storage types.  Arrays of float16 / bfloat16 arrive as raw 2-byte values.
+// ---------------------------------------------------------------------------
+struct __align__(2) half {
+    unsigned short bits;
+};
+struct __align__(2) bfloat16 {
+    unsigned short bits;
+};
+
+// Round-to-nearest-even float -> IEEE binary16, by bit manipulation.
+__device__ __forceinline__ unsigned short float_to_half_bits(float f) {
+    const unsigned int x = __float_as_uint(f);
+    const unsigned int sign = (x >> 16) & 0x8000u;
+    const unsigned int ax = x & 0x7fffffffu;
+    if (ax >= 0x7f800000u)  // inf or nan (nan stays quiet nan)
+        return (unsigned short)(sign | (ax > 0x7f800000u ? 0x7e00u : 0x7c00u));
+    if (ax >= 0x477ff000u)  // >= 65520 rounds to infinity
+        return (unsigned short)(sign | 0x7c00u);
+    if (ax < 0x38800000u) {  // below 2^-14: subnormal half or zero
+        if (ax < 0x33000000u)  // at most 2^-25: rounds to (signed) zero
+            return (unsigned short)sign;
+        const unsigned int e = ax >> 23;
+        const unsigned int m = (ax & 0x7fffffu) | 0x800000u;
+        const unsigned int shift = 126u - e;  // 14..24
+        unsigned int r = m >> shift;
+        const unsigned int rem = m & ((1u << shift) - 1u);
+        const unsigned int halfway = 1u << (shift - 1u);
+        if (rem > halfway || (rem == halfway && (r & 1u))) ++r;
+        return (unsigned short)(sign | r);
+    }
+    unsigned int r = (ax - 0x38000000u) >> 13;  // rebias exponent 127 -> 15
+    const unsigned int rem = ax & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (r & 1u))) ++r;
+    return (unsigned short)(sign | r);
+}
+
+__device__ __forceinline__ float half_bits_to_float(unsigned short h) {
+    const unsigned int sign = ((unsigned int)h & 0x8000u) << 16;
+    const unsigned int e = ((unsigned int)h >> 10) & 0x1fu;
+    const unsigned int m = (unsigned int)h & 0x3ffu;
+    if (e == 0x1fu) return __uint_as_float(sign | 0x7f800000u | (m << 13));
+    if (e == 0u) {  // zero or subnormal: m * 2^-24, exact in float
+        const float v = (float)m * 5.9604644775390625e-8f;
+        return sign ? -v : v;
+    }
+    return __uint_as_float(sign | ((e + 112u) << 23) | (m << 13));
+}
+
+__device__ __forceinline__ float to_acc(half v) {
+#if GPUBN_DEVICE_PTX
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
+    return f;
+#else
+    return half_bits_to_float(v.bits);
+#endif
+}
+
+__device__ __forceinline__ void store_acc(half& d, float v) {
+#if GPUBN_DEVICE_PTX
+    unsigned short b;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(b) : "f"(v));
+    d.bits = b;
+#else
+    d.bits = float_to_half_bits(v);
+#endif
+}
+
+// bfloat16: the upper half of a float; round to nearest even on store.
+__device__ __forceinline__ float to_acc(bfloat16 v) {
+    return __uint_as_float(((unsigned int)v.bits) << 16);
+}
+
+__device__ __forceinline__ void store_acc(bfloat16& d, float v) {
+    const unsigned int x = __float_as_uint(v);
+    if ((x & 0x7fffffffu) > 0x7f800000u) {
+        d.bits = (unsigned short)((x >> 16) | 0x0040u);  // quiet nan
+        return;
+    }
+    d.bits = (unsigned short)((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+}
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ void store_acc(float& d, float v) { d = v; }
+__device__ __forceinline__ void store_acc(double& d, double v) { d = v; }
+
+// VEC consecutive elements moved as one aligned load / store (16 bytes when
+// the launch configuration chose vectorization, one element otherwise).
+template <class T, int VEC>
+struct __align__(sizeof(T) * VEC) Vec {
+    T v[VEC];
+};
+
+template <class T, int VEC>
+__device__ __forceinline__ Vec<T, VEC> load_vec(const T* p) {
+    return *reinterpret_cast<const Vec<T, VEC>*>(p);
+}
+
+template <class T, int VEC>
+__device__ __forceinline__ void store_vec(T* p, const Vec<T, VEC>& v) {
+    *reinterpret_cast<Vec<T, VEC>*>(p) = v;
+}
+
+__device__ __forceinline__ float inv_sqrt(float v) { return 1.0f / sqrtf(v); }
+__device__ __forceinline__ double inv_sqrt(double v) { return 1.0 / sqrt(v); }
+
+// Fused multiply-add spelled out wherever a product meets a sum, so the GPU
+// (which would contract a*b+c on its own) and the emu build (which would not)
+// round every result identically.
+__device__ __forceinline__ float fma_acc(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ __forceinline__ double fma_acc(double a, double b, double c) { return fma(a, b, c); }
+
+__device__ __forceinline__ long long min_ll(long long a, long long b) { return a < b ? a : b; }
+
+// ---------------------------------------------------------------------------
+// Reduction states.  Plain structs (no constructors) so they can live in
+// __shared__ arrays and in the partials workspace.
+// ---------------------------------------------------------------------------
+
+// Welford triple: exact count, mean, M2 (sum of squared deviations).
+template <class Acc>
+struct Welford {
+    long long n;
+    Acc mean;
+    Acc m2;
+
+    __device__ __forceinline__ static Welford identity() {
+        Welford w;
+        w.n = 0;
+        w.mean = Acc(0);
+        w.m2 = Acc(0);
+        return w;
+    }
+    __device__ __forceinline__ void push(Acc x) {
+        ++n;
+        const Acc d = x - mean;
+        mean += d / Acc(n);
+        m2 = fma_acc(d, x - mean, m2);
+    }
+    // Chan's parallel merge; fixed operand order keeps results bitwise stable.
+    __device__ __forceinline__ static Welford merge(const Welford& a, const Welford& b) {
+        if (b.n == 0) return a;
+        if (a.n == 0) return b;
+        Welford r;
+        r.n = a.n + b.n;
+        const Acc wb = Acc(b.n) / Acc(r.n);
+        const Acc d = b.mean - a.mean;
+        r.mean = fma_acc(d, wb, a.mean);
+        r.m2 = fma_acc(d * d * Acc(a.n), wb, a.m2 + b.m2);
+        return r;
+    }
+    __device__ __forceinline__ Welford shfl_down(unsigned int offset) const {
+        Welford r;
+        r.n = __shfl_down_sync(0xffffffffu, n, offset);
+        r.mean = __shfl_down_sync(0xffffffffu, mean, offset);
+        r.m2 = __shfl_down_sync(0xffffffffu, m2, offset);
+        return r;
+    }
+    __device__ __forceinline__ static Welford load_volatile(const Welford* p) {
+        const volatile Welford* q = p;
+        Welford r;
+        r.n = q->n;
+        r.mean = q->mean;
+        r.m2 = q->m2;
+        return r;
+    }
+};
+
+// Backward sums: sum dy and sum dy * (x - mean).
+template <class Acc>
+struct GradSums {
+    Acc sum_dy;
+    Acc sum_dy_xmu;
+
+    __device__ __forceinline__ static GradSums identity() {
+        GradSums g;
+        g.sum_dy = Acc(0);
+        g.sum_dy_xmu = Acc(0);
+        return g;
+    }
+    __device__ __forceinline__ static GradSums merge(const GradSums& a, const GradSums& b) {
+        GradSums r;
+        r.sum_dy = a.sum_dy + b.sum_dy;
+        r.sum_dy_xmu = a.sum_dy_xmu + b.sum_dy_xmu;
+        return r;
+    }
+    __device__ __forceinline__ GradSums shfl_down(unsigned int offset) const {
+        GradSums r;
+        r.sum_dy = __shfl_down_sync(0xffffffffu, sum_dy, offset);
+        r.sum_dy_xmu = __shfl_down_sync(0xffffffffu, sum_dy_xmu, offset);
+        return r;
+    }
+    __device__ __forceinline__ static GradSums load_volatile(const GradSums* p) {
+        const volatile GradSums* q = p;
+        GradSums r;
+        r.sum_dy = q->sum_dy;
+        r.sum_dy_xmu = q->sum_dy_xmu;
+        return r;
+    }
+};
+
+// Tree reduction across the 32 lanes of a (full) warp; lane 0 holds the result.
+template <class S>
+__device__ __forceinline__ S warp_reduce(S v) {
+#pragma unroll
+    for (unsigned int offset = 16; offset > 0; offset >>= 1)
+        v = S::merge(v, v.shfl_down(offset));
+    return v;
+}
+
+// Reduction across a 1-D block (blockDim.x a multiple of 32, at most
+// GPUBN_MAX_REDUCE_THREADS).  Thread 0 holds the result.  Ends with a barrier
+// so the shared scratch may be reused by a following call.
+template <class S>
+__device__ __forceinline__ S block_reduce_1d(S v) {
+    __shared__ S warp_results[32];
+    const unsigned int lane = threadIdx.x & 31u;
+    const unsigned int warp = threadIdx.x >> 5;
+    const unsigned int warps = blockDim.x >> 5;
+    v = warp_reduce(v);
+    if (lane == 0) warp_results[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        v = lane < warps ? warp_results[lane] : S::identity();
+        v = warp_reduce(v);
+    }
+    __syncthreads();
+    return v;
+}
+
+// Reduction along threadIdx.y of a 2-D block (blockDim.y a power of two,
+// blockDim.x * blockDim.y at most GPUBN_MAX_REDUCE_THREADS).  Threads with
+// threadIdx.y == 0 hold the result of their column.  Ends with a barrier.
+template <class S>
+__device__ __forceinline__ S block_reduce_columns(S v) {
+    __shared__ S tile[GPUBN_MAX_REDUCE_THREADS];
+    const unsigned int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x;
+    tile[ty * bx + tx] = v;
+    __syncthreads();
+    for (unsigned int offset = blockDim.y >> 1; offset > 0; offset >>= 1) {
+        if (ty < offset) {
+            v = S::merge(v, tile[(ty + offset) * bx + tx]);
+            tile[ty * bx + tx] = v;
+        }
+        __syncthreads();
+    }
+    return v;
+}
+
+// Two-stage reduction handshake, called by every thread of a block after the
+// block wrote its partial(s).  Returns true (in every thread) for the one block
+// that arrived last at ``counter``; that block then merges all partials and
+// has already reset the counter for the next launch.
+__device__ __forceinline__ bool arrive_last(unsigned int* counter, unsigned int blocks) {
+    __shared__ int is_last;
+    __threadfence();  // publish this thread's partial before the block is counted
+    __syncthreads();
+    if (threadIdx.x == 0 && threadIdx.y == 0) {
+        const unsigned int ticket = atomicAdd(counter, 1u);
+        is_last = (ticket == blocks - 1u) ? 1 : 0;
+        if (is_last) {
+            *counter = 0u;
+            __threadfence();  // see every other block's partial
+        }
+    }
+    __syncthreads();
+    const bool last = is_last != 0;
+    __syncthreads();
+    return last;
+}
+
+// ---------------------------------------------------------------------------
+// Per-channel reductions over the canonical (outer, C, inner) layout.
+//
+// Channel axis 1 (inner > 1): grid (C, S), 1-D blocks.  Channel c is `outer`
+// runs of `inner` contiguous elements; block (c, s) walks the s-th of S equal
+// shares of the channel's outer*inner/VEC vector units, carrying a (row, col)
+// pair instead of dividing per element.  push(state, offset) consumes the VEC
+// elements at `offset` (elements, relative to the channel's first element).
+// ---------------------------------------------------------------------------
+template <int VEC, class S, class Push>
+__device__ __forceinline__ S channel_walk_nchw(long long outer, int channels, long long inner,
+                                               Push push) {
+    const long long inner_v = inner / VEC;
+    const long long units = outer * inner_v;
+    const long long splits = gridDim.y;
+    const long long chunk = (units + splits - 1) / splits;
+    const long long begin = (long long)blockIdx.y * chunk;
+    const long long end = min_ll(begin + chunk, units);
+    const long long row_stride = (long long)channels * inner;
+    S state = S::identity();
+    long long k = begin + threadIdx.x;
+    if (k < end) {
+        long long row = k / inner_v;
+        long long col = k - row * inner_v;
+        const long long step = blockDim.x;
+        const long long drow = step / inner_v;
+        const long long dcol = step - drow * inner_v;
+        for (; k < end; k += step) {
+            push(state, row * row_stride + col * VEC);
+            col += dcol;
+            row += drow;
+            if (col >= inner_v) {
+                col -= inner_v;
+                ++row;
+            }
+        }
+    }
+    return state;
+}
+
+// Block-reduce `state`, then (S > 1) publish it as partial (c, s) and let the
+// last block of channel c merge the S partials in index order.  finish(total)
+// runs in thread 0 of exactly one block per channel.
+template <class S, class Finish>
+__device__ __forceinline__ void channel_finish_nchw(S state, S* partials, unsigned int* counters,
+                                                    Finish finish) {
+    state = block_reduce_1d(state);
+    const unsigned int splits = gridDim.y;
+    if (splits > 1) {
+        S* mine = partials + (long long)blockIdx.x * splits;
+        if (threadIdx.x == 0) mine[blockIdx.y] = state;
+        if (!arrive_last(counters + blockIdx.x, splits)) return;
+        state = S::identity();
+        for (unsigned int i = threadIdx.x; i < splits; i += blockDim.x)
+            state = S::merge(state, S::load_volatile(mine + i));
+        state = block_reduce_1d(state);
+    }
+    if (threadIdx.x == 0) finish(state);
+}
+
+// Channels last (inner == 1): grid (ceil(C / bx), S), blocks (bx, by).
+// Thread (tx, ty) owns channel blockIdx.x*bx + tx (consecutive threads read
+// consecutive channels: coalesced) and every by-th row of the block's share
+// of the rows.  push(state, offset) consumes element `offset` of x.
+template <class S, class Push>
+__device__ __forceinline__ S channel_walk_nhwc(long long rows, int channels, Push push) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    const long long splits = gridDim.y;
+    const long long chunk = (rows + splits - 1) / splits;
+    const long long begin = (long long)blockIdx.y * chunk;
+    const long long end = min_ll(begin + chunk, rows);
+    S state = S::identity();
+    if (c < channels) {
+        for (long long r = begin + threadIdx.y; r < end; r += blockDim.y)
+            push(state, r * channels + c);
+    }
+    return state;
+}
+
+template <class S, class Finish>
+__device__ __forceinline__ void channel_finish_nhwc(S state, int channels, S* partials,
+                                                    unsigned int* counters, Finish finish) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    state = block_reduce_columns(state);
+    const unsigned int splits = gridDim.y;
+    if (splits > 1) {
+        if (threadIdx.y == 0 && c < channels)
+            partials[(long long)blockIdx.y * channels + c] = state;
+        if (!arrive_last(counters + blockIdx.x, splits)) return;
+        state = S::identity();
+        if (c < channels) {
+            for (unsigned int i = threadIdx.y; i < splits; i += blockDim.y)
+                state = S::merge(state, S::load_volatile(partials + (long long)i * channels + c));
+        }
+        state = block_reduce_columns(state);
+    }
+    if (threadIdx.y == 0 && c < channels) finish(state, c);
+}
+
+// ---------------------------------------------------------------------------
+// Elementwise passes with per-channel constants K (computed once per run or
+// per column by make(c), never per element).  body(k, kstride, offset) handles
+// the VEC elements at `offset`; element j uses constants k[j * kstride].
+//
+// Channel axis 1: 2-D grid; rows (y) are the outer*C runs of `inner`
+// elements, channel = run % C once per run; columns (x) stride the run.
+// ---------------------------------------------------------------------------
+template <int VEC, class K, class Make, class Body>
+__device__ __forceinline__ void channel_map_nchw(long long outer, int channels, long long inner,
+                                                 Make make, Body body) {
+    const long long runs = outer * channels;
+    const long long inner_v = inner / VEC;
+    const long long row_step = (long long)gridDim.y * blockDim.y;
+    const long long col_step = (long long)gridDim.x * blockDim.x;
+    const long long col0 = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    for (long long r = (long long)blockIdx.y * blockDim.y + threadIdx.y; r < runs; r += row_step) {
+        const K k = make((int)(r % channels), r < channels && col0 == 0);
+        const long long base = r * inner;
+        for (long long j = col0; j < inner_v; j += col_step) body(&k, 0, base + j * VEC);
+    }
+}
+
+// Channels last: columns (x) are groups of VEC channels, whose constants a
+// thread computes once; rows (y) stride the outer rows.
+template <int VEC, class K, class Make, class Body>
+__device__ __forceinline__ void channel_map_nhwc(long long rows, int channels, Make make,
+                                                 Body body) {
+    const long long cols_v = channels / VEC;
+    const long long row_step = (long long)gridDim.y * blockDim.y;
+    const long long col_step = (long long)gridDim.x * blockDim.x;
+    const long long row0 = (long long)blockIdx.y * blockDim.y + threadIdx.y;
+    for (long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x; j < cols_v; j += col_step) {
+        const int c0 = (int)(j * VEC);
+        K k[VEC];
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) k[v] = make(c0 + v, row0 == 0);
+        for (long long r = row0; r < rows; r += row_step) body(k, 1, r * channels + c0);
+    }
+}
+
+}  // namespace gpubn
