@@ -41,12 +41,6 @@ class NotFittedError(ValueError, AttributeError):
 # -- helpers ------------------------------------------------------------------
 
 
-def _cupy_module(a):
-    import cupy  # only reached for CuPy arrays
-
-    return cupy
-
-
 def _is_cupy(a) -> bool:
     return type(a).__module__.split(".")[0] == "cupy"
 
@@ -223,9 +217,8 @@ class StandardScaler(_Fitted):
         n, f = X.shape
         if not (self.with_mean or self.with_std):
             # nothing to estimate beyond the count, as scikit-learn does
-            total = (self.n_samples_seen_ or 0) if hasattr(self, "n_samples_seen_") else 0
             self.mean_ = self.var_ = self.scale_ = None
-            self.n_samples_seen_ = total + n
+            self.n_samples_seen_ = (getattr(self, "n_samples_seen_", None) or 0) + n
             self.n_features_in_ = f
             return
         cnt, mean, m2 = _chunk_stats(be, X)
