@@ -64,13 +64,15 @@ def assert_close(actual, expected, dtype, name="value", scale=1.0):
     a = np.asarray(to_numpy(actual), dtype=np.float64)
     e = np.asarray(to_numpy(expected), dtype=np.float64)
     assert a.shape == e.shape, f"{name}: shape {a.shape} != expected {e.shape}"
-    err = np.abs(a - e)
-    bad = ~(err <= atol + rtol * np.abs(e))
+    with np.errstate(invalid="ignore"):
+        err = np.abs(a - e)
+        bad = ~(err <= atol + rtol * np.abs(e))
     # NaN must match NaN, Inf must match Inf of the same sign
     same_nonfinite = (np.isnan(a) & np.isnan(e)) | ((a == e) & np.isinf(e))
     bad &= ~same_nonfinite
     if bad.any():
-        excess = np.where(bad, np.nan_to_num(err, nan=np.inf) - rtol * np.abs(e), -np.inf)
+        with np.errstate(invalid="ignore"):
+            excess = np.where(bad, np.nan_to_num(err, nan=np.inf) - rtol * np.abs(e), -np.inf)
         worst = np.argsort(excess, axis=None)[::-1][:min(5, int(bad.sum()))]
         lines = [f"  at {tuple(int(k) for k in np.unravel_index(i, a.shape))}: got "
                  f"{float(a.flat[i])!r}, expected {float(e.flat[i])!r} "

@@ -23,6 +23,8 @@ statistics are fixed, they stay confined to their own elements.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .base import Backend, ChannelStats
@@ -42,6 +44,16 @@ def _work(x3):
 def _chan(v):
     """Per-channel vector as a broadcastable (1, C, 1) view."""
     return v.reshape(1, -1, 1)
+
+
+def _quiet(fn):
+    """Non-finite data gives NaN/Inf results as in PyTorch, without NumPy's
+    RuntimeWarnings."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def _rowdot(a2, b2):
@@ -102,19 +114,25 @@ class NumpyBackend(Backend):
 
     # -- statistics ----------------------------------------------------
     def _centered_moments(self, xw, out):
-        """Write ``d = x - mean0`` into ``out``; return ``(mean, m2)`` per
-        channel in float64 (m2 = sum of squared deviations from the mean)."""
+        """Write ``d = x - mean0`` into ``out``; return ``(mean, m2, d, delta)``
+        per channel in float64, m2 being the sum of squared deviations from the
+        mean and delta = mean - mean0 (the first estimate's error)."""
         outer, c, inner = xw.shape
         n = outer * inner
-        mean0 = (_channel_sum(xw) / n).astype(xw.dtype)
-        d = np.subtract(xw, _chan(mean0), out=out)
-        s1 = _channel_sum(d)
-        s2 = _channel_sumsq(d)
-        delta = s1 / n
-        m2 = s2 - s1 * delta
-        np.maximum(m2, 0.0, out=m2, where=~np.isnan(m2))
-        return mean0.astype(np.float64) + delta, m2, d, delta
+        mean0 = _channel_sum(xw) / n
+        mean0w = mean0.astype(xw.dtype)
+        with np.errstate(invalid="ignore", over="ignore"):   # Inf/NaN data: NaN stats
+            d = np.subtract(xw, _chan(mean0w), out=out)
+            s1 = _channel_sum(d)
+            s2 = _channel_sumsq(d)
+            delta = s1 / n
+            m2 = s2 - s1 * delta
+            np.maximum(m2, 0.0, out=m2, where=~np.isnan(m2))
+            # a channel holding +-Inf has an infinite mean (as PyTorch reports)
+            mean = np.where(np.isfinite(mean0), mean0w.astype(np.float64) + delta, mean0)
+        return mean, m2, d, delta
 
+    @_quiet
     def bn_stats(self, x3) -> ChannelStats:
         xw = _work(x3)
         acc = xw.dtype
@@ -123,6 +141,7 @@ class NumpyBackend(Backend):
                             mean=mean.astype(acc), m2=m2.astype(acc))
 
     # -- forward -------------------------------------------------------
+    @_quiet
     def bn_forward_train(self, x3, weight, bias, running_mean, running_var,
                          momentum, eps):
         xw = _work(x3)
@@ -148,11 +167,13 @@ class NumpyBackend(Backend):
             running_var += (momentum * unbiased).astype(running_var.dtype)
         return (d.astype(x3.dtype, copy=False), mean.astype(acc), invstd.astype(acc))
 
+    @_quiet
     def bn_forward_eval(self, x3, weight, bias, running_mean, running_var, eps):
         acc = running_mean.dtype
         invstd = (1.0 / np.sqrt(running_var.astype(np.float64) + eps)).astype(acc)
         return self.bn_apply(x3, running_mean, invstd, weight, bias), running_mean.copy(), invstd
 
+    @_quiet
     def bn_apply(self, x3, mean, invstd, weight, bias):
         xw = _work(x3)
         acc = xw.dtype
@@ -169,6 +190,7 @@ class NumpyBackend(Backend):
     def _centered(self, xw, mean, out=None):
         return np.subtract(xw, _chan(mean.astype(xw.dtype)), out=out)
 
+    @_quiet
     def bn_backward_reduce(self, dy3, x3, mean, invstd):
         xw, dyw = _work(x3), _work(dy3)
         acc = xw.dtype
@@ -177,6 +199,7 @@ class NumpyBackend(Backend):
         sum_dy_xhat = _channel_dot(dyw, d) * invstd
         return sum_dy.astype(acc), sum_dy_xhat.astype(acc)
 
+    @_quiet
     def bn_backward_dx(self, dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat, count):
         xw, dyw = _work(x3), _work(dy3)
         d = self._centered(xw, mean, out=xw if xw is not x3 else None)
@@ -196,6 +219,7 @@ class NumpyBackend(Backend):
         np.multiply(d, _chan(k.astype(acc)), out=d)
         return d.astype(out_dtype, copy=False)
 
+    @_quiet
     def bn_backward(self, dy3, x3, mean, invstd, weight, training):
         xw, dyw = _work(x3), _work(dy3)
         acc = xw.dtype
