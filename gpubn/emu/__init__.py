@@ -1,0 +1,102 @@
+"""gpubn.emu: run CUDA C++ kernels on the CPU, checked.
+
+What it is for: testing GPU code on machines without a GPU.  The very same
+``.cu`` source CuPy compiles with NVRTC is compiled here with g++ against a
+small SIMT runtime and run with the semantics of a CUDA launch: every CUDA
+thread is a fiber, ``__syncthreads()`` is a real barrier, shared memory is
+shared by the block, warp shuffles exchange values among the 32 fibers of a
+warp.  Every launch is checked:
+
+* memcheck -- every load and store must hit an argument array, shared memory
+  or the thread's own stack; anything else raises :class:`MemcheckError`
+  naming the kernel, block, thread, the nearest argument and the offset (the
+  bad access never happens);
+* racecheck -- a shared-memory byte written by one thread and read or written
+  by another with no ``__syncthreads()`` (``__syncwarp()`` inside a warp) in
+  between raises :class:`RaceError` naming both threads;
+* deadlock -- a barrier not every thread of the block reaches raises
+  :class:`DeadlockError` instead of hanging;
+* traffic -- bytes loaded from and stored to each argument array are counted
+  per launch (:func:`launch_log`).
+
+Use it like CuPy::
+
+    import numpy as np
+    from gpubn import emu
+
+    mod = emu.RawModule(code=src, options=("-I/path/to/headers",),
+                        name_expressions=("scale<float>",))
+    fn = mod.get_function("scale<float>")
+    x = np.arange(1000, dtype=np.float32); y = np.empty_like(x)
+    fn((4,), (256,), (x, y, np.int64(x.size), np.float32(2.0)))
+
+Arguments: NumPy arrays (contiguous; their data pointer is passed and their
+extent is what memcheck allows), ``None`` (a null pointer) and NumPy scalars
+passed by value, whose size and kind (integer / floating point) must match the
+kernel parameter.  Python ``int``/``float``/``bool`` become int64/float64/bool
+as in CuPy, so prefer explicit NumPy scalars (``np.int32(n)``).
+
+Options: ``-I``, ``-D``, ``-U`` and ``-std=c++17/20`` are honoured; other
+NVRTC flags (``-arch``, ``--use_fast_math``, ...) are accepted and ignored.
+``GPUBN_EMU=1`` is defined; ``__CUDACC__``, ``__CUDA_ARCH__`` and
+``__CUDACC_RTC__`` are not.  Checks are on by default; change them with
+``set_options(memcheck=..., racecheck=..., seed=...)`` or
+``with options(seed=3): ...``; ``seed`` shuffles the order in which blocks run
+(``GPUBN_EMU_SEED`` sets the default).  Libraries are cached under
+``$GPUBN_CACHE_DIR/emu`` (default ``~/.cache/gpubn/emu``).  A GCC ``g++``
+(``$CXX``) is required.
+
+Supported CUDA subset: ``__global__``/``__device__``/``__host__`` functions
+and templates, ``threadIdx``/``blockIdx``/``blockDim``/``gridDim``/``warpSize``,
+static ``__shared__`` arrays and ``extern __shared__ T name[];`` (rewritten to
+the launch's dynamic shared memory, 16-byte aligned, at most 227 KiB),
+``__syncthreads`` (and ``_count/_and/_or``), ``__syncwarp``, ``__shfl*_sync``
+(any type of at most 8 bytes, widths 1..32), ``__ballot/__any/__all_sync``,
+``__activemask``, ``__match_any_sync``, ``__reduce_*_sync``, atomics
+(``atomicAdd/Sub/Exch/Min/Max/And/Or/Xor/Inc/Dec/CAS``), fences, ``__ldg`` and
+the cache-hint loads/stores, CUDA vector types (``float4``, ...), the math
+functions and intrinsics of the CUDA math API that have a C library
+counterpart (``rsqrtf``, ``__fdividef``, ``__frcp_rn``, ...), bit casts and
+integer intrinsics (``__popc``, ``__clz``, ``__ffs``, ...), ``__constant__``
+data with an initializer, ``printf``.
+
+Refused at compile time with :class:`EmuCompileError` naming the construct:
+inline ``asm``, cooperative groups, textures and surfaces, ``__managed__``
+memory, ``__device__`` global variables, dynamic parallelism, ``wmma``, and
+the pre-CUDA-9 warp intrinsics without ``_sync``.  CUDA toolkit headers are
+not available (``#include <cuda_fp16.h>`` fails to compile).
+
+Semantics worth knowing: blocks run one after another on the calling OS
+thread; a barrier must be reached by every thread of the block (a thread that
+returned early makes a later ``__syncthreads()`` a deadlock, as the CUDA
+programming guide requires); warp collectives must name only live lanes of
+the warp; a shuffle reading a lane outside its mask returns all-ones bits;
+dynamic shared memory starts every block filled with 0xFF bytes (NaN /
+-1), so reading it before writing shows up.  Racecheck tracks every byte of
+shared memory; memcheck treats all static ``__shared__`` variables of a
+module as one region (an overflow from one into another is not caught).
+"""
+
+from .config import (LaunchRecord, Options, Traffic, clear_launch_log, get_options, label, launch_log, options,
+                     recording, set_options)
+from .errors import DeadlockError, EmuCompileError, EmuError, KernelError, MemcheckError, RaceError
+from .module import Function, RawKernel, RawModule
+from .compiler import find_compiler
+
+
+def available() -> bool:
+    """Whether a suitable C++ compiler is present."""
+    try:
+        find_compiler()
+    except EmuCompileError:
+        return False
+    return True
+
+
+__all__ = [
+    "RawModule", "RawKernel", "Function",
+    "set_options", "get_options", "options", "Options",
+    "launch_log", "clear_launch_log", "recording", "label", "LaunchRecord", "Traffic",
+    "EmuError", "EmuCompileError", "KernelError", "MemcheckError", "RaceError", "DeadlockError",
+    "available",
+]

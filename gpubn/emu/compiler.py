@@ -1,0 +1,363 @@
+"""Turn a CUDA C++ source into a shared library the emu runtime can run.
+
+Steps: refuse constructs the runtime does not support (with the construct's
+name and line), rewrite ``extern __shared__`` arrays to the launch's dynamic
+shared memory, append one ``extern "C"`` entry point per kernel, compile the
+result with g++ after the prelude ``runtime/cuda_emu.h`` (kernel code
+instrumented with ``-fsanitize=kernel-address``), link it with the runtime
+object, and cache the library on disk and in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from .errors import EmuCompileError
+
+RUNTIME_DIR = Path(__file__).resolve().parent / "runtime"
+_CACHE_VERSION = "1"
+
+# Flags for the kernel translation unit.  -O1 keeps compile times short; the
+# sanitizer calls dominate run time anyway.
+_KERNEL_FLAGS = (
+    "-O1", "-fPIC", "-fno-strict-aliasing", "-fvisibility=hidden", "-fno-exceptions", "-w",
+    "-fsanitize=kernel-address",
+    "--param", "asan-instrumentation-with-call-threshold=0",
+    "--param", "asan-stack=0",
+    "--param", "asan-globals=0",
+)
+_RUNTIME_FLAGS = ("-O2", "-fPIC", "-fvisibility=hidden", "-Wall")
+_LINK_FLAGS = ("-shared", "-Wl,-Bsymbolic", "-Wl,-z,noexecstack")
+
+
+# ---------------------------------------------------------------- compiler discovery
+@dataclass(frozen=True)
+class Compiler:
+    path: str
+    version: str
+
+
+_compiler: Optional[Compiler] = None
+_compiler_lock = threading.Lock()
+
+
+def find_compiler() -> Compiler:
+    """The C++ compiler emu uses: ``$CXX`` if set, else ``g++``.  GCC is required
+    (its kernel-address sanitizer provides the memory-access hooks)."""
+    global _compiler
+    with _compiler_lock:
+        if _compiler is not None and _compiler.path == _wanted_compiler():
+            return _compiler
+        wanted = _wanted_compiler()
+        path = shutil.which(wanted)
+        if path is None:
+            raise EmuCompileError(
+                f"the emu backend needs a C++ compiler (GCC) and {wanted!r} was not found; "
+                "install g++ or set the CXX environment variable to one")
+        try:
+            out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60)
+        except OSError as exc:
+            raise EmuCompileError(f"cannot run the C++ compiler {path!r}: {exc}") from exc
+        version = out.stdout.strip()
+        if out.returncode != 0 or "Free Software Foundation" not in version or "clang" in version.lower():
+            raise EmuCompileError(
+                f"the emu backend needs GCC (g++ 9 or newer); {path!r} reports: "
+                f"{version.splitlines()[0] if version else out.stderr.strip()}")
+        _compiler = Compiler(path, version.splitlines()[0])
+        return _compiler
+
+
+def _wanted_compiler() -> str:
+    return os.environ.get("CXX", "").strip() or "g++"
+
+
+# ---------------------------------------------------------------- options
+@dataclass(frozen=True)
+class ParsedOptions:
+    include_dirs: Tuple[str, ...]
+    defines: Tuple[str, ...]
+    std: str
+
+
+_STD_OK = {"c++17": "gnu++17", "c++20": "gnu++20", "c++2a": "gnu++2a", "gnu++17": "gnu++17", "gnu++20": "gnu++20"}
+
+
+def parse_options(options: Sequence[str]) -> ParsedOptions:
+    """Honour -I and -D (and -U), map -std, accept and ignore NVRTC-only flags."""
+    if isinstance(options, str):
+        options = (options,)
+    includes: List[str] = []
+    defines: List[str] = []
+    std = "gnu++17"
+    opts = list(options)
+    i = 0
+    while i < len(opts):
+        opt = opts[i]
+        if not isinstance(opt, str):
+            raise TypeError(f"options must be strings, got {type(opt).__name__} at index {i}")
+
+        def value(prefixes):
+            nonlocal i
+            for p in prefixes:
+                if opt == p.rstrip("="):
+                    if i + 1 >= len(opts):
+                        raise ValueError(f"option {opt!r} needs a value")
+                    i += 1
+                    return opts[i]
+                if opt.startswith(p):
+                    return opt[len(p):]
+            return None
+
+        inc = value(("--include-path=", "-I"))
+        if inc is not None:
+            includes.append(os.path.abspath(inc))
+        else:
+            d = value(("--define-macro=", "-D"))
+            if d is not None:
+                defines.append("-D" + d)
+            else:
+                u = value(("--undefine-macro=", "-U"))
+                if u is not None:
+                    defines.append("-U" + u)
+                elif opt.startswith(("-std=", "--std=")):
+                    std = _STD_OK.get(opt.split("=", 1)[1], "gnu++17")
+                # everything else (-arch, --use_fast_math, -lineinfo, ...) is NVRTC-only
+        i += 1
+    return ParsedOptions(tuple(includes), tuple(defines), std)
+
+
+# ---------------------------------------------------------------- source analysis
+_COMMENT_OR_STRING = re.compile(
+    r'//[^\n]*|/\*.*?\*/|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'', re.S)
+
+
+def _blank(m: re.Match) -> str:
+    text = m.group(0)
+    if text.startswith(("/", )):
+        return re.sub(r"[^\n]", " ", text)
+    return text[0] + re.sub(r"[^\n]", " ", text[1:-1]) + text[-1]
+
+
+def code_only(source: str) -> str:
+    """The source with comments and string contents blanked (same offsets)."""
+    return _COMMENT_OR_STRING.sub(_blank, source)
+
+
+# construct -> (regex over code_only text, explanation)
+_REFUSED = (
+    (r"\b(?:asm|__asm__|__asm)\b\s*(?:volatile\b|__volatile__\b)?\s*\(", "inline assembly (asm)",
+     "PTX cannot run on the CPU"),
+    (r"\bcooperative_groups\b|\bcg::|\bthis_grid\s*\(", "cooperative groups", "not supported by the emu runtime"),
+    (r"\btexture\s*<|\btex[123]D\w*\s*\(|\btex1Dfetch\s*\(|\bsurf[123]D\w*\s*\(|\bcudaTextureObject_t\b",
+     "textures and surfaces", "not supported by the emu runtime"),
+    (r"\b__managed__\b", "__managed__ memory", "not supported by the emu runtime"),
+    (r"<<<", "dynamic parallelism (a launch inside a kernel)", "not supported by the emu runtime"),
+    (r"\bnvcuda::wmma\b|\bwmma::", "warp matrix functions (wmma)", "not supported by the emu runtime"),
+    (r"\b__shfl(?:_up|_down|_xor)?\s*\(|\b__ballot\s*\(|\b__any\s*\(|\b__all\s*\(",
+     "legacy warp intrinsics without _sync", "use the *_sync versions (CUDA 9+)"),
+    (r"\b__device__\s+(?!__forceinline__|inline|static|__noinline__|constexpr|const\b)[\w:<>,\s*&]+?\b\w+\s*(?:\[[^\]]*\]\s*)*(?:=[^;(]*)?;",
+     "__device__ global variables", "kernels may only use their arguments and shared memory"),
+)
+
+_EXTERN_SHARED = re.compile(
+    r"\bextern\s+(?:__shared__\s+)((?:[^;\[\]{}()]|\([^;()]*\))*?)\s*\b([A-Za-z_]\w*)\s*\[\s*\]\s*;")
+_EXTERN_C_KERNEL = re.compile(
+    r'\bextern\s+"[C ]"\s*(?:\{\s*)?(?:static\s+)?__global__\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?'
+    r'void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?([A-Za-z_]\w*)\s*\(')
+
+
+def _line_of(text: str, pos: int) -> int:
+    return text.count("\n", 0, pos) + 1
+
+
+def check_supported(source: str, filename: str) -> None:
+    code = code_only(source)
+    for pattern, construct, why in _REFUSED:
+        m = re.search(pattern, code)
+        if m:
+            raise EmuCompileError(
+                f"{filename}:{_line_of(code, m.start())}: {construct} is not supported by the emu backend "
+                f"({why}): {source[m.start():m.end()].strip()!r}")
+
+
+def rewrite_dynamic_shared(source: str) -> str:
+    """``extern __shared__ T name[];`` -> a pointer to the launch's dynamic shared
+    memory (16-byte aligned), keeping line numbers."""
+    code = code_only(source)
+    out = []
+    last = 0
+    for m in _EXTERN_SHARED.finditer(code):
+        text = source[m.start():m.end()]
+        ctype = re.sub(r"__align__\s*\(\s*\w+\s*\)|__attribute__\s*\(\(.*?\)\)", " ", source[m.start(1):m.end(1)])
+        ctype = " ".join(ctype.split())
+        name = m.group(2)
+        repl = f"{ctype}* const {name} = reinterpret_cast<{ctype}*>(::gpubn_emu::dynamic_smem());"
+        out.append(source[last:m.start()])
+        out.append(repl + "\n" * text.count("\n"))
+        last = m.end()
+    out.append(source[last:])
+    return "".join(out)
+
+
+def extern_c_kernels(source: str) -> List[str]:
+    return [m.group(1) for m in _EXTERN_C_KERNEL.finditer(code_only(source))]
+
+
+_WRAPPER_HEAD = r"""
+namespace gpubn_emu_entry {
+template <class T> using arg_t = typename std::remove_cv<typename std::remove_reference<T>::type>::type;
+template <class... A, size_t... I>
+__attribute__((no_sanitize_address)) static void invoke(void (*k)(A...), void** args, std::index_sequence<I...>) {
+    k(*static_cast<arg_t<A>*>(args[I])...);
+}
+template <class T> constexpr long long kind() {
+    return std::is_pointer<T>::value ? 1 : std::is_floating_point<T>::value ? 3
+         : (std::is_integral<T>::value || std::is_enum<T>::value) ? 2 : 4;
+}
+// info[0] = parameter count, then (sizeof, kind) per parameter
+template <class... A> static long long* info(void (*)(A...)) {
+    static long long v[] = {(long long)sizeof...(A), ((long long)sizeof(arg_t<A>))..., kind<arg_t<A>>()..., 0};
+    return v;
+}
+}  // namespace gpubn_emu_entry
+"""
+
+
+def entry_points(kernels: Sequence[str]) -> str:
+    parts = [_WRAPPER_HEAD, r"""
+namespace gpubn_emu_entry {
+template <class... A> static void run(void (*k)(A...), void** args) { invoke(k, args, std::index_sequence_for<A...>{}); }
+}  // namespace gpubn_emu_entry
+"""]
+    for i, expr in enumerate(kernels):
+        parts.append(
+            f'extern "C" __attribute__((visibility("default"))) void gpubn_emu_thunk_{i}(void** a) '
+            f"{{ ::gpubn_emu_entry::run(&{expr}, a); }}\n"
+            f'extern "C" __attribute__((visibility("default"))) long long* gpubn_emu_info_{i}() '
+            f"{{ return ::gpubn_emu_entry::info(&{expr}); }}\n")
+    return "".join(parts)
+
+
+# ---------------------------------------------------------------- caching
+def cache_dir() -> Path:
+    root = os.environ.get("GPUBN_CACHE_DIR")
+    base = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpubn"
+    return base / "emu"
+
+
+def _runtime_sources() -> bytes:
+    h = hashlib.sha256()
+    for p in sorted(RUNTIME_DIR.glob("*")):
+        if p.suffix in (".h", ".cpp"):
+            h.update(p.name.encode())
+            h.update(p.read_bytes())
+    return h.digest()
+
+
+def _include_fingerprint(dirs: Sequence[str]) -> bytes:
+    """Headers a source may include from its -I directories take part in the key."""
+    h = hashlib.sha256()
+    for d in dirs:
+        p = Path(d)
+        if not p.is_dir():
+            continue
+        for f in sorted(p.iterdir()):
+            if f.is_file() and f.suffix in (".h", ".hpp", ".cuh", ".cu", ".inc", ".inl"):
+                h.update(str(f).encode())
+                h.update(f.read_bytes())
+    return h.digest()
+
+
+def _run(cmd: List[str], what: str, source_name: str) -> None:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as exc:
+        raise EmuCompileError(f"cannot run the C++ compiler: {exc}") from exc
+    if out.returncode != 0:
+        log = (out.stderr or "") + (out.stdout or "")
+        raise EmuCompileError(f"emu: compiling {source_name} failed ({what}):\n{log.strip()}", log)
+
+
+def _atomic_write_target(dest: Path):
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    return tmp
+
+
+_build_lock = threading.Lock()
+
+
+def _runtime_object(cc: Compiler) -> Path:
+    key = hashlib.sha256(
+        b"\0".join([_CACHE_VERSION.encode(), cc.path.encode(), cc.version.encode(), _runtime_sources(),
+                    " ".join(_RUNTIME_FLAGS).encode()])).hexdigest()[:24]
+    dest = cache_dir() / f"runtime-{key}.o"
+    if dest.exists():
+        return dest
+    tmp = _atomic_write_target(dest)
+    try:
+        _run([cc.path, "-std=gnu++17", *_RUNTIME_FLAGS, "-I", str(RUNTIME_DIR), "-c",
+              str(RUNTIME_DIR / "runtime.cpp"), "-o", tmp], "runtime", "the emu runtime")
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest
+
+
+@dataclass
+class Built:
+    path: Path
+    kernels: Tuple[str, ...]          # entry index -> name expression / extern "C" name
+
+
+_memory_cache: Dict[str, Built] = {}
+
+
+def build(source: str, options: Sequence[str], name_expressions: Sequence[str],
+          filename: str = "kernel.cu") -> Built:
+    """Compile ``source`` (cached) and return the library path and its kernels."""
+    check_supported(source, filename)
+    opts = parse_options(options)
+    kernels = tuple(dict.fromkeys(list(name_expressions) + extern_c_kernels(source)))
+    cc = find_compiler()
+    key = hashlib.sha256(b"\0".join([
+        _CACHE_VERSION.encode(), cc.path.encode(), cc.version.encode(), _runtime_sources(),
+        " ".join(_KERNEL_FLAGS + _LINK_FLAGS).encode(), repr(opts).encode(), repr(kernels).encode(),
+        _include_fingerprint(opts.include_dirs), filename.encode(), source.encode()])).hexdigest()[:32]
+    with _build_lock:
+        hit = _memory_cache.get(key)
+        if hit is not None:
+            return hit
+        dest = cache_dir() / f"module-{key}.so"
+        if not dest.exists():
+            runtime_o = _runtime_object(cc)
+            tu = (f'#line 1 "{filename}"\n' + rewrite_dynamic_shared(source) +
+                  '\n#line 1 "<emu entry points>"\n' + entry_points(kernels))
+            tmp = _atomic_write_target(dest)
+            src_path = tmp + ".cpp"
+            try:
+                Path(src_path).write_text(tu)
+                cmd = [cc.path, f"-std={opts.std}", *_KERNEL_FLAGS, *_LINK_FLAGS,
+                       "-include", str(RUNTIME_DIR / "cuda_emu.h"),
+                       *[f"-I{d}" for d in opts.include_dirs], *opts.defines,
+                       "-x", "c++", src_path, "-x", "none", str(runtime_o), "-o", tmp]
+                _run(cmd, "kernel source", filename)
+                os.replace(tmp, dest)
+            finally:
+                for p in (tmp, src_path):
+                    if os.path.exists(p):
+                        os.unlink(p)
+        built = Built(dest, kernels)
+        _memory_cache[key] = built
+        return built

@@ -1,0 +1,382 @@
+"""``RawModule`` / ``RawKernel`` for the emu backend, mirroring CuPy's."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import struct
+import subprocess
+import threading
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import compiler
+from .config import LaunchRecord, Traffic, _record, get_options
+from .errors import DeadlockError, EmuCompileError, EmuError, KernelError, MemcheckError, RaceError
+
+_I64 = ctypes.c_int64
+_U64 = ctypes.c_uint64
+
+
+class _Buffer(ctypes.Structure):
+    _fields_ = [("lo", _U64), ("size", _U64), ("loaded", _U64), ("stored", _U64), ("arg_index", _I64)]
+
+
+class _Launch(ctypes.Structure):
+    _fields_ = [
+        ("thunk", _U64), ("args", _U64), ("buffers", _U64), ("nbuffers", _I64),
+        ("grid", _I64 * 3), ("block", _I64 * 3),
+        ("shared_mem", _I64), ("seed", _I64), ("shuffle", _I64), ("memcheck", _I64), ("racecheck", _I64),
+        ("error", _I64), ("is_store", _I64), ("size", _I64), ("region", _I64), ("address", _U64),
+        ("block_idx", _I64 * 3), ("thread_idx", _I64 * 3), ("other_thread", _I64 * 3), ("other_is_store", _I64),
+        ("buffer", _I64), ("offset", _I64), ("blocks_run", _I64),
+        ("message", ctypes.c_char * 4096),
+    ]
+
+
+_KIND_NAMES = {1: "pointer", 2: "integer", 3: "floating-point", 4: "struct"}
+_ERR_MEMCHECK, _ERR_RACE, _ERR_DEADLOCK, _ERR_KERNEL, _ERR_CONFIG = 1, 2, 3, 4, 5
+_R_DYNAMIC, _R_STATIC = 2, 3
+
+_libs: Dict[str, ctypes.CDLL] = {}
+_libs_lock = threading.Lock()
+
+
+def _load(path: str) -> ctypes.CDLL:
+    with _libs_lock:
+        lib = _libs.get(path)
+        if lib is None:
+            lib = ctypes.CDLL(path, mode=os.RTLD_LOCAL | os.RTLD_NOW)
+            lib.gpubn_emu_launch.restype = _I64
+            lib.gpubn_emu_launch.argtypes = [ctypes.POINTER(_Launch)]
+            lib.gpubn_emu_launch_size.restype = _I64
+            if lib.gpubn_emu_launch_size() != ctypes.sizeof(_Launch):
+                raise EmuError("emu runtime and Python disagree on the launch record layout")
+            _libs[path] = lib
+        return lib
+
+
+def _dim3(value, what: str) -> Tuple[int, int, int]:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        dims = (int(value), 1, 1)
+    elif isinstance(value, (tuple, list)) and 1 <= len(value) <= 3:
+        dims = tuple(int(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else None
+                     for v in value)
+        if None in dims:
+            raise TypeError(f"{what} must be an int or a tuple of 1 to 3 ints, got {value!r}")
+        dims = dims + (1,) * (3 - len(dims))
+    else:
+        raise TypeError(f"{what} must be an int or a tuple of 1 to 3 ints, got {value!r}")
+    if min(dims) < 1:
+        raise ValueError(f"{what} dimensions must be >= 1, got {dims}")
+    return dims  # type: ignore[return-value]
+
+
+def _describe(value) -> str:
+    if isinstance(value, np.ndarray):
+        return f"numpy.ndarray of {value.dtype}"
+    if isinstance(value, np.generic):
+        return f"numpy.{type(value).__name__} ({value.dtype.itemsize} bytes)"
+    return type(value).__name__
+
+
+class Function:
+    """A kernel of an emu :class:`RawModule`; call it like a CuPy ``RawKernel``:
+    ``fn(grid, block, args, shared_mem=0)``."""
+
+    def __init__(self, module: "RawModule", name: str, lib: ctypes.CDLL, index: int, library_path: str):
+        self.module = module
+        self.name = name
+        self._lib = lib
+        self._library_path = library_path
+        self._thunk = ctypes.cast(getattr(lib, f"gpubn_emu_thunk_{index}"), ctypes.c_void_p).value
+        info_fn = getattr(lib, f"gpubn_emu_info_{index}")
+        info_fn.restype = ctypes.POINTER(ctypes.c_longlong)
+        info = info_fn()
+        n = info[0]
+        self.num_params = n
+        self.param_sizes = tuple(info[1 + i] for i in range(n))
+        self.param_kinds = tuple(_KIND_NAMES[info[1 + n + i]] for i in range(n))
+
+    def __repr__(self):
+        return f"<gpubn.emu.Function {self.name!r} ({self.num_params} parameters)>"
+
+    # ------------------------------------------------------------ arguments
+    def _convert(self, args):
+        if not isinstance(args, (tuple, list)):
+            raise TypeError(f"kernel {self.name!r}: args must be a tuple, got {type(args).__name__}")
+        if len(args) != self.num_params:
+            raise TypeError(f"kernel {self.name!r} takes {self.num_params} arguments, got {len(args)}")
+        keep = []
+        ptrs = (ctypes.c_void_p * max(1, len(args)))()
+        buffers = []
+        for i, a in enumerate(args):
+            size, kind = self.param_sizes[i], self.param_kinds[i]
+            where = f"kernel {self.name!r}, argument {i}"
+            if a is None or isinstance(a, np.ndarray):
+                if kind != "pointer":
+                    raise TypeError(f"{where}: the parameter is a {size}-byte {kind} value, got {_describe(a)}")
+                if a is None:
+                    cell = ctypes.c_void_p(0)
+                else:
+                    if not (a.flags.c_contiguous or a.flags.f_contiguous):
+                        raise ValueError(f"{where}: arrays must be contiguous (pass np.ascontiguousarray(...))")
+                    cell = ctypes.c_void_p(a.ctypes.data)
+                    if a.nbytes:
+                        buffers.append((a.ctypes.data, a.nbytes, i))
+                    keep.append(a)
+                keep.append(cell)
+                ptrs[i] = ctypes.addressof(cell)
+                continue
+            if isinstance(a, bool):
+                a = np.bool_(a)
+            elif isinstance(a, int):
+                a = np.int64(a)
+            elif isinstance(a, float):
+                a = np.float64(a)
+            elif isinstance(a, complex):
+                a = np.complex128(a)
+            if not isinstance(a, np.generic):
+                raise TypeError(f"{where}: expected a NumPy array, a NumPy scalar or None, got {_describe(a)}")
+            if kind == "pointer":
+                raise TypeError(f"{where}: the parameter is a pointer, got {_describe(a)}")
+            if a.dtype.itemsize != size:
+                raise TypeError(f"{where}: the parameter is a {size}-byte {kind} value, got {_describe(a)}")
+            if kind == "floating-point" and not isinstance(a, np.floating):
+                raise TypeError(f"{where}: the parameter is a {size}-byte floating-point value, got {_describe(a)}")
+            if kind == "integer" and not isinstance(a, (np.integer, np.bool_)):
+                raise TypeError(f"{where}: the parameter is a {size}-byte integer value, got {_describe(a)}")
+            cell = np.array(a)
+            keep.append(cell)
+            ptrs[i] = cell.ctypes.data
+        return ptrs, buffers, keep
+
+    # ------------------------------------------------------------ launch
+    def __call__(self, grid, block, args, *, shared_mem=0, stream=None, enable_cooperative_groups=False):
+        if enable_cooperative_groups:
+            raise EmuError("cooperative launches are not supported by the emu backend")
+        g = _dim3(grid, "grid")
+        b = _dim3(block, "block")
+        if b[0] * b[1] * b[2] > 1024 or b[0] > 1024 or b[1] > 1024 or b[2] > 64:
+            raise ValueError(f"block {b} exceeds CUDA's limits (1024 threads, z <= 64)")
+        if g[0] >= 2**31 or g[1] > 65535 or g[2] > 65535:
+            raise ValueError(f"grid {g} exceeds CUDA's limits (x < 2**31, y and z <= 65535)")
+        if isinstance(shared_mem, bool) or not isinstance(shared_mem, (int, np.integer)) or shared_mem < 0:
+            raise ValueError(f"shared_mem must be a non-negative int, got {shared_mem!r}")
+        ptrs, buffers, keep = self._convert(args)
+        opts = get_options()
+        bufarr = (_Buffer * max(1, len(buffers)))()
+        for k, (lo, size, idx) in enumerate(buffers):
+            bufarr[k].lo, bufarr[k].size, bufarr[k].arg_index = lo, size, idx
+        L = _Launch()
+        L.thunk = self._thunk
+        L.args = ctypes.addressof(ptrs)
+        L.buffers = ctypes.addressof(bufarr)
+        L.nbuffers = len(buffers)
+        L.grid[:] = g
+        L.block[:] = b
+        L.shared_mem = int(shared_mem)
+        L.shuffle = opts.seed is not None
+        L.seed = opts.seed or 0
+        L.memcheck = opts.memcheck
+        L.racecheck = opts.racecheck
+        self._lib.gpubn_emu_launch(ctypes.byref(L))
+        del keep
+        if L.error:
+            raise self._error(L, g, b)
+        loaded = sum(bufarr[k].loaded for k in range(len(buffers)))
+        stored = sum(bufarr[k].stored for k in range(len(buffers)))
+        per = {}
+        for k, (_, _, idx) in enumerate(buffers):
+            t = per.get(idx, Traffic(0, 0))
+            per[idx] = Traffic(t.loaded + bufarr[k].loaded, t.stored + bufarr[k].stored)
+        _record(LaunchRecord(self.name, g, b, int(shared_mem), loaded, stored, per))
+
+    # ------------------------------------------------------------ errors
+    def _error(self, L: _Launch, grid, block) -> EmuError:
+        msg = L.message.decode(errors="replace")
+        blk = tuple(L.block_idx)
+        thr = tuple(L.thread_idx) if L.thread_idx[0] >= 0 else None
+        name = self.name
+        if L.error == _ERR_MEMCHECK:
+            access = "store" if L.is_store else "load"
+            where = f"kernel {name!r}, block {blk}, thread {thr}"
+            if L.region == _R_DYNAMIC:
+                detail = (f"offset {L.offset} of dynamic shared memory "
+                          f"(shared_mem={L.shared_mem} bytes)")
+                buf = None
+                off = L.offset
+            elif L.buffer >= 0:
+                nbytes = self._buffer_size(L)
+                off = L.offset
+                rel = (f"{-off} bytes before its start" if off < 0 else
+                       f"{off - nbytes} bytes past its end" if off >= nbytes else "inside it")
+                detail = f"nearest buffer: argument {L.buffer} ({nbytes} bytes), offset {off} ({rel})"
+                buf = int(L.buffer)
+            else:
+                detail = "the launch has no array arguments"
+                buf, off = None, 0
+            text = (f"memcheck: invalid {L.size}-byte {access} at 0x{L.address:x} in {where}: {msg}; {detail}")
+            return MemcheckError(text, name, blk, thr, access, int(L.size), int(L.address), buf, int(off))
+        if L.error == _ERR_RACE:
+            access = "store" if L.is_store else "load"
+            other_access = "store" if L.other_is_store else "load"
+            other = tuple(L.other_thread)
+            if L.region == _R_DYNAMIC:
+                memory, offset, variable = "dynamic shared", int(L.offset), None
+                where = f"byte {offset} of dynamic shared memory"
+            else:
+                memory, offset = "static shared", int(L.offset)
+                variable = _symbol_at(self._library_path, offset)
+                where = (f"byte {variable[1]} of __shared__ variable {variable[0]!r}" if variable
+                         else f"static shared memory (module offset 0x{offset:x})")
+                variable = variable[0] if variable else None
+            text = (f"racecheck: {msg} at {where} in kernel {name!r}, block {blk}: thread {thr} {access}s it "
+                    f"after thread {other} {'stored to' if other_access == 'store' else 'loaded'} it with no "
+                    f"__syncthreads() (or __syncwarp() within a warp) in between")
+            return RaceError(text, name, blk, thr, other, access, other_access, memory, offset, variable)
+        if L.error == _ERR_DEADLOCK:
+            n = block[0] * block[1] * block[2]
+            text = (f"deadlock in kernel {name!r}, block {blk} ({n} threads, linear thread index "
+                    f"x + y*blockDim.x + z*blockDim.x*blockDim.y): {msg}. A barrier must be reached by every "
+                    f"thread of the block")
+            return DeadlockError(text, name, blk, None)
+        if L.error == _ERR_KERNEL:
+            return KernelError(f"kernel {name!r}, block {blk}, thread {thr}: {msg}", name, blk, thr)
+        return EmuError(f"kernel {name!r}: {msg}")
+
+    def _buffer_size(self, L) -> int:
+        # the argument's size, found from the launch's buffer table
+        bufs = ctypes.cast(L.buffers, ctypes.POINTER(_Buffer))
+        for k in range(L.nbuffers):
+            if bufs[k].arg_index == L.buffer:
+                return int(bufs[k].size)
+        return 0
+
+
+class RawModule:
+    """A CUDA C++ source compiled for the emu backend, like ``cupy.RawModule``.
+
+    ``RawModule(code=src, options=("-I/dir", "-DFOO=1"), name_expressions=("k<float>",))``
+    then ``get_function("k<float>")`` (a name expression, or the name of an
+    ``extern "C" __global__`` kernel).  The source is compiled on first use.
+    """
+
+    def __init__(self, code: Optional[str] = None, *, path: Optional[str] = None, options: Sequence[str] = (),
+                 name_expressions: Optional[Sequence[str]] = None, filename: Optional[str] = None,
+                 **cupy_only):
+        for key, value in cupy_only.items():
+            if key not in ("backend", "translate_cucomplex", "log_stream", "jitify", "enable_cooperative_groups"):
+                raise TypeError(f"RawModule() got an unexpected keyword argument {key!r}")
+            if key == "enable_cooperative_groups" and value:
+                raise EmuCompileError("cooperative groups are not supported by the emu backend")
+        if (code is None) == (path is None):
+            raise TypeError("RawModule needs exactly one of code= (CUDA C++ source) or path= (a .cu file)")
+        if path is not None:
+            with open(path, encoding="utf-8") as fh:
+                code = fh.read()
+            filename = filename or os.path.basename(path)
+        if not isinstance(code, str):
+            raise TypeError(f"code must be a str, got {type(code).__name__}")
+        if isinstance(options, str):
+            options = (options,)
+        names = () if name_expressions is None else tuple(name_expressions)
+        for n in names:
+            if not isinstance(n, str) or not n.strip():
+                raise TypeError(f"name_expressions must be non-empty strings, got {n!r}")
+        compiler.parse_options(tuple(options))      # validate now
+        self.code = code
+        self.options = tuple(options)
+        self.name_expressions = names
+        self.filename = filename or "kernel.cu"
+        self._built = None
+        self._functions: Dict[str, Function] = {}
+        self._lock = threading.Lock()
+
+    def compile(self) -> "RawModule":
+        """Compile now (otherwise done by the first ``get_function``)."""
+        with self._lock:
+            if self._built is None:
+                self._built = compiler.build(self.code, self.options, self.name_expressions, self.filename)
+        return self
+
+    @property
+    def library_path(self) -> str:
+        self.compile()
+        return str(self._built.path)
+
+    def get_function(self, name: str) -> Function:
+        self.compile()
+        with self._lock:
+            fn = self._functions.get(name)
+            if fn is None:
+                kernels = self._built.kernels
+                if name not in kernels:
+                    raise EmuError(
+                        f"no kernel {name!r} in this module; name expressions: {list(self.name_expressions)}, "
+                        f"extern \"C\" kernels: {[k for k in kernels if k not in self.name_expressions]}")
+                lib = _load(str(self._built.path))
+                fn = Function(self, name, lib, kernels.index(name), str(self._built.path))
+                self._functions[name] = fn
+            return fn
+
+
+class RawKernel(Function):
+    """Like ``cupy.RawKernel(code, name, options)``: one ``extern "C"`` kernel."""
+
+    def __new__(cls, code: str, name: str, options: Sequence[str] = (), **kwargs):
+        return RawModule(code=code, options=options, **kwargs).get_function(name)
+
+
+# ---------------------------------------------------------------- static shared variable names
+_symtabs: Dict[str, list] = {}
+
+
+def _symbol_at(path: str, offset: int):
+    """(demangled name, offset inside it) of the data symbol covering ``offset``."""
+    syms = _symtabs.get(path)
+    if syms is None:
+        try:
+            syms = _read_symbols(path)
+        except Exception:  # a diagnostic nicety: never fail the report over it
+            syms = []
+        _symtabs[path] = syms
+    for value, size, name in syms:
+        if value <= offset < value + max(size, 1):
+            return _demangle(name), offset - value
+    return None
+
+
+def _read_symbols(path: str) -> list:
+    with open(path, "rb") as fh:
+        data = fh.read()
+    if data[:4] != b"\x7fELF" or data[4] != 2:
+        return []
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    out = []
+    for sh in sections:
+        if sh[1] != 2:      # SHT_SYMTAB
+            continue
+        strtab = sections[sh[6]]
+        for k in range(sh[5] // 24):
+            st_name, st_info, _, _, st_value, st_size = struct.unpack_from("<IBBHQQ", data, sh[4] + k * 24)
+            if st_info & 0xF != 1 or st_size == 0:    # STT_OBJECT
+                continue
+            start = strtab[4] + st_name
+            name = data[start:data.index(b"\0", start)].decode(errors="replace")
+            out.append((st_value, st_size, name))
+    return out
+
+
+def _demangle(name: str) -> str:
+    tool = shutil.which("c++filt")
+    if tool and name.startswith("_Z"):
+        try:
+            return subprocess.run([tool, name], capture_output=True, text=True, timeout=10).stdout.strip() or name
+        except OSError:
+            return name
+    return name

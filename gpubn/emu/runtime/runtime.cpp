@@ -1,0 +1,772 @@
+// gpubn emu: the SIMT runtime.
+//
+// Runs one CUDA launch on the calling OS thread: blocks one after another (in
+// order, or shuffled by a seed), and every CUDA thread of a block as its own
+// fiber with a small stack.  Fibers switch only at barriers, warp collectives and
+// exits, so a block's threads really meet at __syncthreads and exchange values at
+// warp shuffles.
+//
+// The kernel translation unit is compiled with -fsanitize=kernel-address and
+// call-threshold 0, so the compiler calls __asan_{load,store}*_noabort on every
+// load and store it cannot prove local.  Those callbacks, defined here (and this
+// file is compiled without instrumentation), classify the address:
+//   - the calling thread's own stack             -> fine;
+//   - an argument buffer (global memory)         -> counted as traffic;
+//   - dynamic or static shared memory            -> racecheck;
+//   - read-only data of the module (constants)   -> fine for loads;
+//   - anything else                              -> memcheck error.
+// An error never lets the access happen: the fiber switches back to the
+// scheduler and the launch is abandoned.
+#include <errno.h>
+#include <link.h>
+#include <dlfcn.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "cuda_emu.h"
+
+#define EMU_EXPORT extern "C" __attribute__((visibility("default")))
+#define EMU_HIDDEN __attribute__((visibility("hidden")))
+
+namespace {
+
+// ------------------------------------------------------------------ the launch record
+// Shared with Python (ctypes); every field 8 bytes wide except the message.
+struct Buffer {
+    uint64_t lo, size;            // [lo, lo + size)
+    uint64_t loaded, stored;      // bytes (out)
+    int64_t arg_index;
+};
+
+enum ErrorKind : int64_t { OK = 0, MEMCHECK = 1, RACE = 2, DEADLOCK = 3, KERNEL = 4, CONFIG = 5 };
+enum Region : int64_t { R_NONE = 0, R_GLOBAL = 1, R_DYNAMIC_SHARED = 2, R_STATIC_SHARED = 3 };
+
+struct Launch {
+    // in
+    uint64_t thunk, args, buffers;
+    int64_t nbuffers;
+    int64_t grid[3], block[3];
+    int64_t shared_mem, seed, shuffle, memcheck, racecheck;
+    // out
+    int64_t error, is_store, size, region;
+    uint64_t address;
+    int64_t block_idx[3], thread_idx[3];
+    int64_t other_thread[3], other_is_store;
+    int64_t buffer, offset;       // nearest argument buffer (-1: none) and offset from its start
+    int64_t blocks_run;
+    char message[4096];
+};
+
+constexpr size_t kStack = 64 * 1024;         // usable stack per CUDA thread
+constexpr size_t kGuard = 4096;
+constexpr size_t kDynCap = 232448;           // 227 KiB, the opt-in maximum on sm_90
+constexpr int kMaxThreads = 1024;
+
+enum State : int { RUN = 0, BAR = 1, WARP = 2, DONE = 3 };
+
+struct Fiber {
+    void* sp;
+    uintptr_t stack_lo;                 // [stack_lo, stack_lo + kStack)
+    uint3 tid;
+    int linear, warp, lane;
+    int state;
+    void* site;                         // barrier call site
+    int op, arg, width, size;           // warp collective
+    unsigned mask;
+    unsigned long long value, result;
+};
+
+struct Rec {                            // one access to a byte of shared memory
+    uint32_t bep, wep;                  // block-barrier epoch, warp-sync epoch
+    int32_t tid;
+};
+struct Shadow {
+    Rec w, r0, r1;
+};
+
+struct Runtime {
+    std::mutex mutex;
+    Launch* L;
+    Buffer* bufs;
+    int nbufs;
+    bool memcheck, racecheck;
+    // block
+    uint3 bidx, bdim, gdim;
+    int nthreads, live, arrived;
+    Fiber* fibers;
+    Fiber* cur;
+    void* sched_sp;
+    int bar_count, bar_and, bar_or, bar_result_count, bar_result_and, bar_result_or;
+    // racecheck epochs (monotonic over the module's lifetime)
+    uint32_t epoch, bep;
+    uint32_t wep[kMaxThreads / 32];
+    // memory
+    char* stacks;
+    size_t stacks_threads;
+    unsigned char* dyn;
+    uintptr_t dyn_lo;
+    size_t dyn_size;
+    uintptr_t bss_lo, bss_hi;
+    std::vector<Shadow> dyn_shadow, bss_shadow;
+    std::vector<std::pair<uintptr_t, uintptr_t>> readonly;
+    uintptr_t module_base;
+    bool module_scanned;
+};
+
+// Runtime state lives in .data (explicit section) so that the module's .bss holds
+// nothing but the kernel's static __shared__ variables (and a few bytes of C runtime).
+__attribute__((section(".data.gpubn_emu"))) Runtime* R = nullptr;
+
+}  // namespace
+
+extern "C" char __bss_start[] __attribute__((weak, visibility("hidden")));
+extern "C" char _end[] __attribute__((weak, visibility("hidden")));
+
+// ------------------------------------------------------------------ context switch
+#if defined(__x86_64__)
+extern "C" void gpubn_emu_switch(void** save_sp, void* load_sp) EMU_HIDDEN;
+asm(R"(
+    .text
+    .globl gpubn_emu_switch
+    .hidden gpubn_emu_switch
+    .type gpubn_emu_switch,@function
+gpubn_emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size gpubn_emu_switch, .-gpubn_emu_switch
+)");
+static void fiber_main();
+static void* fiber_init_stack(uintptr_t lo) {
+    uintptr_t top = (lo + kStack) & ~(uintptr_t)15;
+    uint64_t* sp = (uint64_t*)top;
+    *--sp = 0;                                  // fake return address of fiber_main
+    *--sp = (uint64_t)(uintptr_t)&fiber_main;   // popped by `ret`
+    for (int i = 0; i < 6; ++i) *--sp = 0;      // rbp rbx r12 r13 r14 r15
+    return sp;
+}
+static inline void ctx_switch(void** save, void* load) { gpubn_emu_switch(save, load); }
+#else
+#error "the gpubn emu runtime needs x86-64 (its fiber switch is written in assembly)"
+#endif
+
+// ------------------------------------------------------------------ errors
+static void set_message(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+static void set_message(const char* fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(R->L->message, sizeof R->L->message, fmt, ap);
+    va_end(ap);
+}
+
+static void set_where(const Fiber* f) {
+    Launch* L = R->L;
+    L->block_idx[0] = R->bidx.x; L->block_idx[1] = R->bidx.y; L->block_idx[2] = R->bidx.z;
+    if (f) {
+        L->thread_idx[0] = f->tid.x; L->thread_idx[1] = f->tid.y; L->thread_idx[2] = f->tid.z;
+    } else {
+        L->thread_idx[0] = L->thread_idx[1] = L->thread_idx[2] = -1;
+    }
+}
+
+// Abandons the calling fiber: back to the scheduler, never to return.
+[[noreturn]] static void abort_fiber() {
+    Fiber* f = R->cur;
+    ctx_switch(&f->sp, R->sched_sp);
+    __builtin_unreachable();
+}
+
+[[noreturn]] static void kernel_error(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+[[noreturn]] static void kernel_error(const char* fmt, ...) {
+    Launch* L = R->L;
+    L->error = KERNEL;
+    set_where(R->cur);
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(L->message, sizeof L->message, fmt, ap);
+    va_end(ap);
+    abort_fiber();
+}
+
+// ------------------------------------------------------------------ module layout
+static int phdr_cb(struct dl_phdr_info* info, size_t, void* data) {
+    uintptr_t probe = (uintptr_t)data;
+    bool mine = false;
+    for (int i = 0; i < info->dlpi_phnum; ++i) {
+        const ElfW(Phdr)& p = info->dlpi_phdr[i];
+        if (p.p_type != PT_LOAD) continue;
+        uintptr_t lo = info->dlpi_addr + p.p_vaddr;
+        if (probe >= lo && probe < lo + p.p_memsz) mine = true;
+    }
+    if (!mine) return 0;
+    R->module_base = info->dlpi_addr;
+    for (int i = 0; i < info->dlpi_phnum; ++i) {
+        const ElfW(Phdr)& p = info->dlpi_phdr[i];
+        uintptr_t lo = info->dlpi_addr + p.p_vaddr;
+        if ((p.p_type == PT_LOAD && !(p.p_flags & PF_W)) || p.p_type == PT_GNU_RELRO)
+            R->readonly.emplace_back(lo, lo + p.p_memsz);
+    }
+    return 1;
+}
+
+static void scan_module() {
+    if (R->module_scanned) return;
+    R->module_scanned = true;
+    dl_iterate_phdr(phdr_cb, (void*)(uintptr_t)&scan_module);
+    R->bss_lo = (uintptr_t)__bss_start;
+    R->bss_hi = (uintptr_t)_end;
+    if (R->bss_hi < R->bss_lo) R->bss_hi = R->bss_lo;
+}
+
+// ------------------------------------------------------------------ racecheck
+static inline bool ordered(const Rec& r, int tid) {
+    if (r.bep < R->bep) return true;            // a __syncthreads since (or another block)
+    if (r.tid == tid) return true;
+    int w = r.tid >> 5;
+    return w == (tid >> 5) && r.wep < R->wep[w]; // same warp, a __syncwarp since
+}
+
+[[noreturn]] static void race(const char* what, const Rec& prev, bool prev_store, bool store, uintptr_t addr,
+                              int64_t region, uintptr_t offset) {
+    Launch* L = R->L;
+    Fiber* f = R->cur;
+    L->error = RACE;
+    set_where(f);
+    const Fiber& o = R->fibers[prev.tid];
+    L->other_thread[0] = o.tid.x; L->other_thread[1] = o.tid.y; L->other_thread[2] = o.tid.z;
+    L->other_is_store = prev_store;
+    L->is_store = store;
+    L->address = addr;
+    L->region = region;
+    L->offset = (int64_t)offset;
+    set_message("%s", what);
+    abort_fiber();
+}
+
+static inline void race_access(Shadow* sh, size_t n, bool store, uintptr_t addr, int64_t region, uintptr_t off) {
+    const int t = R->cur->linear;
+    const Rec now{R->bep, R->wep[t >> 5], t};
+    for (size_t i = 0; i < n; ++i) {
+        Shadow& s = sh[i];
+        if (!ordered(s.w, t))
+            race(store ? "write-after-write hazard" : "read-after-write hazard", s.w, true, store, addr + i,
+                 region, off + i);
+        if (store) {
+            if (!ordered(s.r0, t)) race("write-after-read hazard", s.r0, false, true, addr + i, region, off + i);
+            if (!ordered(s.r1, t)) race("write-after-read hazard", s.r1, false, true, addr + i, region, off + i);
+            s.w = now;
+        } else if (s.r0.tid == t) {
+            s.r0 = now;
+        } else {
+            s.r1 = s.r0;
+            s.r0 = now;
+        }
+    }
+}
+
+// ------------------------------------------------------------------ memcheck
+[[noreturn]] static void bad_access(uintptr_t a, size_t n, bool store, const char* why) {
+    Launch* L = R->L;
+    L->error = MEMCHECK;
+    set_where(R->cur);
+    L->is_store = store;
+    L->size = (int64_t)n;
+    L->address = a;
+    // the nearest argument buffer
+    int best = -1;
+    uint64_t best_d = ~0ull;
+    for (int i = 0; i < R->nbufs; ++i) {
+        const Buffer& b = R->bufs[i];
+        uint64_t d = a < b.lo ? b.lo - a : (a < b.lo + b.size ? 0 : a - (b.lo + b.size) + 1);
+        if (d < best_d) { best_d = d; best = i; }
+    }
+    L->buffer = best >= 0 ? R->bufs[best].arg_index : -1;
+    L->offset = best >= 0 ? (int64_t)(a - R->bufs[best].lo) : 0;
+    set_message("%s", why);
+    abort_fiber();
+}
+
+static inline void check(uintptr_t a, size_t n, bool store) {
+    Fiber* f = R ? R->cur : nullptr;
+    if (!f || n == 0) return;
+    if (a - f->stack_lo < kStack) {
+        if (a + n - f->stack_lo <= kStack) return;
+    }
+    for (int i = 0; i < R->nbufs; ++i) {
+        Buffer& b = R->bufs[i];
+        if (a - b.lo < b.size) {
+            if (n > b.lo + b.size - a && R->memcheck)
+                bad_access(a, n, store, "access runs past the end of an argument buffer");
+            (store ? b.stored : b.loaded) += n;
+            return;
+        }
+    }
+    if (a - R->dyn_lo < kDynCap) {
+        uintptr_t off = a - R->dyn_lo;
+        if (off + n > R->dyn_size) {
+            if (!R->memcheck) return;
+            R->L->region = R_DYNAMIC_SHARED;
+            R->L->offset = (int64_t)off;
+            bad_access(a, n, store, "out of bounds of dynamic shared memory");
+        }
+        if (R->racecheck) race_access(&R->dyn_shadow[off], n, store, a, R_DYNAMIC_SHARED, off);
+        return;
+    }
+    if (a - R->bss_lo < R->bss_hi - R->bss_lo) {
+        if (R->racecheck && a + n <= R->bss_hi)
+            race_access(&R->bss_shadow[a - R->bss_lo], n, store, a, R_STATIC_SHARED, a - R->module_base);
+        return;
+    }
+    if (!store) {
+        for (const auto& r : R->readonly)
+            if (a >= r.first && a + n <= r.second) return;
+    }
+    for (int i = 0; i < R->nthreads; ++i) {
+        const Fiber& g = R->fibers[i];
+        if (a - g.stack_lo < kStack && R->memcheck)
+            bad_access(a, n, store, "access to another thread's stack (local memory is private)");
+    }
+    if (R->memcheck) bad_access(a, n, store, "address is not inside any argument buffer or shared memory");
+}
+
+#define EMU_ASAN(N)                                                                              \
+    EMU_EXPORT void __asan_load##N##_noabort(uintptr_t a) { check(a, N, false); }                \
+    EMU_EXPORT void __asan_store##N##_noabort(uintptr_t a) { check(a, N, true); }                \
+    EMU_EXPORT void __asan_load##N(uintptr_t a) { check(a, N, false); }                          \
+    EMU_EXPORT void __asan_store##N(uintptr_t a) { check(a, N, true); }
+EMU_ASAN(1)
+EMU_ASAN(2)
+EMU_ASAN(4)
+EMU_ASAN(8)
+EMU_ASAN(16)
+#undef EMU_ASAN
+EMU_EXPORT void __asan_loadN_noabort(uintptr_t a, size_t n) { check(a, n, false); }
+EMU_EXPORT void __asan_storeN_noabort(uintptr_t a, size_t n) { check(a, n, true); }
+EMU_EXPORT void __asan_loadN(uintptr_t a, size_t n) { check(a, n, false); }
+EMU_EXPORT void __asan_storeN(uintptr_t a, size_t n) { check(a, n, true); }
+EMU_EXPORT void __asan_handle_no_return() {}
+EMU_EXPORT void __asan_init() {}
+EMU_EXPORT void __asan_version_mismatch_check_v8() {}
+EMU_EXPORT void __asan_before_dynamic_init(const char*) {}
+EMU_EXPORT void __asan_after_dynamic_init() {}
+EMU_EXPORT void __asan_register_globals(void*, size_t) {}
+EMU_EXPORT void __asan_unregister_globals(void*, size_t) {}
+
+// ------------------------------------------------------------------ device API
+namespace gpubn_emu {
+
+uint3 thread_idx() { return R->cur->tid; }
+uint3 block_idx() { return R->bidx; }
+uint3 block_dim() { return R->bdim; }
+uint3 grid_dim() { return R->gdim; }
+unsigned char* dynamic_smem() { return R->dyn; }
+
+static inline void yield(Fiber* f) { ctx_switch(&f->sp, R->sched_sp); }
+
+static void barrier(void* site, int pred) {
+    Fiber* f = R->cur;
+    f->state = BAR;
+    f->site = site;
+    ++R->arrived;
+    R->bar_count += pred != 0;
+    R->bar_and &= pred != 0;
+    R->bar_or |= pred != 0;
+    if (R->arrived == R->live && R->live == R->nthreads) {
+        bool same = true;
+        for (int i = 0; i < R->nthreads && same; ++i) same = R->fibers[i].site == site;
+        if (same) {
+            R->arrived = 0;
+            R->bar_result_count = R->bar_count;
+            R->bar_result_and = R->bar_and;
+            R->bar_result_or = R->bar_or;
+            R->bar_count = 0; R->bar_and = 1; R->bar_or = 0;
+            R->bep = ++R->epoch;
+            for (int i = 0; i < R->nthreads; ++i) R->fibers[i].state = RUN;
+            return;
+        }
+    }
+    yield(f);
+}
+
+__attribute__((noinline)) void syncthreads() { barrier(__builtin_return_address(0), 1); }
+__attribute__((noinline)) int syncthreads_count(int p) {
+    barrier(__builtin_return_address(0), p);
+    return R->bar_result_count;
+}
+__attribute__((noinline)) int syncthreads_and(int p) {
+    barrier(__builtin_return_address(0), p);
+    return R->bar_result_and;
+}
+__attribute__((noinline)) int syncthreads_or(int p) {
+    barrier(__builtin_return_address(0), p);
+    return R->bar_result_or;
+}
+
+static const char* op_name(int op) {
+    switch (op) {
+        case SHFL_IDX: return "__shfl_sync";
+        case SHFL_UP: return "__shfl_up_sync";
+        case SHFL_DOWN: return "__shfl_down_sync";
+        case SHFL_XOR: return "__shfl_xor_sync";
+        case BALLOT: return "__ballot_sync";
+        case ANY: return "__any_sync";
+        case ALL: return "__all_sync";
+        case SYNC: return "__syncwarp";
+        case MATCH_ANY: return "__match_any_sync";
+        default: return "__reduce_*_sync";
+    }
+}
+
+static unsigned lanes_alive(int warp) {
+    unsigned m = 0;
+    for (int l = 0; l < 32; ++l) {
+        int t = warp * 32 + l;
+        if (t < R->nthreads && R->fibers[t].state != DONE) m |= 1u << l;
+    }
+    return m;
+}
+
+unsigned activemask() { return lanes_alive(R->cur->warp); }
+
+static void complete(int warp, unsigned mask, int op) {
+    Fiber* w = R->fibers + warp * 32;
+    const unsigned long long poison = ~0ull;
+    unsigned long long acc = 0;
+    if (op == BALLOT || op == ANY || op == ALL) {
+        for (int l = 0; l < 32; ++l)
+            if ((mask >> l & 1) && w[l].value) acc |= 1u << l;
+    }
+    for (int l = 0; l < 32; ++l) {
+        if (!(mask >> l & 1)) continue;
+        Fiber& f = w[l];
+        const int width = f.width, base = l & ~(width - 1);
+        int src = l;
+        switch (op) {
+            case SHFL_IDX: src = base + (f.arg & (width - 1)); break;
+            case SHFL_UP: src = (l - base) >= f.arg ? l - f.arg : l; break;
+            case SHFL_DOWN: src = (l - base) + f.arg < width ? l + f.arg : l; break;
+            case SHFL_XOR: src = l ^ f.arg; if (src >= base + width || src > 31 || src < 0) src = l; break;
+            default: break;
+        }
+        switch (op) {
+            case SHFL_IDX: case SHFL_UP: case SHFL_DOWN: case SHFL_XOR:
+                f.result = (mask >> src & 1) ? w[src].value : poison;
+                break;
+            case BALLOT: f.result = acc; break;
+            case ANY: f.result = acc != 0; break;
+            case ALL: f.result = (unsigned)acc == mask; break;
+            case SYNC: f.result = 0; break;
+            case MATCH_ANY: {
+                unsigned m = 0;
+                for (int k = 0; k < 32; ++k)
+                    if ((mask >> k & 1) && w[k].value == f.value) m |= 1u << k;
+                f.result = m;
+                break;
+            }
+            default: {
+                unsigned long long r = f.value;
+                for (int k = 0; k < 32; ++k) {
+                    if (!(mask >> k & 1)) continue;
+                    unsigned v = (unsigned)w[k].value;
+                    unsigned cur = (unsigned)r;
+                    switch (op) {
+                        case REDUCE_ADD: if (k != l) r = cur + v; break;
+                        case REDUCE_MIN: r = v < cur ? v : cur; break;
+                        case REDUCE_MAX: r = v > cur ? v : cur; break;
+                        case REDUCE_MIN_S: r = (unsigned)((int)v < (int)cur ? (int)v : (int)cur); break;
+                        case REDUCE_MAX_S: r = (unsigned)((int)v > (int)cur ? (int)v : (int)cur); break;
+                        case REDUCE_AND: r = cur & v; break;
+                        case REDUCE_OR: r = cur | v; break;
+                        case REDUCE_XOR: if (k != l) r = cur ^ v; break;
+                    }
+                }
+                f.result = r;
+            }
+        }
+    }
+    for (int l = 0; l < 32; ++l)
+        if (mask >> l & 1) w[l].state = RUN;
+    // Every warp collective synchronizes the lanes it names (they all arrived);
+    // __syncwarp also orders their shared-memory accesses.
+    if (op == SYNC) R->wep[warp] = ++R->epoch;
+}
+
+unsigned long long warp_op(int op, unsigned mask, unsigned long long value, int arg, int width, int size) {
+    Fiber* f = R->cur;
+    (void)size;
+    if (!(mask >> f->lane & 1))
+        kernel_error("%s: the calling lane %d is not in the mask 0x%08x", op_name(op), f->lane, mask);
+    if (width < 1 || width > 32 || (width & (width - 1)))
+        kernel_error("%s: width %d is not a power of two in [1, 32]", op_name(op), width);
+    unsigned alive = lanes_alive(f->warp);
+    if (mask & ~alive) {
+        unsigned bad = mask & ~alive;
+        int l = __builtin_ctz(bad);
+        int t = f->warp * 32 + l;
+        kernel_error("%s with mask 0x%08x names lane %d (thread %d), which %s", op_name(op), mask, l, t,
+                     t >= R->nthreads ? "does not exist in this block" : "has exited");
+    }
+    f->state = WARP;
+    f->op = op;
+    f->mask = mask;
+    f->value = value;
+    f->arg = arg;
+    f->width = width;
+    Fiber* w = R->fibers + f->warp * 32;
+    bool all = true;
+    for (int l = 0; l < 32 && all; ++l)
+        if (mask >> l & 1) all = w[l].state == WARP && w[l].mask == mask && w[l].op == op;
+    if (all)
+        complete(f->warp, mask, op);
+    else
+        yield(f);
+    return f->result;
+}
+
+void syncwarp(unsigned mask) { warp_op(SYNC, mask, 0, 0, 32, 0); }
+
+void atomic_access(const volatile void* addr, size_t size) {
+    // An atomic is checked like a load and a store, but never races.
+    bool rc = R->racecheck;
+    R->racecheck = false;
+    check((uintptr_t)addr, size, false);
+    check((uintptr_t)addr, size, true);
+    R->racecheck = rc;
+}
+
+void threadfence() {}
+
+long long clock64() {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000000ll + ts.tv_nsec;
+}
+
+void trap(const char* what) { kernel_error("%s was called", what); }
+
+}  // namespace gpubn_emu
+
+// ------------------------------------------------------------------ scheduler
+static void fiber_main() {
+    Fiber* f = R->cur;
+    ((void (*)(void**))(uintptr_t)R->L->thunk)((void**)(uintptr_t)R->L->args);
+    f->state = DONE;
+    --R->live;
+    ctx_switch(&f->sp, R->sched_sp);
+    __builtin_unreachable();
+}
+
+static void format_ranges(std::string& out, const std::vector<int>& ids) {
+    char buf[64];
+    for (size_t i = 0; i < ids.size();) {
+        size_t j = i;
+        while (j + 1 < ids.size() && ids[j + 1] == ids[j] + 1) ++j;
+        if (!out.empty() && out.back() != ' ') out += ", ";
+        if (j == i)
+            snprintf(buf, sizeof buf, "%d", ids[i]);
+        else
+            snprintf(buf, sizeof buf, "%d-%d", ids[i], ids[j]);
+        out += buf;
+        i = j + 1;
+    }
+}
+
+static void report_deadlock() {
+    Launch* L = R->L;
+    L->error = DEADLOCK;
+    set_where(nullptr);
+    // group the threads by what they are doing
+    std::vector<std::pair<std::string, std::vector<int>>> groups;
+    std::vector<void*> sites;
+    for (int i = 0; i < R->nthreads; ++i) {
+        const Fiber& f = R->fibers[i];
+        char key[160];
+        if (f.state == DONE) {
+            snprintf(key, sizeof key, "have exited");
+        } else if (f.state == BAR) {
+            size_t s = 0;
+            while (s < sites.size() && sites[s] != f.site) ++s;
+            if (s == sites.size()) sites.push_back(f.site);
+            snprintf(key, sizeof key, "wait at __syncthreads #%zu (code offset 0x%lx)", s + 1,
+                     (unsigned long)((uintptr_t)f.site - R->module_base));
+        } else if (f.state == WARP) {
+            snprintf(key, sizeof key, "wait at %s (mask 0x%08x)", gpubn_emu::op_name(f.op), f.mask);
+        } else {
+            snprintf(key, sizeof key, "are runnable");
+        }
+        size_t g = 0;
+        while (g < groups.size() && groups[g].first != key) ++g;
+        if (g == groups.size()) groups.push_back({key, {}});
+        groups[g].second.push_back(i);
+    }
+    std::string msg;
+    for (auto& g : groups) {
+        if (!msg.empty()) msg += "; ";
+        msg += "threads ";
+        std::string r;
+        format_ranges(r, g.second);
+        msg += r + " " + g.first;
+    }
+    snprintf(L->message, sizeof L->message, "%s", msg.c_str());
+}
+
+static bool ensure_memory(int nthreads, size_t dyn_size) {
+    if ((size_t)nthreads > R->stacks_threads) {
+        if (R->stacks) munmap(R->stacks, R->stacks_threads * (kStack + kGuard));
+        size_t bytes = (size_t)nthreads * (kStack + kGuard);
+        void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (p == MAP_FAILED) return false;
+        R->stacks = (char*)p;
+        R->stacks_threads = nthreads;
+        for (int i = 0; i < nthreads; ++i) mprotect(R->stacks + i * (kStack + kGuard), kGuard, PROT_NONE);
+        delete[] R->fibers;
+        R->fibers = new Fiber[nthreads];
+    }
+    if (!R->dyn) {
+        void* p = mmap(nullptr, kDynCap + kGuard, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) return false;
+        mprotect((char*)p + kDynCap, kGuard, PROT_NONE);
+        R->dyn = (unsigned char*)p;
+        R->dyn_lo = (uintptr_t)p;
+    }
+    R->dyn_size = dyn_size;
+    if (R->racecheck) {
+        if (R->dyn_shadow.size() < dyn_size) R->dyn_shadow.resize(dyn_size);
+        size_t bss = R->bss_hi - R->bss_lo;
+        if (R->bss_shadow.size() < bss) R->bss_shadow.resize(bss);
+    }
+    return true;
+}
+
+static bool run_block(uint3 b) {
+    R->bidx = b;
+    const int n = R->nthreads;
+    const uint3 d = R->bdim;
+    for (int i = 0; i < n; ++i) {
+        Fiber& f = R->fibers[i];
+        f.linear = i;
+        f.tid = uint3{(unsigned)(i % d.x), (unsigned)((i / d.x) % d.y), (unsigned)(i / (d.x * d.y))};
+        f.warp = i >> 5;
+        f.lane = i & 31;
+        f.state = RUN;
+        f.site = nullptr;
+        f.mask = 0;
+        f.op = -1;
+        f.stack_lo = (uintptr_t)(R->stacks + (size_t)i * (kStack + kGuard) + kGuard);
+        f.sp = fiber_init_stack(f.stack_lo);
+    }
+    R->live = n;
+    R->arrived = 0;
+    R->bar_count = 0; R->bar_and = 1; R->bar_or = 0;
+    R->bep = ++R->epoch;
+    for (int w = 0; w < (n + 31) / 32; ++w) R->wep[w] = R->epoch;
+    // Uninitialized shared memory reads as NaN / -1, as garbage would on a GPU.
+    if (R->dyn_size) memset(R->dyn, 0xff, R->dyn_size);
+    for (;;) {
+        bool ran = false;
+        for (int i = 0; i < n; ++i) {
+            Fiber* f = &R->fibers[i];
+            if (f->state != RUN) continue;
+            ran = true;
+            R->cur = f;
+            ctx_switch(&R->sched_sp, f->sp);
+            R->cur = nullptr;
+            if (R->L->error) return false;
+        }
+        if (R->live == 0) return true;
+        if (!ran) {
+            report_deadlock();
+            return false;
+        }
+    }
+}
+
+static uint64_t splitmix(uint64_t& s) {
+    uint64_t z = (s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+EMU_EXPORT int64_t gpubn_emu_abi_version() { return 1; }
+EMU_EXPORT int64_t gpubn_emu_launch_size() { return (int64_t)sizeof(Launch); }
+EMU_EXPORT int64_t gpubn_emu_max_dynamic_shared() { return (int64_t)kDynCap; }
+
+EMU_EXPORT int64_t gpubn_emu_launch(Launch* L) {
+    static std::mutex init_mutex;
+    {
+        std::lock_guard<std::mutex> g(init_mutex);
+        if (!R) R = new Runtime();
+    }
+    std::lock_guard<std::mutex> guard(R->mutex);
+    R->L = L;
+    L->error = OK;
+    L->message[0] = 0;
+    L->buffer = -1;
+    L->blocks_run = 0;
+    const int64_t nt = L->block[0] * L->block[1] * L->block[2];
+    if (nt < 1 || nt > kMaxThreads) {
+        L->error = CONFIG;
+        set_message("block has %lld threads; it must have 1 to %d", (long long)nt, kMaxThreads);
+        return L->error;
+    }
+    if (L->shared_mem < 0 || (uint64_t)L->shared_mem > kDynCap) {
+        L->error = CONFIG;
+        set_message("shared_mem=%lld exceeds the %zu bytes of dynamic shared memory available",
+                    (long long)L->shared_mem, kDynCap);
+        return L->error;
+    }
+    scan_module();
+    R->memcheck = L->memcheck != 0;
+    R->racecheck = L->racecheck != 0;
+    R->bufs = (Buffer*)(uintptr_t)L->buffers;
+    R->nbufs = (int)L->nbuffers;
+    R->nthreads = (int)nt;
+    R->bdim = uint3{(unsigned)L->block[0], (unsigned)L->block[1], (unsigned)L->block[2]};
+    R->gdim = uint3{(unsigned)L->grid[0], (unsigned)L->grid[1], (unsigned)L->grid[2]};
+    if (!ensure_memory((int)nt, (size_t)L->shared_mem)) {
+        L->error = CONFIG;
+        set_message("cannot allocate fiber stacks: %s", strerror(errno));
+        return L->error;
+    }
+    const uint64_t nblocks = (uint64_t)L->grid[0] * L->grid[1] * L->grid[2];
+    std::vector<uint64_t> order;
+    if (L->shuffle) {
+        order.resize(nblocks);
+        for (uint64_t i = 0; i < nblocks; ++i) order[i] = i;
+        uint64_t s = (uint64_t)L->seed;
+        for (uint64_t i = nblocks; i > 1; --i) std::swap(order[i - 1], order[splitmix(s) % i]);
+    }
+    for (uint64_t k = 0; k < nblocks; ++k) {
+        uint64_t i = L->shuffle ? order[k] : k;
+        uint3 b{(unsigned)(i % L->grid[0]), (unsigned)((i / L->grid[0]) % L->grid[1]),
+                (unsigned)(i / ((uint64_t)L->grid[0] * L->grid[1]))};
+        if (!run_block(b)) break;
+        ++L->blocks_run;
+    }
+    R->cur = nullptr;
+    R->L = nullptr;
+    return L->error;
+}
