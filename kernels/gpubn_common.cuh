@@ -7,7 +7,9 @@
 // It includes nothing: NVRTC compiles the kernels with no CUDA toolkit headers
 // on the include path, and the emu backend compiles the same text as C++ for
 // the CPU.  The one place that tells the two apart is the GPUBN_DEVICE_PTX
-// switch below (half-precision conversion instructions).
+// switch below: on the GPU, half-precision conversions are single PTX
+// instructions (gpubn_half_ptx.cuh, never seen by the CPU build); elsewhere
+// the bit-exact portable versions defined here.
 #pragma once
 
 #if defined(__CUDACC_RTC__) || defined(__CUDACC__)
@@ -71,25 +73,17 @@ __device__ __forceinline__ float half_bits_to_float(unsigned short h) {
     return __uint_as_float(sign | ((e + 112u) << 23) | (m << 13));
 }
 
-__device__ __forceinline__ float to_acc(half v) {
 #if GPUBN_DEVICE_PTX
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
-    return f;
+}  // namespace gpubn
+#include "gpubn_half_ptx.cuh"  // one conversion instruction each way on the GPU
+namespace gpubn {
 #else
-    return half_bits_to_float(v.bits);
+__device__ __forceinline__ float half_to_float(unsigned short h) { return half_bits_to_float(h); }
+__device__ __forceinline__ unsigned short float_to_half(float f) { return float_to_half_bits(f); }
 #endif
-}
 
-__device__ __forceinline__ void store_acc(half& d, float v) {
-#if GPUBN_DEVICE_PTX
-    unsigned short b;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(b) : "f"(v));
-    d.bits = b;
-#else
-    d.bits = float_to_half_bits(v);
-#endif
-}
+__device__ __forceinline__ float to_acc(half v) { return half_to_float(v.bits); }
+__device__ __forceinline__ void store_acc(half& d, float v) { d.bits = float_to_half(v); }
 
 // bfloat16: the upper half of a float; round to nearest even on store.
 __device__ __forceinline__ float to_acc(bfloat16 v) {

@@ -1,0 +1,121 @@
+"""The ``cuda`` backend: kernels/*.cu compiled by NVRTC through CuPy's
+``RawModule`` and launched on CuPy arrays, with the launch sequence shared
+with ``emu`` (``gpubn.backends.kernel_backend``).
+
+CuPy arrays in, CuPy arrays out.  NumPy input is refused (``TypeError``):
+gpubn never copies between host and device behind the caller's back.
+Arrays from PyTorch, JAX and other DLPack producers work without a copy
+through ``cupy.from_dlpack(t)`` (and results go back with
+``torch.from_dlpack(y)``).
+
+Modules are compiled once per (source, dtype, options, device) per process;
+CuPy caches the binaries on disk as well.  ``GPUBN_DEBUG_KERNELS=1`` reports
+each kernel's registers, local and shared memory when it is first loaded.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Dict, Optional, Tuple
+
+from .. import kernels as catalog
+from ..launch import DeviceAttributes
+from .kernel_backend import KernelBackend, debug_enabled, debug_report
+
+try:
+    import cupy
+except ImportError:  # pragma: no cover - depends on the machine
+    cupy = None
+
+
+class CudaBackend(KernelBackend):
+    name = "cuda"
+    xp = cupy
+
+    @classmethod
+    def unavailable_reason(cls) -> Optional[str]:
+        if cupy is None:
+            return "CuPy is not installed (pip install 'gpubn[cuda12]' or 'gpubn[cuda13]')"
+        try:
+            count = cupy.cuda.runtime.getDeviceCount()
+        except Exception as exc:  # no driver, or the driver reports an error
+            return f"no CUDA device ({exc})"
+        if count < 1:
+            return "no CUDA device"
+        return None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._lock = threading.Lock()
+        self._modules: Dict[Tuple, object] = {}
+        self._functions: Dict[Tuple, object] = {}
+        self._attributes: Dict[int, DeviceAttributes] = {}
+        self._counters: Dict[Tuple[int, int], object] = {}
+
+    # -- hooks ---------------------------------------------------------------
+    def device_attributes(self) -> DeviceAttributes:
+        dev = cupy.cuda.Device()
+        attrs = self._attributes.get(dev.id)
+        if attrs is None:
+            a = dev.attributes
+            attrs = DeviceAttributes(sm_count=int(a["MultiProcessorCount"]),
+                                     max_threads_per_block=int(a["MaxThreadsPerBlock"]),
+                                     max_grid_y=int(a["MaxGridDimY"]),
+                                     name=f"cuda:{dev.id}")
+            self._attributes[dev.id] = attrs
+        return attrs
+
+    def _get_function(self, source: str, dtype_key: str, name: str):
+        device = cupy.cuda.Device().id
+        options = catalog.compile_options()
+        key = (source, dtype_key, options, device, name)
+        fn = self._functions.get(key)
+        if fn is not None:
+            return fn
+        with self._lock:
+            mkey = key[:4]
+            module = self._modules.get(mkey)
+            if module is None:
+                module = cupy.RawModule(code=catalog.read_source(source), options=options,
+                                        name_expressions=catalog.name_expressions(source,
+                                                                                  dtype_key))
+                self._modules[mkey] = module
+            fn = module.get_function(name)
+            self._functions[key] = fn
+        if debug_enabled():
+            debug_report(f"cuda:{device} {name}: {fn.num_regs} registers, "
+                         f"{fn.local_size_bytes} B local, {fn.shared_size_bytes} B shared, "
+                         f"max {fn.max_threads_per_block} threads/block")
+        return fn
+
+    def _address(self, a) -> int:
+        return a.data.ptr
+
+    def _zeroed_counters(self, n: int):
+        # The kernels leave counters at zero, so one buffer per (device, stream)
+        # serves every launch on that stream (launches on a stream are ordered).
+        key = (cupy.cuda.Device().id, cupy.cuda.get_current_stream().ptr)
+        buf = self._counters.get(key)
+        if buf is None or buf.size < n:
+            buf = cupy.zeros(max(n, 1024), dtype=cupy.uint32)
+            self._counters[key] = buf
+        return buf
+
+    # -- arrays --------------------------------------------------------------
+    def owns(self, x) -> bool:
+        return cupy is not None and isinstance(x, cupy.ndarray)
+
+    def _check_tensor(self, a, like, name: str):
+        if not self.owns(a) and type(a).__module__.split(".")[0] == "numpy":
+            raise TypeError(
+                f"{name} is a NumPy array, but backend 'cuda' works on CuPy arrays and never "
+                f"copies between host and device implicitly; pass cupy.asarray({name}) (or "
+                f"cupy.from_dlpack(...) for PyTorch/JAX tensors), or use backend='numpy'")
+        super()._check_tensor(a, like, name)
+        if a.device.id != cupy.cuda.Device().id:
+            raise ValueError(f"{name} lives on device {a.device.id} but the current device is "
+                             f"{cupy.cuda.Device().id}; launch inside `with cupy.cuda.Device"
+                             f"({a.device.id}):`")
+
+
+__all__ = ["CudaBackend"]

@@ -1,0 +1,183 @@
+"""Launch configuration for the kernels in ``kernels/``, shared by the ``cuda``
+and ``emu`` backends: block and grid shapes, the number of blocks a channel's
+reduction is split over, vector width, workspace sizes.
+
+Everything is a pure function of the canonical shape ``(outer, C, inner)``,
+the storage dtype, whether the arrays are 16-byte aligned, the device's
+attributes (read once per device by the backend) and a ``Tuning``.
+
+Layouts: ``inner > 1`` is the channel-axis-1 layout (NCL, NCHW, ...: channel
+c is ``outer`` runs of ``inner`` contiguous elements); ``inner == 1`` is
+channels-last (NHWC, NC: channels contiguous).  Any other channel axis is one
+of the two once the functional layer has built the canonical view.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+from . import kernels as _catalog
+
+# Must equal GPUBN_MAX_REDUCE_THREADS in kernels/gpubn_common.cuh: the size of
+# the shared scratch the reductions are compiled with.
+MAX_REDUCE_THREADS = 256
+WARP = 32
+MAX_GRID_Y = 65535
+
+
+@dataclass(frozen=True)
+class DeviceAttributes:
+    """What the configuration needs to know about a device."""
+
+    sm_count: int
+    max_threads_per_block: int = 1024
+    max_grid_y: int = MAX_GRID_Y
+    name: str = ""
+
+
+# The emu backend has no device to ask; it configures launches as for a large
+# current GPU (132 SMs, like an H100 SXM), so the emulated launches have the
+# grid shapes a real one would have.
+EMU_DEVICE = DeviceAttributes(sm_count=132, name="emu (132 SMs)")
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Knobs of the configuration (defaults are the GPU's)."""
+
+    reduce_threads: int = 256        # threads per reduction block (<= MAX_REDUCE_THREADS)
+    map_threads: int = 256           # threads per elementwise block
+    blocks_per_sm: int = 4           # a reduction grid aims at sm_count * blocks_per_sm blocks
+    min_units_per_thread: int = 4    # split a channel only while each thread keeps this many
+    max_splits: int = 1024           # upper bound on blocks per channel (partials workspace)
+    map_blocks_per_sm: int = 32      # elementwise grids stop growing here (grid-stride loops)
+
+    def __post_init__(self):
+        for name in ("reduce_threads", "map_threads"):
+            v = getattr(self, name)
+            if v < WARP or v & (v - 1) or (name == "reduce_threads" and v > MAX_REDUCE_THREADS):
+                raise ValueError(f"Tuning.{name} must be a power of two in [32, "
+                                 f"{MAX_REDUCE_THREADS if name == 'reduce_threads' else 1024}], "
+                                 f"got {v}")
+        for name in ("blocks_per_sm", "min_units_per_thread", "max_splits", "map_blocks_per_sm"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Tuning.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: the catalog kernel, its VEC and the launch shape."""
+
+    kernel: str
+    vec: int
+    grid: Tuple[int, int, int]
+    block: Tuple[int, int, int]
+    splits: int = 1               # blocks per channel (reductions)
+    partial_bytes: int = 0        # workspace for partial states (0: single stage)
+    counters: int = 0             # uint32 arrival counters (0: single stage)
+
+
+# sizeof of the reduction states in kernels/gpubn_common.cuh, per accumulation type
+_STATE_BYTES = {
+    ("stats", "float"): 16,   # Welford<float>: long long n; float mean, m2
+    ("stats", "double"): 24,  # Welford<double>
+    ("grad", "float"): 8,     # GradSums<float>: two floats
+    ("grad", "double"): 16,   # GradSums<double>
+}
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def layout(shape3) -> str:
+    """``'nchw'`` (inner > 1) or ``'nhwc'`` (inner == 1)."""
+    return "nchw" if shape3[2] > 1 else "nhwc"
+
+
+def vector_width(shape3, dtype, aligned: bool) -> int:
+    """Elements per access: 16 bytes when every tensor is 16-byte aligned and
+    the contiguous run (inner, or C for channels-last) is a multiple of it."""
+    width = _catalog.vector_width(_catalog.dtype_name(dtype))
+    run = shape3[2] if shape3[2] > 1 else shape3[1]
+    return width if aligned and run % width == 0 else 1
+
+
+def _splits(work_units: int, threads: int, tiles: int, dev: DeviceAttributes,
+            tuning: Tuning) -> int:
+    target = _cdiv(dev.sm_count * tuning.blocks_per_sm, max(tiles, 1))
+    by_work = _cdiv(work_units, threads * tuning.min_units_per_thread)
+    return max(1, min(target, by_work, tuning.max_splits, dev.max_grid_y))
+
+
+def reduce_launch(op: str, shape3, dtype, aligned: bool, dev: DeviceAttributes,
+                  tuning: Tuning = Tuning()) -> Launch:
+    """Launch of a per-channel reduction: ``op`` is ``'stats'``
+    (bn_stats_*) or ``'grad'`` (bn_backward_reduce_*)."""
+    outer, channels, inner = (int(s) for s in shape3)
+    key = _catalog.dtype_name(dtype)
+    acc = _catalog.CXX_TYPES[key][1]
+    base = {"stats": "bn_stats", "grad": "bn_backward_reduce"}[op]
+    state = _STATE_BYTES[(op, acc)]
+    if layout(shape3) == "nchw":
+        vec = vector_width(shape3, key, aligned)
+        units = outer * (inner // vec)
+        threads = min(tuning.reduce_threads, max(WARP, _pow2_at_least(units)))
+        splits = _splits(units, threads, channels, dev, tuning)
+        return Launch(f"{base}_nchw", vec, (channels, splits, 1), (threads, 1, 1), splits,
+                      channels * splits * state if splits > 1 else 0,
+                      channels if splits > 1 else 0)
+    bx = min(WARP, _pow2_at_least(channels))
+    by = max(1, min(tuning.reduce_threads // bx, _pow2_at_least(outer)))
+    tiles = _cdiv(channels, bx)
+    splits = _splits(outer, by, tiles, dev, tuning)
+    return Launch(f"{base}_nhwc", 1, (tiles, splits, 1), (bx, by, 1), splits,
+                  channels * splits * state if splits > 1 else 0, tiles if splits > 1 else 0)
+
+
+def _row_block(length: int, threads: int) -> int:
+    """Threads along a run of ``length`` vector units: the widest block
+    (<= threads) that wastes at most 1/8 of its lanes at the run's tail."""
+    if length <= WARP:
+        return _pow2_at_least(length)
+    best, best_waste = WARP, 1.0
+    width = WARP
+    while width <= min(threads, _pow2_at_least(length)):
+        waste = 1.0 - length / (_cdiv(length, width) * width)
+        if waste <= 0.125:
+            best, best_waste = width, waste
+        elif best_waste > 0.125 and waste < best_waste:
+            best, best_waste = width, waste
+        width *= 2
+    return best
+
+
+def map_launch(op: str, shape3, dtype, aligned: bool, dev: DeviceAttributes,
+               tuning: Tuning = Tuning()) -> Launch:
+    """Launch of an elementwise pass: ``op`` is ``'apply'`` (bn_apply_*) or
+    ``'dx'`` (bn_backward_dx_*)."""
+    outer, channels, inner = (int(s) for s in shape3)
+    key = _catalog.dtype_name(dtype)
+    base = {"apply": "bn_apply", "dx": "bn_backward_dx"}[op]
+    vec = vector_width(shape3, key, aligned)
+    threads = min(tuning.map_threads, dev.max_threads_per_block)
+    max_blocks = dev.sm_count * tuning.map_blocks_per_sm
+    if layout(shape3) == "nchw":
+        rows, length = outer * channels, inner // vec
+        bx = _row_block(length, threads)
+    else:
+        rows, length = outer, channels // vec
+        bx = min(_pow2_at_least(length), 64, threads)
+    by = max(1, threads // bx)
+    gx = max(1, min(_cdiv(length, bx), max_blocks))
+    gy = max(1, min(_cdiv(rows, by), dev.max_grid_y, max(1, max_blocks // gx)))
+    return Launch(f"{base}_{layout(shape3)}", vec, (gx, gy, 1), (bx, by, 1))
+
+
+__all__ = ["DeviceAttributes", "EMU_DEVICE", "Tuning", "Launch", "MAX_REDUCE_THREADS",
+           "layout", "vector_width", "reduce_launch", "map_launch"]
