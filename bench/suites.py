@@ -42,7 +42,7 @@ class Case:
     shape: Tuple[int, ...]
     layout: str
     dtype: str = "float32"
-    label: str = ""
+    label: str = field(default="", compare=False)
     axis: int = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self):

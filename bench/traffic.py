@@ -10,8 +10,11 @@ the records into:
 ``bytes_per_element``  all global bytes moved / elements of x
 ``passes``             all global bytes / bytes of x: element-sized passes,
                        per-channel vectors and workspaces included
+``minimum_passes``     the op's minimum bytes (:mod:`bench.metrics`: tensors
+                       once each plus the per-channel vectors) / bytes of x
+``extra_bytes``        all bytes - minimum bytes: re-reads and workspaces
 ``tensor_passes``      only the element-sized buffers (x, y, dy, dx) / bytes
-                       of x, when the records say which buffer is which
+                       of x, when the records carry buffer sizes
 
 against the ideal (forward reads x and writes y: 2 passes; backward reads x
 and dy and writes dx: 3) and against what a PyTorch-style kernel sequence
@@ -27,7 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .inputs import DMAX, EPS, MOMENTUM, RENORM_MOMENTUM, RMAX, make_setup
-from .metrics import ITEMSIZE
+from .metrics import ITEMSIZE, bytes_moved
 from .suites import Case, KIND_ABBREV
 
 IDEAL_PASSES = {"fwd_train": 2, "fwd_infer": 2, "bwd": 3, "fwd_bwd": 5}
@@ -61,31 +64,40 @@ def _get(record, key, default=None):
 
 def _buffers(record) -> Optional[Dict]:
     """Per-buffer counts of a launch record as {index: (loaded, stored, nbytes)};
-    None when the record carries none."""
-    for key in ("buffers", "per_buffer", "buffer_bytes"):
-        raw = _get(record, key)
-        if raw is not None:
-            break
-    else:
+    None when the record carries none.  Buffer sizes come from the per-buffer
+    entry (``nbytes``) or from a ``sizes`` mapping (argument index -> bytes)
+    on the record; they are None when the record has neither."""
+    raw = _get(record, "buffers")
+    if raw is None:
         return None
+    sizes = _get(record, "sizes") or _get(record, "buffer_sizes") or {}
     out = {}
     items = raw.items() if isinstance(raw, dict) else enumerate(raw)
     for idx, b in items:
         if b is None:
             continue
-        if isinstance(b, (tuple, list)):
+        if isinstance(b, dict):
+            loaded = b.get("bytes_loaded", b.get("loaded", 0))
+            stored = b.get("bytes_stored", b.get("stored", 0))
+            nbytes = b.get("nbytes", b.get("size"))
+        elif hasattr(b, "loaded") or hasattr(b, "bytes_loaded"):
+            loaded = _get(b, "loaded", _get(b, "bytes_loaded", 0))
+            stored = _get(b, "stored", _get(b, "bytes_stored", 0))
+            nbytes = _get(b, "nbytes", _get(b, "size", None))
+        else:
             loaded, stored = b[0], b[1]
             nbytes = b[2] if len(b) > 2 else None
-        else:
-            loaded = _get(b, "bytes_loaded", _get(b, "loaded", 0))
-            stored = _get(b, "bytes_stored", _get(b, "stored", 0))
-            nbytes = _get(b, "nbytes", _get(b, "size", None))
+        if nbytes is None:
+            nbytes = sizes.get(idx)
         out[idx] = (int(loaded or 0), int(stored or 0), None if nbytes is None else int(nbytes))
     return out
 
 
-def summarize_records(records: Sequence, numel: int, itemsize: int) -> Dict:
-    """Launches, bytes and passes of one op from its launch records."""
+def summarize_records(records: Sequence, numel: int, itemsize: int,
+                      minimum_bytes: Optional[int] = None) -> Dict:
+    """Launches, bytes and passes of one op from its launch records;
+    ``minimum_bytes`` (see :func:`bench.metrics.bytes_moved`) gives
+    ``extra_bytes``, what the kernels move beyond the minimum."""
     x_bytes = numel * itemsize
     loaded = sum(int(_get(r, "bytes_loaded", 0)) for r in records)
     stored = sum(int(_get(r, "bytes_stored", 0)) for r in records)
@@ -97,14 +109,28 @@ def summarize_records(records: Sequence, numel: int, itemsize: int) -> Dict:
             known = False
             break
         tensor += sum(ld + st for ld, st, nb in bufs.values() if nb == x_bytes)
+    launches = []
+    for r in records:
+        bufs = _buffers(r) or {}
+        launches.append({
+            "kernel": str(_get(r, "kernel", "?")),
+            "grid": list(_get(r, "grid", ()) or ()),
+            "block": list(_get(r, "block", ()) or ()),
+            "bytes_loaded": int(_get(r, "bytes_loaded", 0)),
+            "bytes_stored": int(_get(r, "bytes_stored", 0)),
+            "buffers": {str(i): [ld, st] for i, (ld, st, _) in sorted(bufs.items())},
+        })
     return {
         "launches": len(records),
         "kernels": [str(_get(r, "kernel", "?")) for r in records],
+        "launch_details": launches,
         "bytes_loaded": loaded,
         "bytes_stored": stored,
         "bytes_per_element": (loaded + stored) / numel,
         "passes": (loaded + stored) / x_bytes,
         "tensor_passes": tensor / x_bytes if known else None,
+        "minimum_passes": None if minimum_bytes is None else minimum_bytes / x_bytes,
+        "extra_bytes": None if minimum_bytes is None else loaded + stored - minimum_bytes,
     }
 
 
@@ -127,6 +153,21 @@ def emu_unavailable_reason() -> Optional[str]:
     except Exception as exc:
         return str(exc)
     return None
+
+
+def _missing_api(kind: str) -> Optional[str]:
+    gpubn = importlib.import_module("gpubn")
+    for name in _API[kind]:
+        if not hasattr(gpubn, name):
+            return f"gpubn.{name} is not available in this version"
+    return None
+
+
+_API = {
+    "batch_norm": ("batch_norm_forward", "batch_norm_backward"),
+    "batch_renorm": ("batch_renorm_forward", "batch_renorm_backward"),
+    "layer_norm": ("layer_norm_forward", "layer_norm_backward"),
+}
 
 
 def _run_op(case: Case, op: str, setup, recording):
@@ -181,12 +222,15 @@ def run_traffic(cases=None, progress=None) -> List[Dict]:
                 "pytorch_launches": pt_launches, "status": "ok", "reason": "",
             }
             desc = f"emu {KIND_ABBREV[case.kind]} {case.layout} {case.shape_str} {op}"
-            if reason is not None:
-                row.update(status="unavailable", reason=reason)
+            missing = reason or _missing_api(case.kind)
+            if missing is not None:
+                row.update(status="unavailable", reason=missing)
             else:
                 try:
                     records = _run_op(case, op, setup, recording)
-                    row.update(summarize_records(records, case.numel, ITEMSIZE[case.dtype]))
+                    row.update(summarize_records(
+                        records, case.numel, ITEMSIZE[case.dtype],
+                        bytes_moved(case.kind, op, case.shape, case.axis, case.dtype)))
                 except Exception as exc:
                     row.update(status="error", reason=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
             rows.append(row)

@@ -1,0 +1,526 @@
+"""Tests of the benchmark suite's parts that need no GPU: bytes moved, peak
+bandwidth from device attributes, timer plumbing, output checks, report
+formats, suites, the textbook NumPy version, and a tiny CPU run end to end."""
+
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+
+from bench import gpu, metrics, naive, report, runner, suites
+from bench.__main__ import main
+from bench.inputs import make_setup
+from bench.providers import NaiveProvider, Provider, TorchProvider, cuda_event_timer
+from bench.suites import Case
+
+
+# -- bytes moved ------------------------------------------------------------------
+
+def test_bytes_moved_batch_norm_by_hand():
+    # x (2, 3, 4, 5) float32: 120 elements of 4 bytes, C = 3 float32 vectors
+    n, c = 120, 3
+    assert metrics.bytes_moved("batch_norm", "fwd_train", (2, 3, 4, 5), 1, "float32") == 2 * n * 4 + 8 * c * 4
+    assert metrics.bytes_moved("batch_norm", "fwd_infer", (2, 3, 4, 5), 1, "float32") == 2 * n * 4 + 4 * c * 4
+    assert metrics.bytes_moved("batch_norm", "bwd", (2, 3, 4, 5), 1, "float32") == 3 * n * 4 + 5 * c * 4
+    assert metrics.bytes_moved("batch_norm", "fwd_bwd", (2, 3, 4, 5), 1, "float32") == 5 * n * 4 + 13 * c * 4
+
+
+def test_bytes_moved_uses_the_channel_axis_and_accumulation_dtype():
+    # channels-last: C is the last dimension (5), not shape[1]
+    assert metrics.bytes_moved("batch_norm", "fwd_train", (2, 3, 4, 5), -1, "float32") == 960 + 8 * 5 * 4
+    # float16 elements are 2 bytes, per-channel vectors stay float32
+    assert metrics.bytes_moved("batch_norm", "bwd", (2, 3, 4, 5), 1, "float16") == 3 * 120 * 2 + 5 * 3 * 4
+    # float64 data accumulates (and stores vectors) in float64
+    assert metrics.bytes_moved("batch_renorm", "fwd_infer", (2, 3, 4, 5), 1, "float64") == 2 * 120 * 8 + 4 * 3 * 8
+
+
+def test_bytes_moved_layer_norm_by_hand():
+    r, h = 6, 10  # 6 rows of 10 features
+    assert metrics.bytes_moved("layer_norm", "fwd_train", (r, h), -1, "float32") == 2 * 60 * 4 + (2 * h + 2 * r) * 4
+    assert metrics.bytes_moved("layer_norm", "bwd", (r, h), -1, "float32") == 3 * 60 * 4 + (2 * r + 3 * h) * 4
+    fb = metrics.bytes_moved("layer_norm", "fwd_bwd", (r, h), -1, "float32")
+    assert fb == (metrics.bytes_moved("layer_norm", "fwd_train", (r, h), -1, "float32")
+                  + metrics.bytes_moved("layer_norm", "bwd", (r, h), -1, "float32"))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(kind="batch_norm", op="forward", shape=(2, 3), axis=1, dtype="float32"), "op must be"),
+    (dict(kind="batch_norm", op="bwd", shape=(2, 3), axis=1, dtype="int8"), "dtype must be"),
+    (dict(kind="group_norm", op="bwd", shape=(2, 3), axis=1, dtype="float32"), "kind must be"),
+    (dict(kind="batch_norm", op="bwd", shape=(2, 0), axis=1, dtype="float32"), "positive"),
+    (dict(kind="batch_norm", op="bwd", shape=(2, 3), axis=2, dtype="float32"), "axis 2 is out of range"),
+])
+def test_bytes_moved_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        metrics.bytes_moved(**kwargs)
+
+
+def test_gbps():
+    assert metrics.gbps(3_000_000_000, 1.5) == pytest.approx(2.0)
+    assert metrics.gbps(100, 0.0) is None
+
+
+# -- peak bandwidth ---------------------------------------------------------------
+
+def test_peak_bandwidth_from_attributes():
+    # H100 SXM: 2619 MHz HBM3, 5120-bit bus -> 2 * 2.619e9 * 640 B = 3.352 TB/s
+    assert metrics.peak_bandwidth(2_619_000, 5120) == pytest.approx(3.35232e12)
+    # A100 40GB: 1215 MHz, 5120 bits -> 1.555 TB/s
+    assert metrics.peak_bandwidth(1_215_000, 5120) == pytest.approx(1.5552e12)
+    # a GDDR6 card with a 256-bit bus at 7001 MHz -> 448 GB/s
+    assert metrics.peak_bandwidth(7_001_000, 256) == pytest.approx(448.064e9)
+
+
+@pytest.mark.parametrize("clock, width, match", [(0, 5120, "memory_clock_khz"), (2_619_000, 0, "bus_width_bits"),
+                                                 (None, 5120, "memory_clock_khz")])
+def test_peak_bandwidth_rejects_missing_attributes(clock, width, match):
+    with pytest.raises(ValueError, match=match):
+        metrics.peak_bandwidth(clock, width)
+
+
+def test_describe_device_from_attribute_numbers():
+    info = gpu.describe_device("NVIDIA H100 80GB HBM3", {16: 132, 36: 2_619_000, 37: 5120})
+    assert info["sm_count"] == 132
+    assert info["peak_gbps"] == pytest.approx(3352.32)
+    # an attribute the driver did not report leaves the peak unknown, not wrong
+    assert gpu.describe_device("x", {16: 10, 36: None, 37: 256})["peak_gbps"] is None
+
+
+def test_peak_share_in_rows():
+    p = _FakeProvider("gpubn-cuda", device="gpu")
+    case = Case("batch_norm", (4, 8, 16, 16), "NCHW")
+    nbytes = metrics.bytes_moved("batch_norm", "fwd_train", case.shape, 1, "float32")
+    row = runner.make_row(case, "fwd_train", p, times=[2e-6, 1e-6, 3e-6], peak_bytes_per_s=2e12)
+    assert row["median_s"] == 2e-6 and row["min_s"] == 1e-6 and row["max_s"] == 3e-6
+    assert row["gbps"] == pytest.approx(nbytes / 2e-6 / 1e9)
+    assert row["peak_gbps"] == pytest.approx(2000.0)
+    assert row["peak_share"] == pytest.approx(row["gbps"] / 2000.0)
+
+
+# -- GPU timer plumbing, with fakes ----------------------------------------------------
+
+class _Result:
+    def __init__(self, gpu_times):
+        self.gpu_times = gpu_times
+
+
+def test_times_from_benchmark_takes_the_first_device():
+    res = _Result(np.array([[1e-3, 2e-3, 3e-3], [9.0, 9.0, 9.0]]))
+    assert gpu.times_from_benchmark(res) == [1e-3, 2e-3, 3e-3]
+    with pytest.raises(ValueError, match="gpu_times"):
+        gpu.times_from_benchmark(_Result(np.zeros((1, 0))))
+
+
+def test_cuda_event_timer_converts_milliseconds_and_counts_calls():
+    clock = {"t": 0.0}
+    calls = []
+
+    class Event:
+        def __init__(self, enable_timing):
+            assert enable_timing
+            self.t = None
+
+        def record(self):
+            self.t = clock["t"]
+
+        def elapsed_time(self, end):      # milliseconds, as torch.cuda.Event
+            return (end.t - self.t) * 1e3
+
+    def fn():
+        calls.append(1)
+        clock["t"] += 0.25 * len(calls)   # each call takes longer
+
+    times = cuda_event_timer(fn, repeats=3, warmup=2, event_cls=Event, synchronize=lambda: None)
+    assert len(calls) == 5
+    assert times == pytest.approx([0.75, 1.0, 1.25])
+
+
+def test_gpu_providers_say_why_they_cannot_run_here():
+    try:
+        import cupy  # noqa: F401
+        have_cupy = True
+    except ImportError:
+        have_cupy = False
+    if not have_cupy:
+        reason = gpu.GpubnCudaProvider().unavailable_reason()
+        assert reason and "CuPy" in reason
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        assert "CUDA" in TorchProvider("gpu").unavailable_reason()
+
+
+# -- summaries, checks and ratios -------------------------------------------------
+
+def test_summarize():
+    s = metrics.summarize([3.0, 1.0, 2.0, 10.0])
+    assert s == {"median": 2.5, "min": 1.0, "max": 10.0, "repeats": 4}
+    with pytest.raises(ValueError, match="empty"):
+        metrics.summarize([])
+
+
+def test_compare_names_the_output_that_differs():
+    rng = np.random.default_rng(0)
+    ref = tuple(rng.standard_normal((4, 5)) for _ in range(3))
+    assert runner.compare(ref, ref, "bwd", "float32") == "ok"
+    bad = (ref[0], ref[1] * 1.01, ref[2])
+    msg = runner.compare(bad, ref, "bwd", "float32")
+    assert msg.startswith("mismatch: dweight")
+    assert "shape" in runner.compare((ref[0][:2],), (ref[0],), "fwd_train", "float32")
+    assert "non-finite" in runner.compare((ref[0] * np.nan,), (ref[0],), "fwd_train", "float32")
+    assert "expected 4 outputs" in runner.compare(ref, ref, "fwd_bwd", "float32")
+
+
+def _row(provider, backend, median, op="fwd_bwd", shape=(2, 3, 4, 4), device="cpu", **kw):
+    case = Case("batch_norm", shape, "NCHW")
+    p = _FakeProvider(provider, device=device, backend=backend)
+    return runner.make_row(case, op, p, times=[median], **kw)
+
+
+def test_add_ratios_uses_the_torch_row_of_the_same_case():
+    rows = [_row("torch-cpu", "torch", 2.0), _row("gpubn-numpy", "numpy", 1.0),
+            _row("gpubn-numpy", "numpy", 5.0, shape=(2, 3, 8, 8)),    # no torch row for it
+            _row("torch-cpu", "torch", 4.0, op="bwd"), _row("gpubn-numpy", "numpy", 6.0, op="bwd")]
+    runner.add_ratios(rows)
+    assert rows[0]["ratio_to_torch"] == 1.0
+    assert rows[1]["ratio_to_torch"] == 0.5
+    assert rows[2]["ratio_to_torch"] is None
+    assert rows[4]["ratio_to_torch"] == 1.5
+    summary = report.ratio_summary(rows)
+    assert summary["gpubn-numpy"]["fwd_bwd"]["median"] == 0.5
+    assert summary["gpubn-numpy"]["bwd"] == {"median": 1.5, "min": 1.5, "max": 1.5, "n": 1}
+
+
+# -- the runner with fake providers (the structure the GPU path uses) --------------
+
+class _FakeProvider(Provider):
+    def __init__(self, name, device="cpu", backend="numpy", peer=False, reason=None,
+                 scale=1.0, fail=False):
+        self.name, self.device, self.backend, self.peer = name, device, backend, peer
+        self._reason, self._scale, self._fail = reason, scale, fail
+        self.timed = 0
+
+    def unavailable_reason(self):
+        return self._reason
+
+    def prepare(self, setup, op):
+        if self._fail:
+            raise RuntimeError("kernel launch failed\nsecond line")
+        x = setup.x
+        n = len(runner.OUTPUT_NAMES[op])
+        return lambda: tuple(x * self._scale for _ in range(n))
+
+    def timer(self, fn, repeats, warmup):
+        self.timed += 1
+        return [1e-3 * (i + 1) for i in range(repeats)]
+
+
+def test_run_suite_reports_unavailable_errors_and_mismatches_without_stopping():
+    cases = [(Case("batch_norm", (2, 3, 4, 4), "NCHW"), ("fwd_train", "bwd"))]
+    peer = _FakeProvider("torch-fake", backend="torch", peer=True)
+    good = _FakeProvider("good")
+    wrong = _FakeProvider("wrong", scale=1.5)
+    missing = _FakeProvider("missing", reason="library not installed")
+    broken = _FakeProvider("broken", fail=True)
+    stream = io.StringIO()
+    rows = runner.run_suite(cases, [good, wrong, missing, broken, peer], repeats=3, warmup=0,
+                            progress=runner.Progress(10, stream=stream))
+    by = {(r["provider"], r["op"]): r for r in rows}
+    assert len(rows) == 10
+    assert by[("torch-fake", "bwd")]["check"] == "reference"
+    assert by[("good", "bwd")]["check"] == "ok" and by[("good", "bwd")]["ratio_to_torch"] == 1.0
+    assert by[("wrong", "fwd_train")]["check"].startswith("mismatch: y")
+    assert by[("missing", "bwd")]["status"] == "unavailable"
+    assert by[("missing", "bwd")]["reason"] == "library not installed"
+    assert by[("broken", "bwd")]["status"] == "error"
+    assert by[("broken", "bwd")]["reason"] == "RuntimeError: kernel launch failed"
+    assert by[("good", "bwd")]["median_s"] == 2e-3 and by[("good", "bwd")]["repeats"] == 3
+    assert missing.timed == 0 and good.timed == 2
+    progress = stream.getvalue().splitlines()
+    assert len(progress) == 10 and progress[-1].startswith("[  10/10]")
+    with pytest.raises(ValueError, match="repeats"):
+        runner.run_suite(cases, [good], repeats=0)
+
+
+# -- report formats -------------------------------------------------------------------
+
+def test_jsonl_round_trip_keeps_machine_and_fields(tmp_path):
+    rows = [_row("torch-cpu", "torch", 2e-3), _row("gpubn-numpy", "numpy", 1e-3)]
+    runner.add_ratios(rows)
+    path = tmp_path / "sub" / "r.jsonl"
+    machine = {"cpu": "test cpu", "numpy": np.__version__}
+    assert report.write_jsonl(rows, str(path), machine, timestamp="T0") == 2
+    assert report.write_jsonl(rows[:1], str(path), machine, timestamp="T1") == 1   # appends
+    back = report.read_jsonl(str(path))
+    assert [r["timestamp"] for r in back] == ["T0", "T0", "T1"]
+    assert back[1]["machine"] == machine
+    for key in ("provider", "backend", "shape", "dtype", "op", "median_s", "min_s", "max_s",
+                "gbps", "ratio_to_torch", "bytes", "layout"):
+        assert key in back[1]
+    assert back[1]["ratio_to_torch"] == 0.5 and back[1]["shape"] == [2, 3, 4, 4]
+    path.write_text("{not json}\n")
+    with pytest.raises(ValueError, match="r.jsonl:1"):
+        report.read_jsonl(str(path))
+
+
+def test_format_time_units():
+    assert report.format_time(2.5) == "2.5 s"
+    assert report.format_time(0.0123) == "12.3 ms"
+    assert report.format_time(4.56e-5) == "45.6 us"
+    assert report.format_time(None) == "-"
+
+
+def test_format_table_text_and_markdown():
+    rows = [_row("torch-cpu", "torch", 2e-3), _row("gpubn-numpy", "numpy", 1e-3)]
+    case = Case("batch_norm", (2, 3, 4, 4), "NCHW")
+    rows.append(runner.make_row(case, "fwd_bwd", NaiveProvider(), status="unavailable", reason="x"))
+    runner.add_ratios(rows)
+    text = report.format_table(rows)
+    lines = text.splitlines()
+    assert lines[0].split() == ["op", "layout", "shape", "dtype", "torch-cpu", "gpubn-numpy", "naive-numpy"]
+    assert "bn fwd_bwd" in lines[2] and "2x3x4x4" in lines[2]
+    assert "1 ms" in lines[2] and "0.50x" in lines[2] and "unavailable" in lines[2]
+    md = report.format_table(rows, markdown=True).splitlines()
+    assert md[0].startswith("| op | layout") and md[1].startswith("|---|")
+    assert md[2].count("|") == 8
+
+
+def test_format_table_shows_bandwidth_on_gpu():
+    rows = [_row("gpubn-cuda", "cuda", 1e-5, device="gpu", peak_bytes_per_s=1e12)]
+    text = report.format_table(rows)
+    nbytes = rows[0]["bytes"]
+    assert f"{nbytes / 1e-5 / 1e9:.0f} GB/s" in text
+    assert f"({100 * nbytes / 1e-5 / 1e12:.0f}%)" in text
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [_row("torch-cpu", "torch", 2e-3), _row("gpubn-numpy", "numpy", 1e-3)]
+    runner.add_ratios(rows)
+    path = report.plot(rows, str(tmp_path / "c.png"))
+    assert path and open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert report.plot([], str(tmp_path / "d.png")) is None
+
+
+# -- suites ------------------------------------------------------------------------------
+
+def test_quick_suite_covers_every_family_layout_and_op():
+    cases = suites.get_suite("quick")
+    assert {c.kind for c, _ in cases} == set(suites.KINDS)
+    assert {c.layout for c, _ in cases} == set(suites.LAYOUTS)
+    assert {op for _, ops in cases for op in ops} == set(suites.OPS)
+    assert max(c.numel for c, _ in cases) <= 20_000
+
+
+def test_resnet50_suite_has_every_layer_in_both_layouts_and_batches():
+    cases = [c for c, _ in suites.get_suite("resnet50")]
+    assert len(cases) == 2 * 2 * len(suites.RESNET50_BN_LAYERS)
+    assert {c.shape[0] for c in cases} == {32, 256}
+    nhwc = [c for c in cases if c.layout == "NHWC"]
+    assert all(c.channels == c.shape[3] and c.axis == -1 for c in nhwc)
+    assert Case("batch_norm", (256, 2048, 7, 7), "NCHW") in cases
+
+
+def test_default_suite_has_the_issue_families():
+    cases = [c for c, _ in suites.get_suite("default")]
+    assert any(c.layout == "NCHW" and c.shape[0] == 32 for c in cases)
+    assert any(c.layout == "NHWC" and c.shape[0] == 32 for c in cases)
+    assert Case("batch_norm", (256, 512, 7, 7), "NCHW") in cases
+    assert any(c.layout == "NC" for c in cases)
+    assert {c.shape[-1] for c in cases if c.kind == "layer_norm"} == {768, 4096}
+
+
+def test_get_suite_filters_and_validates():
+    cases = suites.get_suite("quick", dtypes=("float32", "float64"), kinds=["layer_norm"], ops=["bwd"])
+    assert [(c.dtype, ops) for c, ops in cases] == [("float32", ("bwd",)), ("float64", ("bwd",))]
+    with pytest.raises(ValueError, match="suite must be one of"):
+        suites.get_suite("huge")
+    with pytest.raises(ValueError, match="dtype must be"):
+        suites.get_suite("quick", dtypes=("int8",))
+    with pytest.raises(ValueError, match="ops must be among"):
+        suites.get_suite("quick", ops=["forward"])
+
+
+@pytest.mark.parametrize("args, match", [
+    (("batch_norm", (2, 3, 4), "NCHW"), "needs 4"),
+    (("layer_norm", (2, 3, 4, 5), "NCHW"), "layer_norm cases use layout 'rows'"),
+    (("batch_norm", (2, 3), "rows"), "layout 'rows' is for layer_norm"),
+    (("batch_norm", (2, 0, 4, 4), "NCHW"), "positive ints"),
+    (("batch_norm", (2, 3), "NLC"), "layout must be"),
+])
+def test_case_validation(args, match):
+    with pytest.raises(ValueError, match=match):
+        Case(*args)
+
+
+# -- the textbook version is right (it is only a reference if it is) ------------------------
+
+def _torch_bn_grads(x, w, b, dy, axis):
+    torch = pytest.importorskip("torch")
+    xt = torch.from_numpy(np.moveaxis(x, axis, 1).copy()).requires_grad_(True)
+    wt = torch.from_numpy(w.copy()).requires_grad_(True)
+    bt = torch.from_numpy(b.copy()).requires_grad_(True)
+    y = torch.nn.functional.batch_norm(xt, None, None, wt, bt, training=True, eps=1e-5)
+    g = torch.autograd.grad(y, (xt, wt, bt), torch.from_numpy(np.moveaxis(dy, axis, 1).copy()))
+    return (np.moveaxis(y.detach().numpy(), 1, axis), np.moveaxis(g[0].numpy(), 1, axis),
+            g[1].numpy(), g[2].numpy())
+
+
+@pytest.mark.parametrize("shape, axis", [((4, 3, 5, 2), 1), ((4, 5, 2, 3), -1), ((7, 6), 1)])
+def test_naive_batch_norm_matches_torch_in_float64(shape, axis):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(shape) * 3 + 1
+    dy = rng.standard_normal(shape)
+    c = shape[axis]
+    w, b = rng.standard_normal(c), rng.standard_normal(c)
+    rm, rv = np.zeros(c), np.ones(c)
+    y, cache = naive.batch_norm_forward_train(x, w, b, rm, rv, 0.1, 1e-5, axis)
+    dx, dw, db = naive.batch_norm_backward(dy, cache)
+    ty, tdx, tdw, tdb = _torch_bn_grads(x, w, b, dy, axis)
+    for a, e in [(y, ty), (dx, tdx), (dw, tdw), (db, tdb)]:
+        np.testing.assert_allclose(a, e, rtol=1e-10, atol=1e-10)
+    m = x.size // c
+    batch_var = np.var(np.moveaxis(x, axis, 0).reshape(c, -1), axis=1)
+    np.testing.assert_allclose(rv, 0.9 + 0.1 * batch_var * m / (m - 1), rtol=1e-12)
+
+
+def test_naive_layer_norm_matches_torch_in_float64():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(2)
+    x, dy = rng.standard_normal((5, 12)) + 2, rng.standard_normal((5, 12))
+    w, b = rng.standard_normal(12), rng.standard_normal(12)
+    y, cache = naive.layer_norm_forward(x, w, b, 1e-5)
+    dx, dw, db = naive.layer_norm_backward(dy, cache)
+    xt, wt, bt = (torch.from_numpy(a.copy()).requires_grad_(True) for a in (x, w, b))
+    yt = torch.nn.functional.layer_norm(xt, (12,), wt, bt, 1e-5)
+    g = torch.autograd.grad(yt, (xt, wt, bt), torch.from_numpy(dy))
+    for a, e in [(y, yt.detach().numpy()), (dx, g[0].numpy()), (dw, g[1].numpy()), (db, g[2].numpy())]:
+        np.testing.assert_allclose(a, e, rtol=1e-10, atol=1e-10)
+
+
+def test_naive_batch_renorm_gradients_by_finite_differences():
+    # r and d held constant: the loss below freezes them at the base point
+    rng = np.random.default_rng(3)
+    shape, c = (6, 3, 2, 2), 3
+    x, dy = rng.standard_normal(shape) * 2 + 1, rng.standard_normal(shape)
+    w, b = rng.standard_normal(c), rng.standard_normal(c)
+    rm, rs = np.full(c, 0.5), np.full(c, 1.5)
+    y, cache = naive.batch_renorm_forward_train(x, w, b, rm.copy(), rs.copy(), 3.0, 5.0, 0.01, 1e-5, 1)
+    r, d = cache["r"], cache["d"]
+    assert not np.allclose(r, 1.0) and not np.allclose(d, 0.0)   # the case exercises r and d
+    dx, dw, db = naive.batch_renorm_backward(dy, cache)
+
+    def loss(xv):
+        mu = xv.mean(axis=(0, 2, 3), keepdims=True)
+        std = np.sqrt(((xv - mu) ** 2).mean(axis=(0, 2, 3), keepdims=True) + 1e-5)
+        yv = ((xv - mu) / std * r + d) * w.reshape(1, c, 1, 1) + b.reshape(1, c, 1, 1)
+        return float(np.sum(yv * dy))
+
+    num = np.zeros_like(x)
+    h = 1e-6
+    for idx in np.ndindex(*shape):
+        xp, xm = x.copy(), x.copy()
+        xp[idx] += h
+        xm[idx] -= h
+        num[idx] = (loss(xp) - loss(xm)) / (2 * h)
+    np.testing.assert_allclose(dx, num, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(db, dy.sum(axis=(0, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(dw, (dy * cache["xhat"]).sum(axis=(0, 2, 3)), rtol=1e-12)
+
+
+def test_setup_is_shared_and_state_copies_are_independent():
+    case = Case("batch_norm", (2, 3, 4, 4), "NCHW")
+    a, b = make_setup(case), make_setup(case)
+    np.testing.assert_array_equal(a.x, b.x)
+    s1, s2 = a.state(), a.state()
+    s1["running_mean"] += 1
+    np.testing.assert_array_equal(s2["running_mean"], a.running_mean)
+    assert a.x.dtype == np.float32 and a.weight.dtype == np.float32
+    assert make_setup(case.with_dtype("float64")).weight.dtype == np.float64
+
+
+# -- end to end ----------------------------------------------------------------------------
+
+def test_quick_cpu_run_end_to_end(tmp_path, capsys):
+    out = tmp_path / "quick.jsonl"
+    rc = main(["cpu", "--quick", "--repeats", "1", "--warmup", "0", "--out", str(out),
+               "--no-chart", "--quiet"])
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    assert "## CPU" in stdout and "gpubn-numpy" in stdout and "naive-numpy" in stdout
+    rows = report.read_jsonl(str(out))
+    quick = suites.get_suite("quick")
+    assert len(rows) == sum(len(ops) for _, ops in quick) * 3
+    assert all(r["machine"]["numpy"] == np.__version__ for r in rows)
+    by = {(r["provider"], r["kind"], r["layout"], r["op"]): r for r in rows}
+    for layout in ("NCHW", "NHWC", "NC"):
+        for op in suites.OPS:
+            naive_row = by[("naive-numpy", "batch_norm", layout, op)]
+            assert naive_row["status"] == "ok" and naive_row["median_s"] > 0
+            gp = by[("gpubn-numpy", "batch_norm", layout, op)]
+            assert gp["status"] == "ok", gp["reason"]
+            if by[("torch-cpu", "batch_norm", layout, op)]["status"] == "ok":
+                # same inputs, outputs compared with PyTorch's, ratio from the same run
+                assert gp["check"] == "ok" and naive_row["check"] == "ok"
+                assert gp["ratio_to_torch"] == pytest.approx(
+                    gp["median_s"] / by[("torch-cpu", "batch_norm", layout, op)]["median_s"])
+    for r in rows:
+        assert r["status"] in ("ok", "unavailable"), r
+        if r["status"] == "ok":
+            assert r["gbps"] == pytest.approx(r["bytes"] / r["median_s"] / 1e9)
+            assert not r["check"].startswith("mismatch"), r
+
+
+def test_gpu_section_without_a_device_says_why(tmp_path, capsys):
+    if gpu.gpu_unavailable_reason() is None:
+        pytest.skip("a CUDA device is present")
+    rc = main(["gpu", "--quick", "--out", str(tmp_path / "g.jsonl"), "--quiet"])
+    assert rc == 0
+    assert "GPU: unavailable:" in capsys.readouterr().out
+
+
+def test_cli_rejects_unknown_section(capsys):
+    assert main(["tpu"]) == 2
+    assert "unknown section" in capsys.readouterr().err
+
+
+# -- emu traffic accounting, with records shaped like gpubn.emu's -----------------------
+
+def test_summarize_records_counts_passes_and_tensor_buffers():
+    from bench import traffic
+    numel, itemsize = 1000, 4
+    xb = numel * itemsize
+    # a stats kernel reading x and writing a 64-byte workspace, then a normalize
+    # kernel reading x and the workspace and writing y
+    records = [
+        {"kernel": "stats<float>", "bytes_loaded": xb, "bytes_stored": 64,
+         "buffers": {0: {"bytes_loaded": xb, "bytes_stored": 0, "nbytes": xb},
+                     1: {"bytes_loaded": 0, "bytes_stored": 64, "nbytes": 64}}},
+        {"kernel": "normalize<float>", "bytes_loaded": xb + 64, "bytes_stored": xb,
+         "buffers": {0: (xb, 0, xb), 1: (64, 0, 64), 2: (0, xb, xb)}},
+    ]
+    s = traffic.summarize_records(records, numel, itemsize)
+    assert s["launches"] == 2 and s["kernels"] == ["stats<float>", "normalize<float>"]
+    assert s["bytes_loaded"] == 2 * xb + 64 and s["bytes_stored"] == xb + 64
+    assert s["passes"] == pytest.approx((3 * xb + 128) / xb)
+    assert s["bytes_per_element"] == pytest.approx((3 * xb + 128) / numel)
+    assert s["tensor_passes"] == pytest.approx(3.0)
+    # records without per-buffer sizes: tensor passes unknown, not guessed
+    plain = [{"kernel": "k", "bytes_loaded": xb, "bytes_stored": xb}]
+    assert traffic.summarize_records(plain, numel, itemsize)["tensor_passes"] is None
+
+
+def test_traffic_rows_carry_the_ideal_and_pytorch_style_passes():
+    from bench import traffic
+    assert traffic.IDEAL_PASSES["fwd_train"] == 2 and traffic.IDEAL_PASSES["bwd"] == 3
+    assert traffic.PYTORCH_PASSES["fwd_train"] == 3 and traffic.PYTORCH_PASSES["bwd"] == 5
+    layouts = {c.layout for c, _ in traffic.traffic_cases()}
+    assert {"NCHW", "NHWC"} <= layouts
+    rows = traffic.run_traffic([(Case("batch_norm", (2, 3, 4, 4), "NCHW"), ("fwd_train",))])
+    assert rows[0]["ideal_passes"] == 2 and rows[0]["pytorch_passes"] == 3
+    assert rows[0]["status"] in ("ok", "unavailable", "error")
+    if rows[0]["status"] == "ok":
+        assert rows[0]["launches"] >= 1 and rows[0]["passes"] >= 2.0
+    text = report.format_traffic_table(rows)
+    assert "bn fwd_train" in text and "2x3x4x4" in text
