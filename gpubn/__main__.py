@@ -67,9 +67,21 @@ def run_example(args) -> int:
     return 0
 
 
+def _demo_args(p):
+    from .demo import add_arguments
+    add_arguments(p)
+
+
+def _run_demo(args) -> int:
+    from .demo import run_from_args
+    return run_from_args(args)
+
+
 # name -> (help, add_arguments(parser), run(args) -> exit code)
 COMMANDS = {
     "example": ("normalize a random batch and print what happened", _example_args, run_example),
+    "demo": ("train an MLP on the 8x8 digits with and without BatchNorm "
+             "(needs the 'demo' extra)", _demo_args, _run_demo),
 }
 DEFAULT_COMMAND = "example"
 

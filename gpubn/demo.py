@@ -293,8 +293,8 @@ def pick_backend(requested: Optional[str] = None):
         return be.name, be.xp, "requested"
     try:
         be = get_backend("cuda")
-    except RuntimeError as exc:
-        return "numpy", np, f"no usable GPU ({exc})"
+    except RuntimeError as exc:                    # says why: no CuPy, no device, ...
+        return "numpy", np, str(exc)
     try:
         import cupy
         name = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"]
@@ -428,20 +428,43 @@ def save_plot(cfg: DemoConfig, runs, info, path: str) -> bool:
 
 # -- command line -----------------------------------------------------------------
 
-def build_parser(parser=None):
-    p = parser or argparse.ArgumentParser(
-        prog="gpubn demo",
-        description="Train an MLP on the 8x8 digits with and without gpubn.BatchNorm.")
-    p.add_argument("--epochs", type=int, default=None,
+def _int_at_least(low, why=""):
+    def parse(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}{why}, got {v}")
+        return v
+    return parse
+
+
+def _positive_float(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return v
+
+
+def add_arguments(p):
+    """The demo's options, on an argparse parser (shared with ``gpubn demo``)."""
+    p.add_argument("--epochs", type=_int_at_least(1), default=None,
                    help="training epochs per run (default 20, or 4 with --quick)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--quick", action="store_true", help="a short run (4 epochs)")
-    p.add_argument("--lr", type=float, default=DemoConfig.lr,
+    p.add_argument("--lr", type=_positive_float, default=DemoConfig.lr,
                    help=f"the moderate learning rate (default {DemoConfig.lr:g})")
-    p.add_argument("--high-lr", type=float, default=DemoConfig.high_lr,
+    p.add_argument("--high-lr", type=_positive_float, default=DemoConfig.high_lr,
                    help=f"the high learning rate (default {DemoConfig.high_lr:g})")
-    p.add_argument("--batch-size", type=int, default=DemoConfig.batch_size)
-    p.add_argument("--activation", choices=("sigmoid", "relu"), default="sigmoid")
+    p.add_argument("--batch-size", type=_int_at_least(2, " (batch norm needs 2 samples)"),
+                   default=DemoConfig.batch_size,
+                   help=f"mini-batch size (default {DemoConfig.batch_size})")
+    p.add_argument("--activation", choices=("sigmoid", "relu"), default="sigmoid",
+                   help="hidden activation (default sigmoid, the saturating case)")
     p.add_argument("--backend", choices=("numpy", "emu", "cuda"), default=None,
                    help="default: cuda when CuPy and a GPU are present, else numpy")
     p.add_argument("--out", default="gpubn_demo.png",
@@ -451,20 +474,15 @@ def build_parser(parser=None):
     return p
 
 
-def main(argv=None, stdout=None, stderr=None) -> int:
+DESCRIPTION = ("train an MLP on the 8x8 digits with and without gpubn.BatchNorm and "
+               "show what batch norm does")
+
+
+def run_from_args(args, stdout=None, stderr=None) -> int:
+    """Run the demo for parsed arguments; returns the exit code."""
     stdout = stdout if stdout is not None else sys.stdout
     stderr = stderr if stderr is not None else sys.stderr
-    parser = build_parser()
-    args = parser.parse_args(argv)
     epochs = args.epochs if args.epochs is not None else (4 if args.quick else 20)
-    if epochs < 1:
-        parser.error(f"--epochs must be at least 1, got {epochs}")
-    if args.batch_size < 2:
-        parser.error(f"--batch-size must be at least 2 (batch norm needs 2 samples), "
-                     f"got {args.batch_size}")
-    for flag, v in (("--lr", args.lr), ("--high-lr", args.high_lr)):
-        if not (v > 0 and math.isfinite(v)):
-            parser.error(f"{flag} must be a positive number, got {v}")
     cfg = DemoConfig(epochs=epochs, seed=args.seed, lr=args.lr, high_lr=args.high_lr,
                      batch_size=args.batch_size, activation=args.activation)
     runs, info = run_demo(cfg, backend=args.backend, progress_stream=stderr,
@@ -478,6 +496,11 @@ def main(argv=None, stdout=None, stderr=None) -> int:
             stdout.write("no plot: matplotlib is not installed (pip install 'gpubn[plot]')\n")
     stdout.flush()
     return 0
+
+
+def main(argv=None, stdout=None, stderr=None) -> int:
+    parser = add_arguments(argparse.ArgumentParser(prog="gpubn demo", description=DESCRIPTION))
+    return run_from_args(parser.parse_args(argv), stdout, stderr)
 
 
 if __name__ == "__main__":

@@ -113,10 +113,23 @@ def test_command_line_prints_the_table_and_writes_the_png(tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_gpubn_demo_subcommand(capsys):
+    _needs_sklearn()
+    from gpubn.__main__ import main
+
+    assert main(["demo", "--epochs", "1", "--no-plot", "--no-progress", "--seed", "1"]) == 0
+    captured = capsys.readouterr()
+    assert "gpubn demo: sigmoid MLP 64-100-100-100-10" in captured.out
+    assert "seed 1" in captured.out
+    assert "Final accuracy" in captured.out
+    assert captured.err == ""                            # --no-progress: nothing on stderr
+
+
 @pytest.mark.parametrize("argv,message", [
-    (["--epochs", "0"], "--epochs must be at least 1"),
-    (["--batch-size", "1"], "--batch-size must be at least 2"),
-    (["--lr", "-1"], "--lr must be a positive number"),
+    (["--epochs", "0"], "argument --epochs: must be at least 1, got 0"),
+    (["--batch-size", "1"], "argument --batch-size: must be at least 2 (batch norm needs"),
+    (["--lr", "-1"], "argument --lr: must be a positive number, got -1"),
+    (["--high-lr", "fast"], "argument --high-lr: expected a number, got 'fast'"),
     (["--backend", "tpu"], "invalid choice: 'tpu'"),
 ])
 def test_command_line_rejects_bad_arguments(argv, message, capsys):
