@@ -157,7 +157,7 @@ _REFUSED = (
     (r"\b(?:asm|__asm__|__asm)\b\s*(?:volatile\b|__volatile__\b)?\s*\(", "inline assembly (asm)",
      "PTX cannot run on the CPU"),
     (r"\bcooperative_groups\b|\bcg::|\bthis_grid\s*\(", "cooperative groups", "not supported by the emu runtime"),
-    (r"\btexture\s*<|\btex[123]D\w*\s*\(|\btex1Dfetch\s*\(|\bsurf[123]D\w*\s*\(|\bcudaTextureObject_t\b",
+    (r"\btexture\s*<|\b(?:tex|surf)[123]D\w*\s*(?:<[^<>;]*>)?\s*\(|\bcuda(?:Texture|Surface)Object_t\b",
      "textures and surfaces", "not supported by the emu runtime"),
     (r"\b__managed__\b", "__managed__ memory", "not supported by the emu runtime"),
     (r"<<<", "dynamic parallelism (a launch inside a kernel)", "not supported by the emu runtime"),

@@ -302,8 +302,10 @@ static inline void race_access(Shadow* sh, size_t n, bool store, uintptr_t addr,
         uint64_t d = a < b.lo ? b.lo - a : (a < b.lo + b.size ? 0 : a - (b.lo + b.size) + 1);
         if (d < best_d) { best_d = d; best = i; }
     }
-    L->buffer = best >= 0 ? R->bufs[best].arg_index : -1;
-    L->offset = best >= 0 ? (int64_t)(a - R->bufs[best].lo) : 0;
+    if (L->region != R_DYNAMIC_SHARED) {
+        L->buffer = best >= 0 ? R->bufs[best].arg_index : -1;
+        L->offset = best >= 0 ? (int64_t)(a - R->bufs[best].lo) : 0;
+    }
     set_message("%s", why);
     abort_fiber();
 }
@@ -404,9 +406,10 @@ static void barrier(void* site, int pred) {
             R->bar_count = 0; R->bar_and = 1; R->bar_or = 0;
             R->bep = ++R->epoch;
             for (int i = 0; i < R->nthreads; ++i) R->fibers[i].state = RUN;
-            return;
         }
     }
+    // Even the thread that completed the barrier yields, so that the block
+    // resumes in thread order.
     yield(f);
 }
 
@@ -538,10 +541,8 @@ unsigned long long warp_op(int op, unsigned mask, unsigned long long value, int 
     bool all = true;
     for (int l = 0; l < 32 && all; ++l)
         if (mask >> l & 1) all = w[l].state == WARP && w[l].mask == mask && w[l].op == op;
-    if (all)
-        complete(f->warp, mask, op);
-    else
-        yield(f);
+    if (all) complete(f->warp, mask, op);
+    yield(f);  // the lanes resume in lane order
     return f->result;
 }
 
@@ -574,6 +575,17 @@ static void fiber_main() {
     ((void (*)(void**))(uintptr_t)R->L->thunk)((void**)(uintptr_t)R->L->args);
     f->state = DONE;
     --R->live;
+    // Lanes of this warp waiting in a collective that names this lane would wait forever.
+    Fiber* w = R->fibers + f->warp * 32;
+    for (int l = 0; l < 32 && f->warp * 32 + l < R->nthreads; ++l) {
+        if (w[l].state == WARP && (w[l].mask >> f->lane & 1)) {
+            R->L->error = KERNEL;
+            set_where(&w[l]);
+            set_message("%s with mask 0x%08x names lane %d (thread %d), which has exited",
+                        gpubn_emu::op_name(w[l].op), w[l].mask, f->lane, f->linear);
+            break;
+        }
+    }
     ctx_switch(&f->sp, R->sched_sp);
     __builtin_unreachable();
 }
@@ -725,6 +737,7 @@ EMU_EXPORT int64_t gpubn_emu_launch(Launch* L) {
     L->error = OK;
     L->message[0] = 0;
     L->buffer = -1;
+    L->region = R_NONE;
     L->blocks_run = 0;
     const int64_t nt = L->block[0] * L->block[1] * L->block[2];
     if (nt < 1 || nt > kMaxThreads) {

@@ -1,0 +1,308 @@
+"""Planted defects: each small kernel carries one bug that a GPU would turn into
+wrong results (or a hang) only sometimes; emu must catch each, every time, with
+a message that says what, where and who.  Correct kernels run clean."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+emu = pytest.importorskip("gpubn.emu")
+if not emu.available():  # pragma: no cover - machines without g++
+    pytest.skip("no C++ compiler for the emu backend", allow_module_level=True)
+
+SRC = r"""
+// Planted: `<=` lets thread n store one element past the end.
+extern "C" __global__ void oob_write(float* y, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i <= n) y[i] = 1.0f;
+}
+
+// Planted: reads the right neighbour without checking the last element.
+extern "C" __global__ void off_by_one_read(const float* x, float* y, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = x[i] + x[i + 1];
+}
+
+// Planted: reads the left neighbour, including x[-1].
+extern "C" __global__ void underflow_read(const double* x, double* y, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = x[i - 1];
+}
+
+extern "C" __global__ void deref(const int* p, int* out) { out[threadIdx.x] = p[threadIdx.x]; }
+
+// Planted: indexes dynamic shared memory past `shared_mem`.
+extern "C" __global__ void dyn_oob(float* y) {
+    extern __shared__ float s[];
+    s[threadIdx.x] = 1.0f;
+    __syncthreads();
+    y[threadIdx.x] = s[threadIdx.x];
+}
+
+// Neighbour exchange through shared memory; `sync` selects the fixed version.
+extern "C" __global__ void neighbour(const float* x, float* y, int sync) {
+    __shared__ float s[256];
+    s[threadIdx.x] = x[blockIdx.x * blockDim.x + threadIdx.x];
+    if (sync) __syncthreads();              // planted (sync == 0): missing barrier
+    y[blockIdx.x * blockDim.x + threadIdx.x] = s[(threadIdx.x + 1) % blockDim.x];
+}
+
+// Planted (sync == 0): the second write overwrites a value another thread may
+// not have read yet -- write-after-read across a loop iteration.
+extern "C" __global__ void reuse(const float* x, float* y, int sync) {
+    __shared__ float s[64];
+    float acc = 0.f;
+    for (int it = 0; it < 2; ++it) {
+        s[threadIdx.x] = x[it * blockDim.x + threadIdx.x];
+        __syncthreads();
+        acc += s[blockDim.x - 1 - threadIdx.x];
+        if (sync) __syncthreads();
+    }
+    y[threadIdx.x] = acc;
+}
+
+// A warp exchanging through shared memory: needs __syncwarp (threads of a warp
+// are scheduled independently since Volta).
+extern "C" __global__ void warp_exchange(const int* x, int* y, int sync) {
+    __shared__ int s[32];
+    s[threadIdx.x] = x[threadIdx.x];
+    if (sync) __syncwarp();
+    y[threadIdx.x] = s[threadIdx.x ^ 1];
+}
+
+// Shuffles exchange registers, never shared memory: no race, no barrier needed.
+extern "C" __global__ void shuffle_exchange(const int* x, int* y) {
+    y[threadIdx.x] = __shfl_xor_sync(0xffffffffu, x[threadIdx.x], 1);
+}
+
+// Planted: a barrier inside a branch only half of the block takes.
+extern "C" __global__ void divergent_barrier(float* y) {
+    if (threadIdx.x < 16) {
+        __syncthreads();
+        y[threadIdx.x] = 1.0f;
+    }
+}
+
+// Planted: two different barriers on the two sides of a branch.
+extern "C" __global__ void split_barriers(float* y) {
+    if (threadIdx.x % 2) { y[threadIdx.x] = 1.0f; __syncthreads(); }
+    else { __syncthreads(); y[threadIdx.x] = 2.0f; }
+}
+
+// Planted: early return of the tail, then a block-wide barrier.
+extern "C" __global__ void early_return(const float* x, float* y, int n) {
+    __shared__ float s[64];
+    int i = threadIdx.x;
+    if (i >= n) return;
+    s[i] = x[i];
+    __syncthreads();
+    y[i] = s[n - 1 - i];
+}
+
+// Planted: a full-mask shuffle after half of the warp has returned.
+extern "C" __global__ void shuffle_after_exit(const int* x, int* y) {
+    if (threadIdx.x >= 16) return;
+    y[threadIdx.x] = __shfl_down_sync(0xffffffffu, x[threadIdx.x], 1);
+}
+
+// Atomics on the same shared word from every thread: no race.
+extern "C" __global__ void shared_atomics(int* out) {
+    __shared__ int total;
+    if (threadIdx.x == 0) total = 0;
+    __syncthreads();
+    atomicAdd(&total, (int)threadIdx.x);
+    __syncthreads();
+    if (threadIdx.x == 0) out[0] = total;
+}
+
+extern "C" __global__ void trap_kernel(int* y) { if (threadIdx.x == 3) __trap(); y[threadIdx.x] = 1; }
+"""
+
+
+@pytest.fixture(scope="module")
+def mod():
+    return emu.RawModule(code=SRC, filename="planted.cu")
+
+
+# ---------------------------------------------------------------- memcheck
+def test_out_of_bounds_write_is_caught_and_does_not_happen(mod):
+    backing = np.zeros(80, np.float32)
+    y = backing[:60]                                      # the kernel sees 60 elements
+    with pytest.raises(emu.MemcheckError) as info:
+        mod.get_function("oob_write")((2,), (32,), (y, np.int32(60)))
+    e = info.value
+    assert (e.kernel, e.block, e.thread, e.access, e.size) == ("oob_write", (1, 0, 0), (28, 0, 0), "store", 4)
+    assert (e.buffer, e.offset) == (0, 240)
+    assert "invalid 4-byte store" in str(e) and "kernel 'oob_write', block (1, 0, 0), thread (28, 0, 0)" in str(e)
+    assert "nearest buffer: argument 0 (240 bytes), offset 240 (0 bytes past its end)" in str(e)
+    assert backing[60] == 0.0                             # the bad store never happened
+    np.testing.assert_array_equal(y, 1.0)                 # the launch ran up to it
+
+
+def test_off_by_one_read(mod):
+    x = np.arange(50, dtype=np.float32)
+    y = np.zeros_like(x)
+    with pytest.raises(emu.MemcheckError, match=r"invalid 4-byte load .* kernel 'off_by_one_read', "
+                                                r"block \(1, 0, 0\), thread \(17, 0, 0\).*argument 0 "
+                                                r"\(200 bytes\), offset 200 \(0 bytes past its end\)") as info:
+        mod.get_function("off_by_one_read")((2,), (32,), (x, y, np.int32(50)))
+    assert info.value.access == "load" and info.value.buffer == 0
+
+
+def test_read_before_start(mod):
+    x = np.ones(40)
+    y = np.zeros(40)
+    with pytest.raises(emu.MemcheckError, match=r"8-byte load.*thread \(0, 0, 0\).*argument 0 \(320 bytes\), "
+                                                r"offset -8 \(8 bytes before its start\)"):
+        mod.get_function("underflow_read")((2,), (32,), (x, y, np.int32(40)))
+
+
+def test_null_pointer(mod):
+    with pytest.raises(emu.MemcheckError, match=r"4-byte load at 0x0 in kernel 'deref'"):
+        mod.get_function("deref")(1, 4, (None, np.zeros(4, np.int32)))
+
+
+def test_dynamic_shared_out_of_bounds(mod):
+    y = np.zeros(64, np.float32)
+    with pytest.raises(emu.MemcheckError, match=r"thread \(32, 0, 0\).*out of bounds of dynamic shared "
+                                                r"memory; offset 128 of dynamic shared memory \(shared_mem=128"):
+        mod.get_function("dyn_oob")(1, 64, (y,), shared_mem=32 * 4)
+    mod.get_function("dyn_oob")(1, 64, (y,), shared_mem=64 * 4)
+    np.testing.assert_array_equal(y, 1.0)
+
+
+def test_memcheck_off_lets_the_access_through(mod):
+    backing = np.arange(60, dtype=np.float32)
+    x = backing[:50]
+    y = np.zeros(50, np.float32)
+    with emu.options(memcheck=False):
+        mod.get_function("off_by_one_read")((2,), (32,), (x, y, np.int32(50)))
+    assert y[49] == 49 + 50                               # read backing[50]: the check was what stopped it
+
+
+# ---------------------------------------------------------------- racecheck
+def test_missing_syncthreads_before_reading_shared(mod):
+    x = np.arange(128, dtype=np.float32)
+    y = np.zeros_like(x)
+    with pytest.raises(emu.RaceError) as info:
+        mod.get_function("neighbour")((2,), (64,), (x, y, np.int32(0)))
+    e = info.value
+    assert e.kernel == "neighbour" and e.block == (0, 0, 0)
+    assert {e.thread, e.other_thread} == {(0, 0, 0), (1, 0, 0)}
+    assert e.memory == "static shared" and e.variable == "neighbour::s"
+    assert "racecheck" in str(e) and "'neighbour::s'" in str(e) and "thread (1, 0, 0)" in str(e)
+    mod.get_function("neighbour")((2,), (64,), (x, y, np.int32(1)))    # the fix runs clean
+    np.testing.assert_array_equal(y, np.roll(x.reshape(2, 64), -1, axis=1).ravel())
+
+
+def test_buffer_reused_across_iterations_without_barrier(mod):
+    x = np.arange(128, dtype=np.float32)
+    y = np.zeros(64, np.float32)
+    with pytest.raises(emu.RaceError, match=r"read-after-write hazard at byte 124 of __shared__ variable "
+                                            r"'reuse::s'") as info:
+        mod.get_function("reuse")(1, 64, (x, y, np.int32(0)))
+    # thread 31 overwrote s[31] for the next iteration before thread 32 read this one's
+    assert (info.value.thread, info.value.other_thread) == ((32, 0, 0), (31, 0, 0))
+    assert info.value.access == "load" and info.value.other_access == "store"
+    mod.get_function("reuse")(1, 64, (x, y, np.int32(1)))
+    np.testing.assert_array_equal(y, x[:64][::-1] + x[64:][::-1])
+
+
+def test_warp_exchange_through_shared_needs_syncwarp(mod):
+    x = np.arange(32, dtype=np.int32)
+    y = np.zeros_like(x)
+    with pytest.raises(emu.RaceError, match=r"hazard .* 'warp_exchange::s'.*no __syncthreads\(\) "
+                                            r"\(or __syncwarp\(\) within a warp\)"):
+        mod.get_function("warp_exchange")(1, 32, (x, y, np.int32(0)))
+    mod.get_function("warp_exchange")(1, 32, (x, y, np.int32(1)))
+    np.testing.assert_array_equal(y, x ^ 1)
+
+
+def test_write_after_read():
+    src = r'''extern "C" __global__ void k(int* y) {
+        __shared__ int s[32];
+        s[threadIdx.x] = threadIdx.x;
+        __syncthreads();
+        int v = s[(threadIdx.x + 1) % 32];
+        s[threadIdx.x] = v;                     // thread t-1 may not have read s[t] yet
+        y[threadIdx.x] = v;
+    }'''
+    with pytest.raises(emu.RaceError, match=r"write-after-read hazard at byte 4 of __shared__ variable 'k::s'.*"
+                                            r"thread \(1, 0, 0\) stores it after thread \(0, 0, 0\) loaded it"):
+        emu.RawModule(code=src).get_function("k")(1, 32, (np.zeros(32, np.int32),))
+
+
+def test_shuffles_and_atomics_are_not_races(mod):
+    x = np.arange(32, dtype=np.int32)
+    y = np.zeros_like(x)
+    mod.get_function("shuffle_exchange")(1, 32, (x, y))
+    np.testing.assert_array_equal(y, x ^ 1)
+    out = np.zeros(1, np.int32)
+    mod.get_function("shared_atomics")(1, 128, (out,))
+    assert out[0] == sum(range(128))
+
+
+def test_racecheck_off(mod):
+    x = np.arange(32, dtype=np.int32)
+    y = np.zeros_like(x)
+    with emu.options(racecheck=False):
+        mod.get_function("warp_exchange")(1, 32, (x, y, np.int32(0)))
+
+
+def test_race_in_dynamic_shared_memory():
+    src = r'''extern "C" __global__ void k(int* y) {
+        extern __shared__ int s[];
+        s[threadIdx.x] = threadIdx.x;
+        y[threadIdx.x] = s[(threadIdx.x + 5) % blockDim.x];
+    }'''
+    with pytest.raises(emu.RaceError, match=r"at byte 20 of dynamic shared memory") as info:
+        emu.RawModule(code=src).get_function("k")(1, 64, (np.zeros(64, np.int32),), shared_mem=256)
+    assert info.value.memory == "dynamic shared" and info.value.offset == 20
+
+
+# ---------------------------------------------------------------- deadlock
+def test_barrier_in_divergent_branch_is_a_deadlock_not_a_hang(mod):
+    with pytest.raises(emu.DeadlockError) as info:
+        mod.get_function("divergent_barrier")((3,), (32,), (np.zeros(32, np.float32),))
+    msg = str(info.value)
+    assert info.value.kernel == "divergent_barrier" and info.value.block == (0, 0, 0)
+    assert "deadlock in kernel 'divergent_barrier', block (0, 0, 0)" in msg
+    assert "threads 0-15 wait at __syncthreads #1" in msg and "threads 16-31 have exited" in msg
+
+
+def test_different_barriers_on_two_branches(mod):
+    with pytest.raises(emu.DeadlockError, match=r"wait at __syncthreads #1.*wait at __syncthreads #2"):
+        mod.get_function("split_barriers")(1, 8, (np.zeros(8, np.float32),))
+
+
+def test_early_return_before_barrier(mod):
+    x = np.arange(64, dtype=np.float32)
+    with pytest.raises(emu.DeadlockError, match=r"threads 0-39 wait at __syncthreads #1.*threads 40-63 have exited"):
+        mod.get_function("early_return")(1, 64, (x, np.zeros_like(x), np.int32(40)))
+    y = np.zeros_like(x)
+    mod.get_function("early_return")(1, 64, (x, y, np.int32(64)))          # no thread returns early
+    np.testing.assert_array_equal(y, x[::-1])
+
+
+def test_shuffle_naming_an_exited_lane(mod):
+    with pytest.raises(emu.KernelError, match=r"__shfl_down_sync with mask 0xffffffff names lane 16 "
+                                              r"\(thread 16\), which has exited") as info:
+        mod.get_function("shuffle_after_exit")(1, 32, (np.zeros(32, np.int32), np.zeros(32, np.int32)))
+    assert not isinstance(info.value, emu.MemcheckError)
+
+
+def test_trap(mod):
+    with pytest.raises(emu.KernelError, match=r"thread \(3, 0, 0\): __trap\(\) was called"):
+        mod.get_function("trap_kernel")(1, 8, (np.zeros(8, np.int32),))
+
+
+def test_module_usable_after_errors(mod):
+    # an aborted launch leaves nothing behind: the next launch of the module is clean
+    x = np.arange(64, dtype=np.float32)
+    y = np.zeros_like(x)
+    for _ in range(2):
+        with pytest.raises(emu.RaceError):
+            mod.get_function("neighbour")(1, 64, (x, y, np.int32(0)))
+        mod.get_function("neighbour")(1, 64, (x, y, np.int32(1)))
+    np.testing.assert_array_equal(y, np.roll(x, -1))
