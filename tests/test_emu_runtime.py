@@ -394,3 +394,25 @@ def test_option_validation():
         with emu.options(seed="3"):
             pass
     assert emu.get_options().memcheck and emu.get_options().racecheck
+
+
+def test_portable_ucontext_fibers(monkeypatch):
+    # the fallback fiber switch (processors other than x86-64) runs barriers,
+    # shuffles and deadlock detection too
+    monkeypatch.setenv("GPUBN_EMU_FIBERS", "ucontext")
+    src = r'''
+extern "C" __global__ void k(const int* x, int* y, int dead) {
+    __shared__ int s[64];
+    int v = __shfl_xor_sync(0xffffffffu, x[threadIdx.x], 3);
+    s[threadIdx.x] = v;
+    if (dead && threadIdx.x == 5) return;
+    __syncthreads();
+    y[threadIdx.x] = s[63 - threadIdx.x];
+}'''
+    fn = emu.RawModule(code=src).get_function("k")
+    x = np.arange(64, dtype=np.int32)
+    y = np.zeros_like(x)
+    fn(1, 64, (x, y, np.int32(0)))
+    np.testing.assert_array_equal(y, (x ^ 3)[::-1])
+    with pytest.raises(emu.DeadlockError, match=r"threads 0-4, 6-63 wait at __syncthreads #1 \(code offset 0x[0-9a-f]+\); thread 5 has exited"):
+        fn(1, 64, (x, y, np.int32(1)))

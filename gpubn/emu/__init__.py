@@ -84,13 +84,18 @@ from .module import Function, RawKernel, RawModule
 from .compiler import find_compiler
 
 
-def available() -> bool:
-    """Whether a suitable C++ compiler is present."""
+def unavailable_reason():
+    """``None`` when emu can compile kernels here, else why not."""
     try:
         find_compiler()
-    except EmuCompileError:
-        return False
-    return True
+    except EmuCompileError as exc:
+        return str(exc)
+    return None
+
+
+def available() -> bool:
+    """Whether emu can compile and run kernels on this machine."""
+    return unavailable_reason() is None
 
 
 __all__ = [
@@ -98,5 +103,5 @@ __all__ = [
     "set_options", "get_options", "options", "Options",
     "launch_log", "clear_launch_log", "recording", "label", "LaunchRecord", "Traffic",
     "EmuError", "EmuCompileError", "KernelError", "MemcheckError", "RaceError", "DeadlockError",
-    "available",
+    "available", "unavailable_reason",
 ]

@@ -297,16 +297,26 @@ def _atomic_write_target(dest: Path):
 _build_lock = threading.Lock()
 
 
+def _runtime_flags() -> Tuple[str, ...]:
+    """GPUBN_EMU_FIBERS=ucontext selects the portable fiber switch (the default on
+    processors other than x86-64) -- for testing it on x86-64."""
+    fibers = os.environ.get("GPUBN_EMU_FIBERS", "").strip().lower()
+    if fibers not in ("", "asm", "ucontext"):
+        raise ValueError(f"GPUBN_EMU_FIBERS must be 'asm' or 'ucontext', got {fibers!r}")
+    return _RUNTIME_FLAGS + (("-DGPUBN_EMU_UCONTEXT",) if fibers == "ucontext" else ())
+
+
 def _runtime_object(cc: Compiler) -> Path:
+    flags = _runtime_flags()
     key = hashlib.sha256(
         b"\0".join([_CACHE_VERSION.encode(), cc.path.encode(), cc.version.encode(), _runtime_sources(),
-                    " ".join(_RUNTIME_FLAGS).encode()])).hexdigest()[:24]
+                    " ".join(flags).encode()])).hexdigest()[:24]
     dest = cache_dir() / f"runtime-{key}.o"
     if dest.exists():
         return dest
     tmp = _atomic_write_target(dest)
     try:
-        _run([cc.path, "-std=gnu++17", *_RUNTIME_FLAGS, "-I", str(RUNTIME_DIR), "-c",
+        _run([cc.path, "-std=gnu++17", *flags, "-I", str(RUNTIME_DIR), "-c",
               str(RUNTIME_DIR / "runtime.cpp"), "-o", tmp], "runtime", "the emu runtime")
         os.replace(tmp, dest)
     finally:
@@ -333,7 +343,7 @@ def build(source: str, options: Sequence[str], name_expressions: Sequence[str],
     cc = find_compiler()
     key = hashlib.sha256(b"\0".join([
         _CACHE_VERSION.encode(), cc.path.encode(), cc.version.encode(), _runtime_sources(),
-        " ".join(_KERNEL_FLAGS + _LINK_FLAGS).encode(), repr(opts).encode(), repr(kernels).encode(),
+        " ".join(_KERNEL_FLAGS + _LINK_FLAGS + _runtime_flags()).encode(), repr(opts).encode(), repr(kernels).encode(),
         _include_fingerprint(opts.include_dirs), filename.encode(), source.encode()])).hexdigest()[:32]
     with _build_lock:
         hit = _memory_cache.get(key)

@@ -74,8 +74,18 @@ constexpr int kMaxThreads = 1024;
 
 enum State : int { RUN = 0, BAR = 1, WARP = 2, DONE = 3 };
 
+#if defined(__x86_64__) && !defined(GPUBN_EMU_UCONTEXT)
+#define GPUBN_EMU_ASM_SWITCH 1
+#else
+#define GPUBN_EMU_ASM_SWITCH 0
+#include <ucontext.h>
+#endif
+
 struct Fiber {
-    void* sp;
+    void* sp;                           // saved stack pointer (or its ucontext)
+#if !GPUBN_EMU_ASM_SWITCH
+    ucontext_t uc;
+#endif
     uintptr_t stack_lo;                 // [stack_lo, stack_lo + kStack)
     uint3 tid;
     int linear, warp, lane;
@@ -106,6 +116,9 @@ struct Runtime {
     Fiber* fibers;
     Fiber* cur;
     void* sched_sp;
+#if !GPUBN_EMU_ASM_SWITCH
+    ucontext_t sched_uc;
+#endif
     int bar_count, bar_and, bar_or, bar_result_count, bar_result_and, bar_result_or;
     // racecheck epochs (monotonic over the module's lifetime)
     uint32_t epoch, bep;
@@ -133,7 +146,9 @@ extern "C" char __bss_start[] __attribute__((weak, visibility("hidden")));
 extern "C" char _end[] __attribute__((weak, visibility("hidden")));
 
 // ------------------------------------------------------------------ context switch
-#if defined(__x86_64__)
+#if GPUBN_EMU_ASM_SWITCH
+// x86-64: save the callee-saved registers on the old stack, switch stacks,
+// restore them from the new one.  No signal-mask system call (unlike swapcontext).
 extern "C" void gpubn_emu_switch(void** save_sp, void* load_sp) EMU_HIDDEN;
 asm(R"(
     .text
@@ -159,7 +174,8 @@ gpubn_emu_switch:
     .size gpubn_emu_switch, .-gpubn_emu_switch
 )");
 static void fiber_main();
-static void* fiber_init_stack(uintptr_t lo) {
+static void* fiber_init_stack(Fiber& f, uintptr_t lo) {
+    (void)f;
     uintptr_t top = (lo + kStack) & ~(uintptr_t)15;
     uint64_t* sp = (uint64_t*)top;
     *--sp = 0;                                  // fake return address of fiber_main
@@ -169,7 +185,17 @@ static void* fiber_init_stack(uintptr_t lo) {
 }
 static inline void ctx_switch(void** save, void* load) { gpubn_emu_switch(save, load); }
 #else
-#error "the gpubn emu runtime needs x86-64 (its fiber switch is written in assembly)"
+// Portable fallback: ucontext (swapcontext also saves the signal mask: slower).
+static void fiber_main();
+static void* fiber_init_stack(Fiber& f, uintptr_t lo) {
+    getcontext(&f.uc);
+    f.uc.uc_stack.ss_sp = (void*)lo;
+    f.uc.uc_stack.ss_size = kStack;
+    f.uc.uc_link = nullptr;
+    makecontext(&f.uc, fiber_main, 0);
+    return &f.uc;
+}
+static inline void ctx_switch(void** save, void* load) { swapcontext((ucontext_t*)*save, (ucontext_t*)load); }
 #endif
 
 // ------------------------------------------------------------------ errors
@@ -636,10 +662,14 @@ static void report_deadlock() {
     std::string msg;
     for (auto& g : groups) {
         if (!msg.empty()) msg += "; ";
-        msg += "threads ";
-        std::string r;
+        std::string r, what = g.first;
         format_ranges(r, g.second);
-        msg += r + " " + g.first;
+        if (g.second.size() == 1) {  // singular
+            if (what.compare(0, 4, "have") == 0) what = "has" + what.substr(4);
+            else if (what.compare(0, 4, "wait") == 0) what = "waits" + what.substr(4);
+            else if (what.compare(0, 3, "are") == 0) what = "is" + what.substr(3);
+        }
+        msg += (g.second.size() == 1 ? "thread " : "threads ") + r + " " + what;
     }
     snprintf(L->message, sizeof L->message, "%s", msg.c_str());
 }
@@ -687,11 +717,14 @@ static bool run_block(uint3 b) {
         f.mask = 0;
         f.op = -1;
         f.stack_lo = (uintptr_t)(R->stacks + (size_t)i * (kStack + kGuard) + kGuard);
-        f.sp = fiber_init_stack(f.stack_lo);
+        f.sp = fiber_init_stack(f, f.stack_lo);
     }
     R->live = n;
     R->arrived = 0;
     R->bar_count = 0; R->bar_and = 1; R->bar_or = 0;
+#if !GPUBN_EMU_ASM_SWITCH
+    R->sched_sp = &R->sched_uc;
+#endif
     R->bep = ++R->epoch;
     for (int w = 0; w < (n + 31) / 32; ++w) R->wep[w] = R->epoch;
     // Uninitialized shared memory reads as NaN / -1, as garbage would on a GPU.
