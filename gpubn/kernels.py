@@ -37,25 +37,27 @@ COMPILE_OPTIONS = ("-std=c++17",)
 
 @dataclass(frozen=True)
 class KernelSpec:
-    """One templated kernel: its source file and whether it takes a VEC
-    (elements per vector access) template argument."""
+    """One templated kernel: its source file, whether it takes a VEC
+    (elements per vector access) template argument, and the positions of its
+    tensor-sized arguments (x, y, dy, dx: what traffic counts measure)."""
 
     name: str
     source: str
     vectorized: bool
+    tensor_args: Tuple[int, ...]
 
 
 KERNELS: Dict[str, KernelSpec] = {
     spec.name: spec
     for spec in (
-        KernelSpec("bn_stats_nchw", "bn_stats.cu", True),
-        KernelSpec("bn_stats_nhwc", "bn_stats.cu", False),
-        KernelSpec("bn_apply_nchw", "bn_forward.cu", True),
-        KernelSpec("bn_apply_nhwc", "bn_forward.cu", True),
-        KernelSpec("bn_backward_reduce_nchw", "bn_backward.cu", True),
-        KernelSpec("bn_backward_reduce_nhwc", "bn_backward.cu", False),
-        KernelSpec("bn_backward_dx_nchw", "bn_backward.cu", True),
-        KernelSpec("bn_backward_dx_nhwc", "bn_backward.cu", True),
+        KernelSpec("bn_stats_nchw", "bn_stats.cu", True, (0,)),
+        KernelSpec("bn_stats_nhwc", "bn_stats.cu", False, (0,)),
+        KernelSpec("bn_apply_nchw", "bn_forward.cu", True, (0, 1)),
+        KernelSpec("bn_apply_nhwc", "bn_forward.cu", True, (0, 1)),
+        KernelSpec("bn_backward_reduce_nchw", "bn_backward.cu", True, (0, 1, 5)),
+        KernelSpec("bn_backward_reduce_nhwc", "bn_backward.cu", False, (0, 1, 5)),
+        KernelSpec("bn_backward_dx_nchw", "bn_backward.cu", True, (0, 1, 2)),
+        KernelSpec("bn_backward_dx_nhwc", "bn_backward.cu", True, (0, 1, 2)),
     )
 }
 
@@ -97,6 +99,16 @@ def name_expression(kernel: str, dtype, vec: int = 1) -> str:
     if vec != 1:
         raise ValueError(f"{kernel} is not vectorized (vec must be 1, got {vec})")
     return f"gpubn::{kernel}<{t}, {acc}>"
+
+
+def kernel_of(name_expr: str) -> KernelSpec:
+    """The catalog entry of a name expression such as
+    ``gpubn::bn_apply_nchw<float, float, 4>``."""
+    base = name_expr.split("<", 1)[0].strip()
+    base = base.split("::")[-1]
+    if base not in KERNELS:
+        raise KeyError(f"{name_expr!r} is not a catalog kernel")
+    return KERNELS[base]
 
 
 def name_expressions(source: str, dtype) -> Tuple[str, ...]:
@@ -147,6 +159,6 @@ def compile_options() -> Tuple[str, ...]:
 
 __all__ = [
     "CXX_TYPES", "KERNELS", "SOURCES", "KernelSpec", "dtype_name", "vector_width",
-    "name_expression", "name_expressions", "all_name_expressions", "kernels_dir",
+    "name_expression", "name_expressions", "kernel_of", "all_name_expressions", "kernels_dir",
     "read_source", "compile_options",
 ]

@@ -80,8 +80,8 @@ class Launch:
 
 # sizeof of the reduction states in kernels/gpubn_common.cuh, per accumulation type
 _STATE_BYTES = {
-    ("stats", "float"): 16,   # Welford<float>: long long n; float mean, m2
-    ("stats", "double"): 24,  # Welford<double>
+    ("stats", "float"): 24,   # Welford<float>: long long n; float mean, m2, sum (+ padding)
+    ("stats", "double"): 32,  # Welford<double>
     ("grad", "float"): 8,     # GradSums<float>: two floats
     ("grad", "double"): 16,   # GradSums<double>
 }

@@ -20,11 +20,12 @@ template <class Acc>
 __device__ __forceinline__ void finish_stats(const Welford<Acc>& w, int c, Acc* mean_out,
                                              Acc* m2_out, Acc* invstd_out, Acc* running_mean,
                                              Acc* running_var, Acc momentum, Acc eps) {
-    if (mean_out) mean_out[c] = w.mean;
+    const Acc mean = w.final_mean();
+    if (mean_out) mean_out[c] = mean;
     if (m2_out) m2_out[c] = w.m2;
     if (invstd_out) invstd_out[c] = inv_sqrt(w.m2 / Acc(w.n) + eps);
     if (running_mean)
-        running_mean[c] = fma_acc(momentum, w.mean, (Acc(1) - momentum) * running_mean[c]);
+        running_mean[c] = fma_acc(momentum, mean, (Acc(1) - momentum) * running_mean[c]);
     if (running_var) {
         const Acc unbiased = w.n > 1 ? w.m2 / Acc(w.n - 1) : w.m2 / Acc(w.n);
         running_var[c] = fma_acc(momentum, unbiased, (Acc(1) - momentum) * running_var[c]);

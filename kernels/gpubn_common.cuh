@@ -137,18 +137,22 @@ __device__ __forceinline__ long long min_ll(long long a, long long b) { return a
 // __shared__ arrays and in the partials workspace.
 // ---------------------------------------------------------------------------
 
-// Welford triple: exact count, mean, M2 (sum of squared deviations).
+// Welford triple: exact count, mean, M2 (sum of squared deviations), plus a
+// plain sum, which only decides the mean of a channel holding infinities (the
+// Welford mean of {+inf, ...} is inf - inf = nan, the true mean is +inf).
 template <class Acc>
 struct Welford {
     long long n;
     Acc mean;
     Acc m2;
+    Acc sum;
 
     __device__ __forceinline__ static Welford identity() {
         Welford w;
         w.n = 0;
         w.mean = Acc(0);
         w.m2 = Acc(0);
+        w.sum = Acc(0);
         return w;
     }
     __device__ __forceinline__ void push(Acc x) {
@@ -156,6 +160,7 @@ struct Welford {
         const Acc d = x - mean;
         mean += d / Acc(n);
         m2 = fma_acc(d, x - mean, m2);
+        sum += x;
     }
     // Chan's parallel merge; fixed operand order keeps results bitwise stable.
     __device__ __forceinline__ static Welford merge(const Welford& a, const Welford& b) {
@@ -167,13 +172,22 @@ struct Welford {
         const Acc d = b.mean - a.mean;
         r.mean = fma_acc(d, wb, a.mean);
         r.m2 = fma_acc(d * d * Acc(a.n), wb, a.m2 + b.m2);
+        r.sum = a.sum + b.sum;
         return r;
+    }
+    // The channel mean: Welford's, except where only infinities (no nan in
+    // the data) made it nan.
+    __device__ __forceinline__ Acc final_mean() const {
+        const bool mean_nan = mean != mean;
+        const bool sum_nan = sum != sum;
+        return (mean_nan && !sum_nan) ? sum / Acc(n) : mean;
     }
     __device__ __forceinline__ Welford shfl_down(unsigned int offset) const {
         Welford r;
         r.n = __shfl_down_sync(0xffffffffu, n, offset);
         r.mean = __shfl_down_sync(0xffffffffu, mean, offset);
         r.m2 = __shfl_down_sync(0xffffffffu, m2, offset);
+        r.sum = __shfl_down_sync(0xffffffffu, sum, offset);
         return r;
     }
     __device__ __forceinline__ static Welford load_volatile(const Welford* p) {
@@ -182,6 +196,7 @@ struct Welford {
         r.n = q->n;
         r.mean = q->mean;
         r.m2 = q->m2;
+        r.sum = q->sum;
         return r;
     }
 };
