@@ -234,7 +234,7 @@ def _evaluate(net, xp, X, y):
     net.eval()
     logits = net.forward(X)
     loss, _ = softmax_cross_entropy(xp, logits, y)
-    acc = (logits.argmax(axis=1) == y).mean()
+    acc = (logits.argmax(axis=1) == y).astype(xp.float64).mean()
     probe = net.probe
     net.train()
     return float(loss), float(acc), probe

@@ -77,6 +77,22 @@ def test_batch_norm_rescues_a_high_learning_rate():
     assert all(p15 <= p50 <= p85 for p15, p50, p85 in bn.probe)
 
 
+def test_demo_network_trains_alike_on_every_backend(backend):
+    # the same seeded run on another backend (emu runs the CUDA kernels on the
+    # CPU, cuda on the GPU) must follow numpy's: float32 rounding differs only in
+    # the last bits, which one epoch of SGD does not blow up to 1e-3
+    _needs_sklearn()
+    cfg = demo.DemoConfig(epochs=1, seed=0)
+    data = demo.load_data(0)
+    ref = demo.train_one(cfg, data, cfg.lr, True, np, "numpy")
+    xp = backend.xp
+    got = demo.train_one(cfg, tuple(xp.asarray(a) for a in data), cfg.lr, True, xp,
+                         backend.name)
+    np.testing.assert_allclose(got.train_loss, ref.train_loss, rtol=1e-3)
+    np.testing.assert_allclose(got.probe, ref.probe, rtol=1e-3, atol=1e-3)
+    assert abs(got.final_test_acc - ref.final_test_acc) <= 2 / 359   # two test images
+
+
 def test_runs_are_reproducible_and_seeded():
     _needs_sklearn()
     cfg = demo.DemoConfig(epochs=1, seed=3)
