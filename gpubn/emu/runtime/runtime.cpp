@@ -123,6 +123,8 @@ struct Runtime {
     // racecheck epochs (monotonic over the module's lifetime)
     uint32_t epoch, bep;
     uint32_t wep[kMaxThreads / 32];
+    unsigned alive[kMaxThreads / 32];    // lanes that exist and have not exited
+    unsigned waiting[kMaxThreads / 32];  // lanes waiting in a warp collective
     // memory
     char* stacks;
     size_t stacks_threads;
@@ -468,14 +470,7 @@ static const char* op_name(int op) {
     }
 }
 
-static unsigned lanes_alive(int warp) {
-    unsigned m = 0;
-    for (int l = 0; l < 32; ++l) {
-        int t = warp * 32 + l;
-        if (t < R->nthreads && R->fibers[t].state != DONE) m |= 1u << l;
-    }
-    return m;
-}
+static inline unsigned lanes_alive(int warp) { return R->alive[warp]; }
 
 unsigned activemask() { return lanes_alive(R->cur->warp); }
 
@@ -537,6 +532,7 @@ static void complete(int warp, unsigned mask, int op) {
     }
     for (int l = 0; l < 32; ++l)
         if (mask >> l & 1) w[l].state = RUN;
+    R->waiting[warp] &= ~mask;
     // Every warp collective synchronizes the lanes it names (they all arrived);
     // __syncwarp also orders their shared-memory accesses.
     if (op == SYNC) R->wep[warp] = ++R->epoch;
@@ -563,11 +559,15 @@ unsigned long long warp_op(int op, unsigned mask, unsigned long long value, int 
     f->value = value;
     f->arg = arg;
     f->width = width;
-    Fiber* w = R->fibers + f->warp * 32;
-    bool all = true;
-    for (int l = 0; l < 32 && all; ++l)
-        if (mask >> l & 1) all = w[l].state == WARP && w[l].mask == mask && w[l].op == op;
-    if (all) complete(f->warp, mask, op);
+    unsigned& waiting = R->waiting[f->warp];
+    waiting |= 1u << f->lane;
+    if ((waiting & mask) == mask) {
+        Fiber* w = R->fibers + f->warp * 32;
+        bool all = true;
+        for (int l = 0; l < 32 && all; ++l)
+            if (mask >> l & 1) all = w[l].mask == mask && w[l].op == op;
+        if (all) complete(f->warp, mask, op);
+    }
     yield(f);  // the lanes resume in lane order
     return f->result;
 }
@@ -601,6 +601,7 @@ static void fiber_main() {
     ((void (*)(void**))(uintptr_t)R->L->thunk)((void**)(uintptr_t)R->L->args);
     f->state = DONE;
     --R->live;
+    R->alive[f->warp] &= ~(1u << f->lane);
     // Lanes of this warp waiting in a collective that names this lane would wait forever.
     Fiber* w = R->fibers + f->warp * 32;
     for (int l = 0; l < 32 && f->warp * 32 + l < R->nthreads; ++l) {
@@ -726,7 +727,11 @@ static bool run_block(uint3 b) {
     R->sched_sp = &R->sched_uc;
 #endif
     R->bep = ++R->epoch;
-    for (int w = 0; w < (n + 31) / 32; ++w) R->wep[w] = R->epoch;
+    for (int w = 0; w < (n + 31) / 32; ++w) {
+        R->wep[w] = R->epoch;
+        R->waiting[w] = 0;
+        R->alive[w] = n - 32 * w >= 32 ? ~0u : (1u << (n - 32 * w)) - 1;
+    }
     // Uninitialized shared memory reads as NaN / -1, as garbage would on a GPU.
     if (R->dyn_size) memset(R->dyn, 0xff, R->dyn_size);
     for (;;) {
