@@ -3,7 +3,10 @@
 For each (case, op) the runner builds one :class:`~bench.inputs.Setup`, asks
 each provider for a callable, calls it once untimed (warm-up, and its outputs
 are compared with the peer's, so a wrong result cannot hide behind a fast
-time), then times ``warmup`` more untimed and ``repeats`` timed calls.  Each
+time), then times ``warmup`` more untimed and ``repeats`` timed calls.  CPU
+providers are timed in interleaved rounds (one call of each per round) so
+that other work on the machine skews them alike; GPU providers use their own
+CUDA-event timers one after the other.  Each
 measurement becomes one row (a dict, see :func:`make_row`); providers that
 cannot run become rows with ``status`` "unavailable" and the reason.
 """
@@ -11,6 +14,7 @@ cannot run become rows with ``status`` "unavailable" and the reason.
 from __future__ import annotations
 
 import gc
+import os
 import sys
 import time
 import traceback
@@ -20,6 +24,7 @@ import numpy as np
 
 from .inputs import make_setup
 from .metrics import bytes_moved, gbps, summarize
+from .report import format_time
 from .suites import Case, KIND_ABBREV
 
 # Largest allowed relative error (max |a - b| / max |b|) of any output
@@ -123,6 +128,95 @@ class Progress:
             print(f"[{self.done:>4}/{self.total}] {elapsed:7.1f}s  {text}", file=self.stream, flush=True)
 
 
+def _desc(case, op, p):
+    return f"{KIND_ABBREV[case.kind]} {case.layout} {case.shape_str} {case.dtype} {op} {p.name}"
+
+
+def _error_text(exc) -> str:
+    if "BENCH_DEBUG" in os.environ:
+        traceback.print_exc()
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+
+
+def _interleaved(ready, repeats: int, warmup: int) -> Dict[str, object]:
+    """Time CPU providers in rounds, one call each per round (the order
+    rotating), so that a change in the machine's load during the measurement
+    hits every provider alike.  Returns name -> list of seconds, or the
+    exception that stopped that provider."""
+    results: Dict[str, object] = {p.name: [] for p, _, _ in ready}
+    live = list(ready)
+    for rnd in range(warmup + repeats):
+        k = rnd % len(live) if live else 0
+        for p, fn, _ in live[k:] + live[:k]:
+            if not isinstance(results[p.name], list):
+                continue
+            try:
+                t0 = time.perf_counter()
+                fn()
+                dt = time.perf_counter() - t0
+            except Exception as exc:
+                results[p.name] = exc
+                continue
+            if rnd >= warmup:
+                results[p.name].append(dt)
+    return results
+
+
+def _measure_op(case, op, setup, providers, reasons, *, repeats, warmup, suite,
+                peak_bytes_per_s, check, progress) -> List[Dict]:
+    """All providers on one (case, op): prepare and check each, then time."""
+    rows: Dict[str, Dict] = {}
+    ready = []   # (provider, fn, verdict)
+    reference = None
+    for p in providers:
+        reason = reasons[p.name] or p.supports(case, op)
+        if reason:
+            rows[p.name] = make_row(case, op, p, status="unavailable", reason=reason, suite=suite)
+            progress.step(f"{_desc(case, op, p)}: unavailable ({reason})")
+            continue
+        try:
+            fn = p.prepare(setup, op)
+            outputs = p.to_host(fn())
+        except Exception as exc:  # one failing provider must not stop the run
+            msg = _error_text(exc)
+            rows[p.name] = make_row(case, op, p, status="error", reason=msg, suite=suite)
+            progress.step(f"{_desc(case, op, p)}: error ({msg})")
+            continue
+        verdict = ""
+        if check:
+            if reference is None:
+                reference, verdict = outputs, "reference"
+            else:
+                verdict = compare(outputs, reference, op, case.dtype)
+        del outputs
+        ready.append((p, fn, verdict))
+    reference = None
+    gc.collect()
+
+    shared = [r for r in ready if r[0].interleave]
+    timed: Dict[str, object] = _interleaved(shared, repeats, warmup) if shared else {}
+    for p, fn, _ in ready:
+        if not p.interleave:
+            try:
+                timed[p.name] = p.timer(fn, repeats, warmup)
+            except Exception as exc:
+                timed[p.name] = exc
+    for p, fn, verdict in ready:
+        result = timed[p.name]
+        if isinstance(result, BaseException):
+            msg = _error_text(result)
+            rows[p.name] = make_row(case, op, p, status="error", reason=msg, suite=suite)
+            progress.step(f"{_desc(case, op, p)}: error ({msg})")
+            continue
+        row = make_row(case, op, p, times=result, check=verdict, suite=suite,
+                       peak_bytes_per_s=peak_bytes_per_s if p.device == "gpu" else None)
+        rows[p.name] = row
+        flag = f" [{verdict}]" if verdict not in ("", "ok", "reference") else ""
+        progress.step(f"{_desc(case, op, p)}: {format_time(row['median_s'])}{flag}")
+    ready.clear()
+    return [rows[p.name] for p in providers if p.name in rows]
+
+
 def run_suite(cases, providers, *, repeats: int = 5, warmup: int = 1, suite: str = "",
               peak_bytes_per_s: Optional[float] = None, check: bool = True,
               progress: Optional[Progress] = None, seed: int = 0) -> List[Dict]:
@@ -140,40 +234,9 @@ def run_suite(cases, providers, *, repeats: int = 5, warmup: int = 1, suite: str
     for case, ops in cases:
         setup = make_setup(case, seed=seed)
         for op in ops:
-            reference = None
-            for p in ordered:
-                desc = f"{KIND_ABBREV[case.kind]} {case.layout} {case.shape_str} {case.dtype} {op} {p.name}"
-                reason = reasons[p.name] or p.supports(case, op)
-                if reason:
-                    rows.append(make_row(case, op, p, status="unavailable", reason=reason, suite=suite))
-                    progress.step(f"{desc}: unavailable ({reason})")
-                    continue
-                try:
-                    fn = p.prepare(setup, op)
-                    outputs = p.to_host(fn())
-                    verdict = ""
-                    if check:
-                        if reference is None:
-                            reference = outputs
-                            verdict = "reference"
-                        else:
-                            verdict = compare(outputs, reference, op, case.dtype)
-                    gc.collect()
-                    times = p.timer(fn, repeats, warmup)
-                    del fn, outputs
-                except Exception as exc:  # one failing provider must not stop the run
-                    msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-                    if "BENCH_DEBUG" in __import__("os").environ:
-                        traceback.print_exc()
-                    rows.append(make_row(case, op, p, status="error", reason=msg, suite=suite))
-                    progress.step(f"{desc}: error ({msg})")
-                    continue
-                row = make_row(case, op, p, times=times, check=verdict, suite=suite,
-                               peak_bytes_per_s=peak_bytes_per_s if p.device == "gpu" else None)
-                rows.append(row)
-                progress.step(f"{desc}: {row['median_s'] * 1e3:.3f} ms"
-                              + (f" [{verdict}]" if verdict not in ("", "ok", "reference") else ""))
-            reference = None
+            rows += _measure_op(case, op, setup, ordered, reasons, repeats=repeats, warmup=warmup,
+                                suite=suite, peak_bytes_per_s=peak_bytes_per_s, check=check,
+                                progress=progress)
         del setup
         gc.collect()
     add_ratios(rows)

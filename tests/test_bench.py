@@ -195,6 +195,10 @@ def test_add_ratios_uses_the_torch_row_of_the_same_case():
 # -- the runner with fake providers (the structure the GPU path uses) --------------
 
 class _FakeProvider(Provider):
+    """Times itself with its own timer, as the GPU providers do."""
+
+    interleave = False
+
     def __init__(self, name, device="cpu", backend="numpy", peer=False, reason=None,
                  scale=1.0, fail=False):
         self.name, self.device, self.backend, self.peer = name, device, backend, peer
@@ -241,6 +245,44 @@ def test_run_suite_reports_unavailable_errors_and_mismatches_without_stopping():
     assert len(progress) == 10 and progress[-1].startswith("[  10/10]")
     with pytest.raises(ValueError, match="repeats"):
         runner.run_suite(cases, [good], repeats=0)
+
+
+class _CountingProvider(Provider):
+    """A CPU provider timed by the runner in interleaved rounds."""
+
+    def __init__(self, name, log, fail_at=None, peer=False):
+        self.name, self.log, self.fail_at, self.peer = name, log, fail_at, peer
+        self.backend = "torch" if peer else "numpy"
+
+    def prepare(self, setup, op):
+        x = setup.x
+        n = len(runner.OUTPUT_NAMES[op])
+
+        def fn():
+            self.log.append(self.name)
+            if self.fail_at is not None and self.log.count(self.name) == self.fail_at:
+                raise MemoryError("out of memory")
+            return tuple(x for _ in range(n))
+        return fn
+
+
+def test_cpu_providers_are_timed_in_interleaved_rounds():
+    log = []
+    a, b = _CountingProvider("a", log, peer=True), _CountingProvider("b", log)
+    c = _CountingProvider("c", log, fail_at=3)
+    cases = [(Case("batch_norm", (2, 3, 4, 4), "NCHW"), ("fwd_train",))]
+    rows = runner.run_suite(cases, [a, b, c], repeats=4, warmup=1,
+                            progress=runner.Progress(3, enabled=False))
+    # first the checked call of each, then 5 rounds (1 warm-up + 4 timed), the
+    # order rotating so no provider always runs right after another
+    assert log[:3] == ["a", "b", "c"]
+    rounds = log[3:]
+    assert sorted(rounds[:3]) == ["a", "b", "c"] and rounds[3:6] == ["b", "c", "a"]
+    assert rounds.count("a") == 5 and rounds.count("b") == 5
+    by = {r["provider"]: r for r in rows}
+    assert by["a"]["repeats"] == 4 and by["b"]["repeats"] == 4
+    assert by["c"]["status"] == "error" and "out of memory" in by["c"]["reason"]
+    assert by["b"]["check"] == "ok" and by["b"]["ratio_to_torch"] is not None
 
 
 # -- report formats -------------------------------------------------------------------
