@@ -5,7 +5,11 @@ __version__ = "0.1.0"
 from .backends import available_backends, get_backend
 from .functional import BatchNormSaved, batch_norm_backward, batch_norm_forward
 from .layers import BatchNorm
+from .layer_norm import LayerNorm, LayerNormSaved, layer_norm_backward, layer_norm_forward
+from .renorm import BatchRenorm, BatchRenormSaved, batch_renorm_backward, batch_renorm_forward
 from .preprocessing import MinMaxScaler, StandardScaler, Whitening
+from .distributed import (MPIComm, NCCLComm, SyncBatchNorm, sync_batch_norm_backward,
+                          sync_batch_norm_forward)
 
 __all__ = [
     "BatchNorm",
@@ -17,4 +21,17 @@ __all__ = [
     "StandardScaler",
     "MinMaxScaler",
     "Whitening",
+    "BatchRenorm",
+    "BatchRenormSaved",
+    "batch_renorm_forward",
+    "batch_renorm_backward",
+    "LayerNorm",
+    "LayerNormSaved",
+    "layer_norm_forward",
+    "layer_norm_backward",
+    "MPIComm",
+    "NCCLComm",
+    "SyncBatchNorm",
+    "sync_batch_norm_forward",
+    "sync_batch_norm_backward",
 ]
