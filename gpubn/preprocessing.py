@@ -29,6 +29,7 @@ from numbers import Real
 
 import numpy as np
 
+from ._validation import acc_dtype
 from .backends import get_backend
 
 __all__ = ["StandardScaler", "MinMaxScaler", "Whitening", "NotFittedError"]
@@ -98,16 +99,11 @@ def _check_bool(value, name, what):
     return bool(value)
 
 
-def _acc_dtype(dtype):
-    """Accumulation dtype of the backend interface for float32/float64 data."""
-    return np.float64 if dtype == np.float64 else np.float32
-
-
 def _apply(be, X, mean, invstd, bias):
     """``(X - mean) * invstd + bias`` per feature through the backend kernel.
     ``mean``/``invstd``/``bias`` are float64 vectors of the backend's module."""
     n, f = X.shape
-    acc = _acc_dtype(X.dtype)
+    acc = acc_dtype(X.dtype)          # the backend interface's per-channel dtype
     xp = be.xp
     y3 = be.bn_apply(X.reshape(n, f, 1),
                      xp.ascontiguousarray(mean, dtype=acc),
