@@ -50,8 +50,10 @@ def test_standard_scaler_statistics_and_transform(backend, dtype):
     np.testing.assert_allclose(to_numpy(s.scale_), expected_scale, rtol=1e-12)
     assert s.n_samples_seen_ == 60 and s.n_features_in_ == 5
 
-    Z = s.transform(to_backend(backend, X))
+    Xb = to_backend(backend, X)
+    Z = s.transform(Xb)
     assert backend.owns(Z) and Z.dtype == dtype and Z.shape == X.shape
+    np.testing.assert_array_equal(to_numpy(Xb), X)            # the input is not modified
     Zn = to_numpy(Z).astype(np.float64)
     np.testing.assert_allclose(Zn, (X64 - mean) / expected_scale, **DT_TOL[dtype])
     assert np.all(Zn[:, 2] == 0.0)
