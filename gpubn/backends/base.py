@@ -90,3 +90,70 @@ class Backend:
         accumulation dtype.  ``training=False`` holds the statistics fixed
         (dx = dy * weight * invstd)."""
         raise NotImplementedError
+
+    # -- batch renorm --------------------------------------------------
+    def bn_renorm_forward_train(self, x3, weight, bias, running_mean, running_std,
+                                rmax: float, dmax: float, momentum: float,
+                                eps: float) -> Tuple[Any, Any, Any, Any, Any]:
+        """Batch renorm training forward: returns ``(y3, mean, invstd, r, d)``.
+
+        ``sigma_B = sqrt(m2/count + eps)``, ``invstd = 1/sigma_B``,
+        ``r = clip(sigma_B/running_std, 1/rmax, rmax)``,
+        ``d = clip((mean - running_mean)/running_std, -dmax, dmax)`` (NaN
+        propagates), ``y = (x - mean)*invstd*(weight*r) + (bias + weight*d)``;
+        then ``running_mean`` / ``running_std`` (required) move towards
+        ``mean`` / ``sigma_B`` by ``momentum``, in place.
+
+        This default composes :meth:`bn_stats` and :meth:`bn_apply` (one read
+        pass for the statistics, one read and write pass to normalize) with
+        per-channel vector arithmetic in ``xp``; kernel backends replace the
+        vector arithmetic with one "finish" kernel.
+        """
+        xp = self.xp
+        stats = self.bn_stats(x3)
+        acc = stats.mean.dtype
+        mean = stats.mean
+        sigma = xp.sqrt(stats.m2 / stats.count + eps).astype(acc, copy=False)
+        invstd = (1.0 / sigma).astype(acc, copy=False)
+        r, d, w_eff, b_eff = renorm_constants(xp, mean, sigma, weight, bias, running_mean,
+                                              running_std, rmax, dmax)
+        y3 = self.bn_apply(x3, mean, invstd, w_eff, b_eff)
+        running_mean *= acc.type(1.0 - momentum)
+        running_mean += (acc.type(momentum) * mean).astype(acc, copy=False)
+        running_std *= acc.type(1.0 - momentum)
+        running_std += (acc.type(momentum) * sigma).astype(acc, copy=False)
+        return y3, mean, invstd, r, d
+
+    # -- layer norm ----------------------------------------------------
+    def ln_forward(self, x2, weight, bias, eps: float) -> Tuple[Any, Any, Any]:
+        """Layer norm forward over the rows of a C-contiguous ``(rows, n)``
+        array: returns ``(y2, mean, rstd)``, per-row mean and
+        ``rstd = 1/sqrt(biased var + eps)`` in the accumulation dtype.
+        ``weight`` / ``bias`` are ``(n,)`` vectors in the accumulation dtype
+        or None (1 and 0)."""
+        raise NotImplementedError
+
+    def ln_backward(self, dy2, x2, mean, rstd, weight,
+                    want_grads: bool) -> Tuple[Any, Any, Any]:
+        """Layer norm backward: ``(dx2, dweight, dbias)``.  With ``g = dy *
+        weight`` and ``xhat = (x - mean) * rstd`` per row,
+        ``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))``;
+        ``dweight = sum over rows of dy * xhat`` and ``dbias = sum of dy``
+        (``(n,)``, accumulation dtype), or ``(dx2, None, None)`` when
+        ``want_grads`` is False."""
+        raise NotImplementedError
+
+
+def renorm_constants(xp, mean, sigma_b, weight, bias, running_mean, running_std, rmax, dmax):
+    """Per-channel batch renorm constants from the batch mean and
+    ``sigma_b = sqrt(var + eps)``, in the accumulation dtype of
+    ``running_std``: ``(r, d, weight * r, bias + weight * d)``.  Clipping
+    propagates NaN (so a NaN channel stays NaN, as in batch norm)."""
+    acc = running_std.dtype
+    r = xp.clip(sigma_b / running_std, 1.0 / rmax, rmax).astype(acc, copy=False)
+    d = xp.clip((mean - running_mean) / running_std, -dmax, dmax).astype(acc, copy=False)
+    w_eff = r.copy() if weight is None else weight * r
+    b_eff = d.copy() if weight is None else weight * d
+    if bias is not None:
+        b_eff += bias
+    return r, d, w_eff, b_eff

@@ -233,3 +233,12 @@ class NumpyBackend(Backend):
             k = invstd.astype(np.float64) if weight is None else invstd.astype(np.float64) * weight
             dx = np.multiply(dyw, _chan(k.astype(acc)), out=d).astype(x3.dtype, copy=False)
         return dx, sum_dy_xhat.astype(acc), sum_dy.astype(acc)
+
+    # -- layer norm (implemented in gpubn.backends.numpy_layer_norm) ------
+    def ln_forward(self, x2, weight, bias, eps):
+        from .numpy_layer_norm import ln_forward
+        return ln_forward(x2, weight, bias, eps)
+
+    def ln_backward(self, dy2, x2, mean, rstd, weight, want_grads):
+        from .numpy_layer_norm import ln_backward
+        return ln_backward(dy2, x2, mean, rstd, weight, want_grads)

@@ -1,0 +1,258 @@
+"""Layer normalization (Ba et al., 2016): functional forward/backward and the
+``LayerNorm`` layer, with the semantics of ``torch.nn.functional.layer_norm``.
+
+Statistics (mean and *biased* variance) are taken per sample over the trailing
+``normalized_shape`` dimensions; ``weight`` and ``bias`` (shape
+``normalized_shape``) are applied elementwise:
+``y = (x - mean) / sqrt(var + eps) * weight + bias``.  There are no running
+statistics: training and inference compute the same thing, so the result of a
+sample never depends on the rest of the batch.
+
+Backends see a C-contiguous 2-D ``(rows, n)`` view, ``n`` the product of
+``normalized_shape``; per-row mean and ``rstd = 1/sqrt(var + eps)`` come back
+in the accumulation dtype (float32 for float16/float32 data, float64 for
+float64) and are saved for the backward.  Channels-last tensors normalized
+over their channels (ConvNeXt-style ``layer_norm(x_nhwc, (C,))``) are just
+rows of length C.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Tuple
+
+import numpy as np
+
+from . import _validation as V
+from .backends import get_backend
+from .functional import _to_acc
+
+
+def check_normalized_shape(normalized_shape, shape, name: str = "normalized_shape"):
+    """An int or a sequence of positive ints equal to the trailing dims of
+    ``shape``; returned as a tuple."""
+    if isinstance(normalized_shape, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an int or a tuple of ints, got bool")
+    if isinstance(normalized_shape, numbers.Integral):
+        normalized_shape = (normalized_shape,)
+    try:
+        dims = tuple(normalized_shape)
+    except TypeError:
+        raise TypeError(f"{name} must be an int or a tuple of ints, got "
+                        f"{type(normalized_shape).__name__}") from None
+    for d in dims:
+        if isinstance(d, (bool, np.bool_)) or not isinstance(d, numbers.Integral):
+            raise TypeError(f"{name} must be an int or a tuple of ints, got {normalized_shape!r}")
+    dims = tuple(int(d) for d in dims)
+    if not dims:
+        raise ValueError(f"{name} must name at least one dimension, got ()")
+    if any(d < 1 for d in dims):
+        raise ValueError(f"{name} must hold positive sizes, got {dims}")
+    if shape is not None:
+        shape = tuple(shape)
+        if len(shape) < len(dims) or shape[len(shape) - len(dims):] != dims:
+            raise ValueError(f"{name}={dims} must equal the trailing dimensions of the input, "
+                             f"got input shape {shape}")
+    return dims
+
+
+def _check_affine(v, name: str, dims):
+    if v is None:
+        return
+    V.check_float_array(v, name)
+    if tuple(v.shape) != dims:
+        raise ValueError(f"{name} must have shape {dims} (normalized_shape), got "
+                         f"shape {tuple(v.shape)}")
+
+
+@dataclass
+class LayerNormSaved:
+    """What ``layer_norm_backward`` needs: the ``(rows, n)`` input, per-row
+    mean and rstd (accumulation dtype), the weight as a flat vector."""
+
+    x2: Any
+    mean: Any
+    rstd: Any
+    weight: Any                     # (n,) accumulation dtype, or None (= 1)
+    shape: Tuple[int, ...]
+    dtype: Any
+    normalized_shape: Tuple[int, ...]
+    backend: Any
+    weight_dtype: Any = None
+    bias_dtype: Any = None
+
+
+def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, backend=None):
+    """Layer normalization over the trailing ``normalized_shape`` dims of ``x``.
+
+    Returns ``(y, saved)``: ``y`` has the shape and dtype of ``x``; ``saved``
+    (a :class:`LayerNormSaved`, holding the per-row ``mean`` and ``rstd``)
+    goes to :func:`layer_norm_backward`.  ``weight`` / ``bias`` have shape
+    ``normalized_shape`` (None: 1 and 0), any float dtype.  ``x`` may be
+    float16 (statistics in float32), float32 or float64, of any layout.
+    Bad arguments raise ``TypeError`` / ``ValueError``.
+    """
+    V.check_float_array(x, "x")
+    be = get_backend(backend, x)
+    if not be.owns(x):
+        raise TypeError(f"x must be a {be.xp.__name__} array for backend {be.name!r}, got "
+                        f"{type(x).__module__}.{type(x).__name__}")
+    dims = check_normalized_shape(normalized_shape, x.shape)
+    eps = V.check_eps(eps)
+    _check_affine(weight, "weight", dims)
+    _check_affine(bias, "bias", dims)
+    if x.size == 0:
+        raise ValueError(f"x is empty (shape {tuple(x.shape)}): layer norm needs at least "
+                         f"one row")
+    xp = be.xp
+    shape = tuple(x.shape)
+    n = math.prod(dims)
+    x2 = x.reshape(x.size // n, n)
+    if not x2.flags.c_contiguous:
+        x2 = xp.ascontiguousarray(x2)
+    acc = V.acc_dtype(x.dtype)
+    w = None if weight is None else _to_acc(xp, weight.reshape(n), acc)
+    b = None if bias is None else _to_acc(xp, bias.reshape(n), acc)
+    y2, mean, rstd = be.ln_forward(x2, w, b, eps)
+    saved = LayerNormSaved(x2=x2, mean=mean, rstd=rstd, weight=w, shape=shape, dtype=x.dtype,
+                           normalized_shape=dims, backend=be,
+                           weight_dtype=None if weight is None else weight.dtype,
+                           bias_dtype=None if bias is None else bias.dtype)
+    return y2.reshape(shape), saved
+
+
+def layer_norm_backward(dy, saved: LayerNormSaved):
+    """Gradients of :func:`layer_norm_forward`: ``(dx, dweight, dbias)``.
+
+    ``dx`` has the input's shape and dtype; ``dweight`` / ``dbias`` have shape
+    ``normalized_shape`` and the dtype of the weight / bias given to the
+    forward, or are None when that parameter was None.
+    """
+    if not isinstance(saved, LayerNormSaved):
+        raise TypeError("saved must be the LayerNormSaved returned by layer_norm_forward, "
+                        f"got {type(saved).__name__}")
+    V.check_float_array(dy, "dy")
+    if tuple(dy.shape) != saved.shape:
+        raise ValueError(f"dy must have the shape of the forward input {saved.shape}, "
+                         f"got {tuple(dy.shape)}")
+    if dy.dtype != saved.dtype:
+        raise TypeError(f"dy must have the dtype of the forward input ({saved.dtype}), "
+                        f"got {dy.dtype}")
+    be = saved.backend
+    if not be.owns(dy):
+        raise TypeError(f"dy must be a {be.xp.__name__} array for backend {be.name!r}, got "
+                        f"{type(dy).__module__}.{type(dy).__name__}")
+    dy2 = dy.reshape(saved.x2.shape)
+    if not dy2.flags.c_contiguous:
+        dy2 = be.xp.ascontiguousarray(dy2)
+    want_grads = saved.weight_dtype is not None or saved.bias_dtype is not None
+    dx2, dw, db = be.ln_backward(dy2, saved.x2, saved.mean, saved.rstd, saved.weight,
+                                 want_grads)
+    dims = saved.normalized_shape
+    dweight = (None if saved.weight_dtype is None
+               else dw.reshape(dims).astype(saved.weight_dtype, copy=False))
+    dbias = (None if saved.bias_dtype is None
+             else db.reshape(dims).astype(saved.bias_dtype, copy=False))
+    return dx2.reshape(saved.shape), dweight, dbias
+
+
+class LayerNorm:
+    """Layer normalization layer, the counterpart of ``torch.nn.LayerNorm``.
+
+    ``ln(x)`` normalizes over the trailing ``normalized_shape`` dims of ``x``;
+    ``ln.backward(dy)`` returns ``dx`` and sets ``grad_weight`` / ``grad_bias``.
+    ``elementwise_affine=False`` has no parameters; ``bias=False`` only a
+    weight.  Parameters live in ``dtype`` (float32 by default) on the
+    backend's array module; ``state_dict`` uses PyTorch's key names.
+    ``train()`` / ``eval()`` exist for symmetry and change nothing: layer norm
+    computes the same in both modes.
+    """
+
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True,
+                 dtype="float32", backend=None):
+        dims = check_normalized_shape(normalized_shape, None)
+        self.eps = V.check_eps(eps)
+        try:
+            dt = np.dtype(dtype)
+        except TypeError:
+            raise TypeError(f"dtype must be a floating-point dtype, got {dtype!r}") from None
+        if dt.name not in V.FLOAT_DTYPES:
+            raise TypeError(f"dtype must be float16, float32 or float64, got {dt.name}")
+        self.normalized_shape = dims
+        self.elementwise_affine = bool(elementwise_affine)
+        self.dtype = dt
+        self.backend = get_backend(backend)
+        xp = self.backend.xp
+        self.weight = xp.ones(dims, dtype=dt) if self.elementwise_affine else None
+        self.bias = xp.zeros(dims, dtype=dt) if self.elementwise_affine and bias else None
+        self.training = True
+        self.grad_weight = None
+        self.grad_bias = None
+        self._saved = None
+
+    def train(self, mode: bool = True):
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def forward(self, x):
+        y, self._saved = layer_norm_forward(x, self.normalized_shape, self.weight, self.bias,
+                                            self.eps, backend=self.backend)
+        return y
+
+    __call__ = forward
+
+    def backward(self, dy):
+        if self._saved is None:
+            raise ValueError("backward called before any forward: call layer(x) first")
+        dx, dw, db = layer_norm_backward(dy, self._saved)
+        self.grad_weight, self.grad_bias = dw, db
+        return dx
+
+    def state_dict(self):
+        """Copies of the parameters under PyTorch's key names."""
+        state = {}
+        if self.weight is not None:
+            state["weight"] = self.weight.copy()
+        if self.bias is not None:
+            state["bias"] = self.bias.copy()
+        return state
+
+    def load_state_dict(self, state, strict: bool = True):
+        """Load parameters (NumPy/CuPy arrays or CPU torch tensors) into the
+        existing arrays; everything is checked before anything is written."""
+        if not hasattr(state, "keys"):
+            raise TypeError(f"state must be a mapping, got {type(state).__name__}")
+        expected = set(self.state_dict().keys())
+        got = set(state.keys())
+        if strict and got != expected:
+            missing, unexpected = sorted(expected - got), sorted(got - expected)
+            raise ValueError(f"state keys do not match: missing {missing}, unexpected {unexpected}")
+        xp = self.backend.xp
+        new = {}
+        for key in expected & got:
+            v = state[key]
+            if hasattr(v, "detach") and hasattr(v, "numpy"):
+                v = v.detach().cpu().numpy()
+            v = xp.asarray(v)
+            if tuple(v.shape) != self.normalized_shape:
+                raise ValueError(f"state[{key!r}] must have shape {self.normalized_shape}, "
+                                 f"got {tuple(v.shape)}")
+            if v.dtype.kind != "f":
+                raise TypeError(f"state[{key!r}] must be floating point, got {v.dtype}")
+            new[key] = v
+        for key, v in new.items():
+            getattr(self, key)[...] = v
+
+    def __repr__(self):
+        return (f"LayerNorm({self.normalized_shape}, eps={self.eps}, "
+                f"elementwise_affine={self.elementwise_affine}, bias={self.bias is not None}, "
+                f"dtype={self.dtype.name}, backend={self.backend.name!r})")
+
+
+__all__ = ["LayerNorm", "LayerNormSaved", "layer_norm_forward", "layer_norm_backward",
+           "check_normalized_shape"]

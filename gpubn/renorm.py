@@ -1,0 +1,278 @@
+"""Batch Renormalization (Ioffe, 2017): functional forward/backward and the
+``BatchRenorm`` layer.
+
+Batch renorm corrects the batch statistics towards the moving ones, so that
+training sees the same normalization inference will use, which helps with
+small or non-i.i.d. batches.  The algorithm is the paper's (Algorithm 1):
+
+* ``sigma_B = sqrt(var_B + eps)`` with the *biased* batch variance;
+* ``r = clip(sigma_B / sigma, 1/rmax, rmax)`` and
+  ``d = clip((mu_B - mu) / sigma, -dmax, dmax)`` with the moving ``mu`` and
+  ``sigma`` *before* this step's update;
+* ``y = weight * (xhat * r + d) + bias`` with ``xhat = (x - mu_B) / sigma_B``;
+* ``r`` and ``d`` are constants for backprop: ``dx`` is the batch-norm
+  backward with ``weight * r`` in place of ``weight``,
+  ``dweight = r * sum(dy * xhat) + d * sum(dy)``, ``dbias = sum(dy)``;
+* the moving statistics move towards the batch's:
+  ``mu = (1 - momentum) * mu + momentum * mu_B`` and
+  ``sigma = (1 - momentum) * sigma + momentum * sigma_B``;
+* inference normalizes with them: ``y = weight * (x - mu) / sigma + bias``.
+
+``rmax = 1, dmax = 0`` is batch norm exactly (only the moving statistics
+differ: a standard deviation that includes ``eps`` instead of the unbiased
+variance).  The usual schedule starts there and relaxes ``rmax`` / ``dmax``
+over training (the paper: ``rmax`` 1 -> 3, ``dmax`` 0 -> 5); ``BatchRenorm``
+lets you set both between steps.
+
+Where others differ:
+
+* Keras ``BatchNormalization(renorm=True)`` keeps a second pair of moving
+  averages (``renorm_momentum``) only for computing ``r`` and ``d``, tracks a
+  moving standard deviation there but a moving *variance* for inference, and
+  takes ``renorm_clipping={'rmin', 'rmax', 'dmax'}`` with ``rmin`` independent
+  of ``rmax``.  Here one pair of moving statistics serves both, as in the
+  paper, and ``r`` lies in ``[1/rmax, rmax]``.
+* Chainer's ``BatchRenormalization`` moves ``avg_var`` (a variance, with the
+  unbiased batch variance) and derives ``sigma = sqrt(avg_var + eps)`` from it;
+  here the moving ``sigma`` is the average of the batch ``sigma_B``, as the
+  paper writes it.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import _validation as V
+from .backends import get_backend
+from .functional import (BatchNormSaved, _check_num_batches, _is_acc_vector, _to_acc,
+                         resolve_momentum)
+from .layers import BatchNorm
+
+
+def check_rmax(rmax) -> float:
+    """``rmax``: a real number >= 1 (``inf`` allowed: no clipping of r)."""
+    if isinstance(rmax, bool) or not isinstance(rmax, numbers.Real):
+        raise TypeError(f"rmax must be a float >= 1, got {type(rmax).__name__}")
+    rmax = float(rmax)
+    if not rmax >= 1.0:   # also rejects nan
+        raise ValueError(f"rmax must be >= 1 (r is clipped to [1/rmax, rmax]), got {rmax}")
+    return rmax
+
+
+def check_dmax(dmax) -> float:
+    """``dmax``: a real number >= 0 (``inf`` allowed: no clipping of d)."""
+    if isinstance(dmax, bool) or not isinstance(dmax, numbers.Real):
+        raise TypeError(f"dmax must be a float >= 0, got {type(dmax).__name__}")
+    dmax = float(dmax)
+    if not dmax >= 0.0:   # also rejects nan
+        raise ValueError(f"dmax must be >= 0 (d is clipped to [-dmax, dmax]), got {dmax}")
+    return dmax
+
+
+@dataclass
+class BatchRenormSaved:
+    """What ``batch_renorm_backward`` needs from the forward pass.
+
+    ``bn`` is the batch-norm saved state with ``weight * r`` as its weight
+    (training) or the moving statistics as its statistics (inference); ``r`` /
+    ``d`` are the per-channel corrections (None after an inference forward).
+    """
+
+    bn: BatchNormSaved
+    r: Any
+    d: Any
+
+
+def batch_renorm_forward(x, weight, bias, running_mean, running_std, rmax=1.0, dmax=0.0,
+                         training=True, momentum=0.1, eps=1e-5, axis=1, backend=None, *,
+                         num_batches_tracked=None):
+    """Batch renormalization over every axis of ``x`` except the channel ``axis``.
+
+    Returns ``(y, saved)``; ``saved`` (a :class:`BatchRenormSaved`) goes to
+    :func:`batch_renorm_backward`.  ``running_mean`` / ``running_std`` (the
+    moving ``mu`` and ``sigma``, per channel) are required: training computes
+    ``r`` and ``d`` from them and then updates them in place; inference
+    normalizes with them.  ``weight`` / ``bias`` may be None (1 and 0).
+    ``momentum`` is the update rate of the moving statistics (PyTorch's
+    convention); ``None`` is the cumulative average weighted by
+    ``num_batches_tracked`` (batches already folded in).  See the module
+    docstring for the algorithm and how it compares with Keras and Chainer.
+
+    Bad arguments raise ``TypeError`` / ``ValueError`` before any state changes.
+    """
+    axis = V.check_input(x, axis, "x")
+    be = get_backend(backend, x)
+    if not be.owns(x):
+        raise TypeError(f"x must be a {be.xp.__name__} array for backend {be.name!r}, got "
+                        f"{type(x).__module__}.{type(x).__name__}")
+    training = bool(training)
+    rmax = check_rmax(rmax)
+    dmax = check_dmax(dmax)
+    eps = V.check_eps(eps)
+    momentum = V.check_momentum(momentum)
+    _check_num_batches(num_batches_tracked)
+    shape = tuple(x.shape)
+    outer, c, inner = V.canonical_shape(shape, axis)
+    count = outer * inner
+    V.check_channel_vector(weight, "weight", c)
+    V.check_channel_vector(bias, "bias", c)
+    if running_mean is None or running_std is None:
+        raise ValueError("batch renorm needs running_mean and running_std (the moving "
+                         "statistics r and d are computed from), got None")
+    V.check_channel_vector(running_mean, "running_mean", c, be, writable=training)
+    V.check_channel_vector(running_std, "running_std", c, be, writable=training)
+    V.check_count(count, training, shape)
+
+    xp = be.xp
+    acc = V.acc_dtype(x.dtype)
+    x3 = V.canonical_view(x, axis, xp)
+    w = _to_acc(xp, weight, acc)
+    b = _to_acc(xp, bias, acc)
+    if training:
+        rm = running_mean if _is_acc_vector(running_mean, acc) else _to_acc(xp, running_mean, acc)
+        rs = running_std if _is_acc_vector(running_std, acc) else _to_acc(xp, running_std, acc)
+        factor = resolve_momentum(momentum, num_batches_tracked)
+        y3, mean, invstd, r, d = be.bn_renorm_forward_train(x3, w, b, rm, rs, rmax, dmax,
+                                                            factor, eps)
+        if rm is not running_mean:
+            running_mean[...] = rm
+        if rs is not running_std:
+            running_std[...] = rs
+        w_bn = r if w is None else w * r
+    else:
+        mean = _to_acc(xp, running_mean, acc).copy()
+        invstd = (1.0 / _to_acc(xp, running_std, acc)).astype(acc, copy=False)
+        y3 = be.bn_apply(x3, mean, invstd, w, b)
+        r = d = None
+        w_bn = w
+    bn = BatchNormSaved(
+        x3=x3, mean=mean, invstd=invstd, weight=w_bn, axis=axis, shape=shape, dtype=x.dtype,
+        training=training, backend=be, count=count,
+        weight_dtype=None if weight is None else weight.dtype,
+        bias_dtype=None if bias is None else bias.dtype)
+    return y3.reshape(shape), BatchRenormSaved(bn=bn, r=r, d=d)
+
+
+def batch_renorm_backward(dy, saved: BatchRenormSaved):
+    """Gradients of :func:`batch_renorm_forward`: ``(dx, dweight, dbias)``.
+
+    ``r`` and ``d`` are held constant (the paper's choice): after a training
+    forward ``dx`` is the batch-norm backward with ``weight * r``,
+    ``dweight = r * sum(dy * xhat) + d * sum(dy)`` and ``dbias = sum(dy)``;
+    after an inference forward the moving statistics are constants
+    (``dx = dy * weight / sigma``).  ``dweight`` / ``dbias`` are None when the
+    forward had no weight / bias.
+    """
+    if not isinstance(saved, BatchRenormSaved):
+        raise TypeError("saved must be the BatchRenormSaved returned by batch_renorm_forward, "
+                        f"got {type(saved).__name__}")
+    s = saved.bn
+    V.check_float_array(dy, "dy")
+    if tuple(dy.shape) != s.shape:
+        raise ValueError(f"dy must have the shape of the forward input {s.shape}, "
+                         f"got {tuple(dy.shape)}")
+    if dy.dtype != s.dtype:
+        raise TypeError(f"dy must have the dtype of the forward input ({s.dtype}), "
+                        f"got {dy.dtype}")
+    be = s.backend
+    if not be.owns(dy):
+        raise TypeError(f"dy must be a {be.xp.__name__} array for backend {be.name!r}, got "
+                        f"{type(dy).__module__}.{type(dy).__name__}")
+    dy3 = V.canonical_view(dy, s.axis, be.xp)
+    dx3, sum_dy_xhat, sum_dy = be.bn_backward(dy3, s.x3, s.mean, s.invstd, s.weight, s.training)
+    dweight = dbias = None
+    if s.weight_dtype is not None:
+        dw = sum_dy_xhat if saved.r is None else saved.r * sum_dy_xhat + saved.d * sum_dy
+        dweight = dw.astype(s.weight_dtype, copy=False)
+    if s.bias_dtype is not None:
+        dbias = sum_dy.astype(s.bias_dtype, copy=False)
+    return dx3.reshape(s.shape), dweight, dbias
+
+
+class BatchRenorm(BatchNorm):
+    """Batch renormalization layer (Ioffe, 2017), with ``BatchNorm``'s
+    conventions: ``axis`` (1, or -1 for channels-last), ``train()`` /
+    ``eval()``, ``backward(dy)`` setting ``grad_weight`` / ``grad_bias``,
+    ``momentum`` (``None``: cumulative average), parameters in ``dtype``.
+
+    State: ``weight``, ``bias``, ``running_mean`` (moving mu, starts at 0),
+    ``running_std`` (moving sigma, starts at 1) and ``num_batches_tracked``,
+    under those ``state_dict`` keys.  ``rmax`` and ``dmax`` are attributes
+    that may be changed between steps for the usual warm-up schedule
+    (start at ``rmax=1, dmax=0``, which is batch norm, and relax them).
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, rmax=1.0, dmax=0.0, affine=True,
+                 axis=1, dtype="float32", backend=None):
+        rmax, dmax = check_rmax(rmax), check_dmax(dmax)
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
+                         track_running_stats=True, axis=axis, dtype=dtype, backend=backend)
+        self.running_std = self.running_var
+        self.running_std[...] = 1
+        del self.running_var
+        self._rmax, self._dmax = rmax, dmax
+
+    @property
+    def rmax(self) -> float:
+        return self._rmax
+
+    @rmax.setter
+    def rmax(self, value):
+        self._rmax = check_rmax(value)
+
+    @property
+    def dmax(self) -> float:
+        return self._dmax
+
+    @dmax.setter
+    def dmax(self, value):
+        self._dmax = check_dmax(value)
+
+    def reset_running_stats(self):
+        self.running_mean[...] = 0
+        self.running_std[...] = 1
+        self.num_batches_tracked = 0
+
+    def forward(self, x):
+        y, saved = batch_renorm_forward(
+            x, self.weight, self.bias, self.running_mean, self.running_std, self._rmax,
+            self._dmax, training=self.training, momentum=self.momentum, eps=self.eps,
+            axis=self.axis, backend=self.backend,
+            num_batches_tracked=self.num_batches_tracked if self.training else None)
+        if self.training:
+            self.num_batches_tracked += 1
+        self._saved = saved
+        return y
+
+    __call__ = forward
+
+    def backward(self, dy):
+        if self._saved is None:
+            raise ValueError("backward called before any forward: call layer(x) first")
+        dx, dw, db = batch_renorm_backward(dy, self._saved)
+        self.grad_weight, self.grad_bias = dw, db
+        return dx
+
+    def state_dict(self):
+        xp = self.backend.xp
+        state = {}
+        if self.affine:
+            state["weight"] = self.weight.copy()
+            state["bias"] = self.bias.copy()
+        state["running_mean"] = self.running_mean.copy()
+        state["running_std"] = self.running_std.copy()
+        state["num_batches_tracked"] = xp.asarray(self.num_batches_tracked, dtype=np.int64)
+        return state
+
+    def __repr__(self):
+        return (f"BatchRenorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"rmax={self._rmax}, dmax={self._dmax}, affine={self.affine}, "
+                f"axis={self.axis}, dtype={self.dtype.name}, backend={self.backend.name!r})")
+
+
+__all__ = ["BatchRenorm", "BatchRenormSaved", "batch_renorm_forward", "batch_renorm_backward"]

@@ -1,0 +1,255 @@
+"""Layer normalization on every backend: against torch.nn.functional.layer_norm
+(CPU, float64, the optional oracle), finite differences, awkward row lengths
+(1, odd, longer than a block, 65537), NHWC-style calls and bad input.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gpubn
+from conftest import DTYPES, assert_close, to_backend, to_numpy, torch_or_skip
+
+
+def torch_layer_norm(x, normalized_shape, weight, bias, eps, dy):
+    """Reference y, dx, dweight, dbias from PyTorch in float64."""
+    torch = torch_or_skip()
+    xt = torch.tensor(np.asarray(x, np.float64), requires_grad=True)
+    wt = None if weight is None else torch.tensor(np.asarray(weight, np.float64),
+                                                  requires_grad=True)
+    bt = None if bias is None else torch.tensor(np.asarray(bias, np.float64), requires_grad=True)
+    y = torch.nn.functional.layer_norm(xt, tuple(normalized_shape), wt, bt, eps)
+    y.backward(torch.tensor(np.asarray(dy, np.float64)))
+    return (y.detach().numpy(), xt.grad.numpy(), None if wt is None else wt.grad.numpy(),
+            None if bt is None else bt.grad.numpy())
+
+
+def make(shape, nshape, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = int(np.prod(shape[:len(shape) - len(nshape)]))
+    # every row its own mean and scale (catches row/column mix-ups)
+    shift = (3.0 * rng.standard_normal(rows)).reshape(shape[:len(shape) - len(nshape)] +
+                                                       (1,) * len(nshape))
+    scale = rng.uniform(0.5, 2.0, rows).reshape(shift.shape)
+    x = (rng.standard_normal(shape) * scale + shift).astype(dtype)
+    pdt = np.float64 if dtype == np.float64 else np.float32
+    w = rng.uniform(0.5, 1.5, nshape).astype(pdt)
+    b = rng.standard_normal(nshape).astype(pdt)
+    dy = rng.standard_normal(shape).astype(dtype)
+    return x, w, b, dy
+
+
+CASES = [
+    ((4, 1), (1,)),               # rows of length 1
+    ((3, 7), (7,)),               # odd, short: one warp per row
+    ((5, 8), (8,)),               # vectorizable short rows
+    ((2, 3, 5), (3, 5)),          # two normalized dims
+    ((2, 3, 4, 6), (6,)),         # NHWC, normalized over channels (ConvNeXt style)
+    ((3, 1031), (1031,)),         # odd, longer than a warp's share: one block per row
+    ((2, 2048), (2048,)),         # vectorized, one block per row
+]
+CASE_IDS = [f"{'x'.join(map(str, s))}-n{'x'.join(map(str, n))}" for s, n in CASES]
+
+
+def _scales(dtype, rows):
+    half = np.dtype(dtype) == np.float16
+    return (2.0 if half else 1.0), max(1.0, rows ** 0.5 / 4)
+
+
+@pytest.mark.parametrize("shape,nshape", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("mode", ["affine", "weight-only", "none"])
+def test_matches_torch(backend, shape, nshape, dtype, mode):
+    x, w, b, dy = make(shape, nshape, dtype)
+    if mode != "affine":
+        b = None
+    if mode == "none":
+        w = None
+    eps = 1e-5
+    ref_y, ref_dx, ref_dw, ref_db = torch_layer_norm(x, nshape, w, b, eps, dy)
+    y, saved = gpubn.layer_norm_forward(to_backend(backend, x), nshape, to_backend(backend, w),
+                                        to_backend(backend, b), eps, backend=backend.name)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert_close(y, ref_y, dtype, "y")
+    dx, dw, db = gpubn.layer_norm_backward(to_backend(backend, dy), saved)
+    assert dx.shape == x.shape and dx.dtype == x.dtype
+    sdx, ssum = _scales(dtype, x.size // int(np.prod(nshape)))
+    n = int(np.prod(nshape))
+    if n == 1:   # xhat = 0: dx is zero, y is the bias
+        np.testing.assert_array_equal(to_numpy(dx), 0.0)
+    assert_close(dx, ref_dx, dtype, "dx", scale=sdx * max(1.0, n ** 0.5 / 16))
+    if w is None:
+        assert dw is None
+    else:
+        assert dw.shape == nshape and dw.dtype == w.dtype
+        assert_close(dw, ref_dw, dtype, "dweight", scale=ssum)
+    if b is None:
+        assert db is None
+    else:
+        assert db.shape == nshape and db.dtype == b.dtype
+        assert_close(db, ref_db, dtype, "dbias", scale=ssum)
+
+
+def test_statistics_saved_per_row(backend):
+    x, w, b, _ = make((3, 4, 9), (9,), np.float64, seed=2)
+    _, saved = gpubn.layer_norm_forward(to_backend(backend, x), 9, backend=backend.name)
+    rows = x.reshape(12, 9)
+    assert_close(saved.mean, rows.mean(axis=1), np.float64, "mean")
+    assert_close(saved.rstd, 1 / np.sqrt(rows.var(axis=1) + 1e-5), np.float64, "rstd")
+
+
+def test_long_row_65537(backend):
+    """A row longer than 65536 elements (grid-stride over the row)."""
+    shape = (2, 65537)
+    x, w, b, dy = make(shape, (shape[1],), np.float32, seed=3)
+    ref_y, ref_dx, ref_dw, ref_db = torch_layer_norm(x, (shape[1],), w, b, 1e-5, dy)
+    y, saved = gpubn.layer_norm_forward(to_backend(backend, x), shape[1:], to_backend(backend, w),
+                                        to_backend(backend, b), backend=backend.name)
+    assert_close(y, ref_y, np.float32, "y")
+    dx, dw, db = gpubn.layer_norm_backward(to_backend(backend, dy), saved)
+    assert_close(dx, ref_dx, np.float32, "dx", scale=4.0)
+    assert_close(dw, ref_dw, np.float32, "dweight")
+    assert_close(db, ref_db, np.float32, "dbias")
+
+
+def test_large_mean_is_stable(backend):
+    """Rows at 1e4 with unit spread, float32: no E[x^2] - E[x]^2 cancellation."""
+    rng = np.random.default_rng(4)
+    x64 = 1e4 + rng.standard_normal((6, 300))
+    x = x64.astype(np.float32)
+    y, saved = gpubn.layer_norm_forward(to_backend(backend, x), 300, backend=backend.name)
+    xd = x.astype(np.float64)
+    ref = (xd - xd.mean(1, keepdims=True)) / np.sqrt(xd.var(1, keepdims=True) + 1e-5)
+    assert_close(y, ref, np.float32, "y", scale=10.0)
+
+
+def test_gradient_finite_differences_float64(backend):
+    shape, nshape = (3, 2, 5), (2, 5)
+    x, w, b, g = make(shape, nshape, np.float64, seed=7)
+
+    def loss(x_, w_, b_):
+        y, _ = gpubn.layer_norm_forward(to_backend(backend, x_), nshape, to_backend(backend, w_),
+                                        to_backend(backend, b_), backend=backend.name)
+        return float(np.sum(to_numpy(y) * g))
+
+    _, saved = gpubn.layer_norm_forward(to_backend(backend, x), nshape, to_backend(backend, w),
+                                        to_backend(backend, b), backend=backend.name)
+    dx, dw, db = (to_numpy(a) for a in gpubn.layer_norm_backward(to_backend(backend, g), saved))
+    h = 1e-6
+    for arr, grad, name in ((x, dx, "dx"), (w, dw, "dweight"), (b, db, "dbias")):
+        num = np.empty_like(arr)
+        for i in np.ndindex(arr.shape):
+            plus, minus = arr.copy(), arr.copy()
+            plus[i] += h
+            minus[i] -= h
+            args_p = [plus if a is arr else a for a in (x, w, b)]
+            args_m = [minus if a is arr else a for a in (x, w, b)]
+            num[i] = (loss(*args_p) - loss(*args_m)) / (2 * h)
+        np.testing.assert_allclose(grad, num, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_noncontiguous_input_and_nhwc_from_nchw(backend):
+    """A channels-last view of an NCHW array (what NHWC layer norm over C
+    receives from a transposing caller) gives the contiguous result."""
+    base, w, b, dy = make((2, 6, 4, 5), (5,), np.float32, seed=8)
+    x = base.transpose(0, 2, 3, 1)           # (2, 4, 5, 6): not contiguous
+    w6, b6 = np.linspace(0.5, 1.5, 6).astype(np.float32), np.linspace(-1, 1, 6).astype(np.float32)
+    dyt = dy.transpose(0, 2, 3, 1)
+    assert not x.flags.c_contiguous
+    y1, s1 = gpubn.layer_norm_forward(to_backend(backend, x), 6, to_backend(backend, w6),
+                                      to_backend(backend, b6), backend=backend.name)
+    xc = np.ascontiguousarray(x)
+    y2, s2 = gpubn.layer_norm_forward(to_backend(backend, xc), 6, to_backend(backend, w6),
+                                      to_backend(backend, b6), backend=backend.name)
+    np.testing.assert_array_equal(to_numpy(y1), to_numpy(y2))
+    g1 = gpubn.layer_norm_backward(to_backend(backend, dyt), s1)
+    g2 = gpubn.layer_norm_backward(to_backend(backend, np.ascontiguousarray(dyt)), s2)
+    for a, e in zip(g1, g2):
+        np.testing.assert_array_equal(to_numpy(a), to_numpy(e))
+
+
+def test_layer_matches_torch_module(backend):
+    torch = torch_or_skip()
+    ln_t = torch.nn.LayerNorm((4, 6), eps=1e-6, dtype=torch.float64)
+    with torch.no_grad():
+        ln_t.weight.copy_(torch.linspace(0.5, 1.5, 24).reshape(4, 6))
+        ln_t.bias.copy_(torch.linspace(-1, 1, 24).reshape(4, 6))
+    ln = gpubn.LayerNorm((4, 6), eps=1e-6, dtype="float64", backend=backend.name)
+    ln.load_state_dict(ln_t.state_dict())
+    assert set(ln.state_dict()) == {"weight", "bias"}
+    x, _, _, dy = make((3, 4, 6), (4, 6), np.float64, seed=9)
+    xt = torch.tensor(x, requires_grad=True)
+    yt = ln_t(xt)
+    yt.backward(torch.tensor(dy))
+    y = ln(to_backend(backend, x))
+    assert_close(y, yt.detach().numpy(), np.float64, "y")
+    dx = ln.backward(to_backend(backend, dy))
+    assert_close(dx, xt.grad.numpy(), np.float64, "dx")
+    assert_close(ln.grad_weight, ln_t.weight.grad.numpy(), np.float64, "grad_weight")
+    assert_close(ln.grad_bias, ln_t.bias.grad.numpy(), np.float64, "grad_bias")
+    ln.eval()
+    np.testing.assert_array_equal(to_numpy(ln(to_backend(backend, x))), to_numpy(y))
+    plain = gpubn.LayerNorm(6, elementwise_affine=False, backend=backend.name)
+    assert plain.state_dict() == {} and plain.weight is None
+    nobias = gpubn.LayerNorm(6, bias=False, backend=backend.name)
+    assert set(nobias.state_dict()) == {"weight"}
+    assert "LayerNorm((6,)" in repr(nobias)
+
+
+# --------------------------------------------------------------- bad input ----
+def test_bad_forward_raises(backend):
+    xp = backend.xp
+    x = to_backend(backend, np.ones((4, 3, 5), np.float32))
+    cases = [
+        (dict(normalized_shape=(3,)), ValueError,
+         r"normalized_shape=\(3,\) must equal the trailing dimensions of the input, got input "
+         r"shape \(4, 3, 5\)"),
+        (dict(normalized_shape=(2, 3, 4, 5)), ValueError, r"must equal the trailing dimensions"),
+        (dict(normalized_shape=()), ValueError, r"normalized_shape must name at least one"),
+        (dict(normalized_shape=(0,)), ValueError, r"normalized_shape must hold positive sizes"),
+        (dict(normalized_shape=5.0), TypeError, r"normalized_shape must be an int or a tuple"),
+        (dict(normalized_shape=True), TypeError, r"normalized_shape must be an int or a tuple"),
+        (dict(weight=xp.ones(4, xp.float32)), ValueError,
+         r"weight must have shape \(5,\) \(normalized_shape\), got shape \(4,\)"),
+        (dict(bias=xp.ones((1, 5), xp.float32)), ValueError, r"bias must have shape \(5,\)"),
+        (dict(weight=xp.ones(5, xp.int32)), TypeError, r"weight must have a floating-point"),
+        (dict(eps=-1.0), ValueError, r"eps must be a positive"),
+        (dict(x=xp.ones((4, 5), xp.int64)), TypeError, r"x must have a floating-point dtype"),
+        (dict(x=xp.ones((0, 5), xp.float32)), ValueError, r"x is empty"),
+        (dict(x=[[1.0] * 5]), TypeError, r"x must be an array"),
+    ]
+    for kwargs, exc, pattern in cases:
+        args = dict(x=x, normalized_shape=5, weight=None, bias=None, eps=1e-5,
+                    backend=backend.name)
+        args.update(kwargs)
+        with pytest.raises(exc, match=pattern):
+            gpubn.layer_norm_forward(**args)
+
+
+def test_bad_backward_and_layer_input(backend):
+    xp = backend.xp
+    x = to_backend(backend, np.random.default_rng(0).standard_normal((4, 5)).astype(np.float32))
+    _, saved = gpubn.layer_norm_forward(x, 5, backend=backend.name)
+    with pytest.raises(ValueError, match=r"dy must have the shape of the forward input \(4, 5\)"):
+        gpubn.layer_norm_backward(xp.ones((5, 4), xp.float32), saved)
+    with pytest.raises(TypeError, match=r"dy must have the dtype of the forward input"):
+        gpubn.layer_norm_backward(xp.ones((4, 5), xp.float16), saved)
+    with pytest.raises(TypeError, match=r"saved must be the LayerNormSaved"):
+        gpubn.layer_norm_backward(x, None)
+    ln = gpubn.LayerNorm(5, backend=backend.name)
+    with pytest.raises(ValueError, match=r"backward called before any forward"):
+        ln.backward(x)
+    with pytest.raises(ValueError, match=r"must equal the trailing dimensions"):
+        ln(xp.ones((4, 6), xp.float32))
+    before = ln.state_dict()
+    with pytest.raises(ValueError, match=r"state\['weight'\] must have shape \(5,\)"):
+        ln.load_state_dict({"weight": np.ones(6, np.float32), "bias": np.zeros(5, np.float32)})
+    with pytest.raises(ValueError, match=r"state keys do not match"):
+        ln.load_state_dict({"weight": np.ones(5, np.float32)})
+    for k, v in ln.state_dict().items():
+        np.testing.assert_array_equal(to_numpy(v), to_numpy(before[k]))
+    with pytest.raises(ValueError, match=r"normalized_shape must hold positive sizes"):
+        gpubn.LayerNorm((3, 0))
+    with pytest.raises(TypeError, match=r"dtype must be float16, float32 or float64"):
+        gpubn.LayerNorm(3, dtype="int8")

@@ -1,0 +1,371 @@
+"""Batch renormalization on every backend, against a NumPy transcription of
+Algorithm 1 of Ioffe (2017) written here (independent of the library), batch
+norm itself (rmax=1, dmax=0), and finite differences.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gpubn
+from conftest import assert_close, to_backend, to_numpy
+
+
+# ------------------------------------------------- the paper, transcribed ----
+def paper_train_step(x, gamma, beta, mu, sigma, rmax, dmax, eps, alpha, axis=1):
+    """Algorithm 1 (training), per channel, float64, loops and all:
+
+        mu_B    = 1/m sum x_i
+        sigma_B = sqrt(eps + 1/m sum (x_i - mu_B)^2)
+        r       = stop_gradient(clip[1/rmax, rmax](sigma_B / sigma))
+        d       = stop_gradient(clip[-dmax, dmax]((mu_B - mu) / sigma))
+        xhat_i  = (x_i - mu_B) / sigma_B * r + d
+        y_i     = gamma * xhat_i + beta
+        mu     := mu + alpha (mu_B - mu)
+        sigma  := sigma + alpha (sigma_B - sigma)
+    """
+    xc = np.moveaxis(np.asarray(x, np.float64), axis, 0)
+    c = xc.shape[0]
+    flat = xc.reshape(c, -1)
+    m = flat.shape[1]
+    y = np.empty_like(flat)
+    out = {k: np.empty(c) for k in ("r", "d", "mu_B", "sigma_B", "mu", "sigma")}
+    for k in range(c):
+        xi = flat[k]
+        mu_b = sum(xi) / m
+        sigma_b = np.sqrt(eps + sum((xi - mu_b) ** 2) / m)
+        r = min(max(sigma_b / sigma[k], 1.0 / rmax), rmax)
+        d = min(max((mu_b - mu[k]) / sigma[k], -dmax), dmax)
+        y[k] = gamma[k] * ((xi - mu_b) / sigma_b * r + d) + beta[k]
+        out["r"][k], out["d"][k], out["mu_B"][k], out["sigma_B"][k] = r, d, mu_b, sigma_b
+        out["mu"][k] = mu[k] + alpha * (mu_b - mu[k])
+        out["sigma"][k] = sigma[k] + alpha * (sigma_b - sigma[k])
+    out["y"] = np.moveaxis(y.reshape(xc.shape), 0, axis)
+    return out
+
+
+def paper_backward(x, dy, gamma, r, d, eps, axis=1):
+    """The paper's gradients with r and d treated as constants:
+
+        dL/dxhat_i   = dL/dy_i * gamma
+        dL/dsigma_B  = sum dL/dxhat_i (x_i - mu_B) (-r / sigma_B^2)
+        dL/dmu_B     = sum dL/dxhat_i (-r / sigma_B)
+        dL/dx_i      = dL/dxhat_i r/sigma_B + dL/dsigma_B (x_i - mu_B)/(m sigma_B)
+                       + dL/dmu_B / m
+        dL/dgamma    = sum dL/dy_i xhat_i,   dL/dbeta = sum dL/dy_i
+    """
+    xc = np.moveaxis(np.asarray(x, np.float64), axis, 0)
+    gc = np.moveaxis(np.asarray(dy, np.float64), axis, 0)
+    c = xc.shape[0]
+    xf, gf = xc.reshape(c, -1), gc.reshape(c, -1)
+    m = xf.shape[1]
+    dx = np.empty_like(xf)
+    dgamma, dbeta = np.empty(c), np.empty(c)
+    for k in range(c):
+        xi, gi = xf[k], gf[k]
+        mu_b = xi.mean()
+        sigma_b = np.sqrt(eps + ((xi - mu_b) ** 2).mean())
+        dxhat = gi * gamma[k]
+        dsigma = np.sum(dxhat * (xi - mu_b) * (-r[k] / sigma_b ** 2))
+        dmu = np.sum(dxhat * (-r[k] / sigma_b))
+        dx[k] = dxhat * r[k] / sigma_b + dsigma * (xi - mu_b) / (m * sigma_b) + dmu / m
+        xhat = (xi - mu_b) / sigma_b * r[k] + d[k]
+        dgamma[k], dbeta[k] = np.sum(gi * xhat), np.sum(gi)
+    return np.moveaxis(dx.reshape(xc.shape), 0, axis), dgamma, dbeta
+
+
+# ---------------------------------------------------------------- helpers ----
+def make_case(shape, axis, dtype, seed=0):
+    """Input with per-channel offsets and scales, parameters, and moving
+    statistics placed so that some channels clip r / d and some do not."""
+    rng = np.random.default_rng(seed)
+    c = shape[axis]
+    bshape = [1] * len(shape)
+    bshape[axis] = c
+    mean = 2.0 * rng.standard_normal(c)
+    scale = rng.uniform(0.5, 2.0, c)
+    x = (rng.standard_normal(shape) * scale.reshape(bshape) + mean.reshape(bshape)).astype(dtype)
+    pdt = np.float64 if dtype == np.float64 else np.float32
+    gamma = rng.uniform(0.5, 1.5, c).astype(pdt)
+    beta = rng.standard_normal(c).astype(pdt)
+    # moving sigma and mu relative to the channel's: r and d clip on the
+    # channels 0, 2, ... and not on 1, 3, ...
+    sigma = (scale * np.resize([0.5, 1.0, 3.0, 0.9], c)).astype(pdt)
+    mu = (mean + scale * np.resize([1.5, 0.1, -1.2, -0.2], c)).astype(pdt)
+    dy = rng.standard_normal(shape).astype(dtype)
+    return x, gamma, beta, mu, sigma, dy
+
+
+def renorm(backend, x, w, b, mu, sigma, rmax, dmax, **kw):
+    return gpubn.batch_renorm_forward(
+        to_backend(backend, x), to_backend(backend, w), to_backend(backend, b), mu, sigma,
+        rmax, dmax, backend=backend.name, **kw)
+
+
+SHAPES = [
+    ((6, 4), 1),              # NC
+    ((3, 5, 7, 3), 1),        # odd NCHW
+    ((3, 4, 5, 6), -1),       # channels-last
+    ((4, 2, 96, 64), 1),      # several blocks per channel on the kernel backends
+]
+SHAPE_IDS = [f"{'x'.join(map(str, s))}-ax{a}" for s, a in SHAPES]
+
+
+def _scales(dtype, m):
+    """(dx scale, per-channel sum scale) over the suite's tolerance dict."""
+    half = np.dtype(dtype) == np.float16
+    return (2.0 if half else 1.0), max(1.0, m ** 0.5 / 4)
+
+
+@pytest.mark.parametrize("shape,axis", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64],
+                         ids=lambda d: np.dtype(d).name)
+def test_training_matches_paper_algorithm(backend, shape, axis, dtype):
+    rmax, dmax, eps, momentum = 1.5, 0.5, 1e-3, 0.2
+    x, w, b, mu, sigma, dy = make_case(shape, axis, dtype)
+    ref = paper_train_step(x, w.astype(float), b.astype(float), mu.astype(float),
+                           sigma.astype(float), rmax, dmax, eps, momentum, axis)
+    # the case exercises both clipped and unclipped r and d
+    assert np.any(np.abs(ref["r"] - rmax) < 1e-12) or np.any(np.abs(ref["r"] - 1 / rmax) < 1e-12)
+    assert np.any((ref["r"] > 1 / rmax) & (ref["r"] < rmax))
+    assert np.any(np.abs(ref["d"]) == dmax) and np.any(np.abs(ref["d"]) < dmax)
+
+    mu_b, sigma_b = to_backend(backend, mu.copy()), to_backend(backend, sigma.copy())
+    y, saved = renorm(backend, x, w, b, mu_b, sigma_b, rmax, dmax, momentum=momentum, eps=eps,
+                      axis=axis)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    acc = np.float64 if dtype == np.float64 else np.float32
+    assert_close(y, ref["y"], dtype, "y")
+    assert_close(saved.r, ref["r"], acc, "r")
+    assert_close(saved.d, ref["d"], acc, "d")
+    assert_close(mu_b, ref["mu"], acc, "moving mu")
+    assert_close(sigma_b, ref["sigma"], acc, "moving sigma")
+
+    dx, dw, db = gpubn.batch_renorm_backward(to_backend(backend, dy), saved)
+    ref_dx, ref_dw, ref_db = paper_backward(x, dy, w.astype(float), ref["r"], ref["d"], eps,
+                                            axis)
+    assert dx.shape == x.shape and dx.dtype == x.dtype and dw.dtype == w.dtype
+    sdx, ssum = _scales(dtype, x.size // shape[axis])
+    assert_close(dx, ref_dx, dtype, "dx", scale=sdx)
+    assert_close(dw, ref_dw, dtype, "dweight", scale=ssum)
+    assert_close(db, ref_db, dtype, "dbias", scale=ssum)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64],
+                         ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
+def test_rmax_1_dmax_0_is_batch_norm(backend, dtype, affine):
+    """With r = 1 and d = 0 the output and every gradient are batch norm's,
+    bit for bit (the NumPy backend rounds the statistics to the accumulation
+    dtype on this path, so there float16/float32 agree to rounding)."""
+    shape, axis = (5, 3, 6, 7), 1
+    x, w, b, mu, sigma, dy = make_case(shape, axis, dtype, seed=4)
+    if not affine:
+        w = b = None
+    y, saved = renorm(backend, x, w, b, to_backend(backend, mu), to_backend(backend, sigma),
+                      1.0, 0.0, axis=axis)
+    y_bn, saved_bn = gpubn.batch_norm_forward(to_backend(backend, x), to_backend(backend, w),
+                                              to_backend(backend, b), backend=backend.name)
+    grads = gpubn.batch_renorm_backward(to_backend(backend, dy), saved)
+    grads_bn = gpubn.batch_norm_backward(to_backend(backend, dy), saved_bn)
+    np.testing.assert_array_equal(to_numpy(saved.r), 1.0)
+    np.testing.assert_array_equal(to_numpy(saved.d), 0.0)
+    exact = backend.name != "numpy" or np.dtype(dtype) == np.float64
+    for name, a, e in (("y", y, y_bn), ("dx", grads[0], grads_bn[0]),
+                       ("dweight", grads[1], grads_bn[1]), ("dbias", grads[2], grads_bn[2])):
+        if e is None:
+            assert a is None, name
+        elif exact:
+            np.testing.assert_array_equal(to_numpy(a), to_numpy(e), err_msg=name)
+        else:
+            assert_close(a, e, dtype, name, scale=0.1)
+
+
+def test_gradients_by_finite_differences(backend):
+    """Central differences through the library itself, float64.  The moving
+    statistics put every channel on a clip bound (r = rmax, d = +-dmax), where
+    r and d are locally constant, as the backward assumes."""
+    shape, axis, rmax, dmax = (3, 2, 4), 1, 2.0, 0.25
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(shape) * np.array([1.0, 2.0])[None, :, None] + 0.5
+    w = rng.uniform(0.5, 1.5, 2)
+    b = rng.standard_normal(2)
+    g = rng.standard_normal(shape)
+    mu = np.array([-20.0, 20.0])       # far: d = +dmax, -dmax
+    sigma = np.array([0.05, 0.1])      # small: r = rmax
+
+    def forward(x_, w_, b_):
+        return renorm(backend, x_, w_, b_, to_backend(backend, mu.copy()),
+                      to_backend(backend, sigma.copy()), rmax, dmax, axis=axis)
+
+    y, saved = forward(x, w, b)
+    np.testing.assert_array_equal(to_numpy(saved.r), rmax)
+    np.testing.assert_array_equal(to_numpy(saved.d), [dmax, -dmax])
+    dx, dw, db = (to_numpy(a) for a in gpubn.batch_renorm_backward(to_backend(backend, g), saved))
+    h = 1e-6
+    for arr, grad, name in ((x, dx, "dx"), (w, dw, "dweight"), (b, db, "dbias")):
+        num = np.empty_like(arr)
+        for i in np.ndindex(arr.shape):
+            plus, minus = arr.copy(), arr.copy()
+            plus[i] += h
+            minus[i] -= h
+            args_p = [plus if a is arr else a for a in (x, w, b)]
+            args_m = [minus if a is arr else a for a in (x, w, b)]
+            num[i] = (np.sum(to_numpy(forward(*args_p)[0]) * g)
+                      - np.sum(to_numpy(forward(*args_m)[0]) * g)) / (2 * h)
+        np.testing.assert_allclose(grad, num, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_moving_statistics_over_steps_and_inference(backend):
+    """Several steps with a warm-up schedule for rmax/dmax, then inference
+    with the moving statistics; the layer against the transcription."""
+    shape, c = (6, 3, 4, 5), 3
+    layer = gpubn.BatchRenorm(c, momentum=0.3, eps=1e-4, dtype="float64", backend=backend.name)
+    assert layer.rmax == 1.0 and layer.dmax == 0.0
+    rng = np.random.default_rng(3)
+    layer.weight[...] = to_backend(backend, rng.uniform(0.5, 1.5, c))
+    layer.bias[...] = to_backend(backend, rng.standard_normal(c))
+    w, b = to_numpy(layer.weight).copy(), to_numpy(layer.bias).copy()
+    mu, sigma = np.zeros(c), np.ones(c)
+    schedule = [(1.0, 0.0), (1.2, 0.1), (1.5, 0.3), (3.0, 5.0), (3.0, 5.0)]
+    for step, (rmax, dmax) in enumerate(schedule):
+        layer.rmax, layer.dmax = rmax, dmax
+        x = rng.standard_normal(shape) * np.array([0.5, 1.0, 3.0])[None, :, None, None] + 4.0
+        ref = paper_train_step(x, w, b, mu, sigma, rmax, dmax, 1e-4, 0.3)
+        y = layer(to_backend(backend, x))
+        assert_close(y, ref["y"], np.float64, f"y step {step}")
+        mu, sigma = ref["mu"], ref["sigma"]
+        assert_close(layer.running_mean, mu, np.float64, f"moving mu step {step}")
+        assert_close(layer.running_std, sigma, np.float64, f"moving sigma step {step}")
+    assert layer.num_batches_tracked == len(schedule)
+    layer.eval()
+    x = rng.standard_normal(shape) + 4.0
+    dy = rng.standard_normal(shape)
+    y = layer(to_backend(backend, x))
+    bs = (None, slice(None), None, None)
+    xhat = (x - mu[bs]) / sigma[bs]
+    assert_close(y, w[bs] * xhat + b[bs], np.float64, "inference y")
+    dx = layer.backward(to_backend(backend, dy))
+    assert_close(dx, dy * (w / sigma)[bs], np.float64, "inference dx")
+    assert_close(layer.grad_weight, (dy * xhat).sum(axis=(0, 2, 3)), np.float64, "inference dw")
+    assert_close(layer.grad_bias, dy.sum(axis=(0, 2, 3)), np.float64, "inference db")
+    # inference leaves the moving statistics alone
+    assert_close(layer.running_mean, mu, np.float64, "moving mu after eval")
+    assert layer.num_batches_tracked == len(schedule)
+
+
+def test_cumulative_momentum_none(backend):
+    """momentum=None: the moving statistics are plain averages of the batch
+    mu_B and sigma_B (factor 1/(k+1) at step k)."""
+    c = 2
+    layer = gpubn.BatchRenorm(c, momentum=None, dtype="float64", backend=backend.name)
+    rng = np.random.default_rng(5)
+    mus, sigmas = [], []
+    for step in range(3):
+        x = rng.standard_normal((8, c, 3)) * (step + 1) + step
+        ref = paper_train_step(x, np.ones(c), np.zeros(c), np.zeros(c), np.ones(c), 1.0, 0.0,
+                               1e-5, 1.0)
+        mus.append(ref["mu_B"])
+        sigmas.append(ref["sigma_B"])
+        layer(to_backend(backend, x))
+    assert_close(layer.running_mean, np.mean(mus, axis=0), np.float64, "mu")
+    assert_close(layer.running_std, np.mean(sigmas, axis=0), np.float64, "sigma")
+
+
+def test_layer_state_dict_and_channels_last(backend):
+    layer = gpubn.BatchRenorm(4, rmax=2.0, dmax=1.0, axis=-1, backend=backend.name)
+    x = np.random.default_rng(0).standard_normal((3, 5, 5, 4)).astype(np.float32)
+    y_last = layer(to_backend(backend, x))
+    state = layer.state_dict()
+    assert set(state) == {"weight", "bias", "running_mean", "running_std", "num_batches_tracked"}
+    assert int(state["num_batches_tracked"]) == 1
+    # the same step in channels-first layout from the initial state
+    first = gpubn.BatchRenorm(4, rmax=2.0, dmax=1.0, backend=backend.name)
+    y_first = first(to_backend(backend, np.ascontiguousarray(np.moveaxis(x, -1, 1))))
+    assert_close(np.moveaxis(to_numpy(y_first), 1, -1), y_last, np.float32, "y")
+    assert_close(first.running_std, state["running_std"], np.float32, "running_std")
+    other = gpubn.BatchRenorm(4, axis=-1, backend=backend.name)
+    other.load_state_dict(state)
+    other.eval()
+    layer.eval()
+    np.testing.assert_array_equal(to_numpy(other(to_backend(backend, x))),
+                                  to_numpy(layer(to_backend(backend, x))))
+    layer.reset_running_stats()
+    np.testing.assert_array_equal(to_numpy(layer.running_std), 1.0)
+    assert "rmax=2.0" in repr(layer) and "BatchRenorm(4" in repr(layer)
+
+
+# --------------------------------------------------------------- bad input ----
+def _good(backend):
+    rng = np.random.default_rng(0)
+    x = to_backend(backend, rng.standard_normal((4, 3, 5)).astype(np.float32))
+    return x, to_backend(backend, np.zeros(3, np.float32)), to_backend(backend, np.ones(3, np.float32))
+
+
+def test_bad_forward_raises_and_leaves_state(backend):
+    x, mu, sigma = _good(backend)
+    xp = backend.xp
+    cases = [
+        (dict(rmax=0.5), ValueError, r"rmax must be >= 1"),
+        (dict(rmax=float("nan")), ValueError, r"rmax must be >= 1"),
+        (dict(rmax="2"), TypeError, r"rmax must be a float"),
+        (dict(dmax=-0.1), ValueError, r"dmax must be >= 0"),
+        (dict(dmax=None), TypeError, r"dmax must be a float"),
+        (dict(running_std=None), ValueError, r"needs running_mean and running_std"),
+        (dict(running_mean=None), ValueError, r"needs running_mean and running_std"),
+        (dict(running_std=xp.ones(4, xp.float32)), ValueError,
+         r"running_std must have shape \(3,\)"),
+        (dict(weight=xp.ones(2, xp.float32)), ValueError, r"weight must have shape \(3,\)"),
+        (dict(eps=0.0), ValueError, r"eps must be a positive"),
+        (dict(momentum=1.5), ValueError, r"momentum must be in \[0, 1\]"),
+        (dict(x=x[:1, :, :1]), ValueError, r"more than 1 value per channel"),
+        (dict(x=x.astype(xp.int32)), TypeError, r"x must have a floating-point dtype"),
+        (dict(axis=3), ValueError, r"axis=3 is out of range"),
+    ]
+    for kwargs, exc, pattern in cases:
+        args = dict(x=x, weight=None, bias=None, running_mean=mu, running_std=sigma,
+                    rmax=2.0, dmax=1.0, backend=backend.name)
+        args.update(kwargs)
+        with pytest.raises(exc, match=pattern):
+            gpubn.batch_renorm_forward(**args)
+        np.testing.assert_array_equal(to_numpy(mu), 0.0)
+        np.testing.assert_array_equal(to_numpy(sigma), 1.0)
+
+
+def test_read_only_moving_stats_rejected_before_any_write():
+    x = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    mu, sigma = np.zeros(3, np.float32), np.ones(3, np.float32)
+    sigma.flags.writeable = False
+    with pytest.raises(ValueError, match=r"running_std is updated in place but is read-only"):
+        gpubn.batch_renorm_forward(x, None, None, mu, sigma, 2.0, 1.0)
+    np.testing.assert_array_equal(mu, 0.0)
+    # inference only reads them
+    y, _ = gpubn.batch_renorm_forward(x, None, None, mu, sigma, training=False)
+    assert y.shape == x.shape
+
+
+def test_bad_backward_and_layer_setters(backend):
+    x, mu, sigma = _good(backend)
+    _, saved = gpubn.batch_renorm_forward(x, None, None, mu, sigma, backend=backend.name)
+    xp = backend.xp
+    with pytest.raises(ValueError, match=r"dy must have the shape of the forward input"):
+        gpubn.batch_renorm_backward(xp.ones((4, 3), xp.float32), saved)
+    with pytest.raises(TypeError, match=r"dy must have the dtype of the forward input"):
+        gpubn.batch_renorm_backward(xp.ones((4, 3, 5), xp.float64), saved)
+    with pytest.raises(TypeError, match=r"saved must be the BatchRenormSaved"):
+        gpubn.batch_renorm_backward(xp.ones((4, 3, 5), xp.float32), saved.bn)
+    layer = gpubn.BatchRenorm(3, rmax=2.0, backend=backend.name)
+    with pytest.raises(ValueError, match=r"rmax must be >= 1"):
+        layer.rmax = 0.9
+    with pytest.raises(ValueError, match=r"dmax must be >= 0"):
+        layer.dmax = -1
+    assert layer.rmax == 2.0 and layer.dmax == 0.0
+    with pytest.raises(ValueError, match=r"weight must have shape \(5,\) to match the 5 ch"):
+        layer(xp.ones((4, 5), xp.float32))
+    assert layer.num_batches_tracked == 0
+    np.testing.assert_array_equal(to_numpy(layer.running_std), 1.0)
+    with pytest.raises(ValueError, match=r"rmax must be >= 1"):
+        gpubn.BatchRenorm(3, rmax=0.0)
+    with pytest.raises(ValueError, match=r"backward called before any forward"):
+        gpubn.BatchRenorm(3).backward(np.ones((2, 3), np.float32))
