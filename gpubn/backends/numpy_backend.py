@@ -1,49 +1,70 @@
 """NumPy backend: the CPU fallback and the reference for every other backend.
 
 All methods take canonical ``(outer, C, inner)`` C-contiguous arrays (see
-``gpubn.backends.base``).  The code is written for speed with plain NumPy:
+``gpubn.backends.base``).  Normalization is memory-bound, so the code is built
+around the number of times each array crosses main memory, the way a fused
+kernel would be:
 
-* reductions run as ``np.add.reduce`` / ``np.einsum`` over axes ``(0, 2)`` of the
-  canonical view, which walks memory in order and never materializes a
-  transposed copy;
-* the output buffer doubles as scratch space (the centred input is written
-  into it, then scaled in place), so a training forward allocates one array;
-* float32 data is processed in float32; accuracy comes from centring, not
-  from wider arithmetic: the variance is the two-pass (shifted) formula
-  ``M2 = sum(d**2) - sum(d)**2 / n`` with ``d = x - mean0`` and ``mean0`` a first
-  estimate of the mean, and row partial sums are added in float64.  This is
-  exact to rounding for data far from zero (``1e4 + N(0, 1)``), unlike
-  ``E[x**2] - E[x]**2``;
-* float16 data is widened to float32 once and computed in float32.
+* The array is walked in **cache-sized chunks** (``_CHUNK`` elements).  Every
+  chunk is read from memory once per pass; the several NumPy operations applied
+  to it (centre, square-sum, scale, shift) run on data that sits in the CPU's
+  L2 cache.  A training forward therefore costs one read pass (statistics)
+  plus one read + one write pass (normalize); a backward two read passes over
+  ``x`` and ``dy`` for the sums plus one for ``dx``, as PyTorch's fused CPU
+  kernels do.
+* Statistics are **Welford/Chan**: each chunk row (``inner`` contiguous values,
+  "row" layout) or block of rows (small ``inner``: NC, channels-last, "column"
+  layout) gets its own mean and sum of squared deviations computed around its
+  own mean in float32 (float64 for float64 data), and those partial triples are
+  merged exactly in float64 with Chan's formula.  No ``E[x**2] - E[x]**2``:
+  ``1e4 + N(0, 1)`` float32 data keeps its variance to 1e-6.
+* Reductions use BLAS (matrix-vector products with a ones vector, row dot
+  products) where NumPy offers it; elementwise work uses ``out=`` into one
+  reusable scratch block; float16 is widened chunk by chunk.
 
-NaN or Inf in a channel's data make that channel's statistics NaN (training)
-and so every output of the channel NaN, as in PyTorch; in eval mode, where the
-statistics are fixed, they stay confined to their own elements.
+NaN or Inf in a channel's data make that channel's statistics NaN (an Inf-only
+channel has an infinite mean), so in training every output of the channel is
+NaN, as in PyTorch; in eval mode they stay confined to their own elements.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from .base import Backend, ChannelStats
 
-_ROW_MIN = 256          # inner extent from which per-row reductions are used
-_BLOCK = 4096           # rows per float32 partial sum in column reductions
+_CHUNK = 1 << 16       # elements per tile: 256 KiB of float32 scratch, fits in L2
+_ROW_MIN = 64          # inner extent from which the row layout is used
+_MIN_BLOCK_ROWS = 64   # column layout: rows per tile at least (bounds partial storage)
+_FAST_RANGE = 8.0      # |mean| * invstd up to which x*scale + shift is used directly
 _vecdot = getattr(np, "vecdot", None)
 
 
-def _work(x3):
-    """float16 -> float32 copy; float32/float64 pass through."""
-    if x3.dtype == np.float16:
-        return x3.astype(np.float32)
-    return x3
+def _num_threads():
+    env = os.environ.get("GPUBN_NUM_THREADS")
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            pass
+    return max(1, min(4, os.cpu_count() or 1))
 
 
-def _chan(v):
-    """Per-channel vector as a broadcastable (1, C, 1) view."""
-    return v.reshape(1, -1, 1)
+_POOL = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool(n):
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers != n:
+            _POOL = ThreadPoolExecutor(max_workers=n, thread_name_prefix="gpubn")
+        return _POOL
 
 
 def _quiet(fn):
@@ -56,183 +77,359 @@ def _quiet(fn):
     return wrapper
 
 
-def _rowdot(a2, b2):
-    """Dot product of matching rows of two 2-D arrays (BLAS where NumPy has it)."""
+def _rowdot(a, b):
+    """Dot products of matching rows (BLAS where NumPy has vecdot)."""
     if _vecdot is not None:
-        return _vecdot(a2, b2, axis=-1)
-    return np.einsum("ij,ij->i", a2, b2)
+        return _vecdot(a, b, axis=-1)
+    return np.einsum("ij,ij->i", a, b)
 
 
-def _channel_reduce(a, b=None):
-    """Per-channel sum of ``a`` (``b is None``) or of ``a * b``, in float64.
+def _work_dtype(dtype):
+    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
 
-    Every partial sum runs over at most a row (``inner`` contiguous values) or
-    a block of ``_BLOCK`` rows in the array's own dtype, and the partials are
-    added in float64: float32 rounding grows with the block, not with the
-    channel's element count.  Large contiguous rows (NCHW with big H*W) are
-    reduced per row; small ones (NC, channels-last, small H*W) column-wise, so
-    that every pass reads memory in order with vectorized inner loops.
+
+class _Layout:
+    """How a canonical ``(outer, C, inner)`` array is cut into tiles.
+
+    Row layout (``inner >= _ROW_MIN``): a 2-D view ``(outer*C, inner)``; row ``r``
+    belongs to channel ``r % C``.  Column layout: a 2-D view
+    ``(outer, C*inner)``; column ``j`` belongs to channel ``j // inner``.  Tiles
+    are ``(r0, r1, c0, c1)`` rectangles of about ``_CHUNK`` elements, in memory
+    order; ``rb``/``cb`` below index the tile grid.
     """
-    outer, c, inner = a.shape
-    if inner >= _ROW_MIN:
-        a2 = a.reshape(outer * c, inner)
-        if b is None:
-            part = a2 @ np.ones(inner, dtype=a.dtype)
+
+    def __init__(self, shape):
+        outer, c, inner = shape
+        self.outer, self.c, self.inner = outer, c, inner
+        self.rows_mode = inner >= _ROW_MIN
+        if self.rows_mode:     # runs of whole rows; a row longer than a tile is split
+            R, W = outer * c, inner
+            cs = min(W, _CHUNK)
+            rs = max(1, _CHUNK // cs)
+        else:                  # blocks of whole rows: tiles stay contiguous in memory
+            R, W = outer, c * inner
+            rs = max(_MIN_BLOCK_ROWS, _CHUNK // W)
+            cs = W
+        self.shape2 = (R, W)
+        self.rs, self.cs = min(rs, R), cs
+        self.nrb = -(-R // self.rs)
+        self.ncb = -(-W // self.cs)
+
+    def view(self, a3):
+        return a3.reshape(self.shape2)
+
+    def tiles(self):
+        R, W = self.shape2
+        return [(rb, cb, rb * self.rs, min(R, (rb + 1) * self.rs),
+                 cb * self.cs, min(W, (cb + 1) * self.cs))
+                for rb in range(self.nrb) for cb in range(self.ncb)]
+
+    def per_channel(self, v, dtype):
+        """A per-channel vector expanded for broadcasting against tiles:
+        ``(outer*C, 1)`` (rows layout) or ``(C*inner,)`` (column layout)."""
+        v = np.asarray(v, dtype=dtype)
+        if self.rows_mode:
+            return np.tile(v, self.outer)[:, None]
+        return np.repeat(v, self.inner)
+
+    def take(self, vec, r0, r1, c0, c1):
+        """The part of an expanded per-channel vector that matches a tile."""
+        return vec[r0:r1] if self.rows_mode else vec[c0:c1]
+
+    def run(self, work, dtype):
+        """Call ``work(tile, scratch)`` for every tile, on several threads when
+        there are enough tiles (NumPy and BLAS release the GIL); each thread
+        has its own scratch and every tile writes to its own slots, so the
+        result does not depend on the thread count."""
+        tiles = self.tiles()
+        nthreads = min(_num_threads(), len(tiles) // 4)
+
+        def run_group(group):
+            scratch = np.empty((self.rs, self.cs), dtype=dtype)
+            for t in group:
+                work(t, scratch)
+
+        if nthreads <= 1:
+            run_group(tiles)
+            return
+        size = -(-len(tiles) // nthreads)
+        groups = [tiles[i:i + size] for i in range(0, len(tiles), size)]
+        for f in [_pool(nthreads).submit(run_group, g) for g in groups]:
+            f.result()
+
+
+def _chunk(a2, r0, r1, c0, c1, wdt):
+    blk = a2[r0:r1, c0:c1]
+    return blk if blk.dtype == wdt else blk.astype(wdt)
+
+
+def _merge(means, m2s, counts, axis):
+    """Chan's parallel merge of Welford pieces along ``axis`` (float64)."""
+    counts = np.broadcast_to(np.asarray(counts, dtype=np.float64), means.shape)
+    total = np.sum(counts, axis=axis, keepdims=True)
+    mean = np.sum(means * counts, axis=axis, keepdims=True) / total
+    dev = means - mean
+    m2 = np.sum(m2s, axis=axis) + np.sum(counts * dev * dev, axis=axis)
+    return np.squeeze(mean, axis=axis), m2
+
+
+def _moments(x3):
+    """Per-channel ``(mean, m2)`` in float64 from one read of ``x3``.
+
+    Each tile row (rows layout) or tile column (column layout) is a Welford
+    piece: mean and sum of squared deviations around its own mean; the pieces
+    are merged with Chan's formula in float64."""
+    lay = _Layout(x3.shape)
+    wdt = _work_dtype(x3.dtype)
+    x2 = lay.view(x3)
+    R, W = lay.shape2
+    ones = np.ones(max(lay.rs, lay.cs), dtype=wdt)
+    if lay.rows_mode:
+        means = np.empty((R, lay.ncb))
+        m2s = np.empty((R, lay.ncb))
+    else:
+        means = np.empty((lay.nrb, W))
+        m2s = np.empty((lay.nrb, W))
+
+    def work(t, scratch):
+        rb, cb, r0, r1, c0, c1 = t
+        blk = _chunk(x2, r0, r1, c0, c1, wdt)
+        d = scratch[:r1 - r0, :c1 - c0]
+        if lay.rows_mode:
+            n = c1 - c0
+            m0 = blk @ ones[:n] / wdt.type(n)
+            np.subtract(blk, m0[:, None], out=d)
+            s1 = (d @ ones[:n]).astype(np.float64)
+            s2 = _rowdot(d, d) if n >= 128 else np.multiply(d, d, out=d) @ ones[:n]
+            at = (slice(r0, r1), cb)
         else:
-            part = _rowdot(a2, b.reshape(outer * c, inner))
-        return np.add.reduce(part.reshape(outer, c), axis=0, dtype=np.float64)
-    width = c * inner
-    a2 = a.reshape(outer, width)
-    b2 = None if b is None else b.reshape(outer, width)
-    total = np.zeros(width, dtype=np.float64)
-    ones = np.ones(min(outer, _BLOCK), dtype=a.dtype)
-    for s in range(0, outer, _BLOCK):
-        blk = a2[s:s + _BLOCK]
-        if b2 is None:
-            part = (ones if blk.shape[0] == ones.shape[0] else ones[:blk.shape[0]]) @ blk
+            n = r1 - r0
+            m0 = ones[:n] @ blk / wdt.type(n)
+            np.subtract(blk, m0, out=d)
+            s1 = (ones[:n] @ d).astype(np.float64)
+            s2 = np.einsum("ij,ij->j", d, d)
+            at = (rb, slice(c0, c1))
+        m0 = m0.astype(np.float64)
+        means[at] = np.where(np.isfinite(m0), m0 + s1 / n, m0)   # Inf-only: mean Inf
+        m2s[at] = s2 - s1 * s1 / n
+
+    lay.run(work, wdt)
+    if lay.rows_mode:
+        counts = np.full(lay.ncb, lay.cs, dtype=np.float64)
+        counts[-1] = W - lay.cs * (lay.ncb - 1)
+        row_mean, row_m2 = _merge(means, m2s, counts, axis=1)               # (outer*C,)
+        mean, m2 = _merge(row_mean.reshape(lay.outer, lay.c),
+                          row_m2.reshape(lay.outer, lay.c), W, axis=0)
+    else:
+        counts = np.full((lay.nrb, 1), lay.rs, dtype=np.float64)
+        counts[-1] = R - lay.rs * (lay.nrb - 1)
+        col_mean, col_m2 = _merge(means, m2s, counts, axis=0)               # (C*inner,)
+        mean, m2 = _merge(col_mean.reshape(lay.c, lay.inner),
+                          col_m2.reshape(lay.c, lay.inner), R, axis=1)
+    np.maximum(m2, 0.0, out=m2, where=~np.isnan(m2))
+    return mean, m2
+
+
+def _fast(mean, invstd):
+    """Whether ``x*a + b`` forms (which round relative to ``|x|``) are as
+    accurate as centred ones: every channel's ``|mean| * invstd`` is moderate."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        r = np.abs(np.asarray(mean, np.float64)) * np.asarray(invstd, np.float64)
+    return bool(np.all(r <= _FAST_RANGE))
+
+
+def _split(mean, wdt):
+    """``mean`` (float64) as ``hi + lo`` with ``hi`` in the working dtype: data
+    near the mean minus ``hi`` is exact, and ``lo`` is folded into per-channel
+    constants, so centring keeps the full precision of the mean."""
+    mean = np.asarray(mean, np.float64)
+    hi = mean.astype(wdt)
+    with np.errstate(invalid="ignore"):
+        lo = np.where(np.isfinite(hi), mean - hi, 0.0)
+    return hi, lo
+
+
+def _normalize(x3, mean, invstd, scale, shift):
+    """``y = (x - mean) * scale + shift`` per channel: one read and one write
+    of memory, the arithmetic on cache-resident tiles."""
+    lay = _Layout(x3.shape)
+    wdt = _work_dtype(x3.dtype)
+    x2 = lay.view(x3)
+    y3 = np.empty(x3.shape, dtype=x3.dtype)
+    y2 = lay.view(y3)
+    direct = x3.dtype == wdt
+    shift = np.zeros_like(scale) if shift is None else shift
+    if _fast(mean, invstd):       # y = x * scale + (shift - mean * scale)
+        a_e = lay.per_channel(scale, wdt)
+        b_e = lay.per_channel(shift - mean * scale, wdt)
+        m_e = None
+    else:                         # y = (x - m_hi) * scale + (shift - m_lo * scale)
+        m_hi, m_lo = _split(mean, wdt)
+        m_e = lay.per_channel(m_hi, wdt)
+        a_e = lay.per_channel(scale, wdt)
+        b_e = lay.per_channel(shift - m_lo * scale, wdt)
+
+    def work(t, scratch):
+        _, _, r0, r1, c0, c1 = t
+        out = y2[r0:r1, c0:c1] if direct else scratch[:r1 - r0, :c1 - c0]
+        blk = _chunk(x2, r0, r1, c0, c1, wdt)
+        if m_e is not None:
+            np.subtract(blk, lay.take(m_e, r0, r1, c0, c1), out=out)
+            blk = out
+        np.multiply(blk, lay.take(a_e, r0, r1, c0, c1), out=out)
+        np.add(out, lay.take(b_e, r0, r1, c0, c1), out=out)
+        if not direct:
+            y2[r0:r1, c0:c1] = out
+
+    lay.run(work, wdt)
+    return y3
+
+
+def _backward_sums(dy3, x3, mean, invstd):
+    """Per-channel ``(sum dy, sum dy * (x - mean))`` in float64, one read of each."""
+    lay = _Layout(x3.shape)
+    wdt = _work_dtype(x3.dtype)
+    x2, dy2 = lay.view(x3), lay.view(dy3)
+    R, W = lay.shape2
+    fast = _fast(mean, invstd)     # sum dy*(x-mean) = sum dy*x - mean * sum dy
+    m_hi, m_lo = _split(mean, wdt)
+    m_e = lay.per_channel(m_hi, wdt)
+    ones = np.ones(max(lay.rs, lay.cs), dtype=wdt)
+    shape = (R, lay.ncb) if lay.rows_mode else (lay.nrb, W)
+    sdy, sdx = np.empty(shape), np.empty(shape)
+
+    def work(t, scratch):
+        rb, cb, r0, r1, c0, c1 = t
+        blk = _chunk(x2, r0, r1, c0, c1, wdt)
+        g = _chunk(dy2, r0, r1, c0, c1, wdt)
+        if not fast:
+            blk = np.subtract(blk, lay.take(m_e, r0, r1, c0, c1),
+                              out=scratch[:r1 - r0, :c1 - c0])
+        if lay.rows_mode:
+            at = (slice(r0, r1), cb)
+            sdy[at] = g @ ones[:c1 - c0]
+            sdx[at] = _rowdot(g, blk)
         else:
-            part = np.einsum("ij,ij->j", blk, b2[s:s + _BLOCK])
-        total += part
-    return total if inner == 1 else total.reshape(c, inner).sum(axis=1)
+            at = (rb, slice(c0, c1))
+            sdy[at] = ones[:r1 - r0] @ g
+            sdx[at] = np.einsum("ij,ij->j", g, blk)
+
+    lay.run(work, wdt)
+    if lay.rows_mode:
+        sdy = sdy.sum(axis=1).reshape(lay.outer, lay.c).sum(axis=0)
+        sdx = sdx.sum(axis=1).reshape(lay.outer, lay.c).sum(axis=0)
+    else:
+        sdy = sdy.sum(axis=0).reshape(lay.c, lay.inner).sum(axis=1)
+        sdx = sdx.sum(axis=0).reshape(lay.c, lay.inner).sum(axis=1)
+    # the tiles subtracted nothing (fast) or m_hi (centred): remove the rest
+    sdx = sdx - (np.asarray(mean, np.float64) if fast else m_lo) * sdy
+    return sdy, sdx
 
 
-def _channel_sum(a):
-    return _channel_reduce(a)
+def _dx(dy3, x3, mean, invstd, k, c1, c0):
+    """``dx = k * (dy - c0 - (x - mean) * c1)`` per channel; one pass over
+    ``x``, ``dy`` and ``dx`` in memory."""
+    lay = _Layout(x3.shape)
+    wdt = _work_dtype(x3.dtype)
+    x2, dy2 = lay.view(x3), lay.view(dy3)
+    dx3 = np.empty(x3.shape, dtype=x3.dtype)
+    dx2 = lay.view(dx3)
+    direct = x3.dtype == wdt
+    k_e, c1_e = lay.per_channel(k, wdt), lay.per_channel(c1, wdt)
+    if _fast(mean, invstd):       # (x - mean) * c1 + c0 == x * c1 + (c0 - mean * c1)
+        m_e, c0_e = None, lay.per_channel(c0 - mean * c1, wdt)
+    else:                         # (x - m_hi) * c1 + (c0 - m_lo * c1)
+        m_hi, m_lo = _split(mean, wdt)
+        m_e, c0_e = lay.per_channel(m_hi, wdt), lay.per_channel(c0 - m_lo * c1, wdt)
+
+    def work(t, scratch):
+        _, _, r0, r1, c0_, c1_ = t
+        out = dx2[r0:r1, c0_:c1_] if direct else scratch[:r1 - r0, :c1_ - c0_]
+        blk = _chunk(x2, r0, r1, c0_, c1_, wdt)
+        if m_e is not None:
+            np.subtract(blk, lay.take(m_e, r0, r1, c0_, c1_), out=out)
+            blk = out
+        np.multiply(blk, lay.take(c1_e, r0, r1, c0_, c1_), out=out)
+        np.add(out, lay.take(c0_e, r0, r1, c0_, c1_), out=out)
+        np.subtract(_chunk(dy2, r0, r1, c0_, c1_, wdt), out, out=out)
+        np.multiply(out, lay.take(k_e, r0, r1, c0_, c1_), out=out)
+        if not direct:
+            dx2[r0:r1, c0_:c1_] = out
+
+    lay.run(work, wdt)
+    return dx3
 
 
-def _channel_sumsq(d):
-    return _channel_reduce(d, d)
-
-
-def _channel_dot(a, b):
-    return _channel_reduce(a, b)
+def _f64(v):
+    return None if v is None else np.asarray(v, dtype=np.float64)
 
 
 class NumpyBackend(Backend):
     name = "numpy"
     xp = np
 
-    # -- statistics ----------------------------------------------------
-    def _centered_moments(self, xw, out):
-        """Write ``d = x - mean0`` into ``out``; return ``(mean, m2, d, delta)``
-        per channel in float64, m2 being the sum of squared deviations from the
-        mean and delta = mean - mean0 (the first estimate's error)."""
-        outer, c, inner = xw.shape
-        n = outer * inner
-        mean0 = _channel_sum(xw) / n
-        mean0w = mean0.astype(xw.dtype)
-        with np.errstate(invalid="ignore", over="ignore"):   # Inf/NaN data: NaN stats
-            d = np.subtract(xw, _chan(mean0w), out=out)
-            s1 = _channel_sum(d)
-            s2 = _channel_sumsq(d)
-            delta = s1 / n
-            m2 = s2 - s1 * delta
-            np.maximum(m2, 0.0, out=m2, where=~np.isnan(m2))
-            # a channel holding +-Inf has an infinite mean (as PyTorch reports)
-            mean = np.where(np.isfinite(mean0), mean0w.astype(np.float64) + delta, mean0)
-        return mean, m2, d, delta
-
     @_quiet
     def bn_stats(self, x3) -> ChannelStats:
-        xw = _work(x3)
-        acc = xw.dtype
-        mean, m2, _, _ = self._centered_moments(xw, np.empty_like(xw))
-        return ChannelStats(count=x3.shape[0] * x3.shape[2],
-                            mean=mean.astype(acc), m2=m2.astype(acc))
+        acc = _work_dtype(x3.dtype)
+        mean, m2 = _moments(x3)
+        return ChannelStats(count=x3.shape[0] * x3.shape[2], mean=mean.astype(acc),
+                            m2=m2.astype(acc))
 
-    # -- forward -------------------------------------------------------
     @_quiet
-    def bn_forward_train(self, x3, weight, bias, running_mean, running_var,
-                         momentum, eps):
-        xw = _work(x3)
-        acc = xw.dtype
+    def bn_forward_train(self, x3, weight, bias, running_mean, running_var, momentum, eps):
+        acc = _work_dtype(x3.dtype)
         n = x3.shape[0] * x3.shape[2]
-        y = xw if xw is not x3 else np.empty_like(xw)   # float16: reuse the widened copy
-        mean, m2, d, delta = self._centered_moments(xw, y)
-        var = m2 / n
-        invstd = 1.0 / np.sqrt(var + eps)
-        # y = (d - delta) * alpha + bias  ==  d * alpha + (bias - delta * alpha)
-        alpha = invstd if weight is None else invstd * weight
-        beta = -delta * alpha
-        if bias is not None:
-            beta += bias
-        np.multiply(d, _chan(alpha.astype(acc)), out=d)
-        np.add(d, _chan(beta.astype(acc)), out=d)
+        mean, m2 = _moments(x3)
+        invstd = 1.0 / np.sqrt(m2 / n + eps)
+        scale = invstd if weight is None else invstd * _f64(weight)
+        y3 = _normalize(x3, mean, invstd, scale, _f64(bias))
         if running_mean is not None:
             running_mean *= 1.0 - momentum
             running_mean += (momentum * mean).astype(running_mean.dtype)
         if running_var is not None:
-            unbiased = m2 / (n - 1)
             running_var *= 1.0 - momentum
-            running_var += (momentum * unbiased).astype(running_var.dtype)
-        return (d.astype(x3.dtype, copy=False), mean.astype(acc), invstd.astype(acc))
+            running_var += (momentum * m2 / (n - 1)).astype(running_var.dtype)
+        return y3, mean.astype(acc), invstd.astype(acc)
 
     @_quiet
     def bn_forward_eval(self, x3, weight, bias, running_mean, running_var, eps):
-        acc = running_mean.dtype
-        invstd = (1.0 / np.sqrt(running_var.astype(np.float64) + eps)).astype(acc)
-        return self.bn_apply(x3, running_mean, invstd, weight, bias), running_mean.copy(), invstd
+        acc = _work_dtype(x3.dtype)
+        invstd = (1.0 / np.sqrt(_f64(running_var) + eps)).astype(acc)
+        mean = np.array(running_mean, dtype=acc)
+        return self.bn_apply(x3, mean, invstd, weight, bias), mean, invstd
 
     @_quiet
     def bn_apply(self, x3, mean, invstd, weight, bias):
-        xw = _work(x3)
-        acc = xw.dtype
-        alpha = invstd.astype(np.float64) if weight is None else invstd.astype(np.float64) * weight
-        beta = -mean.astype(np.float64) * alpha
-        if bias is not None:
-            beta = beta + bias
-        y = xw if xw is not x3 else np.empty_like(xw)
-        np.multiply(xw, _chan(alpha.astype(acc)), out=y)
-        np.add(y, _chan(beta.astype(acc)), out=y)
-        return y.astype(x3.dtype, copy=False)
-
-    # -- backward ------------------------------------------------------
-    def _centered(self, xw, mean, out=None):
-        return np.subtract(xw, _chan(mean.astype(xw.dtype)), out=out)
+        scale = _f64(invstd) if weight is None else _f64(invstd) * _f64(weight)
+        return _normalize(x3, _f64(mean), _f64(invstd), scale, _f64(bias))
 
     @_quiet
     def bn_backward_reduce(self, dy3, x3, mean, invstd):
-        xw, dyw = _work(x3), _work(dy3)
-        acc = xw.dtype
-        d = self._centered(xw, mean, out=xw if xw is not x3 else None)
-        sum_dy = _channel_sum(dyw)
-        sum_dy_xhat = _channel_dot(dyw, d) * invstd
-        return sum_dy.astype(acc), sum_dy_xhat.astype(acc)
+        acc = _work_dtype(x3.dtype)
+        sdy, sdx = _backward_sums(dy3, x3, _f64(mean), _f64(invstd))
+        return sdy.astype(acc), (sdx * _f64(invstd)).astype(acc)
 
     @_quiet
     def bn_backward_dx(self, dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat, count):
-        xw, dyw = _work(x3), _work(dy3)
-        d = self._centered(xw, mean, out=xw if xw is not x3 else None)
-        return self._dx_from_sums(dyw, d, x3.dtype, invstd, weight,
-                                  sum_dy.astype(np.float64), sum_dy_xhat.astype(np.float64),
-                                  count)
-
-    def _dx_from_sums(self, dyw, d, out_dtype, invstd, weight, sum_dy, sum_dy_xhat, count):
-        # dx = k * (dy - sum_dy/n - (x - mean) * invstd * sum_dy_xhat/n),  k = weight * invstd
-        # computed in place in d = x - mean, four passes and no temporary
-        acc = d.dtype
-        invstd64 = invstd.astype(np.float64)
-        k = invstd64 if weight is None else invstd64 * weight
-        np.multiply(d, _chan((invstd64 * sum_dy_xhat / count).astype(acc)), out=d)
-        np.add(d, _chan((sum_dy / count).astype(acc)), out=d)
-        np.subtract(dyw, d, out=d)
-        np.multiply(d, _chan(k.astype(acc)), out=d)
-        return d.astype(out_dtype, copy=False)
+        invstd = _f64(invstd)
+        k = invstd if weight is None else invstd * _f64(weight)
+        # dx = k * (dy - sum_dy/n - (x - mean) * invstd * sum_dy_xhat/n)
+        return _dx(dy3, x3, _f64(mean), invstd, k, invstd * _f64(sum_dy_xhat) / count,
+                   _f64(sum_dy) / count)
 
     @_quiet
     def bn_backward(self, dy3, x3, mean, invstd, weight, training):
-        xw, dyw = _work(x3), _work(dy3)
-        acc = xw.dtype
-        d = self._centered(xw, mean, out=xw if xw is not x3 else None)
-        sum_dy = _channel_sum(dyw)
-        sum_dy_xhat = _channel_dot(dyw, d) * invstd.astype(np.float64)
+        acc = _work_dtype(x3.dtype)
+        invstd64, mean64 = _f64(invstd), _f64(mean)
+        sdy, sdx = _backward_sums(dy3, x3, mean64, invstd64)
+        sum_dy_xhat = sdx * invstd64
+        k = invstd64 if weight is None else invstd64 * _f64(weight)
         if training:
-            dx = self._dx_from_sums(dyw, d, x3.dtype, invstd, weight, sum_dy, sum_dy_xhat,
-                                    x3.shape[0] * x3.shape[2])
-        else:
-            k = invstd.astype(np.float64) if weight is None else invstd.astype(np.float64) * weight
-            dx = np.multiply(dyw, _chan(k.astype(acc)), out=d).astype(x3.dtype, copy=False)
-        return dx, sum_dy_xhat.astype(acc), sum_dy.astype(acc)
+            n = x3.shape[0] * x3.shape[2]
+            dx3 = _dx(dy3, x3, mean64, invstd64, k, invstd64 * sum_dy_xhat / n, sdy / n)
+        else:   # statistics held fixed: dx = dy * weight * invstd
+            dx3 = (dy3 * k.astype(acc)[None, :, None]).astype(x3.dtype, copy=False)
+        return dx3, sum_dy_xhat.astype(acc), sdy.astype(acc)
 
     # -- layer norm (implemented in gpubn.backends.numpy_layer_norm) ------
     def ln_forward(self, x2, weight, bias, eps):

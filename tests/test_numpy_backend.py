@@ -1,0 +1,97 @@
+"""NumPy backend internals: tiling, threading and the fast/centred paths.
+
+The backend walks arrays in cache-sized tiles on several threads; tiny tiles
+here force every path (split rows, row blocks, remainders) on small inputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gpubn
+from gpubn.backends import numpy_backend as nb
+from conftest import DTYPES, assert_close, torch_batch_norm
+from test_batch_norm import make_input
+
+
+@pytest.fixture
+def tiny_tiles(monkeypatch):
+    monkeypatch.setattr(nb, "_CHUNK", 128)
+    monkeypatch.setattr(nb, "_MIN_BLOCK_ROWS", 3)
+
+
+@pytest.mark.parametrize("shape,axis", [
+    ((5, 3, 300), 1),        # rows split into tiles of 128 + remainder
+    ((7, 4, 70), 1),         # rows layout, several rows per tile
+    ((50, 5, 3), 1),         # column layout, blocks of rows
+    ((41, 300), 1),          # NC, rows wider than a tile
+    ((9, 4, 6, 5), -1),      # channels-last
+], ids=["split-rows", "rows", "columns", "nc-wide", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("offset", [0.0, 50.0], ids=["fast", "centred"])
+def test_tiled_threaded_matches_torch_and_is_deterministic(tiny_tiles, monkeypatch, shape,
+                                                           axis, dtype, offset):
+    # offset 50: |mean| / std > 8 selects the centred (x - mean) code paths
+    x = make_input(shape, axis, dtype, offset=0.5)
+    if offset:
+        x = (x.astype(np.float64) + offset).astype(dtype)
+    c = shape[axis]
+    w = np.linspace(0.5, 1.5, c)
+    b = np.linspace(-1, 1, c)
+    dy = np.random.default_rng(3).standard_normal(shape).astype(dtype)
+    ref = torch_batch_norm(x, w, b, np.zeros(c), np.ones(c), axis=axis, dy=dy)
+    paths = []
+    real_fast = nb._fast
+    monkeypatch.setattr(nb, "_fast", lambda m, i: paths.append(real_fast(m, i)) or paths[-1])
+    results = []
+    for threads in ("1", "3"):
+        monkeypatch.setenv("GPUBN_NUM_THREADS", threads)
+        rm, rv = np.zeros(c), np.ones(c)
+        y, saved = gpubn.batch_norm_forward(x, w, b, rm, rv, axis=axis, backend="numpy")
+        dx, dw, db = gpubn.batch_norm_backward(dy, saved)
+        results.append((y, dx, dw, db, rm, rv))
+    assert paths and all(p == (offset == 0) for p in paths), paths
+    for a, b_ in zip(*results):
+        np.testing.assert_array_equal(a, b_)      # thread count changes nothing
+    y, dx, dw, db, rm, rv = results[0]
+    scale = 1.0
+    assert_close(y, ref["y"], dtype, "y", scale=scale)
+    assert_close(rm, ref["running_mean"], np.float32 if dtype != np.float64 else dtype, "rm")
+    assert_close(rv, ref["running_var"], np.float32 if dtype != np.float64 else dtype, "rv",
+                 scale=scale)
+    assert_close(dx, ref["dx"], dtype, "dx", scale=2.0 * scale)
+    m = x.size // c
+    sums = max(1.0, m ** 0.5 / 4) * scale
+    assert_close(dw, ref["dweight"], dtype, "dweight", scale=sums)
+    assert_close(db, ref["dbias"], dtype, "dbias", scale=sums)
+
+
+def test_backend_interface_pieces_agree_with_fused(tiny_tiles):
+    """bn_stats, bn_apply, bn_backward_reduce and bn_backward_dx (the pieces a
+    multi-process batch norm combines) give what the fused methods give."""
+    be = gpubn.get_backend("numpy")
+    x3 = make_input((6, 3, 70), 1, np.float64)
+    dy3 = np.random.default_rng(1).standard_normal(x3.shape)
+    w, bias = np.array([0.5, 1.0, 2.0]), np.array([0.1, 0.2, 0.3])
+    st = be.bn_stats(x3)
+    assert st.count == 6 * 70
+    xs = np.moveaxis(x3, 1, 0).reshape(3, -1)
+    np.testing.assert_allclose(st.mean, xs.mean(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(st.m2, ((xs - xs.mean(axis=1, keepdims=True)) ** 2).sum(axis=1),
+                               rtol=1e-12)
+    y3, mean, invstd = be.bn_forward_train(x3, w, bias, None, None, 0.1, 1e-5)
+    np.testing.assert_allclose(invstd, 1 / np.sqrt(st.m2 / st.count + 1e-5), rtol=1e-12)
+    np.testing.assert_allclose(be.bn_apply(x3, mean, invstd, w, bias), y3, rtol=1e-12,
+                               atol=1e-12)
+    dx3, dw, db = be.bn_backward(dy3, x3, mean, invstd, w, True)
+    sum_dy, sum_dy_xhat = be.bn_backward_reduce(dy3, x3, mean, invstd)
+    np.testing.assert_allclose(sum_dy, db, rtol=1e-12)
+    np.testing.assert_allclose(sum_dy_xhat, dw, rtol=1e-12)
+    dx_parts = be.bn_backward_dx(dy3, x3, mean, invstd, w, sum_dy, sum_dy_xhat, st.count)
+    np.testing.assert_allclose(dx_parts, dx3, rtol=1e-10, atol=1e-12)
+    ye, me, ie = be.bn_forward_eval(x3, w, bias, np.array([1.0, 2.0, 3.0]),
+                                    np.array([4.0, 1.0, 0.25]), 1e-5)
+    np.testing.assert_allclose(ie, 1 / np.sqrt(np.array([4.0, 1.0, 0.25]) + 1e-5))
+    np.testing.assert_allclose(
+        ye, (x3 - me[:, None]) * (ie * w)[:, None] + bias[:, None], rtol=1e-12, atol=1e-12)
