@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "naive-numpy, torch-cuda, gpubn-cuda)")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed calls per measurement (default 5 CPU, 50 GPU; 3 with --quick)")
+    p.add_argument("--budget", type=float, default=2.0,
+                   help="CPU: seconds of timed calls per provider and measurement after which "
+                        "repeats are cut, never below 3 (default 2; 0 for always --repeats)")
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed calls before timing, after the checked first call (default 1)")
     p.add_argument("--out", default=None,
@@ -78,6 +81,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     if args.repeats is not None and args.repeats < 1:
         print("error: --repeats must be >= 1", file=sys.stderr)
+        return 2
+    if args.budget < 0:
+        print("error: --budget must be >= 0", file=sys.stderr)
         return 2
     if args.warmup < 0:
         print("error: --warmup must be >= 0", file=sys.stderr)
@@ -111,6 +117,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                   f"{repeats} repeats", file=sys.stderr)
             rows = run_suite(cases, providers, repeats=repeats, warmup=args.warmup,
                              suite=suite or "default", check=not args.no_check,
+                             budget=args.budget or None,
                              progress=Progress(total, enabled=not quiet))
             for r in rows:
                 r["section"] = "cpu"

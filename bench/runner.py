@@ -27,6 +27,8 @@ from .metrics import bytes_moved, gbps, summarize
 from .report import format_time
 from .suites import Case, KIND_ABBREV
 
+MIN_REPEATS = 3
+
 # Largest allowed relative error (max |a - b| / max |b|) of any output
 # against the peer's, per dtype.  float32 reductions over millions of values
 # differ between summation orders by ~1e-5 relative.
@@ -47,9 +49,12 @@ def compare(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray], op: 
     if len(outputs) != len(names) or len(reference) != len(names):
         return f"mismatch: expected {len(names)} outputs {names}, got {len(outputs)} and {len(reference)}"
     tol = CHECK_TOL[dtype]
+    # float32 arithmetic is exact enough for a relative check at these
+    # tolerances and keeps large GPU-suite outputs cheap to compare
+    work = np.float64 if dtype == "float64" else np.float32
     for name, a, b in zip(names, outputs, reference):
-        a = np.asarray(a, dtype=np.float64)
-        b = np.asarray(b, dtype=np.float64)
+        a = np.asarray(a, dtype=work)
+        b = np.asarray(b, dtype=work)
         if a.shape != b.shape:
             return f"mismatch: {name} has shape {a.shape}, expected {b.shape}"
         if not np.all(np.isfinite(a)):
@@ -138,18 +143,34 @@ def _error_text(exc) -> str:
     return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
 
 
-def _interleaved(ready, repeats: int, warmup: int) -> Dict[str, object]:
+def _interleaved(ready, repeats: int, warmup: int, budget: Optional[float] = None,
+                 first: Optional[Dict[str, float]] = None) -> Dict[str, object]:
     """Time CPU providers in rounds, one call each per round (the order
     rotating), so that a change in the machine's load during the measurement
-    hits every provider alike.  Returns name -> list of seconds, or the
+    hits every provider alike.  With a ``budget`` (seconds per provider), a
+    provider whose first call took ``t`` gets ``max(3, budget / t)`` timed
+    calls at most ``repeats`` (and no warm-up calls beyond the first when that
+    alone exceeds the budget).  Returns name -> list of seconds, or the
     exception that stopped that provider."""
+    want = {}
+    for p, _, _ in ready:
+        n, w = repeats, warmup
+        t = (first or {}).get(p.name)
+        if budget and t:
+            n = max(min(repeats, MIN_REPEATS), min(repeats, int(budget / t)))
+            w = 0 if t * (warmup + n) > budget else warmup
+        want[p.name] = (w, n)
     results: Dict[str, object] = {p.name: [] for p, _, _ in ready}
+    calls = {p.name: 0 for p, _, _ in ready}
     live = list(ready)
-    for rnd in range(warmup + repeats):
-        k = rnd % len(live) if live else 0
-        for p, fn, _ in live[k:] + live[:k]:
-            if not isinstance(results[p.name], list):
-                continue
+    rnd = 0
+    while True:
+        todo = [r for r in live if isinstance(results[r[0].name], list)
+                and calls[r[0].name] < sum(want[r[0].name])]
+        if not todo:
+            break
+        k = rnd % len(todo)
+        for p, fn, _ in todo[k:] + todo[:k]:
             try:
                 t0 = time.perf_counter()
                 fn()
@@ -157,16 +178,19 @@ def _interleaved(ready, repeats: int, warmup: int) -> Dict[str, object]:
             except Exception as exc:
                 results[p.name] = exc
                 continue
-            if rnd >= warmup:
+            calls[p.name] += 1
+            if calls[p.name] > want[p.name][0]:
                 results[p.name].append(dt)
+        rnd += 1
     return results
 
 
 def _measure_op(case, op, setup, providers, reasons, *, repeats, warmup, suite,
-                peak_bytes_per_s, check, progress) -> List[Dict]:
+                peak_bytes_per_s, check, progress, budget=None) -> List[Dict]:
     """All providers on one (case, op): prepare and check each, then time."""
     rows: Dict[str, Dict] = {}
     ready = []   # (provider, fn, verdict)
+    first: Dict[str, float] = {}   # seconds of the first (checked) call
     reference = None
     for p in providers:
         reason = reasons[p.name] or p.supports(case, op)
@@ -176,7 +200,11 @@ def _measure_op(case, op, setup, providers, reasons, *, repeats, warmup, suite,
             continue
         try:
             fn = p.prepare(setup, op)
-            outputs = p.to_host(fn())
+            t0 = time.perf_counter()
+            raw = fn()
+            first[p.name] = time.perf_counter() - t0
+            outputs = p.to_host(raw)
+            del raw
         except Exception as exc:  # one failing provider must not stop the run
             msg = _error_text(exc)
             rows[p.name] = make_row(case, op, p, status="error", reason=msg, suite=suite)
@@ -194,7 +222,8 @@ def _measure_op(case, op, setup, providers, reasons, *, repeats, warmup, suite,
     gc.collect()
 
     shared = [r for r in ready if r[0].interleave]
-    timed: Dict[str, object] = _interleaved(shared, repeats, warmup) if shared else {}
+    timed: Dict[str, object] = (_interleaved(shared, repeats, warmup, budget, first)
+                                if shared else {})
     for p, fn, _ in ready:
         if not p.interleave:
             try:
@@ -219,8 +248,11 @@ def _measure_op(case, op, setup, providers, reasons, *, repeats, warmup, suite,
 
 def run_suite(cases, providers, *, repeats: int = 5, warmup: int = 1, suite: str = "",
               peak_bytes_per_s: Optional[float] = None, check: bool = True,
-              progress: Optional[Progress] = None, seed: int = 0) -> List[Dict]:
-    """Measure every ``(case, ops)`` of ``cases`` on every provider."""
+              progress: Optional[Progress] = None, seed: int = 0,
+              budget: Optional[float] = None) -> List[Dict]:
+    """Measure every ``(case, ops)`` of ``cases`` on every provider.
+    ``budget``: seconds of timed calls per CPU provider and measurement after
+    which the repeats are cut (never below 3); None times ``repeats`` calls."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     if warmup < 0:
@@ -236,7 +268,7 @@ def run_suite(cases, providers, *, repeats: int = 5, warmup: int = 1, suite: str
         for op in ops:
             rows += _measure_op(case, op, setup, ordered, reasons, repeats=repeats, warmup=warmup,
                                 suite=suite, peak_bytes_per_s=peak_bytes_per_s, check=check,
-                                progress=progress)
+                                progress=progress, budget=budget)
         del setup
         gc.collect()
     add_ratios(rows)

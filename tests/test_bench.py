@@ -285,6 +285,20 @@ def test_cpu_providers_are_timed_in_interleaved_rounds():
     assert by["b"]["check"] == "ok" and by["b"]["ratio_to_torch"] is not None
 
 
+def test_time_budget_cuts_repeats_of_slow_providers_only():
+    log = []
+    fast, slow = _CountingProvider("fast", log, peer=True), _CountingProvider("slow", log)
+    first = {"fast": 0.001, "slow": 0.5}
+    ready = [(fast, lambda: log.append("fast"), ""), (slow, lambda: log.append("slow"), "")]
+    res = runner._interleaved(ready, repeats=10, warmup=1, budget=2.0, first=first)
+    assert len(res["fast"]) == 10 and log.count("fast") == 11      # warm-up + 10
+    assert len(res["slow"]) == 4 and log.count("slow") == 4        # 2 s / 0.5 s, no warm-up
+    first["slow"] = 30.0
+    log.clear()
+    res = runner._interleaved(ready, repeats=10, warmup=1, budget=2.0, first=first)
+    assert len(res["slow"]) == runner.MIN_REPEATS
+
+
 # -- report formats -------------------------------------------------------------------
 
 def test_jsonl_round_trip_keeps_machine_and_fields(tmp_path):
@@ -566,3 +580,69 @@ def test_traffic_rows_carry_the_ideal_and_pytorch_style_passes():
         assert rows[0]["launches"] >= 1 and rows[0]["passes"] >= 2.0
     text = report.format_traffic_table(rows)
     assert "bn fwd_train" in text and "2x3x4x4" in text
+
+
+# -- the GPU path against stand-ins for CuPy (no device needed) -------------------------
+
+def _fake_cupy(monkeypatch, attrs):
+    import sys
+    import types
+
+    runtime = types.SimpleNamespace(
+        getDeviceCount=lambda: 1,
+        getDeviceProperties=lambda dev: {"name": b"Fake GPU", "totalGlobalMem": 1 << 30},
+        deviceGetAttribute=lambda attr, dev: attrs[attr],
+        runtimeGetVersion=lambda: 13000,
+        driverGetVersion=lambda: 13000,
+    )
+    cupy = types.ModuleType("cupy")
+    cupy.cuda = types.SimpleNamespace(runtime=runtime)
+    cupy.asarray = np.asarray
+    cupy.asnumpy = np.asarray
+    cupy.__version__ = "0-fake"
+    calls = {}
+
+    def benchmark(fn, n_repeat, n_warmup):
+        calls["args"] = (n_repeat, n_warmup)
+        for _ in range(n_warmup + n_repeat):
+            fn()
+        return _Result(np.full((1, n_repeat), 2e-6))
+
+    profiler = types.ModuleType("cupyx.profiler")
+    profiler.benchmark = benchmark
+    cupyx = types.ModuleType("cupyx")
+    cupyx.profiler = profiler
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    monkeypatch.setitem(sys.modules, "cupyx", cupyx)
+    monkeypatch.setitem(sys.modules, "cupyx.profiler", profiler)
+    return calls
+
+
+def test_device_info_and_cupy_timer_with_a_stand_in(monkeypatch):
+    calls = _fake_cupy(monkeypatch, {16: 132, 36: 2_619_000, 37: 5120})
+    assert gpu.gpu_unavailable_reason() is None
+    info = gpu.device_info(0)
+    assert info["name"] == "Fake GPU" and info["sm_count"] == 132
+    assert info["peak_gbps"] == pytest.approx(3352.32)
+    assert gpu.cupy_timer(lambda: None, repeats=4, warmup=0) == [2e-6] * 4
+    assert calls["args"] == (4, 1)      # at least one warm-up call
+
+
+def test_gpu_rows_through_the_runner_with_a_stand_in(monkeypatch):
+    # gpubn's cuda provider, pointed at the numpy backend and a fake CuPy:
+    # prepare, check against the peer, CUDA-event timer, GB/s and share of peak
+    _fake_cupy(monkeypatch, {16: 132, 36: 2_619_000, 37: 5120})
+    prov = gpu.GpubnCudaProvider()
+    monkeypatch.setattr(prov, "backend", "numpy")
+    monkeypatch.setattr(prov, "unavailable_reason", lambda: None)
+    peer = NaiveProvider()
+    peer.peer = True
+    cases = [(Case("batch_norm", (4, 8, 6, 6), "NCHW"), ("fwd_train", "fwd_bwd"))]
+    rows = runner.run_suite(cases, [prov, peer], repeats=3, warmup=0, peak_bytes_per_s=3.35232e12,
+                            progress=runner.Progress(4, enabled=False))
+    mine = [r for r in rows if r["provider"] == "gpubn-cuda"]
+    assert [r["status"] for r in mine] == ["ok", "ok"], mine
+    for r in mine:
+        assert r["device"] == "gpu" and r["check"] == "ok" and r["median_s"] == 2e-6
+        assert r["peak_share"] == pytest.approx(r["bytes"] / 2e-6 / 3.35232e12)
+    assert "GB/s" in report.format_table(rows)
