@@ -5,8 +5,8 @@ All methods take canonical ``(outer, C, inner)`` C-contiguous arrays (see
 around the number of times each array crosses main memory, the way a fused
 kernel would be:
 
-* The array is walked in **cache-sized chunks** (``_CHUNK`` elements).  Every
-  chunk is read from memory once per pass; the several NumPy operations applied
+* The array is walked in **cache-sized tiles** (``_CHUNK`` elements).  Every
+  tile is read from memory once per pass; the several NumPy operations applied
   to it (centre, square-sum, scale, shift) run on data that sits in the CPU's
   L2 cache.  A training forward therefore costs one read pass (statistics)
   plus one read + one write pass (normalize); a backward two read passes over
@@ -20,7 +20,15 @@ kernel would be:
   ``1e4 + N(0, 1)`` float32 data keeps its variance to 1e-6.
 * Reductions use BLAS (matrix-vector products with a ones vector, row dot
   products) where NumPy offers it; elementwise work uses ``out=`` into one
-  reusable scratch block; float16 is widened chunk by chunk.
+  reusable scratch block per thread; float16 is widened tile by tile.
+* ``y = x * a + b`` (two operations per tile) is used when every channel's
+  ``|mean| * invstd`` is at most ``_FAST_RANGE``, where its rounding equals the
+  centred form's; otherwise the data is centred on the float64 mean split as
+  ``hi + lo`` (``x - hi`` is exact near the mean, ``lo`` is folded into the
+  per-channel constants).
+* Tiles are spread over up to 4 threads (``GPUBN_NUM_THREADS``); NumPy and
+  BLAS release the GIL, and each tile writes its own partial slots, so
+  results do not depend on the thread count.
 
 NaN or Inf in a channel's data make that channel's statistics NaN (an Inf-only
 channel has an infinite mean), so in training every output of the channel is
