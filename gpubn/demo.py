@@ -365,8 +365,8 @@ def format_report(cfg: DemoConfig, runs, info) -> str:
     lines.append("")
     # internal covariate shift: percentiles of one unit's activation input
     base = [r for r in runs if r.lr == cfg.lr]
-    lines.append("Input of hidden unit 0 of the last hidden layer (the sigmoid's argument) "
-                 f"on the test images, at lr={cfg.lr:g}:")
+    lines.append(f"Input of hidden unit 0 of the last hidden layer (the {cfg.activation}'s "
+                 f"argument) on the test images, network in eval mode, at lr={cfg.lr:g}:")
     lines.append(f"percentiles {'/'.join(str(p) for p in PERCENTILES)}")
     lines.append("")
     lines.append("  step " + "".join(f"| {r.label:^26} " for r in base))
@@ -414,7 +414,7 @@ def save_plot(cfg: DemoConfig, runs, info, path: str) -> bool:
         a.plot(r.probe_step, p[:, 1], "C2-", label="median")
         a.fill_between(r.probe_step, p[:, 0], p[:, 2], color="C2", alpha=0.3,
                        label="15th-85th percentile")
-        a.set(title=f"sigmoid input of one unit, {r.label}", xlabel="training step",
+        a.set(title=f"{cfg.activation} input of one unit, {r.label}", xlabel="training step",
               ylim=(lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo)))
         a.legend()
         a.grid(alpha=0.3)
