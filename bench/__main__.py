@@ -19,7 +19,7 @@ from . import gpu as gpu_mod
 from .env import machine_info
 from .providers import cpu_providers, select
 from .report import (format_summary, format_table, format_traffic_table, plot,
-                     write_jsonl)
+                     read_jsonl, write_jsonl)
 from .runner import Progress, run_suite
 from .suites import DTYPES, KINDS, OPS, SUITES, get_suite
 from .traffic import run_traffic, traffic_cases
@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", action="store_true",
                    help="do not compare each provider's outputs with PyTorch's")
     p.add_argument("--markdown", action="store_true", help="print tables as Markdown")
+    p.add_argument("--from", dest="from_path", default=None, metavar="JSONL",
+                   help="measure nothing: print the tables (and charts unless --no-chart) "
+                        "of a results file written earlier")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return p
 
@@ -73,8 +76,46 @@ def _chart_path(out: str, section: str) -> str:
     return f"{stem}-{section}.png"
 
 
+def _print_section(rows, section, markdown):
+    titles = {
+        "cpu": "CPU: median time [min-max ms], ratio to PyTorch CPU",
+        "gpu": "GPU: median time [min-max], ratio to PyTorch CUDA, GB/s (share of peak)",
+        "traffic": "emu: global-memory traffic per op (passes = bytes / bytes of x)",
+    }
+    print(f"\n## {titles[section]}\n")
+    if section == "traffic":
+        print(format_traffic_table(rows, markdown=markdown))
+        return
+    print(format_table(rows, markdown=markdown))
+    print()
+    print(format_summary(rows))
+
+
+def _replay(args) -> int:
+    rows = read_jsonl(args.from_path)
+    if not rows:
+        print(f"error: {args.from_path} holds no rows", file=sys.stderr)
+        return 2
+    m = rows[-1].get("machine", {})
+    print(f"# machine: {m.get('cpu')} ({m.get('cpu_count')} cores, load {m.get('loadavg')}), "
+          f"numpy {m.get('numpy')}, torch {m.get('torch')} ({m.get('torch_threads')} threads), "
+          f"gpubn {m.get('gpubn')}; {rows[-1].get('timestamp')}")
+    for section in SECTIONS:
+        part = [r for r in rows if r.get("section", r.get("device")) == section
+                or (section == "traffic" and r.get("device") == "emu")]
+        if not part:
+            continue
+        _print_section(part, section, args.markdown)
+        if section != "traffic" and not args.no_chart:
+            png = plot(part, _chart_path(args.from_path, section))
+            print(f"# chart: {png}" if png else "# chart: skipped (matplotlib not installed)")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.from_path:
+        return _replay(args)
     bad = [s for s in args.sections if s not in SECTIONS]
     if bad:
         print(f"error: unknown section(s) {bad}; choose from {SECTIONS}", file=sys.stderr)
@@ -98,7 +139,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if "gpu" in sections and gpu_reason is None:
         gpu_info = gpu_mod.device_info()
     machine = machine_info(gpu_info)
-    print(f"# machine: {machine['cpu']} ({machine['cpu_count']} cores), python {machine['python']}, "
+    print(f"# machine: {machine['cpu']} ({machine['cpu_count']} cores, load {machine['loadavg']}), "
+          f"python {machine['python']}, "
           f"numpy {machine['numpy']}, torch {machine['torch']} ({machine['torch_threads']} threads), "
           f"gpubn {machine['gpubn']}, cupy {machine['cupy']}")
     if gpu_info:
@@ -109,8 +151,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if "cpu" in sections:
             cases = get_suite(suite or "default", dtypes, args.kind, args.op)
-            providers = select(cpu_providers(), args.provider and
-                               [p for p in args.provider if not p.endswith("cuda")])
+            wanted = args.provider and [p for p in args.provider if not p.endswith("cuda")]
+            if args.provider and not wanted:
+                raise SystemExit("error: --provider names no CPU provider "
+                                 "(torch-cpu, gpubn-numpy, naive-numpy)")
+            providers = select(cpu_providers(), wanted)
             repeats = args.repeats or (3 if args.quick else 5)
             total = sum(len(o) for _, o in cases) * len(providers)
             print(f"# cpu: suite {suite or 'default'}, {len(cases)} shapes, {total} measurements, "
@@ -121,10 +166,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                              progress=Progress(total, enabled=not quiet))
             for r in rows:
                 r["section"] = "cpu"
-            print("\n## CPU: median time [min-max ms], ratio to PyTorch CPU\n")
-            print(format_table(rows, markdown=args.markdown))
-            print()
-            print(format_summary(rows))
+            _print_section(rows, "cpu", args.markdown)
             write_jsonl(rows, out, machine)
             if not args.no_chart:
                 png = plot(rows, _chart_path(out, "cpu"))
@@ -134,8 +176,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"\n## GPU: unavailable: {gpu_reason}")
             else:
                 cases = get_suite(suite or "full", dtypes, args.kind, args.op)
-                providers = select(gpu_mod.gpu_providers(), args.provider and
-                                   [p for p in args.provider if p.endswith("cuda")])
+                wanted = args.provider and [p for p in args.provider if p.endswith("cuda")]
+                if args.provider and not wanted:
+                    raise SystemExit("error: --provider names no GPU provider (torch-cuda, gpubn-cuda)")
+                providers = select(gpu_mod.gpu_providers(), wanted)
                 repeats = args.repeats or (10 if args.quick else 50)
                 total = sum(len(o) for _, o in cases) * len(providers)
                 rows = run_suite(cases, providers, repeats=repeats, warmup=max(args.warmup, 3),
@@ -144,10 +188,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                  progress=Progress(total, enabled=not quiet))
                 for r in rows:
                     r["section"] = "gpu"
-                print("\n## GPU: median time [min-max], ratio to PyTorch CUDA, GB/s (share of peak)\n")
-                print(format_table(rows, markdown=args.markdown))
-                print()
-                print(format_summary(rows))
+                _print_section(rows, "gpu", args.markdown)
                 write_jsonl(rows, out, machine)
                 if not args.no_chart:
                     png = plot(rows, _chart_path(out, "gpu"))
@@ -160,8 +201,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             rows = run_traffic(cases, progress=Progress(total, enabled=not quiet))
             for r in rows:
                 r["section"] = "traffic"
-            print("\n## emu: global-memory traffic per op (passes = bytes / bytes of x)\n")
-            print(format_traffic_table(rows, markdown=args.markdown))
+            _print_section(rows, "traffic", args.markdown)
             write_jsonl(rows, out, machine)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -70,6 +70,11 @@ def format_time(seconds: Optional[float]) -> str:
     return f"{seconds * 1e6:.3g} us"
 
 
+def format_ratio(v: float) -> str:
+    """0.93 -> '0.93x'; small ratios keep two significant digits."""
+    return f"{v:.2f}x" if v >= 0.095 else f"{v:.2g}x"
+
+
 def _fmt_num(v: float) -> str:
     return f"{v:.3g}"
 
@@ -90,7 +95,7 @@ def format_cell(r: Dict, show_ratio: bool, show_peak: bool) -> str:
         scale = 1e3 if t >= 1e-3 else 1e6
         cell += f" [{_fmt_num(r['min_s'] * scale)}-{_fmt_num(r['max_s'] * scale)}]"
     if show_ratio and r.get("ratio_to_torch") is not None:
-        cell += f" {r['ratio_to_torch']:.2f}x"
+        cell += f" {format_ratio(r['ratio_to_torch'])}"
     if show_peak and r.get("gbps") is not None:
         cell += f" {r['gbps']:.0f} GB/s"
         if r.get("peak_share") is not None:

@@ -320,6 +320,24 @@ def test_jsonl_round_trip_keeps_machine_and_fields(tmp_path):
         report.read_jsonl(str(path))
 
 
+def test_format_ratio():
+    assert report.format_ratio(0.5) == "0.50x"
+    assert report.format_ratio(12.345) == "12.35x"
+    assert report.format_ratio(0.0123) == "0.012x"
+
+
+def test_replay_prints_tables_from_a_results_file(tmp_path, capsys):
+    rows = [_row("torch-cpu", "torch", 2e-3), _row("gpubn-numpy", "numpy", 1e-3)]
+    runner.add_ratios(rows)
+    for r in rows:
+        r["section"] = "cpu"
+    path = tmp_path / "r.jsonl"
+    report.write_jsonl(rows, str(path), {"cpu": "test cpu", "cpu_count": 2})
+    assert main(["--from", str(path), "--markdown", "--no-chart"]) == 0
+    out = capsys.readouterr().out
+    assert "test cpu" in out and "| bn fwd_bwd | NCHW | 2x3x4x4 |" in out and "0.50x" in out
+
+
 def test_format_time_units():
     assert report.format_time(2.5) == "2.5 s"
     assert report.format_time(0.0123) == "12.3 ms"
