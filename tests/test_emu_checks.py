@@ -116,6 +116,19 @@ extern "C" __global__ void shared_atomics(int* out) {
     if (threadIdx.x == 0) out[0] = total;
 }
 
+// Planted: the tree reduction assumes a power-of-two block; with 48 threads the
+// first step reads tile[32..63], of which 48..63 no thread wrote.
+extern "C" __global__ void tail_reduce(const float* x, float* out) {
+    __shared__ float tile[64];
+    tile[threadIdx.x] = x[threadIdx.x];
+    __syncthreads();
+    for (unsigned s = 32; s > 0; s >>= 1) {
+        if (threadIdx.x < s) tile[threadIdx.x] += tile[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[0] = tile[0];
+}
+
 extern "C" __global__ void trap_kernel(int* y) { if (threadIdx.x == 3) __trap(); y[threadIdx.x] = 1; }
 """
 
@@ -259,6 +272,19 @@ def test_race_in_dynamic_shared_memory():
     with pytest.raises(emu.RaceError, match=r"at byte 20 of dynamic shared memory") as info:
         emu.RawModule(code=src).get_function("k")(1, 64, (np.zeros(64, np.int32),), shared_mem=256)
     assert info.value.memory == "dynamic shared" and info.value.offset == 20
+
+
+def test_uninitialized_shared_read_in_a_partial_block(mod):
+    x = np.ones(64, np.float32)
+    out = np.zeros(1, np.float32)
+    mod.get_function("tail_reduce")(1, 64, (x, out))                  # full block: clean
+    assert out[0] == 64
+    with pytest.raises(emu.MemcheckError, match=r"4-byte load .* thread \(16, 0, 0\): load of shared memory that no "
+                                                r"thread of this block had written .*uninitialized.*byte 192 of "
+                                                r"__shared__ variable 'tail_reduce::tile'"):
+        mod.get_function("tail_reduce")(1, 48, (x, out))
+    with emu.options(initcheck=False):
+        mod.get_function("tail_reduce")(1, 48, (x, out))              # reads the previous launch's data
 
 
 # ---------------------------------------------------------------- deadlock

@@ -236,6 +236,25 @@ def test_dynamic_shared_memory(mod):
     np.testing.assert_array_equal(y, x.reshape(4, 48)[:, ::-1].ravel())
 
 
+def test_dynamic_shared_memory_declared_at_namespace_scope():
+    src = r'''
+namespace lib {
+extern __shared__ __align__(sizeof(double)) unsigned char smem[];
+template <class T> __global__ void rotate(const T* x, T* y) {
+    T* s = reinterpret_cast<T*>(smem);
+    s[threadIdx.x] = x[threadIdx.x];
+    __syncthreads();
+    y[threadIdx.x] = s[(threadIdx.x + 1) % blockDim.x];
+}
+}  // namespace lib
+'''
+    x = np.arange(40.0)
+    y = np.zeros_like(x)
+    emu.RawModule(code=src, name_expressions=("lib::rotate<double>",)).get_function("lib::rotate<double>")(
+        1, 40, (x, y), shared_mem=320)
+    np.testing.assert_array_equal(y, np.roll(x, -1))
+
+
 def test_block_order_shuffled_by_seed(mod):
     fn = mod.get_function("tickets")
 
@@ -374,14 +393,26 @@ def test_no_compiler_is_a_clear_error(monkeypatch):
 
 
 def test_cache_compiles_each_source_once(tmp_path, monkeypatch):
+    import shutil
+
+    from gpubn.emu import compiler
+
+    runtime_o = compiler._runtime_object(compiler.find_compiler())     # built once per machine
     monkeypatch.setenv("GPUBN_CACHE_DIR", str(tmp_path))
+    (tmp_path / "emu").mkdir()
+    shutil.copy(runtime_o, tmp_path / "emu" / runtime_o.name)
+    calls = []
+    real_run = compiler._run
+    monkeypatch.setattr(compiler, "_run", lambda cmd, *a: (calls.append(cmd), real_run(cmd, *a)))
     src = 'extern "C" __global__ void k(int* y) { y[threadIdx.x] = threadIdx.x + 1000; }\n'
     a = emu.RawModule(code=src)
     b = emu.RawModule(code=src)
-    assert a.library_path == b.library_path
+    assert a.library_path == b.library_path and len(calls) == 1      # memory cache
+    compiler._memory_cache.clear()
+    assert emu.RawModule(code=src).library_path == a.library_path and len(calls) == 1   # disk cache
     assert len(list((tmp_path / "emu").glob("module-*.so"))) == 1
-    c = emu.RawModule(code=src, options=("-DX=1",))
-    assert c.library_path != a.library_path
+    c = emu.RawModule(code=src, options=("-DX=1",))                   # other flags: another library
+    assert c.library_path != a.library_path and len(calls) == 2
     y = np.zeros(4, np.int32)
     c.get_function("k")(1, 4, (y,))
     np.testing.assert_array_equal(y, [1000, 1001, 1002, 1003])

@@ -169,7 +169,7 @@ _REFUSED = (
 )
 
 _EXTERN_SHARED = re.compile(
-    r"\bextern\s+(?:__shared__\s+)((?:[^;\[\]{}()]|\([^;()]*\))*?)\s*\b([A-Za-z_]\w*)\s*\[\s*\]\s*;")
+    r"\bextern\s+(?:__shared__\s+)((?:[^;\[\]{}()]|\((?:[^;()]|\([^;()]*\))*\))*?)\s*\b([A-Za-z_]\w*)\s*\[\s*\]\s*;")
 _EXTERN_C_KERNEL = re.compile(
     r'\bextern\s+"[C ]"\s*(?:\{\s*)?(?:static\s+)?__global__\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?'
     r'void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?([A-Za-z_]\w*)\s*\(')
@@ -189,20 +189,40 @@ def check_supported(source: str, filename: str) -> None:
                 f"({why}): {source[m.start():m.end()].strip()!r}")
 
 
+def _namespace_scope(code: str, pos: int) -> bool:
+    """Whether ``pos`` is at namespace scope (every open brace before it opens a
+    namespace or an ``extern "C"`` block)."""
+    stack = []
+    for m in re.finditer(r"[{}]", code[:pos]):
+        if m.group() == "}":
+            if stack:
+                stack.pop()
+            continue
+        head = code[max(0, m.start() - 200):m.start()]
+        stack.append(bool(re.search(r'(?:\bnamespace\s*[\w:]*|\bextern\s+"[C ]")\s*$', head)))
+    return all(stack)
+
+
 def rewrite_dynamic_shared(source: str) -> str:
-    """``extern __shared__ T name[];`` -> a pointer to the launch's dynamic shared
-    memory (16-byte aligned), keeping line numbers."""
+    """``extern __shared__ T name[];`` -> the launch's dynamic shared memory
+    (16-byte aligned) as a ``T*``: a local pointer in a function, a macro at
+    namespace scope.  Line numbers are kept."""
     code = code_only(source)
     out = []
     last = 0
     for m in _EXTERN_SHARED.finditer(code):
         text = source[m.start():m.end()]
-        ctype = re.sub(r"__align__\s*\(\s*\w+\s*\)|__attribute__\s*\(\(.*?\)\)", " ", source[m.start(1):m.end(1)])
+        ctype = re.sub(r"__align__\s*\((?:[^()]|\([^()]*\))*\)|__attribute__\s*\(\(.*?\)\)", " ",
+                       source[m.start(1):m.end(1)])
         ctype = " ".join(ctype.split())
         name = m.group(2)
-        repl = f"{ctype}* const {name} = reinterpret_cast<{ctype}*>(::gpubn_emu::dynamic_smem());"
+        cast = f"reinterpret_cast<{ctype}*>(::gpubn_emu::dynamic_smem())"
+        if _namespace_scope(code, m.start()):
+            repl = f"\n#define {name} ({cast})\n#line {_line_of(source, m.end())}\n"
+        else:
+            repl = f"{ctype}* const {name} = {cast};" + "\n" * text.count("\n")
         out.append(source[last:m.start()])
-        out.append(repl + "\n" * text.count("\n"))
+        out.append(repl)
         last = m.end()
     out.append(source[last:])
     return "".join(out)

@@ -16,12 +16,16 @@ class Options:
     memcheck: every load/store is checked against the argument buffers, shared
         memory and the thread's own stack.
     racecheck: shared-memory hazards between threads of a block are reported.
+    initcheck: a load of shared memory that no thread of the block has written
+        (not one byte of it) is reported (needs racecheck, which keeps the
+        per-byte shadow state).
     seed: ``None`` runs blocks in order; an int shuffles the order in which the
         blocks of every launch run (same seed, same order).
     """
 
     memcheck: bool = True
     racecheck: bool = True
+    initcheck: bool = True
     seed: Optional[int] = None
 
 
@@ -43,7 +47,7 @@ _local = threading.local()
 def _check(kwargs) -> dict:
     out = {}
     for key, value in kwargs.items():
-        if key in ("memcheck", "racecheck"):
+        if key in ("memcheck", "racecheck", "initcheck"):
             if not isinstance(value, bool):
                 raise TypeError(f"{key} must be a bool, got {type(value).__name__}")
         elif key == "seed":
@@ -52,7 +56,7 @@ def _check(kwargs) -> dict:
             if value is not None and not 0 <= value < 2**63:
                 raise ValueError(f"seed must be in [0, 2**63), got {value}")
         else:
-            raise TypeError(f"unknown emu option {key!r} (known: memcheck, racecheck, seed)")
+            raise TypeError(f"unknown emu option {key!r} (known: memcheck, racecheck, initcheck, seed)")
         out[key] = value
     return out
 
@@ -64,7 +68,8 @@ def get_options() -> Options:
 
 
 def set_options(**kwargs) -> Options:
-    """Change the module-wide defaults (``memcheck``, ``racecheck``, ``seed``);
+    """Change the module-wide defaults (``memcheck``, ``racecheck``, ``initcheck``,
+    ``seed``);
     returns the previous defaults."""
     global _defaults
     checked = _check(kwargs)

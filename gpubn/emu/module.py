@@ -29,6 +29,7 @@ class _Launch(ctypes.Structure):
         ("thunk", _U64), ("args", _U64), ("buffers", _U64), ("nbuffers", _I64),
         ("grid", _I64 * 3), ("block", _I64 * 3),
         ("shared_mem", _I64), ("seed", _I64), ("shuffle", _I64), ("memcheck", _I64), ("racecheck", _I64),
+        ("initcheck", _I64),
         ("error", _I64), ("is_store", _I64), ("size", _I64), ("region", _I64), ("address", _U64),
         ("block_idx", _I64 * 3), ("thread_idx", _I64 * 3), ("other_thread", _I64 * 3), ("other_is_store", _I64),
         ("buffer", _I64), ("offset", _I64), ("blocks_run", _I64),
@@ -182,6 +183,7 @@ class Function:
         L.seed = opts.seed or 0
         L.memcheck = opts.memcheck
         L.racecheck = opts.racecheck
+        L.initcheck = opts.initcheck
         self._lib.gpubn_emu_launch(ctypes.byref(L))
         del keep
         if L.error:
@@ -208,6 +210,11 @@ class Function:
                           f"(shared_mem={L.shared_mem} bytes)")
                 buf = None
                 off = L.offset
+            elif L.region == _R_STATIC:
+                var = _symbol_at(self._library_path, int(L.offset))
+                detail = (f"byte {var[1]} of __shared__ variable {var[0]!r}" if var
+                          else f"static shared memory (module offset 0x{L.offset:x})")
+                buf, off = None, L.offset
             elif L.buffer >= 0:
                 nbytes = self._buffer_size(L)
                 off = L.offset

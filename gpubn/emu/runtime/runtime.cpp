@@ -56,7 +56,7 @@ struct Launch {
     uint64_t thunk, args, buffers;
     int64_t nbuffers;
     int64_t grid[3], block[3];
-    int64_t shared_mem, seed, shuffle, memcheck, racecheck;
+    int64_t shared_mem, seed, shuffle, memcheck, racecheck, initcheck;
     // out
     int64_t error, is_store, size, region;
     uint64_t address;
@@ -109,7 +109,7 @@ struct Runtime {
     Launch* L;
     Buffer* bufs;
     int nbufs;
-    bool memcheck, racecheck;
+    bool memcheck, racecheck, initcheck;
     // block
     uint3 bidx, bdim, gdim;
     int nthreads, live, arrived;
@@ -121,7 +121,11 @@ struct Runtime {
 #endif
     int bar_count, bar_and, bar_or, bar_result_count, bar_result_and, bar_result_or;
     // racecheck epochs (monotonic over the module's lifetime)
-    uint32_t epoch, bep;
+    uint32_t epoch, bep, block_bep;       // block_bep: the epoch the current block started at
+    // The first load of never-written shared memory, reported at the next barrier
+    // (or the end of the block) unless another thread's store to it turns out to
+    // be a race first -- a missing barrier is the better diagnosis.
+    struct { bool set; int tid; uintptr_t addr; size_t n; int64_t region; uintptr_t off; } uninit;
     uint32_t wep[kMaxThreads / 32];
     unsigned alive[kMaxThreads / 32];    // lanes that exist and have not exited
     unsigned waiting[kMaxThreads / 32];  // lanes waiting in a warp collective
@@ -271,7 +275,7 @@ static void scan_module() {
 // ------------------------------------------------------------------ racecheck
 static inline bool ordered(const Rec& r, int tid) {
     if (r.bep < R->bep) return true;            // a __syncthreads since (or another block)
-    if (r.tid == tid) return true;
+    if (r.tid == tid || r.tid < 0) return true; // same thread, or an atomic
     int w = r.tid >> 5;
     return w == (tid >> 5) && r.wep < R->wep[w]; // same warp, a __syncwarp since
 }
@@ -293,9 +297,31 @@ static inline bool ordered(const Rec& r, int tid) {
     abort_fiber();
 }
 
+// Records the pending uninitialized load as the launch's error; true if there was one.
+static bool report_uninitialized() {
+    if (!R->uninit.set) return false;
+    Launch* L = R->L;
+    L->error = MEMCHECK;
+    set_where(&R->fibers[R->uninit.tid]);
+    L->is_store = 0;
+    L->size = (int64_t)R->uninit.n;
+    L->address = R->uninit.addr;
+    L->region = R->uninit.region;
+    L->offset = (int64_t)R->uninit.off;
+    set_message("load of shared memory that no thread of this block had written before the next barrier "
+                "(uninitialized)");
+    return true;
+}
+
 static inline void race_access(Shadow* sh, size_t n, bool store, uintptr_t addr, int64_t region, uintptr_t off) {
     const int t = R->cur->linear;
     const Rec now{R->bep, R->wep[t >> 5], t};
+    if (!store && R->initcheck) {
+        // only when no byte of the access was written: struct padding is never written
+        bool any = false;
+        for (size_t i = 0; i < n && !any; ++i) any = sh[i].w.bep >= R->block_bep;
+        if (!any && !R->uninit.set) R->uninit = {true, t, addr, n, region, off};
+    }
     for (size_t i = 0; i < n; ++i) {
         Shadow& s = sh[i];
         if (!ordered(s.w, t))
@@ -427,6 +453,7 @@ static void barrier(void* site, int pred) {
         bool same = true;
         for (int i = 0; i < R->nthreads && same; ++i) same = R->fibers[i].site == site;
         if (same) {
+            if (report_uninitialized()) abort_fiber();
             R->arrived = 0;
             R->bar_result_count = R->bar_count;
             R->bar_result_and = R->bar_and;
@@ -575,12 +602,22 @@ unsigned long long warp_op(int op, unsigned mask, unsigned long long value, int 
 void syncwarp(unsigned mask) { warp_op(SYNC, mask, 0, 0, 32, 0); }
 
 void atomic_access(const volatile void* addr, size_t size) {
-    // An atomic is checked like a load and a store, but never races.
-    bool rc = R->racecheck;
+    // An atomic is checked like a load and a store, but never races; on shared
+    // memory it counts as initializing the bytes.
+    bool rc = R->racecheck, ic = R->initcheck;
     R->racecheck = false;
+    R->initcheck = false;
     check((uintptr_t)addr, size, false);
     check((uintptr_t)addr, size, true);
     R->racecheck = rc;
+    R->initcheck = ic;
+    if (!rc) return;
+    const uintptr_t a = (uintptr_t)addr;
+    Shadow* sh = nullptr;
+    if (a - R->dyn_lo < R->dyn_size) sh = &R->dyn_shadow[a - R->dyn_lo];
+    else if (a - R->bss_lo < R->bss_hi - R->bss_lo) sh = &R->bss_shadow[a - R->bss_lo];
+    if (!sh) return;
+    for (size_t i = 0; i < size; ++i) sh[i].w = Rec{R->bep, 0, -1};
 }
 
 void threadfence() {}
@@ -726,7 +763,8 @@ static bool run_block(uint3 b) {
 #if !GPUBN_EMU_ASM_SWITCH
     R->sched_sp = &R->sched_uc;
 #endif
-    R->bep = ++R->epoch;
+    R->bep = R->block_bep = ++R->epoch;
+    R->uninit.set = false;
     for (int w = 0; w < (n + 31) / 32; ++w) {
         R->wep[w] = R->epoch;
         R->waiting[w] = 0;
@@ -745,7 +783,7 @@ static bool run_block(uint3 b) {
             R->cur = nullptr;
             if (R->L->error) return false;
         }
-        if (R->live == 0) return true;
+        if (R->live == 0) return !report_uninitialized();
         if (!ran) {
             report_deadlock();
             return false;
@@ -764,10 +802,11 @@ EMU_EXPORT int64_t gpubn_emu_abi_version() { return 1; }
 EMU_EXPORT int64_t gpubn_emu_launch_size() { return (int64_t)sizeof(Launch); }
 EMU_EXPORT int64_t gpubn_emu_max_dynamic_shared() { return (int64_t)kDynCap; }
 
+__attribute__((section(".data.gpubn_emu"))) static std::mutex* init_mutex = new std::mutex();
+
 EMU_EXPORT int64_t gpubn_emu_launch(Launch* L) {
-    static std::mutex init_mutex;
     {
-        std::lock_guard<std::mutex> g(init_mutex);
+        std::lock_guard<std::mutex> g(*init_mutex);
         if (!R) R = new Runtime();
     }
     std::lock_guard<std::mutex> guard(R->mutex);
@@ -792,6 +831,7 @@ EMU_EXPORT int64_t gpubn_emu_launch(Launch* L) {
     scan_module();
     R->memcheck = L->memcheck != 0;
     R->racecheck = L->racecheck != 0;
+    R->initcheck = R->racecheck && L->initcheck != 0;
     R->bufs = (Buffer*)(uintptr_t)L->buffers;
     R->nbufs = (int)L->nbuffers;
     R->nthreads = (int)nt;
