@@ -251,6 +251,9 @@ def train_one(cfg: DemoConfig, data, lr: float, batch_norm: bool, xp, backend: s
     net = MLP(sizes, batch_norm, cfg.activation, rng, xp, backend)
     n = Xtr.shape[0]
     steps_per_epoch = n // cfg.batch_size           # full batches only
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set "
+                         f"({n} images)")
     probe_every = max(1, steps_per_epoch // cfg.probes_per_epoch)
     step = 0
 
@@ -291,6 +294,9 @@ def pick_backend(requested: Optional[str] = None):
     if requested is not None:
         be = get_backend(requested)
         return be.name, be.xp, "requested"
+    if os.environ.get("GPUBN_BACKEND"):
+        be = get_backend(None)
+        return be.name, be.xp, "from GPUBN_BACKEND"
     try:
         be = get_backend("cuda")
     except RuntimeError as exc:                    # says why: no CuPy, no device, ...
@@ -485,8 +491,12 @@ def run_from_args(args, stdout=None, stderr=None) -> int:
     epochs = args.epochs if args.epochs is not None else (4 if args.quick else 20)
     cfg = DemoConfig(epochs=epochs, seed=args.seed, lr=args.lr, high_lr=args.high_lr,
                      batch_size=args.batch_size, activation=args.activation)
-    runs, info = run_demo(cfg, backend=args.backend, progress_stream=stderr,
-                          progress=not args.no_progress)
+    try:
+        runs, info = run_demo(cfg, backend=args.backend, progress_stream=stderr,
+                              progress=not args.no_progress)
+    except (RuntimeError, ValueError) as exc:      # backend not available, batch too large
+        stderr.write(f"gpubn demo: error: {exc}\n")
+        return 2
     stdout.write(format_report(cfg, runs, info))
     if not args.no_plot:
         path = os.path.abspath(args.out)

@@ -143,6 +143,15 @@ def test_gpubn_demo_subcommand(capsys):
     assert captured.err == ""                            # --no-progress: nothing on stderr
 
 
+def test_command_line_reports_run_errors():
+    _needs_sklearn()
+    out, err = io.StringIO(), io.StringIO()
+    rc = demo.main(["--batch-size", "5000", "--no-plot"], stdout=out, stderr=err)
+    assert rc == 2
+    assert "batch_size 5000 is larger than the training set (1438 images)" in err.getvalue()
+    assert out.getvalue() == ""
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--epochs", "0"], "argument --epochs: must be at least 1, got 0"),
     (["--batch-size", "1"], "argument --batch-size: must be at least 2 (batch norm needs"),
