@@ -58,6 +58,14 @@ KERNELS: Dict[str, KernelSpec] = {
         KernelSpec("bn_backward_reduce_nhwc", "bn_backward.cu", False, (0, 1, 5)),
         KernelSpec("bn_backward_dx_nchw", "bn_backward.cu", True, (0, 1, 2)),
         KernelSpec("bn_backward_dx_nhwc", "bn_backward.cu", True, (0, 1, 2)),
+        # batch renorm (per-channel finish between bn_stats_* and bn_apply_*)
+        KernelSpec("bn_renorm_finish", "bn_renorm.cu", False, ()),
+        # layer norm over (rows, n)
+        KernelSpec("ln_forward_warp", "layer_norm.cu", True, (0, 1)),
+        KernelSpec("ln_forward_block", "layer_norm.cu", True, (0, 1)),
+        KernelSpec("ln_backward_dx_warp", "layer_norm.cu", True, (0, 1, 2)),
+        KernelSpec("ln_backward_dx_block", "layer_norm.cu", True, (0, 1, 2)),
+        KernelSpec("ln_backward_wgrad", "layer_norm.cu", False, (0, 1)),
     )
 }
 
