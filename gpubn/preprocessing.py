@@ -14,7 +14,7 @@ standardize the features of a data matrix ``X`` of shape
 * :class:`Whitening` -- PCA or ZCA whitening from the eigendecomposition of
   the covariance matrix.
 
-The results match scikit-learn's estimators of the same names.  NumPy arrays
+The scalers match scikit-learn's estimators of the same names.  NumPy arrays
 run on the ``numpy`` backend (or ``emu`` on request) and CuPy arrays on the
 ``cuda`` backend; fitted attributes live in the array module of the data the
 estimator was fitted on.  Statistics are kept in float64 whatever the data's
@@ -374,7 +374,7 @@ class Whitening(_Fitted):
     ``eps > 0`` its eigenvalues are ``lam / (lam + eps)``.  ``eps=0``
     needs a covariance of full rank.
 
-    Attributes: ``mean_`` (F,), ``covariance_`` (F, F), ``eigenvalues_`` (F,,
+    Attributes: ``mean_`` (F,), ``covariance_`` (F, F), ``eigenvalues_`` (F,;
     descending), ``components_`` (F, F; row ``k`` is the ``k``-th principal
     axis, sign fixed so its largest entry is positive), ``whitening_matrix_``
     ``W``, ``coloring_matrix_`` (its inverse), all float64;
