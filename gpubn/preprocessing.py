@@ -374,8 +374,8 @@ class Whitening(_Fitted):
     ``eps > 0`` its eigenvalues are ``lam / (lam + eps)``.  ``eps=0``
     needs a covariance of full rank.
 
-    Attributes: ``mean_`` (F,), ``covariance_`` (F, F), ``eigenvalues_`` (F,;
-    descending), ``components_`` (F, F; row ``k`` is the ``k``-th principal
+    Attributes: ``mean_`` (F,), ``covariance_`` (F, F), ``eigenvalues_`` (F,),
+    descending, ``components_`` (F, F; row ``k`` is the ``k``-th principal
     axis, sign fixed so its largest entry is positive), ``whitening_matrix_``
     ``W``, ``coloring_matrix_`` (its inverse), all float64;
     ``n_samples_seen_``, ``n_features_in_``.
