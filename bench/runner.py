@@ -139,8 +139,9 @@ def _desc(case, op, p):
 
 def _error_text(exc) -> str:
     if "BENCH_DEBUG" in os.environ:
-        traceback.print_exc()
-    return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        traceback.print_exception(exc)
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return text.splitlines()[0][:300]
 
 
 def _interleaved(ready, repeats: int, warmup: int, budget: Optional[float] = None,
@@ -207,8 +208,10 @@ def _measure_op(case, op, setup, providers, reasons, *, repeats, warmup, suite,
             del raw
         except Exception as exc:  # one failing provider must not stop the run
             msg = _error_text(exc)
-            rows[p.name] = make_row(case, op, p, status="error", reason=msg, suite=suite)
-            progress.step(f"{_desc(case, op, p)}: error ({msg})")
+            # a backend without this op yet is unavailable, not broken
+            status = "unavailable" if isinstance(exc, NotImplementedError) else "error"
+            rows[p.name] = make_row(case, op, p, status=status, reason=msg, suite=suite)
+            progress.step(f"{_desc(case, op, p)}: {status} ({msg})")
             continue
         verdict = ""
         if check:

@@ -231,8 +231,12 @@ def run_traffic(cases=None, progress=None) -> List[Dict]:
                     row.update(summarize_records(
                         records, case.numel, ITEMSIZE[case.dtype],
                         bytes_moved(case.kind, op, case.shape, case.axis, case.dtype)))
+                except NotImplementedError as exc:
+                    row.update(status="unavailable",
+                               reason="the emu backend does not implement this op yet" + (f" ({exc})" if str(exc) else ""))
                 except Exception as exc:
-                    row.update(status="error", reason=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
+                    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                    row.update(status="error", reason=text.splitlines()[0][:300])
             rows.append(row)
             if progress is not None:
                 progress.step(desc + (f": {row['passes']:.2f} passes, {row['launches']} launches"
