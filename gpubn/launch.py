@@ -22,6 +22,10 @@ from . import kernels as _catalog
 # Must equal GPUBN_MAX_REDUCE_THREADS in kernels/gpubn_common.cuh: the size of
 # the shared scratch the reductions are compiled with.
 MAX_REDUCE_THREADS = 256
+# GPUBN_MAX_MAP_THREADS / GPUBN_MAX_MAP_COLUMNS: shared per-channel constants
+# of the elementwise kernels are sized for these.
+MAX_MAP_THREADS = 256
+MAX_MAP_COLUMNS = 64
 WARP = 32
 MAX_GRID_Y = 65535
 
@@ -56,10 +60,9 @@ class Tuning:
     def __post_init__(self):
         for name in ("reduce_threads", "map_threads"):
             v = getattr(self, name)
-            if v < WARP or v & (v - 1) or (name == "reduce_threads" and v > MAX_REDUCE_THREADS):
-                raise ValueError(f"Tuning.{name} must be a power of two in [32, "
-                                 f"{MAX_REDUCE_THREADS if name == 'reduce_threads' else 1024}], "
-                                 f"got {v}")
+            top = MAX_REDUCE_THREADS if name == "reduce_threads" else MAX_MAP_THREADS
+            if v < WARP or v & (v - 1) or v > top:
+                raise ValueError(f"Tuning.{name} must be a power of two in [32, {top}], got {v}")
         for name in ("blocks_per_sm", "min_units_per_thread", "max_splits", "map_blocks_per_sm"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Tuning.{name} must be >= 1, got {getattr(self, name)}")
@@ -172,7 +175,7 @@ def map_launch(op: str, shape3, dtype, aligned: bool, dev: DeviceAttributes,
         bx = _row_block(length, threads)
     else:
         rows, length = outer, channels // vec
-        bx = min(_pow2_at_least(length), 64, threads)
+        bx = min(_pow2_at_least(length), MAX_MAP_COLUMNS, threads)
     by = max(1, threads // bx)
     gx = max(1, min(_cdiv(length, bx), max_blocks))
     gy = max(1, min(_cdiv(rows, by), dev.max_grid_y, max(1, max_blocks // gx)))
@@ -180,4 +183,5 @@ def map_launch(op: str, shape3, dtype, aligned: bool, dev: DeviceAttributes,
 
 
 __all__ = ["DeviceAttributes", "EMU_DEVICE", "Tuning", "Launch", "MAX_REDUCE_THREADS",
+           "MAX_MAP_THREADS", "MAX_MAP_COLUMNS",
            "layout", "vector_width", "reduce_launch", "map_launch"]

@@ -35,8 +35,14 @@ bn_backward_reduce_nchw(const T* __restrict__ dy, const T* __restrict__ x, const
                         Acc* sum_dy_xhat_out) {
     const int c = blockIdx.x;
     const long long base = (long long)c * inner;
-    const Acc m = mean[c];
-    const Acc a = weight ? weight[c] * invstd[c] : invstd[c];
+    __shared__ Acc consts[2];  // the channel's mean and weight * invstd, read once per block
+    if (threadIdx.x == 0) {
+        consts[0] = mean[c];
+        consts[1] = weight ? weight[c] * invstd[c] : invstd[c];
+    }
+    __syncthreads();
+    const Acc m = consts[0];
+    const Acc a = consts[1];
     GradSums<Acc> g = channel_walk_nchw<VEC, GradSums<Acc>>(
         outer, channels, inner, [&](GradSums<Acc>& s, long long offset) {
             const Vec<T, VEC> gv = load_vec<T, VEC>(dy + base + offset);
@@ -63,11 +69,15 @@ bn_backward_reduce_nhwc(const T* __restrict__ dy, const T* __restrict__ x, const
                         long long rows, int channels, GradSums<Acc>* partials,
                         unsigned int* counters, Acc* sum_dy_out, Acc* sum_dy_xhat_out) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    Acc m = Acc(0), a = Acc(0);
-    if (c < channels) {
-        m = mean[c];
-        a = weight ? weight[c] * invstd[c] : invstd[c];
+    __shared__ Acc consts[2][32];  // per column: mean and weight * invstd, read once per block
+    if (threadIdx.y == 0) {
+        const int cc = c < channels ? c : channels - 1;  // columns past the end: unused
+        consts[0][threadIdx.x] = mean[cc];
+        consts[1][threadIdx.x] = weight ? weight[cc] * invstd[cc] : invstd[cc];
     }
+    __syncthreads();
+    const Acc m = consts[0][threadIdx.x];
+    const Acc a = consts[1][threadIdx.x];
     GradSums<Acc> g = channel_walk_nhwc<GradSums<Acc>>(
         rows, channels, [&](GradSums<Acc>& s, long long offset) {
             const Acc d = to_acc(dy[offset]);

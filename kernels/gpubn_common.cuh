@@ -21,6 +21,10 @@
 // Largest block (threads) the reduction kernels are written for; the launch
 // configuration (gpubn/launch.py, MAX_REDUCE_THREADS) never exceeds it.
 #define GPUBN_MAX_REDUCE_THREADS 256
+// Largest elementwise block, and most threads along x of a channels-last one
+// (gpubn/launch.py: MAX_MAP_THREADS, MAX_MAP_COLUMNS).
+#define GPUBN_MAX_MAP_THREADS 256
+#define GPUBN_MAX_MAP_COLUMNS 64
 
 namespace gpubn {
 
@@ -404,9 +408,12 @@ __device__ __forceinline__ void channel_finish_nhwc(S state, int channels, S* pa
 }
 
 // ---------------------------------------------------------------------------
-// Elementwise passes with per-channel constants K (computed once per run or
-// per column by make(c), never per element).  body(k, kstride, offset) handles
-// the VEC elements at `offset`; element j uses constants k[j * kstride].
+// Elementwise passes with per-channel constants K, computed by make(c, first)
+// once per run (channel axis 1) or per column group (channels last) and
+// shared through shared memory, never per element.  `first` is true for
+// exactly one call per channel (for writing per-channel outputs).
+// body(k, kstride, offset) handles the VEC elements at `offset`; element j
+// uses constants k[j * kstride].
 //
 // Channel axis 1: 2-D grid; rows (y) are the outer*C runs of `inner`
 // elements, channel = run % C once per run; columns (x) stride the run.
@@ -414,33 +421,61 @@ __device__ __forceinline__ void channel_finish_nhwc(S state, int channels, S* pa
 template <int VEC, class K, class Make, class Body>
 __device__ __forceinline__ void channel_map_nchw(long long outer, int channels, long long inner,
                                                  Make make, Body body) {
+    __shared__ K consts[GPUBN_MAX_MAP_THREADS];
     const long long runs = outer * channels;
     const long long inner_v = inner / VEC;
     const long long row_step = (long long)gridDim.y * blockDim.y;
     const long long col_step = (long long)gridDim.x * blockDim.x;
     const long long col0 = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    for (long long r = (long long)blockIdx.y * blockDim.y + threadIdx.y; r < runs; r += row_step) {
-        const K k = make((int)(r % channels), r < channels && col0 == 0);
-        const long long base = r * inner;
-        for (long long j = col0; j < inner_v; j += col_step) body(&k, 0, base + j * VEC);
+    // The loop bound is uniform across the block, so the barriers are too.
+    // Which threads fill `consts` depends on the thread index only (rows past
+    // the end compute channel 0's constants, unused): no condition is shared
+    // between the code before and after a barrier.
+    for (long long rb = (long long)blockIdx.y * blockDim.y; rb < runs; rb += row_step) {
+        const long long r = rb + threadIdx.y;
+        if (threadIdx.x == 0) {
+            const bool valid = r < runs;
+            consts[threadIdx.y] =
+                make(valid ? (int)(r % channels) : 0, valid && r < channels && blockIdx.x == 0);
+        }
+        __syncthreads();
+        if (r < runs) {
+            const K k = consts[threadIdx.y];
+            const long long base = r * inner;
+            for (long long j = col0; j < inner_v; j += col_step) body(&k, 0, base + j * VEC);
+        }
+        __syncthreads();
     }
 }
 
-// Channels last: columns (x) are groups of VEC channels, whose constants a
-// thread computes once; rows (y) stride the outer rows.
+// Channels last: columns (x) are groups of VEC channels, whose constants the
+// block computes once (threads with threadIdx.y == 0); rows (y) stride the
+// outer rows.
 template <int VEC, class K, class Make, class Body>
 __device__ __forceinline__ void channel_map_nhwc(long long rows, int channels, Make make,
                                                  Body body) {
+    __shared__ K consts[GPUBN_MAX_MAP_COLUMNS * VEC];
     const long long cols_v = channels / VEC;
     const long long row_step = (long long)gridDim.y * blockDim.y;
     const long long col_step = (long long)gridDim.x * blockDim.x;
     const long long row0 = (long long)blockIdx.y * blockDim.y + threadIdx.y;
-    for (long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x; j < cols_v; j += col_step) {
+    for (long long jb = (long long)blockIdx.x * blockDim.x; jb < cols_v; jb += col_step) {
+        const long long j = jb + threadIdx.x;
         const int c0 = (int)(j * VEC);
-        K k[VEC];
+        if (threadIdx.y == 0) {  // columns past the end compute channels 0.. (unused)
+            const bool valid = j < cols_v;
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) k[v] = make(c0 + v, row0 == 0);
-        for (long long r = row0; r < rows; r += row_step) body(k, 1, r * channels + c0);
+            for (int v = 0; v < VEC; ++v)
+                consts[threadIdx.x * VEC + v] = make((valid ? c0 : 0) + v, valid && blockIdx.y == 0);
+        }
+        __syncthreads();
+        if (j < cols_v) {
+            K k[VEC];
+#pragma unroll
+            for (int v = 0; v < VEC; ++v) k[v] = consts[threadIdx.x * VEC + v];
+            for (long long r = row0; r < rows; r += row_step) body(k, 1, r * channels + c0);
+        }
+        __syncthreads();
     }
 }
 

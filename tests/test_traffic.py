@@ -1,0 +1,146 @@
+"""The library's performance bar, counted by emu: global-memory element
+passes over the tensors (x, y, dy, dx) and kernel launches per op.
+
+  forward, training   <= 3 passes, <= 3 launches  (ours: 3 passes, 2 launches)
+  forward, inference     2 passes,    1 launch
+  backward, training  <= 5 passes, <= 3 launches  (ours: 5 passes, 2 launches)
+  backward, eval                                  (ours: 3 passes, 1 launch)
+
+A pass is one tensor's worth of bytes loaded or stored; the per-launch,
+per-argument byte counts come from ``gpubn.emu.launch_log``.  The bounds
+asserted are the ones the kernels are designed for, so any extra pass or
+launch fails here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gpubn import kernels as catalog
+from gpubn.backends import get_backend
+
+try:
+    EMU = get_backend("emu")
+    _REASON = None
+except RuntimeError as exc:
+    EMU, _REASON = None, str(exc)
+
+pytestmark = pytest.mark.skipif(EMU is None, reason=_REASON or "")
+
+SHAPES = {
+    "nchw-vector": (8, 3, 256),
+    "nchw-tail": (8, 3, 250),
+    "nhwc": (500, 12, 1),
+}
+
+
+def _count(log, nbytes):
+    """(launches, tensor passes, [(launch, bytes of its other arguments)])."""
+    tensor_bytes = 0
+    other = []
+    for rec in log:
+        spec = catalog.kernel_of(rec.kernel)
+        rest = 0
+        for index, traffic in rec.buffers.items():
+            moved = traffic.loaded + traffic.stored
+            if index in spec.tensor_args:
+                tensor_bytes += moved
+            else:
+                rest += moved
+        other.append((rec, rest))
+    return len(log), tensor_bytes / nbytes, other
+
+
+def _side_traffic_is_per_channel(other, channels):
+    """Arguments other than the tensors (per-channel vectors, partials,
+    counters) move a bounded number of bytes per block -- at most 64 per
+    channel plus 64 (a partial state and its counter) -- never a number that
+    grows with the elements a block handles (>= 128 in these shapes, so one
+    side access per element would break the bound)."""
+    for rec, moved in other:
+        blocks = rec.grid[0] * rec.grid[1] * rec.grid[2]
+        assert moved <= blocks * (64 * channels + 64), (rec.kernel, rec.grid, moved)
+
+
+def _data(shape, dtype):
+    rng = np.random.default_rng(0)
+    acc = np.float64 if dtype == np.float64 else np.float32
+    c = shape[1]
+    x = rng.standard_normal(shape).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    return x, dy, np.ones(c, acc), np.zeros(c, acc), np.zeros(c, acc), np.ones(c, acc)
+
+
+@pytest.fixture(params=list(SHAPES))
+def shape(request):
+    return SHAPES[request.param]
+
+
+@pytest.fixture(params=[np.float32, np.float16], ids=["float32", "float16"])
+def dtype(request):
+    return request.param
+
+
+def _record(fn):
+    from gpubn.emu import recording
+
+    with recording() as log:
+        out = fn()
+    return log, out
+
+
+def test_forward_training(shape, dtype):
+    x, _, w, b, rm, rv = _data(shape, dtype)
+    log, _ = _record(lambda: EMU.bn_forward_train(x, w, b, rm, rv, 0.1, 1e-5))
+    launches, passes, other = _count(log, x.nbytes)
+    assert launches == 2, [r.kernel for r in log]
+    assert passes == 3.0
+    _side_traffic_is_per_channel(other, shape[1])
+
+
+def test_forward_inference(shape, dtype):
+    x, _, w, b, rm, rv = _data(shape, dtype)
+    log, _ = _record(lambda: EMU.bn_forward_eval(x, w, b, rm, rv, 1e-5))
+    launches, passes, other = _count(log, x.nbytes)
+    assert launches == 1
+    assert passes == 2.0
+    _side_traffic_is_per_channel(other, shape[1])
+
+
+def test_backward_training(shape, dtype):
+    x, dy, w, _, _, _ = _data(shape, dtype)
+    _, mean, invstd = EMU.bn_forward_train(x, w, None, None, None, 0.1, 1e-5)
+    log, _ = _record(lambda: EMU.bn_backward(dy, x, mean, invstd, w, True))
+    launches, passes, other = _count(log, x.nbytes)
+    assert launches == 2, [r.kernel for r in log]
+    assert passes == 5.0
+    _side_traffic_is_per_channel(other, shape[1])
+
+
+def test_backward_eval_is_one_pass_over_each_tensor(shape, dtype):
+    x, dy, w, _, _, _ = _data(shape, dtype)
+    mean, invstd = np.zeros_like(w), np.ones_like(w)
+    log, _ = _record(lambda: EMU.bn_backward(dy, x, mean, invstd, w, False))
+    launches, passes, _ = _count(log, x.nbytes)
+    assert launches == 1
+    assert passes == 3.0
+
+
+def test_stats_only(shape, dtype):
+    x = _data(shape, dtype)[0]
+    log, _ = _record(lambda: EMU.bn_stats(x))
+    launches, passes, _ = _count(log, x.nbytes)
+    assert (launches, passes) == (1, 1.0)
+
+
+def test_counts_see_every_tensor_argument():
+    """The catalog's tensor argument positions are the arrays of x's size."""
+    x, dy, w, b, rm, rv = _data(SHAPES["nchw-tail"], np.float32)
+    log, _ = _record(lambda: EMU.bn_forward_train(x, w, b, rm, rv, 0.1, 1e-5))
+    _, mean, invstd = EMU.bn_forward_train(x, w, b, None, None, 0.1, 1e-5)
+    log2, _ = _record(lambda: EMU.bn_backward(dy, x, mean, invstd, w, True))
+    for rec in log + log2:
+        spec = catalog.kernel_of(rec.kernel)
+        big = {i for i, t in rec.buffers.items() if max(t.loaded, t.stored) >= x.nbytes}
+        assert big == set(spec.tensor_args) - {5 if "reduce" in spec.name else -1}, rec.kernel
