@@ -369,3 +369,25 @@ def test_bad_backward_and_layer_setters(backend):
         gpubn.BatchRenorm(3, rmax=0.0)
     with pytest.raises(ValueError, match=r"backward called before any forward"):
         gpubn.BatchRenorm(3).backward(np.ones((2, 3), np.float32))
+
+
+def test_emu_launch_sequence():
+    """Training forward on the kernels: statistics, the per-channel finish,
+    normalize (3 launches); backward: batch norm's 2; memcheck and racecheck
+    on."""
+    pytest.importorskip("gpubn.emu")
+    from gpubn import emu
+    try:
+        gpubn.get_backend("emu")
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    assert emu.get_options().memcheck and emu.get_options().racecheck
+    x, w, b, mu, sigma, dy = make_case((4, 3, 5, 7), 1, np.float32)
+    with emu.recording() as log:
+        y, saved = renorm(gpubn.get_backend("emu"), x, w, b, mu, sigma, 2.0, 1.0)
+    names = [rec.kernel.split("<")[0] for rec in log]
+    assert names == ["gpubn::bn_stats_nchw", "gpubn::bn_renorm_finish", "gpubn::bn_apply_nchw"]
+    with emu.recording() as log:
+        gpubn.batch_renorm_backward(dy, saved)
+    assert [rec.kernel.split("<")[0] for rec in log] == ["gpubn::bn_backward_reduce_nchw",
+                                                        "gpubn::bn_backward_dx_nchw"]

@@ -32,6 +32,7 @@ bn_backward (eval)     bn_backward_reduce_* (writes dx as well)    1
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from typing import Any, Optional
@@ -39,7 +40,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .. import kernels as catalog
-from ..launch import DeviceAttributes, Launch, Tuning, map_launch, reduce_launch
+from ..launch import WARP, DeviceAttributes, Launch, Tuning, map_launch, reduce_launch
 from .base import Backend, ChannelStats
 
 _ACC_DTYPES = {"float": np.dtype(np.float32), "double": np.dtype(np.float64)}
@@ -290,4 +291,119 @@ class KernelBackend(Backend):
         return dx3, sum_dy_xhat, sum_dy
 
 
-__all__ = ["KernelBackend", "debug_enabled", "debug_report"]
+    # ======================================================================
+    # Batch renorm and layer norm (kernels/bn_renorm.cu, kernels/layer_norm.cu)
+    #
+    #   bn_renorm_forward_train  bn_stats_*, bn_renorm_finish, bn_apply_*   3
+    #   (renorm backward is bn_backward with weight * r)                    2
+    #   ln_forward               ln_forward_{warp,block}                    1
+    #   ln_backward              ln_backward_dx_{warp,block}
+    #                            (+ ln_backward_wgrad for dweight/dbias)   1-2
+    # ======================================================================
+    def bn_renorm_forward_train(self, x3, weight, bias, running_mean, running_std, rmax, dmax,
+                                momentum, eps):
+        self._check_tensor(x3, None, "x")
+        key, acc = self._types(x3)
+        channels = x3.shape[1]
+        for v, n in ((weight, "weight"), (bias, "bias")):
+            self._check_channel(v, channels, acc, n)
+        for v, n in ((running_mean, "running_mean"), (running_std, "running_std")):
+            self._check_channel(v, channels, acc, n, optional=False)
+        count = int(x3.shape[0]) * int(x3.shape[2])
+        if count == 0:
+            raise ValueError("x has no values per channel")
+        xp, a = self.xp, acc.type
+        mean, m2, invstd = (xp.empty(channels, dtype=acc) for _ in range(3))
+        self._stats(x3, acc, key, mean, m2, invstd, None, None, 0.0, float(eps))
+        r, d, w_eff, b_eff = (xp.empty(channels, dtype=acc) for _ in range(4))
+        self._launch(renorm_finish_launch(channels), key, (
+            mean, m2, np.int64(count), np.int32(channels), weight, bias, running_mean,
+            running_std, r, d, w_eff, b_eff, a(rmax), a(dmax), a(momentum), a(eps)))
+        y3 = self._apply(x3, key, acc, mean, invstd, w_eff, b_eff, None, None, False, eps)
+        return y3, mean, invstd, r, d
+
+    def _check_rows(self, a, like, name: str):
+        if not self.owns(a):
+            raise TypeError(f"{name} must be a {self.xp.__name__} array for the {self.name!r} "
+                            f"backend, got {type(a).__module__}.{type(a).__name__}")
+        if like is not None and (a.shape != like.shape or a.dtype != like.dtype):
+            raise ValueError(f"{name} must have shape {like.shape} and dtype {like.dtype}, got "
+                             f"{a.shape} {a.dtype}")
+        if a.ndim != 2 or not a.flags.c_contiguous or a.shape[1] < 1:
+            raise ValueError(f"{name} must be a C-contiguous (rows, n) array with n >= 1")
+        if a.shape[1] > np.iinfo(np.int32).max:
+            raise ValueError(f"{name}: rows longer than 2**31 - 1 elements are not supported")
+
+    def ln_forward(self, x2, weight, bias, eps):
+        self._check_rows(x2, None, "x")
+        key, acc = self._types(x2)
+        rows, n = (int(s) for s in x2.shape)
+        for v, name in ((weight, "weight"), (bias, "bias")):
+            self._check_channel(v, n, acc, name)
+        y2 = self.xp.empty_like(x2)
+        mean = self.xp.empty(rows, dtype=acc)
+        rstd = self.xp.empty(rows, dtype=acc)
+        if rows:
+            cfg = ln_row_launch("forward", rows, n, key, self._aligned(x2, y2), self._device(),
+                                self.tuning)
+            self._launch(cfg, key, (x2, y2, weight, bias, mean, rstd, np.int64(rows),
+                                    np.int64(n), acc.type(eps)))
+        return y2, mean, rstd
+
+    def ln_backward(self, dy2, x2, mean, rstd, weight, want_grads):
+        self._check_rows(x2, None, "x")
+        self._check_rows(dy2, x2, "dy")
+        key, acc = self._types(x2)
+        rows, n = (int(s) for s in x2.shape)
+        self._check_channel(mean, rows, acc, "mean", optional=False)
+        self._check_channel(rstd, rows, acc, "rstd", optional=False)
+        self._check_channel(weight, n, acc, "weight")
+        dx2 = self.xp.empty_like(x2)
+        if rows:
+            cfg = ln_row_launch("backward_dx", rows, n, key, self._aligned(x2, dy2, dx2),
+                                self._device(), self.tuning)
+            self._launch(cfg, key, (dy2, x2, dx2, mean, rstd, weight, np.int64(rows),
+                                    np.int64(n)))
+        if not want_grads:
+            return dx2, None, None
+        dweight = self.xp.empty(n, dtype=acc)
+        dbias = self.xp.empty(n, dtype=acc)
+        if rows == 0:
+            dweight.fill(0)
+            dbias.fill(0)
+            return dx2, dweight, dbias
+        cfg = reduce_launch("grad", (rows, n, 1), key, False, self._device(), self.tuning)
+        cfg = dataclasses.replace(cfg, kernel="ln_backward_wgrad")
+        partials, counters = self._workspace(cfg)
+        self._launch(cfg, key, (dy2, x2, mean, rstd, np.int64(rows), np.int32(n), partials,
+                                counters, dweight, dbias))
+        return dx2, dweight, dbias
+
+
+def renorm_finish_launch(channels: int) -> Launch:
+    """One thread per channel for ``bn_renorm_finish``."""
+    threads = min(256, max(WARP, 1 << (max(channels, 1) - 1).bit_length()))
+    return Launch("bn_renorm_finish", 1, (-(-channels // threads), 1, 1), (threads, 1, 1))
+
+
+def ln_row_launch(op: str, rows: int, n: int, dtype_key: str, aligned: bool,
+                  dev: DeviceAttributes, tuning: Tuning) -> Launch:
+    """Launch of a layer-norm row kernel (``op``: ``'forward'`` or
+    ``'backward_dx'``).  Rows of up to 8 vector units per lane go one warp per
+    row (``tuning.reduce_threads // 32`` rows per block); longer rows one block
+    per row, sized to give each thread about 8 units.  Grids stop growing at
+    ``sm_count * map_blocks_per_sm`` blocks (the kernels stride over rows)."""
+    width = catalog.vector_width(dtype_key)
+    vec = width if aligned and n % width == 0 else 1
+    units = n // vec
+    max_blocks = dev.sm_count * tuning.map_blocks_per_sm
+    if units <= 8 * WARP:
+        per_block = max(1, tuning.reduce_threads // WARP)
+        grid = max(1, min(-(-rows // per_block), max_blocks))
+        return Launch(f"ln_{op}_warp", vec, (grid, 1, 1), (WARP, per_block, 1))
+    threads = max(WARP, min(tuning.reduce_threads, 1 << (-(-units // 8) - 1).bit_length()))
+    return Launch(f"ln_{op}_block", vec, (max(1, min(rows, max_blocks)), 1, 1), (threads, 1, 1))
+
+
+__all__ = ["KernelBackend", "debug_enabled", "debug_report", "ln_row_launch",
+           "renorm_finish_launch"]
