@@ -40,7 +40,6 @@ Where others differ:
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass
 from typing import Any
