@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -54,7 +55,7 @@ def _mpi_or_skip():
     return mpiexec
 
 
-def _launch(mpiexec, nranks, out_dir):
+def _launch(mpiexec, nranks, out_dir, script=HERE / "mpi_worker.py"):
     version = subprocess.run([mpiexec, "--version"], capture_output=True, text=True,
                              timeout=30).stdout
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -63,7 +64,7 @@ def _launch(mpiexec, nranks, out_dir):
     if "Open MPI" in version or "OpenRTE" in version or "PRRTE" in version:
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
         args.append("--oversubscribe")
-    args += ["-n", str(nranks), sys.executable, str(HERE / "mpi_worker.py"), str(out_dir)]
+    args += ["-n", str(nranks), sys.executable, str(script), str(out_dir)]
     try:
         proc = subprocess.run(args, env=env, capture_output=True, text=True,
                               timeout=LAUNCH_TIMEOUT_S, cwd=str(ROOT))
@@ -73,6 +74,8 @@ def _launch(mpiexec, nranks, out_dir):
     if proc.returncode != 0:
         pytest.fail(f"mpiexec -n {nranks} failed with status {proc.returncode}\n"
                     f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
+    if script != HERE / "mpi_worker.py":
+        return proc.stdout
     results = []
     for r in range(nranks):
         with open(out_dir / f"rank{r}.pkl", "rb") as f:
@@ -238,3 +241,17 @@ def test_bad_dy_on_one_rank_raises_everywhere_and_the_next_step_works(mpi_run, b
             assert first.get("error") == "RemoteRankError", f"rank {r}: {first}"
     ref = _reference_layer(data, backend, [0, 1])
     _check_step([rec[1] for rec in recs], ref[1], data, 1)
+
+
+def test_readme_example_runs_on_two_ranks(tmp_path):
+    mpiexec = _mpi_or_skip()
+    text = (ROOT / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```py\n(.*?)```", text, flags=re.S)
+              if "sync_bn_example.py" in b]
+    assert len(blocks) == 1, "README lacks the sync_bn_example.py block"
+    script = tmp_path / "sync_bn_example.py"
+    script.write_text(blocks[0])
+    out = _launch(mpiexec, 2, tmp_path, script=script)
+    assert out.startswith("2 ranks: [") and out.count("\n") == 1, out
+    # dbias is the sum of dy = 1 over the global batch: 8 + 9 samples of 10 x 10
+    assert out.strip().endswith("[1700. 1700. 1700.]"), out
