@@ -291,8 +291,9 @@ def pack_stats(xp, num_channels: int, count: int = 0, mean=None, m2=None, failed
     samples (``count == 0``) or a failed one sends zero statistics, so that a
     NaN mean from an empty reduction never reaches the merge."""
     buf = xp.zeros(forward_message_size(num_channels), dtype=np.float64)
-    buf[0] = 1.0 if failed else 0.0
-    if not failed and count > 0:
+    if failed:
+        buf[0] = 1.0
+    elif count > 0:
         buf[1] = float(count)
         buf[2:2 + num_channels] = mean
         buf[2 + num_channels:] = m2
@@ -463,7 +464,7 @@ def sync_batch_norm_forward(x, weight=None, bias=None, running_mean=None, runnin
                                                   _to_acc(xp, running_var, acc), eps)
         else:
             mean = _to_acc(xp, running_mean, acc).copy()
-            invstd = (1.0 / xp.sqrt(running_var.astype(np.float64) + eps)).astype(acc)
+            invstd = (1.0 / xp.sqrt(_to_acc(xp, running_var, np.float64) + eps)).astype(acc)
             y3 = x3.copy()
         global_count = local_count
     else:
