@@ -229,9 +229,10 @@ def plot(rows: Sequence[Dict], path: str) -> Optional[str]:
     gpu = any(r["device"] == "gpu" for r in measured)
     ops = list(OrderedDict.fromkeys(r["op"] for r in measured))
     providers = [p for p in _providers_in_order(measured)]
-    if not gpu:
+    if not gpu:   # PyTorch itself is the dashed line at 1
         providers = [p for p in providers
-                     if any(r["provider"] == p and r.get("ratio_to_torch") for r in measured)]
+                     if any(r["provider"] == p and r["backend"] != "torch" and r.get("ratio_to_torch")
+                            for r in measured)]
         if not providers:
             return None
     fig, axes = plt.subplots(len(ops), 1, figsize=(12, 3.2 * len(ops)), squeeze=False)
@@ -244,11 +245,11 @@ def plot(rows: Sequence[Dict], path: str) -> Optional[str]:
             for c in cases:
                 match = [r for r in measured if r["provider"] == p and r["op"] == op and _case_key(r)[:4] == c]
                 if not match:
-                    vals.append(0.0)
+                    vals.append(float("nan"))
                 elif gpu:
-                    vals.append(match[0]["gbps"] or 0.0)
+                    vals.append(match[0]["gbps"] or float("nan"))
                 else:
-                    vals.append(match[0].get("ratio_to_torch") or 0.0)
+                    vals.append(match[0].get("ratio_to_torch") or float("nan"))
             xs = [j + (i - (len(providers) - 1) / 2) * width for j in range(len(cases))]
             ax.bar(xs, vals, width, label=p)
         if gpu:
@@ -258,7 +259,8 @@ def plot(rows: Sequence[Dict], path: str) -> Optional[str]:
             ax.set_ylabel("GB/s")
         else:
             ax.axhline(1.0, color="k", linestyle="--", linewidth=1, label="PyTorch")
-            ax.set_ylabel("time / PyTorch")
+            ax.set_yscale("log")
+            ax.set_ylabel("time / PyTorch (log)")
         ax.set_title(op)
         ax.set_xticks(range(len(cases)))
         ax.set_xticklabels(labels, fontsize=7)
