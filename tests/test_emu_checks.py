@@ -323,6 +323,18 @@ def test_trap(mod):
         mod.get_function("trap_kernel")(1, 8, (np.zeros(8, np.int32),))
 
 
+def test_device_side_assert():
+    src = r'''#include <assert.h>
+extern "C" __global__ void k(const int* x) {
+    assert(x[threadIdx.x] >= 0);
+}'''
+    fn = emu.RawModule(code=src).get_function("k")
+    fn(1, 8, (np.arange(8, dtype=np.int32),))
+    with pytest.raises(emu.KernelError, match=r"thread \(5, 0, 0\): assertion `x\[threadIdx.x\] >= 0' failed at "
+                                              r"kernel\.cu:3"):
+        fn(1, 8, (np.array([0, 1, 2, 3, 4, -1, 6, 7], np.int32),))
+
+
 def test_module_usable_after_errors(mod):
     # an aborted launch leaves nothing behind: the next launch of the module is clean
     x = np.arange(64, dtype=np.float32)

@@ -326,6 +326,8 @@ def test_argument_count_and_types(mod):
         fn(1, 32, (x, x, x))
     with pytest.raises(ValueError, match=r"argument 0: arrays must be contiguous"):
         fn(1, 32, (np.zeros(8, np.float32)[::2], x, np.int64(4)))
+    with pytest.raises(TypeError, match=r"argument 1: arrays of Python objects"):
+        fn(1, 32, (x, np.array([None] * 4), np.int64(4)))
     with pytest.raises(TypeError, match=r"args must be a tuple"):
         fn(1, 32, x)
     with pytest.raises(ValueError, match=r"block \(2048, 1, 1\) exceeds"):
@@ -359,6 +361,18 @@ def test_refused_constructs(snippet, construct):
     src = 'extern "C" __global__ void k(float* y) {\n' + snippet + "\n}\n"
     with pytest.raises(emu.EmuCompileError, match=rf"kernel\.cu:2: {construct}.* not supported"):
         emu.RawModule(code=src).compile()
+
+
+def test_constant_memory():
+    src = r'''__constant__ float coeff[3] = {0.5f, 2.0f, -1.0f};
+extern "C" __global__ void k(const float* x, float* y) { y[threadIdx.x] = coeff[threadIdx.x % 3] * x[threadIdx.x]; }
+'''
+    x = np.arange(6, dtype=np.float32)
+    y = np.zeros_like(x)
+    emu.RawModule(code=src).get_function("k")(1, 6, (x, y))
+    np.testing.assert_array_equal(y, x * np.tile([0.5, 2.0, -1.0], 2))
+    with pytest.raises(emu.EmuCompileError, match=r"kernel\.cu:1: __constant__ variables without an initializer"):
+        emu.RawModule(code="__constant__ float c[4];\n").compile()
 
 
 def test_device_global_variable_refused():

@@ -13,13 +13,17 @@ warp.  Every launch is checked:
   bad access never happens);
 * racecheck -- a shared-memory byte written by one thread and read or written
   by another with no ``__syncthreads()`` (``__syncwarp()`` inside a warp) in
-  between raises :class:`RaceError` naming both threads;
+  between raises :class:`RaceError` naming both threads and the ``__shared__``
+  variable; shuffles and atomics are not races;
+* initcheck -- a load of shared memory no thread of the block has written
+  raises :class:`MemcheckError` (reported at the next barrier, so that a
+  missing barrier is reported as the race it is);
 * deadlock -- a barrier not every thread of the block reaches raises
   :class:`DeadlockError` instead of hanging;
 * traffic -- bytes loaded from and stored to each argument array are counted
   per launch (:func:`launch_log`).
 
-Use it like CuPy::
+Use it like CuPy (``RawModule(path="k.cu")`` reads the source from a file)::
 
     import numpy as np
     from gpubn import emu
@@ -40,7 +44,7 @@ Options: ``-I``, ``-D``, ``-U`` and ``-std=c++17/20`` are honoured; other
 NVRTC flags (``-arch``, ``--use_fast_math``, ...) are accepted and ignored.
 ``GPUBN_EMU=1`` is defined; ``__CUDACC__``, ``__CUDA_ARCH__`` and
 ``__CUDACC_RTC__`` are not.  Checks are on by default; change them with
-``set_options(memcheck=..., racecheck=..., seed=...)`` or
+``set_options(memcheck=..., racecheck=..., initcheck=..., seed=...)`` or
 ``with options(seed=3): ...``; ``seed`` shuffles the order in which blocks run
 (``GPUBN_EMU_SEED`` sets the default).  Libraries are cached under
 ``$GPUBN_CACHE_DIR/emu`` (default ``~/.cache/gpubn/emu``).  A GCC ``g++``
@@ -52,13 +56,15 @@ static ``__shared__`` arrays and ``extern __shared__ T name[];`` (rewritten to
 the launch's dynamic shared memory, 16-byte aligned, at most 227 KiB),
 ``__syncthreads`` (and ``_count/_and/_or``), ``__syncwarp``, ``__shfl*_sync``
 (any type of at most 8 bytes, widths 1..32), ``__ballot/__any/__all_sync``,
-``__activemask``, ``__match_any_sync``, ``__reduce_*_sync``, atomics
+``__activemask`` (the lanes that have not exited), ``__match_any_sync``,
+``__reduce_*_sync``, atomics
 (``atomicAdd/Sub/Exch/Min/Max/And/Or/Xor/Inc/Dec/CAS``), fences, ``__ldg`` and
 the cache-hint loads/stores, CUDA vector types (``float4``, ...), the math
 functions and intrinsics of the CUDA math API that have a C library
 counterpart (``rsqrtf``, ``__fdividef``, ``__frcp_rn``, ...), bit casts and
 integer intrinsics (``__popc``, ``__clz``, ``__ffs``, ...), ``__constant__``
-data with an initializer, ``printf``.
+data with an initializer, ``printf``, and ``assert`` (a failed assertion
+raises :class:`KernelError`, as does ``__trap()``).
 
 Refused at compile time with :class:`EmuCompileError` naming the construct:
 inline ``asm``, cooperative groups, textures and surfaces, ``__managed__``
@@ -67,7 +73,7 @@ the pre-CUDA-9 warp intrinsics without ``_sync``.  CUDA toolkit headers are
 not available (``#include <cuda_fp16.h>`` fails to compile).
 
 Semantics worth knowing: blocks run one after another on the calling OS
-thread; a barrier must be reached by every thread of the block (a thread that
+thread, each CUDA thread on a 64 KiB stack; a barrier must be reached by every thread of the block (a thread that
 returned early makes a later ``__syncthreads()`` a deadlock, as the CUDA
 programming guide requires); warp collectives must name only live lanes of
 the warp; a shuffle reading a lane outside its mask returns all-ones bits;

@@ -160,6 +160,8 @@ _REFUSED = (
     (r"\btexture\s*<|\b(?:tex|surf)[123]D\w*\s*(?:<[^<>;]*>)?\s*\(|\bcuda(?:Texture|Surface)Object_t\b",
      "textures and surfaces", "not supported by the emu runtime"),
     (r"\b__managed__\b", "__managed__ memory", "not supported by the emu runtime"),
+    (r"\b__constant__\b[^=;{}()]*;", "__constant__ variables without an initializer",
+     "emu cannot set them from the host; give them an initializer"),
     (r"<<<", "dynamic parallelism (a launch inside a kernel)", "not supported by the emu runtime"),
     (r"\bnvcuda::wmma\b|\bwmma::", "warp matrix functions (wmma)", "not supported by the emu runtime"),
     (r"\b__shfl(?:_up|_down|_xor)?\s*\(|\b__ballot\s*\(|\b__any\s*\(|\b__all\s*\(",

@@ -122,6 +122,8 @@ class Function:
                 if a is None:
                     cell = ctypes.c_void_p(0)
                 else:
+                    if a.dtype.hasobject:
+                        raise TypeError(f"{where}: arrays of Python objects cannot be passed to a kernel")
                     if not (a.flags.c_contiguous or a.flags.f_contiguous):
                         raise ValueError(f"{where}: arrays must be contiguous (pass np.ascontiguousarray(...))")
                     cell = ctypes.c_void_p(a.ctypes.data)

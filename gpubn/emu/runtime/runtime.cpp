@@ -17,6 +17,7 @@
 //   - anything else                              -> memcheck error.
 // An error never lets the access happen: the fiber switches back to the
 // scheduler and the launch is abandoned.
+#include <assert.h>
 #include <errno.h>
 #include <link.h>
 #include <dlfcn.h>
@@ -647,6 +648,19 @@ long long clock64() {
 }
 
 void trap(const char* what) { kernel_error("%s was called", what); }
+
+}  // namespace gpubn_emu
+
+// assert() in device code: a failed assertion aborts the launch with a
+// KernelError (CUDA's "device-side assert triggered"), not the process.
+EMU_EXPORT void __assert_fail(const char* expr, const char* file, unsigned line, const char* func) noexcept {
+    if (R && R->cur)
+        kernel_error("assertion `%s' failed at %s:%u in %s", expr, file, line, func);
+    fprintf(stderr, "%s:%u: %s: Assertion `%s' failed.\n", file, line, func, expr);
+    abort();
+}
+
+namespace gpubn_emu {
 
 }  // namespace gpubn_emu
 
