@@ -55,7 +55,7 @@ def _mpi_or_skip():
     return mpiexec
 
 
-def _launch(mpiexec, nranks, out_dir, script=HERE / "mpi_worker.py"):
+def _launch(mpiexec, nranks, out_dir, script=HERE / "mpi_worker.py", mode="cpu"):
     version = subprocess.run([mpiexec, "--version"], capture_output=True, text=True,
                              timeout=30).stdout
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -64,7 +64,7 @@ def _launch(mpiexec, nranks, out_dir, script=HERE / "mpi_worker.py"):
     if "Open MPI" in version or "OpenRTE" in version or "PRRTE" in version:
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
         args.append("--oversubscribe")
-    args += ["-n", str(nranks), sys.executable, str(script), str(out_dir)]
+    args += ["-n", str(nranks), sys.executable, str(script), str(out_dir), mode]
     try:
         proc = subprocess.run(args, env=env, capture_output=True, text=True,
                               timeout=LAUNCH_TIMEOUT_S, cwd=str(ROOT))
@@ -167,22 +167,15 @@ def _check_step(got_by_rank, ref, data, step):
                 assert np.array_equal(v, vals[0]), f"{key} differs between rank 0 and {r}"
 
 
-BACKENDS = ["numpy", "emu"]
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", ["equal_nchw", "channels_last_noaffine"])
-def test_layer_steps_match_single_process(mpi_run, backend, case):
-    nranks, recs = _records(mpi_run, backend, case)
+# ---- checks of one case; ref_backend runs the single-process reference ----
+def check_layer_case(nranks, recs, case, ref_backend):
     data = case_data(case, nranks)
-    ref = _reference_layer(data, backend, range(len(data["modes"])))
+    ref = _reference_layer(data, ref_backend, range(len(data["modes"])))
     for step in range(len(data["modes"])):
         _check_step([rec[step] for rec in recs], ref[step], data, step)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_functional_unequal_split_with_empty_rank(mpi_run, backend):
-    nranks, recs = _records(mpi_run, backend, "unequal_zero_functional")
+def check_functional_case(nranks, recs, ref_backend):
     data = case_data("unequal_zero_functional", nranks)
     assert 0 in data["splits"]
     c = data["c"]
@@ -190,16 +183,14 @@ def test_functional_unequal_split_with_empty_rank(mpi_run, backend):
     for step, (x, dy) in enumerate(data["steps"]):
         y, saved = gpubn.batch_norm_forward(x, data["weight"], data["bias"], rm, rv,
                                             momentum=None, num_batches_tracked=step,
-                                            backend=backend)
+                                            backend=ref_backend)
         dx, dw, db = gpubn.batch_norm_backward(dy, saved)
         ref = dict(y=y, dx=dx, dweight=dw, dbias=db, running_mean=rm.copy(),
                    running_var=rv.copy(), num_batches_tracked=step + 1)
         _check_step([rec[step] for rec in recs], ref, data, step)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_one_value_per_channel_raises_on_every_rank(mpi_run, backend):
-    nranks, recs = _records(mpi_run, backend, "one_value")
+def check_one_value(recs):
     for r, rec in enumerate(recs):
         assert rec[0].get("error") == "ValueError", f"rank {r}: {rec[0]}"
         assert "more than 1 value per channel" in rec[0]["message"]
@@ -209,9 +200,7 @@ def test_one_value_per_channel_raises_on_every_rank(mpi_run, backend):
         assert rec[0]["num_batches_tracked"] == 0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_bad_input_on_one_rank_raises_everywhere_and_the_next_step_works(mpi_run, backend):
-    nranks, recs = _records(mpi_run, backend, "bad_rank")
+def check_bad_rank(nranks, recs, ref_backend):
     data = case_data("bad_rank", nranks)
     for r, rec in enumerate(recs):
         first = rec[0]
@@ -225,22 +214,87 @@ def test_bad_input_on_one_rank_raises_everywhere_and_the_next_step_works(mpi_run
         assert np.array_equal(first["running_var"], np.ones(3, np.float32))
         assert first["num_batches_tracked"] == 0
     # the failed step did not desynchronize the ranks: the next one is right
-    ref = _reference_layer(data, backend, [1])
+    ref = _reference_layer(data, ref_backend, [1])
     _check_step([rec[1] for rec in recs], ref[1], data, 1)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_bad_dy_on_one_rank_raises_everywhere_and_the_next_step_works(mpi_run, backend):
-    nranks, recs = _records(mpi_run, backend, "bad_dy_rank")
+def check_bad_dy(nranks, recs, ref_backend, device):
+    """Host buffers: the other ranks raise.  Device buffers: the status is not
+    read back (no synchronization), the other ranks' gradients are NaN."""
     data = case_data("bad_dy_rank", nranks)
     for r, rec in enumerate(recs):
         first = rec[0]
         if r == 1:
             assert first.get("error") == "TypeError" and "dy" in first["message"], first
+        elif device:
+            assert "error" not in first, f"rank {r}: {first}"
+            assert np.isnan(first["dweight"]).all() and np.isnan(first["dx"]).all()
         else:
             assert first.get("error") == "RemoteRankError", f"rank {r}: {first}"
-    ref = _reference_layer(data, backend, [0, 1])
+    ref = _reference_layer(data, ref_backend, [0, 1])
     _check_step([rec[1] for rec in recs], ref[1], data, 1)
+
+
+# ------------------------------------------------------- CPU: numpy, emu ----
+BACKENDS = ["numpy", "emu"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["equal_nchw", "channels_last_noaffine"])
+def test_layer_steps_match_single_process(mpi_run, backend, case):
+    nranks, recs = _records(mpi_run, backend, case)
+    check_layer_case(nranks, recs, case, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_functional_unequal_split_with_empty_rank(mpi_run, backend):
+    check_functional_case(*_records(mpi_run, backend, "unequal_zero_functional"), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_value_per_channel_raises_on_every_rank(mpi_run, backend):
+    check_one_value(_records(mpi_run, backend, "one_value")[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_input_on_one_rank_raises_everywhere_and_the_next_step_works(mpi_run, backend):
+    check_bad_rank(*_records(mpi_run, backend, "bad_rank"), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_dy_on_one_rank_raises_everywhere_and_the_next_step_works(mpi_run, backend):
+    check_bad_dy(*_records(mpi_run, backend, "bad_dy_rank"), backend, device=False)
+
+
+# ------------------------------------------- GPU: cuda over MPI and NCCL ----
+@pytest.fixture(scope="module")
+def gpu_mpi_run(tmp_path_factory):
+    mpiexec = _mpi_or_skip()
+    cupy = pytest.importorskip("cupy", reason="no CUDA device / NCCL: CuPy is not installed")
+    try:
+        ndev = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # noqa: BLE001 - no driver
+        pytest.skip(f"no CUDA device: {exc}")
+    if ndev < 1:
+        pytest.skip("no CUDA device")
+    try:
+        gpubn.get_backend("cuda")
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    return 2, _launch(mpiexec, 2, tmp_path_factory.mktemp("mpi_gpu"), mode="gpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("transport", ["cuda+mpi", "cuda+nccl"])
+def test_gpu_ranks_match_single_process(gpu_mpi_run, transport):
+    nranks, _ = gpu_mpi_run
+    for case in ("equal_nchw", "channels_last_noaffine"):
+        check_layer_case(nranks, _records(gpu_mpi_run, transport, case)[1], case, "numpy")
+    check_functional_case(*_records(gpu_mpi_run, transport, "unequal_zero_functional"),
+                          "numpy")
+    check_one_value(_records(gpu_mpi_run, transport, "one_value")[1])
+    check_bad_rank(*_records(gpu_mpi_run, transport, "bad_rank"), "numpy")
+    check_bad_dy(*_records(gpu_mpi_run, transport, "bad_dy_rank"), "numpy", device=True)
 
 
 def test_readme_example_runs_on_two_ranks(tmp_path):
