@@ -59,12 +59,12 @@ def ln_forward(x2, weight, bias, eps):
     w = None if weight is None else np.asarray(weight, dtype=wdt)
     b = None if bias is None else np.asarray(bias, dtype=wdt)
     ones = np.ones(n, dtype=wdt)
-    step = max(1, _CHUNK // n)
-    scratch = np.empty((min(step, rows), n), dtype=wdt)
+    direct = x2.dtype == wdt     # work in y's own memory, else in a scratch block
+    scratch = None if direct else np.empty((min(max(1, _CHUNK // n), rows), n), dtype=wdt)
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         for s, e in _blocks(rows, n):
             blk = x2[s:e].astype(wdt, copy=False)
-            d, m0, mean, m2 = _centered(blk, n, ones, scratch[:e - s])
+            d, m0, mean, m2 = _centered(blk, n, ones, y2[s:e] if direct else scratch[:e - s])
             rstd = 1.0 / np.sqrt(m2 / n + eps)
             # y = (d - (mean - m0)) * rstd * w + b, in place in d
             d -= (mean - m0).astype(wdt)[:, None]
@@ -73,7 +73,8 @@ def ln_forward(x2, weight, bias, eps):
                 d *= w
             if b is not None:
                 d += b
-            y2[s:e] = d
+            if not direct:
+                y2[s:e] = d
             mean_out[s:e] = mean
             rstd_out[s:e] = rstd
     return y2, mean_out, rstd_out
