@@ -316,3 +316,17 @@ def test_emu_column_reduction_is_deterministic():
     for other in results[1:]:
         for a, e in zip(other, results[0]):
             np.testing.assert_array_equal(a, e)
+
+
+def test_nonfinite_values_stay_in_their_row(backend):
+    """A NaN or Inf makes its own row NaN (as in PyTorch); other rows are
+    untouched, since layer norm never mixes rows in the forward."""
+    x, w, b, _ = make((4, 300), (300,), np.float32, seed=13)
+    x[1, 7] = np.nan
+    x[2, 100] = np.inf
+    y, saved = gpubn.layer_norm_forward(to_backend(backend, x), 300, to_backend(backend, w),
+                                        to_backend(backend, b), backend=backend.name)
+    y = to_numpy(y)
+    assert np.isnan(y[1]).all() and np.isnan(y[2]).all()
+    ref_y = torch_layer_norm(x[[0, 3]], (300,), w, b, 1e-5, np.zeros((2, 300)))[0]
+    assert_close(y[[0, 3]], ref_y, np.float32, "finite rows")
