@@ -28,7 +28,9 @@ array module, which is all the layer uses (any object with ``rank``, ``size``,
 
 ``status`` carries input errors: a rank whose own input is invalid still takes
 part in the collective with ``status = 1`` and then raises its error, and the
-other ranks raise :class:`RemoteRankError` instead of waiting forever.
+other ranks raise :class:`RemoteRankError` instead of waiting forever (in the
+backward on CuPy arrays they get NaN gradients instead: the status is not read
+back there, so that the backward never synchronizes with the host).
 """
 
 from __future__ import annotations
@@ -355,9 +357,11 @@ def _num_channels(num_features, x, axis, *vectors) -> int:
     extent.  Raises when none is usable (that is a local-only failure: see the
     module notes)."""
     if num_features is not None:
-        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) \
-                or num_features < 1:
-            raise ValueError(f"num_features must be a positive int or None, got {num_features!r}")
+        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
+            raise TypeError("num_features must be an int or None, got "
+                            f"{type(num_features).__name__}")
+        if num_features < 1:
+            raise ValueError(f"num_features must be at least 1, got {num_features}")
         return int(num_features)
     for v in vectors:
         if v is not None and getattr(v, "ndim", None) == 1 and v.shape[0] >= 1:
@@ -522,9 +526,10 @@ def sync_batch_norm_backward(dy, saved: SyncBatchNormSaved):
     ``2C + 1`` float64 values, after a training forward and after an eval one.
 
     An invalid ``dy`` on one rank: that rank raises its error after taking
-    part in the all-reduce; on host buffers (NumPy, or MPI with host staging)
-    the others raise :class:`RemoteRankError`; on device buffers the status is
-    not read back (no host synchronization) and their gradients come out NaN.
+    part in the all-reduce; with NumPy arrays the others raise
+    :class:`RemoteRankError`; with CuPy arrays (any communicator) the status
+    is not read back, to keep the backward free of host synchronization, and
+    their gradients come out NaN.
     """
     if not isinstance(saved, SyncBatchNormSaved):
         raise TypeError("saved must be the SyncBatchNormSaved returned by "
