@@ -160,13 +160,32 @@ def read_source(source: str) -> str:
         return f.read()
 
 
+@functools.lru_cache(maxsize=None)
+def headers_fingerprint() -> str:
+    """A hash of the kernel headers (*.cuh).  CuPy's on-disk cache keys
+    compiled modules by source text and options, not by included files, so
+    the fingerprint goes into the options: an edited header recompiles."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    directory = kernels_dir()
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".cuh"):
+            digest.update(name.encode())
+            with open(os.path.join(directory, name), "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
 def compile_options() -> Tuple[str, ...]:
-    """Options for NVRTC / emu: the kernels' include directory and C++17."""
-    return ("-I" + kernels_dir(),) + COMPILE_OPTIONS
+    """Options for NVRTC / emu: the kernels' include directory, C++17 and the
+    headers' fingerprint."""
+    return (("-I" + kernels_dir(),) + COMPILE_OPTIONS
+            + (f"-DGPUBN_HEADERS=0x{headers_fingerprint()}",))
 
 
 __all__ = [
     "CXX_TYPES", "KERNELS", "SOURCES", "KernelSpec", "dtype_name", "vector_width",
     "name_expression", "name_expressions", "kernel_of", "all_name_expressions", "kernels_dir",
-    "read_source", "compile_options",
+    "read_source", "compile_options", "headers_fingerprint",
 ]
