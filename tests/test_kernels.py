@@ -306,3 +306,16 @@ def test_per_channel_vectors_must_match_the_accumulation_dtype():
 def test_unsupported_dtype_is_refused():
     with pytest.raises(TypeError, match="dtype 'int32' has no kernels"):
         EMU.bn_stats(np.zeros((2, 3, 4), np.int32))
+
+
+# ------------------------------------------------------------------- debug --
+def test_debug_reports_only_when_asked(monkeypatch, capsys):
+    x = _data((2, 3, 8), np.float32)[0]
+    monkeypatch.delenv("GPUBN_DEBUG_KERNELS", raising=False)
+    EMU.bn_stats(x)
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+    monkeypatch.setenv("GPUBN_DEBUG_KERNELS", "1")
+    EMU.bn_stats(x)
+    err = capsys.readouterr().err
+    assert "gpubn::bn_stats_nchw<float, float, 4>" in err and "grid=" in err
