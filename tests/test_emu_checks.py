@@ -335,6 +335,28 @@ extern "C" __global__ void k(const int* x) {
         fn(1, 8, (np.array([0, 1, 2, 3, 4, -1, 6, 7], np.int32),))
 
 
+def test_stack_overflow_and_wild_access_do_not_kill_the_process():
+    src = r'''
+__device__ int deep(int n) {
+    volatile int pad[64];
+    pad[n & 63] = n;
+    return n == 0 ? 0 : 1 + deep(n - 1) + pad[(n + 1) & 63] * 0;
+}
+extern "C" __global__ void rec(int* y, int n) { y[threadIdx.x] = deep(n); }
+extern "C" __global__ void wild(int* y, long long off) { y[off] = 1; }
+'''
+    m = emu.RawModule(code=src)
+    y = np.zeros(4, np.int32)
+    with pytest.raises(emu.KernelError, match=r"thread \(0, 0, 0\): stack overflow: the thread used more than its "
+                                              r"64 KiB stack"):
+        m.get_function("rec")(1, 4, (y, np.int32(100000)))
+    with emu.options(memcheck=False), pytest.raises(emu.KernelError, match=r"segmentation fault at address .*"
+                                                                           r"memcheck is off"):
+        m.get_function("wild")(1, 1, (y, np.int64(1 << 44)))
+    m.get_function("rec")(1, 4, (y, np.int32(20)))
+    np.testing.assert_array_equal(y, 20)
+
+
 def test_module_usable_after_errors(mod):
     # an aborted launch leaves nothing behind: the next launch of the module is clean
     x = np.arange(64, dtype=np.float32)

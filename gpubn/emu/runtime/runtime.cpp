@@ -26,6 +26,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <pthread.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
@@ -835,6 +837,70 @@ EMU_EXPORT int64_t gpubn_emu_max_dynamic_shared() { return (int64_t)kDynCap; }
 
 __attribute__((section(".data.gpubn_emu"))) static std::mutex* init_mutex = new std::mutex();
 
+// ------------------------------------------------------------------ faults
+// While a launch runs, SIGSEGV/SIGBUS raised by kernel code (a thread running
+// off its stack into the guard page, or a wild access with memcheck off) abort
+// the launch with a KernelError instead of killing the process.  The handler
+// runs on an alternate stack and switches straight back to the scheduler; any
+// other fault goes to the previous handler.
+namespace {
+struct FaultState {
+    struct sigaction old_segv, old_bus;
+    stack_t old_stack;
+    char* alt;
+    pthread_t owner;   // the thread running the launch
+};
+__attribute__((section(".data.gpubn_emu"))) FaultState* g_fault = nullptr;
+}  // namespace
+
+static void fault_handler(int sig, siginfo_t* si, void*) {
+    Fiber* f = R ? R->cur : nullptr;
+    if (!f || !R->L || !pthread_equal(pthread_self(), g_fault->owner)) {
+        // not kernel code: let the previous handler have it (the access faults again)
+        sigaction(SIGSEGV, &g_fault->old_segv, nullptr);
+        sigaction(SIGBUS, &g_fault->old_bus, nullptr);
+        return;
+    }
+    const uintptr_t a = (uintptr_t)si->si_addr;
+    Launch* L = R->L;
+    L->error = KERNEL;
+    set_where(f);
+    L->address = a;
+    if (a >= f->stack_lo - kGuard - 4096 && a < f->stack_lo)
+        snprintf(L->message, sizeof L->message,
+                 "stack overflow: the thread used more than its %zu KiB stack (deep recursion or large local "
+                 "arrays)", kStack / 1024);
+    else
+        snprintf(L->message, sizeof L->message, "%s at address 0x%lx (an access memcheck did not check%s)",
+                 sig == SIGBUS ? "bus error" : "segmentation fault", (unsigned long)a,
+                 R->memcheck ? "" : ": memcheck is off");
+    ctx_switch(&f->sp, R->sched_sp);
+}
+
+static void install_fault_handler() {
+    if (!g_fault) {
+        g_fault = new FaultState();
+        g_fault->alt = (char*)mmap(nullptr, 65536, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    }
+    g_fault->owner = pthread_self();
+    stack_t st{};
+    st.ss_sp = g_fault->alt;
+    st.ss_size = 65536;
+    sigaltstack(&st, &g_fault->old_stack);
+    struct sigaction sa {};
+    sa.sa_sigaction = fault_handler;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &g_fault->old_segv);
+    sigaction(SIGBUS, &sa, &g_fault->old_bus);
+}
+
+static void restore_fault_handler() {
+    sigaction(SIGSEGV, &g_fault->old_segv, nullptr);
+    sigaction(SIGBUS, &g_fault->old_bus, nullptr);
+    sigaltstack(&g_fault->old_stack, nullptr);
+}
+
 EMU_EXPORT int64_t gpubn_emu_launch(Launch* L) {
     {
         std::lock_guard<std::mutex> g(*init_mutex);
@@ -851,12 +917,14 @@ EMU_EXPORT int64_t gpubn_emu_launch(Launch* L) {
     if (nt < 1 || nt > kMaxThreads) {
         L->error = CONFIG;
         set_message("block has %lld threads; it must have 1 to %d", (long long)nt, kMaxThreads);
+        R->L = nullptr;
         return L->error;
     }
     if (L->shared_mem < 0 || (uint64_t)L->shared_mem > kDynCap) {
         L->error = CONFIG;
         set_message("shared_mem=%lld exceeds the %zu bytes of dynamic shared memory available",
                     (long long)L->shared_mem, kDynCap);
+        R->L = nullptr;
         return L->error;
     }
     scan_module();
@@ -871,6 +939,7 @@ EMU_EXPORT int64_t gpubn_emu_launch(Launch* L) {
     if (!ensure_memory((int)nt, (size_t)L->shared_mem)) {
         L->error = CONFIG;
         set_message("cannot allocate fiber stacks: %s", strerror(errno));
+        R->L = nullptr;
         return L->error;
     }
     const uint64_t nblocks = (uint64_t)L->grid[0] * L->grid[1] * L->grid[2];
@@ -881,6 +950,7 @@ EMU_EXPORT int64_t gpubn_emu_launch(Launch* L) {
         uint64_t s = (uint64_t)L->seed;
         for (uint64_t i = nblocks; i > 1; --i) std::swap(order[i - 1], order[splitmix(s) % i]);
     }
+    install_fault_handler();
     for (uint64_t k = 0; k < nblocks; ++k) {
         uint64_t i = L->shuffle ? order[k] : k;
         uint3 b{(unsigned)(i % L->grid[0]), (unsigned)((i / L->grid[0]) % L->grid[1]),
@@ -888,6 +958,7 @@ EMU_EXPORT int64_t gpubn_emu_launch(Launch* L) {
         if (!run_block(b)) break;
         ++L->blocks_run;
     }
+    restore_fault_handler();
     R->cur = nullptr;
     R->L = nullptr;
     return L->error;
