@@ -136,13 +136,12 @@ def batch_renorm_forward(x, weight, bias, running_mean, running_std, rmax=1.0, d
         rm = running_mean if _is_acc_vector(running_mean, acc) else _to_acc(xp, running_mean, acc)
         rs = running_std if _is_acc_vector(running_std, acc) else _to_acc(xp, running_std, acc)
         factor = resolve_momentum(momentum, num_batches_tracked)
-        y3, mean, invstd, r, d = be.bn_renorm_forward_train(x3, w, b, rm, rs, rmax, dmax,
-                                                            factor, eps)
+        y3, mean, invstd, r, d, w_bn = be.bn_renorm_forward_train(x3, w, b, rm, rs, rmax, dmax,
+                                                                  factor, eps)
         if rm is not running_mean:
             running_mean[...] = rm
         if rs is not running_std:
             running_std[...] = rs
-        w_bn = r if w is None else w * r
     else:
         mean = _to_acc(xp, running_mean, acc).copy()
         invstd = (1.0 / _to_acc(xp, running_std, acc)).astype(acc, copy=False)

@@ -94,8 +94,10 @@ class Backend:
     # -- batch renorm --------------------------------------------------
     def bn_renorm_forward_train(self, x3, weight, bias, running_mean, running_std,
                                 rmax: float, dmax: float, momentum: float,
-                                eps: float) -> Tuple[Any, Any, Any, Any, Any]:
-        """Batch renorm training forward: returns ``(y3, mean, invstd, r, d)``.
+                                eps: float) -> Tuple[Any, Any, Any, Any, Any, Any]:
+        """Batch renorm training forward: returns
+        ``(y3, mean, invstd, r, d, weight * r)`` (the last is the weight the
+        batch-norm backward takes).
 
         ``sigma_B = sqrt(m2/count + eps)``, ``invstd = 1/sigma_B``,
         ``r = clip(sigma_B/running_std, 1/rmax, rmax)``,
@@ -122,7 +124,7 @@ class Backend:
         running_mean += (acc.type(momentum) * mean).astype(acc, copy=False)
         running_std *= acc.type(1.0 - momentum)
         running_std += (acc.type(momentum) * sigma).astype(acc, copy=False)
-        return y3, mean, invstd, r, d
+        return y3, mean, invstd, r, d, w_eff
 
     # -- layer norm ----------------------------------------------------
     def ln_forward(self, x2, weight, bias, eps: float) -> Tuple[Any, Any, Any]:

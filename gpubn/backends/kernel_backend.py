@@ -320,7 +320,7 @@ class KernelBackend(Backend):
             mean, m2, np.int64(count), np.int32(channels), weight, bias, running_mean,
             running_std, r, d, w_eff, b_eff, a(rmax), a(dmax), a(momentum), a(eps)))
         y3 = self._apply(x3, key, acc, mean, invstd, w_eff, b_eff, None, None, False, eps)
-        return y3, mean, invstd, r, d
+        return y3, mean, invstd, r, d, w_eff
 
     def _check_rows(self, a, like, name: str):
         if not self.owns(a):
