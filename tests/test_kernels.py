@@ -319,3 +319,15 @@ def test_debug_reports_only_when_asked(monkeypatch, capsys):
     EMU.bn_stats(x)
     err = capsys.readouterr().err
     assert "gpubn::bn_stats_nchw<float, float, 4>" in err and "grid=" in err
+
+
+def test_zero_channels_launch_nothing():
+    from gpubn import emu
+
+    x = np.zeros((4, 0, 5), np.float32)
+    with emu.recording() as log:
+        y, mean, invstd = EMU.bn_forward_train(x, None, None, None, None, 0.1, 1e-5)
+        stats = EMU.bn_stats(x)
+        dx, dw, db = EMU.bn_backward(x, x, mean, invstd, None, True)
+    assert log == []
+    assert y.shape == dx.shape == x.shape and mean.shape == dw.shape == stats.mean.shape == (0,)

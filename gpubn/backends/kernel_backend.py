@@ -134,6 +134,8 @@ class KernelBackend(Backend):
     def _stats(self, x3, acc, key, mean_out, m2_out, invstd_out, running_mean, running_var,
                momentum, eps):
         outer, channels, inner = x3.shape
+        if channels == 0:
+            return
         cfg = reduce_launch("stats", x3.shape, key, self._aligned(x3), self._device(),
                             self.tuning)
         partials, counters = self._workspace(cfg)
