@@ -461,3 +461,49 @@ extern "C" __global__ void k(const int* x, int* y, int dead) {
     np.testing.assert_array_equal(y, (x ^ 3)[::-1])
     with pytest.raises(emu.DeadlockError, match=r"threads 0-4, 6-63 wait at __syncthreads #1 \(code offset 0x[0-9a-f]+\); thread 5 has exited"):
         fn(1, 64, (x, y, np.int32(1)))
+
+
+def test_seed_from_environment_and_module_defaults(monkeypatch, mod):
+    from gpubn.emu import config
+
+    monkeypatch.setenv("GPUBN_EMU_SEED", "17")
+    assert config._env_seed() == 17
+    monkeypatch.setenv("GPUBN_EMU_SEED", "x")
+    with pytest.raises(ValueError, match="GPUBN_EMU_SEED must be an integer, got 'x'"):
+        config._env_seed()
+    previous = emu.set_options(seed=4, racecheck=False)
+    try:
+        assert emu.get_options().seed == 4 and not emu.get_options().racecheck
+        with emu.options(racecheck=True):
+            assert emu.get_options() == emu.Options(True, True, True, 4)
+    finally:
+        emu.set_options(memcheck=previous.memcheck, racecheck=previous.racecheck, seed=previous.seed)
+    assert emu.get_options() == previous
+
+
+def test_launches_from_several_python_threads(mod):
+    import threading
+
+    fn = mod.get_function("warp_sum")
+    x = np.random.default_rng(9).standard_normal(3000).astype(np.float32)
+    expected = np.zeros(4, np.float32)
+    fn((4,), (64,), (x, expected, np.int32(x.size)))
+    results, errors = [], []
+
+    def work():
+        try:
+            for _ in range(5):
+                out = np.zeros(4, np.float32)
+                fn((4,), (64,), (x, out, np.int32(x.size)))
+                results.append(out)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 15
+    for out in results:
+        np.testing.assert_array_equal(out, expected)
