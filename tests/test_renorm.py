@@ -108,6 +108,7 @@ SHAPES = [
     ((3, 5, 7, 3), 1),        # odd NCHW
     ((3, 4, 5, 6), -1),       # channels-last
     ((4, 2, 96, 64), 1),      # several blocks per channel on the kernel backends
+    ((3, 300), 1),            # more channels than one block of the finish kernel
 ]
 SHAPE_IDS = [f"{'x'.join(map(str, s))}-ax{a}" for s, a in SHAPES]
 
