@@ -235,10 +235,12 @@ def plot(rows: Sequence[Dict], path: str) -> Optional[str]:
                             for r in measured)]
         if not providers:
             return None
-    fig, axes = plt.subplots(len(ops), 1, figsize=(12, 3.2 * len(ops)), squeeze=False)
+    ncases = max(len({_case_key(r)[:4] for r in measured if r["op"] == op}) for op in ops)
+    fig, axes = plt.subplots(len(ops), 1, figsize=(max(8.0, 0.75 * ncases + 2), 3.6 * len(ops)),
+                             squeeze=False)
     for ax, op in zip(axes[:, 0], ops):
         cases = list(OrderedDict.fromkeys(_case_key(r)[:4] for r in measured if r["op"] == op))
-        labels = [f"{KIND_ABBREV.get(k, k)} {lay}\n{'x'.join(map(str, s))}" for k, lay, s, _ in cases]
+        labels = [f"{KIND_ABBREV.get(k, k)} {lay} {'x'.join(map(str, s))}" for k, lay, s, _ in cases]
         width = 0.8 / max(1, len(providers))
         for i, p in enumerate(providers):
             vals = []
@@ -263,7 +265,7 @@ def plot(rows: Sequence[Dict], path: str) -> Optional[str]:
             ax.set_ylabel("time / PyTorch (log)")
         ax.set_title(op)
         ax.set_xticks(range(len(cases)))
-        ax.set_xticklabels(labels, fontsize=7)
+        ax.set_xticklabels(labels, fontsize=7, rotation=35, ha="right")
         ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     folder = os.path.dirname(os.path.abspath(path))
