@@ -3,17 +3,23 @@ bandwidth from device attributes, timer plumbing, output checks, report
 formats, suites, the textbook NumPy version, and a tiny CPU run end to end."""
 
 import io
-import json
-import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from bench import gpu, metrics, naive, report, runner, suites
-from bench.__main__ import main
-from bench.inputs import make_setup
-from bench.providers import NaiveProvider, Provider, TorchProvider, cuda_event_timer
-from bench.suites import Case
+# bench/ is a top-level folder of the repository, not part of the package
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from bench import gpu, metrics, naive, report, runner, suites  # noqa: E402
+from bench.__main__ import main  # noqa: E402
+from bench.inputs import make_setup  # noqa: E402
+from bench.providers import (NaiveProvider, Provider, TorchProvider,  # noqa: E402
+                             cuda_event_timer)
+from bench.suites import Case  # noqa: E402
 
 
 # -- bytes moved ------------------------------------------------------------------
@@ -544,6 +550,19 @@ def test_quick_cpu_run_end_to_end(tmp_path, capsys):
         if r["status"] == "ok":
             assert r["gbps"] == pytest.approx(r["bytes"] / r["median_s"] / 1e9)
             assert not r["check"].startswith("mismatch"), r
+
+
+def test_without_pytorch_gpubn_becomes_the_reference(tmp_path, monkeypatch):
+    monkeypatch.setattr(TorchProvider, "unavailable_reason", lambda self: "PyTorch is not installed")
+    out = tmp_path / "nt.jsonl"
+    assert main(["cpu", "--quick", "--kind", "batch_norm", "--op", "fwd_bwd", "--repeats", "1",
+                 "--out", str(out), "--no-chart", "--quiet"]) == 0
+    rows = report.read_jsonl(str(out))
+    by = {(r["provider"], r["layout"]): r for r in rows}
+    assert by[("torch-cpu", "NCHW")]["status"] == "unavailable"
+    assert by[("gpubn-numpy", "NCHW")]["check"] == "reference"
+    assert by[("naive-numpy", "NCHW")]["check"] == "ok"
+    assert all(r["ratio_to_torch"] is None for r in rows)
 
 
 def test_gpu_section_without_a_device_says_why(tmp_path, capsys):
