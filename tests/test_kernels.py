@@ -265,12 +265,17 @@ def test_bfloat16_kernels_round_to_nearest_even():
 
 
 # ------------------------------------------------------------- determinism --
-@pytest.mark.parametrize("case", ["nchw-scalar-tail-split", "nhwc-tiles-split"])
+DETERMINISM_SHAPES = {"nchw": (4, 3, 1001), "nhwc": (300, 33, 1)}  # 32 and 75 blocks per channel
+
+
+@pytest.mark.parametrize("case", list(DETERMINISM_SHAPES))
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_bitwise_deterministic_under_shuffled_block_order(case, dtype):
     from gpubn import emu
 
-    x, dy, w, b, rm, rv = _data(CASES[case], dtype, seed=3)
+    shape = DETERMINISM_SHAPES[case]
+    assert reduce_launch("stats", shape, "float32", True, EMU_DEVICE, EMU.tuning).splits >= 32
+    x, dy, w, b, rm, rv = _data(shape, dtype, seed=3)
     runs = []
     for seed in (None, 1, 2, 3):
         with emu.options(seed=seed):
@@ -281,6 +286,25 @@ def test_bitwise_deterministic_under_shuffled_block_order(case, dtype):
         runs.append([a.tobytes() for a in (*outs, rm_s, rv_s, stats.mean, stats.m2, *grads)])
     for seed, run in zip((1, 2, 3), runs[1:]):
         assert run == runs[0], f"results changed with block order seed {seed}"
+
+
+def test_block_order_seeds_do_shuffle():
+    """The premise of the determinism test: a seed changes the order in
+    which the blocks of a launch run (here: the order they take tickets)."""
+    from gpubn import emu
+
+    src = r'''extern "C" __global__ void order(unsigned int* counter, unsigned int* ticket) {
+        if (threadIdx.x == 0) ticket[blockIdx.x] = atomicAdd(counter, 1u);
+    }'''
+    fn = emu.RawModule(code=src).get_function("order")
+    orders = []
+    for seed in (None, 1, 2):
+        counter, ticket = np.zeros(1, np.uint32), np.zeros(16, np.uint32)
+        with emu.options(seed=seed):
+            fn((16,), (32,), (counter, ticket))
+        orders.append(ticket.tolist())
+    assert orders[0] == list(range(16))
+    assert orders[1] != orders[0] and orders[2] != orders[0]
 
 
 # -------------------------------------------------------------- validation --
