@@ -375,6 +375,25 @@ extern "C" __global__ void k(const float* x, float* y) { y[threadIdx.x] = coeff[
         emu.RawModule(code="__constant__ float c[4];\n").compile()
 
 
+def test_refusals_follow_the_preprocessor():
+    src = r'''
+#if defined(__CUDA_ARCH__)
+#define FENCE() asm volatile("membar.gl;")
+#else
+#define FENCE() __threadfence()
+#endif
+extern "C" __global__ void k(int* y) { y[0] = 1; FENCE(); }
+#ifndef GPUBN_EMU
+__device__ int only_on_the_gpu;
+#endif
+'''
+    y = np.zeros(1, np.int32)
+    emu.RawModule(code=src).get_function("k")(1, 1, (y,))                # the GPU-only branches are not refused
+    assert y[0] == 1
+    with pytest.raises(emu.EmuCompileError, match=r"kernel\.cu:7: inline assembly"):
+        emu.RawModule(code=src, options=("-D__CUDA_ARCH__=800",)).compile()
+
+
 def test_device_global_variable_refused():
     src = '__device__ int counter;\nextern "C" __global__ void k(int* y) { y[0] = counter; }\n'
     with pytest.raises(emu.EmuCompileError, match=r"kernel\.cu:1: __device__ global variables"):
@@ -507,3 +526,35 @@ def test_launches_from_several_python_threads(mod):
     assert not errors and len(results) == 15
     for out in results:
         np.testing.assert_array_equal(out, expected)
+
+
+def test_headers_are_checked_and_rewritten(tmp_path):
+    # a SharedMemory helper in a header (the CUDA samples' idiom) and a header
+    # including a neighbour by a relative path
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "smem.cuh").write_text(
+        '#pragma once\n#include "detail.cuh"\n'
+        "template <class T> struct SharedMemory {\n"
+        "    __device__ T* get() { extern __shared__ __align__(16) unsigned char raw[]; "
+        "return reinterpret_cast<T*>(raw); }\n};\n")
+    (tmp_path / "lib" / "detail.cuh").write_text("#pragma once\n#define OFFSET 1\n")
+    src = r'''#include "lib/smem.cuh"
+template <class T> __global__ void rotate(const T* x, T* y) {
+    T* s = SharedMemory<T>().get();
+    s[threadIdx.x] = x[threadIdx.x];
+    __syncthreads();
+    y[threadIdx.x] = s[(threadIdx.x + OFFSET) % blockDim.x];
+}
+'''
+    x = np.arange(32, dtype=np.float32)
+    y = np.zeros_like(x)
+    mod = emu.RawModule(code=src, options=(f"-I{tmp_path}",), name_expressions=("rotate<float>",))
+    mod.get_function("rotate<float>")(1, 32, (x, y), shared_mem=128)
+    np.testing.assert_array_equal(y, np.roll(x, -1))
+    (tmp_path / "lib" / "detail.cuh").write_text('#pragma once\n#define OFFSET 2\nasm("nop");\n')
+    with pytest.raises(emu.EmuCompileError, match=r"detail\.cuh:3: inline assembly"):
+        emu.RawModule(code=src, options=(f"-I{tmp_path}",), name_expressions=("rotate<float>",)).compile()
+    (tmp_path / "lib" / "detail.cuh").write_text("#pragma once\n#define OFFSET 3\n")   # edited header: rebuilt
+    emu.RawModule(code=src, options=(f"-I{tmp_path}",), name_expressions=("rotate<float>",)).get_function(
+        "rotate<float>")(1, 32, (x, y), shared_mem=128)
+    np.testing.assert_array_equal(y, np.roll(x, -3))

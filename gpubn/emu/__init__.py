@@ -69,8 +69,11 @@ raises :class:`KernelError`, as does ``__trap()``).
 Refused at compile time with :class:`EmuCompileError` naming the construct:
 inline ``asm``, cooperative groups, textures and surfaces, ``__managed__``
 memory, ``__device__`` global variables, dynamic parallelism, ``wmma``, and
-the pre-CUDA-9 warp intrinsics without ``_sync``.  CUDA toolkit headers are
-not available (``#include <cuda_fp16.h>`` fails to compile).
+the pre-CUDA-9 warp intrinsics without ``_sync``.  The check runs on the
+preprocessed source and the project's headers, so such code may stay in
+branches emu does not take (``#if defined(__CUDA_ARCH__)``).  CUDA toolkit
+headers are not available (``#include <cuda_fp16.h>`` fails to compile).
+``extern __shared__`` declarations are rewritten in headers too.
 
 Semantics worth knowing: blocks run one after another on the calling OS
 thread, each CUDA thread on a 64 KiB stack; a barrier must be reached by every thread of the block (a thread that

@@ -181,14 +181,46 @@ def _line_of(text: str, pos: int) -> int:
     return text.count("\n", 0, pos) + 1
 
 
-def check_supported(source: str, filename: str) -> None:
+def check_supported(source: str, filename: str, first_line: int = 1, lines=None) -> None:
+    """Refuse the constructs emu does not support, naming file, line and construct.
+    ``lines`` maps a line index of ``source`` to its line number in ``filename``."""
     code = code_only(source)
     for pattern, construct, why in _REFUSED:
         m = re.search(pattern, code)
         if m:
+            k = _line_of(code, m.start()) - 1
+            line = lines[k] if lines is not None else first_line + k
             raise EmuCompileError(
-                f"{filename}:{_line_of(code, m.start())}: {construct} is not supported by the emu backend "
+                f"{filename}:{line}: {construct} is not supported by the emu backend "
                 f"({why}): {source[m.start():m.end()].strip()!r}")
+
+
+_LINE_MARKER = re.compile(r'^#\s+(\d+)\s+"((?:\\.|[^"\\])*)"')
+
+
+def check_preprocessed(text: str, files: Sequence[str]) -> None:
+    """Run the refusals over preprocessed text (so code in `#if` branches the emu
+    build does not take is not refused), restricted to lines of ``files`` (the
+    source and the project's headers; system headers are not checked)."""
+    wanted = set(files) | {os.path.realpath(f) for f in files}
+    checked: Dict[str, bool] = {}
+    chunks: Dict[str, Tuple[List[str], List[int]]] = {}
+    current, line = None, 0
+    for raw in text.split("\n"):
+        m = _LINE_MARKER.match(raw)
+        if m:
+            line = int(m.group(1))
+            current = m.group(2).encode().decode("unicode_escape")
+            if current not in checked:
+                checked[current] = current in wanted or os.path.realpath(current) in wanted
+            continue
+        if checked.get(current):
+            body, numbers = chunks.setdefault(current, ([], []))
+            body.append(raw)
+            numbers.append(line)
+        line += 1
+    for name, (body, numbers) in chunks.items():
+        check_supported("\n".join(body), name, lines=numbers)
 
 
 def _namespace_scope(code: str, pos: int) -> bool:
@@ -285,18 +317,45 @@ def _runtime_sources() -> bytes:
     return h.digest()
 
 
-def _include_fingerprint(dirs: Sequence[str]) -> bytes:
-    """Headers a source may include from its -I directories take part in the key."""
-    h = hashlib.sha256()
-    for d in dirs:
-        p = Path(d)
-        if not p.is_dir():
-            continue
-        for f in sorted(p.iterdir()):
-            if f.is_file() and f.suffix in (".h", ".hpp", ".cuh", ".cu", ".inc", ".inl"):
-                h.update(str(f).encode())
-                h.update(f.read_bytes())
-    return h.digest()
+_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*([<"])([^>"\n]+)[>"]', re.M)
+
+
+@dataclass
+class Header:
+    spelling: str          # as written in the #include
+    path: Path             # the file found
+    text: str
+    mirror: Optional[str]  # where a copy goes in the build directory (relative), None: cannot mirror
+
+
+def collect_headers(source: str, include_dirs: Sequence[str]) -> List[Header]:
+    """The project headers a source includes (recursively): those found next to
+    the including header or in the -I directories, as the compiler searches them.
+    System headers are not followed."""
+    out: List[Header] = []
+    seen: Dict[Path, Header] = {}
+    todo = [(source, None, "")]          # text, its directory, its mirror directory
+    while todo:
+        text, here, mirror_dir = todo.pop()
+        for m in _INCLUDE.finditer(text):
+            kind, name = m.group(1), m.group(2).strip()
+            candidates = ([(here, mirror_dir)] if kind == '"' and here is not None else []) + \
+                [(Path(d), "") for d in include_dirs]
+            for base, mbase in candidates:
+                p = base / name
+                if not p.is_file():
+                    continue
+                rp = p.resolve()
+                mirror = os.path.normpath(os.path.join(mbase, name))
+                if os.path.isabs(name) or mirror.startswith(".."):
+                    mirror = None
+                if rp not in seen:
+                    h = Header(name, rp, rp.read_text(encoding="utf-8", errors="replace"), mirror)
+                    seen[rp] = h
+                    out.append(h)
+                    todo.append((h.text, rp.parent, os.path.dirname(mirror) if mirror else ""))
+                break
+    return out
 
 
 def _run(cmd: List[str], what: str, source_name: str) -> None:
@@ -359,14 +418,15 @@ _memory_cache: Dict[str, Built] = {}
 def build(source: str, options: Sequence[str], name_expressions: Sequence[str],
           filename: str = "kernel.cu") -> Built:
     """Compile ``source`` (cached) and return the library path and its kernels."""
-    check_supported(source, filename)
     opts = parse_options(options)
+    headers = collect_headers(source, opts.include_dirs)
     kernels = tuple(dict.fromkeys(list(name_expressions) + extern_c_kernels(source)))
     cc = find_compiler()
     key = hashlib.sha256(b"\0".join([
         _CACHE_VERSION.encode(), cc.path.encode(), cc.version.encode(), _runtime_sources(),
         " ".join(_KERNEL_FLAGS + _LINK_FLAGS + _runtime_flags()).encode(), repr(opts).encode(), repr(kernels).encode(),
-        _include_fingerprint(opts.include_dirs), filename.encode(), source.encode()])).hexdigest()[:32]
+        *[str(h.path).encode() + b"\0" + h.text.encode() for h in headers],
+        filename.encode(), source.encode()])).hexdigest()[:32]
     with _build_lock:
         hit = _memory_cache.get(key)
         if hit is not None:
@@ -377,19 +437,40 @@ def build(source: str, options: Sequence[str], name_expressions: Sequence[str],
             tu = (f'#line 1 "{filename}"\n' + rewrite_dynamic_shared(source) +
                   '\n#line 1 "<emu entry points>"\n' + entry_points(kernels))
             tmp = _atomic_write_target(dest)
-            src_path = tmp + ".cpp"
+            workdir = tempfile.mkdtemp(prefix="build-", dir=dest.parent)
             try:
+                include = [f"-I{d}" for d in opts.include_dirs]
+                # refusals, on the preprocessed source and project headers
+                check_path = os.path.join(workdir, "check.cpp")
+                Path(check_path).write_text(f'#line 1 "{filename}"\n' + source)
+                pre = subprocess.run([cc.path, f"-std={opts.std}", "-E", "-DGPUBN_EMU=1", *include, *opts.defines,
+                                      "-x", "c++", check_path], capture_output=True, text=True)
+                if pre.returncode != 0:
+                    log = pre.stderr + pre.stdout
+                    raise EmuCompileError(f"emu: compiling {filename} failed (preprocessing):\n{log.strip()}", log)
+                check_preprocessed(pre.stdout, [filename] + [str(h.path) for h in headers])
+                src_path = os.path.join(workdir, "kernel.cpp")
                 Path(src_path).write_text(tu)
+                if any(_EXTERN_SHARED.search(code_only(h.text)) for h in headers):
+                    # Headers declaring `extern __shared__` are rewritten too: the
+                    # build directory mirrors the project headers (it is searched
+                    # first, and headers find their neighbours there).
+                    for h in headers:
+                        if h.mirror is None:
+                            continue
+                        copy = Path(workdir) / h.mirror
+                        copy.parent.mkdir(parents=True, exist_ok=True)
+                        copy.write_text(f'#line 1 "{h.path}"\n' + rewrite_dynamic_shared(h.text))
+                    include = [f"-I{workdir}"] + include
                 cmd = [cc.path, f"-std={opts.std}", *_KERNEL_FLAGS, *_LINK_FLAGS,
-                       "-include", str(RUNTIME_DIR / "cuda_emu.h"),
-                       *[f"-I{d}" for d in opts.include_dirs], *opts.defines,
+                       "-include", str(RUNTIME_DIR / "cuda_emu.h"), *include, *opts.defines,
                        "-x", "c++", src_path, "-x", "none", str(runtime_o), "-o", tmp]
                 _run(cmd, "kernel source", filename)
                 os.replace(tmp, dest)
             finally:
-                for p in (tmp, src_path):
-                    if os.path.exists(p):
-                        os.unlink(p)
+                shutil.rmtree(workdir, ignore_errors=True)
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
         built = Built(dest, kernels)
         _memory_cache[key] = built
         return built
