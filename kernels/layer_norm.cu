@@ -1,13 +1,15 @@
 // layer_norm.cu -- layer normalization over the rows of a (rows, n) array.
 //
 // Forward: per row, Welford over the row (vector loads, Chan merges across
-// lanes), then y = (x - mean) * rstd * weight + bias in a second sweep of the
-// row (which a block has just read: an L2 hit for all but the longest rows).
+// lanes), then y = (x - mean) * rstd * weight + bias in a second sweep over
+// the row held in registers (rows of up to GPUBN_LN_CACHE_UNITS vector units
+// per thread: x is read once) or read again (longer rows: an L2 hit for most).
 // Per-row mean and rstd = 1 / sqrt(var + eps) are written for the backward.
 //
 // Backward, dx per row: with g = dy * weight and xhat = (x - mean) * rstd,
 //   dx = rstd * (g - sum(g) / n - xhat * sum(g * xhat) / n),
-// the two row sums reduced like the statistics, then a second sweep.
+// the two row sums reduced like the statistics, then a second sweep (dy and x
+// held in registers like x in the forward, or read again).
 //
 // Two shapes of the row kernels, picked by the launch configuration:
 //   *_warp   block (32, R): one warp per row, R rows per block, shuffles only
@@ -31,16 +33,46 @@ namespace gpubn {
 
 // ---------------------------------------------------------------------------
 // Row helpers.  A row is n_v = n / VEC vector units; a thread handles units
-// start, start + step, ...
+// start, start + step, ...  When a thread's share is at most
+// GPUBN_LN_CACHE_UNITS units (the launch configuration sizes blocks for it
+// whenever the row allows) the row is kept in registers between the
+// reduction and the elementwise sweep, so it is read from memory once;
+// longer rows are read again in the second sweep.
 // ---------------------------------------------------------------------------
+#define GPUBN_LN_CACHE_UNITS 8
+
+template <class T, int VEC>
+struct RowCache {
+    Vec<T, VEC> v[GPUBN_LN_CACHE_UNITS];
+};
+
+__device__ __forceinline__ bool row_fits_cache(long long n_v, long long step) {
+    return n_v <= GPUBN_LN_CACHE_UNITS * step;
+}
+
+template <class T, class Acc, int VEC>
+__device__ __forceinline__ void push_vec(Welford<Acc>& w, const Vec<T, VEC>& v) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) w.push(to_acc(v.v[k]));
+}
+
 template <class T, class Acc, int VEC>
 __device__ __forceinline__ Welford<Acc> row_welford(const T* __restrict__ xr, long long n_v,
-                                                    long long start, long long step) {
+                                                    long long start, long long step, bool cached,
+                                                    RowCache<T, VEC>& cache) {
     Welford<Acc> w = Welford<Acc>::identity();
-    for (long long j = start; j < n_v; j += step) {
-        const Vec<T, VEC> v = load_vec<T, VEC>(xr + j * VEC);
+    if (cached) {
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) w.push(to_acc(v.v[k]));
+        for (int u = 0; u < GPUBN_LN_CACHE_UNITS; ++u) {
+            const long long j = start + u * step;
+            if (j < n_v) {
+                cache.v[u] = load_vec<T, VEC>(xr + j * VEC);
+                push_vec<T, Acc, VEC>(w, cache.v[u]);
+            }
+        }
+    } else {
+        for (long long j = start; j < n_v; j += step)
+            push_vec<T, Acc, VEC>(w, load_vec<T, VEC>(xr + j * VEC));
     }
     return w;
 }
@@ -51,64 +83,116 @@ __device__ __forceinline__ Acc row_rstd(const Welford<Acc>& w, Acc eps) {
 }
 
 template <class T, class Acc, int VEC>
+__device__ __forceinline__ void normalize_unit(const Vec<T, VEC>& in, T* __restrict__ yr,
+                                               long long j, Acc mean, Acc rstd,
+                                               const Acc* weight, const Acc* bias) {
+    Vec<T, VEC> out;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+        const long long col = j * VEC + k;
+        const Acc xhat = (Acc(to_acc(in.v[k])) - mean) * rstd;
+        const Acc w = weight ? weight[col] : Acc(1);
+        const Acc b = bias ? bias[col] : Acc(0);
+        store_acc(out.v[k], fma_acc(xhat, w, b));
+    }
+    store_vec<T, VEC>(yr + j * VEC, out);
+}
+
+template <class T, class Acc, int VEC>
 __device__ __forceinline__ void row_normalize(const T* __restrict__ xr, T* __restrict__ yr,
                                               long long n_v, long long start, long long step,
+                                              bool cached, const RowCache<T, VEC>& cache,
                                               Acc mean, Acc rstd, const Acc* weight,
                                               const Acc* bias) {
-    for (long long j = start; j < n_v; j += step) {
-        const Vec<T, VEC> in = load_vec<T, VEC>(xr + j * VEC);
-        Vec<T, VEC> out;
+    if (cached) {
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-            const long long col = j * VEC + k;
-            const Acc xhat = (Acc(to_acc(in.v[k])) - mean) * rstd;
-            const Acc w = weight ? weight[col] : Acc(1);
-            const Acc b = bias ? bias[col] : Acc(0);
-            store_acc(out.v[k], fma_acc(xhat, w, b));
+        for (int u = 0; u < GPUBN_LN_CACHE_UNITS; ++u) {
+            const long long j = start + u * step;
+            if (j < n_v) normalize_unit<T, Acc, VEC>(cache.v[u], yr, j, mean, rstd, weight, bias);
         }
-        store_vec<T, VEC>(yr + j * VEC, out);
+    } else {
+        for (long long j = start; j < n_v; j += step)
+            normalize_unit<T, Acc, VEC>(load_vec<T, VEC>(xr + j * VEC), yr, j, mean, rstd, weight,
+                                        bias);
     }
 }
 
-// sum g and sum g * xhat over (a thread's share of) a row; g = dy * weight.
+// sum g and sum g * xhat over one vector unit; g = dy * weight.
+template <class T, class Acc, int VEC>
+__device__ __forceinline__ void grad_unit(GradSums<Acc>& s, const Vec<T, VEC>& gv,
+                                          const Vec<T, VEC>& xv, long long j, Acc mean,
+                                          Acc rstd, const Acc* weight) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+        const Acc w = weight ? weight[j * VEC + k] : Acc(1);
+        const Acc g = Acc(to_acc(gv.v[k])) * w;
+        const Acc xhat = (Acc(to_acc(xv.v[k])) - mean) * rstd;
+        s.sum_dy += g;
+        s.sum_dy_xmu = fma_acc(g, xhat, s.sum_dy_xmu);
+    }
+}
+
 template <class T, class Acc, int VEC>
 __device__ __forceinline__ GradSums<Acc> row_grad_sums(const T* __restrict__ dyr,
                                                        const T* __restrict__ xr, long long n_v,
                                                        long long start, long long step,
-                                                       Acc mean, Acc rstd, const Acc* weight) {
+                                                       bool cached, RowCache<T, VEC>& gcache,
+                                                       RowCache<T, VEC>& xcache, Acc mean,
+                                                       Acc rstd, const Acc* weight) {
     GradSums<Acc> s = GradSums<Acc>::identity();
-    for (long long j = start; j < n_v; j += step) {
-        const Vec<T, VEC> gv = load_vec<T, VEC>(dyr + j * VEC);
-        const Vec<T, VEC> xv = load_vec<T, VEC>(xr + j * VEC);
+    if (cached) {
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-            const Acc w = weight ? weight[j * VEC + k] : Acc(1);
-            const Acc g = Acc(to_acc(gv.v[k])) * w;
-            const Acc xhat = (Acc(to_acc(xv.v[k])) - mean) * rstd;
-            s.sum_dy += g;
-            s.sum_dy_xmu = fma_acc(g, xhat, s.sum_dy_xmu);
+        for (int u = 0; u < GPUBN_LN_CACHE_UNITS; ++u) {
+            const long long j = start + u * step;
+            if (j < n_v) {
+                gcache.v[u] = load_vec<T, VEC>(dyr + j * VEC);
+                xcache.v[u] = load_vec<T, VEC>(xr + j * VEC);
+                grad_unit<T, Acc, VEC>(s, gcache.v[u], xcache.v[u], j, mean, rstd, weight);
+            }
         }
+    } else {
+        for (long long j = start; j < n_v; j += step)
+            grad_unit<T, Acc, VEC>(s, load_vec<T, VEC>(dyr + j * VEC),
+                                   load_vec<T, VEC>(xr + j * VEC), j, mean, rstd, weight);
     }
     return s;
+}
+
+// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) over one vector unit.
+template <class T, class Acc, int VEC>
+__device__ __forceinline__ void dx_unit(const Vec<T, VEC>& gv, const Vec<T, VEC>& xv,
+                                        T* __restrict__ dxr, long long j, Acc mean, Acc rstd,
+                                        const Acc* weight, Acc mean_g, Acc mean_gx) {
+    Vec<T, VEC> out;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+        const Acc w = weight ? weight[j * VEC + k] : Acc(1);
+        const Acc g = Acc(to_acc(gv.v[k])) * w;
+        const Acc xhat = (Acc(to_acc(xv.v[k])) - mean) * rstd;
+        store_acc(out.v[k], rstd * fma_acc(-xhat, mean_gx, g - mean_g));
+    }
+    store_vec<T, VEC>(dxr + j * VEC, out);
 }
 
 template <class T, class Acc, int VEC>
 __device__ __forceinline__ void row_dx(const T* __restrict__ dyr, const T* __restrict__ xr,
                                        T* __restrict__ dxr, long long n_v, long long start,
-                                       long long step, Acc mean, Acc rstd, const Acc* weight,
-                                       Acc mean_g, Acc mean_gx) {
-    for (long long j = start; j < n_v; j += step) {
-        const Vec<T, VEC> gv = load_vec<T, VEC>(dyr + j * VEC);
-        const Vec<T, VEC> xv = load_vec<T, VEC>(xr + j * VEC);
-        Vec<T, VEC> out;
+                                       long long step, bool cached,
+                                       const RowCache<T, VEC>& gcache,
+                                       const RowCache<T, VEC>& xcache, Acc mean, Acc rstd,
+                                       const Acc* weight, Acc mean_g, Acc mean_gx) {
+    if (cached) {
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-            const Acc w = weight ? weight[j * VEC + k] : Acc(1);
-            const Acc g = Acc(to_acc(gv.v[k])) * w;
-            const Acc xhat = (Acc(to_acc(xv.v[k])) - mean) * rstd;
-            store_acc(out.v[k], rstd * fma_acc(-xhat, mean_gx, g - mean_g));
+        for (int u = 0; u < GPUBN_LN_CACHE_UNITS; ++u) {
+            const long long j = start + u * step;
+            if (j < n_v)
+                dx_unit<T, Acc, VEC>(gcache.v[u], xcache.v[u], dxr, j, mean, rstd, weight, mean_g,
+                                     mean_gx);
         }
-        store_vec<T, VEC>(dxr + j * VEC, out);
+    } else {
+        for (long long j = start; j < n_v; j += step)
+            dx_unit<T, Acc, VEC>(load_vec<T, VEC>(dyr + j * VEC), load_vec<T, VEC>(xr + j * VEC),
+                                 dxr, j, mean, rstd, weight, mean_g, mean_gx);
     }
 }
 
@@ -125,10 +209,12 @@ __global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS)
 ln_forward_warp(const T* __restrict__ x, T* __restrict__ y, const Acc* weight, const Acc* bias,
                 Acc* mean_out, Acc* rstd_out, long long rows, long long n, Acc eps) {
     const long long n_v = n / VEC;
+    const bool cached = row_fits_cache(n_v, 32);
     const long long row_step = (long long)gridDim.x * blockDim.y;
+    RowCache<T, VEC> cache;
     for (long long r = (long long)blockIdx.x * blockDim.y + threadIdx.y; r < rows; r += row_step) {
         const T* xr = x + r * n;
-        Welford<Acc> w = row_welford<T, Acc, VEC>(xr, n_v, threadIdx.x, 32);
+        Welford<Acc> w = row_welford<T, Acc, VEC>(xr, n_v, threadIdx.x, 32, cached, cache);
         w = warp_reduce(w);
         Acc mean = Acc(0), rstd = Acc(0);
         if (threadIdx.x == 0) {
@@ -139,7 +225,8 @@ ln_forward_warp(const T* __restrict__ x, T* __restrict__ y, const Acc* weight, c
         }
         mean = shfl0(mean);
         rstd = shfl0(rstd);
-        row_normalize<T, Acc, VEC>(xr, y + r * n, n_v, threadIdx.x, 32, mean, rstd, weight, bias);
+        row_normalize<T, Acc, VEC>(xr, y + r * n, n_v, threadIdx.x, 32, cached, cache, mean, rstd,
+                                   weight, bias);
     }
 }
 
@@ -149,9 +236,11 @@ ln_forward_block(const T* __restrict__ x, T* __restrict__ y, const Acc* weight, 
                  Acc* mean_out, Acc* rstd_out, long long rows, long long n, Acc eps) {
     __shared__ Acc row_stats[2];
     const long long n_v = n / VEC;
+    const bool cached = row_fits_cache(n_v, blockDim.x);
+    RowCache<T, VEC> cache;
     for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
         const T* xr = x + r * n;
-        Welford<Acc> w = row_welford<T, Acc, VEC>(xr, n_v, threadIdx.x, blockDim.x);
+        Welford<Acc> w = row_welford<T, Acc, VEC>(xr, n_v, threadIdx.x, blockDim.x, cached, cache);
         w = block_reduce_1d(w);  // ends with a barrier: row_stats of the last row were read
         if (threadIdx.x == 0) {
             const Acc mean = w.final_mean();
@@ -162,8 +251,8 @@ ln_forward_block(const T* __restrict__ x, T* __restrict__ y, const Acc* weight, 
             row_stats[1] = rstd;
         }
         __syncthreads();
-        row_normalize<T, Acc, VEC>(xr, y + r * n, n_v, threadIdx.x, blockDim.x, row_stats[0],
-                                   row_stats[1], weight, bias);
+        row_normalize<T, Acc, VEC>(xr, y + r * n, n_v, threadIdx.x, blockDim.x, cached, cache,
+                                   row_stats[0], row_stats[1], weight, bias);
     }
 }
 
@@ -176,18 +265,20 @@ ln_backward_dx_warp(const T* __restrict__ dy, const T* __restrict__ x, T* __rest
                     const Acc* mean, const Acc* rstd, const Acc* weight, long long rows,
                     long long n) {
     const long long n_v = n / VEC;
+    const bool cached = row_fits_cache(n_v, 32);
     const Acc inv_n = Acc(1) / Acc(n);
     const long long row_step = (long long)gridDim.x * blockDim.y;
+    RowCache<T, VEC> gcache, xcache;
     for (long long r = (long long)blockIdx.x * blockDim.y + threadIdx.y; r < rows; r += row_step) {
         const long long off = r * n;
         const Acc m = mean[r], rs = rstd[r];
-        GradSums<Acc> s = row_grad_sums<T, Acc, VEC>(dy + off, x + off, n_v, threadIdx.x, 32, m,
-                                                     rs, weight);
+        GradSums<Acc> s = row_grad_sums<T, Acc, VEC>(dy + off, x + off, n_v, threadIdx.x, 32,
+                                                     cached, gcache, xcache, m, rs, weight);
         s = warp_reduce(s);
         const Acc mean_g = shfl0(s.sum_dy) * inv_n;
         const Acc mean_gx = shfl0(s.sum_dy_xmu) * inv_n;
-        row_dx<T, Acc, VEC>(dy + off, x + off, dx + off, n_v, threadIdx.x, 32, m, rs, weight,
-                            mean_g, mean_gx);
+        row_dx<T, Acc, VEC>(dy + off, x + off, dx + off, n_v, threadIdx.x, 32, cached, gcache,
+                            xcache, m, rs, weight, mean_g, mean_gx);
     }
 }
 
@@ -198,20 +289,23 @@ ln_backward_dx_block(const T* __restrict__ dy, const T* __restrict__ x, T* __res
                      long long n) {
     __shared__ Acc row_sums[2];
     const long long n_v = n / VEC;
+    const bool cached = row_fits_cache(n_v, blockDim.x);
     const Acc inv_n = Acc(1) / Acc(n);
+    RowCache<T, VEC> gcache, xcache;
     for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
         const long long off = r * n;
         const Acc m = mean[r], rs = rstd[r];
         GradSums<Acc> s = row_grad_sums<T, Acc, VEC>(dy + off, x + off, n_v, threadIdx.x,
-                                                     blockDim.x, m, rs, weight);
+                                                     blockDim.x, cached, gcache, xcache, m, rs,
+                                                     weight);
         s = block_reduce_1d(s);  // ends with a barrier: row_sums of the last row were read
         if (threadIdx.x == 0) {
             row_sums[0] = s.sum_dy * inv_n;
             row_sums[1] = s.sum_dy_xmu * inv_n;
         }
         __syncthreads();
-        row_dx<T, Acc, VEC>(dy + off, x + off, dx + off, n_v, threadIdx.x, blockDim.x, m, rs,
-                            weight, row_sums[0], row_sums[1]);
+        row_dx<T, Acc, VEC>(dy + off, x + off, dx + off, n_v, threadIdx.x, blockDim.x, cached,
+                            gcache, xcache, m, rs, weight, row_sums[0], row_sums[1]);
     }
 }
 

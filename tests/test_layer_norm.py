@@ -261,11 +261,13 @@ def test_bad_backward_and_layer_input(backend):
 
 
 # ------------------------------------------------------ kernels on emu ----
-@pytest.mark.parametrize("n,kind", [(24, "warp"), (1031, "block")])
-def test_emu_launches_and_traffic(n, kind):
-    """One launch forward (x read in two sweeps, y written once), two
-    backward (dx per row; the dweight/dbias column reduction), with memcheck
-    and racecheck on; odd n (scalar) and n = 24 (vectorized)."""
+@pytest.mark.parametrize("n,kind,passes", [(24, "warp", 1), (2000, "block", 1),
+                                           (1031, "block", 2)])
+def test_emu_launches_and_traffic(n, kind, passes):
+    """One launch forward, two backward (dx per row; the dweight/dbias column
+    reduction), with memcheck and racecheck on.  Rows that fit the kernels'
+    register cache (24: a warp per row; 2000 floats: 64 threads x 8 units of 4)
+    are read once; 1031 (odd: scalar, more than 64 x 8 units) twice."""
     pytest.importorskip("gpubn.emu")
     from gpubn import emu
     try:
@@ -274,21 +276,23 @@ def test_emu_launches_and_traffic(n, kind):
         pytest.skip(str(exc))
     opts = emu.get_options()
     assert opts.memcheck and opts.racecheck
-    rows = 37
+    rows = 37 if n < 1000 else 3
     x, w, b, dy = make((rows, n), (n,), np.float32, seed=11)
     nbytes = x.nbytes
     with emu.recording() as log:
         y, saved = gpubn.layer_norm_forward(x, n, w, b, backend="emu")
     (fwd,) = log
     assert fwd.kernel.startswith(f"gpubn::ln_forward_{kind}<float, float, {4 if n % 4 == 0 else 1}>")
-    assert fwd.buffers[0].loaded == 2 * nbytes and fwd.buffers[0].stored == 0
+    assert fwd.buffers[0].loaded == passes * nbytes and fwd.buffers[0].stored == 0
     assert fwd.buffers[1].stored == nbytes and fwd.buffers[1].loaded == 0
     with emu.recording() as log:
         gpubn.layer_norm_backward(dy, saved)
     dx_rec, wgrad = log
     assert dx_rec.kernel.startswith(f"gpubn::ln_backward_dx_{kind}<")
     assert wgrad.kernel.startswith("gpubn::ln_backward_wgrad<")
-    assert dx_rec.buffers[2].stored == nbytes
+    assert dx_rec.buffers[0].loaded == passes * nbytes      # dy
+    assert dx_rec.buffers[1].loaded == passes * nbytes      # x
+    assert dx_rec.buffers[2].stored == nbytes and dx_rec.buffers[2].loaded == 0
     assert wgrad.buffers[0].loaded == nbytes and wgrad.buffers[1].loaded == nbytes
     with emu.recording() as log:   # no parameters: no column reduction
         _, s2 = gpubn.layer_norm_forward(x, n, backend="emu")

@@ -388,24 +388,33 @@ def renorm_finish_launch(channels: int) -> Launch:
     return Launch("bn_renorm_finish", 1, (-(-channels // threads), 1, 1), (threads, 1, 1))
 
 
+# Must equal GPUBN_LN_CACHE_UNITS in kernels/layer_norm.cu: vector units per
+# thread the layer-norm row kernels keep in registers.
+LN_CACHE_UNITS = 8
+
+
 def ln_row_launch(op: str, rows: int, n: int, dtype_key: str, aligned: bool,
                   dev: DeviceAttributes, tuning: Tuning) -> Launch:
     """Launch of a layer-norm row kernel (``op``: ``'forward'`` or
-    ``'backward_dx'``).  Rows of up to 8 vector units per lane go one warp per
-    row (``tuning.reduce_threads // 32`` rows per block); longer rows one block
-    per row, sized to give each thread about 8 units.  Grids stop growing at
-    ``sm_count * map_blocks_per_sm`` blocks (the kernels stride over rows)."""
+    ``'backward_dx'``).  Rows of up to ``LN_CACHE_UNITS`` vector units per
+    lane go one warp per row (``tuning.reduce_threads // 32`` rows per block);
+    longer rows one block per row, of the fewest threads (up to
+    ``reduce_threads``) that leave each at most ``LN_CACHE_UNITS`` units, so
+    the kernels keep the row in registers and read it once whenever the row
+    allows.  Grids stop growing at ``sm_count * map_blocks_per_sm`` blocks
+    (the kernels stride over rows)."""
     width = catalog.vector_width(dtype_key)
     vec = width if aligned and n % width == 0 else 1
     units = n // vec
     max_blocks = dev.sm_count * tuning.map_blocks_per_sm
-    if units <= 8 * WARP:
+    if units <= LN_CACHE_UNITS * WARP:
         per_block = max(1, tuning.reduce_threads // WARP)
         grid = max(1, min(-(-rows // per_block), max_blocks))
         return Launch(f"ln_{op}_warp", vec, (grid, 1, 1), (WARP, per_block, 1))
-    threads = max(WARP, min(tuning.reduce_threads, 1 << (-(-units // 8) - 1).bit_length()))
+    wanted = -(-units // LN_CACHE_UNITS)
+    threads = max(WARP, min(tuning.reduce_threads, 1 << (wanted - 1).bit_length()))
     return Launch(f"ln_{op}_block", vec, (max(1, min(rows, max_blocks)), 1, 1), (threads, 1, 1))
 
 
 __all__ = ["KernelBackend", "debug_enabled", "debug_report", "ln_row_launch",
-           "renorm_finish_launch"]
+           "renorm_finish_launch", "LN_CACHE_UNITS"]
