@@ -362,3 +362,36 @@ def test_emu_grid_stride_over_rows(n):
     for name, a, e in zip(("y", "dx", "dweight", "dbias"), (y, dx, dw, db),
                           (y_ref,) + gpubn.layer_norm_backward(dy, saved_ref)):
         assert_close(a, e, np.float64, name)
+
+
+def test_properties_on_random_rows(backend):
+    """Invariants that need no reference: each row of y (no affine) has mean 0
+    and variance var/(var + eps); layer_norm(a*x + c) = layer_norm(x) for
+    a > 0 up to eps; each row of dx is orthogonal to 1 and to xhat."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = pytest.importorskip("hypothesis.strategies")
+
+    @hypothesis.settings(max_examples=15 if backend.name == "numpy" else 6, deadline=None,
+                         derandomize=True)
+    @hypothesis.given(rows=st.integers(1, 5), n=st.integers(2, 300),
+                      a=st.floats(0.5, 20.0), c=st.floats(-50.0, 50.0),
+                      seed=st.integers(0, 2 ** 16))
+    def check(rows, n, a, c, seed):
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal((rows, n)) * rng.uniform(0.5, 3.0, (rows, 1))
+        g = rng.standard_normal((rows, n))
+        eps = 1e-12
+        y, saved = gpubn.layer_norm_forward(to_backend(backend, x), n, eps=eps,
+                                            backend=backend.name)
+        y = to_numpy(y)
+        np.testing.assert_allclose(y.mean(axis=1), 0.0, atol=1e-12)
+        np.testing.assert_allclose(y.var(axis=1), 1.0, rtol=1e-9)
+        y2, _ = gpubn.layer_norm_forward(to_backend(backend, a * x + c), n, eps=eps,
+                                         backend=backend.name)
+        np.testing.assert_allclose(to_numpy(y2), y, atol=1e-9)
+        dx = to_numpy(gpubn.layer_norm_backward(to_backend(backend, g), saved)[0])
+        scale = np.abs(g).max() * to_numpy(saved.rstd).max()
+        np.testing.assert_allclose(dx.sum(axis=1), 0.0, atol=1e-10 * n * scale)
+        np.testing.assert_allclose((dx * y).sum(axis=1), 0.0, atol=1e-10 * n * scale)
+
+    check()

@@ -392,3 +392,17 @@ def test_emu_launch_sequence():
         gpubn.batch_renorm_backward(dy, saved)
     assert [rec.kernel.split("<")[0] for rec in log] == ["gpubn::bn_backward_reduce_nchw",
                                                         "gpubn::bn_backward_dx_nchw"]
+
+
+def test_unclipped_training_output_is_the_inference_output(backend):
+    """The point of the paper: with r and d unclipped (rmax = dmax = inf),
+    xhat * r + d = (x - mu) / sigma, so a training step outputs what inference
+    with the moving statistics (before the step's update) outputs."""
+    shape, axis = (5, 4, 3, 6), 1
+    x, w, b, mu, sigma, _ = make_case(shape, axis, np.float64, seed=6)
+    y_eval, _ = renorm(backend, x, w, b, to_backend(backend, mu), to_backend(backend, sigma),
+                       1.0, 0.0, training=False)
+    y_train, saved = renorm(backend, x, w, b, to_backend(backend, mu.copy()),
+                            to_backend(backend, sigma.copy()), float("inf"), float("inf"))
+    assert not np.allclose(to_numpy(saved.r), 1.0)      # r and d do real work here
+    assert_close(y_train, y_eval, np.float64, "training output vs inference output")
