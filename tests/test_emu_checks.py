@@ -148,7 +148,8 @@ def test_out_of_bounds_write_is_caught_and_does_not_happen(mod):
     assert (e.kernel, e.block, e.thread, e.access, e.size) == ("oob_write", (1, 0, 0), (28, 0, 0), "store", 4)
     assert (e.buffer, e.offset) == (0, 240)
     assert "invalid 4-byte store" in str(e) and "kernel 'oob_write', block (1, 0, 0), thread (28, 0, 0)" in str(e)
-    assert "nearest buffer: argument 0 (240 bytes), offset 240 (0 bytes past its end)" in str(e)
+    assert ("nearest buffer: argument 0 (240 bytes, float32 array of shape (60,)), offset 240 "
+            "(element 60, 0 bytes past its end)") in str(e)
     assert backing[60] == 0.0                             # the bad store never happened
     np.testing.assert_array_equal(y, 1.0)                 # the launch ran up to it
 
@@ -158,7 +159,8 @@ def test_off_by_one_read(mod):
     y = np.zeros_like(x)
     with pytest.raises(emu.MemcheckError, match=r"invalid 4-byte load .* kernel 'off_by_one_read', "
                                                 r"block \(1, 0, 0\), thread \(17, 0, 0\).*argument 0 "
-                                                r"\(200 bytes\), offset 200 \(0 bytes past its end\)") as info:
+                                                r"\(200 bytes, float32 array of shape \(50,\)\), offset 200 "
+                                                r"\(element 50, 0 bytes past its end\)") as info:
         mod.get_function("off_by_one_read")((2,), (32,), (x, y, np.int32(50)))
     assert info.value.access == "load" and info.value.buffer == 0
 
@@ -166,8 +168,8 @@ def test_off_by_one_read(mod):
 def test_read_before_start(mod):
     x = np.ones(40)
     y = np.zeros(40)
-    with pytest.raises(emu.MemcheckError, match=r"8-byte load.*thread \(0, 0, 0\).*argument 0 \(320 bytes\), "
-                                                r"offset -8 \(8 bytes before its start\)"):
+    with pytest.raises(emu.MemcheckError, match=r"8-byte load.*thread \(0, 0, 0\).*argument 0 \(320 bytes, float64 "
+                                                r"array of shape \(40,\)\), offset -8 \(8 bytes before its start\)"):
         mod.get_function("underflow_read")((2,), (32,), (x, y, np.int32(40)))
 
 

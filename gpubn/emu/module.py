@@ -189,7 +189,7 @@ class Function:
         self._lib.gpubn_emu_launch(ctypes.byref(L))
         del keep
         if L.error:
-            raise self._error(L, g, b)
+            raise self._error(L, g, b, args)
         loaded = sum(bufarr[k].loaded for k in range(len(buffers)))
         stored = sum(bufarr[k].stored for k in range(len(buffers)))
         per = {}
@@ -199,7 +199,7 @@ class Function:
         _record(LaunchRecord(self.name, g, b, int(shared_mem), loaded, stored, per))
 
     # ------------------------------------------------------------ errors
-    def _error(self, L: _Launch, grid, block) -> EmuError:
+    def _error(self, L: _Launch, grid, block, args) -> EmuError:
         msg = L.message.decode(errors="replace")
         blk = tuple(L.block_idx)
         thr = tuple(L.thread_idx) if L.thread_idx[0] >= 0 else None
@@ -220,9 +220,13 @@ class Function:
             elif L.buffer >= 0:
                 nbytes = self._buffer_size(L)
                 off = L.offset
+                arr = args[L.buffer]
                 rel = (f"{-off} bytes before its start" if off < 0 else
                        f"{off - nbytes} bytes past its end" if off >= nbytes else "inside it")
-                detail = f"nearest buffer: argument {L.buffer} ({nbytes} bytes), offset {off} ({rel})"
+                if off >= 0 and off % arr.itemsize == 0:
+                    rel = f"element {off // arr.itemsize}, " + rel
+                detail = (f"nearest buffer: argument {L.buffer} ({nbytes} bytes, {arr.dtype} array of shape "
+                          f"{arr.shape}), offset {off} ({rel})")
                 buf = int(L.buffer)
             else:
                 detail = "the launch has no array arguments"
