@@ -19,12 +19,13 @@ from test_batch_norm import make_input
 def tiny_tiles(monkeypatch):
     monkeypatch.setattr(nb, "_CHUNK", 128)
     monkeypatch.setattr(nb, "_MIN_BLOCK_ROWS", 3)
+    monkeypatch.setattr(nb, "_FOLD", 32)
 
 
 @pytest.mark.parametrize("shape,axis", [
     ((5, 3, 300), 1),        # rows split into tiles of 128 + remainder
     ((7, 4, 70), 1),         # rows layout, several rows per tile
-    ((50, 5, 3), 1),         # column layout, blocks of rows
+    ((51, 5, 3), 1),         # column layout: folded row blocks, unfolded remainder
     ((41, 300), 1),          # NC, rows wider than a tile
     ((9, 4, 6, 5), -1),      # channels-last
 ], ids=["split-rows", "rows", "columns", "nc-wide", "nhwc"])

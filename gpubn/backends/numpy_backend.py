@@ -49,6 +49,7 @@ from .base import Backend, ChannelStats
 _CHUNK = 1 << 16       # elements per tile: 256 KiB of float32 scratch, fits in L2
 _ROW_MIN = 64          # inner extent from which the row layout is used
 _MIN_BLOCK_ROWS = 64   # column layout: rows per tile at least (bounds partial storage)
+_FOLD = 1024          # column layout: fold narrow rows to at least this many values
 _FAST_RANGE = 8.0      # |mean| * invstd up to which x*scale + shift is used directly
 _vecdot = getattr(np, "vecdot", None)
 
@@ -110,14 +111,19 @@ class _Layout:
         outer, c, inner = shape
         self.outer, self.c, self.inner = outer, c, inner
         self.rows_mode = inner >= _ROW_MIN
+        self.k = 1
         if self.rows_mode:     # runs of whole rows; a row longer than a tile is split
             R, W = outer * c, inner
             cs = min(W, _CHUNK)
             rs = max(1, _CHUNK // cs)
         else:                  # blocks of whole rows: tiles stay contiguous in memory
             R, W = outer, c * inner
-            rs = max(_MIN_BLOCK_ROWS, _CHUNK // W)
             cs = W
+            # narrow rows are folded k at a time into rows of k*W values, so that
+            # per-channel operands broadcast along long contiguous runs
+            self.k = max(1, _FOLD // W)
+            rs = max(_MIN_BLOCK_ROWS, _CHUNK // W)
+            rs = -(-rs // self.k) * self.k
         self.shape2 = (R, W)
         self.rs, self.cs = min(rs, R), cs
         self.nrb = -(-R // self.rs)
@@ -134,15 +140,31 @@ class _Layout:
 
     def per_channel(self, v, dtype):
         """A per-channel vector expanded for broadcasting against tiles:
-        ``(outer*C, 1)`` (rows layout) or ``(C*inner,)`` (column layout)."""
+        ``(outer*C, 1)`` (rows layout) or ``(k*C*inner,)`` (column layout)."""
         v = np.asarray(v, dtype=dtype)
         if self.rows_mode:
             return np.tile(v, self.outer)[:, None]
-        return np.repeat(v, self.inner)
+        return np.tile(np.repeat(v, self.inner), self.k)
 
-    def take(self, vec, r0, r1, c0, c1):
+    def fold(self, r0, r1, *arrays):
+        """Column layout: tiles whose row count is a multiple of k as
+        ``(rows/k, k*W)`` views.  Returns ``(folded, arrays...)``."""
+        if self.k > 1 and (r1 - r0) % self.k == 0:
+            kw = self.k * self.shape2[1]
+            return (True,) + tuple(a.reshape(-1, kw) for a in arrays)
+        return (False,) + arrays
+
+    def unfold(self, part, folded):
+        """Sum the k column groups of a folded tile's per-column result."""
+        if folded:
+            return part.reshape(self.k, self.shape2[1]).sum(axis=0, dtype=np.float64)
+        return part
+
+    def take(self, vec, r0, r1, c0, c1, folded=False):
         """The part of an expanded per-channel vector that matches a tile."""
-        return vec[r0:r1] if self.rows_mode else vec[c0:c1]
+        if self.rows_mode:
+            return vec[r0:r1]
+        return vec if folded else vec[:self.shape2[1]]
 
     def run(self, work, dtype):
         """Call ``work(tile, scratch)`` for every tile, on several threads when
@@ -212,10 +234,12 @@ def _moments(x3):
             at = (slice(r0, r1), cb)
         else:
             n = r1 - r0
-            m0 = ones[:n] @ blk / wdt.type(n)
-            np.subtract(blk, m0, out=d)
-            s1 = (ones[:n] @ d).astype(np.float64)
-            s2 = np.einsum("ij,ij->j", d, d)
+            f, bf, df = lay.fold(r0, r1, blk, d)
+            o = ones[:bf.shape[0]]
+            m0 = (lay.unfold(o @ bf, f) / n).astype(wdt)
+            np.subtract(bf, np.tile(m0, lay.k) if f else m0, out=df)
+            s1 = np.asarray(lay.unfold(o @ df, f), dtype=np.float64)
+            s2 = lay.unfold(np.einsum("ij,ij->j", df, df), f)
             at = (rb, slice(c0, c1))
         m0 = m0.astype(np.float64)
         means[at] = np.where(np.isfinite(m0), m0 + s1 / n, m0)   # Inf-only: mean Inf
@@ -279,15 +303,15 @@ def _normalize(x3, mean, invstd, scale, shift):
 
     def work(t, scratch):
         _, _, r0, r1, c0, c1 = t
-        out = y2[r0:r1, c0:c1] if direct else scratch[:r1 - r0, :c1 - c0]
-        blk = _chunk(x2, r0, r1, c0, c1, wdt)
+        out2 = y2[r0:r1, c0:c1] if direct else scratch[:r1 - r0, :c1 - c0]
+        f, blk, out = lay.fold(r0, r1, _chunk(x2, r0, r1, c0, c1, wdt), out2)
         if m_e is not None:
-            np.subtract(blk, lay.take(m_e, r0, r1, c0, c1), out=out)
+            np.subtract(blk, lay.take(m_e, r0, r1, c0, c1, f), out=out)
             blk = out
-        np.multiply(blk, lay.take(a_e, r0, r1, c0, c1), out=out)
-        np.add(out, lay.take(b_e, r0, r1, c0, c1), out=out)
+        np.multiply(blk, lay.take(a_e, r0, r1, c0, c1, f), out=out)
+        np.add(out, lay.take(b_e, r0, r1, c0, c1, f), out=out)
         if not direct:
-            y2[r0:r1, c0:c1] = out
+            y2[r0:r1, c0:c1] = out2
 
     lay.run(work, wdt)
     return y3
@@ -308,19 +332,19 @@ def _backward_sums(dy3, x3, mean, invstd):
 
     def work(t, scratch):
         rb, cb, r0, r1, c0, c1 = t
-        blk = _chunk(x2, r0, r1, c0, c1, wdt)
-        g = _chunk(dy2, r0, r1, c0, c1, wdt)
+        f, blk, g, sc = lay.fold(r0, r1, _chunk(x2, r0, r1, c0, c1, wdt),
+                                 _chunk(dy2, r0, r1, c0, c1, wdt),
+                                 scratch[:r1 - r0, :c1 - c0])
         if not fast:
-            blk = np.subtract(blk, lay.take(m_e, r0, r1, c0, c1),
-                              out=scratch[:r1 - r0, :c1 - c0])
+            blk = np.subtract(blk, lay.take(m_e, r0, r1, c0, c1, f), out=sc)
         if lay.rows_mode:
             at = (slice(r0, r1), cb)
             sdy[at] = g @ ones[:c1 - c0]
             sdx[at] = _rowdot(g, blk)
         else:
             at = (rb, slice(c0, c1))
-            sdy[at] = ones[:r1 - r0] @ g
-            sdx[at] = np.einsum("ij,ij->j", g, blk)
+            sdy[at] = lay.unfold(ones[:g.shape[0]] @ g, f)
+            sdx[at] = lay.unfold(np.einsum("ij,ij->j", g, blk), f)
 
     lay.run(work, wdt)
     if lay.rows_mode:
@@ -352,17 +376,18 @@ def _dx(dy3, x3, mean, invstd, k, c1, c0):
 
     def work(t, scratch):
         _, _, r0, r1, c0_, c1_ = t
-        out = dx2[r0:r1, c0_:c1_] if direct else scratch[:r1 - r0, :c1_ - c0_]
-        blk = _chunk(x2, r0, r1, c0_, c1_, wdt)
+        out2 = dx2[r0:r1, c0_:c1_] if direct else scratch[:r1 - r0, :c1_ - c0_]
+        f, blk, g, out = lay.fold(r0, r1, _chunk(x2, r0, r1, c0_, c1_, wdt),
+                                  _chunk(dy2, r0, r1, c0_, c1_, wdt), out2)
         if m_e is not None:
-            np.subtract(blk, lay.take(m_e, r0, r1, c0_, c1_), out=out)
+            np.subtract(blk, lay.take(m_e, r0, r1, c0_, c1_, f), out=out)
             blk = out
-        np.multiply(blk, lay.take(c1_e, r0, r1, c0_, c1_), out=out)
-        np.add(out, lay.take(c0_e, r0, r1, c0_, c1_), out=out)
-        np.subtract(_chunk(dy2, r0, r1, c0_, c1_, wdt), out, out=out)
-        np.multiply(out, lay.take(k_e, r0, r1, c0_, c1_), out=out)
+        np.multiply(blk, lay.take(c1_e, r0, r1, c0_, c1_, f), out=out)
+        np.add(out, lay.take(c0_e, r0, r1, c0_, c1_, f), out=out)
+        np.subtract(g, out, out=out)
+        np.multiply(out, lay.take(k_e, r0, r1, c0_, c1_, f), out=out)
         if not direct:
-            dx2[r0:r1, c0_:c1_] = out
+            dx2[r0:r1, c0_:c1_] = out2
 
     lay.run(work, wdt)
     return dx3
