@@ -338,6 +338,14 @@ def test_argument_count_and_types(mod):
     fn(1, 32, (x, x, 4))                                 # Python int -> int64, as in CuPy
 
 
+def test_raw_kernel():
+    k = emu.RawKernel('extern "C" __global__ void twice(int* y) { y[threadIdx.x] *= 2; }', "twice")
+    y = np.arange(5, dtype=np.int32)
+    k((1,), (5,), (y,))
+    np.testing.assert_array_equal(y, 2 * np.arange(5))
+    assert (k.num_params, k.param_sizes, k.param_kinds) == (1, (8,), ("pointer",))
+
+
 def test_unknown_kernel_name(mod):
     with pytest.raises(emu.EmuError, match=r"no kernel 'copy<int>'"):
         mod.get_function("copy<int>")

@@ -336,11 +336,10 @@ class RawModule:
             return fn
 
 
-class RawKernel(Function):
-    """Like ``cupy.RawKernel(code, name, options)``: one ``extern "C"`` kernel."""
-
-    def __new__(cls, code: str, name: str, options: Sequence[str] = (), **kwargs):
-        return RawModule(code=code, options=options, **kwargs).get_function(name)
+def RawKernel(code: str, name: str, options: Sequence[str] = (), **kwargs) -> Function:
+    """Like ``cupy.RawKernel(code, name, options)``: the ``extern "C"`` kernel
+    ``name`` of ``code``, ready to launch."""
+    return RawModule(code=code, options=options, **kwargs).get_function(name)
 
 
 # ---------------------------------------------------------------- static shared variable names
