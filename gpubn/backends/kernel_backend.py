@@ -292,7 +292,6 @@ class KernelBackend(Backend):
             sum_dy, sum_dy_xhat = self._reduce(dy3, x3, key, acc, mean, invstd, weight, dx3)
         return dx3, sum_dy_xhat, sum_dy
 
-
     # ======================================================================
     # Batch renorm and layer norm (kernels/bn_renorm.cu, kernels/layer_norm.cu)
     #
