@@ -15,7 +15,8 @@
 //   *_warp   block (32, R): one warp per row, R rows per block, shuffles only
 //            (short rows: up to a few hundred vector units);
 //   *_block  block (T, 1): one block per row, warp shuffles + shared memory.
-// Both walk rows grid-stride, so any number of rows fits any grid.
+// Both walk rows grid-stride, so any number of rows fits any grid, and read
+// weight / bias from shared memory when the launch stages them there.
 //
 // dweight / dbias: ln_backward_wgrad, a column reduction over the rows,
 //   dweight[j] = sum_rows dy * xhat,  dbias[j] = sum_rows dy,
@@ -201,13 +202,35 @@ __device__ __forceinline__ Acc shfl0(Acc v) {
     return __shfl_sync(0xffffffffu, v, 0);
 }
 
+// weight / bias are the same n values for every row: with `stage` set the
+// block copies them once into dynamic shared memory (weight first, then bias,
+// n Acc each, only those that are non-null; the launch sizes it) and reads
+// them from there.  Every thread must call this (it has a barrier).
+template <class Acc>
+__device__ __forceinline__ void stage_params(const Acc*& weight, const Acc*& bias, long long n,
+                                             int stage) {
+    extern __shared__ unsigned char ln_params[];
+    if (!stage) return;
+    Acc* sw = reinterpret_cast<Acc*>(ln_params);
+    Acc* sb = sw + (weight ? n : 0);
+    const int threads = blockDim.x * blockDim.y;
+    for (long long i = threadIdx.y * blockDim.x + threadIdx.x; i < n; i += threads) {
+        if (weight) sw[i] = weight[i];
+        if (bias) sb[i] = bias[i];
+    }
+    __syncthreads();
+    if (weight) weight = sw;
+    if (bias) bias = sb;
+}
+
 // ---------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------
 template <class T, class Acc, int VEC>
 __global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS)
 ln_forward_warp(const T* __restrict__ x, T* __restrict__ y, const Acc* weight, const Acc* bias,
-                Acc* mean_out, Acc* rstd_out, long long rows, long long n, Acc eps) {
+                Acc* mean_out, Acc* rstd_out, long long rows, long long n, Acc eps, int stage) {
+    stage_params(weight, bias, n, stage);
     const long long n_v = n / VEC;
     const bool cached = row_fits_cache(n_v, 32);
     const long long row_step = (long long)gridDim.x * blockDim.y;
@@ -233,8 +256,9 @@ ln_forward_warp(const T* __restrict__ x, T* __restrict__ y, const Acc* weight, c
 template <class T, class Acc, int VEC>
 __global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS)
 ln_forward_block(const T* __restrict__ x, T* __restrict__ y, const Acc* weight, const Acc* bias,
-                 Acc* mean_out, Acc* rstd_out, long long rows, long long n, Acc eps) {
+                 Acc* mean_out, Acc* rstd_out, long long rows, long long n, Acc eps, int stage) {
     __shared__ Acc row_stats[2];
+    stage_params(weight, bias, n, stage);
     const long long n_v = n / VEC;
     const bool cached = row_fits_cache(n_v, blockDim.x);
     RowCache<T, VEC> cache;
@@ -263,7 +287,9 @@ template <class T, class Acc, int VEC>
 __global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS)
 ln_backward_dx_warp(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
                     const Acc* mean, const Acc* rstd, const Acc* weight, long long rows,
-                    long long n) {
+                    long long n, int stage) {
+    const Acc* no_bias = nullptr;
+    stage_params(weight, no_bias, n, stage);
     const long long n_v = n / VEC;
     const bool cached = row_fits_cache(n_v, 32);
     const Acc inv_n = Acc(1) / Acc(n);
@@ -286,8 +312,10 @@ template <class T, class Acc, int VEC>
 __global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS)
 ln_backward_dx_block(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
                      const Acc* mean, const Acc* rstd, const Acc* weight, long long rows,
-                     long long n) {
+                     long long n, int stage) {
     __shared__ Acc row_sums[2];
+    const Acc* no_bias = nullptr;
+    stage_params(weight, no_bias, n, stage);
     const long long n_v = n / VEC;
     const bool cached = row_fits_cache(n_v, blockDim.x);
     const Acc inv_n = Acc(1) / Acc(n);

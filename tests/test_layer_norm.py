@@ -285,6 +285,8 @@ def test_emu_launches_and_traffic(n, kind, passes):
     assert fwd.kernel.startswith(f"gpubn::ln_forward_{kind}<float, float, {4 if n % 4 == 0 else 1}>")
     assert fwd.buffers[0].loaded == passes * nbytes and fwd.buffers[0].stored == 0
     assert fwd.buffers[1].stored == nbytes and fwd.buffers[1].loaded == 0
+    # weight and bias: staged in shared memory once per block
+    assert fwd.buffers[2].loaded == fwd.buffers[3].loaded == fwd.grid[0] * w.nbytes
     with emu.recording() as log:
         gpubn.layer_norm_backward(dy, saved)
     dx_rec, wgrad = log
@@ -293,6 +295,7 @@ def test_emu_launches_and_traffic(n, kind, passes):
     assert dx_rec.buffers[0].loaded == passes * nbytes      # dy
     assert dx_rec.buffers[1].loaded == passes * nbytes      # x
     assert dx_rec.buffers[2].stored == nbytes and dx_rec.buffers[2].loaded == 0
+    assert dx_rec.buffers[5].loaded == dx_rec.grid[0] * w.nbytes   # weight, staged
     assert wgrad.buffers[0].loaded == nbytes and wgrad.buffers[1].loaded == nbytes
     with emu.recording() as log:   # no parameters: no column reduction
         _, s2 = gpubn.layer_norm_forward(x, n, backend="emu")

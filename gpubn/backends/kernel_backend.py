@@ -323,6 +323,15 @@ class KernelBackend(Backend):
         y3 = self._apply(x3, key, acc, mean, invstd, w_eff, b_eff, None, None, False, eps)
         return y3, mean, invstd, r, d, w_eff
 
+    def _launch_shared(self, cfg: Launch, dtype_key: str, args, shared_mem: int) -> None:
+        """``_launch`` with dynamic shared memory."""
+        spec = catalog.KERNELS[cfg.kernel]
+        name = catalog.name_expression(cfg.kernel, dtype_key, cfg.vec)
+        fn = self._get_function(spec.source, dtype_key, name)
+        debug_report(f"{self.name}: launch {name} grid={cfg.grid} block={cfg.block} "
+                     f"shared={shared_mem}")
+        fn(cfg.grid, cfg.block, tuple(args), shared_mem=int(shared_mem))
+
     def _check_rows(self, a, like, name: str):
         if not self.owns(a):
             raise TypeError(f"{name} must be a {self.xp.__name__} array for the {self.name!r} "
@@ -347,8 +356,9 @@ class KernelBackend(Backend):
         if rows:
             cfg = ln_row_launch("forward", rows, n, key, self._aligned(x2, y2), self._device(),
                                 self.tuning)
-            self._launch(cfg, key, (x2, y2, weight, bias, mean, rstd, np.int64(rows),
-                                    np.int64(n), acc.type(eps)))
+            smem = ln_param_bytes(n, acc, weight, bias)
+            self._launch_shared(cfg, key, (x2, y2, weight, bias, mean, rstd, np.int64(rows),
+                                           np.int64(n), acc.type(eps), np.int32(smem > 0)), smem)
         return y2, mean, rstd
 
     def ln_backward(self, dy2, x2, mean, rstd, weight, want_grads):
@@ -363,8 +373,9 @@ class KernelBackend(Backend):
         if rows:
             cfg = ln_row_launch("backward_dx", rows, n, key, self._aligned(x2, dy2, dx2),
                                 self._device(), self.tuning)
-            self._launch(cfg, key, (dy2, x2, dx2, mean, rstd, weight, np.int64(rows),
-                                    np.int64(n)))
+            smem = ln_param_bytes(n, acc, weight, None)
+            self._launch_shared(cfg, key, (dy2, x2, dx2, mean, rstd, weight, np.int64(rows),
+                                           np.int64(n), np.int32(smem > 0)), smem)
         if not want_grads:
             return dx2, None, None
         dweight = self.xp.empty(n, dtype=acc)
@@ -385,6 +396,19 @@ def renorm_finish_launch(channels: int) -> Launch:
     """One thread per channel for ``bn_renorm_finish``."""
     threads = min(256, max(WARP, 1 << (max(channels, 1) - 1).bit_length()))
     return Launch("bn_renorm_finish", 1, (-(-channels // threads), 1, 1), (threads, 1, 1))
+
+
+# Dynamic shared memory a layer-norm block may use for weight / bias (the
+# default limit without opting in, on every GPU since compute capability 3.0).
+LN_MAX_PARAM_BYTES = 48 * 1024
+
+
+def ln_param_bytes(n: int, acc, weight, bias) -> int:
+    """Shared memory for staging the non-null of weight / bias (n values each
+    in the accumulation dtype), or 0 when there are none or they do not fit."""
+    count = (weight is not None) + (bias is not None)
+    nbytes = count * n * np.dtype(acc).itemsize
+    return nbytes if 0 < nbytes <= LN_MAX_PARAM_BYTES else 0
 
 
 # Must equal GPUBN_LN_CACHE_UNITS in kernels/layer_norm.cu: vector units per
