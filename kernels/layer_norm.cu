@@ -209,7 +209,7 @@ __device__ __forceinline__ Acc shfl0(Acc v) {
 template <class Acc>
 __device__ __forceinline__ void stage_params(const Acc*& weight, const Acc*& bias, long long n,
                                              int stage) {
-    extern __shared__ unsigned char ln_params[];
+    extern __shared__ __align__(16) unsigned char ln_params[];
     if (!stage) return;
     Acc* sw = reinterpret_cast<Acc*>(ln_params);
     Acc* sb = sw + (weight ? n : 0);
