@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "repeats are cut, never below 3 (default 2; 0 for always --repeats)")
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed calls before timing, after the checked first call (default 1)")
+    p.add_argument("--torch-threads", type=int, default=None, metavar="N",
+                   help="torch.set_num_threads(N) before measuring (default: PyTorch's own "
+                        "default; the count used is recorded with the results)")
     p.add_argument("--out", default=None,
                    help="JSON-lines file the rows are appended to "
                         "(default bench/results/<date-time>.jsonl)")
@@ -129,6 +132,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.warmup < 0:
         print("error: --warmup must be >= 0", file=sys.stderr)
         return 2
+    if args.torch_threads is not None:
+        if args.torch_threads < 1:
+            print("error: --torch-threads must be >= 1", file=sys.stderr)
+            return 2
+        try:
+            import torch
+            torch.set_num_threads(args.torch_threads)
+        except ImportError:
+            pass
     gpu_reason = gpu_mod.gpu_unavailable_reason()
     sections = list(args.sections) or (["cpu", "traffic"] + (["gpu"] if gpu_reason is None else []))
     suite = "quick" if args.quick else args.suite
