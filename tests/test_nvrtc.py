@@ -6,6 +6,8 @@ Runs without a GPU or a driver (NVRTC through ctypes); skips only when the
 NVRTC library itself cannot be found.
 """
 
+import concurrent.futures
+import os
 import re
 
 import pytest
@@ -24,12 +26,31 @@ def _compile(source_text, names, arch, filename="kernel.cu"):
     return _nvrtc.compile_to_ptx(source_text, names, options, filename)
 
 
+@pytest.fixture(scope="module")
+def catalog_builds():
+    """Every (source, arch) compiled once, concurrently (NVRTC runs outside
+    the GIL); a failure is kept and raised by the test that asks for it."""
+    def build(job):
+        source, arch = job
+        try:
+            return _compile(kernels.read_source(source), kernels.all_name_expressions(source),
+                            arch, source)
+        except _nvrtc.NvrtcError as exc:
+            return exc
+
+    jobs = [(s, a) for s in kernels.SOURCES for a in ARCHES]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        return dict(zip(jobs, pool.map(build, jobs)))
+
+
 @pytest.mark.parametrize("arch", ARCHES)
 @pytest.mark.parametrize("source", kernels.SOURCES)
-def test_catalog_compiles_clean(source, arch):
+def test_catalog_compiles_clean(source, arch, catalog_builds):
     names = kernels.all_name_expressions(source)
     assert names, f"the catalog lists no kernels for {source}"
-    result = _compile(kernels.read_source(source), names, arch, source)
+    result = catalog_builds[(source, arch)]
+    if isinstance(result, Exception):
+        raise result
     assert result.log == "", f"NVRTC reported for {source} ({arch}):\n{result.log}"
     assert f".target sm_{arch.split('_')[1]}" in result.ptx
     entries = set(re.findall(r"\.entry\s+([\w$]+)", result.ptx))
