@@ -39,24 +39,30 @@ COMPILE_OPTIONS = ("-std=c++17",)
 class KernelSpec:
     """One templated kernel: its source file, whether it takes a VEC
     (elements per vector access) template argument, and the positions of its
-    tensor-sized arguments (x, y, dy, dx: what traffic counts measure)."""
+    tensor-sized arguments (x, y, dy, dx: what traffic counts measure).
+    ``vector_bytes``: the access sizes instantiated besides one element."""
 
     name: str
     source: str
     vectorized: bool
     tensor_args: Tuple[int, ...]
+    vector_bytes: Tuple[int, ...] = (VECTOR_BYTES,)
 
+
+# Channel-axis-1 kernels also get 8-byte vectors: runs such as 14*14 = 196
+# float16 values are a multiple of 4 elements but not of 8.
+_RUN_VECTORS = (8, VECTOR_BYTES)
 
 KERNELS: Dict[str, KernelSpec] = {
     spec.name: spec
     for spec in (
-        KernelSpec("bn_stats_nchw", "bn_stats.cu", True, (0,)),
+        KernelSpec("bn_stats_nchw", "bn_stats.cu", True, (0,), _RUN_VECTORS),
         KernelSpec("bn_stats_nhwc", "bn_stats.cu", False, (0,)),
-        KernelSpec("bn_apply_nchw", "bn_forward.cu", True, (0, 1)),
+        KernelSpec("bn_apply_nchw", "bn_forward.cu", True, (0, 1), _RUN_VECTORS),
         KernelSpec("bn_apply_nhwc", "bn_forward.cu", True, (0, 1)),
-        KernelSpec("bn_backward_reduce_nchw", "bn_backward.cu", True, (0, 1, 5)),
+        KernelSpec("bn_backward_reduce_nchw", "bn_backward.cu", True, (0, 1, 5), _RUN_VECTORS),
         KernelSpec("bn_backward_reduce_nhwc", "bn_backward.cu", False, (0, 1, 5)),
-        KernelSpec("bn_backward_dx_nchw", "bn_backward.cu", True, (0, 1, 2)),
+        KernelSpec("bn_backward_dx_nchw", "bn_backward.cu", True, (0, 1, 2), _RUN_VECTORS),
         KernelSpec("bn_backward_dx_nhwc", "bn_backward.cu", True, (0, 1, 2)),
         # batch renorm (per-channel finish between bn_stats_* and bn_apply_*)
         KernelSpec("bn_renorm_finish", "bn_renorm.cu", False, ()),
@@ -94,6 +100,16 @@ def vector_width(dtype_key: str) -> int:
     return VECTOR_BYTES // itemsize(dtype_key)
 
 
+def vector_widths(kernel: str, dtype) -> Tuple[int, ...]:
+    """Elements per access instantiated for a kernel and storage dtype,
+    ascending, starting with 1 (scalar)."""
+    spec = KERNELS[kernel]
+    if not spec.vectorized:
+        return (1,)
+    size = itemsize(dtype_name(dtype))
+    return tuple(sorted({1} | {b // size for b in spec.vector_bytes if b >= size}))
+
+
 def name_expression(kernel: str, dtype, vec: int = 1) -> str:
     """The C++ name expression of one instantiation, e.g.
     ``gpubn::bn_stats_nchw<float, float, 4>``."""
@@ -101,8 +117,9 @@ def name_expression(kernel: str, dtype, vec: int = 1) -> str:
     key = dtype_name(dtype)
     t, acc = CXX_TYPES[key]
     if spec.vectorized:
-        if vec not in (1, vector_width(key)):
-            raise ValueError(f"{kernel}: vec must be 1 or {vector_width(key)} for {key}, got {vec}")
+        widths = vector_widths(kernel, key)
+        if vec not in widths:
+            raise ValueError(f"{kernel}: vec must be one of {widths} for {key}, got {vec}")
         return f"gpubn::{kernel}<{t}, {acc}, {vec}>"
     if vec != 1:
         raise ValueError(f"{kernel} is not vectorized (vec must be 1, got {vec})")
@@ -126,8 +143,7 @@ def name_expressions(source: str, dtype) -> Tuple[str, ...]:
     for spec in KERNELS.values():
         if spec.source != source:
             continue
-        widths = (1, vector_width(key)) if spec.vectorized else (1,)
-        names.extend(name_expression(spec.name, key, w) for w in widths)
+        names.extend(name_expression(spec.name, key, w) for w in vector_widths(spec.name, key))
     return tuple(names)
 
 
@@ -185,7 +201,7 @@ def compile_options() -> Tuple[str, ...]:
 
 
 __all__ = [
-    "CXX_TYPES", "KERNELS", "SOURCES", "KernelSpec", "dtype_name", "vector_width",
+    "CXX_TYPES", "KERNELS", "SOURCES", "KernelSpec", "dtype_name", "vector_width", "vector_widths",
     "name_expression", "name_expressions", "kernel_of", "all_name_expressions", "kernels_dir",
     "read_source", "compile_options", "headers_fingerprint",
 ]

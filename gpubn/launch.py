@@ -103,12 +103,19 @@ def layout(shape3) -> str:
     return "nchw" if shape3[2] > 1 else "nhwc"
 
 
-def vector_width(shape3, dtype, aligned: bool) -> int:
-    """Elements per access: 16 bytes when every tensor is 16-byte aligned and
-    the contiguous run (inner, or C for channels-last) is a multiple of it."""
-    width = _catalog.vector_width(_catalog.dtype_name(dtype))
+def vector_width(shape3, dtype, aligned: bool, kernel: str = None) -> int:
+    """Elements per access: the widest vector (16 bytes, or a narrower one the
+    catalog instantiates for ``kernel``) that divides the contiguous run
+    (inner, or C for channels-last), when every tensor is 16-byte aligned."""
+    key = _catalog.dtype_name(dtype)
+    if kernel is None:
+        widths = (1, _catalog.vector_width(key))
+    else:
+        widths = _catalog.vector_widths(kernel, key)
     run = shape3[2] if shape3[2] > 1 else shape3[1]
-    return width if aligned and run % width == 0 else 1
+    if not aligned:
+        return 1
+    return max(w for w in widths if run % w == 0)
 
 
 def _splits(work_units: int, threads: int, tiles: int, dev: DeviceAttributes,
@@ -128,7 +135,7 @@ def reduce_launch(op: str, shape3, dtype, aligned: bool, dev: DeviceAttributes,
     base = {"stats": "bn_stats", "grad": "bn_backward_reduce"}[op]
     state = _STATE_BYTES[(op, acc)]
     if layout(shape3) == "nchw":
-        vec = vector_width(shape3, key, aligned)
+        vec = vector_width(shape3, key, aligned, f"{base}_nchw")
         units = outer * (inner // vec)
         threads = min(tuning.reduce_threads, max(WARP, _pow2_at_least(units)))
         splits = _splits(units, threads, channels, dev, tuning)
@@ -167,7 +174,7 @@ def map_launch(op: str, shape3, dtype, aligned: bool, dev: DeviceAttributes,
     outer, channels, inner = (int(s) for s in shape3)
     key = _catalog.dtype_name(dtype)
     base = {"apply": "bn_apply", "dx": "bn_backward_dx"}[op]
-    vec = vector_width(shape3, key, aligned)
+    vec = vector_width(shape3, key, aligned, f"{base}_{layout(shape3)}")
     threads = min(tuning.map_threads, dev.max_threads_per_block)
     max_blocks = dev.sm_count * tuning.map_blocks_per_sm
     if layout(shape3) == "nchw":

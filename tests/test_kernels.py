@@ -30,8 +30,9 @@ DTYPES = (np.float16, np.float32, np.float64)
 
 # canonical (outer, C, inner) shapes and what each one exercises on emu
 CASES = {
-    "nchw-scalar-tail-split": (4, 3, 50),    # run 50: no vector width divides it; 2 blocks/channel
+    "nchw-scalar-tail-split": (4, 3, 51),    # odd run: scalar accesses; 2 blocks per channel
     "nchw-vector": (3, 2, 64),               # 16-byte vectors for every dtype
+    "nchw-8byte-vector": (3, 2, 36),         # float16: 4-element (8-byte) vectors
     "nchw-C1-odd": (2, 1, 33),
     "nchw-outer1": (1, 2, 40),
     "nhwc-tiles-split": (300, 33, 1),        # 2 channel tiles (one partial), many row splits
@@ -80,6 +81,9 @@ def test_cases_take_the_multi_block_paths():
                       EMU.tuning).vec == 8
     assert map_launch("apply", CASES["nchw-scalar-tail-split"], "float32", True, EMU_DEVICE,
                       EMU.tuning).vec == 1
+    for op in ("stats", "grad"):
+        assert reduce_launch(op, CASES["nchw-8byte-vector"], "float16", True, EMU_DEVICE,
+                             EMU.tuning).vec == 4
 
 
 @pytest.mark.parametrize("case", CASE_IDS)

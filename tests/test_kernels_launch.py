@@ -75,6 +75,17 @@ def test_vector_width(dtype, width):
     assert vector_width((10, 8 * width, 1), dtype, True) == width  # channels-last: along C
 
 
+@pytest.mark.parametrize("dtype,run,width", [("float16", 196, 4), ("float16", 98, 1),
+                                             ("float32", 98, 2), ("float32", 196, 4),
+                                             ("float64", 49, 1)])
+def test_runs_use_8_byte_vectors_when_16_do_not_divide(dtype, run, width):
+    for kernel in ("bn_stats_nchw", "bn_apply_nchw", "bn_backward_reduce_nchw",
+                   "bn_backward_dx_nchw"):
+        assert vector_width((4, 3, run), dtype, True, kernel) == width
+        assert f"<{catalog.CXX_TYPES[dtype][0]}, " in catalog.name_expression(kernel, dtype, width)
+    assert map_launch("apply", (4, 3, run), dtype, True, H100).vec == width
+
+
 def test_channels_last_blocks_run_along_channels():
     cfg = reduce_launch("stats", (1000, 3, 1), "float32", True, H100)
     assert cfg.kernel == "bn_stats_nhwc" and cfg.block[0] == 4   # C = 3 -> 4 lanes per row
