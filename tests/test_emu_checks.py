@@ -313,6 +313,29 @@ def test_early_return_before_barrier(mod):
     np.testing.assert_array_equal(y, x[::-1])
 
 
+def test_spin_waits():
+    src = r'''
+// thread 0 waits for thread 1's flag (legal since Volta, if racy without atomics)
+extern "C" __global__ void flag_wait(volatile int* flag, int* out) {
+    if (threadIdx.x == 0) { while (atomicAdd((int*)flag, 0) == 0) {} out[0] = 1; }
+    if (threadIdx.x == 1) atomicExch((int*)flag, 1);
+}
+// planted: block 0 waits for block 1, which runs only after block 0 finished
+extern "C" __global__ void wait_for_next_block(volatile int* flag) {
+    if (blockIdx.x == 0) { while (flag[0] == 0) {} }
+    else flag[0] = 1;
+}
+'''
+    m = emu.RawModule(code=src)
+    flag, out = np.zeros(1, np.int32), np.zeros(1, np.int32)
+    m.get_function("flag_wait")(1, 2, (flag, out))
+    assert out[0] == 1 and flag[0] == 1
+    flag[:] = 0
+    with pytest.raises(emu.DeadlockError, match=r"block \(0, 0, 0\): thread \(0, 0, 0\) spins: .* loads in a row of 4 "
+                                                r"bytes at argument 0 at offset 0 returned the same value"):
+        m.get_function("wait_for_next_block")(2, 1, (flag,))
+
+
 def test_shuffle_naming_an_exited_lane(mod):
     with pytest.raises(emu.KernelError, match=r"__shfl_down_sync with mask 0xffffffff names lane 16 "
                                               r"\(thread 16\), which has exited") as info:

@@ -19,7 +19,10 @@ warp.  Every launch is checked:
   raises :class:`MemcheckError` (reported at the next barrier, so that a
   missing barrier is reported as the race it is);
 * deadlock -- a barrier not every thread of the block reaches raises
-  :class:`DeadlockError` instead of hanging;
+  :class:`DeadlockError` instead of hanging, and so does a thread spinning on
+  memory no runnable thread will change (threads switch only at barriers,
+  warp collectives and exits; a spinning thread hands over to the others
+  first, so intra-block flag waits work);
 * traffic -- bytes loaded from and stored to each argument array are counted
   per launch (:func:`launch_log`).
 

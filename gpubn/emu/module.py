@@ -250,6 +250,8 @@ class Function:
                     f"after thread {other} {'stored to' if other_access == 'store' else 'loaded'} it with no "
                     f"__syncthreads() (or __syncwarp() within a warp) in between")
             return RaceError(text, name, blk, thr, other, access, other_access, memory, offset, variable)
+        if L.error == _ERR_DEADLOCK and thr is not None:      # a spin-wait that cannot end
+            return DeadlockError(f"deadlock in kernel {name!r}, block {blk}: thread {thr} {msg}", name, blk, thr)
         if L.error == _ERR_DEADLOCK:
             n = block[0] * block[1] * block[2]
             text = (f"deadlock in kernel {name!r}, block {blk} ({n} threads, linear thread index "

@@ -97,6 +97,9 @@ struct Fiber {
     int op, arg, width, size;           // warp collective
     unsigned mask;
     unsigned long long value, result;
+    uintptr_t spin_addr;                // spin-wait detection: consecutive loads of one address
+    uint32_t spin_count, spin_rounds;
+    unsigned long long spin_value;
 };
 
 struct Rec {                            // one access to a byte of shared memory
@@ -113,6 +116,7 @@ struct Runtime {
     Buffer* bufs;
     int nbufs;
     bool memcheck, racecheck, initcheck;
+    bool in_atomic;                      // an atomic is being checked (its store half)
     // block
     uint3 bidx, bdim, gdim;
     int nthreads, live, arrived;
@@ -368,6 +372,51 @@ static inline void race_access(Shadow* sh, size_t n, bool store, uintptr_t addr,
     abort_fiber();
 }
 
+// ------------------------------------------------------------------ spin-waits
+// Threads switch only at barriers, warp collectives and exits, so a thread that
+// spins on memory another thread must change would spin forever.  After
+// kSpinLoads consecutive loads of one address the spinning thread hands over to
+// the others; after kSpinRounds hand-overs that did not change the value, the
+// wait can never end (the writer waits at a barrier, has exited, or is in
+// another block: blocks run one at a time) and the launch is abandoned.
+constexpr uint32_t kSpinLoads = 1u << 14;
+constexpr uint32_t kSpinRounds = 1024;
+
+[[noreturn]] static void spin_error(Fiber* f, uintptr_t a, size_t n) {
+    Launch* L = R->L;
+    L->error = DEADLOCK;
+    set_where(f);
+    L->address = a;
+    L->size = (int64_t)n;
+    char where[160];
+    snprintf(where, sizeof where, "address 0x%lx", (unsigned long)a);
+    for (int i = 0; i < R->nbufs; ++i)
+        if (a - R->bufs[i].lo < R->bufs[i].size)
+            snprintf(where, sizeof where, "argument %lld at offset %llu", (long long)R->bufs[i].arg_index,
+                     (unsigned long long)(a - R->bufs[i].lo));
+    if (a - R->dyn_lo < R->dyn_size)
+        snprintf(where, sizeof where, "byte %lu of dynamic shared memory", (unsigned long)(a - R->dyn_lo));
+    else if (a - R->bss_lo < R->bss_hi - R->bss_lo)
+        snprintf(where, sizeof where, "static shared memory (module offset 0x%lx)", (unsigned long)(a - R->module_base));
+    set_message("spins: %u loads in a row of %zu bytes at %s returned the same value while the other threads ran; "
+                "no thread of this block changes it (a writer waiting at a barrier, exited, or in another block "
+                "-- blocks run one at a time on emu)",
+                kSpinLoads * kSpinRounds, n, where);
+    abort_fiber();
+}
+
+static void spin_hand_over(Fiber* f, uintptr_t a, size_t n);
+
+static inline void spin_watch(Fiber* f, uintptr_t a, size_t n) {
+    if (a != f->spin_addr) {
+        f->spin_addr = a;
+        f->spin_count = 0;
+        f->spin_rounds = 0;
+        return;
+    }
+    if (++f->spin_count >= kSpinLoads) spin_hand_over(f, a, n);
+}
+
 static inline void check(uintptr_t a, size_t n, bool store) {
     Fiber* f = R ? R->cur : nullptr;
     if (!f || n == 0) return;
@@ -379,7 +428,13 @@ static inline void check(uintptr_t a, size_t n, bool store) {
         if (a - b.lo < b.size) {
             if (n > b.lo + b.size - a && R->memcheck)
                 bad_access(a, n, store, "access runs past the end of an argument buffer");
-            (store ? b.stored : b.loaded) += n;
+            if (store) {
+                b.stored += n;
+                if (!R->in_atomic) f->spin_addr = 0;
+            } else {
+                b.loaded += n;
+                spin_watch(f, a, n);
+            }
             return;
         }
     }
@@ -392,11 +447,13 @@ static inline void check(uintptr_t a, size_t n, bool store) {
             bad_access(a, n, store, "out of bounds of dynamic shared memory");
         }
         if (R->racecheck) race_access(&R->dyn_shadow[off], n, store, a, R_DYNAMIC_SHARED, off);
+        if (!store) spin_watch(f, a, n); else if (!R->in_atomic) f->spin_addr = 0;
         return;
     }
     if (a - R->bss_lo < R->bss_hi - R->bss_lo) {
         if (R->racecheck && a + n <= R->bss_hi)
             race_access(&R->bss_shadow[a - R->bss_lo], n, store, a, R_STATIC_SHARED, a - R->module_base);
+        if (!store) spin_watch(f, a, n); else if (!R->in_atomic) f->spin_addr = 0;
         return;
     }
     if (!store) {
@@ -629,7 +686,9 @@ void atomic_access(const volatile void* addr, size_t size) {
     R->racecheck = false;
     R->initcheck = false;
     check((uintptr_t)addr, size, false);
+    R->in_atomic = true;              // the store half does not end a spin (atomicCAS loops)
     check((uintptr_t)addr, size, true);
+    R->in_atomic = false;
     R->racecheck = rc;
     R->initcheck = ic;
     if (!rc) return;
@@ -665,6 +724,27 @@ EMU_EXPORT void __assert_fail(const char* expr, const char* file, unsigned line,
 namespace gpubn_emu {
 
 }  // namespace gpubn_emu
+
+static void spin_hand_over(Fiber* f, uintptr_t a, size_t n) {
+    unsigned long long v = 0;
+    __builtin_memcpy(&v, (const void*)a, n < 8 ? n : 8);   // the address was checked
+    if (f->spin_rounds == 0 || v != f->spin_value) {
+        f->spin_value = v;
+        f->spin_rounds = 0;
+    }
+    f->spin_count = 0;
+    if (++f->spin_rounds > kSpinRounds) spin_error(f, a, n);
+    // move to the back: the scheduler's next round starts at the first runnable thread
+    for (int j = f->linear + 1; j < R->nthreads; ++j) {
+        Fiber* next = &R->fibers[j];
+        if (next->state == RUN) {
+            R->cur = next;
+            ctx_switch(&f->sp, next->sp);
+            return;
+        }
+    }
+    ctx_switch(&f->sp, R->sched_sp);
+}
 
 // ------------------------------------------------------------------ scheduler
 static void fiber_main() {
@@ -790,6 +870,8 @@ static bool run_block(uint3 b) {
         f.mask = 0;
         f.op = -1;
         f.stack_lo = (uintptr_t)(R->stacks + (size_t)i * (kStack + kGuard) + kGuard);
+        f.spin_addr = 0;
+        f.spin_count = f.spin_rounds = 0;
         f.sp = fiber_init_stack(f, f.stack_lo);
     }
     R->live = n;
@@ -931,6 +1013,7 @@ EMU_EXPORT int64_t gpubn_emu_launch(Launch* L) {
     R->memcheck = L->memcheck != 0;
     R->racecheck = L->racecheck != 0;
     R->initcheck = R->racecheck && L->initcheck != 0;
+    R->in_atomic = false;
     R->bufs = (Buffer*)(uintptr_t)L->buffers;
     R->nbufs = (int)L->nbuffers;
     R->nthreads = (int)nt;
