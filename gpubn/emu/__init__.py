@@ -24,7 +24,11 @@ warp.  Every launch is checked:
   warp collectives and exits; a spinning thread hands over to the others
   first, so intra-block flag waits work);
 * traffic -- bytes loaded from and stored to each argument array are counted
-  per launch (:func:`launch_log`).
+  per launch: :func:`launch_log` lists a :class:`LaunchRecord` (kernel, grid,
+  block, shared_mem, bytes_loaded, bytes_stored, per-argument ``buffers``) for
+  every successful launch since :func:`clear_launch_log`;
+  ``with recording() as log:`` collects those of a region and
+  ``with label("op"):`` tags them (e.g. with the op that launched them).
 
 Use it like CuPy (``RawModule(path="k.cu")`` reads the source from a file)::
 
