@@ -20,6 +20,12 @@
 namespace gpubn {
 
 template <class Acc>
+struct DyX {  // one element of dy and x, widened
+    Acc dy;
+    Acc x;
+};
+
+template <class Acc>
 __device__ __forceinline__ void finish_grad(const GradSums<Acc>& g, int c, const Acc* invstd,
                                             Acc* sum_dy_out, Acc* sum_dy_xhat_out) {
     sum_dy_out[c] = g.sum_dy;
@@ -79,11 +85,17 @@ bn_backward_reduce_nhwc(const T* __restrict__ dy, const T* __restrict__ x, const
     const Acc m = consts[0][threadIdx.x];
     const Acc a = consts[1][threadIdx.x];
     GradSums<Acc> g = channel_walk_nhwc<GradSums<Acc>>(
-        rows, channels, [&](GradSums<Acc>& s, long long offset) {
-            const Acc d = to_acc(dy[offset]);
-            s.sum_dy += d;
-            s.sum_dy_xmu = fma_acc(d, Acc(to_acc(x[offset])) - m, s.sum_dy_xmu);
-            if (dx_eval) store_acc(dx_eval[offset], a * d);
+        rows, channels,
+        [&](long long offset) {
+            DyX<Acc> v;
+            v.dy = to_acc(dy[offset]);
+            v.x = to_acc(x[offset]);
+            return v;
+        },
+        [&](GradSums<Acc>& s, const DyX<Acc>& v, long long offset) {
+            s.sum_dy += v.dy;
+            s.sum_dy_xmu = fma_acc(v.dy, v.x - m, s.sum_dy_xmu);
+            if (dx_eval) store_acc(dx_eval[offset], a * v.dy);
         });
     channel_finish_nhwc(g, channels, partials, counters, [&](const GradSums<Acc>& total, int ch) {
         finish_grad(total, ch, invstd, sum_dy_out, sum_dy_xhat_out);

@@ -57,7 +57,8 @@ bn_stats_nhwc(const T* __restrict__ x, long long rows, int channels, Welford<Acc
               unsigned int* counters, Acc* mean_out, Acc* m2_out, Acc* invstd_out,
               Acc* running_mean, Acc* running_var, Acc momentum, Acc eps) {
     Welford<Acc> w = channel_walk_nhwc<Welford<Acc>>(
-        rows, channels, [&](Welford<Acc>& s, long long offset) { s.push(to_acc(x[offset])); });
+        rows, channels, [&](long long offset) { return Acc(to_acc(x[offset])); },
+        [&](Welford<Acc>& s, Acc v, long long) { s.push(v); });
     channel_finish_nhwc(w, channels, partials, counters, [&](const Welford<Acc>& total, int c) {
         finish_stats(total, c, mean_out, m2_out, invstd_out, running_mean, running_var, momentum,
                      eps);

@@ -371,18 +371,31 @@ __device__ __forceinline__ void channel_finish_nchw(S state, S* partials, unsign
 // Channels last (inner == 1): grid (ceil(C / bx), S), blocks (bx, by).
 // Thread (tx, ty) owns channel blockIdx.x*bx + tx (consecutive threads read
 // consecutive channels: coalesced) and every by-th row of the block's share
-// of the rows.  push(state, offset) consumes element `offset` of x.
-template <class S, class Push>
-__device__ __forceinline__ S channel_walk_nhwc(long long rows, int channels, Push push) {
+// of the rows.  load(offset) reads what one row contributes at element
+// `offset` of the tensor(s); push(state, value, offset) consumes it.  Rows
+// are taken GPUBN_ROW_UNROLL at a time, all loads first, so each thread keeps
+// several loads in flight (one element per row is little to hide latency).
+#define GPUBN_ROW_UNROLL 4
+template <class S, class Load, class Push>
+__device__ __forceinline__ S channel_walk_nhwc(long long rows, int channels, Load load, Push push) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     const long long splits = gridDim.y;
     const long long chunk = (rows + splits - 1) / splits;
     const long long begin = (long long)blockIdx.y * chunk;
     const long long end = min_ll(begin + chunk, rows);
+    const long long step = blockDim.y;
     S state = S::identity();
     if (c < channels) {
-        for (long long r = begin + threadIdx.y; r < end; r += blockDim.y)
-            push(state, r * channels + c);
+        long long r = begin + threadIdx.y;
+        for (; r + (GPUBN_ROW_UNROLL - 1) * step < end; r += GPUBN_ROW_UNROLL * step) {
+            decltype(load(0LL)) v[GPUBN_ROW_UNROLL];
+#pragma unroll
+            for (int u = 0; u < GPUBN_ROW_UNROLL; ++u) v[u] = load((r + u * step) * channels + c);
+#pragma unroll
+            for (int u = 0; u < GPUBN_ROW_UNROLL; ++u)
+                push(state, v[u], (r + u * step) * channels + c);
+        }
+        for (; r < end; r += step) push(state, load(r * channels + c), r * channels + c);
     }
     return state;
 }

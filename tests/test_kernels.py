@@ -208,6 +208,31 @@ def test_gpu_default_tuning_on_emu(case):
     assert_close(dx / scale, dx_r / scale, np.float32, "dx")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_channels_last_rows_unrolled_and_tail(dtype):
+    """Channels-last reductions take rows four at a time plus a tail: a
+    tuning that gives each thread 6-7 rows runs both parts."""
+    shape = (203, 10, 1)
+    tuned = type(EMU)(tuning=Tuning(reduce_threads=64, min_units_per_thread=7))
+    cfg = reduce_launch("stats", shape, "float32", True, EMU_DEVICE, tuned.tuning)
+    rows_per_thread = -(-shape[0] // cfg.splits) / cfg.block[1]
+    assert cfg.splits > 1 and 5 < rows_per_thread < 8
+    x, dy, w, b, rm, rv = _data(shape, dtype, seed=4)
+    stats = tuned.bn_stats(x)
+    ref = REF.bn_stats(x.astype(np.float64))
+    assert_close(stats.mean, ref.mean, dtype, "mean")
+    assert_close(stats.m2 / stats.count, ref.m2 / ref.count, dtype, "m2 / count")
+    _, mean, invstd = REF.bn_forward_train(x.astype(_acc(dtype)), None, None, None, None, 0.1,
+                                           1e-5)
+    for training in (True, False):
+        dx, dw, db = tuned.bn_backward(dy, x, mean, invstd, w, training)
+        dx_r, dw_r, db_r = REF.bn_backward(*_f64(dy, x, mean, invstd, w), training)
+        scale = _dx_scale(dy, invstd, w)
+        assert_close(dx / scale, dx_r / scale, dtype, "dx")
+        assert_close(dw / np.sqrt(203), dw_r / np.sqrt(203), dtype, "dweight")
+        assert_close(db / np.sqrt(203), db_r / np.sqrt(203), dtype, "dbias")
+
+
 def test_large_mean_variance_is_stable():
     """Welford/Chan, not E[x^2] - E[x]^2: 1e4 + N(0, 1) in float32."""
     rng = np.random.default_rng(5)
