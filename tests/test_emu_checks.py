@@ -336,6 +336,28 @@ extern "C" __global__ void wait_for_next_block(volatile int* flag) {
         m.get_function("wait_for_next_block")(2, 1, (flag,))
 
 
+def test_memcpy_and_memset_calls_are_checked():
+    src = r'''#include <string.h>
+extern "C" __global__ void k(const float* x, float* y, int n) {
+    __shared__ float s[64];
+    memset(s, 0, n * sizeof(float));
+    __syncthreads();
+    if (threadIdx.x == 0) memcpy(y, x, n * sizeof(float));
+    y[n + threadIdx.x] = s[threadIdx.x];
+}'''
+    fn = emu.RawModule(code=src).get_function("k")
+    x = np.arange(32, dtype=np.float32)
+    y = np.full(64, -1, np.float32)
+    with pytest.raises(emu.RaceError):            # every thread clears the whole array: write-write
+        fn(1, 32, (x, y, np.int32(32)))
+    with pytest.raises(emu.MemcheckError, match=r"128-byte load .*thread \(0, 0, 0\).*argument 0"):
+        fn(1, 1, (x[:16].copy(), y, np.int32(32)))
+    with emu.recording() as log:
+        fn(1, 1, (x, y, np.int32(32)))
+    np.testing.assert_array_equal(y[:33], np.r_[x, 0])
+    assert log[0].buffers[0] == emu.Traffic(128, 0)
+
+
 def test_shuffle_naming_an_exited_lane(mod):
     with pytest.raises(emu.KernelError, match=r"__shfl_down_sync with mask 0xffffffff names lane 16 "
                                               r"\(thread 16\), which has exited") as info:

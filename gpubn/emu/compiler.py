@@ -36,7 +36,7 @@ _KERNEL_FLAGS = (
     "--param", "asan-globals=0",
 )
 _RUNTIME_FLAGS = ("-O2", "-fPIC", "-fvisibility=hidden", "-Wall")
-_LINK_FLAGS = ("-shared", "-Wl,-Bsymbolic", "-Wl,-z,noexecstack")
+_LINK_FLAGS = ("-shared", "-Wl,-Bsymbolic", "-Wl,-z,noexecstack", "-Wl,--wrap=memcpy,--wrap=memmove,--wrap=memset")
 
 
 # ---------------------------------------------------------------- compiler discovery

@@ -487,6 +487,24 @@ EMU_EXPORT void __asan_loadN_noabort(uintptr_t a, size_t n) { check(a, n, false)
 EMU_EXPORT void __asan_storeN_noabort(uintptr_t a, size_t n) { check(a, n, true); }
 EMU_EXPORT void __asan_loadN(uintptr_t a, size_t n) { check(a, n, false); }
 EMU_EXPORT void __asan_storeN(uintptr_t a, size_t n) { check(a, n, true); }
+// memcpy / memmove / memset calls the compiler leaves in kernel code (variable
+// sizes) are redirected here by the linker (--wrap) and checked like any access.
+extern "C" void* __real_memcpy(void*, const void*, size_t);
+extern "C" void* __real_memmove(void*, const void*, size_t);
+extern "C" void* __real_memset(void*, int, size_t);
+extern "C" EMU_HIDDEN void* __wrap_memcpy(void* d, const void* s, size_t n) {
+    if (R && R->cur) { check((uintptr_t)s, n, false); check((uintptr_t)d, n, true); }
+    return __real_memcpy(d, s, n);
+}
+extern "C" EMU_HIDDEN void* __wrap_memmove(void* d, const void* s, size_t n) {
+    if (R && R->cur) { check((uintptr_t)s, n, false); check((uintptr_t)d, n, true); }
+    return __real_memmove(d, s, n);
+}
+extern "C" EMU_HIDDEN void* __wrap_memset(void* d, int c, size_t n) {
+    if (R && R->cur) check((uintptr_t)d, n, true);
+    return __real_memset(d, c, n);
+}
+
 EMU_EXPORT void __asan_handle_no_return() {}
 EMU_EXPORT void __asan_init() {}
 EMU_EXPORT void __asan_version_mismatch_check_v8() {}
@@ -727,7 +745,8 @@ namespace gpubn_emu {
 
 static void spin_hand_over(Fiber* f, uintptr_t a, size_t n) {
     unsigned long long v = 0;
-    __builtin_memcpy(&v, (const void*)a, n < 8 ? n : 8);   // the address was checked
+    for (size_t i = 0; i < n && i < 8; ++i)                 // the address was checked
+        v |= (unsigned long long)((const unsigned char*)a)[i] << (8 * i);
     if (f->spin_rounds == 0 || v != f->spin_value) {
         f->spin_value = v;
         f->spin_rounds = 0;
