@@ -19,6 +19,12 @@
 
 namespace gpubn {
 
+template <class T, int VEC>
+struct VecPair {  // VEC elements of dy and of x
+    Vec<T, VEC> dy;
+    Vec<T, VEC> x;
+};
+
 template <class Acc>
 struct DyX {  // one element of dy and x, widened
     Acc dy;
@@ -50,15 +56,20 @@ bn_backward_reduce_nchw(const T* __restrict__ dy, const T* __restrict__ x, const
     const Acc m = consts[0];
     const Acc a = consts[1];
     GradSums<Acc> g = channel_walk_nchw<VEC, GradSums<Acc>>(
-        outer, channels, inner, [&](GradSums<Acc>& s, long long offset) {
-            const Vec<T, VEC> gv = load_vec<T, VEC>(dy + base + offset);
-            const Vec<T, VEC> xv = load_vec<T, VEC>(x + base + offset);
+        outer, channels, inner,
+        [&](long long offset) {
+            VecPair<T, VEC> p;
+            p.dy = load_vec<T, VEC>(dy + base + offset);
+            p.x = load_vec<T, VEC>(x + base + offset);
+            return p;
+        },
+        [&](GradSums<Acc>& s, const VecPair<T, VEC>& p, long long offset) {
             Vec<T, VEC> out;
 #pragma unroll
             for (int j = 0; j < VEC; ++j) {
-                const Acc d = to_acc(gv.v[j]);
+                const Acc d = to_acc(p.dy.v[j]);
                 s.sum_dy += d;
-                s.sum_dy_xmu = fma_acc(d, Acc(to_acc(xv.v[j])) - m, s.sum_dy_xmu);
+                s.sum_dy_xmu = fma_acc(d, Acc(to_acc(p.x.v[j])) - m, s.sum_dy_xmu);
                 store_acc(out.v[j], a * d);
             }
             if (dx_eval) store_vec<T, VEC>(dx_eval + base + offset, out);

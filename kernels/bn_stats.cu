@@ -40,8 +40,8 @@ bn_stats_nchw(const T* __restrict__ x, long long outer, int channels, long long 
     const int c = blockIdx.x;
     const T* xc = x + (long long)c * inner;
     Welford<Acc> w = channel_walk_nchw<VEC, Welford<Acc>>(
-        outer, channels, inner, [&](Welford<Acc>& s, long long offset) {
-            const Vec<T, VEC> v = load_vec<T, VEC>(xc + offset);
+        outer, channels, inner, [&](long long offset) { return load_vec<T, VEC>(xc + offset); },
+        [&](Welford<Acc>& s, const Vec<T, VEC>& v, long long) {
 #pragma unroll
             for (int j = 0; j < VEC; ++j) s.push(to_acc(v.v[j]));
         });

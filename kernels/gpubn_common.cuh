@@ -311,15 +311,22 @@ __device__ __forceinline__ bool arrive_last(unsigned int* counter, unsigned int 
 // ---------------------------------------------------------------------------
 // Per-channel reductions over the canonical (outer, C, inner) layout.
 //
+// Both walkers take two functors: load(offset) reads what one position
+// contributes (offset in elements, relative to the channel's first element
+// for channel axis 1, to the tensor's start for channels last), and
+// push(state, value, offset) consumes it.  Positions are taken
+// GPUBN_WALK_UNROLL at a time, all loads first, so each thread keeps several
+// loads in flight; a tail handles the rest.
+//
 // Channel axis 1 (inner > 1): grid (C, S), 1-D blocks.  Channel c is `outer`
 // runs of `inner` contiguous elements; block (c, s) walks the s-th of S equal
 // shares of the channel's outer*inner/VEC vector units, carrying a (row, col)
-// pair instead of dividing per element.  push(state, offset) consumes the VEC
-// elements at `offset` (elements, relative to the channel's first element).
+// pair instead of dividing per element.
 // ---------------------------------------------------------------------------
-template <int VEC, class S, class Push>
+#define GPUBN_WALK_UNROLL 4
+template <int VEC, class S, class Load, class Push>
 __device__ __forceinline__ S channel_walk_nchw(long long outer, int channels, long long inner,
-                                               Push push) {
+                                               Load load, Push push) {
     const long long inner_v = inner / VEC;
     const long long units = outer * inner_v;
     const long long splits = gridDim.y;
@@ -335,14 +342,30 @@ __device__ __forceinline__ S channel_walk_nchw(long long outer, int channels, lo
         const long long step = blockDim.x;
         const long long drow = step / inner_v;
         const long long dcol = step - drow * inner_v;
-        for (; k < end; k += step) {
-            push(state, row * row_stride + col * VEC);
+        auto next = [&]() {  // advance (row, col) by `step` units
+            const long long offset = row * row_stride + col * VEC;
             col += dcol;
             row += drow;
             if (col >= inner_v) {
                 col -= inner_v;
                 ++row;
             }
+            return offset;
+        };
+        for (; k + (GPUBN_WALK_UNROLL - 1) * step < end; k += GPUBN_WALK_UNROLL * step) {
+            long long off[GPUBN_WALK_UNROLL];
+            decltype(load(0LL)) v[GPUBN_WALK_UNROLL];
+#pragma unroll
+            for (int u = 0; u < GPUBN_WALK_UNROLL; ++u) {
+                off[u] = next();
+                v[u] = load(off[u]);
+            }
+#pragma unroll
+            for (int u = 0; u < GPUBN_WALK_UNROLL; ++u) push(state, v[u], off[u]);
+        }
+        for (; k < end; k += step) {
+            const long long offset = next();
+            push(state, load(offset), offset);
         }
     }
     return state;
@@ -371,11 +394,7 @@ __device__ __forceinline__ void channel_finish_nchw(S state, S* partials, unsign
 // Channels last (inner == 1): grid (ceil(C / bx), S), blocks (bx, by).
 // Thread (tx, ty) owns channel blockIdx.x*bx + tx (consecutive threads read
 // consecutive channels: coalesced) and every by-th row of the block's share
-// of the rows.  load(offset) reads what one row contributes at element
-// `offset` of the tensor(s); push(state, value, offset) consumes it.  Rows
-// are taken GPUBN_ROW_UNROLL at a time, all loads first, so each thread keeps
-// several loads in flight (one element per row is little to hide latency).
-#define GPUBN_ROW_UNROLL 4
+// of the rows.
 template <class S, class Load, class Push>
 __device__ __forceinline__ S channel_walk_nhwc(long long rows, int channels, Load load, Push push) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
@@ -387,12 +406,12 @@ __device__ __forceinline__ S channel_walk_nhwc(long long rows, int channels, Loa
     S state = S::identity();
     if (c < channels) {
         long long r = begin + threadIdx.y;
-        for (; r + (GPUBN_ROW_UNROLL - 1) * step < end; r += GPUBN_ROW_UNROLL * step) {
-            decltype(load(0LL)) v[GPUBN_ROW_UNROLL];
+        for (; r + (GPUBN_WALK_UNROLL - 1) * step < end; r += GPUBN_WALK_UNROLL * step) {
+            decltype(load(0LL)) v[GPUBN_WALK_UNROLL];
 #pragma unroll
-            for (int u = 0; u < GPUBN_ROW_UNROLL; ++u) v[u] = load((r + u * step) * channels + c);
+            for (int u = 0; u < GPUBN_WALK_UNROLL; ++u) v[u] = load((r + u * step) * channels + c);
 #pragma unroll
-            for (int u = 0; u < GPUBN_ROW_UNROLL; ++u)
+            for (int u = 0; u < GPUBN_WALK_UNROLL; ++u)
                 push(state, v[u], (r + u * step) * channels + c);
         }
         for (; r < end; r += step) push(state, load(r * channels + c), r * channels + c);

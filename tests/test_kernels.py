@@ -208,15 +208,17 @@ def test_gpu_default_tuning_on_emu(case):
     assert_close(dx / scale, dx_r / scale, np.float32, "dx")
 
 
+@pytest.mark.parametrize("shape", [(203, 10, 1), (3, 4, 301)], ids=["nhwc", "nchw"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_channels_last_rows_unrolled_and_tail(dtype):
-    """Channels-last reductions take rows four at a time plus a tail: a
-    tuning that gives each thread 6-7 rows runs both parts."""
-    shape = (203, 10, 1)
+def test_reductions_unrolled_and_tail(shape, dtype):
+    """Reductions take four positions per thread at a time plus a tail: a
+    tuning that gives each thread 4 to 8 positions runs both parts."""
     tuned = type(EMU)(tuning=Tuning(reduce_threads=64, min_units_per_thread=7))
-    cfg = reduce_launch("stats", shape, "float32", True, EMU_DEVICE, tuned.tuning)
-    rows_per_thread = -(-shape[0] // cfg.splits) / cfg.block[1]
-    assert cfg.splits > 1 and 5 < rows_per_thread < 8
+    cfg = reduce_launch("stats", shape, dtype, True, EMU_DEVICE, tuned.tuning)
+    per_channel = shape[0] * shape[2] // cfg.vec
+    threads_per_channel = cfg.block[1] if shape[2] == 1 else cfg.block[0]
+    per_thread = -(-per_channel // cfg.splits) / threads_per_channel
+    assert cfg.splits > 1 and 4 < per_thread < 8, (cfg, per_thread)
     x, dy, w, b, rm, rv = _data(shape, dtype, seed=4)
     stats = tuned.bn_stats(x)
     ref = REF.bn_stats(x.astype(np.float64))
@@ -229,8 +231,9 @@ def test_channels_last_rows_unrolled_and_tail(dtype):
         dx_r, dw_r, db_r = REF.bn_backward(*_f64(dy, x, mean, invstd, w), training)
         scale = _dx_scale(dy, invstd, w)
         assert_close(dx / scale, dx_r / scale, dtype, "dx")
-        assert_close(dw / np.sqrt(203), dw_r / np.sqrt(203), dtype, "dweight")
-        assert_close(db / np.sqrt(203), db_r / np.sqrt(203), dtype, "dbias")
+        m = np.sqrt(shape[0] * shape[2])
+        assert_close(dw / m, dw_r / m, dtype, "dweight")
+        assert_close(db / m, db_r / m, dtype, "dbias")
 
 
 def test_large_mean_variance_is_stable():
