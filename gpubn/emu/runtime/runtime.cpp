@@ -2,21 +2,24 @@
 //
 // Runs one CUDA launch on the calling OS thread: blocks one after another (in
 // order, or shuffled by a seed), and every CUDA thread of a block as its own
-// fiber with a small stack.  Fibers switch only at barriers, warp collectives and
-// exits, so a block's threads really meet at __syncthreads and exchange values at
-// warp shuffles.
+// fiber with a small stack.  Fibers switch only at barriers, warp collectives,
+// exits and spin-waits, so a block's threads really meet at __syncthreads and
+// exchange values at warp shuffles.
 //
 // The kernel translation unit is compiled with -fsanitize=kernel-address and
 // call-threshold 0, so the compiler calls __asan_{load,store}*_noabort on every
-// load and store it cannot prove local.  Those callbacks, defined here (and this
+// load and store it cannot prove local (and the linker sends memcpy/memset
+// calls to the __wrap_ functions below).  Those callbacks, defined here (this
 // file is compiled without instrumentation), classify the address:
 //   - the calling thread's own stack             -> fine;
 //   - an argument buffer (global memory)         -> counted as traffic;
-//   - dynamic or static shared memory            -> racecheck;
+//   - dynamic or static shared memory            -> racecheck and initcheck
+//                                                   (per-byte shadow state);
 //   - read-only data of the module (constants)   -> fine for loads;
 //   - anything else                              -> memcheck error.
 // An error never lets the access happen: the fiber switches back to the
-// scheduler and the launch is abandoned.
+// scheduler and the launch is abandoned.  Barriers that cannot complete and
+// spin-waits that cannot end are reported as deadlocks.
 #include <assert.h>
 #include <errno.h>
 #include <link.h>
@@ -52,7 +55,7 @@ struct Buffer {
 };
 
 enum ErrorKind : int64_t { OK = 0, MEMCHECK = 1, RACE = 2, DEADLOCK = 3, KERNEL = 4, CONFIG = 5 };
-enum Region : int64_t { R_NONE = 0, R_GLOBAL = 1, R_DYNAMIC_SHARED = 2, R_STATIC_SHARED = 3 };
+enum Region : int64_t { R_NONE = 0, R_DYNAMIC_SHARED = 2, R_STATIC_SHARED = 3 };
 
 struct Launch {
     // in
@@ -94,7 +97,7 @@ struct Fiber {
     int linear, warp, lane;
     int state;
     void* site;                         // barrier call site
-    int op, arg, width, size;           // warp collective
+    int op, arg, width;                 // warp collective
     unsigned mask;
     unsigned long long value, result;
     uintptr_t spin_addr;                // spin-wait detection: consecutive loads of one address
