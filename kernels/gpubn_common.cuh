@@ -108,8 +108,8 @@ __device__ __forceinline__ double to_acc(double v) { return v; }
 __device__ __forceinline__ void store_acc(float& d, float v) { d = v; }
 __device__ __forceinline__ void store_acc(double& d, double v) { d = v; }
 
-// VEC consecutive elements moved as one aligned load / store (16 bytes when
-// the launch configuration chose vectorization, one element otherwise).
+// VEC consecutive elements moved as one aligned load / store (16 or 8 bytes
+// when the launch configuration chose vectorization, one element otherwise).
 template <class T, int VEC>
 struct __align__(sizeof(T) * VEC) Vec {
     T v[VEC];
