@@ -90,6 +90,27 @@ extern "C" __global__ void split_barriers(float* y) {
     else { __syncthreads(); y[threadIdx.x] = 2.0f; }
 }
 
+// One thread hands a value to another through a __shared__ scalar (every
+// access at an offset the compiler knows).  Planted unless `sync` orders them:
+// 1 = __syncthreads(), 2 = __syncwarp() (enough only within a warp).
+extern "C" __global__ void handoff(const float* x, float* y, int writer, int reader, int sync) {
+    __shared__ float v;
+    if (threadIdx.x == writer) v = x[0];
+    if (sync == 1) __syncthreads();
+    if (sync == 2) __syncwarp();
+    if (threadIdx.x == reader) y[0] = v;
+}
+
+// Planted (sync == 0): two threads of different warps store to s[1].
+extern "C" __global__ void two_writers(float* y, int sync) {
+    __shared__ float s[2];
+    if (threadIdx.x == 0) s[1] = 1.0f;
+    if (sync) __syncthreads();
+    if (threadIdx.x == 33) s[1] = 2.0f;
+    __syncthreads();
+    if (threadIdx.x == 0) y[0] = s[1];
+}
+
 // Planted: early return of the tail, then a block-wide barrier.
 extern "C" __global__ void early_return(const float* x, float* y, int n) {
     __shared__ float s[64];
@@ -246,6 +267,44 @@ def test_write_after_read():
     with pytest.raises(emu.RaceError, match=r"write-after-read hazard at byte 4 of __shared__ variable 'k::s'.*"
                                             r"thread \(1, 0, 0\) stores it after thread \(0, 0, 0\) loaded it"):
         emu.RawModule(code=src).get_function("k")(1, 32, (np.zeros(32, np.int32),))
+
+
+@pytest.mark.parametrize("writer, reader, hazard", [
+    (0, 40, "read-after-write"),      # another warp, reader runs after the writer
+    (0, 5, "read-after-write"),       # same warp, no __syncwarp
+    (40, 0, "write-after-read"),      # the reader's fiber runs first
+])
+def test_handoff_through_a_shared_scalar_needs_a_barrier(mod, writer, reader, hazard):
+    x = np.array([7.0], np.float32)
+    y = np.zeros(1, np.float32)
+    fn = mod.get_function("handoff")
+    with pytest.raises(emu.RaceError, match=rf"{hazard} hazard at byte 0 of __shared__ variable 'handoff::v'") as info:
+        fn(1, 64, (x, y, np.int32(writer), np.int32(reader), np.int32(0)))
+    e = info.value
+    later, earlier = (reader, writer) if hazard == "read-after-write" else (writer, reader)
+    assert (e.thread, e.other_thread) == ((later, 0, 0), (earlier, 0, 0))
+    assert (e.access, e.other_access) == (("load", "store") if hazard == "read-after-write" else ("store", "load"))
+    assert e.memory == "static shared" and e.variable == "handoff::v" and e.offset >= 0
+    if writer // 32 != reader // 32:    # __syncwarp does not order threads of different warps
+        with pytest.raises(emu.RaceError, match=r"hazard at byte 0 of __shared__ variable 'handoff::v'"):
+            fn(1, 64, (x, y, np.int32(writer), np.int32(reader), np.int32(2)))
+    else:
+        fn(1, 64, (x, y, np.int32(writer), np.int32(reader), np.int32(2)))
+        assert y[0] == 7.0
+    y[0] = 0.0
+    fn(1, 64, (x, y, np.int32(writer), np.int32(reader), np.int32(1)))    # the fix runs clean
+    assert y[0] == 7.0
+
+
+def test_write_after_write(mod):
+    y = np.zeros(1, np.float32)
+    with pytest.raises(emu.RaceError, match=r"write-after-write hazard at byte 4 of __shared__ variable "
+                                            r"'two_writers::s'") as info:
+        mod.get_function("two_writers")(1, 64, (y, np.int32(0)))
+    assert (info.value.thread, info.value.other_thread) == ((33, 0, 0), (0, 0, 0))
+    assert info.value.access == info.value.other_access == "store"
+    mod.get_function("two_writers")(1, 64, (y, np.int32(1)))
+    assert y[0] == 2.0
 
 
 def test_shuffles_and_atomics_are_not_races(mod):

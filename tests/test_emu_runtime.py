@@ -566,3 +566,47 @@ template <class T> __global__ void rotate(const T* x, T* y) {
     emu.RawModule(code=src, options=(f"-I{tmp_path}",), name_expressions=("rotate<float>",)).get_function(
         "rotate<float>")(1, 32, (x, y), shared_mem=128)
     np.testing.assert_array_equal(y, np.roll(x, -3))
+
+
+def test_static_shared_variables_of_every_form_are_checked(tmp_path):
+    # Accesses at offsets the compiler knows (a scalar, s[1], p.b) are checked too,
+    # whatever the declaration looks like and wherever it is.
+    (tmp_path / "forms.cuh").write_text(r'''#pragma once
+struct Pair { float a; int b; };
+__shared__ int counter;                                   // namespace scope, in a header
+template <class T> __device__ T& slot() { __shared__ T s; return s; }
+''')
+    src = r'''#include "forms.cuh"
+namespace nsp { __shared__ float table[4]; }
+template <class T> __global__ void forms(const T* x, T* y, int which, int sync) {
+    __shared__ __align__(16) T a[32], b[2][2];
+    __shared__ Pair p __attribute__((aligned(8)));
+    if (threadIdx.x == 0) { counter = 3; nsp::table[1] = x[1]; p.b = 4; b[1][1] = x[2]; slot<T>() = x[3]; }
+    if (threadIdx.x < 32) a[threadIdx.x] = x[threadIdx.x];
+    if (sync) __syncthreads();
+    if (threadIdx.x == 40) {
+        switch (which) {
+            case 0: y[0] = counter; break;
+            case 1: y[0] = nsp::table[1]; break;
+            case 2: y[0] = p.b; break;
+            case 3: y[0] = [=] { return b[1][1]; }(); break;      // lambdas use shared
+            case 4: y[0] = [] { return slot<T>(); }(); break;     // variables uncaptured
+            default: y[0] = a[31]; break;
+        }
+    }
+}
+'''
+    fn = emu.RawModule(code=src, options=(f"-I{tmp_path}",),
+                       name_expressions=("forms<float>",)).get_function("forms<float>")
+    x = np.arange(10, 42, dtype=np.float32)
+    y = np.zeros(1, np.float32)
+    cases = [("counter", 0, 0), ("nsp::table", 4, 0), (r"forms<float>\(.*\)::p", 4, 0),
+             (r"forms<float>\(.*\)::b", 12, 0), (r"slot<float>\(\)::s", 0, 0), (r"forms<float>\(.*\)::a", 124, 31)]
+    for which, (variable, byte, writer) in enumerate(cases):
+        with pytest.raises(emu.RaceError, match=rf"read-after-write hazard at byte {byte} of __shared__ variable "
+                                                rf"'{variable}'") as info:
+            fn(1, 64, (x, y, np.int32(which), np.int32(0)))
+        assert (info.value.thread, info.value.other_thread) == ((40, 0, 0), (writer, 0, 0))
+    for which, want in enumerate([3, x[1], 4, x[2], x[3], x[31]]):
+        fn(1, 64, (x, y, np.int32(which), np.int32(1)))
+        assert y[0] == want

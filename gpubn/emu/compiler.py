@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from .errors import EmuCompileError
 
 RUNTIME_DIR = Path(__file__).resolve().parent / "runtime"
-_CACHE_VERSION = "1"
+_CACHE_VERSION = "2"
 
 # Flags for the kernel translation unit.  -O1 keeps compile times short; the
 # sanitizer calls dominate run time anyway.
@@ -262,6 +262,108 @@ def rewrite_dynamic_shared(source: str) -> str:
     return "".join(out)
 
 
+_STATIC_SHARED = re.compile(r"\b__shared__\b")
+_SHARED_DECLARATOR = re.compile(r"\b([A-Za-z_]\w*)\s*((?:\[[^\[\];]*\]\s*)*)$")
+_TRAILING_ATTRIBUTES = re.compile(
+    r"(?:\s*(?:__align__\s*\((?:[^()]|\([^()]*\))*\)|__attribute__\s*\(\((?:[^()]|\([^()]*\))*\)\)))+\s*$")
+SHARED_STORAGE_PREFIX = "gpubn_emu_smem_"
+
+
+def _in_directive(code: str, pos: int) -> bool:
+    """Whether ``pos`` is on a preprocessor line (continuation lines included)."""
+    start = code.rfind("\n", 0, pos) + 1
+    while start > 1 and code[start - 2] == "\\":
+        start = code.rfind("\n", 0, start - 1) + 1
+    return code[start:pos].lstrip().startswith("#")
+
+
+def _split_top_level(code: str, lo: int, hi: int) -> Optional[List[Tuple[int, int]]]:
+    """[lo, hi) split at commas outside brackets and template arguments; None
+    when the text holds something other than declarators (an initializer)."""
+    parts, depth, angle, start = [], 0, 0, lo
+    for i in range(lo, hi):
+        c = code[i]
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        elif depth == 0 and c == "<":
+            angle += 1
+        elif depth == 0 and c == ">":
+            angle -= 1
+        elif depth == 0 and angle == 0 and c == "=":
+            return None
+        elif depth == 0 and angle == 0 and c == ",":
+            parts.append((start, i))
+            start = i + 1
+    parts.append((start, hi))
+    return parts
+
+
+def rewrite_static_shared(source: str) -> str:
+    """``__shared__ T name[N];`` -> ``__shared__ T gpubn_emu_smem_name[N];`` plus a
+    static reference ``name`` to it that the compiler cannot see through.
+
+    The sanitizer hooks skip an access to a static variable at an offset the
+    compiler can prove in bounds (``s[0] = v`` or a ``__shared__`` scalar), so
+    racecheck and initcheck would never see it; through the reference every
+    access is a checked load or store.  Declarations the rewrite does not
+    understand are left alone.  Line numbers are kept."""
+    code = code_only(source)
+    edits = []                               # (start, end, replacement), in order
+    for m in _STATIC_SHARED.finditer(code):
+        if re.search(r"\bextern\s+$", code[max(0, m.start() - 40):m.start()]) or _in_directive(code, m.start()):
+            continue
+        depth, end = 0, None
+        for i in range(m.end(), len(code)):
+            c = code[i]
+            if c in "([":
+                depth += 1
+            elif c in ")]":
+                depth -= 1
+            elif c in "{}" or c == "#":
+                break
+            elif c == ";" and depth == 0:
+                end = i
+                break
+        if end is None:
+            continue
+        parts = _split_top_level(code, m.end(), end)
+        if parts is None:
+            continue
+        names = []
+        for lo, hi in parts:
+            seg = code[lo:hi]
+            attrs = _TRAILING_ATTRIBUTES.search(seg)
+            if attrs:
+                seg = seg[:attrs.start()]
+            d = _SHARED_DECLARATOR.search(seg)
+            if d is None or (lo == m.end() and not seg[:d.start()].strip()):
+                names = None                 # no declarator name (or no type before it)
+                break
+            names.append((lo + d.start(1), lo + d.end(1), d.group(1)))
+        if not names:
+            continue
+        for lo, hi, name in names:
+            edits.append((lo, hi, SHARED_STORAGE_PREFIX + name))
+        # a static reference: lambdas use it without capturing it, as they would the variable
+        refs = "".join(f" static auto& {name} = ::gpubn_emu::shared_ref(&{SHARED_STORAGE_PREFIX}{name});"
+                       for _, _, name in names)
+        edits.append((end + 1, end + 1, refs))
+    out, last = [], 0
+    for lo, hi, text in edits:
+        out.append(source[last:lo])
+        out.append(text)
+        last = hi
+    out.append(source[last:])
+    return "".join(out)
+
+
+def rewrite_shared(source: str) -> str:
+    """Both shared-memory rewrites emu applies to kernel sources and project headers."""
+    return rewrite_static_shared(rewrite_dynamic_shared(source))
+
+
 def extern_c_kernels(source: str) -> List[str]:
     return [m.group(1) for m in _EXTERN_C_KERNEL.finditer(code_only(source))]
 
@@ -434,7 +536,7 @@ def build(source: str, options: Sequence[str], name_expressions: Sequence[str],
         dest = cache_dir() / f"module-{key}.so"
         if not dest.exists():
             runtime_o = _runtime_object(cc)
-            tu = (f'#line 1 "{filename}"\n' + rewrite_dynamic_shared(source) +
+            tu = (f'#line 1 "{filename}"\n' + rewrite_shared(source) +
                   '\n#line 1 "<emu entry points>"\n' + entry_points(kernels))
             tmp = _atomic_write_target(dest)
             workdir = tempfile.mkdtemp(prefix="build-", dir=dest.parent)
@@ -451,8 +553,8 @@ def build(source: str, options: Sequence[str], name_expressions: Sequence[str],
                 check_preprocessed(pre.stdout, [filename] + [str(h.path) for h in headers])
                 src_path = os.path.join(workdir, "kernel.cpp")
                 Path(src_path).write_text(tu)
-                if any(_EXTERN_SHARED.search(code_only(h.text)) for h in headers):
-                    # Headers declaring `extern __shared__` are rewritten too: the
+                if any(_STATIC_SHARED.search(code_only(h.text)) for h in headers):
+                    # Headers declaring `__shared__` variables are rewritten too: the
                     # build directory mirrors the project headers (it is searched
                     # first, and headers find their neighbours there).
                     for h in headers:
@@ -460,7 +562,7 @@ def build(source: str, options: Sequence[str], name_expressions: Sequence[str],
                             continue
                         copy = Path(workdir) / h.mirror
                         copy.parent.mkdir(parents=True, exist_ok=True)
-                        copy.write_text(f'#line 1 "{h.path}"\n' + rewrite_dynamic_shared(h.text))
+                        copy.write_text(f'#line 1 "{h.path}"\n' + rewrite_shared(h.text))
                     include = [f"-I{workdir}"] + include
                 cmd = [cc.path, f"-std={opts.std}", *_KERNEL_FLAGS, *_LINK_FLAGS,
                        "-include", str(RUNTIME_DIR / "cuda_emu.h"), *include, *opts.defines,

@@ -359,7 +359,7 @@ def _symbol_at(path: str, offset: int):
         _symtabs[path] = syms
     for value, size, name in syms:
         if value <= offset < value + max(size, 1):
-            return _demangle(name), offset - value
+            return _demangle(name).replace(compiler.SHARED_STORAGE_PREFIX, ""), offset - value
     return None
 
 

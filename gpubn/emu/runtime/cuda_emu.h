@@ -39,6 +39,16 @@
 // another, so the block's threads (fibers) share it.  The runtime locates it
 // (the module's .bss) for memcheck and racecheck.
 #define __shared__ static
+namespace gpubn_emu {
+// The source rewrite turns `__shared__ T s[N];` into storage named
+// gpubn_emu_smem_s plus `static auto& s = shared_ref(&gpubn_emu_smem_s);`: the empty
+// asm hides which variable the reference names, so that the sanitizer checks
+// every access (it skips accesses to a static variable it can prove in bounds).
+template <class T> static inline __attribute__((always_inline)) T& shared_ref(T* p) {
+    __asm__("" : "+r"(p));
+    return *p;
+}
+}  // namespace gpubn_emu
 
 // ---------------------------------------------------------------- vector types
 #define GPUBN_EMU_VEC2(T, N, A) struct __attribute__((aligned(A))) N##2 { T x, y; }; \
