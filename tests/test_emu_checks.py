@@ -84,10 +84,31 @@ extern "C" __global__ void divergent_barrier(float* y) {
     }
 }
 
-// Planted: two different barriers on the two sides of a branch.
+// Two __syncthreads() calls on the two sides of a branch: one block-wide
+// barrier (bar.sync 0) on sm_70+, so every thread passes it.
 extern "C" __global__ void split_barriers(float* y) {
     if (threadIdx.x % 2) { y[threadIdx.x] = 1.0f; __syncthreads(); }
     else { __syncthreads(); y[threadIdx.x] = 2.0f; }
+}
+
+// Planted: one side of the branch passes two barriers, the other side one.
+extern "C" __global__ void uneven_barriers(float* y) {
+    if (threadIdx.x % 2) { __syncthreads(); y[threadIdx.x] = 1.0f; __syncthreads(); }
+    else { __syncthreads(); y[threadIdx.x] = 2.0f; }
+}
+
+// The row loop branches on threadIdx before each barrier, and g++ duplicates
+// the barrier calls into both branches (tail duplication): the threads of one
+// source-level barrier arrive from different call sites.
+extern "C" __global__ void row_broadcast(const float* in, float* out, long long rows) {
+    __shared__ float s[8];
+    for (long long rb = (long long)blockIdx.x * blockDim.y; rb < rows; rb += (long long)gridDim.x * blockDim.y) {
+        const long long r = rb + threadIdx.y;
+        if (threadIdx.x == 0 && r < rows) s[threadIdx.y] = in[r];
+        __syncthreads();
+        if (r < rows) out[r * blockDim.x + threadIdx.x] = s[threadIdx.y];
+        __syncthreads();
+    }
 }
 
 // One thread hands a value to another through a __shared__ scalar (every
@@ -358,9 +379,22 @@ def test_barrier_in_divergent_branch_is_a_deadlock_not_a_hang(mod):
     assert "threads 0-15 wait at __syncthreads #1" in msg and "threads 16-31 have exited" in msg
 
 
-def test_different_barriers_on_two_branches(mod):
-    with pytest.raises(emu.DeadlockError, match=r"wait at __syncthreads #1.*wait at __syncthreads #2"):
-        mod.get_function("split_barriers")(1, 8, (np.zeros(8, np.float32),))
+def test_barriers_on_two_branches_are_one_block_barrier(mod):
+    y = np.zeros(8, np.float32)
+    mod.get_function("split_barriers")(1, 8, (y,))
+    np.testing.assert_array_equal(y, np.tile([2.0, 1.0], 4))
+    # ... but a branch that passes more barriers than the other waits forever
+    with pytest.raises(emu.DeadlockError, match=r"threads 0, 2, 4, 6 have exited; "
+                                                r"threads 1, 3, 5, 7 wait at __syncthreads #1 "):
+        mod.get_function("uneven_barriers")(1, 8, (y,))
+
+
+def test_barrier_duplicated_by_the_compiler_is_one_barrier(mod):
+    rows = 7
+    x = np.arange(1, rows + 1, dtype=np.float32)
+    out = np.zeros(rows * 32, np.float32)
+    mod.get_function("row_broadcast")(1, (32, 4), (x, out, np.int64(rows)))
+    np.testing.assert_array_equal(out, np.repeat(x, 32))
 
 
 def test_early_return_before_barrier(mod):

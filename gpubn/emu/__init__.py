@@ -14,7 +14,8 @@ warp.  Every launch is checked:
 * racecheck -- a shared-memory byte written by one thread and read or written
   by another with no ``__syncthreads()`` (``__syncwarp()`` inside a warp) in
   between raises :class:`RaceError` naming both threads and the ``__shared__``
-  variable; shuffles and atomics are not races;
+  variable (read-after-write, write-after-read or write-after-write, whichever
+  thread runs first); shuffles and atomics are not races;
 * initcheck -- a load of shared memory no thread of the block has written
   raises :class:`MemcheckError` (reported at the next barrier, so that a
   missing barrier is reported as the race it is);
@@ -80,13 +81,19 @@ the pre-CUDA-9 warp intrinsics without ``_sync``.  The check runs on the
 preprocessed source and the project's headers, so such code may stay in
 branches emu does not take (``#if defined(__CUDA_ARCH__)``).  CUDA toolkit
 headers are not available (``#include <cuda_fp16.h>`` fails to compile).
-``extern __shared__`` declarations are rewritten in headers too.
+``extern __shared__`` declarations are rewritten to the launch's dynamic
+shared memory, and a static ``__shared__ T s[N];`` becomes storage plus a
+static reference ``s`` the compiler cannot see through (so that ``s[0]`` or a
+``__shared__`` scalar, whose accesses it would prove in bounds, is checked
+too); in headers as well.
 
 Semantics worth knowing: blocks run one after another on the calling OS
-thread, each CUDA thread on a 64 KiB stack; a barrier must be reached by every thread of the block (a thread that
-returned early makes a later ``__syncthreads()`` a deadlock, as the CUDA
-programming guide requires); warp collectives must name only live lanes of
-the warp; a shuffle reading a lane outside its mask returns all-ones bits;
+thread, each CUDA thread on a 64 KiB stack; all ``__syncthreads()`` calls of
+a block are one barrier whatever the call site, as on sm_70 and newer (g++
+duplicates barrier calls into the branches before them), and it must be
+reached by every thread of the block (a thread that returned early makes a
+later ``__syncthreads()`` a deadlock, as the CUDA programming guide
+requires); warp collectives must name only live lanes of the warp; a shuffle reading a lane outside its mask returns all-ones bits;
 dynamic shared memory starts every block filled with 0xFF bytes (NaN /
 -1), so reading it before writing shows up.  Racecheck tracks every byte of
 shared memory; memcheck treats all static ``__shared__`` variables of a

@@ -96,7 +96,7 @@ struct Fiber {
     uint3 tid;
     int linear, warp, lane;
     int state;
-    void* site;                         // barrier call site
+    void* site;                         // barrier call site (named in deadlock reports)
     int op, arg, width;                 // warp collective
     unsigned mask;
     unsigned long long value, result;
@@ -548,19 +548,21 @@ static void barrier(void* site, int pred) {
     R->bar_count += pred != 0;
     R->bar_and &= pred != 0;
     R->bar_or |= pred != 0;
+    // One block-wide barrier, whatever the call site (bar.sync 0 on sm_70+): the
+    // compiler may duplicate a __syncthreads() call (tail duplication), so
+    // threads meeting at one source-level barrier can arrive from different
+    // code addresses.  It completes when every thread of the block has arrived;
+    // a thread that has exited never arrives, so the others deadlock (CUDA
+    // requires every thread of the block to reach the barrier).
     if (R->arrived == R->live && R->live == R->nthreads) {
-        bool same = true;
-        for (int i = 0; i < R->nthreads && same; ++i) same = R->fibers[i].site == site;
-        if (same) {
-            if (report_uninitialized()) abort_fiber();
-            R->arrived = 0;
-            R->bar_result_count = R->bar_count;
-            R->bar_result_and = R->bar_and;
-            R->bar_result_or = R->bar_or;
-            R->bar_count = 0; R->bar_and = 1; R->bar_or = 0;
-            R->bep = ++R->epoch;
-            for (int i = 0; i < R->nthreads; ++i) R->fibers[i].state = RUN;
-        }
+        if (report_uninitialized()) abort_fiber();
+        R->arrived = 0;
+        R->bar_result_count = R->bar_count;
+        R->bar_result_and = R->bar_and;
+        R->bar_result_or = R->bar_or;
+        R->bar_count = 0; R->bar_and = 1; R->bar_or = 0;
+        R->bep = ++R->epoch;
+        for (int i = 0; i < R->nthreads; ++i) R->fibers[i].state = RUN;
     }
     // Even the thread that completed the barrier yields, so that the block
     // resumes in thread order.
