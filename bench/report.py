@@ -91,8 +91,8 @@ def format_cell(r: Dict, show_ratio: bool, show_peak: bool) -> str:
     t = r["median_s"]
     cell = format_time(t)
     if r.get("min_s") is not None and r.get("repeats", 0) > 1:
-        # spread in the median's unit (ms, or us below a millisecond)
-        scale = 1e3 if t >= 1e-3 else 1e6
+        # spread in the median's unit (s, ms, or us)
+        scale = 1.0 if t >= 1.0 else 1e3 if t >= 1e-3 else 1e6
         cell += f" [{_fmt_num(r['min_s'] * scale)}-{_fmt_num(r['max_s'] * scale)}]"
     if show_ratio and r.get("ratio_to_torch") is not None:
         cell += f" {format_ratio(r['ratio_to_torch'])}"

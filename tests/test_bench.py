@@ -344,6 +344,17 @@ def test_replay_prints_tables_from_a_results_file(tmp_path, capsys):
     assert "test cpu" in out and "| bn fwd_bwd | NCHW | 2x3x4x4 |" in out and "0.50x" in out
 
 
+def test_cells_give_the_spread_in_the_median_unit():
+    p = _FakeProvider("x")
+    case = Case("batch_norm", (2, 3, 4, 4), "NCHW")
+    assert report.format_cell(runner.make_row(case, "bwd", p, times=[1.5, 1.2, 1.9]), False, False) \
+        == "1.5 s [1.2-1.9]"
+    assert report.format_cell(runner.make_row(case, "bwd", p, times=[2e-3, 1e-3, 4e-3]), False, False) \
+        == "2 ms [1-4]"
+    assert report.format_cell(runner.make_row(case, "bwd", p, times=[5e-5, 4e-5, 6e-5]), False, False) \
+        == "50 us [40-60]"
+
+
 def test_format_time_units():
     assert report.format_time(2.5) == "2.5 s"
     assert report.format_time(0.0123) == "12.3 ms"
