@@ -76,7 +76,8 @@ def format_ratio(v: float) -> str:
 
 
 def _fmt_num(v: float) -> str:
-    return f"{v:.3g}"
+    """Three significant digits, never in scientific notation."""
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
 
 
 def _case_key(r: Dict):

@@ -353,6 +353,8 @@ def test_cells_give_the_spread_in_the_median_unit():
         == "2 ms [1-4]"
     assert report.format_cell(runner.make_row(case, "bwd", p, times=[5e-5, 4e-5, 6e-5]), False, False) \
         == "50 us [40-60]"
+    assert report.format_cell(runner.make_row(case, "bwd", p, times=[0.44, 0.43, 1.18]), False, False) \
+        == "440 ms [430-1180]"
 
 
 def test_format_time_units():
