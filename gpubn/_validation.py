@@ -36,6 +36,17 @@ def check_float_array(x, name: str):
                         f"float64), got {x.dtype}")
 
 
+def check_param_dtype(dtype, name: str = "dtype") -> np.dtype:
+    """The storage dtype of a layer's parameters: float16, float32 or float64."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{name} must be a floating-point dtype, got {dtype!r}") from None
+    if dt.name not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, float32 or float64, got {dt.name}")
+    return dt
+
+
 def normalize_axis(axis, ndim: int, name: str = "axis") -> int:
     if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(axis).__name__}")
@@ -126,3 +137,43 @@ def canonical_view(x, axis: int, xp=None):
     if not x3.flags.c_contiguous:
         x3 = xp.ascontiguousarray(x3)
     return x3
+
+
+def check_owned(x, backend, name: str):
+    """``x`` must be an array of the backend's own array module (no silent
+    host-device copies)."""
+    if not backend.owns(x):
+        raise TypeError(f"{name} must be a {backend.xp.__name__} array for backend "
+                        f"{backend.name!r}, got {type(x).__module__}.{type(x).__name__}")
+
+
+def check_bn_vectors(weight, bias, running_mean, running_var, num_channels: int, backend,
+                     training: bool, running_name: str = "running_var"):
+    """The per-channel arguments of a batch-norm style forward: weight and bias
+    (None or length C), and the running statistics, which are updated in place
+    when training, must come as a pair, and are required for inference.
+    ``running_name`` names the second running statistic (``running_std`` for
+    batch renormalization)."""
+    check_channel_vector(weight, "weight", num_channels)
+    check_channel_vector(bias, "bias", num_channels)
+    check_channel_vector(running_mean, "running_mean", num_channels, backend, writable=training)
+    check_channel_vector(running_var, running_name, num_channels, backend, writable=training)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"running_mean and {running_name} must be given together "
+                         "(both arrays or both None)")
+    if not training and running_mean is None:
+        raise ValueError(f"training=False needs running_mean and {running_name} "
+                         "(inference normalizes with the running statistics)")
+
+
+def check_grad_output(dy, shape, dtype, backend, name: str = "dy"):
+    """The incoming gradient of a backward: an array of the forward input's
+    shape, dtype and array module."""
+    check_float_array(dy, name)
+    if tuple(dy.shape) != tuple(shape):
+        raise ValueError(f"{name} must have the shape of the forward input {tuple(shape)}, "
+                         f"got {tuple(dy.shape)}")
+    if dy.dtype != dtype:
+        raise TypeError(f"{name} must have the dtype of the forward input ({dtype}), "
+                        f"got {dy.dtype}")
+    check_owned(dy, backend, name)

@@ -381,23 +381,12 @@ def _local_checks(x, weight, bias, running_mean, running_var, training, axis, be
         raise ValueError(f"x must have at least 2 dimensions (batch and channel), got shape "
                          f"{tuple(x.shape)}")
     axis = V.normalize_axis(axis, x.ndim)
-    if not be.owns(x):
-        raise TypeError(f"x must be a {be.xp.__name__} array for backend {be.name!r}, got "
-                        f"{type(x).__module__}.{type(x).__name__}")
+    V.check_owned(x, be, "x")
     shape = tuple(x.shape)
     outer, xc, inner = V.canonical_shape(shape, axis)
     if xc != c:
         raise ValueError(f"x has {xc} channels on axis {axis} (shape {shape}), expected {c}")
-    V.check_channel_vector(weight, "weight", c)
-    V.check_channel_vector(bias, "bias", c)
-    V.check_channel_vector(running_mean, "running_mean", c, be, writable=training)
-    V.check_channel_vector(running_var, "running_var", c, be, writable=training)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together "
-                         "(both arrays or both None)")
-    if not training and running_mean is None:
-        raise ValueError("training=False needs running_mean and running_var "
-                         "(inference normalizes with the running statistics)")
+    V.check_bn_vectors(weight, bias, running_mean, running_var, c, be, training)
     return axis, shape, outer, inner
 
 
@@ -537,16 +526,7 @@ def sync_batch_norm_backward(dy, saved: SyncBatchNormSaved):
     be, comm, c = saved.backend, saved.comm, saved.num_channels
     xp = be.xp
     try:
-        V.check_float_array(dy, "dy")
-        if tuple(dy.shape) != saved.shape:
-            raise ValueError(f"dy must have the shape of the forward input {saved.shape}, "
-                             f"got {tuple(dy.shape)}")
-        if dy.dtype != saved.dtype:
-            raise TypeError(f"dy must have the dtype of the forward input ({saved.dtype}), "
-                            f"got {dy.dtype}")
-        if not be.owns(dy):
-            raise TypeError(f"dy must be a {be.xp.__name__} array for backend {be.name!r}, "
-                            f"got {type(dy).__module__}.{type(dy).__name__}")
+        V.check_grad_output(dy, saved.shape, saved.dtype, be)
     except (TypeError, ValueError):
         comm.allreduce(_pack_grads(xp, c, failed=True))
         raise

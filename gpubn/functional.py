@@ -8,9 +8,8 @@ accumulation dtype, and come back in the caller's shape and dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any, Tuple
 
-import numpy as np
 
 from . import _validation as V
 from .backends import get_backend
@@ -105,9 +104,7 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     # ---- validation: nothing is modified before all of it has passed ----
     axis = V.check_input(x, axis, "x")
     be = get_backend(backend, x)
-    if not be.owns(x):
-        raise TypeError(f"x must be a {be.xp.__name__} array for backend {be.name!r}, got "
-                        f"{type(x).__module__}.{type(x).__name__}")
+    V.check_owned(x, be, "x")
     training = bool(training)
     eps = V.check_eps(eps)
     momentum = V.check_momentum(momentum)
@@ -115,16 +112,7 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     shape = tuple(x.shape)
     outer, c, inner = V.canonical_shape(shape, axis)
     count = outer * inner
-    V.check_channel_vector(weight, "weight", c)
-    V.check_channel_vector(bias, "bias", c)
-    V.check_channel_vector(running_mean, "running_mean", c, be, writable=training)
-    V.check_channel_vector(running_var, "running_var", c, be, writable=training)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together "
-                         "(both arrays or both None)")
-    if not training and running_mean is None:
-        raise ValueError("training=False needs running_mean and running_var "
-                         "(inference normalizes with the running statistics)")
+    V.check_bn_vectors(weight, bias, running_mean, running_var, c, be, training)
     V.check_count(count, training, shape)
 
     # ---- dispatch ----
@@ -173,17 +161,8 @@ def batch_norm_backward(dy, saved: BatchNormSaved):
     if not isinstance(saved, BatchNormSaved):
         raise TypeError("saved must be the BatchNormSaved returned by batch_norm_forward, "
                         f"got {type(saved).__name__}")
-    V.check_float_array(dy, "dy")
-    if tuple(dy.shape) != saved.shape:
-        raise ValueError(f"dy must have the shape of the forward input {saved.shape}, "
-                         f"got {tuple(dy.shape)}")
-    if dy.dtype != saved.dtype:
-        raise TypeError(f"dy must have the dtype of the forward input ({saved.dtype}), "
-                        f"got {dy.dtype}")
     be = saved.backend
-    if not be.owns(dy):
-        raise TypeError(f"dy must be a {be.xp.__name__} array for backend {be.name!r}, got "
-                        f"{type(dy).__module__}.{type(dy).__name__}")
+    V.check_grad_output(dy, saved.shape, saved.dtype, be)
     dy3 = V.canonical_view(dy, saved.axis, be.xp)
     dx3, dw, db = be.bn_backward(dy3, saved.x3, saved.mean, saved.invstd, saved.weight,
                                  saved.training)

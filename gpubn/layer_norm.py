@@ -28,6 +28,7 @@ import numpy as np
 from . import _validation as V
 from .backends import get_backend
 from .functional import _to_acc
+from .layers import Layer
 
 
 def check_normalized_shape(normalized_shape, shape, name: str = "normalized_shape"):
@@ -96,9 +97,7 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, ba
     """
     V.check_float_array(x, "x")
     be = get_backend(backend, x)
-    if not be.owns(x):
-        raise TypeError(f"x must be a {be.xp.__name__} array for backend {be.name!r}, got "
-                        f"{type(x).__module__}.{type(x).__name__}")
+    V.check_owned(x, be, "x")
     dims = check_normalized_shape(normalized_shape, x.shape)
     eps = V.check_eps(eps)
     _check_affine(weight, "weight", dims)
@@ -133,17 +132,8 @@ def layer_norm_backward(dy, saved: LayerNormSaved):
     if not isinstance(saved, LayerNormSaved):
         raise TypeError("saved must be the LayerNormSaved returned by layer_norm_forward, "
                         f"got {type(saved).__name__}")
-    V.check_float_array(dy, "dy")
-    if tuple(dy.shape) != saved.shape:
-        raise ValueError(f"dy must have the shape of the forward input {saved.shape}, "
-                         f"got {tuple(dy.shape)}")
-    if dy.dtype != saved.dtype:
-        raise TypeError(f"dy must have the dtype of the forward input ({saved.dtype}), "
-                        f"got {dy.dtype}")
     be = saved.backend
-    if not be.owns(dy):
-        raise TypeError(f"dy must be a {be.xp.__name__} array for backend {be.name!r}, got "
-                        f"{type(dy).__module__}.{type(dy).__name__}")
+    V.check_grad_output(dy, saved.shape, saved.dtype, be)
     dy2 = dy.reshape(saved.x2.shape)
     if not dy2.flags.c_contiguous:
         dy2 = be.xp.ascontiguousarray(dy2)
@@ -158,7 +148,7 @@ def layer_norm_backward(dy, saved: LayerNormSaved):
     return dx2.reshape(saved.shape), dweight, dbias
 
 
-class LayerNorm:
+class LayerNorm(Layer):
     """Layer normalization layer, the counterpart of ``torch.nn.LayerNorm``.
 
     ``ln(x)`` normalizes over the trailing ``normalized_shape`` dims of ``x``;
@@ -174,12 +164,7 @@ class LayerNorm:
                  dtype="float32", backend=None):
         dims = check_normalized_shape(normalized_shape, None)
         self.eps = V.check_eps(eps)
-        try:
-            dt = np.dtype(dtype)
-        except TypeError:
-            raise TypeError(f"dtype must be a floating-point dtype, got {dtype!r}") from None
-        if dt.name not in V.FLOAT_DTYPES:
-            raise TypeError(f"dtype must be float16, float32 or float64, got {dt.name}")
+        dt = V.check_param_dtype(dtype)
         self.normalized_shape = dims
         self.elementwise_affine = bool(elementwise_affine)
         self.dtype = dt
@@ -192,13 +177,6 @@ class LayerNorm:
         self.grad_bias = None
         self._saved = None
 
-    def train(self, mode: bool = True):
-        self.training = bool(mode)
-        return self
-
-    def eval(self):
-        return self.train(False)
-
     def forward(self, x):
         y, self._saved = layer_norm_forward(x, self.normalized_shape, self.weight, self.bias,
                                             self.eps, backend=self.backend)
@@ -206,12 +184,8 @@ class LayerNorm:
 
     __call__ = forward
 
-    def backward(self, dy):
-        if self._saved is None:
-            raise ValueError("backward called before any forward: call layer(x) first")
-        dx, dw, db = layer_norm_backward(dy, self._saved)
-        self.grad_weight, self.grad_bias = dw, db
-        return dx
+    def _functional_backward(self, dy, saved):
+        return layer_norm_backward(dy, saved)
 
     def state_dict(self):
         """Copies of the parameters under PyTorch's key names."""
@@ -222,31 +196,8 @@ class LayerNorm:
             state["bias"] = self.bias.copy()
         return state
 
-    def load_state_dict(self, state, strict: bool = True):
-        """Load parameters (NumPy/CuPy arrays or CPU torch tensors) into the
-        existing arrays; everything is checked before anything is written."""
-        if not hasattr(state, "keys"):
-            raise TypeError(f"state must be a mapping, got {type(state).__name__}")
-        expected = set(self.state_dict().keys())
-        got = set(state.keys())
-        if strict and got != expected:
-            missing, unexpected = sorted(expected - got), sorted(got - expected)
-            raise ValueError(f"state keys do not match: missing {missing}, unexpected {unexpected}")
-        xp = self.backend.xp
-        new = {}
-        for key in expected & got:
-            v = state[key]
-            if hasattr(v, "detach") and hasattr(v, "numpy"):
-                v = v.detach().cpu().numpy()
-            v = xp.asarray(v)
-            if tuple(v.shape) != self.normalized_shape:
-                raise ValueError(f"state[{key!r}] must have shape {self.normalized_shape}, "
-                                 f"got {tuple(v.shape)}")
-            if v.dtype.kind != "f":
-                raise TypeError(f"state[{key!r}] must be floating point, got {v.dtype}")
-            new[key] = v
-        for key, v in new.items():
-            getattr(self, key)[...] = v
+    def _state_shape(self, key):
+        return self.normalized_shape
 
     def __repr__(self):
         return (f"LayerNorm({self.normalized_shape}, eps={self.eps}, "

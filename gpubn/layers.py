@@ -11,7 +11,75 @@ from .backends import get_backend
 from .functional import batch_norm_backward, batch_norm_forward
 
 
-class BatchNorm:
+class Layer:
+    """What every layer shares: train/eval mode, ``backward`` through the state
+    saved by the last forward, and checked ``load_state_dict``.
+
+    A subclass sets ``backend``, ``training``, ``grad_weight``, ``grad_bias``
+    and ``_saved`` and provides ``state_dict()``, ``_functional_backward`` and
+    ``_state_shape(key)`` (the shape a state entry must have).
+    """
+
+    def train(self, mode: bool = True):
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def _functional_backward(self, dy, saved):
+        raise NotImplementedError
+
+    def backward(self, dy):
+        """``dx`` for the last forward; sets ``grad_weight`` / ``grad_bias``."""
+        if self._saved is None:
+            raise ValueError("backward called before any forward: call the layer on an "
+                             "input first")
+        dx, dw, db = self._functional_backward(dy, self._saved)
+        self.grad_weight, self.grad_bias = dw, db
+        return dx
+
+    def _state_shape(self, key):
+        raise NotImplementedError
+
+    def load_state_dict(self, state, strict: bool = True):
+        """Load values (NumPy/CuPy arrays, or anything with ``.numpy()`` such as
+        CPU torch tensors) into the existing arrays; everything is checked
+        before anything is written."""
+        if not hasattr(state, "keys"):
+            raise TypeError(f"state must be a mapping, got {type(state).__name__}")
+        expected = set(self.state_dict().keys())
+        got = set(state.keys())
+        if strict and got != expected:
+            missing, unexpected = sorted(expected - got), sorted(got - expected)
+            raise ValueError(f"state keys do not match: missing {missing}, unexpected {unexpected}")
+        xp = self.backend.xp
+        new = {}
+        for key in expected & got:
+            v = state[key]
+            if hasattr(v, "detach") and hasattr(v, "numpy"):
+                v = v.detach().cpu().numpy()
+            v = xp.asarray(v)
+            if key == "num_batches_tracked":
+                if v.shape != () or v.dtype.kind not in "iu":
+                    raise ValueError(f"state['num_batches_tracked'] must be an integer scalar, "
+                                     f"got shape {v.shape} dtype {v.dtype}")
+                new[key] = int(v)
+                continue
+            want = tuple(self._state_shape(key))
+            if tuple(v.shape) != want:
+                raise ValueError(f"state[{key!r}] must have shape {want}, got {tuple(v.shape)}")
+            if v.dtype.kind != "f":
+                raise TypeError(f"state[{key!r}] must be floating point, got {v.dtype}")
+            new[key] = v
+        for key, v in new.items():
+            if key == "num_batches_tracked":
+                self.num_batches_tracked = v
+            else:
+                getattr(self, key)[...] = v
+
+
+class BatchNorm(Layer):
     """Batch normalization layer, the counterpart of ``torch.nn.BatchNorm1d/2d/3d``.
 
     ``bn(x)`` normalizes over every axis of ``x`` but ``axis`` (1 by default:
@@ -37,12 +105,7 @@ class BatchNorm:
         self.momentum = V.check_momentum(momentum)
         if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
             raise TypeError(f"axis must be an int, got {type(axis).__name__}")
-        try:
-            dt = np.dtype(dtype)
-        except TypeError:
-            raise TypeError(f"dtype must be a floating-point dtype, got {dtype!r}") from None
-        if dt.name not in V.FLOAT_DTYPES:
-            raise TypeError(f"dtype must be float16, float32 or float64, got {dt.name}")
+        dt = V.check_param_dtype(dtype)
         self.num_features = int(num_features)
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
@@ -66,13 +129,6 @@ class BatchNorm:
         self._saved = None
 
     # -- mode ------------------------------------------------------------
-    def train(self, mode: bool = True):
-        self.training = bool(mode)
-        return self
-
-    def eval(self):
-        return self.train(False)
-
     def reset_running_stats(self):
         if self.track_running_stats:
             self.running_mean[...] = 0
@@ -104,13 +160,6 @@ class BatchNorm:
     def _functional_backward(self, dy, saved):
         return batch_norm_backward(dy, saved)
 
-    def backward(self, dy):
-        if self._saved is None:
-            raise ValueError("backward called before any forward: call bn(x) first")
-        dx, dw, db = self._functional_backward(dy, self._saved)
-        self.grad_weight, self.grad_bias = dw, db
-        return dx
-
     # -- state -----------------------------------------------------------
     def state_dict(self):
         """Copies of the state under PyTorch's key names."""
@@ -125,41 +174,8 @@ class BatchNorm:
             state["num_batches_tracked"] = xp.asarray(self.num_batches_tracked, dtype=np.int64)
         return state
 
-    def load_state_dict(self, state, strict: bool = True):
-        """Load values (NumPy/CuPy arrays, or anything with ``.numpy()`` such as
-        CPU torch tensors) into the existing arrays; checked before anything
-        is written."""
-        if not hasattr(state, "keys"):
-            raise TypeError(f"state must be a mapping, got {type(state).__name__}")
-        expected = set(self.state_dict().keys())
-        got = set(state.keys())
-        if strict and got != expected:
-            missing, unexpected = sorted(expected - got), sorted(got - expected)
-            raise ValueError(f"state keys do not match: missing {missing}, unexpected {unexpected}")
-        xp = self.backend.xp
-        new = {}
-        for key in expected & got:
-            v = state[key]
-            if hasattr(v, "detach") and hasattr(v, "numpy"):
-                v = v.detach().cpu().numpy()
-            v = xp.asarray(v)
-            if key == "num_batches_tracked":
-                if v.shape != () or v.dtype.kind not in "iu":
-                    raise ValueError(f"state['num_batches_tracked'] must be an integer scalar, "
-                                     f"got shape {v.shape} dtype {v.dtype}")
-                new[key] = int(v)
-                continue
-            if tuple(v.shape) != (self.num_features,):
-                raise ValueError(f"state[{key!r}] must have shape ({self.num_features},), "
-                                 f"got {tuple(v.shape)}")
-            if v.dtype.kind != "f":
-                raise TypeError(f"state[{key!r}] must be floating point, got {v.dtype}")
-            new[key] = v
-        for key, v in new.items():
-            if key == "num_batches_tracked":
-                self.num_batches_tracked = v
-            else:
-                getattr(self, key)[...] = v
+    def _state_shape(self, key):
+        return (self.num_features,)
 
     def __repr__(self):
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
@@ -167,4 +183,4 @@ class BatchNorm:
                 f"axis={self.axis}, dtype={self.dtype.name}, backend={self.backend.name!r})")
 
 
-__all__ = ["BatchNorm"]
+__all__ = ["BatchNorm", "Layer"]

@@ -106,9 +106,7 @@ def batch_renorm_forward(x, weight, bias, running_mean, running_std, rmax=1.0, d
     """
     axis = V.check_input(x, axis, "x")
     be = get_backend(backend, x)
-    if not be.owns(x):
-        raise TypeError(f"x must be a {be.xp.__name__} array for backend {be.name!r}, got "
-                        f"{type(x).__module__}.{type(x).__name__}")
+    V.check_owned(x, be, "x")
     training = bool(training)
     rmax = check_rmax(rmax)
     dmax = check_dmax(dmax)
@@ -170,17 +168,8 @@ def batch_renorm_backward(dy, saved: BatchRenormSaved):
         raise TypeError("saved must be the BatchRenormSaved returned by batch_renorm_forward, "
                         f"got {type(saved).__name__}")
     s = saved.bn
-    V.check_float_array(dy, "dy")
-    if tuple(dy.shape) != s.shape:
-        raise ValueError(f"dy must have the shape of the forward input {s.shape}, "
-                         f"got {tuple(dy.shape)}")
-    if dy.dtype != s.dtype:
-        raise TypeError(f"dy must have the dtype of the forward input ({s.dtype}), "
-                        f"got {dy.dtype}")
     be = s.backend
-    if not be.owns(dy):
-        raise TypeError(f"dy must be a {be.xp.__name__} array for backend {be.name!r}, got "
-                        f"{type(dy).__module__}.{type(dy).__name__}")
+    V.check_grad_output(dy, s.shape, s.dtype, be)
     dy3 = V.canonical_view(dy, s.axis, be.xp)
     dx3, sum_dy_xhat, sum_dy = be.bn_backward(dy3, s.x3, s.mean, s.invstd, s.weight, s.training)
     dweight = dbias = None
