@@ -194,12 +194,12 @@ def format_traffic_table(rows: Sequence[Dict], markdown: bool = False) -> str:
     if not rows:
         return "(no traffic results)"
     header = ["op", "layout", "shape", "dtype", "launches", "bytes/elem",
-              "passes", "minimum", "ideal", "pytorch-style", "status"]
+              "passes", "tensor passes", "minimum", "ideal", "pytorch-style", "status"]
     body = []
     for r in rows:
         if r["status"] != "ok":
             body.append([f"{KIND_ABBREV.get(r['kind'], r['kind'])} {r['op']}", r["layout"],
-                         "x".join(map(str, r["shape"])), r["dtype"], "-", "-", "-", "-",
+                         "x".join(map(str, r["shape"])), r["dtype"], "-", "-", "-", "-", "-",
                          str(r["ideal_passes"]), str(r["pytorch_passes"]),
                          f"{r['status']}: {r['reason']}"])
             continue
@@ -207,6 +207,7 @@ def format_traffic_table(rows: Sequence[Dict], markdown: bool = False) -> str:
             f"{KIND_ABBREV.get(r['kind'], r['kind'])} {r['op']}", r["layout"],
             "x".join(map(str, r["shape"])), r["dtype"], str(r["launches"]),
             f"{r['bytes_per_element']:.2f}", f"{r['passes']:.2f}",
+            "-" if r.get("tensor_passes") is None else f"{r['tensor_passes']:.2f}",
             "-" if r.get("minimum_passes") is None else f"{r['minimum_passes']:.2f}",
             str(r["ideal_passes"]), str(r["pytorch_passes"]), "ok"])
     return _render(header, body, markdown)

@@ -152,6 +152,7 @@ def test_copy_result_and_traffic(mod):
     assert rec.kernel == "copy<float>" and rec.grid == (3, 1, 1) and rec.block == (128, 1, 1)
     assert rec.bytes_loaded == 4 * x.size and rec.bytes_stored == 4 * x.size
     assert rec.buffers == {0: emu.Traffic(4 * x.size, 0), 1: emu.Traffic(0, 4 * x.size)}
+    assert rec.sizes == {0: x.nbytes, 1: y.nbytes}   # argument sizes: traffic in passes
 
 
 def test_recording_region_and_labels(mod):

@@ -106,7 +106,8 @@ class LaunchRecord:
 
     ``bytes_loaded``/``bytes_stored`` count every access to an argument buffer
     (atomics count as a load and a store); ``buffers`` maps argument index ->
-    :class:`Traffic` for each array argument.
+    :class:`Traffic` for each array argument and ``sizes`` argument index ->
+    the array's size in bytes (so traffic can be stated in passes over it).
     """
 
     kernel: str
@@ -117,6 +118,7 @@ class LaunchRecord:
     bytes_stored: int
     buffers: Dict[int, Traffic] = field(default_factory=dict)
     label: Optional[str] = None
+    sizes: Dict[int, int] = field(default_factory=dict)
 
     @property
     def bytes_moved(self) -> int:

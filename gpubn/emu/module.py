@@ -192,11 +192,13 @@ class Function:
             raise self._error(L, g, b, args)
         loaded = sum(bufarr[k].loaded for k in range(len(buffers)))
         stored = sum(bufarr[k].stored for k in range(len(buffers)))
-        per = {}
-        for k, (_, _, idx) in enumerate(buffers):
+        per, sizes = {}, {}
+        for k, (_, size, idx) in enumerate(buffers):
             t = per.get(idx, Traffic(0, 0))
             per[idx] = Traffic(t.loaded + bufarr[k].loaded, t.stored + bufarr[k].stored)
-        _record(LaunchRecord(self.name, g, b, int(shared_mem), loaded, stored, per))
+            sizes[idx] = sizes.get(idx, 0) + int(size)
+        _record(LaunchRecord(self.name, g, b, int(shared_mem), loaded, stored, per,
+                             sizes=sizes))
 
     # ------------------------------------------------------------ errors
     def _error(self, L: _Launch, grid, block, args) -> EmuError:
