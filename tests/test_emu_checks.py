@@ -217,6 +217,13 @@ def test_read_before_start(mod):
 
 def test_null_pointer(mod):
     with pytest.raises(emu.MemcheckError, match=r"4-byte load at 0x0 in kernel 'deref'.*null pointer"):
+        mod.get_function("deref")(1, 4, (np.uint64(0), np.zeros(4, np.int32)))
+
+
+def test_none_is_not_a_null_pointer(mod):
+    # CuPy's RawKernel passes None as a garbage address, not NULL: code relying
+    # on it would pass here and crash on the GPU, so emu refuses it
+    with pytest.raises(TypeError, match=r"argument 0: None is not a null pointer.*np\.uint64\(0\)"):
         mod.get_function("deref")(1, 4, (None, np.zeros(4, np.int32)))
 
 

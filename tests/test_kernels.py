@@ -286,7 +286,8 @@ def test_bfloat16_kernels_round_to_nearest_even():
     bits = np.arange(65536, dtype=np.uint32).astype(np.uint16).reshape(1, 1, -1)
     y = np.empty_like(bits)
     mean, invstd = np.zeros(1, np.float32), np.array([0.3], np.float32)
-    fn((64, 1, 1), (128, 1, 1), (bits, y, mean, invstd, None, None, None, None, np.int64(1),
+    null = np.uint64(0)
+    fn((64, 1, 1), (128, 1, 1), (bits, y, mean, invstd, null, null, null, null, np.int64(1),
                                  np.int32(1), np.int64(bits.size), np.int32(0), np.float32(0)))
     xf = torch.from_numpy(bits.astype(np.int32) << 16).view(torch.float32)  # exact widening
     yf = xf * torch.tensor(0.3, dtype=torch.float32) + 0.0  # one float32 rounding, -0 -> +0

@@ -14,7 +14,9 @@ subclass provides:
 
 Kernel arguments are always explicit NumPy scalars of the exact C type of the
 parameter (``long long`` -> ``np.int64``, ``int`` -> ``np.int32``, ``Acc`` ->
-``np.float32`` / ``np.float64``); ``None`` is a null pointer.
+``np.float32`` / ``np.float64``).  An absent array (``None`` in the launch
+sequence) is passed as ``NULL_POINTER``, ``np.uint64(0)``: CuPy's RawKernel
+would not pass ``None`` as a null pointer, and emu refuses it for that reason.
 
 Ops and launches (see kernels/*.cu):
 
@@ -35,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -44,6 +46,9 @@ from ..launch import WARP, DeviceAttributes, Launch, Tuning, map_launch, reduce_
 from .base import Backend, ChannelStats
 
 _ACC_DTYPES = {"float": np.dtype(np.float32), "double": np.dtype(np.float64)}
+
+# A null pointer argument, passed the same way by CuPy and emu (8 zero bytes).
+NULL_POINTER = np.uint64(0)
 
 
 def debug_enabled() -> bool:
@@ -116,13 +121,16 @@ class KernelBackend(Backend):
             raise ValueError(f"{name} must be a contiguous ({channels},) {acc.name} array, got "
                              f"shape {v.shape} dtype {v.dtype}")
 
-    def _launch(self, cfg: Launch, dtype_key: str, args) -> None:
+    def _launch(self, cfg: Launch, dtype_key: str, args, shared_mem: int = 0) -> None:
+        """Launch ``cfg``'s kernel for ``dtype_key``; ``None`` in ``args`` is an
+        absent array, passed as a null pointer."""
         spec = catalog.KERNELS[cfg.kernel]
         name = catalog.name_expression(cfg.kernel, dtype_key, cfg.vec)
         fn = self._get_function(spec.source, dtype_key, name)
         debug_report(f"{self.name}: launch {name} grid={cfg.grid} block={cfg.block} "
-                     f"splits={cfg.splits}")
-        fn(cfg.grid, cfg.block, tuple(args), shared_mem=0)
+                     f"splits={cfg.splits} shared={shared_mem}")
+        args = tuple(NULL_POINTER if a is None else a for a in args)
+        fn(cfg.grid, cfg.block, args, shared_mem=int(shared_mem))
 
     def _workspace(self, cfg: Launch):
         if cfg.splits <= 1:
@@ -323,15 +331,6 @@ class KernelBackend(Backend):
         y3 = self._apply(x3, key, acc, mean, invstd, w_eff, b_eff, None, None, False, eps)
         return y3, mean, invstd, r, d, w_eff
 
-    def _launch_shared(self, cfg: Launch, dtype_key: str, args, shared_mem: int) -> None:
-        """``_launch`` with dynamic shared memory."""
-        spec = catalog.KERNELS[cfg.kernel]
-        name = catalog.name_expression(cfg.kernel, dtype_key, cfg.vec)
-        fn = self._get_function(spec.source, dtype_key, name)
-        debug_report(f"{self.name}: launch {name} grid={cfg.grid} block={cfg.block} "
-                     f"shared={shared_mem}")
-        fn(cfg.grid, cfg.block, tuple(args), shared_mem=int(shared_mem))
-
     def _check_rows(self, a, like, name: str):
         if not self.owns(a):
             raise TypeError(f"{name} must be a {self.xp.__name__} array for the {self.name!r} "
@@ -357,7 +356,7 @@ class KernelBackend(Backend):
             cfg = ln_row_launch("forward", rows, n, key, self._aligned(x2, y2), self._device(),
                                 self.tuning)
             smem = ln_param_bytes(n, acc, weight, bias)
-            self._launch_shared(cfg, key, (x2, y2, weight, bias, mean, rstd, np.int64(rows),
+            self._launch(cfg, key, (x2, y2, weight, bias, mean, rstd, np.int64(rows),
                                            np.int64(n), acc.type(eps), np.int32(smem > 0)), smem)
         return y2, mean, rstd
 
@@ -374,7 +373,7 @@ class KernelBackend(Backend):
             cfg = ln_row_launch("backward_dx", rows, n, key, self._aligned(x2, dy2, dx2),
                                 self._device(), self.tuning)
             smem = ln_param_bytes(n, acc, weight, None)
-            self._launch_shared(cfg, key, (dy2, x2, dx2, mean, rstd, weight, np.int64(rows),
+            self._launch(cfg, key, (dy2, x2, dx2, mean, rstd, weight, np.int64(rows),
                                            np.int64(n), np.int32(smem > 0)), smem)
         if not want_grads:
             return dx2, None, None

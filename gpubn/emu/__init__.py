@@ -43,8 +43,9 @@ Use it like CuPy (``RawModule(path="k.cu")`` reads the source from a file)::
     fn((4,), (256,), (x, y, np.int64(x.size), np.float32(2.0)))
 
 Arguments: NumPy arrays (contiguous; their data pointer is passed and their
-extent is what memcheck allows), ``None`` (a null pointer) and NumPy scalars
-passed by value, whose size and kind (integer / floating point) must match the
+extent is what memcheck allows), ``np.uint64(0)`` for a null pointer (an
+``np.uint64`` scalar is a raw address, as in CuPy; ``None`` is refused because
+CuPy's RawKernel does not pass it as NULL) and NumPy scalars passed by value, whose size and kind (integer / floating point) must match the
 kernel parameter.  Python ``int``/``float``/``bool`` become int64/float64/bool
 as in CuPy, so prefer explicit NumPy scalars (``np.int32(n)``).
 

@@ -116,20 +116,30 @@ class Function:
         for i, a in enumerate(args):
             size, kind = self.param_sizes[i], self.param_kinds[i]
             where = f"kernel {self.name!r}, argument {i}"
-            if a is None or isinstance(a, np.ndarray):
+            if a is None:
+                raise TypeError(
+                    f"{where}: None is not a null pointer: CuPy's RawKernel does not pass None "
+                    f"as NULL (the kernel receives a garbage address), so emu refuses it; pass "
+                    f"np.uint64(0) for a null pointer (CuPy and emu both pass it as 8 zero bytes)")
+            if kind == "pointer" and isinstance(a, np.uint64):
+                # a raw device address (CuPy passes the scalar's 8 bytes); 0 is the
+                # null pointer, anything else is checked by memcheck.  Signed
+                # integers stay refused: there they are far more often a slip.
+                cell = ctypes.c_void_p(int(a) or None)
+                keep.append(cell)
+                ptrs[i] = ctypes.addressof(cell)
+                continue
+            if isinstance(a, np.ndarray):
                 if kind != "pointer":
                     raise TypeError(f"{where}: the parameter is a {size}-byte {kind} value, got {_describe(a)}")
-                if a is None:
-                    cell = ctypes.c_void_p(0)
-                else:
-                    if a.dtype.hasobject:
-                        raise TypeError(f"{where}: arrays of Python objects cannot be passed to a kernel")
-                    if not (a.flags.c_contiguous or a.flags.f_contiguous):
-                        raise ValueError(f"{where}: arrays must be contiguous (pass np.ascontiguousarray(...))")
-                    cell = ctypes.c_void_p(a.ctypes.data)
-                    if a.nbytes:
-                        buffers.append((a.ctypes.data, a.nbytes, i))
-                    keep.append(a)
+                if a.dtype.hasobject:
+                    raise TypeError(f"{where}: arrays of Python objects cannot be passed to a kernel")
+                if not (a.flags.c_contiguous or a.flags.f_contiguous):
+                    raise ValueError(f"{where}: arrays must be contiguous (pass np.ascontiguousarray(...))")
+                cell = ctypes.c_void_p(a.ctypes.data)
+                if a.nbytes:
+                    buffers.append((a.ctypes.data, a.nbytes, i))
+                keep.append(a)
                 keep.append(cell)
                 ptrs[i] = ctypes.addressof(cell)
                 continue
