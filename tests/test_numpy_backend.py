@@ -28,7 +28,8 @@ def tiny_tiles(monkeypatch):
     ((51, 5, 3), 1),         # column layout: folded row blocks, unfolded remainder
     ((41, 300), 1),          # NC, rows wider than a tile
     ((9, 4, 6, 5), -1),      # channels-last
-], ids=["split-rows", "rows", "columns", "nc-wide", "nhwc"])
+    ((5, 60, 2), 1),         # column layout, rows wider than a tile: column blocks
+], ids=["split-rows", "rows", "columns", "nc-wide", "nhwc", "column-blocks"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("offset", [0.0, 50.0], ids=["fast", "centred"])
 def test_tiled_threaded_matches_torch_and_is_deterministic(tiny_tiles, monkeypatch, shape,
