@@ -73,8 +73,10 @@ def _cache_chunk():
 
 
 _CHUNK = _cache_chunk()  # elements per tile (a 32 MiB L3 gives 2**19)
+_SMALL_CHUNK = 1 << 16   # tiles are never made smaller than this to get _MIN_TILES
+_MIN_TILES = 8
 _ROW_MIN = 64          # inner extent from which the row layout is used
-_MIN_BLOCK_ROWS = 64   # column layout: rows per tile at least (bounds partial storage)
+_MIN_BLOCK_ROWS = 16   # column layout: fewer whole rows per tile -> column blocks of this many rows
 _FOLD = 1024          # column layout: fold narrow rows to at least this many values
 _FAST_RANGE = 8.0      # |mean| * invstd up to which x*scale + shift is used directly
 
@@ -137,16 +139,19 @@ class _Layout:
     def __init__(self, shape):
         outer, c, inner = shape
         self.outer, self.c, self.inner = outer, c, inner
+        # at least _MIN_TILES tiles when the array is large enough, so that
+        # the worker threads have work to share
+        chunk = min(_CHUNK, max(_SMALL_CHUNK, outer * c * inner // _MIN_TILES))
         self.rows_mode = inner >= _ROW_MIN
         self.k = 1
         if self.rows_mode:     # runs of whole rows; a row longer than a tile is split
             R, W = outer * c, inner
-            cs = min(W, _CHUNK)
-            rs = max(1, _CHUNK // cs)
+            cs = min(W, chunk)
+            rs = max(1, chunk // cs)
         else:                  # blocks of rows; rows too wide for a tile are split
             R, W = outer, c * inner
-            rs = max(_MIN_BLOCK_ROWS, _CHUNK // W)
-            if min(rs, R) * W <= _CHUNK:
+            rs = max(1, chunk // W)
+            if rs >= min(R, _MIN_BLOCK_ROWS):   # whole rows (contiguous tiles)
                 cs = W
                 # narrow rows are folded k at a time into rows of k*W values, so
                 # that per-channel operands broadcast along long contiguous runs
@@ -154,7 +159,7 @@ class _Layout:
                 rs = -(-rs // self.k) * self.k
             else:              # column blocks of min(R, _MIN_BLOCK_ROWS) rows
                 rs = min(R, _MIN_BLOCK_ROWS)
-                cs = min(W, max(16, _CHUNK // rs))
+                cs = min(W, max(16, chunk // rs))
         self.shape2 = (R, W)
         self.rs, self.cs = min(rs, R), cs
         self.nrb = -(-R // self.rs)
