@@ -5,10 +5,12 @@ All methods take canonical ``(outer, C, inner)`` C-contiguous arrays (see
 around the number of times each array crosses main memory, the way a fused
 kernel would be:
 
-* The array is walked in **cache-sized tiles** (``_CHUNK`` elements).  Every
-  tile is read from memory once per pass; the several NumPy operations applied
-  to it (centre, square-sum, scale, shift) run on data that sits in the CPU's
-  L2 cache.  A training forward therefore costs one read pass (statistics)
+* The array is walked in **cache-sized tiles** (``_CHUNK`` elements, from the
+  largest CPU cache; at least ``_MIN_TILES`` tiles on large inputs; rows too
+  wide for a tile are cut into column blocks).  Every tile is read from memory
+  once per pass; the several NumPy operations applied to it (centre,
+  square-sum, scale, shift) run on data that sits in the CPU's cache.  Tiles
+  are large because each NumPy call has a fixed cost.  A training forward therefore costs one read pass (statistics)
   plus one read + one write pass (normalize); a backward two read passes over
   ``x`` and ``dy`` for the sums plus one for ``dx``, as PyTorch's fused CPU
   kernels do.
@@ -18,16 +20,17 @@ kernel would be:
   own mean in float32 (float64 for float64 data), and those partial triples are
   merged exactly in float64 with Chan's formula.  No ``E[x**2] - E[x]**2``:
   ``1e4 + N(0, 1)`` float32 data keeps its variance to 1e-6.
-* Reductions use BLAS (matrix-vector products with a ones vector, row dot
-  products) where NumPy offers it; elementwise work uses ``out=`` into one
-  reusable scratch block per thread; float16 is widened tile by tile.
+* Reductions are NumPy's (``np.add.reduce``), not BLAS: a BLAS call on a tile
+  starts OpenBLAS's own threads, which spin on the cores the tile workers
+  need.  Elementwise work uses ``out=`` into one scratch block per thread;
+  float16 is widened tile by tile.
 * ``y = x * a + b`` (two operations per tile) is used when every channel's
   ``|mean| * invstd`` is at most ``_FAST_RANGE``, where its rounding equals the
   centred form's; otherwise the data is centred on the float64 mean split as
   ``hi + lo`` (``x - hi`` is exact near the mean, ``lo`` is folded into the
   per-channel constants).
-* Tiles are spread over up to 4 threads (``GPUBN_NUM_THREADS``); NumPy and
-  BLAS release the GIL, and each tile writes its own partial slots, so
+* Tiles are spread over up to 4 threads (``GPUBN_NUM_THREADS``); NumPy
+  releases the GIL, and each tile writes its own partial slots, so
   results do not depend on the thread count.
 
 NaN or Inf in a channel's data make that channel's statistics NaN (an Inf-only
