@@ -97,3 +97,38 @@ def test_backend_interface_pieces_agree_with_fused(tiny_tiles):
     np.testing.assert_allclose(ie, 1 / np.sqrt(np.array([4.0, 1.0, 0.25]) + 1e-5))
     np.testing.assert_allclose(
         ye, (x3 - me[:, None]) * (ie * w)[:, None] + bias[:, None], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_layer_norm_blocks_threaded_match_float64_formula(monkeypatch, dtype):
+    from gpubn.backends import numpy_layer_norm as nl
+    monkeypatch.setattr(nl, "_CHUNK", 3 * 37)          # 3 rows per block, 13 blocks + remainder
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((41, 37)) * 2 + 100).astype(dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    w = np.linspace(0.5, 1.5, 37)
+    b = np.linspace(-1, 1, 37)
+    acc = np.float64 if dtype == np.float64 else np.float32
+    results = []
+    for threads in ("1", "3"):
+        monkeypatch.setenv("GPUBN_NUM_THREADS", threads)
+        y, mean, rstd = nl.ln_forward(x, w.astype(acc), b.astype(acc), 1e-5)
+        dx, dw, db = nl.ln_backward(dy, x, mean, rstd, w.astype(acc), True)
+        results.append((y, mean, rstd, dx, dw, db))
+    for a, b_ in zip(*results):
+        np.testing.assert_array_equal(a, b_)      # thread count changes nothing
+    # the textbook formulas in float64
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    mu = x64.mean(axis=1, keepdims=True)
+    rs = 1.0 / np.sqrt(((x64 - mu) ** 2).mean(axis=1, keepdims=True) + 1e-5)
+    xhat = (x64 - mu) * rs
+    g = dy64 * w
+    dx_ref = rs * (g - g.mean(axis=1, keepdims=True)
+                   - xhat * (g * xhat).mean(axis=1, keepdims=True))
+    y, mean, rstd, dx, dw, db = results[0]
+    assert_close(y, xhat * w + b, dtype, "y")
+    assert_close(mean, mu[:, 0], dtype, "mean")
+    assert_close(rstd, rs[:, 0], dtype, "rstd")
+    assert_close(dx, dx_ref, dtype, "dx")
+    assert_close(dw, (dy64 * xhat).sum(axis=0), dtype, "dweight")
+    assert_close(db, dy64.sum(axis=0), dtype, "dbias")
