@@ -41,6 +41,7 @@ from typing import Optional
 
 import numpy as np
 
+from .. import _validation as V
 from .. import kernels as catalog
 from ..launch import WARP, DeviceAttributes, Launch, Tuning, map_launch, reduce_launch
 from .base import Backend, ChannelStats
@@ -99,13 +100,16 @@ class KernelBackend(Backend):
         acc = _ACC_DTYPES[catalog.CXX_TYPES[key][1]]
         return key, acc
 
-    def _check_tensor(self, a, like, name: str):
-        if not self.owns(a):
-            raise TypeError(f"{name} must be a {self.xp.__name__} array for the {self.name!r} "
-                            f"backend, got {type(a).__module__}.{type(a).__name__}")
+    def _check_like(self, a, like, name: str):
+        """``a`` is this backend's array and, when ``like`` is given, of its
+        shape and dtype."""
+        V.check_owned(a, self, name)
         if like is not None and (a.shape != like.shape or a.dtype != like.dtype):
             raise ValueError(f"{name} must have shape {like.shape} and dtype {like.dtype}, got "
                              f"{a.shape} {a.dtype}")
+
+    def _check_tensor(self, a, like, name: str):
+        self._check_like(a, like, name)
         if a.ndim != 3 or not a.flags.c_contiguous:
             raise ValueError(f"{name} must be a C-contiguous (outer, C, inner) array")
 
@@ -114,9 +118,7 @@ class KernelBackend(Backend):
             if optional:
                 return
             raise ValueError(f"{name} is required")
-        if not self.owns(v):
-            raise TypeError(f"{name} must be a {self.xp.__name__} array for the {self.name!r} "
-                            f"backend, got {type(v).__module__}.{type(v).__name__}")
+        V.check_owned(v, self, name)
         if v.shape != (channels,) or v.dtype != acc or not v.flags.c_contiguous:
             raise ValueError(f"{name} must be a contiguous ({channels},) {acc.name} array, got "
                              f"shape {v.shape} dtype {v.dtype}")
@@ -332,12 +334,7 @@ class KernelBackend(Backend):
         return y3, mean, invstd, r, d, w_eff
 
     def _check_rows(self, a, like, name: str):
-        if not self.owns(a):
-            raise TypeError(f"{name} must be a {self.xp.__name__} array for the {self.name!r} "
-                            f"backend, got {type(a).__module__}.{type(a).__name__}")
-        if like is not None and (a.shape != like.shape or a.dtype != like.dtype):
-            raise ValueError(f"{name} must have shape {like.shape} and dtype {like.dtype}, got "
-                             f"{a.shape} {a.dtype}")
+        self._check_like(a, like, name)
         if a.ndim != 2 or not a.flags.c_contiguous or a.shape[1] < 1:
             raise ValueError(f"{name} must be a C-contiguous (rows, n) array with n >= 1")
         if a.shape[1] > np.iinfo(np.int32).max:
