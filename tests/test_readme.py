@@ -21,13 +21,25 @@ def test_readme_python_example_runs(capsys):
     assert "running_mean" in capsys.readouterr().out
 
 
+def _two_commands():
+    """The bash blocks of the README's "The two commands" section."""
+    text = (ROOT / "README.md").read_text()
+    section = re.search(r"^## The two commands.*?(?=^## )", text, flags=re.S | re.M)
+    assert section, "README lacks its 'The two commands' section"
+    return [b.strip() for b in re.findall(r"```bash\n(.*?)```", section.group(0), flags=re.S)]
+
+
+def test_readme_two_commands_set_up_from_scratch():
+    fresh = [c for c in _two_commands() if c.startswith("python3 -m venv .venv && ")]
+    main_job = [c for c in fresh if c.endswith("-m gpubn demo")]
+    tests = [c for c in fresh if "-m pytest" in c]
+    assert len(main_job) == 1 and len(tests) == 1, fresh
+
+
 def test_readme_test_command_is_what_ci_runs():
-    commands = [b.strip() for b in _blocks("bash")]
-    test_cmd = [c for c in commands if "pytest" in c and "venv" in c]
-    assert len(test_cmd) == 1, commands
-    pytest_part = test_cmd[0].split("&&")[-1].strip()        # .venv/bin/python -m pytest -q
+    (test_cmd,) = [c for c in _two_commands() if "-m pytest" in c]
+    pytest_part = test_cmd.split("&&")[-1].strip()           # .venv/bin/python -m pytest -q
     args = pytest_part.split("python", 1)[1].strip()          # -m pytest -q
     ci_lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines()
                 if not line.lstrip().startswith(("#", "echo"))]
     assert any(f'_PY" {args} ' in line for line in ci_lines), (args, "not run by .ci/run")
-    assert any(c.endswith("-m gpubn") for c in commands), "README lacks the main-job command"
