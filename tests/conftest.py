@@ -83,6 +83,22 @@ def assert_close(actual, expected, dtype, name="value", scale=1.0):
 
 
 # ---------------------------------------------------------------- oracle ----
+def numeric_gradients(loss, args, h=1e-6):
+    """Central finite differences of the scalar ``loss(*args)`` with respect to
+    each float64 NumPy array in ``args`` (one gradient array per argument)."""
+    grads = []
+    for k, arr in enumerate(args):
+        num = np.empty_like(arr)
+        for i in np.ndindex(arr.shape):
+            plus, minus = arr.copy(), arr.copy()
+            plus[i] += h
+            minus[i] -= h
+            num[i] = (loss(*args[:k], plus, *args[k + 1:])
+                      - loss(*args[:k], minus, *args[k + 1:])) / (2 * h)
+        grads.append(num)
+    return grads
+
+
 def torch_or_skip():
     """The PyTorch CPU oracle, or skip the test saying why."""
     return pytest.importorskip("torch", reason="PyTorch (the test oracle) is not installed; "

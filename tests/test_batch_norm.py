@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import gpubn
-from conftest import DTYPES, assert_close, to_backend, to_numpy, torch_batch_norm
+from conftest import (DTYPES, assert_close, numeric_gradients, to_backend, to_numpy,
+                      torch_batch_norm)
 
 # (shape, channel axis): C=1, m=2, spatial 1x1, odd sizes, NC/NCL/NCHW/NCDHW,
 # channels-last and a middle axis.
@@ -167,14 +168,6 @@ def test_gradient_finite_differences_float64(backend):
     _, saved = gpubn.batch_norm_forward(to_backend(backend, x), to_backend(backend, w),
                                         to_backend(backend, b), axis=axis, backend=backend.name)
     dx, dw, db = (to_numpy(a) for a in gpubn.batch_norm_backward(to_backend(backend, g), saved))
-    h = 1e-6
-    for arr, grad, name in ((x, dx, "dx"), (w, dw, "dweight"), (b, db, "dbias")):
-        num = np.empty_like(arr)
-        for i in np.ndindex(arr.shape):
-            plus, minus = arr.copy(), arr.copy()
-            plus[i] += h
-            minus[i] -= h
-            args_p = [plus if a is arr else a for a in (x, w, b)]
-            args_m = [minus if a is arr else a for a in (x, w, b)]
-            num[i] = (loss(*args_p) - loss(*args_m)) / (2 * h)
+    numeric = numeric_gradients(loss, (x, w, b))
+    for grad, num, name in zip((dx, dw, db), numeric, ("dx", "dweight", "dbias")):
         np.testing.assert_allclose(grad, num, rtol=1e-6, atol=1e-7, err_msg=name)

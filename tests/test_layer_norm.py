@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import gpubn
-from conftest import DTYPES, assert_close, to_backend, to_numpy, torch_or_skip
+from conftest import (DTYPES, assert_close, numeric_gradients, to_backend, to_numpy,
+                      torch_or_skip)
 
 
 def torch_layer_norm(x, normalized_shape, weight, bias, eps, dy):
@@ -141,16 +142,8 @@ def test_gradient_finite_differences_float64(backend):
     _, saved = gpubn.layer_norm_forward(to_backend(backend, x), nshape, to_backend(backend, w),
                                         to_backend(backend, b), backend=backend.name)
     dx, dw, db = (to_numpy(a) for a in gpubn.layer_norm_backward(to_backend(backend, g), saved))
-    h = 1e-6
-    for arr, grad, name in ((x, dx, "dx"), (w, dw, "dweight"), (b, db, "dbias")):
-        num = np.empty_like(arr)
-        for i in np.ndindex(arr.shape):
-            plus, minus = arr.copy(), arr.copy()
-            plus[i] += h
-            minus[i] -= h
-            args_p = [plus if a is arr else a for a in (x, w, b)]
-            args_m = [minus if a is arr else a for a in (x, w, b)]
-            num[i] = (loss(*args_p) - loss(*args_m)) / (2 * h)
+    numeric = numeric_gradients(loss, (x, w, b))
+    for grad, num, name in zip((dx, dw, db), numeric, ("dx", "dweight", "dbias")):
         np.testing.assert_allclose(grad, num, rtol=1e-5, atol=1e-7, err_msg=name)
 
 
