@@ -759,15 +759,7 @@ static void spin_hand_over(Fiber* f, uintptr_t a, size_t n) {
     f->spin_count = 0;
     if (++f->spin_rounds > kSpinRounds) spin_error(f, a, n);
     // move to the back: the scheduler's next round starts at the first runnable thread
-    for (int j = f->linear + 1; j < R->nthreads; ++j) {
-        Fiber* next = &R->fibers[j];
-        if (next->state == RUN) {
-            R->cur = next;
-            ctx_switch(&f->sp, next->sp);
-            return;
-        }
-    }
-    ctx_switch(&f->sp, R->sched_sp);
+    gpubn_emu::yield(f);
 }
 
 // ------------------------------------------------------------------ scheduler
