@@ -95,6 +95,10 @@ class BatchNorm(Layer):
     module; inputs may be float16, float32 or float64.
     """
 
+    # attribute (and state_dict key) names of the running statistics: the
+    # mean, and the spread that starts at 1 (a subclass may track another)
+    _running_names = ("running_mean", "running_var")
+
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, axis=1, dtype="float32", backend=None):
         if (isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral)):
@@ -131,8 +135,9 @@ class BatchNorm(Layer):
     # -- mode ------------------------------------------------------------
     def reset_running_stats(self):
         if self.track_running_stats:
-            self.running_mean[...] = 0
-            self.running_var[...] = 1
+            mean_name, spread_name = self._running_names
+            getattr(self, mean_name)[...] = 0
+            getattr(self, spread_name)[...] = 1
             self.num_batches_tracked = 0
 
     # -- forward / backward ----------------------------------------------
@@ -169,8 +174,8 @@ class BatchNorm(Layer):
             state["weight"] = self.weight.copy()
             state["bias"] = self.bias.copy()
         if self.track_running_stats:
-            state["running_mean"] = self.running_mean.copy()
-            state["running_var"] = self.running_var.copy()
+            for name in self._running_names:
+                state[name] = getattr(self, name).copy()
             state["num_batches_tracked"] = xp.asarray(self.num_batches_tracked, dtype=np.int64)
         return state
 

@@ -44,7 +44,6 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 
 from . import _validation as V
 from .backends import get_backend
@@ -194,6 +193,8 @@ class BatchRenorm(BatchNorm):
     (start at ``rmax=1, dmax=0``, which is batch norm, and relax them).
     """
 
+    _running_names = ("running_mean", "running_std")
+
     def __init__(self, num_features, eps=1e-5, momentum=0.1, rmax=1.0, dmax=0.0, affine=True,
                  axis=1, dtype="float32", backend=None):
         rmax, dmax = check_rmax(rmax), check_dmax(dmax)
@@ -220,11 +221,6 @@ class BatchRenorm(BatchNorm):
     def dmax(self, value):
         self._dmax = check_dmax(value)
 
-    def reset_running_stats(self):
-        self.running_mean[...] = 0
-        self.running_std[...] = 1
-        self.num_batches_tracked = 0
-
     def forward(self, x):
         y, saved = batch_renorm_forward(
             x, self.weight, self.bias, self.running_mean, self.running_std, self._rmax,
@@ -240,17 +236,6 @@ class BatchRenorm(BatchNorm):
 
     def _functional_backward(self, dy, saved):   # BatchNorm.backward's hook
         return batch_renorm_backward(dy, saved)
-
-    def state_dict(self):
-        xp = self.backend.xp
-        state = {}
-        if self.affine:
-            state["weight"] = self.weight.copy()
-            state["bias"] = self.bias.copy()
-        state["running_mean"] = self.running_mean.copy()
-        state["running_std"] = self.running_std.copy()
-        state["num_batches_tracked"] = xp.asarray(self.num_batches_tracked, dtype=np.int64)
-        return state
 
     def __repr__(self):
         return (f"BatchRenorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
