@@ -102,6 +102,9 @@ def test_property_affine_invariance_and_gradient_scaling(data, shape, a, b):
     x = data.draw(_batch(shape))
     if not _spread_enough(x):
         return
+    # eps (1e-12) must stay negligible next to the variance of a * x too
+    if (a * np.moveaxis(x, 1, 0).reshape(shape[1], -1).std(axis=1)).min() ** 2 < 1e-5:
+        return
     dy = data.draw(_batch(shape))
     w = np.linspace(0.5, 1.5, shape[1])
     y1, s1 = gpubn.batch_norm_forward(x, w, eps=1e-12, backend="numpy")

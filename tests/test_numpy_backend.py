@@ -132,3 +132,50 @@ def test_layer_norm_blocks_threaded_match_float64_formula(monkeypatch, dtype):
     assert_close(dx, dx_ref, dtype, "dx")
     assert_close(dw, (dy64 * xhat).sum(axis=0), dtype, "dweight")
     assert_close(db, dy64.sum(axis=0), dtype, "dbias")
+
+
+def _exact_moments(x3):
+    xs = np.moveaxis(x3, 1, 0).reshape(x3.shape[1], -1).astype(np.float64)
+    mean = xs.mean(axis=1)
+    return mean, ((xs - mean[:, None]) ** 2).sum(axis=1)
+
+
+def _count_sums(monkeypatch):
+    shifts = []
+    real = nb._shifted_sums
+    monkeypatch.setattr(nb, "_shifted_sums",
+                        lambda x3, lay, shift: shifts.append(shift) or real(x3, lay, shift))
+    return shifts
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 4000), (20000, 3, 1)], ids=["rows", "columns"])
+@pytest.mark.parametrize("offset", [0.5, 1e4], ids=["centred-data", "offset-data"])
+def test_statistics_shift_comes_from_the_sample(monkeypatch, shape, offset):
+    """Data near zero is summed as it is; data far from zero around the
+    sample's mean; either way in one pass and right to ~1e-6."""
+    shifts = _count_sums(monkeypatch)
+    x3 = (offset + np.random.default_rng(0).standard_normal(shape)).astype(np.float32)
+    mean, m2 = nb._moments(x3)
+    assert len(shifts) == 1
+    assert (shifts[0] is None) == (offset < 1)
+    ref_mean, ref_m2 = _exact_moments(x3)
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-7)
+    np.testing.assert_allclose(m2, ref_m2, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 4000), (20000, 3, 1)], ids=["rows", "columns"])
+@pytest.mark.parametrize("bad_shift", ["none", "far"])
+def test_statistics_redone_when_the_sample_misleads(monkeypatch, shape, bad_shift):
+    """A sample unlike its channel (planted here: no shift, or a shift 1e4
+    away, for 1e4 + N(0, 1) float32 data) would leave float32 sums that
+    cancel; the second pass around the first mean restores ~1e-6."""
+    monkeypatch.setattr(nb, "_sample_shift",
+                        lambda x3, wdt: None if bad_shift == "none" else np.full(3, 2e4))
+    shifts = _count_sums(monkeypatch)
+    x3 = (1e4 + np.random.default_rng(1).standard_normal(shape)).astype(np.float32)
+    mean, m2 = nb._moments(x3)
+    assert len(shifts) == 2
+    ref_mean, ref_m2 = _exact_moments(x3)
+    np.testing.assert_allclose(shifts[1], ref_mean, rtol=1e-6)
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-7)
+    np.testing.assert_allclose(m2, ref_m2, rtol=1e-5)

@@ -79,9 +79,12 @@ _CHUNK = _cache_chunk()  # elements per tile (a 32 MiB L3 gives 2**19)
 _SMALL_CHUNK = 1 << 16   # tiles are never made smaller than this to get _MIN_TILES
 _MIN_TILES = 8
 _ROW_MIN = 64          # inner extent from which the row layout is used
+_ROW_SEG = 8192        # rows layout: rows are cut into segments of at most this many values
 _MIN_BLOCK_ROWS = 16   # column layout: fewer whole rows per tile -> column blocks of this many rows
 _FOLD = 1024          # column layout: fold narrow rows to at least this many values
 _FAST_RANGE = 8.0      # |mean| * invstd up to which x*scale + shift is used directly
+_SAMPLE = 32           # values per channel in the sample that picks the statistics' shift
+_REDO = 16.0           # (mean of x - shift)**2 / var above which the sums are redone
 
 
 def _num_threads():
@@ -117,12 +120,29 @@ def _quiet(fn):
 
 
 def _sum(a, axis):
-    """Sum of a tile along ``axis`` in its own dtype (a NumPy reduction, not
-    BLAS: a BLAS call of this size would start OpenBLAS's own threads, which
-    then spin on the cores the tile workers and the caller need).  Along rows
-    it is pairwise; down columns it adds at most a few hundred rows (the
-    folded tile height) before the float64 merge."""
+    """Sum of a tile along ``axis`` in its own dtype (a NumPy reduction)."""
     return np.add.reduce(a, axis=axis)
+
+
+def _rowdot(a, b):
+    """Dot products along the rows of a tile (``b``: a tile or one row).
+
+    NumPy's ``vecdot`` makes one BLAS dot per row: about three times faster
+    than ``np.add.reduce`` along rows, and single-threaded for rows of up to
+    ``_ROW_SEG`` values (the layout never makes longer ones), so OpenBLAS
+    starts none of its own threads, which would spin on the cores the tile
+    workers need.  Without ``vecdot`` (NumPy < 2) it is an ``einsum``."""
+    if _HAS_VECDOT:
+        return np.vecdot(a, b)
+    return np.einsum("ij,ij->i" if b.ndim == 2 else "ij,j->i", a, b)
+
+
+def _coldot(a, b):
+    """Dot products down the columns of two tiles (one fused NumPy loop)."""
+    return np.einsum("ij,ij->j", a, b)
+
+
+_HAS_VECDOT = hasattr(np, "vecdot")
 
 
 def _work_dtype(dtype):
@@ -149,7 +169,7 @@ class _Layout:
         self.k = 1
         if self.rows_mode:     # runs of whole rows; a row longer than a tile is split
             R, W = outer * c, inner
-            cs = min(W, chunk)
+            cs = min(W, chunk, _ROW_SEG)
             rs = max(1, chunk // cs)
         else:                  # blocks of rows; rows too wide for a tile are split
             R, W = outer, c * inner
@@ -165,16 +185,23 @@ class _Layout:
                 cs = min(W, max(16, chunk // rs))
         self.shape2 = (R, W)
         self.rs, self.cs = min(rs, R), cs
-        self.nrb = -(-R // self.rs)
+        # row edges of the tiles; folded layouts end with the rows that do
+        # not fill a fold, so every other tile folds (and its column sums add
+        # at most rs/k values in the working dtype)
+        whole = R - R % self.k
+        self.edges = list(range(0, whole, self.rs)) + ([whole] if whole else [0])
+        if R > whole:
+            self.edges.append(R)
+        self.nrb = len(self.edges) - 1
         self.ncb = -(-W // self.cs)
 
     def view(self, a3):
         return a3.reshape(self.shape2)
 
     def tiles(self):
-        R, W = self.shape2
-        return [(rb, cb, rb * self.rs, min(R, (rb + 1) * self.rs),
-                 cb * self.cs, min(W, (cb + 1) * self.cs))
+        W = self.shape2[1]
+        e = self.edges
+        return [(rb, cb, e[rb], e[rb + 1], cb * self.cs, min(W, (cb + 1) * self.cs))
                 for rb in range(self.nrb) for cb in range(self.ncb)]
 
     def per_channel(self, v, dtype):
@@ -198,6 +225,18 @@ class _Layout:
         if folded:
             return part.reshape(self.k, self.shape2[1]).sum(axis=0, dtype=np.float64)
         return part
+
+    def channel_total(self, parts):
+        """Per-channel float64 totals of per-tile partial sums: ``(R, ncb)``
+        (rows layout) or ``(nrb, W)`` (column layout) arrays."""
+        if self.rows_mode:
+            return parts.sum(axis=1).reshape(self.outer, self.c).sum(axis=0)
+        return parts.sum(axis=0).reshape(self.c, self.inner).sum(axis=1)
+
+    def parts(self):
+        """An empty float64 array for one partial sum per tile row or column."""
+        R, W = self.shape2
+        return np.empty((R, self.ncb) if self.rows_mode else (self.nrb, W))
 
     def take(self, vec, r0, r1, c0, c1, folded=False):
         """The part of an expanded per-channel vector that matches a tile."""
@@ -232,69 +271,78 @@ def _chunk(a2, r0, r1, c0, c1, wdt):
     return blk if blk.dtype == wdt else blk.astype(wdt)
 
 
-def _merge(means, m2s, counts, axis):
-    """Chan's parallel merge of Welford pieces along ``axis`` (float64)."""
-    counts = np.broadcast_to(np.asarray(counts, dtype=np.float64), means.shape)
-    total = np.sum(counts, axis=axis, keepdims=True)
-    mean = np.sum(means * counts, axis=axis, keepdims=True) / total
-    dev = means - mean
-    m2 = np.sum(m2s, axis=axis) + np.sum(counts * dev * dev, axis=axis)
-    return np.squeeze(mean, axis=axis), m2
+def _sample_shift(x3, wdt):
+    """The shift the statistics' sums are taken around: ``None`` (none) when
+    a sample of about ``_SAMPLE`` values per channel has every channel's mean
+    within one standard deviation of zero, else the sample means rounded to
+    ``wdt`` (0 where not finite).  The sample is a contiguous run from the
+    middle of the rows of every 16th outer slice or fewer (the first one when
+    there are fewer than 16), so it reads a small part of the array."""
+    outer, _, inner = x3.shape
+    n_outer = max(1, min(outer // 16, -(-_SAMPLE // inner)))
+    run = min(inner, -(-_SAMPLE // n_outer))
+    start = (inner - run) // 2
+    s = x3[::outer // n_outer, :, start:start + run].astype(np.float64)
+    m = s.mean(axis=(0, 2))
+    v = s.var(axis=(0, 2))
+    if np.all(m * m <= v):
+        return None
+    return np.where(np.isfinite(m), m, 0.0).astype(wdt).astype(np.float64)
 
 
-def _moments(x3):
-    """Per-channel ``(mean, m2)`` in float64 from one read of ``x3``.
-
-    Each tile row (rows layout) or tile column (column layout) is a Welford
-    piece: mean and sum of squared deviations around its own mean; the pieces
-    are merged with Chan's formula in float64."""
-    lay = _Layout(x3.shape)
+def _shifted_sums(x3, lay, shift):
+    """Per-channel ``(sum d, sum d*d)`` in float64 of ``d = x - shift``
+    (``d = x`` when ``shift`` is None), from one read of ``x3``.  Each tile
+    row segment (rows layout) or tile column (column layout) is summed in the
+    working dtype; the partial sums are added in float64."""
     wdt = _work_dtype(x3.dtype)
     x2 = lay.view(x3)
-    R, W = lay.shape2
-    if lay.rows_mode:
-        means = np.empty((R, lay.ncb))
-        m2s = np.empty((R, lay.ncb))
-    else:
-        means = np.empty((lay.nrb, W))
-        m2s = np.empty((lay.nrb, W))
+    s1, s2 = lay.parts(), lay.parts()
+    k_e = None if shift is None else lay.per_channel(shift, wdt)
+    ones = np.ones(lay.cs, dtype=wdt)
 
     def work(t, scratch):
         rb, cb, r0, r1, c0, c1 = t
-        blk = _chunk(x2, r0, r1, c0, c1, wdt)
-        d = scratch[:r1 - r0, :c1 - c0]
+        f, d, sc = lay.fold(r0, r1, _chunk(x2, r0, r1, c0, c1, wdt),
+                            scratch[:r1 - r0, :c1 - c0])
+        if k_e is not None:
+            d = np.subtract(d, lay.take(k_e, r0, r1, c0, c1, f), out=sc)
         if lay.rows_mode:
-            n = c1 - c0
-            m0 = _sum(blk, 1) / wdt.type(n)
-            np.subtract(blk, m0[:, None], out=d)
-            s1 = _sum(d, 1).astype(np.float64)
-            s2 = _sum(np.multiply(d, d, out=d), 1)
             at = (slice(r0, r1), cb)
+            s1[at] = _rowdot(d, ones[:c1 - c0])
+            s2[at] = _rowdot(d, d)
         else:
-            n = r1 - r0
-            f, bf, df = lay.fold(r0, r1, blk, d)
-            m0 = (lay.unfold(_sum(bf, 0), f) / n).astype(wdt)
-            np.subtract(bf, np.tile(m0, lay.k) if f else m0, out=df)
-            s1 = np.asarray(lay.unfold(_sum(df, 0), f), dtype=np.float64)
-            s2 = lay.unfold(_sum(np.multiply(df, df, out=df), 0), f)
             at = (rb, slice(c0, c1))
-        m0 = m0.astype(np.float64)
-        means[at] = np.where(np.isfinite(m0), m0 + s1 / n, m0)   # Inf-only: mean Inf
-        m2s[at] = s2 - s1 * s1 / n
+            s1[at] = lay.unfold(_sum(d, 0), f)
+            s2[at] = lay.unfold(_coldot(d, d), f)
 
     lay.run(work, wdt)
-    if lay.rows_mode:
-        counts = np.full(lay.ncb, lay.cs, dtype=np.float64)
-        counts[-1] = W - lay.cs * (lay.ncb - 1)
-        row_mean, row_m2 = _merge(means, m2s, counts, axis=1)               # (outer*C,)
-        mean, m2 = _merge(row_mean.reshape(lay.outer, lay.c),
-                          row_m2.reshape(lay.outer, lay.c), W, axis=0)
-    else:
-        counts = np.full((lay.nrb, 1), lay.rs, dtype=np.float64)
-        counts[-1] = R - lay.rs * (lay.nrb - 1)
-        col_mean, col_m2 = _merge(means, m2s, counts, axis=0)               # (C*inner,)
-        mean, m2 = _merge(col_mean.reshape(lay.c, lay.inner),
-                          col_m2.reshape(lay.c, lay.inner), R, axis=1)
+    return lay.channel_total(s1), lay.channel_total(s2)
+
+
+def _moments(x3):
+    """Per-channel ``(mean, m2)`` in float64, usually from one read of ``x3``.
+
+    Sums of ``d`` and ``d*d`` for ``d = x - shift`` (:func:`_sample_shift`)
+    give ``mean = shift + sum d / n`` and ``m2 = sum d*d - (sum d)**2 / n``.
+    The rounding error of ``m2`` grows with ``(mean - shift)**2 / var``; where
+    that exceeds ``_REDO`` (a sample unlike the rest of its channel) the sums
+    are taken again around the mean just found, so the variance of
+    ``1e4 + N(0, 1)`` float32 data stays right to about 1e-6."""
+    lay = _Layout(x3.shape)
+    wdt = _work_dtype(x3.dtype)
+    n = x3.shape[0] * x3.shape[2]
+    shift = _sample_shift(x3, wdt)
+    for _ in range(2):
+        s1, s2 = _shifted_sums(x3, lay, shift)
+        d_mean = s1 / n
+        m2 = s2 - s1 * d_mean
+        base = 0.0 if shift is None else shift
+        far = d_mean * d_mean > _REDO * m2 / n       # False where NaN
+        if not far.any():
+            break
+        shift = np.where(far, np.asarray(base + d_mean).astype(wdt), base).astype(np.float64)
+    mean = base + d_mean                              # an Inf-only channel: mean Inf
     np.maximum(m2, 0.0, out=m2, where=~np.isnan(m2))
     return mean, m2
 
@@ -359,36 +407,30 @@ def _backward_sums(dy3, x3, mean, invstd):
     lay = _Layout(x3.shape)
     wdt = _work_dtype(x3.dtype)
     x2, dy2 = lay.view(x3), lay.view(dy3)
-    R, W = lay.shape2
     fast = _fast(mean, invstd)     # sum dy*(x-mean) = sum dy*x - mean * sum dy
     m_hi, m_lo = _split(mean, wdt)
-    m_e = lay.per_channel(m_hi, wdt)
-    shape = (R, lay.ncb) if lay.rows_mode else (lay.nrb, W)
-    sdy, sdx = np.empty(shape), np.empty(shape)
+    m_e = None if fast else lay.per_channel(m_hi, wdt)
+    sdy, sdx = lay.parts(), lay.parts()
+    ones = np.ones(lay.cs, dtype=wdt)
 
     def work(t, scratch):
         rb, cb, r0, r1, c0, c1 = t
         f, blk, g, sc = lay.fold(r0, r1, _chunk(x2, r0, r1, c0, c1, wdt),
                                  _chunk(dy2, r0, r1, c0, c1, wdt),
                                  scratch[:r1 - r0, :c1 - c0])
-        if not fast:
+        if m_e is not None:
             blk = np.subtract(blk, lay.take(m_e, r0, r1, c0, c1, f), out=sc)
         if lay.rows_mode:
             at = (slice(r0, r1), cb)
-            sdy[at] = _sum(g, 1)
-            sdx[at] = _sum(np.multiply(g, blk, out=sc), 1)
+            sdy[at] = _rowdot(g, ones[:c1 - c0])
+            sdx[at] = _rowdot(g, blk)
         else:
             at = (rb, slice(c0, c1))
             sdy[at] = lay.unfold(_sum(g, 0), f)
-            sdx[at] = lay.unfold(_sum(np.multiply(g, blk, out=sc), 0), f)
+            sdx[at] = lay.unfold(_coldot(g, blk), f)
 
     lay.run(work, wdt)
-    if lay.rows_mode:
-        sdy = sdy.sum(axis=1).reshape(lay.outer, lay.c).sum(axis=0)
-        sdx = sdx.sum(axis=1).reshape(lay.outer, lay.c).sum(axis=0)
-    else:
-        sdy = sdy.sum(axis=0).reshape(lay.c, lay.inner).sum(axis=1)
-        sdx = sdx.sum(axis=0).reshape(lay.c, lay.inner).sum(axis=1)
+    sdy, sdx = lay.channel_total(sdy), lay.channel_total(sdx)
     # the tiles subtracted nothing (fast) or m_hi (centred): remove the rest
     sdx = sdx - (np.asarray(mean, np.float64) if fast else m_lo) * sdy
     return sdy, sdx
