@@ -21,6 +21,9 @@ def acc_dtype(dtype) -> np.dtype:
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
+_FLOAT_NP_DTYPES = frozenset(np.dtype(n) for n in ("float16", "float32", "float64"))
+
+
 def _is_array(x) -> bool:
     return hasattr(x, "dtype") and hasattr(x, "shape") and hasattr(x, "ndim")
 
@@ -30,6 +33,8 @@ def check_float_array(x, name: str):
     if not _is_array(x):
         raise TypeError(f"{name} must be an array (numpy.ndarray or cupy.ndarray), "
                         f"got {type(x).__name__}")
+    if x.dtype in _FLOAT_NP_DTYPES:          # the common case, without formatting names
+        return
     dt = np.dtype(x.dtype) if not str(x.dtype) == "bfloat16" else None
     if dt is not None and dt.name not in FLOAT_DTYPES:
         raise TypeError(f"{name} must have a floating-point dtype (float16, float32 or "

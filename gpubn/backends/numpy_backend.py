@@ -8,30 +8,33 @@ kernel would be:
 * The array is walked in **cache-sized tiles** (``_CHUNK`` elements, from the
   largest CPU cache; at least ``_MIN_TILES`` tiles on large inputs; rows too
   wide for a tile are cut into column blocks).  Every tile is read from memory
-  once per pass; the several NumPy operations applied to it (centre,
-  square-sum, scale, shift) run on data that sits in the CPU's cache.  Tiles
-  are large because each NumPy call has a fixed cost.  A training forward therefore costs one read pass (statistics)
-  plus one read + one write pass (normalize); a backward two read passes over
-  ``x`` and ``dy`` for the sums plus one for ``dx``, as PyTorch's fused CPU
-  kernels do.
-* Statistics are **Welford/Chan**: each chunk row (``inner`` contiguous values,
-  "row" layout) or block of rows (small ``inner``: NC, channels-last, "column"
-  layout) gets its own mean and sum of squared deviations computed around its
-  own mean in float32 (float64 for float64 data), and those partial triples are
-  merged exactly in float64 with Chan's formula.  No ``E[x**2] - E[x]**2``:
-  ``1e4 + N(0, 1)`` float32 data keeps its variance to 1e-6.
-* Reductions are NumPy's (``np.add.reduce``), not BLAS: a BLAS call on a tile
-  starts OpenBLAS's own threads, which spin on the cores the tile workers
-  need.  Elementwise work uses ``out=`` into one scratch block per thread;
-  float16 is widened tile by tile.
+  once per pass; the few NumPy operations applied to it run on data that sits
+  in the CPU's cache.  Tiles are large because each NumPy call has a fixed
+  cost.  A training forward costs one read pass (statistics) plus one read +
+  one write pass (normalize); a backward one read pass over ``x`` and ``dy``
+  for the sums plus one for ``dx``.  PyTorch's CPU kernels read ``x`` twice
+  for the statistics.
+* **Statistics** are the sums of ``d = x - shift`` and ``d * d`` per channel,
+  two reductions per tile: along rows (NCHW) as single-threaded BLAS dots
+  (``vecdot``, on row segments of at most ``_ROW_SEG`` values, for which
+  OpenBLAS starts none of its threads: they would spin on the cores the tile
+  workers need), down columns
+  (NC, channels-last) as ``np.add.reduce`` and ``einsum``.  Partial sums of a
+  tile row segment or tile column are in the working dtype, added in float64.
+  The shift is none for data that a small sample shows centred, else the
+  sample's means; where ``(mean - shift)**2 / var`` still exceeds ``_REDO``
+  the sums are taken again around the mean, so ``1e4 + N(0, 1)`` float32
+  data keeps its variance to about 1e-6.
+* Elementwise work uses ``out=`` into the output or one scratch block per
+  thread; float16 is widened tile by tile.
 * ``y = x * a + b`` (two operations per tile) is used when every channel's
   ``|mean| * invstd`` is at most ``_FAST_RANGE``, where its rounding equals the
   centred form's; otherwise the data is centred on the float64 mean split as
   ``hi + lo`` (``x - hi`` is exact near the mean, ``lo`` is folded into the
-  per-channel constants).
-* Tiles are spread over up to 4 threads (``GPUBN_NUM_THREADS``); NumPy
-  releases the GIL, and each tile writes its own partial slots, so
-  results do not depend on the thread count.
+  per-channel constants).  The backward sums and ``dx`` do the same.
+* Tiles are spread over up to 4 threads (``GPUBN_NUM_THREADS``), the calling
+  one included; NumPy releases the GIL, and each tile writes its own partial
+  slots, so results do not depend on the thread count.
 
 NaN or Inf in a channel's data make that channel's statistics NaN (an Inf-only
 channel has an infinite mean), so in training every output of the channel is
@@ -94,7 +97,10 @@ def _num_threads():
             return max(1, int(env))
         except ValueError:
             pass
-    return max(1, min(4, os.cpu_count() or 1))
+    return _CPU_THREADS
+
+
+_CPU_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
 _POOL = None
@@ -102,9 +108,10 @@ _POOL_LOCK = threading.Lock()
 
 
 def _pool(n):
+    """The shared worker pool, with at least ``n`` threads."""
     global _POOL
     with _POOL_LOCK:
-        if _POOL is None or _POOL._max_workers != n:
+        if _POOL is None or _POOL._max_workers < n:
             _POOL = ThreadPoolExecutor(max_workers=n, thread_name_prefix="gpubn")
         return _POOL
 
@@ -245,25 +252,31 @@ class _Layout:
         return vec if folded else vec[c0:c1]
 
     def run(self, work, dtype):
-        """Call ``work(tile, scratch)`` for every tile, on several threads when
-        there are enough tiles (NumPy and BLAS release the GIL); each thread
-        has its own scratch and every tile writes to its own slots, so the
-        result does not depend on the thread count."""
-        tiles = self.tiles()
-        nthreads = min(_num_threads(), len(tiles) // 4)
-
+        """Call ``work(tile, scratch)`` for every tile (see :func:`run_split`);
+        each thread has its own scratch."""
         def run_group(group):
             scratch = np.empty((self.rs, self.cs), dtype=dtype)
             for t in group:
                 work(t, scratch)
 
-        if nthreads <= 1:
-            run_group(tiles)
-            return
-        size = -(-len(tiles) // nthreads)
-        groups = [tiles[i:i + size] for i in range(0, len(tiles), size)]
-        for f in [_pool(nthreads).submit(run_group, g) for g in groups]:
-            f.result()
+        run_split(self.tiles(), run_group)
+
+
+def run_split(items, run_group):
+    """Call ``run_group`` on consecutive groups of ``items``, one group per
+    thread when there are enough items (NumPy and BLAS release the GIL); the
+    calling thread takes the first group itself.  Every item writes to its
+    own slots, so results do not depend on the thread count."""
+    nthreads = min(_num_threads(), len(items) // 4)
+    if nthreads <= 1:
+        run_group(items)
+        return
+    size = -(-len(items) // nthreads)
+    groups = [items[i:i + size] for i in range(0, len(items), size)]
+    futures = [_pool(nthreads - 1).submit(run_group, g) for g in groups[1:]]
+    run_group(groups[0])
+    for f in futures:
+        f.result()
 
 
 def _chunk(a2, r0, r1, c0, c1, wdt):
@@ -274,7 +287,7 @@ def _chunk(a2, r0, r1, c0, c1, wdt):
 def _sample_shift(x3, wdt):
     """The shift the statistics' sums are taken around: ``None`` (none) when
     a sample of about ``_SAMPLE`` values per channel has every channel's mean
-    within one standard deviation of zero, else the sample means rounded to
+    within two standard deviations of zero, else the sample means rounded to
     ``wdt`` (0 where not finite).  The sample is a contiguous run from the
     middle of the rows of every 16th outer slice or fewer (the first one when
     there are fewer than 16), so it reads a small part of the array."""
@@ -283,9 +296,10 @@ def _sample_shift(x3, wdt):
     run = min(inner, -(-_SAMPLE // n_outer))
     start = (inner - run) // 2
     s = x3[::outer // n_outer, :, start:start + run].astype(np.float64)
-    m = s.mean(axis=(0, 2))
-    v = s.var(axis=(0, 2))
-    if np.all(m * m <= v):
+    count = s.shape[0] * s.shape[2]
+    m = np.add.reduce(s, axis=(0, 2)) / count
+    sq = np.add.reduce(np.multiply(s, s, out=s), axis=(0, 2)) / count      # mean of x**2
+    if np.all(5.0 * m * m <= 4.0 * sq):      # |mean| <= 2 * std: no shift
         return None
     return np.where(np.isfinite(m), m, 0.0).astype(wdt).astype(np.float64)
 

@@ -43,21 +43,11 @@ def _blocks(rows: int, n: int):
 def _run(blocks, work):
     """``work(i, s, e)`` for every block, on the NumPy backend's worker
     threads when there are enough blocks (NumPy releases the GIL)."""
-    nthreads = min(_nb._num_threads(), len(blocks) // 4)
-    items = list(enumerate(blocks))
-    if nthreads <= 1:
-        for i, (s, e) in items:
-            work(i, s, e)
-        return
-    size = -(-len(items) // nthreads)
-    groups = [items[k:k + size] for k in range(0, len(items), size)]
-
     def run_group(group):
         for i, (s, e) in group:
             work(i, s, e)
 
-    for f in [_nb._pool(nthreads).submit(run_group, g) for g in groups]:
-        f.result()
+    _nb.run_split(list(enumerate(blocks)), run_group)
 
 
 def _sum(a, axis):
