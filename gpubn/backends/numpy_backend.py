@@ -138,8 +138,8 @@ def _rowdot(a, b):
     than ``np.add.reduce`` along rows, and single-threaded for rows of up to
     ``_ROW_SEG`` values (the layout never makes longer ones), so OpenBLAS
     starts none of its own threads, which would spin on the cores the tile
-    workers need.  Without ``vecdot`` (NumPy < 2) it is an ``einsum``."""
-    if _HAS_VECDOT:
+    workers need.  Longer rows (layer norm) and NumPy < 2 use ``einsum``."""
+    if _HAS_VECDOT and a.shape[-1] <= _ROW_SEG:
         return np.vecdot(a, b)
     return np.einsum("ij,ij->i" if b.ndim == 2 else "ij,j->i", a, b)
 

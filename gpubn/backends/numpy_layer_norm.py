@@ -10,13 +10,13 @@ backend's worker threads; each block writes its own rows and its own partial
 ``dweight`` / ``dbias``, summed in block order, so results do not depend on
 the thread count.
 
-Statistics are shifted two-pass per row: a first row mean ``m0``, then
-``d = x - m0`` and ``var = (sum d^2 - (sum d)^2 / n) / n``, which corrects the
-rounding of ``m0`` and never forms ``E[x^2] - E[x]^2``.  float16 is widened
-to float32 block by block; float32 and float64 are computed in their own
-precision (NumPy reductions, pairwise along rows; not BLAS, whose threads
-would spin on the cores the workers need), with the corrections and the sums
-of ``dweight`` / ``dbias`` across blocks in float64.
+Statistics come from two BLAS dots per row (sum of ``d`` and of ``d * d``
+for ``d = x - shift``), with the shift picked as the NumPy backend picks it
+for batch norm: none when a sample of each row is centred, else the sample
+means, and a second pass around the mean for rows where the sample misled.
+float16 is widened to float32 block by block; float32 and float64 are
+computed in their own precision, with the corrections and the sums of
+``dweight`` / ``dbias`` across blocks in float64.
 """
 
 from __future__ import annotations
@@ -41,43 +41,54 @@ def _blocks(rows: int, n: int):
 
 
 def _run(blocks, work):
-    """``work(i, s, e)`` for every block, on the NumPy backend's worker
-    threads when there are enough blocks (NumPy releases the GIL)."""
+    """``work(i, s, e, scratch)`` for every block, on the NumPy backend's
+    worker threads when there are enough blocks (NumPy releases the GIL);
+    ``scratch(name, shape, dtype)`` gives a per-thread buffer."""
     def run_group(group):
+        bufs = {}
+
+        def scratch(name, shape, dtype):
+            buf = bufs.get(name)
+            if buf is None or buf.shape[0] < shape[0]:
+                buf = bufs[name] = np.empty(shape, dtype=dtype)
+            return buf[:shape[0]]
+
         for i, (s, e) in group:
-            work(i, s, e)
+            work(i, s, e, scratch)
 
     _nb.run_split(list(enumerate(blocks)), run_group)
 
 
-def _sum(a, axis):
-    return np.add.reduce(a, axis=axis)
+def _row_shift(blk):
+    """Per-row shift for the sums (see ``numpy_backend._sample_shift``):
+    None when a strided sample of about 32 values has every row's mean within
+    two standard deviations of zero, else the sample means."""
+    s = blk[:, ::max(1, blk.shape[1] // 32)].astype(np.float64)
+    m = s.mean(axis=1)
+    if np.all(5.0 * m * m <= 4.0 * np.einsum("ij,ij->i", s, s) / s.shape[1]):
+        return None
+    return np.where(np.isfinite(m), m, 0.0).astype(blk.dtype)
 
 
-def _rowdot(a, b):
-    """Row dot products: NumPy's vecdot (one single-threaded BLAS dot per row)
-    for rows of up to 8192 values; beyond that OpenBLAS would thread the dot,
-    so a product and a pairwise sum."""
-    if a.shape[1] <= 8192 and hasattr(np, "vecdot"):
-        return np.vecdot(a, b, axis=-1)
-    return _sum(a * b, 1)
-
-
-def _rowsq(d):
-    return _rowdot(d, d)
-
-
-def _centered(blk, n, out):
-    """``(d, m0, mean, m2)``: the block centred on its first row means ``m0``
-    (into ``out``), the corrected row means and sums of squared deviations
-    (float64)."""
-    m0 = _sum(blk, 1) / blk.dtype.type(n)
-    d = np.subtract(blk, m0[:, None], out=out)
-    s1 = _sum(d, 1).astype(np.float64)
-    s2 = _rowsq(d).astype(np.float64)
-    mean = np.where(np.isfinite(m0), m0.astype(np.float64) + s1 / n, m0)
-    m2 = np.maximum(s2 - s1 * s1 / n, 0.0)
-    return d, m0, mean, m2
+def _row_moments(blk, n, out):
+    """``(d, shift, mean, m2)`` of a block's rows from two BLAS row dots:
+    ``d`` is the block minus ``shift`` (into ``out``; the block itself when
+    the shift is 0), ``mean`` and ``m2`` are float64.  Rows whose mean lies
+    far from the shift (``_REDO``) are summed again around it."""
+    ones = np.ones(n, dtype=blk.dtype)
+    shift = _row_shift(blk)
+    for _ in range(2):
+        d = blk if shift is None else np.subtract(blk, shift[:, None], out=out)
+        s1 = _nb._rowdot(d, ones).astype(np.float64)
+        s2 = _nb._rowdot(d, d).astype(np.float64)
+        d_mean = s1 / n
+        m2 = s2 - s1 * d_mean
+        base = 0.0 if shift is None else shift.astype(np.float64)
+        far = d_mean * d_mean > _nb._REDO * m2 / n        # False where NaN
+        if not far.any():
+            break
+        shift = np.where(far, base + d_mean, base).astype(blk.dtype)
+    return d, base, base + d_mean, np.maximum(m2, 0.0)
 
 
 def ln_forward(x2, weight, bias, eps):
@@ -90,19 +101,20 @@ def ln_forward(x2, weight, bias, eps):
     b = None if bias is None else np.asarray(bias, dtype=wdt)
     direct = x2.dtype == wdt     # work in y's own memory, else in a scratch block
 
-    def work(i, s, e):
+    def work(i, s, e, scratch):
         blk = x2[s:e].astype(wdt, copy=False)
-        d, m0, mean, m2 = _centered(blk, n, y2[s:e] if direct else np.empty(blk.shape, wdt))
+        out = y2[s:e] if direct else scratch("y", blk.shape, wdt)
+        d, base, mean, m2 = _row_moments(blk, n, out)
         rstd = 1.0 / np.sqrt(m2 / n + eps)
-        # y = (d - (mean - m0)) * rstd * w + b, in place in d
-        d -= (mean - m0).astype(wdt)[:, None]
-        d *= rstd.astype(wdt)[:, None]
+        # y = (d - (mean - shift)) * rstd * w + b
+        np.multiply(d, rstd.astype(wdt)[:, None], out=out)
+        out += (-(mean - base) * rstd).astype(wdt)[:, None]
         if w is not None:
-            d *= w
+            out *= w
         if b is not None:
-            d += b
+            out += b
         if not direct:
-            y2[s:e] = d
+            y2[s:e] = out
         mean_out[s:e] = mean
         rstd_out[s:e] = rstd
 
@@ -119,24 +131,30 @@ def ln_backward(dy2, x2, mean, rstd, weight, want_grads):
     blocks = _blocks(rows, n)
     part_w = [None] * len(blocks)     # per-block column sums, added in block order
     part_b = [None] * len(blocks)
+    ones = np.ones(n, dtype=wdt)
+    direct = x2.dtype == wdt
 
-    def work(i, s, e):
+    def work(i, s, e, scratch):
         rs = np.asarray(rstd[s:e], dtype=wdt)[:, None]
-        xhat = x2[s:e].astype(wdt) - np.asarray(mean[s:e], dtype=wdt)[:, None]
-        xhat *= rs
+        x = x2[s:e].astype(wdt, copy=False)
         dy = dy2[s:e].astype(wdt, copy=False)
-        g = dy * w if w is not None else dy.copy()
-        c1 = (_sum(g, 1).astype(np.float64) / n).astype(wdt)[:, None]
-        c2 = (_rowdot(g, xhat).astype(np.float64) / n).astype(wdt)[:, None]
+        xhat = np.subtract(x, np.asarray(mean[s:e], dtype=wdt)[:, None],
+                           out=scratch("xhat", x.shape, wdt))
+        xhat *= rs
+        g = dy if w is None else np.multiply(dy, w, out=scratch("g", x.shape, wdt))
+        c1 = (_nb._rowdot(g, ones).astype(np.float64) / n).astype(wdt)[:, None]
+        c2 = (_nb._rowdot(g, xhat).astype(np.float64) / n).astype(wdt)[:, None]
         if want_grads:   # column sums over the block's rows, in float64 across blocks
-            part_b[i] = _sum(dy, 0).astype(np.float64)
-            part_w[i] = _sum(dy * xhat, 0).astype(np.float64)
-        # dx = rstd * (g - c1 - xhat * c2), in place in g
-        g -= c1
+            part_b[i] = _nb._sum(dy, 0).astype(np.float64)
+            part_w[i] = _nb._coldot(dy, xhat).astype(np.float64)
+        # dx = rstd * (g - c1 - xhat * c2)
+        out = dx2[s:e] if direct else scratch("dx", x.shape, wdt)
         xhat *= c2
-        g -= xhat
-        g *= rs
-        dx2[s:e] = g
+        np.subtract(g, xhat, out=out)
+        out -= c1
+        out *= rs
+        if not direct:
+            dx2[s:e] = out
 
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         _run(blocks, work)
