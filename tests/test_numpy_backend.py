@@ -179,3 +179,21 @@ def test_statistics_redone_when_the_sample_misleads(monkeypatch, shape, bad_shif
     np.testing.assert_allclose(shifts[1], ref_mean, rtol=1e-6)
     np.testing.assert_allclose(mean, ref_mean, rtol=1e-7)
     np.testing.assert_allclose(m2, ref_m2, rtol=1e-5)
+
+
+@pytest.mark.parametrize("planted", ["sampled", "none", "far"])
+def test_layer_norm_row_statistics_survive_a_misleading_sample(monkeypatch, planted):
+    """Layer norm rows of 1e4 + N(0, 1) float32: the sampled shift, or a
+    planted one (none, or 1e4 away) redone around the mean, give the row
+    mean and rstd to ~1e-6."""
+    from gpubn.backends import numpy_layer_norm as nl
+    if planted != "sampled":
+        monkeypatch.setattr(nl, "_row_shift", lambda blk: None if planted == "none"
+                            else np.full(blk.shape[0], 2e4, blk.dtype))
+    x = (1e4 + np.random.default_rng(2).standard_normal((64, 700))).astype(np.float32)
+    y, mean, rstd = nl.ln_forward(x, None, None, 1e-5)
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(mean, x64.mean(axis=1), rtol=1e-7)
+    np.testing.assert_allclose(rstd, 1 / np.sqrt(x64.var(axis=1) + 1e-5), rtol=1e-5)
+    np.testing.assert_allclose(y, (x64 - x64.mean(axis=1, keepdims=True))
+                               / np.sqrt(x64.var(axis=1, keepdims=True) + 1e-5), atol=1e-5)
