@@ -299,9 +299,37 @@ def _sample_shift(x3, wdt):
     count = s.shape[0] * s.shape[2]
     m = np.add.reduce(s, axis=(0, 2)) / count
     sq = np.add.reduce(np.multiply(s, s, out=s), axis=(0, 2)) / count      # mean of x**2
-    if np.all(5.0 * m * m <= 4.0 * sq):      # |mean| <= 2 * std: no shift
+    return shift_rule(m, sq, wdt)
+
+
+def shift_rule(m, sq, wdt):
+    """From a sample's float64 means ``m`` and mean squares ``sq`` per group:
+    None when every ``|m|`` is at most twice the sample's standard deviation
+    (``5 m**2 <= 4 sq``), else ``m`` rounded to ``wdt`` (0 where not finite),
+    as float64."""
+    if np.all(5.0 * m * m <= 4.0 * sq):
         return None
     return np.where(np.isfinite(m), m, 0.0).astype(wdt).astype(np.float64)
+
+
+def shifted_moments(sums, n, shift, wdt):
+    """``(mean, m2, shift)`` in float64 per group from ``sums(shift)``, which
+    returns the float64 sums of ``d = x - shift`` and ``d*d`` over ``n``
+    values (``d = x`` for a None shift).  The rounding error of ``m2`` grows
+    with ``(mean - shift)**2 / var``; where that exceeds ``_REDO`` (a sample
+    unlike the rest of its group) the sums are taken once more around the
+    mean just found.  Returns the shift of the sums used."""
+    for _ in range(2):
+        s1, s2 = sums(shift)
+        d_mean = s1 / n
+        m2 = s2 - s1 * d_mean
+        base = 0.0 if shift is None else shift
+        far = d_mean * d_mean > _REDO * m2 / n       # False where NaN
+        if not far.any():
+            break
+        shift = np.where(far, np.asarray(base + d_mean).astype(wdt), base).astype(np.float64)
+    np.maximum(m2, 0.0, out=m2, where=~np.isnan(m2))
+    return base + d_mean, m2, base                   # an Inf-only group: mean Inf
 
 
 def _shifted_sums(x3, lay, shift):
@@ -338,26 +366,15 @@ def _moments(x3):
     """Per-channel ``(mean, m2)`` in float64, usually from one read of ``x3``.
 
     Sums of ``d`` and ``d*d`` for ``d = x - shift`` (:func:`_sample_shift`)
-    give ``mean = shift + sum d / n`` and ``m2 = sum d*d - (sum d)**2 / n``.
-    The rounding error of ``m2`` grows with ``(mean - shift)**2 / var``; where
-    that exceeds ``_REDO`` (a sample unlike the rest of its channel) the sums
-    are taken again around the mean just found, so the variance of
-    ``1e4 + N(0, 1)`` float32 data stays right to about 1e-6."""
+    give ``mean = shift + sum d / n`` and ``m2 = sum d*d - (sum d)**2 / n``,
+    taken again around the mean where the sample misled
+    (:func:`shifted_moments`), so the variance of ``1e4 + N(0, 1)`` float32
+    data stays right to about 1e-6."""
     lay = _Layout(x3.shape)
     wdt = _work_dtype(x3.dtype)
     n = x3.shape[0] * x3.shape[2]
-    shift = _sample_shift(x3, wdt)
-    for _ in range(2):
-        s1, s2 = _shifted_sums(x3, lay, shift)
-        d_mean = s1 / n
-        m2 = s2 - s1 * d_mean
-        base = 0.0 if shift is None else shift
-        far = d_mean * d_mean > _REDO * m2 / n       # False where NaN
-        if not far.any():
-            break
-        shift = np.where(far, np.asarray(base + d_mean).astype(wdt), base).astype(np.float64)
-    mean = base + d_mean                              # an Inf-only channel: mean Inf
-    np.maximum(m2, 0.0, out=m2, where=~np.isnan(m2))
+    mean, m2, _ = shifted_moments(lambda shift: _shifted_sums(x3, lay, shift), n,
+                                  _sample_shift(x3, wdt), wdt)
     return mean, m2
 
 

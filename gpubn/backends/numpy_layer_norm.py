@@ -60,35 +60,28 @@ def _run(blocks, work):
 
 
 def _row_shift(blk):
-    """Per-row shift for the sums (see ``numpy_backend._sample_shift``):
-    None when a strided sample of about 32 values has every row's mean within
-    two standard deviations of zero, else the sample means."""
+    """Per-row shift for the sums (the NumPy backend's ``shift_rule``) from a
+    strided sample of about 32 values of every row."""
     s = blk[:, ::max(1, blk.shape[1] // 32)].astype(np.float64)
-    m = s.mean(axis=1)
-    if np.all(5.0 * m * m <= 4.0 * np.einsum("ij,ij->i", s, s) / s.shape[1]):
-        return None
-    return np.where(np.isfinite(m), m, 0.0).astype(blk.dtype)
+    return _nb.shift_rule(s.mean(axis=1), np.einsum("ij,ij->i", s, s) / s.shape[1],
+                          blk.dtype)
 
 
 def _row_moments(blk, n, out):
     """``(d, shift, mean, m2)`` of a block's rows from two BLAS row dots:
     ``d`` is the block minus ``shift`` (into ``out``; the block itself when
-    the shift is 0), ``mean`` and ``m2`` are float64.  Rows whose mean lies
-    far from the shift (``_REDO``) are summed again around it."""
+    there is no shift), ``shift``, ``mean`` and ``m2`` are float64."""
     ones = np.ones(n, dtype=blk.dtype)
-    shift = _row_shift(blk)
-    for _ in range(2):
-        d = blk if shift is None else np.subtract(blk, shift[:, None], out=out)
-        s1 = _nb._rowdot(d, ones).astype(np.float64)
-        s2 = _nb._rowdot(d, d).astype(np.float64)
-        d_mean = s1 / n
-        m2 = s2 - s1 * d_mean
-        base = 0.0 if shift is None else shift.astype(np.float64)
-        far = d_mean * d_mean > _nb._REDO * m2 / n        # False where NaN
-        if not far.any():
-            break
-        shift = np.where(far, base + d_mean, base).astype(blk.dtype)
-    return d, base, base + d_mean, np.maximum(m2, 0.0)
+    d = blk
+
+    def sums(shift):
+        nonlocal d
+        d = blk if shift is None else np.subtract(blk, shift.astype(blk.dtype)[:, None],
+                                                  out=out)
+        return _nb._rowdot(d, ones).astype(np.float64), _nb._rowdot(d, d).astype(np.float64)
+
+    mean, m2, base = _nb.shifted_moments(sums, n, _row_shift(blk), blk.dtype)
+    return d, base, mean, m2
 
 
 def ln_forward(x2, weight, bias, eps):
