@@ -245,6 +245,20 @@ class _Layout:
         R, W = self.shape2
         return np.empty((R, self.ncb) if self.rows_mode else (self.nrb, W))
 
+    def store_sums(self, t, folded, s_a, s_ab, a, b, ones):
+        """Tile ``t``'s partial sums of ``a`` into ``s_a`` and of ``a * b``
+        into ``s_ab`` (see :meth:`parts`): BLAS dots along rows, a reduction
+        and an ``einsum`` down columns.  ``ones``: at least a tile row of 1s."""
+        rb, cb, r0, r1, c0, c1 = t
+        if self.rows_mode:
+            at = (slice(r0, r1), cb)
+            s_a[at] = _rowdot(a, ones[:c1 - c0])
+            s_ab[at] = _rowdot(a, b)
+        else:
+            at = (rb, slice(c0, c1))
+            s_a[at] = self.unfold(_sum(a, 0), folded)
+            s_ab[at] = self.unfold(_coldot(a, b), folded)
+
     def take(self, vec, r0, r1, c0, c1, folded=False):
         """The part of an expanded per-channel vector that matches a tile."""
         if self.rows_mode:
@@ -344,19 +358,12 @@ def _shifted_sums(x3, lay, shift):
     ones = np.ones(lay.cs, dtype=wdt)
 
     def work(t, scratch):
-        rb, cb, r0, r1, c0, c1 = t
+        _, _, r0, r1, c0, c1 = t
         f, d, sc = lay.fold(r0, r1, _chunk(x2, r0, r1, c0, c1, wdt),
                             scratch[:r1 - r0, :c1 - c0])
         if k_e is not None:
             d = np.subtract(d, lay.take(k_e, r0, r1, c0, c1, f), out=sc)
-        if lay.rows_mode:
-            at = (slice(r0, r1), cb)
-            s1[at] = _rowdot(d, ones[:c1 - c0])
-            s2[at] = _rowdot(d, d)
-        else:
-            at = (rb, slice(c0, c1))
-            s1[at] = lay.unfold(_sum(d, 0), f)
-            s2[at] = lay.unfold(_coldot(d, d), f)
+        lay.store_sums(t, f, s1, s2, d, d, ones)
 
     lay.run(work, wdt)
     return lay.channel_total(s1), lay.channel_total(s2)
@@ -445,20 +452,13 @@ def _backward_sums(dy3, x3, mean, invstd):
     ones = np.ones(lay.cs, dtype=wdt)
 
     def work(t, scratch):
-        rb, cb, r0, r1, c0, c1 = t
+        _, _, r0, r1, c0, c1 = t
         f, blk, g, sc = lay.fold(r0, r1, _chunk(x2, r0, r1, c0, c1, wdt),
                                  _chunk(dy2, r0, r1, c0, c1, wdt),
                                  scratch[:r1 - r0, :c1 - c0])
         if m_e is not None:
             blk = np.subtract(blk, lay.take(m_e, r0, r1, c0, c1, f), out=sc)
-        if lay.rows_mode:
-            at = (slice(r0, r1), cb)
-            sdy[at] = _rowdot(g, ones[:c1 - c0])
-            sdx[at] = _rowdot(g, blk)
-        else:
-            at = (rb, slice(c0, c1))
-            sdy[at] = lay.unfold(_sum(g, 0), f)
-            sdx[at] = lay.unfold(_coldot(g, blk), f)
+        lay.store_sums(t, f, sdy, sdx, g, blk, ones)
 
     lay.run(work, wdt)
     sdy, sdx = lay.channel_total(sdy), lay.channel_total(sdx)
