@@ -28,10 +28,6 @@ from . import numpy_backend as _nb
 _CHUNK = None   # elements per block; None: the NumPy backend's tile size
 
 
-def _work_dtype(dtype):
-    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
-
-
 def _blocks(rows: int, n: int):
     chunk = _CHUNK
     if chunk is None:
@@ -86,7 +82,7 @@ def _row_moments(blk, n, out):
 
 def ln_forward(x2, weight, bias, eps):
     rows, n = x2.shape
-    wdt = _work_dtype(x2.dtype)
+    wdt = _nb._work_dtype(x2.dtype)
     y2 = np.empty_like(x2)
     mean_out = np.empty(rows, dtype=wdt)
     rstd_out = np.empty(rows, dtype=wdt)
@@ -118,7 +114,7 @@ def ln_forward(x2, weight, bias, eps):
 
 def ln_backward(dy2, x2, mean, rstd, weight, want_grads):
     rows, n = x2.shape
-    wdt = _work_dtype(x2.dtype)
+    wdt = _nb._work_dtype(x2.dtype)
     dx2 = np.empty_like(x2)
     w = None if weight is None else np.asarray(weight, dtype=wdt)
     blocks = _blocks(rows, n)
