@@ -51,12 +51,6 @@ class Provider:
     peer = False          # the reference that ratios are computed against
     note = ""
 
-    @property
-    def interleave(self) -> bool:
-        """True when calls can be timed one at a time with the host clock, in
-        rounds with other providers (CPU providers)."""
-        return self.device == "cpu"
-
     def unavailable_reason(self) -> Optional[str]:
         return None
 

@@ -203,8 +203,6 @@ def test_add_ratios_uses_the_torch_row_of_the_same_case():
 class _FakeProvider(Provider):
     """Times itself with its own timer, as the GPU providers do."""
 
-    interleave = False
-
     def __init__(self, name, device="cpu", backend="numpy", peer=False, reason=None,
                  scale=1.0, fail=False):
         self.name, self.device, self.backend, self.peer = name, device, backend, peer
@@ -254,7 +252,7 @@ def test_run_suite_reports_unavailable_errors_and_mismatches_without_stopping():
 
 
 class _CountingProvider(Provider):
-    """A CPU provider timed by the runner in interleaved rounds."""
+    """A CPU provider timed by the runner with the host clock."""
 
     def __init__(self, name, log, fail_at=None, peer=False):
         self.name, self.log, self.fail_at, self.peer = name, log, fail_at, peer
@@ -272,19 +270,16 @@ class _CountingProvider(Provider):
         return fn
 
 
-def test_cpu_providers_are_timed_in_interleaved_rounds():
+def test_cpu_providers_are_timed_in_one_block_each():
     log = []
     a, b = _CountingProvider("a", log, peer=True), _CountingProvider("b", log)
     c = _CountingProvider("c", log, fail_at=3)
     cases = [(Case("batch_norm", (2, 3, 4, 4), "NCHW"), ("fwd_train",))]
-    rows = runner.run_suite(cases, [a, b, c], repeats=4, warmup=1,
+    rows = runner.run_suite(cases, [b, c, a], repeats=4, warmup=1,
                             progress=runner.Progress(3, enabled=False))
-    # first the checked call of each, then 5 rounds (1 warm-up + 4 timed), the
-    # order rotating so no provider always runs right after another
-    assert log[:3] == ["a", "b", "c"]
-    rounds = log[3:]
-    assert sorted(rounds[:3]) == ["a", "b", "c"] and rounds[3:6] == ["b", "c", "a"]
-    assert rounds.count("a") == 5 and rounds.count("b") == 5
+    # first the checked call of each (the peer first), then each provider's
+    # 1 warm-up + 4 timed calls back to back; c fails on its third call
+    assert log == ["a", "b", "c"] + ["a"] * 5 + ["b"] * 5 + ["c"] * 2
     by = {r["provider"]: r for r in rows}
     assert by["a"]["repeats"] == 4 and by["b"]["repeats"] == 4
     assert by["c"]["status"] == "error" and "out of memory" in by["c"]["reason"]
@@ -292,17 +287,16 @@ def test_cpu_providers_are_timed_in_interleaved_rounds():
 
 
 def test_time_budget_cuts_repeats_of_slow_providers_only():
+    assert runner._calls(0.001, repeats=10, warmup=1, budget=2.0) == (10, 1)
+    assert runner._calls(0.5, repeats=10, warmup=1, budget=2.0) == (4, 0)   # 2 s / 0.5 s
+    assert runner._calls(30.0, repeats=10, warmup=1, budget=2.0) == (runner.MIN_REPEATS, 0)
+    assert runner._calls(30.0, repeats=10, warmup=1, budget=None) == (10, 1)
     log = []
     fast, slow = _CountingProvider("fast", log, peer=True), _CountingProvider("slow", log)
-    first = {"fast": 0.001, "slow": 0.5}
-    ready = [(fast, lambda: log.append("fast"), ""), (slow, lambda: log.append("slow"), "")]
-    res = runner._interleaved(ready, repeats=10, warmup=1, budget=2.0, first=first)
-    assert len(res["fast"]) == 10 and log.count("fast") == 11      # warm-up + 10
-    assert len(res["slow"]) == 4 and log.count("slow") == 4        # 2 s / 0.5 s, no warm-up
-    first["slow"] = 30.0
-    log.clear()
-    res = runner._interleaved(ready, repeats=10, warmup=1, budget=2.0, first=first)
-    assert len(res["slow"]) == runner.MIN_REPEATS
+    cases = [(Case("batch_norm", (2, 3, 4, 4), "NCHW"), ("fwd_train",))]
+    rows = runner.run_suite(cases, [fast, slow], repeats=10, warmup=1, budget=1e-12,
+                            progress=runner.Progress(2, enabled=False))
+    assert [r["repeats"] for r in rows] == [runner.MIN_REPEATS] * 2
 
 
 # -- report formats -------------------------------------------------------------------
