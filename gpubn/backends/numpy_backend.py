@@ -26,7 +26,10 @@ kernel would be:
   the sums are taken again around the mean, so ``1e4 + N(0, 1)`` float32
   data keeps its variance to about 1e-6.
 * Elementwise work uses ``out=`` into the output or one scratch block per
-  thread; float16 is widened tile by tile.
+  thread; float16 is widened tile by tile.  Outputs come from a cache of
+  reusable buffers, and outputs, scratch blocks and the per-channel vectors
+  streamed alongside the tiles start at the page offset of the input, which
+  keeps the loops clear of 4K aliasing (see ``host_cache``).
 * ``y = x * a + b`` (two operations per tile) is used when every channel's
   ``|mean| * invstd`` is at most ``_FAST_RANGE``, where its rounding equals the
   centred form's; otherwise the data is centred on the float64 mean split as
@@ -50,6 +53,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from . import host_cache
 from .base import Backend, ChannelStats
 
 
@@ -166,8 +170,10 @@ class _Layout:
     order; ``rb``/``cb`` below index the tile grid.
     """
 
-    def __init__(self, shape):
-        outer, c, inner = shape
+    def __init__(self, x3):
+        outer, c, inner = shape = x3.shape
+        # buffers streamed alongside x start at x's page offset
+        self.offset = x3.ctypes.data % host_cache.PAGE
         self.outer, self.c, self.inner = outer, c, inner
         # at least _MIN_TILES tiles when the array is large enough, so that
         # the worker threads have work to share
@@ -217,7 +223,9 @@ class _Layout:
         v = np.asarray(v, dtype=dtype)
         if self.rows_mode:
             return np.tile(v, self.outer)[:, None]
-        return np.tile(np.repeat(v, self.inner), self.k)
+        out = host_cache.empty_at((self.k, self.c, self.inner), dtype, self.offset)
+        out[...] = v[:, None]
+        return out.reshape(-1)
 
     def fold(self, r0, r1, *arrays):
         """Column layout: tiles whose row count is a multiple of k as
@@ -269,7 +277,7 @@ class _Layout:
         """Call ``work(tile, scratch)`` for every tile (see :func:`run_split`);
         each thread has its own scratch."""
         def run_group(group):
-            scratch = np.empty((self.rs, self.cs), dtype=dtype)
+            scratch = host_cache.empty_at((self.rs, self.cs), dtype, self.offset)
             for t in group:
                 work(t, scratch)
 
@@ -377,7 +385,7 @@ def _moments(x3):
     taken again around the mean where the sample misled
     (:func:`shifted_moments`), so the variance of ``1e4 + N(0, 1)`` float32
     data stays right to about 1e-6."""
-    lay = _Layout(x3.shape)
+    lay = _Layout(x3)
     wdt = _work_dtype(x3.dtype)
     n = x3.shape[0] * x3.shape[2]
     mean, m2, _ = shifted_moments(lambda shift: _shifted_sums(x3, lay, shift), n,
@@ -407,10 +415,10 @@ def _split(mean, wdt):
 def _normalize(x3, mean, invstd, scale, shift):
     """``y = (x - mean) * scale + shift`` per channel: one read and one write
     of memory, the arithmetic on cache-resident tiles."""
-    lay = _Layout(x3.shape)
+    lay = _Layout(x3)
     wdt = _work_dtype(x3.dtype)
     x2 = lay.view(x3)
-    y3 = np.empty(x3.shape, dtype=x3.dtype)
+    y3 = host_cache.empty_like_page(x3.shape, x3.dtype, x3)
     y2 = lay.view(y3)
     direct = x3.dtype == wdt
     shift = np.zeros_like(scale) if shift is None else shift
@@ -442,7 +450,7 @@ def _normalize(x3, mean, invstd, scale, shift):
 
 def _backward_sums(dy3, x3, mean, invstd):
     """Per-channel ``(sum dy, sum dy * (x - mean))`` in float64, one read of each."""
-    lay = _Layout(x3.shape)
+    lay = _Layout(x3)
     wdt = _work_dtype(x3.dtype)
     x2, dy2 = lay.view(x3), lay.view(dy3)
     fast = _fast(mean, invstd)     # sum dy*(x-mean) = sum dy*x - mean * sum dy
@@ -470,10 +478,10 @@ def _backward_sums(dy3, x3, mean, invstd):
 def _dx(dy3, x3, mean, invstd, k, c1, c0):
     """``dx = k * (dy - c0 - (x - mean) * c1)`` per channel; one pass over
     ``x``, ``dy`` and ``dx`` in memory."""
-    lay = _Layout(x3.shape)
+    lay = _Layout(x3)
     wdt = _work_dtype(x3.dtype)
     x2, dy2 = lay.view(x3), lay.view(dy3)
-    dx3 = np.empty(x3.shape, dtype=x3.dtype)
+    dx3 = host_cache.empty_like_page(x3.shape, x3.dtype, x3)
     dx2 = lay.view(dx3)
     direct = x3.dtype == wdt
     k_e, c1_e = lay.per_channel(k, wdt), lay.per_channel(c1, wdt)

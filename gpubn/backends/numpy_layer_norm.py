@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import host_cache
 from . import numpy_backend as _nb
 
 _CHUNK = None   # elements per block; None: the NumPy backend's tile size
@@ -36,23 +37,36 @@ def _blocks(rows: int, n: int):
     return [(s, min(s + step, rows)) for s in range(0, rows, step)]
 
 
-def _run(blocks, work):
+def _run(blocks, work, x2):
     """``work(i, s, e, scratch)`` for every block, on the NumPy backend's
     worker threads when there are enough blocks (NumPy releases the GIL);
-    ``scratch(name, shape, dtype)`` gives a per-thread buffer."""
+    ``scratch(name, shape, dtype)`` gives a per-thread buffer at the page
+    offset of ``x2`` (see :func:`host_cache.empty_at`)."""
+    offset = x2.ctypes.data % host_cache.PAGE
+
     def run_group(group):
         bufs = {}
 
         def scratch(name, shape, dtype):
             buf = bufs.get(name)
             if buf is None or buf.shape[0] < shape[0]:
-                buf = bufs[name] = np.empty(shape, dtype=dtype)
+                buf = bufs[name] = host_cache.empty_at(shape, dtype, offset)
             return buf[:shape[0]]
 
         for i, (s, e) in group:
             work(i, s, e, scratch)
 
     _nb.run_split(list(enumerate(blocks)), run_group)
+
+
+def _row_vector(v, dtype, x2):
+    """A per-column vector (weight or bias) as ``dtype``, copied to the page
+    offset of ``x2``: it is streamed alongside every row."""
+    if v is None:
+        return None
+    out = host_cache.empty_at((x2.shape[1],), dtype, x2.ctypes.data % host_cache.PAGE)
+    out[...] = v
+    return out
 
 
 def _row_shift(blk):
@@ -83,11 +97,10 @@ def _row_moments(blk, n, out):
 def ln_forward(x2, weight, bias, eps):
     rows, n = x2.shape
     wdt = _nb._work_dtype(x2.dtype)
-    y2 = np.empty_like(x2)
+    y2 = host_cache.empty_like_page(x2.shape, x2.dtype, x2)
     mean_out = np.empty(rows, dtype=wdt)
     rstd_out = np.empty(rows, dtype=wdt)
-    w = None if weight is None else np.asarray(weight, dtype=wdt)
-    b = None if bias is None else np.asarray(bias, dtype=wdt)
+    w, b = _row_vector(weight, wdt, x2), _row_vector(bias, wdt, x2)
     direct = x2.dtype == wdt     # work in y's own memory, else in a scratch block
 
     def work(i, s, e, scratch):
@@ -108,15 +121,15 @@ def ln_forward(x2, weight, bias, eps):
         rstd_out[s:e] = rstd
 
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        _run(_blocks(rows, n), work)
+        _run(_blocks(rows, n), work, x2)
     return y2, mean_out, rstd_out
 
 
 def ln_backward(dy2, x2, mean, rstd, weight, want_grads):
     rows, n = x2.shape
     wdt = _nb._work_dtype(x2.dtype)
-    dx2 = np.empty_like(x2)
-    w = None if weight is None else np.asarray(weight, dtype=wdt)
+    dx2 = host_cache.empty_like_page(x2.shape, x2.dtype, x2)
+    w = _row_vector(weight, wdt, x2)
     blocks = _blocks(rows, n)
     part_w = [None] * len(blocks)     # per-block column sums, added in block order
     part_b = [None] * len(blocks)
@@ -146,7 +159,7 @@ def ln_backward(dy2, x2, mean, rstd, weight, want_grads):
             dx2[s:e] = out
 
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        _run(blocks, work)
+        _run(blocks, work, x2)
     if not want_grads:
         return dx2, None, None
     dweight = np.zeros(n, dtype=np.float64)

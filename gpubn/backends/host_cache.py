@@ -1,0 +1,163 @@
+"""Large host buffers for the NumPy backend: placed in the page, and cached.
+
+**Placement.**  Loops that store to one array while loading another run
+several times slower when the load address lies a few bytes past the store
+address modulo 4096: the CPU takes the load for a read of the pending store
+(4K aliasing; measured 6x on a multiply whose per-column operand sat 4-28
+bytes past the output).  Where the arrays are placed is up to the allocator,
+so a call could be fast or slow by chance.  :func:`empty_at` puts a buffer at
+a given offset into its page; the backend puts its outputs, scratch blocks
+and streamed per-channel vectors at the page offset of the input, so that
+corresponding elements of every array share their low 12 address bits.
+
+**Caching.**  Every forward and backward returns a new array as large as its
+input.  Fresh memory faults on its first write to each page and the kernel
+zeroes it; the C allocator often hands large freed blocks straight back to
+the system (glibc does once more than twice its recent largest request lies
+free at the top of the heap), so a loop that allocates ``y`` and ``dx`` of
+the same shapes every step can pay those faults every call: 25-45 % of a
+forward + backward of a 25 MB batch on a 2-core machine.  The cache keeps
+the buffers it handed out and hands one out again once nothing but the cache
+refers to it: the array returned to the caller, and every view of it (whose
+``base`` is the cached buffer), holds a reference, so a buffer is reused only
+after the last of them is gone, as CuPy's memory pool recycles device
+memory.  Only buffers of at least ``MIN_BYTES`` are kept (smaller ones come
+from the allocator's free lists without faults), and the idle ones together
+are held to ``limit`` bytes (``GPUBN_HOST_CACHE_MB``, default 256; 0 turns
+the cache off).  A buffer is seen to be idle at the next allocation only, so
+up to ``limit`` bytes may stay held between calls; ``gpubn.empty_host_cache()``
+releases them.  Reference counts decide when a buffer is idle, so the cache
+is off on interpreters without exact ones (free-threaded CPython, PyPy).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections import OrderedDict
+
+import numpy as np
+
+MIN_BYTES = 1 << 20
+PAGE = 4096
+
+
+def empty_at(shape, dtype, offset: int) -> np.ndarray:
+    """An uninitialized C-contiguous array whose data starts ``offset``
+    bytes into a page (modulo :data:`PAGE`).
+
+    Loops that store to one array while loading another run several times
+    slower when the load address lies a few bytes past the store address
+    modulo 4096 (the CPU takes the load for a read of the pending store:
+    measured 6x on a multiply whose per-column operand sat 4-28 bytes past
+    the output).  Buffers the backend streams alongside each other are put
+    at the page offset of the input, so their addresses differ by whole
+    pages plus the tile offsets, the same for every array."""
+    dtype = np.dtype(dtype)
+    shape = tuple(shape)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + PAGE, dtype=np.uint8)
+    return _place(raw, shape, dtype, offset)
+
+
+def _place(raw, shape, dtype, offset):
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    start = (offset - raw.ctypes.data) % PAGE
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def _default_limit() -> int:
+    env = os.environ.get("GPUBN_HOST_CACHE_MB")
+    if env:
+        try:
+            return max(0, int(float(env) * (1 << 20)))
+        except ValueError:
+            pass
+    return 256 << 20
+
+
+def _exact_refcounts() -> bool:
+    if sys.implementation.name != "cpython":
+        return False
+    gil = getattr(sys, "_is_gil_enabled", None)
+    return gil is None or gil()
+
+
+class HostCache:
+    """Buffers by ``id``, most recently handed out last."""
+
+    def __init__(self, limit: int):
+        self.limit = limit if _exact_refcounts() else 0
+        self._lock = threading.Lock()
+        self._bufs: "OrderedDict[int, np.ndarray]" = OrderedDict()
+
+    def _counts(self):
+        return [(k, b, sys.getrefcount(b)) for k, b in self._bufs.items()]
+
+    def _idle(self):
+        """``(key, buffer)`` of the buffers nothing refers to but the cache:
+        :meth:`_counts` gives them the count of a buffer that only the
+        cache's dict holds (:data:`_IDLE_REFS`)."""
+        return [(k, b) for k, b, n in self._counts() if n <= _IDLE_REFS]
+
+    def empty(self, shape, dtype, offset: int) -> np.ndarray:
+        """Like :func:`empty_at`, from a cached buffer when one is idle."""
+        dtype = np.dtype(dtype)
+        shape = tuple(shape)
+        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize + PAGE
+        if self.limit <= 0 or size < MIN_BYTES or size > self.limit:
+            return empty_at(shape, dtype, offset)
+        with self._lock:
+            for key, raw in self._idle():
+                if raw.size == size:
+                    self._bufs.move_to_end(key)
+                    return _place(raw, shape, dtype, offset)
+            raw = np.empty(size, dtype=np.uint8)
+            self._bufs[id(raw)] = raw
+            self._trim()
+            return _place(raw, shape, dtype, offset)
+
+    def _trim(self):
+        """Drop the least recently used idle buffers beyond ``limit`` bytes."""
+        idle = self._idle()
+        held = sum(b.nbytes for _, b in idle)
+        for key, buf in idle:
+            if held <= self.limit:
+                break
+            held -= buf.nbytes
+            del self._bufs[key]
+
+    def idle_bytes(self) -> int:
+        """Bytes held in buffers that nothing else refers to."""
+        with self._lock:
+            return sum(b.nbytes for _, b in self._idle())
+
+    def free(self):
+        """Forget every buffer; idle ones go back to the allocator."""
+        with self._lock:
+            self._bufs.clear()
+
+
+def _calibrate() -> int:
+    """The count :meth:`HostCache._counts` gives a buffer that only the
+    cache's dict holds."""
+    cache = HostCache(0)
+    cache._bufs[0] = np.empty(1)
+    return cache._counts()[0][2]
+
+
+_IDLE_REFS = _calibrate()
+CACHE = HostCache(_default_limit())
+
+
+def empty_like_page(shape, dtype, like) -> np.ndarray:
+    """An output buffer at the page offset of the array ``like``, from the
+    cache (see :meth:`HostCache.empty` and :func:`empty_at`)."""
+    return CACHE.empty(shape, dtype, like.ctypes.data % PAGE)
+
+
+def empty_host_cache() -> None:
+    """Release the idle output buffers the NumPy backend keeps for reuse
+    (buffers still referred to stay with their arrays)."""
+    CACHE.free()
