@@ -141,14 +141,14 @@ def test_layer_norm_outputs_keep_their_values_across_calls():
 def test_empty_host_cache_releases_idle_buffers_and_leaves_held_ones(monkeypatch):
     cache = HostCache(1 << 30)
     monkeypatch.setattr(host_cache, "CACHE", cache)
-    held = host_cache.empty_like_page(BIG, np.float32, np.empty(4, np.float32))
+    held = host_cache.empty(BIG, np.float32, 0)
     held[...] = 3.0
-    dropped = host_cache.empty_like_page(BIG, np.float32, held)
+    dropped = host_cache.empty(BIG, np.float32, 0)
     del dropped
     assert cache.idle_bytes() > 0
     gpubn.empty_host_cache()
     assert cache.idle_bytes() == 0 and not cache._bufs
-    again = host_cache.empty_like_page(BIG, np.float32, held)
+    again = host_cache.empty(BIG, np.float32, 0)
     again[...] = 4.0
     assert np.all(held == 3.0)
 

@@ -151,10 +151,15 @@ _IDLE_REFS = _calibrate()
 CACHE = HostCache(_default_limit())
 
 
-def empty_like_page(shape, dtype, like) -> np.ndarray:
-    """An output buffer at the page offset of the array ``like``, from the
-    cache (see :meth:`HostCache.empty` and :func:`empty_at`)."""
-    return CACHE.empty(shape, dtype, like.ctypes.data % PAGE)
+def page_offset(a: np.ndarray) -> int:
+    """Where the data of ``a`` starts in its page."""
+    return a.ctypes.data % PAGE
+
+
+def empty(shape, dtype, offset: int) -> np.ndarray:
+    """A buffer for the backend (output or scratch) at ``offset`` into its
+    page, from the cache when it is large (:meth:`HostCache.empty`)."""
+    return CACHE.empty(shape, dtype, offset)
 
 
 def empty_host_cache() -> None:

@@ -173,7 +173,7 @@ class _Layout:
     def __init__(self, x3):
         outer, c, inner = shape = x3.shape
         # buffers streamed alongside x start at x's page offset
-        self.offset = x3.ctypes.data % host_cache.PAGE
+        self.offset = host_cache.page_offset(x3)
         self.outer, self.c, self.inner = outer, c, inner
         # at least _MIN_TILES tiles when the array is large enough, so that
         # the worker threads have work to share
@@ -223,7 +223,7 @@ class _Layout:
         v = np.asarray(v, dtype=dtype)
         if self.rows_mode:
             return np.tile(v, self.outer)[:, None]
-        out = host_cache.empty_at((self.k, self.c, self.inner), dtype, self.offset)
+        out = host_cache.empty((self.k, self.c, self.inner), dtype, self.offset)
         out[...] = v[:, None]
         return out.reshape(-1)
 
@@ -277,7 +277,7 @@ class _Layout:
         """Call ``work(tile, scratch)`` for every tile (see :func:`run_split`);
         each thread has its own scratch."""
         def run_group(group):
-            scratch = host_cache.empty_at((self.rs, self.cs), dtype, self.offset)
+            scratch = host_cache.empty((self.rs, self.cs), dtype, self.offset)
             for t in group:
                 work(t, scratch)
 
@@ -418,7 +418,7 @@ def _normalize(x3, mean, invstd, scale, shift):
     lay = _Layout(x3)
     wdt = _work_dtype(x3.dtype)
     x2 = lay.view(x3)
-    y3 = host_cache.empty_like_page(x3.shape, x3.dtype, x3)
+    y3 = host_cache.empty(x3.shape, x3.dtype, lay.offset)
     y2 = lay.view(y3)
     direct = x3.dtype == wdt
     shift = np.zeros_like(scale) if shift is None else shift
@@ -481,7 +481,7 @@ def _dx(dy3, x3, mean, invstd, k, c1, c0):
     lay = _Layout(x3)
     wdt = _work_dtype(x3.dtype)
     x2, dy2 = lay.view(x3), lay.view(dy3)
-    dx3 = host_cache.empty_like_page(x3.shape, x3.dtype, x3)
+    dx3 = host_cache.empty(x3.shape, x3.dtype, lay.offset)
     dx2 = lay.view(dx3)
     direct = x3.dtype == wdt
     k_e, c1_e = lay.per_channel(k, wdt), lay.per_channel(c1, wdt)

@@ -41,8 +41,8 @@ def _run(blocks, work, x2):
     """``work(i, s, e, scratch)`` for every block, on the NumPy backend's
     worker threads when there are enough blocks (NumPy releases the GIL);
     ``scratch(name, shape, dtype)`` gives a per-thread buffer at the page
-    offset of ``x2`` (see :func:`host_cache.empty_at`)."""
-    offset = x2.ctypes.data % host_cache.PAGE
+    offset of ``x2`` (see :mod:`host_cache`)."""
+    offset = host_cache.page_offset(x2)
 
     def run_group(group):
         bufs = {}
@@ -50,7 +50,7 @@ def _run(blocks, work, x2):
         def scratch(name, shape, dtype):
             buf = bufs.get(name)
             if buf is None or buf.shape[0] < shape[0]:
-                buf = bufs[name] = host_cache.empty_at(shape, dtype, offset)
+                buf = bufs[name] = host_cache.empty(shape, dtype, offset)
             return buf[:shape[0]]
 
         for i, (s, e) in group:
@@ -64,7 +64,7 @@ def _row_vector(v, dtype, x2):
     offset of ``x2``: it is streamed alongside every row."""
     if v is None:
         return None
-    out = host_cache.empty_at((x2.shape[1],), dtype, x2.ctypes.data % host_cache.PAGE)
+    out = host_cache.empty((x2.shape[1],), dtype, host_cache.page_offset(x2))
     out[...] = v
     return out
 
@@ -97,7 +97,7 @@ def _row_moments(blk, n, out):
 def ln_forward(x2, weight, bias, eps):
     rows, n = x2.shape
     wdt = _nb._work_dtype(x2.dtype)
-    y2 = host_cache.empty_like_page(x2.shape, x2.dtype, x2)
+    y2 = host_cache.empty(x2.shape, x2.dtype, host_cache.page_offset(x2))
     mean_out = np.empty(rows, dtype=wdt)
     rstd_out = np.empty(rows, dtype=wdt)
     w, b = _row_vector(weight, wdt, x2), _row_vector(bias, wdt, x2)
@@ -128,7 +128,7 @@ def ln_forward(x2, weight, bias, eps):
 def ln_backward(dy2, x2, mean, rstd, weight, want_grads):
     rows, n = x2.shape
     wdt = _nb._work_dtype(x2.dtype)
-    dx2 = host_cache.empty_like_page(x2.shape, x2.dtype, x2)
+    dx2 = host_cache.empty(x2.shape, x2.dtype, host_cache.page_offset(x2))
     w = _row_vector(weight, wdt, x2)
     blocks = _blocks(rows, n)
     part_w = [None] * len(blocks)     # per-block column sums, added in block order
