@@ -62,8 +62,10 @@ def empty_at(shape, dtype, offset: int) -> np.ndarray:
 
 
 def _place(raw, shape, dtype, offset):
+    """A view of ``raw`` (``PAGE`` bytes longer than needed) at ``offset``
+    into a page, rounded down to the alignment of ``dtype``."""
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    start = (offset - raw.ctypes.data) % PAGE
+    start = (offset - offset % dtype.alignment - raw.ctypes.data) % PAGE
     return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
