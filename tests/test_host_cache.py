@@ -54,22 +54,38 @@ def test_cache_reuses_a_buffer_only_after_every_reference_is_gone():
     assert _addr(d) % PAGE == 48 and _addr(d) != _addr(b) and _addr(d) != _addr(c)
 
 
-def test_cache_skips_small_buffers_and_trims_idle_ones_to_its_limit():
-    one = BIG[0] * 4 + PAGE                     # bytes of one cached buffer
-    cache = HostCache(int(2.5 * one))
+def test_cache_skips_small_buffers_and_keeps_at_most_its_limit():
+    one = BIG[0] * 4 + PAGE                     # bytes of one kept buffer
+    two = BIG[0] * 8 + PAGE                     # and of one twice as large
+    cache = HostCache(int(3.5 * one))
     small = cache.empty((10,), np.float32, 0)
     del small
-    assert cache.idle_bytes() == 0
-    bufs = [cache.empty(BIG, np.float32, 0) for _ in range(3)]
+    assert cache.held_bytes() == 0
+    bufs = [cache.empty(BIG, np.float32, 0) for _ in range(4)]
+    assert cache.held_bytes() == 3 * one        # the fourth did not fit: a plain allocation
     assert cache.idle_bytes() == 0
     del bufs
-    assert cache.idle_bytes() == 3 * one        # seen idle; trimmed at the next allocation
-    other = cache.empty((BIG[0] * 2,), np.float32, 0)   # another size: a new buffer
-    assert cache.idle_bytes() == 2 * one        # the least recently used one went
-    del other
-    assert cache.idle_bytes() == 2 * one + BIG[0] * 8 + PAGE
+    assert cache.idle_bytes() == 3 * one        # all that stays held once dropped
+    keep = cache.empty(BIG, np.float32, 0)      # reuses one
+    double = cache.empty((BIG[0] * 2,), np.float32, 0)   # fits once both idle ones go
+    assert cache.held_bytes() == one + two <= cache.limit
+    more = cache.empty((BIG[0] * 2,), np.float32, 0)     # no room: kept ones in use
+    assert cache.held_bytes() == one + two
+    del keep, double, more
+    assert cache.idle_bytes() == one + two
     cache.free()
-    assert cache.idle_bytes() == 0
+    assert cache.held_bytes() == 0
+
+
+def test_cache_drops_nothing_for_a_buffer_that_cannot_fit():
+    one = BIG[0] * 4 + PAGE
+    cache = HostCache(int(2.5 * one))
+    held = cache.empty(BIG, np.float32, 0)
+    idle = cache.empty(BIG, np.float32, 0)
+    del idle
+    big = cache.empty((BIG[0] * 2,), np.float32, 0)    # one in use + 2 > 2.5: plain
+    assert cache.held_bytes() == 2 * one and cache.idle_bytes() == one
+    assert not np.shares_memory(big, held)
 
 
 def test_cache_is_off_with_a_zero_limit():

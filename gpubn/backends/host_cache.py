@@ -22,11 +22,12 @@ refers to it: the array returned to the caller, and every view of it (whose
 ``base`` is the cached buffer), holds a reference, so a buffer is reused only
 after the last of them is gone, as CuPy's memory pool recycles device
 memory.  Only buffers of at least ``MIN_BYTES`` are kept (smaller ones come
-from the allocator's free lists without faults), and the idle ones together
-are held to ``limit`` bytes (``GPUBN_HOST_CACHE_MB``, default 256; 0 turns
-the cache off).  A buffer is seen to be idle at the next allocation only, so
-up to ``limit`` bytes may stay held between calls; ``gpubn.empty_host_cache()``
-releases them.  Reference counts decide when a buffer is idle, so the cache
+from the allocator's free lists without faults), and all kept buffers together
+are held to ``limit`` bytes, in use or idle (``GPUBN_HOST_CACHE_MB``, default
+256; 0 turns the cache off): beyond it, buffers are plain allocations that
+go back to the allocator when freed.  So at most ``limit`` bytes stay held
+after the caller drops its arrays; ``gpubn.empty_host_cache()`` releases
+them.  Reference counts decide when a buffer is idle, so the cache
 is off on interpreters without exact ones (free-threaded CPython, PyPy).
 """
 
@@ -104,31 +105,37 @@ class HostCache:
         return [(k, b) for k, b, n in self._counts() if n <= _IDLE_REFS]
 
     def empty(self, shape, dtype, offset: int) -> np.ndarray:
-        """Like :func:`empty_at`, from a cached buffer when one is idle."""
+        """Like :func:`empty_at`, from an idle buffer of the same size when
+        there is one.  A new buffer is kept for reuse when it fits in
+        ``limit`` with the buffers kept already, once the least recently
+        used idle ones are dropped; otherwise it is a plain allocation."""
         dtype = np.dtype(dtype)
         shape = tuple(shape)
         size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize + PAGE
         if self.limit <= 0 or size < MIN_BYTES or size > self.limit:
             return empty_at(shape, dtype, offset)
         with self._lock:
-            for key, raw in self._idle():
+            idle = self._idle()
+            for key, raw in idle:
                 if raw.size == size:
                     self._bufs.move_to_end(key)
                     return _place(raw, shape, dtype, offset)
+            held = sum(b.nbytes for b in self._bufs.values())
+            if held - sum(b.nbytes for _, b in idle) + size > self.limit:
+                return empty_at(shape, dtype, offset)   # the kept buffers are in use
+            for key, raw in idle:                 # least recently used first
+                if held + size <= self.limit:
+                    break
+                held -= raw.nbytes
+                del self._bufs[key]
             raw = np.empty(size, dtype=np.uint8)
             self._bufs[id(raw)] = raw
-            self._trim()
             return _place(raw, shape, dtype, offset)
 
-    def _trim(self):
-        """Drop the least recently used idle buffers beyond ``limit`` bytes."""
-        idle = self._idle()
-        held = sum(b.nbytes for _, b in idle)
-        for key, buf in idle:
-            if held <= self.limit:
-                break
-            held -= buf.nbytes
-            del self._bufs[key]
+    def held_bytes(self) -> int:
+        """Bytes of the buffers kept for reuse, in use or idle."""
+        with self._lock:
+            return sum(b.nbytes for b in self._bufs.values())
 
     def idle_bytes(self) -> int:
         """Bytes held in buffers that nothing else refers to."""
