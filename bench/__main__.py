@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-threads", type=int, default=None, metavar="N",
                    help="torch.set_num_threads(N) before measuring (default: PyTorch's own "
                         "default; the count used is recorded with the results)")
+    p.add_argument("--shared-process", action="store_true",
+                   help="CPU: time every provider in this process instead of one process "
+                        "per provider and shape")
     p.add_argument("--out", default=None,
                    help="JSON-lines file the rows are appended to "
                         "(default bench/results/<date-time>.jsonl)")
@@ -174,7 +177,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                   f"{repeats} repeats", file=sys.stderr)
             rows = run_suite(cases, providers, repeats=repeats, warmup=args.warmup,
                              suite=suite or "default", check=not args.no_check,
-                             budget=args.budget or None,
+                             budget=args.budget or None, isolate=not args.shared_process,
+                             torch_threads=args.torch_threads,
                              progress=Progress(total, enabled=not quiet))
             for r in rows:
                 r["section"] = "cpu"

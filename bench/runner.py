@@ -10,7 +10,12 @@ follows one of its own: interleaving the providers' calls would time each
 partly in the wake of the one before it (PyTorch's OpenMP threads keep
 spinning on the cores for a while after its call returns; a 2.8 ms call of
 the NumPy backend took 4.6 ms right after PyTorch on two cores), which no
-program calling one library in a loop sees.  Each
+program calling one library in a loop sees.  With ``isolate`` (the command
+line's default), each CPU provider is timed in a process of its own per case
+(:mod:`bench.worker`): the providers share no allocator, caches or threads,
+so one library's memory (a cache holding buffers, another's freed blocks at
+the top of the heap) cannot decide whether another's fresh outputs fault in
+new pages.  Each
 measurement becomes one row (a dict, see :func:`make_row`); providers that
 cannot run become rows with ``status`` "unavailable" and the reason.
 """
@@ -18,7 +23,9 @@ cannot run become rows with ``status`` "unavailable" and the reason.
 from __future__ import annotations
 
 import gc
+import json
 import os
+import subprocess
 import sys
 import time
 import traceback
@@ -161,12 +168,14 @@ def _calls(first: Optional[float], repeats: int, warmup: int,
     return n, w
 
 
-def _measure_op(case, op, setup, providers, reasons, *, repeats, warmup, suite,
-                peak_bytes_per_s, check, progress, budget=None) -> List[Dict]:
-    """All providers on one (case, op): prepare and check each, then time."""
+def _check_op(case, op, setup, providers, reasons, *, suite, check, progress):
+    """Prepare every provider for one (case, op) and make its first call,
+    untimed, checking its outputs against the peer's.  Returns the rows of
+    providers that cannot run it, ``ready`` as ``(provider, fn, verdict)``
+    and the seconds of each first call."""
     rows: Dict[str, Dict] = {}
-    ready = []   # (provider, fn, verdict)
-    first: Dict[str, float] = {}   # seconds of the first (checked) call
+    ready = []
+    first: Dict[str, float] = {}
     reference = None
     for p in providers:
         reason = reasons[p.name] or p.supports(case, op)
@@ -198,40 +207,59 @@ def _measure_op(case, op, setup, providers, reasons, *, repeats, warmup, suite,
         ready.append((p, fn, verdict))
     reference = None
     gc.collect()
+    return rows, ready, first
 
-    # one block of calls per provider: each timed call follows one of the
-    # same provider's (see the module docstring)
-    timed: Dict[str, object] = {}
-    for p, fn, _ in ready:
-        n, w = (_calls(first.get(p.name), repeats, warmup, budget) if p.device == "cpu"
-                else (repeats, warmup))
-        try:
-            timed[p.name] = p.timer(fn, n, w)
-        except Exception as exc:
-            timed[p.name] = exc
-    for p, fn, verdict in ready:
-        result = timed[p.name]
-        if isinstance(result, BaseException):
-            msg = _error_text(result)
-            rows[p.name] = make_row(case, op, p, status="error", reason=msg, suite=suite)
-            progress.step(f"{_desc(case, op, p)}: error ({msg})")
-            continue
-        row = make_row(case, op, p, times=result, check=verdict, suite=suite,
-                       peak_bytes_per_s=peak_bytes_per_s if p.device == "gpu" else None)
-        rows[p.name] = row
-        flag = f" [{verdict}]" if verdict not in ("", "ok", "reference") else ""
-        progress.step(f"{_desc(case, op, p)}: {format_time(row['median_s'])}{flag}")
-    ready.clear()
-    return [rows[p.name] for p in providers if p.name in rows]
+
+def _timed_row(case, op, p, result, verdict, *, suite, peak_bytes_per_s, progress,
+               isolated=False) -> Dict:
+    """The row of one timing: a list of seconds, or the exception that stopped it."""
+    if isinstance(result, BaseException):
+        msg = _error_text(result)
+        progress.step(f"{_desc(case, op, p)}: error ({msg})")
+        return make_row(case, op, p, status="error", reason=msg, suite=suite)
+    row = make_row(case, op, p, times=result, check=verdict, suite=suite,
+                   peak_bytes_per_s=peak_bytes_per_s if p.device == "gpu" else None)
+    row["isolated"] = isolated
+    flag = f" [{verdict}]" if verdict not in ("", "ok", "reference") else ""
+    progress.step(f"{_desc(case, op, p)}: {format_time(row['median_s'])}{flag}")
+    return row
+
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def time_isolated(case, provider: str, plan, *, seed: int = 0,
+                  torch_threads: Optional[int] = None) -> Tuple[Optional[int], Dict[str, object]]:
+    """Time ``plan`` (``[(op, timed calls, warm-up calls), ...]``) of one CPU
+    provider on ``case`` in a new process (:mod:`bench.worker`).  Returns the
+    worker's pid and op -> list of seconds, or the exception that stopped it."""
+    spec = {"provider": provider, "kind": case.kind, "shape": list(case.shape),
+            "layout": case.layout, "dtype": case.dtype, "axis": case.axis, "seed": seed,
+            "torch_threads": torch_threads, "ops": [list(step) for step in plan]}
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([_ROOT] + [v for v in [env.get("PYTHONPATH")] if v])
+    proc = subprocess.run([sys.executable, "-m", "bench.worker"], input=json.dumps(spec),
+                          capture_output=True, text=True, env=env, cwd=_ROOT)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        err = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        return None, {op: RuntimeError(f"worker process failed: {err}") for op, _, _ in plan}
+    reply = json.loads(lines[-1])
+    return reply["pid"], {op: RuntimeError(v["error"]) if isinstance(v, dict) else v
+                          for op, v in reply["times"].items()}
 
 
 def run_suite(cases, providers, *, repeats: int = 5, warmup: int = 1, suite: str = "",
               peak_bytes_per_s: Optional[float] = None, check: bool = True,
               progress: Optional[Progress] = None, seed: int = 0,
-              budget: Optional[float] = None) -> List[Dict]:
+              budget: Optional[float] = None, isolate: bool = False,
+              torch_threads: Optional[int] = None) -> List[Dict]:
     """Measure every ``(case, ops)`` of ``cases`` on every provider.
     ``budget``: seconds of timed calls per CPU provider and measurement after
-    which the repeats are cut (never below 3); None times ``repeats`` calls."""
+    which the repeats are cut (never below 3); None times ``repeats`` calls.
+    ``isolate``: time each CPU provider in a process of its own, per case
+    (:func:`time_isolated`, with ``torch_threads``); the checks still run
+    here."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     if warmup < 0:
@@ -241,14 +269,42 @@ def run_suite(cases, providers, *, repeats: int = 5, warmup: int = 1, suite: str
     reasons = {p.name: p.unavailable_reason() for p in providers}
     # the peer runs first so the others can be checked against its outputs
     ordered = sorted(providers, key=lambda p: not p.peer)
+    opts = dict(suite=suite, peak_bytes_per_s=peak_bytes_per_s, progress=progress)
     rows: List[Dict] = []
     for case, ops in cases:
         setup = make_setup(case, seed=seed)
+        by_op = {}        # op -> rows by provider name
+        pending = {}      # provider name -> [(op, timed, warm-up, verdict)] to time apart
         for op in ops:
-            rows += _measure_op(case, op, setup, ordered, reasons, repeats=repeats, warmup=warmup,
-                                suite=suite, peak_bytes_per_s=peak_bytes_per_s, check=check,
-                                progress=progress, budget=budget)
+            by_op[op], ready, first = _check_op(case, op, setup, ordered, reasons, suite=suite,
+                                                check=check, progress=progress)
+            for p, fn, verdict in ready:
+                n, w = (_calls(first.get(p.name), repeats, warmup, budget)
+                        if p.device == "cpu" else (repeats, warmup))
+                if isolate and p.device == "cpu":
+                    pending.setdefault(p.name, []).append((op, n, w, verdict))
+                    continue
+                # one block of calls per provider: each timed call follows
+                # one of the same provider's (see the module docstring)
+                try:
+                    result = p.timer(fn, n, w)
+                except Exception as exc:
+                    result = exc
+                by_op[op][p.name] = _timed_row(case, op, p, result, verdict, **opts)
+            ready.clear()
         del setup
         gc.collect()
+        for p in ordered:
+            plan = pending.get(p.name)
+            if not plan:
+                continue
+            _, results = time_isolated(case, p.name, [step[:3] for step in plan], seed=seed,
+                                       torch_threads=torch_threads)
+            for op, _, _, verdict in plan:
+                result = results.get(op, RuntimeError("the worker returned no time"))
+                by_op[op][p.name] = _timed_row(case, op, p, result, verdict, isolated=True,
+                                               **opts)
+        for op in ops:
+            rows += [by_op[op][p.name] for p in ordered if p.name in by_op[op]]
     add_ratios(rows)
     return rows

@@ -17,7 +17,7 @@ if _ROOT not in sys.path:
 from bench import gpu, metrics, naive, report, runner, suites  # noqa: E402
 from bench.__main__ import main  # noqa: E402
 from bench.inputs import make_setup  # noqa: E402
-from bench.providers import (NaiveProvider, Provider, TorchProvider,  # noqa: E402
+from bench.providers import (GpubnProvider, NaiveProvider, Provider, TorchProvider,  # noqa: E402
                              cuda_event_timer)
 from bench.suites import Case  # noqa: E402
 
@@ -297,6 +297,34 @@ def test_time_budget_cuts_repeats_of_slow_providers_only():
     rows = runner.run_suite(cases, [fast, slow], repeats=10, warmup=1, budget=1e-12,
                             progress=runner.Progress(2, enabled=False))
     assert [r["repeats"] for r in rows] == [runner.MIN_REPEATS] * 2
+
+
+def test_isolated_timing_runs_in_a_process_of_its_own():
+    import os
+    case = Case("batch_norm", (4, 3, 5, 5), "NCHW")
+    pid, res = runner.time_isolated(case, "naive-numpy", [("fwd_train", 3, 1), ("bwd", 2, 0)])
+    assert pid is not None and pid != os.getpid()
+    assert len(res["fwd_train"]) == 3 and len(res["bwd"]) == 2
+    assert all(t > 0 for t in res["fwd_train"] + res["bwd"])
+    _, res = runner.time_isolated(case, "no-such-provider", [("fwd_train", 3, 1)])
+    assert isinstance(res["fwd_train"], RuntimeError)
+    assert "no-such-provider" in str(res["fwd_train"])
+
+
+def test_run_suite_isolated_checks_here_and_times_in_workers():
+    cases = [(Case("batch_norm", (4, 3, 5, 5), "NCHW"), ("fwd_train", "fwd_bwd"))]
+    peer, numpy_backend = NaiveProvider(), GpubnProvider("numpy")
+    peer.peer = True          # the textbook version stands in for PyTorch here
+    peer.backend = "torch"
+    rows = runner.run_suite(cases, [numpy_backend, peer], repeats=2, warmup=0, isolate=True,
+                            progress=runner.Progress(4, enabled=False))
+    assert [(r["provider"], r["op"]) for r in rows] == [
+        ("naive-numpy", "fwd_train"), ("gpubn-numpy", "fwd_train"),
+        ("naive-numpy", "fwd_bwd"), ("gpubn-numpy", "fwd_bwd")]
+    for r in rows:
+        assert r["status"] == "ok" and r["isolated"] and r["repeats"] == 2
+    assert rows[1]["check"] == "ok" and rows[3]["check"] == "ok"
+    assert rows[1]["ratio_to_torch"] is not None
 
 
 # -- report formats -------------------------------------------------------------------
