@@ -221,8 +221,10 @@ class _Layout:
         """A per-channel vector expanded for broadcasting against tiles:
         ``(outer*C, 1)`` (rows layout) or ``(k*C*inner,)`` (column layout)."""
         v = np.asarray(v, dtype=dtype)
-        if self.rows_mode:
-            return np.tile(v, self.outer)[:, None]
+        if self.rows_mode:     # a column of scalars, broadcast along each row
+            out = host_cache.empty((self.outer, self.c), dtype, 0)
+            out[...] = v
+            return out.reshape(-1, 1)
         out = host_cache.empty((self.k, self.c, self.inner), dtype, self.offset)
         out[...] = v[:, None]
         return out.reshape(-1)
@@ -251,7 +253,8 @@ class _Layout:
     def parts(self):
         """An empty float64 array for one partial sum per tile row or column."""
         R, W = self.shape2
-        return np.empty((R, self.ncb) if self.rows_mode else (self.nrb, W))
+        return host_cache.empty((R, self.ncb) if self.rows_mode else (self.nrb, W),
+                                np.float64, 0)
 
     def store_sums(self, t, folded, s_a, s_ab, a, b, ones):
         """Tile ``t``'s partial sums of ``a`` into ``s_a`` and of ``a * b``
@@ -317,7 +320,9 @@ def _sample_shift(x3, wdt):
     n_outer = max(1, min(outer // 16, -(-_SAMPLE // inner)))
     run = min(inner, -(-_SAMPLE // n_outer))
     start = (inner - run) // 2
-    s = x3[::outer // n_outer, :, start:start + run].astype(np.float64)
+    sample = x3[::outer // n_outer, :, start:start + run]
+    s = host_cache.empty(sample.shape, np.float64, 0)
+    s[...] = sample
     count = s.shape[0] * s.shape[2]
     m = np.add.reduce(s, axis=(0, 2)) / count
     sq = np.add.reduce(np.multiply(s, s, out=s), axis=(0, 2)) / count      # mean of x**2
