@@ -1,8 +1,9 @@
 """One setup per (case, dtype), shared by every provider.
 
 All providers of a case see the same input values: ``x``, ``dy``, weight,
-bias and the starting running statistics are drawn once from a seeded
-generator as NumPy arrays; each provider copies what it needs to its own
+bias and the starting running statistics are drawn from a seeded generator
+as NumPy arrays (a worker process that times a provider on its own rebuilds
+the same values from the seed); each provider copies what it needs to its own
 device (outside the timed region) and gets its own copy of the running
 statistics, so one provider's in-place updates never change another's
 inputs.
