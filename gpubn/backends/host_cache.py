@@ -37,6 +37,7 @@ is off on interpreters without exact ones (free-threaded CPython, PyPy).
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -46,6 +47,10 @@ import numpy as np
 
 MIN_BYTES = 64 << 10
 PAGE = 4096
+
+
+def _address(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]
 
 
 def empty_at(shape, dtype, offset: int) -> np.ndarray:
@@ -61,7 +66,7 @@ def empty_at(shape, dtype, offset: int) -> np.ndarray:
     pages plus the tile offsets, the same for every array."""
     dtype = np.dtype(dtype)
     shape = tuple(shape)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize
     raw = np.empty(nbytes + PAGE, dtype=np.uint8)
     return _place(raw, shape, dtype, offset)
 
@@ -69,8 +74,8 @@ def empty_at(shape, dtype, offset: int) -> np.ndarray:
 def _place(raw, shape, dtype, offset):
     """A view of ``raw`` (``PAGE`` bytes longer than needed) at ``offset``
     into a page, rounded down to the alignment of ``dtype``."""
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    start = (offset - offset % dtype.alignment - raw.ctypes.data) % PAGE
+    nbytes = math.prod(shape) * dtype.itemsize
+    start = (offset - offset % dtype.alignment - _address(raw)) % PAGE
     return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
@@ -115,7 +120,7 @@ class HostCache:
         used idle ones are dropped; otherwise it is a plain allocation."""
         dtype = np.dtype(dtype)
         shape = tuple(shape)
-        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize + PAGE
+        size = math.prod(shape) * dtype.itemsize + PAGE
         if self.limit <= 0 or size < MIN_BYTES or size > self.limit:
             return empty_at(shape, dtype, offset)
         with self._lock:
@@ -166,7 +171,7 @@ CACHE = HostCache(_default_limit())
 
 def page_offset(a: np.ndarray) -> int:
     """Where the data of ``a`` starts in its page."""
-    return a.ctypes.data % PAGE
+    return _address(a) % PAGE
 
 
 def empty(shape, dtype, offset: int) -> np.ndarray:
