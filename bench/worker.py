@@ -21,14 +21,10 @@ import os
 import sys
 
 
-def _error_text(exc) -> str:
-    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    return text.splitlines()[0][:300]
-
-
 def run(spec: dict) -> dict:
     from .inputs import make_setup
     from .providers import cpu_providers, select
+    from .runner import _error_text
     from .suites import Case
 
     if spec.get("torch_threads"):
