@@ -27,7 +27,6 @@ from __future__ import annotations
 import importlib
 from typing import Dict, List, Optional, Sequence, Tuple
 
-
 from .inputs import DMAX, EPS, MOMENTUM, RENORM_MOMENTUM, RMAX, make_setup
 from .metrics import ITEMSIZE, bytes_moved
 from .suites import Case, KIND_ABBREV

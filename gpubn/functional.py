@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Tuple
 
-
 from . import _validation as V
 from .backends import get_backend
 

@@ -44,7 +44,6 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
-
 from . import _validation as V
 from .backends import get_backend
 from .functional import (BatchNormSaved, _check_num_batches, _is_acc_vector, _to_acc,

@@ -354,7 +354,7 @@ class KernelBackend(Backend):
                                 self.tuning)
             smem = ln_param_bytes(n, acc, weight, bias)
             self._launch(cfg, key, (x2, y2, weight, bias, mean, rstd, np.int64(rows),
-                                           np.int64(n), acc.type(eps), np.int32(smem > 0)), smem)
+                                    np.int64(n), acc.type(eps), np.int32(smem > 0)), smem)
         return y2, mean, rstd
 
     def ln_backward(self, dy2, x2, mean, rstd, weight, want_grads):
@@ -371,7 +371,7 @@ class KernelBackend(Backend):
                                 self._device(), self.tuning)
             smem = ln_param_bytes(n, acc, weight, None)
             self._launch(cfg, key, (dy2, x2, dx2, mean, rstd, weight, np.int64(rows),
-                                           np.int64(n), np.int32(smem > 0)), smem)
+                                    np.int64(n), np.int32(smem > 0)), smem)
         if not want_grads:
             return dx2, None, None
         dweight = self.xp.empty(n, dtype=acc)

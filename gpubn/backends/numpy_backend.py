@@ -57,7 +57,6 @@ from . import host_cache
 from .base import Backend, ChannelStats
 
 
-
 def _cache_chunk():
     """Elements per tile, from the size of the largest CPU cache: a 64th of
     it (the three or four tiles of one step and those of a second worker
