@@ -153,21 +153,19 @@ def check_owned(x, backend, name: str):
 
 
 def check_bn_vectors(weight, bias, running_mean, running_var, num_channels: int, backend,
-                     training: bool, running_name: str = "running_var"):
-    """The per-channel arguments of a batch-norm style forward: weight and bias
+                     training: bool):
+    """The per-channel arguments of a batch-norm forward: weight and bias
     (None or length C), and the running statistics, which are updated in place
-    when training, must come as a pair, and are required for inference.
-    ``running_name`` names the second running statistic (``running_std`` for
-    batch renormalization)."""
+    when training, must come as a pair, and are required for inference."""
     check_channel_vector(weight, "weight", num_channels)
     check_channel_vector(bias, "bias", num_channels)
     check_channel_vector(running_mean, "running_mean", num_channels, backend, writable=training)
-    check_channel_vector(running_var, running_name, num_channels, backend, writable=training)
+    check_channel_vector(running_var, "running_var", num_channels, backend, writable=training)
     if (running_mean is None) != (running_var is None):
-        raise ValueError(f"running_mean and {running_name} must be given together "
+        raise ValueError("running_mean and running_var must be given together "
                          "(both arrays or both None)")
     if not training and running_mean is None:
-        raise ValueError(f"training=False needs running_mean and {running_name} "
+        raise ValueError("training=False needs running_mean and running_var "
                          "(inference normalizes with the running statistics)")
 
 

@@ -55,15 +55,8 @@ def _address(a: np.ndarray) -> int:
 
 def empty_at(shape, dtype, offset: int) -> np.ndarray:
     """An uninitialized C-contiguous array whose data starts ``offset``
-    bytes into a page (modulo :data:`PAGE`).
-
-    Loops that store to one array while loading another run several times
-    slower when the load address lies a few bytes past the store address
-    modulo 4096 (the CPU takes the load for a read of the pending store:
-    measured 6x on a multiply whose per-column operand sat 4-28 bytes past
-    the output).  Buffers the backend streams alongside each other are put
-    at the page offset of the input, so their addresses differ by whole
-    pages plus the tile offsets, the same for every array."""
+    bytes into a page (modulo :data:`PAGE`), rounded down to the dtype's
+    alignment; see the module docstring for why."""
     dtype = np.dtype(dtype)
     shape = tuple(shape)
     nbytes = math.prod(shape) * dtype.itemsize
