@@ -43,6 +43,7 @@ import numpy as np
 
 from . import _validation as V
 from .backends import Backend, get_backend
+from .backends.base import update_running
 from .functional import BatchNormSaved, _check_num_batches, _to_acc, resolve_momentum
 from .layers import BatchNorm
 
@@ -479,9 +480,8 @@ def sync_batch_norm_forward(x, weight=None, bias=None, running_mean=None, runnin
         invstd = invstd64.astype(acc)
         if running_mean is not None:
             f = resolve_momentum(momentum, num_batches_tracked)
-            running_mean[...] = (1.0 - f) * running_mean.astype(np.float64) + f * mean64
-            running_var[...] = ((1.0 - f) * running_var.astype(np.float64)
-                                + f * (m2 / (global_count - 1)))
+            update_running(running_mean, mean64, f)
+            update_running(running_var, m2 / (global_count - 1), f)
         y3 = be.bn_apply(x3, mean, invstd, w, b) if local_count > 0 else x3.copy()
 
     saved = SyncBatchNormSaved(

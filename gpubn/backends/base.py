@@ -120,10 +120,8 @@ class Backend:
         r, d, w_eff, b_eff = renorm_constants(xp, mean, sigma, weight, bias, running_mean,
                                               running_std, rmax, dmax)
         y3 = self.bn_apply(x3, mean, invstd, w_eff, b_eff)
-        running_mean *= acc.type(1.0 - momentum)
-        running_mean += (acc.type(momentum) * mean).astype(acc, copy=False)
-        running_std *= acc.type(1.0 - momentum)
-        running_std += (acc.type(momentum) * sigma).astype(acc, copy=False)
+        update_running(running_mean, mean, momentum)
+        update_running(running_std, sigma, momentum)
         return y3, mean, invstd, r, d, w_eff
 
     # -- layer norm ----------------------------------------------------
@@ -144,6 +142,16 @@ class Backend:
         (``(n,)``, accumulation dtype), or ``(dx2, None, None)`` when
         ``want_grads`` is False."""
         raise NotImplementedError
+
+
+def update_running(running, batch, momentum: float) -> None:
+    """The host-side running-statistics update, in place:
+    ``running = (1 - momentum) * running + momentum * batch``, computed in
+    float64 and rounded once to ``running``'s dtype.  Every backend that keeps
+    its per-channel vectors on the host (numpy, cpu, the renorm default, sync
+    batch norm) uses this one rule; the kernels do the same in
+    ``bn_stats.cu``'s finishing step."""
+    running[...] = (1.0 - momentum) * running.astype("float64") + momentum * batch.astype("float64")
 
 
 def renorm_constants(xp, mean, sigma_b, weight, bias, running_mean, running_std, rmax, dmax):

@@ -54,7 +54,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from . import host_cache
-from .base import Backend, ChannelStats
+from .base import Backend, ChannelStats, update_running
 
 
 def _cache_chunk():
@@ -538,11 +538,9 @@ class NumpyBackend(Backend):
         scale = invstd if weight is None else invstd * _f64(weight)
         y3 = _normalize(x3, mean, invstd, scale, _f64(bias))
         if running_mean is not None:
-            running_mean *= 1.0 - momentum
-            running_mean += (momentum * mean).astype(running_mean.dtype)
+            update_running(running_mean, mean, momentum)
         if running_var is not None:
-            running_var *= 1.0 - momentum
-            running_var += (momentum * m2 / (n - 1)).astype(running_var.dtype)
+            update_running(running_var, m2 / (n - 1), momentum)
         return y3, mean.astype(acc), invstd.astype(acc)
 
     @_quiet
