@@ -399,9 +399,9 @@ def _raise_for_status(status_host, comm, what: str):
                               "was fine")
 
 
-def sync_batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var=None,
-                            training=True, momentum=0.1, eps=1e-5, axis=1, backend=None, *,
-                            comm, num_batches_tracked=None, num_features=None):
+def sync_batch_norm_forward(x, *, comm, weight=None, bias=None, running_mean=None,
+                            running_var=None, training=True, momentum=0.1, eps=1e-5, axis=1,
+                            backend=None, num_batches_tracked=None, num_features=None):
     """:func:`gpubn.batch_norm_forward` over the global batch of all ranks of ``comm``.
 
     Every rank calls it with its own slice ``x`` of the batch (any number of
@@ -587,9 +587,9 @@ class SyncBatchNorm(BatchNorm):
             comm.check_backend(self.backend)
         self.comm = comm
 
-    def _functional_forward(self, x, *args, **kwargs):
-        return sync_batch_norm_forward(x, *args, comm=self.comm,
-                                       num_features=self.num_features, **kwargs)
+    def _functional_forward(self, x, **kwargs):
+        return sync_batch_norm_forward(x, comm=self.comm, num_features=self.num_features,
+                                       **kwargs)
 
     def _functional_backward(self, dy, saved):
         return sync_batch_norm_backward(dy, saved)

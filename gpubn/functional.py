@@ -72,13 +72,17 @@ def _to_acc(xp, v, acc):
     return xp.ascontiguousarray(xp.asarray(v), dtype=acc)
 
 
-def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var=None,
-                       training=True, momentum=0.1, eps=1e-5, axis=1, backend=None, *,
+def batch_norm_forward(x, *, weight=None, bias=None, running_mean=None, running_var=None,
+                       training=True, momentum=0.1, eps=1e-5, axis=1, backend=None,
                        num_batches_tracked=None):
     """Batch normalization over every axis of ``x`` except the channel ``axis``.
 
     Returns ``(y, saved)``: ``y`` has the shape and dtype of ``x``; ``saved`` is a
     :class:`BatchNormSaved` for :func:`batch_norm_backward`.
+
+    Every argument after ``x`` is keyword-only: ``torch.nn.functional.batch_norm``
+    takes ``(input, running_mean, running_var, weight, bias, ...)`` in that
+    order, and a positional call written for it must not be read as weights.
 
     Semantics are those of ``torch.nn.functional.batch_norm``:
 

@@ -145,9 +145,9 @@ class BatchNorm(Layer):
         use_batch_stats = self.training or self.running_mean is None
         update = self.training and self.track_running_stats
         y, saved = self._functional_forward(
-            x, self.weight, self.bias,
-            self.running_mean if update or not use_batch_stats else None,
-            self.running_var if update or not use_batch_stats else None,
+            x, weight=self.weight, bias=self.bias,
+            running_mean=self.running_mean if update or not use_batch_stats else None,
+            running_var=self.running_var if update or not use_batch_stats else None,
             training=use_batch_stats, momentum=self.momentum, eps=self.eps,
             axis=self.axis, backend=self.backend,
             num_batches_tracked=self.num_batches_tracked if update else None)
@@ -159,8 +159,8 @@ class BatchNorm(Layer):
     __call__ = forward
 
     # hooks: the functional pair a subclass normalizes with (SyncBatchNorm)
-    def _functional_forward(self, x, *args, **kwargs):
-        return batch_norm_forward(x, *args, **kwargs)
+    def _functional_forward(self, x, **kwargs):
+        return batch_norm_forward(x, **kwargs)
 
     def _functional_backward(self, dy, saved):
         return batch_norm_backward(dy, saved)

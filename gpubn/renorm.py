@@ -85,8 +85,8 @@ class BatchRenormSaved:
     d: Any
 
 
-def batch_renorm_forward(x, weight, bias, running_mean, running_std, rmax=1.0, dmax=0.0,
-                         training=True, momentum=0.1, eps=1e-5, axis=1, backend=None, *,
+def batch_renorm_forward(x, *, weight=None, bias=None, running_mean, running_std, rmax=1.0,
+                         dmax=0.0, training=True, momentum=0.1, eps=1e-5, axis=1, backend=None,
                          num_batches_tracked=None):
     """Batch renormalization over every axis of ``x`` except the channel ``axis``.
 
@@ -94,7 +94,8 @@ def batch_renorm_forward(x, weight, bias, running_mean, running_std, rmax=1.0, d
     :func:`batch_renorm_backward`.  ``running_mean`` / ``running_std`` (the
     moving ``mu`` and ``sigma``, per channel) are required: training computes
     ``r`` and ``d`` from them and then updates them in place; inference
-    normalizes with them.  ``weight`` / ``bias`` may be None (1 and 0).
+    normalizes with them.  ``weight`` / ``bias`` default to None (1 and 0).
+    Every argument after ``x`` is keyword-only.
     ``momentum`` is the update rate of the moving statistics (PyTorch's
     convention); ``None`` is the cumulative average weighted by
     ``num_batches_tracked`` (batches already folded in).  See the module
@@ -222,8 +223,8 @@ class BatchRenorm(BatchNorm):
 
     def forward(self, x):
         y, saved = batch_renorm_forward(
-            x, self.weight, self.bias, self.running_mean, self.running_std, self._rmax,
-            self._dmax, training=self.training, momentum=self.momentum, eps=self.eps,
+            x, weight=self.weight, bias=self.bias, running_mean=self.running_mean,
+            running_std=self.running_std, rmax=self._rmax, dmax=self._dmax, training=self.training, momentum=self.momentum, eps=self.eps,
             axis=self.axis, backend=self.backend,
             num_batches_tracked=self.num_batches_tracked if self.training else None)
         if self.training:

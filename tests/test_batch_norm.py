@@ -63,8 +63,8 @@ def test_forward_backward_matches_torch(backend, shape, axis, dtype, mode):
 
     rm_b, rv_b = to_backend(backend, rm.copy()), to_backend(backend, rv.copy())
     y, saved = gpubn.batch_norm_forward(
-        to_backend(backend, x), to_backend(backend, w), to_backend(backend, b), rm_b, rv_b,
-        training=training, axis=axis, backend=backend.name)
+        to_backend(backend, x), weight=to_backend(backend, w), bias=to_backend(backend, b),
+        running_mean=rm_b, running_var=rv_b, training=training, axis=axis, backend=backend.name)
     assert y.shape == x.shape and y.dtype == x.dtype
     assert_close(y, ref["y"], dtype, "y")
     assert_close(rm_b, ref["running_mean"], np.float32 if dtype != np.float64 else dtype,
@@ -94,7 +94,8 @@ def test_running_stats_over_steps_match_torch(backend, torch, momentum):
     nbt = 0
     for step in range(4):
         x = make_input(shape, 1, np.float64, seed=10 + step, offset=2.0)
-        gpubn.batch_norm_forward(to_backend(backend, x), None, None, rm, rv, training=True,
+        gpubn.batch_norm_forward(to_backend(backend, x), running_mean=rm, running_var=rv,
+                                 training=True,
                                  momentum=momentum, num_batches_tracked=nbt,
                                  backend=backend.name)
         nbt += 1
@@ -104,8 +105,8 @@ def test_running_stats_over_steps_match_torch(backend, torch, momentum):
     # eval after training equals PyTorch's eval
     bn_t.eval()
     x = make_input(shape, 1, np.float64, seed=99)
-    y, _ = gpubn.batch_norm_forward(to_backend(backend, x), None, None, rm, rv, training=False,
-                                    backend=backend.name)
+    y, _ = gpubn.batch_norm_forward(to_backend(backend, x), running_mean=rm, running_var=rv,
+                                    training=False, backend=backend.name)
     assert_close(y, bn_t(torch.tensor(x)).detach().numpy(), np.float64, "eval y")
 
 
@@ -140,8 +141,9 @@ def test_eval_backward_is_frozen_batch_norm(backend):
     w, b, rm, rv = params(3, np.float64)
     dy = np.random.default_rng(3).standard_normal(shape)
     ref = torch_batch_norm(x, w, b, rm, rv, training=False, dy=dy)
-    y, saved = gpubn.batch_norm_forward(*(to_backend(backend, a) for a in (x, w, b, rm, rv)),
-                                        training=False, backend=backend.name)
+    xb, wb, bb, rmb, rvb = (to_backend(backend, a) for a in (x, w, b, rm, rv))
+    y, saved = gpubn.batch_norm_forward(xb, weight=wb, bias=bb, running_mean=rmb,
+                                        running_var=rvb, training=False, backend=backend.name)
     dx, dw, db = gpubn.batch_norm_backward(to_backend(backend, dy), saved)
     expected_dx = dy * (w / np.sqrt(rv + 1e-5))[None, :, None]
     assert_close(dx, expected_dx, np.float64, "dx")
@@ -160,13 +162,14 @@ def test_gradient_finite_differences_float64(backend):
     g = rng.standard_normal(shape)
 
     def loss(x_, w_, b_):
-        y, _ = gpubn.batch_norm_forward(to_backend(backend, x_), to_backend(backend, w_),
-                                        to_backend(backend, b_), axis=axis,
+        y, _ = gpubn.batch_norm_forward(to_backend(backend, x_), weight=to_backend(backend, w_),
+                                        bias=to_backend(backend, b_), axis=axis,
                                         backend=backend.name)
         return float(np.sum(to_numpy(y) * g))
 
-    _, saved = gpubn.batch_norm_forward(to_backend(backend, x), to_backend(backend, w),
-                                        to_backend(backend, b), axis=axis, backend=backend.name)
+    _, saved = gpubn.batch_norm_forward(to_backend(backend, x), weight=to_backend(backend, w),
+                                        bias=to_backend(backend, b), axis=axis,
+                                        backend=backend.name)
     dx, dw, db = (to_numpy(a) for a in gpubn.batch_norm_backward(to_backend(backend, g), saved))
     numeric = numeric_gradients(loss, (x, w, b))
     for grad, num, name in zip((dx, dw, db), numeric, ("dx", "dweight", "dbias")):

@@ -55,7 +55,7 @@ def test_nan_inf_propagate_like_torch(backend, training):
     rm, rv = np.zeros(3), np.ones(3)
     ref = torch_batch_norm(x, None, None, rm.copy(), rv.copy(), training=training)
     rm_b, rv_b = to_backend(backend, rm), to_backend(backend, rv)
-    y, _ = gpubn.batch_norm_forward(to_backend(backend, x), None, None, rm_b, rv_b,
+    y, _ = gpubn.batch_norm_forward(to_backend(backend, x), running_mean=rm_b, running_var=rv_b,
                                     training=training, backend=backend.name)
     y = to_numpy(y)
     if training:          # whole channel poisoned, channel 2 untouched
@@ -107,8 +107,8 @@ def test_property_affine_invariance_and_gradient_scaling(data, shape, a, b):
         return
     dy = data.draw(_batch(shape))
     w = np.linspace(0.5, 1.5, shape[1])
-    y1, s1 = gpubn.batch_norm_forward(x, w, eps=1e-12, backend="numpy")
-    y2, s2 = gpubn.batch_norm_forward(a * x + b, w, eps=1e-12, backend="numpy")
+    y1, s1 = gpubn.batch_norm_forward(x, weight=w, eps=1e-12, backend="numpy")
+    y2, s2 = gpubn.batch_norm_forward(a * x + b, weight=w, eps=1e-12, backend="numpy")
     np.testing.assert_allclose(y2, y1, rtol=1e-6, atol=1e-6)
     dx1, dw1, _ = gpubn.batch_norm_backward(dy, s1)
     dx2, dw2, _ = gpubn.batch_norm_backward(dy, s2)

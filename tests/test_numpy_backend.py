@@ -50,7 +50,8 @@ def test_tiled_threaded_matches_torch_and_is_deterministic(tiny_tiles, monkeypat
     for threads in ("1", "3"):
         monkeypatch.setenv("GPUBN_NUM_THREADS", threads)
         rm, rv = np.zeros(c), np.ones(c)
-        y, saved = gpubn.batch_norm_forward(x, w, b, rm, rv, axis=axis, backend="numpy")
+        y, saved = gpubn.batch_norm_forward(x, weight=w, bias=b, running_mean=rm, running_var=rv,
+                                            axis=axis, backend="numpy")
         dx, dw, db = gpubn.batch_norm_backward(dy, saved)
         results.append((y, dx, dw, db, rm, rv))
     assert paths and all(p == (offset == 0) for p in paths), paths

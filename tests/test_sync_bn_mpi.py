@@ -181,7 +181,8 @@ def check_functional_case(nranks, recs, ref_backend):
     c = data["c"]
     rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
     for step, (x, dy) in enumerate(data["steps"]):
-        y, saved = gpubn.batch_norm_forward(x, data["weight"], data["bias"], rm, rv,
+        y, saved = gpubn.batch_norm_forward(x, weight=data["weight"], bias=data["bias"],
+                                            running_mean=rm, running_var=rv,
                                             momentum=None, num_batches_tracked=step,
                                             backend=ref_backend)
         dx, dw, db = gpubn.batch_norm_backward(dy, saved)
