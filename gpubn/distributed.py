@@ -42,7 +42,7 @@ from typing import Any, Optional
 import numpy as np
 
 from . import _validation as V
-from .backends import Backend, get_backend
+from .backends import Backend, get_backend, is_cupy_array
 from .backends.base import update_running
 from .functional import BatchNormSaved, _check_num_batches, _to_acc, resolve_momentum
 from .layers import BatchNorm
@@ -54,12 +54,8 @@ class RemoteRankError(RuntimeError):
 
 
 # --------------------------------------------------------------- helpers ----
-def _is_cupy(a) -> bool:
-    return type(a).__module__.split(".")[0] == "cupy"
-
-
 def _xp_of(a):
-    if _is_cupy(a):
+    if is_cupy_array(a):
         import cupy
 
         return cupy
@@ -68,7 +64,7 @@ def _xp_of(a):
 
 def _to_host(a) -> np.ndarray:
     """NumPy copy of a NumPy/CuPy array (a device-to-host copy for CuPy)."""
-    return a.get() if _is_cupy(a) else np.asarray(a)
+    return a.get() if is_cupy_array(a) else np.asarray(a)
 
 
 def _check_buffer(buf, name: str = "buf"):
@@ -152,7 +148,7 @@ class MPIComm(Communicator):
 
     def allgather(self, buf):
         _check_buffer(buf)
-        if _is_cupy(buf):
+        if is_cupy_array(buf):
             if self.cuda_aware:
                 import cupy
 
@@ -169,7 +165,7 @@ class MPIComm(Communicator):
 
     def allreduce(self, buf):
         _check_buffer(buf)
-        if _is_cupy(buf):
+        if is_cupy_array(buf):
             if self.cuda_aware:
                 import cupy
 
@@ -431,7 +427,7 @@ def sync_batch_norm_forward(x, *, comm, weight=None, bias=None, running_mean=Non
     eps = V.check_eps(eps)
     momentum = V.check_momentum(momentum)
     _check_num_batches(num_batches_tracked)
-    be = get_backend(backend, x if V._is_array(x) else None)
+    be = get_backend(backend, x if V.is_array(x) else None)
     if hasattr(comm, "check_backend"):
         comm.check_backend(be)
     c = _num_channels(num_features, x, axis, weight, bias, running_mean, running_var)
@@ -546,7 +542,7 @@ def sync_batch_norm_backward(dy, saved: SyncBatchNormSaved):
         buf = _pack_grads(xp, c, *be.bn_backward_reduce(dy3, x3, mean, invstd)) \
             if nonempty else _pack_grads(xp, c)
     total = comm.allreduce(buf)
-    if not _is_cupy(total):
+    if not is_cupy_array(total):
         _raise_for_status([float(total[0])], comm, "sync_batch_norm_backward")
     sum_dy = total[1:1 + c].astype(acc)
     sum_dy_xhat = total[1 + c:].astype(acc)

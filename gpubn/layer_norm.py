@@ -168,7 +168,7 @@ class LayerNorm(Layer):
         self.normalized_shape = dims
         self.elementwise_affine = bool(elementwise_affine)
         self.dtype = dt
-        self.backend = get_backend(backend)
+        self._init_backend(backend)
         xp = self.backend.xp
         self.weight = xp.ones(dims, dtype=dt) if self.elementwise_affine else None
         self.bias = xp.zeros(dims, dtype=dt) if self.elementwise_affine and bias else None
@@ -178,8 +178,9 @@ class LayerNorm(Layer):
         self._saved = None
 
     def forward(self, x):
+        backend = self._backend_for(x)
         y, self._saved = layer_norm_forward(x, self.normalized_shape, self.weight, self.bias,
-                                            self.eps, backend=self.backend)
+                                            self.eps, backend=backend)
         return y
 
     __call__ = forward
@@ -202,7 +203,7 @@ class LayerNorm(Layer):
     def __repr__(self):
         return (f"LayerNorm({self.normalized_shape}, eps={self.eps}, "
                 f"elementwise_affine={self.elementwise_affine}, bias={self.bias is not None}, "
-                f"dtype={self.dtype.name}, backend={self.backend.name!r})")
+                f"dtype={self.dtype.name}, backend={self._backend_repr()})")
 
 
 __all__ = ["LayerNorm", "LayerNormSaved", "layer_norm_forward", "layer_norm_backward",

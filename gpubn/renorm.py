@@ -44,11 +44,13 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from . import _validation as V
-from .backends import get_backend
+from .backends import get_backend, is_cupy_array
 from .functional import (BatchNormSaved, _check_num_batches, _is_acc_vector, _to_acc,
                          resolve_momentum)
-from .layers import BatchNorm
+from .layers import ChannelNorm
 
 
 def check_rmax(rmax) -> float:
@@ -69,6 +71,20 @@ def check_dmax(dmax) -> float:
     if not dmax >= 0.0:   # also rejects nan
         raise ValueError(f"dmax must be >= 0 (d is clipped to [-dmax, dmax]), got {dmax}")
     return dmax
+
+
+def check_running_std(running_std, name: str = "running_std"):
+    """The moving sigma divides: a zero or negative value is an error (NaN,
+    which NaN input in training produces, propagates as in batch norm).
+    Checked on host (NumPy) arrays; on CuPy arrays the check would cost a
+    device synchronization per call and is left to ``load_state_dict``."""
+    if is_cupy_array(running_std):
+        return
+    bad = np.flatnonzero(np.asarray(running_std) <= 0)
+    if bad.size:
+        raise ValueError(f"{name} must be positive (it is the moving standard deviation, "
+                         f"a divisor), got {float(np.asarray(running_std)[bad[0]])!r} at channel "
+                         f"{int(bad[0])}" + (f" and {bad.size - 1} more" if bad.size > 1 else ""))
 
 
 @dataclass
@@ -122,6 +138,7 @@ def batch_renorm_forward(x, *, weight=None, bias=None, running_mean, running_std
                          "statistics r and d are computed from), got None")
     V.check_channel_vector(running_mean, "running_mean", c, be, writable=training)
     V.check_channel_vector(running_std, "running_std", c, be, writable=training)
+    check_running_std(running_std)
     V.check_count(count, training, shape)
 
     xp = be.xp
@@ -180,17 +197,19 @@ def batch_renorm_backward(dy, saved: BatchRenormSaved):
     return dx3.reshape(s.shape), dweight, dbias
 
 
-class BatchRenorm(BatchNorm):
+class BatchRenorm(ChannelNorm):
     """Batch renormalization layer (Ioffe, 2017), with ``BatchNorm``'s
     conventions: ``axis`` (1, or -1 for channels-last), ``train()`` /
     ``eval()``, ``backward(dy)`` setting ``grad_weight`` / ``grad_bias``,
-    ``momentum`` (``None``: cumulative average), parameters in ``dtype``.
+    ``momentum`` (``None``: cumulative average), parameters in ``dtype``,
+    the backend chosen per call unless ``backend=`` names one.
 
     State: ``weight``, ``bias``, ``running_mean`` (moving mu, starts at 0),
-    ``running_std`` (moving sigma, starts at 1) and ``num_batches_tracked``,
-    under those ``state_dict`` keys.  ``rmax`` and ``dmax`` are attributes
-    that may be changed between steps for the usual warm-up schedule
-    (start at ``rmax=1, dmax=0``, which is batch norm, and relax them).
+    ``running_std`` (moving sigma, starts at 1, must stay positive) and
+    ``num_batches_tracked``, under those ``state_dict`` keys.  ``rmax`` and
+    ``dmax`` are attributes that may be changed between steps for the usual
+    warm-up schedule (start at ``rmax=1, dmax=0``, which is batch norm, and
+    relax them).
     """
 
     _running_names = ("running_mean", "running_std")
@@ -200,9 +219,6 @@ class BatchRenorm(BatchNorm):
         rmax, dmax = check_rmax(rmax), check_dmax(dmax)
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
                          track_running_stats=True, axis=axis, dtype=dtype, backend=backend)
-        self.running_std = self.running_var
-        self.running_std[...] = 1
-        del self.running_var
         self._rmax, self._dmax = rmax, dmax
 
     @property
@@ -222,10 +238,12 @@ class BatchRenorm(BatchNorm):
         self._dmax = check_dmax(value)
 
     def forward(self, x):
+        backend = self._backend_for(x)
         y, saved = batch_renorm_forward(
             x, weight=self.weight, bias=self.bias, running_mean=self.running_mean,
-            running_std=self.running_std, rmax=self._rmax, dmax=self._dmax, training=self.training, momentum=self.momentum, eps=self.eps,
-            axis=self.axis, backend=self.backend,
+            running_std=self.running_std, rmax=self._rmax, dmax=self._dmax,
+            training=self.training, momentum=self.momentum, eps=self.eps, axis=self.axis,
+            backend=backend,
             num_batches_tracked=self.num_batches_tracked if self.training else None)
         if self.training:
             self.num_batches_tracked += 1
@@ -234,13 +252,21 @@ class BatchRenorm(BatchNorm):
 
     __call__ = forward
 
-    def _functional_backward(self, dy, saved):   # BatchNorm.backward's hook
+    def _functional_backward(self, dy, saved):
         return batch_renorm_backward(dy, saved)
+
+    def _check_state_value(self, key, value):
+        if key == "running_std":
+            check_running_std(_host(value), "state['running_std']")
 
     def __repr__(self):
         return (f"BatchRenorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"rmax={self._rmax}, dmax={self._dmax}, affine={self.affine}, "
-                f"axis={self.axis}, dtype={self.dtype.name}, backend={self.backend.name!r})")
+                f"axis={self.axis}, dtype={self.dtype.name}, backend={self._backend_repr()})")
+
+
+def _host(a):
+    return a.get() if is_cupy_array(a) else a
 
 
 __all__ = ["BatchRenorm", "BatchRenormSaved", "batch_renorm_forward", "batch_renorm_backward"]

@@ -146,7 +146,7 @@ def _cpu_setups(gpubn, world, skipped):
     comm = gpubn.MPIComm(world)
     for backend in ("numpy", "emu"):
         try:
-            gpubn.get_backend(backend)
+            gpubn.backends.get_backend(backend)
         except RuntimeError as exc:
             skipped[backend] = str(exc)
             continue

@@ -376,13 +376,13 @@ def test_emu_launch_sequence():
     pytest.importorskip("gpubn.emu")
     from gpubn import emu
     try:
-        gpubn.get_backend("emu")
+        gpubn.backends.get_backend("emu")
     except RuntimeError as exc:
         pytest.skip(str(exc))
     assert emu.get_options().memcheck and emu.get_options().racecheck
     x, w, b, mu, sigma, dy = make_case((4, 3, 5, 7), 1, np.float32)
     with emu.recording() as log:
-        y, saved = renorm(gpubn.get_backend("emu"), x, w, b, mu, sigma, 2.0, 1.0)
+        y, saved = renorm(gpubn.backends.get_backend("emu"), x, w, b, mu, sigma, 2.0, 1.0)
     names = [rec.kernel.split("<")[0] for rec in log]
     assert names == ["gpubn::bn_stats_nchw", "gpubn::bn_renorm_finish", "gpubn::bn_apply_nchw"]
     with emu.recording() as log:

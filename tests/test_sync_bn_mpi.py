@@ -86,7 +86,7 @@ def _launch(mpiexec, nranks, out_dir, script=HERE / "mpi_worker.py", mode="cpu")
 def _warm_emu():
     """Compile the emu kernels once here so that the ranks find them cached."""
     try:
-        gpubn.get_backend("emu")
+        gpubn.backends.get_backend("emu")
     except RuntimeError:
         return
     x = np.random.default_rng(0).standard_normal((4, 3, 5))
@@ -279,7 +279,7 @@ def gpu_mpi_run(tmp_path_factory):
     if ndev < 1:
         pytest.skip("no CUDA device")
     try:
-        gpubn.get_backend("cuda")
+        gpubn.backends.get_backend("cuda")
     except RuntimeError as exc:
         pytest.skip(str(exc))
     return 2, _launch(mpiexec, 2, tmp_path_factory.mktemp("mpi_gpu"), mode="gpu")
