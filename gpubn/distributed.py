@@ -44,7 +44,7 @@ import numpy as np
 from . import _validation as V
 from .backends import Backend, get_backend, is_cupy_array
 from .backends.base import update_running
-from .functional import BatchNormSaved, _check_num_batches, _to_acc, resolve_momentum
+from .functional import BatchNormSaved, ForwardInput, check_num_batches, resolve_momentum, to_acc
 from .layers import BatchNorm
 
 
@@ -426,7 +426,7 @@ def sync_batch_norm_forward(x, *, comm, weight=None, bias=None, running_mean=Non
     training = bool(training)
     eps = V.check_eps(eps)
     momentum = V.check_momentum(momentum)
-    _check_num_batches(num_batches_tracked)
+    check_num_batches(num_batches_tracked)
     be = get_backend(backend, x if V.is_array(x) else None)
     if hasattr(comm, "check_backend"):
         comm.check_backend(be)
@@ -444,19 +444,23 @@ def sync_batch_norm_forward(x, *, comm, weight=None, bias=None, running_mean=Non
 
     local_count = outer * inner
     acc = V.acc_dtype(x.dtype)
-    x3 = V.canonical_view(x, axis, xp)
-    w = _to_acc(xp, weight, acc)
-    b = _to_acc(xp, bias, acc)
+    f = ForwardInput(
+        backend=be, x3=V.canonical_view(x, axis, xp), weight=to_acc(xp, weight, acc),
+        bias=to_acc(xp, bias, acc), acc=acc, axis=axis, shape=shape, dtype=x.dtype,
+        count=local_count, training=training, eps=eps,
+        factor=resolve_momentum(momentum, num_batches_tracked),
+        weight_dtype=None if weight is None else weight.dtype,
+        bias_dtype=None if bias is None else bias.dtype)
+    x3, w, b = f.x3, f.weight, f.bias
 
     if not training:
         if local_count > 0:
-            y3, mean, invstd = be.bn_forward_eval(x3, w, b, _to_acc(xp, running_mean, acc),
-                                                  _to_acc(xp, running_var, acc), eps)
+            y3, mean, invstd = be.bn_forward_eval(x3, w, b, to_acc(xp, running_mean, acc),
+                                                  to_acc(xp, running_var, acc), eps)
         else:
-            mean = _to_acc(xp, running_mean, acc).copy()
-            invstd = (1.0 / xp.sqrt(_to_acc(xp, running_var, np.float64) + eps)).astype(acc)
+            mean = to_acc(xp, running_mean, acc).copy()
+            invstd = (1.0 / xp.sqrt(to_acc(xp, running_var, np.float64) + eps)).astype(acc)
             y3 = x3.copy()
-        global_count = local_count
     else:
         # ---- one all-gather of the per-rank Welford triples ----
         if local_count > 0:
@@ -475,17 +479,13 @@ def sync_batch_norm_forward(x, *, comm, weight=None, bias=None, running_mean=Non
         mean = mean64.astype(acc)
         invstd = invstd64.astype(acc)
         if running_mean is not None:
-            f = resolve_momentum(momentum, num_batches_tracked)
-            update_running(running_mean, mean64, f)
-            update_running(running_var, m2 / (global_count - 1), f)
+            update_running(running_mean, mean64, f.factor)
+            update_running(running_var, m2 / (global_count - 1), f.factor)
         y3 = be.bn_apply(x3, mean, invstd, w, b) if local_count > 0 else x3.copy()
+        f.count = global_count
 
-    saved = SyncBatchNormSaved(
-        x3=x3, mean=mean, invstd=invstd, weight=w, axis=axis, shape=shape, dtype=x.dtype,
-        training=training, backend=be, count=global_count,
-        weight_dtype=None if weight is None else weight.dtype,
-        bias_dtype=None if bias is None else bias.dtype,
-        comm=comm, local_count=local_count, num_channels=c)
+    saved = f.saved(mean, invstd, w, cls=SyncBatchNormSaved, comm=comm,
+                    local_count=local_count, num_channels=c)
     return y3.reshape(shape), saved
 
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from . import _validation as V
 from .backends import get_backend
-from .functional import _to_acc
+from .functional import to_acc
 from .layers import Layer
 
 
@@ -112,8 +112,8 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, ba
     if not x2.flags.c_contiguous:
         x2 = xp.ascontiguousarray(x2)
     acc = V.acc_dtype(x.dtype)
-    w = None if weight is None else _to_acc(xp, weight.reshape(n), acc)
-    b = None if bias is None else _to_acc(xp, bias.reshape(n), acc)
+    w = None if weight is None else to_acc(xp, weight.reshape(n), acc)
+    b = None if bias is None else to_acc(xp, bias.reshape(n), acc)
     y2, mean, rstd = be.ln_forward(x2, w, b, eps)
     saved = LayerNormSaved(x2=x2, mean=mean, rstd=rstd, weight=w, shape=shape, dtype=x.dtype,
                            normalized_shape=dims, backend=be,

@@ -47,9 +47,8 @@ from typing import Any
 import numpy as np
 
 from . import _validation as V
-from .backends import get_backend, is_cupy_array
-from .functional import (BatchNormSaved, _check_num_batches, _is_acc_vector, _to_acc,
-                         resolve_momentum)
+from .backends import is_cupy_array
+from .functional import BatchNormSaved, prepare_forward, to_acc
 from .layers import ChannelNorm
 
 
@@ -119,55 +118,36 @@ def batch_renorm_forward(x, *, weight=None, bias=None, running_mean, running_std
 
     Bad arguments raise ``TypeError`` / ``ValueError`` before any state changes.
     """
-    axis = V.check_input(x, axis, "x")
-    be = get_backend(backend, x)
-    V.check_owned(x, be, "x")
-    training = bool(training)
     rmax = check_rmax(rmax)
     dmax = check_dmax(dmax)
-    eps = V.check_eps(eps)
-    momentum = V.check_momentum(momentum)
-    _check_num_batches(num_batches_tracked)
-    shape = tuple(x.shape)
-    outer, c, inner = V.canonical_shape(shape, axis)
-    count = outer * inner
-    V.check_channel_vector(weight, "weight", c)
-    V.check_channel_vector(bias, "bias", c)
-    if running_mean is None or running_std is None:
-        raise ValueError("batch renorm needs running_mean and running_std (the moving "
-                         "statistics r and d are computed from), got None")
-    V.check_channel_vector(running_mean, "running_mean", c, be, writable=training)
-    V.check_channel_vector(running_std, "running_std", c, be, writable=training)
-    check_running_std(running_std)
-    V.check_count(count, training, shape)
 
-    xp = be.xp
-    acc = V.acc_dtype(x.dtype)
-    x3 = V.canonical_view(x, axis, xp)
-    w = _to_acc(xp, weight, acc)
-    b = _to_acc(xp, bias, acc)
-    if training:
-        rm = running_mean if _is_acc_vector(running_mean, acc) else _to_acc(xp, running_mean, acc)
-        rs = running_std if _is_acc_vector(running_std, acc) else _to_acc(xp, running_std, acc)
-        factor = resolve_momentum(momentum, num_batches_tracked)
-        y3, mean, invstd, r, d, w_bn = be.bn_renorm_forward_train(x3, w, b, rm, rs, rmax, dmax,
-                                                                  factor, eps)
-        if rm is not running_mean:
-            running_mean[...] = rm
-        if rs is not running_std:
-            running_std[...] = rs
+    def check_vectors(c, be):
+        V.check_channel_vector(weight, "weight", c)
+        V.check_channel_vector(bias, "bias", c)
+        if running_mean is None or running_std is None:
+            raise ValueError("batch renorm needs running_mean and running_std (the moving "
+                             "statistics r and d are computed from), got None")
+        V.check_channel_vector(running_mean, "running_mean", c, be, writable=training)
+        V.check_channel_vector(running_std, "running_std", c, be, writable=training)
+        check_running_std(running_std)
+
+    f = prepare_forward(x, weight=weight, bias=bias, training=training, momentum=momentum,
+                        eps=eps, axis=axis, backend=backend,
+                        num_batches_tracked=num_batches_tracked, check_vectors=check_vectors)
+    be, xp = f.backend, f.backend.xp
+    if f.training:
+        rm, rs = f.running(running_mean), f.running(running_std)
+        y3, mean, invstd, r, d, w_bn = be.bn_renorm_forward_train(
+            f.x3, f.weight, f.bias, rm, rs, rmax, dmax, f.factor, f.eps)
+        f.write_back(running_mean, rm)
+        f.write_back(running_std, rs)
     else:
-        mean = _to_acc(xp, running_mean, acc).copy()
-        invstd = (1.0 / _to_acc(xp, running_std, acc)).astype(acc, copy=False)
-        y3 = be.bn_apply(x3, mean, invstd, w, b)
+        mean = to_acc(xp, running_mean, f.acc).copy()
+        invstd = (1.0 / to_acc(xp, running_std, f.acc)).astype(f.acc, copy=False)
+        y3 = be.bn_apply(f.x3, mean, invstd, f.weight, f.bias)
         r = d = None
-        w_bn = w
-    bn = BatchNormSaved(
-        x3=x3, mean=mean, invstd=invstd, weight=w_bn, axis=axis, shape=shape, dtype=x.dtype,
-        training=training, backend=be, count=count,
-        weight_dtype=None if weight is None else weight.dtype,
-        bias_dtype=None if bias is None else bias.dtype)
-    return y3.reshape(shape), BatchRenormSaved(bn=bn, r=r, d=d)
+        w_bn = f.weight
+    return y3.reshape(f.shape), BatchRenormSaved(bn=f.saved(mean, invstd, w_bn), r=r, d=d)
 
 
 def batch_renorm_backward(dy, saved: BatchRenormSaved):
