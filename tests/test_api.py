@@ -175,3 +175,27 @@ def test_whitening_before_fit_says_call_fit_only():
     assert "partial_fit" not in str(info.value)
     with pytest.raises(gpubn.NotFittedError, match=r"call fit or partial_fit"):
         StandardScaler().transform(np.ones((4, 2)))
+
+
+# ------------------------------------------------------------ the suite ----
+class _Config:
+    def __init__(self, run_slow_option):
+        self._option = run_slow_option
+
+    def getoption(self, name):
+        assert name == "--run-slow"
+        return self._option
+
+
+@pytest.mark.parametrize("ci,option,expected", [
+    (None, False, False), ("", False, False), ("false", False, False), ("0", False, False),
+    ("true", False, True), ("1", False, True), (None, True, True),
+])
+def test_slow_tests_run_in_ci_or_on_request(monkeypatch, ci, option, expected):
+    from conftest import run_slow
+
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    assert run_slow(_Config(option)) is expected

@@ -557,6 +557,7 @@ def test_setup_is_shared_and_state_copies_are_independent():
 
 # -- end to end ----------------------------------------------------------------------------
 
+@pytest.mark.slow   # worker processes time every case: about a minute and a half
 def test_quick_cpu_run_end_to_end(tmp_path, capsys):
     out = tmp_path / "quick.jsonl"
     rc = main(["cpu", "--quick", "--repeats", "1", "--warmup", "0", "--out", str(out),
@@ -587,6 +588,7 @@ def test_quick_cpu_run_end_to_end(tmp_path, capsys):
             assert not r["check"].startswith("mismatch"), r
 
 
+@pytest.mark.slow   # the CLI with worker processes
 def test_without_pytorch_gpubn_becomes_the_reference(tmp_path, monkeypatch):
     monkeypatch.setattr(TorchProvider, "unavailable_reason", lambda self: "PyTorch is not installed")
     out = tmp_path / "nt.jsonl"
