@@ -154,6 +154,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if "gpu" in sections and gpu_reason is None:
         gpu_info = gpu_mod.device_info()
     machine = machine_info(gpu_info)
+    print(f"# date: {time.strftime('%Y-%m-%d %H:%M %z')}")
     print(f"# machine: {machine['cpu']} ({machine['cpu_count']} cores, load {machine['loadavg']}), "
           f"python {machine['python']}, "
           f"numpy {machine['numpy']}, torch {machine['torch']} ({machine['torch_threads']} threads), "

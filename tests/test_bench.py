@@ -3,6 +3,7 @@ bandwidth from device attributes, timer plumbing, output checks, report
 formats, suites, the textbook NumPy version, and a tiny CPU run end to end."""
 
 import io
+import re
 import sys
 from pathlib import Path
 
@@ -610,6 +611,7 @@ def test_gpu_section_without_a_device_says_why(tmp_path, capsys):
     assert rc == 0
     text = capsys.readouterr().out
     assert "GPU: unavailable:" in text
+    assert re.search(r"^# date: \d{4}-\d\d-\d\d \d\d:\d\d", text, flags=re.M)   # for RESULTS.md
     # nothing ran, so nothing was written, and the output does not claim otherwise
     assert not out.exists()
     assert "appended" not in text and "no results: nothing was written" in text
