@@ -197,6 +197,32 @@ def bn_output_slack(x, weight, bias, axis, dtype, mean=None, var=None, eps=1e-5)
     return 4.0 * acc_unit_roundoff(dtype) * (1.0 + np.log2(m)) * scale
 
 
+def bn_dx_slack(x, dy, weight, axis, dtype, training, mean=None, var=None, eps=1e-5):
+    """Slack of :func:`assert_rounded_close` for batch norm's ``dx``.  With
+    batch statistics ``dx = w / sigma (dy - mean(dy) - xhat mean(dy xhat))``,
+    whose terms cancel: ``4 u (1 + log2 m) |w| / sigma (|dy| + mean|dy| +
+    (|xhat| + 1) mean(|dy| (|xhat| + 1)))``; with fixed statistics
+    ``dx = dy w / sigma``: ``4 u |w| / sigma |dy|``."""
+    x = np.asarray(to_numpy(x), dtype=np.float64)
+    dy = np.abs(np.asarray(to_numpy(dy), dtype=np.float64))
+    axis = axis % x.ndim
+    red = tuple(i for i in range(x.ndim) if i != axis)
+    shape = [1] * x.ndim
+    shape[axis] = x.shape[axis]
+    m = x.size // x.shape[axis]
+    mean = x.mean(axis=red, keepdims=True) if mean is None else np.reshape(mean, shape)
+    var = x.var(axis=red, keepdims=True) if var is None else np.reshape(var, shape)
+    w = 1.0 if weight is None else np.abs(np.reshape(to_numpy(weight), shape))
+    a = w / np.sqrt(var + eps)
+    u = acc_unit_roundoff(dtype)
+    if not training:
+        return 4.0 * u * a * dy
+    xhat1 = np.abs((x - mean) / np.sqrt(var + eps)) + 1.0
+    terms = dy + dy.mean(axis=red, keepdims=True) + xhat1 * (dy * xhat1).mean(axis=red,
+                                                                            keepdims=True)
+    return 4.0 * u * (1.0 + np.log2(m)) * a * terms
+
+
 def bn_sum_terms(x, dy, axis, eps=1e-5, mean=None, var=None):
     """Summands of batch norm's dbias (dy) and dweight (dy * xhat) in
     float64 with the batch statistics (or the given per-channel ``mean`` /
