@@ -345,3 +345,17 @@ def test_importing_gpubn_needs_no_dask():
                          check=True, timeout=TIMEOUT_S, capture_output=True, text=True,
                          cwd=root)
     assert out.stdout.strip() == "False"
+
+
+def test_readme_cluster_example_runs():
+    """The README's Dask example (a ``py`` block, which the README test does
+    not run) works as written, in a process of its own."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    section = text.split("## Dask: fitting scalers out of core", 1)[1]
+    code = section.split("```py\n", 1)[1].split("```", 1)[0]
+    out = subprocess.run([sys.executable, "-c", code], check=True, timeout=TIMEOUT_S,
+                         capture_output=True, text=True, cwd=root).stdout.splitlines()
+    assert out[0].startswith("ndarray [5.")
+    assert out[2] == "400000"
