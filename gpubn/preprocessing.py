@@ -42,7 +42,7 @@ from numbers import Real
 import numpy as np
 
 from ._validation import acc_dtype
-from .backends import get_backend
+from .backends import get_backend, is_cupy_array
 
 __all__ = ["StandardScaler", "MinMaxScaler", "Whitening", "NotFittedError"]
 
@@ -54,16 +54,12 @@ class NotFittedError(ValueError, AttributeError):
 # -- helpers ------------------------------------------------------------------
 
 
-def _is_cupy(a) -> bool:
-    return type(a).__module__.split(".")[0] == "cupy"
-
-
 def _move(a, xp):
     """Array ``a`` in array module ``xp`` (a no-op when it already is)."""
     if a is None:
         return None
     if xp is np:
-        return a.get() if _is_cupy(a) else np.asarray(a)
+        return a.get() if is_cupy_array(a) else np.asarray(a)
     return xp.asarray(a)
 
 
@@ -98,7 +94,7 @@ def _prepare(X, backend, name, n_features=None, who="X"):
     Returns ``(backend, X)`` with ``X`` a C-contiguous 2-D float32/float64
     array of the backend's array module.  Raises before anything is changed.
     """
-    if not _is_cupy(X) and not isinstance(X, np.ndarray):
+    if not is_cupy_array(X) and not isinstance(X, np.ndarray):
         try:
             X = np.asarray(X)
         except Exception as exc:  # ragged lists and the like
@@ -138,7 +134,7 @@ def _apply(be, X, mean, invstd, bias):
 
 def _module_of(a):
     """The array module (numpy or cupy) of array ``a``."""
-    return sys.modules["cupy"] if _is_cupy(a) else np
+    return sys.modules["cupy"] if is_cupy_array(a) else np
 
 
 # -- partial results: one per block of samples, merged with Chan's formulas ----
@@ -231,7 +227,7 @@ def _check_dask(X, name, n_features=None, who="X"):
     computed): 2-D, floating point, NumPy or CuPy blocks, known chunk sizes,
     whole rows per block."""
     meta = X._meta
-    if not (isinstance(meta, np.ndarray) or _is_cupy(meta)):
+    if not (isinstance(meta, np.ndarray) or is_cupy_array(meta)):
         raise TypeError(f"{name}: {who} must be a Dask array of NumPy or CuPy blocks, "
                         f"its meta is {type(meta).__module__}.{type(meta).__name__}")
     if X.ndim == 2 and X.dtype.kind != "f":
@@ -249,7 +245,7 @@ def _check_dask(X, name, n_features=None, who="X"):
 
 def _reduce_block(reduce, backend, name, on_gpu, index, block):
     """One block's partial result, on the worker that holds the block."""
-    if _is_cupy(block) != on_gpu or not (on_gpu or isinstance(block, np.ndarray)):
+    if is_cupy_array(block) != on_gpu or not (on_gpu or isinstance(block, np.ndarray)):
         raise TypeError(
             f"{name}: block {index} of X is a {type(block).__module__}."
             f"{type(block).__name__}, but X's meta is a "
@@ -271,7 +267,7 @@ def _dask_reduce(X, reduce, merge, backend, name):
     on the number of blocks; returns the root partial, computed."""
     import dask
 
-    on_gpu = _is_cupy(X._meta)
+    on_gpu = is_cupy_array(X._meta)
     task, merge_task = dask.delayed(_reduce_block, pure=True), dask.delayed(merge, pure=True)
     parts = [task(reduce, backend, name, on_gpu, i, block)
              for i, block in enumerate(X.to_delayed().ravel())]
