@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 from .backends import available_backends, get_backend
 from .backends.host_cache import empty_host_cache
 from .functional import BatchNormSaved, batch_norm_backward, batch_norm_forward
+from .folding import fold_batch_norm
 from .layers import BatchNorm
 from .layer_norm import LayerNorm, LayerNormSaved, layer_norm_backward, layer_norm_forward
 from .renorm import BatchRenorm, BatchRenormSaved, batch_renorm_backward, batch_renorm_forward
@@ -17,6 +18,7 @@ __all__ = [
     "BatchNormSaved",
     "available_backends",
     "empty_host_cache",
+    "fold_batch_norm",
     "batch_norm_backward",
     "batch_norm_forward",
     "get_backend",

@@ -55,6 +55,13 @@ def _is_cupy_array(x) -> bool:
     return type(x).__module__.split(".")[0] == "cupy"
 
 
+def array_module(x):
+    """``cupy`` for a CuPy array, else ``numpy`` (without importing CuPy)."""
+    if _is_cupy_array(x):
+        return importlib.import_module("cupy")
+    return importlib.import_module("numpy")
+
+
 def get_backend(backend=None, x=None) -> Backend:
     """Resolve a backend name (or ``None``) for array ``x``."""
     if isinstance(backend, Backend):
@@ -69,4 +76,5 @@ def get_backend(backend=None, x=None) -> Backend:
     return _load(backend)
 
 
-__all__ = ["Backend", "ChannelStats", "BACKENDS", "available_backends", "get_backend"]
+__all__ = ["Backend", "ChannelStats", "BACKENDS", "array_module", "available_backends",
+           "get_backend"]
