@@ -451,3 +451,11 @@ def test_weight_changed_in_place_between_forward_and_backward_is_detected():
         ours.weight.mul_(2)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+
+
+def test_second_derivatives_raise_as_documented():
+    _, ours = _pair("BatchNorm1d", 3)
+    x = torch.randn(4, 3, requires_grad=True)
+    (gx,) = torch.autograd.grad(ours(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gx.sum().backward()
