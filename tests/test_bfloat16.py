@@ -97,51 +97,65 @@ def test_traffic_is_that_of_float16(shape):
 
 
 # ------------------------------------------------------------ rounding ----
+def _all_values_times_3():
+    """Every bfloat16 bit pattern as x, and 3 * x + 0 in float32: exact (at
+    most 10 significant bits), -0 becoming +0 as in ``x * scale + shift``."""
+    bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    with np.errstate(over="ignore", invalid="ignore"):      # Inf and NaN are among them
+        prod = bits.view(BFLOAT16).astype(np.float32) * np.float32(3) + np.float32(0)
+    return bits, prod
+
+
+def _rounding_mismatches(y, prod):
+    """Indices where bfloat16 ``y`` is not ``prod`` rounded to nearest even
+    (ml_dtypes' cast is the oracle; any NaN matches a NaN)."""
+    want = prod.astype(BFLOAT16)
+    nan = np.isnan(prod)
+    got_nan = np.isnan(y.astype(np.float32))
+    return np.flatnonzero(np.where(nan, ~got_nan, y.view(np.uint16) != want.view(np.uint16)))
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
                             "ignore:invalid value encountered:RuntimeWarning")
 def test_output_rounds_to_nearest_even_on_every_bfloat16_value(backend):
     """All 65536 bfloat16 values through an eval forward with mean 0,
-    invstd 1 and weight 3: 3 * x is exact in float32 (at most 10
-    significant bits), so the output is that product rounded once, to
-    nearest even (ties are frequent: a 10-bit significand rounded to 8),
-    with overflow to Inf, subnormals kept and NaN staying NaN.  The oracle
-    is ml_dtypes' float32 -> bfloat16 cast."""
-    bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    invstd 1 and weight 3: the output is 3 * x rounded once, to nearest even
+    (ties are frequent: a 10-bit significand rounded to 8), with overflow to
+    Inf, subnormals kept and NaN staying NaN."""
+    bits, prod = _all_values_times_3()
     x = bits.view(BFLOAT16).reshape(1, 1, -1)
     w = np.full(1, 3.0, np.float32)
     zero, one = np.zeros(1, np.float32), np.ones(1, np.float32)
     # eps far below float32's resolution at 1: invstd = 1/sqrt(1 + eps) is exactly 1
-    with np.errstate(over="ignore", invalid="ignore"):      # Inf and NaN are among the inputs
+    with np.errstate(over="ignore", invalid="ignore"):
         y, _ = gpubn.batch_norm_forward(to_backend(backend, x), weight=to_backend(backend, w),
                                         running_mean=to_backend(backend, zero),
                                         running_var=to_backend(backend, one), training=False,
                                         eps=1e-30, backend=backend.name)
-        # x * 3 + shift with shift = +0 (so -0 comes out as +0)
-        prod = x.reshape(-1).astype(np.float32) * np.float32(3)
-        expected = (prod + np.float32(0)).astype(BFLOAT16)
     y = to_numpy(y).reshape(-1)
-    nan = np.isnan(expected.astype(np.float32))
-    got, want = y.view(np.uint16), expected.view(np.uint16)
-    bad = np.flatnonzero((got != want) & ~nan)
-    assert bad.size == 0, (f"{bad.size} values rounded differently, e.g. x bits "
+    bad = _rounding_mismatches(y, prod)
+    assert bad.size == 0, (f"{bad.size} values rounded wrongly, e.g. x bits "
                            f"{[hex(b) for b in bits[bad[:5]]]}: got "
-                           f"{[hex(v) for v in got[bad[:5]]]}, want {[hex(v) for v in want[bad[:5]]]}")
-    assert np.isnan(y[nan].astype(np.float32)).all()
+                           f"{[hex(v) for v in y.view(np.uint16)[bad[:5]]]}")
     ties = np.isfinite(prod) & ((prod.view(np.uint32) & 0xFFFF) == 0x8000)
     assert ties.sum() > 1000, "the data have too few ties to tell rounding modes apart"
 
 
-def test_rounding_check_catches_truncation():
-    """The comparison above fails for a truncating conversion (the planted
-    defect): truncation and round-to-nearest-even differ on a quarter or
-    more of the products."""
-    x = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(BFLOAT16)
-    with np.errstate(over="ignore", invalid="ignore"):
-        prod = x.astype(np.float32) * np.float32(3)
-    truncated = (prod.view(np.uint32) >> 16).astype(np.uint16)
-    rne = prod.astype(BFLOAT16).view(np.uint16)
-    finite = np.isfinite(prod)
-    assert (truncated[finite] != rne[finite]).mean() > 0.25
+def test_rounding_check_catches_planted_defects():
+    """The check above fails for a truncating conversion, for round half
+    away from zero (differs only on ties), and for a NaN turned into a
+    number; it passes the correct rounding."""
+    _, prod = _all_values_times_3()
+    u = prod.view(np.uint32)
+    truncated = (u >> 16).astype(np.uint16).view(BFLOAT16)
+    half_away = ((u + 0x8000) >> 16).astype(np.uint16).view(BFLOAT16)
+    half_away[np.isnan(prod)] = prod[np.isnan(prod)].astype(BFLOAT16)
+    nan_lost = prod.astype(BFLOAT16)
+    nan_lost[np.flatnonzero(np.isnan(prod))[0]] = 0
+    assert _rounding_mismatches(prod.astype(BFLOAT16), prod).size == 0
+    assert _rounding_mismatches(truncated, prod).size > 10000
+    assert _rounding_mismatches(half_away, prod).size > 1000
+    assert _rounding_mismatches(nan_lost, prod).size == 1
 
 
 # ---------------------------------------------------------- validation ----
