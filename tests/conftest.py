@@ -2,10 +2,33 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
 from gpubn.backends import BACKENDS, get_backend
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true",
+                     help="run the tests marked slow (CI, i.e. CI=true, always runs them)")
+
+
+def run_slow(config) -> bool:
+    """Slow tests (worker processes, wheel builds) run in CI (``CI`` set to a
+    true value, as CI services and .ci/run do) or with ``--run-slow``."""
+    ci = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+    return ci or config.getoption("--run-slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if run_slow(config):
+        return
+    skip = pytest.mark.skip(reason="slow test: runs in CI (CI=true) or with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
 
 # (rtol, atol) per input dtype, used by every comparison in the suite.
 TOL = {

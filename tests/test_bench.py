@@ -603,9 +603,14 @@ def test_without_pytorch_gpubn_becomes_the_reference(tmp_path, monkeypatch):
 def test_gpu_section_without_a_device_says_why(tmp_path, capsys):
     if gpu.gpu_unavailable_reason() is None:
         pytest.skip("a CUDA device is present")
-    rc = main(["gpu", "--quick", "--out", str(tmp_path / "g.jsonl"), "--quiet"])
+    out = tmp_path / "g.jsonl"
+    rc = main(["gpu", "--quick", "--out", str(out), "--quiet"])
     assert rc == 0
-    assert "GPU: unavailable:" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "GPU: unavailable:" in text
+    # nothing ran, so nothing was written, and the output does not claim otherwise
+    assert not out.exists()
+    assert "appended" not in text and "no results: nothing was written" in text
 
 
 def test_cli_rejects_unknown_section(capsys):

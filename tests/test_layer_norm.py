@@ -264,7 +264,7 @@ def test_emu_launches_and_traffic(n, kind, passes):
     pytest.importorskip("gpubn.emu")
     from gpubn import emu
     try:
-        gpubn.get_backend("emu")
+        gpubn.backends.get_backend("emu")
     except RuntimeError as exc:
         pytest.skip(str(exc))
     opts = emu.get_options()
@@ -303,7 +303,7 @@ def test_emu_column_reduction_is_deterministic():
     pytest.importorskip("gpubn.emu")
     from gpubn import emu
     try:
-        gpubn.get_backend("emu")
+        gpubn.backends.get_backend("emu")
     except RuntimeError as exc:
         pytest.skip(str(exc))
     x, w, b, dy = make((203, 40), (40,), np.float32, seed=12)
@@ -339,7 +339,7 @@ def test_emu_grid_stride_over_rows(n):
     racecheck; results equal the NumPy backend's."""
     pytest.importorskip("gpubn.emu")
     try:
-        gpubn.get_backend("emu")
+        gpubn.backends.get_backend("emu")
     except RuntimeError as exc:
         pytest.skip(str(exc))
     from gpubn.backends.emu import EMU_TUNING, EmuBackend

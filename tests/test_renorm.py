@@ -99,8 +99,8 @@ def make_case(shape, axis, dtype, seed=0):
 
 def renorm(backend, x, w, b, mu, sigma, rmax, dmax, **kw):
     return gpubn.batch_renorm_forward(
-        to_backend(backend, x), to_backend(backend, w), to_backend(backend, b), mu, sigma,
-        rmax, dmax, backend=backend.name, **kw)
+        to_backend(backend, x), weight=to_backend(backend, w), bias=to_backend(backend, b),
+        running_mean=mu, running_std=sigma, rmax=rmax, dmax=dmax, backend=backend.name, **kw)
 
 
 SHAPES = [
@@ -166,8 +166,9 @@ def test_rmax_1_dmax_0_is_batch_norm(backend, dtype, affine):
         w = b = None
     y, saved = renorm(backend, x, w, b, to_backend(backend, mu), to_backend(backend, sigma),
                       1.0, 0.0, axis=axis)
-    y_bn, saved_bn = gpubn.batch_norm_forward(to_backend(backend, x), to_backend(backend, w),
-                                              to_backend(backend, b), backend=backend.name)
+    y_bn, saved_bn = gpubn.batch_norm_forward(to_backend(backend, x),
+                                              weight=to_backend(backend, w),
+                                              bias=to_backend(backend, b), backend=backend.name)
     grads = gpubn.batch_renorm_backward(to_backend(backend, dy), saved)
     grads_bn = gpubn.batch_norm_backward(to_backend(backend, dy), saved_bn)
     np.testing.assert_array_equal(to_numpy(saved.r), 1.0)
@@ -333,16 +334,18 @@ def test_read_only_moving_stats_rejected_before_any_write():
     mu, sigma = np.zeros(3, np.float32), np.ones(3, np.float32)
     sigma.flags.writeable = False
     with pytest.raises(ValueError, match=r"running_std is updated in place but is read-only"):
-        gpubn.batch_renorm_forward(x, None, None, mu, sigma, 2.0, 1.0)
+        gpubn.batch_renorm_forward(x, running_mean=mu, running_std=sigma, rmax=2.0,
+                                   dmax=1.0)
     np.testing.assert_array_equal(mu, 0.0)
     # inference only reads them
-    y, _ = gpubn.batch_renorm_forward(x, None, None, mu, sigma, training=False)
+    y, _ = gpubn.batch_renorm_forward(x, running_mean=mu, running_std=sigma, training=False)
     assert y.shape == x.shape
 
 
 def test_bad_backward_and_layer_setters(backend):
     x, mu, sigma = _good(backend)
-    _, saved = gpubn.batch_renorm_forward(x, None, None, mu, sigma, backend=backend.name)
+    _, saved = gpubn.batch_renorm_forward(x, running_mean=mu, running_std=sigma,
+                                          backend=backend.name)
     xp = backend.xp
     with pytest.raises(ValueError, match=r"dy must have the shape of the forward input"):
         gpubn.batch_renorm_backward(xp.ones((4, 3), xp.float32), saved)
@@ -373,13 +376,13 @@ def test_emu_launch_sequence():
     pytest.importorskip("gpubn.emu")
     from gpubn import emu
     try:
-        gpubn.get_backend("emu")
+        gpubn.backends.get_backend("emu")
     except RuntimeError as exc:
         pytest.skip(str(exc))
     assert emu.get_options().memcheck and emu.get_options().racecheck
     x, w, b, mu, sigma, dy = make_case((4, 3, 5, 7), 1, np.float32)
     with emu.recording() as log:
-        y, saved = renorm(gpubn.get_backend("emu"), x, w, b, mu, sigma, 2.0, 1.0)
+        y, saved = renorm(gpubn.backends.get_backend("emu"), x, w, b, mu, sigma, 2.0, 1.0)
     names = [rec.kernel.split("<")[0] for rec in log]
     assert names == ["gpubn::bn_stats_nchw", "gpubn::bn_renorm_finish", "gpubn::bn_apply_nchw"]
     with emu.recording() as log:

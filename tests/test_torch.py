@@ -19,11 +19,12 @@ torch = pytest.importorskip("torch", reason="PyTorch is not installed (extra 'gp
 import gpubn  # noqa: E402
 import gpubn.torch as gt  # noqa: E402
 from conftest import BFLOAT16, TOL  # noqa: E402
+from gpubn.backends import get_backend  # noqa: E402
 from gpubn.backends.cuda import CudaBackend  # noqa: E402
 
 _EMU_REASON = None
 try:
-    gpubn.get_backend("emu")
+    get_backend("emu")
 except RuntimeError as exc:
     _EMU_REASON = str(exc)
 
