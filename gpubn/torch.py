@@ -34,7 +34,8 @@ from torch.autograd.function import once_differentiable
 from .backends import BACKENDS
 from .functional import batch_norm_backward, batch_norm_forward
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "convert", "revert"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "as_array", "as_tensor", "batch_norm",
+           "convert", "revert"]
 
 
 # ------------------------------------------------- tensors <-> arrays ----
@@ -42,37 +43,42 @@ def _bfloat16():
     try:
         import ml_dtypes
     except ImportError:
-        raise TypeError("bfloat16 tensors on the CPU need ml_dtypes (pip install "
-                        "'gpubn[bfloat16]'): it provides NumPy's bfloat16 dtype") from None
+        raise TypeError("bfloat16 tensors need ml_dtypes (pip install 'gpubn[bfloat16]'): "
+                        "it provides the bfloat16 dtype of NumPy and CuPy arrays") from None
     return np.dtype(ml_dtypes.bfloat16)
 
 
 def as_array(t):
     """The NumPy (CPU) or CuPy (CUDA) array sharing ``t``'s memory, without a
-    copy; None passes through."""
+    copy; None passes through.  bfloat16 crosses as ``int16`` and is re-typed
+    to ``ml_dtypes.bfloat16`` on the other side (NumPy has no bfloat16 of its
+    own, and CuPy's DLPack exchange of it is recent)."""
     if t is None:
         return None
     t = t.detach()
+    bf16 = t.dtype == torch.bfloat16
+    if bf16:
+        t = t.view(torch.int16)
     if t.device.type == "cpu":
-        if t.dtype == torch.bfloat16:
-            return t.view(torch.int16).numpy().view(_bfloat16())
-        return t.numpy()
-    if t.device.type == "cuda":
+        a = t.numpy()
+    elif t.device.type == "cuda":
         import cupy
 
-        return cupy.from_dlpack(t)
-    raise TypeError(f"gpubn runs on CPU and CUDA tensors, got a tensor on {t.device}")
+        a = cupy.from_dlpack(t)
+    else:
+        raise TypeError(f"gpubn runs on CPU and CUDA tensors, got a tensor on {t.device}")
+    return a.view(_bfloat16()) if bf16 else a
 
 
 def as_tensor(a):
     """The tensor sharing the memory of a NumPy or CuPy array (no copy)."""
     if a is None:
         return None
-    if isinstance(a, np.ndarray):
-        if a.dtype.name == "bfloat16":
-            return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-        return torch.from_numpy(a)
-    return torch.from_dlpack(a)
+    bf16 = a.dtype.name == "bfloat16"
+    if bf16:
+        a = a.view(np.int16)
+    t = torch.from_numpy(a) if isinstance(a, np.ndarray) else torch.from_dlpack(a)
+    return t.view(torch.bfloat16) if bf16 else t
 
 
 def _stream_of(t):

@@ -460,3 +460,10 @@ def test_second_derivatives_raise_as_documented():
     (gx,) = torch.autograd.grad(ours(x).pow(2).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         gx.sum().backward()
+
+
+def test_bfloat16_without_ml_dtypes_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)
+    with pytest.raises(TypeError,
+                       match=r"bfloat16 tensors need ml_dtypes \(pip install 'gpubn\[bfloat16\]'\)"):
+        gt.as_array(torch.ones(2, dtype=torch.bfloat16))
