@@ -28,7 +28,11 @@ from __future__ import annotations
 import contextlib
 
 import numpy as np
-import torch
+
+try:
+    import torch
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("gpubn.torch needs PyTorch: pip install 'gpubn[torch]'") from exc
 from torch.autograd.function import once_differentiable
 
 from .backends import BACKENDS

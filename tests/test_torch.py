@@ -73,6 +73,11 @@ def test_gpubn_never_imports_torch_and_the_drop_in_needs_no_cupy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    # without PyTorch the error says what to install
+    code = "import sys\nsys.modules['torch'] = None\nimport gpubn.torch\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode != 0 and "pip install 'gpubn[torch]'" in out.stderr, out.stderr
 
 
 # ---------------------------------------------------------- gradcheck ----
@@ -467,3 +472,15 @@ def test_bfloat16_without_ml_dtypes_says_what_to_install(monkeypatch):
     install = r"\(pip install 'gpubn\[bfloat16\]'\)"
     with pytest.raises(TypeError, match=r"bfloat16 tensors need ml_dtypes " + install):
         gt.as_array(torch.ones(2, dtype=torch.bfloat16))
+
+
+def test_inference_mode_and_a_layer_on_another_device():
+    ref, ours = _pair("BatchNorm2d", 3)
+    x = torch.randn(2, 3, 4, 4)
+    with torch.inference_mode():
+        assert_tensors_close(ours(x), ref(x), np.float32, "inference-mode y")
+    assert int(ours.num_batches_tracked) == 1
+    ours.to("meta")
+    with pytest.raises(ValueError, match=r"input is on cpu but the layer's parameters and "
+                                         r"buffers are on meta"):
+        ours(x)
