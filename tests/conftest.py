@@ -39,6 +39,20 @@ TOL = {
 
 DTYPES = (np.float16, np.float32, np.float64)
 
+try:
+    import ml_dtypes
+except ImportError:            # bfloat16 tests skip (the 'test' extra brings ml_dtypes)
+    BFLOAT16 = None
+else:
+    BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+    # bfloat16 keeps 8 significant bits: unit roundoff u = 2**-8.  A result
+    # computed in float32 from bfloat16 inputs and rounded once to bfloat16 is
+    # within u of the exact value relative to its magnitude (float32's own
+    # error, ~2**-24 of the data's scale, is far below); 2u covers that
+    # rounding plus one more in an input the caller rounded (running
+    # statistics, parameters), both relative and near zero.
+    TOL[BFLOAT16] = (2.0 ** -7, 2.0 ** -7)
+
 
 def _unavailable(name):
     try:
