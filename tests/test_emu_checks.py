@@ -513,3 +513,65 @@ def test_module_usable_after_errors(mod):
             mod.get_function("neighbour")(1, 64, (x, y, np.int32(0)))
         mod.get_function("neighbour")(1, 64, (x, y, np.int32(1)))
     np.testing.assert_array_equal(y, np.roll(x, -1))
+
+
+ALIGN_SRC = r"""
+// Planted (off % 4 != 0): a float4 load at an address 4 * off bytes past a
+// 16-byte boundary; the GPU faults with "misaligned address".
+extern "C" __global__ void vec_load(const float* x, float* y, int off) {
+    const float4 v = *reinterpret_cast<const float4*>(x + off + 4 * threadIdx.x);
+    y[threadIdx.x] = v.x + v.y + v.z + v.w;
+}
+// Planted (off odd): an int load through a pointer two bytes off.
+extern "C" __global__ void int_load(const unsigned short* x, int* y, int off) {
+    y[threadIdx.x] = *reinterpret_cast<const int*>(x + off + 2 * threadIdx.x);
+}
+// Planted (off % 8 != 0): a double2 store into dynamic shared memory.
+extern "C" __global__ void shared_store(float* y, int off) {
+    extern __shared__ unsigned char s[];
+    *reinterpret_cast<double2*>(s + off + 16 * threadIdx.x) = make_double2(1.0, 2.0);
+    __syncthreads();
+    y[threadIdx.x] = (float)reinterpret_cast<double2*>(s + off + 16 * threadIdx.x)->y;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def align_mod():
+    return emu.RawModule(code=ALIGN_SRC)
+
+
+def test_aligned_vector_loads_run_clean(align_mod):
+    x = np.arange(64, dtype=np.float32)
+    y = np.zeros(4, np.float32)
+    align_mod.get_function("vec_load")(1, 4, (x, y, np.int32(4)))
+    np.testing.assert_array_equal(y, x[4:20].reshape(4, 4).sum(axis=1))
+
+
+@pytest.mark.parametrize("off", [1, 2, 3])
+def test_misaligned_float4_load(align_mod, off):
+    x = np.arange(64, dtype=np.float32)
+    assert x.ctypes.data % 16 == 0
+    y = np.zeros(4, np.float32)
+    with pytest.raises(emu.MemcheckError, match=r"invalid 16-byte load .* misaligned address \(a 16-byte access "
+                                                r"must be 16-byte aligned\); nearest buffer: argument 0") as info:
+        align_mod.get_function("vec_load")(1, 4, (x, y, np.int32(off)))
+    assert info.value.offset == 4 * off and info.value.buffer == 0 and info.value.size == 16
+
+
+def test_misaligned_scalar_load(align_mod):
+    x = np.arange(64, dtype=np.uint16)
+    y = np.zeros(4, np.int32)
+    align_mod.get_function("int_load")(1, 4, (x, y, np.int32(2)))
+    with pytest.raises(emu.MemcheckError, match=r"invalid 4-byte load .* misaligned address") as info:
+        align_mod.get_function("int_load")(1, 4, (x, y, np.int32(1)))
+    assert info.value.offset == 2
+
+
+def test_misaligned_shared_store(align_mod):
+    y = np.zeros(2, np.float32)
+    align_mod.get_function("shared_store")(1, 2, (y, np.int32(16)), shared_mem=64)
+    np.testing.assert_array_equal(y, 2.0)
+    with pytest.raises(emu.MemcheckError, match=r"invalid 16-byte store .* misaligned address.*offset 8 of "
+                                                r"dynamic shared memory"):
+        align_mod.get_function("shared_store")(1, 2, (y, np.int32(8)), shared_mem=64)

@@ -367,12 +367,25 @@ static inline void race_access(Shadow* sh, size_t n, bool store, uintptr_t addr,
         uint64_t d = a < b.lo ? b.lo - a : (a < b.lo + b.size ? 0 : a - (b.lo + b.size) + 1);
         if (d < best_d) { best_d = d; best = i; }
     }
-    if (L->region != R_DYNAMIC_SHARED) {
+    if (L->region == R_NONE) {
         L->buffer = best >= 0 ? R->bufs[best].arg_index : -1;
         L->offset = best >= 0 ? (int64_t)(a - R->bufs[best].lo) : 0;
     }
     set_message("%s", why);
     abort_fiber();
+}
+
+[[noreturn]] __attribute__((noinline)) static void misaligned(uintptr_t a, size_t n, bool store) {
+    char why[96];
+    snprintf(why, sizeof why, "misaligned address (a %zu-byte access must be %zu-byte aligned)", n, n);
+    if (a - R->dyn_lo < R->dyn_size) {
+        R->L->region = R_DYNAMIC_SHARED;
+        R->L->offset = (int64_t)(a - R->dyn_lo);
+    } else if (a - R->bss_lo < R->bss_hi - R->bss_lo) {
+        R->L->region = R_STATIC_SHARED;
+        R->L->offset = (int64_t)(a - R->module_base);
+    }
+    bad_access(a, n, store, why);
 }
 
 // ------------------------------------------------------------------ spin-waits
@@ -426,6 +439,11 @@ static inline void check(uintptr_t a, size_t n, bool store) {
     if (a - f->stack_lo < kStack) {
         if (a + n - f->stack_lo <= kStack) return;
     }
+    // An access of 2, 4, 8 or 16 bytes (a scalar, a vector type, a reinterpret_cast
+    // load) must be naturally aligned in global and shared memory, as on the GPU.
+    // (Accesses of other sizes come from memcpy and struct copies, which the GPU
+    // splits into aligned pieces.)
+    if ((a & (n - 1)) && (n & (n - 1)) == 0 && n <= 16 && R->memcheck) misaligned(a, n, store);
     for (int i = 0; i < R->nbufs; ++i) {
         Buffer& b = R->bufs[i];
         if (a - b.lo < b.size) {
