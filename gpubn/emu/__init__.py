@@ -10,7 +10,11 @@ warp.  Every launch is checked:
 * memcheck -- every load and store must hit an argument array, shared memory
   or the thread's own stack; anything else raises :class:`MemcheckError`
   naming the kernel, block, thread, the nearest argument and the offset (the
-  bad access never happens);
+  bad access never happens); an access of 2, 4, 8 or 16 bytes (a scalar,
+  a vector type such as ``float4``, a ``reinterpret_cast`` load) at an address
+  that is not a multiple of its size is a ``misaligned address`` error, as on
+  the GPU (struct fields are not split into scalars, so vector accesses keep
+  their width);
 * racecheck -- a shared-memory byte written by one thread and read or written
   by another with no ``__syncthreads()`` (``__syncwarp()`` inside a warp) in
   between raises :class:`RaceError` naming both threads and the ``__shared__``
