@@ -242,7 +242,10 @@ def test_memcheck_off_lets_the_access_through(mod):
     y = np.zeros(50, np.float32)
     with emu.options(memcheck=False):
         mod.get_function("off_by_one_read")((2,), (32,), (x, y, np.int32(50)))
-    assert y[49] == 49 + 50                               # read backing[50]: the check was what stopped it
+    # the check was what stopped it: the load past the end happened (it read the
+    # staged copy's page, not backing[50]: arguments run in their own copies)
+    np.testing.assert_array_equal(y[:49], x[:49] + x[1:])
+    assert y[49] == 49.0
 
 
 # ---------------------------------------------------------------- racecheck
@@ -575,3 +578,35 @@ def test_misaligned_shared_store(align_mod):
     with pytest.raises(emu.MemcheckError, match=r"invalid 16-byte store .* misaligned address.*offset 8 of "
                                                 r"dynamic shared memory"):
         align_mod.get_function("shared_store")(1, 2, (y, np.int32(8)), shared_mem=64)
+
+
+def test_pointer_walking_from_one_argument_into_the_next():
+    # a and b are neighbours in memory (two halves of one allocation, as a
+    # caching allocator may place them); a[n + i] is b[i] on the host, and a
+    # per-buffer check would let it through.
+    src = r"""
+extern "C" __global__ void walk(const float* a, const float* b, float* y, int shift) {
+    y[threadIdx.x] = a[threadIdx.x + shift] + b[0];
+}
+"""
+    walk = emu.RawKernel(src, "walk")
+    whole = np.arange(32, dtype=np.float32)
+    a, b = whole[:16], whole[16:]
+    y = np.zeros(4, np.float32)
+    walk(1, 4, (a, b, y, np.int32(12)))                     # a[12..15]: clean
+    np.testing.assert_array_equal(y, a[12:16] + b[0])
+    with pytest.raises(emu.MemcheckError, match=r"thread \(2, 0, 0\): pointer from argument 0 reached argument 1 "
+                                                r"at offset 0 .*argument 0 \(64 bytes.*offset 64") as info:
+        walk(1, 4, (a, b, y, np.int32(14)))
+    assert info.value.buffer == 0 and info.value.offset == 64 and info.value.address == b.ctypes.data
+
+
+def test_the_same_array_twice_is_one_buffer():
+    # in-place use: both pointers name one staged copy, and the result reaches the array
+    src = r"""extern "C" __global__ void twice(const float* x, float* y) { y[threadIdx.x] = 2 * x[threadIdx.x]; }"""
+    x = np.arange(8, dtype=np.float32)
+    emu.RawKernel(src, "twice")(1, 8, (x, x))
+    np.testing.assert_array_equal(x, 2 * np.arange(8))
+    z = np.arange(8, dtype=np.float32)
+    emu.RawKernel(src, "twice")(1, 4, (z[2:6], z[:4]))       # overlapping views
+    np.testing.assert_array_equal(z[:4], 2 * np.arange(2, 6))

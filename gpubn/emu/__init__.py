@@ -15,6 +15,12 @@ warp.  Every launch is checked:
   that is not a multiple of its size is a ``misaligned address`` error, as on
   the GPU (struct fields are not split into scalars, so vector accesses keep
   their width);
+* buffer identity -- every argument array runs in its own copy with a
+  gigabyte of unmapped address space on either side (the copy is written back
+  after the launch; the same array passed twice, or overlapping views, share
+  one copy), so a pointer derived from one argument cannot land in another:
+  memcheck reports ``pointer from argument 0 reached argument 2 at offset ...``
+  where the host arrays are neighbours;
 * racecheck -- a shared-memory byte written by one thread and read or written
   by another with no ``__syncthreads()`` (``__syncwarp()`` inside a warp) in
   between raises :class:`RaceError` naming both threads and the ``__shared__``

@@ -240,6 +240,12 @@ class Function:
                 detail = (f"nearest buffer: argument {L.buffer} ({nbytes} bytes, {arr.dtype} array of shape "
                           f"{arr.shape}), offset {off} ({rel})")
                 buf = int(L.buffer)
+                other = _landed_in(args, buf, int(L.address)) if not 0 <= off < nbytes else None
+                if other is not None:
+                    # Each argument runs in its own staged copy, so this pointer did not
+                    # reach the neighbour on emu; on the GPU it may silently have.
+                    msg = (f"pointer from argument {buf} reached argument {other[0]} at offset {other[1]} "
+                           f"(the arrays are neighbours in memory; a GPU would not have reported it)")
             else:
                 detail = "the launch has no array arguments"
                 buf, off = None, 0
@@ -274,13 +280,25 @@ class Function:
             return KernelError(f"kernel {name!r}, block {blk}, thread {thr}: {msg}", name, blk, thr)
         return EmuError(f"kernel {name!r}: {msg}")
 
-    def _buffer_size(self, L) -> int:
+    @staticmethod
+    def _buffer_size(L) -> int:
         # the argument's size, found from the launch's buffer table
         bufs = ctypes.cast(L.buffers, ctypes.POINTER(_Buffer))
         for k in range(L.nbuffers):
             if bufs[k].arg_index == L.buffer:
                 return int(bufs[k].size)
         return 0
+
+
+def _landed_in(args, source: int, address: int):
+    """(index, offset) of the array argument other than ``source`` whose host
+    memory holds ``address``, or ``None``."""
+    for i, a in enumerate(args):
+        if i != source and isinstance(a, np.ndarray) and a.nbytes:
+            lo = a.ctypes.data
+            if lo <= address < lo + a.nbytes:
+                return i, address - lo
+    return None
 
 
 class RawModule:

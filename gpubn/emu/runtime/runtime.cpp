@@ -35,6 +35,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -77,6 +78,7 @@ constexpr size_t kStack = 64 * 1024;         // usable stack per CUDA thread
 constexpr size_t kGuard = 4096;
 constexpr size_t kDynCap = 232448;           // 227 KiB, the opt-in maximum on sm_90
 constexpr int kMaxThreads = 1024;
+constexpr size_t kStageGap = size_t(1) << 30;  // unmapped bytes around each staged argument buffer
 
 enum State : int { RUN = 0, BAR = 1, WARP = 2, DONE = 3 };
 
@@ -150,6 +152,7 @@ struct Runtime {
     std::vector<std::pair<uintptr_t, uintptr_t>> readonly;
     uintptr_t module_base;
     bool module_scanned;
+    std::vector<uint64_t> host_lo;       // where each (staged) buffer lives on the host
 };
 
 // Runtime state lives in .data (explicit section) so that the module's .bss holds
@@ -370,6 +373,8 @@ static inline void race_access(Shadow* sh, size_t n, bool store, uintptr_t addr,
     if (L->region == R_NONE) {
         L->buffer = best >= 0 ? R->bufs[best].arg_index : -1;
         L->offset = best >= 0 ? (int64_t)(a - R->bufs[best].lo) : 0;
+        // inside the staged copy or its gaps: report the address on the host arrays
+        if (best >= 0 && best_d <= kStageGap) L->address = R->host_lo[best] + (uint64_t)L->offset;
     }
     set_message("%s", why);
     abort_fiber();
@@ -1017,6 +1022,72 @@ static void restore_fault_handler() {
     sigaltstack(&g_fault->old_stack, nullptr);
 }
 
+// ------------------------------------------------------------------ buffer staging
+// Each argument buffer (or group of overlapping ones: the same array passed
+// twice, overlapping views) runs in its own copy, mapped with kStageGap bytes
+// of inaccessible address space on either side and at the same offset within
+// its page as the host array (so alignment is what the kernel sees on the
+// host).  A pointer derived from one argument therefore cannot silently land
+// in another, whatever the host allocator placed next to it: it lands in the
+// gap, and memcheck names the argument it came from.  The copies are written
+// back after the launch (also after an error: the stores made before it stay).
+struct Stage {
+    uintptr_t host_lo, host_hi;   // the group's host range
+    char* map;                    // the reservation, gaps included
+    size_t map_len;
+    uintptr_t dev_lo;             // where host_lo is staged
+};
+
+static bool stage_buffers(std::vector<Stage>& stages) {
+    std::vector<uint64_t>& host_lo = R->host_lo;
+    const int n = R->nbufs;
+    host_lo.resize(n);
+    std::vector<int> order(n);
+    for (int i = 0; i < n; ++i) { order[i] = i; host_lo[i] = R->bufs[i].lo; }
+    std::sort(order.begin(), order.end(), [](int a, int b) { return R->bufs[a].lo < R->bufs[b].lo; });
+    std::vector<int> group(n);
+    for (int k = 0; k < n; ++k) {
+        const Buffer& b = R->bufs[order[k]];
+        if (stages.empty() || b.lo >= stages.back().host_hi)
+            stages.push_back(Stage{b.lo, b.lo + b.size, nullptr, 0, 0});
+        else if (b.lo + b.size > stages.back().host_hi)
+            stages.back().host_hi = b.lo + b.size;
+        group[order[k]] = (int)stages.size() - 1;
+    }
+    const size_t page = 4096;
+    for (Stage& s : stages) {
+        const size_t in_page = s.host_lo & (page - 1);
+        const size_t body = (in_page + (s.host_hi - s.host_lo) + page - 1) & ~(page - 1);
+        s.map_len = body + 2 * kStageGap;
+        void* p = mmap(nullptr, s.map_len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (p == MAP_FAILED) { s.map = nullptr; return false; }
+        s.map = (char*)p;
+        if (mprotect(s.map + kStageGap, body, PROT_READ | PROT_WRITE) != 0) return false;
+        s.dev_lo = (uintptr_t)(s.map + kStageGap + in_page);
+        memcpy((void*)s.dev_lo, (const void*)s.host_lo, s.host_hi - s.host_lo);
+    }
+    void** args = (void**)(uintptr_t)R->L->args;
+    for (int i = 0; i < n; ++i) {
+        Buffer& b = R->bufs[i];
+        const Stage& s = stages[group[i]];
+        const uintptr_t dev = s.dev_lo + (b.lo - s.host_lo);
+        uintptr_t* cell = (uintptr_t*)args[b.arg_index];
+        if (*cell == b.lo) *cell = dev;     // the argument's pointer (Python passes the array's start)
+        b.lo = dev;
+    }
+    return true;
+}
+
+static void unstage_buffers(std::vector<Stage>& stages) {
+    const std::vector<uint64_t>& host_lo = R->host_lo;
+    for (Stage& s : stages) {
+        if (!s.map) continue;
+        if (s.dev_lo) memcpy((void*)s.host_lo, (const void*)s.dev_lo, s.host_hi - s.host_lo);
+        munmap(s.map, s.map_len);
+    }
+    for (int i = 0; i < R->nbufs && i < (int)host_lo.size(); ++i) R->bufs[i].lo = host_lo[i];
+}
+
 EMU_EXPORT int64_t gpubn_emu_launch(Launch* L) {
     {
         std::lock_guard<std::mutex> g(*init_mutex);
@@ -1067,6 +1138,14 @@ EMU_EXPORT int64_t gpubn_emu_launch(Launch* L) {
         uint64_t s = (uint64_t)L->seed;
         for (uint64_t i = nblocks; i > 1; --i) std::swap(order[i - 1], order[splitmix(s) % i]);
     }
+    std::vector<Stage> stages;
+    if (!stage_buffers(stages)) {
+        unstage_buffers(stages);
+        L->error = CONFIG;
+        set_message("cannot map the staged argument buffers: %s", strerror(errno));
+        R->L = nullptr;
+        return L->error;
+    }
     install_fault_handler();
     for (uint64_t k = 0; k < nblocks; ++k) {
         uint64_t i = L->shuffle ? order[k] : k;
@@ -1076,6 +1155,7 @@ EMU_EXPORT int64_t gpubn_emu_launch(Launch* L) {
         ++L->blocks_run;
     }
     restore_fault_handler();
+    unstage_buffers(stages);
     R->cur = nullptr;
     R->L = nullptr;
     return L->error;
