@@ -610,3 +610,84 @@ def test_the_same_array_twice_is_one_buffer():
     z = np.arange(8, dtype=np.float32)
     emu.RawKernel(src, "twice")(1, 4, (z[2:6], z[:4]))       # overlapping views
     np.testing.assert_array_equal(z[:4], 2 * np.arange(2, 6))
+
+
+# ---------------------------------------------------------------- resource limits of the modelled device
+LIMITS_SRC = r"""
+__device__ float through_helper(float v) {
+    __shared__ float t[1024];                       // 4 KiB, reached only through the helper
+    t[threadIdx.x] = v;
+    __syncthreads();
+    return t[0];
+}
+// 40 KiB of static shared memory plus the launch's dynamic shared memory.
+extern "C" __global__ void big_shared(float* y) {
+    __shared__ float s[10240];
+    extern __shared__ float d[];
+    s[threadIdx.x] = 1.0f;
+    d[threadIdx.x] = 2.0f;
+    __syncthreads();
+    y[threadIdx.x] = s[threadIdx.x] + d[threadIdx.x];
+}
+extern "C" __global__ void uses_helper(float* y) { y[threadIdx.x] = through_helper(1.0f); }
+extern "C" __global__ void plain(float* y) { y[threadIdx.x] = 1.0f; }
+struct Huge { char bytes[40000]; };
+extern "C" __global__ void huge_param(Huge h, float* y) { y[threadIdx.x] = h.bytes[threadIdx.x]; }
+"""
+
+
+@pytest.fixture(scope="module")
+def limits_mod():
+    return emu.RawModule(code=LIMITS_SRC)
+
+
+def test_static_shared_size_per_kernel(limits_mod):
+    # each kernel counts the static shared memory it can reach, not the module's
+    assert limits_mod.get_function("big_shared").shared_size_bytes == 40 * 1024
+    assert limits_mod.get_function("uses_helper").shared_size_bytes == 4 * 1024
+    assert limits_mod.get_function("plain").shared_size_bytes == 0
+    assert limits_mod.get_function("plain").max_dynamic_shared_size_bytes == 48 * 1024
+    assert limits_mod.get_function("big_shared").max_dynamic_shared_size_bytes == 8 * 1024
+
+
+def test_shared_memory_above_48_kib_needs_the_opt_in():
+    fn = emu.RawModule(code=LIMITS_SRC).get_function("big_shared")   # its own attribute state
+    y = np.full(4, -1.0, np.float32)
+    with pytest.raises(emu.LaunchError, match=r"^CUDA_ERROR_INVALID_VALUE: kernel 'big_shared': 40960 bytes of "
+                                              r"static plus 16384 bytes of dynamic shared memory = 57344 bytes per "
+                                              r"block, more than the 49152 .* unless the function opts in") as info:
+        fn(1, 4, (y,), shared_mem=16 * 1024)
+    assert info.value.cuda_error == "CUDA_ERROR_INVALID_VALUE"
+    np.testing.assert_array_equal(y, -1.0)                             # refused before any thread ran
+    fn(1, 4, (y,), shared_mem=8 * 1024)                               # 48 KiB in all: fine
+    fn.max_dynamic_shared_size_bytes = 16 * 1024
+    fn(1, 4, (y,), shared_mem=16 * 1024)
+    np.testing.assert_array_equal(y, 3.0)
+    with pytest.raises(emu.LaunchError, match=r"= 61440 bytes per block, .*unless the function opts in"):
+        fn(1, 4, (y,), shared_mem=20 * 1024)
+    limit = 227 * 1024 - 40 * 1024
+    fn.max_dynamic_shared_size_bytes = limit
+    with pytest.raises(emu.LaunchError, match=r"more than the 232448 a block may use on H100/H200"):
+        fn(1, 4, (y,), shared_mem=limit + 16)
+    with pytest.raises(emu.LaunchError, match=r"max_dynamic_shared_size_bytes must be an int in \[0, 191488\]"):
+        fn.max_dynamic_shared_size_bytes = limit + 1
+
+
+@pytest.mark.parametrize("grid, block, what", [
+    (1, 1025, r"block \(1025, 1, 1\) exceeds CUDA's limits \(1024 threads"),
+    (1, (1, 1, 65), r"block \(1, 1, 65\) exceeds"),
+    ((1, 65536), 32, r"grid \(1, 65536, 1\) exceeds CUDA's limits"),
+    ((1, 1, 65536), 32, r"grid \(1, 1, 65536\) exceeds"),
+])
+def test_launch_configuration_limits(limits_mod, grid, block, what):
+    y = np.zeros(4, np.float32)
+    with pytest.raises(emu.LaunchError, match=r"^CUDA_ERROR_INVALID_VALUE: kernel 'plain': " + what):
+        limits_mod.get_function("plain")(grid, block, (y,))
+
+
+def test_kernel_parameters_above_the_limit(limits_mod):
+    y = np.zeros(4, np.float32)
+    huge = np.zeros(1, dtype="V40000")[0]
+    with pytest.raises(emu.LaunchError, match=r"CUDA_ERROR_INVALID_VALUE: kernel 'huge_param': 40008 bytes of "
+                                              r"kernel parameters; at most 32764"):
+        limits_mod.get_function("huge_param")(1, 4, (huge, y))

@@ -21,6 +21,13 @@ warp.  Every launch is checked:
   one copy), so a pointer derived from one argument cannot land in another:
   memcheck reports ``pointer from argument 0 reached argument 2 at offset ...``
   where the host arrays are neighbours;
+* resource limits -- a launch the modelled device (:data:`DEVICE`, H100/H200
+  limits) would refuse raises :class:`LaunchError` naming the CUDA error before
+  any thread runs: more than 1024 threads per block, grid y or z above 65535,
+  more than 32764 bytes of parameters, static + dynamic shared memory above
+  48 KiB unless ``Function.max_dynamic_shared_size_bytes`` (CuPy's attribute)
+  was raised, and above 227 KiB at all.  ``Function.shared_size_bytes`` is the
+  static shared memory the kernel can reach (read off its machine code);
 * racecheck -- a shared-memory byte written by one thread and read or written
   by another with no ``__syncthreads()`` (``__syncwarp()`` inside a warp) in
   between raises :class:`RaceError` naming both threads and the ``__shared__``
@@ -111,9 +118,9 @@ shared memory; memcheck treats all static ``__shared__`` variables of a
 module as one region (an overflow from one into another is not caught).
 """
 
-from .config import (LaunchRecord, Options, Traffic, clear_launch_log, get_options, label, launch_log, options,
+from .config import (DEVICE, Device, LaunchRecord, Options, Traffic, clear_launch_log, get_options, label, launch_log, options,
                      recording, set_options)
-from .errors import DeadlockError, EmuCompileError, EmuError, KernelError, MemcheckError, RaceError
+from .errors import DeadlockError, EmuCompileError, EmuError, KernelError, LaunchError, MemcheckError, RaceError
 from .module import Function, RawKernel, RawModule
 from .compiler import find_compiler
 
@@ -136,6 +143,7 @@ __all__ = [
     "RawModule", "RawKernel", "Function",
     "set_options", "get_options", "options", "Options",
     "launch_log", "clear_launch_log", "recording", "label", "LaunchRecord", "Traffic",
-    "EmuError", "EmuCompileError", "KernelError", "MemcheckError", "RaceError", "DeadlockError",
+    "DEVICE", "Device",
+    "EmuError", "EmuCompileError", "LaunchError", "KernelError", "MemcheckError", "RaceError", "DeadlockError",
     "available", "unavailable_reason",
 ]

@@ -18,6 +18,16 @@ class EmuCompileError(EmuError):
         self.log = log
 
 
+class LaunchError(EmuError, ValueError):
+    """The launch was refused before any thread ran, as the CUDA driver would
+    refuse it: ``cuda_error`` is the CUDA error name (``CUDA_ERROR_INVALID_VALUE``,
+    ``CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE``, ...), which the message starts with."""
+
+    def __init__(self, message: str, cuda_error: str):
+        super().__init__(f"{cuda_error}: {message}")
+        self.cuda_error = cuda_error
+
+
 class KernelError(EmuError):
     """A kernel did something invalid at run time.
 
@@ -79,4 +89,4 @@ class DeadlockError(KernelError):
     reach (they exited, or wait at another barrier or warp collective)."""
 
 
-__all__ = ["EmuError", "EmuCompileError", "KernelError", "MemcheckError", "RaceError", "DeadlockError"]
+__all__ = ["EmuError", "EmuCompileError", "LaunchError", "KernelError", "MemcheckError", "RaceError", "DeadlockError"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -13,8 +14,8 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from . import compiler
-from .config import LaunchRecord, Traffic, _record, get_options
-from .errors import DeadlockError, EmuCompileError, EmuError, KernelError, MemcheckError, RaceError
+from .config import DEVICE, LaunchRecord, Traffic, _record, get_options
+from .errors import DeadlockError, EmuCompileError, EmuError, KernelError, LaunchError, MemcheckError, RaceError
 
 _I64 = ctypes.c_int64
 _U64 = ctypes.c_uint64
@@ -100,6 +101,28 @@ class Function:
         self.num_params = n
         self.param_sizes = tuple(info[1 + i] for i in range(n))
         self.param_kinds = tuple(_KIND_NAMES[info[1 + n + i]] for i in range(n))
+        self.shared_size_bytes = _static_shared(library_path)[index]
+        self.max_threads_per_block = DEVICE.max_threads_per_block
+        self.num_regs = DEVICE.registers_per_thread
+        self._max_dynamic = DEVICE.default_shared_per_block - self.shared_size_bytes
+
+    @property
+    def max_dynamic_shared_size_bytes(self) -> int:
+        """The most dynamic shared memory a launch may ask for (CUDA's
+        ``CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES``, as on CuPy's
+        ``Function``): 48 KiB minus the static shared memory unless raised, at
+        most 227 KiB minus it."""
+        return self._max_dynamic
+
+    @max_dynamic_shared_size_bytes.setter
+    def max_dynamic_shared_size_bytes(self, value) -> None:
+        limit = DEVICE.max_shared_per_block - self.shared_size_bytes
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= limit:
+            raise LaunchError(f"kernel {self.name!r}: max_dynamic_shared_size_bytes must be an int in [0, {limit}] "
+                              f"({DEVICE.max_shared_per_block} bytes per block on {DEVICE.name} minus "
+                              f"{self.shared_size_bytes} bytes of static shared memory), got {value!r}",
+                              "CUDA_ERROR_INVALID_VALUE")
+        self._max_dynamic = int(value)
 
     def __repr__(self):
         return f"<gpubn.emu.Function {self.name!r} ({self.num_params} parameters)>"
@@ -167,17 +190,40 @@ class Function:
         return ptrs, buffers, keep
 
     # ------------------------------------------------------------ launch
+    def _check_resources(self, g, b, shared_mem: int) -> None:
+        """What the driver refuses before any thread runs, on the modelled device."""
+        d, name = DEVICE, self.name
+        if b[0] * b[1] * b[2] > d.max_threads_per_block or any(v > m for v, m in zip(b, d.max_block)):
+            raise LaunchError(f"kernel {name!r}: block {b} exceeds CUDA's limits ({d.max_threads_per_block} "
+                              f"threads, x and y <= {d.max_block[0]}, z <= {d.max_block[2]})",
+                              "CUDA_ERROR_INVALID_VALUE")
+        if any(v > m for v, m in zip(g, d.max_grid)):
+            raise LaunchError(f"kernel {name!r}: grid {g} exceeds CUDA's limits (x < 2**31, y and z <= "
+                              f"{d.max_grid[1]})", "CUDA_ERROR_INVALID_VALUE")
+        total = self.shared_size_bytes + shared_mem
+        if shared_mem > self._max_dynamic:
+            why = (f"more than the {d.default_shared_per_block} a block may use unless the function opts in "
+                   f"(Function.max_dynamic_shared_size_bytes = {shared_mem}; it is {self._max_dynamic})"
+                   if total <= d.max_shared_per_block else
+                   f"more than the {d.max_shared_per_block} a block may use on {d.name}")
+            raise LaunchError(f"kernel {name!r}: {self.shared_size_bytes} bytes of static plus {shared_mem} bytes "
+                              f"of dynamic shared memory = {total} bytes per block, {why}",
+                              "CUDA_ERROR_INVALID_VALUE")
+        params = 0
+        for size in self.param_sizes:
+            params = -(-params // min(size, 8)) * min(size, 8) + size
+        if params > d.max_param_bytes:
+            raise LaunchError(f"kernel {name!r}: {params} bytes of kernel parameters; at most {d.max_param_bytes}",
+                              "CUDA_ERROR_INVALID_VALUE")
+
     def __call__(self, grid, block, args, *, shared_mem=0, stream=None, enable_cooperative_groups=False):
         if enable_cooperative_groups:
             raise EmuError("cooperative launches are not supported by the emu backend")
         g = _dim3(grid, "grid")
         b = _dim3(block, "block")
-        if b[0] * b[1] * b[2] > 1024 or b[0] > 1024 or b[1] > 1024 or b[2] > 64:
-            raise ValueError(f"block {b} exceeds CUDA's limits (1024 threads, z <= 64)")
-        if g[0] >= 2**31 or g[1] > 65535 or g[2] > 65535:
-            raise ValueError(f"grid {g} exceeds CUDA's limits (x < 2**31, y and z <= 65535)")
         if isinstance(shared_mem, bool) or not isinstance(shared_mem, (int, np.integer)) or shared_mem < 0:
             raise ValueError(f"shared_mem must be a non-negative int, got {shared_mem!r}")
+        self._check_resources(g, b, int(shared_mem))
         ptrs, buffers, keep = self._convert(args)
         opts = get_options()
         bufarr = (_Buffer * max(1, len(buffers)))()
@@ -391,6 +437,52 @@ def _symbol_at(path: str, offset: int):
         if value <= offset < value + max(size, 1):
             return _demangle(name).replace(compiler.SHARED_STORAGE_PREFIX, ""), offset - value
     return None
+
+
+_static_shared_cache: Dict[str, Tuple[int, ...]] = {}
+_CALL_TARGET = re.compile(r"<([^>+@]+)(?:@plt)?(?:\+0x[0-9a-f]+)?>")
+
+
+def _static_shared(path: str) -> Tuple[int, ...]:
+    """Bytes of static ``__shared__`` storage each entry point of a library
+    can reach (its ``shared_size_bytes``), index by entry point.
+
+    All static shared variables of a module live in one region on emu; a GPU
+    gives each kernel those it uses.  Which ones a kernel uses is read off the
+    machine code: the functions reachable from its entry point through calls
+    and jumps, and the shared-storage symbols they address."""
+    sizes = _static_shared_cache.get(path)
+    if sizes is not None:
+        return sizes
+    tool = shutil.which("objdump")
+    symbols = {name: size for _, size, name in _read_symbols(path)}
+    refs: Dict[str, set] = {}
+    if tool:
+        out = subprocess.run([tool, "-d", "-w", "--no-show-raw-insn", path], capture_output=True, text=True,
+                             timeout=120).stdout
+        current = None
+        for line in out.splitlines():
+            if line and not line[0].isspace():
+                m = re.match(r"[0-9a-f]+ <(.+)>:$", line)
+                current = refs.setdefault(m.group(1), set()) if m else None
+            elif current is not None:
+                current.update(_CALL_TARGET.findall(line))
+    entries = sorted(int(n[len("gpubn_emu_thunk_"):]) for n in refs if n.startswith("gpubn_emu_thunk_"))
+    result = []
+    for i in range(entries[-1] + 1 if entries else 0):
+        seen, todo, total = set(), [f"gpubn_emu_thunk_{i}"], 0
+        while todo:
+            fn = todo.pop()
+            if fn in seen:
+                continue
+            seen.add(fn)
+            if compiler.SHARED_STORAGE_PREFIX in fn and fn in symbols:
+                total += symbols[fn]
+            todo.extend(refs.get(fn, ()))
+        result.append(total)
+    sizes = tuple(result)
+    _static_shared_cache[path] = sizes
+    return sizes
 
 
 def _read_symbols(path: str) -> list:
