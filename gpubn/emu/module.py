@@ -166,6 +166,7 @@ class Function:
                 keep.append(cell)
                 ptrs[i] = ctypes.addressof(cell)
                 continue
+            given = _describe(a)          # as the caller wrote it (a Python int is an `int`)
             if isinstance(a, bool):
                 a = np.bool_(a)
             elif isinstance(a, int):
@@ -175,15 +176,15 @@ class Function:
             elif isinstance(a, complex):
                 a = np.complex128(a)
             if not isinstance(a, np.generic):
-                raise TypeError(f"{where}: expected a NumPy array, a NumPy scalar or None, got {_describe(a)}")
+                raise TypeError(f"{where}: expected a NumPy array or a NumPy scalar, got {given}")
             if kind == "pointer":
-                raise TypeError(f"{where}: the parameter is a pointer, got {_describe(a)}")
+                raise TypeError(f"{where}: the parameter is a pointer, got {given}")
             if a.dtype.itemsize != size:
-                raise TypeError(f"{where}: the parameter is a {size}-byte {kind} value, got {_describe(a)}")
+                raise TypeError(f"{where}: the parameter is a {size}-byte {kind} value, got {given}")
             if kind == "floating-point" and not isinstance(a, np.floating):
-                raise TypeError(f"{where}: the parameter is a {size}-byte floating-point value, got {_describe(a)}")
+                raise TypeError(f"{where}: the parameter is a {size}-byte floating-point value, got {given}")
             if kind == "integer" and not isinstance(a, (np.integer, np.bool_)):
-                raise TypeError(f"{where}: the parameter is a {size}-byte integer value, got {_describe(a)}")
+                raise TypeError(f"{where}: the parameter is a {size}-byte integer value, got {given}")
             cell = np.array(a)
             keep.append(cell)
             ptrs[i] = cell.ctypes.data
