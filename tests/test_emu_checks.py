@@ -691,3 +691,84 @@ def test_kernel_parameters_above_the_limit(limits_mod):
     with pytest.raises(emu.LaunchError, match=r"CUDA_ERROR_INVALID_VALUE: kernel 'huge_param': 40008 bytes of "
                                               r"kernel parameters; at most 32764"):
         limits_mod.get_function("huge_param")(1, 4, (huge, y))
+
+
+# ---------------------------------------------------------------- inter-block racecheck (global memory)
+LAST_BLOCK_SRC = r"""
+// Last-block reduction: every block stores its partial sum; the block that
+// arrives last at the counter adds them up.  Planted: either fence left out.
+extern "C" __global__ void last_block(const float* x, float* partials, unsigned int* counter, float* out,
+                                      int fence_writer, int fence_reader) {
+    __shared__ int is_last;
+    float v = x[blockIdx.x * blockDim.x + threadIdx.x];
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+    if (threadIdx.x == 0) partials[blockIdx.x] = v;
+    if (fence_writer) __threadfence();        // publish the partial before the block is counted
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const unsigned int ticket = atomicAdd(counter, 1u);
+        is_last = ticket == gridDim.x - 1;
+        if (is_last && fence_reader) __threadfence();   // see every other block's partial
+    }
+    __syncthreads();
+    if (is_last && threadIdx.x < 32) {
+        float s = 0.f;
+        for (int b = threadIdx.x; b < gridDim.x; b += 32) s += ((volatile float*)partials)[b];
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);
+        if (threadIdx.x == 0) { *out = s; *counter = 0; }
+    }
+}
+// Planted: a block reads its neighbour's slot, which nothing orders.
+extern "C" __global__ void neighbour_slot(float* slots, float* out) {
+    if (threadIdx.x == 0) slots[blockIdx.x] = (float)blockIdx.x;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) out[blockIdx.x] = slots[(blockIdx.x + 1) % gridDim.x];
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def last_block_mod():
+    return emu.RawModule(code=LAST_BLOCK_SRC)
+
+
+def _last_block(mod, fence_writer, fence_reader, seed=None):
+    x = np.arange(12 * 32, dtype=np.float32)
+    partials = np.zeros(12, np.float32)
+    counter = np.zeros(1, np.uint32)
+    out = np.zeros(1, np.float32)
+    with emu.options(seed=seed):
+        mod.get_function("last_block")(12, 32, (x, partials, counter, out, np.int32(fence_writer),
+                                                 np.int32(fence_reader)))
+    return out[0], x.sum(), counter[0]
+
+
+@pytest.mark.parametrize("seed", [None, 1, 2])
+def test_last_block_reduction_with_both_fences_runs_clean(last_block_mod, seed):
+    total, expected, counter = _last_block(last_block_mod, 1, 1, seed)
+    assert total == expected and counter == 0
+
+
+@pytest.mark.parametrize("fence_writer, fence_reader", [(0, 1), (1, 0), (0, 0)])
+def test_last_block_reduction_without_a_fence_is_an_inter_block_race(last_block_mod, fence_writer, fence_reader):
+    with pytest.raises(emu.RaceError, match=r"racecheck: inter-block race \(read-after-write hazard\) at byte \d+ "
+                                            r"\(element \d+\) of argument 1 \(float32 array of shape \(12,\)\) in "
+                                            r"kernel 'last_block': block \(11, 0, 0\) thread \(\d+, 0, 0\) loads it "
+                                            r"after block \(\d+, 0, 0\) thread \(0, 0, 0\) stored it") as info:
+        _last_block(last_block_mod, fence_writer, fence_reader)
+    e = info.value
+    assert e.memory == "global" and e.buffer == 1 and e.other_block != e.block and e.access == "load"
+    assert e.other_access == "store" and e.other_thread == (0, 0, 0) and e.offset == 4 * e.other_block[0]
+
+
+def test_reading_another_blocks_store_with_no_atomic_is_a_race(last_block_mod):
+    slots = np.zeros(4, np.float32)
+    out = np.zeros(4, np.float32)
+    with pytest.raises(emu.RaceError, match=r"inter-block race .* block \(\d, 0, 0\) thread \(0, 0, 0\) loads it"):
+        last_block_mod.get_function("neighbour_slot")(4, 32, (slots, out))
+    # one block: nothing to race with
+    last_block_mod.get_function("neighbour_slot")(1, 32, (slots, out))
+    assert out[0] == 0.0
+    with emu.options(racecheck=False):
+        last_block_mod.get_function("neighbour_slot")(4, 32, (slots, out))

@@ -109,3 +109,20 @@ def test_a_counter_the_last_block_does_not_reset_is_caught(plant):
     _check_stats(backend.bn_stats(x3), x3)
     with pytest.raises(AssertionError):
         _check_stats(backend.bn_stats(x3), x3)
+
+
+PUBLISH = "    __threadfence();  // publish this thread's partial before the block is counted\n"
+SEE = "            __threadfence();  // see every other block's partial\n"
+
+
+@pytest.mark.parametrize("fence", [PUBLISH, SEE], ids=["writer-fence", "reader-fence"])
+@pytest.mark.parametrize("shape", [(8, 3, 256), (500, 12, 1)], ids=["nchw", "nhwc"])
+def test_a_missing_fence_in_the_last_block_handshake_is_caught(plant, fence, shape):
+    x3 = _x(shape)
+    _check_stats(get_backend("emu").bn_stats(x3), x3)              # the kernels as they are: clean
+    plant(fence, "")
+    from gpubn.emu import RaceError
+
+    with pytest.raises(RaceError, match=r"inter-block race \(read-after-write hazard\) .* of argument [34] \(uint8 array .*"
+                                        r"kernel 'gpubn::bn_stats_n(chw|hwc)<float, float.*loads it after block"):
+        get_backend("emu").bn_stats(x3)

@@ -33,6 +33,19 @@ warp.  Every launch is checked:
   between raises :class:`RaceError` naming both threads and the ``__shared__``
   variable (read-after-write, write-after-read or write-after-write, whichever
   thread runs first); shuffles and atomics are not races;
+* inter-block racecheck -- global memory between the blocks of a launch,
+  which compute-sanitizer's racecheck does not look at: a load or store of a
+  byte another block stored in this launch raises :class:`RaceError`
+  (``memory == "global"``, "inter-block race", naming both blocks and threads,
+  the argument and the offset) unless a release/acquire chain orders them: the
+  writer's ``__threadfence()`` after its store (or a fence after which the block
+  passed a ``__syncthreads()``), then an atomic of the writer's block; an atomic
+  of the reader on that location (or a load of a value an atomic wrote), then
+  the reader's ``__threadfence()`` (shared with its block by a
+  ``__syncthreads()``).  A last-block reduction with both fences runs clean;
+  without either it is reported.  Loads are not told apart from volatile loads
+  (volatile orders nothing by itself); write-after-read between blocks is not
+  tracked;
 * initcheck -- a load of shared memory no thread of the block has written
   raises :class:`MemcheckError` (reported at the next barrier, so that a
   missing barrier is reported as the race it is);

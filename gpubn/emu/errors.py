@@ -66,17 +66,25 @@ class RaceError(KernelError):
     of them writing, with no ``__syncthreads()`` (or, within a warp,
     ``__syncwarp()``) between them.
 
-    Extra attributes: ``other_thread`` (the earlier access), ``access`` and
-    ``other_access`` (``"load"``/``"store"``), ``memory`` (``"dynamic shared"``
-    or ``"static shared"``), ``offset`` (byte offset in dynamic shared memory, or
-    of the byte within the module for static shared memory) and ``variable``
-    (the static ``__shared__`` variable's name when it can be found, else ``None``).
+    Or (``memory == "global"``, an inter-block race) two blocks accessed a byte
+    of an argument buffer, the earlier one storing it, with no release/acquire
+    chain (fence, atomic; atomic, fence) between them.
+
+    Extra attributes: ``other_thread`` and ``other_block`` (the earlier access),
+    ``access`` and ``other_access`` (``"load"``/``"store"``), ``memory``
+    (``"dynamic shared"``, ``"static shared"`` or ``"global"``), ``offset`` (byte
+    offset in dynamic shared memory or in the argument buffer, or of the byte
+    within the module for static shared memory), ``buffer`` (the argument index,
+    global races) and ``variable`` (the static ``__shared__`` variable's name when
+    it can be found, else ``None``).
     """
 
     def __init__(self, message, kernel, block, thread, other_thread, access, other_access, memory, offset,
-                 variable=None):
+                 variable=None, other_block=None, buffer=None):
         super().__init__(message, kernel, block, thread)
         self.other_thread = other_thread
+        self.other_block = block if other_block is None else other_block
+        self.buffer = buffer
         self.access = access
         self.other_access = other_access
         self.memory = memory

@@ -33,14 +33,14 @@ class _Launch(ctypes.Structure):
         ("initcheck", _I64),
         ("error", _I64), ("is_store", _I64), ("size", _I64), ("region", _I64), ("address", _U64),
         ("block_idx", _I64 * 3), ("thread_idx", _I64 * 3), ("other_thread", _I64 * 3), ("other_is_store", _I64),
-        ("buffer", _I64), ("offset", _I64), ("blocks_run", _I64),
+        ("buffer", _I64), ("offset", _I64), ("blocks_run", _I64), ("other_block", _I64 * 3),
         ("message", ctypes.c_char * 4096),
     ]
 
 
 _KIND_NAMES = {1: "pointer", 2: "integer", 3: "floating-point", 4: "struct"}
 _ERR_MEMCHECK, _ERR_RACE, _ERR_DEADLOCK, _ERR_KERNEL, _ERR_CONFIG = 1, 2, 3, 4, 5
-_R_DYNAMIC, _R_STATIC = 2, 3
+_R_DYNAMIC, _R_STATIC, _R_GLOBAL = 2, 3, 4
 
 _libs: Dict[str, ctypes.CDLL] = {}
 _libs_lock = threading.Lock()
@@ -298,6 +298,19 @@ class Function:
                 buf, off = None, 0
             text = (f"memcheck: invalid {L.size}-byte {access} at 0x{L.address:x} in {where}: {msg}; {detail}")
             return MemcheckError(text, name, blk, thr, access, int(L.size), int(L.address), buf, int(off))
+        if L.error == _ERR_RACE and L.region == _R_GLOBAL:
+            access = "store" if L.is_store else "load"
+            other, other_block = tuple(L.other_thread), tuple(L.other_block)
+            buf, off = int(L.buffer), int(L.offset)
+            arr = args[buf]
+            elem = f" (element {off // arr.itemsize})" if arr.itemsize else ""
+            text = (f"racecheck: inter-block race ({msg} hazard) at byte {off}{elem} of argument {buf} "
+                    f"({arr.dtype} array of shape {arr.shape}) in kernel {name!r}: block {blk} thread {thr} "
+                    f"{access}s it after block {other_block} thread {other} stored it, with no chain ordering "
+                    f"them (the writer's __threadfence() after its store, then an atomic; this block's atomic "
+                    f"on that location, then its __threadfence())")
+            return RaceError(text, name, blk, thr, other, access, "store", "global", off, None,
+                             other_block=other_block, buffer=buf)
         if L.error == _ERR_RACE:
             access = "store" if L.is_store else "load"
             other_access = "store" if L.other_is_store else "load"

@@ -36,6 +36,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <unordered_map>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -56,7 +57,7 @@ struct Buffer {
 };
 
 enum ErrorKind : int64_t { OK = 0, MEMCHECK = 1, RACE = 2, DEADLOCK = 3, KERNEL = 4, CONFIG = 5 };
-enum Region : int64_t { R_NONE = 0, R_DYNAMIC_SHARED = 2, R_STATIC_SHARED = 3 };
+enum Region : int64_t { R_NONE = 0, R_DYNAMIC_SHARED = 2, R_STATIC_SHARED = 3, R_GLOBAL = 4 };
 
 struct Launch {
     // in
@@ -71,6 +72,7 @@ struct Launch {
     int64_t other_thread[3], other_is_store;
     int64_t buffer, offset;       // nearest argument buffer (-1: none) and offset from its start
     int64_t blocks_run;
+    int64_t other_block[3];       // inter-block race: the block of the earlier access
     char message[4096];
 };
 
@@ -105,7 +107,38 @@ struct Fiber {
     uintptr_t spin_addr;                // spin-wait detection: consecutive loads of one address
     uint32_t spin_count, spin_rounds;
     unsigned long long spin_value;
+    // inter-block ordering (see "inter-block racecheck")
+    uint32_t fence_t, fence_bar;        // time of the last __threadfence, the block's last barrier before it
+    int pending, acquired;              // indices into Runtime::covs (-1: none)
+    uint32_t seen_release, seen_version; // the release record last merged into `pending` (by a load)
 };
+
+// What a thread (or block) has synchronized with: the stores of block b before
+// time bar[b] (published by a fence after a barrier of b), and the stores of the
+// thread w (block * 1024 + thread) before time own[w] (published by its own fence).
+struct Coverage {
+    std::unordered_map<uint32_t, uint32_t> bar;
+    std::unordered_map<uint64_t, uint32_t> own;
+    void merge(const Coverage& o) {
+        for (const auto& kv : o.bar) { uint32_t& v = bar[kv.first]; if (kv.second > v) v = kv.second; }
+        for (const auto& kv : o.own) { uint32_t& v = own[kv.first]; if (kv.second > v) v = kv.second; }
+    }
+    uint32_t version = 0;               // (release records) bumped by every release into it
+    bool covers(uint32_t block, uint64_t writer, uint32_t t) const {
+        auto b = bar.find(block);
+        if (b != bar.end() && t < b->second) return true;
+        auto w = own.find(writer);
+        return w != own.end() && t < w->second;
+    }
+};
+
+// Per byte of an argument buffer: who stored it last in this launch.
+struct GlobalShadow {
+    uint32_t block1;                    // block linear index + 1; 0: not stored in this launch; kAtomicByte: an atomic
+    uint32_t t;                         // time of the store, or (atomic) the index of its release record
+    uint32_t thread;
+};
+constexpr uint32_t kAtomicByte = 0xffffffffu;
 
 struct Rec {                            // one access to a byte of shared memory
     uint32_t bep, wep;                  // block-barrier epoch, warp-sync epoch
@@ -153,6 +186,17 @@ struct Runtime {
     uintptr_t module_base;
     bool module_scanned;
     std::vector<uint64_t> host_lo;       // where each (staged) buffer lives on the host
+    // inter-block racecheck
+    bool interblock;                     // racecheck with more than one block
+    bool bookkeeping;                    // the runtime's own memcpy/memset calls (not checked)
+    uint32_t gtime;                      // logical time: advances at fences, barriers and atomics
+    uint32_t blin;                       // linear index of the running block
+    uint32_t lastbar;                    // time of the running block's last barrier
+    std::vector<GlobalShadow*> gshadow;  // per buffer: the shadow of its first byte
+    std::vector<Coverage> covs;          // threads' pending / acquired coverage (Fiber indices)
+    Coverage block_acquired;             // what the running block's threads share since a barrier
+    Coverage block_published;            // stores its threads fenced before its last barrier
+    std::vector<Coverage> releases;      // per atomic location: what its atomics published
 };
 
 // Runtime state lives in .data (explicit section) so that the module's .bss holds
@@ -354,6 +398,117 @@ static inline void race_access(Shadow* sh, size_t n, bool store, uintptr_t addr,
     }
 }
 
+// ------------------------------------------------------------------ inter-block racecheck
+// Global memory between blocks, after the PTX memory model's release/acquire
+// patterns: a store of block A is visible to block B once A published it (a
+// __threadfence() by the storing thread after the store, or by any thread of A
+// after a __syncthreads() that follows the store), then an atomic of A after
+// that fence released it into an atomic location, and B observed that location
+// (an atomic on it, or a load of a value an atomic wrote: release sequences of
+// read-modify-writes included) and then fenced; a __syncthreads() shares what a
+// thread of B acquired with the whole block.  Any other access by B to bytes A
+// stored in this launch is an inter-block race.  A thread's fence followed by
+// a __syncthreads() publishes its stores for an atomic by any thread of the
+// block after the barrier (every thread fences, one thread signals).  Loads are not told apart from
+// volatile loads (a volatile load orders nothing by itself; the fence does).
+// Logical time (gtime) advances at fences, barriers and atomics; a store
+// happens at the current time.
+// The runtime's own containers call memset/memcpy, which the linker sends to
+// the checked wrappers: while this guard lives they pass unchecked.
+struct Bookkeeping {
+    bool saved;
+    Bookkeeping() : saved(R->bookkeeping) { R->bookkeeping = true; }
+    ~Bookkeeping() { R->bookkeeping = saved; }
+};
+
+static inline Coverage& coverage(int& idx) {
+    if (idx < 0) {
+        idx = (int)R->covs.size();
+        R->covs.emplace_back();
+    }
+    return R->covs[idx];
+}
+static inline uint64_t writer_id(uint32_t block, uint32_t thread) { return (uint64_t)block << 10 | thread; }
+
+static bool visible(const Fiber* f, uint32_t block, uint32_t thread, uint32_t t) {
+    const uint64_t w = writer_id(block, thread);
+    if (f->acquired >= 0 && R->covs[f->acquired].covers(block, w, t)) return true;
+    return R->block_acquired.covers(block, w, t);
+}
+
+static uint3 unlinear(uint32_t i, uint3 d) { return uint3{i % d.x, (i / d.x) % d.y, i / (d.x * d.y)}; }
+
+[[noreturn]] static void global_race(const char* what, const GlobalShadow& prev, bool store, int buf, uint64_t off) {
+    Launch* L = R->L;
+    L->error = RACE;
+    set_where(R->cur);
+    const uint3 ob = unlinear(prev.block1 - 1, R->gdim), ot = unlinear(prev.thread, R->bdim);
+    L->other_block[0] = ob.x; L->other_block[1] = ob.y; L->other_block[2] = ob.z;
+    L->other_thread[0] = ot.x; L->other_thread[1] = ot.y; L->other_thread[2] = ot.z;
+    L->other_is_store = 1;
+    L->is_store = store;
+    L->address = R->host_lo[buf] + off;
+    L->region = R_GLOBAL;
+    L->buffer = R->bufs[buf].arg_index;
+    L->offset = (int64_t)off;
+    set_message("%s", what);
+    abort_fiber();
+}
+
+static inline void global_access(int buf, uint64_t off, size_t n, bool store) {
+    GlobalShadow* sh = R->gshadow[buf] + off;
+    Fiber* f = R->cur;
+    const uint32_t me = R->blin + 1;
+    for (size_t i = 0; i < n; ++i) {
+        GlobalShadow& g = sh[i];
+        if (g.block1 == kAtomicByte) {
+            // a value an atomic wrote: the load observes that atomic's release sequence
+            const Coverage& rel = R->releases[g.t];
+            if (!store && (f->seen_release != g.t || f->seen_version != rel.version)) {
+                Bookkeeping quiet;
+                f->seen_release = g.t;
+                f->seen_version = rel.version;
+                coverage(f->pending).merge(rel);
+            }
+        } else if (g.block1 != 0 && g.block1 != me && !visible(f, g.block1 - 1, g.thread, g.t)) {
+            global_race(store ? "write-after-write" : "read-after-write", g, store, buf, off + i);
+        }
+        if (store) g = GlobalShadow{me, R->gtime, (uint32_t)f->linear};
+    }
+}
+
+// An atomic on global memory: acquires what the location's earlier atomics
+// released, and releases what the thread's last fence published.
+static void global_atomic(int buf, uint64_t off, size_t n) {
+    Bookkeeping quiet;
+    GlobalShadow* sh = R->gshadow[buf] + off;
+    Fiber* f = R->cur;
+    uint32_t idx;
+    if (sh[0].block1 == kAtomicByte) {
+        idx = sh[0].t;
+    } else {
+        idx = (uint32_t)R->releases.size();
+        R->releases.emplace_back();
+    }
+    Coverage& pending = coverage(f->pending);
+    Coverage& rel = R->releases[idx];
+    pending.merge(rel);
+    if (!R->block_published.own.empty()) {
+        // stores other threads fenced before a barrier this thread has passed
+        rel.merge(R->block_published);
+        ++rel.version;
+    }
+    if (f->fence_t) {
+        uint32_t& b = rel.bar[R->blin];
+        if (f->fence_bar > b) b = f->fence_bar;
+        uint32_t& o = rel.own[writer_id(R->blin, f->linear)];
+        if (f->fence_t > o) o = f->fence_t;
+        ++rel.version;
+    }
+    for (size_t i = 0; i < n; ++i) sh[i] = GlobalShadow{kAtomicByte, idx, (uint32_t)f->linear};
+    ++R->gtime;
+}
+
 // ------------------------------------------------------------------ memcheck
 [[noreturn]] static void bad_access(uintptr_t a, size_t n, bool store, const char* why) {
     Launch* L = R->L;
@@ -454,6 +609,8 @@ static inline void check(uintptr_t a, size_t n, bool store) {
         if (a - b.lo < b.size) {
             if (n > b.lo + b.size - a && R->memcheck)
                 bad_access(a, n, store, "access runs past the end of an argument buffer");
+            if (R->interblock && R->racecheck)
+                global_access(i, a - b.lo, n < b.lo + b.size - a ? n : b.lo + b.size - a, store);
             if (store) {
                 b.stored += n;
                 if (!R->in_atomic) f->spin_addr = 0;
@@ -519,15 +676,15 @@ extern "C" void* __real_memcpy(void*, const void*, size_t);
 extern "C" void* __real_memmove(void*, const void*, size_t);
 extern "C" void* __real_memset(void*, int, size_t);
 extern "C" EMU_HIDDEN void* __wrap_memcpy(void* d, const void* s, size_t n) {
-    if (R && R->cur) { check((uintptr_t)s, n, false); check((uintptr_t)d, n, true); }
+    if (R && R->cur && !R->bookkeeping) { check((uintptr_t)s, n, false); check((uintptr_t)d, n, true); }
     return __real_memcpy(d, s, n);
 }
 extern "C" EMU_HIDDEN void* __wrap_memmove(void* d, const void* s, size_t n) {
-    if (R && R->cur) { check((uintptr_t)s, n, false); check((uintptr_t)d, n, true); }
+    if (R && R->cur && !R->bookkeeping) { check((uintptr_t)s, n, false); check((uintptr_t)d, n, true); }
     return __real_memmove(d, s, n);
 }
 extern "C" EMU_HIDDEN void* __wrap_memset(void* d, int c, size_t n) {
-    if (R && R->cur) check((uintptr_t)d, n, true);
+    if (R && R->cur && !R->bookkeeping) check((uintptr_t)d, n, true);
     return __real_memset(d, c, n);
 }
 
@@ -586,6 +743,20 @@ static void barrier(void* site, int pred) {
         R->bar_count = 0; R->bar_and = 1; R->bar_or = 0;
         R->bep = ++R->epoch;
         for (int i = 0; i < R->nthreads; ++i) R->fibers[i].state = RUN;
+        if (R->interblock) {
+            Bookkeeping quiet;
+            // a barrier orders the block's stores before it (for a later fence to
+            // publish) and shares what its threads acquired
+            R->lastbar = ++R->gtime;
+            for (int i = 0; i < R->nthreads; ++i) {
+                const Fiber& t = R->fibers[i];
+                if (t.acquired >= 0) R->block_acquired.merge(R->covs[t.acquired]);
+                if (t.fence_t) {
+                    uint32_t& o = R->block_published.own[writer_id(R->blin, t.linear)];
+                    if (t.fence_t > o) o = t.fence_t;
+                }
+            }
+        }
     }
     // Even the thread that completed the barrier yields, so that the block
     // resumes in thread order.
@@ -739,6 +910,15 @@ void atomic_access(const volatile void* addr, size_t size) {
     R->initcheck = ic;
     if (!rc) return;
     const uintptr_t a = (uintptr_t)addr;
+    if (R->interblock) {
+        for (int i = 0; i < R->nbufs; ++i) {
+            const Buffer& b = R->bufs[i];
+            if (a - b.lo < b.size && size <= b.lo + b.size - a) {
+                global_atomic(i, a - b.lo, size);
+                return;
+            }
+        }
+    }
     Shadow* sh = nullptr;
     if (a - R->dyn_lo < R->dyn_size) sh = &R->dyn_shadow[a - R->dyn_lo];
     else if (a - R->bss_lo < R->bss_hi - R->bss_lo) sh = &R->bss_shadow[a - R->bss_lo];
@@ -746,7 +926,20 @@ void atomic_access(const volatile void* addr, size_t size) {
     for (size_t i = 0; i < size; ++i) sh[i].w = Rec{R->bep, 0, -1};
 }
 
-void threadfence() {}
+void threadfence() {
+    if (!R->interblock) return;
+    Bookkeeping quiet;
+    Fiber* f = R->cur;
+    f->fence_t = ++R->gtime;
+    f->fence_bar = R->lastbar;
+    if (f->pending >= 0) {
+        Coverage& acquired = coverage(f->acquired);
+        Coverage& pending = R->covs[f->pending];
+        acquired.merge(pending);
+        pending.bar.clear();
+        pending.own.clear();
+    }
+}
 
 long long clock64() {
     struct timespec ts;
@@ -911,8 +1104,17 @@ static bool run_block(uint3 b) {
         f.stack_lo = (uintptr_t)(R->stacks + (size_t)i * (kStack + kGuard) + kGuard);
         f.spin_addr = 0;
         f.spin_count = f.spin_rounds = 0;
+        f.fence_t = f.fence_bar = 0;
+        f.pending = f.acquired = -1;
+        f.seen_release = ~0u;
+        f.seen_version = 0;
         f.sp = fiber_init_stack(f, f.stack_lo);
     }
+    R->covs.clear();
+    R->block_acquired = Coverage();
+    R->block_published = Coverage();
+    R->lastbar = 0;
+    R->blin = b.x + R->gdim.x * (b.y + R->gdim.y * b.z);
     R->live = n;
     R->arrived = 0;
     R->bar_count = 0; R->bar_and = 1; R->bar_or = 0;
@@ -1036,6 +1238,8 @@ struct Stage {
     char* map;                    // the reservation, gaps included
     size_t map_len;
     uintptr_t dev_lo;             // where host_lo is staged
+    GlobalShadow* shadow;         // inter-block racecheck: one entry per byte (zero pages until stored)
+    size_t shadow_len;
 };
 
 static bool stage_buffers(std::vector<Stage>& stages) {
@@ -1049,7 +1253,7 @@ static bool stage_buffers(std::vector<Stage>& stages) {
     for (int k = 0; k < n; ++k) {
         const Buffer& b = R->bufs[order[k]];
         if (stages.empty() || b.lo >= stages.back().host_hi)
-            stages.push_back(Stage{b.lo, b.lo + b.size, nullptr, 0, 0});
+            stages.push_back(Stage{b.lo, b.lo + b.size, nullptr, 0, 0, nullptr, 0});
         else if (b.lo + b.size > stages.back().host_hi)
             stages.back().host_hi = b.lo + b.size;
         group[order[k]] = (int)stages.size() - 1;
@@ -1065,7 +1269,15 @@ static bool stage_buffers(std::vector<Stage>& stages) {
         if (mprotect(s.map + kStageGap, body, PROT_READ | PROT_WRITE) != 0) return false;
         s.dev_lo = (uintptr_t)(s.map + kStageGap + in_page);
         memcpy((void*)s.dev_lo, (const void*)s.host_lo, s.host_hi - s.host_lo);
+        if (R->interblock) {
+            s.shadow_len = (s.host_hi - s.host_lo) * sizeof(GlobalShadow);
+            void* q = mmap(nullptr, s.shadow_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                           -1, 0);
+            if (q == MAP_FAILED) { s.shadow = nullptr; return false; }
+            s.shadow = (GlobalShadow*)q;
+        }
     }
+    R->gshadow.assign(n, nullptr);
     void** args = (void**)(uintptr_t)R->L->args;
     for (int i = 0; i < n; ++i) {
         Buffer& b = R->bufs[i];
@@ -1073,6 +1285,7 @@ static bool stage_buffers(std::vector<Stage>& stages) {
         const uintptr_t dev = s.dev_lo + (b.lo - s.host_lo);
         uintptr_t* cell = (uintptr_t*)args[b.arg_index];
         if (*cell == b.lo) *cell = dev;     // the argument's pointer (Python passes the array's start)
+        if (s.shadow) R->gshadow[i] = s.shadow + (b.lo - s.host_lo);
         b.lo = dev;
     }
     return true;
@@ -1084,6 +1297,7 @@ static void unstage_buffers(std::vector<Stage>& stages) {
         if (!s.map) continue;
         if (s.dev_lo) memcpy((void*)s.host_lo, (const void*)s.dev_lo, s.host_hi - s.host_lo);
         munmap(s.map, s.map_len);
+        if (s.shadow) munmap(s.shadow, s.shadow_len);
     }
     for (int i = 0; i < R->nbufs && i < (int)host_lo.size(); ++i) R->bufs[i].lo = host_lo[i];
 }
@@ -1138,6 +1352,9 @@ EMU_EXPORT int64_t gpubn_emu_launch(Launch* L) {
         uint64_t s = (uint64_t)L->seed;
         for (uint64_t i = nblocks; i > 1; --i) std::swap(order[i - 1], order[splitmix(s) % i]);
     }
+    R->interblock = R->racecheck && nblocks > 1;
+    R->gtime = 1;
+    R->releases.clear();
     std::vector<Stage> stages;
     if (!stage_buffers(stages)) {
         unstage_buffers(stages);
