@@ -772,3 +772,99 @@ def test_reading_another_blocks_store_with_no_atomic_is_a_race(last_block_mod):
     assert out[0] == 0.0
     with emu.options(racecheck=False):
         last_block_mod.get_function("neighbour_slot")(4, 32, (slots, out))
+
+
+# ---------------------------------------------------------------- concurrent blocks, cooperative launch
+GRID_BARRIER_SRC = r"""
+// A grid barrier written with an atomic and fences (no cooperative-groups header).
+__device__ void grid_barrier(unsigned int* arrived) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        atomicAdd(arrived, 1u);
+        while (*(volatile unsigned int*)arrived < gridDim.x) {}
+        __threadfence();
+    }
+    __syncthreads();
+}
+// Every block publishes a value, waits for all, then reads its neighbour's.
+extern "C" __global__ void exchange(float* slots, unsigned int* arrived, float* out) {
+    if (threadIdx.x == 0) slots[blockIdx.x] = (float)(blockIdx.x + 1);
+    grid_barrier(arrived);
+    out[blockIdx.x * blockDim.x + threadIdx.x] = slots[(blockIdx.x + 1) % gridDim.x];
+}
+"""
+
+
+def _exchange(fn, blocks, threads=32, **kwargs):
+    slots = np.zeros(blocks, np.float32)
+    arrived = np.zeros(1, np.uint32)
+    out = np.full(blocks * threads, -1.0, np.float32)
+    fn(blocks, threads, (slots, arrived, out), **kwargs)
+    return out.reshape(blocks, threads)
+
+
+@pytest.mark.parametrize("seed", [None, 1, 2])
+def test_grid_barrier_under_a_cooperative_launch(seed):
+    fn = emu.RawModule(code=GRID_BARRIER_SRC, enable_cooperative_groups=True).get_function("exchange")
+    with emu.options(seed=seed):
+        out = _exchange(fn, 6)
+    np.testing.assert_array_equal(out, np.roll(np.arange(1, 7, dtype=np.float32), -1)[:, None] * np.ones(32))
+
+
+def test_grid_barrier_cooperative_per_launch():
+    # CuPy's Function.__call__(..., enable_cooperative_groups=True) on an ordinary module
+    fn = emu.RawModule(code=GRID_BARRIER_SRC).get_function("exchange")
+    out = _exchange(fn, 3, enable_cooperative_groups=True)
+    np.testing.assert_array_equal(out[:, 0], [2, 3, 1])
+
+
+def test_grid_barrier_under_an_ordinary_launch_is_a_deadlock():
+    # an ordinary launch promises no co-residency: one block has not started
+    fn = emu.RawModule(code=GRID_BARRIER_SRC).get_function("exchange")
+    with pytest.raises(emu.DeadlockError, match=r"thread \(0, 0, 0\) spins: .* at argument 1 at offset 0 .*"
+                                                r"a block that has not started: an ordinary launch does not make all "
+                                                r"its blocks co-resident"):
+        _exchange(fn, 4)
+
+
+def test_cooperative_grid_too_large_to_be_co_resident():
+    fn = emu.RawModule(code=GRID_BARRIER_SRC, enable_cooperative_groups=True).get_function("exchange")
+    # 1024 threads x 64 registers fill an SM's 65536 registers: one block per SM
+    assert fn.max_active_blocks_per_multiprocessor(1024) == 1
+    assert fn.max_active_blocks_per_multiprocessor(256, 100 * 1024) == 2      # shared memory: 2 x 101 KiB
+    assert fn.max_active_blocks_per_multiprocessor(32) == 32                  # blocks per SM
+    slots = np.zeros(133, np.float32)
+    arrived = np.zeros(1, np.uint32)
+    out = np.full(133 * 1024, -1.0, np.float32)
+    with pytest.raises(emu.LaunchError, match=r"^CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE: kernel 'exchange': a "
+                                              r"cooperative launch of 133 blocks, but at most 132 can be "
+                                              r"co-resident") as info:
+        fn(133, 1024, (slots, arrived, out))
+    assert info.value.cuda_error == "CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE"
+    assert (out == -1).all() and arrived[0] == 0                                # nothing ran
+
+
+def test_blocks_of_an_ordinary_launch_run_concurrently():
+    # even blocks wait for the odd block after them: blocks run one after
+    # another would deadlock, blocks interleaved (two at a time or more) do not
+    src = r"""
+extern "C" __global__ void pairs(unsigned int* flags, float* out) {
+    if (threadIdx.x == 0) {
+        if (blockIdx.x % 2 == 0) {
+            while (*(volatile unsigned int*)&flags[blockIdx.x + 1] == 0u) {}
+            __threadfence();
+            out[blockIdx.x] = out[blockIdx.x + 1] + 1.0f;
+        } else {
+            out[blockIdx.x] = (float)blockIdx.x;
+            __threadfence();
+            atomicExch(&flags[blockIdx.x], 1u);
+        }
+    }
+}
+"""
+    fn = emu.RawKernel(src, "pairs")
+    flags = np.zeros(4, np.uint32)
+    out = np.zeros(4, np.float32)
+    fn(4, 32, (flags, out))
+    np.testing.assert_array_equal(out, [2, 1, 4, 3])

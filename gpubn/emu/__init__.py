@@ -84,8 +84,8 @@ NVRTC flags (``-arch``, ``--use_fast_math``, ...) are accepted and ignored.
 ``GPUBN_EMU=1`` is defined; ``__CUDACC__``, ``__CUDA_ARCH__`` and
 ``__CUDACC_RTC__`` are not.  Checks are on by default; change them with
 ``set_options(memcheck=..., racecheck=..., initcheck=..., seed=...)`` or
-``with options(seed=3): ...``; ``seed`` shuffles the order in which blocks run
-(``GPUBN_EMU_SEED`` sets the default).  Libraries are cached under
+``with options(seed=3): ...``; ``seed`` shuffles the order in which blocks
+start and which running block goes next (``GPUBN_EMU_SEED`` sets the default).  Libraries are cached under
 ``$GPUBN_CACHE_DIR/emu`` (default ``~/.cache/gpubn/emu``).  A GCC ``g++``
 (``$CXX``) is required.
 
@@ -118,8 +118,20 @@ static reference ``s`` the compiler cannot see through (so that ``s[0]`` or a
 ``__shared__`` scalar, whose accesses it would prove in bounds, is checked
 too); in headers as well.
 
-Semantics worth knowing: blocks run one after another on the calling OS
-thread, each CUDA thread on a 64 KiB stack; all ``__syncthreads()`` calls of
+Semantics worth knowing: the blocks of a launch run on the calling OS thread
+as groups of fibers, each CUDA thread on a 64 KiB stack, several blocks at a
+time, interleaved: a block runs until its threads all wait (a barrier, a warp
+collective, a spin-wait hand-over) or exit, then the next running block (round
+robin, or the seed's choice) goes on.  An ordinary launch runs at most one
+block fewer than its grid at a time (4 at most): it promises no co-residency,
+so a block waiting for a block that has not started is a deadlock.  A
+cooperative launch (``RawModule(..., enable_cooperative_groups=True)`` or
+``fn(..., enable_cooperative_groups=True)``, as in CuPy) runs every block at
+once, so a grid barrier written with atomics and fences works; a grid larger
+than the device could hold at once (``Function.max_active_blocks_per_multiprocessor``
+times the SM count, from threads, ``num_regs`` -- an assumed 64 registers per
+thread -- and shared memory) raises :class:`LaunchError`
+(``CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE``); all ``__syncthreads()`` calls of
 a block are one barrier whatever the call site, as on sm_70 and newer (g++
 duplicates barrier calls into the branches before them), and it must be
 reached by every thread of the block (a thread that returned early makes a

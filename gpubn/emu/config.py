@@ -51,8 +51,10 @@ class Options:
     initcheck: a load of shared memory that no thread of the block has written
         (not one byte of it) is reported (needs racecheck, which keeps the
         per-byte shadow state).
-    seed: ``None`` runs blocks in order; an int shuffles the order in which the
-        blocks of every launch run (same seed, same order).
+    seed: ``None`` starts blocks in order and interleaves the running ones
+        round robin; an int shuffles the order in which the blocks of every
+        launch start and picks the next running block at random (same seed,
+        same schedule).
     """
 
     memcheck: bool = True

@@ -30,7 +30,7 @@ class _Launch(ctypes.Structure):
         ("thunk", _U64), ("args", _U64), ("buffers", _U64), ("nbuffers", _I64),
         ("grid", _I64 * 3), ("block", _I64 * 3),
         ("shared_mem", _I64), ("seed", _I64), ("shuffle", _I64), ("memcheck", _I64), ("racecheck", _I64),
-        ("initcheck", _I64),
+        ("initcheck", _I64), ("resident", _I64),
         ("error", _I64), ("is_store", _I64), ("size", _I64), ("region", _I64), ("address", _U64),
         ("block_idx", _I64 * 3), ("thread_idx", _I64 * 3), ("other_thread", _I64 * 3), ("other_is_store", _I64),
         ("buffer", _I64), ("offset", _I64), ("blocks_run", _I64), ("other_block", _I64 * 3),
@@ -41,6 +41,8 @@ class _Launch(ctypes.Structure):
 _KIND_NAMES = {1: "pointer", 2: "integer", 3: "floating-point", 4: "struct"}
 _ERR_MEMCHECK, _ERR_RACE, _ERR_DEADLOCK, _ERR_KERNEL, _ERR_CONFIG = 1, 2, 3, 4, 5
 _R_DYNAMIC, _R_STATIC, _R_GLOBAL = 2, 3, 4
+
+_ORDINARY_RESIDENT = 4      # blocks an ordinary launch interleaves (at most one fewer than its grid)
 
 _libs: Dict[str, ctypes.CDLL] = {}
 _libs_lock = threading.Lock()
@@ -217,14 +219,39 @@ class Function:
             raise LaunchError(f"kernel {name!r}: {params} bytes of kernel parameters; at most {d.max_param_bytes}",
                               "CUDA_ERROR_INVALID_VALUE")
 
-    def __call__(self, grid, block, args, *, shared_mem=0, stream=None, enable_cooperative_groups=False):
-        if enable_cooperative_groups:
-            raise EmuError("cooperative launches are not supported by the emu backend")
+    def max_active_blocks_per_multiprocessor(self, block_size: int, dynamic_smem_size: int = 0) -> int:
+        """How many blocks of ``block_size`` threads with ``dynamic_smem_size``
+        bytes of dynamic shared memory fit on one SM of the modelled device
+        (``cudaOccupancyMaxActiveBlocksPerMultiprocessor``): limited by threads,
+        registers (``num_regs`` per thread, allocated per warp), shared memory
+        and blocks per SM."""
+        d = DEVICE
+        warps = -(-int(block_size) // 32)
+        shared = self.shared_size_bytes + int(dynamic_smem_size) + d.reserved_shared_per_block
+        return max(0, min(d.max_blocks_per_sm, d.max_threads_per_sm // (32 * warps),
+                          d.registers_per_sm // (self.num_regs * 32 * warps), d.shared_per_sm // shared))
+
+    def __call__(self, grid, block, args, *, shared_mem=0, stream=None, enable_cooperative_groups=None):
         g = _dim3(grid, "grid")
         b = _dim3(block, "block")
         if isinstance(shared_mem, bool) or not isinstance(shared_mem, (int, np.integer)) or shared_mem < 0:
             raise ValueError(f"shared_mem must be a non-negative int, got {shared_mem!r}")
         self._check_resources(g, b, int(shared_mem))
+        cooperative = self.module.enable_cooperative_groups if enable_cooperative_groups is None \
+            else bool(enable_cooperative_groups)
+        nblocks = g[0] * g[1] * g[2]
+        per_sm = self.max_active_blocks_per_multiprocessor(b[0] * b[1] * b[2], int(shared_mem))
+        coresident = DEVICE.sm_count * per_sm
+        if cooperative and nblocks > coresident:
+            raise LaunchError(f"kernel {self.name!r}: a cooperative launch of {nblocks} blocks, but at most "
+                              f"{coresident} can be co-resident on {DEVICE.name} ({DEVICE.sm_count} SMs x {per_sm} "
+                              f"blocks of {b[0] * b[1] * b[2]} threads with {self.shared_size_bytes + int(shared_mem)}"
+                              f" bytes of shared memory and {self.num_regs} registers per thread)",
+                              "CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE")
+        # An ordinary launch promises no co-residency: one block fewer than the
+        # grid runs at a time, so a wait on a block that has not started is a
+        # deadlock; a cooperative launch runs every block at once.
+        resident = nblocks if cooperative else max(1, min(nblocks - 1, coresident, _ORDINARY_RESIDENT))
         ptrs, buffers, keep = self._convert(args)
         opts = get_options()
         bufarr = (_Buffer * max(1, len(buffers)))()
@@ -243,6 +270,7 @@ class Function:
         L.memcheck = opts.memcheck
         L.racecheck = opts.racecheck
         L.initcheck = opts.initcheck
+        L.resident = resident
         self._lib.gpubn_emu_launch(ctypes.byref(L))
         del keep
         if L.error:
@@ -371,12 +399,10 @@ class RawModule:
 
     def __init__(self, code: Optional[str] = None, *, path: Optional[str] = None, options: Sequence[str] = (),
                  name_expressions: Optional[Sequence[str]] = None, filename: Optional[str] = None,
-                 **cupy_only):
-        for key, value in cupy_only.items():
-            if key not in ("backend", "translate_cucomplex", "log_stream", "jitify", "enable_cooperative_groups"):
+                 enable_cooperative_groups: bool = False, **cupy_only):
+        for key in cupy_only:
+            if key not in ("backend", "translate_cucomplex", "log_stream", "jitify"):
                 raise TypeError(f"RawModule() got an unexpected keyword argument {key!r}")
-            if key == "enable_cooperative_groups" and value:
-                raise EmuCompileError("cooperative groups are not supported by the emu backend")
         if (code is None) == (path is None):
             raise TypeError("RawModule needs exactly one of code= (CUDA C++ source) or path= (a .cu file)")
         if path is not None:
@@ -396,6 +422,9 @@ class RawModule:
         self.options = tuple(options)
         self.name_expressions = names
         self.filename = filename or "kernel.cu"
+        # CuPy's parameter: launches of this module's kernels are cooperative
+        # (every block co-resident; refused when the grid cannot be)
+        self.enable_cooperative_groups = bool(enable_cooperative_groups)
         self._built = None
         self._functions: Dict[str, Function] = {}
         self._lock = threading.Lock()

@@ -1,10 +1,10 @@
 // gpubn emu: the SIMT runtime.
 //
-// Runs one CUDA launch on the calling OS thread: blocks one after another (in
-// order, or shuffled by a seed), and every CUDA thread of a block as its own
-// fiber with a small stack.  Fibers switch only at barriers, warp collectives,
-// exits and spin-waits, so a block's threads really meet at __syncthreads and
-// exchange values at warp shuffles.
+// Runs one CUDA launch on the calling OS thread: every CUDA thread as its own
+// fiber with a small stack, several blocks at a time (all of them for a
+// cooperative launch), interleaved a round at a time.  Fibers switch only at
+// barriers, warp collectives, exits and spin-waits, so a block's threads really
+// meet at __syncthreads and exchange values at warp shuffles.
 //
 // The kernel translation unit is compiled with -fsanitize=kernel-address and
 // call-threshold 0, so the compiler calls __asan_{load,store}*_noabort on every
@@ -65,6 +65,7 @@ struct Launch {
     int64_t nbuffers;
     int64_t grid[3], block[3];
     int64_t shared_mem, seed, shuffle, memcheck, racecheck, initcheck;
+    int64_t resident;             // how many blocks run concurrently (interleaved)
     // out
     int64_t error, is_store, size, region;
     uint64_t address;
@@ -107,6 +108,7 @@ struct Fiber {
     uintptr_t spin_addr;                // spin-wait detection: consecutive loads of one address
     uint32_t spin_count, spin_rounds;
     unsigned long long spin_value;
+    uint64_t spin_progress;             // Runtime::progress at the last hand-over
     // inter-block ordering (see "inter-block racecheck")
     uint32_t fence_t, fence_bar;        // time of the last __threadfence, the block's last barrier before it
     int pending, acquired;              // indices into Runtime::covs (-1: none)
@@ -148,6 +150,29 @@ struct Shadow {
     Rec w, r0, r1;
 };
 
+struct Uninit { bool set; int tid; uintptr_t addr; size_t n; int64_t region; uintptr_t off; };
+
+// The per-block part of the runtime, parked while another block runs: the
+// running block's state lives in Runtime (where the hot paths find it), and a
+// switch exchanges it with the slot of the next block.
+struct Slot {
+    char* stacks = nullptr;
+    size_t stacks_threads = 0;
+    Fiber* fibers = nullptr;
+    unsigned char* dyn = nullptr;
+    uint3 bidx{};
+    uint32_t blin = 0, bep = 0, block_bep = 0, lastbar = 0;
+    int live = 0, arrived = 0, bar_count = 0, bar_and = 0, bar_or = 0;
+    int bar_result_count = 0, bar_result_and = 0, bar_result_or = 0;
+    Uninit uninit{};
+    uint32_t wep[kMaxThreads / 32] = {};
+    unsigned alive[kMaxThreads / 32] = {}, waiting[kMaxThreads / 32] = {};
+    std::vector<Shadow> dyn_shadow, bss_shadow;
+    std::vector<unsigned char> bss;      // the block's static shared memory while parked
+    std::vector<Coverage> covs;
+    Coverage block_acquired, block_published;
+};
+
 struct Runtime {
     std::mutex mutex;
     Launch* L;
@@ -170,7 +195,7 @@ struct Runtime {
     // The first load of never-written shared memory, reported at the next barrier
     // (or the end of the block) unless another thread's store to it turns out to
     // be a race first -- a missing barrier is the better diagnosis.
-    struct { bool set; int tid; uintptr_t addr; size_t n; int64_t region; uintptr_t off; } uninit;
+    Uninit uninit;
     uint32_t wep[kMaxThreads / 32];
     unsigned alive[kMaxThreads / 32];    // lanes that exist and have not exited
     unsigned waiting[kMaxThreads / 32];  // lanes waiting in a warp collective
@@ -189,6 +214,7 @@ struct Runtime {
     // inter-block racecheck
     bool interblock;                     // racecheck with more than one block
     bool bookkeeping;                    // the runtime's own memcpy/memset calls (not checked)
+    uint64_t progress;                   // stores so far (spin-waits end only while there are some)
     uint32_t gtime;                      // logical time: advances at fences, barriers and atomics
     uint32_t blin;                       // linear index of the running block
     uint32_t lastbar;                    // time of the running block's last barrier
@@ -197,6 +223,9 @@ struct Runtime {
     Coverage block_acquired;             // what the running block's threads share since a barrier
     Coverage block_published;            // stores its threads fenced before its last barrier
     std::vector<Coverage> releases;      // per atomic location: what its atomics published
+    // concurrent blocks
+    std::vector<Slot> slots;             // slots[cur_slot] is stale: its block's state is here
+    int cur_slot;
 };
 
 // Runtime state lives in .data (explicit section) so that the module's .bss holds
@@ -552,11 +581,13 @@ static void global_atomic(int buf, uint64_t off, size_t n) {
 // Threads switch only at barriers, warp collectives and exits, so a thread that
 // spins on memory another thread must change would spin forever.  After
 // kSpinLoads consecutive loads of one address the spinning thread hands over to
-// the others; after kSpinRounds hand-overs that did not change the value, the
-// wait can never end (the writer waits at a barrier, has exited, or is in
-// another block: blocks run one at a time) and the launch is abandoned.
-constexpr uint32_t kSpinLoads = 1u << 14;
-constexpr uint32_t kSpinRounds = 1024;
+// the others (its block's threads, then the other running blocks); after
+// kSpinRounds hand-overs during which the value did not change and no thread
+// anywhere stored anything, the wait can never end (the writer waits at a
+// barrier, has exited, or is in a block that has not started) and the launch
+// is abandoned.
+constexpr uint32_t kSpinLoads = 1u << 12;
+constexpr uint32_t kSpinRounds = 256;
 
 [[noreturn]] static void spin_error(Fiber* f, uintptr_t a, size_t n) {
     Launch* L = R->L;
@@ -575,8 +606,8 @@ constexpr uint32_t kSpinRounds = 1024;
     else if (a - R->bss_lo < R->bss_hi - R->bss_lo)
         snprintf(where, sizeof where, "static shared memory (module offset 0x%lx)", (unsigned long)(a - R->module_base));
     set_message("spins: %u loads in a row of %zu bytes at %s returned the same value while the other threads ran; "
-                "no thread of this block changes it (a writer waiting at a barrier, exited, or in another block "
-                "-- blocks run one at a time on emu)",
+                "no thread changes it (a writer waiting at a barrier, exited, or in a block that has not "
+                "started: an ordinary launch does not make all its blocks co-resident, a cooperative one does)",
                 kSpinLoads * kSpinRounds, n, where);
     abort_fiber();
 }
@@ -609,15 +640,16 @@ static inline void check(uintptr_t a, size_t n, bool store) {
         if (a - b.lo < b.size) {
             if (n > b.lo + b.size - a && R->memcheck)
                 bad_access(a, n, store, "access runs past the end of an argument buffer");
-            if (R->interblock && R->racecheck)
-                global_access(i, a - b.lo, n < b.lo + b.size - a ? n : b.lo + b.size - a, store);
             if (store) {
                 b.stored += n;
                 if (!R->in_atomic) f->spin_addr = 0;
+                ++R->progress;
             } else {
                 b.loaded += n;
-                spin_watch(f, a, n);
+                spin_watch(f, a, n);    // may hand over: the load then reads what the others stored since
             }
+            if (R->interblock && R->racecheck)
+                global_access(i, a - b.lo, n < b.lo + b.size - a ? n : b.lo + b.size - a, store);
             return;
         }
     }
@@ -630,13 +662,13 @@ static inline void check(uintptr_t a, size_t n, bool store) {
             bad_access(a, n, store, "out of bounds of dynamic shared memory");
         }
         if (R->racecheck) race_access(&R->dyn_shadow[off], n, store, a, R_DYNAMIC_SHARED, off);
-        if (!store) spin_watch(f, a, n); else if (!R->in_atomic) f->spin_addr = 0;
+        if (!store) spin_watch(f, a, n); else if (!R->in_atomic) f->spin_addr = 0, ++R->progress;
         return;
     }
     if (a - R->bss_lo < R->bss_hi - R->bss_lo) {
         if (R->racecheck && a + n <= R->bss_hi)
             race_access(&R->bss_shadow[a - R->bss_lo], n, store, a, R_STATIC_SHARED, a - R->module_base);
-        if (!store) spin_watch(f, a, n); else if (!R->in_atomic) f->spin_addr = 0;
+        if (!store) spin_watch(f, a, n); else if (!R->in_atomic) f->spin_addr = 0, ++R->progress;
         return;
     }
     if (!store) {
@@ -968,9 +1000,10 @@ static void spin_hand_over(Fiber* f, uintptr_t a, size_t n) {
     unsigned long long v = 0;
     for (size_t i = 0; i < n && i < 8; ++i)                 // the address was checked
         v |= (unsigned long long)((const unsigned char*)a)[i] << (8 * i);
-    if (f->spin_rounds == 0 || v != f->spin_value) {
+    if (f->spin_rounds == 0 || v != f->spin_value || R->progress != f->spin_progress) {
         f->spin_value = v;
         f->spin_rounds = 0;
+        f->spin_progress = R->progress;
     }
     f->spin_count = 0;
     if (++f->spin_rounds > kSpinRounds) spin_error(f, a, n);
@@ -1087,7 +1120,7 @@ static bool ensure_memory(int nthreads, size_t dyn_size) {
     return true;
 }
 
-static bool run_block(uint3 b) {
+static void start_block(uint3 b) {
     R->bidx = b;
     const int n = R->nthreads;
     const uint3 d = R->bdim;
@@ -1130,21 +1163,68 @@ static bool run_block(uint3 b) {
     }
     // Uninitialized shared memory reads as NaN / -1, as garbage would on a GPU.
     if (R->dyn_size) memset(R->dyn, 0xff, R->dyn_size);
-    // Each round starts at the first runnable thread; threads hand over to the
-    // next runnable one themselves (yield) and the round ends at the last.
-    for (;;) {
-        int i = 0;
-        while (i < n && R->fibers[i].state != RUN) ++i;
-        if (i == n) {
-            if (R->live == 0) return !report_uninitialized();
-            report_deadlock();
-            return false;
-        }
-        R->cur = &R->fibers[i];
-        ctx_switch(&R->sched_sp, R->fibers[i].sp);
-        R->cur = nullptr;
-        if (R->L->error) return false;
+}
+
+// One round of the running block: from its first runnable thread, each thread
+// hands over to the next runnable one (yield) until the last returns here.
+// 0: more to run; 1: the block has finished; -1: an error was recorded.
+static int run_round() {
+    const int n = R->nthreads;
+    int i = 0;
+    while (i < n && R->fibers[i].state != RUN) ++i;
+    if (i == n) {
+        if (R->live == 0) return report_uninitialized() ? -1 : 1;
+        report_deadlock();
+        return -1;
     }
+    R->cur = &R->fibers[i];
+    ctx_switch(&R->sched_sp, R->fibers[i].sp);
+    R->cur = nullptr;
+    return R->L->error ? -1 : 0;
+}
+
+static void exchange(Slot& s) {
+    using std::swap;
+    swap(R->stacks, s.stacks);
+    swap(R->stacks_threads, s.stacks_threads);
+    swap(R->fibers, s.fibers);
+    swap(R->dyn, s.dyn);
+    R->dyn_lo = (uintptr_t)R->dyn;
+    swap(R->bidx, s.bidx);
+    swap(R->blin, s.blin);
+    swap(R->bep, s.bep);
+    swap(R->block_bep, s.block_bep);
+    swap(R->lastbar, s.lastbar);
+    swap(R->live, s.live);
+    swap(R->arrived, s.arrived);
+    swap(R->bar_count, s.bar_count);
+    swap(R->bar_and, s.bar_and);
+    swap(R->bar_or, s.bar_or);
+    swap(R->bar_result_count, s.bar_result_count);
+    swap(R->bar_result_and, s.bar_result_and);
+    swap(R->bar_result_or, s.bar_result_or);
+    swap(R->uninit, s.uninit);
+    swap(R->wep, s.wep);
+    swap(R->alive, s.alive);
+    swap(R->waiting, s.waiting);
+    swap(R->dyn_shadow, s.dyn_shadow);
+    swap(R->bss_shadow, s.bss_shadow);
+    swap(R->covs, s.covs);
+    swap(R->block_acquired, s.block_acquired);
+    swap(R->block_published, s.block_published);
+    const size_t nbss = R->bss_hi - R->bss_lo;
+    if (nbss) {
+        if (s.bss.size() != nbss) s.bss.assign((unsigned char*)R->bss_lo, (unsigned char*)R->bss_hi);
+        std::swap_ranges((unsigned char*)R->bss_lo, (unsigned char*)R->bss_hi, s.bss.data());
+    }
+}
+
+// Makes slot k's block the running one.
+static void switch_to(int k) {
+    if (k == R->cur_slot) return;
+    exchange(R->slots[R->cur_slot]);   // park the running block
+    exchange(R->slots[k]);             // and take k's
+    R->cur_slot = k;
 }
 
 static uint64_t splitmix(uint64_t& s) {
@@ -1338,12 +1418,6 @@ EMU_EXPORT int64_t gpubn_emu_launch(Launch* L) {
     R->nthreads = (int)nt;
     R->bdim = uint3{(unsigned)L->block[0], (unsigned)L->block[1], (unsigned)L->block[2]};
     R->gdim = uint3{(unsigned)L->grid[0], (unsigned)L->grid[1], (unsigned)L->grid[2]};
-    if (!ensure_memory((int)nt, (size_t)L->shared_mem)) {
-        L->error = CONFIG;
-        set_message("cannot allocate fiber stacks: %s", strerror(errno));
-        R->L = nullptr;
-        return L->error;
-    }
     const uint64_t nblocks = (uint64_t)L->grid[0] * L->grid[1] * L->grid[2];
     std::vector<uint64_t> order;
     if (L->shuffle) {
@@ -1363,13 +1437,42 @@ EMU_EXPORT int64_t gpubn_emu_launch(Launch* L) {
         R->L = nullptr;
         return L->error;
     }
+    // Blocks run as groups of fibers: up to `resident` blocks at a time, started
+    // in order (or the seed's order), interleaved a round at a time (round robin,
+    // or the seed's choice); a finished block makes room for the next.
+    const int resident = (int)std::max<int64_t>(1, std::min<int64_t>(L->resident, (int64_t)nblocks));
+    if (R->slots.empty()) R->slots.resize(1);
+    if ((int)R->slots.size() < resident) R->slots.resize(resident);
+    std::vector<int> running, idle;
+    for (int k = resident - 1; k >= 0; --k) idle.push_back(k);
+    uint64_t next = 0, turn = 0, rng = (uint64_t)L->seed ^ 0x5bd1e995ull;
     install_fault_handler();
-    for (uint64_t k = 0; k < nblocks; ++k) {
-        uint64_t i = L->shuffle ? order[k] : k;
-        uint3 b{(unsigned)(i % L->grid[0]), (unsigned)((i / L->grid[0]) % L->grid[1]),
-                (unsigned)(i / ((uint64_t)L->grid[0] * L->grid[1]))};
-        if (!run_block(b)) break;
-        ++L->blocks_run;
+    for (;;) {
+        while (!idle.empty() && next < nblocks) {
+            const int k = idle.back();
+            idle.pop_back();
+            switch_to(k);
+            if (!ensure_memory((int)nt, (size_t)L->shared_mem)) {
+                L->error = CONFIG;
+                set_message("cannot allocate fiber stacks: %s", strerror(errno));
+                break;
+            }
+            const uint64_t i = L->shuffle ? order[next] : next;
+            ++next;
+            start_block(uint3{(unsigned)(i % L->grid[0]), (unsigned)((i / L->grid[0]) % L->grid[1]),
+                              (unsigned)(i / ((uint64_t)L->grid[0] * L->grid[1]))});
+            running.push_back(k);
+        }
+        if (L->error || running.empty()) break;
+        const size_t pick = L->shuffle ? splitmix(rng) % running.size() : turn++ % running.size();
+        switch_to(running[pick]);
+        const int r = run_round();
+        if (r < 0) break;
+        if (r == 1) {
+            ++L->blocks_run;
+            idle.push_back(running[pick]);
+            running.erase(running.begin() + pick);
+        }
     }
     restore_fault_handler();
     unstage_buffers(stages);
