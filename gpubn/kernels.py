@@ -50,14 +50,15 @@ class KernelSpec:
 
 
 # Channel-axis-1 kernels also get 8-byte vectors: runs such as 14*14 = 196
-# float16 values are a multiple of 4 elements but not of 8.
+# float16 values are a multiple of 4 elements but not of 8 (and channels-last
+# statistics: C = 12 float16 channels).
 _RUN_VECTORS = (8, VECTOR_BYTES)
 
 KERNELS: Dict[str, KernelSpec] = {
     spec.name: spec
     for spec in (
         KernelSpec("bn_stats_nchw", "bn_stats.cu", True, (0,), _RUN_VECTORS),
-        KernelSpec("bn_stats_nhwc", "bn_stats.cu", False, (0,)),
+        KernelSpec("bn_stats_nhwc", "bn_stats.cu", True, (0,), _RUN_VECTORS),
         KernelSpec("bn_apply_nchw", "bn_forward.cu", True, (0, 1), _RUN_VECTORS),
         KernelSpec("bn_apply_nhwc", "bn_forward.cu", True, (0, 1)),
         KernelSpec("bn_backward_reduce_nchw", "bn_backward.cu", True, (0, 1, 5), _RUN_VECTORS),

@@ -87,8 +87,8 @@ class Launch:
 
 # sizeof of the reduction states in kernels/gpubn_common.cuh, per accumulation type
 _STATE_BYTES = {
-    ("stats", "float"): 24,   # Welford<float>: long long n; float mean, m2, sum (+ padding)
-    ("stats", "double"): 32,  # Welford<double>
+    ("stats", "float"): 24,   # Welford<float>: long long n; float hi, lo, m2, sum
+    ("stats", "double"): 40,  # Welford<double>
     ("grad", "float"): 8,     # GradSums<float>: two floats
     ("grad", "double"): 16,   # GradSums<double>
 }
@@ -146,11 +146,14 @@ def reduce_launch(op: str, shape3, dtype, aligned: bool, dev: DeviceAttributes,
         return Launch(f"{base}_nchw", vec, (channels, splits, 1), (threads, 1, 1), splits,
                       channels * splits * state if splits > 1 else 0,
                       channels if splits > 1 else 0)
-    bx = min(WARP, _pow2_at_least(channels))
+    # threads along C, each reading `vec` adjacent channels with one load
+    vec = vector_width(shape3, key, aligned, f"{base}_nhwc")
+    columns = channels // vec
+    bx = min(WARP, _pow2_at_least(columns))
     by = max(1, min(tuning.reduce_threads // bx, _pow2_at_least(outer)))
-    tiles = _cdiv(channels, bx)
+    tiles = _cdiv(columns, bx)
     splits = _splits(outer, by, tiles, dev, tuning)
-    return Launch(f"{base}_nhwc", 1, (tiles, splits, 1), (bx, by, 1), splits,
+    return Launch(f"{base}_nhwc", vec, (tiles, splits, 1), (bx, by, 1), splits,
                   channels * splits * state if splits > 1 else 0, tiles if splits > 1 else 0)
 
 

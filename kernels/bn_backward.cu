@@ -55,6 +55,17 @@ bn_backward_reduce_nchw(const T* __restrict__ dy, const T* __restrict__ x, const
     __syncthreads();
     const Acc m = consts[0];
     const Acc a = consts[1];
+    auto push = [&](GradSums<Acc>& s, const VecPair<T, VEC>& p, long long offset) {
+        Vec<T, VEC> out;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+            const Acc d = to_acc(p.dy.v[j]);
+            s.sum_dy += d;
+            s.sum_dy_xmu = fma_acc(d, Acc(to_acc(p.x.v[j])) - m, s.sum_dy_xmu);
+            store_acc(out.v[j], a * d);
+        }
+        if (dx_eval) store_vec<T, VEC>(dx_eval + base + offset, out);
+    };
     GradSums<Acc> g = channel_walk_nchw<VEC, GradSums<Acc>>(
         outer, channels, inner,
         [&](long long offset) {
@@ -63,17 +74,11 @@ bn_backward_reduce_nchw(const T* __restrict__ dy, const T* __restrict__ x, const
             p.x = load_vec<T, VEC>(x + base + offset);
             return p;
         },
-        [&](GradSums<Acc>& s, const VecPair<T, VEC>& p, long long offset) {
-            Vec<T, VEC> out;
+        [&](GradSums<Acc>& s, const VecPair<T, VEC>* p, const long long* offset) {
 #pragma unroll
-            for (int j = 0; j < VEC; ++j) {
-                const Acc d = to_acc(p.dy.v[j]);
-                s.sum_dy += d;
-                s.sum_dy_xmu = fma_acc(d, Acc(to_acc(p.x.v[j])) - m, s.sum_dy_xmu);
-                store_acc(out.v[j], a * d);
-            }
-            if (dx_eval) store_vec<T, VEC>(dx_eval + base + offset, out);
-        });
+            for (int u = 0; u < GPUBN_WALK_UNROLL; ++u) push(s, p[u], offset[u]);
+        },
+        push);
     channel_finish_nchw(g, partials, counters, [&](const GradSums<Acc>& total) {
         finish_grad(total, c, invstd, sum_dy_out, sum_dy_xhat_out);
     });
@@ -95,7 +100,13 @@ bn_backward_reduce_nhwc(const T* __restrict__ dy, const T* __restrict__ x, const
     __syncthreads();
     const Acc m = consts[0][threadIdx.x];
     const Acc a = consts[1][threadIdx.x];
-    GradSums<Acc> g = channel_walk_nhwc<GradSums<Acc>>(
+    auto push = [&](GradSums<Acc>(&s)[1], const DyX<Acc>& v, long long offset) {
+        s[0].sum_dy += v.dy;
+        s[0].sum_dy_xmu = fma_acc(v.dy, v.x - m, s[0].sum_dy_xmu);
+        if (dx_eval) store_acc(dx_eval[offset], a * v.dy);
+    };
+    GradSums<Acc> g[1];
+    channel_walk_nhwc<1>(
         rows, channels,
         [&](long long offset) {
             DyX<Acc> v;
@@ -103,11 +114,11 @@ bn_backward_reduce_nhwc(const T* __restrict__ dy, const T* __restrict__ x, const
             v.x = to_acc(x[offset]);
             return v;
         },
-        [&](GradSums<Acc>& s, const DyX<Acc>& v, long long offset) {
-            s.sum_dy += v.dy;
-            s.sum_dy_xmu = fma_acc(v.dy, v.x - m, s.sum_dy_xmu);
-            if (dx_eval) store_acc(dx_eval[offset], a * v.dy);
-        });
+        [&](GradSums<Acc>(&s)[1], const DyX<Acc>* v, const long long* offset) {
+#pragma unroll
+            for (int u = 0; u < GPUBN_WALK_UNROLL; ++u) push(s, v[u], offset[u]);
+        },
+        push, g);
     channel_finish_nhwc(g, channels, partials, counters, [&](const GradSums<Acc>& total, int ch) {
         finish_grad(total, ch, invstd, sum_dy_out, sum_dy_xhat_out);
     });

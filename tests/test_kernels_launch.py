@@ -91,7 +91,12 @@ def test_channels_last_blocks_run_along_channels():
     cfg = reduce_launch("stats", (1000, 3, 1), "float32", True, H100)
     assert cfg.kernel == "bn_stats_nhwc" and cfg.block[0] == 4   # C = 3 -> 4 lanes per row
     cfg = reduce_launch("stats", (1000, 300, 1), "float32", True, H100)
-    assert cfg.block[0] == 32 and cfg.grid[0] == 10              # 10 tiles of 32 channels
+    # 300 = 75 float4 vectors: each thread reads 4 adjacent channels, 3 tiles of 32 x 4
+    assert cfg.vec == 4 and cfg.block[0] == 32 and cfg.grid[0] == 3
+    cfg = reduce_launch("stats", (1000, 300, 1), "float32", False, H100)
+    assert cfg.vec == 1 and cfg.grid[0] == 10                    # unaligned: 10 tiles of 32
+    cfg = reduce_launch("stats", (1000, 12, 1), "float16", True, H100)
+    assert cfg.vec == 4 and cfg.block[0] == 4                    # 12 halves: 8-byte vectors
 
 
 def test_elementwise_rows_waste_little():
@@ -160,7 +165,7 @@ def test_layer_norm_static_shared_model_matches_ptxas(kernel, dtype):
     assert ln_static_shared_bytes(kernel, dtype) == _ptxas_static_shared(kernel, dtype, vec)
 
 
-@pytest.mark.parametrize("dtype,static", [("float32", 784), ("float64", 1040)])
+@pytest.mark.parametrize("dtype,static", [("float32", 784), ("float64", 1296)])
 def test_layer_norm_staging_leaves_room_for_static_shared(dtype, static):
     """Forward with weight and bias stages 2 * n values next to the block
     kernel's static shared memory (784 B for float): float rows of 6047..6144

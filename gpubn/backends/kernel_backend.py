@@ -154,8 +154,8 @@ class KernelBackend(Backend):
         return partials, self._zeroed_counters(cfg.counters)
 
     # -- statistics ----------------------------------------------------------
-    def _stats(self, x3, acc, key, mean_out, m2_out, invstd_out, running_mean, running_var,
-               momentum, eps):
+    def _stats(self, x3, acc, key, mean_out, mean_lo_out, m2_out, invstd_out, running_mean,
+               running_var, momentum, eps):
         outer, channels, inner = x3.shape
         if channels == 0:
             return
@@ -168,7 +168,8 @@ class KernelBackend(Backend):
         else:
             shape_args = (x3, np.int64(outer), np.int32(channels))
         self._launch(cfg, key, shape_args + (
-            partials, counters, mean_out, m2_out, invstd_out, running_mean, running_var,
+            partials, counters, mean_out, mean_lo_out, m2_out, invstd_out, running_mean,
+            running_var,
             a(momentum), a(eps)))
 
     def bn_stats(self, x3) -> ChannelStats:
@@ -182,12 +183,15 @@ class KernelBackend(Backend):
             mean.fill(np.nan)
             m2.fill(0)
         else:
-            self._stats(x3, acc, key, mean, m2, None, None, None, 0.0, 0.0)
+            self._stats(x3, acc, key, mean, None, m2, None, None, None, 0.0, 0.0)
         return ChannelStats(count=count, mean=mean, m2=m2)
 
     # -- forward -------------------------------------------------------------
-    def _apply(self, x3, key, acc, mean, spread, weight, bias, mean_out, invstd_out,
+    def _apply(self, x3, key, acc, mean, mean_lo, spread, weight, bias, mean_out, invstd_out,
                from_var: bool, eps: float):
+        """y from the channel mean ``mean`` (+ ``mean_lo``, what rounding it
+        left out, or None) and ``spread`` (invstd, or the variance when
+        ``from_var``)."""
         outer, channels, inner = x3.shape
         y3 = self.xp.empty_like(x3)
         if x3.size == 0:
@@ -198,7 +202,8 @@ class KernelBackend(Backend):
             shape_args = (np.int64(outer), np.int32(channels), np.int64(inner))
         else:
             shape_args = (np.int64(outer), np.int32(channels))
-        self._launch(cfg, key, (x3, y3, mean, spread, weight, bias, mean_out, invstd_out)
+        self._launch(cfg, key, (x3, y3, mean, mean_lo, spread, weight, bias, mean_out,
+                                invstd_out)
                      + shape_args + (np.int32(1 if from_var else 0), acc.type(eps)))
         return y3
 
@@ -213,9 +218,11 @@ class KernelBackend(Backend):
             raise ValueError("x has no values per channel")
         mean = self.xp.empty(channels, dtype=acc)
         invstd = self.xp.empty(channels, dtype=acc)
-        self._stats(x3, acc, key, mean, None, invstd, running_mean, running_var,
+        mean_lo = self.xp.empty(channels, dtype=acc)
+        self._stats(x3, acc, key, mean, mean_lo, None, invstd, running_mean, running_var,
                     float(momentum), float(eps))
-        y3 = self._apply(x3, key, acc, mean, invstd, weight, bias, None, None, False, eps)
+        y3 = self._apply(x3, key, acc, mean, mean_lo, invstd, weight, bias, None, None, False,
+                         eps)
         return y3, mean, invstd
 
     def bn_forward_eval(self, x3, weight, bias, running_mean, running_var, eps):
@@ -232,8 +239,8 @@ class KernelBackend(Backend):
             mean[...] = running_mean
             invstd[...] = 1.0 / self.xp.sqrt(running_var + acc.type(eps))
             return self.xp.empty_like(x3), mean, invstd
-        y3 = self._apply(x3, key, acc, running_mean, running_var, weight, bias, mean, invstd,
-                         True, eps)
+        y3 = self._apply(x3, key, acc, running_mean, None, running_var, weight, bias, mean,
+                         invstd, True, eps)
         return y3, mean, invstd
 
     def bn_apply(self, x3, mean, invstd, weight, bias):
@@ -244,7 +251,7 @@ class KernelBackend(Backend):
         self._check_channel(invstd, channels, acc, "invstd", optional=False)
         for v, n in ((weight, "weight"), (bias, "bias")):
             self._check_channel(v, channels, acc, n)
-        return self._apply(x3, key, acc, mean, invstd, weight, bias, None, None, False, 0.0)
+        return self._apply(x3, key, acc, mean, None, invstd, weight, bias, None, None, False, 0.0)
 
     # -- backward ------------------------------------------------------------
     def _check_backward(self, dy3, x3, mean, invstd, weight):
@@ -337,13 +344,14 @@ class KernelBackend(Backend):
         if count == 0:
             raise ValueError("x has no values per channel")
         xp, a = self.xp, acc.type
-        mean, m2, invstd = (xp.empty(channels, dtype=acc) for _ in range(3))
-        self._stats(x3, acc, key, mean, m2, invstd, None, None, 0.0, float(eps))
+        mean, mean_lo, m2, invstd = (xp.empty(channels, dtype=acc) for _ in range(4))
+        self._stats(x3, acc, key, mean, mean_lo, m2, invstd, None, None, 0.0, float(eps))
         r, d, w_eff, b_eff = (xp.empty(channels, dtype=acc) for _ in range(4))
         self._launch(renorm_finish_launch(channels), key, (
             mean, m2, np.int64(count), np.int32(channels), weight, bias, running_mean,
             running_std, r, d, w_eff, b_eff, a(rmax), a(dmax), a(momentum), a(eps)))
-        y3 = self._apply(x3, key, acc, mean, invstd, w_eff, b_eff, None, None, False, eps)
+        y3 = self._apply(x3, key, acc, mean, mean_lo, invstd, w_eff, b_eff, None, None, False,
+                         eps)
         return y3, mean, invstd, r, d, w_eff
 
     def _check_rows(self, a, like, name: str):
