@@ -26,6 +26,8 @@ MAX_REDUCE_THREADS = 256
 # of the elementwise kernels are sized for these.
 MAX_MAP_THREADS = 256
 MAX_MAP_COLUMNS = 64
+# GPUBN_MAP_UNROLL: rows (vectors) an elementwise thread loads per step.
+MAP_UNROLL = 4
 WARP = 32
 MAX_GRID_Y = 65535
 # Static plus dynamic shared memory a block may use without opting in to more
@@ -184,11 +186,13 @@ def map_launch(op: str, shape3, dtype, aligned: bool, dev: DeviceAttributes,
     vec = vector_width(shape3, key, aligned, f"{base}_{layout(shape3)}")
     threads = min(tuning.map_threads, dev.max_threads_per_block)
     max_blocks = dev.sm_count * tuning.map_blocks_per_sm
+    # each thread takes MAP_UNROLL rows per step: that many loads in flight
+    # (channel axis 1: y enumerates groups of MAP_UNROLL runs of one channel)
     if layout(shape3) == "nchw":
-        rows, length = outer * channels, inner // vec
+        rows, length = channels * _cdiv(outer, MAP_UNROLL), inner // vec
         bx = _row_block(length, threads)
     else:
-        rows, length = outer, channels // vec
+        rows, length = _cdiv(outer, MAP_UNROLL), channels // vec
         bx = min(_pow2_at_least(length), MAX_MAP_COLUMNS, threads)
     by = max(1, threads // bx)
     gx = max(1, min(_cdiv(length, bx), max_blocks))
@@ -231,6 +235,6 @@ def ln_stage_bytes(n: int, acc_itemsize: int, arrays: int, static_shared: int) -
 
 
 __all__ = ["DeviceAttributes", "EMU_DEVICE", "Tuning", "Launch", "MAX_REDUCE_THREADS",
-           "MAX_MAP_THREADS", "MAX_MAP_COLUMNS", "SHARED_MEMORY_LIMIT",
+           "MAX_MAP_THREADS", "MAX_MAP_COLUMNS", "MAP_UNROLL", "SHARED_MEMORY_LIMIT",
            "layout", "vector_width", "reduce_launch", "map_launch", "ln_static_shared_bytes",
            "ln_stage_bytes"]

@@ -138,12 +138,12 @@ __device__ __forceinline__ DxConsts<Acc> dx_consts(int c, const Acc* mean, const
                                                    const Acc* sum_dy_xhat, Acc inv_count,
                                                    int training) {
     DxConsts<Acc> q;
-    const Acc is = invstd[c];
-    q.a = weight ? weight[c] * is : is;
+    const Acc is = read_only(invstd + c);
+    q.a = weight ? read_only(weight + c) * is : is;
     if (training) {
-        q.b = sum_dy[c] * inv_count;
-        q.k = is * sum_dy_xhat[c] * inv_count;
-        q.mean = mean[c];
+        q.b = read_only(sum_dy + c) * inv_count;
+        q.k = is * read_only(sum_dy_xhat + c) * inv_count;
+        q.mean = read_only(mean + c);
     } else {
         q.b = Acc(0);
         q.k = Acc(0);
@@ -152,14 +152,24 @@ __device__ __forceinline__ DxConsts<Acc> dx_consts(int c, const Acc* mean, const
     return q;
 }
 
+// dy and (training) x of VEC elements, loaded together
+template <class T, int VEC>
+__device__ __forceinline__ VecPair<T, VEC> load_dy_x(const T* __restrict__ dy,
+                                                     const T* __restrict__ x, long long off,
+                                                     int training) {
+    VecPair<T, VEC> p;
+    p.dy = load_vec<T, VEC>(dy + off);
+    if (training) p.x = load_vec<T, VEC>(x + off);
+    return p;
+}
+
 template <class T, class Acc, int VEC>
-__device__ __forceinline__ void dx_body(const T* __restrict__ dy, const T* __restrict__ x,
-                                        T* __restrict__ dx, const DxConsts<Acc>* q, int qstride,
-                                        long long off, int training) {
-    const Vec<T, VEC> gv = load_vec<T, VEC>(dy + off);
+__device__ __forceinline__ void dx_body(T* __restrict__ dx, const DxConsts<Acc>* q, int qstride,
+                                        const VecPair<T, VEC>& in, long long off, int training) {
+    const Vec<T, VEC>& gv = in.dy;
     Vec<T, VEC> out;
     if (training) {
-        const Vec<T, VEC> xv = load_vec<T, VEC>(x + off);
+        const Vec<T, VEC>& xv = in.x;
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
             const DxConsts<Acc>& p = q[j * qstride];
@@ -184,8 +194,9 @@ __global__ void bn_backward_dx_nchw(const T* __restrict__ dy, const T* __restric
         [&](int c, bool) {
             return dx_consts(c, mean, invstd, weight, sum_dy, sum_dy_xhat, inv_count, training);
         },
-        [&](const DxConsts<Acc>* q, int qstride, long long off) {
-            dx_body<T, Acc, VEC>(dy, x, dx, q, qstride, off, training);
+        [&](long long off) { return load_dy_x<T, VEC>(dy, x, off, training); },
+        [&](const DxConsts<Acc>* q, int qstride, const VecPair<T, VEC>& v, long long off) {
+            dx_body<T, Acc, VEC>(dx, q, qstride, v, off, training);
         });
 }
 
@@ -199,8 +210,9 @@ __global__ void bn_backward_dx_nhwc(const T* __restrict__ dy, const T* __restric
         [&](int c, bool) {
             return dx_consts(c, mean, invstd, weight, sum_dy, sum_dy_xhat, inv_count, training);
         },
-        [&](const DxConsts<Acc>* q, int qstride, long long off) {
-            dx_body<T, Acc, VEC>(dy, x, dx, q, qstride, off, training);
+        [&](long long off) { return load_dy_x<T, VEC>(dy, x, off, training); },
+        [&](const DxConsts<Acc>* q, int qstride, const VecPair<T, VEC>& v, long long off) {
+            dx_body<T, Acc, VEC>(dx, q, qstride, v, off, training);
         });
 }
 

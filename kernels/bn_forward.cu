@@ -32,23 +32,24 @@ __device__ __forceinline__ Affine<Acc> affine_of(int c, bool first, const Acc* m
                                                  const Acc* weight, const Acc* bias,
                                                  Acc* mean_out, Acc* invstd_out, int from_var,
                                                  Acc eps) {
-    const Acc m = mean[c];
-    const Acc invstd = from_var ? inv_sqrt(spread[c] + eps) : spread[c];
+    const Acc m = read_only(mean + c);
+    const Acc sp = read_only(spread + c);
+    const Acc invstd = from_var ? inv_sqrt(sp + eps) : sp;
     if (first) {
         if (mean_out) mean_out[c] = m;
         if (invstd_out) invstd_out[c] = invstd;
     }
     Affine<Acc> k;
     k.mean = m;
-    k.scale = weight ? weight[c] * invstd : invstd;
-    k.shift = fma_acc(mean_lo ? -mean_lo[c] : Acc(0), k.scale, bias ? bias[c] : Acc(0));
+    k.scale = weight ? read_only(weight + c) * invstd : invstd;
+    k.shift = fma_acc(mean_lo ? -read_only(mean_lo + c) : Acc(0), k.scale,
+                      bias ? read_only(bias + c) : Acc(0));
     return k;
 }
 
 template <class T, class Acc, int VEC>
-__device__ __forceinline__ void affine_body(const T* __restrict__ x, T* __restrict__ y,
-                                            const Affine<Acc>* k, int kstride, long long off) {
-    const Vec<T, VEC> in = load_vec<T, VEC>(x + off);
+__device__ __forceinline__ void affine_body(T* __restrict__ y, const Affine<Acc>* k, int kstride,
+                                            const Vec<T, VEC>& in, long long off) {
     Vec<T, VEC> out;
 #pragma unroll
     for (int j = 0; j < VEC; ++j)
@@ -69,8 +70,9 @@ __global__ void bn_apply_nchw(const T* __restrict__ x, T* __restrict__ y, const 
             return affine_of(c, first, mean, mean_lo, spread, weight, bias, mean_out, invstd_out,
                              from_var, eps);
         },
-        [&](const Affine<Acc>* k, int kstride, long long off) {
-            affine_body<T, Acc, VEC>(x, y, k, kstride, off);
+        [&](long long off) { return load_vec<T, VEC>(x + off); },
+        [&](const Affine<Acc>* k, int kstride, const Vec<T, VEC>& v, long long off) {
+            affine_body<T, Acc, VEC>(y, k, kstride, v, off);
         });
 }
 
@@ -86,8 +88,9 @@ __global__ void bn_apply_nhwc(const T* __restrict__ x, T* __restrict__ y, const 
             return affine_of(c, first, mean, mean_lo, spread, weight, bias, mean_out, invstd_out,
                              from_var, eps);
         },
-        [&](const Affine<Acc>* k, int kstride, long long off) {
-            affine_body<T, Acc, VEC>(x, y, k, kstride, off);
+        [&](long long off) { return load_vec<T, VEC>(x + off); },
+        [&](const Affine<Acc>* k, int kstride, const Vec<T, VEC>& v, long long off) {
+            affine_body<T, Acc, VEC>(y, k, kstride, v, off);
         });
 }
 

@@ -515,73 +515,84 @@ __device__ __forceinline__ void channel_finish_nhwc(S (&state)[VEC], int channel
 
 // ---------------------------------------------------------------------------
 // Elementwise passes with per-channel constants K, computed by make(c, first)
-// once per run (channel axis 1) or per column group (channels last) and
-// shared through shared memory, never per element.  `first` is true for
-// exactly one call per channel (for writing per-channel outputs).
-// body(k, kstride, offset) handles the VEC elements at `offset`; element j
-// uses constants k[j * kstride].
+// in each thread for the channels it touches (per-channel vectors are read
+// through the read-only path, __ldg: a warp reading one channel's value is a
+// broadcast), so there is no shared memory and no barrier.  `first` is true
+// for exactly one call per channel (for writing per-channel outputs).
+// load(offset) reads the VEC elements at `offset`, apply(k, kstride, v,
+// offset) writes their results; element j uses constants k[j * kstride].
+// Each thread issues GPUBN_MAP_UNROLL independent vector loads before it
+// applies any, so several loads per thread are in flight.
 //
-// Channel axis 1: 2-D grid; rows (y) are the outer*C runs of `inner`
-// elements, channel = run % C once per run; columns (x) stride the run.
+// Channel axis 1: 2-D grid; columns (x) stride the runs of `inner`
+// elements, y enumerates groups of GPUBN_MAP_UNROLL runs of one channel
+// (outer indices n0 .. n0 + 3): a thread computes its constants once per
+// group and loads from the group's runs together.
 // ---------------------------------------------------------------------------
-template <int VEC, class K, class Make, class Body>
+#define GPUBN_MAP_UNROLL 4
+template <class Acc>
+__device__ __forceinline__ Acc read_only(const Acc* p) {
+    return __ldg(p);
+}
+
+template <int VEC, class K, class Make, class Load, class Apply>
 __device__ __forceinline__ void channel_map_nchw(long long outer, int channels, long long inner,
-                                                 Make make, Body body) {
-    __shared__ K consts[GPUBN_MAX_MAP_THREADS];
-    const long long runs = outer * channels;
+                                                 Make make, Load load, Apply apply) {
     const long long inner_v = inner / VEC;
-    const long long row_step = (long long)gridDim.y * blockDim.y;
     const long long col_step = (long long)gridDim.x * blockDim.x;
     const long long col0 = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    // The loop bound is uniform across the block, so the barriers are too.
-    // Which threads fill `consts` depends on the thread index only (rows past
-    // the end compute channel 0's constants, unused): no condition is shared
-    // between the code before and after a barrier.
-    for (long long rb = (long long)blockIdx.y * blockDim.y; rb < runs; rb += row_step) {
-        const long long r = rb + threadIdx.y;
-        if (threadIdx.x == 0) {
-            const bool valid = r < runs;
-            consts[threadIdx.y] =
-                make(valid ? (int)(r % channels) : 0, valid && r < channels && blockIdx.x == 0);
+    if (col0 >= inner_v) return;
+    // groups: (channel c, outer indices n0 .. n0 + GPUBN_MAP_UNROLL - 1)
+    const long long groups = (long long)channels * ((outer + GPUBN_MAP_UNROLL - 1) /
+                                                    GPUBN_MAP_UNROLL);
+    const long long row_stride = (long long)channels * inner;
+    for (long long g = (long long)blockIdx.y * blockDim.y + threadIdx.y; g < groups;
+         g += (long long)gridDim.y * blockDim.y) {
+        const long long q = g / channels;
+        const int c = (int)(g - q * channels);
+        const long long n0 = q * GPUBN_MAP_UNROLL;
+        const K k = make(c, n0 == 0 && col0 == 0);
+        const long long base = n0 * row_stride + (long long)c * inner;
+        const int count = (int)min_ll(GPUBN_MAP_UNROLL, outer - n0);
+        for (long long j = col0 * VEC; j < inner_v * VEC; j += col_step * VEC) {
+            decltype(load(0LL)) v[GPUBN_MAP_UNROLL];
+#pragma unroll
+            for (int u = 0; u < GPUBN_MAP_UNROLL; ++u)
+                if (u < count) v[u] = load(base + u * row_stride + j);
+#pragma unroll
+            for (int u = 0; u < GPUBN_MAP_UNROLL; ++u)
+                if (u < count) apply(&k, 0, v[u], base + u * row_stride + j);
         }
-        __syncthreads();
-        if (r < runs) {
-            const K k = consts[threadIdx.y];
-            const long long base = r * inner;
-            for (long long j = col0; j < inner_v; j += col_step) body(&k, 0, base + j * VEC);
-        }
-        __syncthreads();
     }
 }
 
-// Channels last: columns (x) are groups of VEC channels, whose constants the
-// block computes once (threads with threadIdx.y == 0); rows (y) stride the
-// outer rows.
-template <int VEC, class K, class Make, class Body>
+// Channels last: columns (x) are groups of VEC channels, whose constants
+// each thread computes once; rows (y) stride the outer rows,
+// GPUBN_MAP_UNROLL at a time.
+template <int VEC, class K, class Make, class Load, class Apply>
 __device__ __forceinline__ void channel_map_nhwc(long long rows, int channels, Make make,
-                                                 Body body) {
-    __shared__ K consts[GPUBN_MAX_MAP_COLUMNS * VEC];
+                                                 Load load, Apply apply) {
     const long long cols_v = channels / VEC;
     const long long row_step = (long long)gridDim.y * blockDim.y;
     const long long col_step = (long long)gridDim.x * blockDim.x;
     const long long row0 = (long long)blockIdx.y * blockDim.y + threadIdx.y;
-    for (long long jb = (long long)blockIdx.x * blockDim.x; jb < cols_v; jb += col_step) {
-        const long long j = jb + threadIdx.x;
+    for (long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x; j < cols_v;
+         j += col_step) {
         const int c0 = (int)(j * VEC);
-        if (threadIdx.y == 0) {  // columns past the end compute channels 0.. (unused)
-            const bool valid = j < cols_v;
+        K k[VEC];
 #pragma unroll
-            for (int v = 0; v < VEC; ++v)
-                consts[threadIdx.x * VEC + v] = make((valid ? c0 : 0) + v, valid && blockIdx.y == 0);
-        }
-        __syncthreads();
-        if (j < cols_v) {
-            K k[VEC];
+        for (int v = 0; v < VEC; ++v) k[v] = make(c0 + v, row0 == 0);
+        long long r = row0;
+        for (; r + (GPUBN_MAP_UNROLL - 1) * row_step < rows; r += GPUBN_MAP_UNROLL * row_step) {
+            decltype(load(0LL)) v[GPUBN_MAP_UNROLL];
 #pragma unroll
-            for (int v = 0; v < VEC; ++v) k[v] = consts[threadIdx.x * VEC + v];
-            for (long long r = row0; r < rows; r += row_step) body(k, 1, r * channels + c0);
+            for (int u = 0; u < GPUBN_MAP_UNROLL; ++u)
+                v[u] = load((r + u * row_step) * channels + c0);
+#pragma unroll
+            for (int u = 0; u < GPUBN_MAP_UNROLL; ++u)
+                apply(k, 1, v[u], (r + u * row_step) * channels + c0);
         }
-        __syncthreads();
+        for (; r < rows; r += row_step) apply(k, 1, load(r * channels + c0), r * channels + c0);
     }
 }
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from gpubn import kernels as catalog
-from gpubn.launch import (MAX_MAP_COLUMNS, MAX_MAP_THREADS, MAX_REDUCE_THREADS,
+from gpubn.launch import (MAP_UNROLL, MAX_MAP_COLUMNS, MAX_MAP_THREADS, MAX_REDUCE_THREADS,
                           SHARED_MEMORY_LIMIT, DeviceAttributes, Tuning, ln_stage_bytes,
                           ln_static_shared_bytes, map_launch, reduce_launch, vector_width)
 
@@ -25,6 +25,7 @@ def test_limits_match_the_kernel_header():
     assert _header_define("GPUBN_MAX_REDUCE_THREADS") == MAX_REDUCE_THREADS
     assert _header_define("GPUBN_MAX_MAP_THREADS") == MAX_MAP_THREADS
     assert _header_define("GPUBN_MAX_MAP_COLUMNS") == MAX_MAP_COLUMNS
+    assert _header_define("GPUBN_MAP_UNROLL") == MAP_UNROLL
 
 
 @pytest.mark.parametrize("shape", [(32, 64, 3136), (100_000, 64, 1)], ids=["nchw", "nhwc"])
