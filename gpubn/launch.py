@@ -15,7 +15,7 @@ of the two once the functional layer has built the canonical view.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 from . import kernels as _catalog
 
@@ -36,14 +36,26 @@ MAX_GRID_Y = 65535
 SHARED_MEMORY_LIMIT = 48 * 1024
 
 
+# GPUBN_REDUCE_MIN_BLOCKS: blocks of MAX_REDUCE_THREADS each reduction kernel
+# declares resident per SM in its __launch_bounds__ (ptxas caps its registers
+# accordingly; the static checks reject the spills that would cost).
+REDUCE_MIN_BLOCKS = 3
+
+
 @dataclass(frozen=True)
 class DeviceAttributes:
-    """What the configuration needs to know about a device."""
+    """What the configuration needs to know about a device (the per-SM
+    limits default to those of compute capability 8.0 - 9.0)."""
 
     sm_count: int
     max_threads_per_block: int = 1024
     max_grid_y: int = MAX_GRID_Y
     name: str = ""
+    max_threads_per_sm: int = 2048
+    registers_per_sm: int = 65536
+    shared_per_sm: int = 228 * 1024
+    reserved_shared_per_block: int = 1024
+    max_blocks_per_sm: int = 32
 
 
 # The emu backend has no device to ask; it configures launches as for a large
@@ -58,7 +70,8 @@ class Tuning:
 
     reduce_threads: int = 256        # threads per reduction block (<= MAX_REDUCE_THREADS)
     map_threads: int = 256           # threads per elementwise block
-    blocks_per_sm: int = 4           # a reduction grid aims at sm_count * blocks_per_sm blocks
+    blocks_per_sm: Optional[int] = None  # reduction grids aim at sm_count * this many blocks
+                                         # (None: the kernel's occupancy, one full wave)
     min_units_per_thread: int = 4    # split a channel only while each thread keeps this many
     max_splits: int = 1024           # upper bound on blocks per channel (partials workspace)
     map_blocks_per_sm: int = 32      # elementwise grids stop growing here (grid-stride loops)
@@ -70,7 +83,7 @@ class Tuning:
             if v < WARP or v & (v - 1) or v > top:
                 raise ValueError(f"Tuning.{name} must be a power of two in [32, {top}], got {v}")
         for name in ("blocks_per_sm", "min_units_per_thread", "max_splits", "map_blocks_per_sm"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"Tuning.{name} must be >= 1, got {getattr(self, name)}")
 
 
@@ -124,17 +137,40 @@ def vector_width(shape3, dtype, aligned: bool, kernel: str = None) -> int:
     return max(w for w in widths if run % w == 0)
 
 
+def occupancy(registers: int, static_shared: int, threads: int, dynamic_shared: int,
+              dev: DeviceAttributes) -> int:
+    """Blocks of ``threads`` threads one SM holds at once for a function using
+    ``registers`` per thread and ``static_shared`` + ``dynamic_shared`` bytes
+    per block: the least of the limits set by threads, registers (allocated
+    per warp in units of 256), shared memory (plus what the system reserves
+    per block) and blocks, as CUDA's occupancy calculator counts them."""
+    warps = _cdiv(threads, WARP)
+    by_threads = dev.max_threads_per_sm // (warps * WARP)
+    per_warp = _cdiv(max(registers, 1) * WARP, 256) * 256
+    by_registers = (dev.registers_per_sm // per_warp) // warps
+    per_block = static_shared + dynamic_shared + dev.reserved_shared_per_block
+    by_shared = dev.shared_per_sm // per_block
+    return max(0, min(by_threads, by_registers, by_shared, dev.max_blocks_per_sm))
+
+
 def _splits(work_units: int, threads: int, tiles: int, dev: DeviceAttributes,
-            tuning: Tuning) -> int:
-    target = _cdiv(dev.sm_count * tuning.blocks_per_sm, max(tiles, 1))
+            tuning: Tuning, blocks_per_sm: int) -> int:
+    """Blocks per channel (tile): as many as one wave of the grid holds
+    (never a partial second wave), fewer where threads would run dry."""
+    wave = dev.sm_count * (tuning.blocks_per_sm or blocks_per_sm)
+    target = max(1, wave // max(tiles, 1))
     by_work = _cdiv(work_units, threads * tuning.min_units_per_thread)
     return max(1, min(target, by_work, tuning.max_splits, dev.max_grid_y))
 
 
 def reduce_launch(op: str, shape3, dtype, aligned: bool, dev: DeviceAttributes,
-                  tuning: Tuning = Tuning()) -> Launch:
+                  tuning: Tuning = Tuning(), blocks_per_sm: int = REDUCE_MIN_BLOCKS) -> Launch:
     """Launch of a per-channel reduction: ``op`` is ``'stats'``
-    (bn_stats_*) or ``'grad'`` (bn_backward_reduce_*)."""
+    (bn_stats_*) or ``'grad'`` (bn_backward_reduce_*).  ``blocks_per_sm``:
+    the occupancy of the compiled function (``occupancy`` of its registers
+    and shared memory where a device tells them; by default the minimum the
+    kernels declare); the kernel, vector width and block do not depend on
+    it, only the number of blocks per channel."""
     outer, channels, inner = (int(s) for s in shape3)
     key = _catalog.dtype_name(dtype)
     acc = _catalog.CXX_TYPES[key][1]
@@ -144,7 +180,7 @@ def reduce_launch(op: str, shape3, dtype, aligned: bool, dev: DeviceAttributes,
         vec = vector_width(shape3, key, aligned, f"{base}_nchw")
         units = outer * (inner // vec)
         threads = min(tuning.reduce_threads, max(WARP, _pow2_at_least(units)))
-        splits = _splits(units, threads, channels, dev, tuning)
+        splits = _splits(units, threads, channels, dev, tuning, blocks_per_sm)
         return Launch(f"{base}_nchw", vec, (channels, splits, 1), (threads, 1, 1), splits,
                       channels * splits * state if splits > 1 else 0,
                       channels if splits > 1 else 0)
@@ -154,7 +190,7 @@ def reduce_launch(op: str, shape3, dtype, aligned: bool, dev: DeviceAttributes,
     bx = min(WARP, _pow2_at_least(columns))
     by = max(1, min(tuning.reduce_threads // bx, _pow2_at_least(outer)))
     tiles = _cdiv(columns, bx)
-    splits = _splits(outer, by, tiles, dev, tuning)
+    splits = _splits(outer, by, tiles, dev, tuning, blocks_per_sm)
     return Launch(f"{base}_nhwc", vec, (tiles, splits, 1), (bx, by, 1), splits,
                   channels * splits * state if splits > 1 else 0, tiles if splits > 1 else 0)
 
@@ -235,6 +271,6 @@ def ln_stage_bytes(n: int, acc_itemsize: int, arrays: int, static_shared: int) -
 
 
 __all__ = ["DeviceAttributes", "EMU_DEVICE", "Tuning", "Launch", "MAX_REDUCE_THREADS",
-           "MAX_MAP_THREADS", "MAX_MAP_COLUMNS", "MAP_UNROLL", "SHARED_MEMORY_LIMIT",
+           "MAX_MAP_THREADS", "MAX_MAP_COLUMNS", "MAP_UNROLL", "REDUCE_MIN_BLOCKS", "occupancy", "SHARED_MEMORY_LIMIT",
            "layout", "vector_width", "reduce_launch", "map_launch", "ln_static_shared_bytes",
            "ln_stage_bytes"]

@@ -39,7 +39,7 @@ __device__ __forceinline__ void finish_grad(const GradSums<Acc>& g, int c, const
 }
 
 template <class T, class Acc, int VEC>
-__global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS)
+__global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS, GPUBN_REDUCE_MIN_BLOCKS)
 bn_backward_reduce_nchw(const T* __restrict__ dy, const T* __restrict__ x, const Acc* mean,
                         const Acc* invstd, const Acc* weight, T* __restrict__ dx_eval,
                         long long outer, int channels, long long inner,
@@ -85,7 +85,7 @@ bn_backward_reduce_nchw(const T* __restrict__ dy, const T* __restrict__ x, const
 }
 
 template <class T, class Acc>
-__global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS)
+__global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS, GPUBN_REDUCE_MIN_BLOCKS)
 bn_backward_reduce_nhwc(const T* __restrict__ dy, const T* __restrict__ x, const Acc* mean,
                         const Acc* invstd, const Acc* weight, T* __restrict__ dx_eval,
                         long long rows, int channels, GradSums<Acc>* partials,

@@ -39,7 +39,7 @@ __device__ __forceinline__ void finish_stats(const Welford<Acc>& w, int c, Acc* 
 }
 
 template <class T, class Acc, int VEC>
-__global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS)
+__global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS, GPUBN_REDUCE_MIN_BLOCKS)
 bn_stats_nchw(const T* __restrict__ x, long long outer, int channels, long long inner,
               Welford<Acc>* partials, unsigned int* counters, Acc* mean_out, Acc* mean_lo_out,
               Acc* m2_out, Acc* invstd_out, Acc* running_mean, Acc* running_var, Acc momentum,
@@ -69,7 +69,7 @@ bn_stats_nchw(const T* __restrict__ x, long long outer, int channels, long long 
 }
 
 template <class T, class Acc, int VEC>
-__global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS)
+__global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS, GPUBN_REDUCE_MIN_BLOCKS)
 bn_stats_nhwc(const T* __restrict__ x, long long rows, int channels, Welford<Acc>* partials,
               unsigned int* counters, Acc* mean_out, Acc* mean_lo_out, Acc* m2_out,
               Acc* invstd_out, Acc* running_mean, Acc* running_var, Acc momentum, Acc eps) {

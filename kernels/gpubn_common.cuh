@@ -21,6 +21,11 @@
 // Largest block (threads) the reduction kernels are written for; the launch
 // configuration (gpubn/launch.py, MAX_REDUCE_THREADS) never exceeds it.
 #define GPUBN_MAX_REDUCE_THREADS 256
+// Blocks of GPUBN_MAX_REDUCE_THREADS every reduction kernel keeps resident per
+// SM (its __launch_bounds__: ptxas caps registers at 80 per thread for it);
+// grids of one wave are sized from it where no device can be asked
+// (gpubn/launch.py: REDUCE_MIN_BLOCKS).
+#define GPUBN_REDUCE_MIN_BLOCKS 3
 // Largest elementwise block, and most threads along x of a channels-last one
 // (gpubn/launch.py: MAX_MAP_THREADS, MAX_MAP_COLUMNS).
 #define GPUBN_MAX_MAP_THREADS 256

@@ -46,8 +46,8 @@ import numpy as np
 
 from .. import _validation as V
 from .. import kernels as catalog
-from ..launch import (WARP, DeviceAttributes, Launch, Tuning, ln_stage_bytes,
-                      ln_static_shared_bytes, map_launch, reduce_launch)
+from ..launch import (REDUCE_MIN_BLOCKS, WARP, DeviceAttributes, Launch, Tuning,
+                      ln_stage_bytes, ln_static_shared_bytes, map_launch, reduce_launch)
 from .base import Backend, ChannelStats
 
 _ACC_DTYPES = {"float": np.dtype(np.float32), "double": np.dtype(np.float64)}
@@ -137,6 +137,22 @@ class KernelBackend(Backend):
         reports it per function; the default is launch.py's model)."""
         return ln_static_shared_bytes(cfg.kernel, dtype_key)
 
+    def _blocks_per_sm(self, fn, cfg: Launch) -> int:
+        """Occupancy of a compiled reduction kernel at ``cfg``'s block size
+        (CuPy reports the function's registers and shared memory; the
+        default is the minimum the kernels declare in __launch_bounds__)."""
+        return REDUCE_MIN_BLOCKS
+
+    def _reduce_launch(self, op: str, shape3, key: str, aligned: bool) -> Launch:
+        """``reduce_launch`` with its grid sized to one wave of the compiled
+        function's occupancy."""
+        cfg = reduce_launch(op, shape3, key, aligned, self._device(), self.tuning)
+        blocks = self._blocks_per_sm(self._function(cfg, key), cfg)
+        if blocks != REDUCE_MIN_BLOCKS:
+            cfg = reduce_launch(op, shape3, key, aligned, self._device(), self.tuning,
+                                blocks_per_sm=max(1, blocks))
+        return cfg
+
     def _launch(self, cfg: Launch, dtype_key: str, args, shared_mem: int = 0) -> None:
         """Launch ``cfg``'s kernel for ``dtype_key``; ``None`` in ``args`` is an
         absent array, passed as a null pointer."""
@@ -159,8 +175,7 @@ class KernelBackend(Backend):
         outer, channels, inner = x3.shape
         if channels == 0:
             return
-        cfg = reduce_launch("stats", x3.shape, key, self._aligned(x3), self._device(),
-                            self.tuning)
+        cfg = self._reduce_launch("stats", x3.shape, key, self._aligned(x3))
         partials, counters = self._workspace(cfg)
         a = acc.type
         if cfg.kernel.endswith("nchw"):
@@ -272,8 +287,7 @@ class KernelBackend(Backend):
             sum_dy.fill(0)
             sum_dy_xhat.fill(0)
             return sum_dy, sum_dy_xhat
-        cfg = reduce_launch("grad", x3.shape, key, self._aligned(x3, dy3, dx_eval),
-                            self._device(), self.tuning)
+        cfg = self._reduce_launch("grad", x3.shape, key, self._aligned(x3, dy3, dx_eval))
         partials, counters = self._workspace(cfg)
         if cfg.kernel.endswith("nchw"):
             shape_args = (np.int64(outer), np.int32(channels), np.int64(inner))
