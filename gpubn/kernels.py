@@ -100,11 +100,6 @@ def itemsize(dtype_key: str) -> int:
     return 2 if dtype_key in ("float16", "bfloat16") else np.dtype(dtype_key).itemsize
 
 
-def vector_width(dtype_key: str) -> int:
-    """Elements per 16-byte access for a storage dtype."""
-    return VECTOR_BYTES // itemsize(dtype_key)
-
-
 def vector_widths(kernel: str, dtype) -> Tuple[int, ...]:
     """Elements per access instantiated for a kernel and storage dtype,
     ascending, starting with 1 (scalar)."""
@@ -207,7 +202,7 @@ def compile_options() -> Tuple[str, ...]:
 
 
 __all__ = [
-    "CXX_TYPES", "KERNELS", "SOURCES", "KernelSpec", "dtype_name", "vector_width", "vector_widths",
+    "CXX_TYPES", "KERNELS", "SOURCES", "KernelSpec", "dtype_name", "vector_widths",
     "name_expression", "name_expressions", "kernel_of", "all_name_expressions", "kernels_dir",
     "read_source", "compile_options", "headers_fingerprint",
 ]

@@ -1,10 +1,13 @@
-"""Launch configuration for the kernels in ``kernels/``, shared by the ``cuda``
-and ``emu`` backends: block and grid shapes, the number of blocks a channel's
-reduction is split over, vector width, workspace sizes.
+"""Every launch plan of the kernels in ``kernels/`` (batch norm, renorm,
+layer norm), shared by the ``cuda`` and ``emu`` backends: block and grid
+shapes, the number of blocks a channel's reduction is split over, vector
+width, workspace sizes, shared memory, occupancy.
 
-Everything is a pure function of the canonical shape ``(outer, C, inner)``,
-the storage dtype, whether the arrays are 16-byte aligned, the device's
-attributes (read once per device by the backend) and a ``Tuning``.
+Everything is a pure function of the canonical shape ``(outer, C, inner)``
+(``(rows, n)`` for layer norm), the storage dtype, whether the arrays are
+16-byte aligned, the device's attributes (read once per device by the
+backend), a ``Tuning`` and, for reductions, the compiled function's
+occupancy (``occupancy``; by default the minimum the kernels declare).
 
 Layouts: ``inner > 1`` is the channel-axis-1 layout (NCL, NCHW, ...: channel
 c is ``outer`` runs of ``inner`` contiguous elements); ``inner == 1`` is
@@ -128,7 +131,7 @@ def vector_width(shape3, dtype, aligned: bool, kernel: str = None) -> int:
     (inner, or C for channels-last), when every tensor is 16-byte aligned."""
     key = _catalog.dtype_name(dtype)
     if kernel is None:
-        widths = (1, _catalog.vector_width(key))
+        widths = (1, _catalog.VECTOR_BYTES // _catalog.itemsize(key))
     else:
         widths = _catalog.vector_widths(kernel, key)
     run = shape3[2] if shape3[2] > 1 else shape3[1]
@@ -186,13 +189,22 @@ def reduce_launch(op: str, shape3, dtype, aligned: bool, dev: DeviceAttributes,
                       channels if splits > 1 else 0)
     # threads along C, each reading `vec` adjacent channels with one load
     vec = vector_width(shape3, key, aligned, f"{base}_nhwc")
-    columns = channels // vec
-    bx = min(WARP, _pow2_at_least(columns))
-    by = max(1, min(tuning.reduce_threads // bx, _pow2_at_least(outer)))
-    tiles = _cdiv(columns, bx)
-    splits = _splits(outer, by, tiles, dev, tuning, blocks_per_sm)
-    return Launch(f"{base}_nhwc", vec, (tiles, splits, 1), (bx, by, 1), splits,
-                  channels * splits * state if splits > 1 else 0, tiles if splits > 1 else 0)
+    return _column_reduce(f"{base}_nhwc", vec, outer, channels, state, dev, tuning,
+                          blocks_per_sm)
+
+
+def _column_reduce(kernel: str, vec: int, rows: int, columns: int, state: int,
+                   dev: DeviceAttributes, tuning: Tuning, blocks_per_sm: int) -> Launch:
+    """A reduction over the rows of each column of a (rows, columns) array:
+    grid (tiles of columns, splits of the rows), blocks (bx, by) with bx
+    threads along the columns (``vec`` columns each), partial states of
+    ``state`` bytes per column and split, an arrival counter per tile."""
+    bx = min(WARP, _pow2_at_least(columns // vec))
+    by = max(1, min(tuning.reduce_threads // bx, _pow2_at_least(rows)))
+    tiles = _cdiv(columns // vec, bx)
+    splits = _splits(rows, by, tiles, dev, tuning, blocks_per_sm)
+    return Launch(kernel, vec, (tiles, splits, 1), (bx, by, 1), splits,
+                  columns * splits * state if splits > 1 else 0, tiles if splits > 1 else 0)
 
 
 def _row_block(length: int, threads: int) -> int:
@@ -236,9 +248,51 @@ def map_launch(op: str, shape3, dtype, aligned: bool, dev: DeviceAttributes,
     return Launch(f"{base}_{layout(shape3)}", vec, (gx, gy, 1), (bx, by, 1))
 
 
+def renorm_finish_launch(channels: int) -> Launch:
+    """One thread per channel for ``bn_renorm_finish``."""
+    threads = min(256, max(WARP, _pow2_at_least(channels)))
+    return Launch("bn_renorm_finish", 1, (_cdiv(channels, threads), 1, 1), (threads, 1, 1))
+
+
 # ---------------------------------------------------------------------------
 # Layer norm (kernels/layer_norm.cu)
 # ---------------------------------------------------------------------------
+# Must equal GPUBN_LN_CACHE_UNITS in kernels/layer_norm.cu: vector units per
+# thread the layer-norm row kernels keep in registers.
+LN_CACHE_UNITS = 8
+
+
+def ln_row_launch(op: str, rows: int, n: int, dtype_key: str, aligned: bool,
+                  dev: DeviceAttributes, tuning: Tuning) -> Launch:
+    """Launch of a layer-norm row kernel (``op``: ``'forward'`` or
+    ``'backward_dx'``).  Rows of up to ``LN_CACHE_UNITS`` vector units per
+    lane go one warp per row (``tuning.reduce_threads // 32`` rows per block);
+    longer rows one block per row, of the fewest threads (up to
+    ``reduce_threads``) that leave each at most ``LN_CACHE_UNITS`` units, so
+    the kernels keep the row in registers and read it once whenever the row
+    allows.  Grids stop growing at ``sm_count * map_blocks_per_sm`` blocks
+    (the kernels stride over rows)."""
+    vec = vector_width((rows, n, 1), dtype_key, aligned, f"ln_{op}_warp")
+    units = n // vec
+    max_blocks = dev.sm_count * tuning.map_blocks_per_sm
+    if units <= LN_CACHE_UNITS * WARP:
+        per_block = max(1, tuning.reduce_threads // WARP)
+        grid = max(1, min(_cdiv(rows, per_block), max_blocks))
+        return Launch(f"ln_{op}_warp", vec, (grid, 1, 1), (WARP, per_block, 1))
+    threads = max(WARP, min(tuning.reduce_threads, _pow2_at_least(_cdiv(units, LN_CACHE_UNITS))))
+    return Launch(f"ln_{op}_block", vec, (max(1, min(rows, max_blocks)), 1, 1), (threads, 1, 1))
+
+
+def ln_wgrad_launch(rows: int, n: int, dtype, dev: DeviceAttributes, tuning: Tuning = Tuning(),
+                    blocks_per_sm: int = REDUCE_MIN_BLOCKS) -> Launch:
+    """Launch of ``ln_backward_wgrad`` (dweight / dbias: a column reduction
+    over the rows, scalar accesses), with a workspace for its own partial
+    state, (sum dy, sum dy * xhat) per column and split."""
+    acc = _catalog.CXX_TYPES[_catalog.dtype_name(dtype)][1]
+    return _column_reduce("ln_backward_wgrad", 1, rows, n, _STATE_BYTES[("grad", acc)], dev,
+                          tuning, blocks_per_sm)
+
+
 def _shared_array(nbytes: int) -> int:
     """Bytes a ``__shared__`` array takes in a kernel's static shared memory:
     ptxas starts every array on a 16-byte boundary."""
@@ -271,6 +325,7 @@ def ln_stage_bytes(n: int, acc_itemsize: int, arrays: int, static_shared: int) -
 
 
 __all__ = ["DeviceAttributes", "EMU_DEVICE", "Tuning", "Launch", "MAX_REDUCE_THREADS",
-           "MAX_MAP_THREADS", "MAX_MAP_COLUMNS", "MAP_UNROLL", "REDUCE_MIN_BLOCKS", "occupancy", "SHARED_MEMORY_LIMIT",
-           "layout", "vector_width", "reduce_launch", "map_launch", "ln_static_shared_bytes",
-           "ln_stage_bytes"]
+           "MAX_MAP_THREADS", "MAX_MAP_COLUMNS", "MAP_UNROLL", "REDUCE_MIN_BLOCKS",
+           "SHARED_MEMORY_LIMIT", "LN_CACHE_UNITS", "occupancy", "layout", "vector_width",
+           "reduce_launch", "map_launch", "renorm_finish_launch", "ln_row_launch",
+           "ln_wgrad_launch", "ln_static_shared_bytes", "ln_stage_bytes"]

@@ -346,7 +346,7 @@ ln_backward_dx_block(const T* __restrict__ dy, const T* __restrict__ x, T* __res
 // (sum dy, sum dy * xhat).
 // ---------------------------------------------------------------------------
 template <class T, class Acc>
-__global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS)
+__global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS, GPUBN_REDUCE_MIN_BLOCKS)
 ln_backward_wgrad(const T* __restrict__ dy, const T* __restrict__ x, const Acc* mean,
                   const Acc* rstd, long long rows, int n, GradSums<Acc>* partials,
                   unsigned int* counters, Acc* dweight_out, Acc* dbias_out) {

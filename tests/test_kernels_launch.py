@@ -8,9 +8,10 @@ import functools
 import pytest
 
 from gpubn import kernels as catalog
-from gpubn.launch import (MAP_UNROLL, MAX_MAP_COLUMNS, REDUCE_MIN_BLOCKS, occupancy, MAX_MAP_THREADS, MAX_REDUCE_THREADS,
-                          SHARED_MEMORY_LIMIT, DeviceAttributes, Tuning, ln_stage_bytes,
-                          ln_static_shared_bytes, map_launch, reduce_launch, vector_width)
+from gpubn.launch import (LN_CACHE_UNITS, MAP_UNROLL, MAX_MAP_COLUMNS, MAX_MAP_THREADS,
+                          MAX_REDUCE_THREADS, REDUCE_MIN_BLOCKS, SHARED_MEMORY_LIMIT,
+                          DeviceAttributes, Tuning, ln_stage_bytes, ln_static_shared_bytes,
+                          ln_wgrad_launch, map_launch, occupancy, reduce_launch, vector_width)
 
 H100 = DeviceAttributes(sm_count=132)
 
@@ -29,6 +30,8 @@ def test_limits_match_the_kernel_header():
     assert _header_define("GPUBN_MAX_MAP_COLUMNS") == MAX_MAP_COLUMNS
     assert _header_define("GPUBN_MAP_UNROLL") == MAP_UNROLL
     assert _header_define("GPUBN_REDUCE_MIN_BLOCKS") == REDUCE_MIN_BLOCKS
+    text = open(f"{catalog.kernels_dir()}/layer_norm.cu").read()
+    assert f"#define GPUBN_LN_CACHE_UNITS {LN_CACHE_UNITS}\n" in text
 
 
 @pytest.mark.parametrize("shape", [(32, 64, 3136), (100_000, 64, 1)], ids=["nchw", "nhwc"])
@@ -238,3 +241,13 @@ def test_reduction_grids_fill_one_wave(shape, blocks_per_sm):
     wave = H100.sm_count * blocks_per_sm
     assert blocks <= max(wave, tiles), (cfg, wave)
     assert blocks > wave - tiles, (cfg, wave)
+
+
+def test_layer_norm_column_reduction_has_its_own_workspace():
+    """dweight / dbias partials are sized for ln_backward_wgrad's state (two
+    accumulators per column and split), not batch norm's."""
+    cfg = ln_wgrad_launch(100_000, 768, "float32", H100)
+    assert cfg.kernel == "ln_backward_wgrad" and cfg.vec == 1 and cfg.splits > 1
+    assert cfg.partial_bytes == 768 * cfg.splits * 8 and cfg.counters == cfg.grid[0] == 24
+    cfg64 = ln_wgrad_launch(100_000, 768, "float64", H100)
+    assert cfg64.partial_bytes == 768 * cfg64.splits * 16

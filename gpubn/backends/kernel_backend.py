@@ -1,19 +1,26 @@
 """The launch sequence of every op, shared by the ``cuda`` and ``emu`` backends.
 
-A kernel backend differs from another only in three things, the hooks a
-subclass provides:
+A kernel backend differs from another only in its seven hooks.  A subclass
+must provide five:
 
 * ``_get_function(source, dtype_key, name)``: a compiled kernel callable as
   ``fn(grid, block, args, shared_mem=0)`` (CuPy ``RawModule`` functions and
   ``gpubn.emu.RawModule`` functions both are);
 * ``xp``: the array module (CuPy or NumPy);
 * ``device_attributes()``: the ``gpubn.launch.DeviceAttributes`` the launch
-  configuration is computed from.
+  configuration is computed from;
+* ``_address(a)`` and ``_zeroed_counters(n)``: one-liners about arrays;
 
-(plus two one-liners about arrays: ``_address`` and ``_zeroed_counters``,
-and one with a default: ``_static_shared_bytes(fn, cfg, dtype_key)``, the
-static shared memory of a compiled function, which layer-norm launches
-subtract from the 48 KiB they may use).
+and may override two that have a default from ``gpubn.launch``'s models:
+
+* ``_static_shared_bytes(fn, cfg, dtype_key)``: the static shared memory of
+  a compiled layer-norm row kernel, which its weight/bias staging leaves
+  room for within 48 KiB;
+* ``_blocks_per_sm(fn, cfg)``: the occupancy of a compiled reduction kernel,
+  which sizes its grid to one wave.
+
+Every launch plan (block, grid, vector width, workspace) comes from
+``gpubn.launch``; this module only runs them.
 
 Kernel arguments are always explicit NumPy scalars of the exact C type of the
 parameter (``long long`` -> ``np.int64``, ``int`` -> ``np.int32``, ``Acc`` ->
@@ -37,7 +44,6 @@ bn_backward (eval)     bn_backward_reduce_* (writes dx as well)    1
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from typing import Optional
@@ -46,8 +52,9 @@ import numpy as np
 
 from .. import _validation as V
 from .. import kernels as catalog
-from ..launch import (REDUCE_MIN_BLOCKS, WARP, DeviceAttributes, Launch, Tuning,
-                      ln_stage_bytes, ln_static_shared_bytes, map_launch, reduce_launch)
+from ..launch import (REDUCE_MIN_BLOCKS, DeviceAttributes, Launch, Tuning, ln_row_launch,
+                      ln_stage_bytes, ln_static_shared_bytes, ln_wgrad_launch, map_launch,
+                      reduce_launch, renorm_finish_launch)
 from .base import Backend, ChannelStats
 
 _ACC_DTYPES = {"float": np.dtype(np.float32), "double": np.dtype(np.float64)}
@@ -143,15 +150,17 @@ class KernelBackend(Backend):
         default is the minimum the kernels declare in __launch_bounds__)."""
         return REDUCE_MIN_BLOCKS
 
-    def _reduce_launch(self, op: str, shape3, key: str, aligned: bool) -> Launch:
-        """``reduce_launch`` with its grid sized to one wave of the compiled
-        function's occupancy."""
-        cfg = reduce_launch(op, shape3, key, aligned, self._device(), self.tuning)
+    def _one_wave(self, plan, key: str) -> Launch:
+        """The reduction launch ``plan(blocks_per_sm)`` with its grid sized to
+        one wave of the compiled function's occupancy (the kernel, vector
+        width and block do not depend on it)."""
+        cfg = plan(REDUCE_MIN_BLOCKS)
         blocks = self._blocks_per_sm(self._function(cfg, key), cfg)
-        if blocks != REDUCE_MIN_BLOCKS:
-            cfg = reduce_launch(op, shape3, key, aligned, self._device(), self.tuning,
-                                blocks_per_sm=max(1, blocks))
-        return cfg
+        return cfg if blocks == REDUCE_MIN_BLOCKS else plan(max(1, blocks))
+
+    def _reduce_launch(self, op: str, shape3, key: str, aligned: bool) -> Launch:
+        return self._one_wave(lambda blocks: reduce_launch(
+            op, shape3, key, aligned, self._device(), self.tuning, blocks_per_sm=blocks), key)
 
     def _launch(self, cfg: Launch, dtype_key: str, args, shared_mem: int = 0) -> None:
         """Launch ``cfg``'s kernel for ``dtype_key``; ``None`` in ``args`` is an
@@ -422,47 +431,12 @@ class KernelBackend(Backend):
             dweight.fill(0)
             dbias.fill(0)
             return dx2, dweight, dbias
-        cfg = reduce_launch("grad", (rows, n, 1), key, False, self._device(), self.tuning)
-        cfg = dataclasses.replace(cfg, kernel="ln_backward_wgrad")
+        cfg = self._one_wave(lambda blocks: ln_wgrad_launch(
+            rows, n, key, self._device(), self.tuning, blocks_per_sm=blocks), key)
         partials, counters = self._workspace(cfg)
         self._launch(cfg, key, (dy2, x2, mean, rstd, np.int64(rows), np.int32(n), partials,
                                 counters, dweight, dbias))
         return dx2, dweight, dbias
 
 
-def renorm_finish_launch(channels: int) -> Launch:
-    """One thread per channel for ``bn_renorm_finish``."""
-    threads = min(256, max(WARP, 1 << (max(channels, 1) - 1).bit_length()))
-    return Launch("bn_renorm_finish", 1, (-(-channels // threads), 1, 1), (threads, 1, 1))
-
-
-# Must equal GPUBN_LN_CACHE_UNITS in kernels/layer_norm.cu: vector units per
-# thread the layer-norm row kernels keep in registers.
-LN_CACHE_UNITS = 8
-
-
-def ln_row_launch(op: str, rows: int, n: int, dtype_key: str, aligned: bool,
-                  dev: DeviceAttributes, tuning: Tuning) -> Launch:
-    """Launch of a layer-norm row kernel (``op``: ``'forward'`` or
-    ``'backward_dx'``).  Rows of up to ``LN_CACHE_UNITS`` vector units per
-    lane go one warp per row (``tuning.reduce_threads // 32`` rows per block);
-    longer rows one block per row, of the fewest threads (up to
-    ``reduce_threads``) that leave each at most ``LN_CACHE_UNITS`` units, so
-    the kernels keep the row in registers and read it once whenever the row
-    allows.  Grids stop growing at ``sm_count * map_blocks_per_sm`` blocks
-    (the kernels stride over rows)."""
-    width = catalog.vector_width(dtype_key)
-    vec = width if aligned and n % width == 0 else 1
-    units = n // vec
-    max_blocks = dev.sm_count * tuning.map_blocks_per_sm
-    if units <= LN_CACHE_UNITS * WARP:
-        per_block = max(1, tuning.reduce_threads // WARP)
-        grid = max(1, min(-(-rows // per_block), max_blocks))
-        return Launch(f"ln_{op}_warp", vec, (grid, 1, 1), (WARP, per_block, 1))
-    wanted = -(-units // LN_CACHE_UNITS)
-    threads = max(WARP, min(tuning.reduce_threads, 1 << (wanted - 1).bit_length()))
-    return Launch(f"ln_{op}_block", vec, (max(1, min(rows, max_blocks)), 1, 1), (threads, 1, 1))
-
-
-__all__ = ["KernelBackend", "debug_enabled", "debug_report", "ln_row_launch",
-           "renorm_finish_launch", "LN_CACHE_UNITS"]
+__all__ = ["KernelBackend", "debug_enabled", "debug_report"]
