@@ -3,7 +3,6 @@
 __version__ = "0.1.0"
 
 from .backends import available_backends, get_backend
-from .backends.host_cache import empty_host_cache
 from .functional import BatchNormSaved, batch_norm_backward, batch_norm_forward
 from .layers import BatchNorm
 from .layer_norm import LayerNorm, LayerNormSaved, layer_norm_backward, layer_norm_forward
@@ -16,7 +15,6 @@ __all__ = [
     "BatchNorm",
     "BatchNormSaved",
     "available_backends",
-    "empty_host_cache",
     "batch_norm_backward",
     "batch_norm_forward",
     "get_backend",
