@@ -1,13 +1,15 @@
 """Backend registry and selection.
 
 Selection order: explicit ``backend=`` argument > ``GPUBN_BACKEND`` environment
-variable > automatic (CuPy arrays -> ``cuda``, NumPy arrays -> ``numpy``).
+variable > automatic (CuPy arrays -> ``cuda``; NumPy arrays -> ``cpu`` when
+Numba imports, else ``numpy``).
 An explicitly requested backend that cannot run raises ``RuntimeError`` saying
 why; automatic selection never falls back silently.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 
@@ -17,6 +19,7 @@ from .base import Backend, ChannelStats
 # needs CuPy or a C++ compiler.
 _REGISTRY = {
     "numpy": "gpubn.backends.numpy_backend:NumpyBackend",
+    "cpu": "gpubn.backends.cpu:CpuBackend",
     "emu": "gpubn.backends.emu:EmuBackend",
     "cuda": "gpubn.backends.cuda:CudaBackend",
 }
@@ -55,6 +58,16 @@ def _is_cupy_array(x) -> bool:
     return type(x).__module__.split(".")[0] == "cupy"
 
 
+@functools.lru_cache(maxsize=None)
+def _host_auto() -> str:
+    """The automatic choice for NumPy arrays: ``cpu`` when it can run, else ``numpy``."""
+    try:
+        _load("cpu")
+    except RuntimeError:   # Numba is not installed
+        return "numpy"
+    return "cpu"
+
+
 def get_backend(backend=None, x=None) -> Backend:
     """Resolve a backend name (or ``None``) for array ``x``."""
     if isinstance(backend, Backend):
@@ -62,7 +75,9 @@ def get_backend(backend=None, x=None) -> Backend:
     if backend is None:
         backend = os.environ.get("GPUBN_BACKEND") or None
     if backend is None:
-        return _load("cuda" if _is_cupy_array(x) else "numpy")
+        if _is_cupy_array(x):
+            return _load("cuda")
+        return _load(_host_auto())
     if not isinstance(backend, str) or backend not in _REGISTRY:
         raise ValueError(
             f"backend must be one of {', '.join(map(repr, _REGISTRY))} or None, got {backend!r}")
