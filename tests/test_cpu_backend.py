@@ -101,7 +101,7 @@ def test_results_are_bitwise_the_same_for_any_thread_count(many_blocks, monkeypa
                                                            dtype):
     shape = (shape[0] * 4,) + shape[1:]
     x, dy, w, b = _case(shape, dtype, seed=2)
-    assert cpu._plan(x.shape)[2] > 4
+    assert cpu._Layout(x.shape).nb > 4
     runs = []
     for threads in ("1", "2", "3"):
         monkeypatch.setenv("GPUBN_NUM_THREADS", threads)
@@ -195,7 +195,7 @@ def test_layer_norm_rows_taken_again_when_the_first_value_is_far():
 def test_compiled_loops_are_cached_under_the_gpubn_cache_dir(tmp_path):
     """GPUBN_CACHE_DIR moves the cache; nothing is written next to the package."""
     code = ("from gpubn.backends import cpu; "
-            "print(cpu._sums._cache._cache_path); print(cpu.cache_dir())")
+            "print(cpu._sums.parallel._cache._cache_path); print(cpu.cache_dir())")
     env = dict(os.environ, GPUBN_CACHE_DIR=str(tmp_path))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                          text=True, timeout=120, cwd=Path(__file__).parents[1])

@@ -42,6 +42,7 @@ import functools
 import hashlib
 import os
 import threading
+import types
 
 import numpy as np
 
@@ -145,7 +146,23 @@ if _CacheLocator not in _LOCATORS._locator_classes:
 # would break identities such as dy*w - c1 == 0 for a one-value row); NaN and
 # Inf keep IEEE semantics (no 'nnan' / 'ninf')
 _FLAGS = {"reassoc"}
-_jit = functools.partial(numba.njit, parallel=True, cache=True, fastmath=_FLAGS)
+
+
+class _jit:
+    """A loop compiled twice: ``parallel`` (its ``prange`` spread over the
+    threads) and ``serial`` (a plain loop, for inputs of one block, where
+    waking the threads would cost more than the work).  Called with the
+    number of blocks first."""
+
+    def __init__(self, fn):
+        self.parallel = numba.njit(parallel=True, cache=True, fastmath=_FLAGS)(fn)
+        twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial")
+        twin.__qualname__ = fn.__qualname__ + "_serial"     # its own cache entry
+        self.serial = numba.njit(cache=True, fastmath=_FLAGS)(twin)
+
+    def __call__(self, blocks, *args):
+        return (self.parallel if blocks > 1 else self.serial)(*args)
+
 
 _ROWS_MIN = 16          # inner extent from which a channel's runs are walked one by one
 _BLOCK = 1 << 15        # elements per block of work (about)
@@ -155,93 +172,79 @@ _REDO = 16.0            # (mean - shift)**2 / var above which the sums are taken
 
 # ---------------------------------------------------------------- loops ----
 @_jit
-def _sums(x, dy, shift, rows, per, s1, s2):
-    """Per block b, per channel c: ``s1[b, c] = sum d`` and ``s2[b, c] =
-    sum d * e`` over the block's values, ``d = x - shift[c]``, ``e = d`` when
-    ``dy`` has no values, else ``s1 = sum dy`` and ``s2 = sum dy * d``.
-    ``rows``: blocks of ``per`` (outer, channel) runs, else of ``per`` outer
-    slices."""
-    outer, C, inner = x.shape
+def _sums(x, dy, shift, nc, rows, per, s1, s2):
+    """Partial sums per block ``b`` of ``per`` rows of the 2-D view ``x``
+    (see :class:`_Layout`), per index ``q`` of the per-channel constants:
+    ``s1[b, q] = sum d``, ``s2[b, q] = sum d * d`` for ``d = x - shift[q]``;
+    with ``dy`` values ``s1 = sum dy``, ``s2 = sum dy * d``.  ``rows``: row
+    ``r`` is one run of channel ``q = r % nc``, summed in the data's precision
+    (a vectorized reduction); else column ``q`` of every row, summed in
+    float64 (vectorized along the row)."""
+    R, W = x.shape
     nb = s1.shape[0]
     with_dy = dy.size > 0
     for b in numba.prange(nb):
-        for c in range(C):
-            s1[b, c] = 0.0
-            s2[b, c] = 0.0
+        s1[b, :] = 0.0
+        s2[b, :] = 0.0
+        r1 = min(R, (b + 1) * per)
         if rows:
-            r1 = min(outer * C, (b + 1) * per)
             for r in range(b * per, r1):
-                o = r // C
-                c = r - o * C
-                k = shift[c]
+                q = r % nc
+                k = shift[q]
                 a1 = x.dtype.type(0.0)
                 a2 = x.dtype.type(0.0)
                 if with_dy:
-                    for i in range(inner):
-                        g = dy[o, c, i]
+                    for i in range(W):
+                        g = dy[r, i]
                         a1 += g
-                        a2 += g * (x[o, c, i] - k)
+                        a2 += g * (x[r, i] - k)
                 else:
-                    for i in range(inner):
-                        d = x[o, c, i] - k
+                    for i in range(W):
+                        d = x[r, i] - k
                         a1 += d
                         a2 += d * d
-                s1[b, c] += a1
-                s2[b, c] += a2
+                s1[b, q] += a1
+                s2[b, q] += a2
         else:
-            o1 = min(outer, (b + 1) * per)
-            for o in range(b * per, o1):
-                for c in range(C):
-                    k = shift[c]
-                    a1 = 0.0
-                    a2 = 0.0
-                    if with_dy:
-                        for i in range(inner):
-                            g = np.float64(dy[o, c, i])
-                            a1 += g
-                            a2 += g * np.float64(x[o, c, i] - k)
-                    else:
-                        for i in range(inner):
-                            d = np.float64(x[o, c, i] - k)
-                            a1 += d
-                            a2 += d * d
-                    s1[b, c] += a1
-                    s2[b, c] += a2
+            for r in range(b * per, r1):
+                if with_dy:
+                    for q in range(W):
+                        g = np.float64(dy[r, q])
+                        s1[b, q] += g
+                        s2[b, q] += g * np.float64(x[r, q] - shift[q])
+                else:
+                    for q in range(W):
+                        d = np.float64(x[r, q] - shift[q])
+                        s1[b, q] += d
+                        s2[b, q] += d * d
 
 
 @_jit
-def _affine(x, dy, mean, a, b0, k, rows, per, out):
-    """Per channel c: without ``dy`` values ``out = (x - mean[c]) * a[c] +
-    b0[c]``; with them ``out = k[c] * (dy - b0[c] - (x - mean[c]) * a[c])``.
-    Blocks as in :func:`_sums`."""
-    outer, C, inner = x.shape
+def _affine(x, dy, mean, a, b0, k, nc, rows, per, out):
+    """Without ``dy`` values ``out = (x - mean[q]) * a[q] + b0[q]``; with
+    them ``out = k[q] * (dy - b0[q] - (x - mean[q]) * a[q])``; rows, blocks
+    and ``q`` as in :func:`_sums`."""
+    R, W = x.shape
     with_dy = dy.size > 0
-    units = outer * C if rows else outer
-    nb = (units + per - 1) // per
+    nb = (R + per - 1) // per
     for b in numba.prange(nb):
-        if rows:
-            r1 = min(units, (b + 1) * per)
-            for r in range(b * per, r1):
-                o = r // C
-                c = r - o * C
-                m, s, t, f = mean[c], a[c], b0[c], k[c]
+        r1 = min(R, (b + 1) * per)
+        for r in range(b * per, r1):
+            if rows:
+                q = r % nc
+                m, s, t, f = mean[q], a[q], b0[q], k[q]
                 if with_dy:
-                    for i in range(inner):
-                        out[o, c, i] = f * (dy[o, c, i] - t - (x[o, c, i] - m) * s)
+                    for i in range(W):
+                        out[r, i] = f * (dy[r, i] - t - (x[r, i] - m) * s)
                 else:
-                    for i in range(inner):
-                        out[o, c, i] = (x[o, c, i] - m) * s + t
-        else:
-            o1 = min(units, (b + 1) * per)
-            for o in range(b * per, o1):
-                for c in range(C):
-                    m, s, t, f = mean[c], a[c], b0[c], k[c]
-                    if with_dy:
-                        for i in range(inner):
-                            out[o, c, i] = f * (dy[o, c, i] - t - (x[o, c, i] - m) * s)
-                    else:
-                        for i in range(inner):
-                            out[o, c, i] = (x[o, c, i] - m) * s + t
+                    for i in range(W):
+                        out[r, i] = (x[r, i] - m) * s + t
+            elif with_dy:
+                for q in range(W):
+                    out[r, q] = k[q] * (dy[r, q] - b0[q] - (x[r, q] - mean[q]) * a[q])
+            else:
+                for q in range(W):
+                    out[r, q] = (x[r, q] - mean[q]) * a[q] + b0[q]
 
 
 @_jit
@@ -313,29 +316,67 @@ def _ln_backward(dy, x, mean, rstd, w, per, dx, pw, pb):
 
 
 # ------------------------------------------------------------- helpers -----
-_EMPTY = {np.dtype(np.float32): np.empty((0, 0, 0), np.float32),
-          np.dtype(np.float64): np.empty((0, 0, 0), np.float64)}
+_EMPTY2 = {np.dtype(np.float32): np.empty((0, 0), np.float32),
+           np.dtype(np.float64): np.empty((0, 0), np.float64)}
 
 
 def _wide(a):
     """float32 and float64 arrays as they are; float16 / bfloat16 widened to float32."""
-    return a if a.dtype in _EMPTY else a.astype(np.float32)
+    return a if a.dtype in _EMPTY2 else a.astype(np.float32)
 
 
 def _store(a, dtype):
     return a if a.dtype == dtype else a.astype(dtype)
 
 
-def _plan(shape):
-    """``(rows, per, nb)``: how a canonical shape is cut into blocks, from the
-    shape alone."""
-    outer, c, inner = shape
-    rows = inner >= _ROWS_MIN
-    units = outer * c if rows else outer
-    unit = inner if rows else c * inner
-    nb = max(1, min(_MAX_BLOCKS, units, outer * c * inner // _BLOCK))
-    per = -(-units // nb)
-    return rows, per, -(-units // per)
+class _Layout:
+    """How a canonical ``(outer, C, inner)`` array is walked, from its shape
+    alone.  Long runs (``inner >= _ROWS_MIN``, NCHW): a 2-D view of
+    ``outer * C`` rows of ``inner`` values, row ``r`` in channel ``r % C``.
+    Short runs (NC, channels-last): ``outer`` rows of ``C * inner`` values,
+    the per-channel constants repeated to one per column.  Rows are cut into
+    ``nb`` blocks of ``per`` rows of about ``_BLOCK`` values."""
+
+    def __init__(self, shape):
+        outer, self.c, self.inner = shape
+        self.rows = self.inner >= _ROWS_MIN
+        self.shape2 = (outer * self.c, self.inner) if self.rows else (outer, self.c * self.inner)
+        n_rows = self.shape2[0]
+        nb = max(1, min(_MAX_BLOCKS, n_rows, outer * self.c * self.inner // _BLOCK))
+        self.per = -(-n_rows // nb)
+        self.nb = -(-n_rows // self.per)
+        self.width = self.c if self.rows else self.shape2[1]   # partial sums per block
+
+    def view(self, a3):
+        return a3.reshape(self.shape2)
+
+    def expand(self, v, dtype):
+        """A per-channel vector as the loops index it."""
+        v = np.asarray(v, dtype=dtype)
+        return v if self.rows or self.inner == 1 else np.repeat(v, self.inner)
+
+    def channel_sums(self, parts):
+        """Per-channel float64 totals of the blocks' partials, in block order."""
+        total = parts.sum(axis=0)
+        return total if self.rows else total.reshape(self.c, self.inner).sum(axis=1)
+
+    def sums(self, x3, dy3, shift):
+        """``_sums`` over the whole array: per-channel float64 totals."""
+        s1, s2 = np.empty((self.nb, self.width)), np.empty((self.nb, self.width))
+        dy = _EMPTY2[x3.dtype] if dy3 is None else self.view(dy3)
+        _sums(self.nb, self.view(x3), dy, self.expand(shift, x3.dtype), self.c, self.rows, self.per,
+              s1, s2)
+        return self.channel_sums(s1), self.channel_sums(s2)
+
+    def affine(self, x3, dy3, mean, a, b0, k):
+        """``_affine`` over the whole array, into a new array."""
+        out = np.empty(x3.shape, x3.dtype)
+        dt = x3.dtype
+        dy = _EMPTY2[dt] if dy3 is None else self.view(dy3)
+        _affine(self.nb, self.view(x3), dy, self.expand(mean, dt), self.expand(a, dt),
+                self.expand(b0, dt), self.expand(k, dt), self.c, self.rows, self.per,
+                self.view(out))
+        return out
 
 
 def _row_plan(rows, n):
@@ -358,16 +399,12 @@ def _split(mean, dtype):
 
 def _moments(x):
     """Per-channel float64 ``(mean, m2)`` of a float32/float64 canonical array."""
-    outer, c, inner = x.shape
-    n = outer * inner
-    rows, per, nb = _plan(x.shape)
+    lay = _Layout(x.shape)
+    n = x.shape[0] * x.shape[2]
     shift = x[0, :, 0].astype(np.float64)
     shift[~np.isfinite(shift)] = 0.0
-    s1 = np.empty((nb, c))
-    s2 = np.empty((nb, c))
     for _ in range(2):
-        _sums(x, _EMPTY[x.dtype], shift.astype(x.dtype), rows, per, s1, s2)
-        t1, t2 = s1.sum(axis=0), s2.sum(axis=0)
+        t1, t2 = lay.sums(x, None, shift)
         dm = t1 / n
         m2 = t2 - t1 * dm
         far = dm * dm * n > _REDO * m2            # False where NaN
@@ -383,21 +420,14 @@ def _normalize(x3, mean, scale, shift):
     float64 vectors."""
     x = _wide(x3)
     hi, lo = _split(mean, x.dtype)
-    y = np.empty(x.shape, x.dtype)
-    rows, per, _ = _plan(x.shape)
-    _affine(x, _EMPTY[x.dtype], hi, scale.astype(x.dtype), (shift - lo * scale).astype(x.dtype),
-            scale.astype(x.dtype), rows, per, y)
+    y = _Layout(x.shape).affine(x, None, hi, scale, shift - lo * scale, scale)
     return _store(y, x3.dtype)
 
 
 def _backward_sums(dy3, x3, mean):
     """Per-channel float64 ``(sum dy, sum dy * (x - mean))``."""
     x, dy = _wide(x3), _wide(dy3)
-    rows, per, nb = _plan(x.shape)
-    s1 = np.empty((nb, x.shape[1]))
-    s2 = np.empty((nb, x.shape[1]))
-    _sums(x, dy, np.asarray(mean, x.dtype), rows, per, s1, s2)
-    return s1.sum(axis=0), s2.sum(axis=0)
+    return _Layout(x.shape).sums(x, dy, mean)
 
 
 def _dx(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat, count):
@@ -405,12 +435,8 @@ def _dx(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat, count):
     x, dy = _wide(x3), _wide(dy3)
     invstd = np.asarray(invstd, np.float64)
     k = invstd if weight is None else invstd * np.asarray(weight, np.float64)
-    dx = np.empty(x.shape, x.dtype)
-    rows, per, _ = _plan(x.shape)
-    _affine(x, dy, np.asarray(mean, x.dtype),
-            (invstd * np.asarray(sum_dy_xhat, np.float64) / count).astype(x.dtype),
-            (np.asarray(sum_dy, np.float64) / count).astype(x.dtype), k.astype(x.dtype),
-            rows, per, dx)
+    dx = _Layout(x.shape).affine(x, dy, mean, invstd * np.asarray(sum_dy_xhat, np.float64) / count,
+                                 np.asarray(sum_dy, np.float64) / count, k)
     return _store(dx, x3.dtype)
 
 
@@ -491,8 +517,8 @@ class CpuBackend(Backend):
         y = np.empty(x.shape, x.dtype)
         mean = np.empty(rows, acc)
         rstd = np.empty(rows, acc)
-        per, _ = _row_plan(rows, n)
-        _ln_forward(x, _vec(weight, x.dtype, n, 1.0), _vec(bias, x.dtype, n, 0.0),
+        per, nb = _row_plan(rows, n)
+        _ln_forward(nb, x, _vec(weight, x.dtype, n, 1.0), _vec(bias, x.dtype, n, 0.0),
                     float(eps), per, y, mean, rstd)
         return _store(y, x2.dtype), mean, rstd
 
@@ -505,7 +531,7 @@ class CpuBackend(Backend):
         dx = np.empty(x.shape, x.dtype)
         parts = (nb, n) if want_grads else (0, n)
         pw, pb = np.empty(parts), np.empty(parts)
-        _ln_backward(dy, x, np.asarray(mean, x.dtype), np.asarray(rstd, x.dtype),
+        _ln_backward(nb, dy, x, np.asarray(mean, x.dtype), np.asarray(rstd, x.dtype),
                      _vec(weight, x.dtype, n, 1.0), per, dx, pw, pb)
         dx = _store(dx, x2.dtype)
         if not want_grads:
