@@ -221,3 +221,14 @@ def test_automatic_choice_is_cpu_for_numpy_arrays_and_numpy_without_numba(monkey
     finally:
         backends._host_auto.cache_clear()
 
+
+
+def test_the_threading_layer_is_workqueue(monkeypatch):
+    """The layer the fork and concurrency tests above exercise: workqueue
+    (fork-safe, sleeps when idle), unless the user chose another."""
+    import numba
+    if "NUMBA_THREADING_LAYER" in os.environ:
+        pytest.skip("NUMBA_THREADING_LAYER is set by the user")
+    monkeypatch.setattr(cpu, "_BLOCK", 256)
+    CPU.bn_stats(np.ones((64, 4, 32), np.float32))       # a parallel loop has run
+    assert numba.threading_layer() == "workqueue"
