@@ -20,8 +20,8 @@ from conftest import assert_close
 pytest.importorskip("numba", reason="Numba (the extra gpubn[cpu]) is not installed")
 from gpubn.backends import cpu  # noqa: E402
 
-REF = gpubn.get_backend("numpy")
-CPU = gpubn.get_backend("cpu")
+REF = gpubn.backends.get_backend("numpy")
+CPU = gpubn.backends.get_backend("cpu")
 
 # (outer, C, inner): NC, channels-last-like short runs, NCHW runs, one channel
 SHAPES = [(300, 7, 1), (40, 5, 3), (6, 4, 50), (3, 1, 200)]

@@ -14,7 +14,7 @@ from test_batch_norm import make_input
 def test_backend_interface_pieces_agree_with_fused():
     """bn_stats, bn_apply, bn_backward_reduce and bn_backward_dx (the pieces a
     multi-process batch norm combines) give what the fused methods give."""
-    be = gpubn.get_backend("numpy")
+    be = gpubn.backends.get_backend("numpy")
     x3 = make_input((6, 3, 70), 1, np.float64)
     dy3 = np.random.default_rng(1).standard_normal(x3.shape)
     w, bias = np.array([0.5, 1.0, 2.0]), np.array([0.1, 0.2, 0.3])
@@ -43,7 +43,7 @@ def test_backend_interface_pieces_agree_with_fused():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_layer_norm_matches_float64_formula(dtype):
-    be = gpubn.get_backend("numpy")
+    be = gpubn.backends.get_backend("numpy")
     rng = np.random.default_rng(5)
     x = (rng.standard_normal((41, 37)) * 2 + 100).astype(dtype)
     dy = rng.standard_normal(x.shape).astype(dtype)
@@ -75,7 +75,7 @@ def test_statistics_of_far_from_zero_data_are_exact_to_float64():
     """Two passes in float64: 1e4 + N(0, 1) float32 data keeps its variance to
     float64 rounding (a one-pass E[x^2] - E[x]^2 in float32 would lose it all)."""
     x3 = (1e4 + np.random.default_rng(0).standard_normal((4, 3, 4000))).astype(np.float32)
-    st = gpubn.get_backend("numpy").bn_stats(x3)
+    st = gpubn.backends.get_backend("numpy").bn_stats(x3)
     xs = np.moveaxis(x3, 1, 0).reshape(3, -1).astype(np.float64)
     mean = xs.mean(axis=1)
     m2 = ((xs - mean[:, None]) ** 2).sum(axis=1)

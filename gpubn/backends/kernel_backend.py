@@ -10,7 +10,8 @@ subclass provides:
 * ``device_attributes()``: the ``gpubn.launch.DeviceAttributes`` the launch
   configuration is computed from.
 
-(plus two one-liners about arrays: ``_address`` and ``_zeroed_counters``).
+(plus one-liners about arrays: ``_address`` and, optionally,
+``_launch_counters``).
 
 Kernel arguments are always explicit NumPy scalars of the exact C type of the
 parameter (``long long`` -> ``np.int64``, ``int`` -> ``np.int32``, ``Acc`` ->
@@ -83,10 +84,16 @@ class KernelBackend(Backend):
     def _address(self, a) -> int:
         raise NotImplementedError
 
-    def _zeroed_counters(self, n: int):
-        """A uint32 array of at least ``n`` zeros (reduction arrival counters;
-        kernels leave them zero again)."""
-        raise NotImplementedError
+    def _launch_counters(self, n: int):
+        """The arrival counters of one two-stage reduction launch: ``n`` uint32
+        zeros owned by that launch, zeroed on the launching stream (CuPy's
+        ``zeros`` is an asynchronous memset on the current stream).
+
+        Counters belong to a launch, not to a stream: concurrent launches (per-
+        thread default streams share a stream pointer; graph capture records the
+        memset with the launch) can never share one.  The kernels leave them zero
+        again (the last block resets its counter), which emu checks."""
+        return self.xp.zeros(n, dtype=np.uint32)
 
     # -- helpers -------------------------------------------------------------
     def _device(self) -> DeviceAttributes:
@@ -138,7 +145,7 @@ class KernelBackend(Backend):
         if cfg.splits <= 1:
             return None, None
         partials = self.xp.empty(cfg.partial_bytes, dtype=np.uint8)
-        return partials, self._zeroed_counters(cfg.counters)
+        return partials, self._launch_counters(cfg.counters)
 
     # -- statistics ----------------------------------------------------------
     def _stats(self, x3, acc, key, mean_out, m2_out, invstd_out, running_mean, running_var,

@@ -11,7 +11,7 @@ vectors: float32 for float16 / bfloat16 / float32 data, float64 for float64).
 Batch norm, per channel, over its m values::
 
     mean   = sum(x) / m
-    m2     = sum((x - mean)**2)             (two passes: stable for any mean)
+    m2     = sum((x - mean)**2)             (two passes, corrected: stable for any mean)
     invstd = 1 / sqrt(m2 / m + eps)         (biased variance)
     xhat   = (x - mean) * invstd
     y      = weight * xhat + bias
@@ -68,22 +68,29 @@ def _bcast(v):
     return v[None, :, None]
 
 
+def _corrected_two_pass(d, m, axes, mean):
+    """Chan, Golub and LeVeque's corrected two-pass step: from deviations ``d``
+    of ``m`` values from a first ``mean``, ``m2 = sum d**2 - (sum d)**2 / m``
+    and the mean moved by ``sum d / m`` (what the first pass rounded off; an
+    infinite mean stays as it is)."""
+    c = d.sum(axis=axes)
+    return mean + np.where(np.isfinite(c), c / m, 0.0), (d * d).sum(axis=axes) - c * c / m
+
+
 def _moments(x3):
-    """Per-channel ``(mean, m2)`` in float64: the mean, then the sum of
-    squared deviations from it."""
+    """Per-channel ``(mean, m2)`` in float64: the mean, then the squared
+    deviations from it (corrected two-pass)."""
     x = x3.astype(_F64)
     m = x3.shape[0] * x3.shape[2]
     mean = x.sum(axis=_CH) / m
-    d = x - _bcast(mean)
-    return mean, np.einsum("ocj,ocj->c", d, d)
+    return _corrected_two_pass(x - _bcast(mean), m, _CH, mean)
 
 
 def _affine(x3, mean, invstd, weight, bias):
     """``y = weight * (x - mean) * invstd + bias`` in float64, rounded to x's dtype."""
     scale = invstd if weight is None else invstd * weight
-    y = (x3.astype(_F64) - _bcast(mean)) * _bcast(scale)
-    if bias is not None:
-        y += _bcast(bias)
+    # "+ 0.0" without a bias as with one: -0 * scale + 0 is +0
+    y = (x3.astype(_F64) - _bcast(mean)) * _bcast(scale) + (0.0 if bias is None else _bcast(bias))
     return y.astype(x3.dtype)
 
 
@@ -166,14 +173,14 @@ class NumpyBackend(Backend):
     def ln_forward(self, x2, weight, bias, eps):
         acc = acc_dtype(x2.dtype)
         x = x2.astype(_F64)
-        mean = x.mean(axis=1)
-        d = x - mean[:, None]
-        rstd = 1.0 / np.sqrt(np.einsum("rj,rj->r", d, d) / x2.shape[1] + eps)
-        y = d * rstd[:, None]
+        n = x2.shape[1]
+        first = x.mean(axis=1)
+        mean, m2 = _corrected_two_pass(x - first[:, None], n, 1, first)
+        rstd = 1.0 / np.sqrt(m2 / n + eps)
+        y = (x - mean[:, None]) * rstd[:, None]
         if weight is not None:
             y *= _f64(weight)
-        if bias is not None:
-            y += _f64(bias)
+        y += 0.0 if bias is None else _f64(bias)
         return y.astype(x2.dtype), mean.astype(acc), rstd.astype(acc)
 
     @_quiet
