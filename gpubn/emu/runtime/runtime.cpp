@@ -111,6 +111,7 @@ struct Fiber {
     uint64_t spin_progress;             // Runtime::progress at the last hand-over
     // inter-block ordering (see "inter-block racecheck")
     uint32_t fence_t, fence_bar;        // time of the last __threadfence, the block's last barrier before it
+    uint32_t gstore_t;                  // time of the last store to global memory (0: none)
     int pending, acquired;              // indices into Runtime::covs (-1: none)
     uint32_t seen_release, seen_version; // the release record last merged into `pending` (by a load)
 };
@@ -215,6 +216,7 @@ struct Runtime {
     bool interblock;                     // racecheck with more than one block
     bool bookkeeping;                    // the runtime's own memcpy/memset calls (not checked)
     uint64_t progress;                   // stores so far (spin-waits end only while there are some)
+    bool spun;                           // a spin-wait handed over since the scheduler last looked
     uint32_t gtime;                      // logical time: advances at fences, barriers and atomics
     uint32_t blin;                       // linear index of the running block
     uint32_t lastbar;                    // time of the running block's last barrier
@@ -504,6 +506,7 @@ static inline void global_access(int buf, uint64_t off, size_t n, bool store) {
         }
         if (store) g = GlobalShadow{me, R->gtime, (uint32_t)f->linear};
     }
+    if (store) f->gstore_t = R->gtime;
 }
 
 // An atomic on global memory: acquires what the location's earlier atomics
@@ -783,7 +786,7 @@ static void barrier(void* site, int pred) {
             for (int i = 0; i < R->nthreads; ++i) {
                 const Fiber& t = R->fibers[i];
                 if (t.acquired >= 0) R->block_acquired.merge(R->covs[t.acquired]);
-                if (t.fence_t) {
+                if (t.gstore_t && t.fence_t > t.gstore_t) {   // stored to global memory, then fenced
                     uint32_t& o = R->block_published.own[writer_id(R->blin, t.linear)];
                     if (t.fence_t > o) o = t.fence_t;
                 }
@@ -1006,6 +1009,7 @@ static void spin_hand_over(Fiber* f, uintptr_t a, size_t n) {
         f->spin_progress = R->progress;
     }
     f->spin_count = 0;
+    R->spun = true;
     if (++f->spin_rounds > kSpinRounds) spin_error(f, a, n);
     // move to the back: the scheduler's next round starts at the first runnable thread
     gpubn_emu::yield(f);
@@ -1137,7 +1141,7 @@ static void start_block(uint3 b) {
         f.stack_lo = (uintptr_t)(R->stacks + (size_t)i * (kStack + kGuard) + kGuard);
         f.spin_addr = 0;
         f.spin_count = f.spin_rounds = 0;
-        f.fence_t = f.fence_bar = 0;
+        f.fence_t = f.fence_bar = f.gstore_t = 0;
         f.pending = f.acquired = -1;
         f.seen_release = ~0u;
         f.seen_version = 0;
@@ -1212,18 +1216,22 @@ static void exchange(Slot& s) {
     swap(R->covs, s.covs);
     swap(R->block_acquired, s.block_acquired);
     swap(R->block_published, s.block_published);
-    const size_t nbss = R->bss_hi - R->bss_lo;
-    if (nbss) {
-        if (s.bss.size() != nbss) s.bss.assign((unsigned char*)R->bss_lo, (unsigned char*)R->bss_hi);
-        std::swap_ranges((unsigned char*)R->bss_lo, (unsigned char*)R->bss_hi, s.bss.data());
-    }
 }
 
 // Makes slot k's block the running one.
 static void switch_to(int k) {
     if (k == R->cur_slot) return;
-    exchange(R->slots[R->cur_slot]);   // park the running block
-    exchange(R->slots[k]);             // and take k's
+    Slot& from = R->slots[R->cur_slot];
+    Slot& to = R->slots[k];
+    exchange(from);                    // park the running block
+    exchange(to);                      // and take k's
+    // static shared memory: the module's copy is the running block's
+    const size_t nbss = R->bss_hi - R->bss_lo;
+    if (nbss) {
+        from.bss.resize(nbss);
+        memcpy(from.bss.data(), (const void*)R->bss_lo, nbss);
+        if (to.bss.size() == nbss) memcpy((void*)R->bss_lo, to.bss.data(), nbss);
+    }
     R->cur_slot = k;
 }
 
@@ -1438,8 +1446,8 @@ EMU_EXPORT int64_t gpubn_emu_launch(Launch* L) {
         return L->error;
     }
     // Blocks run as groups of fibers: up to `resident` blocks at a time, started
-    // in order (or the seed's order), interleaved a round at a time (round robin,
-    // or the seed's choice); a finished block makes room for the next.
+    // in order (or the seed's order), interleaved; a finished block makes room
+    // for the next.
     const int resident = (int)std::max<int64_t>(1, std::min<int64_t>(L->resident, (int64_t)nblocks));
     if (R->slots.empty()) R->slots.resize(1);
     if ((int)R->slots.size() < resident) R->slots.resize(resident);
@@ -1464,10 +1472,17 @@ EMU_EXPORT int64_t gpubn_emu_launch(Launch* L) {
             running.push_back(k);
         }
         if (L->error || running.empty()) break;
-        const size_t pick = L->shuffle ? splitmix(rng) % running.size() : turn++ % running.size();
+        // Without a seed the oldest running block goes on until it finishes or
+        // hands over from a spin-wait (then the next one, in turn); with a seed
+        // a random running block runs 1 to 8 rounds.
+        const size_t pick = L->shuffle ? splitmix(rng) % running.size() : turn % running.size();
+        const int quantum = L->shuffle ? 1 + (int)(splitmix(rng) % 8) : INT_MAX;
         switch_to(running[pick]);
-        const int r = run_round();
+        int r = 0;
+        R->spun = false;
+        for (int q = 0; q < quantum && r == 0 && !R->spun; ++q) r = run_round();
         if (r < 0) break;
+        if (!L->shuffle && R->spun) ++turn;
         if (r == 1) {
             ++L->blocks_run;
             idle.push_back(running[pick]);
