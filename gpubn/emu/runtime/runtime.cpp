@@ -135,11 +135,14 @@ struct Coverage {
     }
 };
 
-// Per byte of an argument buffer: who stored it last in this launch.
+// Per 2 bytes of an argument buffer (a group of overlapping ones): who stored
+// them last in this launch.  Kernels access global memory in units of at least
+// 2 bytes, so two bytes of one granule are not stored by different blocks.
+constexpr size_t kGranule = 2;
 struct GlobalShadow {
-    uint32_t block1;                    // block linear index + 1; 0: not stored in this launch; kAtomicByte: an atomic
+    uint32_t who;                       // 0: not stored in this launch; kAtomicByte: an atomic;
+                                        // else (block linear index + 1) << 10 | thread
     uint32_t t;                         // time of the store, or (atomic) the index of its release record
-    uint32_t thread;
 };
 constexpr uint32_t kAtomicByte = 0xffffffffu;
 
@@ -220,7 +223,8 @@ struct Runtime {
     uint32_t gtime;                      // logical time: advances at fences, barriers and atomics
     uint32_t blin;                       // linear index of the running block
     uint32_t lastbar;                    // time of the running block's last barrier
-    std::vector<GlobalShadow*> gshadow;  // per buffer: the shadow of its first byte
+    std::vector<GlobalShadow*> gshadow;  // per buffer: the shadow of its group
+    std::vector<uint64_t> goff;          // per buffer: its offset in its group
     std::vector<Coverage> covs;          // threads' pending / acquired coverage (Fiber indices)
     Coverage block_acquired;             // what the running block's threads share since a barrier
     Coverage block_published;            // stores its threads fenced before its last barrier
@@ -473,7 +477,7 @@ static uint3 unlinear(uint32_t i, uint3 d) { return uint3{i % d.x, (i / d.x) % d
     Launch* L = R->L;
     L->error = RACE;
     set_where(R->cur);
-    const uint3 ob = unlinear(prev.block1 - 1, R->gdim), ot = unlinear(prev.thread, R->bdim);
+    const uint3 ob = unlinear((prev.who >> 10) - 1, R->gdim), ot = unlinear(prev.who & 1023, R->bdim);
     L->other_block[0] = ob.x; L->other_block[1] = ob.y; L->other_block[2] = ob.z;
     L->other_thread[0] = ot.x; L->other_thread[1] = ot.y; L->other_thread[2] = ot.z;
     L->other_is_store = 1;
@@ -487,12 +491,13 @@ static uint3 unlinear(uint32_t i, uint3 d) { return uint3{i % d.x, (i / d.x) % d
 }
 
 static inline void global_access(int buf, uint64_t off, size_t n, bool store) {
-    GlobalShadow* sh = R->gshadow[buf] + off;
+    const uint64_t base = R->goff[buf] + off;
+    GlobalShadow* sh = R->gshadow[buf];
     Fiber* f = R->cur;
-    const uint32_t me = R->blin + 1;
-    for (size_t i = 0; i < n; ++i) {
-        GlobalShadow& g = sh[i];
-        if (g.block1 == kAtomicByte) {
+    const uint32_t me = (R->blin + 1) << 10;
+    for (uint64_t k = base / kGranule; k <= (base + n - 1) / kGranule; ++k) {
+        GlobalShadow& g = sh[k];
+        if (g.who == kAtomicByte) {
             // a value an atomic wrote: the load observes that atomic's release sequence
             const Coverage& rel = R->releases[g.t];
             if (!store && (f->seen_release != g.t || f->seen_version != rel.version)) {
@@ -501,10 +506,11 @@ static inline void global_access(int buf, uint64_t off, size_t n, bool store) {
                 f->seen_version = rel.version;
                 coverage(f->pending).merge(rel);
             }
-        } else if (g.block1 != 0 && g.block1 != me && !visible(f, g.block1 - 1, g.thread, g.t)) {
-            global_race(store ? "write-after-write" : "read-after-write", g, store, buf, off + i);
+        } else if (g.who != 0 && (g.who & ~1023u) != me && !visible(f, (g.who >> 10) - 1, g.who & 1023, g.t)) {
+            const uint64_t first = k * kGranule > base ? k * kGranule - R->goff[buf] : off;
+            global_race(store ? "write-after-write" : "read-after-write", g, store, buf, first);
         }
-        if (store) g = GlobalShadow{me, R->gtime, (uint32_t)f->linear};
+        if (store) g = GlobalShadow{me | (uint32_t)f->linear, R->gtime};
     }
     if (store) f->gstore_t = R->gtime;
 }
@@ -513,11 +519,12 @@ static inline void global_access(int buf, uint64_t off, size_t n, bool store) {
 // released, and releases what the thread's last fence published.
 static void global_atomic(int buf, uint64_t off, size_t n) {
     Bookkeeping quiet;
-    GlobalShadow* sh = R->gshadow[buf] + off;
+    const uint64_t base = R->goff[buf] + off;
+    GlobalShadow* sh = R->gshadow[buf];
     Fiber* f = R->cur;
     uint32_t idx;
-    if (sh[0].block1 == kAtomicByte) {
-        idx = sh[0].t;
+    if (sh[base / kGranule].who == kAtomicByte) {
+        idx = sh[base / kGranule].t;
     } else {
         idx = (uint32_t)R->releases.size();
         R->releases.emplace_back();
@@ -537,7 +544,7 @@ static void global_atomic(int buf, uint64_t off, size_t n) {
         if (f->fence_t > o) o = f->fence_t;
         ++rel.version;
     }
-    for (size_t i = 0; i < n; ++i) sh[i] = GlobalShadow{kAtomicByte, idx, (uint32_t)f->linear};
+    for (uint64_t k = base / kGranule; k <= (base + n - 1) / kGranule; ++k) sh[k] = GlobalShadow{kAtomicByte, idx};
     ++R->gtime;
 }
 
@@ -1326,7 +1333,7 @@ struct Stage {
     char* map;                    // the reservation, gaps included
     size_t map_len;
     uintptr_t dev_lo;             // where host_lo is staged
-    GlobalShadow* shadow;         // inter-block racecheck: one entry per byte (zero pages until stored)
+    GlobalShadow* shadow;         // inter-block racecheck: one entry per granule (zero pages until stored)
     size_t shadow_len;
 };
 
@@ -1358,7 +1365,7 @@ static bool stage_buffers(std::vector<Stage>& stages) {
         s.dev_lo = (uintptr_t)(s.map + kStageGap + in_page);
         memcpy((void*)s.dev_lo, (const void*)s.host_lo, s.host_hi - s.host_lo);
         if (R->interblock) {
-            s.shadow_len = (s.host_hi - s.host_lo) * sizeof(GlobalShadow);
+            s.shadow_len = ((s.host_hi - s.host_lo) / kGranule + 1) * sizeof(GlobalShadow);
             void* q = mmap(nullptr, s.shadow_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
                            -1, 0);
             if (q == MAP_FAILED) { s.shadow = nullptr; return false; }
@@ -1366,6 +1373,7 @@ static bool stage_buffers(std::vector<Stage>& stages) {
         }
     }
     R->gshadow.assign(n, nullptr);
+    R->goff.assign(n, 0);
     void** args = (void**)(uintptr_t)R->L->args;
     for (int i = 0; i < n; ++i) {
         Buffer& b = R->bufs[i];
@@ -1373,7 +1381,8 @@ static bool stage_buffers(std::vector<Stage>& stages) {
         const uintptr_t dev = s.dev_lo + (b.lo - s.host_lo);
         uintptr_t* cell = (uintptr_t*)args[b.arg_index];
         if (*cell == b.lo) *cell = dev;     // the argument's pointer (Python passes the array's start)
-        if (s.shadow) R->gshadow[i] = s.shadow + (b.lo - s.host_lo);
+        R->gshadow[i] = s.shadow;
+        R->goff[i] = b.lo - s.host_lo;
         b.lo = dev;
     }
     return true;
@@ -1434,7 +1443,7 @@ EMU_EXPORT int64_t gpubn_emu_launch(Launch* L) {
         uint64_t s = (uint64_t)L->seed;
         for (uint64_t i = nblocks; i > 1; --i) std::swap(order[i - 1], order[splitmix(s) % i]);
     }
-    R->interblock = R->racecheck && nblocks > 1;
+    R->interblock = R->racecheck && nblocks > 1 && nblocks < (1u << 22) - 1 && nt <= 1024;
     R->gtime = 1;
     R->releases.clear();
     std::vector<Stage> stages;
