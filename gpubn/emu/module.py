@@ -15,7 +15,7 @@ import numpy as np
 
 from . import compiler
 from .config import DEVICE, LaunchRecord, Traffic, _record, get_options
-from .errors import DeadlockError, EmuCompileError, EmuError, KernelError, LaunchError, MemcheckError, RaceError
+from .errors import DeadlockError, EmuError, KernelError, LaunchError, MemcheckError, RaceError
 
 _I64 = ctypes.c_int64
 _U64 = ctypes.c_uint64
