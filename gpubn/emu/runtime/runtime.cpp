@@ -1225,6 +1225,21 @@ static void exchange(Slot& s) {
     swap(R->block_published, s.block_published);
 }
 
+// After a launch: the running block's state goes back to slot 0, and slots past
+// the few an ordinary launch uses (a large cooperative grid) give their memory back.
+constexpr size_t kKeptSlots = 8;
+static void switch_to(int k);
+static void release_slots() {
+    switch_to(0);
+    while (R->slots.size() > kKeptSlots) {
+        Slot& s = R->slots.back();
+        if (s.stacks) munmap(s.stacks, s.stacks_threads * (kStack + kGuard));
+        if (s.dyn) munmap(s.dyn, kDynCap + kGuard);
+        delete[] s.fibers;
+        R->slots.pop_back();
+    }
+}
+
 // Makes slot k's block the running one.
 static void switch_to(int k) {
     if (k == R->cur_slot) return;
@@ -1500,6 +1515,7 @@ EMU_EXPORT int64_t gpubn_emu_launch(Launch* L) {
     }
     restore_fault_handler();
     unstage_buffers(stages);
+    release_slots();
     R->cur = nullptr;
     R->L = nullptr;
     return L->error;
