@@ -215,7 +215,8 @@ def test_reductions_unrolled_and_tail(shape, dtype):
     tuning that gives each thread 4 to 8 positions runs both parts."""
     tuned = type(EMU)(tuning=Tuning(reduce_threads=64, min_units_per_thread=7))
     cfg = reduce_launch("stats", shape, dtype, True, EMU_DEVICE, tuned.tuning)
-    per_channel = shape[0] * shape[2] // cfg.vec
+    # vector units per channel: rows for channels last (vectors run along C)
+    per_channel = shape[0] if shape[2] == 1 else shape[0] * shape[2] // cfg.vec
     threads_per_channel = cfg.block[1] if shape[2] == 1 else cfg.block[0]
     per_thread = -(-per_channel // cfg.splits) / threads_per_channel
     assert cfg.splits > 1 and 4 < per_thread < 8, (cfg, per_thread)
@@ -287,8 +288,9 @@ def test_bfloat16_kernels_round_to_nearest_even():
     y = np.empty_like(bits)
     mean, invstd = np.zeros(1, np.float32), np.array([0.3], np.float32)
     null = np.uint64(0)
-    fn((64, 1, 1), (128, 1, 1), (bits, y, mean, invstd, null, null, null, null, np.int64(1),
-                                 np.int32(1), np.int64(bits.size), np.int32(0), np.float32(0)))
+    fn((64, 1, 1), (128, 1, 1), (bits, y, mean, null, invstd, null, null, null, null,
+                                 np.int64(1), np.int32(1), np.int64(bits.size), np.int32(0),
+                                 np.float32(0)))
     xf = torch.from_numpy(bits.astype(np.int32) << 16).view(torch.float32)  # exact widening
     yf = xf * torch.tensor(0.3, dtype=torch.float32) + 0.0  # one float32 rounding, -0 -> +0
     expected = yf.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
@@ -388,3 +390,34 @@ def test_zero_channels_launch_nothing():
         dx, dw, db = EMU.bn_backward(x, x, mean, invstd, None, True)
     assert log == []
     assert y.shape == dx.shape == x.shape and mean.shape == dw.shape == stats.mean.shape == (0,)
+
+
+@pytest.mark.parametrize("n,forward_staged,backward_staged", [
+    (6046, True, True), (6047, False, True), (6144, False, True),
+    (12220, False, True), (12221, False, False), (12288, False, False)])
+def test_layer_norm_rows_near_the_shared_memory_limit(n, forward_staged, backward_staged):
+    """Float rows where weight and bias (forward: 2n floats next to 784 B of
+    static shared memory; backward: weight, n floats next to 272 B) meet the
+    48 KiB a block may use: staged while static plus dynamic fits, read from
+    global memory beyond, and correct either way."""
+    import gpubn
+    from gpubn.emu import recording
+    from gpubn.launch import SHARED_MEMORY_LIMIT, ln_static_shared_bytes
+
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((2, n)).astype(np.float32)
+    w, b = (rng.standard_normal(n).astype(np.float32) for _ in range(2))
+    dy = rng.standard_normal((2, n)).astype(np.float32)
+    with recording() as log:
+        y, saved = gpubn.layer_norm_forward(x, n, w, b, backend="emu")
+        dx, dw, db = gpubn.layer_norm_backward(dy, saved)
+    y_ref, saved_ref = gpubn.layer_norm_forward(x, n, w, b, backend="numpy")
+    dx_ref, dw_ref, db_ref = gpubn.layer_norm_backward(dy, saved_ref)
+    for got, want in ((y, y_ref), (dx, dx_ref), (dw, dw_ref), (db, db_ref)):
+        assert_close(got, want, np.float32)
+    forward, backward = log[0], log[1]
+    for rec, kernel, staged in ((forward, "ln_forward_block", forward_staged),
+                                (backward, "ln_backward_dx_block", backward_staged)):
+        assert rec.kernel.startswith(f"gpubn::{kernel}<"), rec.kernel
+        assert rec.shared_mem + ln_static_shared_bytes(kernel, "float32") <= SHARED_MEMORY_LIMIT
+        assert (rec.shared_mem > 0) == staged, rec
