@@ -104,6 +104,10 @@ def test_channels_last_blocks_run_along_channels():
     assert cfg.vec == 1 and cfg.grid[0] == 10                    # unaligned: 10 tiles of 32
     cfg = reduce_launch("stats", (1000, 12, 1), "float16", True, H100)
     assert cfg.vec == 4 and cfg.block[0] == 4                    # 12 halves: 8-byte vectors
+    cfg = reduce_launch("grad", (1000, 300, 1), "float32", True, H100)
+    assert cfg.kernel == "bn_backward_reduce_nhwc" and cfg.vec == 4 and cfg.grid[0] == 3
+    cfg = reduce_launch("grad", (1000, 64, 1), "float16", True, H100)
+    assert cfg.vec == 4                                           # at most 4 channels a thread
 
 
 def test_elementwise_rows_waste_little():
