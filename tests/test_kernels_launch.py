@@ -186,7 +186,7 @@ def test_layer_norm_static_shared_model_matches_ptxas():
         assert ln_static_shared_bytes(kernel, dtype) == found[name][1], name
 
 
-@pytest.mark.parametrize("dtype,static", [("float32", 784), ("float64", 1296)])
+@pytest.mark.parametrize("dtype,static", [("float32", 784), ("float64", 1312)])
 def test_layer_norm_staging_leaves_room_for_static_shared(dtype, static):
     """Forward with weight and bias stages 2 * n values next to the block
     kernel's static shared memory (784 B for float): float rows of 6047..6144
