@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ops to run (repeatable; default all)")
     p.add_argument("--provider", action="append", default=None,
                    help="providers to run (repeatable; e.g. torch-cpu, gpubn-numpy, "
-                        "naive-numpy, torch-cuda, gpubn-cuda)")
+                        "naive-numpy, torch-cuda, torch-cuda-native, gpubn-cuda)")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed calls per measurement (default 5 CPU, 50 GPU; 3 with --quick)")
     p.add_argument("--budget", type=float, default=2.0,
@@ -85,7 +85,8 @@ def _chart_path(out: str, section: str) -> str:
 def _print_section(rows, section, markdown):
     titles = {
         "cpu": "CPU: median time [min-max ms], ratio to PyTorch CPU",
-        "gpu": "GPU: median time [min-max], ratio to PyTorch CUDA, GB/s (share of peak)",
+        "gpu": "GPU: median time [min-max], ratio to the faster PyTorch CUDA path, GB/s "
+               "(share of the measured device-to-device copy bandwidth)",
         "traffic": "emu: global-memory traffic per op (passes = bytes / bytes of x)",
     }
     print(f"\n## {titles[section]}\n")
@@ -194,8 +195,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                 cases = get_suite(suite or "full", dtypes, args.kind, args.op)
                 wanted = args.provider and [p for p in args.provider if p.endswith("cuda")]
                 if args.provider and not wanted:
-                    raise SystemExit("error: --provider names no GPU provider (torch-cuda, gpubn-cuda)")
+                    raise SystemExit("error: --provider names no GPU provider "
+                                     "(torch-cuda, torch-cuda-native, gpubn-cuda)")
                 providers = select(gpu_mod.gpu_providers(), wanted)
+                copy = gpu_mod.copy_bandwidth()
+                print(f"# gpu: device-to-device copy {copy['copy_gbps']:.0f} GB/s "
+                      f"(cudaMemcpyAsync {copy['memcpy_gbps']:.0f}, copy kernel "
+                      f"{copy['copy_kernel_gbps']:.0f})")
                 repeats = args.repeats or (10 if args.quick else 50)
                 total = sum(len(o) for _, o in cases) * len(providers)
                 rows = run_suite(cases, providers, repeats=repeats, warmup=max(args.warmup, 3),
@@ -204,6 +210,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                  progress=Progress(total, enabled=not quiet))
                 for r in rows:
                     r["section"] = "gpu"
+                gpu_mod.add_copy_share(rows, copy["copy_gbps"])
                 _print_section(rows, "gpu", args.markdown)
                 write_jsonl(rows, out, machine)
                 if not args.no_chart:
