@@ -28,6 +28,10 @@ MAX_MAP_THREADS = 256
 MAX_MAP_COLUMNS = 64
 WARP = 32
 MAX_GRID_Y = 65535
+# Static plus dynamic shared memory a block may use without opting in to more
+# (cudaFuncAttributeMaxDynamicSharedMemorySize): 48 KiB on every GPU since
+# compute capability 3.0.  The launches never opt in; they stay below it.
+SHARED_MEMORY_LIMIT = 48 * 1024
 
 
 @dataclass(frozen=True)
@@ -189,6 +193,41 @@ def map_launch(op: str, shape3, dtype, aligned: bool, dev: DeviceAttributes,
     return Launch(f"{base}_{layout(shape3)}", vec, (gx, gy, 1), (bx, by, 1))
 
 
+# ---------------------------------------------------------------------------
+# Layer norm (kernels/layer_norm.cu)
+# ---------------------------------------------------------------------------
+def _shared_array(nbytes: int) -> int:
+    """Bytes a ``__shared__`` array takes in a kernel's static shared memory:
+    ptxas starts every array on a 16-byte boundary."""
+    return _cdiv(nbytes, 16) * 16
+
+
+def ln_static_shared_bytes(kernel: str, dtype) -> int:
+    """Static shared memory of a layer-norm row kernel, laid out as ptxas
+    reports it: the ``*_block`` kernels hold one reduction state per warp
+    (``block_reduce_1d``) and two per-row values; the ``*_warp`` kernels
+    none.  The ``cuda`` backend asks the compiled function instead; this
+    model serves ``emu`` (and is checked against ptxas in the tests)."""
+    if kernel.endswith("_warp"):
+        return 0
+    acc = _catalog.CXX_TYPES[_catalog.dtype_name(dtype)][1]
+    acc_bytes = 8 if acc == "double" else 4
+    state = {"ln_forward_block": ("stats", acc),
+             "ln_backward_dx_block": ("grad", acc)}[kernel]
+    return _shared_array(WARP * _STATE_BYTES[state]) + _shared_array(2 * acc_bytes)
+
+
+def ln_stage_bytes(n: int, acc_itemsize: int, arrays: int, static_shared: int) -> int:
+    """Dynamic shared memory for staging ``arrays`` per-column vectors (weight
+    and / or bias, ``n`` values of ``acc_itemsize`` bytes each) in a
+    layer-norm block whose function already uses ``static_shared`` bytes, or
+    0 (the kernel then reads them from global memory) when there are none or
+    static plus dynamic would pass ``SHARED_MEMORY_LIMIT``."""
+    nbytes = arrays * n * acc_itemsize
+    return nbytes if 0 < nbytes <= SHARED_MEMORY_LIMIT - static_shared else 0
+
+
 __all__ = ["DeviceAttributes", "EMU_DEVICE", "Tuning", "Launch", "MAX_REDUCE_THREADS",
-           "MAX_MAP_THREADS", "MAX_MAP_COLUMNS",
-           "layout", "vector_width", "reduce_launch", "map_launch"]
+           "MAX_MAP_THREADS", "MAX_MAP_COLUMNS", "SHARED_MEMORY_LIMIT",
+           "layout", "vector_width", "reduce_launch", "map_launch", "ln_static_shared_bytes",
+           "ln_stage_bytes"]

@@ -388,3 +388,34 @@ def test_zero_channels_launch_nothing():
         dx, dw, db = EMU.bn_backward(x, x, mean, invstd, None, True)
     assert log == []
     assert y.shape == dx.shape == x.shape and mean.shape == dw.shape == stats.mean.shape == (0,)
+
+
+@pytest.mark.parametrize("n,forward_staged,backward_staged", [
+    (6046, True, True), (6047, False, True), (6144, False, True),
+    (12220, False, True), (12221, False, False), (12288, False, False)])
+def test_layer_norm_rows_near_the_shared_memory_limit(n, forward_staged, backward_staged):
+    """Float rows where weight and bias (forward: 2n floats next to 784 B of
+    static shared memory; backward: weight, n floats next to 272 B) meet the
+    48 KiB a block may use: staged while static plus dynamic fits, read from
+    global memory beyond, and correct either way."""
+    import gpubn
+    from gpubn.emu import recording
+    from gpubn.launch import SHARED_MEMORY_LIMIT, ln_static_shared_bytes
+
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((2, n)).astype(np.float32)
+    w, b = (rng.standard_normal(n).astype(np.float32) for _ in range(2))
+    dy = rng.standard_normal((2, n)).astype(np.float32)
+    with recording() as log:
+        y, saved = gpubn.layer_norm_forward(x, n, w, b, backend="emu")
+        dx, dw, db = gpubn.layer_norm_backward(dy, saved)
+    y_ref, saved_ref = gpubn.layer_norm_forward(x, n, w, b, backend="numpy")
+    dx_ref, dw_ref, db_ref = gpubn.layer_norm_backward(dy, saved_ref)
+    for got, want in ((y, y_ref), (dx, dx_ref), (dw, dw_ref), (db, db_ref)):
+        assert_close(got, want, np.float32)
+    forward, backward = log[0], log[1]
+    for rec, kernel, staged in ((forward, "ln_forward_block", forward_staged),
+                                (backward, "ln_backward_dx_block", backward_staged)):
+        assert rec.kernel.startswith(f"gpubn::{kernel}<"), rec.kernel
+        assert rec.shared_mem + ln_static_shared_bytes(kernel, "float32") <= SHARED_MEMORY_LIMIT
+        assert (rec.shared_mem > 0) == staged, rec

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 
 from gpubn import kernels as catalog
-from gpubn.launch import (MAX_MAP_COLUMNS, MAX_MAP_THREADS, MAX_REDUCE_THREADS, DeviceAttributes,
-                          Tuning, map_launch, reduce_launch, vector_width)
+from gpubn.launch import (MAX_MAP_COLUMNS, MAX_MAP_THREADS, MAX_REDUCE_THREADS,
+                          SHARED_MEMORY_LIMIT, DeviceAttributes, Tuning, ln_stage_bytes,
+                          ln_static_shared_bytes, map_launch, reduce_launch, vector_width)
 
 H100 = DeviceAttributes(sm_count=132)
 
@@ -109,3 +110,74 @@ def test_tuning_rejects_bad_values():
         Tuning(map_threads=48)
     with pytest.raises(ValueError, match="blocks_per_sm must be >= 1"):
         Tuning(blocks_per_sm=0)
+
+
+# ------------------------------------------------ layer-norm shared memory --
+def _ptxas_static_shared(kernel, dtype, vec):
+    """Static shared memory ptxas reports for one instantiation (sm_90), or
+    skip when NVRTC or ptxas (pip nvidia-cuda-nvcc) is missing."""
+    import glob
+    import os
+    import re
+    import subprocess
+    import sys
+    import tempfile
+
+    from gpubn import _nvrtc
+
+    if _nvrtc.unavailable_reason():
+        pytest.skip(_nvrtc.unavailable_reason())
+    found = [p for entry in sys.path if entry
+             for p in glob.glob(os.path.join(entry, "nvidia", "cu*", "bin", "ptxas"))]
+    if not found:
+        pytest.skip("ptxas not found (pip install nvidia-cuda-nvcc)")
+    name = catalog.name_expression(kernel, dtype, vec)
+    source = catalog.KERNELS[kernel].source
+    result = _nvrtc.compile_to_ptx(catalog.read_source(source), [name],
+                                   catalog.compile_options() + ("--gpu-architecture=compute_90",),
+                                   source)
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(result.ptx)
+        log = subprocess.run([found[0], "-arch=sm_90", "-v", ptx, "-o", os.devnull],
+                             capture_output=True, text=True, check=True).stderr
+    entry = result.lowered_names[name]
+    block = log.split(f"Compiling entry function '{entry}'", 1)[1]
+    usage = re.search(r"Used \d+ registers[^\n]*", block).group(0)
+    smem = re.search(r"(\d+) bytes smem", usage)
+    return int(smem.group(1)) if smem else 0
+
+
+@pytest.mark.parametrize("kernel", ["ln_forward_warp", "ln_forward_block",
+                                    "ln_backward_dx_warp", "ln_backward_dx_block"])
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_layer_norm_static_shared_model_matches_ptxas(kernel, dtype):
+    """emu sizes the weight/bias staging with launch.ln_static_shared_bytes
+    (the cuda backend asks the compiled function): the model is what ptxas
+    lays out, byte for byte."""
+    vec = catalog.vector_widths(kernel, dtype)[-1]
+    assert ln_static_shared_bytes(kernel, dtype) == _ptxas_static_shared(kernel, dtype, vec)
+
+
+@pytest.mark.parametrize("dtype,static", [("float32", 784), ("float64", 1040)])
+def test_layer_norm_staging_leaves_room_for_static_shared(dtype, static):
+    """Forward with weight and bias stages 2 * n values next to the block
+    kernel's static shared memory (784 B for float): float rows of 6047..6144
+    used to request 48 KiB of dynamic memory on top of it, a launch failure
+    on a GPU.  Every request stays within the limit, and the largest row that
+    fits still stages."""
+    assert ln_static_shared_bytes("ln_forward_block", dtype) == static
+    size = 8 if dtype == "float64" else 4
+    fits = (SHARED_MEMORY_LIMIT - static) // (2 * size)
+    assert ln_stage_bytes(fits, size, 2, static) == 2 * fits * size
+    assert ln_stage_bytes(fits + 1, size, 2, static) == 0
+    for n in range(fits - 8, 6145):
+        assert ln_stage_bytes(n, size, 2, static) + static <= SHARED_MEMORY_LIMIT
+    # backward stages weight only: 12288 floats are exactly 48 KiB, too many
+    back = ln_static_shared_bytes("ln_backward_dx_block", dtype)
+    assert ln_stage_bytes(12288, size, 1, back) == 0
+    fits = (SHARED_MEMORY_LIMIT - back) // size
+    assert ln_stage_bytes(fits, size, 1, back) == fits * size
+    assert ln_stage_bytes(fits + 1, size, 1, back) == 0
+    assert ln_stage_bytes(100, size, 0, static) == 0

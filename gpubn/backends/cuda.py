@@ -88,6 +88,9 @@ class CudaBackend(KernelBackend):
                          f"max {fn.max_threads_per_block} threads/block")
         return fn
 
+    def _static_shared_bytes(self, fn, cfg, dtype_key) -> int:
+        return int(fn.shared_size_bytes)
+
     def _address(self, a) -> int:
         return a.data.ptr
 

@@ -10,7 +10,10 @@ subclass provides:
 * ``device_attributes()``: the ``gpubn.launch.DeviceAttributes`` the launch
   configuration is computed from.
 
-(plus two one-liners about arrays: ``_address`` and ``_zeroed_counters``).
+(plus two one-liners about arrays: ``_address`` and ``_zeroed_counters``,
+and one with a default: ``_static_shared_bytes(fn, cfg, dtype_key)``, the
+static shared memory of a compiled function, which layer-norm launches
+subtract from the 48 KiB they may use).
 
 Kernel arguments are always explicit NumPy scalars of the exact C type of the
 parameter (``long long`` -> ``np.int64``, ``int`` -> ``np.int32``, ``Acc`` ->
@@ -43,7 +46,8 @@ import numpy as np
 
 from .. import _validation as V
 from .. import kernels as catalog
-from ..launch import WARP, DeviceAttributes, Launch, Tuning, map_launch, reduce_launch
+from ..launch import (WARP, DeviceAttributes, Launch, Tuning, ln_stage_bytes,
+                      ln_static_shared_bytes, map_launch, reduce_launch)
 from .base import Backend, ChannelStats
 
 _ACC_DTYPES = {"float": np.dtype(np.float32), "double": np.dtype(np.float64)}
@@ -123,12 +127,21 @@ class KernelBackend(Backend):
             raise ValueError(f"{name} must be a contiguous ({channels},) {acc.name} array, got "
                              f"shape {v.shape} dtype {v.dtype}")
 
+    def _function(self, cfg: Launch, dtype_key: str):
+        """The compiled function of ``cfg``'s kernel for ``dtype_key``."""
+        name = catalog.name_expression(cfg.kernel, dtype_key, cfg.vec)
+        return self._get_function(catalog.KERNELS[cfg.kernel].source, dtype_key, name)
+
+    def _static_shared_bytes(self, fn, cfg: Launch, dtype_key: str) -> int:
+        """Static shared memory of a compiled layer-norm row kernel (CuPy
+        reports it per function; the default is launch.py's model)."""
+        return ln_static_shared_bytes(cfg.kernel, dtype_key)
+
     def _launch(self, cfg: Launch, dtype_key: str, args, shared_mem: int = 0) -> None:
         """Launch ``cfg``'s kernel for ``dtype_key``; ``None`` in ``args`` is an
         absent array, passed as a null pointer."""
-        spec = catalog.KERNELS[cfg.kernel]
         name = catalog.name_expression(cfg.kernel, dtype_key, cfg.vec)
-        fn = self._get_function(spec.source, dtype_key, name)
+        fn = self._function(cfg, dtype_key)
         debug_report(f"{self.name}: launch {name} grid={cfg.grid} block={cfg.block} "
                      f"splits={cfg.splits} shared={shared_mem}")
         args = tuple(NULL_POINTER if a is None else a for a in args)
@@ -340,6 +353,13 @@ class KernelBackend(Backend):
         if a.shape[1] > np.iinfo(np.int32).max:
             raise ValueError(f"{name}: rows longer than 2**31 - 1 elements are not supported")
 
+    def _ln_stage_bytes(self, cfg: Launch, key: str, n: int, acc, weight, bias) -> int:
+        """Dynamic shared memory staging the non-null of weight / bias for a
+        layer-norm row kernel, within what its static shared memory leaves."""
+        static = self._static_shared_bytes(self._function(cfg, key), cfg, key)
+        arrays = (weight is not None) + (bias is not None)
+        return ln_stage_bytes(n, acc.itemsize, arrays, static)
+
     def ln_forward(self, x2, weight, bias, eps):
         self._check_rows(x2, None, "x")
         key, acc = self._types(x2)
@@ -352,7 +372,7 @@ class KernelBackend(Backend):
         if rows:
             cfg = ln_row_launch("forward", rows, n, key, self._aligned(x2, y2), self._device(),
                                 self.tuning)
-            smem = ln_param_bytes(n, acc, weight, bias)
+            smem = self._ln_stage_bytes(cfg, key, n, acc, weight, bias)
             self._launch(cfg, key, (x2, y2, weight, bias, mean, rstd, np.int64(rows),
                                     np.int64(n), acc.type(eps), np.int32(smem > 0)), smem)
         return y2, mean, rstd
@@ -369,7 +389,7 @@ class KernelBackend(Backend):
         if rows:
             cfg = ln_row_launch("backward_dx", rows, n, key, self._aligned(x2, dy2, dx2),
                                 self._device(), self.tuning)
-            smem = ln_param_bytes(n, acc, weight, None)
+            smem = self._ln_stage_bytes(cfg, key, n, acc, weight, None)
             self._launch(cfg, key, (dy2, x2, dx2, mean, rstd, weight, np.int64(rows),
                                     np.int64(n), np.int32(smem > 0)), smem)
         if not want_grads:
@@ -392,19 +412,6 @@ def renorm_finish_launch(channels: int) -> Launch:
     """One thread per channel for ``bn_renorm_finish``."""
     threads = min(256, max(WARP, 1 << (max(channels, 1) - 1).bit_length()))
     return Launch("bn_renorm_finish", 1, (-(-channels // threads), 1, 1), (threads, 1, 1))
-
-
-# Dynamic shared memory a layer-norm block may use for weight / bias (the
-# default limit without opting in, on every GPU since compute capability 3.0).
-LN_MAX_PARAM_BYTES = 48 * 1024
-
-
-def ln_param_bytes(n: int, acc, weight, bias) -> int:
-    """Shared memory for staging the non-null of weight / bias (n values each
-    in the accumulation dtype), or 0 when there are none or they do not fit."""
-    count = (weight is not None) + (bias is not None)
-    nbytes = count * n * np.dtype(acc).itemsize
-    return nbytes if 0 < nbytes <= LN_MAX_PARAM_BYTES else 0
 
 
 # Must equal GPUBN_LN_CACHE_UNITS in kernels/layer_norm.cu: vector units per
