@@ -1,7 +1,9 @@
-"""Command line: ``python -m bench [cpu] [gpu] [traffic] [options]``.
+"""Command line: ``python -m bench [cpu] [gpu] [traffic] [kernels] [options]``.
 
 Without a section name it runs the CPU benchmark and the emu traffic
-accounting, plus the GPU benchmark when CuPy sees a CUDA device.  Tables go
+accounting, plus the GPU benchmark when CuPy sees a CUDA device.  ``kernels``
+prints the static table of every compiled kernel (registers, shared memory,
+spills, global loads in flight, load width, occupancy: ``gpubn.sass``).  Tables go
 to stdout, progress to stderr, rows are appended as JSON lines to ``--out``
 (default ``bench/results/<date-time>.jsonl``), and PNG charts are written
 next to it when matplotlib is installed.
@@ -25,6 +27,7 @@ from .suites import DTYPES, KINDS, OPS, SUITES, get_suite
 from .traffic import run_traffic, traffic_cases
 
 SECTIONS = ("cpu", "gpu", "traffic")
+STATIC_SECTIONS = ("kernels",)
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -35,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(CPU), PyTorch CUDA (GPU), and count the CUDA kernels' memory "
                     "traffic on the emu backend.")
     p.add_argument("sections", nargs="*", metavar="SECTION",
-                   help=f"any of {', '.join(SECTIONS)} (default: cpu and traffic, "
-                        "plus gpu when a CUDA device is present)")
+                   help=f"any of {', '.join(SECTIONS + STATIC_SECTIONS)} (default: cpu and "
+                        "traffic, plus gpu when a CUDA device is present)")
     p.add_argument("--suite", default=None, choices=sorted(SUITES),
                    help="shape suite (default: 'default' on the CPU, 'resnet50' plus the "
                         "default suite's other shapes on the GPU: 'full')")
@@ -98,6 +101,28 @@ def _print_section(rows, section, markdown):
     print(format_summary(rows))
 
 
+def print_kernels(markdown: bool) -> int:
+    """The static table of every catalog kernel on sm_80 and sm_90
+    (``gpubn.sass``); 2 when ptxas or nvdisasm is missing."""
+    from gpubn import sass
+
+    reason = sass.unavailable_reason()
+    if reason:
+        print(f"error: kernels: {reason}", file=sys.stderr)
+        return 2
+    reports = sass.report()
+    print("\n## Kernels: ptxas resources, global loads in flight in the streaming loop, "
+          "occupancy at the launch plan's block size\n")
+    print(sass.format_table(reports, markdown=markdown))
+    print("\n## Kernels on sm_90, over dtypes and vector widths (fewest loads in flight, "
+          "lowest occupancy)\n")
+    print(sass.format_summary(reports, "sm_90", markdown=markdown))
+    failing = [r for r in reports if sass.problems(r)]
+    print(f"\n{len(reports) - len(failing)} of {len(reports)} instantiations pass the static "
+          f"checks")
+    return 0
+
+
 def _replay(args) -> int:
     rows = read_jsonl(args.from_path)
     if not rows:
@@ -123,10 +148,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.from_path:
         return _replay(args)
-    bad = [s for s in args.sections if s not in SECTIONS]
+    bad = [s for s in args.sections if s not in SECTIONS + STATIC_SECTIONS]
     if bad:
-        print(f"error: unknown section(s) {bad}; choose from {SECTIONS}", file=sys.stderr)
+        print(f"error: unknown section(s) {bad}; choose from {SECTIONS + STATIC_SECTIONS}",
+              file=sys.stderr)
         return 2
+    if "kernels" in args.sections:
+        status = print_kernels(args.markdown)
+        if args.sections == ["kernels"]:
+            return status
     if args.repeats is not None and args.repeats < 1:
         print("error: --repeats must be >= 1", file=sys.stderr)
         return 2
