@@ -185,6 +185,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if "gpu" in sections and gpu_reason is None:
         gpu_info = gpu_mod.device_info()
     machine = machine_info(gpu_info)
+    print(f"# date: {time.strftime('%Y-%m-%d %H:%M %z')}")
     print(f"# machine: {machine['cpu']} ({machine['cpu_count']} cores, load {machine['loadavg']}), "
           f"python {machine['python']}, "
           f"numpy {machine['numpy']}, torch {machine['torch']} ({machine['torch_threads']} threads), "
@@ -194,6 +195,7 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"{gpu_info['peak_gbps'] or float('nan'):.0f} GB/s")
     status = 0
     quiet = args.quiet
+    written = 0     # rows appended to ``out``
     try:
         if "cpu" in sections:
             cases = get_suite(suite or "default", dtypes, args.kind, args.op)
@@ -215,6 +217,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 r["section"] = "cpu"
             _print_section(rows, "cpu", args.markdown)
             write_jsonl(rows, out, machine)
+            written += len(rows)
             if not args.no_chart:
                 png = plot(rows, _chart_path(out, "cpu"))
                 print(f"# chart: {png}" if png else "# chart: skipped (matplotlib not installed)")
@@ -243,6 +246,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 gpu_mod.add_copy_share(rows, copy["copy_gbps"])
                 _print_section(rows, "gpu", args.markdown)
                 write_jsonl(rows, out, machine)
+                written += len(rows)
                 if not args.no_chart:
                     png = plot(rows, _chart_path(out, "gpu"))
                     print(f"# chart: {png}" if png else "# chart: skipped (matplotlib not installed)")
@@ -256,10 +260,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                 r["section"] = "traffic"
             _print_section(rows, "traffic", args.markdown)
             write_jsonl(rows, out, machine)
+            written += len(rows)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         status = 130
-    print(f"\n# results appended to {out}")
+    if written:
+        print(f"\n# {written} results appended to {out}")
+    else:
+        print(f"\n# no results: nothing was written to {out}")
     return status
 
 

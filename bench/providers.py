@@ -138,12 +138,14 @@ class GpubnProvider(Provider):
 
         if case.kind == "batch_norm":
             def forward():
-                return fwd_fn(x, w, b, rm, rv, training=training, momentum=MOMENTUM, eps=EPS,
-                              axis=case.axis, backend=backend)
+                return fwd_fn(x, weight=w, bias=b, running_mean=rm, running_var=rv,
+                              training=training, momentum=MOMENTUM, eps=EPS, axis=case.axis,
+                              backend=backend)
         elif case.kind == "batch_renorm":
             def forward():
-                return fwd_fn(x, w, b, rm, rv, RMAX, DMAX, training=training,
-                              momentum=RENORM_MOMENTUM, eps=EPS, axis=case.axis, backend=backend)
+                return fwd_fn(x, weight=w, bias=b, running_mean=rm, running_std=rv, rmax=RMAX,
+                              dmax=DMAX, training=training, momentum=RENORM_MOMENTUM, eps=EPS,
+                              axis=case.axis, backend=backend)
         else:
             normalized_shape = (case.shape[-1],)
 

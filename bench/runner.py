@@ -150,7 +150,7 @@ def _desc(case, op, p):
     return f"{KIND_ABBREV[case.kind]} {case.layout} {case.shape_str} {case.dtype} {op} {p.name}"
 
 
-def _error_text(exc) -> str:
+def error_text(exc) -> str:
     if "BENCH_DEBUG" in os.environ:
         traceback.print_exception(exc)
     text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
@@ -193,7 +193,7 @@ def _check_op(case, op, setup, providers, reasons, *, suite, check, progress):
             outputs = p.to_host(raw)
             del raw
         except Exception as exc:  # one failing provider must not stop the run
-            msg = _error_text(exc)
+            msg = error_text(exc)
             # a backend without this op yet is unavailable, not broken
             status = "unavailable" if isinstance(exc, NotImplementedError) else "error"
             rows[p.name] = make_row(case, op, p, status=status, reason=msg, suite=suite)
@@ -216,7 +216,7 @@ def _timed_row(case, op, p, result, verdict, *, suite, peak_bytes_per_s, progres
                isolated=False) -> Dict:
     """The row of one timing: a list of seconds, or the exception that stopped it."""
     if isinstance(result, BaseException):
-        msg = _error_text(result)
+        msg = error_text(result)
         progress.step(f"{_desc(case, op, p)}: error ({msg})")
         return make_row(case, op, p, status="error", reason=msg, suite=suite)
     row = make_row(case, op, p, times=result, check=verdict, suite=suite,

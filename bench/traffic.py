@@ -177,12 +177,14 @@ def _run_op(case: Case, op: str, setup, recording):
     training = op != "fwd_infer"
     if case.kind == "batch_norm":
         fwd, bwd = gpubn.batch_norm_forward, getattr(gpubn, "batch_norm_backward", None)
-        args = (x, w, b, rm, rv)
-        kwargs = dict(training=training, momentum=MOMENTUM, eps=EPS, axis=case.axis, backend="emu")
+        args = (x,)
+        kwargs = dict(weight=w, bias=b, running_mean=rm, running_var=rv, training=training,
+                      momentum=MOMENTUM, eps=EPS, axis=case.axis, backend="emu")
     elif case.kind == "batch_renorm":
         fwd, bwd = gpubn.batch_renorm_forward, getattr(gpubn, "batch_renorm_backward", None)
-        args = (x, w, b, rm, rv, RMAX, DMAX)
-        kwargs = dict(training=training, momentum=RENORM_MOMENTUM, eps=EPS, axis=case.axis,
+        args = (x,)
+        kwargs = dict(weight=w, bias=b, running_mean=rm, running_std=rv, rmax=RMAX, dmax=DMAX,
+                      training=training, momentum=RENORM_MOMENTUM, eps=EPS, axis=case.axis,
                       backend="emu")
     else:
         fwd, bwd = gpubn.layer_norm_forward, getattr(gpubn, "layer_norm_backward", None)

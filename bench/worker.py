@@ -24,7 +24,7 @@ import sys
 def run(spec: dict) -> dict:
     from .inputs import make_setup
     from .providers import cpu_providers, select
-    from .runner import _error_text
+    from .runner import error_text
     from .suites import Case
 
     if spec.get("torch_threads"):
@@ -42,7 +42,7 @@ def run(spec: dict) -> dict:
             fn()
             times[op] = provider.timer(fn, n, w)
         except Exception as exc:    # reported for this op; the others still run
-            times[op] = {"error": _error_text(exc)}
+            times[op] = {"error": error_text(exc)}
         del fn
         gc.collect()
     return {"pid": os.getpid(), "times": times}

@@ -2,27 +2,26 @@
 
 __version__ = "0.1.0"
 
-from .backends import available_backends, get_backend
-from .backends.host_cache import empty_host_cache
+from . import emu
+from .backends import available_backends
 from .functional import BatchNormSaved, batch_norm_backward, batch_norm_forward
 from .layers import BatchNorm
 from .layer_norm import LayerNorm, LayerNormSaved, layer_norm_backward, layer_norm_forward
 from .renorm import BatchRenorm, BatchRenormSaved, batch_renorm_backward, batch_renorm_forward
-from .preprocessing import MinMaxScaler, StandardScaler, Whitening
-from .distributed import (MPIComm, NCCLComm, SyncBatchNorm, sync_batch_norm_backward,
-                          sync_batch_norm_forward)
+from .preprocessing import MinMaxScaler, NotFittedError, StandardScaler, Whitening
+from .distributed import (MPIComm, NCCLComm, RemoteRankError, SyncBatchNorm,
+                          sync_batch_norm_backward, sync_batch_norm_forward)
 
 __all__ = [
     "BatchNorm",
     "BatchNormSaved",
     "available_backends",
-    "empty_host_cache",
     "batch_norm_backward",
     "batch_norm_forward",
-    "get_backend",
     "StandardScaler",
     "MinMaxScaler",
     "Whitening",
+    "NotFittedError",
     "BatchRenorm",
     "BatchRenormSaved",
     "batch_renorm_forward",
@@ -34,6 +33,8 @@ __all__ = [
     "MPIComm",
     "NCCLComm",
     "SyncBatchNorm",
+    "RemoteRankError",
     "sync_batch_norm_forward",
     "sync_batch_norm_backward",
+    "emu",
 ]

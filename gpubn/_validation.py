@@ -24,13 +24,14 @@ def acc_dtype(dtype) -> np.dtype:
 _FLOAT_NP_DTYPES = frozenset(np.dtype(n) for n in ("float16", "float32", "float64"))
 
 
-def _is_array(x) -> bool:
+def is_array(x) -> bool:
+    """Whether ``x`` looks like an array (NumPy, CuPy or alike)."""
     return hasattr(x, "dtype") and hasattr(x, "shape") and hasattr(x, "ndim")
 
 
 def check_float_array(x, name: str):
     """``x`` must be an array of float16/float32/float64 (bfloat16 by name)."""
-    if not _is_array(x):
+    if not is_array(x):
         raise TypeError(f"{name} must be an array (numpy.ndarray or cupy.ndarray), "
                         f"got {type(x).__name__}")
     if x.dtype in _FLOAT_NP_DTYPES:          # the common case, without formatting names

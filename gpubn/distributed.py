@@ -42,9 +42,9 @@ from typing import Any, Optional
 import numpy as np
 
 from . import _validation as V
-from .backends import Backend, get_backend
+from .backends import Backend, get_backend, is_cupy_array
 from .backends.base import update_running
-from .functional import BatchNormSaved, _check_num_batches, _to_acc, resolve_momentum
+from .functional import BatchNormSaved, ForwardInput, check_num_batches, resolve_momentum, to_acc
 from .layers import BatchNorm
 
 
@@ -54,12 +54,8 @@ class RemoteRankError(RuntimeError):
 
 
 # --------------------------------------------------------------- helpers ----
-def _is_cupy(a) -> bool:
-    return type(a).__module__.split(".")[0] == "cupy"
-
-
 def _xp_of(a):
-    if _is_cupy(a):
+    if is_cupy_array(a):
         import cupy
 
         return cupy
@@ -68,7 +64,7 @@ def _xp_of(a):
 
 def _to_host(a) -> np.ndarray:
     """NumPy copy of a NumPy/CuPy array (a device-to-host copy for CuPy)."""
-    return a.get() if _is_cupy(a) else np.asarray(a)
+    return a.get() if is_cupy_array(a) else np.asarray(a)
 
 
 def _check_buffer(buf, name: str = "buf"):
@@ -152,7 +148,7 @@ class MPIComm(Communicator):
 
     def allgather(self, buf):
         _check_buffer(buf)
-        if _is_cupy(buf):
+        if is_cupy_array(buf):
             if self.cuda_aware:
                 import cupy
 
@@ -169,7 +165,7 @@ class MPIComm(Communicator):
 
     def allreduce(self, buf):
         _check_buffer(buf)
-        if _is_cupy(buf):
+        if is_cupy_array(buf):
             if self.cuda_aware:
                 import cupy
 
@@ -399,9 +395,9 @@ def _raise_for_status(status_host, comm, what: str):
                               "was fine")
 
 
-def sync_batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var=None,
-                            training=True, momentum=0.1, eps=1e-5, axis=1, backend=None, *,
-                            comm, num_batches_tracked=None, num_features=None):
+def sync_batch_norm_forward(x, *, comm, weight=None, bias=None, running_mean=None,
+                            running_var=None, training=True, momentum=0.1, eps=1e-5, axis=1,
+                            backend=None, num_batches_tracked=None, num_features=None):
     """:func:`gpubn.batch_norm_forward` over the global batch of all ranks of ``comm``.
 
     Every rank calls it with its own slice ``x`` of the batch (any number of
@@ -430,8 +426,8 @@ def sync_batch_norm_forward(x, weight=None, bias=None, running_mean=None, runnin
     training = bool(training)
     eps = V.check_eps(eps)
     momentum = V.check_momentum(momentum)
-    _check_num_batches(num_batches_tracked)
-    be = get_backend(backend, x if V._is_array(x) else None)
+    check_num_batches(num_batches_tracked)
+    be = get_backend(backend, x if V.is_array(x) else None)
     if hasattr(comm, "check_backend"):
         comm.check_backend(be)
     c = _num_channels(num_features, x, axis, weight, bias, running_mean, running_var)
@@ -448,19 +444,23 @@ def sync_batch_norm_forward(x, weight=None, bias=None, running_mean=None, runnin
 
     local_count = outer * inner
     acc = V.acc_dtype(x.dtype)
-    x3 = V.canonical_view(x, axis, xp)
-    w = _to_acc(xp, weight, acc)
-    b = _to_acc(xp, bias, acc)
+    f = ForwardInput(
+        backend=be, x3=V.canonical_view(x, axis, xp), weight=to_acc(xp, weight, acc),
+        bias=to_acc(xp, bias, acc), acc=acc, axis=axis, shape=shape, dtype=x.dtype,
+        count=local_count, training=training, eps=eps,
+        factor=resolve_momentum(momentum, num_batches_tracked),
+        weight_dtype=None if weight is None else weight.dtype,
+        bias_dtype=None if bias is None else bias.dtype)
+    x3, w, b = f.x3, f.weight, f.bias
 
     if not training:
         if local_count > 0:
-            y3, mean, invstd = be.bn_forward_eval(x3, w, b, _to_acc(xp, running_mean, acc),
-                                                  _to_acc(xp, running_var, acc), eps)
+            y3, mean, invstd = be.bn_forward_eval(x3, w, b, to_acc(xp, running_mean, acc),
+                                                  to_acc(xp, running_var, acc), eps)
         else:
-            mean = _to_acc(xp, running_mean, acc).copy()
-            invstd = (1.0 / xp.sqrt(_to_acc(xp, running_var, np.float64) + eps)).astype(acc)
+            mean = to_acc(xp, running_mean, acc).copy()
+            invstd = (1.0 / xp.sqrt(to_acc(xp, running_var, np.float64) + eps)).astype(acc)
             y3 = x3.copy()
-        global_count = local_count
     else:
         # ---- one all-gather of the per-rank Welford triples ----
         if local_count > 0:
@@ -479,17 +479,13 @@ def sync_batch_norm_forward(x, weight=None, bias=None, running_mean=None, runnin
         mean = mean64.astype(acc)
         invstd = invstd64.astype(acc)
         if running_mean is not None:
-            f = resolve_momentum(momentum, num_batches_tracked)
-            update_running(running_mean, mean64, f)
-            update_running(running_var, m2 / (global_count - 1), f)
+            update_running(running_mean, mean64, f.factor)
+            update_running(running_var, m2 / (global_count - 1), f.factor)
         y3 = be.bn_apply(x3, mean, invstd, w, b) if local_count > 0 else x3.copy()
+        f.count = global_count
 
-    saved = SyncBatchNormSaved(
-        x3=x3, mean=mean, invstd=invstd, weight=w, axis=axis, shape=shape, dtype=x.dtype,
-        training=training, backend=be, count=global_count,
-        weight_dtype=None if weight is None else weight.dtype,
-        bias_dtype=None if bias is None else bias.dtype,
-        comm=comm, local_count=local_count, num_channels=c)
+    saved = f.saved(mean, invstd, w, cls=SyncBatchNormSaved, comm=comm,
+                    local_count=local_count, num_channels=c)
     return y3.reshape(shape), saved
 
 
@@ -546,7 +542,7 @@ def sync_batch_norm_backward(dy, saved: SyncBatchNormSaved):
         buf = _pack_grads(xp, c, *be.bn_backward_reduce(dy3, x3, mean, invstd)) \
             if nonempty else _pack_grads(xp, c)
     total = comm.allreduce(buf)
-    if not _is_cupy(total):
+    if not is_cupy_array(total):
         _raise_for_status([float(total[0])], comm, "sync_batch_norm_backward")
     sum_dy = total[1:1 + c].astype(acc)
     sum_dy_xhat = total[1 + c:].astype(acc)
@@ -587,9 +583,9 @@ class SyncBatchNorm(BatchNorm):
             comm.check_backend(self.backend)
         self.comm = comm
 
-    def _functional_forward(self, x, *args, **kwargs):
-        return sync_batch_norm_forward(x, *args, comm=self.comm,
-                                       num_features=self.num_features, **kwargs)
+    def _functional_forward(self, x, **kwargs):
+        return sync_batch_norm_forward(x, comm=self.comm, num_features=self.num_features,
+                                       **kwargs)
 
     def _functional_backward(self, dy, saved):
         return sync_batch_norm_backward(dy, saved)

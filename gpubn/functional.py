@@ -52,7 +52,8 @@ def resolve_momentum(momentum, num_batches_tracked) -> float:
     return 1.0 / (n + 1)
 
 
-def _check_num_batches(num_batches_tracked):
+def check_num_batches(num_batches_tracked):
+    """``num_batches_tracked``: a non-negative int or None."""
     if num_batches_tracked is None:
         return
     try:
@@ -65,20 +66,100 @@ def _check_num_batches(num_batches_tracked):
                          f"{num_batches_tracked!r}")
 
 
-def _to_acc(xp, v, acc):
-    """Per-channel vector as a contiguous array of the accumulation dtype."""
+def to_acc(xp, v, acc):
+    """Per-channel vector as a contiguous array of the accumulation dtype
+    (``v`` itself when it already is one; None passes through)."""
     if v is None:
         return None
     return xp.ascontiguousarray(xp.asarray(v), dtype=acc)
 
 
-def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var=None,
-                       training=True, momentum=0.1, eps=1e-5, axis=1, backend=None, *,
+@dataclass
+class ForwardInput:
+    """A forward call's input after validation, in the canonical layout: what
+    the per-channel forwards (batch norm, batch renorm, sync batch norm) do
+    with it differs, how they get here and what they save does not."""
+
+    backend: Any
+    x3: Any                     # (outer, C, inner) view or copy of x
+    weight: Any                 # accumulation dtype, or None
+    bias: Any
+    acc: Any                    # accumulation dtype
+    axis: int
+    shape: Tuple[int, ...]
+    dtype: Any
+    count: int                  # values per channel
+    training: bool
+    eps: float
+    factor: float               # this step's running-statistics rate
+    weight_dtype: Any = None
+    bias_dtype: Any = None
+
+    def running(self, v):
+        """A running-statistics vector to update in place: ``v`` itself when
+        it already has the accumulation dtype and is contiguous, else a
+        working copy that :meth:`write_back` copies into ``v``."""
+        if v is None or (v.dtype == self.acc and v.flags.c_contiguous):
+            return v
+        return to_acc(self.backend.xp, v, self.acc)
+
+    @staticmethod
+    def write_back(dst, work):
+        if work is not dst:
+            dst[...] = work
+
+    def saved(self, mean, invstd, weight, cls=None, **extra):
+        """The saved state for the backward: ``weight`` is the one the
+        backward scales by (batch renorm's ``weight * r``)."""
+        return (cls or BatchNormSaved)(
+            x3=self.x3, mean=mean, invstd=invstd, weight=weight, axis=self.axis,
+            shape=self.shape, dtype=self.dtype, training=self.training, backend=self.backend,
+            count=self.count, weight_dtype=self.weight_dtype, bias_dtype=self.bias_dtype,
+            **extra)
+
+
+def prepare_forward(x, *, weight, bias, training, momentum, eps, axis, backend,
+                    num_batches_tracked, check_vectors) -> ForwardInput:
+    """The common part of a per-channel forward: validate every argument
+    (``check_vectors(num_channels, backend)`` checks the op's own
+    per-channel vectors) before anything is converted or written, then put
+    ``x`` in the canonical layout and the parameters in the accumulation
+    dtype."""
+    axis = V.check_input(x, axis, "x")
+    be = get_backend(backend, x)
+    V.check_owned(x, be, "x")
+    training = bool(training)
+    eps = V.check_eps(eps)
+    momentum = V.check_momentum(momentum)
+    check_num_batches(num_batches_tracked)
+    shape = tuple(x.shape)
+    outer, c, inner = V.canonical_shape(shape, axis)
+    count = outer * inner
+    check_vectors(c, be)
+    V.check_count(count, training, shape)
+
+    xp = be.xp
+    acc = V.acc_dtype(x.dtype)
+    return ForwardInput(
+        backend=be, x3=V.canonical_view(x, axis, xp), weight=to_acc(xp, weight, acc),
+        bias=to_acc(xp, bias, acc), acc=acc, axis=axis, shape=shape, dtype=x.dtype,
+        count=count, training=training, eps=eps,
+        factor=resolve_momentum(momentum, num_batches_tracked),
+        weight_dtype=None if weight is None else weight.dtype,
+        bias_dtype=None if bias is None else bias.dtype)
+
+
+def batch_norm_forward(x, *, weight=None, bias=None, running_mean=None, running_var=None,
+                       training=True, momentum=0.1, eps=1e-5, axis=1, backend=None,
                        num_batches_tracked=None):
     """Batch normalization over every axis of ``x`` except the channel ``axis``.
 
     Returns ``(y, saved)``: ``y`` has the shape and dtype of ``x``; ``saved`` is a
     :class:`BatchNormSaved` for :func:`batch_norm_backward`.
+
+    Every argument after ``x`` is keyword-only: ``torch.nn.functional.batch_norm``
+    takes ``(input, running_mean, running_var, weight, bias, ...)`` in that
+    order, and a positional call written for it must not be read as weights.
 
     Semantics are those of ``torch.nn.functional.batch_norm``:
 
@@ -100,52 +181,24 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
 
     Bad arguments raise ``TypeError`` / ``ValueError`` before any state changes.
     """
-    # ---- validation: nothing is modified before all of it has passed ----
-    axis = V.check_input(x, axis, "x")
-    be = get_backend(backend, x)
-    V.check_owned(x, be, "x")
-    training = bool(training)
-    eps = V.check_eps(eps)
-    momentum = V.check_momentum(momentum)
-    _check_num_batches(num_batches_tracked)
-    shape = tuple(x.shape)
-    outer, c, inner = V.canonical_shape(shape, axis)
-    count = outer * inner
-    V.check_bn_vectors(weight, bias, running_mean, running_var, c, be, training)
-    V.check_count(count, training, shape)
+    def check_vectors(c, be):
+        V.check_bn_vectors(weight, bias, running_mean, running_var, c, be, training)
 
-    # ---- dispatch ----
-    xp = be.xp
-    acc = V.acc_dtype(x.dtype)
-    x3 = V.canonical_view(x, axis, xp)
-    w = _to_acc(xp, weight, acc)
-    b = _to_acc(xp, bias, acc)
-    if training:
-        rm = rv = None
+    f = prepare_forward(x, weight=weight, bias=bias, training=training, momentum=momentum,
+                        eps=eps, axis=axis, backend=backend,
+                        num_batches_tracked=num_batches_tracked, check_vectors=check_vectors)
+    be, xp = f.backend, f.backend.xp
+    if f.training:
+        rm, rv = f.running(running_mean), f.running(running_var)
+        y3, mean, invstd = be.bn_forward_train(f.x3, f.weight, f.bias, rm, rv, f.factor, f.eps)
         if running_mean is not None:
-            rm = running_mean if _is_acc_vector(running_mean, acc) else _to_acc(xp, running_mean, acc)
-            rv = running_var if _is_acc_vector(running_var, acc) else _to_acc(xp, running_var, acc)
-        factor = resolve_momentum(momentum, num_batches_tracked)
-        y3, mean, invstd = be.bn_forward_train(x3, w, b, rm, rv, factor, eps)
-        if rm is not None and rm is not running_mean:
-            running_mean[...] = rm
-        if rv is not None and rv is not running_var:
-            running_var[...] = rv
+            f.write_back(running_mean, rm)
+            f.write_back(running_var, rv)
     else:
-        rm = _to_acc(xp, running_mean, acc)
-        rv = _to_acc(xp, running_var, acc)
-        y3, mean, invstd = be.bn_forward_eval(x3, w, b, rm, rv, eps)
-
-    saved = BatchNormSaved(
-        x3=x3, mean=mean, invstd=invstd, weight=w, axis=axis, shape=shape, dtype=x.dtype,
-        training=training, backend=be, count=count,
-        weight_dtype=None if weight is None else weight.dtype,
-        bias_dtype=None if bias is None else bias.dtype)
-    return y3.reshape(shape), saved
-
-
-def _is_acc_vector(v, acc) -> bool:
-    return v.dtype == acc and v.flags.c_contiguous
+        y3, mean, invstd = be.bn_forward_eval(f.x3, f.weight, f.bias,
+                                              to_acc(xp, running_mean, f.acc),
+                                              to_acc(xp, running_var, f.acc), f.eps)
+    return y3.reshape(f.shape), f.saved(mean, invstd, f.weight)
 
 
 def batch_norm_backward(dy, saved: BatchNormSaved):
@@ -170,4 +223,5 @@ def batch_norm_backward(dy, saved: BatchNormSaved):
     return dx3.reshape(saved.shape), dweight, dbias
 
 
-__all__ = ["BatchNormSaved", "batch_norm_forward", "batch_norm_backward", "resolve_momentum"]
+__all__ = ["BatchNormSaved", "ForwardInput", "batch_norm_forward", "batch_norm_backward",
+           "check_num_batches", "prepare_forward", "resolve_momentum", "to_acc"]

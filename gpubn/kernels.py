@@ -13,7 +13,6 @@ finds whichever is present.
 from __future__ import annotations
 
 import functools
-import importlib.resources
 import os
 from dataclasses import dataclass
 from typing import Dict, Tuple
@@ -153,18 +152,21 @@ def all_name_expressions(source: str) -> Tuple[str, ...]:
 
 
 def kernels_dir() -> str:
-    """Directory holding kernels/*.cu and *.cuh (installed or checkout)."""
-    try:
-        installed = importlib.resources.files("gpubn._kernels")
-        path = os.fspath(installed)
+    """Directory holding kernels/*.cu and *.cuh: ``gpubn/_kernels`` in an
+    installed package, the checkout's ``kernels/`` otherwise.
+
+    ``gpubn/_kernels`` is package data without an ``__init__.py``: a namespace
+    package, which ``importlib.resources`` cannot turn into one path, so the
+    directory is found next to this module.
+    """
+    package = os.path.dirname(os.path.abspath(__file__))
+    for path in (os.path.join(package, "_kernels"),
+                 os.path.join(os.path.dirname(package), "kernels")):
         if os.path.isfile(os.path.join(path, "gpubn_common.cuh")):
             return path
-    except (ModuleNotFoundError, TypeError):
-        pass
-    checkout = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
-    if os.path.isfile(os.path.join(checkout, "gpubn_common.cuh")):
-        return checkout
-    raise FileNotFoundError("gpubn kernel sources not found (neither gpubn/_kernels nor kernels/)")
+    raise FileNotFoundError(f"gpubn kernel sources not found: neither {package}/_kernels "
+                            "(an installed package) nor kernels/ next to the package "
+                            "(a checkout) holds gpubn_common.cuh")
 
 
 @functools.lru_cache(maxsize=None)

@@ -27,7 +27,7 @@ import numpy as np
 
 from . import _validation as V
 from .backends import get_backend
-from .functional import _to_acc
+from .functional import to_acc
 from .layers import Layer
 
 
@@ -112,8 +112,8 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, ba
     if not x2.flags.c_contiguous:
         x2 = xp.ascontiguousarray(x2)
     acc = V.acc_dtype(x.dtype)
-    w = None if weight is None else _to_acc(xp, weight.reshape(n), acc)
-    b = None if bias is None else _to_acc(xp, bias.reshape(n), acc)
+    w = None if weight is None else to_acc(xp, weight.reshape(n), acc)
+    b = None if bias is None else to_acc(xp, bias.reshape(n), acc)
     y2, mean, rstd = be.ln_forward(x2, w, b, eps)
     saved = LayerNormSaved(x2=x2, mean=mean, rstd=rstd, weight=w, shape=shape, dtype=x.dtype,
                            normalized_shape=dims, backend=be,
@@ -168,7 +168,7 @@ class LayerNorm(Layer):
         self.normalized_shape = dims
         self.elementwise_affine = bool(elementwise_affine)
         self.dtype = dt
-        self.backend = get_backend(backend)
+        self._init_backend(backend)
         xp = self.backend.xp
         self.weight = xp.ones(dims, dtype=dt) if self.elementwise_affine else None
         self.bias = xp.zeros(dims, dtype=dt) if self.elementwise_affine and bias else None
@@ -178,8 +178,9 @@ class LayerNorm(Layer):
         self._saved = None
 
     def forward(self, x):
+        backend = self._backend_for(x)
         y, self._saved = layer_norm_forward(x, self.normalized_shape, self.weight, self.bias,
-                                            self.eps, backend=self.backend)
+                                            self.eps, backend=backend)
         return y
 
     __call__ = forward
@@ -202,7 +203,7 @@ class LayerNorm(Layer):
     def __repr__(self):
         return (f"LayerNorm({self.normalized_shape}, eps={self.eps}, "
                 f"elementwise_affine={self.elementwise_affine}, bias={self.bias is not None}, "
-                f"dtype={self.dtype.name}, backend={self.backend.name!r})")
+                f"dtype={self.dtype.name}, backend={self._backend_repr()})")
 
 
 __all__ = ["LayerNorm", "LayerNormSaved", "layer_norm_forward", "layer_norm_backward",

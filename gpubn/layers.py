@@ -7,18 +7,54 @@ import numbers
 import numpy as np
 
 from . import _validation as V
-from .backends import get_backend
+from .backends import get_backend, is_cupy_array
 from .functional import batch_norm_backward, batch_norm_forward
 
 
-class Layer:
-    """What every layer shares: train/eval mode, ``backward`` through the state
-    saved by the last forward, and checked ``load_state_dict``.
+def _on_module(a, xp):
+    """``a`` (a NumPy or CuPy array) as an array of module ``xp``."""
+    if xp is np:
+        return a.get() if is_cupy_array(a) else a
+    return xp.asarray(a)
 
-    A subclass sets ``backend``, ``training``, ``grad_weight``, ``grad_bias``
-    and ``_saved`` and provides ``state_dict()``, ``_functional_backward`` and
-    ``_state_shape(key)`` (the shape a state entry must have).
+
+class Layer:
+    """What every layer shares: the backend (fixed by ``backend=``, else chosen
+    per call from the input like the functional API), train/eval mode,
+    ``backward`` through the state saved by the last forward, and checked
+    ``load_state_dict``.
+
+    A subclass calls ``_init_backend(backend)``, sets ``training``,
+    ``grad_weight``, ``grad_bias`` and ``_saved``, lists its state arrays in
+    ``_state_arrays`` and provides ``state_dict()``, ``_functional_backward``
+    and ``_state_shape(key)`` (the shape a state entry must have).
     """
+
+    _state_arrays = ("weight", "bias")
+
+    def _init_backend(self, backend):
+        """``backend`` given: every call runs there.  None: the state starts on
+        the default backend's array module and each call picks the backend
+        from its input (``GPUBN_BACKEND``, else CuPy input -> ``cuda``, NumPy
+        input -> the CPU), moving the state to that array module first."""
+        self._backend_fixed = backend is not None
+        self.backend = get_backend(backend)
+
+    def _backend_for(self, x):
+        """The backend this call runs on (see ``_init_backend``)."""
+        if self._backend_fixed:
+            return self.backend
+        be = get_backend(None, x)
+        if be.xp is not self.backend.xp:
+            for name in self._state_arrays:
+                a = getattr(self, name)
+                if a is not None:
+                    setattr(self, name, _on_module(a, be.xp))
+        self.backend = be
+        return be
+
+    def _backend_repr(self) -> str:
+        return repr(self.backend.name) if self._backend_fixed else "None"
 
     def train(self, mode: bool = True):
         self.training = bool(mode)
@@ -41,6 +77,9 @@ class Layer:
 
     def _state_shape(self, key):
         raise NotImplementedError
+
+    def _check_state_value(self, key, value):
+        """Raise when ``value`` may not be loaded as ``state[key]`` (a hook)."""
 
     def load_state_dict(self, state, strict: bool = True):
         """Load values (NumPy/CuPy arrays, or anything with ``.numpy()`` such as
@@ -71,6 +110,7 @@ class Layer:
                 raise ValueError(f"state[{key!r}] must have shape {want}, got {tuple(v.shape)}")
             if v.dtype.kind != "f":
                 raise TypeError(f"state[{key!r}] must be floating point, got {v.dtype}")
+            self._check_state_value(key, v)
             new[key] = v
         for key, v in new.items():
             if key == "num_batches_tracked":
@@ -79,28 +119,21 @@ class Layer:
                 getattr(self, key)[...] = v
 
 
-class BatchNorm(Layer):
-    """Batch normalization layer, the counterpart of ``torch.nn.BatchNorm1d/2d/3d``.
-
-    ``bn(x)`` normalizes over every axis of ``x`` but ``axis`` (1 by default:
-    NC, NCL, NCHW, NCDHW; -1 for channels-last).  In training mode (the
-    default; ``bn.train()``) it uses batch statistics and updates the running
-    statistics; in eval mode (``bn.eval()``) it uses the running statistics,
-    unless ``track_running_stats=False``, in which case batch statistics are
-    always used.  ``bn.backward(dy)`` returns ``dx`` and sets ``grad_weight`` /
-    ``grad_bias`` (None when ``affine=False``); after an eval-mode forward the
-    statistics are held fixed.
-
-    Parameters live in ``dtype`` (float32 by default) on the backend's array
-    module; inputs may be float16, float32 or float64.
+class ChannelNorm(Layer):
+    """What the per-channel normalization layers (``BatchNorm``,
+    ``BatchRenorm``, ``SyncBatchNorm``) share: the constructor's checks,
+    ``weight`` / ``bias`` of ``num_features`` values in ``dtype``, the running
+    statistics named by ``_running_names`` (a mean that starts at 0 and a
+    spread that starts at 1) with ``num_batches_tracked``, and ``state_dict``
+    under those names.
     """
 
     # attribute (and state_dict key) names of the running statistics: the
-    # mean, and the spread that starts at 1 (a subclass may track another)
+    # mean, and the spread that starts at 1
     _running_names = ("running_mean", "running_var")
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, axis=1, dtype="float32", backend=None):
+    def __init__(self, num_features, *, eps, momentum, affine, track_running_stats, axis,
+                 dtype, backend):
         if (isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral)):
             raise TypeError(f"num_features must be an int, got {type(num_features).__name__}")
         if num_features < 1:
@@ -115,24 +148,26 @@ class BatchNorm(Layer):
         self.track_running_stats = bool(track_running_stats)
         self.axis = int(axis)
         self.dtype = dt
-        self.backend = get_backend(backend)
+        self._init_backend(backend)
+        self._state_arrays = ("weight", "bias") + self._running_names
         xp = self.backend.xp
         c = self.num_features
         self.weight = xp.ones(c, dtype=dt) if self.affine else None
         self.bias = xp.zeros(c, dtype=dt) if self.affine else None
+        mean_name, spread_name = self._running_names
         if self.track_running_stats:
-            self.running_mean = xp.zeros(c, dtype=dt)
-            self.running_var = xp.ones(c, dtype=dt)
+            setattr(self, mean_name, xp.zeros(c, dtype=dt))
+            setattr(self, spread_name, xp.ones(c, dtype=dt))
             self.num_batches_tracked = 0
         else:
-            self.running_mean = self.running_var = None
+            setattr(self, mean_name, None)
+            setattr(self, spread_name, None)
             self.num_batches_tracked = None
         self.training = True
         self.grad_weight = None
         self.grad_bias = None
         self._saved = None
 
-    # -- mode ------------------------------------------------------------
     def reset_running_stats(self):
         if self.track_running_stats:
             mean_name, spread_name = self._running_names
@@ -140,32 +175,6 @@ class BatchNorm(Layer):
             getattr(self, spread_name)[...] = 1
             self.num_batches_tracked = 0
 
-    # -- forward / backward ----------------------------------------------
-    def forward(self, x):
-        use_batch_stats = self.training or self.running_mean is None
-        update = self.training and self.track_running_stats
-        y, saved = self._functional_forward(
-            x, self.weight, self.bias,
-            self.running_mean if update or not use_batch_stats else None,
-            self.running_var if update or not use_batch_stats else None,
-            training=use_batch_stats, momentum=self.momentum, eps=self.eps,
-            axis=self.axis, backend=self.backend,
-            num_batches_tracked=self.num_batches_tracked if update else None)
-        if update:
-            self.num_batches_tracked += 1
-        self._saved = saved
-        return y
-
-    __call__ = forward
-
-    # hooks: the functional pair a subclass normalizes with (SyncBatchNorm)
-    def _functional_forward(self, x, *args, **kwargs):
-        return batch_norm_forward(x, *args, **kwargs)
-
-    def _functional_backward(self, dy, saved):
-        return batch_norm_backward(dy, saved)
-
-    # -- state -----------------------------------------------------------
     def state_dict(self):
         """Copies of the state under PyTorch's key names."""
         xp = self.backend.xp
@@ -182,10 +191,61 @@ class BatchNorm(Layer):
     def _state_shape(self, key):
         return (self.num_features,)
 
+
+class BatchNorm(ChannelNorm):
+    """Batch normalization layer, the counterpart of ``torch.nn.BatchNorm1d/2d/3d``.
+
+    ``bn(x)`` normalizes over every axis of ``x`` but ``axis`` (1 by default:
+    NC, NCL, NCHW, NCDHW; -1 for channels-last).  In training mode (the
+    default; ``bn.train()``) it uses batch statistics and updates the running
+    statistics; in eval mode (``bn.eval()``) it uses the running statistics,
+    unless ``track_running_stats=False``, in which case batch statistics are
+    always used.  ``bn.backward(dy)`` returns ``dx`` and sets ``grad_weight`` /
+    ``grad_bias`` (None when ``affine=False``); after an eval-mode forward the
+    statistics are held fixed.
+
+    Parameters live in ``dtype`` (float32 by default); inputs may be float16,
+    float32 or float64.  ``backend=None`` (the default) picks the backend per
+    call from the input, like ``batch_norm_forward``: CuPy input runs on
+    ``cuda``, NumPy input on the CPU, and the state moves to the input's array
+    module; a named ``backend`` fixes it.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, axis=1, dtype="float32", backend=None):
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
+                         track_running_stats=track_running_stats, axis=axis, dtype=dtype,
+                         backend=backend)
+
+    def forward(self, x):
+        backend = self._backend_for(x)
+        use_batch_stats = self.training or self.running_mean is None
+        update = self.training and self.track_running_stats
+        y, saved = self._functional_forward(
+            x, weight=self.weight, bias=self.bias,
+            running_mean=self.running_mean if update or not use_batch_stats else None,
+            running_var=self.running_var if update or not use_batch_stats else None,
+            training=use_batch_stats, momentum=self.momentum, eps=self.eps,
+            axis=self.axis, backend=backend,
+            num_batches_tracked=self.num_batches_tracked if update else None)
+        if update:
+            self.num_batches_tracked += 1
+        self._saved = saved
+        return y
+
+    __call__ = forward
+
+    # hooks: the functional pair a subclass normalizes with (SyncBatchNorm)
+    def _functional_forward(self, x, **kwargs):
+        return batch_norm_forward(x, **kwargs)
+
+    def _functional_backward(self, dy, saved):
+        return batch_norm_backward(dy, saved)
+
     def __repr__(self):
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
-                f"axis={self.axis}, dtype={self.dtype.name}, backend={self.backend.name!r})")
+                f"axis={self.axis}, dtype={self.dtype.name}, backend={self._backend_repr()})")
 
 
-__all__ = ["BatchNorm", "Layer"]
+__all__ = ["BatchNorm", "ChannelNorm", "Layer"]

@@ -139,7 +139,7 @@ class _Fitted:
     def _check_fitted(self, what):
         if getattr(self, "n_samples_seen_", None) is None:
             raise NotFittedError(
-                f"{type(self).__name__} is not fitted yet: call fit or partial_fit "
+                f"{type(self).__name__} is not fitted yet: call fit{' or partial_fit' * hasattr(self, 'partial_fit')} "
                 f"before {what}")
 
     def _reset(self):

@@ -44,11 +44,12 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from . import _validation as V
-from .backends import get_backend
-from .functional import (BatchNormSaved, _check_num_batches, _is_acc_vector, _to_acc,
-                         resolve_momentum)
-from .layers import BatchNorm
+from .backends import is_cupy_array
+from .functional import BatchNormSaved, prepare_forward, to_acc
+from .layers import ChannelNorm
 
 
 def check_rmax(rmax) -> float:
@@ -71,6 +72,20 @@ def check_dmax(dmax) -> float:
     return dmax
 
 
+def check_running_std(running_std, name: str = "running_std"):
+    """The moving sigma divides: a zero or negative value is an error (NaN,
+    which NaN input in training produces, propagates as in batch norm).
+    Checked on host (NumPy) arrays; on CuPy arrays the check would cost a
+    device synchronization per call and is left to ``load_state_dict``."""
+    if is_cupy_array(running_std):
+        return
+    bad = np.flatnonzero(np.asarray(running_std) <= 0)
+    if bad.size:
+        raise ValueError(f"{name} must be positive (it is the moving standard deviation, "
+                         f"a divisor), got {float(np.asarray(running_std)[bad[0]])!r} at channel "
+                         f"{int(bad[0])}" + (f" and {bad.size - 1} more" if bad.size > 1 else ""))
+
+
 @dataclass
 class BatchRenormSaved:
     """What ``batch_renorm_backward`` needs from the forward pass.
@@ -85,8 +100,8 @@ class BatchRenormSaved:
     d: Any
 
 
-def batch_renorm_forward(x, weight, bias, running_mean, running_std, rmax=1.0, dmax=0.0,
-                         training=True, momentum=0.1, eps=1e-5, axis=1, backend=None, *,
+def batch_renorm_forward(x, *, weight=None, bias=None, running_mean, running_std, rmax=1.0,
+                         dmax=0.0, training=True, momentum=0.1, eps=1e-5, axis=1, backend=None,
                          num_batches_tracked=None):
     """Batch renormalization over every axis of ``x`` except the channel ``axis``.
 
@@ -94,7 +109,8 @@ def batch_renorm_forward(x, weight, bias, running_mean, running_std, rmax=1.0, d
     :func:`batch_renorm_backward`.  ``running_mean`` / ``running_std`` (the
     moving ``mu`` and ``sigma``, per channel) are required: training computes
     ``r`` and ``d`` from them and then updates them in place; inference
-    normalizes with them.  ``weight`` / ``bias`` may be None (1 and 0).
+    normalizes with them.  ``weight`` / ``bias`` default to None (1 and 0).
+    Every argument after ``x`` is keyword-only.
     ``momentum`` is the update rate of the moving statistics (PyTorch's
     convention); ``None`` is the cumulative average weighted by
     ``num_batches_tracked`` (batches already folded in).  See the module
@@ -102,54 +118,36 @@ def batch_renorm_forward(x, weight, bias, running_mean, running_std, rmax=1.0, d
 
     Bad arguments raise ``TypeError`` / ``ValueError`` before any state changes.
     """
-    axis = V.check_input(x, axis, "x")
-    be = get_backend(backend, x)
-    V.check_owned(x, be, "x")
-    training = bool(training)
     rmax = check_rmax(rmax)
     dmax = check_dmax(dmax)
-    eps = V.check_eps(eps)
-    momentum = V.check_momentum(momentum)
-    _check_num_batches(num_batches_tracked)
-    shape = tuple(x.shape)
-    outer, c, inner = V.canonical_shape(shape, axis)
-    count = outer * inner
-    V.check_channel_vector(weight, "weight", c)
-    V.check_channel_vector(bias, "bias", c)
-    if running_mean is None or running_std is None:
-        raise ValueError("batch renorm needs running_mean and running_std (the moving "
-                         "statistics r and d are computed from), got None")
-    V.check_channel_vector(running_mean, "running_mean", c, be, writable=training)
-    V.check_channel_vector(running_std, "running_std", c, be, writable=training)
-    V.check_count(count, training, shape)
 
-    xp = be.xp
-    acc = V.acc_dtype(x.dtype)
-    x3 = V.canonical_view(x, axis, xp)
-    w = _to_acc(xp, weight, acc)
-    b = _to_acc(xp, bias, acc)
-    if training:
-        rm = running_mean if _is_acc_vector(running_mean, acc) else _to_acc(xp, running_mean, acc)
-        rs = running_std if _is_acc_vector(running_std, acc) else _to_acc(xp, running_std, acc)
-        factor = resolve_momentum(momentum, num_batches_tracked)
-        y3, mean, invstd, r, d, w_bn = be.bn_renorm_forward_train(x3, w, b, rm, rs, rmax, dmax,
-                                                                  factor, eps)
-        if rm is not running_mean:
-            running_mean[...] = rm
-        if rs is not running_std:
-            running_std[...] = rs
+    def check_vectors(c, be):
+        V.check_channel_vector(weight, "weight", c)
+        V.check_channel_vector(bias, "bias", c)
+        if running_mean is None or running_std is None:
+            raise ValueError("batch renorm needs running_mean and running_std (the moving "
+                             "statistics r and d are computed from), got None")
+        V.check_channel_vector(running_mean, "running_mean", c, be, writable=training)
+        V.check_channel_vector(running_std, "running_std", c, be, writable=training)
+        check_running_std(running_std)
+
+    f = prepare_forward(x, weight=weight, bias=bias, training=training, momentum=momentum,
+                        eps=eps, axis=axis, backend=backend,
+                        num_batches_tracked=num_batches_tracked, check_vectors=check_vectors)
+    be, xp = f.backend, f.backend.xp
+    if f.training:
+        rm, rs = f.running(running_mean), f.running(running_std)
+        y3, mean, invstd, r, d, w_bn = be.bn_renorm_forward_train(
+            f.x3, f.weight, f.bias, rm, rs, rmax, dmax, f.factor, f.eps)
+        f.write_back(running_mean, rm)
+        f.write_back(running_std, rs)
     else:
-        mean = _to_acc(xp, running_mean, acc).copy()
-        invstd = (1.0 / _to_acc(xp, running_std, acc)).astype(acc, copy=False)
-        y3 = be.bn_apply(x3, mean, invstd, w, b)
+        mean = to_acc(xp, running_mean, f.acc).copy()
+        invstd = (1.0 / to_acc(xp, running_std, f.acc)).astype(f.acc, copy=False)
+        y3 = be.bn_apply(f.x3, mean, invstd, f.weight, f.bias)
         r = d = None
-        w_bn = w
-    bn = BatchNormSaved(
-        x3=x3, mean=mean, invstd=invstd, weight=w_bn, axis=axis, shape=shape, dtype=x.dtype,
-        training=training, backend=be, count=count,
-        weight_dtype=None if weight is None else weight.dtype,
-        bias_dtype=None if bias is None else bias.dtype)
-    return y3.reshape(shape), BatchRenormSaved(bn=bn, r=r, d=d)
+        w_bn = f.weight
+    return y3.reshape(f.shape), BatchRenormSaved(bn=f.saved(mean, invstd, w_bn), r=r, d=d)
 
 
 def batch_renorm_backward(dy, saved: BatchRenormSaved):
@@ -179,17 +177,19 @@ def batch_renorm_backward(dy, saved: BatchRenormSaved):
     return dx3.reshape(s.shape), dweight, dbias
 
 
-class BatchRenorm(BatchNorm):
+class BatchRenorm(ChannelNorm):
     """Batch renormalization layer (Ioffe, 2017), with ``BatchNorm``'s
     conventions: ``axis`` (1, or -1 for channels-last), ``train()`` /
     ``eval()``, ``backward(dy)`` setting ``grad_weight`` / ``grad_bias``,
-    ``momentum`` (``None``: cumulative average), parameters in ``dtype``.
+    ``momentum`` (``None``: cumulative average), parameters in ``dtype``,
+    the backend chosen per call unless ``backend=`` names one.
 
     State: ``weight``, ``bias``, ``running_mean`` (moving mu, starts at 0),
-    ``running_std`` (moving sigma, starts at 1) and ``num_batches_tracked``,
-    under those ``state_dict`` keys.  ``rmax`` and ``dmax`` are attributes
-    that may be changed between steps for the usual warm-up schedule
-    (start at ``rmax=1, dmax=0``, which is batch norm, and relax them).
+    ``running_std`` (moving sigma, starts at 1, must stay positive) and
+    ``num_batches_tracked``, under those ``state_dict`` keys.  ``rmax`` and
+    ``dmax`` are attributes that may be changed between steps for the usual
+    warm-up schedule (start at ``rmax=1, dmax=0``, which is batch norm, and
+    relax them).
     """
 
     _running_names = ("running_mean", "running_std")
@@ -199,9 +199,6 @@ class BatchRenorm(BatchNorm):
         rmax, dmax = check_rmax(rmax), check_dmax(dmax)
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
                          track_running_stats=True, axis=axis, dtype=dtype, backend=backend)
-        self.running_std = self.running_var
-        self.running_std[...] = 1
-        del self.running_var
         self._rmax, self._dmax = rmax, dmax
 
     @property
@@ -221,10 +218,12 @@ class BatchRenorm(BatchNorm):
         self._dmax = check_dmax(value)
 
     def forward(self, x):
+        backend = self._backend_for(x)
         y, saved = batch_renorm_forward(
-            x, self.weight, self.bias, self.running_mean, self.running_std, self._rmax,
-            self._dmax, training=self.training, momentum=self.momentum, eps=self.eps,
-            axis=self.axis, backend=self.backend,
+            x, weight=self.weight, bias=self.bias, running_mean=self.running_mean,
+            running_std=self.running_std, rmax=self._rmax, dmax=self._dmax,
+            training=self.training, momentum=self.momentum, eps=self.eps, axis=self.axis,
+            backend=backend,
             num_batches_tracked=self.num_batches_tracked if self.training else None)
         if self.training:
             self.num_batches_tracked += 1
@@ -233,13 +232,21 @@ class BatchRenorm(BatchNorm):
 
     __call__ = forward
 
-    def _functional_backward(self, dy, saved):   # BatchNorm.backward's hook
+    def _functional_backward(self, dy, saved):
         return batch_renorm_backward(dy, saved)
+
+    def _check_state_value(self, key, value):
+        if key == "running_std":
+            check_running_std(_host(value), "state['running_std']")
 
     def __repr__(self):
         return (f"BatchRenorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"rmax={self._rmax}, dmax={self._dmax}, affine={self.affine}, "
-                f"axis={self.axis}, dtype={self.dtype.name}, backend={self.backend.name!r})")
+                f"axis={self.axis}, dtype={self.dtype.name}, backend={self._backend_repr()})")
+
+
+def _host(a):
+    return a.get() if is_cupy_array(a) else a
 
 
 __all__ = ["BatchRenorm", "BatchRenormSaved", "batch_renorm_forward", "batch_renorm_backward"]

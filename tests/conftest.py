@@ -2,10 +2,33 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
 from gpubn.backends import BACKENDS, get_backend
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true",
+                     help="run the tests marked slow (CI, i.e. CI=true, always runs them)")
+
+
+def run_slow(config) -> bool:
+    """Slow tests (worker processes, wheel builds) run in CI (``CI`` set to a
+    true value, as CI services and .ci/run do) or with ``--run-slow``."""
+    ci = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+    return ci or config.getoption("--run-slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if run_slow(config):
+        return
+    skip = pytest.mark.skip(reason="slow test: runs in CI (CI=true) or with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
 
 # (rtol, atol) per input dtype, used by every comparison in the suite.
 TOL = {
@@ -80,6 +103,71 @@ def assert_close(actual, expected, dtype, name="value", scale=1.0):
         raise AssertionError(
             f"{name}: {int(bad.sum())} of {a.size} elements differ beyond rtol={rtol:g}, "
             f"atol={atol:g} for {np.dtype(dtype).name}; worst:\n" + "\n".join(lines))
+
+
+# ------------------------------------------------------- reduction bounds ----
+def acc_unit_roundoff(dtype) -> float:
+    """Unit roundoff of the accumulation dtype of storage ``dtype``: float64
+    for float64, float32 for everything narrower."""
+    acc = np.float64 if np.dtype(dtype) == np.float64 else np.float32
+    return float(np.finfo(acc).eps) / 2
+
+
+def sum_tolerance(terms, reduce_axes, dtype):
+    """Error bound for per-channel sums of ``terms`` (float64, the exact
+    summands) over ``reduce_axes``, accumulated in the accumulation dtype of
+    storage ``dtype`` by a blocked or tree reduction (every backend's).
+
+    A tree over m terms has 1 + log2(m) levels; rounding errors are
+    independent with random sign, so they grow like the square root of
+    their number (Higham, Accuracy and Stability, sec. 2.8 and 4.2):
+    ``|error| <= 4 * u * (1 + log2 m) * sqrt(sum t_i**2)``.  The inputs were
+    rounded to ``dtype`` before the reference saw them, so that rounding is
+    no error.  For float16/bfloat16 storage (float32 accumulation) one ulp
+    of the storage dtype per term, all in one direction, exceeds it by
+    orders of magnitude; for float32 and float64 from m of a few thousand
+    on (tests/test_tolerances.py plants both)."""
+    t = np.asarray(terms, dtype=np.float64)
+    m = t.size // int(np.prod([s for i, s in enumerate(t.shape) if i not in reduce_axes]))
+    return 4.0 * acc_unit_roundoff(dtype) * (1.0 + np.log2(max(m, 1))) \
+        * np.sqrt((t * t).sum(axis=reduce_axes))
+
+
+def assert_sum_close(actual, expected, terms, reduce_axes, dtype, name="sum", extra=0.0):
+    """``actual`` (per-channel sums) within :func:`sum_tolerance` of
+    ``expected``, plus ``extra`` (per channel: error from outside the sum,
+    such as factors computed before it multiplies them); the report names
+    the worst channel and its bound."""
+    a = np.asarray(to_numpy(actual), dtype=np.float64)
+    e = np.asarray(to_numpy(expected), dtype=np.float64)
+    tol = sum_tolerance(terms, reduce_axes, dtype).reshape(e.shape) + extra
+    err = np.abs(a - e)
+    bad = ~(err <= tol)
+    if bad.any():
+        i = int(np.argmax(np.where(bad, err / np.maximum(tol, 1e-300), -np.inf)))
+        raise AssertionError(
+            f"{name}: {int(bad.sum())} of {a.size} sums differ beyond the bound for "
+            f"{np.dtype(dtype).name} data; worst at {i}: got {a.flat[i]!r}, expected "
+            f"{e.flat[i]!r}, error {err.flat[i]:.3g} > bound {tol.flat[i]:.3g}")
+
+
+def bn_sum_terms(x, dy, axis, eps=1e-5, mean=None, var=None):
+    """Summands of batch norm's dbias (dy) and dweight (dy * xhat) in
+    float64 with the batch statistics (or the given per-channel ``mean`` /
+    ``var``: an eval forward's running statistics), as magnitudes for
+    :func:`sum_tolerance`; each dweight term gets ``|dy|`` on top for the
+    rounding of the saved mean and 1/sigma (a relative error of a few u in
+    ``xhat``, on the scale of 1 after the centring)."""
+    x = np.asarray(to_numpy(x), dtype=np.float64)
+    dy = np.asarray(to_numpy(dy), dtype=np.float64)
+    axis = axis % x.ndim
+    red = tuple(i for i in range(x.ndim) if i != axis)
+    shape = [1] * x.ndim
+    shape[axis] = x.shape[axis]
+    mean = x.mean(axis=red, keepdims=True) if mean is None else np.reshape(mean, shape)
+    var = x.var(axis=red, keepdims=True) if var is None else np.reshape(var, shape)
+    xhat = (x - mean) / np.sqrt(var + eps)
+    return red, dy, np.abs(dy) * (np.abs(xhat) + 1.0)
 
 
 # ---------------------------------------------------------------- oracle ----

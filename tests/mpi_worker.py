@@ -128,7 +128,8 @@ def run_functional_case(gpubn, comm, backend, data, rank, to_dev=_identity):
         rec = {}
         try:
             y, saved = gpubn.sync_batch_norm_forward(
-                to_dev(np.ascontiguousarray(x[sl])), w, b, rm, rv, training=True,
+                to_dev(np.ascontiguousarray(x[sl])), weight=w, bias=b, running_mean=rm,
+                running_var=rv, training=True,
                 momentum=data["momentum"], axis=data["axis"], backend=backend, comm=comm,
                 num_batches_tracked=step)
             dx, dw, db = gpubn.sync_batch_norm_backward(to_dev(np.ascontiguousarray(dy[sl])),
@@ -145,7 +146,7 @@ def _cpu_setups(gpubn, world, skipped):
     comm = gpubn.MPIComm(world)
     for backend in ("numpy", "emu"):
         try:
-            gpubn.get_backend(backend)
+            gpubn.backends.get_backend(backend)
         except RuntimeError as exc:
             skipped[backend] = str(exc)
             continue

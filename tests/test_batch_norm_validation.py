@@ -68,7 +68,8 @@ def test_every_bad_forward_raises_and_leaves_state(backend):
         before = _state(rm, rv)
         with pytest.raises(exc, match=pattern):
             gpubn.batch_norm_forward(
-                args["x"], args["weight"], args["bias"], args["rm"], args["rv"], training=True,
+                args["x"], weight=args["weight"], bias=args["bias"], running_mean=args["rm"],
+                running_var=args["rv"], training=True,
                 momentum=args["momentum"], eps=args["eps"], axis=args["axis"],
                 backend=args["backend"], num_batches_tracked=args["num_batches_tracked"])
         after = _state(rm, rv)
@@ -105,7 +106,7 @@ def _bad_backward_cases(backend):
 
 def test_every_bad_backward_raises(backend):
     x, rm, rv = _good(backend)
-    _, saved = gpubn.batch_norm_forward(x, None, None, rm, rv, backend=backend.name)
+    _, saved = gpubn.batch_norm_forward(x, running_mean=rm, running_var=rv, backend=backend.name)
     for label, dy, exc, pattern in _bad_backward_cases(backend):
         with pytest.raises(exc, match=pattern):
             gpubn.batch_norm_backward(dy, saved)
@@ -183,3 +184,17 @@ def test_load_state_dict_rejects_and_leaves_state():
     np.testing.assert_array_equal(bn.weight, 1)   # nothing written before the check failed
     with pytest.raises(ValueError, match=r"missing \['bias'\]"):
         bn.load_state_dict({k: v for k, v in good.items() if k != "bias"})
+
+
+@pytest.mark.parametrize("name", ["batch_norm_forward", "batch_renorm_forward",
+                                  "sync_batch_norm_forward"])
+def test_pytorch_positional_order_is_refused(name):
+    """``torch.nn.functional.batch_norm(x, running_mean, running_var)`` order:
+    every parameter after x is keyword-only, so such a call raises instead of
+    taking the running statistics for weight and bias."""
+    x = np.random.default_rng(0).standard_normal((8, 3)).astype(np.float32)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    with pytest.raises(TypeError, match=r"positional argument"):
+        getattr(gpubn, name)(x, rm, rv)
+    np.testing.assert_array_equal(rm, 0.0)
+    np.testing.assert_array_equal(rv, 1.0)

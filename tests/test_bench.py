@@ -3,6 +3,7 @@ bandwidth from device attributes, timer plumbing, output checks, report
 formats, suites, the textbook NumPy version, and a tiny CPU run end to end."""
 
 import io
+import re
 import sys
 from pathlib import Path
 
@@ -557,6 +558,7 @@ def test_setup_is_shared_and_state_copies_are_independent():
 
 # -- end to end ----------------------------------------------------------------------------
 
+@pytest.mark.slow   # worker processes time every case: about a minute and a half
 def test_quick_cpu_run_end_to_end(tmp_path, capsys):
     out = tmp_path / "quick.jsonl"
     rc = main(["cpu", "--quick", "--repeats", "1", "--warmup", "0", "--out", str(out),
@@ -587,6 +589,7 @@ def test_quick_cpu_run_end_to_end(tmp_path, capsys):
             assert not r["check"].startswith("mismatch"), r
 
 
+@pytest.mark.slow   # the CLI with worker processes
 def test_without_pytorch_gpubn_becomes_the_reference(tmp_path, monkeypatch):
     monkeypatch.setattr(TorchProvider, "unavailable_reason", lambda self: "PyTorch is not installed")
     out = tmp_path / "nt.jsonl"
@@ -603,9 +606,15 @@ def test_without_pytorch_gpubn_becomes_the_reference(tmp_path, monkeypatch):
 def test_gpu_section_without_a_device_says_why(tmp_path, capsys):
     if gpu.gpu_unavailable_reason() is None:
         pytest.skip("a CUDA device is present")
-    rc = main(["gpu", "--quick", "--out", str(tmp_path / "g.jsonl"), "--quiet"])
+    out = tmp_path / "g.jsonl"
+    rc = main(["gpu", "--quick", "--out", str(out), "--quiet"])
     assert rc == 0
-    assert "GPU: unavailable:" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "GPU: unavailable:" in text
+    assert re.search(r"^# date: \d{4}-\d\d-\d\d \d\d:\d\d", text, flags=re.M)   # for RESULTS.md
+    # nothing ran, so nothing was written, and the output does not claim otherwise
+    assert not out.exists()
+    assert "appended" not in text and "no results: nothing was written" in text
 
 
 def test_cli_rejects_unknown_section(capsys):

@@ -161,7 +161,7 @@ def test_empty_host_cache_releases_idle_buffers_and_leaves_held_ones(monkeypatch
     dropped = host_cache.empty(BIG, np.float32, 0)
     del dropped
     assert cache.idle_bytes() > 0
-    gpubn.empty_host_cache()
+    gpubn.backends.host_cache.empty_host_cache()
     assert cache.idle_bytes() == 0 and not cache._bufs
     again = host_cache.empty(BIG, np.float32, 0)
     again[...] = 4.0

@@ -50,7 +50,8 @@ def test_tiled_threaded_matches_torch_and_is_deterministic(tiny_tiles, monkeypat
     for threads in ("1", "3"):
         monkeypatch.setenv("GPUBN_NUM_THREADS", threads)
         rm, rv = np.zeros(c), np.ones(c)
-        y, saved = gpubn.batch_norm_forward(x, w, b, rm, rv, axis=axis, backend="numpy")
+        y, saved = gpubn.batch_norm_forward(x, weight=w, bias=b, running_mean=rm, running_var=rv,
+                                            axis=axis, backend="numpy")
         dx, dw, db = gpubn.batch_norm_backward(dy, saved)
         results.append((y, dx, dw, db, rm, rv))
     assert paths and all(p == (offset == 0) for p in paths), paths
@@ -72,7 +73,7 @@ def test_tiled_threaded_matches_torch_and_is_deterministic(tiny_tiles, monkeypat
 def test_backend_interface_pieces_agree_with_fused(tiny_tiles):
     """bn_stats, bn_apply, bn_backward_reduce and bn_backward_dx (the pieces a
     multi-process batch norm combines) give what the fused methods give."""
-    be = gpubn.get_backend("numpy")
+    be = gpubn.backends.get_backend("numpy")
     x3 = make_input((6, 3, 70), 1, np.float64)
     dy3 = np.random.default_rng(1).standard_normal(x3.shape)
     w, bias = np.array([0.5, 1.0, 2.0]), np.array([0.1, 0.2, 0.3])

@@ -238,7 +238,7 @@ def test_layer_channels_last_float32_cumulative_momentum(backend):
 def test_one_collective_per_direction_and_message_sizes():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((6, 4, 3))
-    _, _, _, group = _layer_run(gpubn.get_backend("numpy"), [2, 4], [x, x], [x, x],
+    _, _, _, group = _layer_run(gpubn.backends.get_backend("numpy"), [2, 4], [x, x], [x, x],
                                 ["train", "eval"])
     per_rank = [[(k, n) for (r, k, n) in group.calls if r == rank] for rank in range(2)]
     # train: forward all-gather (2C+2), backward all-reduce (2C+1);
@@ -474,7 +474,7 @@ def _cuda_or_skip():
     except Exception as exc:  # noqa: BLE001 - driver missing, NCCL missing
         pytest.skip(f"no CUDA device / NCCL: {exc}")
     try:
-        gpubn.get_backend("cuda")
+        gpubn.backends.get_backend("cuda")
     except RuntimeError as exc:
         pytest.skip(str(exc))
     return cupy

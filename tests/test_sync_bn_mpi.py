@@ -86,7 +86,7 @@ def _launch(mpiexec, nranks, out_dir, script=HERE / "mpi_worker.py", mode="cpu")
 def _warm_emu():
     """Compile the emu kernels once here so that the ranks find them cached."""
     try:
-        gpubn.get_backend("emu")
+        gpubn.backends.get_backend("emu")
     except RuntimeError:
         return
     x = np.random.default_rng(0).standard_normal((4, 3, 5))
@@ -181,7 +181,8 @@ def check_functional_case(nranks, recs, ref_backend):
     c = data["c"]
     rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
     for step, (x, dy) in enumerate(data["steps"]):
-        y, saved = gpubn.batch_norm_forward(x, data["weight"], data["bias"], rm, rv,
+        y, saved = gpubn.batch_norm_forward(x, weight=data["weight"], bias=data["bias"],
+                                            running_mean=rm, running_var=rv,
                                             momentum=None, num_batches_tracked=step,
                                             backend=ref_backend)
         dx, dw, db = gpubn.batch_norm_backward(dy, saved)
@@ -278,7 +279,7 @@ def gpu_mpi_run(tmp_path_factory):
     if ndev < 1:
         pytest.skip("no CUDA device")
     try:
-        gpubn.get_backend("cuda")
+        gpubn.backends.get_backend("cuda")
     except RuntimeError as exc:
         pytest.skip(str(exc))
     return 2, _launch(mpiexec, 2, tmp_path_factory.mktemp("mpi_gpu"), mode="gpu")

@@ -51,7 +51,8 @@ def available_backends():
     return names
 
 
-def _is_cupy_array(x) -> bool:
+def is_cupy_array(x) -> bool:
+    """Whether ``x`` is a CuPy array (tested without importing CuPy)."""
     return type(x).__module__.split(".")[0] == "cupy"
 
 
@@ -59,14 +60,18 @@ def get_backend(backend=None, x=None) -> Backend:
     """Resolve a backend name (or ``None``) for array ``x``."""
     if isinstance(backend, Backend):
         return backend
+    known = ", ".join(map(repr, _REGISTRY))
     if backend is None:
         backend = os.environ.get("GPUBN_BACKEND") or None
+        if backend is not None and backend not in _REGISTRY:
+            raise ValueError(f"GPUBN_BACKEND={backend!r} (environment variable) is not one "
+                             f"of {known}; unset it for automatic selection")
     if backend is None:
-        return _load("cuda" if _is_cupy_array(x) else "numpy")
+        return _load("cuda" if is_cupy_array(x) else "numpy")
     if not isinstance(backend, str) or backend not in _REGISTRY:
-        raise ValueError(
-            f"backend must be one of {', '.join(map(repr, _REGISTRY))} or None, got {backend!r}")
+        raise ValueError(f"backend must be one of {known} or None, got {backend!r}")
     return _load(backend)
 
 
-__all__ = ["Backend", "ChannelStats", "BACKENDS", "available_backends", "get_backend"]
+__all__ = ["Backend", "ChannelStats", "BACKENDS", "available_backends", "get_backend",
+           "is_cupy_array"]
