@@ -98,9 +98,33 @@ def check_momentum(momentum, name: str = "momentum"):
     return momentum
 
 
+def device_id(a):
+    """The GPU an array lives on (``a.device.id`` for CuPy and other device
+    arrays), or None for host arrays (NumPy 2's ``device`` is the string
+    ``"cpu"``; older NumPy has none)."""
+    dev = getattr(a, "device", None)
+    if dev is None or isinstance(dev, str):
+        return None
+    return getattr(dev, "id", dev)
+
+
+def check_same_device(a, name: str, like, like_name: str = "x"):
+    """A device array ``a`` must live on the device of ``like`` (the call's
+    input): a kernel given a pointer to another GPU's memory reads an
+    illegal address.  Host arrays are not compared (the array-module checks
+    decide about them)."""
+    if a is None or like is None:
+        return
+    got, want = device_id(a), device_id(like)
+    if got is not None and want is not None and got != want:
+        raise ValueError(f"{name} is on device {got} but {like_name} is on device {want}; "
+                         f"every array of one call must be on the same device")
+
+
 def check_channel_vector(v, name: str, num_channels: int, backend=None,
-                         writable: bool = False):
-    """A per-channel parameter: None, or a 1-D float array of length C.
+                         writable: bool = False, like=None):
+    """A per-channel parameter: None, or a 1-D float array of length C, on
+    the device of ``like`` (the input) when given.
 
     With ``writable=True`` (running statistics, updated in place) it must also
     be an array of the backend's own array module and writeable.
@@ -111,6 +135,7 @@ def check_channel_vector(v, name: str, num_channels: int, backend=None,
     if tuple(v.shape) != (num_channels,):
         raise ValueError(f"{name} must have shape ({num_channels},) to match the "
                          f"{num_channels} channels of the input, got shape {tuple(v.shape)}")
+    check_same_device(v, name, like)
     if writable:
         if backend is not None and not backend.owns(v):
             raise TypeError(f"{name} is updated in place, so it must be a "
@@ -154,14 +179,17 @@ def check_owned(x, backend, name: str):
 
 
 def check_bn_vectors(weight, bias, running_mean, running_var, num_channels: int, backend,
-                     training: bool):
+                     training: bool, like=None):
     """The per-channel arguments of a batch-norm forward: weight and bias
     (None or length C), and the running statistics, which are updated in place
-    when training, must come as a pair, and are required for inference."""
-    check_channel_vector(weight, "weight", num_channels)
-    check_channel_vector(bias, "bias", num_channels)
-    check_channel_vector(running_mean, "running_mean", num_channels, backend, writable=training)
-    check_channel_vector(running_var, "running_var", num_channels, backend, writable=training)
+    when training, must come as a pair, and are required for inference; all
+    on the device of ``like`` (the input) when given."""
+    check_channel_vector(weight, "weight", num_channels, like=like)
+    check_channel_vector(bias, "bias", num_channels, like=like)
+    check_channel_vector(running_mean, "running_mean", num_channels, backend, writable=training,
+                         like=like)
+    check_channel_vector(running_var, "running_var", num_channels, backend, writable=training,
+                         like=like)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together "
                          "(both arrays or both None)")
@@ -170,9 +198,10 @@ def check_bn_vectors(weight, bias, running_mean, running_var, num_channels: int,
                          "(inference normalizes with the running statistics)")
 
 
-def check_grad_output(dy, shape, dtype, backend, name: str = "dy"):
+def check_grad_output(dy, shape, dtype, backend, name: str = "dy", like=None):
     """The incoming gradient of a backward: an array of the forward input's
-    shape, dtype and array module."""
+    shape, dtype and array module, on the device of ``like`` (the saved
+    input) when given."""
     check_float_array(dy, name)
     if tuple(dy.shape) != tuple(shape):
         raise ValueError(f"{name} must have the shape of the forward input {tuple(shape)}, "
@@ -181,3 +210,4 @@ def check_grad_output(dy, shape, dtype, backend, name: str = "dy"):
         raise TypeError(f"{name} must have the dtype of the forward input ({dtype}), "
                         f"got {dy.dtype}")
     check_owned(dy, backend, name)
+    check_same_device(dy, name, like, "the forward input")

@@ -383,7 +383,7 @@ def _local_checks(x, weight, bias, running_mean, running_var, training, axis, be
     outer, xc, inner = V.canonical_shape(shape, axis)
     if xc != c:
         raise ValueError(f"x has {xc} channels on axis {axis} (shape {shape}), expected {c}")
-    V.check_bn_vectors(weight, bias, running_mean, running_var, c, be, training)
+    V.check_bn_vectors(weight, bias, running_mean, running_var, c, be, training, like=x)
     return axis, shape, outer, inner
 
 
@@ -522,7 +522,7 @@ def sync_batch_norm_backward(dy, saved: SyncBatchNormSaved):
     be, comm, c = saved.backend, saved.comm, saved.num_channels
     xp = be.xp
     try:
-        V.check_grad_output(dy, saved.shape, saved.dtype, be)
+        V.check_grad_output(dy, saved.shape, saved.dtype, be, like=saved.x3)
     except (TypeError, ValueError):
         comm.allreduce(_pack_grads(xp, c, failed=True))
         raise

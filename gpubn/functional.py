@@ -182,7 +182,7 @@ def batch_norm_forward(x, *, weight=None, bias=None, running_mean=None, running_
     Bad arguments raise ``TypeError`` / ``ValueError`` before any state changes.
     """
     def check_vectors(c, be):
-        V.check_bn_vectors(weight, bias, running_mean, running_var, c, be, training)
+        V.check_bn_vectors(weight, bias, running_mean, running_var, c, be, training, like=x)
 
     f = prepare_forward(x, weight=weight, bias=bias, training=training, momentum=momentum,
                         eps=eps, axis=axis, backend=backend,
@@ -214,7 +214,7 @@ def batch_norm_backward(dy, saved: BatchNormSaved):
         raise TypeError("saved must be the BatchNormSaved returned by batch_norm_forward, "
                         f"got {type(saved).__name__}")
     be = saved.backend
-    V.check_grad_output(dy, saved.shape, saved.dtype, be)
+    V.check_grad_output(dy, saved.shape, saved.dtype, be, like=saved.x3)
     dy3 = V.canonical_view(dy, saved.axis, be.xp)
     dx3, dw, db = be.bn_backward(dy3, saved.x3, saved.mean, saved.invstd, saved.weight,
                                  saved.training)
