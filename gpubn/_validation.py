@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -159,15 +160,55 @@ def canonical_shape(shape, axis: int):
     return outer, shape[axis], inner
 
 
-def canonical_view(x, axis: int, xp=None):
-    """C-contiguous ``(outer, C, inner)`` array holding ``x``; a view when ``x``
-    is already C-contiguous, else one copy."""
+def layout_order(x, axis: int) -> Tuple[int, ...]:
+    """The order of ``x``'s axes in memory, outermost first, when ``x`` is a
+    canonical layout with its channel ``axis`` moved: the other axes in their
+    own order, the channel axis anywhere among them, and
+    ``x.transpose(order)`` C-contiguous.  A PyTorch ``channels_last`` tensor
+    seen through DLPack (shape NCHW, strides of NHWC) gives ``(0, 2, 3, 1)``:
+    it runs as channels-last.  The identity for C-contiguous arrays and for
+    every other layout (Fortran order, slices, other transposes: those are
+    copied once)."""
+    ndim = x.ndim
+    identity = tuple(range(ndim))
+    if x.flags.c_contiguous:
+        return identity
+    strides, shape = x.strides, x.shape
+    # axes of length 1 have no meaningful stride: they keep their place
+    # relative to the others by sorting as if their stride were the next one's
+    order = tuple(sorted(identity, key=lambda i: (-strides[i] if shape[i] > 1 else 0, i)))
+    rest = [i for i in order if i != axis]
+    if (order != identity and rest == sorted(rest)
+            and x.transpose(order).flags.c_contiguous):
+        return order
+    return identity
+
+
+def canonical_view(x, axis: int, xp=None, order: Optional[Sequence[int]] = None):
+    """C-contiguous ``(outer, C, inner)`` array holding ``x`` with its axes
+    in ``order`` (default: :func:`layout_order`), channel axis ``axis``: a
+    view when ``x`` laid out in that order is contiguous (C-contiguous
+    arrays, and channels-last tensors of PyTorch with shape NCHW, which run
+    as (N*H*W, C, 1)), else one copy.  :func:`from_canonical` maps a result
+    back."""
     if xp is None:
         xp = np
-    x3 = x.reshape(canonical_shape(tuple(x.shape), axis))
+    order = layout_order(x, axis) if order is None else tuple(order)
+    xt = x if order == tuple(range(x.ndim)) else x.transpose(order)
+    x3 = xt.reshape(canonical_shape(tuple(xt.shape), order.index(axis)))
     if not x3.flags.c_contiguous:
         x3 = xp.ascontiguousarray(x3)
     return x3
+
+
+def from_canonical(a3, shape, order: Optional[Sequence[int]] = None):
+    """An array of ``shape`` holding the canonical ``a3`` that
+    :func:`canonical_view` made with ``order``: a view, laid out in memory
+    like that input (channels-last in, channels-last out, as PyTorch does)."""
+    if order is None or tuple(order) == tuple(range(len(shape))):
+        return a3.reshape(shape)
+    a = a3.reshape(tuple(shape[i] for i in order))
+    return a.transpose(tuple(int(i) for i in np.argsort(order)))
 
 
 def check_owned(x, backend, name: str):

@@ -147,7 +147,7 @@ def batch_renorm_forward(x, *, weight=None, bias=None, running_mean, running_std
         y3 = be.bn_apply(f.x3, mean, invstd, f.weight, f.bias)
         r = d = None
         w_bn = f.weight
-    return y3.reshape(f.shape), BatchRenormSaved(bn=f.saved(mean, invstd, w_bn), r=r, d=d)
+    return f.output(y3), BatchRenormSaved(bn=f.saved(mean, invstd, w_bn), r=r, d=d)
 
 
 def batch_renorm_backward(dy, saved: BatchRenormSaved):
@@ -166,7 +166,7 @@ def batch_renorm_backward(dy, saved: BatchRenormSaved):
     s = saved.bn
     be = s.backend
     V.check_grad_output(dy, s.shape, s.dtype, be, like=s.x3)
-    dy3 = V.canonical_view(dy, s.axis, be.xp)
+    dy3 = V.canonical_view(dy, s.axis, be.xp, s.order)
     dx3, sum_dy_xhat, sum_dy = be.bn_backward(dy3, s.x3, s.mean, s.invstd, s.weight, s.training)
     dweight = dbias = None
     if s.weight_dtype is not None:
@@ -174,7 +174,7 @@ def batch_renorm_backward(dy, saved: BatchRenormSaved):
         dweight = dw.astype(s.weight_dtype, copy=False)
     if s.bias_dtype is not None:
         dbias = sum_dy.astype(s.bias_dtype, copy=False)
-    return dx3.reshape(s.shape), dweight, dbias
+    return V.from_canonical(dx3, s.shape, s.order), dweight, dbias
 
 
 class BatchRenorm(ChannelNorm):
