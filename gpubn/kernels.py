@@ -39,24 +39,29 @@ class KernelSpec:
     """One templated kernel: its source file, whether it takes a VEC
     (elements per vector access) template argument, and the positions of its
     tensor-sized arguments (x, y, dy, dx: what traffic counts measure).
-    ``vector_bytes``: the access sizes instantiated besides one element."""
+    ``vector_bytes``: the access sizes instantiated besides one element;
+    ``max_vec``: the most elements per access (a kernel keeping a state per
+    element of a vector bounds it to stay within its registers)."""
 
     name: str
     source: str
     vectorized: bool
     tensor_args: Tuple[int, ...]
     vector_bytes: Tuple[int, ...] = (VECTOR_BYTES,)
+    max_vec: int = 16
 
 
 # Channel-axis-1 kernels also get 8-byte vectors: runs such as 14*14 = 196
-# float16 values are a multiple of 4 elements but not of 8.
+# float16 values are a multiple of 4 elements but not of 8 (and channels-last
+# statistics: C = 12 float16 channels).
 _RUN_VECTORS = (8, VECTOR_BYTES)
 
 KERNELS: Dict[str, KernelSpec] = {
     spec.name: spec
     for spec in (
         KernelSpec("bn_stats_nchw", "bn_stats.cu", True, (0,), _RUN_VECTORS),
-        KernelSpec("bn_stats_nhwc", "bn_stats.cu", False, (0,)),
+        # one Welford state per channel of a vector: at most 4 channels per thread
+        KernelSpec("bn_stats_nhwc", "bn_stats.cu", True, (0,), _RUN_VECTORS, max_vec=4),
         KernelSpec("bn_apply_nchw", "bn_forward.cu", True, (0, 1), _RUN_VECTORS),
         KernelSpec("bn_apply_nhwc", "bn_forward.cu", True, (0, 1)),
         KernelSpec("bn_backward_reduce_nchw", "bn_backward.cu", True, (0, 1, 5), _RUN_VECTORS),
@@ -94,11 +99,6 @@ def itemsize(dtype_key: str) -> int:
     return 2 if dtype_key in ("float16", "bfloat16") else np.dtype(dtype_key).itemsize
 
 
-def vector_width(dtype_key: str) -> int:
-    """Elements per 16-byte access for a storage dtype."""
-    return VECTOR_BYTES // itemsize(dtype_key)
-
-
 def vector_widths(kernel: str, dtype) -> Tuple[int, ...]:
     """Elements per access instantiated for a kernel and storage dtype,
     ascending, starting with 1 (scalar)."""
@@ -106,7 +106,8 @@ def vector_widths(kernel: str, dtype) -> Tuple[int, ...]:
     if not spec.vectorized:
         return (1,)
     size = itemsize(dtype_name(dtype))
-    return tuple(sorted({1} | {b // size for b in spec.vector_bytes if b >= size}))
+    return tuple(sorted({1} | {b // size for b in spec.vector_bytes
+                               if b >= size and b // size <= spec.max_vec}))
 
 
 def name_expression(kernel: str, dtype, vec: int = 1) -> str:
@@ -213,7 +214,7 @@ def compile_options() -> Tuple[str, ...]:
 
 
 __all__ = [
-    "CXX_TYPES", "KERNELS", "SOURCES", "KernelSpec", "dtype_name", "vector_width", "vector_widths",
+    "CXX_TYPES", "KERNELS", "SOURCES", "KernelSpec", "dtype_name", "vector_widths",
     "name_expression", "name_expressions", "kernel_of", "all_name_expressions", "kernels_dir",
     "read_source", "compile_options", "headers_fingerprint", "cache_dir",
 ]

@@ -1,10 +1,13 @@
-"""Launch configuration for the kernels in ``kernels/``, shared by the ``cuda``
-and ``emu`` backends: block and grid shapes, the number of blocks a channel's
-reduction is split over, vector width, workspace sizes.
+"""Every launch plan of the kernels in ``kernels/`` (batch norm, renorm,
+layer norm), shared by the ``cuda`` and ``emu`` backends: block and grid
+shapes, the number of blocks a channel's reduction is split over, vector
+width, workspace sizes, shared memory, occupancy.
 
-Everything is a pure function of the canonical shape ``(outer, C, inner)``,
-the storage dtype, whether the arrays are 16-byte aligned, the device's
-attributes (read once per device by the backend) and a ``Tuning``.
+Everything is a pure function of the canonical shape ``(outer, C, inner)``
+(``(rows, n)`` for layer norm), the storage dtype, whether the arrays are
+16-byte aligned, the device's attributes (read once per device by the
+backend), a ``Tuning`` and, for reductions, the compiled function's
+occupancy (``occupancy``; by default the minimum the kernels declare).
 
 Layouts: ``inner > 1`` is the channel-axis-1 layout (NCL, NCHW, ...: channel
 c is ``outer`` runs of ``inner`` contiguous elements); ``inner == 1`` is
@@ -15,7 +18,7 @@ of the two once the functional layer has built the canonical view.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 from . import kernels as _catalog
 
@@ -26,6 +29,8 @@ MAX_REDUCE_THREADS = 256
 # of the elementwise kernels are sized for these.
 MAX_MAP_THREADS = 256
 MAX_MAP_COLUMNS = 64
+# GPUBN_MAP_UNROLL: rows (vectors) an elementwise thread loads per step.
+MAP_UNROLL = 4
 WARP = 32
 MAX_GRID_Y = 65535
 # Static plus dynamic shared memory a block may use without opting in to more
@@ -34,14 +39,26 @@ MAX_GRID_Y = 65535
 SHARED_MEMORY_LIMIT = 48 * 1024
 
 
+# GPUBN_REDUCE_MIN_BLOCKS: blocks of MAX_REDUCE_THREADS each reduction kernel
+# declares resident per SM in its __launch_bounds__ (ptxas caps its registers
+# accordingly; the static checks reject the spills that would cost).
+REDUCE_MIN_BLOCKS = 3
+
+
 @dataclass(frozen=True)
 class DeviceAttributes:
-    """What the configuration needs to know about a device."""
+    """What the configuration needs to know about a device (the per-SM
+    limits default to those of compute capability 8.0 - 9.0)."""
 
     sm_count: int
     max_threads_per_block: int = 1024
     max_grid_y: int = MAX_GRID_Y
     name: str = ""
+    max_threads_per_sm: int = 2048
+    registers_per_sm: int = 65536
+    shared_per_sm: int = 228 * 1024
+    reserved_shared_per_block: int = 1024
+    max_blocks_per_sm: int = 32
 
 
 # The emu backend has no device to ask; it configures launches as for a large
@@ -56,7 +73,8 @@ class Tuning:
 
     reduce_threads: int = 256        # threads per reduction block (<= MAX_REDUCE_THREADS)
     map_threads: int = 256           # threads per elementwise block
-    blocks_per_sm: int = 4           # a reduction grid aims at sm_count * blocks_per_sm blocks
+    blocks_per_sm: Optional[int] = None  # reduction grids aim at sm_count * this many blocks
+                                         # (None: the kernel's occupancy, one full wave)
     min_units_per_thread: int = 4    # split a channel only while each thread keeps this many
     max_splits: int = 1024           # upper bound on blocks per channel (partials workspace)
     map_blocks_per_sm: int = 32      # elementwise grids stop growing here (grid-stride loops)
@@ -68,7 +86,7 @@ class Tuning:
             if v < WARP or v & (v - 1) or v > top:
                 raise ValueError(f"Tuning.{name} must be a power of two in [32, {top}], got {v}")
         for name in ("blocks_per_sm", "min_units_per_thread", "max_splits", "map_blocks_per_sm"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"Tuning.{name} must be >= 1, got {getattr(self, name)}")
 
 
@@ -87,8 +105,8 @@ class Launch:
 
 # sizeof of the reduction states in kernels/gpubn_common.cuh, per accumulation type
 _STATE_BYTES = {
-    ("stats", "float"): 24,   # Welford<float>: long long n; float mean, m2, sum (+ padding)
-    ("stats", "double"): 32,  # Welford<double>
+    ("stats", "float"): 24,   # Welford<float>: long long n; float hi, lo, m2, sum
+    ("stats", "double"): 40,  # Welford<double>
     ("grad", "float"): 8,     # GradSums<float>: two floats
     ("grad", "double"): 16,   # GradSums<double>
 }
@@ -113,7 +131,7 @@ def vector_width(shape3, dtype, aligned: bool, kernel: str = None) -> int:
     (inner, or C for channels-last), when every tensor is 16-byte aligned."""
     key = _catalog.dtype_name(dtype)
     if kernel is None:
-        widths = (1, _catalog.vector_width(key))
+        widths = (1, _catalog.VECTOR_BYTES // _catalog.itemsize(key))
     else:
         widths = _catalog.vector_widths(kernel, key)
     run = shape3[2] if shape3[2] > 1 else shape3[1]
@@ -122,17 +140,40 @@ def vector_width(shape3, dtype, aligned: bool, kernel: str = None) -> int:
     return max(w for w in widths if run % w == 0)
 
 
+def occupancy(registers: int, static_shared: int, threads: int, dynamic_shared: int,
+              dev: DeviceAttributes) -> int:
+    """Blocks of ``threads`` threads one SM holds at once for a function using
+    ``registers`` per thread and ``static_shared`` + ``dynamic_shared`` bytes
+    per block: the least of the limits set by threads, registers (allocated
+    per warp in units of 256), shared memory (plus what the system reserves
+    per block) and blocks, as CUDA's occupancy calculator counts them."""
+    warps = _cdiv(threads, WARP)
+    by_threads = dev.max_threads_per_sm // (warps * WARP)
+    per_warp = _cdiv(max(registers, 1) * WARP, 256) * 256
+    by_registers = (dev.registers_per_sm // per_warp) // warps
+    per_block = static_shared + dynamic_shared + dev.reserved_shared_per_block
+    by_shared = dev.shared_per_sm // per_block
+    return max(0, min(by_threads, by_registers, by_shared, dev.max_blocks_per_sm))
+
+
 def _splits(work_units: int, threads: int, tiles: int, dev: DeviceAttributes,
-            tuning: Tuning) -> int:
-    target = _cdiv(dev.sm_count * tuning.blocks_per_sm, max(tiles, 1))
+            tuning: Tuning, blocks_per_sm: int) -> int:
+    """Blocks per channel (tile): as many as one wave of the grid holds
+    (never a partial second wave), fewer where threads would run dry."""
+    wave = dev.sm_count * (tuning.blocks_per_sm or blocks_per_sm)
+    target = max(1, wave // max(tiles, 1))
     by_work = _cdiv(work_units, threads * tuning.min_units_per_thread)
     return max(1, min(target, by_work, tuning.max_splits, dev.max_grid_y))
 
 
 def reduce_launch(op: str, shape3, dtype, aligned: bool, dev: DeviceAttributes,
-                  tuning: Tuning = Tuning()) -> Launch:
+                  tuning: Tuning = Tuning(), blocks_per_sm: int = REDUCE_MIN_BLOCKS) -> Launch:
     """Launch of a per-channel reduction: ``op`` is ``'stats'``
-    (bn_stats_*) or ``'grad'`` (bn_backward_reduce_*)."""
+    (bn_stats_*) or ``'grad'`` (bn_backward_reduce_*).  ``blocks_per_sm``:
+    the occupancy of the compiled function (``occupancy`` of its registers
+    and shared memory where a device tells them; by default the minimum the
+    kernels declare); the kernel, vector width and block do not depend on
+    it, only the number of blocks per channel."""
     outer, channels, inner = (int(s) for s in shape3)
     key = _catalog.dtype_name(dtype)
     acc = _catalog.CXX_TYPES[key][1]
@@ -142,16 +183,28 @@ def reduce_launch(op: str, shape3, dtype, aligned: bool, dev: DeviceAttributes,
         vec = vector_width(shape3, key, aligned, f"{base}_nchw")
         units = outer * (inner // vec)
         threads = min(tuning.reduce_threads, max(WARP, _pow2_at_least(units)))
-        splits = _splits(units, threads, channels, dev, tuning)
+        splits = _splits(units, threads, channels, dev, tuning, blocks_per_sm)
         return Launch(f"{base}_nchw", vec, (channels, splits, 1), (threads, 1, 1), splits,
                       channels * splits * state if splits > 1 else 0,
                       channels if splits > 1 else 0)
-    bx = min(WARP, _pow2_at_least(channels))
-    by = max(1, min(tuning.reduce_threads // bx, _pow2_at_least(outer)))
-    tiles = _cdiv(channels, bx)
-    splits = _splits(outer, by, tiles, dev, tuning)
-    return Launch(f"{base}_nhwc", 1, (tiles, splits, 1), (bx, by, 1), splits,
-                  channels * splits * state if splits > 1 else 0, tiles if splits > 1 else 0)
+    # threads along C, each reading `vec` adjacent channels with one load
+    vec = vector_width(shape3, key, aligned, f"{base}_nhwc")
+    return _column_reduce(f"{base}_nhwc", vec, outer, channels, state, dev, tuning,
+                          blocks_per_sm)
+
+
+def _column_reduce(kernel: str, vec: int, rows: int, columns: int, state: int,
+                   dev: DeviceAttributes, tuning: Tuning, blocks_per_sm: int) -> Launch:
+    """A reduction over the rows of each column of a (rows, columns) array:
+    grid (tiles of columns, splits of the rows), blocks (bx, by) with bx
+    threads along the columns (``vec`` columns each), partial states of
+    ``state`` bytes per column and split, an arrival counter per tile."""
+    bx = min(WARP, _pow2_at_least(columns // vec))
+    by = max(1, min(tuning.reduce_threads // bx, _pow2_at_least(rows)))
+    tiles = _cdiv(columns // vec, bx)
+    splits = _splits(rows, by, tiles, dev, tuning, blocks_per_sm)
+    return Launch(kernel, vec, (tiles, splits, 1), (bx, by, 1), splits,
+                  columns * splits * state if splits > 1 else 0, tiles if splits > 1 else 0)
 
 
 def _row_block(length: int, threads: int) -> int:
@@ -181,11 +234,13 @@ def map_launch(op: str, shape3, dtype, aligned: bool, dev: DeviceAttributes,
     vec = vector_width(shape3, key, aligned, f"{base}_{layout(shape3)}")
     threads = min(tuning.map_threads, dev.max_threads_per_block)
     max_blocks = dev.sm_count * tuning.map_blocks_per_sm
+    # each thread takes MAP_UNROLL rows per step: that many loads in flight
+    # (channel axis 1: y enumerates groups of MAP_UNROLL runs of one channel)
     if layout(shape3) == "nchw":
-        rows, length = outer * channels, inner // vec
+        rows, length = channels * _cdiv(outer, MAP_UNROLL), inner // vec
         bx = _row_block(length, threads)
     else:
-        rows, length = outer, channels // vec
+        rows, length = _cdiv(outer, MAP_UNROLL), channels // vec
         bx = min(_pow2_at_least(length), MAX_MAP_COLUMNS, threads)
     by = max(1, threads // bx)
     gx = max(1, min(_cdiv(length, bx), max_blocks))
@@ -193,9 +248,51 @@ def map_launch(op: str, shape3, dtype, aligned: bool, dev: DeviceAttributes,
     return Launch(f"{base}_{layout(shape3)}", vec, (gx, gy, 1), (bx, by, 1))
 
 
+def renorm_finish_launch(channels: int) -> Launch:
+    """One thread per channel for ``bn_renorm_finish``."""
+    threads = min(256, max(WARP, _pow2_at_least(channels)))
+    return Launch("bn_renorm_finish", 1, (_cdiv(channels, threads), 1, 1), (threads, 1, 1))
+
+
 # ---------------------------------------------------------------------------
 # Layer norm (kernels/layer_norm.cu)
 # ---------------------------------------------------------------------------
+# Must equal GPUBN_LN_CACHE_UNITS in kernels/layer_norm.cu: vector units per
+# thread the layer-norm row kernels keep in registers.
+LN_CACHE_UNITS = 8
+
+
+def ln_row_launch(op: str, rows: int, n: int, dtype_key: str, aligned: bool,
+                  dev: DeviceAttributes, tuning: Tuning) -> Launch:
+    """Launch of a layer-norm row kernel (``op``: ``'forward'`` or
+    ``'backward_dx'``).  Rows of up to ``LN_CACHE_UNITS`` vector units per
+    lane go one warp per row (``tuning.reduce_threads // 32`` rows per block);
+    longer rows one block per row, of the fewest threads (up to
+    ``reduce_threads``) that leave each at most ``LN_CACHE_UNITS`` units, so
+    the kernels keep the row in registers and read it once whenever the row
+    allows.  Grids stop growing at ``sm_count * map_blocks_per_sm`` blocks
+    (the kernels stride over rows)."""
+    vec = vector_width((rows, n, 1), dtype_key, aligned, f"ln_{op}_warp")
+    units = n // vec
+    max_blocks = dev.sm_count * tuning.map_blocks_per_sm
+    if units <= LN_CACHE_UNITS * WARP:
+        per_block = max(1, tuning.reduce_threads // WARP)
+        grid = max(1, min(_cdiv(rows, per_block), max_blocks))
+        return Launch(f"ln_{op}_warp", vec, (grid, 1, 1), (WARP, per_block, 1))
+    threads = max(WARP, min(tuning.reduce_threads, _pow2_at_least(_cdiv(units, LN_CACHE_UNITS))))
+    return Launch(f"ln_{op}_block", vec, (max(1, min(rows, max_blocks)), 1, 1), (threads, 1, 1))
+
+
+def ln_wgrad_launch(rows: int, n: int, dtype, dev: DeviceAttributes, tuning: Tuning = Tuning(),
+                    blocks_per_sm: int = REDUCE_MIN_BLOCKS) -> Launch:
+    """Launch of ``ln_backward_wgrad`` (dweight / dbias: a column reduction
+    over the rows, scalar accesses), with a workspace for its own partial
+    state, (sum dy, sum dy * xhat) per column and split."""
+    acc = _catalog.CXX_TYPES[_catalog.dtype_name(dtype)][1]
+    return _column_reduce("ln_backward_wgrad", 1, rows, n, _STATE_BYTES[("grad", acc)], dev,
+                          tuning, blocks_per_sm)
+
+
 def _shared_array(nbytes: int) -> int:
     """Bytes a ``__shared__`` array takes in a kernel's static shared memory:
     ptxas starts every array on a 16-byte boundary."""
@@ -228,6 +325,7 @@ def ln_stage_bytes(n: int, acc_itemsize: int, arrays: int, static_shared: int) -
 
 
 __all__ = ["DeviceAttributes", "EMU_DEVICE", "Tuning", "Launch", "MAX_REDUCE_THREADS",
-           "MAX_MAP_THREADS", "MAX_MAP_COLUMNS", "SHARED_MEMORY_LIMIT",
-           "layout", "vector_width", "reduce_launch", "map_launch", "ln_static_shared_bytes",
-           "ln_stage_bytes"]
+           "MAX_MAP_THREADS", "MAX_MAP_COLUMNS", "MAP_UNROLL", "REDUCE_MIN_BLOCKS",
+           "SHARED_MEMORY_LIMIT", "LN_CACHE_UNITS", "occupancy", "layout", "vector_width",
+           "reduce_launch", "map_launch", "renorm_finish_launch", "ln_row_launch",
+           "ln_wgrad_launch", "ln_static_shared_bytes", "ln_stage_bytes"]

@@ -39,7 +39,7 @@ __device__ __forceinline__ void finish_grad(const GradSums<Acc>& g, int c, const
 }
 
 template <class T, class Acc, int VEC>
-__global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS)
+__global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS, GPUBN_REDUCE_MIN_BLOCKS)
 bn_backward_reduce_nchw(const T* __restrict__ dy, const T* __restrict__ x, const Acc* mean,
                         const Acc* invstd, const Acc* weight, T* __restrict__ dx_eval,
                         long long outer, int channels, long long inner,
@@ -55,6 +55,17 @@ bn_backward_reduce_nchw(const T* __restrict__ dy, const T* __restrict__ x, const
     __syncthreads();
     const Acc m = consts[0];
     const Acc a = consts[1];
+    auto push = [&](GradSums<Acc>& s, const VecPair<T, VEC>& p, long long offset) {
+        Vec<T, VEC> out;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+            const Acc d = to_acc(p.dy.v[j]);
+            s.sum_dy += d;
+            s.sum_dy_xmu = fma_acc(d, Acc(to_acc(p.x.v[j])) - m, s.sum_dy_xmu);
+            store_acc(out.v[j], a * d);
+        }
+        if (dx_eval) store_vec<T, VEC>(dx_eval + base + offset, out);
+    };
     GradSums<Acc> g = channel_walk_nchw<VEC, GradSums<Acc>>(
         outer, channels, inner,
         [&](long long offset) {
@@ -63,24 +74,18 @@ bn_backward_reduce_nchw(const T* __restrict__ dy, const T* __restrict__ x, const
             p.x = load_vec<T, VEC>(x + base + offset);
             return p;
         },
-        [&](GradSums<Acc>& s, const VecPair<T, VEC>& p, long long offset) {
-            Vec<T, VEC> out;
+        [&](GradSums<Acc>& s, const VecPair<T, VEC>* p, const long long* offset) {
 #pragma unroll
-            for (int j = 0; j < VEC; ++j) {
-                const Acc d = to_acc(p.dy.v[j]);
-                s.sum_dy += d;
-                s.sum_dy_xmu = fma_acc(d, Acc(to_acc(p.x.v[j])) - m, s.sum_dy_xmu);
-                store_acc(out.v[j], a * d);
-            }
-            if (dx_eval) store_vec<T, VEC>(dx_eval + base + offset, out);
-        });
+            for (int u = 0; u < GPUBN_WALK_UNROLL; ++u) push(s, p[u], offset[u]);
+        },
+        push);
     channel_finish_nchw(g, partials, counters, [&](const GradSums<Acc>& total) {
         finish_grad(total, c, invstd, sum_dy_out, sum_dy_xhat_out);
     });
 }
 
 template <class T, class Acc>
-__global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS)
+__global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS, GPUBN_REDUCE_MIN_BLOCKS)
 bn_backward_reduce_nhwc(const T* __restrict__ dy, const T* __restrict__ x, const Acc* mean,
                         const Acc* invstd, const Acc* weight, T* __restrict__ dx_eval,
                         long long rows, int channels, GradSums<Acc>* partials,
@@ -95,7 +100,13 @@ bn_backward_reduce_nhwc(const T* __restrict__ dy, const T* __restrict__ x, const
     __syncthreads();
     const Acc m = consts[0][threadIdx.x];
     const Acc a = consts[1][threadIdx.x];
-    GradSums<Acc> g = channel_walk_nhwc<GradSums<Acc>>(
+    auto push = [&](GradSums<Acc>(&s)[1], const DyX<Acc>& v, long long offset) {
+        s[0].sum_dy += v.dy;
+        s[0].sum_dy_xmu = fma_acc(v.dy, v.x - m, s[0].sum_dy_xmu);
+        if (dx_eval) store_acc(dx_eval[offset], a * v.dy);
+    };
+    GradSums<Acc> g[1];
+    channel_walk_nhwc<1>(
         rows, channels,
         [&](long long offset) {
             DyX<Acc> v;
@@ -103,11 +114,11 @@ bn_backward_reduce_nhwc(const T* __restrict__ dy, const T* __restrict__ x, const
             v.x = to_acc(x[offset]);
             return v;
         },
-        [&](GradSums<Acc>& s, const DyX<Acc>& v, long long offset) {
-            s.sum_dy += v.dy;
-            s.sum_dy_xmu = fma_acc(v.dy, v.x - m, s.sum_dy_xmu);
-            if (dx_eval) store_acc(dx_eval[offset], a * v.dy);
-        });
+        [&](GradSums<Acc>(&s)[1], const DyX<Acc>* v, const long long* offset) {
+#pragma unroll
+            for (int u = 0; u < GPUBN_WALK_UNROLL; ++u) push(s, v[u], offset[u]);
+        },
+        push, g);
     channel_finish_nhwc(g, channels, partials, counters, [&](const GradSums<Acc>& total, int ch) {
         finish_grad(total, ch, invstd, sum_dy_out, sum_dy_xhat_out);
     });
@@ -127,12 +138,12 @@ __device__ __forceinline__ DxConsts<Acc> dx_consts(int c, const Acc* mean, const
                                                    const Acc* sum_dy_xhat, Acc inv_count,
                                                    int training) {
     DxConsts<Acc> q;
-    const Acc is = invstd[c];
-    q.a = weight ? weight[c] * is : is;
+    const Acc is = read_only(invstd + c);
+    q.a = weight ? read_only(weight + c) * is : is;
     if (training) {
-        q.b = sum_dy[c] * inv_count;
-        q.k = is * sum_dy_xhat[c] * inv_count;
-        q.mean = mean[c];
+        q.b = read_only(sum_dy + c) * inv_count;
+        q.k = is * read_only(sum_dy_xhat + c) * inv_count;
+        q.mean = read_only(mean + c);
     } else {
         q.b = Acc(0);
         q.k = Acc(0);
@@ -141,14 +152,24 @@ __device__ __forceinline__ DxConsts<Acc> dx_consts(int c, const Acc* mean, const
     return q;
 }
 
+// dy and (training) x of VEC elements, loaded together
+template <class T, int VEC>
+__device__ __forceinline__ VecPair<T, VEC> load_dy_x(const T* __restrict__ dy,
+                                                     const T* __restrict__ x, long long off,
+                                                     int training) {
+    VecPair<T, VEC> p;
+    p.dy = load_vec<T, VEC>(dy + off);
+    if (training) p.x = load_vec<T, VEC>(x + off);
+    return p;
+}
+
 template <class T, class Acc, int VEC>
-__device__ __forceinline__ void dx_body(const T* __restrict__ dy, const T* __restrict__ x,
-                                        T* __restrict__ dx, const DxConsts<Acc>* q, int qstride,
-                                        long long off, int training) {
-    const Vec<T, VEC> gv = load_vec<T, VEC>(dy + off);
+__device__ __forceinline__ void dx_body(T* __restrict__ dx, const DxConsts<Acc>* q, int qstride,
+                                        const VecPair<T, VEC>& in, long long off, int training) {
+    const Vec<T, VEC>& gv = in.dy;
     Vec<T, VEC> out;
     if (training) {
-        const Vec<T, VEC> xv = load_vec<T, VEC>(x + off);
+        const Vec<T, VEC>& xv = in.x;
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
             const DxConsts<Acc>& p = q[j * qstride];
@@ -173,8 +194,9 @@ __global__ void bn_backward_dx_nchw(const T* __restrict__ dy, const T* __restric
         [&](int c, bool) {
             return dx_consts(c, mean, invstd, weight, sum_dy, sum_dy_xhat, inv_count, training);
         },
-        [&](const DxConsts<Acc>* q, int qstride, long long off) {
-            dx_body<T, Acc, VEC>(dy, x, dx, q, qstride, off, training);
+        [&](long long off) { return load_dy_x<T, VEC>(dy, x, off, training); },
+        [&](const DxConsts<Acc>* q, int qstride, const VecPair<T, VEC>& v, long long off) {
+            dx_body<T, Acc, VEC>(dx, q, qstride, v, off, training);
         });
 }
 
@@ -188,8 +210,9 @@ __global__ void bn_backward_dx_nhwc(const T* __restrict__ dy, const T* __restric
         [&](int c, bool) {
             return dx_consts(c, mean, invstd, weight, sum_dy, sum_dy_xhat, inv_count, training);
         },
-        [&](const DxConsts<Acc>* q, int qstride, long long off) {
-            dx_body<T, Acc, VEC>(dy, x, dx, q, qstride, off, training);
+        [&](long long off) { return load_dy_x<T, VEC>(dy, x, off, training); },
+        [&](const DxConsts<Acc>* q, int qstride, const VecPair<T, VEC>& v, long long off) {
+            dx_body<T, Acc, VEC>(dx, q, qstride, v, off, training);
         });
 }
 

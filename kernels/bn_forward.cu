@@ -1,6 +1,10 @@
-// bn_forward.cu -- normalize, scale and shift: y = x * scale + shift with the
-// per-channel constants scale = weight * invstd and shift = bias - mean * scale
-// folded once per run (one FMA per element).
+// bn_forward.cu -- normalize, scale and shift, with the per-channel constants
+// folded once per run: scale = weight * invstd, shift = bias - lo * scale and
+//   y = (x - hi) * scale + shift        (one FSUB and one FMA per element)
+// where hi + lo is the channel mean (hi: `mean`, lo: `mean_lo` from bn_stats,
+// or 0 when null).  Subtracting the mean before scaling keeps float32 output
+// accurate far from zero (x = 1e4 + N(0, 1): x - hi is exact), where
+// x * scale + (bias - mean * scale) would lose |mean * scale| ulps.
 //
 //   from_var == 0: `spread` holds invstd (training forward, bn_apply).
 //   from_var != 0: `spread` holds the running variance; invstd is
@@ -17,67 +21,76 @@ namespace gpubn {
 
 template <class Acc>
 struct Affine {
+    Acc mean;   // hi
     Acc scale;
-    Acc shift;
+    Acc shift;  // bias - lo * scale
 };
 
 template <class Acc>
 __device__ __forceinline__ Affine<Acc> affine_of(int c, bool first, const Acc* mean,
-                                                 const Acc* spread, const Acc* weight,
-                                                 const Acc* bias, Acc* mean_out,
-                                                 Acc* invstd_out, int from_var, Acc eps) {
-    const Acc m = mean[c];
-    const Acc invstd = from_var ? inv_sqrt(spread[c] + eps) : spread[c];
+                                                 const Acc* mean_lo, const Acc* spread,
+                                                 const Acc* weight, const Acc* bias,
+                                                 Acc* mean_out, Acc* invstd_out, int from_var,
+                                                 Acc eps) {
+    const Acc m = read_only(mean + c);
+    const Acc sp = read_only(spread + c);
+    const Acc invstd = from_var ? inv_sqrt(sp + eps) : sp;
     if (first) {
         if (mean_out) mean_out[c] = m;
         if (invstd_out) invstd_out[c] = invstd;
     }
     Affine<Acc> k;
-    k.scale = weight ? weight[c] * invstd : invstd;
-    k.shift = fma_acc(-m, k.scale, bias ? bias[c] : Acc(0));
+    k.mean = m;
+    k.scale = weight ? read_only(weight + c) * invstd : invstd;
+    k.shift = fma_acc(mean_lo ? -read_only(mean_lo + c) : Acc(0), k.scale,
+                      bias ? read_only(bias + c) : Acc(0));
     return k;
 }
 
 template <class T, class Acc, int VEC>
-__device__ __forceinline__ void affine_body(const T* __restrict__ x, T* __restrict__ y,
-                                            const Affine<Acc>* k, int kstride, long long off) {
-    const Vec<T, VEC> in = load_vec<T, VEC>(x + off);
+__device__ __forceinline__ void affine_body(T* __restrict__ y, const Affine<Acc>* k, int kstride,
+                                            const Vec<T, VEC>& in, long long off) {
     Vec<T, VEC> out;
 #pragma unroll
     for (int j = 0; j < VEC; ++j)
-        store_acc(out.v[j], fma_acc(Acc(to_acc(in.v[j])), k[j * kstride].scale, k[j * kstride].shift));
+        store_acc(out.v[j], fma_acc(Acc(to_acc(in.v[j])) - k[j * kstride].mean,
+                                    k[j * kstride].scale, k[j * kstride].shift));
     store_vec<T, VEC>(y + off, out);
 }
 
 template <class T, class Acc, int VEC>
 __global__ void bn_apply_nchw(const T* __restrict__ x, T* __restrict__ y, const Acc* mean,
-                              const Acc* spread, const Acc* weight, const Acc* bias,
+                              const Acc* mean_lo, const Acc* spread, const Acc* weight,
+                              const Acc* bias,
                               Acc* mean_out, Acc* invstd_out, long long outer, int channels,
                               long long inner, int from_var, Acc eps) {
     channel_map_nchw<VEC, Affine<Acc>>(
         outer, channels, inner,
         [&](int c, bool first) {
-            return affine_of(c, first, mean, spread, weight, bias, mean_out, invstd_out, from_var,
-                             eps);
+            return affine_of(c, first, mean, mean_lo, spread, weight, bias, mean_out, invstd_out,
+                             from_var, eps);
         },
-        [&](const Affine<Acc>* k, int kstride, long long off) {
-            affine_body<T, Acc, VEC>(x, y, k, kstride, off);
+        [&](long long off) { return load_vec<T, VEC>(x + off); },
+        [&](const Affine<Acc>* k, int kstride, const Vec<T, VEC>& v, long long off) {
+            affine_body<T, Acc, VEC>(y, k, kstride, v, off);
         });
 }
 
 template <class T, class Acc, int VEC>
 __global__ void bn_apply_nhwc(const T* __restrict__ x, T* __restrict__ y, const Acc* mean,
-                              const Acc* spread, const Acc* weight, const Acc* bias,
+                              const Acc* mean_lo, const Acc* spread, const Acc* weight,
+                              const Acc* bias,
                               Acc* mean_out, Acc* invstd_out, long long rows, int channels,
                               int from_var, Acc eps) {
     channel_map_nhwc<VEC, Affine<Acc>>(
         rows, channels,
         [&](int c, bool first) {
-            return affine_of(c, first, mean, spread, weight, bias, mean_out, invstd_out, from_var,
-                             eps);
+            return affine_of(c, first, mean, mean_lo, spread, weight, bias, mean_out, invstd_out,
+                             from_var, eps);
         },
-        [&](const Affine<Acc>* k, int kstride, long long off) {
-            affine_body<T, Acc, VEC>(x, y, k, kstride, off);
+        [&](long long off) { return load_vec<T, VEC>(x + off); },
+        [&](const Affine<Acc>* k, int kstride, const Vec<T, VEC>& v, long long off) {
+            affine_body<T, Acc, VEC>(y, k, kstride, v, off);
         });
 }
 

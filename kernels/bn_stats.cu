@@ -1,27 +1,33 @@
 // bn_stats.cu -- per-channel statistics in one launch.
 //
-// Welford per thread, Chan merges across the block, and (when the launch
-// splits a channel over S blocks) partial triples merged in index order by
-// the last block of each channel.  The finishing thread writes whichever
-// outputs are non-null:
-//   mean_out, m2_out      the channel's Welford mean and M2 (stats only),
+// Welford per thread (groups of loaded values merged once each, around a
+// per-thread shift, see Welford in gpubn_common.cuh), Chan merges across the
+// block, and (when the launch splits a channel over S blocks) partial states
+// merged in index order by the last block of each channel.  The finishing
+// thread writes whichever outputs are non-null:
+//   mean_out, m2_out      the channel's mean (rounded) and M2,
+//   mean_lo_out           what rounding the mean to Acc left out (the apply
+//                         kernels subtract it too: accuracy far from zero),
 //   invstd_out            1 / sqrt(M2 / n + eps) (training forward),
 //   running_mean/_var     running = (1 - momentum) * running + momentum * batch,
 //                         with the unbiased batch variance M2 / (n - 1).
 //
 // Exported kernels (name expressions, see gpubn/kernels.py):
 //   gpubn::bn_stats_nchw<T, Acc, VEC>   channel axis with inner > 1
-//   gpubn::bn_stats_nhwc<T, Acc>        channels last (inner == 1)
+//   gpubn::bn_stats_nhwc<T, Acc, VEC>   channels last (inner == 1), VEC channels
+//                                       per thread
 #include "gpubn_common.cuh"
 
 namespace gpubn {
 
 template <class Acc>
 __device__ __forceinline__ void finish_stats(const Welford<Acc>& w, int c, Acc* mean_out,
-                                             Acc* m2_out, Acc* invstd_out, Acc* running_mean,
-                                             Acc* running_var, Acc momentum, Acc eps) {
+                                             Acc* mean_lo_out, Acc* m2_out, Acc* invstd_out,
+                                             Acc* running_mean, Acc* running_var, Acc momentum,
+                                             Acc eps) {
     const Acc mean = w.final_mean();
     if (mean_out) mean_out[c] = mean;
+    if (mean_lo_out) mean_lo_out[c] = w.final_mean_lo();
     if (m2_out) m2_out[c] = w.m2;
     if (invstd_out) invstd_out[c] = inv_sqrt(w.m2 / Acc(w.n) + eps);
     if (running_mean)
@@ -33,35 +39,60 @@ __device__ __forceinline__ void finish_stats(const Welford<Acc>& w, int c, Acc* 
 }
 
 template <class T, class Acc, int VEC>
-__global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS)
+__global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS, GPUBN_REDUCE_MIN_BLOCKS)
 bn_stats_nchw(const T* __restrict__ x, long long outer, int channels, long long inner,
-              Welford<Acc>* partials, unsigned int* counters, Acc* mean_out, Acc* m2_out,
-              Acc* invstd_out, Acc* running_mean, Acc* running_var, Acc momentum, Acc eps) {
+              Welford<Acc>* partials, unsigned int* counters, Acc* mean_out, Acc* mean_lo_out,
+              Acc* m2_out, Acc* invstd_out, Acc* running_mean, Acc* running_var, Acc momentum,
+              Acc eps) {
     const int c = blockIdx.x;
     const T* xc = x + (long long)c * inner;
     Welford<Acc> w = channel_walk_nchw<VEC, Welford<Acc>>(
         outer, channels, inner, [&](long long offset) { return load_vec<T, VEC>(xc + offset); },
-        [&](Welford<Acc>& s, const Vec<T, VEC>& v, long long) {
+        [&](Welford<Acc>& s, const Vec<T, VEC>* v, const long long*) {
+            Acc a[GPUBN_WALK_UNROLL * VEC];
 #pragma unroll
-            for (int j = 0; j < VEC; ++j) s.push(to_acc(v.v[j]));
+            for (int u = 0; u < GPUBN_WALK_UNROLL; ++u)
+#pragma unroll
+                for (int j = 0; j < VEC; ++j) a[u * VEC + j] = to_acc(v[u].v[j]);
+            s.push_group(a);
+        },
+        [&](Welford<Acc>& s, const Vec<T, VEC>& v, long long) {
+            Acc a[VEC];
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) a[j] = to_acc(v.v[j]);
+            s.push_group(a);
         });
     channel_finish_nchw(w, partials, counters, [&](const Welford<Acc>& total) {
-        finish_stats(total, c, mean_out, m2_out, invstd_out, running_mean, running_var, momentum,
-                     eps);
+        finish_stats(total, c, mean_out, mean_lo_out, m2_out, invstd_out, running_mean,
+                     running_var, momentum, eps);
     });
 }
 
-template <class T, class Acc>
-__global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS)
+template <class T, class Acc, int VEC>
+__global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS, GPUBN_REDUCE_MIN_BLOCKS)
 bn_stats_nhwc(const T* __restrict__ x, long long rows, int channels, Welford<Acc>* partials,
-              unsigned int* counters, Acc* mean_out, Acc* m2_out, Acc* invstd_out,
-              Acc* running_mean, Acc* running_var, Acc momentum, Acc eps) {
-    Welford<Acc> w = channel_walk_nhwc<Welford<Acc>>(
-        rows, channels, [&](long long offset) { return Acc(to_acc(x[offset])); },
-        [&](Welford<Acc>& s, Acc v, long long) { s.push(v); });
+              unsigned int* counters, Acc* mean_out, Acc* mean_lo_out, Acc* m2_out,
+              Acc* invstd_out, Acc* running_mean, Acc* running_var, Acc momentum, Acc eps) {
+    Welford<Acc> w[VEC];
+    channel_walk_nhwc<VEC>(
+        rows, channels, [&](long long offset) { return load_vec<T, VEC>(x + offset); },
+        [&](Welford<Acc>(&s)[VEC], const Vec<T, VEC>* v, const long long*) {
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) {
+                Acc a[GPUBN_WALK_UNROLL];
+#pragma unroll
+                for (int u = 0; u < GPUBN_WALK_UNROLL; ++u) a[u] = to_acc(v[u].v[j]);
+                s[j].push_group(a);
+            }
+        },
+        [&](Welford<Acc>(&s)[VEC], const Vec<T, VEC>& v, long long) {
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) s[j].push(to_acc(v.v[j]));
+        },
+        w);
     channel_finish_nhwc(w, channels, partials, counters, [&](const Welford<Acc>& total, int c) {
-        finish_stats(total, c, mean_out, m2_out, invstd_out, running_mean, running_var, momentum,
-                     eps);
+        finish_stats(total, c, mean_out, mean_lo_out, m2_out, invstd_out, running_mean,
+                     running_var, momentum, eps);
     });
 }
 

@@ -21,6 +21,11 @@
 // Largest block (threads) the reduction kernels are written for; the launch
 // configuration (gpubn/launch.py, MAX_REDUCE_THREADS) never exceeds it.
 #define GPUBN_MAX_REDUCE_THREADS 256
+// Blocks of GPUBN_MAX_REDUCE_THREADS every reduction kernel keeps resident per
+// SM (its __launch_bounds__: ptxas caps registers at 80 per thread for it);
+// grids of one wave are sized from it where no device can be asked
+// (gpubn/launch.py: REDUCE_MIN_BLOCKS).
+#define GPUBN_REDUCE_MIN_BLOCKS 3
 // Largest elementwise block, and most threads along x of a channels-last one
 // (gpubn/launch.py: MAX_MAP_THREADS, MAX_MAP_COLUMNS).
 #define GPUBN_MAX_MAP_THREADS 256
@@ -141,30 +146,75 @@ __device__ __forceinline__ long long min_ll(long long a, long long b) { return a
 // __shared__ arrays and in the partials workspace.
 // ---------------------------------------------------------------------------
 
-// Welford triple: exact count, mean, M2 (sum of squared deviations), plus a
-// plain sum, which only decides the mean of a channel holding infinities (the
-// Welford mean of {+inf, ...} is inf - inf = nan, the true mean is +inf).
+// hi + lo = a + b exactly, hi the rounded sum (Knuth's TwoSum: no
+// assumption on the magnitudes; six additions, used per merge, never per
+// element).
+template <class Acc>
+__device__ __forceinline__ void two_sum(Acc a, Acc b, Acc& hi, Acc& lo) {
+    hi = a + b;
+    const Acc bv = hi - a;
+    lo = (a - (hi - bv)) + (b - bv);
+}
+
+// Welford state: exact count, the mean as an unevaluated pair hi + lo, M2
+// (sum of squared deviations), and a plain sum, which only decides the mean
+// of a channel holding infinities (the Welford mean of {+inf, ...} is
+// inf - inf = nan, the true mean is +inf).
+//
+// A thread keeps hi at the first value it saw (its shift) and accumulates
+// lo, the mean of x - hi, and M2 from those small differences, so data far
+// from zero (1e4 + N(0, 1) in float) loses nothing to the size of the mean:
+// float32 differences of nearby values are exact.  Values come in groups of
+// G (the loads of one unrolled step): the group's own mean and M2 (a local
+// two-pass over registers), then one Chan merge, so one division per group,
+// not per element.  Merges across threads carry hi + lo exactly (TwoSum), so
+// the channel mean is known to far better than one float (the apply kernels
+// use the pair: y = (x - hi) * scale + (bias - lo * scale)).
 template <class Acc>
 struct Welford {
     long long n;
-    Acc mean;
+    Acc hi;
+    Acc lo;
     Acc m2;
     Acc sum;
 
     __device__ __forceinline__ static Welford identity() {
         Welford w;
         w.n = 0;
-        w.mean = Acc(0);
+        w.hi = Acc(0);
+        w.lo = Acc(0);
         w.m2 = Acc(0);
         w.sum = Acc(0);
         return w;
     }
+    template <int G>
+    __device__ __forceinline__ void push_group(const Acc (&v)[G]) {
+        if (n == 0) hi = v[0];
+        Acc d[G];
+        Acc s = Acc(0);
+#pragma unroll
+        for (int i = 0; i < G; ++i) {
+            d[i] = v[i] - hi;
+            s += d[i];
+            sum += v[i];
+        }
+        const Acc gmean = s * (Acc(1) / Acc(G));
+        Acc gm2 = Acc(0);
+#pragma unroll
+        for (int i = 0; i < G; ++i) {
+            const Acc e = d[i] - gmean;
+            gm2 = fma_acc(e, e, gm2);
+        }
+        const long long total = n + G;
+        const Acc wb = Acc(G) / Acc(total);
+        const Acc delta = gmean - lo;
+        lo = fma_acc(delta, wb, lo);
+        m2 = fma_acc(delta * delta * Acc(n), wb, m2 + gm2);
+        n = total;
+    }
     __device__ __forceinline__ void push(Acc x) {
-        ++n;
-        const Acc d = x - mean;
-        mean += d / Acc(n);
-        m2 = fma_acc(d, x - mean, m2);
-        sum += x;
+        const Acc one[1] = {x};
+        push_group<1>(one);
     }
     // Chan's parallel merge; fixed operand order keeps results bitwise stable.
     __device__ __forceinline__ static Welford merge(const Welford& a, const Welford& b) {
@@ -173,23 +223,32 @@ struct Welford {
         Welford r;
         r.n = a.n + b.n;
         const Acc wb = Acc(b.n) / Acc(r.n);
-        const Acc d = b.mean - a.mean;
-        r.mean = fma_acc(d, wb, a.mean);
+        const Acc d = (b.hi - a.hi) + (b.lo - a.lo);
+        two_sum(a.hi, fma_acc(d, wb, a.lo), r.hi, r.lo);
         r.m2 = fma_acc(d * d * Acc(a.n), wb, a.m2 + b.m2);
         r.sum = a.sum + b.sum;
         return r;
     }
-    // The channel mean: Welford's, except where only infinities (no nan in
-    // the data) made it nan.
+    // The channel mean rounded to Acc (hi + lo), and what rounding left out
+    // (mean_lo): Welford's, except where only infinities (no nan in the data)
+    // made it nan.
     __device__ __forceinline__ Acc final_mean() const {
-        const bool mean_nan = mean != mean;
+        Acc h, l;
+        two_sum(hi, lo, h, l);
+        const bool mean_nan = h != h;
         const bool sum_nan = sum != sum;
-        return (mean_nan && !sum_nan) ? sum / Acc(n) : mean;
+        return (mean_nan && !sum_nan) ? sum / Acc(n) : h;
+    }
+    __device__ __forceinline__ Acc final_mean_lo() const {
+        Acc h, l;
+        two_sum(hi, lo, h, l);
+        return h != h ? Acc(0) : l;
     }
     __device__ __forceinline__ Welford shfl_down(unsigned int offset) const {
         Welford r;
         r.n = __shfl_down_sync(0xffffffffu, n, offset);
-        r.mean = __shfl_down_sync(0xffffffffu, mean, offset);
+        r.hi = __shfl_down_sync(0xffffffffu, hi, offset);
+        r.lo = __shfl_down_sync(0xffffffffu, lo, offset);
         r.m2 = __shfl_down_sync(0xffffffffu, m2, offset);
         r.sum = __shfl_down_sync(0xffffffffu, sum, offset);
         return r;
@@ -198,7 +257,8 @@ struct Welford {
         const volatile Welford* q = p;
         Welford r;
         r.n = q->n;
-        r.mean = q->mean;
+        r.hi = q->hi;
+        r.lo = q->lo;
         r.m2 = q->m2;
         r.sum = q->sum;
         return r;
@@ -311,12 +371,14 @@ __device__ __forceinline__ bool arrive_last(unsigned int* counter, unsigned int 
 // ---------------------------------------------------------------------------
 // Per-channel reductions over the canonical (outer, C, inner) layout.
 //
-// Both walkers take two functors: load(offset) reads what one position
+// Both walkers take three functors: load(offset) reads what one position
 // contributes (offset in elements, relative to the channel's first element
-// for channel axis 1, to the tensor's start for channels last), and
-// push(state, value, offset) consumes it.  Positions are taken
-// GPUBN_WALK_UNROLL at a time, all loads first, so each thread keeps several
-// loads in flight; a tail handles the rest.
+// for channel axis 1, to the tensor's start for channels last);
+// push_group(state, v, off) consumes GPUBN_WALK_UNROLL loaded positions at
+// once (v[u] loaded from off[u]), push(state, value, offset) one position of
+// the tail.  Every load of a step is issued before any is consumed, so each
+// thread keeps GPUBN_WALK_UNROLL (vector) loads in flight, and a reduction
+// state sees a whole group at a time (one Welford merge per group).
 //
 // Channel axis 1 (inner > 1): grid (C, S), 1-D blocks.  Channel c is `outer`
 // runs of `inner` contiguous elements; block (c, s) walks the s-th of S equal
@@ -324,9 +386,9 @@ __device__ __forceinline__ bool arrive_last(unsigned int* counter, unsigned int 
 // pair instead of dividing per element.
 // ---------------------------------------------------------------------------
 #define GPUBN_WALK_UNROLL 4
-template <int VEC, class S, class Load, class Push>
+template <int VEC, class S, class Load, class PushGroup, class Push>
 __device__ __forceinline__ S channel_walk_nchw(long long outer, int channels, long long inner,
-                                               Load load, Push push) {
+                                               Load load, PushGroup push_group, Push push) {
     const long long inner_v = inner / VEC;
     const long long units = outer * inner_v;
     const long long splits = gridDim.y;
@@ -356,12 +418,10 @@ __device__ __forceinline__ S channel_walk_nchw(long long outer, int channels, lo
             long long off[GPUBN_WALK_UNROLL];
             decltype(load(0LL)) v[GPUBN_WALK_UNROLL];
 #pragma unroll
-            for (int u = 0; u < GPUBN_WALK_UNROLL; ++u) {
-                off[u] = next();
-                v[u] = load(off[u]);
-            }
+            for (int u = 0; u < GPUBN_WALK_UNROLL; ++u) off[u] = next();
 #pragma unroll
-            for (int u = 0; u < GPUBN_WALK_UNROLL; ++u) push(state, v[u], off[u]);
+            for (int u = 0; u < GPUBN_WALK_UNROLL; ++u) v[u] = load(off[u]);
+            push_group(state, v, off);
         }
         for (; k < end; k += step) {
             const long long offset = next();
@@ -391,123 +451,153 @@ __device__ __forceinline__ void channel_finish_nchw(S state, S* partials, unsign
     if (threadIdx.x == 0) finish(state);
 }
 
-// Channels last (inner == 1): grid (ceil(C / bx), S), blocks (bx, by).
-// Thread (tx, ty) owns channel blockIdx.x*bx + tx (consecutive threads read
-// consecutive channels: coalesced) and every by-th row of the block's share
-// of the rows.
-template <class S, class Load, class Push>
-__device__ __forceinline__ S channel_walk_nhwc(long long rows, int channels, Load load, Push push) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+// Channels last (inner == 1): grid (ceil(C / (VEC * bx)), S), blocks (bx, by).
+// Thread (tx, ty) owns the VEC adjacent channels from
+// (blockIdx.x * bx + tx) * VEC (one 8- or 16-byte load per row; consecutive
+// threads read consecutive vectors: coalesced) and every by-th row of the
+// block's share of the rows; it keeps one state per channel.
+template <int VEC, class S, class Load, class PushGroup, class Push>
+__device__ __forceinline__ void channel_walk_nhwc(long long rows, int channels, Load load,
+                                                  PushGroup push_group, Push push,
+                                                  S (&state)[VEC]) {
+    const long long c0 = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * VEC;
     const long long splits = gridDim.y;
     const long long chunk = (rows + splits - 1) / splits;
     const long long begin = (long long)blockIdx.y * chunk;
     const long long end = min_ll(begin + chunk, rows);
     const long long step = blockDim.y;
-    S state = S::identity();
-    if (c < channels) {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) state[j] = S::identity();
+    if (c0 < channels) {
         long long r = begin + threadIdx.y;
         for (; r + (GPUBN_WALK_UNROLL - 1) * step < end; r += GPUBN_WALK_UNROLL * step) {
+            long long off[GPUBN_WALK_UNROLL];
             decltype(load(0LL)) v[GPUBN_WALK_UNROLL];
 #pragma unroll
-            for (int u = 0; u < GPUBN_WALK_UNROLL; ++u) v[u] = load((r + u * step) * channels + c);
+            for (int u = 0; u < GPUBN_WALK_UNROLL; ++u) off[u] = (r + u * step) * channels + c0;
 #pragma unroll
-            for (int u = 0; u < GPUBN_WALK_UNROLL; ++u)
-                push(state, v[u], (r + u * step) * channels + c);
+            for (int u = 0; u < GPUBN_WALK_UNROLL; ++u) v[u] = load(off[u]);
+            push_group(state, v, off);
         }
-        for (; r < end; r += step) push(state, load(r * channels + c), r * channels + c);
+        for (; r < end; r += step) push(state, load(r * channels + c0), r * channels + c0);
     }
-    return state;
 }
 
-template <class S, class Finish>
-__device__ __forceinline__ void channel_finish_nhwc(S state, int channels, S* partials,
+// Column-reduce each of a thread's VEC states, then (S > 1) publish them as
+// partials (s, c) and let the last block of the channel tile merge the S
+// partials in index order.  finish(total, c) runs once per channel.
+template <int VEC, class S, class Finish>
+__device__ __forceinline__ void channel_finish_nhwc(S (&state)[VEC], int channels, S* partials,
                                                     unsigned int* counters, Finish finish) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    state = block_reduce_columns(state);
+    const long long c0 = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * VEC;
+    const bool owner = c0 < channels;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) state[j] = block_reduce_columns(state[j]);
     const unsigned int splits = gridDim.y;
     if (splits > 1) {
-        if (threadIdx.y == 0 && c < channels)
-            partials[(long long)blockIdx.y * channels + c] = state;
-        if (!arrive_last(counters + blockIdx.x, splits)) return;
-        state = S::identity();
-        if (c < channels) {
-            for (unsigned int i = threadIdx.y; i < splits; i += blockDim.y)
-                state = S::merge(state, S::load_volatile(partials + (long long)i * channels + c));
+        if (threadIdx.y == 0 && owner) {
+#pragma unroll
+            for (int j = 0; j < VEC; ++j)
+                partials[(long long)blockIdx.y * channels + c0 + j] = state[j];
         }
-        state = block_reduce_columns(state);
+        if (!arrive_last(counters + blockIdx.x, splits)) return;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+            S total = S::identity();
+            if (owner) {
+                for (unsigned int i = threadIdx.y; i < splits; i += blockDim.y)
+                    total = S::merge(total,
+                                     S::load_volatile(partials + (long long)i * channels + c0 + j));
+            }
+            state[j] = block_reduce_columns(total);
+        }
     }
-    if (threadIdx.y == 0 && c < channels) finish(state, c);
+    if (threadIdx.y == 0 && owner) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) finish(state[j], (int)(c0 + j));
+    }
 }
 
 // ---------------------------------------------------------------------------
 // Elementwise passes with per-channel constants K, computed by make(c, first)
-// once per run (channel axis 1) or per column group (channels last) and
-// shared through shared memory, never per element.  `first` is true for
-// exactly one call per channel (for writing per-channel outputs).
-// body(k, kstride, offset) handles the VEC elements at `offset`; element j
-// uses constants k[j * kstride].
+// in each thread for the channels it touches (per-channel vectors are read
+// through the read-only path, __ldg: a warp reading one channel's value is a
+// broadcast), so there is no shared memory and no barrier.  `first` is true
+// for exactly one call per channel (for writing per-channel outputs).
+// load(offset) reads the VEC elements at `offset`, apply(k, kstride, v,
+// offset) writes their results; element j uses constants k[j * kstride].
+// Each thread issues GPUBN_MAP_UNROLL independent vector loads before it
+// applies any, so several loads per thread are in flight.
 //
-// Channel axis 1: 2-D grid; rows (y) are the outer*C runs of `inner`
-// elements, channel = run % C once per run; columns (x) stride the run.
+// Channel axis 1: 2-D grid; columns (x) stride the runs of `inner`
+// elements, y enumerates groups of GPUBN_MAP_UNROLL runs of one channel
+// (outer indices n0 .. n0 + 3): a thread computes its constants once per
+// group and loads from the group's runs together.
 // ---------------------------------------------------------------------------
-template <int VEC, class K, class Make, class Body>
+#define GPUBN_MAP_UNROLL 4
+template <class Acc>
+__device__ __forceinline__ Acc read_only(const Acc* p) {
+    return __ldg(p);
+}
+
+template <int VEC, class K, class Make, class Load, class Apply>
 __device__ __forceinline__ void channel_map_nchw(long long outer, int channels, long long inner,
-                                                 Make make, Body body) {
-    __shared__ K consts[GPUBN_MAX_MAP_THREADS];
-    const long long runs = outer * channels;
+                                                 Make make, Load load, Apply apply) {
     const long long inner_v = inner / VEC;
-    const long long row_step = (long long)gridDim.y * blockDim.y;
     const long long col_step = (long long)gridDim.x * blockDim.x;
     const long long col0 = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    // The loop bound is uniform across the block, so the barriers are too.
-    // Which threads fill `consts` depends on the thread index only (rows past
-    // the end compute channel 0's constants, unused): no condition is shared
-    // between the code before and after a barrier.
-    for (long long rb = (long long)blockIdx.y * blockDim.y; rb < runs; rb += row_step) {
-        const long long r = rb + threadIdx.y;
-        if (threadIdx.x == 0) {
-            const bool valid = r < runs;
-            consts[threadIdx.y] =
-                make(valid ? (int)(r % channels) : 0, valid && r < channels && blockIdx.x == 0);
+    if (col0 >= inner_v) return;
+    // groups: (channel c, outer indices n0 .. n0 + GPUBN_MAP_UNROLL - 1)
+    const long long groups = (long long)channels * ((outer + GPUBN_MAP_UNROLL - 1) /
+                                                    GPUBN_MAP_UNROLL);
+    const long long row_stride = (long long)channels * inner;
+    for (long long g = (long long)blockIdx.y * blockDim.y + threadIdx.y; g < groups;
+         g += (long long)gridDim.y * blockDim.y) {
+        const long long q = g / channels;
+        const int c = (int)(g - q * channels);
+        const long long n0 = q * GPUBN_MAP_UNROLL;
+        const K k = make(c, n0 == 0 && col0 == 0);
+        const long long base = n0 * row_stride + (long long)c * inner;
+        const int count = (int)min_ll(GPUBN_MAP_UNROLL, outer - n0);
+        for (long long j = col0 * VEC; j < inner_v * VEC; j += col_step * VEC) {
+            decltype(load(0LL)) v[GPUBN_MAP_UNROLL];
+#pragma unroll
+            for (int u = 0; u < GPUBN_MAP_UNROLL; ++u)
+                if (u < count) v[u] = load(base + u * row_stride + j);
+#pragma unroll
+            for (int u = 0; u < GPUBN_MAP_UNROLL; ++u)
+                if (u < count) apply(&k, 0, v[u], base + u * row_stride + j);
         }
-        __syncthreads();
-        if (r < runs) {
-            const K k = consts[threadIdx.y];
-            const long long base = r * inner;
-            for (long long j = col0; j < inner_v; j += col_step) body(&k, 0, base + j * VEC);
-        }
-        __syncthreads();
     }
 }
 
-// Channels last: columns (x) are groups of VEC channels, whose constants the
-// block computes once (threads with threadIdx.y == 0); rows (y) stride the
-// outer rows.
-template <int VEC, class K, class Make, class Body>
+// Channels last: columns (x) are groups of VEC channels, whose constants
+// each thread computes once; rows (y) stride the outer rows,
+// GPUBN_MAP_UNROLL at a time.
+template <int VEC, class K, class Make, class Load, class Apply>
 __device__ __forceinline__ void channel_map_nhwc(long long rows, int channels, Make make,
-                                                 Body body) {
-    __shared__ K consts[GPUBN_MAX_MAP_COLUMNS * VEC];
+                                                 Load load, Apply apply) {
     const long long cols_v = channels / VEC;
     const long long row_step = (long long)gridDim.y * blockDim.y;
     const long long col_step = (long long)gridDim.x * blockDim.x;
     const long long row0 = (long long)blockIdx.y * blockDim.y + threadIdx.y;
-    for (long long jb = (long long)blockIdx.x * blockDim.x; jb < cols_v; jb += col_step) {
-        const long long j = jb + threadIdx.x;
+    for (long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x; j < cols_v;
+         j += col_step) {
         const int c0 = (int)(j * VEC);
-        if (threadIdx.y == 0) {  // columns past the end compute channels 0.. (unused)
-            const bool valid = j < cols_v;
+        K k[VEC];
 #pragma unroll
-            for (int v = 0; v < VEC; ++v)
-                consts[threadIdx.x * VEC + v] = make((valid ? c0 : 0) + v, valid && blockIdx.y == 0);
-        }
-        __syncthreads();
-        if (j < cols_v) {
-            K k[VEC];
+        for (int v = 0; v < VEC; ++v) k[v] = make(c0 + v, row0 == 0);
+        long long r = row0;
+        for (; r + (GPUBN_MAP_UNROLL - 1) * row_step < rows; r += GPUBN_MAP_UNROLL * row_step) {
+            decltype(load(0LL)) v[GPUBN_MAP_UNROLL];
 #pragma unroll
-            for (int v = 0; v < VEC; ++v) k[v] = consts[threadIdx.x * VEC + v];
-            for (long long r = row0; r < rows; r += row_step) body(k, 1, r * channels + c0);
+            for (int u = 0; u < GPUBN_MAP_UNROLL; ++u)
+                v[u] = load((r + u * row_step) * channels + c0);
+#pragma unroll
+            for (int u = 0; u < GPUBN_MAP_UNROLL; ++u)
+                apply(k, 1, v[u], (r + u * row_step) * channels + c0);
         }
-        __syncthreads();
+        for (; r < rows; r += row_step) apply(k, 1, load(r * channels + c0), r * channels + c0);
     }
 }
 

@@ -53,8 +53,10 @@ __device__ __forceinline__ bool row_fits_cache(long long n_v, long long step) {
 
 template <class T, class Acc, int VEC>
 __device__ __forceinline__ void push_vec(Welford<Acc>& w, const Vec<T, VEC>& v) {
+    Acc a[VEC];
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) w.push(to_acc(v.v[k]));
+    for (int k = 0; k < VEC; ++k) a[k] = to_acc(v.v[k]);
+    w.push_group(a);
 }
 
 template <class T, class Acc, int VEC>
@@ -344,7 +346,7 @@ ln_backward_dx_block(const T* __restrict__ dy, const T* __restrict__ x, T* __res
 // (sum dy, sum dy * xhat).
 // ---------------------------------------------------------------------------
 template <class T, class Acc>
-__global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS)
+__global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS, GPUBN_REDUCE_MIN_BLOCKS)
 ln_backward_wgrad(const T* __restrict__ dy, const T* __restrict__ x, const Acc* mean,
                   const Acc* rstd, long long rows, int n, GradSums<Acc>* partials,
                   unsigned int* counters, Acc* dweight_out, Acc* dbias_out) {
@@ -353,14 +355,14 @@ ln_backward_wgrad(const T* __restrict__ dy, const T* __restrict__ x, const Acc* 
     const long long chunk = (rows + splits - 1) / splits;
     const long long begin = (long long)blockIdx.y * chunk;
     const long long end = min_ll(begin + chunk, rows);
-    GradSums<Acc> s = GradSums<Acc>::identity();
+    GradSums<Acc> s[1] = {GradSums<Acc>::identity()};
     if (c < n) {
         for (long long r = begin + threadIdx.y; r < end; r += blockDim.y) {
             const long long off = r * n + c;
             const Acc g = to_acc(dy[off]);
             const Acc xhat = (Acc(to_acc(x[off])) - mean[r]) * rstd[r];
-            s.sum_dy += g;
-            s.sum_dy_xmu = fma_acc(g, xhat, s.sum_dy_xmu);
+            s[0].sum_dy += g;
+            s[0].sum_dy_xmu = fma_acc(g, xhat, s[0].sum_dy_xmu);
         }
     }
     channel_finish_nhwc(s, n, partials, counters, [&](const GradSums<Acc>& total, int col) {

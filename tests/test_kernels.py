@@ -215,7 +215,8 @@ def test_reductions_unrolled_and_tail(shape, dtype):
     tuning that gives each thread 4 to 8 positions runs both parts."""
     tuned = type(EMU)(tuning=Tuning(reduce_threads=64, min_units_per_thread=7))
     cfg = reduce_launch("stats", shape, dtype, True, EMU_DEVICE, tuned.tuning)
-    per_channel = shape[0] * shape[2] // cfg.vec
+    # vector units per channel: rows for channels last (vectors run along C)
+    per_channel = shape[0] if shape[2] == 1 else shape[0] * shape[2] // cfg.vec
     threads_per_channel = cfg.block[1] if shape[2] == 1 else cfg.block[0]
     per_thread = -(-per_channel // cfg.splits) / threads_per_channel
     assert cfg.splits > 1 and 4 < per_thread < 8, (cfg, per_thread)
@@ -287,8 +288,9 @@ def test_bfloat16_kernels_round_to_nearest_even():
     y = np.empty_like(bits)
     mean, invstd = np.zeros(1, np.float32), np.array([0.3], np.float32)
     null = np.uint64(0)
-    fn((64, 1, 1), (128, 1, 1), (bits, y, mean, invstd, null, null, null, null, np.int64(1),
-                                 np.int32(1), np.int64(bits.size), np.int32(0), np.float32(0)))
+    fn((64, 1, 1), (128, 1, 1), (bits, y, mean, null, invstd, null, null, null, null,
+                                 np.int64(1), np.int32(1), np.int64(bits.size), np.int32(0),
+                                 np.float32(0)))
     xf = torch.from_numpy(bits.astype(np.int32) << 16).view(torch.float32)  # exact widening
     yf = xf * torch.tensor(0.3, dtype=torch.float32) + 0.0  # one float32 rounding, -0 -> +0
     expected = yf.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)

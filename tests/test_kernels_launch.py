@@ -3,12 +3,15 @@ alignment, device attributes and tuning -- no device or emulator needed."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 from gpubn import kernels as catalog
-from gpubn.launch import (MAX_MAP_COLUMNS, MAX_MAP_THREADS, MAX_REDUCE_THREADS,
-                          SHARED_MEMORY_LIMIT, DeviceAttributes, Tuning, ln_stage_bytes,
-                          ln_static_shared_bytes, map_launch, reduce_launch, vector_width)
+from gpubn.launch import (LN_CACHE_UNITS, MAP_UNROLL, MAX_MAP_COLUMNS, MAX_MAP_THREADS,
+                          MAX_REDUCE_THREADS, REDUCE_MIN_BLOCKS, SHARED_MEMORY_LIMIT,
+                          DeviceAttributes, Tuning, ln_stage_bytes, ln_static_shared_bytes,
+                          ln_wgrad_launch, map_launch, occupancy, reduce_launch, vector_width)
 
 H100 = DeviceAttributes(sm_count=132)
 
@@ -25,6 +28,10 @@ def test_limits_match_the_kernel_header():
     assert _header_define("GPUBN_MAX_REDUCE_THREADS") == MAX_REDUCE_THREADS
     assert _header_define("GPUBN_MAX_MAP_THREADS") == MAX_MAP_THREADS
     assert _header_define("GPUBN_MAX_MAP_COLUMNS") == MAX_MAP_COLUMNS
+    assert _header_define("GPUBN_MAP_UNROLL") == MAP_UNROLL
+    assert _header_define("GPUBN_REDUCE_MIN_BLOCKS") == REDUCE_MIN_BLOCKS
+    text = open(f"{catalog.kernels_dir()}/layer_norm.cu").read()
+    assert f"#define GPUBN_LN_CACHE_UNITS {LN_CACHE_UNITS}\n" in text
 
 
 @pytest.mark.parametrize("shape", [(32, 64, 3136), (100_000, 64, 1)], ids=["nchw", "nhwc"])
@@ -91,7 +98,12 @@ def test_channels_last_blocks_run_along_channels():
     cfg = reduce_launch("stats", (1000, 3, 1), "float32", True, H100)
     assert cfg.kernel == "bn_stats_nhwc" and cfg.block[0] == 4   # C = 3 -> 4 lanes per row
     cfg = reduce_launch("stats", (1000, 300, 1), "float32", True, H100)
-    assert cfg.block[0] == 32 and cfg.grid[0] == 10              # 10 tiles of 32 channels
+    # 300 = 75 float4 vectors: each thread reads 4 adjacent channels, 3 tiles of 32 x 4
+    assert cfg.vec == 4 and cfg.block[0] == 32 and cfg.grid[0] == 3
+    cfg = reduce_launch("stats", (1000, 300, 1), "float32", False, H100)
+    assert cfg.vec == 1 and cfg.grid[0] == 10                    # unaligned: 10 tiles of 32
+    cfg = reduce_launch("stats", (1000, 12, 1), "float16", True, H100)
+    assert cfg.vec == 4 and cfg.block[0] == 4                    # 12 halves: 8-byte vectors
 
 
 def test_elementwise_rows_waste_little():
@@ -113,8 +125,10 @@ def test_tuning_rejects_bad_values():
 
 
 # ------------------------------------------------ layer-norm shared memory --
-def _ptxas_static_shared(kernel, dtype, vec):
-    """Static shared memory ptxas reports for one instantiation (sm_90), or
+@functools.lru_cache(maxsize=None)
+def _ptxas_resources(source):
+    """{name expression: (registers, static shared bytes, spill bytes)} that
+    ptxas reports for every catalog instantiation of ``source`` (sm_90), or
     skip when NVRTC or ptxas (pip nvidia-cuda-nvcc) is missing."""
     import glob
     import os
@@ -131,9 +145,8 @@ def _ptxas_static_shared(kernel, dtype, vec):
              for p in glob.glob(os.path.join(entry, "nvidia", "cu*", "bin", "ptxas"))]
     if not found:
         pytest.skip("ptxas not found (pip install nvidia-cuda-nvcc)")
-    name = catalog.name_expression(kernel, dtype, vec)
-    source = catalog.KERNELS[kernel].source
-    result = _nvrtc.compile_to_ptx(catalog.read_source(source), [name],
+    names = catalog.all_name_expressions(source)
+    result = _nvrtc.compile_to_ptx(catalog.read_source(source), names,
                                    catalog.compile_options() + ("--gpu-architecture=compute_90",),
                                    source)
     with tempfile.TemporaryDirectory() as tmp:
@@ -142,11 +155,19 @@ def _ptxas_static_shared(kernel, dtype, vec):
             f.write(result.ptx)
         log = subprocess.run([found[0], "-arch=sm_90", "-v", ptx, "-o", os.devnull],
                              capture_output=True, text=True, check=True).stderr
-    entry = result.lowered_names[name]
-    block = log.split(f"Compiling entry function '{entry}'", 1)[1]
-    usage = re.search(r"Used \d+ registers[^\n]*", block).group(0)
-    smem = re.search(r"(\d+) bytes smem", usage)
-    return int(smem.group(1)) if smem else 0
+    out = {}
+    for name in names:
+        block = log.split(f"Compiling entry function '{result.lowered_names[name]}'", 1)[1]
+        spill = int(re.search(r"(\d+) bytes spill stores", block).group(1))
+        usage = re.search(r"Used (\d+) registers[^\n]*", block)
+        smem = re.search(r"(\d+) bytes smem", usage.group(0))
+        out[name] = (int(usage.group(1)), int(smem.group(1)) if smem else 0, spill)
+    return out
+
+
+def _ptxas_static_shared(kernel, dtype, vec):
+    name = catalog.name_expression(kernel, dtype, vec)
+    return _ptxas_resources(catalog.KERNELS[kernel].source)[name][1]
 
 
 @pytest.mark.parametrize("kernel", ["ln_forward_warp", "ln_forward_block",
@@ -160,7 +181,7 @@ def test_layer_norm_static_shared_model_matches_ptxas(kernel, dtype):
     assert ln_static_shared_bytes(kernel, dtype) == _ptxas_static_shared(kernel, dtype, vec)
 
 
-@pytest.mark.parametrize("dtype,static", [("float32", 784), ("float64", 1040)])
+@pytest.mark.parametrize("dtype,static", [("float32", 784), ("float64", 1296)])
 def test_layer_norm_staging_leaves_room_for_static_shared(dtype, static):
     """Forward with weight and bias stages 2 * n values next to the block
     kernel's static shared memory (784 B for float): float rows of 6047..6144
@@ -181,3 +202,52 @@ def test_layer_norm_staging_leaves_room_for_static_shared(dtype, static):
     assert ln_stage_bytes(fits, size, 1, back) == fits * size
     assert ln_stage_bytes(fits + 1, size, 1, back) == 0
     assert ln_stage_bytes(100, size, 0, static) == 0
+
+
+# ------------------------------------------------------------- occupancy --
+def test_occupancy_counts_threads_registers_and_shared_memory():
+    """256-thread blocks on compute capability 9.0: 2048 threads, 64K
+    registers (per warp in units of 256), 228 KiB of shared memory (+1 KiB
+    reserved per block) and 32 blocks per SM."""
+    assert occupancy(32, 0, 256, 0, H100) == 8          # threads: 2048 / 256
+    assert occupancy(64, 0, 256, 0, H100) == 4          # 65536 / (64 * 256)
+    assert occupancy(80, 0, 256, 0, H100) == 3          # 2560 per warp: 25 warps
+    assert occupancy(81, 0, 256, 0, H100) == 2          # 88 per thread after rounding
+    assert occupancy(32, 100 * 1024, 256, 0, H100) == 2  # 2 x 101 KiB of 228
+    assert occupancy(32, 0, 32, 0, H100) == 32          # blocks
+
+
+@pytest.mark.parametrize("source", ["bn_stats.cu", "bn_backward.cu"])
+def test_reduction_kernels_reach_the_declared_occupancy_without_spills(source):
+    """What the grids of the reductions are sized from where no device can
+    be asked (REDUCE_MIN_BLOCKS, each kernel's __launch_bounds__) holds for
+    every instantiation as ptxas compiles it, with nothing spilled."""
+    for name, (registers, shared, spill) in _ptxas_resources(source).items():
+        if "reduce" in name or "stats" in name:
+            assert spill == 0, (name, spill)
+            assert occupancy(registers, shared, MAX_REDUCE_THREADS, 0, H100) >= \
+                REDUCE_MIN_BLOCKS, (name, registers, shared)
+
+
+@pytest.mark.parametrize("shape", [(32, 64, 3136), (32, 256, 3136), (100_000, 64, 1)],
+                         ids=["nchw-64", "nchw-256", "nhwc"])
+@pytest.mark.parametrize("blocks_per_sm", [2, REDUCE_MIN_BLOCKS, 4])
+def test_reduction_grids_fill_one_wave(shape, blocks_per_sm):
+    """Grids of at most one wave of the function's occupancy (never a
+    partial second wave: 32x64x56x56 used to take 1.45 waves with a fixed 4
+    blocks per SM), and less than one tile (column of blocks) short of it."""
+    cfg = reduce_launch("stats", shape, "float32", True, H100, blocks_per_sm=blocks_per_sm)
+    tiles, blocks = cfg.grid[0], cfg.grid[0] * cfg.grid[1]
+    wave = H100.sm_count * blocks_per_sm
+    assert blocks <= max(wave, tiles), (cfg, wave)
+    assert blocks > wave - tiles, (cfg, wave)
+
+
+def test_layer_norm_column_reduction_has_its_own_workspace():
+    """dweight / dbias partials are sized for ln_backward_wgrad's state (two
+    accumulators per column and split), not batch norm's."""
+    cfg = ln_wgrad_launch(100_000, 768, "float32", H100)
+    assert cfg.kernel == "ln_backward_wgrad" and cfg.vec == 1 and cfg.splits > 1
+    assert cfg.partial_bytes == 768 * cfg.splits * 8 and cfg.counters == cfg.grid[0] == 24
+    cfg64 = ln_wgrad_launch(100_000, 768, "float64", H100)
+    assert cfg64.partial_bytes == 768 * cfg64.splits * 16

@@ -30,7 +30,7 @@ import threading
 from typing import Dict, Optional, Tuple
 
 from .. import kernels as catalog
-from ..launch import DeviceAttributes
+from ..launch import DeviceAttributes, occupancy
 from .kernel_backend import KernelBackend, debug_enabled, debug_report
 
 try:
@@ -69,10 +69,17 @@ class CudaBackend(KernelBackend):
         attrs = self._attributes.get(dev.id)
         if attrs is None:
             a = dev.attributes
+            base = DeviceAttributes(sm_count=1)
+            per_sm = {field: int(a.get(attr, getattr(base, field))) for field, attr in (
+                ("max_threads_per_sm", "MaxThreadsPerMultiProcessor"),
+                ("registers_per_sm", "MaxRegistersPerMultiprocessor"),
+                ("shared_per_sm", "MaxSharedMemoryPerMultiprocessor"),
+                ("reserved_shared_per_block", "ReservedSharedMemoryPerBlock"),
+                ("max_blocks_per_sm", "MaxBlocksPerMultiprocessor"))}
             attrs = DeviceAttributes(sm_count=int(a["MultiProcessorCount"]),
                                      max_threads_per_block=int(a["MaxThreadsPerBlock"]),
                                      max_grid_y=int(a["MaxGridDimY"]),
-                                     name=f"cuda:{dev.id}")
+                                     name=f"cuda:{dev.id}", **per_sm)
             self._attributes[dev.id] = attrs
         return attrs
 
@@ -101,6 +108,11 @@ class CudaBackend(KernelBackend):
 
     def _static_shared_bytes(self, fn, cfg, dtype_key) -> int:
         return int(fn.shared_size_bytes)
+
+    def _blocks_per_sm(self, fn, cfg) -> int:
+        threads = cfg.block[0] * cfg.block[1] * cfg.block[2]
+        return occupancy(int(fn.num_regs), int(fn.shared_size_bytes), threads, 0,
+                         self.device_attributes())
 
     def _address(self, a) -> int:
         return a.data.ptr

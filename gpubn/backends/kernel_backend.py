@@ -1,19 +1,26 @@
 """The launch sequence of every op, shared by the ``cuda`` and ``emu`` backends.
 
-A kernel backend differs from another only in three things, the hooks a
-subclass provides:
+A kernel backend differs from another only in its seven hooks.  A subclass
+must provide five:
 
 * ``_get_function(source, dtype_key, name)``: a compiled kernel callable as
   ``fn(grid, block, args, shared_mem=0)`` (CuPy ``RawModule`` functions and
   ``gpubn.emu.RawModule`` functions both are);
 * ``xp``: the array module (CuPy or NumPy);
 * ``device_attributes()``: the ``gpubn.launch.DeviceAttributes`` the launch
-  configuration is computed from.
+  configuration is computed from;
+* ``_address(a)`` and ``_zeroed_counters(n)``: one-liners about arrays;
 
-(plus two one-liners about arrays: ``_address`` and ``_zeroed_counters``,
-and one with a default: ``_static_shared_bytes(fn, cfg, dtype_key)``, the
-static shared memory of a compiled function, which layer-norm launches
-subtract from the 48 KiB they may use).
+and may override two that have a default from ``gpubn.launch``'s models:
+
+* ``_static_shared_bytes(fn, cfg, dtype_key)``: the static shared memory of
+  a compiled layer-norm row kernel, which its weight/bias staging leaves
+  room for within 48 KiB;
+* ``_blocks_per_sm(fn, cfg)``: the occupancy of a compiled reduction kernel,
+  which sizes its grid to one wave.
+
+Every launch plan (block, grid, vector width, workspace) comes from
+``gpubn.launch``; this module only runs them.
 
 Kernel arguments are always explicit NumPy scalars of the exact C type of the
 parameter (``long long`` -> ``np.int64``, ``int`` -> ``np.int32``, ``Acc`` ->
@@ -37,7 +44,6 @@ bn_backward (eval)     bn_backward_reduce_* (writes dx as well)    1
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from typing import Optional
@@ -46,8 +52,9 @@ import numpy as np
 
 from .. import _validation as V
 from .. import kernels as catalog
-from ..launch import (WARP, DeviceAttributes, Launch, Tuning, ln_stage_bytes,
-                      ln_static_shared_bytes, map_launch, reduce_launch)
+from ..launch import (REDUCE_MIN_BLOCKS, DeviceAttributes, Launch, Tuning, ln_row_launch,
+                      ln_stage_bytes, ln_static_shared_bytes, ln_wgrad_launch, map_launch,
+                      reduce_launch, renorm_finish_launch)
 from .base import Backend, ChannelStats
 
 _ACC_DTYPES = {"float": np.dtype(np.float32), "double": np.dtype(np.float64)}
@@ -137,6 +144,24 @@ class KernelBackend(Backend):
         reports it per function; the default is launch.py's model)."""
         return ln_static_shared_bytes(cfg.kernel, dtype_key)
 
+    def _blocks_per_sm(self, fn, cfg: Launch) -> int:
+        """Occupancy of a compiled reduction kernel at ``cfg``'s block size
+        (CuPy reports the function's registers and shared memory; the
+        default is the minimum the kernels declare in __launch_bounds__)."""
+        return REDUCE_MIN_BLOCKS
+
+    def _one_wave(self, plan, key: str) -> Launch:
+        """The reduction launch ``plan(blocks_per_sm)`` with its grid sized to
+        one wave of the compiled function's occupancy (the kernel, vector
+        width and block do not depend on it)."""
+        cfg = plan(REDUCE_MIN_BLOCKS)
+        blocks = self._blocks_per_sm(self._function(cfg, key), cfg)
+        return cfg if blocks == REDUCE_MIN_BLOCKS else plan(max(1, blocks))
+
+    def _reduce_launch(self, op: str, shape3, key: str, aligned: bool) -> Launch:
+        return self._one_wave(lambda blocks: reduce_launch(
+            op, shape3, key, aligned, self._device(), self.tuning, blocks_per_sm=blocks), key)
+
     def _launch(self, cfg: Launch, dtype_key: str, args, shared_mem: int = 0) -> None:
         """Launch ``cfg``'s kernel for ``dtype_key``; ``None`` in ``args`` is an
         absent array, passed as a null pointer."""
@@ -154,13 +179,12 @@ class KernelBackend(Backend):
         return partials, self._zeroed_counters(cfg.counters)
 
     # -- statistics ----------------------------------------------------------
-    def _stats(self, x3, acc, key, mean_out, m2_out, invstd_out, running_mean, running_var,
-               momentum, eps):
+    def _stats(self, x3, acc, key, mean_out, mean_lo_out, m2_out, invstd_out, running_mean,
+               running_var, momentum, eps):
         outer, channels, inner = x3.shape
         if channels == 0:
             return
-        cfg = reduce_launch("stats", x3.shape, key, self._aligned(x3), self._device(),
-                            self.tuning)
+        cfg = self._reduce_launch("stats", x3.shape, key, self._aligned(x3))
         partials, counters = self._workspace(cfg)
         a = acc.type
         if cfg.kernel.endswith("nchw"):
@@ -168,7 +192,8 @@ class KernelBackend(Backend):
         else:
             shape_args = (x3, np.int64(outer), np.int32(channels))
         self._launch(cfg, key, shape_args + (
-            partials, counters, mean_out, m2_out, invstd_out, running_mean, running_var,
+            partials, counters, mean_out, mean_lo_out, m2_out, invstd_out, running_mean,
+            running_var,
             a(momentum), a(eps)))
 
     def bn_stats(self, x3) -> ChannelStats:
@@ -182,12 +207,15 @@ class KernelBackend(Backend):
             mean.fill(np.nan)
             m2.fill(0)
         else:
-            self._stats(x3, acc, key, mean, m2, None, None, None, 0.0, 0.0)
+            self._stats(x3, acc, key, mean, None, m2, None, None, None, 0.0, 0.0)
         return ChannelStats(count=count, mean=mean, m2=m2)
 
     # -- forward -------------------------------------------------------------
-    def _apply(self, x3, key, acc, mean, spread, weight, bias, mean_out, invstd_out,
+    def _apply(self, x3, key, acc, mean, mean_lo, spread, weight, bias, mean_out, invstd_out,
                from_var: bool, eps: float):
+        """y from the channel mean ``mean`` (+ ``mean_lo``, what rounding it
+        left out, or None) and ``spread`` (invstd, or the variance when
+        ``from_var``)."""
         outer, channels, inner = x3.shape
         y3 = self.xp.empty_like(x3)
         if x3.size == 0:
@@ -198,7 +226,8 @@ class KernelBackend(Backend):
             shape_args = (np.int64(outer), np.int32(channels), np.int64(inner))
         else:
             shape_args = (np.int64(outer), np.int32(channels))
-        self._launch(cfg, key, (x3, y3, mean, spread, weight, bias, mean_out, invstd_out)
+        self._launch(cfg, key, (x3, y3, mean, mean_lo, spread, weight, bias, mean_out,
+                                invstd_out)
                      + shape_args + (np.int32(1 if from_var else 0), acc.type(eps)))
         return y3
 
@@ -213,9 +242,11 @@ class KernelBackend(Backend):
             raise ValueError("x has no values per channel")
         mean = self.xp.empty(channels, dtype=acc)
         invstd = self.xp.empty(channels, dtype=acc)
-        self._stats(x3, acc, key, mean, None, invstd, running_mean, running_var,
+        mean_lo = self.xp.empty(channels, dtype=acc)
+        self._stats(x3, acc, key, mean, mean_lo, None, invstd, running_mean, running_var,
                     float(momentum), float(eps))
-        y3 = self._apply(x3, key, acc, mean, invstd, weight, bias, None, None, False, eps)
+        y3 = self._apply(x3, key, acc, mean, mean_lo, invstd, weight, bias, None, None, False,
+                         eps)
         return y3, mean, invstd
 
     def bn_forward_eval(self, x3, weight, bias, running_mean, running_var, eps):
@@ -232,8 +263,8 @@ class KernelBackend(Backend):
             mean[...] = running_mean
             invstd[...] = 1.0 / self.xp.sqrt(running_var + acc.type(eps))
             return self.xp.empty_like(x3), mean, invstd
-        y3 = self._apply(x3, key, acc, running_mean, running_var, weight, bias, mean, invstd,
-                         True, eps)
+        y3 = self._apply(x3, key, acc, running_mean, None, running_var, weight, bias, mean,
+                         invstd, True, eps)
         return y3, mean, invstd
 
     def bn_apply(self, x3, mean, invstd, weight, bias):
@@ -244,7 +275,7 @@ class KernelBackend(Backend):
         self._check_channel(invstd, channels, acc, "invstd", optional=False)
         for v, n in ((weight, "weight"), (bias, "bias")):
             self._check_channel(v, channels, acc, n)
-        return self._apply(x3, key, acc, mean, invstd, weight, bias, None, None, False, 0.0)
+        return self._apply(x3, key, acc, mean, None, invstd, weight, bias, None, None, False, 0.0)
 
     # -- backward ------------------------------------------------------------
     def _check_backward(self, dy3, x3, mean, invstd, weight):
@@ -265,8 +296,7 @@ class KernelBackend(Backend):
             sum_dy.fill(0)
             sum_dy_xhat.fill(0)
             return sum_dy, sum_dy_xhat
-        cfg = reduce_launch("grad", x3.shape, key, self._aligned(x3, dy3, dx_eval),
-                            self._device(), self.tuning)
+        cfg = self._reduce_launch("grad", x3.shape, key, self._aligned(x3, dy3, dx_eval))
         partials, counters = self._workspace(cfg)
         if cfg.kernel.endswith("nchw"):
             shape_args = (np.int64(outer), np.int32(channels), np.int64(inner))
@@ -337,13 +367,14 @@ class KernelBackend(Backend):
         if count == 0:
             raise ValueError("x has no values per channel")
         xp, a = self.xp, acc.type
-        mean, m2, invstd = (xp.empty(channels, dtype=acc) for _ in range(3))
-        self._stats(x3, acc, key, mean, m2, invstd, None, None, 0.0, float(eps))
+        mean, mean_lo, m2, invstd = (xp.empty(channels, dtype=acc) for _ in range(4))
+        self._stats(x3, acc, key, mean, mean_lo, m2, invstd, None, None, 0.0, float(eps))
         r, d, w_eff, b_eff = (xp.empty(channels, dtype=acc) for _ in range(4))
         self._launch(renorm_finish_launch(channels), key, (
             mean, m2, np.int64(count), np.int32(channels), weight, bias, running_mean,
             running_std, r, d, w_eff, b_eff, a(rmax), a(dmax), a(momentum), a(eps)))
-        y3 = self._apply(x3, key, acc, mean, invstd, w_eff, b_eff, None, None, False, eps)
+        y3 = self._apply(x3, key, acc, mean, mean_lo, invstd, w_eff, b_eff, None, None, False,
+                         eps)
         return y3, mean, invstd, r, d, w_eff
 
     def _check_rows(self, a, like, name: str):
@@ -400,47 +431,12 @@ class KernelBackend(Backend):
             dweight.fill(0)
             dbias.fill(0)
             return dx2, dweight, dbias
-        cfg = reduce_launch("grad", (rows, n, 1), key, False, self._device(), self.tuning)
-        cfg = dataclasses.replace(cfg, kernel="ln_backward_wgrad")
+        cfg = self._one_wave(lambda blocks: ln_wgrad_launch(
+            rows, n, key, self._device(), self.tuning, blocks_per_sm=blocks), key)
         partials, counters = self._workspace(cfg)
         self._launch(cfg, key, (dy2, x2, mean, rstd, np.int64(rows), np.int32(n), partials,
                                 counters, dweight, dbias))
         return dx2, dweight, dbias
 
 
-def renorm_finish_launch(channels: int) -> Launch:
-    """One thread per channel for ``bn_renorm_finish``."""
-    threads = min(256, max(WARP, 1 << (max(channels, 1) - 1).bit_length()))
-    return Launch("bn_renorm_finish", 1, (-(-channels // threads), 1, 1), (threads, 1, 1))
-
-
-# Must equal GPUBN_LN_CACHE_UNITS in kernels/layer_norm.cu: vector units per
-# thread the layer-norm row kernels keep in registers.
-LN_CACHE_UNITS = 8
-
-
-def ln_row_launch(op: str, rows: int, n: int, dtype_key: str, aligned: bool,
-                  dev: DeviceAttributes, tuning: Tuning) -> Launch:
-    """Launch of a layer-norm row kernel (``op``: ``'forward'`` or
-    ``'backward_dx'``).  Rows of up to ``LN_CACHE_UNITS`` vector units per
-    lane go one warp per row (``tuning.reduce_threads // 32`` rows per block);
-    longer rows one block per row, of the fewest threads (up to
-    ``reduce_threads``) that leave each at most ``LN_CACHE_UNITS`` units, so
-    the kernels keep the row in registers and read it once whenever the row
-    allows.  Grids stop growing at ``sm_count * map_blocks_per_sm`` blocks
-    (the kernels stride over rows)."""
-    width = catalog.vector_width(dtype_key)
-    vec = width if aligned and n % width == 0 else 1
-    units = n // vec
-    max_blocks = dev.sm_count * tuning.map_blocks_per_sm
-    if units <= LN_CACHE_UNITS * WARP:
-        per_block = max(1, tuning.reduce_threads // WARP)
-        grid = max(1, min(-(-rows // per_block), max_blocks))
-        return Launch(f"ln_{op}_warp", vec, (grid, 1, 1), (WARP, per_block, 1))
-    wanted = -(-units // LN_CACHE_UNITS)
-    threads = max(WARP, min(tuning.reduce_threads, 1 << (wanted - 1).bit_length()))
-    return Launch(f"ln_{op}_block", vec, (max(1, min(rows, max_blocks)), 1, 1), (threads, 1, 1))
-
-
-__all__ = ["KernelBackend", "debug_enabled", "debug_report", "ln_row_launch",
-           "renorm_finish_launch", "LN_CACHE_UNITS"]
+__all__ = ["KernelBackend", "debug_enabled", "debug_report"]
