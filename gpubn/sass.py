@@ -51,37 +51,23 @@ STREAMING = ("bn_stats_nchw", "bn_stats_nhwc", "bn_apply_nchw", "bn_apply_nhwc",
 VECTOR_REQUIRED = ("bn_stats_nhwc",)
 
 
-@dataclass(frozen=True)
-class ArchLimits:
-    """Per-SM limits of a compute capability (CUDA programming guide,
-    'Technical Specifications per Compute Capability'; the occupancy
-    calculator's allocation rules)."""
-
-    max_warps: int = 64
-    max_blocks: int = 32
-    registers: int = 65536
-    register_unit: int = 256        # registers are allocated per warp in units of 256
-    shared: int = 167936            # shared memory per SM usable by blocks
-    shared_reserved: int = 1024     # the runtime reserves 1 KiB per block (sm_80 and later)
-    shared_unit: int = 128
-
-
-LIMITS = {"sm_80": ArchLimits(shared=167936), "sm_90": ArchLimits(shared=233472)}
+# The per-SM limits of each architecture checked (CUDA programming guide,
+# "Technical Specifications per Compute Capability"): A100 and H100/H200.
+DEVICES = {
+    "sm_80": plan.DeviceAttributes(sm_count=108, shared_per_sm=164 * 1024, name="sm_80"),
+    "sm_90": plan.DeviceAttributes(sm_count=132, shared_per_sm=228 * 1024, name="sm_90"),
+}
 
 
 def occupancy(registers: int, shared_bytes: int, threads: int, arch: str) -> Tuple[int, float]:
-    """Resident blocks per SM and the share of the SM's warps they hold, for a
+    """Resident blocks per SM (``launch.occupancy``, the count the launch
+    plan sizes grids with) and the share of the SM's threads they hold, for a
     function using ``registers`` per thread and ``shared_bytes`` (static plus
     dynamic) per block, launched with ``threads`` per block."""
-    lim = LIMITS[arch]
-    warps = -(-threads // 32)
-    per_warp = -(-max(registers, 1) * 32 // lim.register_unit) * lim.register_unit
-    by_regs = (lim.registers // per_warp) // warps
-    by_warps = lim.max_warps // warps
-    smem = -(-shared_bytes // lim.shared_unit) * lim.shared_unit + lim.shared_reserved
-    by_smem = lim.shared // smem
-    blocks = max(0, min(lim.max_blocks, by_regs, by_warps, by_smem))
-    return blocks, blocks * warps / lim.max_warps
+    dev = DEVICES[arch]
+    blocks = plan.occupancy(registers, shared_bytes, threads, 0, dev)
+    warps = -(-threads // plan.WARP)
+    return blocks, blocks * warps * plan.WARP / dev.max_threads_per_sm
 
 
 # -- tools ---------------------------------------------------------------------------
@@ -319,17 +305,18 @@ class KernelReport:
 
 def planned_block(kernel: str, tuning: plan.Tuning = plan.Tuning()) -> Tuple[int, int]:
     """(threads per block, resident blocks per SM assumed) for a kernel's
-    largest launch in the launch plan.  Reductions size their grid as
-    ``sm_count * blocks_per_sm`` blocks of ``reduce_threads``: one wave only
-    when that many blocks fit on an SM at once.  The elementwise and
-    layer-norm grids stride over their data and assume no residency: one
-    block must fit."""
+    largest launch in the launch plan.  The reductions declare
+    ``REDUCE_MIN_BLOCKS`` resident blocks of ``reduce_threads`` in their
+    ``__launch_bounds__`` (the plan sizes their grids from the function's
+    occupancy, and the last-block merge assumes nothing more); the
+    elementwise and layer-norm grids stride over their data and assume no
+    residency: one block must fit."""
     if kernel.startswith(("bn_stats", "bn_backward_reduce")):
-        return tuning.reduce_threads, getattr(tuning, "blocks_per_sm", 1)
+        return tuning.reduce_threads, plan.REDUCE_MIN_BLOCKS
     if kernel.startswith(("bn_apply", "bn_backward_dx")):
         return tuning.map_threads, 1
     if kernel == "bn_renorm_finish":
-        return 256, 1
+        return plan.renorm_finish_launch(1 << 20).block[0], 1
     return tuning.reduce_threads, 1
 
 
@@ -499,7 +486,7 @@ def format_summary(reports: Iterable[KernelReport], arch: str = "sm_90",
                      + [fmt.format(*row).rstrip() for row in body])
 
 
-__all__ = ["ARCHS", "MIN_LOADS_IN_FLIGHT", "KernelReport", "occupancy", "find_tool",
+__all__ = ["ARCHS", "DEVICES", "MIN_LOADS_IN_FLIGHT", "KernelReport", "occupancy", "find_tool",
            "unavailable_reason", "parse_ptxas", "parse_sass", "streaming_loop", "loop_loads",
            "load_bytes", "assemble", "report", "problems", "format_table", "format_summary",
            "planned_block",

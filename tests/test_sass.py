@@ -5,7 +5,9 @@ shared memory without opting in, must keep at least 4 global loads in flight
 in its streaming loop, and the channels-last statistics must use vector
 loads.  The parsers and each check are first shown to catch a planted defect
 on hand-written ptxas / SASS text; the assembled checks skip when ptxas or
-nvdisasm is missing (pip: nvidia-cuda-nvcc, nvidia-cuda-nvdisasm)."""
+nvdisasm is missing (pip: nvidia-cuda-nvcc, nvidia-cuda-nvdisasm).  Assembling
+the catalog takes a minute or two: those tests are marked slow (CI runs them;
+locally ``--run-slow``)."""
 
 import dataclasses
 
@@ -162,13 +164,13 @@ GOOD = sass.KernelReport(
     name="gpubn::bn_stats_nhwc<float, float, 4>", kernel="bn_stats_nhwc", dtype="float32",
     vec=1, arch="sm_90", registers=40, shared=6148, dynamic_shared=0, stack=0,
     spill_stores=0, spill_loads=0, loop_loads=4, in_flight=4, load_bytes=16, threads=256,
-    assumed_blocks=4, blocks_per_sm=6, occupancy=0.75)
+    assumed_blocks=3, blocks_per_sm=6, occupancy=0.75)
 
 
 @pytest.mark.parametrize("change, message", [
     ({"spill_stores": 8, "spill_loads": 8}, "spills 8 B stores / 8 B loads"),
-    ({"registers": 80, "blocks_per_sm": 3}, "3 blocks of 256 threads per SM, the launch plan "
-                                            "assumes 4"),
+    ({"registers": 96, "blocks_per_sm": 2}, "2 blocks of 256 threads per SM, the launch plan "
+                                            "assumes 3"),
     ({"shared": 1024, "dynamic_shared": 48 * 1024}, "pass the 49152 B"),
     ({"in_flight": 1}, "1 global load(s) in flight"),
     ({"in_flight": None, "loop_loads": None, "load_bytes": None}, "no streaming loop"),
@@ -231,43 +233,26 @@ _WHY = {
 }
 _KNOWN_FAILING = """
 bn_stats_nchw            bfloat16  1 sm_80  in-flight
-bn_stats_nchw            bfloat16  1 sm_90  spills,in-flight
+bn_stats_nchw            bfloat16  1 sm_90  in-flight
 bn_stats_nchw            float32   1 sm_80  in-flight
-bn_stats_nchw            float32   1 sm_90  spills,in-flight
-bn_stats_nchw            float32   2 sm_80  in-flight
-bn_stats_nchw            float32   2 sm_90  in-flight
+bn_stats_nchw            float32   1 sm_90  in-flight
 bn_stats_nchw            float64   1 sm_80  in-flight
-bn_stats_nchw            float64   1 sm_90  spills,in-flight
-bn_stats_nchw            float64   2 sm_80  registers,in-flight
-bn_stats_nchw            float64   2 sm_90  registers,in-flight
-bn_stats_nhwc            float16   1 sm_80  scalar
-bn_stats_nhwc            float16   1 sm_90  scalar
-bn_stats_nhwc            bfloat16  1 sm_80  in-flight,scalar
-bn_stats_nhwc            bfloat16  1 sm_90  in-flight,scalar
-bn_stats_nhwc            float32   1 sm_80  in-flight,scalar
-bn_stats_nhwc            float32   1 sm_90  in-flight,scalar
-bn_stats_nhwc            float64   1 sm_80  spills,in-flight,scalar
-bn_stats_nhwc            float64   1 sm_90  in-flight,scalar
-bn_apply_nchw            float16   1 sm_80  in-flight
-bn_apply_nchw            float16   1 sm_90  in-flight
-bn_apply_nchw            float16   4 sm_80  in-flight
-bn_apply_nchw            float16   4 sm_90  in-flight
-bn_apply_nchw            float16   8 sm_80  in-flight
-bn_apply_nchw            float16   8 sm_90  in-flight
-bn_apply_nchw            bfloat16  1 sm_80  in-flight
-bn_apply_nchw            bfloat16  1 sm_90  in-flight
-bn_apply_nchw            bfloat16  4 sm_80  in-flight
-bn_apply_nchw            bfloat16  4 sm_90  in-flight
-bn_apply_nchw            bfloat16  8 sm_80  in-flight
-bn_apply_nchw            bfloat16  8 sm_90  in-flight
+bn_stats_nchw            float64   1 sm_90  in-flight
+bn_stats_nhwc            bfloat16  1 sm_80  in-flight
+bn_stats_nhwc            bfloat16  1 sm_90  in-flight
+bn_stats_nhwc            float32   1 sm_80  in-flight
+bn_stats_nhwc            float32   1 sm_90  in-flight
+bn_stats_nhwc            float32   2 sm_80  in-flight
+bn_stats_nhwc            float32   2 sm_90  in-flight
+bn_stats_nhwc            float64   1 sm_80  in-flight
+bn_stats_nhwc            float64   1 sm_90  in-flight
+bn_stats_nhwc            float64   2 sm_80  in-flight
+bn_stats_nhwc            float64   2 sm_90  in-flight
 bn_apply_nchw            float32   1 sm_80  in-flight
+bn_apply_nchw            float32   1 sm_90  in-flight
 bn_apply_nchw            float32   2 sm_80  in-flight
-bn_apply_nchw            float32   2 sm_90  in-flight
-bn_apply_nchw            float32   4 sm_80  in-flight
-bn_apply_nchw            float32   4 sm_90  in-flight
 bn_apply_nchw            float64   1 sm_80  in-flight
-bn_apply_nchw            float64   2 sm_80  in-flight
-bn_apply_nchw            float64   2 sm_90  in-flight
+bn_apply_nchw            float64   1 sm_90  in-flight
 bn_apply_nhwc            float16   1 sm_80  in-flight
 bn_apply_nhwc            float16   1 sm_90  in-flight
 bn_apply_nhwc            float16   8 sm_80  in-flight
@@ -277,61 +262,13 @@ bn_apply_nhwc            bfloat16  1 sm_90  in-flight
 bn_apply_nhwc            bfloat16  8 sm_80  in-flight
 bn_apply_nhwc            bfloat16  8 sm_90  in-flight
 bn_apply_nhwc            float32   1 sm_80  in-flight
-bn_apply_nhwc            float32   1 sm_90  in-flight
 bn_apply_nhwc            float32   4 sm_80  in-flight
 bn_apply_nhwc            float32   4 sm_90  in-flight
-bn_apply_nhwc            float64   1 sm_80  in-flight
 bn_apply_nhwc            float64   1 sm_90  in-flight
 bn_apply_nhwc            float64   2 sm_80  in-flight
 bn_apply_nhwc            float64   2 sm_90  in-flight
-bn_backward_reduce_nchw  float16   1 sm_80  in-flight
-bn_backward_reduce_nchw  float16   1 sm_90  in-flight
-bn_backward_reduce_nchw  float16   8 sm_80  in-flight
-bn_backward_reduce_nchw  float16   8 sm_90  in-flight
-bn_backward_reduce_nchw  bfloat16  4 sm_80  in-flight
-bn_backward_reduce_nchw  bfloat16  4 sm_90  in-flight
-bn_backward_reduce_nchw  bfloat16  8 sm_80  registers
-bn_backward_reduce_nchw  bfloat16  8 sm_90  registers
-bn_backward_reduce_nchw  float32   1 sm_80  in-flight
-bn_backward_reduce_nchw  float32   1 sm_90  in-flight
-bn_backward_reduce_nchw  float32   2 sm_80  in-flight
-bn_backward_reduce_nchw  float32   2 sm_90  in-flight
-bn_backward_reduce_nchw  float32   4 sm_80  in-flight
-bn_backward_reduce_nchw  float32   4 sm_90  in-flight
-bn_backward_reduce_nchw  float64   1 sm_80  in-flight
-bn_backward_reduce_nchw  float64   1 sm_90  in-flight
-bn_backward_reduce_nchw  float64   2 sm_80  in-flight
-bn_backward_reduce_nchw  float64   2 sm_90  in-flight
-bn_backward_reduce_nhwc  float64   1 sm_80  in-flight
-bn_backward_reduce_nhwc  float64   1 sm_90  in-flight
-bn_backward_dx_nchw      float16   1 sm_80  in-flight
-bn_backward_dx_nchw      float16   1 sm_90  in-flight
-bn_backward_dx_nchw      float16   4 sm_80  in-flight
-bn_backward_dx_nchw      float16   4 sm_90  in-flight
 bn_backward_dx_nchw      float16   8 sm_80  in-flight
 bn_backward_dx_nchw      float16   8 sm_90  in-flight
-bn_backward_dx_nchw      bfloat16  4 sm_80  in-flight
-bn_backward_dx_nchw      bfloat16  4 sm_90  in-flight
-bn_backward_dx_nchw      bfloat16  8 sm_80  in-flight
-bn_backward_dx_nchw      bfloat16  8 sm_90  in-flight
-bn_backward_dx_nchw      float32   2 sm_80  in-flight
-bn_backward_dx_nchw      float32   2 sm_90  in-flight
-bn_backward_dx_nchw      float32   4 sm_80  in-flight
-bn_backward_dx_nchw      float32   4 sm_90  in-flight
-bn_backward_dx_nchw      float64   2 sm_80  in-flight
-bn_backward_dx_nchw      float64   2 sm_90  in-flight
-bn_backward_dx_nhwc      float16   1 sm_80  in-flight
-bn_backward_dx_nhwc      float16   1 sm_90  in-flight
-bn_backward_dx_nhwc      float16   8 sm_80  in-flight
-bn_backward_dx_nhwc      float16   8 sm_90  in-flight
-bn_backward_dx_nhwc      bfloat16  1 sm_90  in-flight
-bn_backward_dx_nhwc      bfloat16  8 sm_80  in-flight
-bn_backward_dx_nhwc      bfloat16  8 sm_90  in-flight
-bn_backward_dx_nhwc      float32   1 sm_90  in-flight
-bn_backward_dx_nhwc      float32   4 sm_80  in-flight
-bn_backward_dx_nhwc      float32   4 sm_90  in-flight
-bn_backward_dx_nhwc      float64   2 sm_80  in-flight
-bn_backward_dx_nhwc      float64   2 sm_90  in-flight
 """
 KNOWN_FAILING = {
     (k, d, int(v), a): "; ".join(_WHY[t] for t in tags.split(","))
@@ -346,7 +283,7 @@ def _instantiations():
             for vec in catalog.vector_widths(kernel, dtype):
                 for arch in sass.ARCHS:
                     key = (kernel, dtype, vec, arch)
-                    marks = [needs_tools]
+                    marks = [needs_tools, pytest.mark.slow]
                     if key in KNOWN_FAILING:
                         marks.append(pytest.mark.xfail(strict=True, reason=KNOWN_FAILING[key]))
                     out.append(pytest.param(key, id=f"{kernel}-{dtype}-vec{vec}-{arch}",
@@ -366,6 +303,7 @@ def test_static_checks(key):
 
 
 @needs_tools
+@pytest.mark.slow
 def test_report_covers_the_catalog_on_both_archs():
     reports = sass.report()
     expected = {(k, d, v, a) for k in catalog.KERNELS for d in catalog.CXX_TYPES
