@@ -1,9 +1,11 @@
-"""Command line: ``python -m bench [cpu] [gpu] [traffic] [kernels] [options]``.
+"""Command line: ``python -m bench [cpu] [gpu] [traffic] [dask] [kernels] [options]``.
 
 Without a section name it runs the CPU benchmark and the emu traffic
-accounting, plus the GPU benchmark when CuPy sees a CUDA device.  ``kernels``
-prints the static table of every compiled kernel (registers, shared memory,
-spills, global loads in flight, load width, occupancy: ``gpubn.sass``).  Tables go
+accounting, plus the GPU benchmark when CuPy sees a CUDA device; ``dask``
+(scaler fit throughput on a local Dask cluster) runs when named, and so does
+``kernels``: the static table of every compiled kernel (registers, shared
+memory, spills, global loads in flight, load width, occupancy:
+``gpubn.sass``).  Tables go
 to stdout, progress to stderr, rows are appended as JSON lines to ``--out``
 (default ``bench/results/<date-time>.jsonl``), and PNG charts are written
 next to it when matplotlib is installed.
@@ -18,6 +20,7 @@ import time
 from typing import List, Optional
 
 from . import gpu as gpu_mod
+from .dask_bench import format_dask_table, run_dask
 from .env import machine_info
 from .providers import cpu_providers, select
 from .report import (format_summary, format_table, format_traffic_table, plot,
@@ -26,7 +29,7 @@ from .runner import Progress, run_suite
 from .suites import DTYPES, KINDS, OPS, SUITES, get_suite
 from .traffic import run_traffic, traffic_cases
 
-SECTIONS = ("cpu", "gpu", "traffic")
+SECTIONS = ("cpu", "gpu", "traffic", "dask")
 STATIC_SECTIONS = ("kernels",)
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -77,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure nothing: print the tables (and charts unless --no-chart) "
                         "of a results file written earlier")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--dask-gb", type=float, default=None, metavar="GB",
+                   help="dask: size of the float64 array the scalers fit (default 2; "
+                        "0.02 with --quick)")
+    p.add_argument("--dask-workers", default="1,2", metavar="N,M",
+                   help="dask: worker-process counts of the local clusters (default 1,2)")
     return p
 
 
@@ -91,8 +99,12 @@ def _print_section(rows, section, markdown):
         "gpu": "GPU: median time [min-max], ratio to the faster PyTorch CUDA path, GB/s "
                "(share of the measured device-to-device copy bandwidth)",
         "traffic": "emu: global-memory traffic per op (passes = bytes / bytes of x)",
+        "dask": "Dask: StandardScaler.fit throughput on a local cluster, ratios in the same run",
     }
     print(f"\n## {titles[section]}\n")
+    if section == "dask":
+        print(format_dask_table(rows, markdown=markdown))
+        return
     if section == "traffic":
         print(format_traffic_table(rows, markdown=markdown))
         return
@@ -138,7 +150,7 @@ def _replay(args) -> int:
         if not part:
             continue
         _print_section(part, section, args.markdown)
-        if section != "traffic" and not args.no_chart:
+        if section in ("cpu", "gpu") and not args.no_chart:
             png = plot(part, _chart_path(args.from_path, section))
             print(f"# chart: {png}" if png else "# chart: skipped (matplotlib not installed)")
     return 0
@@ -165,6 +177,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     if args.warmup < 0:
         print("error: --warmup must be >= 0", file=sys.stderr)
+        return 2
+    workers = [int(w) for w in args.dask_workers.split(",") if w.strip().isdigit()]
+    if len(workers) != len(args.dask_workers.split(",")) or not all(workers):
+        print(f"error: --dask-workers must be positive counts like 1,2, got "
+              f"{args.dask_workers!r}", file=sys.stderr)
+        return 2
+    if args.dask_gb is not None and not args.dask_gb > 0:
+        print("error: --dask-gb must be > 0", file=sys.stderr)
         return 2
     if args.torch_threads is not None:
         if args.torch_threads < 1:
@@ -259,6 +279,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             for r in rows:
                 r["section"] = "traffic"
             _print_section(rows, "traffic", args.markdown)
+            write_jsonl(rows, out, machine)
+            written += len(rows)
+        if "dask" in sections:
+            gb = args.dask_gb or (0.02 if args.quick else 2.0)
+            rows = run_dask(gb=gb, workers=workers,
+                            chunk_mb=4.0 if args.quick else 64.0,
+                            repeats=args.repeats or (2 if args.quick else 3),
+                            progress=None if quiet else
+                            (lambda text: print(f"# {text}", file=sys.stderr)))
+            _print_section(rows, "dask", args.markdown)
             write_jsonl(rows, out, machine)
             written += len(rows)
     except KeyboardInterrupt:

@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 from . import emu
 from .backends import available_backends
 from .functional import BatchNormSaved, batch_norm_backward, batch_norm_forward
+from .folding import fold_batch_norm
 from .layers import BatchNorm
 from .layer_norm import LayerNorm, LayerNormSaved, layer_norm_backward, layer_norm_forward
 from .renorm import BatchRenorm, BatchRenormSaved, batch_renorm_backward, batch_renorm_forward
@@ -16,6 +17,7 @@ __all__ = [
     "BatchNorm",
     "BatchNormSaved",
     "available_backends",
+    "fold_batch_norm",
     "batch_norm_backward",
     "batch_norm_forward",
     "StandardScaler",

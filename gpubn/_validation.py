@@ -31,16 +31,16 @@ def is_array(x) -> bool:
 
 
 def check_float_array(x, name: str):
-    """``x`` must be an array of float16/float32/float64 (bfloat16 by name)."""
+    """``x`` must be an array of float16, bfloat16 (``ml_dtypes.bfloat16``, the
+    dtype CuPy uses as well), float32 or float64."""
     if not is_array(x):
         raise TypeError(f"{name} must be an array (numpy.ndarray or cupy.ndarray), "
                         f"got {type(x).__name__}")
     if x.dtype in _FLOAT_NP_DTYPES:          # the common case, without formatting names
         return
-    dt = np.dtype(x.dtype) if not str(x.dtype) == "bfloat16" else None
-    if dt is not None and dt.name not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must have a floating-point dtype (float16, float32 or "
-                        f"float64), got {x.dtype}")
+    if np.dtype(x.dtype).name != "bfloat16":
+        raise TypeError(f"{name} must have a floating-point dtype (float16, bfloat16, float32 "
+                        f"or float64), got {x.dtype}")
 
 
 def check_param_dtype(dtype, name: str = "dtype") -> np.dtype:

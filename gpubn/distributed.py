@@ -42,7 +42,7 @@ from typing import Any, Optional
 import numpy as np
 
 from . import _validation as V
-from .backends import Backend, get_backend, is_cupy_array
+from .backends import Backend, array_module, get_backend, is_cupy_array
 from .backends.base import update_running
 from .functional import BatchNormSaved, ForwardInput, check_num_batches, resolve_momentum, to_acc
 from .layers import BatchNorm
@@ -54,14 +54,6 @@ class RemoteRankError(RuntimeError):
 
 
 # --------------------------------------------------------------- helpers ----
-def _xp_of(a):
-    if is_cupy_array(a):
-        import cupy
-
-        return cupy
-    return np
-
-
 def _to_host(a) -> np.ndarray:
     """NumPy copy of a NumPy/CuPy array (a device-to-host copy for CuPy)."""
     return a.get() if is_cupy_array(a) else np.asarray(a)
@@ -158,7 +150,7 @@ class MPIComm(Communicator):
                 return out
             host = np.empty((self.size, buf.size), dtype=np.float64)
             self.comm.Allgather(_to_host(buf), host)
-            return _xp_of(buf).asarray(host)
+            return array_module(buf).asarray(host)
         out = np.empty((self.size, buf.size), dtype=np.float64)
         self.comm.Allgather(buf, out)
         return out
@@ -175,7 +167,7 @@ class MPIComm(Communicator):
                 return out
             host = np.empty(buf.size, dtype=np.float64)
             self.comm.Allreduce(_to_host(buf), host, op=self._sum_op())
-            return _xp_of(buf).asarray(host)
+            return array_module(buf).asarray(host)
         out = np.empty_like(buf)
         self.comm.Allreduce(buf, out, op=self._sum_op())
         return out
@@ -252,7 +244,7 @@ class NCCLComm(Communicator):
                              f"(got backend {backend.name!r}); use MPIComm for NumPy arrays")
 
     def _empty(self, buf, shape):
-        return _xp_of(buf).empty(shape, dtype=np.float64)
+        return array_module(buf).empty(shape, dtype=np.float64)
 
     def allgather(self, buf):
         _check_buffer(buf)

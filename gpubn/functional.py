@@ -181,10 +181,11 @@ def batch_norm_forward(x, *, weight=None, bias=None, running_mean=None, running_
       (both required).
     * ``weight`` (default 1) and ``bias`` (default 0) are per-channel.
 
-    ``x`` may be float16 (statistics in float32), float32 or float64, of any
-    layout: channels-last memory with shape NCHW (PyTorch's ``channels_last``)
-    runs on a view and returns channels-last results; other non-contiguous
-    and Fortran-ordered inputs are copied once.
+    ``x`` may be float16 or bfloat16 (``ml_dtypes.bfloat16``; statistics in
+    float32), float32 or float64, of any layout: channels-last memory with
+    shape NCHW (PyTorch's ``channels_last``) runs on a view and returns
+    channels-last results; other non-contiguous and Fortran-ordered inputs are
+    copied once.
     ``axis=-1`` is channels-last (NHWC).  NaN or Inf in a channel's data make
     that channel's batch statistics, output and running statistics NaN in
     training, as in PyTorch; in eval they stay in their own elements.

@@ -93,7 +93,8 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, ba
     (a :class:`LayerNormSaved`, holding the per-row ``mean`` and ``rstd``)
     goes to :func:`layer_norm_backward`.  ``weight`` / ``bias`` have shape
     ``normalized_shape`` (None: 1 and 0), any float dtype.  ``x`` may be
-    float16 (statistics in float32), float32 or float64, of any layout.
+    float16 or bfloat16 (statistics in float32), float32 or float64, of any
+    layout.
     Bad arguments raise ``TypeError`` / ``ValueError``.
     """
     V.check_float_array(x, "x")

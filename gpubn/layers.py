@@ -205,7 +205,7 @@ class BatchNorm(ChannelNorm):
     statistics are held fixed.
 
     Parameters live in ``dtype`` (float32 by default); inputs may be float16,
-    float32 or float64.  ``backend=None`` (the default) picks the backend per
+    bfloat16, float32 or float64.  ``backend=None`` (the default) picks the backend per
     call from the input, like ``batch_norm_forward``: CuPy input runs on
     ``cuda``, NumPy input on the CPU, and the state moves to the input's array
     module; a named ``backend`` fixes it.

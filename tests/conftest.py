@@ -39,6 +39,20 @@ TOL = {
 
 DTYPES = (np.float16, np.float32, np.float64)
 
+try:
+    import ml_dtypes
+except ImportError:            # bfloat16 tests skip (the 'test' extra brings ml_dtypes)
+    BFLOAT16 = None
+else:
+    BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+    # bfloat16 keeps 8 significant bits: unit roundoff u = 2**-8.  A result
+    # computed in float32 from bfloat16 inputs and rounded once to bfloat16 is
+    # within u of the exact value relative to its magnitude (float32's own
+    # error, ~2**-24 of the data's scale, is far below); 2u covers that
+    # rounding plus one more in an input the caller rounded (running
+    # statistics, parameters), both relative and near zero.
+    TOL[BFLOAT16] = (2.0 ** -7, 2.0 ** -7)
+
 
 def _unavailable(name):
     try:
@@ -149,6 +163,78 @@ def assert_sum_close(actual, expected, terms, reduce_axes, dtype, name="sum", ex
             f"{name}: {int(bad.sum())} of {a.size} sums differ beyond the bound for "
             f"{np.dtype(dtype).name} data; worst at {i}: got {a.flat[i]!r}, expected "
             f"{e.flat[i]!r}, error {err.flat[i]:.3g} > bound {tol.flat[i]:.3g}")
+
+
+def assert_rounded_close(actual, expected, dtype, slack, name="value"):
+    """Elementwise: ``actual`` (in storage ``dtype``) within half an ulp of
+    ``expected`` in that dtype (the final rounding) plus ``slack`` (per
+    element: what the accumulation dtype's rounding may add before it).  For
+    float16 storage the slack is orders of magnitude below half an ulp, so an
+    error of one ulp fails."""
+    a = np.asarray(to_numpy(actual), dtype=np.float64)
+    e = np.asarray(to_numpy(expected), dtype=np.float64)
+    assert a.shape == e.shape, f"{name}: shape {a.shape} != expected {e.shape}"
+    with np.errstate(over="ignore", invalid="ignore"):
+        # the ulp above |e|: at a power of two it is the wider of the two
+        half_ulp = 0.5 * np.spacing(np.abs(e).astype(dtype)).astype(np.float64)
+        tol = half_ulp + slack
+        err = np.abs(a - e)
+        bad = ~(err <= tol) & ~((a == e) | (np.isnan(a) & np.isnan(e)))
+    if bad.any():
+        i = int(np.argmax(np.where(bad, err / np.maximum(tol, 1e-300), -np.inf)))
+        k = tuple(int(j) for j in np.unravel_index(i, a.shape))
+        raise AssertionError(
+            f"{name}: {int(bad.sum())} of {a.size} elements differ beyond half an ulp of "
+            f"{np.dtype(dtype).name} plus the accumulation slack; worst at {k}: got "
+            f"{a.flat[i]!r}, expected {e.flat[i]!r}, error {err.flat[i]:.3g} > bound "
+            f"{tol.flat[i]:.3g}")
+
+
+def bn_output_slack(x, weight, bias, axis, dtype, mean=None, var=None, eps=1e-5):
+    """Slack of :func:`assert_rounded_close` for batch norm's ``y``:
+    ``4 u (1 + log2 m) (|w| (|x| + mean|x|) / sigma + |b|)`` with the
+    accumulation dtype's unit roundoff ``u``: the centring, the scaling and
+    the statistics (a mean of m values errs by about u (1 + log2 m) mean|x|)
+    each round a few times."""
+    x = np.asarray(to_numpy(x), dtype=np.float64)
+    axis = axis % x.ndim
+    red = tuple(i for i in range(x.ndim) if i != axis)
+    shape = [1] * x.ndim
+    shape[axis] = x.shape[axis]
+    m = x.size // x.shape[axis]
+    mean = x.mean(axis=red, keepdims=True) if mean is None else np.reshape(mean, shape)
+    var = x.var(axis=red, keepdims=True) if var is None else np.reshape(var, shape)
+    w = 1.0 if weight is None else np.abs(np.reshape(to_numpy(weight), shape))
+    b = 0.0 if bias is None else np.abs(np.reshape(to_numpy(bias), shape))
+    mean_abs = np.abs(x).mean(axis=red, keepdims=True) + np.abs(mean)
+    scale = w * (np.abs(x) + mean_abs) / np.sqrt(var + eps) + b
+    return 4.0 * acc_unit_roundoff(dtype) * (1.0 + np.log2(m)) * scale
+
+
+def bn_dx_slack(x, dy, weight, axis, dtype, training, mean=None, var=None, eps=1e-5):
+    """Slack of :func:`assert_rounded_close` for batch norm's ``dx``.  With
+    batch statistics ``dx = w / sigma (dy - mean(dy) - xhat mean(dy xhat))``,
+    whose terms cancel: ``4 u (1 + log2 m) |w| / sigma (|dy| + mean|dy| +
+    (|xhat| + 1) mean(|dy| (|xhat| + 1)))``; with fixed statistics
+    ``dx = dy w / sigma``: ``4 u |w| / sigma |dy|``."""
+    x = np.asarray(to_numpy(x), dtype=np.float64)
+    dy = np.abs(np.asarray(to_numpy(dy), dtype=np.float64))
+    axis = axis % x.ndim
+    red = tuple(i for i in range(x.ndim) if i != axis)
+    shape = [1] * x.ndim
+    shape[axis] = x.shape[axis]
+    m = x.size // x.shape[axis]
+    mean = x.mean(axis=red, keepdims=True) if mean is None else np.reshape(mean, shape)
+    var = x.var(axis=red, keepdims=True) if var is None else np.reshape(var, shape)
+    w = 1.0 if weight is None else np.abs(np.reshape(to_numpy(weight), shape))
+    a = w / np.sqrt(var + eps)
+    u = acc_unit_roundoff(dtype)
+    if not training:
+        return 4.0 * u * a * dy
+    xhat1 = np.abs((x - mean) / np.sqrt(var + eps)) + 1.0
+    terms = dy + dy.mean(axis=red, keepdims=True) + xhat1 * (dy * xhat1).mean(axis=red,
+                                                                            keepdims=True)
+    return 4.0 * u * (1.0 + np.log2(m)) * a * terms
 
 
 def bn_sum_terms(x, dy, axis, eps=1e-5, mean=None, var=None):

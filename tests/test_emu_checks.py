@@ -242,7 +242,10 @@ def test_memcheck_off_lets_the_access_through(mod):
     y = np.zeros(50, np.float32)
     with emu.options(memcheck=False):
         mod.get_function("off_by_one_read")((2,), (32,), (x, y, np.int32(50)))
-    assert y[49] == 49 + 50                               # read backing[50]: the check was what stopped it
+    # the check was what stopped it: the load past the end happened (it read the
+    # staged copy's page, not backing[50]: arguments run in their own copies)
+    np.testing.assert_array_equal(y[:49], x[:49] + x[1:])
+    assert y[49] == 49.0
 
 
 # ---------------------------------------------------------------- racecheck
@@ -513,3 +516,355 @@ def test_module_usable_after_errors(mod):
             mod.get_function("neighbour")(1, 64, (x, y, np.int32(0)))
         mod.get_function("neighbour")(1, 64, (x, y, np.int32(1)))
     np.testing.assert_array_equal(y, np.roll(x, -1))
+
+
+ALIGN_SRC = r"""
+// Planted (off % 4 != 0): a float4 load at an address 4 * off bytes past a
+// 16-byte boundary; the GPU faults with "misaligned address".
+extern "C" __global__ void vec_load(const float* x, float* y, int off) {
+    const float4 v = *reinterpret_cast<const float4*>(x + off + 4 * threadIdx.x);
+    y[threadIdx.x] = v.x + v.y + v.z + v.w;
+}
+// Planted (off odd): an int load through a pointer two bytes off.
+extern "C" __global__ void int_load(const unsigned short* x, int* y, int off) {
+    y[threadIdx.x] = *reinterpret_cast<const int*>(x + off + 2 * threadIdx.x);
+}
+// Planted (off % 8 != 0): a double2 store into dynamic shared memory.
+extern "C" __global__ void shared_store(float* y, int off) {
+    extern __shared__ unsigned char s[];
+    *reinterpret_cast<double2*>(s + off + 16 * threadIdx.x) = make_double2(1.0, 2.0);
+    __syncthreads();
+    y[threadIdx.x] = (float)reinterpret_cast<double2*>(s + off + 16 * threadIdx.x)->y;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def align_mod():
+    return emu.RawModule(code=ALIGN_SRC)
+
+
+def test_aligned_vector_loads_run_clean(align_mod):
+    x = np.arange(64, dtype=np.float32)
+    y = np.zeros(4, np.float32)
+    align_mod.get_function("vec_load")(1, 4, (x, y, np.int32(4)))
+    np.testing.assert_array_equal(y, x[4:20].reshape(4, 4).sum(axis=1))
+
+
+@pytest.mark.parametrize("off", [1, 2, 3])
+def test_misaligned_float4_load(align_mod, off):
+    x = np.arange(64, dtype=np.float32)
+    assert x.ctypes.data % 16 == 0
+    y = np.zeros(4, np.float32)
+    with pytest.raises(emu.MemcheckError, match=r"invalid 16-byte load .* misaligned address \(a 16-byte access "
+                                                r"must be 16-byte aligned\); nearest buffer: argument 0") as info:
+        align_mod.get_function("vec_load")(1, 4, (x, y, np.int32(off)))
+    assert info.value.offset == 4 * off and info.value.buffer == 0 and info.value.size == 16
+
+
+def test_misaligned_scalar_load(align_mod):
+    x = np.arange(64, dtype=np.uint16)
+    y = np.zeros(4, np.int32)
+    align_mod.get_function("int_load")(1, 4, (x, y, np.int32(2)))
+    with pytest.raises(emu.MemcheckError, match=r"invalid 4-byte load .* misaligned address") as info:
+        align_mod.get_function("int_load")(1, 4, (x, y, np.int32(1)))
+    assert info.value.offset == 2
+
+
+def test_misaligned_shared_store(align_mod):
+    y = np.zeros(2, np.float32)
+    align_mod.get_function("shared_store")(1, 2, (y, np.int32(16)), shared_mem=64)
+    np.testing.assert_array_equal(y, 2.0)
+    with pytest.raises(emu.MemcheckError, match=r"invalid 16-byte store .* misaligned address.*offset 8 of "
+                                                r"dynamic shared memory"):
+        align_mod.get_function("shared_store")(1, 2, (y, np.int32(8)), shared_mem=64)
+
+
+def test_pointer_walking_from_one_argument_into_the_next():
+    # a and b are neighbours in memory (two halves of one allocation, as a
+    # caching allocator may place them); a[n + i] is b[i] on the host, and a
+    # per-buffer check would let it through.
+    src = r"""
+extern "C" __global__ void walk(const float* a, const float* b, float* y, int shift) {
+    y[threadIdx.x] = a[threadIdx.x + shift] + b[0];
+}
+"""
+    walk = emu.RawKernel(src, "walk")
+    whole = np.arange(32, dtype=np.float32)
+    a, b = whole[:16], whole[16:]
+    y = np.zeros(4, np.float32)
+    walk(1, 4, (a, b, y, np.int32(12)))                     # a[12..15]: clean
+    np.testing.assert_array_equal(y, a[12:16] + b[0])
+    with pytest.raises(emu.MemcheckError, match=r"thread \(2, 0, 0\): pointer from argument 0 reached argument 1 "
+                                                r"at offset 0 .*argument 0 \(64 bytes.*offset 64") as info:
+        walk(1, 4, (a, b, y, np.int32(14)))
+    assert info.value.buffer == 0 and info.value.offset == 64 and info.value.address == b.ctypes.data
+
+
+def test_the_same_array_twice_is_one_buffer():
+    # in-place use: both pointers name one staged copy, and the result reaches the array
+    src = r"""extern "C" __global__ void twice(const float* x, float* y) { y[threadIdx.x] = 2 * x[threadIdx.x]; }"""
+    x = np.arange(8, dtype=np.float32)
+    emu.RawKernel(src, "twice")(1, 8, (x, x))
+    np.testing.assert_array_equal(x, 2 * np.arange(8))
+    z = np.arange(8, dtype=np.float32)
+    emu.RawKernel(src, "twice")(1, 4, (z[2:6], z[:4]))       # overlapping views
+    np.testing.assert_array_equal(z[:4], 2 * np.arange(2, 6))
+
+
+# ---------------------------------------------------------------- resource limits of the modelled device
+LIMITS_SRC = r"""
+__device__ float through_helper(float v) {
+    __shared__ float t[1024];                       // 4 KiB, reached only through the helper
+    t[threadIdx.x] = v;
+    __syncthreads();
+    return t[0];
+}
+// 40 KiB of static shared memory plus the launch's dynamic shared memory.
+extern "C" __global__ void big_shared(float* y) {
+    __shared__ float s[10240];
+    extern __shared__ float d[];
+    s[threadIdx.x] = 1.0f;
+    d[threadIdx.x] = 2.0f;
+    __syncthreads();
+    y[threadIdx.x] = s[threadIdx.x] + d[threadIdx.x];
+}
+extern "C" __global__ void uses_helper(float* y) { y[threadIdx.x] = through_helper(1.0f); }
+extern "C" __global__ void plain(float* y) { y[threadIdx.x] = 1.0f; }
+struct Huge { char bytes[40000]; };
+extern "C" __global__ void huge_param(Huge h, float* y) { y[threadIdx.x] = h.bytes[threadIdx.x]; }
+"""
+
+
+@pytest.fixture(scope="module")
+def limits_mod():
+    return emu.RawModule(code=LIMITS_SRC)
+
+
+def test_static_shared_size_per_kernel(limits_mod):
+    # each kernel counts the static shared memory it can reach, not the module's
+    assert limits_mod.get_function("big_shared").shared_size_bytes == 40 * 1024
+    assert limits_mod.get_function("uses_helper").shared_size_bytes == 4 * 1024
+    assert limits_mod.get_function("plain").shared_size_bytes == 0
+    assert limits_mod.get_function("plain").max_dynamic_shared_size_bytes == 48 * 1024
+    assert limits_mod.get_function("big_shared").max_dynamic_shared_size_bytes == 8 * 1024
+
+
+def test_shared_memory_above_48_kib_needs_the_opt_in():
+    fn = emu.RawModule(code=LIMITS_SRC).get_function("big_shared")   # its own attribute state
+    y = np.full(4, -1.0, np.float32)
+    with pytest.raises(emu.LaunchError, match=r"^CUDA_ERROR_INVALID_VALUE: kernel 'big_shared': 40960 bytes of "
+                                              r"static plus 16384 bytes of dynamic shared memory = 57344 bytes per "
+                                              r"block, more than the 49152 .* unless the function opts in") as info:
+        fn(1, 4, (y,), shared_mem=16 * 1024)
+    assert info.value.cuda_error == "CUDA_ERROR_INVALID_VALUE"
+    np.testing.assert_array_equal(y, -1.0)                             # refused before any thread ran
+    fn(1, 4, (y,), shared_mem=8 * 1024)                               # 48 KiB in all: fine
+    fn.max_dynamic_shared_size_bytes = 16 * 1024
+    fn(1, 4, (y,), shared_mem=16 * 1024)
+    np.testing.assert_array_equal(y, 3.0)
+    with pytest.raises(emu.LaunchError, match=r"= 61440 bytes per block, .*unless the function opts in"):
+        fn(1, 4, (y,), shared_mem=20 * 1024)
+    limit = 227 * 1024 - 40 * 1024
+    fn.max_dynamic_shared_size_bytes = limit
+    with pytest.raises(emu.LaunchError, match=r"more than the 232448 a block may use on H100/H200"):
+        fn(1, 4, (y,), shared_mem=limit + 16)
+    with pytest.raises(emu.LaunchError, match=r"max_dynamic_shared_size_bytes must be an int in \[0, 191488\]"):
+        fn.max_dynamic_shared_size_bytes = limit + 1
+
+
+@pytest.mark.parametrize("grid, block, what", [
+    (1, 1025, r"block \(1025, 1, 1\) exceeds CUDA's limits \(1024 threads"),
+    (1, (1, 1, 65), r"block \(1, 1, 65\) exceeds"),
+    ((1, 65536), 32, r"grid \(1, 65536, 1\) exceeds CUDA's limits"),
+    ((1, 1, 65536), 32, r"grid \(1, 1, 65536\) exceeds"),
+])
+def test_launch_configuration_limits(limits_mod, grid, block, what):
+    y = np.zeros(4, np.float32)
+    with pytest.raises(emu.LaunchError, match=r"^CUDA_ERROR_INVALID_VALUE: kernel 'plain': " + what):
+        limits_mod.get_function("plain")(grid, block, (y,))
+
+
+def test_kernel_parameters_above_the_limit(limits_mod):
+    y = np.zeros(4, np.float32)
+    huge = np.zeros(1, dtype="V40000")[0]
+    with pytest.raises(emu.LaunchError, match=r"CUDA_ERROR_INVALID_VALUE: kernel 'huge_param': 40008 bytes of "
+                                              r"kernel parameters; at most 32764"):
+        limits_mod.get_function("huge_param")(1, 4, (huge, y))
+
+
+# ---------------------------------------------------------------- inter-block racecheck (global memory)
+LAST_BLOCK_SRC = r"""
+// Last-block reduction: every block stores its partial sum; the block that
+// arrives last at the counter adds them up.  Planted: either fence left out.
+extern "C" __global__ void last_block(const float* x, float* partials, unsigned int* counter, float* out,
+                                      int fence_writer, int fence_reader) {
+    __shared__ int is_last;
+    float v = x[blockIdx.x * blockDim.x + threadIdx.x];
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+    if (threadIdx.x == 0) partials[blockIdx.x] = v;
+    if (fence_writer) __threadfence();        // publish the partial before the block is counted
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const unsigned int ticket = atomicAdd(counter, 1u);
+        is_last = ticket == gridDim.x - 1;
+        if (is_last && fence_reader) __threadfence();   // see every other block's partial
+    }
+    __syncthreads();
+    if (is_last && threadIdx.x < 32) {
+        float s = 0.f;
+        for (int b = threadIdx.x; b < gridDim.x; b += 32) s += ((volatile float*)partials)[b];
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);
+        if (threadIdx.x == 0) { *out = s; *counter = 0; }
+    }
+}
+// Planted: a block reads its neighbour's slot, which nothing orders.
+extern "C" __global__ void neighbour_slot(float* slots, float* out) {
+    if (threadIdx.x == 0) slots[blockIdx.x] = (float)blockIdx.x;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) out[blockIdx.x] = slots[(blockIdx.x + 1) % gridDim.x];
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def last_block_mod():
+    return emu.RawModule(code=LAST_BLOCK_SRC)
+
+
+def _last_block(mod, fence_writer, fence_reader, seed=None):
+    x = np.arange(12 * 32, dtype=np.float32)
+    partials = np.zeros(12, np.float32)
+    counter = np.zeros(1, np.uint32)
+    out = np.zeros(1, np.float32)
+    with emu.options(seed=seed):
+        mod.get_function("last_block")(12, 32, (x, partials, counter, out, np.int32(fence_writer),
+                                                 np.int32(fence_reader)))
+    return out[0], x.sum(), counter[0]
+
+
+@pytest.mark.parametrize("seed", [None, 1, 2])
+def test_last_block_reduction_with_both_fences_runs_clean(last_block_mod, seed):
+    total, expected, counter = _last_block(last_block_mod, 1, 1, seed)
+    assert total == expected and counter == 0
+
+
+@pytest.mark.parametrize("fence_writer, fence_reader", [(0, 1), (1, 0), (0, 0)])
+def test_last_block_reduction_without_a_fence_is_an_inter_block_race(last_block_mod, fence_writer, fence_reader):
+    with pytest.raises(emu.RaceError, match=r"racecheck: inter-block race \(read-after-write hazard\) at byte \d+ "
+                                            r"\(element \d+\) of argument 1 \(float32 array of shape \(12,\)\) in "
+                                            r"kernel 'last_block': block \(11, 0, 0\) thread \(\d+, 0, 0\) loads it "
+                                            r"after block \(\d+, 0, 0\) thread \(0, 0, 0\) stored it") as info:
+        _last_block(last_block_mod, fence_writer, fence_reader)
+    e = info.value
+    assert e.memory == "global" and e.buffer == 1 and e.other_block != e.block and e.access == "load"
+    assert e.other_access == "store" and e.other_thread == (0, 0, 0) and e.offset == 4 * e.other_block[0]
+
+
+def test_reading_another_blocks_store_with_no_atomic_is_a_race(last_block_mod):
+    slots = np.zeros(4, np.float32)
+    out = np.zeros(4, np.float32)
+    with pytest.raises(emu.RaceError, match=r"inter-block race .* block \(\d, 0, 0\) thread \(0, 0, 0\) loads it"):
+        last_block_mod.get_function("neighbour_slot")(4, 32, (slots, out))
+    # one block: nothing to race with
+    last_block_mod.get_function("neighbour_slot")(1, 32, (slots, out))
+    assert out[0] == 0.0
+    with emu.options(racecheck=False):
+        last_block_mod.get_function("neighbour_slot")(4, 32, (slots, out))
+
+
+# ---------------------------------------------------------------- concurrent blocks, cooperative launch
+GRID_BARRIER_SRC = r"""
+// A grid barrier written with an atomic and fences (no cooperative-groups header).
+__device__ void grid_barrier(unsigned int* arrived) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        atomicAdd(arrived, 1u);
+        while (*(volatile unsigned int*)arrived < gridDim.x) {}
+        __threadfence();
+    }
+    __syncthreads();
+}
+// Every block publishes a value, waits for all, then reads its neighbour's.
+extern "C" __global__ void exchange(float* slots, unsigned int* arrived, float* out) {
+    if (threadIdx.x == 0) slots[blockIdx.x] = (float)(blockIdx.x + 1);
+    grid_barrier(arrived);
+    out[blockIdx.x * blockDim.x + threadIdx.x] = slots[(blockIdx.x + 1) % gridDim.x];
+}
+"""
+
+
+def _exchange(fn, blocks, threads=32, **kwargs):
+    slots = np.zeros(blocks, np.float32)
+    arrived = np.zeros(1, np.uint32)
+    out = np.full(blocks * threads, -1.0, np.float32)
+    fn(blocks, threads, (slots, arrived, out), **kwargs)
+    return out.reshape(blocks, threads)
+
+
+@pytest.mark.parametrize("seed", [None, 1, 2])
+def test_grid_barrier_under_a_cooperative_launch(seed):
+    fn = emu.RawModule(code=GRID_BARRIER_SRC, enable_cooperative_groups=True).get_function("exchange")
+    with emu.options(seed=seed):
+        out = _exchange(fn, 6)
+    np.testing.assert_array_equal(out, np.roll(np.arange(1, 7, dtype=np.float32), -1)[:, None] * np.ones(32))
+
+
+def test_grid_barrier_cooperative_per_launch():
+    # CuPy's Function.__call__(..., enable_cooperative_groups=True) on an ordinary module
+    fn = emu.RawModule(code=GRID_BARRIER_SRC).get_function("exchange")
+    out = _exchange(fn, 3, enable_cooperative_groups=True)
+    np.testing.assert_array_equal(out[:, 0], [2, 3, 1])
+
+
+def test_grid_barrier_under_an_ordinary_launch_is_a_deadlock():
+    # an ordinary launch promises no co-residency: one block has not started
+    fn = emu.RawModule(code=GRID_BARRIER_SRC).get_function("exchange")
+    with pytest.raises(emu.DeadlockError, match=r"thread \(0, 0, 0\) spins: .* at argument 1 at offset 0 .*"
+                                                r"a block that has not started: an ordinary launch does not make all "
+                                                r"its blocks co-resident"):
+        _exchange(fn, 4)
+
+
+def test_cooperative_grid_too_large_to_be_co_resident():
+    fn = emu.RawModule(code=GRID_BARRIER_SRC, enable_cooperative_groups=True).get_function("exchange")
+    # 1024 threads x 64 registers fill an SM's 65536 registers: one block per SM
+    assert fn.max_active_blocks_per_multiprocessor(1024) == 1
+    assert fn.max_active_blocks_per_multiprocessor(256, 100 * 1024) == 2      # shared memory: 2 x 101 KiB
+    assert fn.max_active_blocks_per_multiprocessor(32) == 32                  # blocks per SM
+    slots = np.zeros(133, np.float32)
+    arrived = np.zeros(1, np.uint32)
+    out = np.full(133 * 1024, -1.0, np.float32)
+    with pytest.raises(emu.LaunchError, match=r"^CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE: kernel 'exchange': a "
+                                              r"cooperative launch of 133 blocks, but at most 132 can be "
+                                              r"co-resident") as info:
+        fn(133, 1024, (slots, arrived, out))
+    assert info.value.cuda_error == "CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE"
+    assert (out == -1).all() and arrived[0] == 0                                # nothing ran
+
+
+def test_blocks_of_an_ordinary_launch_run_concurrently():
+    # even blocks wait for the odd block after them: blocks run one after
+    # another would deadlock, blocks interleaved (two at a time or more) do not
+    src = r"""
+extern "C" __global__ void pairs(unsigned int* flags, float* out) {
+    if (threadIdx.x == 0) {
+        if (blockIdx.x % 2 == 0) {
+            while (*(volatile unsigned int*)&flags[blockIdx.x + 1] == 0u) {}
+            __threadfence();
+            out[blockIdx.x] = out[blockIdx.x + 1] + 1.0f;
+        } else {
+            out[blockIdx.x] = (float)blockIdx.x;
+            __threadfence();
+            atomicExch(&flags[blockIdx.x], 1u);
+        }
+    }
+}
+"""
+    fn = emu.RawKernel(src, "pairs")
+    flags = np.zeros(4, np.uint32)
+    out = np.zeros(4, np.float32)
+    fn(4, 32, (flags, out))
+    np.testing.assert_array_equal(out, [2, 1, 4, 3])

@@ -325,6 +325,12 @@ def test_argument_count_and_types(mod):
         fn(1, 32, (x, np.int64(0), np.int64(4)))
     with pytest.raises(TypeError, match=r"argument 2: the parameter is a 8-byte integer value, got numpy.ndarray"):
         fn(1, 32, (x, x, x))
+    with pytest.raises(TypeError, match=r"argument 1: the parameter is a pointer, got int$"):
+        fn(1, 32, (x, 0, np.int64(4)))               # a Python int is reported as what the caller passed
+    with pytest.raises(TypeError, match=r"argument 2: the parameter is a 8-byte integer value, got float$"):
+        fn(1, 32, (x, x, 4.0))
+    with pytest.raises(TypeError, match=r"argument 2: expected a NumPy array or a NumPy scalar, got str$"):
+        fn(1, 32, (x, x, "4"))                       # (None is not offered as an option: it is refused)
     with pytest.raises(ValueError, match=r"argument 0: arrays must be contiguous"):
         fn(1, 32, (np.zeros(8, np.float32)[::2], x, np.int64(4)))
     with pytest.raises(TypeError, match=r"argument 1: arrays of Python objects"):

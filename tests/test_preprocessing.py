@@ -30,6 +30,24 @@ def _data(n=60, f=5, seed=0, offset=3.0):
     return X
 
 
+def fitted_state(est):
+    """Copy of an estimator's attributes, tuples of arrays flattened to
+    ``name[i]``, for :func:`assert_same_state`."""
+    state = {}
+    for k, v in vars(est).items():
+        for i, item in enumerate(v) if isinstance(v, tuple) else [(None, v)]:
+            key = k if i is None else f"{k}[{i}]"
+            state[key] = np.copy(item) if isinstance(item, np.ndarray) else item
+    return state
+
+
+def assert_same_state(est, before):
+    after = fitted_state(est)
+    assert after.keys() == before.keys()
+    for k, v in after.items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
+
+
 DT_TOL = {np.float32: dict(rtol=2e-6, atol=2e-6), np.float64: dict(rtol=1e-12, atol=1e-12)}
 
 
@@ -298,15 +316,14 @@ def test_bad_data_is_rejected(make, X, exc, match):
 def test_bad_chunk_leaves_the_fit_untouched(make):
     X = _data(n=20)
     s = make().fit(X)
-    before = {k: np.copy(v) if isinstance(v, np.ndarray) else v for k, v in vars(s).items()}
+    before = fitted_state(s)
     with pytest.raises(ValueError, match="X has 4 features, but the estimator was fitted with 5"):
         s.partial_fit(np.ones((3, 4)))
     with pytest.raises(ValueError, match="contains NaN"):
         s.partial_fit(np.full((3, 5), np.inf))
     with pytest.raises(ValueError, match="X has 4 features"):
         s.transform(np.ones((3, 4)))
-    for k, v in vars(s).items():
-        np.testing.assert_array_equal(v, before[k], err_msg=k)
+    assert_same_state(s, before)
 
 
 @pytest.mark.parametrize("est", [StandardScaler(), MinMaxScaler(), Whitening()])

@@ -21,6 +21,7 @@ import pytest
 import gpubn
 from conftest import assert_close, to_backend, to_numpy
 from gpubn import distributed as D
+from gpubn.backends import array_module
 
 TIMEOUT_S = 60
 
@@ -68,7 +69,7 @@ class ThreadComm(D.Communicator):
 
 
 def to_backend_like(like, a):
-    return a if isinstance(like, np.ndarray) else D._xp_of(like).asarray(a)
+    return a if isinstance(like, np.ndarray) else array_module(like).asarray(a)
 
 
 def run_ranks(size, fn, make_comm=None):

@@ -1,6 +1,7 @@
-"""The reduction bound of conftest.sum_tolerance catches what it must: a
-systematic error of one ulp of the storage dtype per summand (the planted
-defect), while the exact sums and every backend's sums pass it."""
+"""The bounds of conftest catch what they must: sum_tolerance a systematic
+error of one ulp of the storage dtype per summand, assert_rounded_close a
+float16 output one ulp off (the planted defects), while exact values and every
+backend's results (tests/test_batch_norm.py) pass them."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 import gpubn
-from conftest import assert_sum_close, bn_sum_terms
+from conftest import assert_rounded_close, assert_sum_close, bn_output_slack, bn_sum_terms
 from test_batch_norm import make_input
 
 
@@ -52,3 +53,20 @@ def test_float16_dweight_bound_is_far_below_a_float16_tolerance():
     off = np.abs(dw).astype(np.float64) * 1e-3 + 1e-3     # passes rtol=atol=0.39 easily
     with pytest.raises(AssertionError, match=r"dweight: 2 of 2 sums differ"):
         assert_sum_close(dw.astype(np.float64) + off, dw, dw_terms, red, np.float16, "dweight")
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (4, 2, 96, 64)], ids=["m6", "m24576"])
+def test_one_ulp_per_float16_output_fails_the_elementwise_bound(shape):
+    """The correctly rounded float16 output passes assert_rounded_close with
+    batch norm's slack; the same output one float16 ulp off everywhere fails."""
+    x = make_input(shape, 1, np.float16)
+    x64 = x.astype(np.float64)
+    red = tuple(i for i in range(x.ndim) if i != 1)
+    exact = (x64 - x64.mean(axis=red, keepdims=True)) / np.sqrt(
+        x64.var(axis=red, keepdims=True) + 1e-5)
+    slack = bn_output_slack(x, None, None, 1, np.float16)
+    rounded = exact.astype(np.float16)
+    assert_rounded_close(rounded, exact, np.float16, slack, "y")
+    one_ulp_off = np.nextafter(rounded, np.float16(np.inf))
+    with pytest.raises(AssertionError, match=r"y: \d+ of \d+ elements differ beyond half an ulp"):
+        assert_rounded_close(one_ulp_off, exact, np.float16, slack, "y")

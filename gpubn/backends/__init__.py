@@ -56,6 +56,13 @@ def is_cupy_array(x) -> bool:
     return type(x).__module__.split(".")[0] == "cupy"
 
 
+def array_module(x):
+    """``cupy`` for a CuPy array, else ``numpy`` (without importing CuPy)."""
+    if is_cupy_array(x):
+        return importlib.import_module("cupy")
+    return importlib.import_module("numpy")
+
+
 def get_backend(backend=None, x=None) -> Backend:
     """Resolve a backend name (or ``None``) for array ``x``."""
     if isinstance(backend, Backend):
@@ -73,5 +80,5 @@ def get_backend(backend=None, x=None) -> Backend:
     return _load(backend)
 
 
-__all__ = ["Backend", "ChannelStats", "BACKENDS", "available_backends", "get_backend",
-           "is_cupy_array"]
+__all__ = ["Backend", "ChannelStats", "BACKENDS", "array_module", "available_backends",
+           "get_backend", "is_cupy_array"]

@@ -61,7 +61,6 @@ class CudaBackend(KernelBackend):
         self._modules: Dict[Tuple, object] = {}
         self._functions: Dict[Tuple, object] = {}
         self._attributes: Dict[int, DeviceAttributes] = {}
-        self._counters: Dict[Tuple[int, int], object] = {}
 
     # -- hooks ---------------------------------------------------------------
     def device_attributes(self) -> DeviceAttributes:
@@ -117,16 +116,7 @@ class CudaBackend(KernelBackend):
     def _address(self, a) -> int:
         return a.data.ptr
 
-    def _zeroed_counters(self, n: int):
-        # The kernels leave counters at zero, so one buffer per (device, stream)
-        # serves every launch on that stream (launches on a stream are ordered).
-        key = (cupy.cuda.Device().id, cupy.cuda.get_current_stream().ptr)
-        buf = self._counters.get(key)
-        if buf is None or buf.size < n:
-            buf = cupy.zeros(max(n, 1024), dtype=cupy.uint32)
-            self._counters[key] = buf
-        return buf
-
+        self._attributes: Dict[int, DeviceAttributes] = {}
     # -- arrays --------------------------------------------------------------
     def owns(self, x) -> bool:
         return cupy is not None and isinstance(x, cupy.ndarray)

@@ -1,13 +1,15 @@
 """The ``emu`` backend: the CUDA kernels of ``kernels/`` run on the CPU by
 ``gpubn.emu`` (a SIMT emulator with memcheck, racecheck and traffic counts),
 on NumPy arrays, with the very launch sequence the ``cuda`` backend uses
-(``gpubn.backends.kernel_backend``).
+(``gpubn.backends.kernel_backend``), workspaces and their zeroing included.
 
 Launches are configured for ``gpubn.launch.EMU_DEVICE`` (a 132-SM GPU) with a
 smaller default ``Tuning`` than a GPU's (64-thread reduction blocks, channels
 split after 2 values per thread) so that small test shapes already take the
-multi-block, two-stage paths.  ``launch_log`` / ``clear_launch_log`` /
-``recording`` report what each launch moved.
+multi-block, two-stage paths.  After every launch the arrival counters must be
+zero again (the kernels' contract: the last block resets its counter); a
+counter left behind raises ``gpubn.emu.KernelError``.  ``gpubn.emu.recording``
+reports what each launch moved.
 """
 
 from __future__ import annotations
@@ -19,12 +21,7 @@ import numpy as np
 
 from .. import kernels as catalog
 from ..launch import EMU_DEVICE, DeviceAttributes, Tuning
-from .kernel_backend import KernelBackend, debug_report
-
-try:  # the emulator is part of the package; its C++ compiler may be missing
-    from ..emu import clear_launch_log, launch_log, recording
-except ImportError:  # pragma: no cover - only while the emulator is absent
-    launch_log = clear_launch_log = recording = None
+from .kernel_backend import KernelBackend
 
 EMU_TUNING = Tuning(reduce_threads=64, map_threads=128, min_units_per_thread=2)
 
@@ -37,26 +34,20 @@ def _module(source: str, dtype_key: str):
                      name_expressions=catalog.name_expressions(source, dtype_key))
 
 
+class ArrivalCounters(np.ndarray):
+    """The arrival counters of one launch (a uint32 array), marked so that the
+    backend can check after the launch that the kernel left them zero."""
+
+
 class EmuBackend(KernelBackend):
     name = "emu"
     xp = np
 
     @classmethod
     def unavailable_reason(cls) -> Optional[str]:
-        try:
-            from .. import emu
-        except ImportError as exc:
-            return f"the emulator could not be imported ({exc})"
-        probe = getattr(emu, "unavailable_reason", None)
-        if probe is not None:
-            return probe()
-        try:
-            from ..emu.compiler import find_compiler
+        from .. import emu
 
-            find_compiler()
-        except Exception as exc:  # no C++ compiler
-            return f"no C++ compiler for the emulator ({exc})"
-        return None
+        return emu.unavailable_reason()
 
     def default_tuning(self) -> Tuning:
         return EMU_TUNING
@@ -65,16 +56,26 @@ class EmuBackend(KernelBackend):
         return EMU_DEVICE
 
     def _get_function(self, source: str, dtype_key: str, name: str):
-        module = _module(source, dtype_key)
-        return module.get_function(name)
+        return _module(source, dtype_key).get_function(name)
 
     def _address(self, a) -> int:
         return a.ctypes.data
 
-    def _zeroed_counters(self, n: int):
-        # fresh per launch: a launch aborted by a check cannot leave stale counts
-        return np.zeros(n, dtype=np.uint32)
+    def _launch_counters(self, n: int):
+        return super()._launch_counters(n).view(ArrivalCounters)
+
+    def _launch(self, cfg, dtype_key: str, args, shared_mem: int = 0) -> None:
+        super()._launch(cfg, dtype_key, args, shared_mem)
+        for a in args:
+            if isinstance(a, ArrivalCounters) and a.any():
+                from ..emu import KernelError
+
+                bad = np.flatnonzero(a)
+                raise KernelError(
+                    f"kernel {cfg.kernel!r} left {bad.size} of {a.size} arrival counters non-zero "
+                    f"(counter {bad[0]} = {a[bad[0]]}): the last block of a two-stage reduction "
+                    f"must reset its counter, or the next launch reusing the workspace miscounts",
+                    cfg.kernel, None)
 
 
-__all__ = ["EmuBackend", "EMU_TUNING", "launch_log", "clear_launch_log", "recording",
-           "debug_report"]
+__all__ = ["EmuBackend", "EMU_TUNING", "ArrivalCounters"]

@@ -1,7 +1,7 @@
 """The launch sequence of every op, shared by the ``cuda`` and ``emu`` backends.
 
 A kernel backend differs from another only in its seven hooks.  A subclass
-must provide five:
+must provide four:
 
 * ``_get_function(source, dtype_key, name)``: a compiled kernel callable as
   ``fn(grid, block, args, shared_mem=0)`` (CuPy ``RawModule`` functions and
@@ -9,15 +9,17 @@ must provide five:
 * ``xp``: the array module (CuPy or NumPy);
 * ``device_attributes()``: the ``gpubn.launch.DeviceAttributes`` the launch
   configuration is computed from;
-* ``_address(a)`` and ``_zeroed_counters(n)``: one-liners about arrays;
+* ``_address(a)``: the device address of an array;
 
-and may override two that have a default from ``gpubn.launch``'s models:
+and may override three that have a default:
 
+* ``_launch_counters(n)``: the zeroed arrival counters one two-stage
+  reduction launch owns;
 * ``_static_shared_bytes(fn, cfg, dtype_key)``: the static shared memory of
   a compiled layer-norm row kernel, which its weight/bias staging leaves
-  room for within 48 KiB;
+  room for within 48 KiB (default from ``gpubn.launch``'s model);
 * ``_blocks_per_sm(fn, cfg)``: the occupancy of a compiled reduction kernel,
-  which sizes its grid to one wave.
+  which sizes its grid to one wave (default from ``gpubn.launch``'s model).
 
 Every launch plan (block, grid, vector width, workspace) comes from
 ``gpubn.launch``; this module only runs them.
@@ -94,10 +96,16 @@ class KernelBackend(Backend):
     def _address(self, a) -> int:
         raise NotImplementedError
 
-    def _zeroed_counters(self, n: int):
-        """A uint32 array of at least ``n`` zeros (reduction arrival counters;
-        kernels leave them zero again)."""
-        raise NotImplementedError
+    def _launch_counters(self, n: int):
+        """The arrival counters of one two-stage reduction launch: ``n`` uint32
+        zeros owned by that launch, zeroed on the launching stream (CuPy's
+        ``zeros`` is an asynchronous memset on the current stream).
+
+        Counters belong to a launch, not to a stream: concurrent launches (per-
+        thread default streams share a stream pointer; graph capture records the
+        memset with the launch) can never share one.  The kernels leave them zero
+        again (the last block resets its counter), which emu checks."""
+        return self.xp.zeros(n, dtype=np.uint32)
 
     # -- helpers -------------------------------------------------------------
     def _device(self) -> DeviceAttributes:
@@ -176,7 +184,7 @@ class KernelBackend(Backend):
         if cfg.splits <= 1:
             return None, None
         partials = self.xp.empty(cfg.partial_bytes, dtype=np.uint8)
-        return partials, self._zeroed_counters(cfg.counters)
+        return partials, self._launch_counters(cfg.counters)
 
     # -- statistics ----------------------------------------------------------
     def _stats(self, x3, acc, key, mean_out, mean_lo_out, m2_out, invstd_out, running_mean,

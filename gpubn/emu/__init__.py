@@ -10,12 +10,42 @@ warp.  Every launch is checked:
 * memcheck -- every load and store must hit an argument array, shared memory
   or the thread's own stack; anything else raises :class:`MemcheckError`
   naming the kernel, block, thread, the nearest argument and the offset (the
-  bad access never happens);
+  bad access never happens); an access of 2, 4, 8 or 16 bytes (a scalar,
+  a vector type such as ``float4``, a ``reinterpret_cast`` load) at an address
+  that is not a multiple of its size is a ``misaligned address`` error, as on
+  the GPU (struct fields are not split into scalars, so vector accesses keep
+  their width);
+* buffer identity -- every argument array runs in its own copy with a
+  gigabyte of unmapped address space on either side (the copy is written back
+  after the launch; the same array passed twice, or overlapping views, share
+  one copy), so a pointer derived from one argument cannot land in another:
+  memcheck reports ``pointer from argument 0 reached argument 2 at offset ...``
+  where the host arrays are neighbours;
+* resource limits -- a launch the modelled device (:data:`DEVICE`, H100/H200
+  limits) would refuse raises :class:`LaunchError` naming the CUDA error before
+  any thread runs: more than 1024 threads per block, grid y or z above 65535,
+  more than 32764 bytes of parameters, static + dynamic shared memory above
+  48 KiB unless ``Function.max_dynamic_shared_size_bytes`` (CuPy's attribute)
+  was raised, and above 227 KiB at all.  ``Function.shared_size_bytes`` is the
+  static shared memory the kernel can reach (read off its machine code);
 * racecheck -- a shared-memory byte written by one thread and read or written
   by another with no ``__syncthreads()`` (``__syncwarp()`` inside a warp) in
   between raises :class:`RaceError` naming both threads and the ``__shared__``
   variable (read-after-write, write-after-read or write-after-write, whichever
   thread runs first); shuffles and atomics are not races;
+* inter-block racecheck -- global memory between the blocks of a launch,
+  which compute-sanitizer's racecheck does not look at: a load or store of a
+  byte another block stored in this launch raises :class:`RaceError`
+  (``memory == "global"``, "inter-block race", naming both blocks and threads,
+  the argument and the offset) unless a release/acquire chain orders them: the
+  writer's ``__threadfence()`` after its store (or a fence after which the block
+  passed a ``__syncthreads()``), then an atomic of the writer's block; an atomic
+  of the reader on that location (or a load of a value an atomic wrote), then
+  the reader's ``__threadfence()`` (shared with its block by a
+  ``__syncthreads()``).  A last-block reduction with both fences runs clean;
+  without either it is reported.  Loads are not told apart from volatile loads
+  (volatile orders nothing by itself); write-after-read between blocks is not
+  tracked;
 * initcheck -- a load of shared memory no thread of the block has written
   raises :class:`MemcheckError` (reported at the next barrier, so that a
   missing barrier is reported as the race it is);
@@ -54,8 +84,8 @@ NVRTC flags (``-arch``, ``--use_fast_math``, ...) are accepted and ignored.
 ``GPUBN_EMU=1`` is defined; ``__CUDACC__``, ``__CUDA_ARCH__`` and
 ``__CUDACC_RTC__`` are not.  Checks are on by default; change them with
 ``set_options(memcheck=..., racecheck=..., initcheck=..., seed=...)`` or
-``with options(seed=3): ...``; ``seed`` shuffles the order in which blocks run
-(``GPUBN_EMU_SEED`` sets the default).  Libraries are cached under
+``with options(seed=3): ...``; ``seed`` shuffles the order in which blocks
+start and which running block goes next (``GPUBN_EMU_SEED`` sets the default).  Libraries are cached under
 ``$GPUBN_CACHE_DIR/emu`` (default ``~/.cache/gpubn/emu``).  A GCC ``g++``
 (``$CXX``) is required.
 
@@ -88,8 +118,20 @@ static reference ``s`` the compiler cannot see through (so that ``s[0]`` or a
 ``__shared__`` scalar, whose accesses it would prove in bounds, is checked
 too); in headers as well.
 
-Semantics worth knowing: blocks run one after another on the calling OS
-thread, each CUDA thread on a 64 KiB stack; all ``__syncthreads()`` calls of
+Semantics worth knowing: the blocks of a launch run on the calling OS thread
+as groups of fibers, each CUDA thread on a 64 KiB stack, several blocks at a
+time, interleaved: a block runs until its threads all wait (a barrier, a warp
+collective, a spin-wait hand-over) or exit, then the next running block (round
+robin, or the seed's choice) goes on.  An ordinary launch runs at most one
+block fewer than its grid at a time (4 at most): it promises no co-residency,
+so a block waiting for a block that has not started is a deadlock.  A
+cooperative launch (``RawModule(..., enable_cooperative_groups=True)`` or
+``fn(..., enable_cooperative_groups=True)``, as in CuPy) runs every block at
+once, so a grid barrier written with atomics and fences works; a grid larger
+than the device could hold at once (``Function.max_active_blocks_per_multiprocessor``
+times the SM count, from threads, ``num_regs`` -- an assumed 64 registers per
+thread -- and shared memory) raises :class:`LaunchError`
+(``CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE``); all ``__syncthreads()`` calls of
 a block are one barrier whatever the call site, as on sm_70 and newer (g++
 duplicates barrier calls into the branches before them), and it must be
 reached by every thread of the block (a thread that returned early makes a
@@ -101,9 +143,9 @@ shared memory; memcheck treats all static ``__shared__`` variables of a
 module as one region (an overflow from one into another is not caught).
 """
 
-from .config import (LaunchRecord, Options, Traffic, clear_launch_log, get_options, label, launch_log, options,
+from .config import (DEVICE, Device, LaunchRecord, Options, Traffic, clear_launch_log, get_options, label, launch_log, options,
                      recording, set_options)
-from .errors import DeadlockError, EmuCompileError, EmuError, KernelError, MemcheckError, RaceError
+from .errors import DeadlockError, EmuCompileError, EmuError, KernelError, LaunchError, MemcheckError, RaceError
 from .module import Function, RawKernel, RawModule
 from .compiler import find_compiler
 
@@ -126,6 +168,7 @@ __all__ = [
     "RawModule", "RawKernel", "Function",
     "set_options", "get_options", "options", "Options",
     "launch_log", "clear_launch_log", "recording", "label", "LaunchRecord", "Traffic",
-    "EmuError", "EmuCompileError", "KernelError", "MemcheckError", "RaceError", "DeadlockError",
+    "DEVICE", "Device",
+    "EmuError", "EmuCompileError", "LaunchError", "KernelError", "MemcheckError", "RaceError", "DeadlockError",
     "available", "unavailable_reason",
 ]

@@ -29,7 +29,7 @@ _CACHE_VERSION = "2"
 # Flags for the kernel translation unit.  -O1 keeps compile times short; the
 # sanitizer calls dominate run time anyway.
 _KERNEL_FLAGS = (
-    "-O1", "-fPIC", "-fno-strict-aliasing", "-fvisibility=hidden", "-fno-exceptions", "-w",
+    "-O1", "-fno-tree-sra", "-fPIC", "-fno-strict-aliasing", "-fvisibility=hidden", "-fno-exceptions", "-w",
     "-fsanitize=kernel-address",
     "--param", "asan-instrumentation-with-call-threshold=0",
     "--param", "asan-stack=0",

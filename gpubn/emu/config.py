@@ -10,6 +10,38 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 
 @dataclass(frozen=True)
+class Device:
+    """The GPU whose limits emu enforces (default: H100 / H200, compute capability 9.0).
+
+    ``registers_per_thread`` stands in for the register count ptxas would give a
+    kernel, which emu cannot know; it enters only co-residency (cooperative
+    launches).  Shared memory per block is at most ``default_shared_per_block``
+    (static + dynamic) unless the function opts in through
+    ``Function.max_dynamic_shared_size_bytes``, and then at most
+    ``max_shared_per_block``; each resident block also costs
+    ``reserved_shared_per_block`` of the SM's ``shared_per_sm``.
+    """
+
+    name: str = "H100/H200 (sm_90)"
+    sm_count: int = 132
+    max_threads_per_block: int = 1024
+    max_block: Tuple[int, int, int] = (1024, 1024, 64)
+    max_grid: Tuple[int, int, int] = (2**31 - 1, 65535, 65535)
+    default_shared_per_block: int = 48 * 1024
+    max_shared_per_block: int = 227 * 1024
+    shared_per_sm: int = 228 * 1024
+    reserved_shared_per_block: int = 1024
+    max_threads_per_sm: int = 2048
+    max_blocks_per_sm: int = 32
+    registers_per_sm: int = 65536
+    registers_per_thread: int = 64
+    max_param_bytes: int = 32764
+
+
+DEVICE = Device()
+
+
+@dataclass(frozen=True)
 class Options:
     """What each launch checks.
 
@@ -19,8 +51,10 @@ class Options:
     initcheck: a load of shared memory that no thread of the block has written
         (not one byte of it) is reported (needs racecheck, which keeps the
         per-byte shadow state).
-    seed: ``None`` runs blocks in order; an int shuffles the order in which the
-        blocks of every launch run (same seed, same order).
+    seed: ``None`` starts blocks in order and interleaves the running ones
+        round robin; an int shuffles the order in which the blocks of every
+        launch start and picks the next running block at random (same seed,
+        same schedule).
     """
 
     memcheck: bool = True

@@ -18,6 +18,16 @@ class EmuCompileError(EmuError):
         self.log = log
 
 
+class LaunchError(EmuError, ValueError):
+    """The launch was refused before any thread ran, as the CUDA driver would
+    refuse it: ``cuda_error`` is the CUDA error name (``CUDA_ERROR_INVALID_VALUE``,
+    ``CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE``, ...), which the message starts with."""
+
+    def __init__(self, message: str, cuda_error: str):
+        super().__init__(f"{cuda_error}: {message}")
+        self.cuda_error = cuda_error
+
+
 class KernelError(EmuError):
     """A kernel did something invalid at run time.
 
@@ -56,17 +66,25 @@ class RaceError(KernelError):
     of them writing, with no ``__syncthreads()`` (or, within a warp,
     ``__syncwarp()``) between them.
 
-    Extra attributes: ``other_thread`` (the earlier access), ``access`` and
-    ``other_access`` (``"load"``/``"store"``), ``memory`` (``"dynamic shared"``
-    or ``"static shared"``), ``offset`` (byte offset in dynamic shared memory, or
-    of the byte within the module for static shared memory) and ``variable``
-    (the static ``__shared__`` variable's name when it can be found, else ``None``).
+    Or (``memory == "global"``, an inter-block race) two blocks accessed a byte
+    of an argument buffer, the earlier one storing it, with no release/acquire
+    chain (fence, atomic; atomic, fence) between them.
+
+    Extra attributes: ``other_thread`` and ``other_block`` (the earlier access),
+    ``access`` and ``other_access`` (``"load"``/``"store"``), ``memory``
+    (``"dynamic shared"``, ``"static shared"`` or ``"global"``), ``offset`` (byte
+    offset in dynamic shared memory or in the argument buffer, or of the byte
+    within the module for static shared memory), ``buffer`` (the argument index,
+    global races) and ``variable`` (the static ``__shared__`` variable's name when
+    it can be found, else ``None``).
     """
 
     def __init__(self, message, kernel, block, thread, other_thread, access, other_access, memory, offset,
-                 variable=None):
+                 variable=None, other_block=None, buffer=None):
         super().__init__(message, kernel, block, thread)
         self.other_thread = other_thread
+        self.other_block = block if other_block is None else other_block
+        self.buffer = buffer
         self.access = access
         self.other_access = other_access
         self.memory = memory
@@ -79,4 +97,4 @@ class DeadlockError(KernelError):
     reach (they exited, or wait at another barrier or warp collective)."""
 
 
-__all__ = ["EmuError", "EmuCompileError", "KernelError", "MemcheckError", "RaceError", "DeadlockError"]
+__all__ = ["EmuError", "EmuCompileError", "LaunchError", "KernelError", "MemcheckError", "RaceError", "DeadlockError"]

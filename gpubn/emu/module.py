@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -13,8 +14,8 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from . import compiler
-from .config import LaunchRecord, Traffic, _record, get_options
-from .errors import DeadlockError, EmuCompileError, EmuError, KernelError, MemcheckError, RaceError
+from .config import DEVICE, LaunchRecord, Traffic, _record, get_options
+from .errors import DeadlockError, EmuCompileError, EmuError, KernelError, LaunchError, MemcheckError, RaceError
 
 _I64 = ctypes.c_int64
 _U64 = ctypes.c_uint64
@@ -29,17 +30,19 @@ class _Launch(ctypes.Structure):
         ("thunk", _U64), ("args", _U64), ("buffers", _U64), ("nbuffers", _I64),
         ("grid", _I64 * 3), ("block", _I64 * 3),
         ("shared_mem", _I64), ("seed", _I64), ("shuffle", _I64), ("memcheck", _I64), ("racecheck", _I64),
-        ("initcheck", _I64),
+        ("initcheck", _I64), ("resident", _I64),
         ("error", _I64), ("is_store", _I64), ("size", _I64), ("region", _I64), ("address", _U64),
         ("block_idx", _I64 * 3), ("thread_idx", _I64 * 3), ("other_thread", _I64 * 3), ("other_is_store", _I64),
-        ("buffer", _I64), ("offset", _I64), ("blocks_run", _I64),
+        ("buffer", _I64), ("offset", _I64), ("blocks_run", _I64), ("other_block", _I64 * 3),
         ("message", ctypes.c_char * 4096),
     ]
 
 
 _KIND_NAMES = {1: "pointer", 2: "integer", 3: "floating-point", 4: "struct"}
 _ERR_MEMCHECK, _ERR_RACE, _ERR_DEADLOCK, _ERR_KERNEL, _ERR_CONFIG = 1, 2, 3, 4, 5
-_R_DYNAMIC, _R_STATIC = 2, 3
+_R_DYNAMIC, _R_STATIC, _R_GLOBAL = 2, 3, 4
+
+_ORDINARY_RESIDENT = 4      # blocks an ordinary launch interleaves (at most one fewer than its grid)
 
 _libs: Dict[str, ctypes.CDLL] = {}
 _libs_lock = threading.Lock()
@@ -100,6 +103,28 @@ class Function:
         self.num_params = n
         self.param_sizes = tuple(info[1 + i] for i in range(n))
         self.param_kinds = tuple(_KIND_NAMES[info[1 + n + i]] for i in range(n))
+        self.shared_size_bytes = _static_shared(library_path)[index]
+        self.max_threads_per_block = DEVICE.max_threads_per_block
+        self.num_regs = DEVICE.registers_per_thread
+        self._max_dynamic = DEVICE.default_shared_per_block - self.shared_size_bytes
+
+    @property
+    def max_dynamic_shared_size_bytes(self) -> int:
+        """The most dynamic shared memory a launch may ask for (CUDA's
+        ``CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES``, as on CuPy's
+        ``Function``): 48 KiB minus the static shared memory unless raised, at
+        most 227 KiB minus it."""
+        return self._max_dynamic
+
+    @max_dynamic_shared_size_bytes.setter
+    def max_dynamic_shared_size_bytes(self, value) -> None:
+        limit = DEVICE.max_shared_per_block - self.shared_size_bytes
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= limit:
+            raise LaunchError(f"kernel {self.name!r}: max_dynamic_shared_size_bytes must be an int in [0, {limit}] "
+                              f"({DEVICE.max_shared_per_block} bytes per block on {DEVICE.name} minus "
+                              f"{self.shared_size_bytes} bytes of static shared memory), got {value!r}",
+                              "CUDA_ERROR_INVALID_VALUE")
+        self._max_dynamic = int(value)
 
     def __repr__(self):
         return f"<gpubn.emu.Function {self.name!r} ({self.num_params} parameters)>"
@@ -143,6 +168,7 @@ class Function:
                 keep.append(cell)
                 ptrs[i] = ctypes.addressof(cell)
                 continue
+            given = _describe(a)          # as the caller wrote it (a Python int is an `int`)
             if isinstance(a, bool):
                 a = np.bool_(a)
             elif isinstance(a, int):
@@ -152,32 +178,80 @@ class Function:
             elif isinstance(a, complex):
                 a = np.complex128(a)
             if not isinstance(a, np.generic):
-                raise TypeError(f"{where}: expected a NumPy array, a NumPy scalar or None, got {_describe(a)}")
+                raise TypeError(f"{where}: expected a NumPy array or a NumPy scalar, got {given}")
             if kind == "pointer":
-                raise TypeError(f"{where}: the parameter is a pointer, got {_describe(a)}")
+                raise TypeError(f"{where}: the parameter is a pointer, got {given}")
             if a.dtype.itemsize != size:
-                raise TypeError(f"{where}: the parameter is a {size}-byte {kind} value, got {_describe(a)}")
+                raise TypeError(f"{where}: the parameter is a {size}-byte {kind} value, got {given}")
             if kind == "floating-point" and not isinstance(a, np.floating):
-                raise TypeError(f"{where}: the parameter is a {size}-byte floating-point value, got {_describe(a)}")
+                raise TypeError(f"{where}: the parameter is a {size}-byte floating-point value, got {given}")
             if kind == "integer" and not isinstance(a, (np.integer, np.bool_)):
-                raise TypeError(f"{where}: the parameter is a {size}-byte integer value, got {_describe(a)}")
+                raise TypeError(f"{where}: the parameter is a {size}-byte integer value, got {given}")
             cell = np.array(a)
             keep.append(cell)
             ptrs[i] = cell.ctypes.data
         return ptrs, buffers, keep
 
     # ------------------------------------------------------------ launch
-    def __call__(self, grid, block, args, *, shared_mem=0, stream=None, enable_cooperative_groups=False):
-        if enable_cooperative_groups:
-            raise EmuError("cooperative launches are not supported by the emu backend")
+    def _check_resources(self, g, b, shared_mem: int) -> None:
+        """What the driver refuses before any thread runs, on the modelled device."""
+        d, name = DEVICE, self.name
+        if b[0] * b[1] * b[2] > d.max_threads_per_block or any(v > m for v, m in zip(b, d.max_block)):
+            raise LaunchError(f"kernel {name!r}: block {b} exceeds CUDA's limits ({d.max_threads_per_block} "
+                              f"threads, x and y <= {d.max_block[0]}, z <= {d.max_block[2]})",
+                              "CUDA_ERROR_INVALID_VALUE")
+        if any(v > m for v, m in zip(g, d.max_grid)):
+            raise LaunchError(f"kernel {name!r}: grid {g} exceeds CUDA's limits (x < 2**31, y and z <= "
+                              f"{d.max_grid[1]})", "CUDA_ERROR_INVALID_VALUE")
+        total = self.shared_size_bytes + shared_mem
+        if shared_mem > self._max_dynamic:
+            why = (f"more than the {d.default_shared_per_block} a block may use unless the function opts in "
+                   f"(Function.max_dynamic_shared_size_bytes = {shared_mem}; it is {self._max_dynamic})"
+                   if total <= d.max_shared_per_block else
+                   f"more than the {d.max_shared_per_block} a block may use on {d.name}")
+            raise LaunchError(f"kernel {name!r}: {self.shared_size_bytes} bytes of static plus {shared_mem} bytes "
+                              f"of dynamic shared memory = {total} bytes per block, {why}",
+                              "CUDA_ERROR_INVALID_VALUE")
+        params = 0
+        for size in self.param_sizes:
+            params = -(-params // min(size, 8)) * min(size, 8) + size
+        if params > d.max_param_bytes:
+            raise LaunchError(f"kernel {name!r}: {params} bytes of kernel parameters; at most {d.max_param_bytes}",
+                              "CUDA_ERROR_INVALID_VALUE")
+
+    def max_active_blocks_per_multiprocessor(self, block_size: int, dynamic_smem_size: int = 0) -> int:
+        """How many blocks of ``block_size`` threads with ``dynamic_smem_size``
+        bytes of dynamic shared memory fit on one SM of the modelled device
+        (``cudaOccupancyMaxActiveBlocksPerMultiprocessor``): limited by threads,
+        registers (``num_regs`` per thread, allocated per warp), shared memory
+        and blocks per SM."""
+        d = DEVICE
+        warps = -(-int(block_size) // 32)
+        shared = self.shared_size_bytes + int(dynamic_smem_size) + d.reserved_shared_per_block
+        return max(0, min(d.max_blocks_per_sm, d.max_threads_per_sm // (32 * warps),
+                          d.registers_per_sm // (self.num_regs * 32 * warps), d.shared_per_sm // shared))
+
+    def __call__(self, grid, block, args, *, shared_mem=0, stream=None, enable_cooperative_groups=None):
         g = _dim3(grid, "grid")
         b = _dim3(block, "block")
-        if b[0] * b[1] * b[2] > 1024 or b[0] > 1024 or b[1] > 1024 or b[2] > 64:
-            raise ValueError(f"block {b} exceeds CUDA's limits (1024 threads, z <= 64)")
-        if g[0] >= 2**31 or g[1] > 65535 or g[2] > 65535:
-            raise ValueError(f"grid {g} exceeds CUDA's limits (x < 2**31, y and z <= 65535)")
         if isinstance(shared_mem, bool) or not isinstance(shared_mem, (int, np.integer)) or shared_mem < 0:
             raise ValueError(f"shared_mem must be a non-negative int, got {shared_mem!r}")
+        self._check_resources(g, b, int(shared_mem))
+        cooperative = self.module.enable_cooperative_groups if enable_cooperative_groups is None \
+            else bool(enable_cooperative_groups)
+        nblocks = g[0] * g[1] * g[2]
+        per_sm = self.max_active_blocks_per_multiprocessor(b[0] * b[1] * b[2], int(shared_mem))
+        coresident = DEVICE.sm_count * per_sm
+        if cooperative and nblocks > coresident:
+            raise LaunchError(f"kernel {self.name!r}: a cooperative launch of {nblocks} blocks, but at most "
+                              f"{coresident} can be co-resident on {DEVICE.name} ({DEVICE.sm_count} SMs x {per_sm} "
+                              f"blocks of {b[0] * b[1] * b[2]} threads with {self.shared_size_bytes + int(shared_mem)}"
+                              f" bytes of shared memory and {self.num_regs} registers per thread)",
+                              "CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE")
+        # An ordinary launch promises no co-residency: one block fewer than the
+        # grid runs at a time, so a wait on a block that has not started is a
+        # deadlock; a cooperative launch runs every block at once.
+        resident = nblocks if cooperative else max(1, min(nblocks - 1, coresident, _ORDINARY_RESIDENT))
         ptrs, buffers, keep = self._convert(args)
         opts = get_options()
         bufarr = (_Buffer * max(1, len(buffers)))()
@@ -196,6 +270,7 @@ class Function:
         L.memcheck = opts.memcheck
         L.racecheck = opts.racecheck
         L.initcheck = opts.initcheck
+        L.resident = resident
         self._lib.gpubn_emu_launch(ctypes.byref(L))
         del keep
         if L.error:
@@ -240,11 +315,30 @@ class Function:
                 detail = (f"nearest buffer: argument {L.buffer} ({nbytes} bytes, {arr.dtype} array of shape "
                           f"{arr.shape}), offset {off} ({rel})")
                 buf = int(L.buffer)
+                other = _landed_in(args, buf, int(L.address)) if not 0 <= off < nbytes else None
+                if other is not None:
+                    # Each argument runs in its own staged copy, so this pointer did not
+                    # reach the neighbour on emu; on the GPU it may silently have.
+                    msg = (f"pointer from argument {buf} reached argument {other[0]} at offset {other[1]} "
+                           f"(the arrays are neighbours in memory; a GPU would not have reported it)")
             else:
                 detail = "the launch has no array arguments"
                 buf, off = None, 0
             text = (f"memcheck: invalid {L.size}-byte {access} at 0x{L.address:x} in {where}: {msg}; {detail}")
             return MemcheckError(text, name, blk, thr, access, int(L.size), int(L.address), buf, int(off))
+        if L.error == _ERR_RACE and L.region == _R_GLOBAL:
+            access = "store" if L.is_store else "load"
+            other, other_block = tuple(L.other_thread), tuple(L.other_block)
+            buf, off = int(L.buffer), int(L.offset)
+            arr = args[buf]
+            elem = f" (element {off // arr.itemsize})" if arr.itemsize else ""
+            text = (f"racecheck: inter-block race ({msg} hazard) at byte {off}{elem} of argument {buf} "
+                    f"({arr.dtype} array of shape {arr.shape}) in kernel {name!r}: block {blk} thread {thr} "
+                    f"{access}s it after block {other_block} thread {other} stored it, with no chain ordering "
+                    f"them (the writer's __threadfence() after its store, then an atomic; this block's atomic "
+                    f"on that location, then its __threadfence())")
+            return RaceError(text, name, blk, thr, other, access, "store", "global", off, None,
+                             other_block=other_block, buffer=buf)
         if L.error == _ERR_RACE:
             access = "store" if L.is_store else "load"
             other_access = "store" if L.other_is_store else "load"
@@ -274,13 +368,25 @@ class Function:
             return KernelError(f"kernel {name!r}, block {blk}, thread {thr}: {msg}", name, blk, thr)
         return EmuError(f"kernel {name!r}: {msg}")
 
-    def _buffer_size(self, L) -> int:
+    @staticmethod
+    def _buffer_size(L) -> int:
         # the argument's size, found from the launch's buffer table
         bufs = ctypes.cast(L.buffers, ctypes.POINTER(_Buffer))
         for k in range(L.nbuffers):
             if bufs[k].arg_index == L.buffer:
                 return int(bufs[k].size)
         return 0
+
+
+def _landed_in(args, source: int, address: int):
+    """(index, offset) of the array argument other than ``source`` whose host
+    memory holds ``address``, or ``None``."""
+    for i, a in enumerate(args):
+        if i != source and isinstance(a, np.ndarray) and a.nbytes:
+            lo = a.ctypes.data
+            if lo <= address < lo + a.nbytes:
+                return i, address - lo
+    return None
 
 
 class RawModule:
@@ -293,12 +399,10 @@ class RawModule:
 
     def __init__(self, code: Optional[str] = None, *, path: Optional[str] = None, options: Sequence[str] = (),
                  name_expressions: Optional[Sequence[str]] = None, filename: Optional[str] = None,
-                 **cupy_only):
-        for key, value in cupy_only.items():
-            if key not in ("backend", "translate_cucomplex", "log_stream", "jitify", "enable_cooperative_groups"):
+                 enable_cooperative_groups: bool = False, **cupy_only):
+        for key in cupy_only:
+            if key not in ("backend", "translate_cucomplex", "log_stream", "jitify"):
                 raise TypeError(f"RawModule() got an unexpected keyword argument {key!r}")
-            if key == "enable_cooperative_groups" and value:
-                raise EmuCompileError("cooperative groups are not supported by the emu backend")
         if (code is None) == (path is None):
             raise TypeError("RawModule needs exactly one of code= (CUDA C++ source) or path= (a .cu file)")
         if path is not None:
@@ -318,6 +422,9 @@ class RawModule:
         self.options = tuple(options)
         self.name_expressions = names
         self.filename = filename or "kernel.cu"
+        # CuPy's parameter: launches of this module's kernels are cooperative
+        # (every block co-resident; refused when the grid cannot be)
+        self.enable_cooperative_groups = bool(enable_cooperative_groups)
         self._built = None
         self._functions: Dict[str, Function] = {}
         self._lock = threading.Lock()
@@ -373,6 +480,52 @@ def _symbol_at(path: str, offset: int):
         if value <= offset < value + max(size, 1):
             return _demangle(name).replace(compiler.SHARED_STORAGE_PREFIX, ""), offset - value
     return None
+
+
+_static_shared_cache: Dict[str, Tuple[int, ...]] = {}
+_CALL_TARGET = re.compile(r"<([^>+@]+)(?:@plt)?(?:\+0x[0-9a-f]+)?>")
+
+
+def _static_shared(path: str) -> Tuple[int, ...]:
+    """Bytes of static ``__shared__`` storage each entry point of a library
+    can reach (its ``shared_size_bytes``), index by entry point.
+
+    All static shared variables of a module live in one region on emu; a GPU
+    gives each kernel those it uses.  Which ones a kernel uses is read off the
+    machine code: the functions reachable from its entry point through calls
+    and jumps, and the shared-storage symbols they address."""
+    sizes = _static_shared_cache.get(path)
+    if sizes is not None:
+        return sizes
+    tool = shutil.which("objdump")
+    symbols = {name: size for _, size, name in _read_symbols(path)}
+    refs: Dict[str, set] = {}
+    if tool:
+        out = subprocess.run([tool, "-d", "-w", "--no-show-raw-insn", path], capture_output=True, text=True,
+                             timeout=120).stdout
+        current = None
+        for line in out.splitlines():
+            if line and not line[0].isspace():
+                m = re.match(r"[0-9a-f]+ <(.+)>:$", line)
+                current = refs.setdefault(m.group(1), set()) if m else None
+            elif current is not None:
+                current.update(_CALL_TARGET.findall(line))
+    entries = sorted(int(n[len("gpubn_emu_thunk_"):]) for n in refs if n.startswith("gpubn_emu_thunk_"))
+    result = []
+    for i in range(entries[-1] + 1 if entries else 0):
+        seen, todo, total = set(), [f"gpubn_emu_thunk_{i}"], 0
+        while todo:
+            fn = todo.pop()
+            if fn in seen:
+                continue
+            seen.add(fn)
+            if compiler.SHARED_STORAGE_PREFIX in fn and fn in symbols:
+                total += symbols[fn]
+            todo.extend(refs.get(fn, ()))
+        result.append(total)
+    sizes = tuple(result)
+    _static_shared_cache[path] = sizes
+    return sizes
 
 
 def _read_symbols(path: str) -> list:

@@ -35,9 +35,9 @@
 #define __align__(n) __attribute__((aligned(n)))
 #define __grid_constant__
 #define __constant__ const
-// Static shared memory: one copy per module; blocks of a launch run one after
-// another, so the block's threads (fibers) share it.  The runtime locates it
-// (the module's .bss) for memcheck and racecheck.
+// Static shared memory: one copy per module, which the block's threads (fibers)
+// share; the runtime swaps its contents when it switches to another running
+// block.  It locates it (the module's .bss) for memcheck and racecheck.
 #define __shared__ static
 namespace gpubn_emu {
 // The source rewrite turns `__shared__ T s[N];` into storage named
@@ -201,8 +201,8 @@ static inline unsigned __reduce_xor_sync(unsigned mask, unsigned v) {
 }
 
 // ---------------------------------------------------------------- atomics
-// Blocks run one at a time on one OS thread, so a read-modify-write is atomic by
-// construction; the access is checked (and counted) by the runtime, and the
+// All blocks run on one OS thread and fibers switch only inside runtime calls,
+// so a read-modify-write is atomic by construction; the access is checked (and counted) by the runtime, and the
 // memory operation itself is not instrumented so that racecheck ignores it.
 #define GPUBN_EMU_ATOMIC __attribute__((no_sanitize_address)) static inline
 namespace gpubn_emu {

@@ -1,10 +1,10 @@
 // gpubn emu: the SIMT runtime.
 //
-// Runs one CUDA launch on the calling OS thread: blocks one after another (in
-// order, or shuffled by a seed), and every CUDA thread of a block as its own
-// fiber with a small stack.  Fibers switch only at barriers, warp collectives,
-// exits and spin-waits, so a block's threads really meet at __syncthreads and
-// exchange values at warp shuffles.
+// Runs one CUDA launch on the calling OS thread: every CUDA thread as its own
+// fiber with a small stack, several blocks at a time (all of them for a
+// cooperative launch), interleaved a round at a time.  Fibers switch only at
+// barriers, warp collectives, exits and spin-waits, so a block's threads really
+// meet at __syncthreads and exchange values at warp shuffles.
 //
 // The kernel translation unit is compiled with -fsanitize=kernel-address and
 // call-threshold 0, so the compiler calls __asan_{load,store}*_noabort on every
@@ -35,6 +35,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <unordered_map>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -55,7 +57,7 @@ struct Buffer {
 };
 
 enum ErrorKind : int64_t { OK = 0, MEMCHECK = 1, RACE = 2, DEADLOCK = 3, KERNEL = 4, CONFIG = 5 };
-enum Region : int64_t { R_NONE = 0, R_DYNAMIC_SHARED = 2, R_STATIC_SHARED = 3 };
+enum Region : int64_t { R_NONE = 0, R_DYNAMIC_SHARED = 2, R_STATIC_SHARED = 3, R_GLOBAL = 4 };
 
 struct Launch {
     // in
@@ -63,6 +65,7 @@ struct Launch {
     int64_t nbuffers;
     int64_t grid[3], block[3];
     int64_t shared_mem, seed, shuffle, memcheck, racecheck, initcheck;
+    int64_t resident;             // how many blocks run concurrently (interleaved)
     // out
     int64_t error, is_store, size, region;
     uint64_t address;
@@ -70,6 +73,7 @@ struct Launch {
     int64_t other_thread[3], other_is_store;
     int64_t buffer, offset;       // nearest argument buffer (-1: none) and offset from its start
     int64_t blocks_run;
+    int64_t other_block[3];       // inter-block race: the block of the earlier access
     char message[4096];
 };
 
@@ -77,6 +81,7 @@ constexpr size_t kStack = 64 * 1024;         // usable stack per CUDA thread
 constexpr size_t kGuard = 4096;
 constexpr size_t kDynCap = 232448;           // 227 KiB, the opt-in maximum on sm_90
 constexpr int kMaxThreads = 1024;
+constexpr size_t kStageGap = size_t(1) << 30;  // unmapped bytes around each staged argument buffer
 
 enum State : int { RUN = 0, BAR = 1, WARP = 2, DONE = 3 };
 
@@ -103,7 +108,39 @@ struct Fiber {
     uintptr_t spin_addr;                // spin-wait detection: consecutive loads of one address
     uint32_t spin_count, spin_rounds;
     unsigned long long spin_value;
+    uint64_t spin_progress;             // Runtime::progress at the last hand-over
+    // inter-block ordering (see "inter-block racecheck")
+    uint32_t fence_t, fence_bar;        // time of the last __threadfence, the block's last barrier before it
+    int pending, acquired;              // indices into Runtime::covs (-1: none)
+    uint32_t seen_release, seen_version; // the release record last merged into `pending` (by a load)
 };
+
+// What a thread (or block) has synchronized with: the stores of block b before
+// time bar[b] (published by a fence after a barrier of b), and the stores of the
+// thread w (block * 1024 + thread) before time own[w] (published by its own fence).
+struct Coverage {
+    std::unordered_map<uint32_t, uint32_t> bar;
+    std::unordered_map<uint64_t, uint32_t> own;
+    void merge(const Coverage& o) {
+        for (const auto& kv : o.bar) { uint32_t& v = bar[kv.first]; if (kv.second > v) v = kv.second; }
+        for (const auto& kv : o.own) { uint32_t& v = own[kv.first]; if (kv.second > v) v = kv.second; }
+    }
+    uint32_t version = 0;               // (release records) bumped by every release into it
+    bool covers(uint32_t block, uint64_t writer, uint32_t t) const {
+        auto b = bar.find(block);
+        if (b != bar.end() && t < b->second) return true;
+        auto w = own.find(writer);
+        return w != own.end() && t < w->second;
+    }
+};
+
+// Per byte of an argument buffer: who stored it last in this launch.
+struct GlobalShadow {
+    uint32_t block1;                    // block linear index + 1; 0: not stored in this launch; kAtomicByte: an atomic
+    uint32_t t;                         // time of the store, or (atomic) the index of its release record
+    uint32_t thread;
+};
+constexpr uint32_t kAtomicByte = 0xffffffffu;
 
 struct Rec {                            // one access to a byte of shared memory
     uint32_t bep, wep;                  // block-barrier epoch, warp-sync epoch
@@ -111,6 +148,29 @@ struct Rec {                            // one access to a byte of shared memory
 };
 struct Shadow {
     Rec w, r0, r1;
+};
+
+struct Uninit { bool set; int tid; uintptr_t addr; size_t n; int64_t region; uintptr_t off; };
+
+// The per-block part of the runtime, parked while another block runs: the
+// running block's state lives in Runtime (where the hot paths find it), and a
+// switch exchanges it with the slot of the next block.
+struct Slot {
+    char* stacks = nullptr;
+    size_t stacks_threads = 0;
+    Fiber* fibers = nullptr;
+    unsigned char* dyn = nullptr;
+    uint3 bidx{};
+    uint32_t blin = 0, bep = 0, block_bep = 0, lastbar = 0;
+    int live = 0, arrived = 0, bar_count = 0, bar_and = 0, bar_or = 0;
+    int bar_result_count = 0, bar_result_and = 0, bar_result_or = 0;
+    Uninit uninit{};
+    uint32_t wep[kMaxThreads / 32] = {};
+    unsigned alive[kMaxThreads / 32] = {}, waiting[kMaxThreads / 32] = {};
+    std::vector<Shadow> dyn_shadow, bss_shadow;
+    std::vector<unsigned char> bss;      // the block's static shared memory while parked
+    std::vector<Coverage> covs;
+    Coverage block_acquired, block_published;
 };
 
 struct Runtime {
@@ -135,7 +195,7 @@ struct Runtime {
     // The first load of never-written shared memory, reported at the next barrier
     // (or the end of the block) unless another thread's store to it turns out to
     // be a race first -- a missing barrier is the better diagnosis.
-    struct { bool set; int tid; uintptr_t addr; size_t n; int64_t region; uintptr_t off; } uninit;
+    Uninit uninit;
     uint32_t wep[kMaxThreads / 32];
     unsigned alive[kMaxThreads / 32];    // lanes that exist and have not exited
     unsigned waiting[kMaxThreads / 32];  // lanes waiting in a warp collective
@@ -150,6 +210,22 @@ struct Runtime {
     std::vector<std::pair<uintptr_t, uintptr_t>> readonly;
     uintptr_t module_base;
     bool module_scanned;
+    std::vector<uint64_t> host_lo;       // where each (staged) buffer lives on the host
+    // inter-block racecheck
+    bool interblock;                     // racecheck with more than one block
+    bool bookkeeping;                    // the runtime's own memcpy/memset calls (not checked)
+    uint64_t progress;                   // stores so far (spin-waits end only while there are some)
+    uint32_t gtime;                      // logical time: advances at fences, barriers and atomics
+    uint32_t blin;                       // linear index of the running block
+    uint32_t lastbar;                    // time of the running block's last barrier
+    std::vector<GlobalShadow*> gshadow;  // per buffer: the shadow of its first byte
+    std::vector<Coverage> covs;          // threads' pending / acquired coverage (Fiber indices)
+    Coverage block_acquired;             // what the running block's threads share since a barrier
+    Coverage block_published;            // stores its threads fenced before its last barrier
+    std::vector<Coverage> releases;      // per atomic location: what its atomics published
+    // concurrent blocks
+    std::vector<Slot> slots;             // slots[cur_slot] is stale: its block's state is here
+    int cur_slot;
 };
 
 // Runtime state lives in .data (explicit section) so that the module's .bss holds
@@ -351,6 +427,117 @@ static inline void race_access(Shadow* sh, size_t n, bool store, uintptr_t addr,
     }
 }
 
+// ------------------------------------------------------------------ inter-block racecheck
+// Global memory between blocks, after the PTX memory model's release/acquire
+// patterns: a store of block A is visible to block B once A published it (a
+// __threadfence() by the storing thread after the store, or by any thread of A
+// after a __syncthreads() that follows the store), then an atomic of A after
+// that fence released it into an atomic location, and B observed that location
+// (an atomic on it, or a load of a value an atomic wrote: release sequences of
+// read-modify-writes included) and then fenced; a __syncthreads() shares what a
+// thread of B acquired with the whole block.  Any other access by B to bytes A
+// stored in this launch is an inter-block race.  A thread's fence followed by
+// a __syncthreads() publishes its stores for an atomic by any thread of the
+// block after the barrier (every thread fences, one thread signals).  Loads are not told apart from
+// volatile loads (a volatile load orders nothing by itself; the fence does).
+// Logical time (gtime) advances at fences, barriers and atomics; a store
+// happens at the current time.
+// The runtime's own containers call memset/memcpy, which the linker sends to
+// the checked wrappers: while this guard lives they pass unchecked.
+struct Bookkeeping {
+    bool saved;
+    Bookkeeping() : saved(R->bookkeeping) { R->bookkeeping = true; }
+    ~Bookkeeping() { R->bookkeeping = saved; }
+};
+
+static inline Coverage& coverage(int& idx) {
+    if (idx < 0) {
+        idx = (int)R->covs.size();
+        R->covs.emplace_back();
+    }
+    return R->covs[idx];
+}
+static inline uint64_t writer_id(uint32_t block, uint32_t thread) { return (uint64_t)block << 10 | thread; }
+
+static bool visible(const Fiber* f, uint32_t block, uint32_t thread, uint32_t t) {
+    const uint64_t w = writer_id(block, thread);
+    if (f->acquired >= 0 && R->covs[f->acquired].covers(block, w, t)) return true;
+    return R->block_acquired.covers(block, w, t);
+}
+
+static uint3 unlinear(uint32_t i, uint3 d) { return uint3{i % d.x, (i / d.x) % d.y, i / (d.x * d.y)}; }
+
+[[noreturn]] static void global_race(const char* what, const GlobalShadow& prev, bool store, int buf, uint64_t off) {
+    Launch* L = R->L;
+    L->error = RACE;
+    set_where(R->cur);
+    const uint3 ob = unlinear(prev.block1 - 1, R->gdim), ot = unlinear(prev.thread, R->bdim);
+    L->other_block[0] = ob.x; L->other_block[1] = ob.y; L->other_block[2] = ob.z;
+    L->other_thread[0] = ot.x; L->other_thread[1] = ot.y; L->other_thread[2] = ot.z;
+    L->other_is_store = 1;
+    L->is_store = store;
+    L->address = R->host_lo[buf] + off;
+    L->region = R_GLOBAL;
+    L->buffer = R->bufs[buf].arg_index;
+    L->offset = (int64_t)off;
+    set_message("%s", what);
+    abort_fiber();
+}
+
+static inline void global_access(int buf, uint64_t off, size_t n, bool store) {
+    GlobalShadow* sh = R->gshadow[buf] + off;
+    Fiber* f = R->cur;
+    const uint32_t me = R->blin + 1;
+    for (size_t i = 0; i < n; ++i) {
+        GlobalShadow& g = sh[i];
+        if (g.block1 == kAtomicByte) {
+            // a value an atomic wrote: the load observes that atomic's release sequence
+            const Coverage& rel = R->releases[g.t];
+            if (!store && (f->seen_release != g.t || f->seen_version != rel.version)) {
+                Bookkeeping quiet;
+                f->seen_release = g.t;
+                f->seen_version = rel.version;
+                coverage(f->pending).merge(rel);
+            }
+        } else if (g.block1 != 0 && g.block1 != me && !visible(f, g.block1 - 1, g.thread, g.t)) {
+            global_race(store ? "write-after-write" : "read-after-write", g, store, buf, off + i);
+        }
+        if (store) g = GlobalShadow{me, R->gtime, (uint32_t)f->linear};
+    }
+}
+
+// An atomic on global memory: acquires what the location's earlier atomics
+// released, and releases what the thread's last fence published.
+static void global_atomic(int buf, uint64_t off, size_t n) {
+    Bookkeeping quiet;
+    GlobalShadow* sh = R->gshadow[buf] + off;
+    Fiber* f = R->cur;
+    uint32_t idx;
+    if (sh[0].block1 == kAtomicByte) {
+        idx = sh[0].t;
+    } else {
+        idx = (uint32_t)R->releases.size();
+        R->releases.emplace_back();
+    }
+    Coverage& pending = coverage(f->pending);
+    Coverage& rel = R->releases[idx];
+    pending.merge(rel);
+    if (!R->block_published.own.empty()) {
+        // stores other threads fenced before a barrier this thread has passed
+        rel.merge(R->block_published);
+        ++rel.version;
+    }
+    if (f->fence_t) {
+        uint32_t& b = rel.bar[R->blin];
+        if (f->fence_bar > b) b = f->fence_bar;
+        uint32_t& o = rel.own[writer_id(R->blin, f->linear)];
+        if (f->fence_t > o) o = f->fence_t;
+        ++rel.version;
+    }
+    for (size_t i = 0; i < n; ++i) sh[i] = GlobalShadow{kAtomicByte, idx, (uint32_t)f->linear};
+    ++R->gtime;
+}
+
 // ------------------------------------------------------------------ memcheck
 [[noreturn]] static void bad_access(uintptr_t a, size_t n, bool store, const char* why) {
     Launch* L = R->L;
@@ -367,23 +554,40 @@ static inline void race_access(Shadow* sh, size_t n, bool store, uintptr_t addr,
         uint64_t d = a < b.lo ? b.lo - a : (a < b.lo + b.size ? 0 : a - (b.lo + b.size) + 1);
         if (d < best_d) { best_d = d; best = i; }
     }
-    if (L->region != R_DYNAMIC_SHARED) {
+    if (L->region == R_NONE) {
         L->buffer = best >= 0 ? R->bufs[best].arg_index : -1;
         L->offset = best >= 0 ? (int64_t)(a - R->bufs[best].lo) : 0;
+        // inside the staged copy or its gaps: report the address on the host arrays
+        if (best >= 0 && best_d <= kStageGap) L->address = R->host_lo[best] + (uint64_t)L->offset;
     }
     set_message("%s", why);
     abort_fiber();
+}
+
+[[noreturn]] __attribute__((noinline)) static void misaligned(uintptr_t a, size_t n, bool store) {
+    char why[96];
+    snprintf(why, sizeof why, "misaligned address (a %zu-byte access must be %zu-byte aligned)", n, n);
+    if (a - R->dyn_lo < R->dyn_size) {
+        R->L->region = R_DYNAMIC_SHARED;
+        R->L->offset = (int64_t)(a - R->dyn_lo);
+    } else if (a - R->bss_lo < R->bss_hi - R->bss_lo) {
+        R->L->region = R_STATIC_SHARED;
+        R->L->offset = (int64_t)(a - R->module_base);
+    }
+    bad_access(a, n, store, why);
 }
 
 // ------------------------------------------------------------------ spin-waits
 // Threads switch only at barriers, warp collectives and exits, so a thread that
 // spins on memory another thread must change would spin forever.  After
 // kSpinLoads consecutive loads of one address the spinning thread hands over to
-// the others; after kSpinRounds hand-overs that did not change the value, the
-// wait can never end (the writer waits at a barrier, has exited, or is in
-// another block: blocks run one at a time) and the launch is abandoned.
-constexpr uint32_t kSpinLoads = 1u << 14;
-constexpr uint32_t kSpinRounds = 1024;
+// the others (its block's threads, then the other running blocks); after
+// kSpinRounds hand-overs during which the value did not change and no thread
+// anywhere stored anything, the wait can never end (the writer waits at a
+// barrier, has exited, or is in a block that has not started) and the launch
+// is abandoned.
+constexpr uint32_t kSpinLoads = 1u << 12;
+constexpr uint32_t kSpinRounds = 256;
 
 [[noreturn]] static void spin_error(Fiber* f, uintptr_t a, size_t n) {
     Launch* L = R->L;
@@ -402,8 +606,8 @@ constexpr uint32_t kSpinRounds = 1024;
     else if (a - R->bss_lo < R->bss_hi - R->bss_lo)
         snprintf(where, sizeof where, "static shared memory (module offset 0x%lx)", (unsigned long)(a - R->module_base));
     set_message("spins: %u loads in a row of %zu bytes at %s returned the same value while the other threads ran; "
-                "no thread of this block changes it (a writer waiting at a barrier, exited, or in another block "
-                "-- blocks run one at a time on emu)",
+                "no thread changes it (a writer waiting at a barrier, exited, or in a block that has not "
+                "started: an ordinary launch does not make all its blocks co-resident, a cooperative one does)",
                 kSpinLoads * kSpinRounds, n, where);
     abort_fiber();
 }
@@ -426,6 +630,11 @@ static inline void check(uintptr_t a, size_t n, bool store) {
     if (a - f->stack_lo < kStack) {
         if (a + n - f->stack_lo <= kStack) return;
     }
+    // An access of 2, 4, 8 or 16 bytes (a scalar, a vector type, a reinterpret_cast
+    // load) must be naturally aligned in global and shared memory, as on the GPU.
+    // (Accesses of other sizes come from memcpy and struct copies, which the GPU
+    // splits into aligned pieces.)
+    if ((a & (n - 1)) && (n & (n - 1)) == 0 && n <= 16 && R->memcheck) misaligned(a, n, store);
     for (int i = 0; i < R->nbufs; ++i) {
         Buffer& b = R->bufs[i];
         if (a - b.lo < b.size) {
@@ -434,10 +643,13 @@ static inline void check(uintptr_t a, size_t n, bool store) {
             if (store) {
                 b.stored += n;
                 if (!R->in_atomic) f->spin_addr = 0;
+                ++R->progress;
             } else {
                 b.loaded += n;
-                spin_watch(f, a, n);
+                spin_watch(f, a, n);    // may hand over: the load then reads what the others stored since
             }
+            if (R->interblock && R->racecheck)
+                global_access(i, a - b.lo, n < b.lo + b.size - a ? n : b.lo + b.size - a, store);
             return;
         }
     }
@@ -450,13 +662,13 @@ static inline void check(uintptr_t a, size_t n, bool store) {
             bad_access(a, n, store, "out of bounds of dynamic shared memory");
         }
         if (R->racecheck) race_access(&R->dyn_shadow[off], n, store, a, R_DYNAMIC_SHARED, off);
-        if (!store) spin_watch(f, a, n); else if (!R->in_atomic) f->spin_addr = 0;
+        if (!store) spin_watch(f, a, n); else if (!R->in_atomic) f->spin_addr = 0, ++R->progress;
         return;
     }
     if (a - R->bss_lo < R->bss_hi - R->bss_lo) {
         if (R->racecheck && a + n <= R->bss_hi)
             race_access(&R->bss_shadow[a - R->bss_lo], n, store, a, R_STATIC_SHARED, a - R->module_base);
-        if (!store) spin_watch(f, a, n); else if (!R->in_atomic) f->spin_addr = 0;
+        if (!store) spin_watch(f, a, n); else if (!R->in_atomic) f->spin_addr = 0, ++R->progress;
         return;
     }
     if (!store) {
@@ -496,15 +708,15 @@ extern "C" void* __real_memcpy(void*, const void*, size_t);
 extern "C" void* __real_memmove(void*, const void*, size_t);
 extern "C" void* __real_memset(void*, int, size_t);
 extern "C" EMU_HIDDEN void* __wrap_memcpy(void* d, const void* s, size_t n) {
-    if (R && R->cur) { check((uintptr_t)s, n, false); check((uintptr_t)d, n, true); }
+    if (R && R->cur && !R->bookkeeping) { check((uintptr_t)s, n, false); check((uintptr_t)d, n, true); }
     return __real_memcpy(d, s, n);
 }
 extern "C" EMU_HIDDEN void* __wrap_memmove(void* d, const void* s, size_t n) {
-    if (R && R->cur) { check((uintptr_t)s, n, false); check((uintptr_t)d, n, true); }
+    if (R && R->cur && !R->bookkeeping) { check((uintptr_t)s, n, false); check((uintptr_t)d, n, true); }
     return __real_memmove(d, s, n);
 }
 extern "C" EMU_HIDDEN void* __wrap_memset(void* d, int c, size_t n) {
-    if (R && R->cur) check((uintptr_t)d, n, true);
+    if (R && R->cur && !R->bookkeeping) check((uintptr_t)d, n, true);
     return __real_memset(d, c, n);
 }
 
@@ -563,6 +775,20 @@ static void barrier(void* site, int pred) {
         R->bar_count = 0; R->bar_and = 1; R->bar_or = 0;
         R->bep = ++R->epoch;
         for (int i = 0; i < R->nthreads; ++i) R->fibers[i].state = RUN;
+        if (R->interblock) {
+            Bookkeeping quiet;
+            // a barrier orders the block's stores before it (for a later fence to
+            // publish) and shares what its threads acquired
+            R->lastbar = ++R->gtime;
+            for (int i = 0; i < R->nthreads; ++i) {
+                const Fiber& t = R->fibers[i];
+                if (t.acquired >= 0) R->block_acquired.merge(R->covs[t.acquired]);
+                if (t.fence_t) {
+                    uint32_t& o = R->block_published.own[writer_id(R->blin, t.linear)];
+                    if (t.fence_t > o) o = t.fence_t;
+                }
+            }
+        }
     }
     // Even the thread that completed the barrier yields, so that the block
     // resumes in thread order.
@@ -716,6 +942,15 @@ void atomic_access(const volatile void* addr, size_t size) {
     R->initcheck = ic;
     if (!rc) return;
     const uintptr_t a = (uintptr_t)addr;
+    if (R->interblock) {
+        for (int i = 0; i < R->nbufs; ++i) {
+            const Buffer& b = R->bufs[i];
+            if (a - b.lo < b.size && size <= b.lo + b.size - a) {
+                global_atomic(i, a - b.lo, size);
+                return;
+            }
+        }
+    }
     Shadow* sh = nullptr;
     if (a - R->dyn_lo < R->dyn_size) sh = &R->dyn_shadow[a - R->dyn_lo];
     else if (a - R->bss_lo < R->bss_hi - R->bss_lo) sh = &R->bss_shadow[a - R->bss_lo];
@@ -723,7 +958,20 @@ void atomic_access(const volatile void* addr, size_t size) {
     for (size_t i = 0; i < size; ++i) sh[i].w = Rec{R->bep, 0, -1};
 }
 
-void threadfence() {}
+void threadfence() {
+    if (!R->interblock) return;
+    Bookkeeping quiet;
+    Fiber* f = R->cur;
+    f->fence_t = ++R->gtime;
+    f->fence_bar = R->lastbar;
+    if (f->pending >= 0) {
+        Coverage& acquired = coverage(f->acquired);
+        Coverage& pending = R->covs[f->pending];
+        acquired.merge(pending);
+        pending.bar.clear();
+        pending.own.clear();
+    }
+}
 
 long long clock64() {
     struct timespec ts;
@@ -752,9 +1000,10 @@ static void spin_hand_over(Fiber* f, uintptr_t a, size_t n) {
     unsigned long long v = 0;
     for (size_t i = 0; i < n && i < 8; ++i)                 // the address was checked
         v |= (unsigned long long)((const unsigned char*)a)[i] << (8 * i);
-    if (f->spin_rounds == 0 || v != f->spin_value) {
+    if (f->spin_rounds == 0 || v != f->spin_value || R->progress != f->spin_progress) {
         f->spin_value = v;
         f->spin_rounds = 0;
+        f->spin_progress = R->progress;
     }
     f->spin_count = 0;
     if (++f->spin_rounds > kSpinRounds) spin_error(f, a, n);
@@ -871,7 +1120,7 @@ static bool ensure_memory(int nthreads, size_t dyn_size) {
     return true;
 }
 
-static bool run_block(uint3 b) {
+static void start_block(uint3 b) {
     R->bidx = b;
     const int n = R->nthreads;
     const uint3 d = R->bdim;
@@ -888,8 +1137,17 @@ static bool run_block(uint3 b) {
         f.stack_lo = (uintptr_t)(R->stacks + (size_t)i * (kStack + kGuard) + kGuard);
         f.spin_addr = 0;
         f.spin_count = f.spin_rounds = 0;
+        f.fence_t = f.fence_bar = 0;
+        f.pending = f.acquired = -1;
+        f.seen_release = ~0u;
+        f.seen_version = 0;
         f.sp = fiber_init_stack(f, f.stack_lo);
     }
+    R->covs.clear();
+    R->block_acquired = Coverage();
+    R->block_published = Coverage();
+    R->lastbar = 0;
+    R->blin = b.x + R->gdim.x * (b.y + R->gdim.y * b.z);
     R->live = n;
     R->arrived = 0;
     R->bar_count = 0; R->bar_and = 1; R->bar_or = 0;
@@ -905,21 +1163,68 @@ static bool run_block(uint3 b) {
     }
     // Uninitialized shared memory reads as NaN / -1, as garbage would on a GPU.
     if (R->dyn_size) memset(R->dyn, 0xff, R->dyn_size);
-    // Each round starts at the first runnable thread; threads hand over to the
-    // next runnable one themselves (yield) and the round ends at the last.
-    for (;;) {
-        int i = 0;
-        while (i < n && R->fibers[i].state != RUN) ++i;
-        if (i == n) {
-            if (R->live == 0) return !report_uninitialized();
-            report_deadlock();
-            return false;
-        }
-        R->cur = &R->fibers[i];
-        ctx_switch(&R->sched_sp, R->fibers[i].sp);
-        R->cur = nullptr;
-        if (R->L->error) return false;
+}
+
+// One round of the running block: from its first runnable thread, each thread
+// hands over to the next runnable one (yield) until the last returns here.
+// 0: more to run; 1: the block has finished; -1: an error was recorded.
+static int run_round() {
+    const int n = R->nthreads;
+    int i = 0;
+    while (i < n && R->fibers[i].state != RUN) ++i;
+    if (i == n) {
+        if (R->live == 0) return report_uninitialized() ? -1 : 1;
+        report_deadlock();
+        return -1;
     }
+    R->cur = &R->fibers[i];
+    ctx_switch(&R->sched_sp, R->fibers[i].sp);
+    R->cur = nullptr;
+    return R->L->error ? -1 : 0;
+}
+
+static void exchange(Slot& s) {
+    using std::swap;
+    swap(R->stacks, s.stacks);
+    swap(R->stacks_threads, s.stacks_threads);
+    swap(R->fibers, s.fibers);
+    swap(R->dyn, s.dyn);
+    R->dyn_lo = (uintptr_t)R->dyn;
+    swap(R->bidx, s.bidx);
+    swap(R->blin, s.blin);
+    swap(R->bep, s.bep);
+    swap(R->block_bep, s.block_bep);
+    swap(R->lastbar, s.lastbar);
+    swap(R->live, s.live);
+    swap(R->arrived, s.arrived);
+    swap(R->bar_count, s.bar_count);
+    swap(R->bar_and, s.bar_and);
+    swap(R->bar_or, s.bar_or);
+    swap(R->bar_result_count, s.bar_result_count);
+    swap(R->bar_result_and, s.bar_result_and);
+    swap(R->bar_result_or, s.bar_result_or);
+    swap(R->uninit, s.uninit);
+    swap(R->wep, s.wep);
+    swap(R->alive, s.alive);
+    swap(R->waiting, s.waiting);
+    swap(R->dyn_shadow, s.dyn_shadow);
+    swap(R->bss_shadow, s.bss_shadow);
+    swap(R->covs, s.covs);
+    swap(R->block_acquired, s.block_acquired);
+    swap(R->block_published, s.block_published);
+    const size_t nbss = R->bss_hi - R->bss_lo;
+    if (nbss) {
+        if (s.bss.size() != nbss) s.bss.assign((unsigned char*)R->bss_lo, (unsigned char*)R->bss_hi);
+        std::swap_ranges((unsigned char*)R->bss_lo, (unsigned char*)R->bss_hi, s.bss.data());
+    }
+}
+
+// Makes slot k's block the running one.
+static void switch_to(int k) {
+    if (k == R->cur_slot) return;
+    exchange(R->slots[R->cur_slot]);   // park the running block
+    exchange(R->slots[k]);             // and take k's
+    R->cur_slot = k;
 }
 
 static uint64_t splitmix(uint64_t& s) {
@@ -999,6 +1304,84 @@ static void restore_fault_handler() {
     sigaltstack(&g_fault->old_stack, nullptr);
 }
 
+// ------------------------------------------------------------------ buffer staging
+// Each argument buffer (or group of overlapping ones: the same array passed
+// twice, overlapping views) runs in its own copy, mapped with kStageGap bytes
+// of inaccessible address space on either side and at the same offset within
+// its page as the host array (so alignment is what the kernel sees on the
+// host).  A pointer derived from one argument therefore cannot silently land
+// in another, whatever the host allocator placed next to it: it lands in the
+// gap, and memcheck names the argument it came from.  The copies are written
+// back after the launch (also after an error: the stores made before it stay).
+struct Stage {
+    uintptr_t host_lo, host_hi;   // the group's host range
+    char* map;                    // the reservation, gaps included
+    size_t map_len;
+    uintptr_t dev_lo;             // where host_lo is staged
+    GlobalShadow* shadow;         // inter-block racecheck: one entry per byte (zero pages until stored)
+    size_t shadow_len;
+};
+
+static bool stage_buffers(std::vector<Stage>& stages) {
+    std::vector<uint64_t>& host_lo = R->host_lo;
+    const int n = R->nbufs;
+    host_lo.resize(n);
+    std::vector<int> order(n);
+    for (int i = 0; i < n; ++i) { order[i] = i; host_lo[i] = R->bufs[i].lo; }
+    std::sort(order.begin(), order.end(), [](int a, int b) { return R->bufs[a].lo < R->bufs[b].lo; });
+    std::vector<int> group(n);
+    for (int k = 0; k < n; ++k) {
+        const Buffer& b = R->bufs[order[k]];
+        if (stages.empty() || b.lo >= stages.back().host_hi)
+            stages.push_back(Stage{b.lo, b.lo + b.size, nullptr, 0, 0, nullptr, 0});
+        else if (b.lo + b.size > stages.back().host_hi)
+            stages.back().host_hi = b.lo + b.size;
+        group[order[k]] = (int)stages.size() - 1;
+    }
+    const size_t page = 4096;
+    for (Stage& s : stages) {
+        const size_t in_page = s.host_lo & (page - 1);
+        const size_t body = (in_page + (s.host_hi - s.host_lo) + page - 1) & ~(page - 1);
+        s.map_len = body + 2 * kStageGap;
+        void* p = mmap(nullptr, s.map_len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (p == MAP_FAILED) { s.map = nullptr; return false; }
+        s.map = (char*)p;
+        if (mprotect(s.map + kStageGap, body, PROT_READ | PROT_WRITE) != 0) return false;
+        s.dev_lo = (uintptr_t)(s.map + kStageGap + in_page);
+        memcpy((void*)s.dev_lo, (const void*)s.host_lo, s.host_hi - s.host_lo);
+        if (R->interblock) {
+            s.shadow_len = (s.host_hi - s.host_lo) * sizeof(GlobalShadow);
+            void* q = mmap(nullptr, s.shadow_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                           -1, 0);
+            if (q == MAP_FAILED) { s.shadow = nullptr; return false; }
+            s.shadow = (GlobalShadow*)q;
+        }
+    }
+    R->gshadow.assign(n, nullptr);
+    void** args = (void**)(uintptr_t)R->L->args;
+    for (int i = 0; i < n; ++i) {
+        Buffer& b = R->bufs[i];
+        const Stage& s = stages[group[i]];
+        const uintptr_t dev = s.dev_lo + (b.lo - s.host_lo);
+        uintptr_t* cell = (uintptr_t*)args[b.arg_index];
+        if (*cell == b.lo) *cell = dev;     // the argument's pointer (Python passes the array's start)
+        if (s.shadow) R->gshadow[i] = s.shadow + (b.lo - s.host_lo);
+        b.lo = dev;
+    }
+    return true;
+}
+
+static void unstage_buffers(std::vector<Stage>& stages) {
+    const std::vector<uint64_t>& host_lo = R->host_lo;
+    for (Stage& s : stages) {
+        if (!s.map) continue;
+        if (s.dev_lo) memcpy((void*)s.host_lo, (const void*)s.dev_lo, s.host_hi - s.host_lo);
+        munmap(s.map, s.map_len);
+        if (s.shadow) munmap(s.shadow, s.shadow_len);
+    }
+    for (int i = 0; i < R->nbufs && i < (int)host_lo.size(); ++i) R->bufs[i].lo = host_lo[i];
+}
+
 EMU_EXPORT int64_t gpubn_emu_launch(Launch* L) {
     {
         std::lock_guard<std::mutex> g(*init_mutex);
@@ -1035,12 +1418,6 @@ EMU_EXPORT int64_t gpubn_emu_launch(Launch* L) {
     R->nthreads = (int)nt;
     R->bdim = uint3{(unsigned)L->block[0], (unsigned)L->block[1], (unsigned)L->block[2]};
     R->gdim = uint3{(unsigned)L->grid[0], (unsigned)L->grid[1], (unsigned)L->grid[2]};
-    if (!ensure_memory((int)nt, (size_t)L->shared_mem)) {
-        L->error = CONFIG;
-        set_message("cannot allocate fiber stacks: %s", strerror(errno));
-        R->L = nullptr;
-        return L->error;
-    }
     const uint64_t nblocks = (uint64_t)L->grid[0] * L->grid[1] * L->grid[2];
     std::vector<uint64_t> order;
     if (L->shuffle) {
@@ -1049,15 +1426,56 @@ EMU_EXPORT int64_t gpubn_emu_launch(Launch* L) {
         uint64_t s = (uint64_t)L->seed;
         for (uint64_t i = nblocks; i > 1; --i) std::swap(order[i - 1], order[splitmix(s) % i]);
     }
+    R->interblock = R->racecheck && nblocks > 1;
+    R->gtime = 1;
+    R->releases.clear();
+    std::vector<Stage> stages;
+    if (!stage_buffers(stages)) {
+        unstage_buffers(stages);
+        L->error = CONFIG;
+        set_message("cannot map the staged argument buffers: %s", strerror(errno));
+        R->L = nullptr;
+        return L->error;
+    }
+    // Blocks run as groups of fibers: up to `resident` blocks at a time, started
+    // in order (or the seed's order), interleaved a round at a time (round robin,
+    // or the seed's choice); a finished block makes room for the next.
+    const int resident = (int)std::max<int64_t>(1, std::min<int64_t>(L->resident, (int64_t)nblocks));
+    if (R->slots.empty()) R->slots.resize(1);
+    if ((int)R->slots.size() < resident) R->slots.resize(resident);
+    std::vector<int> running, idle;
+    for (int k = resident - 1; k >= 0; --k) idle.push_back(k);
+    uint64_t next = 0, turn = 0, rng = (uint64_t)L->seed ^ 0x5bd1e995ull;
     install_fault_handler();
-    for (uint64_t k = 0; k < nblocks; ++k) {
-        uint64_t i = L->shuffle ? order[k] : k;
-        uint3 b{(unsigned)(i % L->grid[0]), (unsigned)((i / L->grid[0]) % L->grid[1]),
-                (unsigned)(i / ((uint64_t)L->grid[0] * L->grid[1]))};
-        if (!run_block(b)) break;
-        ++L->blocks_run;
+    for (;;) {
+        while (!idle.empty() && next < nblocks) {
+            const int k = idle.back();
+            idle.pop_back();
+            switch_to(k);
+            if (!ensure_memory((int)nt, (size_t)L->shared_mem)) {
+                L->error = CONFIG;
+                set_message("cannot allocate fiber stacks: %s", strerror(errno));
+                break;
+            }
+            const uint64_t i = L->shuffle ? order[next] : next;
+            ++next;
+            start_block(uint3{(unsigned)(i % L->grid[0]), (unsigned)((i / L->grid[0]) % L->grid[1]),
+                              (unsigned)(i / ((uint64_t)L->grid[0] * L->grid[1]))});
+            running.push_back(k);
+        }
+        if (L->error || running.empty()) break;
+        const size_t pick = L->shuffle ? splitmix(rng) % running.size() : turn++ % running.size();
+        switch_to(running[pick]);
+        const int r = run_round();
+        if (r < 0) break;
+        if (r == 1) {
+            ++L->blocks_run;
+            idle.push_back(running[pick]);
+            running.erase(running.begin() + pick);
+        }
     }
     restore_fault_handler();
+    unstage_buffers(stages);
     R->cur = nullptr;
     R->L = nullptr;
     return L->error;

@@ -1,0 +1,152 @@
+"""The ordinary suite catches the mutations of the kernels that a kinder
+emulator let through: each test plants one defect in a copy of kernels/ and
+shows emu reporting it, next to the unmodified kernels running clean."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from gpubn import kernels as catalog
+from gpubn.backends import get_backend
+from gpubn.backends import emu as emu_backend
+from gpubn.backends.numpy_backend import NumpyBackend
+
+try:
+    get_backend("emu")
+    _REASON = None
+except RuntimeError as exc:
+    _REASON = str(exc)
+
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
+
+RESET = "            *counter = 0u;\n"
+
+
+def _clear_caches():
+    catalog.read_source.cache_clear()
+    catalog.headers_fingerprint.cache_clear()
+    emu_backend._module.cache_clear()
+
+
+@pytest.fixture
+def plant(tmp_path, monkeypatch):
+    """plant(old, new): the kernels with one edit to gpubn_common.cuh (the edit
+    must apply exactly once)."""
+
+    def apply(old: str, new: str) -> None:
+        copy = tmp_path / "kernels"
+        shutil.copytree(catalog.kernels_dir(), copy)
+        header = copy / "gpubn_common.cuh"
+        text = header.read_text()
+        assert text.count(old) == 1, f"the mutation no longer applies: {old!r}"
+        header.write_text(text.replace(old, new))
+        monkeypatch.setattr(catalog, "kernels_dir", lambda: os.fspath(copy))
+        _clear_caches()
+
+    yield apply
+    monkeypatch.undo()
+    _clear_caches()
+
+
+def _x(shape=(8, 3, 256), seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _check_stats(stats, x3):
+    ref = NumpyBackend().bn_stats(x3)
+    # float32 Welford merges over m = 2048 values: relative error bound ~ m * eps32
+    np.testing.assert_allclose(stats.mean, ref.mean, rtol=0, atol=2048 * np.finfo(np.float32).eps)
+    np.testing.assert_allclose(stats.m2, ref.m2, rtol=2048 * np.finfo(np.float32).eps)
+
+
+class ReusingBackend(emu_backend.EmuBackend):
+    """Keeps one counter buffer across launches, as a backend caching its
+    workspace (or a captured graph replayed) would: correct only because the
+    kernels leave the counters zero."""
+
+    def __init__(self):
+        super().__init__()
+        self.counters = np.zeros(64, np.uint32)
+
+    def _launch_counters(self, n: int):
+        return self.counters[:n]
+
+
+def test_workspace_counters_belong_to_one_launch():
+    backend = emu_backend.EmuBackend()
+    from gpubn.launch import reduce_launch
+
+    cfg = reduce_launch("stats", (8, 3, 256), "float", True, backend._device(), backend.tuning)
+    assert cfg.splits > 1
+    (p1, c1), (p2, c2) = backend._workspace(cfg), backend._workspace(cfg)
+    assert not np.shares_memory(c1, c2) and not np.shares_memory(p1, p2)
+    assert c1.dtype == np.uint32 and c1.size == cfg.counters and not c1.any()
+
+
+def test_counters_kept_across_launches_give_correct_second_launches():
+    backend = ReusingBackend()
+    for seed in range(3):
+        x3 = _x(seed=seed)
+        _check_stats(backend.bn_stats(x3), x3)
+    assert not backend.counters.any()
+
+
+def test_a_counter_the_last_block_does_not_reset_is_caught(plant):
+    plant(RESET, "")
+    x3 = _x()
+    from gpubn.emu import KernelError
+
+    with pytest.raises(KernelError, match=r"kernel 'bn_stats_nchw' left 3 of 3 arrival counters non-zero "
+                                          r"\(counter 0 = \d+\): the last block .* must reset its counter"):
+        get_backend("emu").bn_stats(x3)
+    # and what it would have done to a backend reusing the counters: a wrong second launch
+    backend = ReusingBackend()
+    backend._launch = super(emu_backend.EmuBackend, backend)._launch      # without the check
+    _check_stats(backend.bn_stats(x3), x3)
+    with pytest.raises(AssertionError):
+        _check_stats(backend.bn_stats(x3), x3)
+
+
+PUBLISH = "    __threadfence();  // publish this thread's partial before the block is counted\n"
+SEE = "            __threadfence();  // see every other block's partial\n"
+
+
+@pytest.mark.parametrize("fence", [PUBLISH, SEE], ids=["writer-fence", "reader-fence"])
+@pytest.mark.parametrize("shape", [(8, 3, 256), (500, 12, 1)], ids=["nchw", "nhwc"])
+def test_a_missing_fence_in_the_last_block_handshake_is_caught(plant, fence, shape):
+    x3 = _x(shape)
+    _check_stats(get_backend("emu").bn_stats(x3), x3)              # the kernels as they are: clean
+    plant(fence, "")
+    from gpubn.emu import RaceError
+
+    with pytest.raises(RaceError, match=r"inter-block race \(read-after-write hazard\) .* of argument [34] \(uint8 array .*"
+                                        r"kernel 'gpubn::bn_stats_n(chw|hwc)<float, float.*loads it after block"):
+        get_backend("emu").bn_stats(x3)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_layer_norm_backward_clean_and_identical_under_schedule_seeds(dtype):
+    # the weight-gradient reduction merges partials through the last-block
+    # handshake; under every schedule it runs clean (all checks, inter-block
+    # racecheck included) and gives the same bits
+    from gpubn import emu
+
+    backend = get_backend("emu")
+    rng = np.random.default_rng(5)
+    rows, n = 300, 33
+    from gpubn.launch import reduce_launch
+
+    assert reduce_launch("grad", (rows, n, 1), "float", False, backend._device(), backend.tuning).splits > 1
+    x2 = rng.standard_normal((rows, n)).astype(dtype)
+    dy2 = rng.standard_normal((rows, n)).astype(dtype)
+    weight = rng.standard_normal(n).astype(np.float32)
+    _, mean, rstd = backend.ln_forward(x2, weight, None, 1e-5)
+    runs = []
+    for seed in (None, 1, 2, 3):
+        with emu.options(seed=seed):
+            runs.append([a.tobytes() for a in backend.ln_backward(dy2, x2, mean, rstd, weight, True)])
+    assert all(run == runs[0] for run in runs[1:])
