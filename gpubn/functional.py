@@ -36,6 +36,7 @@ class BatchNormSaved:
     count: int                  # values per channel
     weight_dtype: Any = None    # dtype of the weight the caller gave (for dweight)
     bias_dtype: Any = None      # dtype of the bias the caller gave, None when no bias
+    order: Any = None           # the input's axes in memory order (None: as given)
 
 
 def resolve_momentum(momentum, num_batches_tracked) -> float:
@@ -94,6 +95,11 @@ class ForwardInput:
     factor: float               # this step's running-statistics rate
     weight_dtype: Any = None
     bias_dtype: Any = None
+    order: Any = None           # x's axes in memory order (_validation.layout_order)
+
+    def output(self, y3):
+        """The result of the canonical ``y3`` with x's shape and layout."""
+        return V.from_canonical(y3, self.shape, self.order)
 
     def running(self, v):
         """A running-statistics vector to update in place: ``v`` itself when
@@ -115,7 +121,7 @@ class ForwardInput:
             x3=self.x3, mean=mean, invstd=invstd, weight=weight, axis=self.axis,
             shape=self.shape, dtype=self.dtype, training=self.training, backend=self.backend,
             count=self.count, weight_dtype=self.weight_dtype, bias_dtype=self.bias_dtype,
-            **extra)
+            order=self.order, **extra)
 
 
 def prepare_forward(x, *, weight, bias, training, momentum, eps, axis, backend,
@@ -140,8 +146,10 @@ def prepare_forward(x, *, weight, bias, training, momentum, eps, axis, backend,
 
     xp = be.xp
     acc = V.acc_dtype(x.dtype)
+    order = V.layout_order(x, axis)
     return ForwardInput(
-        backend=be, x3=V.canonical_view(x, axis, xp), weight=to_acc(xp, weight, acc),
+        backend=be, x3=V.canonical_view(x, axis, xp, order), order=order,
+        weight=to_acc(xp, weight, acc),
         bias=to_acc(xp, bias, acc), acc=acc, axis=axis, shape=shape, dtype=x.dtype,
         count=count, training=training, eps=eps,
         factor=resolve_momentum(momentum, num_batches_tracked),
@@ -174,7 +182,10 @@ def batch_norm_forward(x, *, weight=None, bias=None, running_mean=None, running_
     * ``weight`` (default 1) and ``bias`` (default 0) are per-channel.
 
     ``x`` may be float16 or bfloat16 (``ml_dtypes.bfloat16``; statistics in
-    float32), float32 or float64, of any layout (non-contiguous and Fortran-ordered inputs are copied once).
+    float32), float32 or float64, of any layout: channels-last memory with
+    shape NCHW (PyTorch's ``channels_last``) runs on a view and returns
+    channels-last results; other non-contiguous and Fortran-ordered inputs are
+    copied once.
     ``axis=-1`` is channels-last (NHWC).  NaN or Inf in a channel's data make
     that channel's batch statistics, output and running statistics NaN in
     training, as in PyTorch; in eval they stay in their own elements.
@@ -182,7 +193,7 @@ def batch_norm_forward(x, *, weight=None, bias=None, running_mean=None, running_
     Bad arguments raise ``TypeError`` / ``ValueError`` before any state changes.
     """
     def check_vectors(c, be):
-        V.check_bn_vectors(weight, bias, running_mean, running_var, c, be, training)
+        V.check_bn_vectors(weight, bias, running_mean, running_var, c, be, training, like=x)
 
     f = prepare_forward(x, weight=weight, bias=bias, training=training, momentum=momentum,
                         eps=eps, axis=axis, backend=backend,
@@ -198,7 +209,7 @@ def batch_norm_forward(x, *, weight=None, bias=None, running_mean=None, running_
         y3, mean, invstd = be.bn_forward_eval(f.x3, f.weight, f.bias,
                                               to_acc(xp, running_mean, f.acc),
                                               to_acc(xp, running_var, f.acc), f.eps)
-    return y3.reshape(f.shape), f.saved(mean, invstd, f.weight)
+    return f.output(y3), f.saved(mean, invstd, f.weight)
 
 
 def batch_norm_backward(dy, saved: BatchNormSaved):
@@ -214,13 +225,13 @@ def batch_norm_backward(dy, saved: BatchNormSaved):
         raise TypeError("saved must be the BatchNormSaved returned by batch_norm_forward, "
                         f"got {type(saved).__name__}")
     be = saved.backend
-    V.check_grad_output(dy, saved.shape, saved.dtype, be)
-    dy3 = V.canonical_view(dy, saved.axis, be.xp)
+    V.check_grad_output(dy, saved.shape, saved.dtype, be, like=saved.x3)
+    dy3 = V.canonical_view(dy, saved.axis, be.xp, saved.order)
     dx3, dw, db = be.bn_backward(dy3, saved.x3, saved.mean, saved.invstd, saved.weight,
                                  saved.training)
     dweight = None if saved.weight_dtype is None else dw.astype(saved.weight_dtype, copy=False)
     dbias = None if saved.bias_dtype is None else db.astype(saved.bias_dtype, copy=False)
-    return dx3.reshape(saved.shape), dweight, dbias
+    return V.from_canonical(dx3, saved.shape, saved.order), dweight, dbias
 
 
 __all__ = ["BatchNormSaved", "ForwardInput", "batch_norm_forward", "batch_norm_backward",

@@ -198,6 +198,16 @@ def headers_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
+def cache_dir(kind: str) -> str:
+    """Folder for compiled kernels of one kind (``emu`` libraries, ``cuda``
+    cubins): ``$GPUBN_CACHE_DIR/<kind>``, default ``~/.cache/gpubn/<kind>``
+    (``$XDG_CACHE_HOME`` when set)."""
+    root = os.environ.get("GPUBN_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "gpubn")
+    return os.path.join(root, kind)
+
+
 def compile_options() -> Tuple[str, ...]:
     """Options for NVRTC / emu: the kernels' include directory, C++17 and the
     headers' fingerprint."""
@@ -208,5 +218,5 @@ def compile_options() -> Tuple[str, ...]:
 __all__ = [
     "CXX_TYPES", "KERNELS", "SOURCES", "KernelSpec", "dtype_name", "vector_widths",
     "name_expression", "name_expressions", "kernel_of", "all_name_expressions", "kernels_dir",
-    "read_source", "compile_options", "headers_fingerprint",
+    "read_source", "compile_options", "headers_fingerprint", "cache_dir",
 ]
