@@ -136,11 +136,10 @@ def batch_renorm_forward(x, *, weight=None, bias=None, running_mean, running_std
                         num_batches_tracked=num_batches_tracked, check_vectors=check_vectors)
     be, xp = f.backend, f.backend.xp
     if f.training:
-        rm, rs = f.running(running_mean), f.running(running_std)
-        y3, mean, invstd, r, d, w_bn = be.bn_renorm_forward_train(
-            f.x3, f.weight, f.bias, rm, rs, rmax, dmax, f.factor, f.eps)
-        f.write_back(running_mean, rm)
-        f.write_back(running_std, rs)
+        y3, mean, invstd, r, d, w_bn = f.update_running(
+            running_mean, running_std,
+            lambda rm, rs: be.bn_renorm_forward_train(f.x3, f.weight, f.bias, rm, rs, rmax,
+                                                      dmax, f.factor, f.eps))
     else:
         mean = to_acc(xp, running_mean, f.acc).copy()
         invstd = (1.0 / to_acc(xp, running_std, f.acc)).astype(f.acc, copy=False)
