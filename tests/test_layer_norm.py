@@ -344,7 +344,8 @@ def test_nonfinite_values_stay_in_their_row(backend):
     y = to_numpy(y)
     assert np.isnan(y[1]).all() and np.isnan(y[2]).all()
     ref_y = torch_layer_norm(x[[0, 3]], (300,), w, b, 1e-5, np.zeros((2, 300)))[0]
-    assert_close(y[[0, 3]], ref_y, np.float32, "finite rows")
+    assert_rounded_close(y[[0, 3]], ref_y, np.float32,
+                         ln_output_slack(x[[0, 3]], 300, w, b, np.float32), "finite rows")
 
 
 @pytest.mark.parametrize("n", [24, 1031])
