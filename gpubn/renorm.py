@@ -52,24 +52,25 @@ from .functional import BatchNormSaved, prepare_forward, to_acc
 from .layers import ChannelNorm
 
 
+def _check_clip_bound(value, name: str, low: float, clips: str) -> float:
+    """A clipping bound: a real number >= ``low`` (``inf`` allowed: no
+    clipping); ``clips`` says what it clips, for the message."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float >= {low:g}, got {type(value).__name__}")
+    value = float(value)
+    if not value >= low:   # also rejects nan
+        raise ValueError(f"{name} must be >= {low:g} ({clips}), got {value}")
+    return value
+
+
 def check_rmax(rmax) -> float:
     """``rmax``: a real number >= 1 (``inf`` allowed: no clipping of r)."""
-    if isinstance(rmax, bool) or not isinstance(rmax, numbers.Real):
-        raise TypeError(f"rmax must be a float >= 1, got {type(rmax).__name__}")
-    rmax = float(rmax)
-    if not rmax >= 1.0:   # also rejects nan
-        raise ValueError(f"rmax must be >= 1 (r is clipped to [1/rmax, rmax]), got {rmax}")
-    return rmax
+    return _check_clip_bound(rmax, "rmax", 1.0, "r is clipped to [1/rmax, rmax]")
 
 
 def check_dmax(dmax) -> float:
     """``dmax``: a real number >= 0 (``inf`` allowed: no clipping of d)."""
-    if isinstance(dmax, bool) or not isinstance(dmax, numbers.Real):
-        raise TypeError(f"dmax must be a float >= 0, got {type(dmax).__name__}")
-    dmax = float(dmax)
-    if not dmax >= 0.0:   # also rejects nan
-        raise ValueError(f"dmax must be >= 0 (d is clipped to [-dmax, dmax]), got {dmax}")
-    return dmax
+    return _check_clip_bound(dmax, "dmax", 0.0, "d is clipped to [-dmax, dmax]")
 
 
 def check_running_std(running_std, name: str = "running_std"):
