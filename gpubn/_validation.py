@@ -64,14 +64,16 @@ def normalize_axis(axis, ndim: int, name: str = "axis") -> int:
     return axis % ndim
 
 
-def check_input(x, axis, name: str = "x", min_ndim: int = 2) -> int:
-    """Check the data array and its channel axis; return the axis in [0, ndim)."""
+def check_input(x, axis, name: str = "x", min_ndim: int = 2, allow_empty: bool = False) -> int:
+    """Check the data array and its channel axis; return the axis in [0, ndim).
+    ``allow_empty``: ``x`` may hold no values (one rank's share of a global
+    batch)."""
     check_float_array(x, name)
     if x.ndim < min_ndim:
         raise ValueError(f"{name} must have at least {min_ndim} dimensions "
                          f"(batch and channel), got shape {tuple(x.shape)}")
     axis = normalize_axis(axis, x.ndim)
-    if x.size == 0:
+    if x.size == 0 and not allow_empty:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)}): batch norm needs "
                          f"at least one value per channel")
     return axis

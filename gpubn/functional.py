@@ -75,6 +75,31 @@ def to_acc(xp, v, acc):
     return xp.ascontiguousarray(xp.asarray(v), dtype=acc)
 
 
+@dataclass(frozen=True)
+class ForwardOptions:
+    """A forward call's arguments other than the arrays, checked.  They are
+    checked before any array is looked at: sync batch norm, whose ranks pass
+    the same options but each its own arrays, raises on them before it
+    communicates."""
+
+    backend: Any
+    training: bool
+    eps: float
+    factor: float               # this step's running-statistics rate
+
+
+def check_forward_options(x, *, training, momentum, eps, backend,
+                          num_batches_tracked) -> ForwardOptions:
+    """Check the options of a per-channel forward and resolve the backend
+    (for ``x`` when ``backend`` is None)."""
+    be = get_backend(backend, x if V.is_array(x) else None)
+    eps = V.check_eps(eps)
+    momentum = V.check_momentum(momentum)
+    check_num_batches(num_batches_tracked)
+    return ForwardOptions(backend=be, training=bool(training), eps=eps,
+                          factor=resolve_momentum(momentum, num_batches_tracked))
+
+
 @dataclass
 class ForwardInput:
     """A forward call's input after validation, in the canonical layout: what
@@ -101,18 +126,19 @@ class ForwardInput:
         """The result of the canonical ``y3`` with x's shape and layout."""
         return V.from_canonical(y3, self.shape, self.order)
 
-    def running(self, v):
-        """A running-statistics vector to update in place: ``v`` itself when
-        it already has the accumulation dtype and is contiguous, else a
-        working copy that :meth:`write_back` copies into ``v``."""
-        if v is None or (v.dtype == self.acc and v.flags.c_contiguous):
-            return v
-        return to_acc(self.backend.xp, v, self.acc)
-
-    @staticmethod
-    def write_back(dst, work):
-        if work is not dst:
-            dst[...] = work
+    def update_running(self, first, second, step):
+        """Run ``step(first, second)``, which updates two running-statistics
+        vectors in place (None stays None), on working copies in the
+        accumulation dtype where the caller's are of another dtype or not
+        contiguous, then copy the working copies back; returns what ``step``
+        returns."""
+        work = [v if v is None or (v.dtype == self.acc and v.flags.c_contiguous)
+                else to_acc(self.backend.xp, v, self.acc) for v in (first, second)]
+        out = step(*work)
+        for dst, w in zip((first, second), work):
+            if w is not dst:
+                dst[...] = w
+        return out
 
     def saved(self, mean, invstd, weight, cls=None, **extra):
         """The saved state for the backward: ``weight`` is the one the
@@ -124,25 +150,23 @@ class ForwardInput:
             order=self.order, **extra)
 
 
-def prepare_forward(x, *, weight, bias, training, momentum, eps, axis, backend,
-                    num_batches_tracked, check_vectors) -> ForwardInput:
-    """The common part of a per-channel forward: validate every argument
-    (``check_vectors(num_channels, backend)`` checks the op's own
-    per-channel vectors) before anything is converted or written, then put
-    ``x`` in the canonical layout and the parameters in the accumulation
-    dtype."""
-    axis = V.check_input(x, axis, "x")
-    be = get_backend(backend, x)
+def canonical_input(x, options: ForwardOptions, *, weight, bias, axis, check_vectors,
+                    local: bool = False) -> ForwardInput:
+    """Validate the arrays of a per-channel forward (``check_vectors(num_channels,
+    backend)`` checks the op's own per-channel vectors) before anything is
+    converted or written, then put ``x`` in the canonical layout and the
+    parameters in the accumulation dtype.  ``local=True``: ``x`` is one
+    rank's share of a global batch, which may be empty; the caller checks the
+    values per channel of the whole batch."""
+    be = options.backend
+    axis = V.check_input(x, axis, "x", allow_empty=local)
     V.check_owned(x, be, "x")
-    training = bool(training)
-    eps = V.check_eps(eps)
-    momentum = V.check_momentum(momentum)
-    check_num_batches(num_batches_tracked)
     shape = tuple(x.shape)
     outer, c, inner = V.canonical_shape(shape, axis)
     count = outer * inner
     check_vectors(c, be)
-    V.check_count(count, training, shape)
+    if not local:
+        V.check_count(count, options.training, shape)
 
     xp = be.xp
     acc = V.acc_dtype(x.dtype)
@@ -151,10 +175,20 @@ def prepare_forward(x, *, weight, bias, training, momentum, eps, axis, backend,
         backend=be, x3=V.canonical_view(x, axis, xp, order), order=order,
         weight=to_acc(xp, weight, acc),
         bias=to_acc(xp, bias, acc), acc=acc, axis=axis, shape=shape, dtype=x.dtype,
-        count=count, training=training, eps=eps,
-        factor=resolve_momentum(momentum, num_batches_tracked),
+        count=count, training=options.training, eps=options.eps, factor=options.factor,
         weight_dtype=None if weight is None else weight.dtype,
         bias_dtype=None if bias is None else bias.dtype)
+
+
+def prepare_forward(x, *, weight, bias, training, momentum, eps, axis, backend,
+                    num_batches_tracked, check_vectors) -> ForwardInput:
+    """The common part of a per-channel forward: every argument checked
+    (:func:`check_forward_options`, then :func:`canonical_input`) before
+    anything is converted or written, ``x`` in the canonical layout."""
+    options = check_forward_options(x, training=training, momentum=momentum, eps=eps,
+                                    backend=backend, num_batches_tracked=num_batches_tracked)
+    return canonical_input(x, options, weight=weight, bias=bias, axis=axis,
+                           check_vectors=check_vectors)
 
 
 def batch_norm_forward(x, *, weight=None, bias=None, running_mean=None, running_var=None,
@@ -200,11 +234,9 @@ def batch_norm_forward(x, *, weight=None, bias=None, running_mean=None, running_
                         num_batches_tracked=num_batches_tracked, check_vectors=check_vectors)
     be, xp = f.backend, f.backend.xp
     if f.training:
-        rm, rv = f.running(running_mean), f.running(running_var)
-        y3, mean, invstd = be.bn_forward_train(f.x3, f.weight, f.bias, rm, rv, f.factor, f.eps)
-        if running_mean is not None:
-            f.write_back(running_mean, rm)
-            f.write_back(running_var, rv)
+        y3, mean, invstd = f.update_running(
+            running_mean, running_var,
+            lambda rm, rv: be.bn_forward_train(f.x3, f.weight, f.bias, rm, rv, f.factor, f.eps))
     else:
         y3, mean, invstd = be.bn_forward_eval(f.x3, f.weight, f.bias,
                                               to_acc(xp, running_mean, f.acc),
@@ -234,5 +266,6 @@ def batch_norm_backward(dy, saved: BatchNormSaved):
     return V.from_canonical(dx3, saved.shape, saved.order), dweight, dbias
 
 
-__all__ = ["BatchNormSaved", "ForwardInput", "batch_norm_forward", "batch_norm_backward",
+__all__ = ["BatchNormSaved", "ForwardInput", "ForwardOptions", "batch_norm_forward",
+           "batch_norm_backward", "canonical_input", "check_forward_options",
            "check_num_batches", "prepare_forward", "resolve_momentum", "to_acc"]
