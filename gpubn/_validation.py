@@ -85,6 +85,13 @@ def check_eps(eps, name: str = "eps") -> float:
     return eps
 
 
+def check_flag(value, name: str) -> bool:
+    """A yes/no option: a Python or NumPy bool."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
 def check_momentum(momentum, name: str = "momentum"):
     """``None`` (cumulative average) or a number in [0, 1]."""
     if momentum is None:

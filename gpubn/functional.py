@@ -36,6 +36,8 @@ class BatchNormSaved:
     count: int                  # values per channel
     weight_dtype: Any = None    # dtype of the weight the caller gave (for dweight)
     bias_dtype: Any = None      # dtype of the bias the caller gave, None when no bias
+    skipped: Any = None         # guarded running statistics: (C,) int32, 1 where this
+                                # step's update was skipped; None without the guard
 
 
 def resolve_momentum(momentum, num_batches_tracked) -> float:
@@ -151,7 +153,7 @@ def prepare_forward(x, *, weight, bias, training, momentum, eps, axis, backend,
 
 def batch_norm_forward(x, *, weight=None, bias=None, running_mean=None, running_var=None,
                        training=True, momentum=0.1, eps=1e-5, axis=1, backend=None,
-                       num_batches_tracked=None):
+                       num_batches_tracked=None, guard_running_stats=False):
     """Batch normalization over every axis of ``x`` except the channel ``axis``.
 
     Returns ``(y, saved)``: ``y`` has the shape and dtype of ``x``; ``saved`` is a
@@ -179,8 +181,16 @@ def batch_norm_forward(x, *, weight=None, bias=None, running_mean=None, running_
     that channel's batch statistics, output and running statistics NaN in
     training, as in PyTorch; in eval they stay in their own elements.
 
+    ``guard_running_stats=True`` keeps a channel's running statistics for this
+    step when its batch mean or unbiased variance is not finite (the other
+    channels update); ``saved.skipped`` then flags those channels (a ``(C,)``
+    int32 array, 1 = skipped).  The check runs where the running statistics
+    are updated (the kernels' finishing step), with no extra pass.
+
     Bad arguments raise ``TypeError`` / ``ValueError`` before any state changes.
     """
+    guard = V.check_flag(guard_running_stats, "guard_running_stats")
+
     def check_vectors(c, be):
         V.check_bn_vectors(weight, bias, running_mean, running_var, c, be, training)
 
@@ -188,9 +198,13 @@ def batch_norm_forward(x, *, weight=None, bias=None, running_mean=None, running_
                         eps=eps, axis=axis, backend=backend,
                         num_batches_tracked=num_batches_tracked, check_vectors=check_vectors)
     be, xp = f.backend, f.backend.xp
+    skipped = None
     if f.training:
         rm, rv = f.running(running_mean), f.running(running_var)
-        y3, mean, invstd = be.bn_forward_train(f.x3, f.weight, f.bias, rm, rv, f.factor, f.eps)
+        if guard and running_mean is not None:
+            skipped = xp.empty(f.x3.shape[1], dtype="int32")
+        y3, mean, invstd = be.bn_forward_train(f.x3, f.weight, f.bias, rm, rv, f.factor, f.eps,
+                                               skipped=skipped)
         if running_mean is not None:
             f.write_back(running_mean, rm)
             f.write_back(running_var, rv)
@@ -198,7 +212,7 @@ def batch_norm_forward(x, *, weight=None, bias=None, running_mean=None, running_
         y3, mean, invstd = be.bn_forward_eval(f.x3, f.weight, f.bias,
                                               to_acc(xp, running_mean, f.acc),
                                               to_acc(xp, running_var, f.acc), f.eps)
-    return y3.reshape(f.shape), f.saved(mean, invstd, f.weight)
+    return y3.reshape(f.shape), f.saved(mean, invstd, f.weight, skipped=skipped)
 
 
 def batch_norm_backward(dy, saved: BatchNormSaved):

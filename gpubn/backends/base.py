@@ -53,13 +53,16 @@ class Backend:
         raise NotImplementedError
 
     def bn_forward_train(self, x3, weight, bias, running_mean, running_var,
-                         momentum: float, eps: float) -> Tuple[Any, Any, Any]:
+                         momentum: float, eps: float, skipped=None) -> Tuple[Any, Any, Any]:
         """Training forward: returns ``(y3, mean, invstd)``.
 
         Normalizes with the biased batch variance.  When ``running_mean`` /
         ``running_var`` are not None they are updated in place with the given
         exponential factor ``momentum`` (already resolved from ``None`` /
         ``num_batches_tracked`` by the caller) and the *unbiased* variance.
+        ``skipped`` (None, or a ``(C,)`` int32 array of ``xp``) turns the guard
+        on: channels :func:`guard_skips` names keep their running statistics
+        and get ``skipped[c] = 1``, the others update and get 0.
         """
         raise NotImplementedError
 
@@ -144,14 +147,28 @@ class Backend:
         raise NotImplementedError
 
 
-def update_running(running, batch, momentum: float) -> None:
+def update_running(running, batch, momentum: float, skip=None) -> None:
     """The host-side running-statistics update, in place:
     ``running = (1 - momentum) * running + momentum * batch``, computed in
-    float64 and rounded once to ``running``'s dtype.  Every backend that keeps
-    its per-channel vectors on the host (numpy, cpu, the renorm default, sync
-    batch norm) uses this one rule; the kernels do the same in
-    ``bn_stats.cu``'s finishing step."""
-    running[...] = (1.0 - momentum) * running.astype("float64") + momentum * batch.astype("float64")
+    float64 and rounded once to ``running``'s dtype; channels where ``skip``
+    (a boolean per-channel array, see :func:`guard_skips`) is true keep their
+    value.  Every backend that keeps its per-channel vectors on the host
+    (numpy, cpu, the renorm default, sync batch norm) uses this one rule; the
+    kernels do the same in ``bn_stats.cu``'s finishing step."""
+    new = (1.0 - momentum) * running.astype("float64") + momentum * batch.astype("float64")
+    if skip is None:
+        running[...] = new
+    else:
+        keep = ~skip
+        running[keep] = new[keep]
+
+
+def guard_skips(xp, mean, unbiased_var):
+    """The guard of the running statistics: a boolean per-channel array, true
+    where the batch mean or the unbiased batch variance is not finite (that
+    channel keeps its running statistics this step).  The kernels apply the
+    same rule in ``bn_stats.cu``'s finishing step."""
+    return ~(xp.isfinite(mean) & xp.isfinite(unbiased_var))
 
 
 def renorm_constants(xp, mean, sigma_b, weight, bias, running_mean, running_std, rmax, dmax):

@@ -188,7 +188,7 @@ class KernelBackend(Backend):
 
     # -- statistics ----------------------------------------------------------
     def _stats(self, x3, acc, key, mean_out, mean_lo_out, m2_out, invstd_out, running_mean,
-               running_var, momentum, eps):
+               running_var, momentum, eps, skipped=None):
         outer, channels, inner = x3.shape
         if channels == 0:
             return
@@ -201,8 +201,7 @@ class KernelBackend(Backend):
             shape_args = (x3, np.int64(outer), np.int32(channels))
         self._launch(cfg, key, shape_args + (
             partials, counters, mean_out, mean_lo_out, m2_out, invstd_out, running_mean,
-            running_var,
-            a(momentum), a(eps)))
+            running_var, skipped, a(momentum), a(eps)))
 
     def bn_stats(self, x3) -> ChannelStats:
         self._check_tensor(x3, None, "x")
@@ -239,20 +238,22 @@ class KernelBackend(Backend):
                      + shape_args + (np.int32(1 if from_var else 0), acc.type(eps)))
         return y3
 
-    def bn_forward_train(self, x3, weight, bias, running_mean, running_var, momentum, eps):
+    def bn_forward_train(self, x3, weight, bias, running_mean, running_var, momentum, eps,
+                         skipped=None):
         self._check_tensor(x3, None, "x")
         key, acc = self._types(x3)
         channels = x3.shape[1]
         for v, n in ((weight, "weight"), (bias, "bias"), (running_mean, "running_mean"),
                      (running_var, "running_var")):
             self._check_channel(v, channels, acc, n)
+        self._check_channel(skipped, channels, np.dtype(np.int32), "skipped")
         if x3.shape[0] * x3.shape[2] == 0:
             raise ValueError("x has no values per channel")
         mean = self.xp.empty(channels, dtype=acc)
         invstd = self.xp.empty(channels, dtype=acc)
         mean_lo = self.xp.empty(channels, dtype=acc)
         self._stats(x3, acc, key, mean, mean_lo, None, invstd, running_mean, running_var,
-                    float(momentum), float(eps))
+                    float(momentum), float(eps), skipped)
         y3 = self._apply(x3, key, acc, mean, mean_lo, invstd, weight, bias, None, None, False,
                          eps)
         return y3, mean, invstd

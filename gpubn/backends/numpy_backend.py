@@ -54,7 +54,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from . import host_cache
-from .base import Backend, ChannelStats, update_running
+from .base import Backend, ChannelStats, guard_skips, update_running
 
 
 def _cache_chunk():
@@ -530,17 +530,23 @@ class NumpyBackend(Backend):
                             m2=m2.astype(acc))
 
     @_quiet
-    def bn_forward_train(self, x3, weight, bias, running_mean, running_var, momentum, eps):
+    def bn_forward_train(self, x3, weight, bias, running_mean, running_var, momentum, eps,
+                         skipped=None):
         acc = _work_dtype(x3.dtype)
         n = x3.shape[0] * x3.shape[2]
         mean, m2 = _moments(x3)
         invstd = 1.0 / np.sqrt(m2 / n + eps)
         scale = invstd if weight is None else invstd * _f64(weight)
         y3 = _normalize(x3, mean, invstd, scale, _f64(bias))
+        unbiased = m2 / (n - 1)
+        skip = None
+        if skipped is not None:
+            skip = guard_skips(np, mean, unbiased)
+            skipped[...] = skip
         if running_mean is not None:
-            update_running(running_mean, mean, momentum)
+            update_running(running_mean, mean, momentum, skip)
         if running_var is not None:
-            update_running(running_var, m2 / (n - 1), momentum)
+            update_running(running_var, unbiased, momentum, skip)
         return y3, mean.astype(acc), invstd.astype(acc)
 
     @_quiet
