@@ -206,6 +206,11 @@ class BatchNorm(ChannelNorm):
     ``grad_bias`` (None when ``affine=False``); after an eval-mode forward the
     statistics are held fixed.
 
+    ``guard_running_stats=True`` keeps a channel's running statistics for a
+    step whose batch mean or variance is not finite and counts those channel
+    updates in ``skipped_updates``; ``virtual_batch_size=k`` is ghost batch
+    norm in training (see ``batch_norm_forward`` for both).
+
     Parameters live in ``dtype`` (float32 by default); inputs may be float16,
     bfloat16, float32 or float64.  ``backend=None`` (the default) picks the backend per
     call from the input, like ``batch_norm_forward``: CuPy input runs on
@@ -215,11 +220,15 @@ class BatchNorm(ChannelNorm):
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, axis=1, dtype="float32", backend=None, *,
-                 guard_running_stats=False):
+                 guard_running_stats=False, virtual_batch_size=None):
+        self.guard_running_stats = V.check_flag(guard_running_stats, "guard_running_stats")
+        if virtual_batch_size is not None:   # a batch of one group checks the value itself
+            V.check_virtual_batch_size(virtual_batch_size, (virtual_batch_size,), 1)
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
                          track_running_stats=track_running_stats, axis=axis, dtype=dtype,
                          backend=backend)
-        self.guard_running_stats = V.check_flag(guard_running_stats, "guard_running_stats")
+        self.virtual_batch_size = virtual_batch_size if virtual_batch_size is None \
+            else int(virtual_batch_size)
         self._skipped = None
         if self.guard_running_stats and self.track_running_stats:
             # skipped channel updates, counted on the state's array module (no
@@ -255,7 +264,11 @@ class BatchNorm(ChannelNorm):
         backend = self._backend_for(x)
         use_batch_stats = self.training or self.running_mean is None
         update = self.training and self.track_running_stats
-        options = {"guard_running_stats": True} if self._skipped is not None else {}
+        options = {}
+        if self._skipped is not None:
+            options["guard_running_stats"] = True
+        if self.training and self.virtual_batch_size is not None:
+            options["virtual_batch_size"] = self.virtual_batch_size
         y, saved = self._functional_forward(
             x, weight=self.weight, bias=self.bias,
             running_mean=self.running_mean if update or not use_batch_stats else None,
@@ -283,7 +296,9 @@ class BatchNorm(ChannelNorm):
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
                 f"axis={self.axis}, dtype={self.dtype.name}, backend={self._backend_repr()}"
-                + (", guard_running_stats=True" if self.guard_running_stats else "") + ")")
+                + (", guard_running_stats=True" if self.guard_running_stats else "")
+                + (f", virtual_batch_size={self.virtual_batch_size}"
+                   if self.virtual_batch_size is not None else "") + ")")
 
 
 __all__ = ["BatchNorm", "ChannelNorm", "Layer"]

@@ -20,6 +20,8 @@
 //   gpubn::bn_stats_nchw<T, Acc, VEC>   channel axis with inner > 1
 //   gpubn::bn_stats_nhwc<T, Acc, VEC>   channels last (inner == 1), VEC channels
 //                                       per thread
+// gridDim.z > 1: ghost batch norm, statistics per group (see at_group); the
+// running statistics and `skipped` are then null (the host averages the groups).
 #include "gpubn_common.cuh"
 
 namespace gpubn {
@@ -59,7 +61,13 @@ bn_stats_nchw(const T* __restrict__ x, long long outer, int channels, long long 
               Acc* m2_out, Acc* invstd_out, Acc* running_mean, Acc* running_var, int* skipped,
               Acc momentum, Acc eps) {
     const int c = blockIdx.x;
-    const T* xc = x + (long long)c * inner;
+    const T* xc = at_group(x, outer * channels * inner) + (long long)c * inner;
+    partials = at_group(partials, (long long)channels * gridDim.y);
+    counters = at_group(counters, channels);
+    mean_out = at_group(mean_out, channels);
+    mean_lo_out = at_group(mean_lo_out, channels);
+    m2_out = at_group(m2_out, channels);
+    invstd_out = at_group(invstd_out, channels);
     Welford<Acc> w = channel_walk_nchw<VEC, Welford<Acc>>(
         outer, channels, inner, [&](long long offset) { return load_vec<T, VEC>(xc + offset); },
         [&](Welford<Acc>& s, const Vec<T, VEC>* v, const long long*) {
@@ -88,6 +96,13 @@ bn_stats_nhwc(const T* __restrict__ x, long long rows, int channels, Welford<Acc
               unsigned int* counters, Acc* mean_out, Acc* mean_lo_out, Acc* m2_out,
               Acc* invstd_out, Acc* running_mean, Acc* running_var, int* skipped, Acc momentum,
               Acc eps) {
+    x = at_group(x, rows * channels);
+    partials = at_group(partials, (long long)channels * gridDim.y);
+    counters = at_group(counters, gridDim.x);
+    mean_out = at_group(mean_out, channels);
+    mean_lo_out = at_group(mean_lo_out, channels);
+    m2_out = at_group(m2_out, channels);
+    invstd_out = at_group(invstd_out, channels);
     Welford<Acc> w[VEC];
     channel_walk_nhwc<VEC>(
         rows, channels, [&](long long offset) { return load_vec<T, VEC>(x + offset); },
