@@ -207,3 +207,31 @@ def test_bad_virtual_batch_size_is_rejected_before_any_state_changes():
         bn(x)
     assert bn.num_batches_tracked == 0
     np.testing.assert_array_equal(bn.running_mean, 0)
+
+
+@pytest.mark.parametrize("shape3", [(8, 3, 256), (4000, 12, 1)])
+def test_grouped_launch_plans(shape3):
+    """A ghost launch is the plan of one group with the groups as grid z and
+    every group's partials and counters in the workspace; one wave holds the
+    blocks of all groups."""
+    from gpubn.launch import EMU_DEVICE, REDUCE_MIN_BLOCKS, map_launch, reduce_launch
+
+    groups = 4
+    one = (shape3[0] // groups,) + shape3[1:]
+    for op in ("stats", "grad"):
+        g = reduce_launch(op, shape3, "float", True, EMU_DEVICE, groups=groups)
+        p = reduce_launch(op, one, "float", True, EMU_DEVICE)
+        assert g.grid[2] == groups and g.block == p.block and g.vec == p.vec
+        wave = EMU_DEVICE.sm_count * REDUCE_MIN_BLOCKS
+        assert g.splits <= p.splits
+        assert g.splits == 1 or g.grid[0] * g.grid[1] * groups <= wave
+        if g.splits > 1:
+            per_split = p.partial_bytes // p.splits
+            assert g.partial_bytes == groups * g.splits * per_split
+            assert g.counters == groups * p.counters
+    for op in ("apply", "dx"):
+        g = map_launch(op, shape3, "float", True, EMU_DEVICE, groups=groups)
+        p = map_launch(op, one, "float", True, EMU_DEVICE)
+        assert g.grid[2] == groups and g.block == p.block and g.grid[0] == p.grid[0]
+    with pytest.raises(ValueError, match="groups must be in .* and divide the outer extent"):
+        reduce_launch("stats", shape3, "float", True, EMU_DEVICE, groups=3)
