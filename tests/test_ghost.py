@@ -235,3 +235,29 @@ def test_grouped_launch_plans(shape3):
         assert g.grid[2] == groups and g.block == p.block and g.grid[0] == p.grid[0]
     with pytest.raises(ValueError, match="groups must be in .* and divide the outer extent"):
         reduce_launch("stats", shape3, "float", True, EMU_DEVICE, groups=3)
+
+
+def test_torch_drop_in_passes_both_options_through(torch):
+    """gpubn.torch.BatchNorm2d(virtual_batch_size=k, guard_running_stats=True)
+    normalizes like gpubn.BatchNorm with the same options, counts skipped
+    updates in a ``skipped_updates`` buffer, and its gradients are the
+    per-group ones."""
+    import gpubn.torch as gt
+
+    x, dy, _, _ = _data((8, 3, 4, 5), 1, np.float32)
+    x[6, 2, 1, 1] = np.nan
+    ours = BatchNorm(3, guard_running_stats=True, virtual_batch_size=4, backend="numpy")
+    want = ours(x)
+    want_dx = ours.backward(dy)
+    m = gt.BatchNorm2d(3, guard_running_stats=True, virtual_batch_size=4, backend="numpy")
+    assert "skipped_updates" in m.state_dict() and "virtual_batch_size=4" in repr(m)
+    xt = torch.tensor(x, requires_grad=True)
+    y = m(xt)
+    y.backward(torch.tensor(dy))
+    np.testing.assert_array_equal(y.detach().numpy(), want)
+    np.testing.assert_array_equal(xt.grad.numpy(), want_dx)
+    np.testing.assert_array_equal(m.running_var.numpy(), ours.running_var)
+    assert int(m.skipped_updates) == ours.skipped_updates == 1
+    assert "skipped_updates" not in gt.BatchNorm2d(3).state_dict()
+    with pytest.raises(ValueError, match="virtual_batch_size=3 does not divide the batch size 8"):
+        gt.BatchNorm2d(3, virtual_batch_size=3)(xt)
