@@ -17,6 +17,7 @@ import time
 from typing import List, Optional
 
 from . import gpu as gpu_mod
+from . import host
 from .dask_bench import format_dask_table, run_dask
 from .env import machine_info
 from .providers import cpu_providers, select
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--op", action="append", choices=OPS, default=None,
                    help="ops to run (repeatable; default all)")
     p.add_argument("--provider", action="append", default=None,
-                   help="providers to run (repeatable; e.g. torch-cpu, gpubn-numpy, "
+                   help="providers to run (repeatable; e.g. torch-cpu, gpubn-numpy, gpubn-cpu, "
                         "naive-numpy, torch-cuda, gpubn-cuda)")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed calls per measurement (default 5 CPU, 50 GPU; 3 with --quick)")
@@ -129,6 +130,26 @@ def _replay(args) -> int:
     return 0
 
 
+def _host_yardsticks(machine, providers, quick: bool) -> None:
+    """Measure (and print, and keep in ``machine``) the host copy bandwidth,
+    the floor of the CPU rows' share; on full runs with the ``cpu`` backend
+    also its first-call cost and whether PyTorch runs slower right after it."""
+    machine["host_copy_gbps"] = host.copy_bandwidth(64 << 20 if quick else 256 << 20) / 1e9
+    print(f"# host copy bandwidth: {machine['host_copy_gbps']:.1f} GB/s (read + write; the "
+          f"CPU rows' share is of this)")
+    if quick or "gpubn-cpu" not in {p.name for p in providers}:
+        return
+    first = machine["cpu_first_call"] = host.cpu_first_call()
+    if first:
+        print(f"# cpu backend, first bn forward+backward in a new process: "
+              f"{first['compile_s']:.1f} s compiling, {first['cached_s']:.2f} s from the disk "
+              f"cache, {1e3 * first['steady_s']:.1f} ms the next call")
+    spin = machine["torch_after_cpu"] = host.torch_after_cpu()
+    if spin:
+        print(f"# torch bn forward 32x64x56x56: {1e3 * spin['alone_s']:.1f} ms alone, "
+              f"{1e3 * spin['after_cpu_s']:.1f} ms right after a cpu backend forward")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.from_path:
@@ -190,14 +211,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             wanted = args.provider and [p for p in args.provider if not p.endswith("cuda")]
             if args.provider and not wanted:
                 raise SystemExit("error: --provider names no CPU provider "
-                                 "(torch-cpu, gpubn-numpy, naive-numpy)")
+                                 "(torch-cpu, gpubn-numpy, gpubn-cpu, naive-numpy)")
             providers = select(cpu_providers(), wanted)
             repeats = args.repeats or (3 if args.quick else 5)
+            _host_yardsticks(machine, providers, quick=args.quick)
             total = sum(len(o) for _, o in cases) * len(providers)
             print(f"# cpu: suite {suite or 'default'}, {len(cases)} shapes, {total} measurements, "
                   f"{repeats} repeats", file=sys.stderr)
             rows = run_suite(cases, providers, repeats=repeats, warmup=args.warmup,
                              suite=suite or "default", check=not args.no_check,
+                             peak_bytes_per_s=machine["host_copy_gbps"] * 1e9,
                              budget=args.budget or None, isolate=not args.shared_process,
                              torch_threads=args.torch_threads,
                              progress=Progress(total, enabled=not quiet))

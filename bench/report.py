@@ -133,14 +133,15 @@ def _render(header: List[str], body: List[List[str]], markdown: bool) -> str:
 
 def format_table(rows: Sequence[Dict], markdown: bool = False) -> str:
     """One line per (case, op), one column per provider: median time
-    [min-max], ratio to PyTorch, and GB/s (share of peak) on the GPU."""
+    [min-max], ratio to PyTorch, and GB/s (share of peak) on the GPU or when
+    the rows carry a peak (on the CPU: a large NumPy copy's bandwidth)."""
     if not rows:
         return "(no results)"
     providers = _providers_in_order(rows)
     groups: "OrderedDict[tuple, Dict[str, Dict]]" = OrderedDict()
     for r in rows:
         groups.setdefault(_case_key(r), {})[r["provider"]] = r
-    show_peak = any(r["device"] == "gpu" for r in rows)
+    show_peak = any(r["device"] == "gpu" or r.get("peak_share") is not None for r in rows)
     header = ["op", "layout", "shape", "dtype"] + providers
     body = []
     for (kind, layout, shape, dtype, op), by_provider in groups.items():

@@ -218,7 +218,7 @@ def _timed_row(case, op, p, result, verdict, *, suite, peak_bytes_per_s, progres
         progress.step(f"{_desc(case, op, p)}: error ({msg})")
         return make_row(case, op, p, status="error", reason=msg, suite=suite)
     row = make_row(case, op, p, times=result, check=verdict, suite=suite,
-                   peak_bytes_per_s=peak_bytes_per_s if p.device == "gpu" else None)
+                   peak_bytes_per_s=peak_bytes_per_s)
     row["isolated"] = isolated
     flag = f" [{verdict}]" if verdict not in ("", "ok", "reference") else ""
     progress.step(f"{_desc(case, op, p)}: {format_time(row['median_s'])}{flag}")

@@ -221,20 +221,37 @@ def update_running_groups(xp, running_mean, running_var, mean, m2, count: int,
     with np.errstate(invalid="ignore", over="ignore"):
         batch_mean = mean.astype("float64").mean(axis=0)
         batch_var = (m2.astype("float64") / (count - 1)).mean(axis=0)
+    update_running_stats(xp, running_mean, running_var, batch_mean, batch_var, momentum,
+                         skipped)
+
+
+def update_running_stats(xp, running_mean, running_var, mean, unbiased_var, momentum: float,
+                         skipped=None) -> None:
+    """Batch norm's running-statistics step where the per-channel vectors are
+    host arrays: :func:`update_running` of each (None: not tracked) with the
+    batch mean and unbiased variance, and with ``skipped`` (None or a
+    ``(C,)`` int32 array, see ``Backend.bn_forward_train``) the guard: the
+    channels :func:`guard_skips` names keep theirs and are flagged 1."""
     skip = None
     if skipped is not None:
-        skip = guard_skips(xp, batch_mean, batch_var)
+        skip = guard_skips(xp, mean, unbiased_var, running_mean.dtype)
         skipped[...] = skip
-    update_running(running_mean, batch_mean, momentum, skip)
-    update_running(running_var, batch_var, momentum, skip)
+    if running_mean is not None:
+        update_running(running_mean, mean, momentum, skip)
+    if running_var is not None:
+        update_running(running_var, unbiased_var, momentum, skip)
 
 
-def guard_skips(xp, mean, unbiased_var):
+def guard_skips(xp, mean, unbiased_var, acc):
     """The guard of the running statistics: a boolean per-channel array, true
-    where the batch mean or the unbiased batch variance is not finite (that
-    channel keeps its running statistics this step).  The kernels apply the
-    same rule in ``bn_stats.cu``'s finishing step."""
-    return ~(xp.isfinite(mean) & xp.isfinite(unbiased_var))
+    where the batch mean or the unbiased batch variance is not finite in the
+    accumulation dtype ``acc`` (that of the running statistics; a float64
+    variance beyond float32's range counts as infinite, as it is in the
+    kernels' float32 statistics): that channel keeps its running statistics
+    this step.  The kernels apply the same rule in ``bn_stats.cu``'s
+    finishing step."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return ~(xp.isfinite(mean.astype(acc)) & xp.isfinite(unbiased_var.astype(acc)))
 
 
 def renorm_constants(xp, mean, sigma_b, weight, bias, running_mean, running_std, rmax, dmax):
