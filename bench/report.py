@@ -99,7 +99,9 @@ def format_cell(r: Dict, show_ratio: bool, show_peak: bool) -> str:
         cell += f" {format_ratio(r['ratio_to_torch'])}"
     if show_peak and r.get("gbps") is not None:
         cell += f" {r['gbps']:.0f} GB/s"
-        if r.get("peak_share") is not None:
+        if r.get("copy_share") is not None:
+            cell += f" ({100 * r['copy_share']:.0f}% of copy)"
+        elif r.get("peak_share") is not None:
             cell += f" ({100 * r['peak_share']:.0f}%)"
     if r.get("check", "").startswith("mismatch"):
         cell += " MISMATCH"

@@ -115,12 +115,14 @@ def make_row(case: Case, op: str, provider, *, status: str = "ok", times=None,
 
 
 def add_ratios(rows: List[Dict]) -> None:
-    """Fill ``ratio_to_torch``: median time over the median of the torch row
-    of the same (device, case, op) in the same run."""
+    """Fill ``ratio_to_torch``: median time over the median of the fastest
+    torch row (on the GPU: cuDNN or PyTorch's native kernels) of the same
+    (device, case, op) in the same run."""
     peers = {}
     for r in rows:
         if r["backend"] == "torch" and r["median_s"]:
-            peers[(r["device"], r["kind"], r["layout"], tuple(r["shape"]), r["dtype"], r["op"])] = r["median_s"]
+            key = (r["device"], r["kind"], r["layout"], tuple(r["shape"]), r["dtype"], r["op"])
+            peers[key] = min(r["median_s"], peers.get(key, r["median_s"]))
     for r in rows:
         key = (r["device"], r["kind"], r["layout"], tuple(r["shape"]), r["dtype"], r["op"])
         if r["median_s"] and key in peers:

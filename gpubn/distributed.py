@@ -375,7 +375,7 @@ def _local_checks(x, weight, bias, running_mean, running_var, training, axis, be
     outer, xc, inner = V.canonical_shape(shape, axis)
     if xc != c:
         raise ValueError(f"x has {xc} channels on axis {axis} (shape {shape}), expected {c}")
-    V.check_bn_vectors(weight, bias, running_mean, running_var, c, be, training)
+    V.check_bn_vectors(weight, bias, running_mean, running_var, c, be, training, like=x)
     return axis, shape, outer, inner
 
 
@@ -436,8 +436,10 @@ def sync_batch_norm_forward(x, *, comm, weight=None, bias=None, running_mean=Non
 
     local_count = outer * inner
     acc = V.acc_dtype(x.dtype)
+    order = V.layout_order(x, axis)
     f = ForwardInput(
-        backend=be, x3=V.canonical_view(x, axis, xp), weight=to_acc(xp, weight, acc),
+        backend=be, x3=V.canonical_view(x, axis, xp, order), order=order,
+        weight=to_acc(xp, weight, acc),
         bias=to_acc(xp, bias, acc), acc=acc, axis=axis, shape=shape, dtype=x.dtype,
         count=local_count, training=training, eps=eps,
         factor=resolve_momentum(momentum, num_batches_tracked),
@@ -478,7 +480,7 @@ def sync_batch_norm_forward(x, *, comm, weight=None, bias=None, running_mean=Non
 
     saved = f.saved(mean, invstd, w, cls=SyncBatchNormSaved, comm=comm,
                     local_count=local_count, num_channels=c)
-    return y3.reshape(shape), saved
+    return f.output(y3), saved
 
 
 def _pack_grads(xp, c, sum_dy=None, sum_dy_xhat=None, failed=False):
@@ -514,12 +516,12 @@ def sync_batch_norm_backward(dy, saved: SyncBatchNormSaved):
     be, comm, c = saved.backend, saved.comm, saved.num_channels
     xp = be.xp
     try:
-        V.check_grad_output(dy, saved.shape, saved.dtype, be)
+        V.check_grad_output(dy, saved.shape, saved.dtype, be, like=saved.x3)
     except (TypeError, ValueError):
         comm.allreduce(_pack_grads(xp, c, failed=True))
         raise
 
-    dy3 = V.canonical_view(dy, saved.axis, xp)
+    dy3 = V.canonical_view(dy, saved.axis, xp, saved.order)
     x3, mean, invstd = saved.x3, saved.mean, saved.invstd
     acc = np.dtype(mean.dtype)
     nonempty = saved.local_count > 0
@@ -546,7 +548,7 @@ def sync_batch_norm_backward(dy, saved: SyncBatchNormSaved):
     dweight = None if saved.weight_dtype is None else sum_dy_xhat.astype(saved.weight_dtype,
                                                                           copy=False)
     dbias = None if saved.bias_dtype is None else sum_dy.astype(saved.bias_dtype, copy=False)
-    return dx3.reshape(saved.shape), dweight, dbias
+    return V.from_canonical(dx3, saved.shape, saved.order), dweight, dbias
 
 
 # ------------------------------------------------------------------- layer ----

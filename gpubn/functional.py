@@ -37,6 +37,7 @@ class BatchNormSaved:
     count: int                  # values per channel
     weight_dtype: Any = None    # dtype of the weight the caller gave (for dweight)
     bias_dtype: Any = None      # dtype of the bias the caller gave, None when no bias
+    order: Any = None           # the input's axes in memory order (None: as given)
     skipped: Any = None         # guarded running statistics: (C,) int32, 1 where this
                                 # step's update was skipped; None without the guard
     groups: int = 1             # ghost batch norm: mean / invstd are (groups, C)
@@ -98,6 +99,11 @@ class ForwardInput:
     factor: float               # this step's running-statistics rate
     weight_dtype: Any = None
     bias_dtype: Any = None
+    order: Any = None           # x's axes in memory order (_validation.layout_order)
+
+    def output(self, y3):
+        """The result of the canonical ``y3`` with x's shape and layout."""
+        return V.from_canonical(y3, self.shape, self.order)
 
     def running(self, v):
         """A running-statistics vector to update in place: ``v`` itself when
@@ -119,7 +125,7 @@ class ForwardInput:
             x3=self.x3, mean=mean, invstd=invstd, weight=weight, axis=self.axis,
             shape=self.shape, dtype=self.dtype, training=self.training, backend=self.backend,
             count=self.count, weight_dtype=self.weight_dtype, bias_dtype=self.bias_dtype,
-            **extra)
+            order=self.order, **extra)
 
 
 def prepare_forward(x, *, weight, bias, training, momentum, eps, axis, backend,
@@ -144,8 +150,10 @@ def prepare_forward(x, *, weight, bias, training, momentum, eps, axis, backend,
 
     xp = be.xp
     acc = V.acc_dtype(x.dtype)
+    order = V.layout_order(x, axis)
     return ForwardInput(
-        backend=be, x3=V.canonical_view(x, axis, xp), weight=to_acc(xp, weight, acc),
+        backend=be, x3=V.canonical_view(x, axis, xp, order), order=order,
+        weight=to_acc(xp, weight, acc),
         bias=to_acc(xp, bias, acc), acc=acc, axis=axis, shape=shape, dtype=x.dtype,
         count=count, training=training, eps=eps,
         factor=resolve_momentum(momentum, num_batches_tracked),
@@ -179,7 +187,10 @@ def batch_norm_forward(x, *, weight=None, bias=None, running_mean=None, running_
     * ``weight`` (default 1) and ``bias`` (default 0) are per-channel.
 
     ``x`` may be float16 or bfloat16 (``ml_dtypes.bfloat16``; statistics in
-    float32), float32 or float64, of any layout (non-contiguous and Fortran-ordered inputs are copied once).
+    float32), float32 or float64, of any layout: channels-last memory with
+    shape NCHW (PyTorch's ``channels_last``) runs on a view and returns
+    channels-last results; other non-contiguous and Fortran-ordered inputs are
+    copied once.
     ``axis=-1`` is channels-last (NHWC).  NaN or Inf in a channel's data make
     that channel's batch statistics, output and running statistics NaN in
     training, as in PyTorch; in eval they stay in their own elements.
@@ -206,7 +217,7 @@ def batch_norm_forward(x, *, weight=None, bias=None, running_mean=None, running_
 
     def check_vectors(c, be):
         nonlocal groups
-        V.check_bn_vectors(weight, bias, running_mean, running_var, c, be, training)
+        V.check_bn_vectors(weight, bias, running_mean, running_var, c, be, training, like=x)
         if training:
             axis_ = V.normalize_axis(axis, x.ndim)
             groups = V.check_virtual_batch_size(virtual_batch_size, x.shape, axis_)
@@ -221,6 +232,12 @@ def batch_norm_forward(x, *, weight=None, bias=None, running_mean=None, running_
                         num_batches_tracked=num_batches_tracked, check_vectors=check_vectors)
     be, xp = f.backend, f.backend.xp
     skipped = None
+    if groups > 1 and f.order[0] != 0:
+        # ghost groups are runs of the canonical outer extent: the batch axis
+        # must be outermost in memory (a layout with the channel axis first is
+        # copied once into the given axis order)
+        f.order = tuple(range(len(f.shape)))
+        f.x3 = V.canonical_view(x, f.axis, xp, f.order)
     if f.training and groups > 1:
         y3, mean, invstd, m2 = be.bn_forward_train_groups(f.x3, groups, f.weight, f.bias, f.eps)
         if running_mean is not None:
@@ -243,7 +260,7 @@ def batch_norm_forward(x, *, weight=None, bias=None, running_mean=None, running_
         y3, mean, invstd = be.bn_forward_eval(f.x3, f.weight, f.bias,
                                               to_acc(xp, running_mean, f.acc),
                                               to_acc(xp, running_var, f.acc), f.eps)
-    return y3.reshape(f.shape), f.saved(mean, invstd, f.weight, skipped=skipped, groups=groups)
+    return f.output(y3), f.saved(mean, invstd, f.weight, skipped=skipped, groups=groups)
 
 
 def batch_norm_backward(dy, saved: BatchNormSaved):
@@ -259,8 +276,8 @@ def batch_norm_backward(dy, saved: BatchNormSaved):
         raise TypeError("saved must be the BatchNormSaved returned by batch_norm_forward, "
                         f"got {type(saved).__name__}")
     be = saved.backend
-    V.check_grad_output(dy, saved.shape, saved.dtype, be)
-    dy3 = V.canonical_view(dy, saved.axis, be.xp)
+    V.check_grad_output(dy, saved.shape, saved.dtype, be, like=saved.x3)
+    dy3 = V.canonical_view(dy, saved.axis, be.xp, saved.order)
     if saved.groups > 1:
         dx3, dw, db = be.bn_backward_groups(dy3, saved.x3, saved.mean, saved.invstd,
                                             saved.weight)
@@ -269,7 +286,7 @@ def batch_norm_backward(dy, saved: BatchNormSaved):
                                      saved.training)
     dweight = None if saved.weight_dtype is None else dw.astype(saved.weight_dtype, copy=False)
     dbias = None if saved.bias_dtype is None else db.astype(saved.bias_dtype, copy=False)
-    return dx3.reshape(saved.shape), dweight, dbias
+    return V.from_canonical(dx3, saved.shape, saved.order), dweight, dbias
 
 
 __all__ = ["BatchNormSaved", "ForwardInput", "batch_norm_forward", "batch_norm_backward",

@@ -327,16 +327,17 @@ def _shared_array(nbytes: int) -> int:
 def ln_static_shared_bytes(kernel: str, dtype) -> int:
     """Static shared memory of a layer-norm row kernel, laid out as ptxas
     reports it: the ``*_block`` kernels hold one reduction state per warp
-    (``block_reduce_1d``) and two per-row values; the ``*_warp`` kernels
+    (``block_reduce_1d``) and their per-row values; the ``*_warp`` kernels
     none.  The ``cuda`` backend asks the compiled function instead; this
     model serves ``emu`` (and is checked against ptxas in the tests)."""
     if kernel.endswith("_warp"):
         return 0
     acc = _catalog.CXX_TYPES[_catalog.dtype_name(dtype)][1]
     acc_bytes = 8 if acc == "double" else 4
-    state = {"ln_forward_block": ("stats", acc),
-             "ln_backward_dx_block": ("grad", acc)}[kernel]
-    return _shared_array(WARP * _STATE_BYTES[state]) + _shared_array(2 * acc_bytes)
+    # (reduction state, per-row values: mean hi and lo, rstd / two row sums)
+    state, values = {"ln_forward_block": (("stats", acc), 3),
+                     "ln_backward_dx_block": (("grad", acc), 2)}[kernel]
+    return _shared_array(WARP * _STATE_BYTES[state]) + _shared_array(values * acc_bytes)
 
 
 def ln_stage_bytes(n: int, acc_itemsize: int, arrays: int, static_shared: int) -> int:

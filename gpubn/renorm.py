@@ -122,13 +122,13 @@ def batch_renorm_forward(x, *, weight=None, bias=None, running_mean, running_std
     dmax = check_dmax(dmax)
 
     def check_vectors(c, be):
-        V.check_channel_vector(weight, "weight", c)
-        V.check_channel_vector(bias, "bias", c)
+        V.check_channel_vector(weight, "weight", c, like=x)
+        V.check_channel_vector(bias, "bias", c, like=x)
         if running_mean is None or running_std is None:
             raise ValueError("batch renorm needs running_mean and running_std (the moving "
                              "statistics r and d are computed from), got None")
-        V.check_channel_vector(running_mean, "running_mean", c, be, writable=training)
-        V.check_channel_vector(running_std, "running_std", c, be, writable=training)
+        V.check_channel_vector(running_mean, "running_mean", c, be, writable=training, like=x)
+        V.check_channel_vector(running_std, "running_std", c, be, writable=training, like=x)
         check_running_std(running_std)
 
     f = prepare_forward(x, weight=weight, bias=bias, training=training, momentum=momentum,
@@ -147,7 +147,7 @@ def batch_renorm_forward(x, *, weight=None, bias=None, running_mean, running_std
         y3 = be.bn_apply(f.x3, mean, invstd, f.weight, f.bias)
         r = d = None
         w_bn = f.weight
-    return y3.reshape(f.shape), BatchRenormSaved(bn=f.saved(mean, invstd, w_bn), r=r, d=d)
+    return f.output(y3), BatchRenormSaved(bn=f.saved(mean, invstd, w_bn), r=r, d=d)
 
 
 def batch_renorm_backward(dy, saved: BatchRenormSaved):
@@ -165,8 +165,8 @@ def batch_renorm_backward(dy, saved: BatchRenormSaved):
                         f"got {type(saved).__name__}")
     s = saved.bn
     be = s.backend
-    V.check_grad_output(dy, s.shape, s.dtype, be)
-    dy3 = V.canonical_view(dy, s.axis, be.xp)
+    V.check_grad_output(dy, s.shape, s.dtype, be, like=s.x3)
+    dy3 = V.canonical_view(dy, s.axis, be.xp, s.order)
     dx3, sum_dy_xhat, sum_dy = be.bn_backward(dy3, s.x3, s.mean, s.invstd, s.weight, s.training)
     dweight = dbias = None
     if s.weight_dtype is not None:
@@ -174,7 +174,7 @@ def batch_renorm_backward(dy, saved: BatchRenormSaved):
         dweight = dw.astype(s.weight_dtype, copy=False)
     if s.bias_dtype is not None:
         dbias = sum_dy.astype(s.bias_dtype, copy=False)
-    return dx3.reshape(s.shape), dweight, dbias
+    return V.from_canonical(dx3, s.shape, s.order), dweight, dbias
 
 
 class BatchRenorm(ChannelNorm):

@@ -15,7 +15,7 @@
 // gridDim.z > 1: ghost batch norm, sums and dx per group (see at_group).
 //
 // Exported kernels (name expressions, see gpubn/kernels.py):
-//   gpubn::bn_backward_reduce_nchw<T, Acc, VEC>, gpubn::bn_backward_reduce_nhwc<T, Acc>
+//   gpubn::bn_backward_reduce_nchw<T, Acc, VEC>, gpubn::bn_backward_reduce_nhwc<T, Acc, VEC>
 //   gpubn::bn_backward_dx_nchw<T, Acc, VEC>,     gpubn::bn_backward_dx_nhwc<T, Acc, VEC>
 #include "gpubn_common.cuh"
 
@@ -25,12 +25,6 @@ template <class T, int VEC>
 struct VecPair {  // VEC elements of dy and of x
     Vec<T, VEC> dy;
     Vec<T, VEC> x;
-};
-
-template <class Acc>
-struct DyX {  // one element of dy and x, widened
-    Acc dy;
-    Acc x;
 };
 
 template <class Acc>
@@ -95,7 +89,10 @@ bn_backward_reduce_nchw(const T* __restrict__ dy, const T* __restrict__ x, const
     });
 }
 
-template <class T, class Acc>
+// Channels last: each thread reads VEC adjacent channels of dy and x with one
+// load each per row, keeps sums per channel, and reads its channels' mean
+// and weight * invstd itself (no shared memory, no barrier before the walk).
+template <class T, class Acc, int VEC>
 __global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS, GPUBN_REDUCE_MIN_BLOCKS)
 bn_backward_reduce_nhwc(const T* __restrict__ dy, const T* __restrict__ x, const Acc* mean,
                         const Acc* invstd, const Acc* weight, T* __restrict__ dx_eval,
@@ -110,31 +107,35 @@ bn_backward_reduce_nhwc(const T* __restrict__ dy, const T* __restrict__ x, const
     counters = at_group(counters, gridDim.x);
     sum_dy_out = at_group(sum_dy_out, channels);
     sum_dy_xhat_out = at_group(sum_dy_xhat_out, channels);
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    __shared__ Acc consts[2][32];  // per column: mean and weight * invstd, read once per block
-    if (threadIdx.y == 0) {
-        const int cc = c < channels ? c : channels - 1;  // columns past the end: unused
-        consts[0][threadIdx.x] = mean[cc];
-        consts[1][threadIdx.x] = weight ? weight[cc] * invstd[cc] : invstd[cc];
+    const long long c0 = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * VEC;
+    Acc m[VEC], a[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+        const int c = c0 + j < channels ? (int)(c0 + j) : 0;  // columns past the end: unused
+        m[j] = read_only(mean + c);
+        a[j] = weight ? read_only(weight + c) * read_only(invstd + c) : read_only(invstd + c);
     }
-    __syncthreads();
-    const Acc m = consts[0][threadIdx.x];
-    const Acc a = consts[1][threadIdx.x];
-    auto push = [&](GradSums<Acc>(&s)[1], const DyX<Acc>& v, long long offset) {
-        s[0].sum_dy += v.dy;
-        s[0].sum_dy_xmu = fma_acc(v.dy, v.x - m, s[0].sum_dy_xmu);
-        if (dx_eval) store_acc(dx_eval[offset], a * v.dy);
+    auto push = [&](GradSums<Acc>(&s)[VEC], const VecPair<T, VEC>& p, long long offset) {
+        Vec<T, VEC> out;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+            const Acc d = to_acc(p.dy.v[j]);
+            s[j].sum_dy += d;
+            s[j].sum_dy_xmu = fma_acc(d, Acc(to_acc(p.x.v[j])) - m[j], s[j].sum_dy_xmu);
+            store_acc(out.v[j], a[j] * d);
+        }
+        if (dx_eval) store_vec<T, VEC>(dx_eval + offset, out);
     };
-    GradSums<Acc> g[1];
-    channel_walk_nhwc<1>(
+    GradSums<Acc> g[VEC];
+    channel_walk_nhwc<VEC>(
         rows, channels,
         [&](long long offset) {
-            DyX<Acc> v;
-            v.dy = to_acc(dy[offset]);
-            v.x = to_acc(x[offset]);
-            return v;
+            VecPair<T, VEC> p;
+            p.dy = load_vec<T, VEC>(dy + offset);
+            p.x = load_vec<T, VEC>(x + offset);
+            return p;
         },
-        [&](GradSums<Acc>(&s)[1], const DyX<Acc>* v, const long long* offset) {
+        [&](GradSums<Acc>(&s)[VEC], const VecPair<T, VEC>* v, const long long* offset) {
 #pragma unroll
             for (int u = 0; u < GPUBN_WALK_UNROLL; ++u) push(s, v[u], offset[u]);
         },

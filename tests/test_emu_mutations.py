@@ -4,8 +4,11 @@ shows emu reporting it, next to the unmodified kernels running clean."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +17,7 @@ from gpubn import kernels as catalog
 from gpubn.backends import get_backend
 from gpubn.backends import emu as emu_backend
 from gpubn.backends.numpy_backend import NumpyBackend
+from gpubn.emu.compiler import cache_dir
 
 try:
     get_backend("emu")
@@ -33,17 +37,27 @@ def _clear_caches():
 
 
 @pytest.fixture
-def plant(tmp_path, monkeypatch):
+def plant(monkeypatch):
     """plant(old, new): the kernels with one edit to gpubn_common.cuh (the edit
-    must apply exactly once)."""
+    must apply exactly once).  The mutant lives in a directory named after its
+    content under emu's cache, so its compiled modules are cached like any."""
 
     def apply(old: str, new: str) -> None:
-        copy = tmp_path / "kernels"
-        shutil.copytree(catalog.kernels_dir(), copy)
-        header = copy / "gpubn_common.cuh"
-        text = header.read_text()
+        source = catalog.kernels_dir()
+        text = (Path(source) / "gpubn_common.cuh").read_text()
         assert text.count(old) == 1, f"the mutation no longer applies: {old!r}"
-        header.write_text(text.replace(old, new))
+        digest = hashlib.sha256(catalog.headers_fingerprint().encode() + old.encode() + b"\0" + new.encode())
+        copy = cache_dir() / "mutants" / digest.hexdigest()[:16]
+        if not copy.is_dir():
+            staging = Path(tempfile.mkdtemp(dir=cache_dir()))
+            shutil.copytree(source, staging / "kernels")
+            (staging / "kernels" / "gpubn_common.cuh").write_text(text.replace(old, new))
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.replace(staging / "kernels", copy)
+            except OSError:          # another process made it first
+                pass
+            shutil.rmtree(staging, ignore_errors=True)
         monkeypatch.setattr(catalog, "kernels_dir", lambda: os.fspath(copy))
         _clear_caches()
 

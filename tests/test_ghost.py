@@ -261,3 +261,21 @@ def test_torch_drop_in_passes_both_options_through(torch):
     assert "skipped_updates" not in gt.BatchNorm2d(3).state_dict()
     with pytest.raises(ValueError, match="virtual_batch_size=3 does not divide the batch size 8"):
         gt.BatchNorm2d(3, virtual_batch_size=3)(xt)
+
+
+def test_channel_outermost_memory_order_gives_the_same_groups(backend):
+    """A (N, C, L) array stored channel-first in memory (its canonical view
+    would put C outside the batch) is normalized per group of samples all the
+    same."""
+    x, _, _, _ = _data((6, 3, 5), 1, np.float32)
+    strided = np.ascontiguousarray(x.transpose(1, 0, 2)).transpose(1, 0, 2)
+    assert not strided.flags.c_contiguous
+    outs = []
+    for a in (x, strided):
+        rm, rv = (to_backend(backend, np.zeros(3, np.float32)),
+                  to_backend(backend, np.ones(3, np.float32)))
+        y, _ = batch_norm_forward(to_backend(backend, a), running_mean=rm, running_var=rv,
+                                  backend=backend.name, virtual_batch_size=2)
+        outs.append((to_numpy(y), to_numpy(rm), to_numpy(rv)))
+    for a, e in zip(*outs):
+        np.testing.assert_array_equal(a, e)
