@@ -88,6 +88,13 @@ def check_eps(eps, name: str = "eps") -> float:
     return eps
 
 
+def check_flag(value, name: str) -> bool:
+    """A yes/no option: a Python or NumPy bool."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
 def check_momentum(momentum, name: str = "momentum"):
     """``None`` (cumulative average) or a number in [0, 1]."""
     if momentum is None:
@@ -147,6 +154,34 @@ def check_channel_vector(v, name: str, num_channels: int, backend=None,
         flags = getattr(v, "flags", None)
         if flags is not None and not getattr(flags, "writeable", True):
             raise ValueError(f"{name} is updated in place but is read-only")
+
+
+# most ghost batch norm groups per call: the kernels' grid z bound
+MAX_GROUPS = 65535
+
+
+def check_virtual_batch_size(k, shape, axis: int, name: str = "virtual_batch_size") -> int:
+    """Ghost batch norm's group size: None (the whole batch, one group) or a
+    positive int that divides the batch (``shape[0]``; the batch axis must
+    not be the channel axis).  Returns the number of groups."""
+    if k is None:
+        return 1
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int or None, got {type(k).__name__}")
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"{name} must be a positive int or None, got {k}")
+    if axis == 0:
+        raise ValueError(f"{name} splits the batch axis 0, which is the channel axis here "
+                         f"(axis=0)")
+    n = int(shape[0])
+    if n % k:
+        raise ValueError(f"{name}={k} does not divide the batch size {n} (x.shape[0] = {n}): "
+                         f"ghost batch norm needs groups of equal size")
+    if n // k > MAX_GROUPS:
+        raise ValueError(f"{name}={k} splits the batch of {n} into {n // k} groups, more than "
+                         f"{MAX_GROUPS}")
+    return n // k
 
 
 def check_count(count: int, training: bool, shape, name: str = "x"):

@@ -12,6 +12,7 @@ from typing import Any, Tuple
 
 from . import _validation as V
 from .backends import get_backend
+from .backends.base import update_running_groups
 
 
 @dataclass
@@ -37,6 +38,9 @@ class BatchNormSaved:
     weight_dtype: Any = None    # dtype of the weight the caller gave (for dweight)
     bias_dtype: Any = None      # dtype of the bias the caller gave, None when no bias
     order: Any = None           # the input's axes in memory order (None: as given)
+    skipped: Any = None         # guarded running statistics: (C,) int32, 1 where this
+                                # step's update was skipped; None without the guard
+    groups: int = 1             # ghost batch norm: mean / invstd are (groups, C)
 
 
 def resolve_momentum(momentum, num_batches_tracked) -> float:
@@ -193,7 +197,8 @@ def prepare_forward(x, *, weight, bias, training, momentum, eps, axis, backend,
 
 def batch_norm_forward(x, *, weight=None, bias=None, running_mean=None, running_var=None,
                        training=True, momentum=0.1, eps=1e-5, axis=1, backend=None,
-                       num_batches_tracked=None):
+                       num_batches_tracked=None, guard_running_stats=False,
+                       virtual_batch_size=None):
     """Batch normalization over every axis of ``x`` except the channel ``axis``.
 
     Returns ``(y, saved)``: ``y`` has the shape and dtype of ``x``; ``saved`` is a
@@ -224,24 +229,68 @@ def batch_norm_forward(x, *, weight=None, bias=None, running_mean=None, running_
     that channel's batch statistics, output and running statistics NaN in
     training, as in PyTorch; in eval they stay in their own elements.
 
+    ``guard_running_stats=True`` keeps a channel's running statistics for this
+    step when its batch mean or unbiased variance is not finite (the other
+    channels update); ``saved.skipped`` then flags those channels (a ``(C,)``
+    int32 array, 1 = skipped).  The check runs where the running statistics
+    are updated (the kernels' finishing step), with no extra pass.
+
+    ``virtual_batch_size=k`` (ghost batch norm, training only; ignored when
+    ``training=False``) splits the batch (axis 0) into consecutive groups of
+    ``k`` samples, each normalized with its own statistics (shared weight and
+    bias); ``x.shape[0]`` must be a multiple of ``k``.  The running
+    statistics are updated once, with the mean over the groups of their means
+    and unbiased variances; ``saved.mean`` / ``saved.invstd`` are then
+    ``(groups, C)`` and the backward is per group.  The kernels run every
+    group in the same launches (the group is an extra grid index).
+
     Bad arguments raise ``TypeError`` / ``ValueError`` before any state changes.
     """
+    guard = V.check_flag(guard_running_stats, "guard_running_stats")
+    groups = 1
+
     def check_vectors(c, be):
+        nonlocal groups
         V.check_bn_vectors(weight, bias, running_mean, running_var, c, be, training, like=x)
+        if training:
+            axis_ = V.normalize_axis(axis, x.ndim)
+            groups = V.check_virtual_batch_size(virtual_batch_size, x.shape, axis_)
+            outer, _, inner = V.canonical_shape(tuple(x.shape), axis_)
+            if groups > 1 and outer * inner // groups < 2:
+                raise ValueError(f"expected more than 1 value per channel in each group of "
+                                 f"virtual_batch_size={virtual_batch_size} samples when "
+                                 f"training, got x of shape {tuple(x.shape)}")
 
     f = prepare_forward(x, weight=weight, bias=bias, training=training, momentum=momentum,
                         eps=eps, axis=axis, backend=backend,
                         num_batches_tracked=num_batches_tracked, check_vectors=check_vectors)
     be, xp = f.backend, f.backend.xp
-    if f.training:
+    skipped = None
+    if groups > 1 and f.order[0] != 0:
+        # ghost groups are runs of the canonical outer extent: the batch axis
+        # must be outermost in memory (a layout with the channel axis first is
+        # copied once into the given axis order)
+        f.order = tuple(range(len(f.shape)))
+        f.x3 = V.canonical_view(x, f.axis, xp, f.order)
+    if guard and f.training and running_mean is not None:
+        skipped = xp.empty(f.x3.shape[1], dtype="int32")
+    if f.training and groups > 1:
+        y3, mean, invstd, m2 = be.bn_forward_train_groups(f.x3, groups, f.weight, f.bias, f.eps)
+        if running_mean is not None:
+            f.update_running(running_mean, running_var, lambda rm, rv: update_running_groups(
+                xp, rm, rv, mean, m2, f.count // groups, f.factor, skipped))
+    elif f.training:
+        # `skipped` only with the guard: a backend (or wrapper) without it still runs
+        guarded = {} if skipped is None else {"skipped": skipped}
         y3, mean, invstd = f.update_running(
             running_mean, running_var,
-            lambda rm, rv: be.bn_forward_train(f.x3, f.weight, f.bias, rm, rv, f.factor, f.eps))
+            lambda rm, rv: be.bn_forward_train(f.x3, f.weight, f.bias, rm, rv, f.factor, f.eps,
+                                               **guarded))
     else:
         y3, mean, invstd = be.bn_forward_eval(f.x3, f.weight, f.bias,
                                               to_acc(xp, running_mean, f.acc),
                                               to_acc(xp, running_var, f.acc), f.eps)
-    return f.output(y3), f.saved(mean, invstd, f.weight)
+    return f.output(y3), f.saved(mean, invstd, f.weight, skipped=skipped, groups=groups)
 
 
 def batch_norm_backward(dy, saved: BatchNormSaved):
@@ -259,8 +308,12 @@ def batch_norm_backward(dy, saved: BatchNormSaved):
     be = saved.backend
     V.check_grad_output(dy, saved.shape, saved.dtype, be, like=saved.x3)
     dy3 = V.canonical_view(dy, saved.axis, be.xp, saved.order)
-    dx3, dw, db = be.bn_backward(dy3, saved.x3, saved.mean, saved.invstd, saved.weight,
-                                 saved.training)
+    if saved.groups > 1:
+        dx3, dw, db = be.bn_backward_groups(dy3, saved.x3, saved.mean, saved.invstd,
+                                            saved.weight)
+    else:
+        dx3, dw, db = be.bn_backward(dy3, saved.x3, saved.mean, saved.invstd, saved.weight,
+                                     saved.training)
     dweight = None if saved.weight_dtype is None else dw.astype(saved.weight_dtype, copy=False)
     dbias = None if saved.bias_dtype is None else db.astype(saved.bias_dtype, copy=False)
     return V.from_canonical(dx3, saved.shape, saved.order), dweight, dbias

@@ -12,6 +12,8 @@
 //   a = weight * invstd, b = sum_dy / m, k = invstd * sum_dy_xhat / m,
 // and (training == 0) dx = weight * invstd * dy without reading x.
 //
+// gridDim.z > 1: ghost batch norm, sums and dx per group (see at_group).
+//
 // Exported kernels (name expressions, see gpubn/kernels.py):
 //   gpubn::bn_backward_reduce_nchw<T, Acc, VEC>, gpubn::bn_backward_reduce_nhwc<T, Acc, VEC>
 //   gpubn::bn_backward_dx_nchw<T, Acc, VEC>,     gpubn::bn_backward_dx_nhwc<T, Acc, VEC>
@@ -39,6 +41,15 @@ bn_backward_reduce_nchw(const T* __restrict__ dy, const T* __restrict__ x, const
                         long long outer, int channels, long long inner,
                         GradSums<Acc>* partials, unsigned int* counters, Acc* sum_dy_out,
                         Acc* sum_dy_xhat_out) {
+    dy = at_group(dy, outer * channels * inner);
+    x = at_group(x, outer * channels * inner);
+    dx_eval = at_group(dx_eval, outer * channels * inner);
+    mean = at_group(mean, channels);
+    invstd = at_group(invstd, channels);
+    partials = at_group(partials, (long long)channels * gridDim.y);
+    counters = at_group(counters, channels);
+    sum_dy_out = at_group(sum_dy_out, channels);
+    sum_dy_xhat_out = at_group(sum_dy_xhat_out, channels);
     const int c = blockIdx.x;
     const long long base = (long long)c * inner;
     __shared__ Acc consts[2];  // the channel's mean and weight * invstd, read once per block
@@ -87,6 +98,15 @@ bn_backward_reduce_nhwc(const T* __restrict__ dy, const T* __restrict__ x, const
                         const Acc* invstd, const Acc* weight, T* __restrict__ dx_eval,
                         long long rows, int channels, GradSums<Acc>* partials,
                         unsigned int* counters, Acc* sum_dy_out, Acc* sum_dy_xhat_out) {
+    dy = at_group(dy, rows * channels);
+    x = at_group(x, rows * channels);
+    dx_eval = at_group(dx_eval, rows * channels);
+    mean = at_group(mean, channels);
+    invstd = at_group(invstd, channels);
+    partials = at_group(partials, (long long)channels * gridDim.y);
+    counters = at_group(counters, gridDim.x);
+    sum_dy_out = at_group(sum_dy_out, channels);
+    sum_dy_xhat_out = at_group(sum_dy_xhat_out, channels);
     const long long c0 = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * VEC;
     Acc m[VEC], a[VEC];
 #pragma unroll
@@ -190,6 +210,13 @@ __global__ void bn_backward_dx_nchw(const T* __restrict__ dy, const T* __restric
                                     const Acc* weight, const Acc* sum_dy, const Acc* sum_dy_xhat,
                                     long long outer, int channels, long long inner,
                                     Acc inv_count, int training) {
+    dy = at_group(dy, outer * channels * inner);
+    x = at_group(x, outer * channels * inner);
+    dx = at_group(dx, outer * channels * inner);
+    mean = at_group(mean, channels);
+    invstd = at_group(invstd, channels);
+    sum_dy = at_group(sum_dy, channels);
+    sum_dy_xhat = at_group(sum_dy_xhat, channels);
     channel_map_nchw<VEC, DxConsts<Acc>>(
         outer, channels, inner,
         [&](int c, bool) {
@@ -206,6 +233,13 @@ __global__ void bn_backward_dx_nhwc(const T* __restrict__ dy, const T* __restric
                                     T* __restrict__ dx, const Acc* mean, const Acc* invstd,
                                     const Acc* weight, const Acc* sum_dy, const Acc* sum_dy_xhat,
                                     long long rows, int channels, Acc inv_count, int training) {
+    dy = at_group(dy, rows * channels);
+    x = at_group(x, rows * channels);
+    dx = at_group(dx, rows * channels);
+    mean = at_group(mean, channels);
+    invstd = at_group(invstd, channels);
+    sum_dy = at_group(sum_dy, channels);
+    sum_dy_xhat = at_group(sum_dy_xhat, channels);
     channel_map_nhwc<VEC, DxConsts<Acc>>(
         rows, channels,
         [&](int c, bool) {

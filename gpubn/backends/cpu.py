@@ -47,7 +47,7 @@ import types
 import numpy as np
 
 from .._validation import acc_dtype
-from .base import Backend, ChannelStats, update_running
+from .base import Backend, ChannelStats, update_running_stats
 
 try:
     import numba
@@ -456,7 +456,8 @@ class CpuBackend(Backend):
                             m2=m2.astype(acc))
 
     @_serialized
-    def bn_forward_train(self, x3, weight, bias, running_mean, running_var, momentum, eps):
+    def bn_forward_train(self, x3, weight, bias, running_mean, running_var, momentum, eps,
+                         skipped=None):
         acc = acc_dtype(x3.dtype)
         n = x3.shape[0] * x3.shape[2]
         x = _wide(x3)
@@ -465,10 +466,8 @@ class CpuBackend(Backend):
         scale = invstd if weight is None else invstd * _f64(weight)
         shift = np.zeros_like(scale) if bias is None else _f64(bias)
         y3 = _store(_normalize(x, mean, scale, shift), x3.dtype)
-        if running_mean is not None:
-            update_running(running_mean, mean, momentum)
-        if running_var is not None:
-            update_running(running_var, m2 / (n - 1), momentum)
+        update_running_stats(np, running_mean, running_var, mean, m2 / (n - 1), momentum,
+                             skipped)
         return y3, mean.astype(acc), invstd.astype(acc)
 
     def bn_forward_eval(self, x3, weight, bias, running_mean, running_var, eps):

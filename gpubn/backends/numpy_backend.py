@@ -42,7 +42,7 @@ import functools
 import numpy as np
 
 from .._validation import acc_dtype
-from .base import Backend, ChannelStats, update_running
+from .base import Backend, ChannelStats, update_running_stats
 
 _F64 = np.float64
 _CH = (0, 2)          # the axes of one channel's values in a canonical array
@@ -121,16 +121,15 @@ class NumpyBackend(Backend):
                             m2=m2.astype(acc))
 
     @_quiet
-    def bn_forward_train(self, x3, weight, bias, running_mean, running_var, momentum, eps):
+    def bn_forward_train(self, x3, weight, bias, running_mean, running_var, momentum, eps,
+                         skipped=None):
         acc = acc_dtype(x3.dtype)
         m = x3.shape[0] * x3.shape[2]
         mean, m2 = _moments(x3)
         invstd = 1.0 / np.sqrt(m2 / m + eps)
         y3 = _affine(x3, mean, invstd, _f64(weight), _f64(bias))
-        if running_mean is not None:
-            update_running(running_mean, mean, momentum)
-        if running_var is not None:
-            update_running(running_var, m2 / (m - 1), momentum)
+        update_running_stats(np, running_mean, running_var, mean, m2 / (m - 1), momentum,
+                             skipped)
         return y3, mean.astype(acc), invstd.astype(acc)
 
     @_quiet
