@@ -616,7 +616,14 @@ __device__ __forceinline__ void channel_map_nhwc(long long rows, int channels, M
             for (int u = 0; u < GPUBN_MAP_UNROLL; ++u)
                 apply(k, 1, v[u], (r + u * row_step) * channels + c0);
         }
-        for (; r < rows; r += row_step) apply(k, 1, load(r * channels + c0), r * channels + c0);
+        // the tail: at most GPUBN_MAP_UNROLL - 1 rows, loaded together
+        decltype(load(0LL)) v[GPUBN_MAP_UNROLL - 1];
+#pragma unroll
+        for (int u = 0; u < GPUBN_MAP_UNROLL - 1; ++u)
+            if (r + u * row_step < rows) v[u] = load((r + u * row_step) * channels + c0);
+#pragma unroll
+        for (int u = 0; u < GPUBN_MAP_UNROLL - 1; ++u)
+            if (r + u * row_step < rows) apply(k, 1, v[u], (r + u * row_step) * channels + c0);
     }
 }
 
