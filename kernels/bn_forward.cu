@@ -60,8 +60,12 @@ __device__ __forceinline__ void affine_body(T* __restrict__ y, const Affine<Acc>
     store_vec<T, VEC>(y + off, out);
 }
 
+// x and y are not __restrict__: with it, x is read through the non-coherent
+// path, which the assembler lets sink below the stores of y, and it schedules
+// only two of a thread's GPUBN_MAP_UNROLL loads before the first store.
+// Plain loads stay ahead of the stores, so all of them are in flight.
 template <class T, class Acc, int VEC>
-__global__ void bn_apply_nchw(const T* __restrict__ x, T* __restrict__ y, const Acc* mean,
+__global__ void bn_apply_nchw(const T* x, T* y, const Acc* mean,
                               const Acc* mean_lo, const Acc* spread, const Acc* weight,
                               const Acc* bias,
                               Acc* mean_out, Acc* invstd_out, long long outer, int channels,
@@ -86,7 +90,7 @@ __global__ void bn_apply_nchw(const T* __restrict__ x, T* __restrict__ y, const 
 }
 
 template <class T, class Acc, int VEC>
-__global__ void bn_apply_nhwc(const T* __restrict__ x, T* __restrict__ y, const Acc* mean,
+__global__ void bn_apply_nhwc(const T* x, T* y, const Acc* mean,
                               const Acc* mean_lo, const Acc* spread, const Acc* weight,
                               const Acc* bias,
                               Acc* mean_out, Acc* invstd_out, long long rows, int channels,
