@@ -24,7 +24,7 @@ from . import host
 from .dask_bench import format_dask_table, run_dask
 from .env import machine_info
 from .providers import cpu_providers, select
-from .report import (format_summary, format_table, format_traffic_table, plot,
+from .report import (format_summary, format_table, render, format_traffic_table, plot,
                      read_jsonl, write_jsonl)
 from .runner import Progress, run_suite
 from .suites import DTYPES, KINDS, OPS, SUITES, get_suite
@@ -126,7 +126,7 @@ def print_kernels(markdown: bool) -> int:
     reports = sass.report()
     print("\n## Kernels: ptxas resources, global loads in flight in the streaming loop, "
           "occupancy at the launch plan's block size\n")
-    print(sass.format_table(reports, markdown=markdown))
+    print(render(*sass.table(reports), markdown=markdown))
     print("\n## Kernels on sm_90, over dtypes and vector widths (fewest loads in flight, "
           "lowest occupancy)\n")
     print(sass.format_summary(reports, "sm_90", markdown=markdown))

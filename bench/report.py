@@ -119,7 +119,8 @@ def _providers_in_order(rows: Sequence[Dict]) -> List[str]:
     return list(seen)
 
 
-def _render(header: List[str], body: List[List[str]], markdown: bool) -> str:
+def render(header: List[str], body: List[List[str]], markdown: bool) -> str:
+    """A table of strings as aligned plain text or as markdown."""
     if markdown:
         lines = ["| " + " | ".join(header) + " |",
                  "|" + "|".join("---" for _ in header) + "|"]
@@ -153,7 +154,7 @@ def format_table(rows: Sequence[Dict], markdown: bool = False) -> str:
             line.append("" if r is None else
                         format_cell(r, show_ratio=r["backend"] != "torch", show_peak=show_peak))
         body.append(line)
-    return _render(header, body, markdown)
+    return render(header, body, markdown)
 
 
 def ratio_summary(rows: Sequence[Dict]) -> Dict[str, Dict[str, Dict[str, float]]]:
@@ -213,7 +214,7 @@ def format_traffic_table(rows: Sequence[Dict], markdown: bool = False) -> str:
             "-" if r.get("tensor_passes") is None else f"{r['tensor_passes']:.2f}",
             "-" if r.get("minimum_passes") is None else f"{r['minimum_passes']:.2f}",
             str(r["ideal_passes"]), str(r["pytorch_passes"]), "ok"])
-    return _render(header, body, markdown)
+    return render(header, body, markdown)
 
 
 # -- charts ---------------------------------------------------------------------

@@ -426,9 +426,10 @@ def problems(r: KernelReport) -> List[str]:
     return out
 
 
-def format_table(reports: Iterable[KernelReport], markdown: bool = False) -> str:
-    """One line per kernel: registers, shared memory, spills, loads in flight
-    (loads in the loop), widest load, occupancy, and what the checks find."""
+def table(reports: Iterable[KernelReport]):
+    """``(header, rows)``: one row of strings per kernel: registers, shared
+    memory, spills, loads in flight (loads in the loop), widest load,
+    occupancy, and what the checks find (``python -m bench kernels`` prints it)."""
     header = ["kernel", "dtype", "vec", "arch", "regs", "smem B", "spill B", "in flight",
               "load B", "block", "blocks/SM", "occupancy", "check"]
     body = []
@@ -441,10 +442,7 @@ def format_table(reports: Iterable[KernelReport], markdown: bool = False) -> str
                      "-" if r.load_bytes is None else str(r.load_bytes), str(r.threads),
                      str(r.blocks_per_sm), f"{100 * r.occupancy:.0f}%",
                      "ok" if not bad else "FAIL: " + "; ".join(bad)])
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-        lines += ["| " + " | ".join(row) + " |" for row in body]
-        return "\n".join(lines)
+    return header, body
     widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h)
               for i, h in enumerate(header)]
     fmt = "  ".join("{:<%d}" % w for w in widths)
@@ -488,6 +486,6 @@ def format_summary(reports: Iterable[KernelReport], arch: str = "sm_90",
 
 __all__ = ["ARCHS", "DEVICES", "MIN_LOADS_IN_FLIGHT", "KernelReport", "occupancy", "find_tool",
            "unavailable_reason", "parse_ptxas", "parse_sass", "streaming_loop", "loop_loads",
-           "load_bytes", "assemble", "report", "problems", "format_table", "format_summary",
+           "load_bytes", "assemble", "report", "problems", "table", "format_summary",
            "planned_block",
            "max_dynamic_shared"]
