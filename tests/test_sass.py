@@ -231,11 +231,11 @@ _WHY = {
     "no-loop": "no streaming loop found",
 }
 _KNOWN_FAILING = """
-bn_apply_nhwc            bfloat16  1 sm_80  in-flight
-bn_apply_nhwc            bfloat16  1 sm_90  in-flight
 bn_apply_nhwc            bfloat16  8 sm_80  in-flight
 bn_apply_nhwc            bfloat16  8 sm_90  in-flight
-bn_backward_dx_nchw      float16   8 sm_80  in-flight
+bn_backward_dx_nchw      bfloat16  4 sm_80  in-flight
+bn_backward_dx_nchw      bfloat16  4 sm_90  in-flight
+bn_backward_dx_nchw      bfloat16  8 sm_90  in-flight
 bn_backward_dx_nchw      float16   8 sm_90  in-flight
 """
 KNOWN_FAILING = {
