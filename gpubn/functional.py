@@ -36,6 +36,8 @@ class BatchNormSaved:
     count: int                  # values per channel
     weight_dtype: Any = None    # dtype of the weight the caller gave (for dweight)
     bias_dtype: Any = None      # dtype of the bias the caller gave, None when no bias
+    y3: Any = None              # the canonical output when it went through a ReLU (its mask)
+    residual: bool = False      # the forward added a residual (backward returns its gradient)
 
 
 def resolve_momentum(momentum, num_batches_tracked) -> float:
@@ -151,7 +153,7 @@ def prepare_forward(x, *, weight, bias, training, momentum, eps, axis, backend,
 
 def batch_norm_forward(x, *, weight=None, bias=None, running_mean=None, running_var=None,
                        training=True, momentum=0.1, eps=1e-5, axis=1, backend=None,
-                       num_batches_tracked=None):
+                       num_batches_tracked=None, residual=None, activation=None):
     """Batch normalization over every axis of ``x`` except the channel ``axis``.
 
     Returns ``(y, saved)``: ``y`` has the shape and dtype of ``x``; ``saved`` is a
@@ -172,6 +174,12 @@ def batch_norm_forward(x, *, weight=None, bias=None, running_mean=None, running_
     * ``training=False`` normalizes with ``running_mean`` / ``running_var``
       (both required).
     * ``weight`` (default 1) and ``bias`` (default 0) are per-channel.
+    * ``residual`` (an array of x's shape, dtype and array module) and
+      ``activation="relu"`` add the epilogue of a residual block,
+      ``y = relu(batch_norm(x) + residual)``, inside the same launches
+      (each optional; computed in the accumulation dtype, rounded once).
+      The backward then returns the residual's gradient as well and takes
+      the ReLU's mask from ``y`` (keep ``y`` unmodified until then).
 
     ``x`` may be float16 or bfloat16 (``ml_dtypes.bfloat16``; statistics in
     float32), float32 or float64, of any layout (non-contiguous and Fortran-ordered inputs are copied once).
@@ -181,34 +189,55 @@ def batch_norm_forward(x, *, weight=None, bias=None, running_mean=None, running_
 
     Bad arguments raise ``TypeError`` / ``ValueError`` before any state changes.
     """
+    relu = V.check_activation(activation)
+
     def check_vectors(c, be):
         V.check_bn_vectors(weight, bias, running_mean, running_var, c, be, training)
+        V.check_residual(residual, x.shape, x.dtype, be)
 
     f = prepare_forward(x, weight=weight, bias=bias, training=training, momentum=momentum,
                         eps=eps, axis=axis, backend=backend,
                         num_batches_tracked=num_batches_tracked, check_vectors=check_vectors)
     be, xp = f.backend, f.backend.xp
+    fused = residual is not None or relu
+    z3 = None if residual is None else V.canonical_view(residual, f.axis, xp)
     if f.training:
         rm, rv = f.running(running_mean), f.running(running_var)
-        y3, mean, invstd = be.bn_forward_train(f.x3, f.weight, f.bias, rm, rv, f.factor, f.eps)
+        if fused:
+            y3, mean, invstd = be.bn_forward_train_act(f.x3, f.weight, f.bias, rm, rv, f.factor,
+                                                       f.eps, z3, relu)
+        else:
+            y3, mean, invstd = be.bn_forward_train(f.x3, f.weight, f.bias, rm, rv, f.factor,
+                                                   f.eps)
         if running_mean is not None:
             f.write_back(running_mean, rm)
             f.write_back(running_var, rv)
     else:
-        y3, mean, invstd = be.bn_forward_eval(f.x3, f.weight, f.bias,
-                                              to_acc(xp, running_mean, f.acc),
-                                              to_acc(xp, running_var, f.acc), f.eps)
-    return y3.reshape(f.shape), f.saved(mean, invstd, f.weight)
+        rm, rv = to_acc(xp, running_mean, f.acc), to_acc(xp, running_var, f.acc)
+        if fused:
+            y3, mean, invstd = be.bn_forward_eval_act(f.x3, f.weight, f.bias, rm, rv, f.eps, z3,
+                                                      relu)
+        else:
+            y3, mean, invstd = be.bn_forward_eval(f.x3, f.weight, f.bias, rm, rv, f.eps)
+    saved = f.saved(mean, invstd, f.weight, y3=y3 if relu else None,
+                    residual=residual is not None)
+    return y3.reshape(f.shape), saved
 
 
 def batch_norm_backward(dy, saved: BatchNormSaved):
-    """Gradients of :func:`batch_norm_forward`: ``(dx, dweight, dbias)``.
+    """Gradients of :func:`batch_norm_forward`: ``(dx, dweight, dbias)``, and
+    ``(dx, dweight, dbias, dresidual)`` when the forward added a ``residual``.
 
     ``dx`` has the input's shape and dtype.  ``dweight`` / ``dbias`` are per-channel
     (in the dtype of the weight / bias given to the forward), or None when that
     parameter was None.  After a ``training=True`` forward the gradient flows
     through the batch statistics; after ``training=False`` they are held fixed
     (frozen batch norm: ``dx = dy * weight / sqrt(running_var + eps)``).
+
+    After ``activation="relu"`` the gradient at the ReLU's input is
+    ``g = 0 where y <= 0, else dy`` (the mask read from the forward's ``y``,
+    as ``torch.relu``'s backward does); ``dresidual`` is ``g``, or ``dy``
+    itself when there was no activation (the add passes it through).
     """
     if not isinstance(saved, BatchNormSaved):
         raise TypeError("saved must be the BatchNormSaved returned by batch_norm_forward, "
@@ -216,10 +245,18 @@ def batch_norm_backward(dy, saved: BatchNormSaved):
     be = saved.backend
     V.check_grad_output(dy, saved.shape, saved.dtype, be)
     dy3 = V.canonical_view(dy, saved.axis, be.xp)
-    dx3, dw, db = be.bn_backward(dy3, saved.x3, saved.mean, saved.invstd, saved.weight,
-                                 saved.training)
+    if saved.y3 is not None:
+        dx3, dw, db, g3 = be.bn_backward_relu(dy3, saved.x3, saved.mean, saved.invstd,
+                                              saved.weight, saved.y3, saved.training)
+        dresidual = g3.reshape(saved.shape)
+    else:
+        dx3, dw, db = be.bn_backward(dy3, saved.x3, saved.mean, saved.invstd, saved.weight,
+                                     saved.training)
+        dresidual = dy
     dweight = None if saved.weight_dtype is None else dw.astype(saved.weight_dtype, copy=False)
     dbias = None if saved.bias_dtype is None else db.astype(saved.bias_dtype, copy=False)
+    if saved.residual:
+        return dx3.reshape(saved.shape), dweight, dbias, dresidual
     return dx3.reshape(saved.shape), dweight, dbias
 
 

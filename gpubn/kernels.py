@@ -62,10 +62,11 @@ KERNELS: Dict[str, KernelSpec] = {
         KernelSpec("bn_stats_nchw", "bn_stats.cu", True, (0,), _RUN_VECTORS),
         # one Welford state per channel of a vector: at most 4 channels per thread
         KernelSpec("bn_stats_nhwc", "bn_stats.cu", True, (0,), _RUN_VECTORS, max_vec=4),
-        KernelSpec("bn_apply_nchw", "bn_forward.cu", True, (0, 1), _RUN_VECTORS),
-        KernelSpec("bn_apply_nhwc", "bn_forward.cu", True, (0, 1)),
-        KernelSpec("bn_backward_reduce_nchw", "bn_backward.cu", True, (0, 1, 5), _RUN_VECTORS),
-        KernelSpec("bn_backward_reduce_nhwc", "bn_backward.cu", False, (0, 1, 5)),
+        KernelSpec("bn_apply_nchw", "bn_forward.cu", True, (0, 1, 2), _RUN_VECTORS),
+        KernelSpec("bn_apply_nhwc", "bn_forward.cu", True, (0, 1, 2)),
+        KernelSpec("bn_backward_reduce_nchw", "bn_backward.cu", True, (0, 1, 5, 6, 7),
+                   _RUN_VECTORS),
+        KernelSpec("bn_backward_reduce_nhwc", "bn_backward.cu", False, (0, 1, 5, 6, 7)),
         KernelSpec("bn_backward_dx_nchw", "bn_backward.cu", True, (0, 1, 2), _RUN_VECTORS),
         KernelSpec("bn_backward_dx_nhwc", "bn_backward.cu", True, (0, 1, 2)),
         # batch renorm (per-channel finish between bn_stats_* and bn_apply_*)

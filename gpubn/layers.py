@@ -67,13 +67,14 @@ class Layer:
         raise NotImplementedError
 
     def backward(self, dy):
-        """``dx`` for the last forward; sets ``grad_weight`` / ``grad_bias``."""
+        """``dx`` for the last forward (``(dx, dresidual)`` when it added a
+        residual); sets ``grad_weight`` / ``grad_bias``."""
         if self._saved is None:
             raise ValueError("backward called before any forward: call the layer on an "
                              "input first")
-        dx, dw, db = self._functional_backward(dy, self._saved)
+        dx, dw, db, *dresidual = self._functional_backward(dy, self._saved)
         self.grad_weight, self.grad_bias = dw, db
-        return dx
+        return (dx, *dresidual) if dresidual else dx
 
     def _state_shape(self, key):
         raise NotImplementedError
@@ -209,15 +210,26 @@ class BatchNorm(ChannelNorm):
     call from the input, like ``batch_norm_forward``: CuPy input runs on
     ``cuda``, NumPy input on the CPU, and the state moves to the input's array
     module; a named ``backend`` fixes it.
+
+    The residual block's epilogue runs in the same launches:
+    ``BatchNorm(C, activation="relu")`` returns ``relu(bn(x))``, and
+    ``bn(x, residual=z)`` adds ``z`` (x's shape and dtype) before the
+    activation; ``bn.backward(dy)`` then returns ``(dx, dresidual)``.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, axis=1, dtype="float32", backend=None):
+                 track_running_stats=True, axis=1, dtype="float32", backend=None,
+                 activation=None):
+        V.check_activation(activation)
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
                          track_running_stats=track_running_stats, axis=axis, dtype=dtype,
                          backend=backend)
+        self.activation = activation
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
+        epilogue = {}
+        if residual is not None or self.activation is not None:
+            epilogue = dict(residual=residual, activation=self.activation)
         backend = self._backend_for(x)
         use_batch_stats = self.training or self.running_mean is None
         update = self.training and self.track_running_stats
@@ -227,7 +239,7 @@ class BatchNorm(ChannelNorm):
             running_var=self.running_var if update or not use_batch_stats else None,
             training=use_batch_stats, momentum=self.momentum, eps=self.eps,
             axis=self.axis, backend=backend,
-            num_batches_tracked=self.num_batches_tracked if update else None)
+            num_batches_tracked=self.num_batches_tracked if update else None, **epilogue)
         if update:
             self.num_batches_tracked += 1
         self._saved = saved
@@ -245,7 +257,8 @@ class BatchNorm(ChannelNorm):
     def __repr__(self):
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
-                f"axis={self.axis}, dtype={self.dtype.name}, backend={self._backend_repr()})")
+                f"axis={self.axis}, dtype={self.dtype.name}, backend={self._backend_repr()}"
+                + (f", activation={self.activation!r})" if self.activation else ")"))
 
 
 __all__ = ["BatchNorm", "ChannelNorm", "Layer"]

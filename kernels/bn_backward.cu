@@ -6,6 +6,10 @@
 //   sum_dy_xhat_out[c] = invstd * sum dy * (x - mean) (= dweight)
 // With dx_eval non-null (statistics held fixed, eval-mode backward) the same
 // pass also writes dx = dy * weight * invstd, so that backward is one launch.
+// The ReLU of the residual-block epilogue: with y_mask non-null (the forward's
+// output y = relu(...)) dy is replaced by g = (y <= 0 ? 0 : dy), the
+// gradient at the ReLU's input, before everything else; g_out, when non-null,
+// receives g (it is dresidual, and dx_* reads it in place of dy).
 //
 // bn_backward_dx_*: training-mode dx from the reduced sums,
 //   dx = a * (dy - b - (x - mean) * k)
@@ -42,6 +46,7 @@ template <class T, class Acc, int VEC>
 __global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS, GPUBN_REDUCE_MIN_BLOCKS)
 bn_backward_reduce_nchw(const T* __restrict__ dy, const T* __restrict__ x, const Acc* mean,
                         const Acc* invstd, const Acc* weight, T* __restrict__ dx_eval,
+                        const T* __restrict__ y_mask, T* __restrict__ g_out,
                         long long outer, int channels, long long inner,
                         GradSums<Acc>* partials, unsigned int* counters, Acc* sum_dy_out,
                         Acc* sum_dy_xhat_out) {
@@ -65,6 +70,7 @@ bn_backward_reduce_nchw(const T* __restrict__ dy, const T* __restrict__ x, const
             store_acc(out.v[j], a * d);
         }
         if (dx_eval) store_vec<T, VEC>(dx_eval + base + offset, out);
+        if (g_out) store_vec<T, VEC>(g_out + base + offset, p.dy);
     };
     GradSums<Acc> g = channel_walk_nchw<VEC, GradSums<Acc>>(
         outer, channels, inner,
@@ -72,6 +78,12 @@ bn_backward_reduce_nchw(const T* __restrict__ dy, const T* __restrict__ x, const
             VecPair<T, VEC> p;
             p.dy = load_vec<T, VEC>(dy + base + offset);
             p.x = load_vec<T, VEC>(x + base + offset);
+            if (y_mask) {
+                const Vec<T, VEC> yv = load_vec<T, VEC>(y_mask + base + offset);
+#pragma unroll
+                for (int j = 0; j < VEC; ++j)
+                    if (Acc(to_acc(yv.v[j])) <= Acc(0)) p.dy.v[j] = T();
+            }
             return p;
         },
         [&](GradSums<Acc>& s, const VecPair<T, VEC>* p, const long long* offset) {
@@ -88,6 +100,7 @@ template <class T, class Acc>
 __global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS, GPUBN_REDUCE_MIN_BLOCKS)
 bn_backward_reduce_nhwc(const T* __restrict__ dy, const T* __restrict__ x, const Acc* mean,
                         const Acc* invstd, const Acc* weight, T* __restrict__ dx_eval,
+                        const T* __restrict__ y_mask, T* __restrict__ g_out,
                         long long rows, int channels, GradSums<Acc>* partials,
                         unsigned int* counters, Acc* sum_dy_out, Acc* sum_dy_xhat_out) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
@@ -104,6 +117,7 @@ bn_backward_reduce_nhwc(const T* __restrict__ dy, const T* __restrict__ x, const
         s[0].sum_dy += v.dy;
         s[0].sum_dy_xmu = fma_acc(v.dy, v.x - m, s[0].sum_dy_xmu);
         if (dx_eval) store_acc(dx_eval[offset], a * v.dy);
+        if (g_out) store_acc(g_out[offset], v.dy);
     };
     GradSums<Acc> g[1];
     channel_walk_nhwc<1>(
@@ -112,6 +126,7 @@ bn_backward_reduce_nhwc(const T* __restrict__ dy, const T* __restrict__ x, const
             DyX<Acc> v;
             v.dy = to_acc(dy[offset]);
             v.x = to_acc(x[offset]);
+            if (y_mask && Acc(to_acc(y_mask[offset])) <= Acc(0)) v.dy = Acc(0);
             return v;
         },
         [&](GradSums<Acc>(&s)[1], const DyX<Acc>* v, const long long* offset) {

@@ -12,6 +12,10 @@
 // weight / bias may be null (1 and 0).  When mean_out / invstd_out are non-null
 // one thread per channel also writes the mean and invstd it used.
 //
+// The residual-block epilogue, in the same pass: with `residual` non-null the
+// value is bn(x) + residual, and with relu != 0 it goes through max(v, 0)
+// (NaN stays NaN, as torch.relu); both in Acc, rounded once on the store.
+//
 // Exported kernels (name expressions, see gpubn/kernels.py):
 //   gpubn::bn_apply_nchw<T, Acc, VEC>   channel axis with inner > 1
 //   gpubn::bn_apply_nhwc<T, Acc, VEC>   channels last (inner == 1)
@@ -47,50 +51,73 @@ __device__ __forceinline__ Affine<Acc> affine_of(int c, bool first, const Acc* m
     return k;
 }
 
+template <class T, int VEC>
+struct XRes {  // VEC elements of x and (when there is one) of the residual
+    Vec<T, VEC> x;
+    Vec<T, VEC> z;
+};
+
+template <class T, int VEC>
+__device__ __forceinline__ XRes<T, VEC> load_x_res(const T* __restrict__ x,
+                                                   const T* __restrict__ residual,
+                                                   long long off) {
+    XRes<T, VEC> p;
+    p.x = load_vec<T, VEC>(x + off);
+    if (residual) p.z = load_vec<T, VEC>(residual + off);
+    return p;
+}
+
 template <class T, class Acc, int VEC>
 __device__ __forceinline__ void affine_body(T* __restrict__ y, const Affine<Acc>* k, int kstride,
-                                            const Vec<T, VEC>& in, long long off) {
+                                            const XRes<T, VEC>& in, bool residual, int relu,
+                                            long long off) {
     Vec<T, VEC> out;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j)
-        store_acc(out.v[j], fma_acc(Acc(to_acc(in.v[j])) - k[j * kstride].mean,
-                                    k[j * kstride].scale, k[j * kstride].shift));
+    for (int j = 0; j < VEC; ++j) {
+        Acc v = fma_acc(Acc(to_acc(in.x.v[j])) - k[j * kstride].mean, k[j * kstride].scale,
+                        k[j * kstride].shift);
+        if (residual) v += Acc(to_acc(in.z.v[j]));
+        if (relu && v <= Acc(0)) v = Acc(0);
+        store_acc(out.v[j], v);
+    }
     store_vec<T, VEC>(y + off, out);
 }
 
 template <class T, class Acc, int VEC>
-__global__ void bn_apply_nchw(const T* __restrict__ x, T* __restrict__ y, const Acc* mean,
+__global__ void bn_apply_nchw(const T* __restrict__ x, T* __restrict__ y,
+                              const T* __restrict__ residual, const Acc* mean,
                               const Acc* mean_lo, const Acc* spread, const Acc* weight,
                               const Acc* bias,
                               Acc* mean_out, Acc* invstd_out, long long outer, int channels,
-                              long long inner, int from_var, Acc eps) {
+                              long long inner, int from_var, int relu, Acc eps) {
     channel_map_nchw<VEC, Affine<Acc>>(
         outer, channels, inner,
         [&](int c, bool first) {
             return affine_of(c, first, mean, mean_lo, spread, weight, bias, mean_out, invstd_out,
                              from_var, eps);
         },
-        [&](long long off) { return load_vec<T, VEC>(x + off); },
-        [&](const Affine<Acc>* k, int kstride, const Vec<T, VEC>& v, long long off) {
-            affine_body<T, Acc, VEC>(y, k, kstride, v, off);
+        [&](long long off) { return load_x_res<T, VEC>(x, residual, off); },
+        [&](const Affine<Acc>* k, int kstride, const XRes<T, VEC>& v, long long off) {
+            affine_body<T, Acc, VEC>(y, k, kstride, v, residual != nullptr, relu, off);
         });
 }
 
 template <class T, class Acc, int VEC>
-__global__ void bn_apply_nhwc(const T* __restrict__ x, T* __restrict__ y, const Acc* mean,
+__global__ void bn_apply_nhwc(const T* __restrict__ x, T* __restrict__ y,
+                              const T* __restrict__ residual, const Acc* mean,
                               const Acc* mean_lo, const Acc* spread, const Acc* weight,
                               const Acc* bias,
                               Acc* mean_out, Acc* invstd_out, long long rows, int channels,
-                              int from_var, Acc eps) {
+                              int from_var, int relu, Acc eps) {
     channel_map_nhwc<VEC, Affine<Acc>>(
         rows, channels,
         [&](int c, bool first) {
             return affine_of(c, first, mean, mean_lo, spread, weight, bias, mean_out, invstd_out,
                              from_var, eps);
         },
-        [&](long long off) { return load_vec<T, VEC>(x + off); },
-        [&](const Affine<Acc>* k, int kstride, const Vec<T, VEC>& v, long long off) {
-            affine_body<T, Acc, VEC>(y, k, kstride, v, off);
+        [&](long long off) { return load_x_res<T, VEC>(x, residual, off); },
+        [&](const Affine<Acc>* k, int kstride, const XRes<T, VEC>& v, long long off) {
+            affine_body<T, Acc, VEC>(y, k, kstride, v, residual != nullptr, relu, off);
         });
 }
 

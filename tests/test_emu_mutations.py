@@ -34,13 +34,13 @@ def _clear_caches():
 
 @pytest.fixture
 def plant(tmp_path, monkeypatch):
-    """plant(old, new): the kernels with one edit to gpubn_common.cuh (the edit
-    must apply exactly once)."""
+    """plant(old, new, source="gpubn_common.cuh"): the kernels with one edit
+    to ``source`` (the edit must apply exactly once)."""
 
-    def apply(old: str, new: str) -> None:
+    def apply(old: str, new: str, source: str = "gpubn_common.cuh") -> None:
         copy = tmp_path / "kernels"
         shutil.copytree(catalog.kernels_dir(), copy)
-        header = copy / "gpubn_common.cuh"
+        header = copy / source
         text = header.read_text()
         assert text.count(old) == 1, f"the mutation no longer applies: {old!r}"
         header.write_text(text.replace(old, new))
@@ -150,3 +150,52 @@ def test_layer_norm_backward_clean_and_identical_under_schedule_seeds(dtype):
         with emu.options(seed=seed):
             runs.append([a.tobytes() for a in backend.ln_backward(dy2, x2, mean, rstd, weight, True)])
     assert all(run == runs[0] for run in runs[1:])
+
+
+# -- the residual-block epilogue --------------------------------------------------------
+
+def _epilogue_outputs(layout):
+    """emu's and the reference's y = relu(bn(x) + z) and its dresidual, dx."""
+    import gpubn
+
+    shape, axis = ((4, 3, 64), 1) if layout == "nchw" else ((64, 8), 1)
+    rng = np.random.default_rng(3)
+    x, z, dy = (rng.standard_normal(shape).astype(np.float32) for _ in range(3))
+    out = {}
+    for name in ("emu", "numpy"):
+        y, saved = gpubn.batch_norm_forward(x, axis=axis, backend=name, residual=z,
+                                            activation="relu")
+        dx, _, _, dres = gpubn.batch_norm_backward(dy, saved)
+        out[name] = (y, dres, dx)
+    return out
+
+
+def _check_epilogue(out):
+    (y, dres, dx), (y_ref, dres_ref, dx_ref) = out["emu"], out["numpy"]
+    # float32 batch norm over 256 values plus one add: well inside 1e-5
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(dres, np.where(y > 0, dres_ref, 0))
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_epilogue_unmodified_runs_clean(layout):
+    _check_epilogue(_epilogue_outputs(layout))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_epilogue_residual_dropped_is_caught(plant, layout):
+    plant("        if (residual) v += Acc(to_acc(in.z.v[j]));\n", "", "bn_forward.cu")
+    with pytest.raises(AssertionError):
+        _check_epilogue(_epilogue_outputs(layout))
+
+
+@pytest.mark.parametrize("layout,old", [
+    ("nchw", "if (Acc(to_acc(yv.v[j])) <= Acc(0)) p.dy.v[j] = T();"),
+    ("nhwc", "if (y_mask && Acc(to_acc(y_mask[offset])) <= Acc(0)) v.dy = Acc(0);"),
+])
+def test_epilogue_mask_passing_zeros_is_caught(plant, layout, old):
+    """A ReLU mask that lets the gradient through where y == 0."""
+    plant(old, old.replace("<=", "<"), "bn_backward.cu")
+    with pytest.raises(AssertionError, match="dres|Arrays are not equal"):
+        _check_epilogue(_epilogue_outputs(layout))
