@@ -61,16 +61,22 @@ bn_backward_reduce_nchw(const T* __restrict__ dy, const T* __restrict__ x, const
     const Acc m = consts[0];
     const Acc a = consts[1];
     auto push = [&](GradSums<Acc>& s, const VecPair<T, VEC>& p, long long offset) {
+        // the ReLU's mask is read here, one element at a time, not with the
+        // unrolled dy and x vectors: a third vector per unrolled step spills
+        // at the declared occupancy
         Vec<T, VEC> out;
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-            const Acc d = to_acc(p.dy.v[j]);
+            Acc d = to_acc(p.dy.v[j]);
+            if (y_mask) {
+                if (Acc(to_acc(y_mask[base + offset + j])) <= Acc(0)) d = Acc(0);
+                if (g_out) store_acc(g_out[base + offset + j], d);
+            }
             s.sum_dy += d;
             s.sum_dy_xmu = fma_acc(d, Acc(to_acc(p.x.v[j])) - m, s.sum_dy_xmu);
             store_acc(out.v[j], a * d);
         }
         if (dx_eval) store_vec<T, VEC>(dx_eval + base + offset, out);
-        if (g_out) store_vec<T, VEC>(g_out + base + offset, p.dy);
     };
     GradSums<Acc> g = channel_walk_nchw<VEC, GradSums<Acc>>(
         outer, channels, inner,
@@ -78,12 +84,6 @@ bn_backward_reduce_nchw(const T* __restrict__ dy, const T* __restrict__ x, const
             VecPair<T, VEC> p;
             p.dy = load_vec<T, VEC>(dy + base + offset);
             p.x = load_vec<T, VEC>(x + base + offset);
-            if (y_mask) {
-                const Vec<T, VEC> yv = load_vec<T, VEC>(y_mask + base + offset);
-#pragma unroll
-                for (int j = 0; j < VEC; ++j)
-                    if (Acc(to_acc(yv.v[j])) <= Acc(0)) p.dy.v[j] = T();
-            }
             return p;
         },
         [&](GradSums<Acc>& s, const VecPair<T, VEC>* p, const long long* offset) {

@@ -30,6 +30,17 @@ struct Affine {
     Acc shift;  // bias - lo * scale
 };
 
+// The constants of a channel with mean hi + lo, inverse std, weight and bias.
+template <class Acc>
+__device__ __forceinline__ Affine<Acc> affine_from(Acc hi, Acc lo, Acc invstd, Acc weight,
+                                                   Acc bias) {
+    Affine<Acc> k;
+    k.mean = hi;
+    k.scale = weight * invstd;
+    k.shift = fma_acc(-lo, k.scale, bias);
+    return k;
+}
+
 template <class Acc>
 __device__ __forceinline__ Affine<Acc> affine_of(int c, bool first, const Acc* mean,
                                                  const Acc* mean_lo, const Acc* spread,
@@ -43,12 +54,9 @@ __device__ __forceinline__ Affine<Acc> affine_of(int c, bool first, const Acc* m
         if (mean_out) mean_out[c] = m;
         if (invstd_out) invstd_out[c] = invstd;
     }
-    Affine<Acc> k;
-    k.mean = m;
-    k.scale = weight ? read_only(weight + c) * invstd : invstd;
-    k.shift = fma_acc(mean_lo ? -read_only(mean_lo + c) : Acc(0), k.scale,
-                      bias ? read_only(bias + c) : Acc(0));
-    return k;
+    return affine_from(m, mean_lo ? read_only(mean_lo + c) : Acc(0), invstd,
+                       weight ? read_only(weight + c) : Acc(1),
+                       bias ? read_only(bias + c) : Acc(0));
 }
 
 template <class T, int VEC>

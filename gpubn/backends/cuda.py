@@ -67,6 +67,7 @@ class CudaBackend(KernelBackend):
             attrs = DeviceAttributes(sm_count=int(a["MultiProcessorCount"]),
                                      max_threads_per_block=int(a["MaxThreadsPerBlock"]),
                                      max_grid_y=int(a["MaxGridDimY"]),
+                                     cooperative_launch=bool(a.get("CooperativeLaunch", 0)),
                                      name=f"cuda:{dev.id}", **per_sm)
             self._attributes[dev.id] = attrs
         return attrs
@@ -82,9 +83,10 @@ class CudaBackend(KernelBackend):
             mkey = key[:4]
             module = self._modules.get(mkey)
             if module is None:
-                module = cupy.RawModule(code=catalog.read_source(source), options=options,
-                                        name_expressions=catalog.name_expressions(source,
-                                                                                  dtype_key))
+                module = cupy.RawModule(
+                    code=catalog.read_source(source), options=options,
+                    name_expressions=catalog.name_expressions(source, dtype_key),
+                    enable_cooperative_groups=source in catalog.COOPERATIVE_SOURCES)
                 self._modules[mkey] = module
             fn = module.get_function(name)
             self._functions[key] = fn

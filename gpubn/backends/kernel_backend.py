@@ -36,7 +36,8 @@ Ops and launches (see kernels/*.cu):
 op                     kernels                                     launches
 =====================  ==========================================  ========
 bn_stats               bn_stats_*                                  1
-bn_forward_train       bn_stats_* (+ finish), bn_apply_*           2
+bn_forward_train       bn_forward_once_* (x fits on chip)          1
+                       else bn_stats_* (+ finish), bn_apply_*      2
 bn_forward_eval        bn_apply_* (invstd from running_var)        1
 bn_apply               bn_apply_*                                  1
 bn_backward (train)    bn_backward_reduce_*, bn_backward_dx_*      2
@@ -48,7 +49,7 @@ bn_apply_* reads the residual and applies the ReLU; bn_backward_reduce_*
 masks dy with ``y <= 0`` (the forward's output) and writes the masked
 gradient g (= dresidual), which bn_backward_dx_* reads in place of dy.
 Passes over tensor-sized buffers: forward training 4 (read x twice and the
-residual, write y), inference 3; backward training with the ReLU 7 (read dy,
+residual, write y; 3 read-once), inference 3; backward training with the ReLU 7 (read dy,
 y, x; write g; read g, x; write dx), eval 5 (read dy, y, x; write dx, g).
 """
 
@@ -64,7 +65,7 @@ from .. import _validation as V
 from .. import kernels as catalog
 from ..launch import (REDUCE_MIN_BLOCKS, DeviceAttributes, Launch, Tuning, ln_row_launch,
                       ln_stage_bytes, ln_static_shared_bytes, ln_wgrad_launch, map_launch,
-                      reduce_launch, renorm_finish_launch)
+                      once_fits, once_launch, reduce_launch, renorm_finish_launch)
 from .base import Backend, ChannelStats
 
 _ACC_DTYPES = {"float": np.dtype(np.float32), "double": np.dtype(np.float64)}
@@ -267,12 +268,43 @@ class KernelBackend(Backend):
             raise ValueError("x has no values per channel")
         mean = self.xp.empty(channels, dtype=acc)
         invstd = self.xp.empty(channels, dtype=acc)
+        once = self._once_plan(x3, key)
+        if once is not None:
+            y3 = self.xp.empty_like(x3)
+            partials = self.xp.empty(once.partial_bytes, dtype=np.uint8)
+            outer, _, inner = x3.shape
+            shape_args = (np.int64(outer), np.int32(channels))
+            if once.kernel.endswith("nchw"):
+                shape_args += (np.int64(inner),)
+            self._launch(once, key, (x3, y3, residual) + shape_args + (
+                partials, self._launch_counters(once.counters), weight, bias, mean, invstd,
+                running_mean, running_var, np.int32(1 if relu else 0), acc.type(momentum),
+                acc.type(eps)))
+            return y3, mean, invstd
         mean_lo = self.xp.empty(channels, dtype=acc)
         self._stats(x3, acc, key, mean, mean_lo, None, invstd, running_mean, running_var,
                     float(momentum), float(eps))
         y3 = self._apply(x3, key, acc, mean, mean_lo, invstd, weight, bias, None, None, False,
                          eps, residual, relu)
         return y3, mean, invstd
+
+    def _once_plan(self, x3, key: str) -> Optional[Launch]:
+        """The read-once training forward's launch when it runs (the tensor
+        fits on chip, ``Tuning.read_once`` allows it), else None; with
+        ``GPUBN_DEBUG_KERNELS=1`` it says which path and why."""
+        if x3.shape[1] == 0:
+            return None
+        if self.tuning.read_once is False:
+            debug_report(f"{self.name}: forward training: two-pass (Tuning.read_once=False)")
+            return None
+        cfg = once_launch(x3.shape, key)
+        fits, why = once_fits(cfg, self._device(),
+                              self._blocks_per_sm(self._function(cfg, key), cfg))
+        debug_report(f"{self.name}: forward training: {'read-once' if fits else 'two-pass'} "
+                     f"({why})")
+        if not fits and self.tuning.read_once:
+            raise ValueError(f"Tuning.read_once=True, but the read-once forward cannot run: {why}")
+        return cfg if fits else None
 
     def bn_forward_eval(self, x3, weight, bias, running_mean, running_var, eps):
         return self.bn_forward_eval_act(x3, weight, bias, running_mean, running_var, eps, None,
