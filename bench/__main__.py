@@ -1,8 +1,11 @@
-"""Command line: ``python -m bench [cpu] [gpu] [traffic] [dask] [options]``.
+"""Command line: ``python -m bench [cpu] [gpu] [traffic] [dask] [kernels] [options]``.
 
 Without a section name it runs the CPU benchmark and the emu traffic
 accounting, plus the GPU benchmark when CuPy sees a CUDA device; ``dask``
-(scaler fit throughput on a local Dask cluster) runs when named.  Tables go
+(scaler fit throughput on a local Dask cluster) runs when named, and so does
+``kernels``: the static table of every compiled kernel (registers, shared
+memory, spills, global loads in flight, load width, occupancy:
+``gpubn.sass``).  Tables go
 to stdout, progress to stderr, rows are appended as JSON lines to ``--out``
 (default ``bench/results/<date-time>.jsonl``), and PNG charts are written
 next to it when matplotlib is installed.
@@ -17,6 +20,7 @@ import time
 from typing import List, Optional
 
 from . import gpu as gpu_mod
+from . import host
 from .dask_bench import format_dask_table, run_dask
 from .env import machine_info
 from .providers import cpu_providers, select
@@ -27,6 +31,7 @@ from .suites import DTYPES, KINDS, OPS, SUITES, get_suite
 from .traffic import run_traffic, traffic_cases
 
 SECTIONS = ("cpu", "gpu", "traffic", "dask")
+STATIC_SECTIONS = ("kernels",)
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -37,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(CPU), PyTorch CUDA (GPU), and count the CUDA kernels' memory "
                     "traffic on the emu backend.")
     p.add_argument("sections", nargs="*", metavar="SECTION",
-                   help=f"any of {', '.join(SECTIONS)} (default: cpu and traffic, "
-                        "plus gpu when a CUDA device is present)")
+                   help=f"any of {', '.join(SECTIONS + STATIC_SECTIONS)} (default: cpu and "
+                        "traffic, plus gpu when a CUDA device is present)")
     p.add_argument("--suite", default=None, choices=sorted(SUITES),
                    help="shape suite (default: 'default' on the CPU, 'resnet50' plus the "
                         "default suite's other shapes on the GPU: 'full')")
@@ -50,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--op", action="append", choices=OPS, default=None,
                    help="ops to run (repeatable; default all)")
     p.add_argument("--provider", action="append", default=None,
-                   help="providers to run (repeatable; e.g. torch-cpu, gpubn-numpy, "
-                        "naive-numpy, torch-cuda, gpubn-cuda)")
+                   help="providers to run (repeatable; e.g. torch-cpu, gpubn-numpy, gpubn-cpu, "
+                        "naive-numpy, torch-cuda, torch-cuda-native, gpubn-cuda)")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed calls per measurement (default 5 CPU, 50 GPU; 3 with --quick)")
     p.add_argument("--budget", type=float, default=2.0,
@@ -92,7 +97,8 @@ def _chart_path(out: str, section: str) -> str:
 def _print_section(rows, section, markdown):
     titles = {
         "cpu": "CPU: median time [min-max ms], ratio to PyTorch CPU",
-        "gpu": "GPU: median time [min-max], ratio to PyTorch CUDA, GB/s (share of peak)",
+        "gpu": "GPU: median time [min-max], ratio to the faster PyTorch CUDA path, GB/s "
+               "(share of the measured device-to-device copy bandwidth)",
         "traffic": "emu: global-memory traffic per op (passes = bytes / bytes of x)",
         "dask": "Dask: StandardScaler.fit throughput on a local cluster, ratios in the same run",
     }
@@ -106,6 +112,28 @@ def _print_section(rows, section, markdown):
     print(format_table(rows, markdown=markdown))
     print()
     print(format_summary(rows))
+
+
+def print_kernels(markdown: bool) -> int:
+    """The static table of every catalog kernel on sm_80 and sm_90
+    (``gpubn.sass``); 2 when ptxas or nvdisasm is missing."""
+    from gpubn import sass
+
+    reason = sass.unavailable_reason()
+    if reason:
+        print(f"error: kernels: {reason}", file=sys.stderr)
+        return 2
+    reports = sass.report()
+    print("\n## Kernels: ptxas resources, global loads in flight in the streaming loop, "
+          "occupancy at the launch plan's block size\n")
+    print(sass.format_table(reports, markdown=markdown))
+    print("\n## Kernels on sm_90, over dtypes and vector widths (fewest loads in flight, "
+          "lowest occupancy)\n")
+    print(sass.format_summary(reports, "sm_90", markdown=markdown))
+    failing = [r for r in reports if sass.problems(r)]
+    print(f"\n{len(reports) - len(failing)} of {len(reports)} instantiations pass the static "
+          f"checks")
+    return 0
 
 
 def _replay(args) -> int:
@@ -129,14 +157,39 @@ def _replay(args) -> int:
     return 0
 
 
+def _host_yardsticks(machine, providers, quick: bool) -> None:
+    """Measure (and print, and keep in ``machine``) the host copy bandwidth,
+    the floor of the CPU rows' share; on full runs with the ``cpu`` backend
+    also its first-call cost and whether PyTorch runs slower right after it."""
+    machine["host_copy_gbps"] = host.copy_bandwidth(64 << 20 if quick else 256 << 20) / 1e9
+    print(f"# host copy bandwidth: {machine['host_copy_gbps']:.1f} GB/s (read + write; the "
+          f"CPU rows' share is of this)")
+    if quick or "gpubn-cpu" not in {p.name for p in providers}:
+        return
+    first = machine["cpu_first_call"] = host.cpu_first_call()
+    if first:
+        print(f"# cpu backend, first bn forward+backward (16x32x32x32) in a new process: "
+              f"{first['compile_s']:.1f} s compiling, {first['cached_s']:.2f} s from the disk "
+              f"cache, {1e3 * first['steady_s']:.1f} ms the next call")
+    spin = machine["torch_after_cpu"] = host.torch_after_cpu()
+    if spin:
+        print(f"# torch bn forward 32x64x56x56: {1e3 * spin['alone_s']:.1f} ms alone, "
+              f"{1e3 * spin['after_cpu_s']:.1f} ms right after a cpu backend forward")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.from_path:
         return _replay(args)
-    bad = [s for s in args.sections if s not in SECTIONS]
+    bad = [s for s in args.sections if s not in SECTIONS + STATIC_SECTIONS]
     if bad:
-        print(f"error: unknown section(s) {bad}; choose from {SECTIONS}", file=sys.stderr)
+        print(f"error: unknown section(s) {bad}; choose from {SECTIONS + STATIC_SECTIONS}",
+              file=sys.stderr)
         return 2
+    if "kernels" in args.sections:
+        status = print_kernels(args.markdown)
+        if args.sections == ["kernels"]:
+            return status
     if args.repeats is not None and args.repeats < 1:
         print("error: --repeats must be >= 1", file=sys.stderr)
         return 2
@@ -190,14 +243,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             wanted = args.provider and [p for p in args.provider if not p.endswith("cuda")]
             if args.provider and not wanted:
                 raise SystemExit("error: --provider names no CPU provider "
-                                 "(torch-cpu, gpubn-numpy, naive-numpy)")
+                                 "(torch-cpu, gpubn-numpy, gpubn-cpu, naive-numpy)")
             providers = select(cpu_providers(), wanted)
             repeats = args.repeats or (3 if args.quick else 5)
+            _host_yardsticks(machine, providers, quick=args.quick)
             total = sum(len(o) for _, o in cases) * len(providers)
             print(f"# cpu: suite {suite or 'default'}, {len(cases)} shapes, {total} measurements, "
                   f"{repeats} repeats", file=sys.stderr)
             rows = run_suite(cases, providers, repeats=repeats, warmup=args.warmup,
                              suite=suite or "default", check=not args.no_check,
+                             peak_bytes_per_s=machine["host_copy_gbps"] * 1e9,
                              budget=args.budget or None, isolate=not args.shared_process,
                              torch_threads=args.torch_threads,
                              progress=Progress(total, enabled=not quiet))
@@ -216,8 +271,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                 cases = get_suite(suite or "full", dtypes, args.kind, args.op)
                 wanted = args.provider and [p for p in args.provider if p.endswith("cuda")]
                 if args.provider and not wanted:
-                    raise SystemExit("error: --provider names no GPU provider (torch-cuda, gpubn-cuda)")
+                    raise SystemExit("error: --provider names no GPU provider "
+                                     "(torch-cuda, torch-cuda-native, gpubn-cuda)")
                 providers = select(gpu_mod.gpu_providers(), wanted)
+                copy = gpu_mod.copy_bandwidth()
+                print(f"# gpu: device-to-device copy {copy['copy_gbps']:.0f} GB/s "
+                      f"(cudaMemcpyAsync {copy['memcpy_gbps']:.0f}, copy kernel "
+                      f"{copy['copy_kernel_gbps']:.0f})")
                 repeats = args.repeats or (10 if args.quick else 50)
                 total = sum(len(o) for _, o in cases) * len(providers)
                 rows = run_suite(cases, providers, repeats=repeats, warmup=max(args.warmup, 3),
@@ -226,6 +286,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                  progress=Progress(total, enabled=not quiet))
                 for r in rows:
                     r["section"] = "gpu"
+                gpu_mod.add_copy_share(rows, copy["copy_gbps"])
                 _print_section(rows, "gpu", args.markdown)
                 write_jsonl(rows, out, machine)
                 written += len(rows)

@@ -4,7 +4,9 @@ gpubn's ``cuda`` backend is timed with ``cupyx.profiler.benchmark`` (CUDA
 events around each call on the current stream: device time, launch
 overheads included); PyTorch CUDA with ``torch.cuda.Event`` pairs.  Achieved
 GB/s is the op's minimum bytes moved (:mod:`bench.metrics`) over the median
-time, and its share of the device's theoretical peak,
+time, and its share of the device-to-device copy bandwidth measured in the
+same run (:func:`copy_bandwidth`: the practical ceiling of a kernel that
+reads and writes each byte once) and of the device's theoretical peak,
 ``2 * memory clock * bus width / 8``, read from the device attributes
 (``cudaDevAttrMemoryClockRate`` in kHz and ``cudaDevAttrGlobalMemoryBusWidth``
 in bits; CUDA 13 dropped ``memoryClockRate`` from the properties struct, the
@@ -123,6 +125,81 @@ class GpubnCudaProvider(GpubnProvider):
         return v
 
 
+class TorchCudaProvider(TorchProvider):
+    """PyTorch on the GPU with cuDNN enabled (its default: cuDNN's batch norm
+    where PyTorch picks it) or disabled (``torch.backends.cudnn.enabled =
+    False``: PyTorch's native CUDA kernels).  The flag is set around every
+    call, the forward that ``prepare`` runs for a backward included, so the
+    backward autograd runs matches the forward."""
+
+    def __init__(self, cudnn: bool):
+        super().__init__("gpu")
+        self.cudnn = bool(cudnn)
+        self.name = "torch-cuda" if self.cudnn else "torch-cuda-native"
+        self.note = ("cuDNN enabled (PyTorch's default)" if self.cudnn
+                     else "torch.backends.cudnn.enabled = False (native kernels)")
+
+    def _with_flag(self, fn):
+        cudnn = importlib.import_module("torch").backends.cudnn
+        want = self.cudnn
+
+        def call():
+            before = cudnn.enabled
+            cudnn.enabled = want
+            try:
+                return fn()
+            finally:
+                cudnn.enabled = before
+        return call
+
+    def prepare(self, setup, op):
+        # a backward's forward runs here, under the same flag as the calls
+        fn = self._with_flag(lambda: super(TorchCudaProvider, self).prepare(setup, op))()
+        return self._with_flag(fn)
+
+
+def copy_bandwidth(nbytes: int = 1 << 29, repeats: int = 20) -> Dict:
+    """Device-to-device copy bandwidth of the current device, measured with
+    CuPy: ``nbytes`` (default 512 MiB, far above any L2) copied by
+    ``cudaMemcpyAsync`` and by CuPy's elementwise copy kernel, CUDA-event
+    medians.  GB/s counts the read and the write (``2 * nbytes / time``), as
+    every GB/s of the benchmark counts bytes read plus bytes written;
+    ``copy_gbps`` is the faster of the two."""
+    cupy = importlib.import_module("cupy")
+    n = nbytes // 4
+    src = cupy.ones(n, dtype=cupy.float32)
+    dst = cupy.zeros_like(src)
+    stream = cupy.cuda.get_current_stream()
+
+    def memcpy():
+        dst.data.copy_from_device_async(src.data, n * 4, stream)
+
+    def kernel():
+        cupy.copyto(dst, src)
+
+    out = {"copy_bytes": n * 4}
+    for name, fn in (("memcpy_gbps", memcpy), ("copy_kernel_gbps", kernel)):
+        t = float(np.median(cupy_timer(fn, repeats, 3)))
+        out[name] = 2 * n * 4 / t / 1e9
+    out["copy_gbps"] = max(out["memcpy_gbps"], out["copy_kernel_gbps"])
+    del src, dst
+    cupy.get_default_memory_pool().free_all_blocks()
+    return out
+
+
+def add_copy_share(rows: List[Dict], copy_gbps: Optional[float]) -> None:
+    """Give every measured GPU row ``copy_gbps`` and ``copy_share`` (its GB/s
+    over the copy bandwidth measured in the same run)."""
+    if not copy_gbps:
+        return
+    for r in rows:
+        if r.get("device") == "gpu" and r.get("gbps"):
+            r["copy_gbps"] = copy_gbps
+            r["copy_share"] = r["gbps"] / copy_gbps
+
+
 def gpu_providers():
-    """The GPU line-up: PyTorch CUDA (the peer) and gpubn's cuda backend."""
-    return [TorchProvider("gpu"), GpubnCudaProvider()]
+    """The GPU line-up: PyTorch CUDA with cuDNN and with its native kernels
+    (the peers: ratios are to the faster of the two) and gpubn's cuda
+    backend."""
+    return [TorchCudaProvider(cudnn=True), TorchCudaProvider(cudnn=False), GpubnCudaProvider()]

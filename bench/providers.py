@@ -73,8 +73,8 @@ class Provider:
 # -- gpubn ----------------------------------------------------------------
 
 class GpubnProvider(Provider):
-    """gpubn's public functional API on one backend (``numpy`` on the CPU,
-    ``cuda`` on the GPU)."""
+    """gpubn's public functional API on one backend (``numpy`` or ``cpu`` on
+    the CPU, ``cuda`` on the GPU)."""
 
     peer = False
 
@@ -382,9 +382,10 @@ def cuda_event_timer(fn, repeats, warmup, event_cls, synchronize) -> List[float]
 
 
 def cpu_providers() -> List[Provider]:
-    """The CPU line-up: PyTorch CPU (the peer), gpubn's numpy backend, the
-    naive textbook version."""
-    return [TorchProvider("cpu"), GpubnProvider("numpy"), NaiveProvider()]
+    """The CPU line-up: PyTorch CPU (the peer), gpubn's numpy reference (the
+    peer when PyTorch is missing) and its fused cpu backend, the naive
+    textbook version."""
+    return [TorchProvider("cpu"), GpubnProvider("numpy"), GpubnProvider("cpu"), NaiveProvider()]
 
 
 def select(providers: Sequence[Provider], names: Optional[Sequence[str]]):

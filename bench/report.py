@@ -99,7 +99,9 @@ def format_cell(r: Dict, show_ratio: bool, show_peak: bool) -> str:
         cell += f" {format_ratio(r['ratio_to_torch'])}"
     if show_peak and r.get("gbps") is not None:
         cell += f" {r['gbps']:.0f} GB/s"
-        if r.get("peak_share") is not None:
+        if r.get("copy_share") is not None:
+            cell += f" ({100 * r['copy_share']:.0f}% of copy)"
+        elif r.get("peak_share") is not None:
             cell += f" ({100 * r['peak_share']:.0f}%)"
     if r.get("check", "").startswith("mismatch"):
         cell += " MISMATCH"
@@ -133,14 +135,15 @@ def _render(header: List[str], body: List[List[str]], markdown: bool) -> str:
 
 def format_table(rows: Sequence[Dict], markdown: bool = False) -> str:
     """One line per (case, op), one column per provider: median time
-    [min-max], ratio to PyTorch, and GB/s (share of peak) on the GPU."""
+    [min-max], ratio to PyTorch, and GB/s (share of peak) on the GPU or when
+    the rows carry a peak (on the CPU: a large NumPy copy's bandwidth)."""
     if not rows:
         return "(no results)"
     providers = _providers_in_order(rows)
     groups: "OrderedDict[tuple, Dict[str, Dict]]" = OrderedDict()
     for r in rows:
         groups.setdefault(_case_key(r), {})[r["provider"]] = r
-    show_peak = any(r["device"] == "gpu" for r in rows)
+    show_peak = any(r["device"] == "gpu" or r.get("peak_share") is not None for r in rows)
     header = ["op", "layout", "shape", "dtype"] + providers
     body = []
     for (kind, layout, shape, dtype, op), by_provider in groups.items():

@@ -115,12 +115,14 @@ def make_row(case: Case, op: str, provider, *, status: str = "ok", times=None,
 
 
 def add_ratios(rows: List[Dict]) -> None:
-    """Fill ``ratio_to_torch``: median time over the median of the torch row
-    of the same (device, case, op) in the same run."""
+    """Fill ``ratio_to_torch``: median time over the median of the fastest
+    torch row (on the GPU: cuDNN or PyTorch's native kernels) of the same
+    (device, case, op) in the same run."""
     peers = {}
     for r in rows:
         if r["backend"] == "torch" and r["median_s"]:
-            peers[(r["device"], r["kind"], r["layout"], tuple(r["shape"]), r["dtype"], r["op"])] = r["median_s"]
+            key = (r["device"], r["kind"], r["layout"], tuple(r["shape"]), r["dtype"], r["op"])
+            peers[key] = min(r["median_s"], peers.get(key, r["median_s"]))
     for r in rows:
         key = (r["device"], r["kind"], r["layout"], tuple(r["shape"]), r["dtype"], r["op"])
         if r["median_s"] and key in peers:
@@ -218,7 +220,7 @@ def _timed_row(case, op, p, result, verdict, *, suite, peak_bytes_per_s, progres
         progress.step(f"{_desc(case, op, p)}: error ({msg})")
         return make_row(case, op, p, status="error", reason=msg, suite=suite)
     row = make_row(case, op, p, times=result, check=verdict, suite=suite,
-                   peak_bytes_per_s=peak_bytes_per_s if p.device == "gpu" else None)
+                   peak_bytes_per_s=peak_bytes_per_s)
     row["isolated"] = isolated
     flag = f" [{verdict}]" if verdict not in ("", "ok", "reference") else ""
     progress.step(f"{_desc(case, op, p)}: {format_time(row['median_s'])}{flag}")

@@ -15,6 +15,9 @@ Suites:
 ``resnet50``  every distinct batch-norm layer of ResNet-50, batch 32 and 256,
               NCHW and NHWC (the GPU suite; large for a CPU).
 ``full``      ``resnet50`` plus the other shape families.
+``standard``  the GPU acceptance run's shapes (``.ci/gpu``): ResNet-style
+              NCHW and channels-last, MLP features, layer-norm rows; forward
+              training, inference and backward; about a minute on one GPU.
 """
 
 from __future__ import annotations
@@ -182,11 +185,31 @@ def full_suite() -> List[Tuple[Case, Sequence[str]]]:
     return cases
 
 
+def standard_suite() -> List[Tuple[Case, Sequence[str]]]:
+    """The shapes of the GPU acceptance run: large enough to be
+    bandwidth-bound (25-100 MB per float32 tensor, well above an H100/H200's
+    50 MB L2 for the ResNet layers), few enough for a minute of measuring."""
+    ops = ("fwd_train", "fwd_infer", "bwd")
+    cases: List[Tuple[Case, Sequence[str]]] = []
+    for (c, h, w) in [(256, 56, 56), (1024, 14, 14)]:
+        cases += _nchw_and_nhwc("batch_norm", 32, c, h, w,
+                                "resnet50 " + RESNET50_BN_LAYERS[(c, h, w)], ops)
+    cases += [
+        (Case("batch_norm", (4096, 1024), "NC", label="mlp features, large batch"), ops),
+        (Case("layer_norm", (16384, 768), "rows", label="transformer hidden 768, 16k tokens"),
+         ("fwd_train", "bwd")),
+        (Case("layer_norm", (8192, 4096), "rows", label="transformer hidden 4096, 8k tokens"),
+         ("fwd_train", "bwd")),
+    ]
+    return cases
+
+
 SUITES = {
     "quick": quick_suite,
     "default": default_suite,
     "resnet50": resnet50_suite,
     "full": full_suite,
+    "standard": standard_suite,
 }
 
 

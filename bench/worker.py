@@ -30,6 +30,7 @@ def run(spec: dict) -> dict:
     if spec.get("torch_threads"):
         import torch
         torch.set_num_threads(int(spec["torch_threads"]))
+        os.environ["GPUBN_NUM_THREADS"] = str(int(spec["torch_threads"]))   # same count
     provider = select(cpu_providers(), [spec["provider"]])[0]
     case = Case(spec["kind"], tuple(spec["shape"]), spec["layout"], spec["dtype"],
                 axis=spec["axis"])

@@ -94,10 +94,13 @@ def _declare(lib):
     lib.nvrtcGetProgramLog.argtypes = [p, ctypes.c_char_p]
     lib.nvrtcGetPTXSize.argtypes = [p, ctypes.POINTER(ctypes.c_size_t)]
     lib.nvrtcGetPTX.argtypes = [p, ctypes.c_char_p]
+    lib.nvrtcGetCUBINSize.argtypes = [p, ctypes.POINTER(ctypes.c_size_t)]
+    lib.nvrtcGetCUBIN.argtypes = [p, ctypes.c_char_p]
     lib.nvrtcGetLoweredName.argtypes = [p, ctypes.c_char_p, c_char_pp]
     for name in ("nvrtcVersion", "nvrtcCreateProgram", "nvrtcDestroyProgram",
                  "nvrtcAddNameExpression", "nvrtcCompileProgram", "nvrtcGetProgramLogSize",
-                 "nvrtcGetProgramLog", "nvrtcGetPTXSize", "nvrtcGetPTX", "nvrtcGetLoweredName"):
+                 "nvrtcGetProgramLog", "nvrtcGetPTXSize", "nvrtcGetPTX", "nvrtcGetLoweredName",
+                 "nvrtcGetCUBINSize", "nvrtcGetCUBIN"):
         getattr(lib, name).restype = ctypes.c_int
 
 
@@ -115,14 +118,27 @@ def version() -> Tuple[int, int]:
 
 @dataclass
 class CompileResult:
-    ptx: str
+    ptx: str                      # empty for a cubin compile
     log: str                      # empty when NVRTC had nothing to say
     lowered_names: Dict[str, str]  # name expression -> mangled kernel name
+    cubin: bytes = b""            # with compile_to_cubin
 
 
 def compile_to_ptx(source: str, name_expressions: Sequence[str] = (),
                    options: Sequence[str] = (), filename: str = "kernel.cu") -> CompileResult:
     """Compile ``source`` with NVRTC; raise ``NvrtcError`` (with the log) on failure."""
+    return _compile(source, name_expressions, options, filename, cubin=False)
+
+
+def compile_to_cubin(source: str, name_expressions: Sequence[str] = (),
+                     options: Sequence[str] = (), filename: str = "kernel.cu") -> CompileResult:
+    """Compile ``source`` to a cubin (``options`` must name a real
+    architecture, ``--gpu-architecture=sm_XX``): machine code any driver of
+    that architecture loads, whatever PTX version it understands."""
+    return _compile(source, name_expressions, options, filename, cubin=True)
+
+
+def _compile(source, name_expressions, options, filename, cubin: bool) -> CompileResult:
     lib = load_library()
     prog = ctypes.c_void_p()
     _check(lib, lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), filename.encode(),
@@ -139,15 +155,22 @@ def compile_to_ptx(source: str, name_expressions: Sequence[str] = (),
             raise NvrtcError(f"NVRTC could not compile {filename} "
                              f"({lib.nvrtcGetErrorString(status).decode()})", log)
         size = ctypes.c_size_t()
-        _check(lib, lib.nvrtcGetPTXSize(prog, ctypes.byref(size)), "nvrtcGetPTXSize")
-        buf = ctypes.create_string_buffer(size.value)
-        _check(lib, lib.nvrtcGetPTX(prog, buf), "nvrtcGetPTX")
+        if cubin:
+            _check(lib, lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "nvrtcGetCUBINSize")
+            buf = ctypes.create_string_buffer(size.value)
+            _check(lib, lib.nvrtcGetCUBIN(prog, buf), "nvrtcGetCUBIN")
+        else:
+            _check(lib, lib.nvrtcGetPTXSize(prog, ctypes.byref(size)), "nvrtcGetPTXSize")
+            buf = ctypes.create_string_buffer(size.value)
+            _check(lib, lib.nvrtcGetPTX(prog, buf), "nvrtcGetPTX")
         lowered = {}
         for name in name_expressions:
             out = ctypes.c_char_p()
             _check(lib, lib.nvrtcGetLoweredName(prog, name.encode(), ctypes.byref(out)),
                    f"nvrtcGetLoweredName({name!r})")
             lowered[name] = out.value.decode()
+        if cubin:
+            return CompileResult("", log, lowered, buf.raw[:size.value])
         return CompileResult(buf.value.decode(), log, lowered)
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
@@ -170,5 +193,6 @@ def unavailable_reason() -> Optional[str]:
     return None
 
 
-__all__ = ["NvrtcError", "NvrtcNotFound", "CompileResult", "compile_to_ptx", "load_library",
+__all__ = ["NvrtcError", "NvrtcNotFound", "CompileResult", "compile_to_ptx", "compile_to_cubin",
+           "load_library",
            "unavailable_reason", "version"]

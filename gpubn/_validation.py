@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -63,14 +64,16 @@ def normalize_axis(axis, ndim: int, name: str = "axis") -> int:
     return axis % ndim
 
 
-def check_input(x, axis, name: str = "x", min_ndim: int = 2) -> int:
-    """Check the data array and its channel axis; return the axis in [0, ndim)."""
+def check_input(x, axis, name: str = "x", min_ndim: int = 2, allow_empty: bool = False) -> int:
+    """Check the data array and its channel axis; return the axis in [0, ndim).
+    ``allow_empty``: ``x`` may hold no values (one rank's share of a global
+    batch)."""
     check_float_array(x, name)
     if x.ndim < min_ndim:
         raise ValueError(f"{name} must have at least {min_ndim} dimensions "
                          f"(batch and channel), got shape {tuple(x.shape)}")
     axis = normalize_axis(axis, x.ndim)
-    if x.size == 0:
+    if x.size == 0 and not allow_empty:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)}): batch norm needs "
                          f"at least one value per channel")
     return axis
@@ -83,6 +86,13 @@ def check_eps(eps, name: str = "eps") -> float:
     if not (eps > 0 and math.isfinite(eps)):
         raise ValueError(f"{name} must be a positive finite number, got {eps}")
     return eps
+
+
+def check_flag(value, name: str) -> bool:
+    """A yes/no option: a Python or NumPy bool."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
 
 
 def check_momentum(momentum, name: str = "momentum"):
@@ -98,9 +108,33 @@ def check_momentum(momentum, name: str = "momentum"):
     return momentum
 
 
+def device_id(a):
+    """The GPU an array lives on (``a.device.id`` for CuPy and other device
+    arrays), or None for host arrays (NumPy 2's ``device`` is the string
+    ``"cpu"``; older NumPy has none)."""
+    dev = getattr(a, "device", None)
+    if dev is None or isinstance(dev, str):
+        return None
+    return getattr(dev, "id", dev)
+
+
+def check_same_device(a, name: str, like, like_name: str = "x"):
+    """A device array ``a`` must live on the device of ``like`` (the call's
+    input): a kernel given a pointer to another GPU's memory reads an
+    illegal address.  Host arrays are not compared (the array-module checks
+    decide about them)."""
+    if a is None or like is None:
+        return
+    got, want = device_id(a), device_id(like)
+    if got is not None and want is not None and got != want:
+        raise ValueError(f"{name} is on device {got} but {like_name} is on device {want}; "
+                         f"every array of one call must be on the same device")
+
+
 def check_channel_vector(v, name: str, num_channels: int, backend=None,
-                         writable: bool = False):
-    """A per-channel parameter: None, or a 1-D float array of length C.
+                         writable: bool = False, like=None):
+    """A per-channel parameter: None, or a 1-D float array of length C, on
+    the device of ``like`` (the input) when given.
 
     With ``writable=True`` (running statistics, updated in place) it must also
     be an array of the backend's own array module and writeable.
@@ -111,6 +145,7 @@ def check_channel_vector(v, name: str, num_channels: int, backend=None,
     if tuple(v.shape) != (num_channels,):
         raise ValueError(f"{name} must have shape ({num_channels},) to match the "
                          f"{num_channels} channels of the input, got shape {tuple(v.shape)}")
+    check_same_device(v, name, like)
     if writable:
         if backend is not None and not backend.owns(v):
             raise TypeError(f"{name} is updated in place, so it must be a "
@@ -119,6 +154,34 @@ def check_channel_vector(v, name: str, num_channels: int, backend=None,
         flags = getattr(v, "flags", None)
         if flags is not None and not getattr(flags, "writeable", True):
             raise ValueError(f"{name} is updated in place but is read-only")
+
+
+# most ghost batch norm groups per call: the kernels' grid z bound
+MAX_GROUPS = 65535
+
+
+def check_virtual_batch_size(k, shape, axis: int, name: str = "virtual_batch_size") -> int:
+    """Ghost batch norm's group size: None (the whole batch, one group) or a
+    positive int that divides the batch (``shape[0]``; the batch axis must
+    not be the channel axis).  Returns the number of groups."""
+    if k is None:
+        return 1
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int or None, got {type(k).__name__}")
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"{name} must be a positive int or None, got {k}")
+    if axis == 0:
+        raise ValueError(f"{name} splits the batch axis 0, which is the channel axis here "
+                         f"(axis=0)")
+    n = int(shape[0])
+    if n % k:
+        raise ValueError(f"{name}={k} does not divide the batch size {n} (x.shape[0] = {n}): "
+                         f"ghost batch norm needs groups of equal size")
+    if n // k > MAX_GROUPS:
+        raise ValueError(f"{name}={k} splits the batch of {n} into {n // k} groups, more than "
+                         f"{MAX_GROUPS}")
+    return n // k
 
 
 def check_count(count: int, training: bool, shape, name: str = "x"):
@@ -134,15 +197,55 @@ def canonical_shape(shape, axis: int):
     return outer, shape[axis], inner
 
 
-def canonical_view(x, axis: int, xp=None):
-    """C-contiguous ``(outer, C, inner)`` array holding ``x``; a view when ``x``
-    is already C-contiguous, else one copy."""
+def layout_order(x, axis: int) -> Tuple[int, ...]:
+    """The order of ``x``'s axes in memory, outermost first, when ``x`` is a
+    canonical layout with its channel ``axis`` moved: the other axes in their
+    own order, the channel axis anywhere among them, and
+    ``x.transpose(order)`` C-contiguous.  A PyTorch ``channels_last`` tensor
+    seen through DLPack (shape NCHW, strides of NHWC) gives ``(0, 2, 3, 1)``:
+    it runs as channels-last.  The identity for C-contiguous arrays and for
+    every other layout (Fortran order, slices, other transposes: those are
+    copied once)."""
+    ndim = x.ndim
+    identity = tuple(range(ndim))
+    if x.flags.c_contiguous:
+        return identity
+    strides, shape = x.strides, x.shape
+    # axes of length 1 have no meaningful stride: they keep their place
+    # relative to the others by sorting as if their stride were the next one's
+    order = tuple(sorted(identity, key=lambda i: (-strides[i] if shape[i] > 1 else 0, i)))
+    rest = [i for i in order if i != axis]
+    if (order != identity and rest == sorted(rest)
+            and x.transpose(order).flags.c_contiguous):
+        return order
+    return identity
+
+
+def canonical_view(x, axis: int, xp=None, order: Optional[Sequence[int]] = None):
+    """C-contiguous ``(outer, C, inner)`` array holding ``x`` with its axes
+    in ``order`` (default: :func:`layout_order`), channel axis ``axis``: a
+    view when ``x`` laid out in that order is contiguous (C-contiguous
+    arrays, and channels-last tensors of PyTorch with shape NCHW, which run
+    as (N*H*W, C, 1)), else one copy.  :func:`from_canonical` maps a result
+    back."""
     if xp is None:
         xp = np
-    x3 = x.reshape(canonical_shape(tuple(x.shape), axis))
+    order = layout_order(x, axis) if order is None else tuple(order)
+    xt = x if order == tuple(range(x.ndim)) else x.transpose(order)
+    x3 = xt.reshape(canonical_shape(tuple(xt.shape), order.index(axis)))
     if not x3.flags.c_contiguous:
         x3 = xp.ascontiguousarray(x3)
     return x3
+
+
+def from_canonical(a3, shape, order: Optional[Sequence[int]] = None):
+    """An array of ``shape`` holding the canonical ``a3`` that
+    :func:`canonical_view` made with ``order``: a view, laid out in memory
+    like that input (channels-last in, channels-last out, as PyTorch does)."""
+    if order is None or tuple(order) == tuple(range(len(shape))):
+        return a3.reshape(shape)
+    a = a3.reshape(tuple(shape[i] for i in order))
+    return a.transpose(tuple(int(i) for i in np.argsort(order)))
 
 
 def check_owned(x, backend, name: str):
@@ -154,14 +257,17 @@ def check_owned(x, backend, name: str):
 
 
 def check_bn_vectors(weight, bias, running_mean, running_var, num_channels: int, backend,
-                     training: bool):
+                     training: bool, like=None):
     """The per-channel arguments of a batch-norm forward: weight and bias
     (None or length C), and the running statistics, which are updated in place
-    when training, must come as a pair, and are required for inference."""
-    check_channel_vector(weight, "weight", num_channels)
-    check_channel_vector(bias, "bias", num_channels)
-    check_channel_vector(running_mean, "running_mean", num_channels, backend, writable=training)
-    check_channel_vector(running_var, "running_var", num_channels, backend, writable=training)
+    when training, must come as a pair, and are required for inference; all
+    on the device of ``like`` (the input) when given."""
+    check_channel_vector(weight, "weight", num_channels, like=like)
+    check_channel_vector(bias, "bias", num_channels, like=like)
+    check_channel_vector(running_mean, "running_mean", num_channels, backend, writable=training,
+                         like=like)
+    check_channel_vector(running_var, "running_var", num_channels, backend, writable=training,
+                         like=like)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together "
                          "(both arrays or both None)")
@@ -182,26 +288,28 @@ def check_activation(activation, name: str = "activation") -> bool:
     return activation == "relu"
 
 
-def check_tensor_like(a, shape, dtype, backend, name: str, like: str):
-    """An array of another tensor's (``like``, named in the message) shape,
-    dtype and array module."""
+def check_tensor_like(a, shape, dtype, backend, name: str, like_name: str, like=None):
+    """An array of another tensor's (``like_name``, named in the message)
+    shape, dtype and array module, on the device of ``like`` when given."""
     check_float_array(a, name)
     if tuple(a.shape) != tuple(shape):
-        raise ValueError(f"{name} must have the shape of {like} {tuple(shape)}, "
+        raise ValueError(f"{name} must have the shape of {like_name} {tuple(shape)}, "
                          f"got {tuple(a.shape)}")
     if a.dtype != dtype:
-        raise TypeError(f"{name} must have the dtype of {like} ({dtype}), got {a.dtype}")
+        raise TypeError(f"{name} must have the dtype of {like_name} ({dtype}), got {a.dtype}")
     check_owned(a, backend, name)
+    check_same_device(a, name, like, like_name)
 
 
-def check_residual(residual, shape, dtype, backend, name: str = "residual"):
+def check_residual(residual, shape, dtype, backend, name: str = "residual", like=None):
     """The tensor added after batch norm: None, or an array of the input's
-    shape, dtype and array module."""
+    shape, dtype and array module (on the device of ``like``, the input)."""
     if residual is not None:
-        check_tensor_like(residual, shape, dtype, backend, name, "x")
+        check_tensor_like(residual, shape, dtype, backend, name, "x", like)
 
 
-def check_grad_output(dy, shape, dtype, backend, name: str = "dy"):
+def check_grad_output(dy, shape, dtype, backend, name: str = "dy", like=None):
     """The incoming gradient of a backward: an array of the forward input's
-    shape, dtype and array module."""
-    check_tensor_like(dy, shape, dtype, backend, name, "the forward input")
+    shape, dtype and array module, on the device of ``like`` (the saved
+    input) when given."""
+    check_tensor_like(dy, shape, dtype, backend, name, "the forward input", like)

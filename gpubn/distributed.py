@@ -42,9 +42,9 @@ from typing import Any, Optional
 import numpy as np
 
 from . import _validation as V
-from .backends import Backend, array_module, get_backend, is_cupy_array
+from .backends import Backend, array_module, is_cupy_array
 from .backends.base import update_running
-from .functional import BatchNormSaved, ForwardInput, check_num_batches, resolve_momentum, to_acc
+from .functional import BatchNormSaved, canonical_input, check_forward_options, to_acc
 from .layers import BatchNorm
 
 
@@ -362,23 +362,6 @@ def _num_channels(num_features, x, axis, *vectors) -> int:
                         f"running statistics, or a valid x ({exc})") from exc
 
 
-def _local_checks(x, weight, bias, running_mean, running_var, training, axis, be, c):
-    """Checks of this rank's own arrays (they may differ between ranks).
-    Returns ``(axis, shape, outer, inner)`` or raises TypeError/ValueError."""
-    V.check_float_array(x, "x")
-    if x.ndim < 2:
-        raise ValueError(f"x must have at least 2 dimensions (batch and channel), got shape "
-                         f"{tuple(x.shape)}")
-    axis = V.normalize_axis(axis, x.ndim)
-    V.check_owned(x, be, "x")
-    shape = tuple(x.shape)
-    outer, xc, inner = V.canonical_shape(shape, axis)
-    if xc != c:
-        raise ValueError(f"x has {xc} channels on axis {axis} (shape {shape}), expected {c}")
-    V.check_bn_vectors(weight, bias, running_mean, running_var, c, be, training)
-    return axis, shape, outer, inner
-
-
 def _raise_for_status(status_host, comm, what: str):
     bad = [r for r, s in enumerate(status_host) if s != 0]
     if bad:
@@ -415,35 +398,29 @@ def sync_batch_norm_forward(x, *, comm, weight=None, bias=None, running_mean=Non
     """
     # ---- arguments shared by all ranks: raise before communicating ----
     _check_comm(comm)
-    training = bool(training)
-    eps = V.check_eps(eps)
-    momentum = V.check_momentum(momentum)
-    check_num_batches(num_batches_tracked)
-    be = get_backend(backend, x if V.is_array(x) else None)
+    options = check_forward_options(x, training=training, momentum=momentum, eps=eps,
+                                    backend=backend, num_batches_tracked=num_batches_tracked)
+    be, training, eps = options.backend, options.training, options.eps
     if hasattr(comm, "check_backend"):
         comm.check_backend(be)
     c = _num_channels(num_features, x, axis, weight, bias, running_mean, running_var)
     xp = be.xp
 
+    def check_vectors(xc, be):
+        if xc != c:
+            raise ValueError(f"x has {xc} channels on axis {V.normalize_axis(axis, x.ndim)} "
+                             f"(shape {tuple(x.shape)}), expected {c}")
+        V.check_bn_vectors(weight, bias, running_mean, running_var, c, be, training, like=x)
+
     # ---- this rank's arrays: on failure still take part, then raise ----
     try:
-        axis, shape, outer, inner = _local_checks(x, weight, bias, running_mean, running_var,
-                                                  training, axis, be, c)
+        f = canonical_input(x, options, weight=weight, bias=bias, axis=axis,
+                            check_vectors=check_vectors, local=True)
     except (TypeError, ValueError):
         if training:
             comm.allgather(pack_stats(xp, c, failed=True))
         raise
-
-    local_count = outer * inner
-    acc = V.acc_dtype(x.dtype)
-    f = ForwardInput(
-        backend=be, x3=V.canonical_view(x, axis, xp), weight=to_acc(xp, weight, acc),
-        bias=to_acc(xp, bias, acc), acc=acc, axis=axis, shape=shape, dtype=x.dtype,
-        count=local_count, training=training, eps=eps,
-        factor=resolve_momentum(momentum, num_batches_tracked),
-        weight_dtype=None if weight is None else weight.dtype,
-        bias_dtype=None if bias is None else bias.dtype)
-    x3, w, b = f.x3, f.weight, f.bias
+    x3, w, b, acc, shape, local_count = f.x3, f.weight, f.bias, f.acc, f.shape, f.count
 
     if not training:
         if local_count > 0:
@@ -478,7 +455,7 @@ def sync_batch_norm_forward(x, *, comm, weight=None, bias=None, running_mean=Non
 
     saved = f.saved(mean, invstd, w, cls=SyncBatchNormSaved, comm=comm,
                     local_count=local_count, num_channels=c)
-    return y3.reshape(shape), saved
+    return f.output(y3), saved
 
 
 def _pack_grads(xp, c, sum_dy=None, sum_dy_xhat=None, failed=False):
@@ -514,12 +491,12 @@ def sync_batch_norm_backward(dy, saved: SyncBatchNormSaved):
     be, comm, c = saved.backend, saved.comm, saved.num_channels
     xp = be.xp
     try:
-        V.check_grad_output(dy, saved.shape, saved.dtype, be)
+        V.check_grad_output(dy, saved.shape, saved.dtype, be, like=saved.x3)
     except (TypeError, ValueError):
         comm.allreduce(_pack_grads(xp, c, failed=True))
         raise
 
-    dy3 = V.canonical_view(dy, saved.axis, xp)
+    dy3 = V.canonical_view(dy, saved.axis, xp, saved.order)
     x3, mean, invstd = saved.x3, saved.mean, saved.invstd
     acc = np.dtype(mean.dtype)
     nonempty = saved.local_count > 0
@@ -546,7 +523,7 @@ def sync_batch_norm_backward(dy, saved: SyncBatchNormSaved):
     dweight = None if saved.weight_dtype is None else sum_dy_xhat.astype(saved.weight_dtype,
                                                                           copy=False)
     dbias = None if saved.bias_dtype is None else sum_dy.astype(saved.bias_dtype, copy=False)
-    return dx3.reshape(saved.shape), dweight, dbias
+    return V.from_canonical(dx3, saved.shape, saved.order), dweight, dbias
 
 
 # ------------------------------------------------------------------- layer ----

@@ -12,6 +12,7 @@ from typing import Any, Tuple
 
 from . import _validation as V
 from .backends import get_backend
+from .backends.base import update_running_groups
 
 
 @dataclass
@@ -36,6 +37,10 @@ class BatchNormSaved:
     count: int                  # values per channel
     weight_dtype: Any = None    # dtype of the weight the caller gave (for dweight)
     bias_dtype: Any = None      # dtype of the bias the caller gave, None when no bias
+    order: Any = None           # the input's axes in memory order (None: as given)
+    skipped: Any = None         # guarded running statistics: (C,) int32, 1 where this
+                                # step's update was skipped; None without the guard
+    groups: int = 1             # ghost batch norm: mean / invstd are (groups, C)
     y3: Any = None              # the canonical output when it went through a ReLU (its mask)
     residual: bool = False      # the forward added a residual (backward returns its gradient)
 
@@ -76,6 +81,31 @@ def to_acc(xp, v, acc):
     return xp.ascontiguousarray(xp.asarray(v), dtype=acc)
 
 
+@dataclass(frozen=True)
+class ForwardOptions:
+    """A forward call's arguments other than the arrays, checked.  They are
+    checked before any array is looked at: sync batch norm, whose ranks pass
+    the same options but each its own arrays, raises on them before it
+    communicates."""
+
+    backend: Any
+    training: bool
+    eps: float
+    factor: float               # this step's running-statistics rate
+
+
+def check_forward_options(x, *, training, momentum, eps, backend,
+                          num_batches_tracked) -> ForwardOptions:
+    """Check the options of a per-channel forward and resolve the backend
+    (for ``x`` when ``backend`` is None)."""
+    be = get_backend(backend, x if V.is_array(x) else None)
+    eps = V.check_eps(eps)
+    momentum = V.check_momentum(momentum)
+    check_num_batches(num_batches_tracked)
+    return ForwardOptions(backend=be, training=bool(training), eps=eps,
+                          factor=resolve_momentum(momentum, num_batches_tracked))
+
+
 @dataclass
 class ForwardInput:
     """A forward call's input after validation, in the canonical layout: what
@@ -96,19 +126,25 @@ class ForwardInput:
     factor: float               # this step's running-statistics rate
     weight_dtype: Any = None
     bias_dtype: Any = None
+    order: Any = None           # x's axes in memory order (_validation.layout_order)
 
-    def running(self, v):
-        """A running-statistics vector to update in place: ``v`` itself when
-        it already has the accumulation dtype and is contiguous, else a
-        working copy that :meth:`write_back` copies into ``v``."""
-        if v is None or (v.dtype == self.acc and v.flags.c_contiguous):
-            return v
-        return to_acc(self.backend.xp, v, self.acc)
+    def output(self, y3):
+        """The result of the canonical ``y3`` with x's shape and layout."""
+        return V.from_canonical(y3, self.shape, self.order)
 
-    @staticmethod
-    def write_back(dst, work):
-        if work is not dst:
-            dst[...] = work
+    def update_running(self, first, second, step):
+        """Run ``step(first, second)``, which updates two running-statistics
+        vectors in place (None stays None), on working copies in the
+        accumulation dtype where the caller's are of another dtype or not
+        contiguous, then copy the working copies back; returns what ``step``
+        returns."""
+        work = [v if v is None or (v.dtype == self.acc and v.flags.c_contiguous)
+                else to_acc(self.backend.xp, v, self.acc) for v in (first, second)]
+        out = step(*work)
+        for dst, w in zip((first, second), work):
+            if w is not dst:
+                dst[...] = w
+        return out
 
     def saved(self, mean, invstd, weight, cls=None, **extra):
         """The saved state for the backward: ``weight`` is the one the
@@ -117,43 +153,54 @@ class ForwardInput:
             x3=self.x3, mean=mean, invstd=invstd, weight=weight, axis=self.axis,
             shape=self.shape, dtype=self.dtype, training=self.training, backend=self.backend,
             count=self.count, weight_dtype=self.weight_dtype, bias_dtype=self.bias_dtype,
-            **extra)
+            order=self.order, **extra)
 
 
-def prepare_forward(x, *, weight, bias, training, momentum, eps, axis, backend,
-                    num_batches_tracked, check_vectors) -> ForwardInput:
-    """The common part of a per-channel forward: validate every argument
-    (``check_vectors(num_channels, backend)`` checks the op's own
-    per-channel vectors) before anything is converted or written, then put
-    ``x`` in the canonical layout and the parameters in the accumulation
-    dtype."""
-    axis = V.check_input(x, axis, "x")
-    be = get_backend(backend, x)
+def canonical_input(x, options: ForwardOptions, *, weight, bias, axis, check_vectors,
+                    local: bool = False) -> ForwardInput:
+    """Validate the arrays of a per-channel forward (``check_vectors(num_channels,
+    backend)`` checks the op's own per-channel vectors) before anything is
+    converted or written, then put ``x`` in the canonical layout and the
+    parameters in the accumulation dtype.  ``local=True``: ``x`` is one
+    rank's share of a global batch, which may be empty; the caller checks the
+    values per channel of the whole batch."""
+    be = options.backend
+    axis = V.check_input(x, axis, "x", allow_empty=local)
     V.check_owned(x, be, "x")
-    training = bool(training)
-    eps = V.check_eps(eps)
-    momentum = V.check_momentum(momentum)
-    check_num_batches(num_batches_tracked)
     shape = tuple(x.shape)
     outer, c, inner = V.canonical_shape(shape, axis)
     count = outer * inner
     check_vectors(c, be)
-    V.check_count(count, training, shape)
+    if not local:
+        V.check_count(count, options.training, shape)
 
     xp = be.xp
     acc = V.acc_dtype(x.dtype)
+    order = V.layout_order(x, axis)
     return ForwardInput(
-        backend=be, x3=V.canonical_view(x, axis, xp), weight=to_acc(xp, weight, acc),
+        backend=be, x3=V.canonical_view(x, axis, xp, order), order=order,
+        weight=to_acc(xp, weight, acc),
         bias=to_acc(xp, bias, acc), acc=acc, axis=axis, shape=shape, dtype=x.dtype,
-        count=count, training=training, eps=eps,
-        factor=resolve_momentum(momentum, num_batches_tracked),
+        count=count, training=options.training, eps=options.eps, factor=options.factor,
         weight_dtype=None if weight is None else weight.dtype,
         bias_dtype=None if bias is None else bias.dtype)
 
 
+def prepare_forward(x, *, weight, bias, training, momentum, eps, axis, backend,
+                    num_batches_tracked, check_vectors) -> ForwardInput:
+    """The common part of a per-channel forward: every argument checked
+    (:func:`check_forward_options`, then :func:`canonical_input`) before
+    anything is converted or written, ``x`` in the canonical layout."""
+    options = check_forward_options(x, training=training, momentum=momentum, eps=eps,
+                                    backend=backend, num_batches_tracked=num_batches_tracked)
+    return canonical_input(x, options, weight=weight, bias=bias, axis=axis,
+                           check_vectors=check_vectors)
+
+
 def batch_norm_forward(x, *, weight=None, bias=None, running_mean=None, running_var=None,
                        training=True, momentum=0.1, eps=1e-5, axis=1, backend=None,
-                       num_batches_tracked=None, residual=None, activation=None):
+                       num_batches_tracked=None, guard_running_stats=False,
+                       virtual_batch_size=None, residual=None, activation=None):
     """Batch normalization over every axis of ``x`` except the channel ``axis``.
 
     Returns ``(y, saved)``: ``y`` has the shape and dtype of ``x``; ``saved`` is a
@@ -182,36 +229,85 @@ def batch_norm_forward(x, *, weight=None, bias=None, running_mean=None, running_
       the ReLU's mask from ``y`` (keep ``y`` unmodified until then).
 
     ``x`` may be float16 or bfloat16 (``ml_dtypes.bfloat16``; statistics in
-    float32), float32 or float64, of any layout (non-contiguous and Fortran-ordered inputs are copied once).
+    float32), float32 or float64, of any layout: channels-last memory with
+    shape NCHW (PyTorch's ``channels_last``) runs on a view and returns
+    channels-last results; other non-contiguous and Fortran-ordered inputs are
+    copied once.
     ``axis=-1`` is channels-last (NHWC).  NaN or Inf in a channel's data make
     that channel's batch statistics, output and running statistics NaN in
     training, as in PyTorch; in eval they stay in their own elements.
 
+    ``guard_running_stats=True`` keeps a channel's running statistics for this
+    step when its batch mean or unbiased variance is not finite (the other
+    channels update); ``saved.skipped`` then flags those channels (a ``(C,)``
+    int32 array, 1 = skipped).  The check runs where the running statistics
+    are updated (the kernels' finishing step), with no extra pass.
+
+    ``virtual_batch_size=k`` (ghost batch norm, training only; ignored when
+    ``training=False``) splits the batch (axis 0) into consecutive groups of
+    ``k`` samples, each normalized with its own statistics (shared weight and
+    bias); ``x.shape[0]`` must be a multiple of ``k``.  The running
+    statistics are updated once, with the mean over the groups of their means
+    and unbiased variances; ``saved.mean`` / ``saved.invstd`` are then
+    ``(groups, C)`` and the backward is per group.  The kernels run every
+    group in the same launches (the group is an extra grid index).
+
     Bad arguments raise ``TypeError`` / ``ValueError`` before any state changes.
     """
+    guard = V.check_flag(guard_running_stats, "guard_running_stats")
     relu = V.check_activation(activation)
+    groups = 1
 
     def check_vectors(c, be):
-        V.check_bn_vectors(weight, bias, running_mean, running_var, c, be, training)
-        V.check_residual(residual, x.shape, x.dtype, be)
+        nonlocal groups
+        V.check_bn_vectors(weight, bias, running_mean, running_var, c, be, training, like=x)
+        V.check_residual(residual, x.shape, x.dtype, be, like=x)
+        if training:
+            axis_ = V.normalize_axis(axis, x.ndim)
+            groups = V.check_virtual_batch_size(virtual_batch_size, x.shape, axis_)
+            outer, _, inner = V.canonical_shape(tuple(x.shape), axis_)
+            if groups > 1 and outer * inner // groups < 2:
+                raise ValueError(f"expected more than 1 value per channel in each group of "
+                                 f"virtual_batch_size={virtual_batch_size} samples when "
+                                 f"training, got x of shape {tuple(x.shape)}")
+            if groups > 1 and (residual is not None or relu):
+                raise ValueError(f"virtual_batch_size={virtual_batch_size} cannot be combined "
+                                 f"with residual= or activation= (the residual-block epilogue "
+                                 f"runs on whole batches only)")
 
     f = prepare_forward(x, weight=weight, bias=bias, training=training, momentum=momentum,
                         eps=eps, axis=axis, backend=backend,
                         num_batches_tracked=num_batches_tracked, check_vectors=check_vectors)
     be, xp = f.backend, f.backend.xp
     fused = residual is not None or relu
-    z3 = None if residual is None else V.canonical_view(residual, f.axis, xp)
-    if f.training:
-        rm, rv = f.running(running_mean), f.running(running_var)
-        if fused:
-            y3, mean, invstd = be.bn_forward_train_act(f.x3, f.weight, f.bias, rm, rv, f.factor,
-                                                       f.eps, z3, relu)
-        else:
-            y3, mean, invstd = be.bn_forward_train(f.x3, f.weight, f.bias, rm, rv, f.factor,
-                                                   f.eps)
+    skipped = None
+    if groups > 1 and f.order[0] != 0:
+        # ghost groups are runs of the canonical outer extent: the batch axis
+        # must be outermost in memory (a layout with the channel axis first is
+        # copied once into the given axis order)
+        f.order = tuple(range(len(f.shape)))
+        f.x3 = V.canonical_view(x, f.axis, xp, f.order)
+    z3 = None if residual is None else V.canonical_view(residual, f.axis, xp, f.order)
+    if guard and f.training and running_mean is not None:
+        skipped = xp.empty(f.x3.shape[1], dtype="int32")
+    if f.training and groups > 1:
+        y3, mean, invstd, m2 = be.bn_forward_train_groups(f.x3, groups, f.weight, f.bias, f.eps)
         if running_mean is not None:
-            f.write_back(running_mean, rm)
-            f.write_back(running_var, rv)
+            f.update_running(running_mean, running_var, lambda rm, rv: update_running_groups(
+                xp, rm, rv, mean, m2, f.count // groups, f.factor, skipped))
+    elif f.training:
+        # `skipped` only with the guard: a backend (or wrapper) without it still runs
+        guarded = {} if skipped is None else {"skipped": skipped}
+        if fused:
+            y3, mean, invstd = f.update_running(
+                running_mean, running_var,
+                lambda rm, rv: be.bn_forward_train_act(f.x3, f.weight, f.bias, rm, rv, f.factor,
+                                                       f.eps, z3, relu, **guarded))
+        else:
+            y3, mean, invstd = f.update_running(
+                running_mean, running_var,
+                lambda rm, rv: be.bn_forward_train(f.x3, f.weight, f.bias, rm, rv, f.factor,
+                                                   f.eps, **guarded))
     else:
         rm, rv = to_acc(xp, running_mean, f.acc), to_acc(xp, running_var, f.acc)
         if fused:
@@ -219,9 +315,8 @@ def batch_norm_forward(x, *, weight=None, bias=None, running_mean=None, running_
                                                       relu)
         else:
             y3, mean, invstd = be.bn_forward_eval(f.x3, f.weight, f.bias, rm, rv, f.eps)
-    saved = f.saved(mean, invstd, f.weight, y3=y3 if relu else None,
-                    residual=residual is not None)
-    return y3.reshape(f.shape), saved
+    return f.output(y3), f.saved(mean, invstd, f.weight, skipped=skipped, groups=groups,
+                                 y3=y3 if relu else None, residual=residual is not None)
 
 
 def batch_norm_backward(dy, saved: BatchNormSaved):
@@ -243,22 +338,27 @@ def batch_norm_backward(dy, saved: BatchNormSaved):
         raise TypeError("saved must be the BatchNormSaved returned by batch_norm_forward, "
                         f"got {type(saved).__name__}")
     be = saved.backend
-    V.check_grad_output(dy, saved.shape, saved.dtype, be)
-    dy3 = V.canonical_view(dy, saved.axis, be.xp)
-    if saved.y3 is not None:
+    V.check_grad_output(dy, saved.shape, saved.dtype, be, like=saved.x3)
+    dy3 = V.canonical_view(dy, saved.axis, be.xp, saved.order)
+    dresidual = dy
+    if saved.groups > 1:
+        dx3, dw, db = be.bn_backward_groups(dy3, saved.x3, saved.mean, saved.invstd,
+                                            saved.weight)
+    elif saved.y3 is not None:
         dx3, dw, db, g3 = be.bn_backward_relu(dy3, saved.x3, saved.mean, saved.invstd,
                                               saved.weight, saved.y3, saved.training)
-        dresidual = g3.reshape(saved.shape)
+        dresidual = V.from_canonical(g3, saved.shape, saved.order)
     else:
         dx3, dw, db = be.bn_backward(dy3, saved.x3, saved.mean, saved.invstd, saved.weight,
                                      saved.training)
-        dresidual = dy
     dweight = None if saved.weight_dtype is None else dw.astype(saved.weight_dtype, copy=False)
     dbias = None if saved.bias_dtype is None else db.astype(saved.bias_dtype, copy=False)
+    dx = V.from_canonical(dx3, saved.shape, saved.order)
     if saved.residual:
-        return dx3.reshape(saved.shape), dweight, dbias, dresidual
-    return dx3.reshape(saved.shape), dweight, dbias
+        return dx, dweight, dbias, dresidual
+    return dx, dweight, dbias
 
 
-__all__ = ["BatchNormSaved", "ForwardInput", "batch_norm_forward", "batch_norm_backward",
+__all__ = ["BatchNormSaved", "ForwardInput", "ForwardOptions", "batch_norm_forward",
+           "batch_norm_backward", "canonical_input", "check_forward_options",
            "check_num_batches", "prepare_forward", "resolve_momentum", "to_acc"]

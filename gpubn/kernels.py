@@ -66,7 +66,9 @@ KERNELS: Dict[str, KernelSpec] = {
         KernelSpec("bn_apply_nhwc", "bn_forward.cu", True, (0, 1, 2)),
         KernelSpec("bn_backward_reduce_nchw", "bn_backward.cu", True, (0, 1, 5, 6, 7),
                    _RUN_VECTORS),
-        KernelSpec("bn_backward_reduce_nhwc", "bn_backward.cu", False, (0, 1, 5, 6, 7)),
+        # one pair of sums per channel of a vector: at most 4 channels per thread
+        KernelSpec("bn_backward_reduce_nhwc", "bn_backward.cu", True, (0, 1, 5, 6, 7),
+                   _RUN_VECTORS, max_vec=4),
         KernelSpec("bn_backward_dx_nchw", "bn_backward.cu", True, (0, 1, 2), _RUN_VECTORS),
         KernelSpec("bn_backward_dx_nhwc", "bn_backward.cu", True, (0, 1, 2)),
         # read-once training forward (cooperative launches: COOPERATIVE_SOURCES)
@@ -206,6 +208,16 @@ def headers_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
+def cache_dir(kind: str) -> str:
+    """Folder for compiled kernels of one kind (``emu`` libraries, ``cuda``
+    cubins): ``$GPUBN_CACHE_DIR/<kind>``, default ``~/.cache/gpubn/<kind>``
+    (``$XDG_CACHE_HOME`` when set)."""
+    root = os.environ.get("GPUBN_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "gpubn")
+    return os.path.join(root, kind)
+
+
 def compile_options() -> Tuple[str, ...]:
     """Options for NVRTC / emu: the kernels' include directory, C++17 and the
     headers' fingerprint."""
@@ -217,5 +229,5 @@ __all__ = [
     "COOPERATIVE_SOURCES", "CXX_TYPES", "KERNELS", "SOURCES", "KernelSpec", "dtype_name",
     "vector_widths",
     "name_expression", "name_expressions", "kernel_of", "all_name_expressions", "kernels_dir",
-    "read_source", "compile_options", "headers_fingerprint",
+    "read_source", "compile_options", "headers_fingerprint", "cache_dir",
 ]

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+from . import _validation
 from . import kernels as _catalog
 
 # Must equal GPUBN_MAX_REDUCE_THREADS in kernels/gpubn_common.cuh: the size of
@@ -170,15 +171,33 @@ def _splits(work_units: int, threads: int, tiles: int, dev: DeviceAttributes,
     return max(1, min(target, by_work, tuning.max_splits, dev.max_grid_y))
 
 
+# most groups of one ghost batch norm launch (gridDim.z on every CUDA device)
+MAX_GROUPS = _validation.MAX_GROUPS
+
+
+def _check_groups(groups: int, outer: int) -> None:
+    if not 1 <= groups <= MAX_GROUPS or outer % groups:
+        raise ValueError(f"groups must be in [1, {MAX_GROUPS}] and divide the outer extent "
+                         f"{outer}, got {groups}")
+
+
 def reduce_launch(op: str, shape3, dtype, aligned: bool, dev: DeviceAttributes,
-                  tuning: Tuning = Tuning(), blocks_per_sm: int = REDUCE_MIN_BLOCKS) -> Launch:
+                  tuning: Tuning = Tuning(), blocks_per_sm: int = REDUCE_MIN_BLOCKS,
+                  groups: int = 1) -> Launch:
     """Launch of a per-channel reduction: ``op`` is ``'stats'``
     (bn_stats_*) or ``'grad'`` (bn_backward_reduce_*).  ``blocks_per_sm``:
     the occupancy of the compiled function (``occupancy`` of its registers
     and shared memory where a device tells them; by default the minimum the
     kernels declare); the kernel, vector width and block do not depend on
-    it, only the number of blocks per channel."""
+    it, only the number of blocks per channel.
+
+    ``groups`` (ghost batch norm): ``shape3``'s outer extent is that many
+    consecutive independent batches, reduced in the same launch with the
+    group as grid z; the workspace holds every group's partials and
+    counters, and one wave holds the blocks of all groups."""
     outer, channels, inner = (int(s) for s in shape3)
+    _check_groups(groups, outer)
+    outer //= groups
     key = _catalog.dtype_name(dtype)
     acc = _catalog.CXX_TYPES[key][1]
     base = {"stats": "bn_stats", "grad": "bn_backward_reduce"}[op]
@@ -187,28 +206,31 @@ def reduce_launch(op: str, shape3, dtype, aligned: bool, dev: DeviceAttributes,
         vec = vector_width(shape3, key, aligned, f"{base}_nchw")
         units = outer * (inner // vec)
         threads = min(tuning.reduce_threads, max(WARP, _pow2_at_least(units)))
-        splits = _splits(units, threads, channels, dev, tuning, blocks_per_sm)
-        return Launch(f"{base}_nchw", vec, (channels, splits, 1), (threads, 1, 1), splits,
-                      channels * splits * state if splits > 1 else 0,
-                      channels if splits > 1 else 0)
+        splits = _splits(units, threads, channels * groups, dev, tuning, blocks_per_sm)
+        return Launch(f"{base}_nchw", vec, (channels, splits, groups), (threads, 1, 1), splits,
+                      groups * channels * splits * state if splits > 1 else 0,
+                      groups * channels if splits > 1 else 0)
     # threads along C, each reading `vec` adjacent channels with one load
     vec = vector_width(shape3, key, aligned, f"{base}_nhwc")
     return _column_reduce(f"{base}_nhwc", vec, outer, channels, state, dev, tuning,
-                          blocks_per_sm)
+                          blocks_per_sm, groups)
 
 
 def _column_reduce(kernel: str, vec: int, rows: int, columns: int, state: int,
-                   dev: DeviceAttributes, tuning: Tuning, blocks_per_sm: int) -> Launch:
-    """A reduction over the rows of each column of a (rows, columns) array:
+                   dev: DeviceAttributes, tuning: Tuning, blocks_per_sm: int,
+                   groups: int = 1) -> Launch:
+    """A reduction over the rows of each column of a (rows, columns) array
+    (of each of ``groups`` such arrays, grid z):
     grid (tiles of columns, splits of the rows), blocks (bx, by) with bx
     threads along the columns (``vec`` columns each), partial states of
     ``state`` bytes per column and split, an arrival counter per tile."""
     bx = min(WARP, _pow2_at_least(columns // vec))
     by = max(1, min(tuning.reduce_threads // bx, _pow2_at_least(rows)))
     tiles = _cdiv(columns // vec, bx)
-    splits = _splits(rows, by, tiles, dev, tuning, blocks_per_sm)
-    return Launch(kernel, vec, (tiles, splits, 1), (bx, by, 1), splits,
-                  columns * splits * state if splits > 1 else 0, tiles if splits > 1 else 0)
+    splits = _splits(rows, by, tiles * groups, dev, tuning, blocks_per_sm)
+    return Launch(kernel, vec, (tiles, splits, groups), (bx, by, 1), splits,
+                  groups * columns * splits * state if splits > 1 else 0,
+                  groups * tiles if splits > 1 else 0)
 
 
 def _row_block(length: int, threads: int) -> int:
@@ -229,10 +251,13 @@ def _row_block(length: int, threads: int) -> int:
 
 
 def map_launch(op: str, shape3, dtype, aligned: bool, dev: DeviceAttributes,
-               tuning: Tuning = Tuning()) -> Launch:
+               tuning: Tuning = Tuning(), groups: int = 1) -> Launch:
     """Launch of an elementwise pass: ``op`` is ``'apply'`` (bn_apply_*) or
-    ``'dx'`` (bn_backward_dx_*)."""
+    ``'dx'`` (bn_backward_dx_*); ``groups`` as in ``reduce_launch`` (grid z,
+    the blocks of all groups within the same bound)."""
     outer, channels, inner = (int(s) for s in shape3)
+    _check_groups(groups, outer)
+    outer //= groups
     key = _catalog.dtype_name(dtype)
     base = {"apply": "bn_apply", "dx": "bn_backward_dx"}[op]
     vec = vector_width(shape3, key, aligned, f"{base}_{layout(shape3)}")
@@ -248,8 +273,8 @@ def map_launch(op: str, shape3, dtype, aligned: bool, dev: DeviceAttributes,
         bx = min(_pow2_at_least(length), MAX_MAP_COLUMNS, threads)
     by = max(1, threads // bx)
     gx = max(1, min(_cdiv(length, bx), max_blocks))
-    gy = max(1, min(_cdiv(rows, by), dev.max_grid_y, max(1, max_blocks // gx)))
-    return Launch(f"{base}_{layout(shape3)}", vec, (gx, gy, 1), (bx, by, 1))
+    gy = max(1, min(_cdiv(rows, by), dev.max_grid_y, max(1, max_blocks // (gx * groups))))
+    return Launch(f"{base}_{layout(shape3)}", vec, (gx, gy, groups), (bx, by, 1))
 
 
 def renorm_finish_launch(channels: int) -> Launch:
@@ -306,16 +331,17 @@ def _shared_array(nbytes: int) -> int:
 def ln_static_shared_bytes(kernel: str, dtype) -> int:
     """Static shared memory of a layer-norm row kernel, laid out as ptxas
     reports it: the ``*_block`` kernels hold one reduction state per warp
-    (``block_reduce_1d``) and two per-row values; the ``*_warp`` kernels
+    (``block_reduce_1d``) and their per-row values; the ``*_warp`` kernels
     none.  The ``cuda`` backend asks the compiled function instead; this
     model serves ``emu`` (and is checked against ptxas in the tests)."""
     if kernel.endswith("_warp"):
         return 0
     acc = _catalog.CXX_TYPES[_catalog.dtype_name(dtype)][1]
     acc_bytes = 8 if acc == "double" else 4
-    state = {"ln_forward_block": ("stats", acc),
-             "ln_backward_dx_block": ("grad", acc)}[kernel]
-    return _shared_array(WARP * _STATE_BYTES[state]) + _shared_array(2 * acc_bytes)
+    # (reduction state, per-row values: mean hi and lo, rstd / two row sums)
+    state, values = {"ln_forward_block": (("stats", acc), 3),
+                     "ln_backward_dx_block": (("grad", acc), 2)}[kernel]
+    return _shared_array(WARP * _STATE_BYTES[state]) + _shared_array(values * acc_bytes)
 
 
 def ln_stage_bytes(n: int, acc_itemsize: int, arrays: int, static_shared: int) -> int:
@@ -329,7 +355,7 @@ def ln_stage_bytes(n: int, acc_itemsize: int, arrays: int, static_shared: int) -
 
 
 __all__ = ["DeviceAttributes", "EMU_DEVICE", "Tuning", "Launch", "MAX_REDUCE_THREADS",
-           "MAX_MAP_THREADS", "MAX_MAP_COLUMNS", "MAP_UNROLL", "REDUCE_MIN_BLOCKS",
+           "MAX_MAP_THREADS", "MAX_MAP_COLUMNS", "MAP_UNROLL", "MAX_GROUPS", "REDUCE_MIN_BLOCKS",
            "SHARED_MEMORY_LIMIT", "LN_CACHE_UNITS", "occupancy", "layout", "vector_width",
            "reduce_launch", "map_launch", "renorm_finish_launch", "ln_row_launch",
            "ln_wgrad_launch", "ln_static_shared_bytes", "ln_stage_bytes", "ONCE_ITEMS",

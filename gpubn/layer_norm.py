@@ -59,10 +59,11 @@ def check_normalized_shape(normalized_shape, shape, name: str = "normalized_shap
     return dims
 
 
-def _check_affine(v, name: str, dims):
+def _check_affine(v, name: str, dims, like):
     if v is None:
         return
     V.check_float_array(v, name)
+    V.check_same_device(v, name, like)
     if tuple(v.shape) != dims:
         raise ValueError(f"{name} must have shape {dims} (normalized_shape), got "
                          f"shape {tuple(v.shape)}")
@@ -101,8 +102,8 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, ba
     V.check_owned(x, be, "x")
     dims = check_normalized_shape(normalized_shape, x.shape)
     eps = V.check_eps(eps)
-    _check_affine(weight, "weight", dims)
-    _check_affine(bias, "bias", dims)
+    _check_affine(weight, "weight", dims, x)
+    _check_affine(bias, "bias", dims, x)
     if x.size == 0:
         raise ValueError(f"x is empty (shape {tuple(x.shape)}): layer norm needs at least "
                          f"one row")
@@ -134,7 +135,7 @@ def layer_norm_backward(dy, saved: LayerNormSaved):
         raise TypeError("saved must be the LayerNormSaved returned by layer_norm_forward, "
                         f"got {type(saved).__name__}")
     be = saved.backend
-    V.check_grad_output(dy, saved.shape, saved.dtype, be)
+    V.check_grad_output(dy, saved.shape, saved.dtype, be, like=saved.x2)
     dy2 = dy.reshape(saved.x2.shape)
     if not dy2.flags.c_contiguous:
         dy2 = be.xp.ascontiguousarray(dy2)

@@ -31,6 +31,8 @@ class Layer:
     """
 
     _state_arrays = ("weight", "bias")
+    # integer scalars of the state (attribute and state_dict key names)
+    _counter_keys = ("num_batches_tracked",)
 
     def _init_backend(self, backend):
         """``backend`` given: every call runs there.  None: the state starts on
@@ -100,9 +102,9 @@ class Layer:
             if hasattr(v, "detach") and hasattr(v, "numpy"):
                 v = v.detach().cpu().numpy()
             v = xp.asarray(v)
-            if key == "num_batches_tracked":
-                if v.shape != () or v.dtype.kind not in "iu":
-                    raise ValueError(f"state['num_batches_tracked'] must be an integer scalar, "
+            if key in self._counter_keys:
+                if v.shape != () or v.dtype.kind not in "iu" or int(v) < 0:
+                    raise ValueError(f"state[{key!r}] must be a non-negative integer scalar, "
                                      f"got shape {v.shape} dtype {v.dtype}")
                 new[key] = int(v)
                 continue
@@ -114,8 +116,8 @@ class Layer:
             self._check_state_value(key, v)
             new[key] = v
         for key, v in new.items():
-            if key == "num_batches_tracked":
-                self.num_batches_tracked = v
+            if key in self._counter_keys:
+                setattr(self, key, v)
             else:
                 getattr(self, key)[...] = v
 
@@ -205,6 +207,11 @@ class BatchNorm(ChannelNorm):
     ``grad_bias`` (None when ``affine=False``); after an eval-mode forward the
     statistics are held fixed.
 
+    ``guard_running_stats=True`` keeps a channel's running statistics for a
+    step whose batch mean or variance is not finite and counts those channel
+    updates in ``skipped_updates``; ``virtual_batch_size=k`` is ghost batch
+    norm in training (see ``batch_norm_forward`` for both).
+
     Parameters live in ``dtype`` (float32 by default); inputs may be float16,
     bfloat16, float32 or float64.  ``backend=None`` (the default) picks the backend per
     call from the input, like ``batch_norm_forward``: CuPy input runs on
@@ -218,30 +225,71 @@ class BatchNorm(ChannelNorm):
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, axis=1, dtype="float32", backend=None,
-                 activation=None):
+                 track_running_stats=True, axis=1, dtype="float32", backend=None, *,
+                 guard_running_stats=False, virtual_batch_size=None, activation=None):
         V.check_activation(activation)
+        self.guard_running_stats = V.check_flag(guard_running_stats, "guard_running_stats")
+        if virtual_batch_size is not None:   # a batch of one group checks the value itself
+            V.check_virtual_batch_size(virtual_batch_size, (virtual_batch_size,), 1)
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
                          track_running_stats=track_running_stats, axis=axis, dtype=dtype,
                          backend=backend)
+        self.virtual_batch_size = virtual_batch_size if virtual_batch_size is None \
+            else int(virtual_batch_size)
         self.activation = activation
+        self._skipped = None
+        if self.guard_running_stats and self.track_running_stats:
+            # skipped channel updates, counted on the state's array module (no
+            # host round trip per step); read through ``skipped_updates``
+            self._counter_keys = ("num_batches_tracked", "skipped_updates")
+            self._state_arrays = self._state_arrays + ("_skipped",)
+            self._skipped = self.backend.xp.zeros((), dtype=np.int64)
+
+    @property
+    def skipped_updates(self):
+        """Channel updates of the running statistics the guard skipped so far
+        (``guard_running_stats=True``; None without the guard)."""
+        return None if self._skipped is None else int(self._skipped)
+
+    @skipped_updates.setter
+    def skipped_updates(self, value):
+        self._skipped[...] = value
+
+    def reset_running_stats(self):
+        super().reset_running_stats()
+        if self._skipped is not None:
+            self._skipped[...] = 0
+
+    def state_dict(self):
+        """Copies of the state under PyTorch's key names, plus
+        ``skipped_updates`` when the guard is on."""
+        state = super().state_dict()
+        if self._skipped is not None:
+            state["skipped_updates"] = self._skipped.copy()
+        return state
 
     def forward(self, x, residual=None):
-        epilogue = {}
-        if residual is not None or self.activation is not None:
-            epilogue = dict(residual=residual, activation=self.activation)
         backend = self._backend_for(x)
         use_batch_stats = self.training or self.running_mean is None
         update = self.training and self.track_running_stats
+        options = {}
+        if residual is not None or self.activation is not None:
+            options.update(residual=residual, activation=self.activation)
+        if self._skipped is not None:
+            options["guard_running_stats"] = True
+        if self.training and self.virtual_batch_size is not None:
+            options["virtual_batch_size"] = self.virtual_batch_size
         y, saved = self._functional_forward(
             x, weight=self.weight, bias=self.bias,
             running_mean=self.running_mean if update or not use_batch_stats else None,
             running_var=self.running_var if update or not use_batch_stats else None,
             training=use_batch_stats, momentum=self.momentum, eps=self.eps,
             axis=self.axis, backend=backend,
-            num_batches_tracked=self.num_batches_tracked if update else None, **epilogue)
+            num_batches_tracked=self.num_batches_tracked if update else None, **options)
         if update:
             self.num_batches_tracked += 1
+        if saved.skipped is not None:
+            self._skipped += saved.skipped.sum(dtype=np.int64)
         self._saved = saved
         return y
 
@@ -258,7 +306,10 @@ class BatchNorm(ChannelNorm):
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
                 f"axis={self.axis}, dtype={self.dtype.name}, backend={self._backend_repr()}"
-                + (f", activation={self.activation!r})" if self.activation else ")"))
+                + (", guard_running_stats=True" if self.guard_running_stats else "")
+                + (f", virtual_batch_size={self.virtual_batch_size}"
+                   if self.virtual_batch_size is not None else "")
+                + (f", activation={self.activation!r}" if self.activation else "") + ")")
 
 
 __all__ = ["BatchNorm", "ChannelNorm", "Layer"]

@@ -52,24 +52,25 @@ from .functional import BatchNormSaved, prepare_forward, to_acc
 from .layers import ChannelNorm
 
 
+def _check_clip_bound(value, name: str, low: float, clips: str) -> float:
+    """A clipping bound: a real number >= ``low`` (``inf`` allowed: no
+    clipping); ``clips`` says what it clips, for the message."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float >= {low:g}, got {type(value).__name__}")
+    value = float(value)
+    if not value >= low:   # also rejects nan
+        raise ValueError(f"{name} must be >= {low:g} ({clips}), got {value}")
+    return value
+
+
 def check_rmax(rmax) -> float:
     """``rmax``: a real number >= 1 (``inf`` allowed: no clipping of r)."""
-    if isinstance(rmax, bool) or not isinstance(rmax, numbers.Real):
-        raise TypeError(f"rmax must be a float >= 1, got {type(rmax).__name__}")
-    rmax = float(rmax)
-    if not rmax >= 1.0:   # also rejects nan
-        raise ValueError(f"rmax must be >= 1 (r is clipped to [1/rmax, rmax]), got {rmax}")
-    return rmax
+    return _check_clip_bound(rmax, "rmax", 1.0, "r is clipped to [1/rmax, rmax]")
 
 
 def check_dmax(dmax) -> float:
     """``dmax``: a real number >= 0 (``inf`` allowed: no clipping of d)."""
-    if isinstance(dmax, bool) or not isinstance(dmax, numbers.Real):
-        raise TypeError(f"dmax must be a float >= 0, got {type(dmax).__name__}")
-    dmax = float(dmax)
-    if not dmax >= 0.0:   # also rejects nan
-        raise ValueError(f"dmax must be >= 0 (d is clipped to [-dmax, dmax]), got {dmax}")
-    return dmax
+    return _check_clip_bound(dmax, "dmax", 0.0, "d is clipped to [-dmax, dmax]")
 
 
 def check_running_std(running_std, name: str = "running_std"):
@@ -122,13 +123,13 @@ def batch_renorm_forward(x, *, weight=None, bias=None, running_mean, running_std
     dmax = check_dmax(dmax)
 
     def check_vectors(c, be):
-        V.check_channel_vector(weight, "weight", c)
-        V.check_channel_vector(bias, "bias", c)
+        V.check_channel_vector(weight, "weight", c, like=x)
+        V.check_channel_vector(bias, "bias", c, like=x)
         if running_mean is None or running_std is None:
             raise ValueError("batch renorm needs running_mean and running_std (the moving "
                              "statistics r and d are computed from), got None")
-        V.check_channel_vector(running_mean, "running_mean", c, be, writable=training)
-        V.check_channel_vector(running_std, "running_std", c, be, writable=training)
+        V.check_channel_vector(running_mean, "running_mean", c, be, writable=training, like=x)
+        V.check_channel_vector(running_std, "running_std", c, be, writable=training, like=x)
         check_running_std(running_std)
 
     f = prepare_forward(x, weight=weight, bias=bias, training=training, momentum=momentum,
@@ -136,18 +137,17 @@ def batch_renorm_forward(x, *, weight=None, bias=None, running_mean, running_std
                         num_batches_tracked=num_batches_tracked, check_vectors=check_vectors)
     be, xp = f.backend, f.backend.xp
     if f.training:
-        rm, rs = f.running(running_mean), f.running(running_std)
-        y3, mean, invstd, r, d, w_bn = be.bn_renorm_forward_train(
-            f.x3, f.weight, f.bias, rm, rs, rmax, dmax, f.factor, f.eps)
-        f.write_back(running_mean, rm)
-        f.write_back(running_std, rs)
+        y3, mean, invstd, r, d, w_bn = f.update_running(
+            running_mean, running_std,
+            lambda rm, rs: be.bn_renorm_forward_train(f.x3, f.weight, f.bias, rm, rs, rmax,
+                                                      dmax, f.factor, f.eps))
     else:
         mean = to_acc(xp, running_mean, f.acc).copy()
         invstd = (1.0 / to_acc(xp, running_std, f.acc)).astype(f.acc, copy=False)
         y3 = be.bn_apply(f.x3, mean, invstd, f.weight, f.bias)
         r = d = None
         w_bn = f.weight
-    return y3.reshape(f.shape), BatchRenormSaved(bn=f.saved(mean, invstd, w_bn), r=r, d=d)
+    return f.output(y3), BatchRenormSaved(bn=f.saved(mean, invstd, w_bn), r=r, d=d)
 
 
 def batch_renorm_backward(dy, saved: BatchRenormSaved):
@@ -165,8 +165,8 @@ def batch_renorm_backward(dy, saved: BatchRenormSaved):
                         f"got {type(saved).__name__}")
     s = saved.bn
     be = s.backend
-    V.check_grad_output(dy, s.shape, s.dtype, be)
-    dy3 = V.canonical_view(dy, s.axis, be.xp)
+    V.check_grad_output(dy, s.shape, s.dtype, be, like=s.x3)
+    dy3 = V.canonical_view(dy, s.axis, be.xp, s.order)
     dx3, sum_dy_xhat, sum_dy = be.bn_backward(dy3, s.x3, s.mean, s.invstd, s.weight, s.training)
     dweight = dbias = None
     if s.weight_dtype is not None:
@@ -174,7 +174,7 @@ def batch_renorm_backward(dy, saved: BatchRenormSaved):
         dweight = dw.astype(s.weight_dtype, copy=False)
     if s.bias_dtype is not None:
         dbias = sum_dy.astype(s.bias_dtype, copy=False)
-    return dx3.reshape(s.shape), dweight, dbias
+    return V.from_canonical(dx3, s.shape, s.order), dweight, dbias
 
 
 class BatchRenorm(ChannelNorm):

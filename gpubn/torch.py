@@ -35,6 +35,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("gpubn.torch needs PyTorch: pip install 'gpubn[torch]'") from exc
 from torch.autograd.function import once_differentiable
 
+from . import _validation as V
 from .backends import BACKENDS
 from .functional import batch_norm_backward, batch_norm_forward
 
@@ -123,7 +124,7 @@ class _BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps,
-                backend):
+                backend, virtual_batch_size, skipped_updates):
         order = _channels_last_order(x)
         xv = x if order is None else x.permute(order)
         with _stream_of(x):
@@ -131,8 +132,12 @@ class _BatchNormFunction(torch.autograd.Function):
                 as_array(xv), weight=as_array(weight), bias=as_array(bias),
                 running_mean=as_array(running_mean), running_var=as_array(running_var),
                 training=training, momentum=momentum, eps=eps,
-                axis=1 if order is None else -1, backend=backend)
+                axis=1 if order is None else -1, backend=backend,
+                guard_running_stats=skipped_updates is not None,
+                virtual_batch_size=virtual_batch_size)
             y = as_tensor(y)
+            if saved.skipped is not None:
+                skipped_updates.add_(as_tensor(saved.skipped).sum())
         ctx.gpubn = (saved, order)
         # gpubn's saved state refers to x's and weight's memory: keep them
         # alive, and let autograd refuse a backward after an in-place change
@@ -149,7 +154,7 @@ class _BatchNormFunction(torch.autograd.Function):
             grads = [as_tensor(g) for g in batch_norm_backward(as_array(dyv), saved)]
         if order is not None:
             grads[0] = grads[0].permute(_inverse(order))
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None)
 
 
 def _check_devices(x, *tensors):
@@ -161,15 +166,25 @@ def _check_devices(x, *tensors):
 
 @torch.compiler.disable
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5, *, backend=None):
+               momentum=0.1, eps=1e-5, *, backend=None, virtual_batch_size=None,
+               skipped_updates=None):
     """``torch.nn.functional.batch_norm`` on gpubn (same arguments; channel
     axis 1).  ``backend``: a gpubn backend name, or None to choose from the
-    tensors (CPU -> a NumPy backend, CUDA -> ``cuda``)."""
+    tensors (CPU -> a NumPy backend, CUDA -> ``cuda``).
+    ``virtual_batch_size``: ghost batch norm in training (see
+    ``gpubn.batch_norm_forward``).  ``skipped_updates``: a 0-d integer
+    tensor turns ``guard_running_stats`` on and is incremented in place by
+    the number of channels whose running-statistics update was skipped."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-    _check_devices(input, running_mean, running_var, weight, bias)
+    if skipped_updates is not None and (
+            not isinstance(skipped_updates, torch.Tensor) or skipped_updates.dim() != 0
+            or skipped_updates.dtype.is_floating_point):
+        raise TypeError("skipped_updates must be a 0-d integer torch.Tensor or None")
+    _check_devices(input, running_mean, running_var, weight, bias, skipped_updates)
     return _BatchNormFunction.apply(input, weight, bias, running_mean, running_var,
-                                    bool(training), momentum, eps, backend)
+                                    bool(training), momentum, eps, backend, virtual_batch_size,
+                                    skipped_updates)
 
 
 # --------------------------------------------------------- modules ----
@@ -186,10 +201,22 @@ class _GpubnBatchNorm:
     nothing."""
 
     backend = None       # gpubn backend name; None: chosen per call from the input
+    virtual_batch_size = None    # ghost batch norm in training (k samples per group)
+    guard_running_stats = False  # then the buffer ``skipped_updates`` counts skipped updates
 
-    def __init__(self, *args, backend=None, **kwargs):
+    def __init__(self, *args, backend=None, guard_running_stats=False, virtual_batch_size=None,
+                 **kwargs):
+        guard = V.check_flag(guard_running_stats, "guard_running_stats")
+        if virtual_batch_size is not None:
+            V.check_virtual_batch_size(virtual_batch_size, (virtual_batch_size,), 1)
         super().__init__(*args, **kwargs)
         self.backend = _check_backend(backend)
+        self.virtual_batch_size = virtual_batch_size
+        self.guard_running_stats = guard and self.track_running_stats
+        if self.guard_running_stats:
+            self.register_buffer("skipped_updates",
+                                 torch.zeros((), dtype=torch.long,
+                                             device=self.running_mean.device))
 
     def forward(self, input):
         self._check_input_dim(input)
@@ -201,13 +228,21 @@ class _GpubnBatchNorm:
         pass_running = not self.training or self.track_running_stats
         y = batch_norm(input, self.running_mean if pass_running else None,
                        self.running_var if pass_running else None, self.weight, self.bias,
-                       use_batch_stats, factor, self.eps, backend=self.backend)
+                       use_batch_stats, factor, self.eps, backend=self.backend,
+                       virtual_batch_size=self.virtual_batch_size if self.training else None,
+                       skipped_updates=self.skipped_updates if self.guard_running_stats
+                       and self.training else None)
         if count:
             self.num_batches_tracked.add_(1)
         return y
 
     def extra_repr(self):
-        return super().extra_repr() + f", backend={self.backend!r}"
+        extra = f", backend={self.backend!r}"
+        if self.guard_running_stats:
+            extra += ", guard_running_stats=True"
+        if self.virtual_batch_size is not None:
+            extra += f", virtual_batch_size={self.virtual_batch_size}"
+        return super().extra_repr() + extra
 
 
 class BatchNorm1d(_GpubnBatchNorm, torch.nn.BatchNorm1d):
@@ -253,5 +288,6 @@ def revert(module):
         original = _ORIGINALS.get(type(m))
         if original is not None:
             m.__class__ = original
-            m.__dict__.pop("backend", None)
+            for name in ("backend", "virtual_batch_size", "guard_running_stats"):
+                m.__dict__.pop(name, None)
     return module

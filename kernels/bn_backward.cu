@@ -16,8 +16,10 @@
 //   a = weight * invstd, b = sum_dy / m, k = invstd * sum_dy_xhat / m,
 // and (training == 0) dx = weight * invstd * dy without reading x.
 //
+// gridDim.z > 1: ghost batch norm, sums and dx per group (see at_group).
+//
 // Exported kernels (name expressions, see gpubn/kernels.py):
-//   gpubn::bn_backward_reduce_nchw<T, Acc, VEC>, gpubn::bn_backward_reduce_nhwc<T, Acc>
+//   gpubn::bn_backward_reduce_nchw<T, Acc, VEC>, gpubn::bn_backward_reduce_nhwc<T, Acc, VEC>
 //   gpubn::bn_backward_dx_nchw<T, Acc, VEC>,     gpubn::bn_backward_dx_nhwc<T, Acc, VEC>
 #include "gpubn_common.cuh"
 
@@ -27,12 +29,6 @@ template <class T, int VEC>
 struct VecPair {  // VEC elements of dy and of x
     Vec<T, VEC> dy;
     Vec<T, VEC> x;
-};
-
-template <class Acc>
-struct DyX {  // one element of dy and x, widened
-    Acc dy;
-    Acc x;
 };
 
 template <class Acc>
@@ -50,8 +46,12 @@ bn_backward_reduce_nchw(const T* __restrict__ dy, const T* __restrict__ x, const
                         long long outer, int channels, long long inner,
                         GradSums<Acc>* partials, unsigned int* counters, Acc* sum_dy_out,
                         Acc* sum_dy_xhat_out) {
+    // the group's offset folded into `base`: one 64-bit index for the five
+    // tensors (a pointer each spills at the declared occupancy)
+    mean = at_group(mean, channels);
+    invstd = at_group(invstd, channels);
     const int c = blockIdx.x;
-    const long long base = (long long)c * inner;
+    const long long base = ((long long)blockIdx.z * outer * channels + c) * inner;
     __shared__ Acc consts[2];  // the channel's mean and weight * invstd, read once per block
     if (threadIdx.x == 0) {
         consts[0] = mean[c];
@@ -91,45 +91,72 @@ bn_backward_reduce_nchw(const T* __restrict__ dy, const T* __restrict__ x, const
             for (int u = 0; u < GPUBN_WALK_UNROLL; ++u) push(s, p[u], offset[u]);
         },
         push);
+    // the group's reduction buffers offset here, after the walk (no
+    // registers held across it)
+    partials = at_group(partials, (long long)channels * gridDim.y);
+    counters = at_group(counters, channels);
+    sum_dy_out = at_group(sum_dy_out, channels);
+    sum_dy_xhat_out = at_group(sum_dy_xhat_out, channels);
     channel_finish_nchw(g, partials, counters, [&](const GradSums<Acc>& total) {
         finish_grad(total, c, invstd, sum_dy_out, sum_dy_xhat_out);
     });
 }
 
-template <class T, class Acc>
+// Channels last: each thread reads VEC adjacent channels of dy and x with one
+// load each per row, keeps sums per channel, and reads its channels' mean
+// and weight * invstd itself (no shared memory, no barrier before the walk).
+template <class T, class Acc, int VEC>
 __global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS, GPUBN_REDUCE_MIN_BLOCKS)
 bn_backward_reduce_nhwc(const T* __restrict__ dy, const T* __restrict__ x, const Acc* mean,
                         const Acc* invstd, const Acc* weight, T* __restrict__ dx_eval,
                         const T* __restrict__ y_mask, T* __restrict__ g_out,
                         long long rows, int channels, GradSums<Acc>* partials,
                         unsigned int* counters, Acc* sum_dy_out, Acc* sum_dy_xhat_out) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    __shared__ Acc consts[2][32];  // per column: mean and weight * invstd, read once per block
-    if (threadIdx.y == 0) {
-        const int cc = c < channels ? c : channels - 1;  // columns past the end: unused
-        consts[0][threadIdx.x] = mean[cc];
-        consts[1][threadIdx.x] = weight ? weight[cc] * invstd[cc] : invstd[cc];
+    dy = at_group(dy, rows * channels);
+    x = at_group(x, rows * channels);
+    dx_eval = at_group(dx_eval, rows * channels);
+    y_mask = at_group(y_mask, rows * channels);
+    g_out = at_group(g_out, rows * channels);
+    mean = at_group(mean, channels);
+    invstd = at_group(invstd, channels);
+    partials = at_group(partials, (long long)channels * gridDim.y);
+    counters = at_group(counters, gridDim.x);
+    sum_dy_out = at_group(sum_dy_out, channels);
+    sum_dy_xhat_out = at_group(sum_dy_xhat_out, channels);
+    const long long c0 = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * VEC;
+    Acc m[VEC], a[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+        const int c = c0 + j < channels ? (int)(c0 + j) : 0;  // columns past the end: unused
+        m[j] = read_only(mean + c);
+        a[j] = weight ? read_only(weight + c) * read_only(invstd + c) : read_only(invstd + c);
     }
-    __syncthreads();
-    const Acc m = consts[0][threadIdx.x];
-    const Acc a = consts[1][threadIdx.x];
-    auto push = [&](GradSums<Acc>(&s)[1], const DyX<Acc>& v, long long offset) {
-        s[0].sum_dy += v.dy;
-        s[0].sum_dy_xmu = fma_acc(v.dy, v.x - m, s[0].sum_dy_xmu);
-        if (dx_eval) store_acc(dx_eval[offset], a * v.dy);
-        if (g_out) store_acc(g_out[offset], v.dy);
+    auto push = [&](GradSums<Acc>(&s)[VEC], const VecPair<T, VEC>& p, long long offset) {
+        // the ReLU's mask read one element at a time, as in the NCHW walk
+        Vec<T, VEC> out;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+            Acc d = to_acc(p.dy.v[j]);
+            if (y_mask) {
+                if (Acc(to_acc(y_mask[offset + j])) <= Acc(0)) d = Acc(0);
+                if (g_out) store_acc(g_out[offset + j], d);
+            }
+            s[j].sum_dy += d;
+            s[j].sum_dy_xmu = fma_acc(d, Acc(to_acc(p.x.v[j])) - m[j], s[j].sum_dy_xmu);
+            store_acc(out.v[j], a[j] * d);
+        }
+        if (dx_eval) store_vec<T, VEC>(dx_eval + offset, out);
     };
-    GradSums<Acc> g[1];
-    channel_walk_nhwc<1>(
+    GradSums<Acc> g[VEC];
+    channel_walk_nhwc<VEC>(
         rows, channels,
         [&](long long offset) {
-            DyX<Acc> v;
-            v.dy = to_acc(dy[offset]);
-            v.x = to_acc(x[offset]);
-            if (y_mask && Acc(to_acc(y_mask[offset])) <= Acc(0)) v.dy = Acc(0);
-            return v;
+            VecPair<T, VEC> p;
+            p.dy = load_vec<T, VEC>(dy + offset);
+            p.x = load_vec<T, VEC>(x + offset);
+            return p;
         },
-        [&](GradSums<Acc>(&s)[1], const DyX<Acc>* v, const long long* offset) {
+        [&](GradSums<Acc>(&s)[VEC], const VecPair<T, VEC>* v, const long long* offset) {
 #pragma unroll
             for (int u = 0; u < GPUBN_WALK_UNROLL; ++u) push(s, v[u], offset[u]);
         },
@@ -204,6 +231,13 @@ __global__ void bn_backward_dx_nchw(const T* __restrict__ dy, const T* __restric
                                     const Acc* weight, const Acc* sum_dy, const Acc* sum_dy_xhat,
                                     long long outer, int channels, long long inner,
                                     Acc inv_count, int training) {
+    dy = at_group(dy, outer * channels * inner);
+    x = at_group(x, outer * channels * inner);
+    dx = at_group(dx, outer * channels * inner);
+    mean = at_group(mean, channels);
+    invstd = at_group(invstd, channels);
+    sum_dy = at_group(sum_dy, channels);
+    sum_dy_xhat = at_group(sum_dy_xhat, channels);
     channel_map_nchw<VEC, DxConsts<Acc>>(
         outer, channels, inner,
         [&](int c, bool) {
@@ -220,6 +254,13 @@ __global__ void bn_backward_dx_nhwc(const T* __restrict__ dy, const T* __restric
                                     T* __restrict__ dx, const Acc* mean, const Acc* invstd,
                                     const Acc* weight, const Acc* sum_dy, const Acc* sum_dy_xhat,
                                     long long rows, int channels, Acc inv_count, int training) {
+    dy = at_group(dy, rows * channels);
+    x = at_group(x, rows * channels);
+    dx = at_group(dx, rows * channels);
+    mean = at_group(mean, channels);
+    invstd = at_group(invstd, channels);
+    sum_dy = at_group(sum_dy, channels);
+    sum_dy_xhat = at_group(sum_dy_xhat, channels);
     channel_map_nhwc<VEC, DxConsts<Acc>>(
         rows, channels,
         [&](int c, bool) {

@@ -16,6 +16,9 @@
 // value is bn(x) + residual, and with relu != 0 it goes through max(v, 0)
 // (NaN stays NaN, as torch.relu); both in Acc, rounded once on the store.
 //
+// gridDim.z > 1: ghost batch norm, statistics per group (see at_group); the
+// residual is offset with x.
+//
 // Exported kernels (name expressions, see gpubn/kernels.py):
 //   gpubn::bn_apply_nchw<T, Acc, VEC>   channel axis with inner > 1
 //   gpubn::bn_apply_nhwc<T, Acc, VEC>   channels last (inner == 1)
@@ -98,6 +101,14 @@ __global__ void bn_apply_nchw(const T* __restrict__ x, T* __restrict__ y,
                               const Acc* bias,
                               Acc* mean_out, Acc* invstd_out, long long outer, int channels,
                               long long inner, int from_var, int relu, Acc eps) {
+    x = at_group(x, outer * channels * inner);
+    y = at_group(y, outer * channels * inner);
+    residual = at_group(residual, outer * channels * inner);
+    mean = at_group(mean, channels);
+    mean_lo = at_group(mean_lo, channels);
+    spread = at_group(spread, channels);
+    mean_out = at_group(mean_out, channels);
+    invstd_out = at_group(invstd_out, channels);
     channel_map_nchw<VEC, Affine<Acc>>(
         outer, channels, inner,
         [&](int c, bool first) {
@@ -117,6 +128,14 @@ __global__ void bn_apply_nhwc(const T* __restrict__ x, T* __restrict__ y,
                               const Acc* bias,
                               Acc* mean_out, Acc* invstd_out, long long rows, int channels,
                               int from_var, int relu, Acc eps) {
+    x = at_group(x, rows * channels);
+    y = at_group(y, rows * channels);
+    residual = at_group(residual, rows * channels);
+    mean = at_group(mean, channels);
+    mean_lo = at_group(mean_lo, channels);
+    spread = at_group(spread, channels);
+    mean_out = at_group(mean_out, channels);
+    invstd_out = at_group(invstd_out, channels);
     channel_map_nhwc<VEC, Affine<Acc>>(
         rows, channels,
         [&](int c, bool first) {

@@ -11,8 +11,8 @@
 //      every block is co-resident);
 //   3. every block merges its channel's S partials in index order (so all
 //      blocks of a channel agree bitwise, run after run), the split-0 block
-//      writes mean / invstd / the running statistics (bn_stats.cu's
-//      finish_stats), and all normalize from the registers with bn_forward.cu's
+//      writes mean / invstd / the running statistics, guarded when
+//      `skipped` is non-null (bn_stats.cu's finish_stats), and all normalize from the registers with bn_forward.cu's
 //      constants and epilogue (residual add, ReLU).
 //
 // The launch plan (gpubn/launch.py: once_launch) picks these kernels only
@@ -67,11 +67,12 @@ __device__ __forceinline__ Affine<Acc> once_constants(const Welford<Acc>* partia
                                                       int splits, bool writer, const Acc* weight,
                                                       const Acc* bias, Acc* mean_out,
                                                       Acc* invstd_out, Acc* running_mean,
-                                                      Acc* running_var, Acc momentum, Acc eps) {
+                                                      Acc* running_var, int* skipped,
+                                                      Acc momentum, Acc eps) {
     const Welford<Acc> w = merge_partials(partials + (long long)c * splits, splits);
     if (writer)
         finish_stats(w, c, mean_out, (Acc*)nullptr, (Acc*)nullptr, invstd_out, running_mean,
-                     running_var, momentum, eps);
+                     running_var, skipped, momentum, eps);
     return affine_from(w.final_mean(), w.final_mean_lo(), inv_sqrt(w.m2 / Acc(w.n) + eps),
                        weight ? weight[c] : Acc(1), bias ? bias[c] : Acc(0));
 }
@@ -90,8 +91,8 @@ __global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS)
 bn_forward_once_nchw(const T* __restrict__ x, T* __restrict__ y, const T* __restrict__ residual,
                      long long outer, int channels, long long inner, Welford<Acc>* partials,
                      unsigned int* bar, const Acc* weight, const Acc* bias, Acc* mean_out,
-                     Acc* invstd_out, Acc* running_mean, Acc* running_var, int relu,
-                     Acc momentum, Acc eps) {
+                     Acc* invstd_out, Acc* running_mean, Acc* running_var, int* skipped,
+                     int relu, Acc momentum, Acc eps) {
     const int c = blockIdx.x;
     const int splits = gridDim.y;
     const long long m = outer * inner;
@@ -117,7 +118,7 @@ bn_forward_once_nchw(const T* __restrict__ x, T* __restrict__ y, const T* __rest
     __shared__ Affine<Acc> kc;
     if (threadIdx.x == 0)
         kc = once_constants(partials, c, splits, blockIdx.y == 0, weight, bias, mean_out,
-                            invstd_out, running_mean, running_var, momentum, eps);
+                            invstd_out, running_mean, running_var, skipped, momentum, eps);
     __syncthreads();
     const Affine<Acc> k = kc;
 #pragma unroll
@@ -130,7 +131,8 @@ __global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS)
 bn_forward_once_nhwc(const T* __restrict__ x, T* __restrict__ y, const T* __restrict__ residual,
                      long long rows, int channels, Welford<Acc>* partials, unsigned int* bar,
                      const Acc* weight, const Acc* bias, Acc* mean_out, Acc* invstd_out,
-                     Acc* running_mean, Acc* running_var, int relu, Acc momentum, Acc eps) {
+                     Acc* running_mean, Acc* running_var, int* skipped, int relu, Acc momentum,
+                     Acc eps) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;  // this thread's column
     const int splits = gridDim.y;
     const long long chunk = (long long)blockDim.y * GPUBN_ONCE_ITEMS;
@@ -154,7 +156,7 @@ bn_forward_once_nhwc(const T* __restrict__ x, T* __restrict__ y, const T* __rest
     if (threadIdx.y == 0 && c < channels)
         kc[threadIdx.x] = once_constants(partials, c, splits, blockIdx.y == 0, weight, bias,
                                          mean_out, invstd_out, running_mean, running_var,
-                                         momentum, eps);
+                                         skipped, momentum, eps);
     __syncthreads();
     if (c >= channels) return;
     const Affine<Acc> k = kc[threadIdx.x];

@@ -346,6 +346,18 @@ __device__ __forceinline__ S block_reduce_columns(S v) {
     return v;
 }
 
+// Ghost batch norm: a launch with gridDim.z = G treats G consecutive equal
+// slices of the outer extent as independent batches (the group is an extra
+// outer index; no copy, one launch).  Block (x, y, g) moves its tensor
+// pointers by g slices and its per-group arrays (statistics, reduced sums,
+// partial states, arrival counters) by g of their extents, so every other
+// line of a kernel is the one-group code; shared per-channel vectors (weight,
+// bias) stay.  Null stays null; with G = 1 nothing moves.
+template <class P>
+__device__ __forceinline__ P* at_group(P* p, long long extent) {
+    return p ? p + (long long)blockIdx.z * extent : p;
+}
+
 // Two-stage reduction handshake, called by every thread of a block after the
 // block wrote its partial(s).  Returns true (in every thread) for the one block
 // that arrived last at ``counter``; that block then merges all partials and

@@ -1,7 +1,9 @@
 // layer_norm.cu -- layer normalization over the rows of a (rows, n) array.
 //
 // Forward: per row, Welford over the row (vector loads, Chan merges across
-// lanes), then y = (x - mean) * rstd * weight + bias in a second sweep over
+// lanes), then y = (x - hi - lo) * rstd * weight + bias (hi + lo: the row
+// mean as a float pair, so rows far from zero keep their accuracy) in a
+// second sweep over
 // the row held in registers (rows of up to GPUBN_LN_CACHE_UNITS vector units
 // per thread: x is read once) or read again (longer rows: an L2 hit for most).
 // Per-row mean and rstd = 1 / sqrt(var + eps) are written for the backward.
@@ -87,13 +89,13 @@ __device__ __forceinline__ Acc row_rstd(const Welford<Acc>& w, Acc eps) {
 
 template <class T, class Acc, int VEC>
 __device__ __forceinline__ void normalize_unit(const Vec<T, VEC>& in, T* __restrict__ yr,
-                                               long long j, Acc mean, Acc rstd,
+                                               long long j, Acc mean, Acc mean_lo, Acc rstd,
                                                const Acc* weight, const Acc* bias) {
     Vec<T, VEC> out;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
         const long long col = j * VEC + k;
-        const Acc xhat = (Acc(to_acc(in.v[k])) - mean) * rstd;
+        const Acc xhat = ((Acc(to_acc(in.v[k])) - mean) - mean_lo) * rstd;
         const Acc w = weight ? weight[col] : Acc(1);
         const Acc b = bias ? bias[col] : Acc(0);
         store_acc(out.v[k], fma_acc(xhat, w, b));
@@ -105,18 +107,19 @@ template <class T, class Acc, int VEC>
 __device__ __forceinline__ void row_normalize(const T* __restrict__ xr, T* __restrict__ yr,
                                               long long n_v, long long start, long long step,
                                               bool cached, const RowCache<T, VEC>& cache,
-                                              Acc mean, Acc rstd, const Acc* weight,
+                                              Acc mean, Acc mean_lo, Acc rstd, const Acc* weight,
                                               const Acc* bias) {
     if (cached) {
 #pragma unroll
         for (int u = 0; u < GPUBN_LN_CACHE_UNITS; ++u) {
             const long long j = start + u * step;
-            if (j < n_v) normalize_unit<T, Acc, VEC>(cache.v[u], yr, j, mean, rstd, weight, bias);
+            if (j < n_v)
+                normalize_unit<T, Acc, VEC>(cache.v[u], yr, j, mean, mean_lo, rstd, weight, bias);
         }
     } else {
         for (long long j = start; j < n_v; j += step)
-            normalize_unit<T, Acc, VEC>(load_vec<T, VEC>(xr + j * VEC), yr, j, mean, rstd, weight,
-                                        bias);
+            normalize_unit<T, Acc, VEC>(load_vec<T, VEC>(xr + j * VEC), yr, j, mean, mean_lo, rstd,
+                                        weight, bias);
     }
 }
 
@@ -241,17 +244,19 @@ ln_forward_warp(const T* __restrict__ x, T* __restrict__ y, const Acc* weight, c
         const T* xr = x + r * n;
         Welford<Acc> w = row_welford<T, Acc, VEC>(xr, n_v, threadIdx.x, 32, cached, cache);
         w = warp_reduce(w);
-        Acc mean = Acc(0), rstd = Acc(0);
+        Acc mean = Acc(0), mean_lo = Acc(0), rstd = Acc(0);
         if (threadIdx.x == 0) {
             mean = w.final_mean();
+            mean_lo = w.final_mean_lo();
             rstd = row_rstd(w, eps);
             mean_out[r] = mean;
             rstd_out[r] = rstd;
         }
         mean = shfl0(mean);
+        mean_lo = shfl0(mean_lo);
         rstd = shfl0(rstd);
-        row_normalize<T, Acc, VEC>(xr, y + r * n, n_v, threadIdx.x, 32, cached, cache, mean, rstd,
-                                   weight, bias);
+        row_normalize<T, Acc, VEC>(xr, y + r * n, n_v, threadIdx.x, 32, cached, cache, mean,
+                                   mean_lo, rstd, weight, bias);
     }
 }
 
@@ -259,7 +264,7 @@ template <class T, class Acc, int VEC>
 __global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS)
 ln_forward_block(const T* __restrict__ x, T* __restrict__ y, const Acc* weight, const Acc* bias,
                  Acc* mean_out, Acc* rstd_out, long long rows, long long n, Acc eps, int stage) {
-    __shared__ Acc row_stats[2];
+    __shared__ Acc row_stats[3];  // mean (hi, lo), rstd
     stage_params(weight, bias, n, stage);
     const long long n_v = n / VEC;
     const bool cached = row_fits_cache(n_v, blockDim.x);
@@ -274,11 +279,12 @@ ln_forward_block(const T* __restrict__ x, T* __restrict__ y, const Acc* weight, 
             mean_out[r] = mean;
             rstd_out[r] = rstd;
             row_stats[0] = mean;
-            row_stats[1] = rstd;
+            row_stats[1] = w.final_mean_lo();
+            row_stats[2] = rstd;
         }
         __syncthreads();
         row_normalize<T, Acc, VEC>(xr, y + r * n, n_v, threadIdx.x, blockDim.x, cached, cache,
-                                   row_stats[0], row_stats[1], weight, bias);
+                                   row_stats[0], row_stats[1], row_stats[2], weight, bias);
     }
 }
 

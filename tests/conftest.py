@@ -190,12 +190,11 @@ def assert_rounded_close(actual, expected, dtype, slack, name="value"):
             f"{tol.flat[i]:.3g}")
 
 
-def bn_output_slack(x, weight, bias, axis, dtype, mean=None, var=None, eps=1e-5):
-    """Slack of :func:`assert_rounded_close` for batch norm's ``y``:
-    ``4 u (1 + log2 m) (|w| (|x| + mean|x|) / sigma + |b|)`` with the
-    accumulation dtype's unit roundoff ``u``: the centring, the scaling and
-    the statistics (a mean of m values errs by about u (1 + log2 m) mean|x|)
-    each round a few times."""
+def _channel_layout(x, axis, mean=None, var=None):
+    """``x`` in float64, its reduction axes (all but the channel ``axis``),
+    the per-channel broadcast shape, the values per channel ``m``, and the
+    per-channel mean and (biased) variance: the batch's, or the given ones
+    (an eval forward's running statistics)."""
     x = np.asarray(to_numpy(x), dtype=np.float64)
     axis = axis % x.ndim
     red = tuple(i for i in range(x.ndim) if i != axis)
@@ -204,8 +203,29 @@ def bn_output_slack(x, weight, bias, axis, dtype, mean=None, var=None, eps=1e-5)
     m = x.size // x.shape[axis]
     mean = x.mean(axis=red, keepdims=True) if mean is None else np.reshape(mean, shape)
     var = x.var(axis=red, keepdims=True) if var is None else np.reshape(var, shape)
-    w = 1.0 if weight is None else np.abs(np.reshape(to_numpy(weight), shape))
-    b = 0.0 if bias is None else np.abs(np.reshape(to_numpy(bias), shape))
+    return x, red, shape, m, mean, var
+
+
+def _abs_param(v, shape, ndim, default):
+    """``|v|`` broadcastable against the data: a 1-D vector is per channel
+    (reshaped to ``shape``), an array with the data's ``ndim`` is used as it
+    is (per element: layer norm's weight along a row); None is ``default``."""
+    if v is None:
+        return default
+    v = np.abs(np.asarray(to_numpy(v), dtype=np.float64))
+    return v if v.ndim == ndim else v.reshape(shape)
+
+
+def bn_output_slack(x, weight, bias, axis, dtype, mean=None, var=None, eps=1e-5):
+    """Slack of :func:`assert_rounded_close` for batch norm's ``y``:
+    ``4 u (1 + log2 m) (|w| (|x| + mean|x|) / sigma + |b|)`` with the
+    accumulation dtype's unit roundoff ``u``: the centring, the scaling and
+    the statistics (a mean of m values errs by about u (1 + log2 m) mean|x|)
+    each round a few times.  ``weight`` / ``bias``: per channel, or arrays
+    of x's ndim (see :func:`_abs_param`)."""
+    x, red, shape, m, mean, var = _channel_layout(x, axis, mean, var)
+    w = _abs_param(weight, shape, x.ndim, 1.0)
+    b = _abs_param(bias, shape, x.ndim, 0.0)
     mean_abs = np.abs(x).mean(axis=red, keepdims=True) + np.abs(mean)
     scale = w * (np.abs(x) + mean_abs) / np.sqrt(var + eps) + b
     return 4.0 * acc_unit_roundoff(dtype) * (1.0 + np.log2(m)) * scale
@@ -217,17 +237,9 @@ def bn_dx_slack(x, dy, weight, axis, dtype, training, mean=None, var=None, eps=1
     whose terms cancel: ``4 u (1 + log2 m) |w| / sigma (|dy| + mean|dy| +
     (|xhat| + 1) mean(|dy| (|xhat| + 1)))``; with fixed statistics
     ``dx = dy w / sigma``: ``4 u |w| / sigma |dy|``."""
-    x = np.asarray(to_numpy(x), dtype=np.float64)
+    x, red, shape, m, mean, var = _channel_layout(x, axis, mean, var)
     dy = np.abs(np.asarray(to_numpy(dy), dtype=np.float64))
-    axis = axis % x.ndim
-    red = tuple(i for i in range(x.ndim) if i != axis)
-    shape = [1] * x.ndim
-    shape[axis] = x.shape[axis]
-    m = x.size // x.shape[axis]
-    mean = x.mean(axis=red, keepdims=True) if mean is None else np.reshape(mean, shape)
-    var = x.var(axis=red, keepdims=True) if var is None else np.reshape(var, shape)
-    w = 1.0 if weight is None else np.abs(np.reshape(to_numpy(weight), shape))
-    a = w / np.sqrt(var + eps)
+    a = _abs_param(weight, shape, x.ndim, 1.0) / np.sqrt(var + eps)
     u = acc_unit_roundoff(dtype)
     if not training:
         return 4.0 * u * a * dy
@@ -244,16 +256,48 @@ def bn_sum_terms(x, dy, axis, eps=1e-5, mean=None, var=None):
     :func:`sum_tolerance`; each dweight term gets ``|dy|`` on top for the
     rounding of the saved mean and 1/sigma (a relative error of a few u in
     ``xhat``, on the scale of 1 after the centring)."""
-    x = np.asarray(to_numpy(x), dtype=np.float64)
+    x, red, _, _, mean, var = _channel_layout(x, axis, mean, var)
     dy = np.asarray(to_numpy(dy), dtype=np.float64)
-    axis = axis % x.ndim
-    red = tuple(i for i in range(x.ndim) if i != axis)
-    shape = [1] * x.ndim
-    shape[axis] = x.shape[axis]
-    mean = x.mean(axis=red, keepdims=True) if mean is None else np.reshape(mean, shape)
-    var = x.var(axis=red, keepdims=True) if var is None else np.reshape(var, shape)
     xhat = (x - mean) / np.sqrt(var + eps)
     return red, dy, np.abs(dy) * (np.abs(xhat) + 1.0)
+
+
+def renorm_output_slack(x, weight, bias, axis, dtype, r, d, running_mean, running_std,
+                        eps=1e-5):
+    """Slack of :func:`assert_rounded_close` for batch renorm's training
+    ``y = (w r) xhat + (w d + b)``: batch norm's with weight ``|w r|`` and bias
+    ``|w| (|d| + (mean|x| + |mu|) / sigma) + |b|``, whose middle term is
+    the rounding of ``d = (mu_B - mu) / sigma`` (``mu_B`` and the
+    subtraction; ``mu`` / ``sigma`` the moving statistics before the step),
+    which ``|w r| mean|x| / sigma_B`` does not cover where ``r`` is clipped."""
+    x64, red, shape, _, _, _ = _channel_layout(x, axis)
+    w = _abs_param(weight, shape, x64.ndim, 1.0)
+    mu, sigma = np.reshape(running_mean, shape), np.reshape(running_std, shape)
+    d_err = (np.abs(x64).mean(axis=red, keepdims=True) + np.abs(mu)) / sigma
+    return bn_output_slack(x64, w * np.abs(np.reshape(r, shape)),
+                           w * (np.abs(np.reshape(d, shape)) + d_err)
+                           + _abs_param(bias, shape, x64.ndim, 0.0), axis, dtype, eps=eps)
+
+
+def ln_output_slack(x, n, weight, bias, dtype, eps=1e-5):
+    """Slack of :func:`assert_rounded_close` for layer norm's ``y`` over
+    rows of the last ``n`` values: batch norm's on the ``(rows, n)`` view,
+    each row a channel, the weight and bias per element of the row."""
+    x2 = np.asarray(to_numpy(x), dtype=np.float64).reshape(-1, n)
+    w, b = (None if v is None else np.reshape(to_numpy(v), (1, n)) for v in (weight, bias))
+    return bn_output_slack(x2, w, b, 0, dtype, eps=eps).reshape(np.shape(x))
+
+
+def ln_dx_slack(x, dy, n, weight, dtype, eps=1e-5):
+    """Slack of :func:`assert_rounded_close` for layer norm's ``dx = rstd (g
+    - mean(g) - xhat mean(g xhat))`` with ``g = weight * dy`` (the weight
+    inside the row's sums): batch norm's training slack on the ``(rows, n)``
+    view with ``g`` for ``dy`` and no weight."""
+    x2 = np.asarray(to_numpy(x), dtype=np.float64).reshape(-1, n)
+    g = np.asarray(to_numpy(dy), dtype=np.float64).reshape(-1, n)
+    if weight is not None:
+        g = g * np.reshape(to_numpy(weight), (1, n))
+    return bn_dx_slack(x2, g, None, 0, dtype, True, eps=eps).reshape(np.shape(x))
 
 
 # ---------------------------------------------------------------- oracle ----

@@ -5,7 +5,7 @@ Every rank runs every case of ``CASES`` on its own slice of a global batch
 that all ranks (and the test process) generate from the same seed, with the
 ``SyncBatchNorm`` layer or the functional form, and pickles what it got
 (outputs, gradients, running statistics, or the exception it raised) to
-``OUT/rank<r>.pkl``.  ``cpu``: backends numpy and emu over
+``OUT/rank<r>.pkl``.  ``cpu``: backends numpy, cpu and emu over
 ``MPIComm(COMM_WORLD)``.  ``gpu``: backend cuda over ``MPIComm`` (host
 staging) and, when there is a GPU per rank, over ``NCCLComm``.  The test process compares those
 with single-process batch norm over the concatenated batch; no assertion lives
@@ -144,7 +144,7 @@ def run_functional_case(gpubn, comm, backend, data, rank, to_dev=_identity):
 
 def _cpu_setups(gpubn, world, skipped):
     comm = gpubn.MPIComm(world)
-    for backend in ("numpy", "emu"):
+    for backend in ("numpy", "cpu", "emu"):
         try:
             gpubn.backends.get_backend(backend)
         except RuntimeError as exc:

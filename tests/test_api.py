@@ -93,7 +93,7 @@ def test_layers_choose_the_backend_per_call(monkeypatch, make):
     assert _saved_backend(fixed) == "numpy"
     monkeypatch.delenv("GPUBN_BACKEND")
     auto(x)
-    assert _saved_backend(auto) == "numpy"
+    assert _saved_backend(auto) == get_backend(None, x).name     # cpu, or numpy without Numba
     assert isinstance(auto.weight, np.ndarray)
 
 

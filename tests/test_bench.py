@@ -566,9 +566,10 @@ def test_quick_cpu_run_end_to_end(tmp_path, capsys):
     assert rc == 0
     stdout = capsys.readouterr().out
     assert "## CPU" in stdout and "gpubn-numpy" in stdout and "naive-numpy" in stdout
+    assert "gpubn-cpu" in stdout and "# host copy bandwidth" in stdout
     rows = report.read_jsonl(str(out))
     quick = suites.get_suite("quick")
-    assert len(rows) == sum(len(ops) for _, ops in quick) * 3
+    assert len(rows) == sum(len(ops) for _, ops in quick) * 4
     assert all(r["machine"]["numpy"] == np.__version__ for r in rows)
     by = {(r["provider"], r["kind"], r["layout"], r["op"]): r for r in rows}
     for layout in ("NCHW", "NHWC", "NC"):

@@ -868,3 +868,14 @@ extern "C" __global__ void pairs(unsigned int* flags, float* out) {
     out = np.zeros(4, np.float32)
     fn(4, 32, (flags, out))
     np.testing.assert_array_equal(out, [2, 1, 4, 3])
+
+
+def test_cooperative_launch_beyond_what_emu_can_hold_is_refused_clearly():
+    fn = emu.RawModule(code=GRID_BARRIER_SRC, enable_cooperative_groups=True).get_function("exchange")
+    slots = np.zeros(128, np.float32)
+    arrived = np.zeros(1, np.uint32)
+    out = np.zeros(128 * 256, np.float32)
+    with pytest.raises(emu.EmuError, match=r"runs 128 blocks of 256 threads at once, more than the 24576 threads "
+                                           r"emu can hold"):
+        fn(128, 256, (slots, arrived, out))
+    assert arrived[0] == 0

@@ -4,8 +4,11 @@ shows emu reporting it, next to the unmodified kernels running clean."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +17,7 @@ from gpubn import kernels as catalog
 from gpubn.backends import get_backend
 from gpubn.backends import emu as emu_backend
 from gpubn.backends.numpy_backend import NumpyBackend
+from gpubn.emu.compiler import cache_dir
 
 try:
     get_backend("emu")
@@ -33,17 +37,29 @@ def _clear_caches():
 
 
 @pytest.fixture
-def plant(tmp_path, monkeypatch):
+def plant(monkeypatch):
     """plant(old, new, source="gpubn_common.cuh"): the kernels with one edit
-    to ``source`` (the edit must apply exactly once)."""
+    to ``source`` (the edit must apply exactly once).  The mutant lives in a
+    directory named after its content under emu's cache, so its compiled
+    modules are cached like any."""
 
     def apply(old: str, new: str, source: str = "gpubn_common.cuh") -> None:
-        copy = tmp_path / "kernels"
-        shutil.copytree(catalog.kernels_dir(), copy)
-        header = copy / source
-        text = header.read_text()
+        kernels = catalog.kernels_dir()
+        text = (Path(kernels) / source).read_text()
         assert text.count(old) == 1, f"the mutation no longer applies: {old!r}"
-        header.write_text(text.replace(old, new))
+        digest = hashlib.sha256(catalog.headers_fingerprint().encode() + source.encode() + b"\0"
+                                + old.encode() + b"\0" + new.encode())
+        copy = cache_dir() / "mutants" / digest.hexdigest()[:16]
+        if not copy.is_dir():
+            staging = Path(tempfile.mkdtemp(dir=cache_dir()))
+            shutil.copytree(kernels, staging / "kernels")
+            (staging / "kernels" / source).write_text(text.replace(old, new))
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.replace(staging / "kernels", copy)
+            except OSError:          # another process made it first
+                pass
+            shutil.rmtree(staging, ignore_errors=True)
         monkeypatch.setattr(catalog, "kernels_dir", lambda: os.fspath(copy))
         _clear_caches()
 

@@ -130,3 +130,39 @@ def test_the_dx_bound_catches_variance_from_a_rounded_mean():
     dx = weight * invstd * (gs - gs.mean(axis=(0, 1, 2))
                             - xhat * (gs * xhat).mean(axis=(0, 1, 2)))
     assert (np.abs(np.moveaxis(dx, -1, axis) - dx_ref) > dx_bound).any()
+
+
+def _ln_case(n):
+    """Rows of 1e4 + N(0, 1), their float64 y, the y bound and the row means."""
+    rng = np.random.default_rng(16)
+    x = (1e4 + rng.standard_normal((8, n))).astype(np.float32)
+    w = rng.uniform(0.5, 1.5, n).astype(np.float32)
+    b = rng.uniform(-3.0, 3.0, n).astype(np.float32)
+    x64 = x.astype(np.float64)
+    mu = x64.mean(axis=1, keepdims=True)
+    xhat = (x64 - mu) / np.sqrt(x64.var(axis=1, keepdims=True) + EPS)
+    bound = 8 * U * (np.abs(xhat * w) + np.abs(b) + np.abs(w))   # as for batch norm's y
+    return x, w, b, xhat * w + b, bound, mu
+
+
+@pytest.mark.parametrize("n", [256, 1031])
+def test_layer_norm_far_from_zero_float32(backend, n):
+    """Layer norm subtracts the row mean as a pair too: y within the bound
+    of batch norm's y (module docstring), for warp-per-row (256) and
+    block-per-row (1031, odd: scalar accesses) rows."""
+    x, w, b, y_ref, bound, _ = _ln_case(n)
+    assert bound.max() < GOAL
+    put = lambda a: to_backend(backend, a)  # noqa: E731
+    y, _ = gpubn.layer_norm_forward(put(x), n, put(w), put(b), eps=EPS, backend=backend.name)
+    err = np.abs(to_numpy(y).astype(np.float64) - y_ref)
+    assert (err <= bound).all(), f"y off by {err.max():.3g} (bound {bound.max():.3g})"
+
+
+def test_the_layer_norm_bound_catches_a_rounded_mean():
+    """The planted defect: (x - mean) * rstd with the mean rounded to float32
+    (what the layer-norm kernels did before) breaks the bound."""
+    x, w, b, y_ref, bound, mu = _ln_case(1031)
+    x64 = x.astype(np.float64)
+    rstd = 1 / np.sqrt(x64.var(axis=1, keepdims=True) + EPS)
+    y = (x64 - mu.astype(np.float32)) * rstd * w + b
+    assert (np.abs(y - y_ref) > bound).any()

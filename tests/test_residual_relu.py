@@ -273,3 +273,27 @@ def test_bad_input_leaves_state_untouched(backend, kwargs, error, match):
         layer(x, **kwargs)
     assert layer.num_batches_tracked == 0
     assert (layer.running_mean == 0).all() and (layer.running_var == 1).all()
+
+
+@pytest.mark.parametrize("epilogue", [dict(activation="relu"), dict(residual=True),
+                                      dict(residual=True, activation="relu")],
+                         ids=["relu", "residual", "both"])
+def test_ghost_batch_norm_refused_before_state_changes(backend, epilogue):
+    """virtual_batch_size with the epilogue is not supported: a clear error
+    naming both, from the function and the layer, with no state touched."""
+    x, z = _data((4, 3, 5), 1, np.float32)[:2]
+    x, z = to_backend(backend, x), to_backend(backend, z)
+    kwargs = dict(epilogue, residual=z) if "residual" in epilogue else dict(epilogue)
+    match = "virtual_batch_size=2 cannot be combined with residual= or activation="
+    rm = to_backend(backend, np.full(3, 0.25, np.float32))
+    rv = to_backend(backend, np.full(3, 2.0, np.float32))
+    with pytest.raises(ValueError, match=match):
+        gpubn.batch_norm_forward(x, running_mean=rm, running_var=rv, backend=backend.name,
+                                 virtual_batch_size=2, **kwargs)
+    assert (to_numpy(rm) == 0.25).all() and (to_numpy(rv) == 2.0).all()
+    layer = gpubn.BatchNorm(3, backend=backend.name, virtual_batch_size=2,
+                            activation=epilogue.get("activation"))
+    with pytest.raises(ValueError, match=match):
+        layer(x, residual=kwargs.get("residual"))
+    assert layer.num_batches_tracked == 0
+    assert (to_numpy(layer.running_mean) == 0).all() and (to_numpy(layer.running_var) == 1).all()

@@ -297,6 +297,36 @@ def test_bad_input_on_one_rank_raises_on_all_ranks(bad):
         assert "rank(s) [2]" in str(results[r])
 
 
+@pytest.mark.parametrize("bad", ["weight", "readonly", "axis"])
+def test_bad_arrays_in_the_functional_call_on_one_rank(bad):
+    """The per-channel vectors and the axis go through the shared forward
+    checks: the rank with the bad one raises its own error after the
+    all-gather, the others RemoteRankError, and no rank's running statistics
+    change."""
+    def rank_fn(comm):
+        x = np.random.default_rng(comm.rank).standard_normal((4, 3, 5))
+        w, rm, rv = np.ones(3), np.zeros(3), np.ones(3)
+        kwargs = dict(weight=w, running_mean=rm, running_var=rv, axis=1)
+        if comm.rank == 1:
+            if bad == "weight":
+                kwargs["weight"] = np.ones(4)
+            elif bad == "readonly":
+                rv.flags.writeable = False
+            else:
+                kwargs["axis"] = 3
+        try:
+            gpubn.sync_batch_norm_forward(x, comm=comm, num_features=3, **kwargs)
+        finally:
+            assert np.array_equal(rm, np.zeros(3)) and np.array_equal(rv, np.ones(3))
+
+    results, group = run_ranks(3, rank_fn)
+    local = {"weight": "weight", "readonly": "read-only", "axis": "axis=3"}[bad]
+    assert isinstance(results[1], ValueError) and local in str(results[1]), repr(results[1])
+    for r in (0, 2):
+        assert isinstance(results[r], D.RemoteRankError), repr(results[r])
+        assert "rank(s) [1]" in str(results[r])
+
+
 def test_bad_dy_on_one_rank_raises_on_all_ranks():
     def rank_fn(comm):
         bn = gpubn.SyncBatchNorm(3, comm=comm)

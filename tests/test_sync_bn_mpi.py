@@ -236,8 +236,8 @@ def check_bad_dy(nranks, recs, ref_backend, device):
     _check_step([rec[1] for rec in recs], ref[1], data, 1)
 
 
-# ------------------------------------------------------- CPU: numpy, emu ----
-BACKENDS = ["numpy", "emu"]
+# -------------------------------------------------- CPU: numpy, cpu, emu ----
+BACKENDS = ["numpy", "cpu", "emu"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

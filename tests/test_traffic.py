@@ -70,7 +70,8 @@ def _side_traffic_is_per_channel(other, shape):
     """Arguments other than the tensors (per-channel vectors, partials,
     counters) move a bounded number of bytes, never one access per element:
     a reduction block at most 64 per channel plus 64 (a partial state and its
-    counter); an elementwise thread at most 64 (its channel's constants) per
+    counter), and each of its threads at most 64 (its channels' constants);
+    an elementwise thread at most 64 (its channel's constants) per
     MAP_UNROLL runs of a channel it handles for channel axis 1, per channel
     it handles for channels last (per thread: on a GPU a warp's reads of one value are one
     broadcast through the read-only cache, not DRAM traffic)."""
@@ -87,8 +88,8 @@ def _side_traffic_is_per_channel(other, shape):
             else:
                 per_thread = vec * -(-(channels // vec) // (rec.grid[0] * rec.block[0]))
             assert moved <= threads * per_thread * 64, (rec.kernel, rec.grid, moved)
-        else:
-            assert moved <= blocks * (64 * channels + 64), (rec.kernel, rec.grid, moved)
+        else:   # partials and counters per block, its channels' constants per thread
+            assert moved <= blocks * (64 * channels + 64) + threads * 64, (rec.kernel, moved)
 
 
 def _data(shape, dtype):

@@ -1,13 +1,15 @@
 """Backend registry and selection.
 
 Selection order: explicit ``backend=`` argument > ``GPUBN_BACKEND`` environment
-variable > automatic (CuPy arrays -> ``cuda``, NumPy arrays -> ``numpy``).
+variable > automatic (CuPy arrays -> ``cuda``; NumPy arrays -> ``cpu`` when
+Numba imports, else ``numpy``).
 An explicitly requested backend that cannot run raises ``RuntimeError`` saying
 why; automatic selection never falls back silently.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 
@@ -17,6 +19,7 @@ from .base import Backend, ChannelStats
 # needs CuPy or a C++ compiler.
 _REGISTRY = {
     "numpy": "gpubn.backends.numpy_backend:NumpyBackend",
+    "cpu": "gpubn.backends.cpu:CpuBackend",
     "emu": "gpubn.backends.emu:EmuBackend",
     "cuda": "gpubn.backends.cuda:CudaBackend",
 }
@@ -56,6 +59,16 @@ def is_cupy_array(x) -> bool:
     return type(x).__module__.split(".")[0] == "cupy"
 
 
+@functools.lru_cache(maxsize=None)
+def _host_auto() -> str:
+    """The automatic choice for NumPy arrays: ``cpu`` when it can run, else ``numpy``."""
+    try:
+        _load("cpu")
+    except RuntimeError:   # Numba is not installed
+        return "numpy"
+    return "cpu"
+
+
 def array_module(x):
     """``cupy`` for a CuPy array, else ``numpy`` (without importing CuPy)."""
     if is_cupy_array(x):
@@ -74,7 +87,9 @@ def get_backend(backend=None, x=None) -> Backend:
             raise ValueError(f"GPUBN_BACKEND={backend!r} (environment variable) is not one "
                              f"of {known}; unset it for automatic selection")
     if backend is None:
-        return _load("cuda" if is_cupy_array(x) else "numpy")
+        if is_cupy_array(x):
+            return _load("cuda")
+        return _load(_host_auto())
     if not isinstance(backend, str) or backend not in _REGISTRY:
         raise ValueError(f"backend must be one of {known} or None, got {backend!r}")
     return _load(backend)

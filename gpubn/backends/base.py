@@ -55,15 +55,63 @@ class Backend:
         raise NotImplementedError
 
     def bn_forward_train(self, x3, weight, bias, running_mean, running_var,
-                         momentum: float, eps: float) -> Tuple[Any, Any, Any]:
+                         momentum: float, eps: float, skipped=None) -> Tuple[Any, Any, Any]:
         """Training forward: returns ``(y3, mean, invstd)``.
 
         Normalizes with the biased batch variance.  When ``running_mean`` /
         ``running_var`` are not None they are updated in place with the given
         exponential factor ``momentum`` (already resolved from ``None`` /
         ``num_batches_tracked`` by the caller) and the *unbiased* variance.
+        ``skipped`` (None, or a ``(C,)`` int32 array of ``xp``) turns the guard
+        on: channels :func:`guard_skips` names keep their running statistics
+        and get ``skipped[c] = 1``, the others update and get 0.
         """
         raise NotImplementedError
+
+    def bn_forward_train_groups(self, x3, groups: int, weight, bias,
+                                eps: float) -> Tuple[Any, Any, Any, Any]:
+        """Ghost batch norm's training forward: the outer extent of ``x3`` is
+        ``groups`` consecutive equal batches, each normalized with its own
+        statistics (shared weight and bias).  Returns ``(y3, mean, invstd,
+        m2)``, the last three ``(groups, C)`` in the accumulation dtype; the
+        caller updates the running statistics (:func:`update_running_groups`).
+
+        This default runs :meth:`bn_stats` and :meth:`bn_apply` on each
+        group's slice (a view: the slices of a C-contiguous canonical array
+        are contiguous); kernel backends run all groups in the same launches.
+        """
+        xp = self.xp
+        step = x3.shape[0] // groups
+        y3 = xp.empty_like(x3)
+        mean, invstd, m2 = [], [], []
+        for g in range(groups):
+            xg = x3[g * step:(g + 1) * step]
+            st = self.bn_stats(xg)
+            with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+                inv = (1.0 / xp.sqrt(st.m2 / st.count + eps)).astype(st.mean.dtype, copy=False)
+            y3[g * step:(g + 1) * step] = self.bn_apply(xg, st.mean, inv, weight, bias)
+            mean.append(st.mean)
+            invstd.append(inv)
+            m2.append(st.m2)
+        return y3, xp.stack(mean), xp.stack(invstd), xp.stack(m2)
+
+    def bn_backward_groups(self, dy3, x3, mean, invstd, weight) -> Tuple[Any, Any, Any]:
+        """Backward of :meth:`bn_forward_train_groups` (``mean`` / ``invstd``
+        ``(groups, C)``): each group's training backward; ``dweight`` /
+        ``dbias`` are summed over the groups.  Kernel backends override it
+        with the group as an extra launch index."""
+        xp = self.xp
+        groups = mean.shape[0]
+        step = x3.shape[0] // groups
+        dx3 = xp.empty_like(x3)
+        dw, db = [], []
+        for g in range(groups):
+            sl = slice(g * step, (g + 1) * step)
+            dx3[sl], dwg, dbg = self.bn_backward(dy3[sl], x3[sl], mean[g], invstd[g], weight,
+                                                 True)
+            dw.append(dwg)
+            db.append(dbg)
+        return dx3, xp.stack(dw).sum(axis=0), xp.stack(db).sum(axis=0)
 
     def bn_forward_eval(self, x3, weight, bias, running_mean, running_var,
                         eps: float) -> Tuple[Any, Any, Any]:
@@ -100,10 +148,12 @@ class Backend:
     # backends run it inside their forward and backward launches.
     def bn_forward_train_act(self, x3, weight, bias, running_mean, running_var,
                              momentum: float, eps: float, residual,
-                             relu: bool) -> Tuple[Any, Any, Any]:
-        """:meth:`bn_forward_train` followed by the epilogue."""
+                             relu: bool, skipped=None) -> Tuple[Any, Any, Any]:
+        """:meth:`bn_forward_train` (``skipped`` as there) followed by the
+        epilogue."""
+        guarded = {} if skipped is None else {"skipped": skipped}
         _, mean, invstd = self.bn_forward_train(x3, weight, bias, running_mean, running_var,
-                                                momentum, eps)
+                                                momentum, eps, **guarded)
         return (epilogue_reference(self.xp, x3, mean, invstd, weight, bias, residual, relu),
                 mean, invstd)
 
@@ -178,14 +228,64 @@ class Backend:
         raise NotImplementedError
 
 
-def update_running(running, batch, momentum: float) -> None:
+def update_running(running, batch, momentum: float, skip=None) -> None:
     """The host-side running-statistics update, in place:
     ``running = (1 - momentum) * running + momentum * batch``, computed in
-    float64 and rounded once to ``running``'s dtype.  Every backend that keeps
-    its per-channel vectors on the host (numpy, cpu, the renorm default, sync
-    batch norm) uses this one rule; the kernels do the same in
-    ``bn_stats.cu``'s finishing step."""
-    running[...] = (1.0 - momentum) * running.astype("float64") + momentum * batch.astype("float64")
+    float64 and rounded once to ``running``'s dtype; channels where ``skip``
+    (a boolean per-channel array, see :func:`guard_skips`) is true keep their
+    value.  Every backend that keeps its per-channel vectors on the host
+    (numpy, cpu, the renorm default, sync batch norm) uses this one rule; the
+    kernels do the same in ``bn_stats.cu``'s finishing step."""
+    new = (1.0 - momentum) * running.astype("float64") + momentum * batch.astype("float64")
+    if skip is None:
+        running[...] = new
+    else:
+        keep = ~skip
+        running[keep] = new[keep]
+
+
+def update_running_groups(xp, running_mean, running_var, mean, m2, count: int,
+                          momentum: float, skipped=None) -> None:
+    """Ghost batch norm's running-statistics update, once per call: the batch
+    mean and unbiased variance are the means over the groups of each group's
+    (``mean`` / ``m2``: ``(groups, C)``, ``count`` values per channel and
+    group); ``skipped`` (None or a ``(C,)`` int32 array) turns the guard on,
+    as in ``Backend.bn_forward_train``.  Small per-channel vector arithmetic
+    in ``xp``, computed in float64 like :func:`update_running`."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        batch_mean = mean.astype("float64").mean(axis=0)
+        batch_var = (m2.astype("float64") / (count - 1)).mean(axis=0)
+    update_running_stats(xp, running_mean, running_var, batch_mean, batch_var, momentum,
+                         skipped)
+
+
+def update_running_stats(xp, running_mean, running_var, mean, unbiased_var, momentum: float,
+                         skipped=None) -> None:
+    """Batch norm's running-statistics step where the per-channel vectors are
+    host arrays: :func:`update_running` of each (None: not tracked) with the
+    batch mean and unbiased variance, and with ``skipped`` (None or a
+    ``(C,)`` int32 array, see ``Backend.bn_forward_train``) the guard: the
+    channels :func:`guard_skips` names keep theirs and are flagged 1."""
+    skip = None
+    if skipped is not None:
+        skip = guard_skips(xp, mean, unbiased_var, running_mean.dtype)
+        skipped[...] = skip
+    if running_mean is not None:
+        update_running(running_mean, mean, momentum, skip)
+    if running_var is not None:
+        update_running(running_var, unbiased_var, momentum, skip)
+
+
+def guard_skips(xp, mean, unbiased_var, acc):
+    """The guard of the running statistics: a boolean per-channel array, true
+    where the batch mean or the unbiased batch variance is not finite in the
+    accumulation dtype ``acc`` (that of the running statistics; a float64
+    variance beyond float32's range counts as infinite, as it is in the
+    kernels' float32 statistics): that channel keeps its running statistics
+    this step.  The kernels apply the same rule in ``bn_stats.cu``'s
+    finishing step."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return ~(xp.isfinite(mean.astype(acc)) & xp.isfinite(unbiased_var.astype(acc)))
 
 
 def epilogue_reference(xp, x3, mean, invstd, weight, bias, residual, relu: bool):

@@ -8,13 +8,24 @@ Arrays from PyTorch, JAX and other DLPack producers work without a copy
 through ``cupy.from_dlpack(t)`` (and results go back with
 ``torch.from_dlpack(y)``).
 
+Subnormal numbers are kept, as on emu and in NumPy: CuPy appends
+``-ftz=true`` to every RawModule compile (float32 arithmetic would flush
+subnormal inputs and results to zero on the GPU only), so gpubn compiles its
+kernels itself with NVRTC (``gpubn._nvrtc``, ``-ftz=false``) to a cubin for
+the device's architecture and loads it with ``RawModule(path=...)``.  Only
+when gpubn cannot load NVRTC itself does it let CuPy compile (and flush).
+
 Modules are compiled once per (source, dtype, options, device) per process;
-CuPy caches the binaries on disk as well.  ``GPUBN_DEBUG_KERNELS=1`` reports
-each kernel's registers, local and shared memory when it is first loaded.
+cubins are cached in ``$GPUBN_CACHE_DIR/cuda`` (default
+``~/.cache/gpubn/cuda``).  ``GPUBN_DEBUG_KERNELS=1`` reports each kernel's
+registers, local and shared memory when it is first loaded.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import threading
 from typing import Dict, Optional, Tuple
 
@@ -73,7 +84,8 @@ class CudaBackend(KernelBackend):
         return attrs
 
     def _get_function(self, source: str, dtype_key: str, name: str):
-        device = cupy.cuda.Device().id
+        dev = cupy.cuda.Device()
+        device = dev.id
         options = catalog.compile_options()
         key = (source, dtype_key, options, device, name)
         fn = self._functions.get(key)
@@ -83,12 +95,10 @@ class CudaBackend(KernelBackend):
             mkey = key[:4]
             module = self._modules.get(mkey)
             if module is None:
-                module = cupy.RawModule(
-                    code=catalog.read_source(source), options=options,
-                    name_expressions=catalog.name_expressions(source, dtype_key),
-                    enable_cooperative_groups=source in catalog.COOPERATIVE_SOURCES)
+                module = _load_module(source, dtype_key, str(dev.compute_capability))
                 self._modules[mkey] = module
-            fn = module.get_function(name)
+            raw, lowered = module
+            fn = raw.get_function(lowered.get(name, name))
             self._functions[key] = fn
         if debug_enabled():
             debug_report(f"cuda:{device} {name}: {fn.num_regs} registers, "
@@ -125,4 +135,62 @@ class CudaBackend(KernelBackend):
                              f"({a.device.id}):`")
 
 
-__all__ = ["CudaBackend"]
+# Options of gpubn's own compile besides the catalog's: keep subnormals.
+CUDA_COMPILE_OPTIONS = ("-ftz=false",)
+
+
+def cuda_compile_options(compute_capability: str) -> Tuple[str, ...]:
+    """NVRTC options of a cubin for a device of ``compute_capability``
+    (CuPy's spelling, e.g. ``"90"``)."""
+    return (catalog.compile_options() + CUDA_COMPILE_OPTIONS
+            + (f"--gpu-architecture=sm_{compute_capability}",))
+
+
+def build_cubin(source: str, dtype_key: str, compute_capability: str) -> Tuple[str, Dict[str, str]]:
+    """A cubin of every instantiation of ``source`` for ``dtype_key``, in the
+    cache folder (compiled on the first request): its path, and the mangled
+    name of each name expression."""
+    from .. import _nvrtc
+
+    options = cuda_compile_options(compute_capability)
+    names = catalog.name_expressions(source, dtype_key)
+    text = catalog.read_source(source)
+    digest = hashlib.sha256("\0".join((text, *options, *names,
+                                        ".".join(map(str, _nvrtc.version())))).encode())
+    stem = f"{os.path.splitext(source)[0]}-{dtype_key}-sm{compute_capability}-" \
+           f"{digest.hexdigest()[:20]}"
+    folder = catalog.cache_dir("cuda")
+    path, names_path = os.path.join(folder, stem + ".cubin"), os.path.join(folder, stem + ".json")
+    if os.path.exists(path) and os.path.exists(names_path):
+        with open(names_path, encoding="utf-8") as f:
+            return path, json.load(f)
+    result = _nvrtc.compile_to_cubin(text, names, options, source)
+    os.makedirs(folder, exist_ok=True)
+    for dest, data in ((path, result.cubin),
+                       (names_path, json.dumps(result.lowered_names).encode())):
+        tmp = f"{dest}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, dest)
+    return path, result.lowered_names
+
+
+def _load_module(source: str, dtype_key: str, compute_capability: str):
+    """``(RawModule, {name expression: name to look up})``: gpubn's cubin,
+    or CuPy's own compile (which flushes subnormals) when gpubn cannot load
+    NVRTC itself."""
+    from .. import _nvrtc
+
+    cooperative = source in catalog.COOPERATIVE_SOURCES
+    if _nvrtc.unavailable_reason() is None:
+        path, lowered = build_cubin(source, dtype_key, compute_capability)
+        return cupy.RawModule(path=path, enable_cooperative_groups=cooperative), lowered
+    debug_report(f"cuda: {_nvrtc.unavailable_reason()}; CuPy compiles {source} (subnormals "
+                 f"flush to zero)")
+    module = cupy.RawModule(code=catalog.read_source(source), options=catalog.compile_options(),
+                            name_expressions=catalog.name_expressions(source, dtype_key),
+                            enable_cooperative_groups=cooperative)
+    return module, {}
+
+
+__all__ = ["CudaBackend", "CUDA_COMPILE_OPTIONS", "build_cubin", "cuda_compile_options"]

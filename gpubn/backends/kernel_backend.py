@@ -32,17 +32,19 @@ would not pass ``None`` as a null pointer, and emu refuses it for that reason.
 
 Ops and launches (see kernels/*.cu):
 
-=====================  ==========================================  ========
-op                     kernels                                     launches
-=====================  ==========================================  ========
-bn_stats               bn_stats_*                                  1
-bn_forward_train       bn_forward_once_* (x fits on chip)          1
-                       else bn_stats_* (+ finish), bn_apply_*      2
-bn_forward_eval        bn_apply_* (invstd from running_var)        1
-bn_apply               bn_apply_*                                  1
-bn_backward (train)    bn_backward_reduce_*, bn_backward_dx_*      2
-bn_backward (eval)     bn_backward_reduce_* (writes dx as well)    1
-=====================  ==========================================  ========
+=======================  ==========================================  ========
+op                       kernels                                     launches
+=======================  ==========================================  ========
+bn_stats                 bn_stats_*                                  1
+bn_forward_train         bn_forward_once_* (x fits on chip)          1
+                         else bn_stats_* (+ finish), bn_apply_*      2
+bn_forward_train_groups  bn_stats_*, bn_apply_*, the group as grid z 2
+bn_forward_eval          bn_apply_* (invstd from running_var)        1
+bn_apply                 bn_apply_*                                  1
+bn_backward (train)      bn_backward_reduce_*, bn_backward_dx_*      2
+bn_backward (eval)       bn_backward_reduce_* (writes dx as well)    1
+bn_backward_groups       the training two, the group as grid z       2
+=======================  ==========================================  ========
 
 The residual-block epilogue (``*_act``, ``bn_backward_relu``) adds no launch:
 bn_apply_* reads the residual and applies the ReLU; bn_backward_reduce_*
@@ -175,9 +177,10 @@ class KernelBackend(Backend):
         blocks = self._blocks_per_sm(self._function(cfg, key), cfg)
         return cfg if blocks == REDUCE_MIN_BLOCKS else plan(max(1, blocks))
 
-    def _reduce_launch(self, op: str, shape3, key: str, aligned: bool) -> Launch:
+    def _reduce_launch(self, op: str, shape3, key: str, aligned: bool, groups: int = 1) -> Launch:
         return self._one_wave(lambda blocks: reduce_launch(
-            op, shape3, key, aligned, self._device(), self.tuning, blocks_per_sm=blocks), key)
+            op, shape3, key, aligned, self._device(), self.tuning, blocks_per_sm=blocks,
+            groups=groups), key)
 
     def _launch(self, cfg: Launch, dtype_key: str, args, shared_mem: int = 0) -> None:
         """Launch ``cfg``'s kernel for ``dtype_key``; ``None`` in ``args`` is an
@@ -197,11 +200,12 @@ class KernelBackend(Backend):
 
     # -- statistics ----------------------------------------------------------
     def _stats(self, x3, acc, key, mean_out, mean_lo_out, m2_out, invstd_out, running_mean,
-               running_var, momentum, eps):
+               running_var, momentum, eps, skipped=None, groups=1):
         outer, channels, inner = x3.shape
         if channels == 0:
             return
-        cfg = self._reduce_launch("stats", x3.shape, key, self._aligned(x3))
+        cfg = self._reduce_launch("stats", x3.shape, key, self._aligned(x3), groups)
+        outer //= groups
         partials, counters = self._workspace(cfg)
         a = acc.type
         if cfg.kernel.endswith("nchw"):
@@ -210,8 +214,7 @@ class KernelBackend(Backend):
             shape_args = (x3, np.int64(outer), np.int32(channels))
         self._launch(cfg, key, shape_args + (
             partials, counters, mean_out, mean_lo_out, m2_out, invstd_out, running_mean,
-            running_var,
-            a(momentum), a(eps)))
+            running_var, skipped, a(momentum), a(eps)))
 
     def bn_stats(self, x3) -> ChannelStats:
         self._check_tensor(x3, None, "x")
@@ -229,17 +232,19 @@ class KernelBackend(Backend):
 
     # -- forward -------------------------------------------------------------
     def _apply(self, x3, key, acc, mean, mean_lo, spread, weight, bias, mean_out, invstd_out,
-               from_var: bool, eps: float, residual=None, relu: bool = False):
+               from_var: bool, eps: float, residual=None, relu: bool = False,
+               groups: int = 1):
         """y from the channel mean ``mean`` (+ ``mean_lo``, what rounding it
         left out, or None) and ``spread`` (invstd, or the variance when
         ``from_var``), plus ``residual`` (or None) and through a ReLU when
-        ``relu``."""
+        ``relu``; with ``groups``, per-group ``(groups, C)`` statistics."""
         outer, channels, inner = x3.shape
         y3 = self.xp.empty_like(x3)
         if x3.size == 0:
             return y3
         cfg = map_launch("apply", x3.shape, key, self._aligned(x3, y3, residual), self._device(),
-                         self.tuning)
+                         self.tuning, groups)
+        outer //= groups
         if cfg.kernel.endswith("nchw"):
             shape_args = (np.int64(outer), np.int32(channels), np.int64(inner))
         else:
@@ -250,12 +255,13 @@ class KernelBackend(Backend):
                                      acc.type(eps)))
         return y3
 
-    def bn_forward_train(self, x3, weight, bias, running_mean, running_var, momentum, eps):
+    def bn_forward_train(self, x3, weight, bias, running_mean, running_var, momentum, eps,
+                         skipped=None):
         return self.bn_forward_train_act(x3, weight, bias, running_mean, running_var, momentum,
-                                         eps, None, False)
+                                         eps, None, False, skipped=skipped)
 
     def bn_forward_train_act(self, x3, weight, bias, running_mean, running_var, momentum, eps,
-                             residual, relu):
+                             residual, relu, skipped=None):
         self._check_tensor(x3, None, "x")
         if residual is not None:
             self._check_tensor(residual, x3, "residual")
@@ -264,6 +270,7 @@ class KernelBackend(Backend):
         for v, n in ((weight, "weight"), (bias, "bias"), (running_mean, "running_mean"),
                      (running_var, "running_var")):
             self._check_channel(v, channels, acc, n)
+        self._check_channel(skipped, channels, np.dtype(np.int32), "skipped")
         if x3.shape[0] * x3.shape[2] == 0:
             raise ValueError("x has no values per channel")
         mean = self.xp.empty(channels, dtype=acc)
@@ -278,12 +285,12 @@ class KernelBackend(Backend):
                 shape_args += (np.int64(inner),)
             self._launch(once, key, (x3, y3, residual) + shape_args + (
                 partials, self._launch_counters(once.counters), weight, bias, mean, invstd,
-                running_mean, running_var, np.int32(1 if relu else 0), acc.type(momentum),
+                running_mean, running_var, skipped, np.int32(1 if relu else 0), acc.type(momentum),
                 acc.type(eps)))
             return y3, mean, invstd
         mean_lo = self.xp.empty(channels, dtype=acc)
         self._stats(x3, acc, key, mean, mean_lo, None, invstd, running_mean, running_var,
-                    float(momentum), float(eps))
+                    float(momentum), float(eps), skipped)
         y3 = self._apply(x3, key, acc, mean, mean_lo, invstd, weight, bias, None, None, False,
                          eps, residual, relu)
         return y3, mean, invstd
@@ -305,6 +312,22 @@ class KernelBackend(Backend):
         if not fits and self.tuning.read_once:
             raise ValueError(f"Tuning.read_once=True, but the read-once forward cannot run: {why}")
         return cfg if fits else None
+
+    def bn_forward_train_groups(self, x3, groups, weight, bias, eps):
+        self._check_tensor(x3, None, "x")
+        key, acc = self._types(x3)
+        outer, channels, _ = x3.shape
+        for v, n in ((weight, "weight"), (bias, "bias")):
+            self._check_channel(v, channels, acc, n)
+        if x3.shape[2] * (outer // groups) < 2:
+            raise ValueError("x has fewer than 2 values per channel and group")
+        mean, mean_lo, m2, invstd = (self.xp.empty((groups, channels), dtype=acc)
+                                     for _ in range(4))
+        self._stats(x3, acc, key, mean, mean_lo, m2, invstd, None, None, 0.0, float(eps),
+                    groups=groups)
+        y3 = self._apply(x3, key, acc, mean, mean_lo, invstd, weight, bias, None, None, False,
+                         eps, groups=groups)
+        return y3, mean, invstd, m2
 
     def bn_forward_eval(self, x3, weight, bias, running_mean, running_var, eps):
         return self.bn_forward_eval_act(x3, weight, bias, running_mean, running_var, eps, None,
@@ -353,16 +376,18 @@ class KernelBackend(Backend):
         return key, acc
 
     def _reduce(self, dy3, x3, key, acc, mean, invstd, weight, dx_eval, y_mask=None,
-                g_out=None):
+                g_out=None, groups=1):
         outer, channels, inner = x3.shape
-        sum_dy = self.xp.empty(channels, dtype=acc)
-        sum_dy_xhat = self.xp.empty(channels, dtype=acc)
+        shape = (groups, channels) if groups > 1 else (channels,)
+        sum_dy = self.xp.empty(shape, dtype=acc)
+        sum_dy_xhat = self.xp.empty(shape, dtype=acc)
         if x3.size == 0:
             sum_dy.fill(0)
             sum_dy_xhat.fill(0)
             return sum_dy, sum_dy_xhat
         cfg = self._reduce_launch("grad", x3.shape, key,
-                                  self._aligned(x3, dy3, dx_eval, y_mask, g_out))
+                                  self._aligned(x3, dy3, dx_eval, y_mask, g_out), groups)
+        outer //= groups
         partials, counters = self._workspace(cfg)
         if cfg.kernel.endswith("nchw"):
             shape_args = (np.int64(outer), np.int32(channels), np.int64(inner))
@@ -372,13 +397,15 @@ class KernelBackend(Backend):
                      + shape_args + (partials, counters, sum_dy, sum_dy_xhat))
         return sum_dy, sum_dy_xhat
 
-    def _dx(self, dy3, x3, key, acc, mean, invstd, weight, sum_dy, sum_dy_xhat, count):
+    def _dx(self, dy3, x3, key, acc, mean, invstd, weight, sum_dy, sum_dy_xhat, count,
+            groups=1):
         outer, channels, inner = x3.shape
         dx3 = self.xp.empty_like(x3)
         if x3.size == 0:
             return dx3
         cfg = map_launch("dx", x3.shape, key, self._aligned(x3, dy3, dx3), self._device(),
-                         self.tuning)
+                         self.tuning, groups)
+        outer //= groups
         if cfg.kernel.endswith("nchw"):
             shape_args = (np.int64(outer), np.int32(channels), np.int64(inner))
         else:
@@ -424,6 +451,25 @@ class KernelBackend(Backend):
         self._check_tensor(y3, x3, "y")
         g3 = self.xp.empty_like(x3)
         return (*self._backward(dy3, x3, key, acc, mean, invstd, weight, training, y3, g3), g3)
+
+    def bn_backward_groups(self, dy3, x3, mean, invstd, weight):
+        self._check_tensor(x3, None, "x")
+        self._check_tensor(dy3, x3, "dy")
+        key, acc = self._types(x3)
+        outer, channels, inner = x3.shape
+        for v, n in ((mean, "mean"), (invstd, "invstd")):
+            V.check_owned(v, self, n)
+            if v.ndim != 2 or v.shape[1] != channels or v.dtype != acc or not v.flags.c_contiguous:
+                raise ValueError(f"{n} must be a contiguous (groups, {channels}) {acc.name} array,"
+                                 f" got shape {v.shape} dtype {v.dtype}")
+        groups = mean.shape[0]
+        self._check_channel(weight, channels, acc, "weight")
+        sum_dy, sum_dy_xhat = self._reduce(dy3, x3, key, acc, mean, invstd, None, None,
+                                           groups=groups)
+        count = (outer // groups) * inner
+        dx3 = self._dx(dy3, x3, key, acc, mean, invstd, weight, sum_dy, sum_dy_xhat, count,
+                       groups)
+        return dx3, sum_dy_xhat.sum(axis=0), sum_dy.sum(axis=0)
 
     # ======================================================================
     # Batch renorm and layer norm (kernels/bn_renorm.cu, kernels/layer_norm.cu)

@@ -131,7 +131,8 @@ once, so a grid barrier written with atomics and fences works; a grid larger
 than the device could hold at once (``Function.max_active_blocks_per_multiprocessor``
 times the SM count, from threads, ``num_regs`` -- an assumed 64 registers per
 thread -- and shared memory) raises :class:`LaunchError`
-(``CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE``); all ``__syncthreads()`` calls of
+(``CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE``), and one of more than 24576
+threads in all, more than emu holds at once, raises :class:`EmuError`; all ``__syncthreads()`` calls of
 a block are one barrier whatever the call site, as on sm_70 and newer (g++
 duplicates barrier calls into the branches before them), and it must be
 reached by every thread of the block (a thread that returned early makes a

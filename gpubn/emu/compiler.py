@@ -405,9 +405,9 @@ template <class... A> static void run(void (*k)(A...), void** args) { invoke(k, 
 
 # ---------------------------------------------------------------- caching
 def cache_dir() -> Path:
-    root = os.environ.get("GPUBN_CACHE_DIR")
-    base = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpubn"
-    return base / "emu"
+    from ..kernels import cache_dir as kernels_cache_dir
+
+    return Path(kernels_cache_dir("emu"))
 
 
 def _runtime_sources() -> bytes:

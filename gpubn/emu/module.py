@@ -15,7 +15,7 @@ import numpy as np
 
 from . import compiler
 from .config import DEVICE, LaunchRecord, Traffic, _record, get_options
-from .errors import DeadlockError, EmuCompileError, EmuError, KernelError, LaunchError, MemcheckError, RaceError
+from .errors import DeadlockError, EmuError, KernelError, LaunchError, MemcheckError, RaceError
 
 _I64 = ctypes.c_int64
 _U64 = ctypes.c_uint64
@@ -43,6 +43,9 @@ _ERR_MEMCHECK, _ERR_RACE, _ERR_DEADLOCK, _ERR_KERNEL, _ERR_CONFIG = 1, 2, 3, 4, 
 _R_DYNAMIC, _R_STATIC, _R_GLOBAL = 2, 3, 4
 
 _ORDINARY_RESIDENT = 4      # blocks an ordinary launch interleaves (at most one fewer than its grid)
+# Threads emu can hold at once: each fiber's stack has a guard page, two memory
+# mappings per thread against the kernel's limit of about 65530.
+_MAX_RESIDENT_THREADS = 24576
 
 _libs: Dict[str, ctypes.CDLL] = {}
 _libs_lock = threading.Lock()
@@ -252,6 +255,10 @@ class Function:
         # grid runs at a time, so a wait on a block that has not started is a
         # deadlock; a cooperative launch runs every block at once.
         resident = nblocks if cooperative else max(1, min(nblocks - 1, coresident, _ORDINARY_RESIDENT))
+        if resident * b[0] * b[1] * b[2] > _MAX_RESIDENT_THREADS:
+            raise EmuError(f"kernel {self.name!r}: this cooperative launch runs {nblocks} blocks of "
+                           f"{b[0] * b[1] * b[2]} threads at once, more than the {_MAX_RESIDENT_THREADS} threads "
+                           f"emu can hold at a time; test it with a smaller grid")
         ptrs, buffers, keep = self._convert(args)
         opts = get_options()
         bufarr = (_Buffer * max(1, len(buffers)))()

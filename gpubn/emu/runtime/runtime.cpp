@@ -111,6 +111,7 @@ struct Fiber {
     uint64_t spin_progress;             // Runtime::progress at the last hand-over
     // inter-block ordering (see "inter-block racecheck")
     uint32_t fence_t, fence_bar;        // time of the last __threadfence, the block's last barrier before it
+    uint32_t gstore_t;                  // time of the last store to global memory (0: none)
     int pending, acquired;              // indices into Runtime::covs (-1: none)
     uint32_t seen_release, seen_version; // the release record last merged into `pending` (by a load)
 };
@@ -134,11 +135,14 @@ struct Coverage {
     }
 };
 
-// Per byte of an argument buffer: who stored it last in this launch.
+// Per 2 bytes of an argument buffer (a group of overlapping ones): who stored
+// them last in this launch.  Kernels access global memory in units of at least
+// 2 bytes, so two bytes of one granule are not stored by different blocks.
+constexpr size_t kGranule = 2;
 struct GlobalShadow {
-    uint32_t block1;                    // block linear index + 1; 0: not stored in this launch; kAtomicByte: an atomic
+    uint32_t who;                       // 0: not stored in this launch; kAtomicByte: an atomic;
+                                        // else (block linear index + 1) << 10 | thread
     uint32_t t;                         // time of the store, or (atomic) the index of its release record
-    uint32_t thread;
 };
 constexpr uint32_t kAtomicByte = 0xffffffffu;
 
@@ -215,10 +219,12 @@ struct Runtime {
     bool interblock;                     // racecheck with more than one block
     bool bookkeeping;                    // the runtime's own memcpy/memset calls (not checked)
     uint64_t progress;                   // stores so far (spin-waits end only while there are some)
+    bool spun;                           // a spin-wait handed over since the scheduler last looked
     uint32_t gtime;                      // logical time: advances at fences, barriers and atomics
     uint32_t blin;                       // linear index of the running block
     uint32_t lastbar;                    // time of the running block's last barrier
-    std::vector<GlobalShadow*> gshadow;  // per buffer: the shadow of its first byte
+    std::vector<GlobalShadow*> gshadow;  // per buffer: the shadow of its group
+    std::vector<uint64_t> goff;          // per buffer: its offset in its group
     std::vector<Coverage> covs;          // threads' pending / acquired coverage (Fiber indices)
     Coverage block_acquired;             // what the running block's threads share since a barrier
     Coverage block_published;            // stores its threads fenced before its last barrier
@@ -471,7 +477,7 @@ static uint3 unlinear(uint32_t i, uint3 d) { return uint3{i % d.x, (i / d.x) % d
     Launch* L = R->L;
     L->error = RACE;
     set_where(R->cur);
-    const uint3 ob = unlinear(prev.block1 - 1, R->gdim), ot = unlinear(prev.thread, R->bdim);
+    const uint3 ob = unlinear((prev.who >> 10) - 1, R->gdim), ot = unlinear(prev.who & 1023, R->bdim);
     L->other_block[0] = ob.x; L->other_block[1] = ob.y; L->other_block[2] = ob.z;
     L->other_thread[0] = ot.x; L->other_thread[1] = ot.y; L->other_thread[2] = ot.z;
     L->other_is_store = 1;
@@ -485,12 +491,13 @@ static uint3 unlinear(uint32_t i, uint3 d) { return uint3{i % d.x, (i / d.x) % d
 }
 
 static inline void global_access(int buf, uint64_t off, size_t n, bool store) {
-    GlobalShadow* sh = R->gshadow[buf] + off;
+    const uint64_t base = R->goff[buf] + off;
+    GlobalShadow* sh = R->gshadow[buf];
     Fiber* f = R->cur;
-    const uint32_t me = R->blin + 1;
-    for (size_t i = 0; i < n; ++i) {
-        GlobalShadow& g = sh[i];
-        if (g.block1 == kAtomicByte) {
+    const uint32_t me = (R->blin + 1) << 10;
+    for (uint64_t k = base / kGranule; k <= (base + n - 1) / kGranule; ++k) {
+        GlobalShadow& g = sh[k];
+        if (g.who == kAtomicByte) {
             // a value an atomic wrote: the load observes that atomic's release sequence
             const Coverage& rel = R->releases[g.t];
             if (!store && (f->seen_release != g.t || f->seen_version != rel.version)) {
@@ -499,22 +506,25 @@ static inline void global_access(int buf, uint64_t off, size_t n, bool store) {
                 f->seen_version = rel.version;
                 coverage(f->pending).merge(rel);
             }
-        } else if (g.block1 != 0 && g.block1 != me && !visible(f, g.block1 - 1, g.thread, g.t)) {
-            global_race(store ? "write-after-write" : "read-after-write", g, store, buf, off + i);
+        } else if (g.who != 0 && (g.who & ~1023u) != me && !visible(f, (g.who >> 10) - 1, g.who & 1023, g.t)) {
+            const uint64_t first = k * kGranule > base ? k * kGranule - R->goff[buf] : off;
+            global_race(store ? "write-after-write" : "read-after-write", g, store, buf, first);
         }
-        if (store) g = GlobalShadow{me, R->gtime, (uint32_t)f->linear};
+        if (store) g = GlobalShadow{me | (uint32_t)f->linear, R->gtime};
     }
+    if (store) f->gstore_t = R->gtime;
 }
 
 // An atomic on global memory: acquires what the location's earlier atomics
 // released, and releases what the thread's last fence published.
 static void global_atomic(int buf, uint64_t off, size_t n) {
     Bookkeeping quiet;
-    GlobalShadow* sh = R->gshadow[buf] + off;
+    const uint64_t base = R->goff[buf] + off;
+    GlobalShadow* sh = R->gshadow[buf];
     Fiber* f = R->cur;
     uint32_t idx;
-    if (sh[0].block1 == kAtomicByte) {
-        idx = sh[0].t;
+    if (sh[base / kGranule].who == kAtomicByte) {
+        idx = sh[base / kGranule].t;
     } else {
         idx = (uint32_t)R->releases.size();
         R->releases.emplace_back();
@@ -534,7 +544,7 @@ static void global_atomic(int buf, uint64_t off, size_t n) {
         if (f->fence_t > o) o = f->fence_t;
         ++rel.version;
     }
-    for (size_t i = 0; i < n; ++i) sh[i] = GlobalShadow{kAtomicByte, idx, (uint32_t)f->linear};
+    for (uint64_t k = base / kGranule; k <= (base + n - 1) / kGranule; ++k) sh[k] = GlobalShadow{kAtomicByte, idx};
     ++R->gtime;
 }
 
@@ -783,7 +793,7 @@ static void barrier(void* site, int pred) {
             for (int i = 0; i < R->nthreads; ++i) {
                 const Fiber& t = R->fibers[i];
                 if (t.acquired >= 0) R->block_acquired.merge(R->covs[t.acquired]);
-                if (t.fence_t) {
+                if (t.gstore_t && t.fence_t > t.gstore_t) {   // stored to global memory, then fenced
                     uint32_t& o = R->block_published.own[writer_id(R->blin, t.linear)];
                     if (t.fence_t > o) o = t.fence_t;
                 }
@@ -1006,6 +1016,7 @@ static void spin_hand_over(Fiber* f, uintptr_t a, size_t n) {
         f->spin_progress = R->progress;
     }
     f->spin_count = 0;
+    R->spun = true;
     if (++f->spin_rounds > kSpinRounds) spin_error(f, a, n);
     // move to the back: the scheduler's next round starts at the first runnable thread
     gpubn_emu::yield(f);
@@ -1137,7 +1148,7 @@ static void start_block(uint3 b) {
         f.stack_lo = (uintptr_t)(R->stacks + (size_t)i * (kStack + kGuard) + kGuard);
         f.spin_addr = 0;
         f.spin_count = f.spin_rounds = 0;
-        f.fence_t = f.fence_bar = 0;
+        f.fence_t = f.fence_bar = f.gstore_t = 0;
         f.pending = f.acquired = -1;
         f.seen_release = ~0u;
         f.seen_version = 0;
@@ -1212,18 +1223,37 @@ static void exchange(Slot& s) {
     swap(R->covs, s.covs);
     swap(R->block_acquired, s.block_acquired);
     swap(R->block_published, s.block_published);
-    const size_t nbss = R->bss_hi - R->bss_lo;
-    if (nbss) {
-        if (s.bss.size() != nbss) s.bss.assign((unsigned char*)R->bss_lo, (unsigned char*)R->bss_hi);
-        std::swap_ranges((unsigned char*)R->bss_lo, (unsigned char*)R->bss_hi, s.bss.data());
+}
+
+// After a launch: the running block's state goes back to slot 0, and slots past
+// the few an ordinary launch uses (a large cooperative grid) give their memory back.
+constexpr size_t kKeptSlots = 8;
+static void switch_to(int k);
+static void release_slots() {
+    switch_to(0);
+    while (R->slots.size() > kKeptSlots) {
+        Slot& s = R->slots.back();
+        if (s.stacks) munmap(s.stacks, s.stacks_threads * (kStack + kGuard));
+        if (s.dyn) munmap(s.dyn, kDynCap + kGuard);
+        delete[] s.fibers;
+        R->slots.pop_back();
     }
 }
 
 // Makes slot k's block the running one.
 static void switch_to(int k) {
     if (k == R->cur_slot) return;
-    exchange(R->slots[R->cur_slot]);   // park the running block
-    exchange(R->slots[k]);             // and take k's
+    Slot& from = R->slots[R->cur_slot];
+    Slot& to = R->slots[k];
+    exchange(from);                    // park the running block
+    exchange(to);                      // and take k's
+    // static shared memory: the module's copy is the running block's
+    const size_t nbss = R->bss_hi - R->bss_lo;
+    if (nbss) {
+        from.bss.resize(nbss);
+        memcpy(from.bss.data(), (const void*)R->bss_lo, nbss);
+        if (to.bss.size() == nbss) memcpy((void*)R->bss_lo, to.bss.data(), nbss);
+    }
     R->cur_slot = k;
 }
 
@@ -1318,7 +1348,7 @@ struct Stage {
     char* map;                    // the reservation, gaps included
     size_t map_len;
     uintptr_t dev_lo;             // where host_lo is staged
-    GlobalShadow* shadow;         // inter-block racecheck: one entry per byte (zero pages until stored)
+    GlobalShadow* shadow;         // inter-block racecheck: one entry per granule (zero pages until stored)
     size_t shadow_len;
 };
 
@@ -1350,7 +1380,7 @@ static bool stage_buffers(std::vector<Stage>& stages) {
         s.dev_lo = (uintptr_t)(s.map + kStageGap + in_page);
         memcpy((void*)s.dev_lo, (const void*)s.host_lo, s.host_hi - s.host_lo);
         if (R->interblock) {
-            s.shadow_len = (s.host_hi - s.host_lo) * sizeof(GlobalShadow);
+            s.shadow_len = ((s.host_hi - s.host_lo) / kGranule + 1) * sizeof(GlobalShadow);
             void* q = mmap(nullptr, s.shadow_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
                            -1, 0);
             if (q == MAP_FAILED) { s.shadow = nullptr; return false; }
@@ -1358,6 +1388,7 @@ static bool stage_buffers(std::vector<Stage>& stages) {
         }
     }
     R->gshadow.assign(n, nullptr);
+    R->goff.assign(n, 0);
     void** args = (void**)(uintptr_t)R->L->args;
     for (int i = 0; i < n; ++i) {
         Buffer& b = R->bufs[i];
@@ -1365,7 +1396,8 @@ static bool stage_buffers(std::vector<Stage>& stages) {
         const uintptr_t dev = s.dev_lo + (b.lo - s.host_lo);
         uintptr_t* cell = (uintptr_t*)args[b.arg_index];
         if (*cell == b.lo) *cell = dev;     // the argument's pointer (Python passes the array's start)
-        if (s.shadow) R->gshadow[i] = s.shadow + (b.lo - s.host_lo);
+        R->gshadow[i] = s.shadow;
+        R->goff[i] = b.lo - s.host_lo;
         b.lo = dev;
     }
     return true;
@@ -1426,7 +1458,7 @@ EMU_EXPORT int64_t gpubn_emu_launch(Launch* L) {
         uint64_t s = (uint64_t)L->seed;
         for (uint64_t i = nblocks; i > 1; --i) std::swap(order[i - 1], order[splitmix(s) % i]);
     }
-    R->interblock = R->racecheck && nblocks > 1;
+    R->interblock = R->racecheck && nblocks > 1 && nblocks < (1u << 22) - 1 && nt <= 1024;
     R->gtime = 1;
     R->releases.clear();
     std::vector<Stage> stages;
@@ -1438,8 +1470,8 @@ EMU_EXPORT int64_t gpubn_emu_launch(Launch* L) {
         return L->error;
     }
     // Blocks run as groups of fibers: up to `resident` blocks at a time, started
-    // in order (or the seed's order), interleaved a round at a time (round robin,
-    // or the seed's choice); a finished block makes room for the next.
+    // in order (or the seed's order), interleaved; a finished block makes room
+    // for the next.
     const int resident = (int)std::max<int64_t>(1, std::min<int64_t>(L->resident, (int64_t)nblocks));
     if (R->slots.empty()) R->slots.resize(1);
     if ((int)R->slots.size() < resident) R->slots.resize(resident);
@@ -1464,10 +1496,17 @@ EMU_EXPORT int64_t gpubn_emu_launch(Launch* L) {
             running.push_back(k);
         }
         if (L->error || running.empty()) break;
-        const size_t pick = L->shuffle ? splitmix(rng) % running.size() : turn++ % running.size();
+        // Without a seed the oldest running block goes on until it finishes or
+        // hands over from a spin-wait (then the next one, in turn); with a seed
+        // a random running block runs 1 to 8 rounds.
+        const size_t pick = L->shuffle ? splitmix(rng) % running.size() : turn % running.size();
+        const int quantum = L->shuffle ? 1 + (int)(splitmix(rng) % 8) : INT_MAX;
         switch_to(running[pick]);
-        const int r = run_round();
+        int r = 0;
+        R->spun = false;
+        for (int q = 0; q < quantum && r == 0 && !R->spun; ++q) r = run_round();
         if (r < 0) break;
+        if (!L->shuffle && R->spun) ++turn;
         if (r == 1) {
             ++L->blocks_run;
             idle.push_back(running[pick]);
@@ -1476,6 +1515,7 @@ EMU_EXPORT int64_t gpubn_emu_launch(Launch* L) {
     }
     restore_fault_handler();
     unstage_buffers(stages);
+    release_slots();
     R->cur = nullptr;
     R->L = nullptr;
     return L->error;

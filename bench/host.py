@@ -1,0 +1,111 @@
+"""Host-side yardsticks measured in the same run as the CPU suite.
+
+* :func:`copy_bandwidth`: bytes per second of a large NumPy copy (read +
+  write), the memory-bandwidth floor the CPU rows' ``peak_share`` is taken
+  against (``bytes of the minimum passes / time`` over this).
+* :func:`cpu_first_call`: what the ``cpu`` backend's first call costs in a
+  new process, compiling (empty cache directory) and loading the compiled
+  loops from the disk cache.
+* :func:`torch_after_cpu`: PyTorch's time for one op alone and right after a
+  ``cpu`` backend call in the same process (threads left spinning by the
+  backend would slow it down).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, Optional
+
+import numpy as np
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 7) -> float:
+    """Median bytes/s (read + write) of ``np.copyto`` between two arrays of
+    ``nbytes`` each, pages touched beforehand."""
+    src = np.ones(nbytes // 8)
+    dst = np.zeros_like(src)
+    np.copyto(dst, src)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - t0)
+    return 2 * src.nbytes / float(np.median(times))
+
+
+_FIRST_CALL = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import numpy as np, gpubn
+t1 = time.perf_counter()
+x = np.random.default_rng(0).standard_normal((16, 32, 32, 32)).astype(sys.argv[1])
+y, saved = gpubn.batch_norm_forward(x, backend="cpu")
+gpubn.batch_norm_backward(x, saved)
+t2 = time.perf_counter()
+y, saved = gpubn.batch_norm_forward(x, backend="cpu")
+gpubn.batch_norm_backward(x, saved)
+t3 = time.perf_counter()
+print(json.dumps({"import_s": t1 - t0, "first_s": t2 - t1, "second_s": t3 - t2}))
+"""
+
+
+def _run_first_call(cache: str, dtype: str) -> Dict[str, float]:
+    env = dict(os.environ, GPUBN_CACHE_DIR=cache)
+    env["PYTHONPATH"] = os.pathsep.join([_ROOT] + [v for v in [env.get("PYTHONPATH")] if v])
+    out = subprocess.run([sys.executable, "-c", _FIRST_CALL, dtype], env=env, cwd=_ROOT,
+                         capture_output=True, text=True, timeout=900)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr else "failed")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cpu_first_call(dtype: str = "float32") -> Optional[Dict[str, float]]:
+    """Seconds of the first batch-norm forward + backward on the ``cpu``
+    backend in a new process: ``compile_s`` with an empty cache directory,
+    ``cached_s`` with the one that run filled, ``steady_s`` a second call.
+    None when the backend cannot run here."""
+    try:
+        from gpubn.backends import get_backend
+        get_backend("cpu")
+    except RuntimeError:
+        return None
+    with tempfile.TemporaryDirectory(prefix="gpubn-jit-") as cache:
+        cold = _run_first_call(cache, dtype)
+        warm = _run_first_call(cache, dtype)
+    return {"compile_s": cold["first_s"], "cached_s": warm["first_s"],
+            "steady_s": warm["second_s"], "import_s": warm["import_s"]}
+
+
+def torch_after_cpu(shape=(32, 64, 56, 56), repeats: int = 9) -> Optional[Dict[str, float]]:
+    """Median seconds of PyTorch's CPU batch-norm forward alone and right
+    after a ``cpu`` backend forward, in this process."""
+    try:
+        import torch
+        import gpubn
+        from gpubn.backends import get_backend
+        get_backend("cpu")
+    except (ImportError, RuntimeError):
+        return None
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    xt = torch.from_numpy(x)
+
+    def torch_fwd():
+        t0 = time.perf_counter()
+        torch.nn.functional.batch_norm(xt, None, None, training=True)
+        return time.perf_counter() - t0
+
+    gpubn.batch_norm_forward(x, backend="cpu")
+    torch_fwd()
+    alone = [torch_fwd() for _ in range(repeats)]
+    after = []
+    for _ in range(repeats):
+        gpubn.batch_norm_forward(x, backend="cpu")
+        after.append(torch_fwd())
+    return {"alone_s": float(np.median(alone)), "after_cpu_s": float(np.median(after))}

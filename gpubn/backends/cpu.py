@@ -1,0 +1,538 @@
+"""The ``cpu`` backend: fused parallel loops compiled by Numba (extra ``gpubn[cpu]``).
+
+Normalization is memory-bound, so each pass is one loop over memory, the same
+passes as the GPU kernels:
+
+* statistics: one read of ``x``;
+* normalize: one read of ``x``, one write of ``y``;
+* backward: one read of ``x`` and ``dy`` for the two sums, then one read of
+  ``x`` and ``dy`` and one write of ``dx``;
+* layer norm: one read and one write per direction (a row is normalized while
+  it is still in the cache).
+
+Work is cut into blocks by the shape alone (never by the thread count).  Each
+block writes its own partial sums, and the partials are added in block order,
+so the results are bitwise the same for any number of threads.  A canonical
+``(outer, C, inner)`` array is walked in memory order: rows of ``inner``
+values of one channel when ``inner`` is long (NCHW), else whole ``C * inner``
+rows with the per-channel constants streamed alongside (NC, channels-last),
+where the loop over channels is the one the compiler vectorizes.
+
+Accuracy: sums are taken around a per-channel (per-row for layer norm) shift,
+the first value of the channel, within a row in the data's precision and
+across rows in float64; a channel whose mean lands far from its shift is
+summed again around the mean.  Normalization subtracts the mean as
+``hi + lo`` (``x - hi`` is exact near the mean, ``lo`` folds into the
+per-channel constants), so ``1e4 + N(0, 1)`` float32 data keeps float32
+accuracy.  float32 and float64 are computed in their own precision;
+float16 and bfloat16 are widened to float32 before and rounded (to nearest
+even) after.
+
+Threads: Numba's ``workqueue`` layer, chosen because it survives ``os.fork()``
+and its idle threads sleep instead of spinning; it does not allow two
+parallel regions at once, so calls from several Python threads take turns on
+a lock.  ``GPUBN_NUM_THREADS`` caps the threads used.  Compiled loops are
+cached on disk under ``$GPUBN_CACHE_DIR/cpu`` (default
+``~/.cache/gpubn/cpu``), so a new process does not compile them again.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import threading
+import types
+
+import numpy as np
+
+from .._validation import acc_dtype
+from .base import Backend, ChannelStats, update_running_stats
+
+try:
+    import numba
+except ImportError as exc:  # the backend registry reports this
+    raise ImportError(f"Numba is not installed ({exc}); install the extra gpubn[cpu]") from exc
+
+from numba.core import caching as _numba_caching
+
+from ..emu.compiler import cache_dir as _gpubn_cache_dir
+
+
+# ------------------------------------------------------------ threading ----
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
+
+_LOCK = threading.Lock()
+
+
+def _new_lock():
+    global _LOCK
+    _LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock)   # a lock held by another thread at fork
+
+
+def num_threads() -> int:
+    """Threads a call uses: ``GPUBN_NUM_THREADS`` when set (at least 1), else
+    every thread Numba starts; never more than Numba started."""
+    limit = numba.config.NUMBA_NUM_THREADS
+    env = os.environ.get("GPUBN_NUM_THREADS")
+    if env:
+        try:
+            return max(1, min(limit, int(env)))
+        except ValueError:
+            pass
+    return limit
+
+
+def _serialized(fn):
+    """Run a backend method alone (the workqueue layer runs one parallel
+    region at a time), on ``num_threads()`` threads, without RuntimeWarnings
+    from the NumPy arithmetic on non-finite per-channel vectors."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _LOCK, np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            numba.set_num_threads(num_threads())
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+# ---------------------------------------------------------- disk cache -----
+def cache_dir() -> str:
+    """Where compiled loops are kept: ``$GPUBN_CACHE_DIR/cpu`` (default
+    ``~/.cache/gpubn/cpu``)."""
+    return str(_gpubn_cache_dir().parent / "cpu")
+
+
+class _CacheLocator(_numba_caching._CacheLocator):
+    """Numba's cache for the functions of this file goes to :func:`cache_dir`
+    (not next to the source, which may be a read-only site-packages)."""
+
+    def __init__(self, py_func, py_file):
+        self._py_file = py_file
+        self._lineno = py_func.__code__.co_firstlineno
+        # one folder per installed copy of this file
+        tag = hashlib.sha256(os.path.abspath(py_file).encode()).hexdigest()[:12]
+        self._path = os.path.join(cache_dir(), tag)
+
+    def ensure_cache_path(self):
+        os.makedirs(self._path, exist_ok=True)
+        super().ensure_cache_path()
+
+    def get_cache_path(self):
+        return self._path
+
+    def get_source_stamp(self):
+        st = os.stat(self._py_file)
+        return st.st_mtime, st.st_size
+
+    def get_disambiguator(self):
+        return str(self._lineno)
+
+    @classmethod
+    def from_function(cls, py_func, py_file):
+        if os.path.abspath(py_file) != os.path.abspath(__file__):
+            return None
+        return cls(py_func, py_file)
+
+
+_LOCATORS = getattr(_numba_caching, "CacheImpl", None) or _numba_caching._CacheImpl
+if _CacheLocator not in _LOCATORS._locator_classes:
+    _LOCATORS._locator_classes.insert(0, _CacheLocator)
+
+# reassociation lets the compiler vectorize the sums; no contraction (an FMA
+# would break identities such as dy*w - c1 == 0 for a one-value row); NaN and
+# Inf keep IEEE semantics (no 'nnan' / 'ninf')
+_FLAGS = {"reassoc"}
+
+
+class _jit:
+    """A loop compiled twice: ``parallel`` (its ``prange`` spread over the
+    threads) and ``serial`` (a plain loop, for inputs of one block, where
+    waking the threads would cost more than the work).  Called with the
+    number of blocks first."""
+
+    def __init__(self, fn):
+        self.parallel = numba.njit(parallel=True, cache=True, fastmath=_FLAGS)(fn)
+        twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial")
+        twin.__qualname__ = fn.__qualname__ + "_serial"     # its own cache entry
+        self.serial = numba.njit(cache=True, fastmath=_FLAGS)(twin)
+
+    def __call__(self, blocks, *args):
+        return (self.parallel if blocks > 1 else self.serial)(*args)
+
+
+_ROWS_MIN = 16          # inner extent from which a channel's runs are walked one by one
+_BLOCK = 1 << 15        # elements per block of work (about)
+_MAX_BLOCKS = 256
+_REDO = 16.0            # (mean - shift)**2 / var above which the sums are taken again
+
+
+# ---------------------------------------------------------------- loops ----
+@_jit
+def _sums(x, dy, shift, nc, rows, per, s1, s2):
+    """Partial sums per block ``b`` of ``per`` rows of the 2-D view ``x``
+    (see :class:`_Layout`), per index ``q`` of the per-channel constants:
+    ``s1[b, q] = sum d``, ``s2[b, q] = sum d * d`` for ``d = x - shift[q]``;
+    with ``dy`` values ``s1 = sum dy``, ``s2 = sum dy * d``.  ``rows``: row
+    ``r`` is one run of channel ``q = r % nc``, summed in the data's precision
+    (a vectorized reduction); else column ``q`` of every row, summed in
+    float64 (vectorized along the row)."""
+    R, W = x.shape
+    nb = s1.shape[0]
+    with_dy = dy.size > 0
+    for b in numba.prange(nb):
+        s1[b, :] = 0.0
+        s2[b, :] = 0.0
+        r1 = min(R, (b + 1) * per)
+        if rows:
+            for r in range(b * per, r1):
+                q = r % nc
+                k = shift[q]
+                a1 = x.dtype.type(0.0)
+                a2 = x.dtype.type(0.0)
+                if with_dy:
+                    for i in range(W):
+                        g = dy[r, i]
+                        a1 += g
+                        a2 += g * (x[r, i] - k)
+                else:
+                    for i in range(W):
+                        d = x[r, i] - k
+                        a1 += d
+                        a2 += d * d
+                s1[b, q] += a1
+                s2[b, q] += a2
+        else:
+            for r in range(b * per, r1):
+                if with_dy:
+                    for q in range(W):
+                        g = np.float64(dy[r, q])
+                        s1[b, q] += g
+                        s2[b, q] += g * np.float64(x[r, q] - shift[q])
+                else:
+                    for q in range(W):
+                        d = np.float64(x[r, q] - shift[q])
+                        s1[b, q] += d
+                        s2[b, q] += d * d
+
+
+@_jit
+def _affine(x, dy, mean, a, b0, k, nc, rows, per, out):
+    """Without ``dy`` values ``out = (x - mean[q]) * a[q] + b0[q]``; with
+    them ``out = k[q] * (dy - b0[q] - (x - mean[q]) * a[q])``; rows, blocks
+    and ``q`` as in :func:`_sums`."""
+    R, W = x.shape
+    with_dy = dy.size > 0
+    nb = (R + per - 1) // per
+    for b in numba.prange(nb):
+        r1 = min(R, (b + 1) * per)
+        for r in range(b * per, r1):
+            if rows:
+                q = r % nc
+                m, s, t, f = mean[q], a[q], b0[q], k[q]
+                if with_dy:
+                    for i in range(W):
+                        out[r, i] = f * (dy[r, i] - t - (x[r, i] - m) * s)
+                else:
+                    for i in range(W):
+                        out[r, i] = (x[r, i] - m) * s + t
+            elif with_dy:
+                for q in range(W):
+                    out[r, q] = k[q] * (dy[r, q] - b0[q] - (x[r, q] - mean[q]) * a[q])
+            else:
+                for q in range(W):
+                    out[r, q] = (x[r, q] - mean[q]) * a[q] + b0[q]
+
+
+@_jit
+def _ln_forward(x, w, b, eps, per, y, mean_out, rstd_out):
+    """Layer norm forward, one row at a time: sums around the row's first
+    value (again around the mean when that was far off), then ``y`` while the
+    row is in the cache."""
+    rows, n = x.shape
+    nb = (rows + per - 1) // per
+    for blk in numba.prange(nb):
+        for r in range(blk * per, min(rows, (blk + 1) * per)):
+            k = x[r, 0]
+            if not np.isfinite(k):
+                k = x.dtype.type(0.0)
+            for _ in range(2):
+                a1 = x.dtype.type(0.0)
+                a2 = x.dtype.type(0.0)
+                for j in range(n):
+                    d = x[r, j] - k
+                    a1 += d
+                    a2 += d * d
+                dm = np.float64(a1) / n
+                m2 = np.float64(a2) - np.float64(a1) * dm
+                if not dm * dm * n > _REDO * m2:      # False for NaN
+                    break
+                k = x.dtype.type(np.float64(k) + dm)
+            mean = np.float64(k) + dm
+            rstd = 1.0 / np.sqrt(max(m2, 0.0) / n + eps) if m2 == m2 else m2
+            hi = x.dtype.type(mean)
+            lo = x.dtype.type(-(mean - np.float64(hi)) * rstd if np.isfinite(hi) else 0.0)
+            rs = x.dtype.type(rstd)
+            for j in range(n):
+                y[r, j] = ((x[r, j] - hi) * rs + lo) * w[j] + b[j]
+            mean_out[r] = mean
+            rstd_out[r] = rstd
+
+
+@_jit
+def _ln_backward(dy, x, mean, rstd, w, per, dx, pw, pb):
+    """Layer norm backward, one row at a time: the row's two sums, then
+    ``dx``; block partial column sums ``pw`` (dy * xhat) and ``pb`` (dy)
+    when they have rows."""
+    rows, n = x.shape
+    nb = (rows + per - 1) // per
+    grads = pw.shape[0] > 0
+    for blk in numba.prange(nb):
+        if grads:
+            for j in range(n):
+                pw[blk, j] = 0.0
+                pb[blk, j] = 0.0
+        for r in range(blk * per, min(rows, (blk + 1) * per)):
+            m, rs = mean[r], rstd[r]
+            a1 = x.dtype.type(0.0)
+            a2 = x.dtype.type(0.0)
+            for j in range(n):
+                g = dy[r, j] * w[j]
+                a1 += g
+                a2 += g * (x[r, j] - m)
+            c1 = x.dtype.type(np.float64(a1) / n)
+            c2 = x.dtype.type(np.float64(a2) * np.float64(rs) / n)
+            for j in range(n):
+                xhat = (x[r, j] - m) * rs
+                dx[r, j] = rs * (dy[r, j] * w[j] - c1 - xhat * c2)
+            if grads:
+                for j in range(n):
+                    xhat = (x[r, j] - m) * rs
+                    pw[blk, j] += dy[r, j] * xhat
+                    pb[blk, j] += dy[r, j]
+
+
+# ------------------------------------------------------------- helpers -----
+_EMPTY2 = {np.dtype(np.float32): np.empty((0, 0), np.float32),
+           np.dtype(np.float64): np.empty((0, 0), np.float64)}
+
+
+def _wide(a):
+    """float32 and float64 arrays as they are; float16 / bfloat16 widened to float32."""
+    return a if a.dtype in _EMPTY2 else a.astype(np.float32)
+
+
+def _store(a, dtype):
+    return a if a.dtype == dtype else a.astype(dtype)
+
+
+class _Layout:
+    """How a canonical ``(outer, C, inner)`` array is walked, from its shape
+    alone.  Long runs (``inner >= _ROWS_MIN``, NCHW): a 2-D view of
+    ``outer * C`` rows of ``inner`` values, row ``r`` in channel ``r % C``.
+    Short runs (NC, channels-last): ``outer`` rows of ``C * inner`` values,
+    the per-channel constants repeated to one per column.  Rows are cut into
+    ``nb`` blocks of ``per`` rows of about ``_BLOCK`` values."""
+
+    def __init__(self, shape):
+        outer, self.c, self.inner = shape
+        self.rows = self.inner >= _ROWS_MIN
+        self.shape2 = (outer * self.c, self.inner) if self.rows else (outer, self.c * self.inner)
+        n_rows = self.shape2[0]
+        nb = max(1, min(_MAX_BLOCKS, n_rows, outer * self.c * self.inner // _BLOCK))
+        self.per = -(-n_rows // nb)
+        self.nb = -(-n_rows // self.per)
+        self.width = self.c if self.rows else self.shape2[1]   # partial sums per block
+
+    def view(self, a3):
+        return a3.reshape(self.shape2)
+
+    def expand(self, v, dtype):
+        """A per-channel vector as the loops index it."""
+        v = np.asarray(v, dtype=dtype)
+        return v if self.rows or self.inner == 1 else np.repeat(v, self.inner)
+
+    def channel_sums(self, parts):
+        """Per-channel float64 totals of the blocks' partials, in block order."""
+        total = parts.sum(axis=0)
+        return total if self.rows else total.reshape(self.c, self.inner).sum(axis=1)
+
+    def sums(self, x3, dy3, shift):
+        """``_sums`` over the whole array: per-channel float64 totals."""
+        s1, s2 = np.empty((self.nb, self.width)), np.empty((self.nb, self.width))
+        dy = _EMPTY2[x3.dtype] if dy3 is None else self.view(dy3)
+        _sums(self.nb, self.view(x3), dy, self.expand(shift, x3.dtype), self.c, self.rows, self.per,
+              s1, s2)
+        return self.channel_sums(s1), self.channel_sums(s2)
+
+    def affine(self, x3, dy3, mean, a, b0, k):
+        """``_affine`` over the whole array, into a new array."""
+        out = np.empty(x3.shape, x3.dtype)
+        dt = x3.dtype
+        dy = _EMPTY2[dt] if dy3 is None else self.view(dy3)
+        _affine(self.nb, self.view(x3), dy, self.expand(mean, dt), self.expand(a, dt),
+                self.expand(b0, dt), self.expand(k, dt), self.c, self.rows, self.per,
+                self.view(out))
+        return out
+
+
+def _row_plan(rows, n):
+    per = max(1, min(rows, _BLOCK // max(n, 1)))
+    per = max(per, -(-rows // _MAX_BLOCKS))
+    return per, -(-rows // per)
+
+
+def _vec(v, dtype, c, fill):
+    return np.full(c, fill, dtype) if v is None else np.asarray(v, dtype=dtype)
+
+
+def _split(mean, dtype):
+    """float64 ``mean`` as ``hi`` (in ``dtype``) + ``lo`` (float64, 0 where ``hi``
+    is not finite)."""
+    hi = mean.astype(dtype)
+    lo = np.where(np.isfinite(hi), mean - hi, 0.0)
+    return hi, lo
+
+
+def _moments(x):
+    """Per-channel float64 ``(mean, m2)`` of a float32/float64 canonical array."""
+    lay = _Layout(x.shape)
+    n = x.shape[0] * x.shape[2]
+    shift = x[0, :, 0].astype(np.float64)
+    shift[~np.isfinite(shift)] = 0.0
+    for _ in range(2):
+        t1, t2 = lay.sums(x, None, shift)
+        dm = t1 / n
+        m2 = t2 - t1 * dm
+        far = dm * dm * n > _REDO * m2            # False where NaN
+        if not far.any():
+            break
+        shift = np.where(far, (shift + dm).astype(x.dtype), shift).astype(np.float64)
+    np.maximum(m2, 0.0, out=m2, where=~np.isnan(m2))
+    return shift + dm, m2
+
+
+def _normalize(x3, mean, scale, shift):
+    """``y = (x - mean) * scale + shift`` per channel; mean, scale and shift
+    float64 vectors."""
+    x = _wide(x3)
+    hi, lo = _split(mean, x.dtype)
+    y = _Layout(x.shape).affine(x, None, hi, scale, shift - lo * scale, scale)
+    return _store(y, x3.dtype)
+
+
+def _backward_sums(dy3, x3, mean):
+    """Per-channel float64 ``(sum dy, sum dy * (x - mean))``."""
+    x, dy = _wide(x3), _wide(dy3)
+    return _Layout(x.shape).sums(x, dy, mean)
+
+
+def _dx(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat, count):
+    """Training dx = weight*invstd*(dy - sum_dy/m - (x - mean)*invstd*sum_dy_xhat/m)."""
+    x, dy = _wide(x3), _wide(dy3)
+    invstd = np.asarray(invstd, np.float64)
+    k = invstd if weight is None else invstd * np.asarray(weight, np.float64)
+    dx = _Layout(x.shape).affine(x, dy, mean, invstd * np.asarray(sum_dy_xhat, np.float64) / count,
+                                 np.asarray(sum_dy, np.float64) / count, k)
+    return _store(dx, x3.dtype)
+
+
+def _f64(v):
+    return None if v is None else np.asarray(v, dtype=np.float64)
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+    xp = np
+
+    @_serialized
+    def bn_stats(self, x3) -> ChannelStats:
+        acc = acc_dtype(x3.dtype)
+        mean, m2 = _moments(_wide(x3))
+        return ChannelStats(count=x3.shape[0] * x3.shape[2], mean=mean.astype(acc),
+                            m2=m2.astype(acc))
+
+    @_serialized
+    def bn_forward_train(self, x3, weight, bias, running_mean, running_var, momentum, eps,
+                         skipped=None):
+        acc = acc_dtype(x3.dtype)
+        n = x3.shape[0] * x3.shape[2]
+        x = _wide(x3)
+        mean, m2 = _moments(x)
+        invstd = 1.0 / np.sqrt(m2 / n + eps)
+        scale = invstd if weight is None else invstd * _f64(weight)
+        shift = np.zeros_like(scale) if bias is None else _f64(bias)
+        y3 = _store(_normalize(x, mean, scale, shift), x3.dtype)
+        update_running_stats(np, running_mean, running_var, mean, m2 / (n - 1), momentum,
+                             skipped)
+        return y3, mean.astype(acc), invstd.astype(acc)
+
+    def bn_forward_eval(self, x3, weight, bias, running_mean, running_var, eps):
+        acc = acc_dtype(x3.dtype)
+        mean = np.array(running_mean, dtype=acc)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            invstd = (1.0 / np.sqrt(_f64(running_var) + eps)).astype(acc)
+        return self.bn_apply(x3, mean, invstd, weight, bias), mean, invstd
+
+    @_serialized
+    def bn_apply(self, x3, mean, invstd, weight, bias):
+        scale = _f64(invstd) if weight is None else _f64(invstd) * _f64(weight)
+        shift = np.zeros_like(scale) if bias is None else _f64(bias)
+        return _normalize(x3, _f64(mean), scale, shift)
+
+    @_serialized
+    def bn_backward_reduce(self, dy3, x3, mean, invstd):
+        acc = acc_dtype(x3.dtype)
+        sum_dy, sum_dy_xmu = _backward_sums(dy3, x3, mean)
+        return sum_dy.astype(acc), (sum_dy_xmu * _f64(invstd)).astype(acc)
+
+    @_serialized
+    def bn_backward_dx(self, dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat, count):
+        return _dx(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat, count)
+
+    @_serialized
+    def bn_backward(self, dy3, x3, mean, invstd, weight, training):
+        acc = acc_dtype(x3.dtype)
+        sum_dy, sum_dy_xmu = _backward_sums(dy3, x3, mean)
+        sum_dy_xhat = sum_dy_xmu * _f64(invstd)
+        if training:
+            dx3 = _dx(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat,
+                      x3.shape[0] * x3.shape[2])
+        else:   # statistics held fixed: dx = dy * weight * invstd
+            k = _f64(invstd) if weight is None else _f64(invstd) * _f64(weight)
+            dy = _wide(dy3)
+            dx3 = _store(dy * k.astype(dy.dtype)[None, :, None], x3.dtype)
+        return dx3, sum_dy_xhat.astype(acc), sum_dy.astype(acc)
+
+    # -- layer norm ----------------------------------------------------
+    @_serialized
+    def ln_forward(self, x2, weight, bias, eps):
+        x = _wide(x2)
+        rows, n = x.shape
+        acc = acc_dtype(x2.dtype)
+        y = np.empty(x.shape, x.dtype)
+        mean = np.empty(rows, acc)
+        rstd = np.empty(rows, acc)
+        per, nb = _row_plan(rows, n)
+        _ln_forward(nb, x, _vec(weight, x.dtype, n, 1.0), _vec(bias, x.dtype, n, 0.0),
+                    float(eps), per, y, mean, rstd)
+        return _store(y, x2.dtype), mean, rstd
+
+    @_serialized
+    def ln_backward(self, dy2, x2, mean, rstd, weight, want_grads):
+        x, dy = _wide(x2), _wide(dy2)
+        rows, n = x.shape
+        acc = acc_dtype(x2.dtype)
+        per, nb = _row_plan(rows, n)
+        dx = np.empty(x.shape, x.dtype)
+        parts = (nb, n) if want_grads else (0, n)
+        pw, pb = np.empty(parts), np.empty(parts)
+        _ln_backward(nb, dy, x, np.asarray(mean, x.dtype), np.asarray(rstd, x.dtype),
+                     _vec(weight, x.dtype, n, 1.0), per, dx, pw, pb)
+        dx = _store(dx, x2.dtype)
+        if not want_grads:
+            return dx, None, None
+        return dx, pw.sum(axis=0).astype(acc), pb.sum(axis=0).astype(acc)

@@ -1,0 +1,234 @@
+"""The fused ``cpu`` backend (Numba): every interface method against the NumPy
+reference on both loop layouts, bitwise results for any thread count,
+concurrent Python threads, the re-centred sums, the disk cache and the
+automatic choice."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import gpubn
+from conftest import assert_close
+
+pytest.importorskip("numba", reason="Numba (the extra gpubn[cpu]) is not installed")
+from gpubn.backends import cpu  # noqa: E402
+
+REF = gpubn.backends.get_backend("numpy")
+CPU = gpubn.backends.get_backend("cpu")
+
+# (outer, C, inner): NC, channels-last-like short runs, NCHW runs, one channel
+SHAPES = [(300, 7, 1), (40, 5, 3), (6, 4, 50), (3, 1, 200)]
+
+
+def _case(shape, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    c = shape[1]
+    acc = np.float64 if dtype == np.float64 else np.float32
+    w = np.linspace(0.5, 1.5, c).astype(acc)
+    b = np.linspace(-1, 1, c).astype(acc)
+    return x, dy, w, b
+
+
+def _ops(be, x, dy, w, b):
+    """Every batch-norm method of the interface, in the order a user runs them."""
+    c = x.shape[1]
+    rm, rv = np.zeros(c, w.dtype), np.ones(c, w.dtype)
+    y, mean, invstd = be.bn_forward_train(x, w, b, rm, rv, 0.1, 1e-5)
+    st = be.bn_stats(x)
+    dx, dw, db = be.bn_backward(dy, x, mean, invstd, w, True)
+    dxe, _, _ = be.bn_backward(dy, x, mean, invstd, w, False)
+    sdy, sdxh = be.bn_backward_reduce(dy, x, mean, invstd)
+    dx2 = be.bn_backward_dx(dy, x, mean, invstd, w, sdy, sdxh, st.count)
+    ye, _, _ = be.bn_forward_eval(x, w, b, rm, rv, 1e-5)
+    ya = be.bn_apply(x, mean, invstd, w, b)
+    return dict(y=y, mean=mean, invstd=invstd, rm=rm, rv=rv, st_mean=st.mean, st_m2=st.m2,
+                dx=dx, dw=dw, db=db, dx_eval=dxe, sum_dy=sdy, sum_dy_xhat=sdxh, dx_parts=dx2,
+                y_eval=ye, y_apply=ya)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64],
+                         ids=lambda d: np.dtype(d).name)
+def test_every_method_matches_the_reference(shape, dtype):
+    x, dy, w, b = _case(shape, dtype)
+    got, ref = _ops(CPU, x, dy, w, b), _ops(REF, x, dy, w, b)
+    m = shape[0] * shape[2]
+    for name, e in ref.items():
+        a = got[name]
+        assert a.dtype == e.dtype and a.shape == e.shape, name
+        # sums over m values carry about sqrt(m) roundings of the data's precision
+        scale = max(1.0, m ** 0.5 / 4) if name in ("dw", "db", "sum_dy", "sum_dy_xhat",
+                                                   "st_m2") else 1.0
+        assert_close(a, e, dtype if name not in ("rm", "rv") else w.dtype, name, scale=scale)
+
+
+def test_layer_norm_matches_the_reference():
+    for dtype in (np.float16, np.float32, np.float64):
+        rng = np.random.default_rng(1)
+        x = (rng.standard_normal((37, 129)) * 3 + 50).astype(dtype)
+        dy = rng.standard_normal(x.shape).astype(dtype)
+        acc = np.float64 if dtype == np.float64 else np.float32
+        w = np.linspace(0.5, 1.5, 129).astype(acc)
+        b = np.linspace(-1, 1, 129).astype(acc)
+        outs = []
+        for be in (CPU, REF):
+            y, mean, rstd = be.ln_forward(x, w, b, 1e-5)
+            outs.append((y, mean, rstd) + be.ln_backward(dy, x, mean, rstd, w, True))
+        for name, a, e in zip(("y", "mean", "rstd", "dx", "dw", "db"), *outs):
+            assert a.dtype == e.dtype, name
+            assert_close(a, e, dtype, name, scale=3.0 if name in ("dw", "db") else 1.0)
+
+
+@pytest.fixture
+def many_blocks(monkeypatch):
+    """Blocks of a few hundred values, so small inputs have many blocks and
+    every thread gets several."""
+    monkeypatch.setattr(cpu, "_BLOCK", 256)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+def test_results_are_bitwise_the_same_for_any_thread_count(many_blocks, monkeypatch, shape,
+                                                           dtype):
+    shape = (shape[0] * 4,) + shape[1:]
+    x, dy, w, b = _case(shape, dtype, seed=2)
+    assert cpu._Layout(x.shape).nb > 4
+    runs = []
+    for threads in ("1", "2", "3"):
+        monkeypatch.setenv("GPUBN_NUM_THREADS", threads)
+        r = _ops(CPU, x, dy, w, b)
+        y, mean, rstd = CPU.ln_forward(x.reshape(shape[0], -1), None, None, 1e-5)
+        r["ln"] = (y,) + CPU.ln_backward(dy.reshape(y.shape), x.reshape(y.shape), mean, rstd,
+                                         None, True)
+        runs.append(r)
+    for r in runs[1:]:
+        for name in r:
+            for a, e in zip(np.atleast_1d(r[name]) if name != "ln" else r[name],
+                            np.atleast_1d(runs[0][name]) if name != "ln" else runs[0][name]):
+                np.testing.assert_array_equal(a, e, err_msg=name)
+
+
+def test_thread_count_follows_the_environment(monkeypatch):
+    import numba
+    monkeypatch.setenv("GPUBN_NUM_THREADS", "1")
+    assert cpu.num_threads() == 1
+    monkeypatch.setenv("GPUBN_NUM_THREADS", "10000")
+    assert cpu.num_threads() == numba.config.NUMBA_NUM_THREADS
+    monkeypatch.delenv("GPUBN_NUM_THREADS")
+    assert cpu.num_threads() == numba.config.NUMBA_NUM_THREADS
+    seen = []
+    real = cpu._moments
+    monkeypatch.setattr(cpu, "_moments", lambda x: seen.append(numba.get_num_threads())
+                        or real(x))
+    monkeypatch.setenv("GPUBN_NUM_THREADS", "1")
+    CPU.bn_stats(np.ones((4, 2, 3), np.float32))
+    assert seen == [1]
+
+
+def test_concurrent_calls_from_python_threads(many_blocks):
+    """Several Python threads calling at once (the threading layer runs one
+    parallel region at a time; the backend queues them) get the results of
+    sequential calls."""
+    cases = [_case((64, 8, 40), np.float32, seed=s) for s in range(4)]
+    expected = [_ops(CPU, *c) for c in cases]
+    results, errors = [None] * 8, []
+
+    def work(i):
+        try:
+            results[i] = _ops(CPU, *cases[i % 4])
+        except Exception as exc:   # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    for i, r in enumerate(results):
+        for name, e in expected[i % 4].items():
+            np.testing.assert_array_equal(r[name], e, err_msg=name)
+
+
+def _far_first_value(shape):
+    """1e4 + N(0, 1) float32 with every channel's first value 100 away: the
+    shift the sums start from is far from the mean."""
+    x = (1e4 + np.random.default_rng(4).standard_normal(shape)).astype(np.float32)
+    x[0, :, 0] += 100.0
+    return x
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 4000), (20000, 3, 1)], ids=["rows", "columns"])
+def test_sums_taken_again_around_the_mean_when_the_shift_is_far(monkeypatch, shape):
+    x = _far_first_value(shape)
+    xs = np.moveaxis(x, 1, 0).reshape(3, -1).astype(np.float64)
+    ref_m2 = ((xs - xs.mean(axis=1, keepdims=True)) ** 2).sum(axis=1)
+    mean, m2 = cpu._moments(x)
+    np.testing.assert_allclose(mean, xs.mean(axis=1), rtol=1e-7)
+    np.testing.assert_allclose(m2, ref_m2, rtol=1e-5)
+    if shape[2] == 1:
+        return       # runs of one value are summed in float64: no cancellation to show
+    # the check is what keeps it: without the second pass the float32 run sums cancel
+    monkeypatch.setattr(cpu, "_REDO", np.inf)
+    _, m2_once = cpu._moments(x)
+    assert np.max(np.abs(m2_once / ref_m2 - 1)) > 1e-4
+
+
+def test_layer_norm_rows_taken_again_when_the_first_value_is_far():
+    x = (1e4 + np.random.default_rng(5).standard_normal((64, 700))).astype(np.float32)
+    x[:, 0] += 1000.0
+    x64 = x.astype(np.float64)
+    _, mean, rstd = CPU.ln_forward(x, None, None, 1e-5)
+    np.testing.assert_allclose(mean, x64.mean(axis=1), rtol=1e-7)
+    np.testing.assert_allclose(rstd, 1 / np.sqrt(x64.var(axis=1) + 1e-5), rtol=1e-5)
+
+
+def test_compiled_loops_are_cached_under_the_gpubn_cache_dir(tmp_path):
+    """GPUBN_CACHE_DIR moves the cache; nothing is written next to the package."""
+    code = ("from gpubn.backends import cpu; "
+            "print(cpu._sums.parallel._cache._cache_path); print(cpu.cache_dir())")
+    env = dict(os.environ, GPUBN_CACHE_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=120, cwd=Path(__file__).parents[1])
+    assert out.returncode == 0, out.stderr
+    path, root = out.stdout.split()
+    assert root == str(tmp_path / "cpu") and Path(path).parent == Path(root)
+    package = Path(cpu.__file__).parent / "__pycache__"
+    assert not list(package.glob("cpu.*.nbi")), "Numba cache written into the package"
+
+
+def test_automatic_choice_is_cpu_for_numpy_arrays_and_numpy_without_numba(monkeypatch):
+    from gpubn import backends
+    monkeypatch.delenv("GPUBN_BACKEND", raising=False)
+    assert backends.get_backend(None, np.ones(3)).name == "cpu"
+    # without Numba the cpu module does not import: numpy is chosen
+    monkeypatch.setitem(backends._REGISTRY, "cpu", "gpubn.backends._no_such_module:X")
+    monkeypatch.delitem(backends._INSTANCES, "cpu")
+    backends._host_auto.cache_clear()
+    try:
+        assert backends.get_backend(None, np.ones(3)).name == "numpy"
+        with pytest.raises(RuntimeError, match="backend 'cpu' is not available"):
+            backends.get_backend("cpu")
+    finally:
+        backends._host_auto.cache_clear()
+
+
+
+def test_the_threading_layer_is_workqueue(monkeypatch):
+    """The layer the fork and concurrency tests above exercise: workqueue
+    (fork-safe, sleeps when idle), unless the user chose another."""
+    import numba
+    if "NUMBA_THREADING_LAYER" in os.environ:
+        pytest.skip("NUMBA_THREADING_LAYER is set by the user")
+    monkeypatch.setattr(cpu, "_BLOCK", 256)
+    CPU.bn_stats(np.ones((64, 4, 32), np.float32))       # a parallel loop has run
+    assert numba.threading_layer() == "workqueue"
