@@ -182,7 +182,7 @@ def copy_bandwidth(nbytes: int = 1 << 29, repeats: int = 20) -> Dict:
         t = float(np.median(cupy_timer(fn, repeats, 3)))
         out[name] = 2 * n * 4 / t / 1e9
     out["copy_gbps"] = max(out["memcpy_gbps"], out["copy_kernel_gbps"])
-    del src, dst
+    src = dst = None                  # drop the buffers before freeing the pool
     cupy.get_default_memory_pool().free_all_blocks()
     return out
 

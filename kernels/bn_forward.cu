@@ -69,8 +69,8 @@ struct XRes {  // VEC elements of x and (when there is one) of the residual
 };
 
 template <class T, int VEC>
-__device__ __forceinline__ XRes<T, VEC> load_x_res(const T* __restrict__ x,
-                                                   const T* __restrict__ residual,
+__device__ __forceinline__ XRes<T, VEC> load_x_res(const T* x,
+                                                   const T* residual,
                                                    long long off) {
     XRes<T, VEC> p;
     p.x = load_vec<T, VEC>(x + off);
@@ -79,7 +79,7 @@ __device__ __forceinline__ XRes<T, VEC> load_x_res(const T* __restrict__ x,
 }
 
 template <class T, class Acc, int VEC>
-__device__ __forceinline__ void affine_body(T* __restrict__ y, const Affine<Acc>* k, int kstride,
+__device__ __forceinline__ void affine_body(T* y, const Affine<Acc>* k, int kstride,
                                             const XRes<T, VEC>& in, bool residual, int relu,
                                             long long off) {
     Vec<T, VEC> out;
@@ -94,9 +94,12 @@ __device__ __forceinline__ void affine_body(T* __restrict__ y, const Affine<Acc>
     store_vec<T, VEC>(y + off, out);
 }
 
+// x, y and the residual are not __restrict__: with it, x is read through the
+// non-coherent path, which the assembler lets sink below the stores of y, and
+// it schedules only two of a thread's GPUBN_MAP_UNROLL loads before the first
+// store.  Plain loads stay ahead of the stores, so all of them are in flight.
 template <class T, class Acc, int VEC>
-__global__ void bn_apply_nchw(const T* __restrict__ x, T* __restrict__ y,
-                              const T* __restrict__ residual, const Acc* mean,
+__global__ void bn_apply_nchw(const T* x, T* y, const T* residual, const Acc* mean,
                               const Acc* mean_lo, const Acc* spread, const Acc* weight,
                               const Acc* bias,
                               Acc* mean_out, Acc* invstd_out, long long outer, int channels,
@@ -122,8 +125,7 @@ __global__ void bn_apply_nchw(const T* __restrict__ x, T* __restrict__ y,
 }
 
 template <class T, class Acc, int VEC>
-__global__ void bn_apply_nhwc(const T* __restrict__ x, T* __restrict__ y,
-                              const T* __restrict__ residual, const Acc* mean,
+__global__ void bn_apply_nhwc(const T* x, T* y, const T* residual, const Acc* mean,
                               const Acc* mean_lo, const Acc* spread, const Acc* weight,
                               const Acc* bias,
                               Acc* mean_out, Acc* invstd_out, long long rows, int channels,

@@ -435,10 +435,19 @@ __device__ __forceinline__ S channel_walk_nchw(long long outer, int channels, lo
             for (int u = 0; u < GPUBN_WALK_UNROLL; ++u) v[u] = load(off[u]);
             push_group(state, v, off);
         }
-        for (; k < end; k += step) {
-            const long long offset = next();
-            push(state, load(offset), offset);
-        }
+        // the tail: at most GPUBN_WALK_UNROLL - 1 positions, loaded together
+        // too (a tail loop would be unrolled into serial load-use pairs)
+        long long off[GPUBN_WALK_UNROLL - 1];
+        decltype(load(0LL)) v[GPUBN_WALK_UNROLL - 1];
+#pragma unroll
+        for (int u = 0; u < GPUBN_WALK_UNROLL - 1; ++u)
+            if (k + u * step < end) {
+                off[u] = next();
+                v[u] = load(off[u]);
+            }
+#pragma unroll
+        for (int u = 0; u < GPUBN_WALK_UNROLL - 1; ++u)
+            if (k + u * step < end) push(state, v[u], off[u]);
     }
     return state;
 }
@@ -491,7 +500,17 @@ __device__ __forceinline__ void channel_walk_nhwc(long long rows, int channels, 
             for (int u = 0; u < GPUBN_WALK_UNROLL; ++u) v[u] = load(off[u]);
             push_group(state, v, off);
         }
-        for (; r < end; r += step) push(state, load(r * channels + c0), r * channels + c0);
+        // the tail: at most GPUBN_WALK_UNROLL - 1 rows, loaded together
+        long long off[GPUBN_WALK_UNROLL - 1];
+        decltype(load(0LL)) v[GPUBN_WALK_UNROLL - 1];
+#pragma unroll
+        for (int u = 0; u < GPUBN_WALK_UNROLL - 1; ++u) {
+            off[u] = (r + u * step) * channels + c0;
+            if (r + u * step < end) v[u] = load(off[u]);
+        }
+#pragma unroll
+        for (int u = 0; u < GPUBN_WALK_UNROLL - 1; ++u)
+            if (r + u * step < end) push(state, v[u], off[u]);
     }
 }
 
@@ -609,7 +628,14 @@ __device__ __forceinline__ void channel_map_nhwc(long long rows, int channels, M
             for (int u = 0; u < GPUBN_MAP_UNROLL; ++u)
                 apply(k, 1, v[u], (r + u * row_step) * channels + c0);
         }
-        for (; r < rows; r += row_step) apply(k, 1, load(r * channels + c0), r * channels + c0);
+        // the tail: at most GPUBN_MAP_UNROLL - 1 rows, loaded together
+        decltype(load(0LL)) v[GPUBN_MAP_UNROLL - 1];
+#pragma unroll
+        for (int u = 0; u < GPUBN_MAP_UNROLL - 1; ++u)
+            if (r + u * row_step < rows) v[u] = load((r + u * row_step) * channels + c0);
+#pragma unroll
+        for (int u = 0; u < GPUBN_MAP_UNROLL - 1; ++u)
+            if (r + u * row_step < rows) apply(k, 1, v[u], (r + u * row_step) * channels + c0);
     }
 }
 

@@ -68,13 +68,11 @@ __device__ __forceinline__ Welford<Acc> row_welford(const T* __restrict__ xr, lo
     Welford<Acc> w = Welford<Acc>::identity();
     if (cached) {
 #pragma unroll
-        for (int u = 0; u < GPUBN_LN_CACHE_UNITS; ++u) {
-            const long long j = start + u * step;
-            if (j < n_v) {
-                cache.v[u] = load_vec<T, VEC>(xr + j * VEC);
-                push_vec<T, Acc, VEC>(w, cache.v[u]);
-            }
-        }
+        for (int u = 0; u < GPUBN_LN_CACHE_UNITS; ++u)
+            if (start + u * step < n_v) cache.v[u] = load_vec<T, VEC>(xr + (start + u * step) * VEC);
+#pragma unroll
+        for (int u = 0; u < GPUBN_LN_CACHE_UNITS; ++u)
+            if (start + u * step < n_v) push_vec<T, Acc, VEC>(w, cache.v[u]);
     } else {
         for (long long j = start; j < n_v; j += step)
             push_vec<T, Acc, VEC>(w, load_vec<T, VEC>(xr + j * VEC));

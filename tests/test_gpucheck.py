@@ -301,7 +301,7 @@ def test_a_failed_check_fails_the_run(tmp_path, step, answer):
     assert statuses(check)[step] == "fail"
     report, summary = read_report(tmp_path)
     assert report["verdict"] == "FAIL" and summary.startswith("# gpubn GPU acceptance run: FAIL")
-    assert f"| FAIL |" in summary
+    assert "| FAIL |" in summary
 
 
 def test_sanitizer_error_count_is_reported(tmp_path):

@@ -89,7 +89,7 @@ def test_guard_adds_no_pass_and_no_launch(read_once, launches):
     import dataclasses
 
     try:
-        get_backend("emu")
+        get_backend("emu")                 # skips where emu cannot run
     except RuntimeError as exc:
         pytest.skip(str(exc))
     from gpubn.backends.emu import EMU_TUNING, EmuBackend

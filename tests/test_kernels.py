@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import TOL, assert_close
+from conftest import assert_close
 from gpubn.backends import get_backend
 from gpubn.backends.numpy_backend import NumpyBackend
 from gpubn.launch import EMU_DEVICE, Tuning, map_launch, reduce_launch

@@ -232,41 +232,10 @@ _WHY = {
     "no-loop": "no streaming loop found",
 }
 _KNOWN_FAILING = """
-bn_stats_nchw            bfloat16  1 sm_80  in-flight
-bn_stats_nchw            bfloat16  1 sm_90  in-flight
-bn_stats_nchw            float32   1 sm_80  in-flight
-bn_stats_nchw            float32   1 sm_90  in-flight
-bn_stats_nchw            float64   1 sm_80  in-flight
-bn_stats_nchw            float64   1 sm_90  in-flight
-bn_stats_nhwc            bfloat16  1 sm_80  in-flight
-bn_stats_nhwc            bfloat16  1 sm_90  in-flight
-bn_stats_nhwc            float32   1 sm_80  in-flight
-bn_stats_nhwc            float32   1 sm_90  in-flight
-bn_stats_nhwc            float32   2 sm_80  in-flight
-bn_stats_nhwc            float32   2 sm_90  in-flight
-bn_stats_nhwc            float64   1 sm_80  in-flight
-bn_stats_nhwc            float64   1 sm_90  in-flight
-bn_stats_nhwc            float64   2 sm_80  in-flight
-bn_stats_nhwc            float64   2 sm_90  in-flight
-bn_apply_nchw            float32   1 sm_80  in-flight
-bn_apply_nchw            float32   1 sm_90  in-flight
-bn_apply_nchw            float32   2 sm_80  in-flight
-bn_apply_nchw            float64   1 sm_80  in-flight
-bn_apply_nchw            float64   1 sm_90  in-flight
-bn_apply_nhwc            float16   1 sm_80  in-flight
-bn_apply_nhwc            float16   1 sm_90  in-flight
-bn_apply_nhwc            float16   8 sm_80  in-flight
-bn_apply_nhwc            float16   8 sm_90  in-flight
 bn_apply_nhwc            bfloat16  1 sm_80  in-flight
 bn_apply_nhwc            bfloat16  1 sm_90  in-flight
 bn_apply_nhwc            bfloat16  8 sm_80  in-flight
 bn_apply_nhwc            bfloat16  8 sm_90  in-flight
-bn_apply_nhwc            float32   1 sm_80  in-flight
-bn_apply_nhwc            float32   4 sm_80  in-flight
-bn_apply_nhwc            float32   4 sm_90  in-flight
-bn_apply_nhwc            float64   1 sm_90  in-flight
-bn_apply_nhwc            float64   2 sm_80  in-flight
-bn_apply_nhwc            float64   2 sm_90  in-flight
 bn_backward_dx_nchw      float16   8 sm_80  in-flight
 bn_backward_dx_nchw      float16   8 sm_90  in-flight
 """

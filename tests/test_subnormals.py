@@ -9,9 +9,6 @@ Checked here without a GPU: the kernels' code has no flushing instruction
 (with a stand-in CuPy), and on emu a subnormal input gives the IEEE result;
 on a GPU, cuda and emu agree bit for bit on subnormal data."""
 
-import json
-import os
-
 import numpy as np
 import pytest
 

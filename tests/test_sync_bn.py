@@ -469,7 +469,7 @@ def test_nccl_constants_are_ncclh_values():
 def test_ncclcomm_layer_with_fake_nccl_on_three_ranks(monkeypatch):
     monkeypatch.setattr(D, "_device_pointer", lambda a: a.ctypes.data)
     monkeypatch.setattr(D, "_nccl_constants", lambda: (D.NCCL_FLOAT64, D.NCCL_SUM))
-    splits, bounds = [2, 0, 5], [0, 2, 2, 7]
+    bounds = [0, 2, 2, 7]          # rank r holds x[bounds[r]:bounds[r + 1]]: 2, 0 and 5 samples
     rng = np.random.default_rng(5)
     x, dy = rng.standard_normal((7, 3, 4)), rng.standard_normal((7, 3, 4))
 

@@ -1225,19 +1225,30 @@ static void exchange(Slot& s) {
     swap(R->block_published, s.block_published);
 }
 
-// After a launch: the running block's state goes back to slot 0, and slots past
-// the few an ordinary launch uses (a large cooperative grid) give their memory back.
-constexpr size_t kKeptSlots = 8;
+// After a launch every slot gives its memory back.  A slot's stacks, with a
+// guard page per thread, are two memory mappings per thread: kept across
+// launches, the many modules of a long process (a test suite) would pass the
+// kernel's limit on mappings (vm.max_map_count, 65530 by default).  Mapping
+// them again costs one mmap and a guard mprotect per thread at the next launch.
 static void switch_to(int k);
+static void free_memory(char*& stacks, size_t& threads, Fiber*& fibers, unsigned char*& dyn) {
+    if (stacks) munmap(stacks, threads * (kStack + kGuard));
+    if (dyn) munmap(dyn, kDynCap + kGuard);
+    delete[] fibers;
+    stacks = nullptr;
+    threads = 0;
+    fibers = nullptr;
+    dyn = nullptr;
+}
 static void release_slots() {
     switch_to(0);
-    while (R->slots.size() > kKeptSlots) {
+    while (R->slots.size() > 1) {
         Slot& s = R->slots.back();
-        if (s.stacks) munmap(s.stacks, s.stacks_threads * (kStack + kGuard));
-        if (s.dyn) munmap(s.dyn, kDynCap + kGuard);
-        delete[] s.fibers;
+        free_memory(s.stacks, s.stacks_threads, s.fibers, s.dyn);
         R->slots.pop_back();
     }
+    free_memory(R->stacks, R->stacks_threads, R->fibers, R->dyn);  // slot 0's, running
+    R->dyn_lo = 0;
 }
 
 // Makes slot k's block the running one.
