@@ -276,16 +276,40 @@ def check_bn_vectors(weight, bias, running_mean, running_var, num_channels: int,
                          "(inference normalizes with the running statistics)")
 
 
+ACTIVATIONS = (None, "relu")
+
+
+def check_activation(activation, name: str = "activation") -> bool:
+    """The activation after batch norm: None or ``"relu"``; True for relu."""
+    if activation is not None and not isinstance(activation, str):
+        raise TypeError(f"{name} must be None or 'relu', got {type(activation).__name__}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{name} must be None or 'relu', got {activation!r}")
+    return activation == "relu"
+
+
+def check_tensor_like(a, shape, dtype, backend, name: str, like_name: str, like=None):
+    """An array of another tensor's (``like_name``, named in the message)
+    shape, dtype and array module, on the device of ``like`` when given."""
+    check_float_array(a, name)
+    if tuple(a.shape) != tuple(shape):
+        raise ValueError(f"{name} must have the shape of {like_name} {tuple(shape)}, "
+                         f"got {tuple(a.shape)}")
+    if a.dtype != dtype:
+        raise TypeError(f"{name} must have the dtype of {like_name} ({dtype}), got {a.dtype}")
+    check_owned(a, backend, name)
+    check_same_device(a, name, like, like_name)
+
+
+def check_residual(residual, shape, dtype, backend, name: str = "residual", like=None):
+    """The tensor added after batch norm: None, or an array of the input's
+    shape, dtype and array module (on the device of ``like``, the input)."""
+    if residual is not None:
+        check_tensor_like(residual, shape, dtype, backend, name, "x", like)
+
+
 def check_grad_output(dy, shape, dtype, backend, name: str = "dy", like=None):
     """The incoming gradient of a backward: an array of the forward input's
     shape, dtype and array module, on the device of ``like`` (the saved
     input) when given."""
-    check_float_array(dy, name)
-    if tuple(dy.shape) != tuple(shape):
-        raise ValueError(f"{name} must have the shape of the forward input {tuple(shape)}, "
-                         f"got {tuple(dy.shape)}")
-    if dy.dtype != dtype:
-        raise TypeError(f"{name} must have the dtype of the forward input ({dtype}), "
-                        f"got {dy.dtype}")
-    check_owned(dy, backend, name)
-    check_same_device(dy, name, like, "the forward input")
+    check_tensor_like(dy, shape, dtype, backend, name, "the forward input", like)

@@ -553,6 +553,9 @@ class SyncBatchNorm(BatchNorm):
         self.comm = comm
 
     def _functional_forward(self, x, **kwargs):
+        if "residual" in kwargs:
+            raise TypeError("SyncBatchNorm has no residual / activation epilogue: call it "
+                            "without residual= and apply the add and ReLU after it")
         return sync_batch_norm_forward(x, comm=self.comm, num_features=self.num_features,
                                        **kwargs)
 

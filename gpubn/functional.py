@@ -41,6 +41,8 @@ class BatchNormSaved:
     skipped: Any = None         # guarded running statistics: (C,) int32, 1 where this
                                 # step's update was skipped; None without the guard
     groups: int = 1             # ghost batch norm: mean / invstd are (groups, C)
+    y3: Any = None              # the canonical output when it went through a ReLU (its mask)
+    residual: bool = False      # the forward added a residual (backward returns its gradient)
 
 
 def resolve_momentum(momentum, num_batches_tracked) -> float:
@@ -198,7 +200,7 @@ def prepare_forward(x, *, weight, bias, training, momentum, eps, axis, backend,
 def batch_norm_forward(x, *, weight=None, bias=None, running_mean=None, running_var=None,
                        training=True, momentum=0.1, eps=1e-5, axis=1, backend=None,
                        num_batches_tracked=None, guard_running_stats=False,
-                       virtual_batch_size=None):
+                       virtual_batch_size=None, residual=None, activation=None):
     """Batch normalization over every axis of ``x`` except the channel ``axis``.
 
     Returns ``(y, saved)``: ``y`` has the shape and dtype of ``x``; ``saved`` is a
@@ -219,6 +221,12 @@ def batch_norm_forward(x, *, weight=None, bias=None, running_mean=None, running_
     * ``training=False`` normalizes with ``running_mean`` / ``running_var``
       (both required).
     * ``weight`` (default 1) and ``bias`` (default 0) are per-channel.
+    * ``residual`` (an array of x's shape, dtype and array module) and
+      ``activation="relu"`` add the epilogue of a residual block,
+      ``y = relu(batch_norm(x) + residual)``, inside the same launches
+      (each optional; computed in the accumulation dtype, rounded once).
+      The backward then returns the residual's gradient as well and takes
+      the ReLU's mask from ``y`` (keep ``y`` unmodified until then).
 
     ``x`` may be float16 or bfloat16 (``ml_dtypes.bfloat16``; statistics in
     float32), float32 or float64, of any layout: channels-last memory with
@@ -247,11 +255,13 @@ def batch_norm_forward(x, *, weight=None, bias=None, running_mean=None, running_
     Bad arguments raise ``TypeError`` / ``ValueError`` before any state changes.
     """
     guard = V.check_flag(guard_running_stats, "guard_running_stats")
+    relu = V.check_activation(activation)
     groups = 1
 
     def check_vectors(c, be):
         nonlocal groups
         V.check_bn_vectors(weight, bias, running_mean, running_var, c, be, training, like=x)
+        V.check_residual(residual, x.shape, x.dtype, be, like=x)
         if training:
             axis_ = V.normalize_axis(axis, x.ndim)
             groups = V.check_virtual_batch_size(virtual_batch_size, x.shape, axis_)
@@ -260,11 +270,16 @@ def batch_norm_forward(x, *, weight=None, bias=None, running_mean=None, running_
                 raise ValueError(f"expected more than 1 value per channel in each group of "
                                  f"virtual_batch_size={virtual_batch_size} samples when "
                                  f"training, got x of shape {tuple(x.shape)}")
+            if groups > 1 and (residual is not None or relu):
+                raise ValueError(f"virtual_batch_size={virtual_batch_size} cannot be combined "
+                                 f"with residual= or activation= (the residual-block epilogue "
+                                 f"runs on whole batches only)")
 
     f = prepare_forward(x, weight=weight, bias=bias, training=training, momentum=momentum,
                         eps=eps, axis=axis, backend=backend,
                         num_batches_tracked=num_batches_tracked, check_vectors=check_vectors)
     be, xp = f.backend, f.backend.xp
+    fused = residual is not None or relu
     skipped = None
     if groups > 1 and f.order[0] != 0:
         # ghost groups are runs of the canonical outer extent: the batch axis
@@ -272,6 +287,7 @@ def batch_norm_forward(x, *, weight=None, bias=None, running_mean=None, running_
         # copied once into the given axis order)
         f.order = tuple(range(len(f.shape)))
         f.x3 = V.canonical_view(x, f.axis, xp, f.order)
+    z3 = None if residual is None else V.canonical_view(residual, f.axis, xp, f.order)
     if guard and f.training and running_mean is not None:
         skipped = xp.empty(f.x3.shape[1], dtype="int32")
     if f.training and groups > 1:
@@ -282,25 +298,41 @@ def batch_norm_forward(x, *, weight=None, bias=None, running_mean=None, running_
     elif f.training:
         # `skipped` only with the guard: a backend (or wrapper) without it still runs
         guarded = {} if skipped is None else {"skipped": skipped}
-        y3, mean, invstd = f.update_running(
-            running_mean, running_var,
-            lambda rm, rv: be.bn_forward_train(f.x3, f.weight, f.bias, rm, rv, f.factor, f.eps,
-                                               **guarded))
+        if fused:
+            y3, mean, invstd = f.update_running(
+                running_mean, running_var,
+                lambda rm, rv: be.bn_forward_train_act(f.x3, f.weight, f.bias, rm, rv, f.factor,
+                                                       f.eps, z3, relu, **guarded))
+        else:
+            y3, mean, invstd = f.update_running(
+                running_mean, running_var,
+                lambda rm, rv: be.bn_forward_train(f.x3, f.weight, f.bias, rm, rv, f.factor,
+                                                   f.eps, **guarded))
     else:
-        y3, mean, invstd = be.bn_forward_eval(f.x3, f.weight, f.bias,
-                                              to_acc(xp, running_mean, f.acc),
-                                              to_acc(xp, running_var, f.acc), f.eps)
-    return f.output(y3), f.saved(mean, invstd, f.weight, skipped=skipped, groups=groups)
+        rm, rv = to_acc(xp, running_mean, f.acc), to_acc(xp, running_var, f.acc)
+        if fused:
+            y3, mean, invstd = be.bn_forward_eval_act(f.x3, f.weight, f.bias, rm, rv, f.eps, z3,
+                                                      relu)
+        else:
+            y3, mean, invstd = be.bn_forward_eval(f.x3, f.weight, f.bias, rm, rv, f.eps)
+    return f.output(y3), f.saved(mean, invstd, f.weight, skipped=skipped, groups=groups,
+                                 y3=y3 if relu else None, residual=residual is not None)
 
 
 def batch_norm_backward(dy, saved: BatchNormSaved):
-    """Gradients of :func:`batch_norm_forward`: ``(dx, dweight, dbias)``.
+    """Gradients of :func:`batch_norm_forward`: ``(dx, dweight, dbias)``, and
+    ``(dx, dweight, dbias, dresidual)`` when the forward added a ``residual``.
 
     ``dx`` has the input's shape and dtype.  ``dweight`` / ``dbias`` are per-channel
     (in the dtype of the weight / bias given to the forward), or None when that
     parameter was None.  After a ``training=True`` forward the gradient flows
     through the batch statistics; after ``training=False`` they are held fixed
     (frozen batch norm: ``dx = dy * weight / sqrt(running_var + eps)``).
+
+    After ``activation="relu"`` the gradient at the ReLU's input is
+    ``g = 0 where y <= 0, else dy`` (the mask read from the forward's ``y``,
+    as ``torch.relu``'s backward does); ``dresidual`` is ``g``, or ``dy``
+    itself when there was no activation (the add passes it through).
     """
     if not isinstance(saved, BatchNormSaved):
         raise TypeError("saved must be the BatchNormSaved returned by batch_norm_forward, "
@@ -308,15 +340,23 @@ def batch_norm_backward(dy, saved: BatchNormSaved):
     be = saved.backend
     V.check_grad_output(dy, saved.shape, saved.dtype, be, like=saved.x3)
     dy3 = V.canonical_view(dy, saved.axis, be.xp, saved.order)
+    dresidual = dy
     if saved.groups > 1:
         dx3, dw, db = be.bn_backward_groups(dy3, saved.x3, saved.mean, saved.invstd,
                                             saved.weight)
+    elif saved.y3 is not None:
+        dx3, dw, db, g3 = be.bn_backward_relu(dy3, saved.x3, saved.mean, saved.invstd,
+                                              saved.weight, saved.y3, saved.training)
+        dresidual = V.from_canonical(g3, saved.shape, saved.order)
     else:
         dx3, dw, db = be.bn_backward(dy3, saved.x3, saved.mean, saved.invstd, saved.weight,
                                      saved.training)
     dweight = None if saved.weight_dtype is None else dw.astype(saved.weight_dtype, copy=False)
     dbias = None if saved.bias_dtype is None else db.astype(saved.bias_dtype, copy=False)
-    return V.from_canonical(dx3, saved.shape, saved.order), dweight, dbias
+    dx = V.from_canonical(dx3, saved.shape, saved.order)
+    if saved.residual:
+        return dx, dweight, dbias, dresidual
+    return dx, dweight, dbias
 
 
 __all__ = ["BatchNormSaved", "ForwardInput", "ForwardOptions", "batch_norm_forward",

@@ -62,14 +62,18 @@ KERNELS: Dict[str, KernelSpec] = {
         KernelSpec("bn_stats_nchw", "bn_stats.cu", True, (0,), _RUN_VECTORS),
         # one Welford state per channel of a vector: at most 4 channels per thread
         KernelSpec("bn_stats_nhwc", "bn_stats.cu", True, (0,), _RUN_VECTORS, max_vec=4),
-        KernelSpec("bn_apply_nchw", "bn_forward.cu", True, (0, 1), _RUN_VECTORS),
-        KernelSpec("bn_apply_nhwc", "bn_forward.cu", True, (0, 1)),
-        KernelSpec("bn_backward_reduce_nchw", "bn_backward.cu", True, (0, 1, 5), _RUN_VECTORS),
+        KernelSpec("bn_apply_nchw", "bn_forward.cu", True, (0, 1, 2), _RUN_VECTORS),
+        KernelSpec("bn_apply_nhwc", "bn_forward.cu", True, (0, 1, 2)),
+        KernelSpec("bn_backward_reduce_nchw", "bn_backward.cu", True, (0, 1, 5, 6, 7),
+                   _RUN_VECTORS),
         # one pair of sums per channel of a vector: at most 4 channels per thread
-        KernelSpec("bn_backward_reduce_nhwc", "bn_backward.cu", True, (0, 1, 5), _RUN_VECTORS,
-                   max_vec=4),
+        KernelSpec("bn_backward_reduce_nhwc", "bn_backward.cu", True, (0, 1, 5, 6, 7),
+                   _RUN_VECTORS, max_vec=4),
         KernelSpec("bn_backward_dx_nchw", "bn_backward.cu", True, (0, 1, 2), _RUN_VECTORS),
         KernelSpec("bn_backward_dx_nhwc", "bn_backward.cu", True, (0, 1, 2)),
+        # read-once training forward (cooperative launches: COOPERATIVE_SOURCES)
+        KernelSpec("bn_forward_once_nchw", "bn_persistent.cu", False, (0, 1, 2)),
+        KernelSpec("bn_forward_once_nhwc", "bn_persistent.cu", False, (0, 1, 2)),
         # batch renorm (per-channel finish between bn_stats_* and bn_apply_*)
         KernelSpec("bn_renorm_finish", "bn_renorm.cu", False, ()),
         # layer norm over (rows, n)
@@ -82,6 +86,11 @@ KERNELS: Dict[str, KernelSpec] = {
 }
 
 SOURCES: Tuple[str, ...] = tuple(dict.fromkeys(spec.source for spec in KERNELS.values()))
+
+# Sources whose modules are loaded for cooperative launches (every block
+# co-resident, CuPy's RawModule(..., enable_cooperative_groups=True)): their
+# kernels wait at a grid barrier.
+COOPERATIVE_SOURCES: Tuple[str, ...] = ("bn_persistent.cu",)
 
 
 def dtype_name(dtype) -> str:
@@ -183,15 +192,16 @@ def read_source(source: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def headers_fingerprint() -> str:
-    """A hash of the kernel headers (*.cuh).  CuPy's on-disk cache keys
+    """A hash of the kernel headers (*.cuh) and of the sources (*.cu), which
+    other sources include too (bn_persistent.cu).  CuPy's on-disk cache keys
     compiled modules by source text and options, not by included files, so
-    the fingerprint goes into the options: an edited header recompiles."""
+    the fingerprint goes into the options: an edited include recompiles."""
     import hashlib
 
     digest = hashlib.sha256()
     directory = kernels_dir()
     for name in sorted(os.listdir(directory)):
-        if name.endswith(".cuh"):
+        if name.endswith((".cuh", ".cu")):
             digest.update(name.encode())
             with open(os.path.join(directory, name), "rb") as f:
                 digest.update(f.read())
@@ -216,7 +226,8 @@ def compile_options() -> Tuple[str, ...]:
 
 
 __all__ = [
-    "CXX_TYPES", "KERNELS", "SOURCES", "KernelSpec", "dtype_name", "vector_widths",
+    "COOPERATIVE_SOURCES", "CXX_TYPES", "KERNELS", "SOURCES", "KernelSpec", "dtype_name",
+    "vector_widths",
     "name_expression", "name_expressions", "kernel_of", "all_name_expressions", "kernels_dir",
     "read_source", "compile_options", "headers_fingerprint", "cache_dir",
 ]

@@ -60,6 +60,7 @@ class DeviceAttributes:
     shared_per_sm: int = 228 * 1024
     reserved_shared_per_block: int = 1024
     max_blocks_per_sm: int = 32
+    cooperative_launch: bool = True  # cudaDevAttrCooperativeLaunch
 
 
 # The emu backend has no device to ask; it configures launches as for a large
@@ -79,6 +80,9 @@ class Tuning:
     min_units_per_thread: int = 4    # split a channel only while each thread keeps this many
     max_splits: int = 1024           # upper bound on blocks per channel (partials workspace)
     map_blocks_per_sm: int = 32      # elementwise grids stop growing here (grid-stride loops)
+    read_once: Optional[bool] = None  # training forward: None picks the read-once kernels
+                                      # when the tensor fits on chip, False never, True
+                                      # always (an error where it does not fit)
 
     def __post_init__(self):
         for name in ("reduce_threads", "map_threads"):
@@ -354,4 +358,54 @@ __all__ = ["DeviceAttributes", "EMU_DEVICE", "Tuning", "Launch", "MAX_REDUCE_THR
            "MAX_MAP_THREADS", "MAX_MAP_COLUMNS", "MAP_UNROLL", "MAX_GROUPS", "REDUCE_MIN_BLOCKS",
            "SHARED_MEMORY_LIMIT", "LN_CACHE_UNITS", "occupancy", "layout", "vector_width",
            "reduce_launch", "map_launch", "renorm_finish_launch", "ln_row_launch",
-           "ln_wgrad_launch", "ln_static_shared_bytes", "ln_stage_bytes"]
+           "ln_wgrad_launch", "ln_static_shared_bytes", "ln_stage_bytes", "ONCE_ITEMS",
+           "once_launch", "once_fits"]
+
+
+# GPUBN_ONCE_ITEMS in kernels/bn_persistent.cu: elements each thread of a
+# read-once kernel keeps in registers.
+ONCE_ITEMS = 16
+
+
+def once_launch(shape3, dtype) -> Launch:
+    """The read-once training forward (bn_forward_once_*): a grid of blocks
+    that together hold every element, ``ONCE_ITEMS`` per thread, in
+    registers.  Channel axis 1: grid (C, S) of 1-D blocks, split s of a
+    channel holding its values [s * chunk, (s + 1) * chunk).  Channels last:
+    grid (column tiles, S) of (bx, by) blocks, bx channels wide (coalesced
+    rows), split s holding rows [s * by * ONCE_ITEMS, ...).  Workspace: a
+    Welford partial per channel and split, and the grid barrier's two
+    counters.  Whether it may run is :func:`once_fits`'s question."""
+    outer, channels, inner = (int(s) for s in shape3)
+    key = _catalog.dtype_name(dtype)
+    state = _STATE_BYTES[("stats", _catalog.CXX_TYPES[key][1])]
+    if layout(shape3) == "nchw":
+        m = outer * inner
+        threads = min(MAX_REDUCE_THREADS, max(WARP, _pow2_at_least(_cdiv(m, ONCE_ITEMS))))
+        splits = _cdiv(m, threads * ONCE_ITEMS)
+        grid, block, kernel = (channels, splits, 1), (threads, 1, 1), "bn_forward_once_nchw"
+    else:
+        bx = min(WARP, _pow2_at_least(channels))
+        by = max(1, min(MAX_REDUCE_THREADS // bx, _pow2_at_least(_cdiv(outer, ONCE_ITEMS))))
+        splits = _cdiv(outer, by * ONCE_ITEMS)
+        grid, block, kernel = ((_cdiv(channels, bx), splits, 1), (bx, by, 1),
+                               "bn_forward_once_nhwc")
+    return Launch(kernel, 1, grid, block, splits, channels * splits * state, 2)
+
+
+def once_fits(cfg: Launch, dev: DeviceAttributes, blocks_per_sm: int) -> Tuple[bool, str]:
+    """Whether the read-once launch ``cfg`` can run: the device supports
+    cooperative launches and its grid is co-resident (``blocks_per_sm``: the
+    compiled function's occupancy at cfg's block).  Returns the answer and
+    why, in words (for ``GPUBN_DEBUG_KERNELS``)."""
+    blocks = cfg.grid[0] * cfg.grid[1] * cfg.grid[2]
+    threads = cfg.block[0] * cfg.block[1] * cfg.block[2]
+    resident = dev.sm_count * blocks_per_sm
+    if not dev.cooperative_launch:
+        return False, f"{dev.name or 'the device'} has no cooperative launches"
+    if cfg.splits > dev.max_grid_y or blocks > resident:
+        return False, (f"the tensor needs {blocks} blocks of {threads} threads x {ONCE_ITEMS} "
+                       f"values on chip, {resident} fit at once ({dev.sm_count} SMs x "
+                       f"{blocks_per_sm})")
+    return True, (f"the tensor fits on chip: {blocks} blocks of {threads} threads x "
+                  f"{ONCE_ITEMS} values, {resident} fit at once")

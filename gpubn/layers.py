@@ -69,13 +69,14 @@ class Layer:
         raise NotImplementedError
 
     def backward(self, dy):
-        """``dx`` for the last forward; sets ``grad_weight`` / ``grad_bias``."""
+        """``dx`` for the last forward (``(dx, dresidual)`` when it added a
+        residual); sets ``grad_weight`` / ``grad_bias``."""
         if self._saved is None:
             raise ValueError("backward called before any forward: call the layer on an "
                              "input first")
-        dx, dw, db = self._functional_backward(dy, self._saved)
+        dx, dw, db, *dresidual = self._functional_backward(dy, self._saved)
         self.grad_weight, self.grad_bias = dw, db
-        return dx
+        return (dx, *dresidual) if dresidual else dx
 
     def _state_shape(self, key):
         raise NotImplementedError
@@ -216,11 +217,17 @@ class BatchNorm(ChannelNorm):
     call from the input, like ``batch_norm_forward``: CuPy input runs on
     ``cuda``, NumPy input on the CPU, and the state moves to the input's array
     module; a named ``backend`` fixes it.
+
+    The residual block's epilogue runs in the same launches:
+    ``BatchNorm(C, activation="relu")`` returns ``relu(bn(x))``, and
+    ``bn(x, residual=z)`` adds ``z`` (x's shape and dtype) before the
+    activation; ``bn.backward(dy)`` then returns ``(dx, dresidual)``.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, axis=1, dtype="float32", backend=None, *,
-                 guard_running_stats=False, virtual_batch_size=None):
+                 guard_running_stats=False, virtual_batch_size=None, activation=None):
+        V.check_activation(activation)
         self.guard_running_stats = V.check_flag(guard_running_stats, "guard_running_stats")
         if virtual_batch_size is not None:   # a batch of one group checks the value itself
             V.check_virtual_batch_size(virtual_batch_size, (virtual_batch_size,), 1)
@@ -229,6 +236,7 @@ class BatchNorm(ChannelNorm):
                          backend=backend)
         self.virtual_batch_size = virtual_batch_size if virtual_batch_size is None \
             else int(virtual_batch_size)
+        self.activation = activation
         self._skipped = None
         if self.guard_running_stats and self.track_running_stats:
             # skipped channel updates, counted on the state's array module (no
@@ -260,11 +268,13 @@ class BatchNorm(ChannelNorm):
             state["skipped_updates"] = self._skipped.copy()
         return state
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
         backend = self._backend_for(x)
         use_batch_stats = self.training or self.running_mean is None
         update = self.training and self.track_running_stats
         options = {}
+        if residual is not None or self.activation is not None:
+            options.update(residual=residual, activation=self.activation)
         if self._skipped is not None:
             options["guard_running_stats"] = True
         if self.training and self.virtual_batch_size is not None:
@@ -298,7 +308,8 @@ class BatchNorm(ChannelNorm):
                 f"axis={self.axis}, dtype={self.dtype.name}, backend={self._backend_repr()}"
                 + (", guard_running_stats=True" if self.guard_running_stats else "")
                 + (f", virtual_batch_size={self.virtual_batch_size}"
-                   if self.virtual_batch_size is not None else "") + ")")
+                   if self.virtual_batch_size is not None else "")
+                + (f", activation={self.activation!r}" if self.activation else "") + ")")
 
 
 __all__ = ["BatchNorm", "ChannelNorm", "Layer"]

@@ -6,6 +6,10 @@
 //   sum_dy_xhat_out[c] = invstd * sum dy * (x - mean) (= dweight)
 // With dx_eval non-null (statistics held fixed, eval-mode backward) the same
 // pass also writes dx = dy * weight * invstd, so that backward is one launch.
+// The ReLU of the residual-block epilogue: with y_mask non-null (the forward's
+// output y = relu(...)) dy is replaced by g = (y <= 0 ? 0 : dy), the
+// gradient at the ReLU's input, before everything else; g_out, when non-null,
+// receives g (it is dresidual, and dx_* reads it in place of dy).
 //
 // bn_backward_dx_*: training-mode dx from the reduced sums,
 //   dx = a * (dy - b - (x - mean) * k)
@@ -38,20 +42,16 @@ template <class T, class Acc, int VEC>
 __global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS, GPUBN_REDUCE_MIN_BLOCKS)
 bn_backward_reduce_nchw(const T* __restrict__ dy, const T* __restrict__ x, const Acc* mean,
                         const Acc* invstd, const Acc* weight, T* __restrict__ dx_eval,
+                        const T* __restrict__ y_mask, T* __restrict__ g_out,
                         long long outer, int channels, long long inner,
                         GradSums<Acc>* partials, unsigned int* counters, Acc* sum_dy_out,
                         Acc* sum_dy_xhat_out) {
-    dy = at_group(dy, outer * channels * inner);
-    x = at_group(x, outer * channels * inner);
-    dx_eval = at_group(dx_eval, outer * channels * inner);
+    // the group's offset folded into `base`: one 64-bit index for the five
+    // tensors (a pointer each spills at the declared occupancy)
     mean = at_group(mean, channels);
     invstd = at_group(invstd, channels);
-    partials = at_group(partials, (long long)channels * gridDim.y);
-    counters = at_group(counters, channels);
-    sum_dy_out = at_group(sum_dy_out, channels);
-    sum_dy_xhat_out = at_group(sum_dy_xhat_out, channels);
     const int c = blockIdx.x;
-    const long long base = (long long)c * inner;
+    const long long base = ((long long)blockIdx.z * outer * channels + c) * inner;
     __shared__ Acc consts[2];  // the channel's mean and weight * invstd, read once per block
     if (threadIdx.x == 0) {
         consts[0] = mean[c];
@@ -61,10 +61,17 @@ bn_backward_reduce_nchw(const T* __restrict__ dy, const T* __restrict__ x, const
     const Acc m = consts[0];
     const Acc a = consts[1];
     auto push = [&](GradSums<Acc>& s, const VecPair<T, VEC>& p, long long offset) {
+        // the ReLU's mask is read here, one element at a time, not with the
+        // unrolled dy and x vectors: a third vector per unrolled step spills
+        // at the declared occupancy
         Vec<T, VEC> out;
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-            const Acc d = to_acc(p.dy.v[j]);
+            Acc d = to_acc(p.dy.v[j]);
+            if (y_mask) {
+                if (Acc(to_acc(y_mask[base + offset + j])) <= Acc(0)) d = Acc(0);
+                if (g_out) store_acc(g_out[base + offset + j], d);
+            }
             s.sum_dy += d;
             s.sum_dy_xmu = fma_acc(d, Acc(to_acc(p.x.v[j])) - m, s.sum_dy_xmu);
             store_acc(out.v[j], a * d);
@@ -84,6 +91,12 @@ bn_backward_reduce_nchw(const T* __restrict__ dy, const T* __restrict__ x, const
             for (int u = 0; u < GPUBN_WALK_UNROLL; ++u) push(s, p[u], offset[u]);
         },
         push);
+    // the group's reduction buffers offset here, after the walk (no
+    // registers held across it)
+    partials = at_group(partials, (long long)channels * gridDim.y);
+    counters = at_group(counters, channels);
+    sum_dy_out = at_group(sum_dy_out, channels);
+    sum_dy_xhat_out = at_group(sum_dy_xhat_out, channels);
     channel_finish_nchw(g, partials, counters, [&](const GradSums<Acc>& total) {
         finish_grad(total, c, invstd, sum_dy_out, sum_dy_xhat_out);
     });
@@ -96,11 +109,14 @@ template <class T, class Acc, int VEC>
 __global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS, GPUBN_REDUCE_MIN_BLOCKS)
 bn_backward_reduce_nhwc(const T* __restrict__ dy, const T* __restrict__ x, const Acc* mean,
                         const Acc* invstd, const Acc* weight, T* __restrict__ dx_eval,
+                        const T* __restrict__ y_mask, T* __restrict__ g_out,
                         long long rows, int channels, GradSums<Acc>* partials,
                         unsigned int* counters, Acc* sum_dy_out, Acc* sum_dy_xhat_out) {
     dy = at_group(dy, rows * channels);
     x = at_group(x, rows * channels);
     dx_eval = at_group(dx_eval, rows * channels);
+    y_mask = at_group(y_mask, rows * channels);
+    g_out = at_group(g_out, rows * channels);
     mean = at_group(mean, channels);
     invstd = at_group(invstd, channels);
     partials = at_group(partials, (long long)channels * gridDim.y);
@@ -116,10 +132,15 @@ bn_backward_reduce_nhwc(const T* __restrict__ dy, const T* __restrict__ x, const
         a[j] = weight ? read_only(weight + c) * read_only(invstd + c) : read_only(invstd + c);
     }
     auto push = [&](GradSums<Acc>(&s)[VEC], const VecPair<T, VEC>& p, long long offset) {
+        // the ReLU's mask read one element at a time, as in the NCHW walk
         Vec<T, VEC> out;
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-            const Acc d = to_acc(p.dy.v[j]);
+            Acc d = to_acc(p.dy.v[j]);
+            if (y_mask) {
+                if (Acc(to_acc(y_mask[offset + j])) <= Acc(0)) d = Acc(0);
+                if (g_out) store_acc(g_out[offset + j], d);
+            }
             s[j].sum_dy += d;
             s[j].sum_dy_xmu = fma_acc(d, Acc(to_acc(p.x.v[j])) - m[j], s[j].sum_dy_xmu);
             store_acc(out.v[j], a[j] * d);

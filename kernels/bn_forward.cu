@@ -12,7 +12,12 @@
 // weight / bias may be null (1 and 0).  When mean_out / invstd_out are non-null
 // one thread per channel also writes the mean and invstd it used.
 //
-// gridDim.z > 1: ghost batch norm, statistics per group (see at_group).
+// The residual-block epilogue, in the same pass: with `residual` non-null the
+// value is bn(x) + residual, and with relu != 0 it goes through max(v, 0)
+// (NaN stays NaN, as torch.relu); both in Acc, rounded once on the store.
+//
+// gridDim.z > 1: ghost batch norm, statistics per group (see at_group); the
+// residual is offset with x.
 //
 // Exported kernels (name expressions, see gpubn/kernels.py):
 //   gpubn::bn_apply_nchw<T, Acc, VEC>   channel axis with inner > 1
@@ -28,6 +33,17 @@ struct Affine {
     Acc shift;  // bias - lo * scale
 };
 
+// The constants of a channel with mean hi + lo, inverse std, weight and bias.
+template <class Acc>
+__device__ __forceinline__ Affine<Acc> affine_from(Acc hi, Acc lo, Acc invstd, Acc weight,
+                                                   Acc bias) {
+    Affine<Acc> k;
+    k.mean = hi;
+    k.scale = weight * invstd;
+    k.shift = fma_acc(-lo, k.scale, bias);
+    return k;
+}
+
 template <class Acc>
 __device__ __forceinline__ Affine<Acc> affine_of(int c, bool first, const Acc* mean,
                                                  const Acc* mean_lo, const Acc* spread,
@@ -41,37 +57,56 @@ __device__ __forceinline__ Affine<Acc> affine_of(int c, bool first, const Acc* m
         if (mean_out) mean_out[c] = m;
         if (invstd_out) invstd_out[c] = invstd;
     }
-    Affine<Acc> k;
-    k.mean = m;
-    k.scale = weight ? read_only(weight + c) * invstd : invstd;
-    k.shift = fma_acc(mean_lo ? -read_only(mean_lo + c) : Acc(0), k.scale,
-                      bias ? read_only(bias + c) : Acc(0));
-    return k;
+    return affine_from(m, mean_lo ? read_only(mean_lo + c) : Acc(0), invstd,
+                       weight ? read_only(weight + c) : Acc(1),
+                       bias ? read_only(bias + c) : Acc(0));
+}
+
+template <class T, int VEC>
+struct XRes {  // VEC elements of x and (when there is one) of the residual
+    Vec<T, VEC> x;
+    Vec<T, VEC> z;
+};
+
+template <class T, int VEC>
+__device__ __forceinline__ XRes<T, VEC> load_x_res(const T* x,
+                                                   const T* residual,
+                                                   long long off) {
+    XRes<T, VEC> p;
+    p.x = load_vec<T, VEC>(x + off);
+    if (residual) p.z = load_vec<T, VEC>(residual + off);
+    return p;
 }
 
 template <class T, class Acc, int VEC>
-__device__ __forceinline__ void affine_body(T* __restrict__ y, const Affine<Acc>* k, int kstride,
-                                            const Vec<T, VEC>& in, long long off) {
+__device__ __forceinline__ void affine_body(T* y, const Affine<Acc>* k, int kstride,
+                                            const XRes<T, VEC>& in, bool residual, int relu,
+                                            long long off) {
     Vec<T, VEC> out;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j)
-        store_acc(out.v[j], fma_acc(Acc(to_acc(in.v[j])) - k[j * kstride].mean,
-                                    k[j * kstride].scale, k[j * kstride].shift));
+    for (int j = 0; j < VEC; ++j) {
+        Acc v = fma_acc(Acc(to_acc(in.x.v[j])) - k[j * kstride].mean, k[j * kstride].scale,
+                        k[j * kstride].shift);
+        if (residual) v += Acc(to_acc(in.z.v[j]));
+        if (relu && v <= Acc(0)) v = Acc(0);
+        store_acc(out.v[j], v);
+    }
     store_vec<T, VEC>(y + off, out);
 }
 
-// x and y are not __restrict__: with it, x is read through the non-coherent
-// path, which the assembler lets sink below the stores of y, and it schedules
-// only two of a thread's GPUBN_MAP_UNROLL loads before the first store.
-// Plain loads stay ahead of the stores, so all of them are in flight.
+// x, y and the residual are not __restrict__: with it, x is read through the
+// non-coherent path, which the assembler lets sink below the stores of y, and
+// it schedules only two of a thread's GPUBN_MAP_UNROLL loads before the first
+// store.  Plain loads stay ahead of the stores, so all of them are in flight.
 template <class T, class Acc, int VEC>
-__global__ void bn_apply_nchw(const T* x, T* y, const Acc* mean,
+__global__ void bn_apply_nchw(const T* x, T* y, const T* residual, const Acc* mean,
                               const Acc* mean_lo, const Acc* spread, const Acc* weight,
                               const Acc* bias,
                               Acc* mean_out, Acc* invstd_out, long long outer, int channels,
-                              long long inner, int from_var, Acc eps) {
+                              long long inner, int from_var, int relu, Acc eps) {
     x = at_group(x, outer * channels * inner);
     y = at_group(y, outer * channels * inner);
+    residual = at_group(residual, outer * channels * inner);
     mean = at_group(mean, channels);
     mean_lo = at_group(mean_lo, channels);
     spread = at_group(spread, channels);
@@ -83,20 +118,21 @@ __global__ void bn_apply_nchw(const T* x, T* y, const Acc* mean,
             return affine_of(c, first, mean, mean_lo, spread, weight, bias, mean_out, invstd_out,
                              from_var, eps);
         },
-        [&](long long off) { return load_vec<T, VEC>(x + off); },
-        [&](const Affine<Acc>* k, int kstride, const Vec<T, VEC>& v, long long off) {
-            affine_body<T, Acc, VEC>(y, k, kstride, v, off);
+        [&](long long off) { return load_x_res<T, VEC>(x, residual, off); },
+        [&](const Affine<Acc>* k, int kstride, const XRes<T, VEC>& v, long long off) {
+            affine_body<T, Acc, VEC>(y, k, kstride, v, residual != nullptr, relu, off);
         });
 }
 
 template <class T, class Acc, int VEC>
-__global__ void bn_apply_nhwc(const T* x, T* y, const Acc* mean,
+__global__ void bn_apply_nhwc(const T* x, T* y, const T* residual, const Acc* mean,
                               const Acc* mean_lo, const Acc* spread, const Acc* weight,
                               const Acc* bias,
                               Acc* mean_out, Acc* invstd_out, long long rows, int channels,
-                              int from_var, Acc eps) {
+                              int from_var, int relu, Acc eps) {
     x = at_group(x, rows * channels);
     y = at_group(y, rows * channels);
+    residual = at_group(residual, rows * channels);
     mean = at_group(mean, channels);
     mean_lo = at_group(mean_lo, channels);
     spread = at_group(spread, channels);
@@ -108,9 +144,9 @@ __global__ void bn_apply_nhwc(const T* x, T* y, const Acc* mean,
             return affine_of(c, first, mean, mean_lo, spread, weight, bias, mean_out, invstd_out,
                              from_var, eps);
         },
-        [&](long long off) { return load_vec<T, VEC>(x + off); },
-        [&](const Affine<Acc>* k, int kstride, const Vec<T, VEC>& v, long long off) {
-            affine_body<T, Acc, VEC>(y, k, kstride, v, off);
+        [&](long long off) { return load_x_res<T, VEC>(x, residual, off); },
+        [&](const Affine<Acc>* k, int kstride, const XRes<T, VEC>& v, long long off) {
+            affine_body<T, Acc, VEC>(y, k, kstride, v, residual != nullptr, relu, off);
         });
 }
 

@@ -38,20 +38,22 @@ def _clear_caches():
 
 @pytest.fixture
 def plant(monkeypatch):
-    """plant(old, new): the kernels with one edit to gpubn_common.cuh (the edit
-    must apply exactly once).  The mutant lives in a directory named after its
-    content under emu's cache, so its compiled modules are cached like any."""
+    """plant(old, new, source="gpubn_common.cuh"): the kernels with one edit
+    to ``source`` (the edit must apply exactly once).  The mutant lives in a
+    directory named after its content under emu's cache, so its compiled
+    modules are cached like any."""
 
-    def apply(old: str, new: str) -> None:
-        source = catalog.kernels_dir()
-        text = (Path(source) / "gpubn_common.cuh").read_text()
+    def apply(old: str, new: str, source: str = "gpubn_common.cuh") -> None:
+        kernels = catalog.kernels_dir()
+        text = (Path(kernels) / source).read_text()
         assert text.count(old) == 1, f"the mutation no longer applies: {old!r}"
-        digest = hashlib.sha256(catalog.headers_fingerprint().encode() + old.encode() + b"\0" + new.encode())
+        digest = hashlib.sha256(catalog.headers_fingerprint().encode() + source.encode() + b"\0"
+                                + old.encode() + b"\0" + new.encode())
         copy = cache_dir() / "mutants" / digest.hexdigest()[:16]
         if not copy.is_dir():
             staging = Path(tempfile.mkdtemp(dir=cache_dir()))
-            shutil.copytree(source, staging / "kernels")
-            (staging / "kernels" / "gpubn_common.cuh").write_text(text.replace(old, new))
+            shutil.copytree(kernels, staging / "kernels")
+            (staging / "kernels" / source).write_text(text.replace(old, new))
             copy.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.replace(staging / "kernels", copy)
@@ -164,3 +166,78 @@ def test_layer_norm_backward_clean_and_identical_under_schedule_seeds(dtype):
         with emu.options(seed=seed):
             runs.append([a.tobytes() for a in backend.ln_backward(dy2, x2, mean, rstd, weight, True)])
     assert all(run == runs[0] for run in runs[1:])
+
+
+# -- the residual-block epilogue --------------------------------------------------------
+
+def _epilogue_outputs(layout):
+    """emu's and the reference's y = relu(bn(x) + z) and its dresidual, dx."""
+    import gpubn
+
+    shape, axis = ((4, 3, 64), 1) if layout == "nchw" else ((64, 8), 1)
+    rng = np.random.default_rng(3)
+    x, z, dy = (rng.standard_normal(shape).astype(np.float32) for _ in range(3))
+    out = {}
+    for name in ("emu", "numpy"):
+        y, saved = gpubn.batch_norm_forward(x, axis=axis, backend=name, residual=z,
+                                            activation="relu")
+        dx, _, _, dres = gpubn.batch_norm_backward(dy, saved)
+        out[name] = (y, dres, dx)
+    return out
+
+
+def _check_epilogue(out):
+    (y, dres, dx), (y_ref, dres_ref, dx_ref) = out["emu"], out["numpy"]
+    # float32 batch norm over 256 values plus one add: well inside 1e-5
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(dres, np.where(y > 0, dres_ref, 0))
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-5)
+
+
+# (each planted copy loads its own compiled modules into the test process,
+# whose memory mappings are limited: one plant per defect)
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_epilogue_unmodified_runs_clean(layout):
+    _check_epilogue(_epilogue_outputs(layout))
+
+
+def test_epilogue_residual_dropped_is_caught(plant):
+    plant("        if (residual) v += Acc(to_acc(in.z.v[j]));\n", "", "bn_forward.cu")
+    with pytest.raises(AssertionError):
+        _check_epilogue(_epilogue_outputs("nchw"))
+
+
+@pytest.mark.parametrize("layout,old", [
+    ("nchw", "if (Acc(to_acc(y_mask[base + offset + j])) <= Acc(0)) d = Acc(0);"),
+])
+def test_epilogue_mask_passing_zeros_is_caught(plant, layout, old):
+    """A ReLU mask that lets the gradient through where y == 0."""
+    plant(old, old.replace("<=", "<"), "bn_backward.cu")
+    with pytest.raises(AssertionError, match="dres|Arrays are not equal"):
+        _check_epilogue(_epilogue_outputs(layout))
+
+
+# -- the read-once forward's grid barrier ---------------------------------------------
+
+def _read_once_forward():
+    import dataclasses
+
+    from gpubn.backends.emu import EMU_TUNING, EmuBackend
+
+    be = EmuBackend(tuning=dataclasses.replace(EMU_TUNING, read_once=True))
+    x = _x((5, 3, 1000))   # two splits per channel: partials cross blocks
+    return be.bn_forward_train(x, None, None, None, None, 0.1, 1e-5)
+
+
+def test_read_once_unmodified_runs_clean():
+    _read_once_forward()
+
+
+def test_read_once_barrier_without_publishing_fence_is_a_race(plant):
+    from gpubn import emu
+
+    plant("        __threadfence();  // publish this block's partials before it is counted\n", "",
+          "bn_persistent.cu")
+    with pytest.raises(emu.RaceError):
+        _read_once_forward()

@@ -80,27 +80,38 @@ def test_guard_without_running_statistics_flags_nothing(backend):
     assert saved.skipped is None
 
 
-def test_guard_adds_no_pass_and_no_launch():
-    """The guard lives in the statistics kernel's finishing step: the same
-    launches and the same bytes of x and y as without it."""
+@pytest.mark.parametrize("read_once,launches", [(False, 2), (True, 1)],
+                         ids=["two-pass", "read-once"])
+def test_guard_adds_no_pass_and_no_launch(read_once, launches):
+    """The guard lives in the statistics' finishing step (bn_stats_*, and the
+    read-once kernel's): the same launches and the same bytes of x and y as
+    without it, on either training path."""
+    import dataclasses
+
     try:
         get_backend("emu")                 # skips where emu cannot run
     except RuntimeError as exc:
         pytest.skip(str(exc))
+    from gpubn.backends.emu import EMU_TUNING, EmuBackend
     from gpubn.emu import recording
 
+    emu = EmuBackend(tuning=dataclasses.replace(EMU_TUNING, read_once=read_once))
     x = _batch((8, 4, 64), 1, np.float32, np.inf)
     logs = []
     for guard in (False, True):
         rm, rv = np.zeros(4, np.float32), np.ones(4, np.float32)
         with recording() as log:
-            batch_norm_forward(x, running_mean=rm, running_var=rv, backend="emu",
-                               guard_running_stats=guard)
+            _, saved = batch_norm_forward(x, running_mean=rm, running_var=rv, backend=emu,
+                                          guard_running_stats=guard)
+        if guard:   # channel 1 holds the inf, channel 2's variance overflows: both kept
+            np.testing.assert_array_equal(to_numpy(saved.skipped), [0, 1, 1, 0])
+            np.testing.assert_array_equal(rm[1:3], [0, 0])
+            np.testing.assert_array_equal(rv[1:3], [1, 1])
         logs.append([(r.kernel, r.grid, {i: (t.loaded, t.stored) for i, t in r.buffers.items()
                                           if max(t.loaded, t.stored) >= x.nbytes})
                      for r in log])
     assert logs[0] == logs[1]
-    assert len(logs[1]) == 2
+    assert len(logs[1]) == launches
 
 
 def test_layer_counts_skipped_updates(backend):

@@ -288,9 +288,9 @@ def test_bfloat16_kernels_round_to_nearest_even():
     y = np.empty_like(bits)
     mean, invstd = np.zeros(1, np.float32), np.array([0.3], np.float32)
     null = np.uint64(0)
-    fn((64, 1, 1), (128, 1, 1), (bits, y, mean, null, invstd, null, null, null, null,
+    fn((64, 1, 1), (128, 1, 1), (bits, y, null, mean, null, invstd, null, null, null, null,
                                  np.int64(1), np.int32(1), np.int64(bits.size), np.int32(0),
-                                 np.float32(0)))
+                                 np.int32(0), np.float32(0)))
     xf = torch.from_numpy(bits.astype(np.int32) << 16).view(torch.float32)  # exact widening
     yf = xf * torch.tensor(0.3, dtype=torch.float32) + 0.0  # one float32 rounding, -0 -> +0
     expected = yf.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)

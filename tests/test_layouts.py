@@ -98,29 +98,36 @@ def _tensor_bytes(log):
     return len(log), total
 
 
-def test_channels_last_costs_the_passes_of_a_contiguous_input():
+@pytest.mark.parametrize("read_once,passes,launches", [(False, 8, 4), (True, 7, 3)],
+                         ids=["two-pass", "read-once"])
+def test_channels_last_costs_the_passes_of_a_contiguous_input(read_once, passes, launches):
     """emu traffic: forward and backward of the channels-last NCHW tensor
     move the tensor bytes (and launch the kernels) of the contiguous NHWC
     array, with no copy of x or dy outside the kernels (the canonical input
     is a view of x)."""
+    import dataclasses
+
     from gpubn.backends import get_backend
 
     try:
         get_backend("emu")
     except RuntimeError as exc:
         pytest.skip(str(exc))
+    from gpubn.backends.emu import EMU_TUNING, EmuBackend
     from gpubn.emu import recording
+
+    emu = EmuBackend(tuning=dataclasses.replace(EMU_TUNING, read_once=read_once))
 
     x, nhwc = channels_last((4, 6, 5, 7))
     dy, dy_nhwc = channels_last((4, 6, 5, 7), seed=2)
     counts = []
     for xx, dd, axis in ((x, dy, 1), (nhwc, dy_nhwc, -1)):
         with recording() as log:
-            y, saved = gpubn.batch_norm_forward(xx, axis=axis, backend="emu")
+            y, saved = gpubn.batch_norm_forward(xx, axis=axis, backend=emu)
             gpubn.batch_norm_backward(dd, saved)
         counts.append(_tensor_bytes(log))
         assert np.shares_memory(saved.x3, xx)
-    launches, moved = counts[0]
     assert counts[0] == counts[1]
-    # 3 passes forward (stats, apply: read x twice, write y), 5 backward
-    assert moved == 8 * x.nbytes and launches == 4
+    # forward: two-pass 3 passes in 2 launches (stats, apply: read x twice,
+    # write y), read-once 2 in 1 (read x, write y); backward 5 in 2
+    assert counts[0] == (launches, passes * x.nbytes)

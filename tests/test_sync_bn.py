@@ -355,6 +355,14 @@ def test_shared_argument_errors_raise_before_any_communication():
     assert group.calls == []
 
 
+def test_residual_is_refused_before_any_state_changes():
+    bn = gpubn.SyncBatchNorm(3, comm=ThreadComm(_Group(1), 0))
+    x = np.ones((4, 3), np.float32)
+    with pytest.raises(TypeError, match="SyncBatchNorm has no residual / activation epilogue"):
+        bn(x, residual=x)
+    assert bn.num_batches_tracked == 0 and (bn.running_mean == 0).all()
+
+
 def test_argument_types():
     with pytest.raises(TypeError, match="comm must be a gpubn communicator"):
         gpubn.SyncBatchNorm(3, comm=object())

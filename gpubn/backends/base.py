@@ -141,6 +141,40 @@ class Backend:
         (dx = dy * weight * invstd)."""
         raise NotImplementedError
 
+    # -- the residual-block epilogue: y = relu(bn(x) + residual) -------
+    # ``residual`` is a canonical array of x3's shape and dtype or None;
+    # ``relu`` a bool.  These defaults are the reference: the unfused math
+    # (batch norm, then the epilogue in float64, rounded once); the kernel
+    # backends run it inside their forward and backward launches.
+    def bn_forward_train_act(self, x3, weight, bias, running_mean, running_var,
+                             momentum: float, eps: float, residual,
+                             relu: bool, skipped=None) -> Tuple[Any, Any, Any]:
+        """:meth:`bn_forward_train` (``skipped`` as there) followed by the
+        epilogue."""
+        guarded = {} if skipped is None else {"skipped": skipped}
+        _, mean, invstd = self.bn_forward_train(x3, weight, bias, running_mean, running_var,
+                                                momentum, eps, **guarded)
+        return (epilogue_reference(self.xp, x3, mean, invstd, weight, bias, residual, relu),
+                mean, invstd)
+
+    def bn_forward_eval_act(self, x3, weight, bias, running_mean, running_var, eps: float,
+                            residual, relu: bool) -> Tuple[Any, Any, Any]:
+        """:meth:`bn_forward_eval` followed by the epilogue."""
+        _, mean, invstd = self.bn_forward_eval(x3, weight, bias, running_mean, running_var, eps)
+        return (epilogue_reference(self.xp, x3, mean, invstd, weight, bias, residual, relu),
+                mean, invstd)
+
+    def bn_backward_relu(self, dy3, x3, mean, invstd, weight, y3,
+                         training: bool) -> Tuple[Any, Any, Any, Any]:
+        """Backward through ``y3 = relu(bn(x3) + residual)``: the ReLU's mask
+        comes from ``y3`` (``g = 0 where y3 <= 0, else dy``), then
+        :meth:`bn_backward` of ``g``.  Returns ``(dx3, dweight, dbias, g3)``;
+        ``g3`` is also the residual's gradient."""
+        xp = self.xp
+        g3 = xp.where(y3 <= 0, xp.zeros((), dtype=dy3.dtype), dy3)
+        dx3, dw, db = self.bn_backward(g3, x3, mean, invstd, weight, training)
+        return dx3, dw, db, g3
+
     # -- batch renorm --------------------------------------------------
     def bn_renorm_forward_train(self, x3, weight, bias, running_mean, running_std,
                                 rmax: float, dmax: float, momentum: float,
@@ -252,6 +286,22 @@ def guard_skips(xp, mean, unbiased_var, acc):
     finishing step."""
     with np.errstate(over="ignore", invalid="ignore"):
         return ~(xp.isfinite(mean.astype(acc)) & xp.isfinite(unbiased_var.astype(acc)))
+
+
+def epilogue_reference(xp, x3, mean, invstd, weight, bias, residual, relu: bool):
+    """``relu(bn(x3) + residual)`` in float64 (``relu`` and ``residual``
+    optional), rounded once to x3's dtype: the reference the fused kernels are
+    tested against.  NaN passes the ReLU, as in ``torch.relu``."""
+    f = np.float64
+    scale = invstd.astype(f) if weight is None else invstd.astype(f) * weight.astype(f)
+    v = (x3.astype(f) - mean.astype(f)[:, None]) * scale[:, None]
+    if bias is not None:
+        v += bias.astype(f)[:, None]
+    if residual is not None:
+        v += residual.astype(f)
+    if relu:
+        v[v <= 0] = 0
+    return v.astype(x3.dtype)
 
 
 def renorm_constants(xp, mean, sigma_b, weight, bias, running_mean, running_std, rmax, dmax):

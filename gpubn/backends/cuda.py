@@ -78,6 +78,7 @@ class CudaBackend(KernelBackend):
             attrs = DeviceAttributes(sm_count=int(a["MultiProcessorCount"]),
                                      max_threads_per_block=int(a["MaxThreadsPerBlock"]),
                                      max_grid_y=int(a["MaxGridDimY"]),
+                                     cooperative_launch=bool(a.get("CooperativeLaunch", 0)),
                                      name=f"cuda:{dev.id}", **per_sm)
             self._attributes[dev.id] = attrs
         return attrs
@@ -180,13 +181,17 @@ def _load_module(source: str, dtype_key: str, compute_capability: str):
     NVRTC itself."""
     from .. import _nvrtc
 
+    # the read-once kernels' modules launch cooperatively (the others as before)
+    cooperative = ({"enable_cooperative_groups": True}
+                   if source in catalog.COOPERATIVE_SOURCES else {})
     if _nvrtc.unavailable_reason() is None:
         path, lowered = build_cubin(source, dtype_key, compute_capability)
-        return cupy.RawModule(path=path), lowered
+        return cupy.RawModule(path=path, **cooperative), lowered
     debug_report(f"cuda: {_nvrtc.unavailable_reason()}; CuPy compiles {source} (subnormals "
                  f"flush to zero)")
     module = cupy.RawModule(code=catalog.read_source(source), options=catalog.compile_options(),
-                            name_expressions=catalog.name_expressions(source, dtype_key))
+                            name_expressions=catalog.name_expressions(source, dtype_key),
+                            **cooperative)
     return module, {}
 
 

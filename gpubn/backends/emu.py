@@ -31,7 +31,8 @@ def _module(source: str, dtype_key: str):
     from ..emu import RawModule
 
     return RawModule(code=catalog.read_source(source), options=catalog.compile_options(),
-                     name_expressions=catalog.name_expressions(source, dtype_key))
+                     name_expressions=catalog.name_expressions(source, dtype_key),
+                     enable_cooperative_groups=source in catalog.COOPERATIVE_SOURCES)
 
 
 class ArrivalCounters(np.ndarray):

@@ -36,14 +36,23 @@ Ops and launches (see kernels/*.cu):
 op                       kernels                                     launches
 =======================  ==========================================  ========
 bn_stats                 bn_stats_*                                  1
-bn_forward_train         bn_stats_* (+ finish), bn_apply_*           2
-bn_forward_train_groups  the same two, the group as grid z           2
+bn_forward_train         bn_forward_once_* (x fits on chip)          1
+                         else bn_stats_* (+ finish), bn_apply_*      2
+bn_forward_train_groups  bn_stats_*, bn_apply_*, the group as grid z 2
 bn_forward_eval          bn_apply_* (invstd from running_var)        1
 bn_apply                 bn_apply_*                                  1
 bn_backward (train)      bn_backward_reduce_*, bn_backward_dx_*      2
 bn_backward (eval)       bn_backward_reduce_* (writes dx as well)    1
 bn_backward_groups       the training two, the group as grid z       2
 =======================  ==========================================  ========
+
+The residual-block epilogue (``*_act``, ``bn_backward_relu``) adds no launch:
+bn_apply_* reads the residual and applies the ReLU; bn_backward_reduce_*
+masks dy with ``y <= 0`` (the forward's output) and writes the masked
+gradient g (= dresidual), which bn_backward_dx_* reads in place of dy.
+Passes over tensor-sized buffers: forward training 4 (read x twice and the
+residual, write y; 3 read-once), inference 3; backward training with the ReLU 7 (read dy,
+y, x; write g; read g, x; write dx), eval 5 (read dy, y, x; write dx, g).
 """
 
 from __future__ import annotations
@@ -58,7 +67,7 @@ from .. import _validation as V
 from .. import kernels as catalog
 from ..launch import (REDUCE_MIN_BLOCKS, DeviceAttributes, Launch, Tuning, ln_row_launch,
                       ln_stage_bytes, ln_static_shared_bytes, ln_wgrad_launch, map_launch,
-                      reduce_launch, renorm_finish_launch)
+                      once_fits, once_launch, reduce_launch, renorm_finish_launch)
 from .base import Backend, ChannelStats
 
 _ACC_DTYPES = {"float": np.dtype(np.float32), "double": np.dtype(np.float64)}
@@ -223,29 +232,39 @@ class KernelBackend(Backend):
 
     # -- forward -------------------------------------------------------------
     def _apply(self, x3, key, acc, mean, mean_lo, spread, weight, bias, mean_out, invstd_out,
-               from_var: bool, eps: float, groups: int = 1):
+               from_var: bool, eps: float, residual=None, relu: bool = False,
+               groups: int = 1):
         """y from the channel mean ``mean`` (+ ``mean_lo``, what rounding it
         left out, or None) and ``spread`` (invstd, or the variance when
-        ``from_var``); with ``groups``, per-group ``(groups, C)`` statistics."""
+        ``from_var``), plus ``residual`` (or None) and through a ReLU when
+        ``relu``; with ``groups``, per-group ``(groups, C)`` statistics."""
         outer, channels, inner = x3.shape
         y3 = self.xp.empty_like(x3)
         if x3.size == 0:
             return y3
-        cfg = map_launch("apply", x3.shape, key, self._aligned(x3, y3), self._device(),
+        cfg = map_launch("apply", x3.shape, key, self._aligned(x3, y3, residual), self._device(),
                          self.tuning, groups)
         outer //= groups
         if cfg.kernel.endswith("nchw"):
             shape_args = (np.int64(outer), np.int32(channels), np.int64(inner))
         else:
             shape_args = (np.int64(outer), np.int32(channels))
-        self._launch(cfg, key, (x3, y3, mean, mean_lo, spread, weight, bias, mean_out,
+        self._launch(cfg, key, (x3, y3, residual, mean, mean_lo, spread, weight, bias, mean_out,
                                 invstd_out)
-                     + shape_args + (np.int32(1 if from_var else 0), acc.type(eps)))
+                     + shape_args + (np.int32(1 if from_var else 0), np.int32(1 if relu else 0),
+                                     acc.type(eps)))
         return y3
 
     def bn_forward_train(self, x3, weight, bias, running_mean, running_var, momentum, eps,
                          skipped=None):
+        return self.bn_forward_train_act(x3, weight, bias, running_mean, running_var, momentum,
+                                         eps, None, False, skipped=skipped)
+
+    def bn_forward_train_act(self, x3, weight, bias, running_mean, running_var, momentum, eps,
+                             residual, relu, skipped=None):
         self._check_tensor(x3, None, "x")
+        if residual is not None:
+            self._check_tensor(residual, x3, "residual")
         key, acc = self._types(x3)
         channels = x3.shape[1]
         for v, n in ((weight, "weight"), (bias, "bias"), (running_mean, "running_mean"),
@@ -256,12 +275,43 @@ class KernelBackend(Backend):
             raise ValueError("x has no values per channel")
         mean = self.xp.empty(channels, dtype=acc)
         invstd = self.xp.empty(channels, dtype=acc)
+        once = self._once_plan(x3, key)
+        if once is not None:
+            y3 = self.xp.empty_like(x3)
+            partials = self.xp.empty(once.partial_bytes, dtype=np.uint8)
+            outer, _, inner = x3.shape
+            shape_args = (np.int64(outer), np.int32(channels))
+            if once.kernel.endswith("nchw"):
+                shape_args += (np.int64(inner),)
+            self._launch(once, key, (x3, y3, residual) + shape_args + (
+                partials, self._launch_counters(once.counters), weight, bias, mean, invstd,
+                running_mean, running_var, skipped, np.int32(1 if relu else 0), acc.type(momentum),
+                acc.type(eps)))
+            return y3, mean, invstd
         mean_lo = self.xp.empty(channels, dtype=acc)
         self._stats(x3, acc, key, mean, mean_lo, None, invstd, running_mean, running_var,
                     float(momentum), float(eps), skipped)
         y3 = self._apply(x3, key, acc, mean, mean_lo, invstd, weight, bias, None, None, False,
-                         eps)
+                         eps, residual, relu)
         return y3, mean, invstd
+
+    def _once_plan(self, x3, key: str) -> Optional[Launch]:
+        """The read-once training forward's launch when it runs (the tensor
+        fits on chip, ``Tuning.read_once`` allows it), else None; with
+        ``GPUBN_DEBUG_KERNELS=1`` it says which path and why."""
+        if x3.shape[1] == 0:
+            return None
+        if self.tuning.read_once is False:
+            debug_report(f"{self.name}: forward training: two-pass (Tuning.read_once=False)")
+            return None
+        cfg = once_launch(x3.shape, key)
+        fits, why = once_fits(cfg, self._device(),
+                              self._blocks_per_sm(self._function(cfg, key), cfg))
+        debug_report(f"{self.name}: forward training: {'read-once' if fits else 'two-pass'} "
+                     f"({why})")
+        if not fits and self.tuning.read_once:
+            raise ValueError(f"Tuning.read_once=True, but the read-once forward cannot run: {why}")
+        return cfg if fits else None
 
     def bn_forward_train_groups(self, x3, groups, weight, bias, eps):
         self._check_tensor(x3, None, "x")
@@ -276,11 +326,18 @@ class KernelBackend(Backend):
         self._stats(x3, acc, key, mean, mean_lo, m2, invstd, None, None, 0.0, float(eps),
                     groups=groups)
         y3 = self._apply(x3, key, acc, mean, mean_lo, invstd, weight, bias, None, None, False,
-                         eps, groups)
+                         eps, groups=groups)
         return y3, mean, invstd, m2
 
     def bn_forward_eval(self, x3, weight, bias, running_mean, running_var, eps):
+        return self.bn_forward_eval_act(x3, weight, bias, running_mean, running_var, eps, None,
+                                        False)
+
+    def bn_forward_eval_act(self, x3, weight, bias, running_mean, running_var, eps, residual,
+                            relu):
         self._check_tensor(x3, None, "x")
+        if residual is not None:
+            self._check_tensor(residual, x3, "residual")
         key, acc = self._types(x3)
         channels = x3.shape[1]
         for v, n in ((weight, "weight"), (bias, "bias")):
@@ -294,7 +351,7 @@ class KernelBackend(Backend):
             invstd[...] = 1.0 / self.xp.sqrt(running_var + acc.type(eps))
             return self.xp.empty_like(x3), mean, invstd
         y3 = self._apply(x3, key, acc, running_mean, None, running_var, weight, bias, mean,
-                         invstd, True, eps)
+                         invstd, True, eps, residual, relu)
         return y3, mean, invstd
 
     def bn_apply(self, x3, mean, invstd, weight, bias):
@@ -318,7 +375,8 @@ class KernelBackend(Backend):
         self._check_channel(weight, channels, acc, "weight")
         return key, acc
 
-    def _reduce(self, dy3, x3, key, acc, mean, invstd, weight, dx_eval, groups=1):
+    def _reduce(self, dy3, x3, key, acc, mean, invstd, weight, dx_eval, y_mask=None,
+                g_out=None, groups=1):
         outer, channels, inner = x3.shape
         shape = (groups, channels) if groups > 1 else (channels,)
         sum_dy = self.xp.empty(shape, dtype=acc)
@@ -327,15 +385,16 @@ class KernelBackend(Backend):
             sum_dy.fill(0)
             sum_dy_xhat.fill(0)
             return sum_dy, sum_dy_xhat
-        cfg = self._reduce_launch("grad", x3.shape, key, self._aligned(x3, dy3, dx_eval), groups)
+        cfg = self._reduce_launch("grad", x3.shape, key,
+                                  self._aligned(x3, dy3, dx_eval, y_mask, g_out), groups)
         outer //= groups
         partials, counters = self._workspace(cfg)
         if cfg.kernel.endswith("nchw"):
             shape_args = (np.int64(outer), np.int32(channels), np.int64(inner))
         else:
             shape_args = (np.int64(outer), np.int32(channels))
-        self._launch(cfg, key, (dy3, x3, mean, invstd, weight, dx_eval) + shape_args
-                     + (partials, counters, sum_dy, sum_dy_xhat))
+        self._launch(cfg, key, (dy3, x3, mean, invstd, weight, dx_eval, y_mask, g_out)
+                     + shape_args + (partials, counters, sum_dy, sum_dy_xhat))
         return sum_dy, sum_dy_xhat
 
     def _dx(self, dy3, x3, key, acc, mean, invstd, weight, sum_dy, sum_dy_xhat, count,
@@ -368,16 +427,30 @@ class KernelBackend(Backend):
             raise ValueError(f"count must be a positive number of values per channel, got {count}")
         return self._dx(dy3, x3, key, acc, mean, invstd, weight, sum_dy, sum_dy_xhat, int(count))
 
-    def bn_backward(self, dy3, x3, mean, invstd, weight, training):
-        key, acc = self._check_backward(dy3, x3, mean, invstd, weight)
+    def _backward(self, dy3, x3, key, acc, mean, invstd, weight, training, y_mask, g_out):
+        """dx (and with ``y_mask``, the ReLU's masked gradient into ``g_out``,
+        which the dx launch then reads in place of dy and the mask)."""
         if training:
-            sum_dy, sum_dy_xhat = self._reduce(dy3, x3, key, acc, mean, invstd, None, None)
+            sum_dy, sum_dy_xhat = self._reduce(dy3, x3, key, acc, mean, invstd, None, None,
+                                               y_mask, g_out)
             count = int(x3.shape[0]) * int(x3.shape[2])
-            dx3 = self._dx(dy3, x3, key, acc, mean, invstd, weight, sum_dy, sum_dy_xhat, count)
+            g3 = dy3 if y_mask is None else g_out
+            dx3 = self._dx(g3, x3, key, acc, mean, invstd, weight, sum_dy, sum_dy_xhat, count)
         else:
             dx3 = self.xp.empty_like(x3)
-            sum_dy, sum_dy_xhat = self._reduce(dy3, x3, key, acc, mean, invstd, weight, dx3)
+            sum_dy, sum_dy_xhat = self._reduce(dy3, x3, key, acc, mean, invstd, weight, dx3,
+                                               y_mask, g_out)
         return dx3, sum_dy_xhat, sum_dy
+
+    def bn_backward(self, dy3, x3, mean, invstd, weight, training):
+        key, acc = self._check_backward(dy3, x3, mean, invstd, weight)
+        return self._backward(dy3, x3, key, acc, mean, invstd, weight, training, None, None)
+
+    def bn_backward_relu(self, dy3, x3, mean, invstd, weight, y3, training):
+        key, acc = self._check_backward(dy3, x3, mean, invstd, weight)
+        self._check_tensor(y3, x3, "y")
+        g3 = self.xp.empty_like(x3)
+        return (*self._backward(dy3, x3, key, acc, mean, invstd, weight, training, y3, g3), g3)
 
     def bn_backward_groups(self, dy3, x3, mean, invstd, weight):
         self._check_tensor(x3, None, "x")
@@ -391,7 +464,8 @@ class KernelBackend(Backend):
                                  f" got shape {v.shape} dtype {v.dtype}")
         groups = mean.shape[0]
         self._check_channel(weight, channels, acc, "weight")
-        sum_dy, sum_dy_xhat = self._reduce(dy3, x3, key, acc, mean, invstd, None, None, groups)
+        sum_dy, sum_dy_xhat = self._reduce(dy3, x3, key, acc, mean, invstd, None, None,
+                                           groups=groups)
         count = (outer // groups) * inner
         dx3 = self._dx(dy3, x3, key, acc, mean, invstd, weight, sum_dy, sum_dy_xhat, count,
                        groups)
