@@ -54,7 +54,8 @@ else:
     TOL[BFLOAT16] = (2.0 ** -7, 2.0 ** -7)
 
 
-def _unavailable(name):
+def unavailable_reason(name):
+    """Why backend ``name`` cannot run on this machine, or None."""
     try:
         get_backend(name)
     except RuntimeError as exc:
@@ -66,7 +67,7 @@ def _unavailable(name):
 def backend(request):
     """A gpubn backend object; skips with the backend's own reason when it
     cannot run on this machine."""
-    reason = _unavailable(request.param)
+    reason = unavailable_reason(request.param)
     if reason is not None:
         pytest.skip(reason)
     return get_backend(request.param)

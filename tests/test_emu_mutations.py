@@ -14,16 +14,13 @@ import numpy as np
 import pytest
 
 from gpubn import kernels as catalog
+from conftest import unavailable_reason
 from gpubn.backends import get_backend
 from gpubn.backends import emu as emu_backend
 from gpubn.backends.numpy_backend import NumpyBackend
 from gpubn.emu.compiler import cache_dir
 
-try:
-    get_backend("emu")
-    _REASON = None
-except RuntimeError as exc:
-    _REASON = str(exc)
+_REASON = unavailable_reason("emu")
 
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 

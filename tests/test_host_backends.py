@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 
 import gpubn
-from conftest import _unavailable
+from conftest import unavailable_reason
 
 HOST = ("numpy", "cpu")
 
 
 @pytest.fixture(params=HOST)
 def host(request):
-    reason = _unavailable(request.param)
+    reason = unavailable_reason(request.param)
     if reason is not None:
         pytest.skip(reason)
     return request.param

@@ -13,16 +13,11 @@ import pytest
 
 import gpubn
 from conftest import (BFLOAT16, DTYPES, acc_unit_roundoff, assert_rounded_close,
-                      bn_output_slack, torch_batch_norm)
+                      bn_output_slack, torch_batch_norm, unavailable_reason)
 from gpubn import kernels as catalog
-from gpubn.backends import get_backend
 from gpubn.launch import ONCE_ITEMS, DeviceAttributes, Launch, once_fits, once_launch
 
-try:
-    get_backend("emu")
-    _REASON = None
-except RuntimeError as exc:
-    _REASON = str(exc)
+_REASON = unavailable_reason("emu")
 
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 

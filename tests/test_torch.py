@@ -18,15 +18,10 @@ torch = pytest.importorskip("torch", reason="PyTorch is not installed (extra 'gp
 
 import gpubn  # noqa: E402
 import gpubn.torch as gt  # noqa: E402
-from conftest import BFLOAT16, TOL  # noqa: E402
-from gpubn.backends import get_backend  # noqa: E402
+from conftest import BFLOAT16, TOL, unavailable_reason  # noqa: E402
 from gpubn.backends.cuda import CudaBackend  # noqa: E402
 
-_EMU_REASON = None
-try:
-    get_backend("emu")
-except RuntimeError as exc:
-    _EMU_REASON = str(exc)
+_EMU_REASON = unavailable_reason("emu")
 
 CPU_BACKENDS = [None, pytest.param("emu", marks=pytest.mark.skipif(
     _EMU_REASON is not None, reason=_EMU_REASON or ""))]
