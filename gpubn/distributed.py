@@ -611,8 +611,8 @@ class SyncBatchNorm(BatchNorm):
 
 
 __all__ = [
-    "Communicator", "MPIComm", "check_buffer", "check_no_ghost", "NCCLComm", "RemoteRankError", "SyncBatchNorm",
+    "Communicator", "MPIComm", "NCCLComm", "RemoteRankError", "SyncBatchNorm",
     "SyncBatchNormSaved", "sync_batch_norm_forward", "sync_batch_norm_backward",
     "pack_stats", "unpack_stats", "merge_stats", "forward_message_size",
-    "backward_message_size",
+    "backward_message_size", "check_buffer", "check_no_ghost",
 ]
