@@ -488,3 +488,23 @@ def test_ghost_batch_norm_and_a_bad_guard_are_refused_before_any_state_changes()
             gpubn.batch_renorm_forward(x, weight=w, bias=b, running_mean=rm, running_std=sigma,
                                        **kw)
         np.testing.assert_array_equal(rm, mu)
+
+
+def test_guard_adds_no_launch_and_no_pass():
+    """The guard lives in bn_renorm_finish: the same three launches, and the
+    same bytes of x and y, as without it."""
+    pytest.importorskip("gpubn.emu")
+    from gpubn import emu
+    try:
+        be = gpubn.backends.get_backend("emu")
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    x, w, b, mu, sigma, _ = make_case((4, 3, 64), 1, np.float32)
+    logs = []
+    for guard in (False, True):
+        with emu.recording() as log:
+            renorm(be, x, w, b, mu.copy(), sigma.copy(), 2.0, 1.0, guard_running_stats=guard)
+        logs.append([(r.kernel, r.grid, {i: (t.loaded, t.stored) for i, t in r.buffers.items()
+                                          if max(t.loaded, t.stored) >= x.nbytes})
+                     for r in log])
+    assert logs[0] == logs[1] and len(logs[1]) == 3
