@@ -321,7 +321,8 @@ class SyncBatchNorm(_GpubnBatchNorm, torch.nn.SyncBatchNorm):
             return super()._normalize(input, running_mean, running_var, use_batch_stats, factor)
         return sync_batch_norm(input, running_mean, running_var, self.weight, self.bias, factor,
                                self.eps, process_group=comm, backend=self.backend,
-                               skipped_updates=self._skipped_arg())
+                               skipped_updates=self._skipped_arg(),
+                               num_features=self.num_features)
 
     @classmethod
     def convert_sync_batchnorm(cls, module, process_group=None, *, backend=None):
@@ -393,7 +394,8 @@ def _comm_for(process_group):
 
 @torch.compiler.disable
 def sync_batch_norm(input, running_mean, running_var, weight=None, bias=None, momentum=0.1,
-                    eps=1e-5, *, process_group=None, backend=None, skipped_updates=None):
+                    eps=1e-5, *, process_group=None, backend=None, skipped_updates=None,
+                    num_features=None):
     """Training-mode batch norm over the global batch of ``process_group``'s
     ranks (a ``torch.distributed`` group, None for the world, or a gpubn
     communicator), as an autograd function: the forward all-gathers the
@@ -401,11 +403,15 @@ def sync_batch_norm(input, running_mean, running_var, weight=None, bias=None, mo
     sums; ``weight`` / ``bias`` get this rank's own gradient sums (PyTorch's
     convention).  ``running_mean`` / ``running_var`` (or None) are updated
     in place with the global statistics; ``skipped_updates`` as in
-    :func:`batch_norm`.  Every rank must call it, and its backward, alike."""
+    :func:`batch_norm`.  ``num_features`` sizes the collectives (default:
+    the length of ``weight`` or the running statistics, else the input's
+    channel count), so that a rank whose input has the wrong channel count
+    still takes part, raises its error, and the other ranks raise
+    ``gpubn.RemoteRankError`` instead of waiting.  Every rank must call it,
+    and its backward, alike."""
     _check_call(input, skipped_updates, running_mean, running_var, weight, bias)
     comm = _comm_for(process_group)
-    forward = functools.partial(sync_batch_norm_forward, comm=comm, num_features=input.shape[1]
-                                if input.dim() >= 2 else None)
+    forward = functools.partial(sync_batch_norm_forward, comm=comm, num_features=num_features)
     backward = functools.partial(sync_batch_norm_backward, local_param_grads=True)
     return _NormFunction.apply(input, weight, bias, running_mean, running_var, skipped_updates,
                                forward, backward,

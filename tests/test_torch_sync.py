@@ -338,3 +338,39 @@ def test_nccl_ranks_match_batch_norm_on_the_global_batch(tmp_path):
                 "functional", ref)
     if world > 1:
         check_layer([r["layer"] for r in results], "layer", reference_layer("layer"))
+
+
+def test_constructor_is_torchs():
+    group = object()
+    ours = gt.SyncBatchNorm(6, 1e-3, 0.3, False, True, group, dtype=torch.float64,
+                            backend="numpy", guard_running_stats=False)
+    ref = torch.nn.SyncBatchNorm(6, 1e-3, 0.3, False, True, group, dtype=torch.float64)
+    assert isinstance(ours, torch.nn.SyncBatchNorm)
+    assert (ours.eps, ours.momentum, ours.affine, ours.process_group, ours.backend) == \
+        (1e-3, 0.3, False, group, "numpy")
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    assert ours.running_mean.dtype == torch.float64
+    assert "backend='numpy'" in repr(ours)
+
+
+def test_bad_input_on_one_rank_raises_on_both_before_any_state_changes():
+    """Rank 0 passes 4 channels to a 3-channel layer: it raises its own error,
+    rank 1 a RemoteRankError, nobody hangs and no state moves."""
+    from gpubn.distributed import RemoteRankError
+
+    def rank_fn(comm):
+        bn = gt.SyncBatchNorm(3, process_group=comm, guard_running_stats=True)
+        before = {k: v.clone() for k, v in bn.state_dict().items()}
+        x = torch.randn(4, 4 if comm.rank == 0 else 3, 2)
+        try:
+            bn(x)
+        except (ValueError, RemoteRankError) as exc:
+            error = exc
+        else:
+            error = None
+        same = all(torch.equal(v, before[k]) for k, v in bn.state_dict().items())
+        return error, same
+
+    (e0, same0), (e1, same1) = ok(run_ranks(2, rank_fn)[0])
+    assert isinstance(e0, ValueError) and "channels" in str(e0) and same0
+    assert isinstance(e1, RemoteRankError) and same1
