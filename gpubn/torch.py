@@ -4,8 +4,11 @@
 same constructor (plus a keyword-only ``backend``), parameters, buffers,
 ``state_dict`` keys and train/eval behaviour; their forward and backward go
 through gpubn (:func:`gpubn.batch_norm_forward` / :func:`gpubn.batch_norm_backward`)
-inside a ``torch.autograd.Function``.  :func:`convert` turns the batch norm
-layers of an existing model into these in place, :func:`revert` undoes it.
+inside a ``torch.autograd.Function``.  ``gpubn.torch.SyncBatchNorm`` does the
+same for ``torch.nn.SyncBatchNorm`` with gpubn's sync batch norm, its
+collectives run by ``torch.distributed`` on the layer's process group
+(:class:`ProcessGroupComm`).  :func:`convert` turns the batch norm layers of
+an existing model into these in place, :func:`revert` undoes it.
 
 Tensors reach gpubn without a copy: CPU tensors as NumPy views (bfloat16 as
 an ``int16`` view re-typed to ``ml_dtypes.bfloat16``), CUDA tensors as CuPy
