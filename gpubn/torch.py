@@ -250,6 +250,12 @@ class _GpubnBatchNorm:
         return self.skipped_updates if self.guard_running_stats and self.training else None
 
     def _normalize(self, input, running_mean, running_var, use_batch_stats, factor):
+        if input.numel() == 0:
+            # gpubn refuses an empty batch; a drop-in must behave as torch's
+            # layer does (an empty output, the running statistics kept)
+            return torch.nn.functional.batch_norm(
+                input, running_mean, running_var, self.weight, self.bias, use_batch_stats,
+                factor, self.eps)
         return batch_norm(input, running_mean, running_var, self.weight, self.bias,
                           use_batch_stats, factor, self.eps, backend=self.backend,
                           virtual_batch_size=self.virtual_batch_size if self.training else None,

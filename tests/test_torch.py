@@ -479,3 +479,22 @@ def test_inference_mode_and_a_layer_on_another_device():
     with pytest.raises(ValueError, match=r"input is on cpu but the layer's parameters and "
                                          r"buffers are on meta"):
         ours(x)
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("cls_name", ["BatchNorm2d", "SyncBatchNorm"])
+def test_an_empty_batch_behaves_as_torchs(cls_name, training):
+    # gpubn's functional API refuses an empty batch; the drop-in must not
+    ref = getattr(torch.nn, cls_name)(3) if cls_name != "SyncBatchNorm" else torch.nn.BatchNorm2d(3)
+    ours = getattr(gt, cls_name)(3)
+    for m in (ref, ours):
+        m.train(training)
+    x_ref = torch.zeros(0, 3, 4, 4, requires_grad=True)
+    x_ours = x_ref.detach().clone().requires_grad_(True)
+    y_ref, y_ours = ref(x_ref), ours(x_ours)
+    assert y_ours.shape == y_ref.shape == (0, 3, 4, 4)
+    y_ref.sum().backward()
+    y_ours.sum().backward()
+    assert x_ours.grad.shape == x_ref.grad.shape
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, equal_nan=True, msg=key)
