@@ -7,6 +7,10 @@ passes as the GPU kernels:
 * normalize: one read of ``x``, one write of ``y``;
 * backward: one read of ``x`` and ``dy`` for the two sums, then one read of
   ``x`` and ``dy`` and one write of ``dx``;
+* the residual-block epilogue ``relu(bn(x) + residual)``: the residual is
+  read in the normalize loop; its backward masks ``dy`` by ``y > 0`` in the
+  loop of the sums, which writes the masked gradient (``dresidual``) that the
+  ``dx`` loop then reads in place of ``dy``;
 * layer norm: one read and one write per direction (a row is normalized while
   it is still in the cache).
 
@@ -172,17 +176,21 @@ _REDO = 16.0            # (mean - shift)**2 / var above which the sums are taken
 
 # ---------------------------------------------------------------- loops ----
 @_jit
-def _sums(x, dy, shift, nc, rows, per, s1, s2):
+def _sums(x, dy, y, shift, nc, rows, per, s1, s2, g_out):
     """Partial sums per block ``b`` of ``per`` rows of the 2-D view ``x``
     (see :class:`_Layout`), per index ``q`` of the per-channel constants:
     ``s1[b, q] = sum d``, ``s2[b, q] = sum d * d`` for ``d = x - shift[q]``;
-    with ``dy`` values ``s1 = sum dy``, ``s2 = sum dy * d``.  ``rows``: row
-    ``r`` is one run of channel ``q = r % nc``, summed in the data's precision
-    (a vectorized reduction); else column ``q`` of every row, summed in
-    float64 (vectorized along the row)."""
+    with ``dy`` values ``s1 = sum g``, ``s2 = sum g * d`` for ``g = dy``, or
+    with ``y`` values (the ReLU's output) ``g = 0 where y <= 0, else dy``,
+    written to ``g_out``.  ``rows``: row ``r`` is one run of channel
+    ``q = r % nc``, summed in the data's precision (a vectorized reduction);
+    else column ``q`` of every row, summed in float64 (vectorized along the
+    row)."""
     R, W = x.shape
     nb = s1.shape[0]
     with_dy = dy.size > 0
+    masked = y.size > 0
+    zero = x.dtype.type(0.0)
     for b in numba.prange(nb):
         s1[b, :] = 0.0
         s2[b, :] = 0.0
@@ -193,7 +201,13 @@ def _sums(x, dy, shift, nc, rows, per, s1, s2):
                 k = shift[q]
                 a1 = x.dtype.type(0.0)
                 a2 = x.dtype.type(0.0)
-                if with_dy:
+                if masked:
+                    for i in range(W):
+                        g = zero if y[r, i] <= 0 else dy[r, i]
+                        g_out[r, i] = g
+                        a1 += g
+                        a2 += g * (x[r, i] - k)
+                elif with_dy:
                     for i in range(W):
                         g = dy[r, i]
                         a1 += g
@@ -207,7 +221,13 @@ def _sums(x, dy, shift, nc, rows, per, s1, s2):
                 s2[b, q] += a2
         else:
             for r in range(b * per, r1):
-                if with_dy:
+                if masked:
+                    for q in range(W):
+                        g = zero if y[r, q] <= 0 else dy[r, q]
+                        g_out[r, q] = g
+                        s1[b, q] += np.float64(g)
+                        s2[b, q] += np.float64(g) * np.float64(x[r, q] - shift[q])
+                elif with_dy:
                     for q in range(W):
                         g = np.float64(dy[r, q])
                         s1[b, q] += g
@@ -220,12 +240,15 @@ def _sums(x, dy, shift, nc, rows, per, s1, s2):
 
 
 @_jit
-def _affine(x, dy, mean, a, b0, k, nc, rows, per, out):
-    """Without ``dy`` values ``out = (x - mean[q]) * a[q] + b0[q]``; with
-    them ``out = k[q] * (dy - b0[q] - (x - mean[q]) * a[q])``; rows, blocks
-    and ``q`` as in :func:`_sums`."""
+def _affine(x, dy, z, relu, mean, a, b0, k, nc, rows, per, out):
+    """Without ``dy`` values ``out = (x - mean[q]) * a[q] + b0[q]``, plus
+    ``z`` when it has values, then the ReLU (``v <= 0`` to 0, NaN kept) when
+    ``relu``; with ``dy`` values ``out = k[q] * (dy - b0[q] - (x - mean[q]) *
+    a[q])``; rows, blocks and ``q`` as in :func:`_sums`."""
     R, W = x.shape
     with_dy = dy.size > 0
+    add = z.size > 0
+    zero = x.dtype.type(0.0)
     nb = (R + per - 1) // per
     for b in numba.prange(nb):
         r1 = min(R, (b + 1) * per)
@@ -238,13 +261,19 @@ def _affine(x, dy, mean, a, b0, k, nc, rows, per, out):
                         out[r, i] = f * (dy[r, i] - t - (x[r, i] - m) * s)
                 else:
                     for i in range(W):
-                        out[r, i] = (x[r, i] - m) * s + t
+                        v = (x[r, i] - m) * s + t
+                        if add:
+                            v += z[r, i]
+                        out[r, i] = zero if relu and v <= 0 else v
             elif with_dy:
                 for q in range(W):
                     out[r, q] = k[q] * (dy[r, q] - b0[q] - (x[r, q] - mean[q]) * a[q])
             else:
                 for q in range(W):
-                    out[r, q] = (x[r, q] - mean[q]) * a[q] + b0[q]
+                    v = (x[r, q] - mean[q]) * a[q] + b0[q]
+                    if add:
+                        v += z[r, q]
+                    out[r, q] = zero if relu and v <= 0 else v
 
 
 @_jit
@@ -360,22 +389,26 @@ class _Layout:
         total = parts.sum(axis=0)
         return total if self.rows else total.reshape(self.c, self.inner).sum(axis=1)
 
-    def sums(self, x3, dy3, shift):
-        """``_sums`` over the whole array: per-channel float64 totals."""
+    def _opt(self, a3, dtype):
+        """An optional canonical array as the loops take it (empty: absent)."""
+        return _EMPTY2[dtype] if a3 is None else self.view(a3)
+
+    def sums(self, x3, dy3, shift, y3=None, g3=None):
+        """``_sums`` over the whole array: per-channel float64 totals (with
+        ``y3``, of ``dy3`` masked by ``y3 > 0``, written to ``g3``)."""
         s1, s2 = np.empty((self.nb, self.width)), np.empty((self.nb, self.width))
-        dy = _EMPTY2[x3.dtype] if dy3 is None else self.view(dy3)
-        _sums(self.nb, self.view(x3), dy, self.expand(shift, x3.dtype), self.c, self.rows, self.per,
-              s1, s2)
+        dt = x3.dtype
+        _sums(self.nb, self.view(x3), self._opt(dy3, dt), self._opt(y3, dt),
+              self.expand(shift, dt), self.c, self.rows, self.per, s1, s2, self._opt(g3, dt))
         return self.channel_sums(s1), self.channel_sums(s2)
 
-    def affine(self, x3, dy3, mean, a, b0, k):
+    def affine(self, x3, dy3, mean, a, b0, k, z3=None, relu=False):
         """``_affine`` over the whole array, into a new array."""
         out = np.empty(x3.shape, x3.dtype)
         dt = x3.dtype
-        dy = _EMPTY2[dt] if dy3 is None else self.view(dy3)
-        _affine(self.nb, self.view(x3), dy, self.expand(mean, dt), self.expand(a, dt),
-                self.expand(b0, dt), self.expand(k, dt), self.c, self.rows, self.per,
-                self.view(out))
+        _affine(self.nb, self.view(x3), self._opt(dy3, dt), self._opt(z3, dt), relu,
+                self.expand(mean, dt), self.expand(a, dt), self.expand(b0, dt),
+                self.expand(k, dt), self.c, self.rows, self.per, self.view(out))
         return out
 
 
@@ -415,12 +448,13 @@ def _moments(x):
     return shift + dm, m2
 
 
-def _normalize(x3, mean, scale, shift):
-    """``y = (x - mean) * scale + shift`` per channel; mean, scale and shift
-    float64 vectors."""
+def _normalize(x3, mean, scale, shift, z3=None, relu=False):
+    """``y = (x - mean) * scale + shift`` per channel, plus ``z3`` when given,
+    then the ReLU when ``relu``; mean, scale and shift float64 vectors."""
     x = _wide(x3)
     hi, lo = _split(mean, x.dtype)
-    y = _Layout(x.shape).affine(x, None, hi, scale, shift - lo * scale, scale)
+    y = _Layout(x.shape).affine(x, None, hi, scale, shift - lo * scale, scale,
+                                None if z3 is None else _wide(z3), relu)
     return _store(y, x3.dtype)
 
 
@@ -428,6 +462,15 @@ def _backward_sums(dy3, x3, mean):
     """Per-channel float64 ``(sum dy, sum dy * (x - mean))``."""
     x, dy = _wide(x3), _wide(dy3)
     return _Layout(x.shape).sums(x, dy, mean)
+
+
+def _masked_backward_sums(dy3, x3, mean, y3):
+    """The ReLU's gradient ``g = 0 where y3 <= 0, else dy`` and its
+    per-channel float64 ``(sum g, sum g * (x - mean))``, in one pass."""
+    x, dy = _wide(x3), _wide(dy3)
+    g = np.empty(x.shape, x.dtype)
+    sums = _Layout(x.shape).sums(x, dy, mean, _wide(y3), g)
+    return _store(g, x3.dtype), sums
 
 
 def _dx(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat, count):
@@ -455,9 +498,14 @@ class CpuBackend(Backend):
         return ChannelStats(count=x3.shape[0] * x3.shape[2], mean=mean.astype(acc),
                             m2=m2.astype(acc))
 
-    @_serialized
     def bn_forward_train(self, x3, weight, bias, running_mean, running_var, momentum, eps,
                          skipped=None):
+        return self.bn_forward_train_act(x3, weight, bias, running_mean, running_var, momentum,
+                                         eps, None, False, skipped)
+
+    @_serialized
+    def bn_forward_train_act(self, x3, weight, bias, running_mean, running_var, momentum, eps,
+                             residual, relu, skipped=None):
         acc = acc_dtype(x3.dtype)
         n = x3.shape[0] * x3.shape[2]
         x = _wide(x3)
@@ -465,23 +513,31 @@ class CpuBackend(Backend):
         invstd = 1.0 / np.sqrt(m2 / n + eps)
         scale = invstd if weight is None else invstd * _f64(weight)
         shift = np.zeros_like(scale) if bias is None else _f64(bias)
-        y3 = _store(_normalize(x, mean, scale, shift), x3.dtype)
+        y3 = _store(_normalize(x, mean, scale, shift, residual, relu), x3.dtype)
         update_running_stats(np, running_mean, running_var, mean, m2 / (n - 1), momentum,
                              skipped)
         return y3, mean.astype(acc), invstd.astype(acc)
 
     def bn_forward_eval(self, x3, weight, bias, running_mean, running_var, eps):
+        return self.bn_forward_eval_act(x3, weight, bias, running_mean, running_var, eps,
+                                        None, False)
+
+    def bn_forward_eval_act(self, x3, weight, bias, running_mean, running_var, eps, residual,
+                            relu):
         acc = acc_dtype(x3.dtype)
         mean = np.array(running_mean, dtype=acc)
         with np.errstate(invalid="ignore", divide="ignore"):
             invstd = (1.0 / np.sqrt(_f64(running_var) + eps)).astype(acc)
-        return self.bn_apply(x3, mean, invstd, weight, bias), mean, invstd
+        return self._apply(x3, mean, invstd, weight, bias, residual, relu), mean, invstd
+
+    def bn_apply(self, x3, mean, invstd, weight, bias):
+        return self._apply(x3, mean, invstd, weight, bias, None, False)
 
     @_serialized
-    def bn_apply(self, x3, mean, invstd, weight, bias):
+    def _apply(self, x3, mean, invstd, weight, bias, residual, relu):
         scale = _f64(invstd) if weight is None else _f64(invstd) * _f64(weight)
         shift = np.zeros_like(scale) if bias is None else _f64(bias)
-        return _normalize(x3, _f64(mean), scale, shift)
+        return _normalize(x3, _f64(mean), scale, shift, residual, relu)
 
     @_serialized
     def bn_backward_reduce(self, dy3, x3, mean, invstd):
@@ -495,8 +551,18 @@ class CpuBackend(Backend):
 
     @_serialized
     def bn_backward(self, dy3, x3, mean, invstd, weight, training):
+        return self._backward(dy3, x3, mean, invstd, weight, training,
+                              _backward_sums(dy3, x3, mean))
+
+    @_serialized
+    def bn_backward_relu(self, dy3, x3, mean, invstd, weight, y3, training):
+        g3, sums = _masked_backward_sums(dy3, x3, mean, y3)
+        return (*self._backward(g3, x3, mean, invstd, weight, training, sums), g3)
+
+    def _backward(self, dy3, x3, mean, invstd, weight, training, sums):
+        """:meth:`bn_backward` from the per-channel ``(sum dy, sum dy * (x - mean))``."""
         acc = acc_dtype(x3.dtype)
-        sum_dy, sum_dy_xmu = _backward_sums(dy3, x3, mean)
+        sum_dy, sum_dy_xmu = sums
         sum_dy_xhat = sum_dy_xmu * _f64(invstd)
         if training:
             dx3 = _dx(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat,
