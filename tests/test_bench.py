@@ -737,3 +737,102 @@ def test_gpu_rows_through_the_runner_with_a_stand_in(monkeypatch):
         assert r["device"] == "gpu" and r["check"] == "ok" and r["median_s"] == 2e-6
         assert r["peak_share"] == pytest.approx(r["bytes"] / 2e-6 / 3.35232e12)
     assert "GB/s" in report.format_table(rows)
+
+
+# -- host yardsticks (bench/host.py) -----------------------------------------------
+
+class _Clock:
+    """A fake ``time.perf_counter``: each call advances by ``step`` seconds."""
+
+    def __init__(self, step):
+        self.t, self.step = 0.0, step
+
+    def __call__(self):
+        self.t += self.step
+        return self.t
+
+
+def test_copy_bandwidth_counts_the_read_and_the_write(monkeypatch):
+    """A copy of n bytes moves 2n (read + write); with every copy timed at
+    exactly one clock step the bandwidth is 2n / step."""
+    from bench import host
+    monkeypatch.setattr(host.time, "perf_counter", _Clock(0.5))
+    nbytes = 1 << 20
+    assert host.copy_bandwidth(nbytes, repeats=3) == 2 * nbytes / 0.5
+
+
+def test_copy_bandwidth_is_the_median_of_the_repeats(monkeypatch):
+    """One slow copy among five does not move the result."""
+    from bench import host
+    steps = iter([0.0, 1.0, 1.0, 2.0, 2.0, 12.0, 12.0, 13.0, 13.0, 14.0])
+    monkeypatch.setattr(host.time, "perf_counter", lambda: next(steps))
+    nbytes = 8 << 10
+    assert host.copy_bandwidth(nbytes, repeats=5) == 2 * nbytes / 1.0
+
+
+def test_first_call_compiles_into_an_empty_cache_then_loads_from_it(monkeypatch):
+    """Two child processes share one fresh cache directory: the first (cold)
+    one's time is the compile cost, the second's the cached cost, and its
+    second call the steady cost; the child gets this tree on its path."""
+    import json
+    import os
+    import subprocess
+    from types import SimpleNamespace
+    from bench import host
+    seen = []
+
+    def fake_run(cmd, env, cwd, capture_output, text, timeout):
+        cache = env["GPUBN_CACHE_DIR"]
+        seen.append((cache, sorted(os.listdir(cache)), cmd[-1]))
+        Path(cache, "compiled").write_text("")        # the cold run fills it
+        first = 30.0 if len(seen) == 1 else 0.5
+        out = {"import_s": 0.25, "first_s": first, "second_s": 0.01}
+        assert env["PYTHONPATH"].split(os.pathsep)[0] == host._ROOT
+        return SimpleNamespace(returncode=0, stdout="warming up\n" + json.dumps(out) + "\n",
+                               stderr="")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    got = host.cpu_first_call("float16")
+    assert got == {"compile_s": 30.0, "cached_s": 0.5, "steady_s": 0.01, "import_s": 0.25}
+    assert [s[1] for s in seen] == [[], ["compiled"]]
+    assert seen[0][0] == seen[1][0] and not os.path.exists(seen[0][0])   # removed after
+    assert [s[2] for s in seen] == ["float16", "float16"]
+
+
+def test_first_call_failure_names_the_childs_last_error_line(monkeypatch):
+    import subprocess
+    from types import SimpleNamespace
+    from bench import host
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: SimpleNamespace(
+        returncode=1, stdout="", stderr="Traceback\n  ...\nImportError: no numba\n"))
+    with pytest.raises(RuntimeError, match="^ImportError: no numba$"):
+        host.cpu_first_call()
+
+
+@pytest.mark.slow   # two child processes, the first compiling every loop it runs
+def test_first_call_measured_for_real():
+    """The disk cache pays off: loading the compiled loops is much cheaper
+    than compiling them, and a steady call is cheaper still."""
+    pytest.importorskip("numba")
+    from bench import host
+    got = host.cpu_first_call()
+    assert got["compile_s"] > 2 * got["cached_s"] > 0
+    assert got["cached_s"] > got["steady_s"] > 0
+
+
+def test_torch_after_cpu_times_torch_alone_and_right_after_a_cpu_call(monkeypatch):
+    """Each 'after' timing directly follows a cpu backend forward; 'alone'
+    ones follow nothing but torch (the call order is recorded)."""
+    pytest.importorskip("numba")
+    torch = pytest.importorskip("torch")
+    import gpubn
+    from bench import host
+    calls = []
+    real_bn, real_torch = gpubn.batch_norm_forward, torch.nn.functional.batch_norm
+    monkeypatch.setattr(gpubn, "batch_norm_forward",
+                        lambda *a, **k: calls.append("cpu") or real_bn(*a, **k))
+    monkeypatch.setattr(torch.nn.functional, "batch_norm",
+                        lambda *a, **k: calls.append("torch") or real_torch(*a, **k))
+    got = host.torch_after_cpu(shape=(2, 3, 4, 4), repeats=3)
+    assert set(got) == {"alone_s", "after_cpu_s"} and min(got.values()) > 0
+    assert calls == ["cpu", "torch"] + ["torch"] * 3 + ["cpu", "torch"] * 3
