@@ -51,7 +51,7 @@ import types
 import numpy as np
 
 from .._validation import acc_dtype
-from .base import Backend, ChannelStats, update_running_stats
+from .base import HostBackend, host_eval_constants, host_forward_train
 
 try:
     import numba
@@ -270,7 +270,7 @@ _REDO = 16.0            # (mean - shift)**2 / var above which the sums are taken
 # ---------------------------------------------------------------- loops ----
 # Data arrays (x, dy, y, z, out) hold the stored values (float16 / bfloat16 as
 # bits); each is read through _ld and written through _st.  The per-channel
-# vectors are in the compute dtype (float32, or float64 for float64 data),
+# vectors are in the accumulation dtype (float32, or float64 for float64 data),
 # which the accumulators take from them.
 @_jit
 def _sums(x, dy, y, shift, nc, rows, per, s1, s2, g_out):
@@ -280,7 +280,7 @@ def _sums(x, dy, y, shift, nc, rows, per, s1, s2, g_out):
     with ``dy`` values ``s1 = sum g``, ``s2 = sum g * d`` for ``g = dy``, or
     with ``y`` values (the ReLU's output) ``g = 0 where y <= 0, else dy``,
     written to ``g_out``.  ``rows``: row ``r`` is one run of channel
-    ``q = r % nc``, summed in the compute dtype (a vectorized reduction);
+    ``q = r % nc``, summed in the accumulation dtype (a vectorized reduction);
     else column ``q`` of every row, summed in float64 (vectorized along the
     row)."""
     R, W = x.shape
@@ -385,10 +385,10 @@ def _affine(x, dy, z, relu, mean, a, b0, k, nc, rows, per, out):
 @_jit
 def _ln_forward(x, first, w, b, eps, per, y, mean_out, rstd_out):
     """Layer norm forward, one row at a time: sums around the row's first
-    value (``first``, in the compute dtype; again around the mean when that
+    value (``first``, in the accumulation dtype; again around the mean when that
     was far off), then ``y`` while the row is in the cache.  (The parallel
     loop miscompiles the shift's redo when the shift starts as a converted
-    load of ``x`` or the compute dtype has an alias set before the
+    load of ``x`` or the accumulation dtype has an alias set before the
     ``prange``; ``first`` and ``w.dtype.type`` avoid both.)"""
     rows, n = x.shape
     nb = (rows + per - 1) // per
@@ -455,11 +455,6 @@ def _ln_backward(dy, x, mean, rstd, w, per, dx, pw, pb):
 
 
 # ------------------------------------------------------------- helpers -----
-def _compute_dtype(dtype):
-    """float64 for float64 data, float32 for the others."""
-    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
-
-
 def _bits(a):
     """An array as the loops take it: float16 / bfloat16 as their bits."""
     dt = _bits_dtype(a.dtype)
@@ -496,9 +491,9 @@ class _Layout:
         return _bits(a3).reshape(self.shape2)
 
     def expand(self, v, dtype):
-        """A per-channel vector as the loops index it, in the compute dtype
+        """A per-channel vector as the loops index it, in the accumulation dtype
         of data of ``dtype``."""
-        v = np.asarray(v, dtype=_compute_dtype(dtype))
+        v = np.asarray(v, dtype=acc_dtype(dtype))
         return v if self.rows or self.inner == 1 else np.repeat(v, self.inner)
 
     def channel_sums(self, parts):
@@ -548,7 +543,7 @@ def _split(mean, dtype):
 def _moments(x):
     """Per-channel float64 ``(mean, m2)`` of a canonical array."""
     lay = _Layout(x.shape)
-    ct = _compute_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     n = x.shape[0] * x.shape[2]
     shift = x[0, :, 0].astype(np.float64)
     shift[~np.isfinite(shift)] = 0.0
@@ -559,15 +554,18 @@ def _moments(x):
         far = dm * dm * n > _REDO * m2            # False where NaN
         if not far.any():
             break
-        shift = np.where(far, (shift + dm).astype(ct), shift).astype(np.float64)
+        shift = np.where(far, (shift + dm).astype(acc), shift).astype(np.float64)
     np.maximum(m2, 0.0, out=m2, where=~np.isnan(m2))
     return shift + dm, m2
 
 
-def _normalize(x3, mean, scale, shift, z3=None, relu=False):
-    """``y = (x - mean) * scale + shift`` per channel, plus ``z3`` when given,
-    then the ReLU when ``relu``; mean, scale and shift float64 vectors."""
-    hi, lo = _split(mean, _compute_dtype(x3.dtype))
+def _normalize(x3, mean, invstd, weight, bias, z3=None, relu=False):
+    """``y = (x - mean) * invstd * weight + bias`` per channel (float64
+    ``mean`` and ``invstd``; ``weight`` / ``bias`` None for 1 / 0), plus
+    ``z3`` when given, then the ReLU when ``relu``."""
+    scale = invstd if weight is None else invstd * _f64(weight)
+    shift = np.zeros_like(scale) if bias is None else _f64(bias)
+    hi, lo = _split(mean, acc_dtype(x3.dtype))
     return _Layout(x3.shape).affine(x3, None, hi, scale, shift - lo * scale, scale, z3, relu)
 
 
@@ -596,16 +594,12 @@ def _f64(v):
     return None if v is None else np.asarray(v, dtype=np.float64)
 
 
-class CpuBackend(Backend):
+class CpuBackend(HostBackend):
     name = "cpu"
-    xp = np
 
     @_serialized
-    def bn_stats(self, x3) -> ChannelStats:
-        acc = acc_dtype(x3.dtype)
-        mean, m2 = _moments(x3)
-        return ChannelStats(count=x3.shape[0] * x3.shape[2], mean=mean.astype(acc),
-                            m2=m2.astype(acc))
+    def moments(self, x3):
+        return _moments(x3)
 
     def bn_forward_train(self, x3, weight, bias, running_mean, running_var, momentum, eps,
                          skipped=None):
@@ -615,16 +609,10 @@ class CpuBackend(Backend):
     @_serialized
     def bn_forward_train_act(self, x3, weight, bias, running_mean, running_var, momentum, eps,
                              residual, relu, skipped=None):
-        acc = acc_dtype(x3.dtype)
-        n = x3.shape[0] * x3.shape[2]
-        mean, m2 = _moments(x3)
-        invstd = 1.0 / np.sqrt(m2 / n + eps)
-        scale = invstd if weight is None else invstd * _f64(weight)
-        shift = np.zeros_like(scale) if bias is None else _f64(bias)
-        y3 = _normalize(x3, mean, scale, shift, residual, relu)
-        update_running_stats(np, running_mean, running_var, mean, m2 / (n - 1), momentum,
-                             skipped)
-        return y3, mean.astype(acc), invstd.astype(acc)
+        return host_forward_train(
+            x3, _moments,
+            lambda mean, invstd: _normalize(x3, mean, invstd, weight, bias, residual, relu),
+            eps, running_mean, running_var, momentum, skipped)
 
     def bn_forward_eval(self, x3, weight, bias, running_mean, running_var, eps):
         return self.bn_forward_eval_act(x3, weight, bias, running_mean, running_var, eps,
@@ -632,10 +620,7 @@ class CpuBackend(Backend):
 
     def bn_forward_eval_act(self, x3, weight, bias, running_mean, running_var, eps, residual,
                             relu):
-        acc = acc_dtype(x3.dtype)
-        mean = np.array(running_mean, dtype=acc)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            invstd = (1.0 / np.sqrt(_f64(running_var) + eps)).astype(acc)
+        mean, invstd = host_eval_constants(x3, running_mean, running_var, eps)
         return self._apply(x3, mean, invstd, weight, bias, residual, relu), mean, invstd
 
     def bn_apply(self, x3, mean, invstd, weight, bias):
@@ -643,9 +628,7 @@ class CpuBackend(Backend):
 
     @_serialized
     def _apply(self, x3, mean, invstd, weight, bias, residual, relu):
-        scale = _f64(invstd) if weight is None else _f64(invstd) * _f64(weight)
-        shift = np.zeros_like(scale) if bias is None else _f64(bias)
-        return _normalize(x3, _f64(mean), scale, shift, residual, relu)
+        return _normalize(x3, _f64(mean), _f64(invstd), weight, bias, residual, relu)
 
     @_serialized
     def bn_backward_reduce(self, dy3, x3, mean, invstd):
@@ -686,12 +669,11 @@ class CpuBackend(Backend):
     def ln_forward(self, x2, weight, bias, eps):
         rows, n = x2.shape
         acc = acc_dtype(x2.dtype)
-        ct = _compute_dtype(x2.dtype)
         y = np.empty(x2.shape, x2.dtype)
         mean = np.empty(rows, acc)
         rstd = np.empty(rows, acc)
         per, nb = _row_plan(rows, n)
-        _ln_forward(nb, _bits(x2), x2[:, 0].astype(ct), _vec(weight, ct, n, 1.0), _vec(bias, ct, n, 0.0),
+        _ln_forward(nb, _bits(x2), x2[:, 0].astype(acc), _vec(weight, acc, n, 1.0), _vec(bias, acc, n, 0.0),
                     float(eps), per, _bits(y), mean, rstd)
         return y, mean, rstd
 
@@ -699,13 +681,12 @@ class CpuBackend(Backend):
     def ln_backward(self, dy2, x2, mean, rstd, weight, want_grads):
         rows, n = x2.shape
         acc = acc_dtype(x2.dtype)
-        ct = _compute_dtype(x2.dtype)
         per, nb = _row_plan(rows, n)
         dx = np.empty(x2.shape, x2.dtype)
         parts = (nb, n) if want_grads else (0, n)
         pw, pb = np.empty(parts), np.empty(parts)
-        _ln_backward(nb, _bits(dy2), _bits(x2), np.asarray(mean, ct), np.asarray(rstd, ct),
-                     _vec(weight, ct, n, 1.0), per, _bits(dx), pw, pb)
+        _ln_backward(nb, _bits(dy2), _bits(x2), np.asarray(mean, acc), np.asarray(rstd, acc),
+                     _vec(weight, acc, n, 1.0), per, _bits(dx), pw, pb)
         if not want_grads:
             return dx, None, None
         return dx, pw.sum(axis=0).astype(acc), pb.sum(axis=0).astype(acc)
