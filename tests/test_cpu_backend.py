@@ -26,8 +26,9 @@ CPU = gpubn.backends.get_backend("cpu")
 
 ALL_DTYPES = (np.float16, np.float32, np.float64) + ((BFLOAT16,) if BFLOAT16 is not None else ())
 
-# (outer, C, inner): NC, channels-last-like short runs, NCHW runs, one channel
-SHAPES = [(300, 7, 1), (40, 5, 3), (6, 4, 50), (3, 1, 200)]
+# (outer, C, inner): NC, channels-last-like short runs, NCHW runs, one channel,
+# NCHW with enough channels to run channel by channel
+SHAPES = [(300, 7, 1), (40, 5, 3), (6, 4, 50), (3, 1, 200), (5, 16, 40)]
 
 
 def _case(shape, dtype, seed=0):
@@ -185,7 +186,7 @@ def many_blocks(monkeypatch):
     monkeypatch.setattr(cpu, "_BLOCK", 256)
 
 
-@pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", SHAPES[:3] + SHAPES[4:], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
 def test_results_are_bitwise_the_same_for_any_thread_count(many_blocks, monkeypatch, shape,
                                                            dtype):
@@ -434,3 +435,52 @@ def test_half_precision_results_are_those_of_float32_rounded(shape, dtype):
         assert half[name].dtype == dtype, name
         np.testing.assert_array_equal(half[name].view(np.uint16), e.astype(dtype).view(np.uint16),
                                       err_msg=name)
+
+
+# ------------------------------------------------- channel by channel (NCHW) ---
+def test_channel_by_channel_is_chosen_by_the_shape(monkeypatch):
+    """NCHW runs with many channels whose values fit the cache budget run the
+    per-channel loops (one read of x forward, one of x and dy backward); too
+    few channels, short runs or too much data per channel the blocked ones."""
+    ran = []
+    for name in ("_channel_forward", "_channel_backward", "_sums", "_affine"):
+        real = getattr(cpu, name)
+        monkeypatch.setattr(cpu, name, lambda *a, _real=real, _name=name:
+                            ran.append(_name) or _real(*a))
+    fits = cpu._CHANNEL_BYTES // 4 // 50
+    for shape, per_channel in [((fits, 16, 50), True), ((fits + 1, 16, 50), False),
+                               ((4, 15, 50), False), ((50, 16, 15), False)]:
+        x, dy, w, b = _case(shape, np.float32)
+        ran.clear()
+        _, mean, invstd = CPU.bn_forward_train(x, w, b, None, None, 0.1, 1e-5)
+        CPU.bn_backward(dy, x, mean, invstd, w, True)
+        expected = (["_channel_forward", "_channel_backward"] if per_channel
+                    else ["_sums", "_affine", "_sums", "_affine"])
+        assert ran == expected, shape
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32], ids=lambda d: np.dtype(d).name)
+def test_channel_by_channel_statistics_summed_again_when_the_shift_is_far(dtype):
+    """1e4 + N(0, 1) data with every channel's first value 100 away (float16:
+    100 + N(0, 1) and 10 away): the variance keeps the accuracy of the
+    data's precision (without the second sum around the mean the float32
+    runs cancel about 4 digits)."""
+    base, off = (1e4, 100.0) if dtype == np.float32 else (100.0, 10.0)
+    x = (base + np.random.default_rng(4).standard_normal((4, 16, 2000))).astype(dtype)
+    x[0, :, 0] += off
+    assert cpu._per_channel_fits(x.shape, x.dtype)
+    xs = np.moveaxis(x, 1, 0).reshape(16, -1).astype(np.float64)
+    _, mean, invstd = CPU.bn_forward_train(x, None, None, None, None, 0.1, 0.0)
+    np.testing.assert_allclose(mean, xs.mean(axis=1), rtol=1e-7)
+    np.testing.assert_allclose(invstd, 1 / xs.std(axis=1), rtol=2e-6)
+
+
+def test_channel_by_channel_non_finite_channels():
+    """A NaN in one channel, an Inf in another: those channels are NaN in
+    training (as in the reference), the others untouched."""
+    x, dy, w, b = _case((5, 16, 40), np.float32)
+    x[2, 3, 7], x[0, 9, 0] = np.nan, np.inf
+    got, ref = _ops(CPU, x, dy, w, b), _ops(REF, x, dy, w, b)
+    for name in ("y", "mean", "invstd", "dx", "dw", "db"):
+        assert_close(got[name], ref[name], np.float32, name, scale=3.0)
+    assert np.isnan(got["y"][:, [3, 9]]).all() and np.isfinite(np.delete(got["y"], [3, 9], 1)).all()

@@ -11,6 +11,11 @@ passes as the GPU kernels:
   read in the normalize loop; its backward masks ``dy`` by ``y > 0`` in the
   loop of the sums, which writes the masked gradient (``dresidual``) that the
   ``dx`` loop then reads in place of ``dy``;
+* NCHW training with many channels whose values fit the cache
+  (:func:`_per_channel_fits`): one loop per channel does both passes of a
+  direction, the second over values the first just read, so memory sees one
+  read of ``x`` and a write of ``y`` forward, one read of ``x`` and ``dy``
+  and a write of ``dx`` backward (the floor);
 * layer norm: one read and one write per direction (a row is normalized while
   it is still in the cache).
 
@@ -262,6 +267,8 @@ def _st_impl(v, like):
 
 
 _ROWS_MIN = 16          # inner extent from which a channel's runs are walked one by one
+_CHANNEL_BYTES = 1 << 20    # a channel's data (per array) kept in the cache between two loops
+_CHANNELS_MIN = 16      # ... when there are this many channels to share out
 _BLOCK = 1 << 15        # elements per block of work (about)
 _MAX_BLOCKS = 256
 _REDO = 16.0            # (mean - shift)**2 / var above which the sums are taken again
@@ -454,6 +461,93 @@ def _ln_backward(dy, x, mean, rstd, w, per, dx, pw, pb):
                     pb[blk, j] += g
 
 
+@_jit
+def _channel_forward(x, z, relu, first, w, b, eps, y, mean_out, m2_out):
+    """Training forward of a ``(N, C, HW)`` array one channel at a time, for
+    channels whose ``N`` runs stay in the cache between the two loops: the
+    statistics as in :func:`_moments` (runs summed around ``first[c]`` in the
+    accumulation dtype, totals in float64, summed again around the mean when
+    that was far off), then ``y`` as in :func:`_normalize` (plus ``z`` and
+    the ReLU as in :func:`_affine`) from the runs just read: one read of
+    ``x`` from memory instead of two."""
+    N, C, HW = x.shape
+    count = N * HW
+    for c in numba.prange(C):
+        k = first[c]
+        t1 = 0.0
+        t2 = 0.0
+        for _ in range(2):
+            t1 = 0.0
+            t2 = 0.0
+            for n in range(N):
+                a1 = w.dtype.type(0.0)
+                a2 = w.dtype.type(0.0)
+                for i in range(HW):
+                    d = _ld(x[n, c, i]) - k
+                    a1 += d
+                    a2 += d * d
+                t1 += np.float64(a1)
+                t2 += np.float64(a2)
+            dm = t1 / count
+            m2 = t2 - t1 * dm
+            if not dm * dm * count > _REDO * m2:      # False for NaN
+                break
+            k = w.dtype.type(np.float64(k) + dm)
+        dm = t1 / count
+        m2 = t2 - t1 * dm
+        if m2 < 0.0:
+            m2 = 0.0
+        mean = np.float64(k) + dm
+        invstd = 1.0 / np.sqrt(m2 / count + eps)
+        scale = invstd * np.float64(w[c])
+        hi = w.dtype.type(mean)
+        lo = mean - np.float64(hi) if np.isfinite(hi) else 0.0
+        s = w.dtype.type(scale)
+        t = w.dtype.type(np.float64(b[c]) - lo * scale)
+        zero = w.dtype.type(0.0)
+        add = z.size > 0
+        for n in range(N):
+            for i in range(HW):
+                v = (_ld(x[n, c, i]) - hi) * s + t
+                if add:
+                    v += _ld(z[n, c, i])
+                y[n, c, i] = _st(zero if relu and v <= 0 else v, y)
+        mean_out[c] = mean
+        m2_out[c] = m2
+
+
+@_jit
+def _channel_backward(dy, x, mean, invstd, w, s1_out, s2_out, dx):
+    """Training backward of a ``(N, C, HW)`` array one channel at a time
+    (see :func:`_channel_forward`): the two sums as in :func:`_sums`, then
+    ``dx`` as in :func:`_dx` from the runs just read: one read of ``x`` and
+    ``dy`` from memory instead of two."""
+    N, C, HW = x.shape
+    count = N * HW
+    for c in numba.prange(C):
+        m = mean[c]
+        t1 = 0.0
+        t2 = 0.0
+        for n in range(N):
+            a1 = mean.dtype.type(0.0)
+            a2 = mean.dtype.type(0.0)
+            for i in range(HW):
+                g = _ld(dy[n, c, i])
+                a1 += g
+                a2 += g * (_ld(x[n, c, i]) - m)
+            t1 += np.float64(a1)
+            t2 += np.float64(a2)
+        inv = np.float64(invstd[c])
+        f = mean.dtype.type(inv * np.float64(w[c]))
+        a = mean.dtype.type(inv * (t2 * inv) / count)
+        b0 = mean.dtype.type(t1 / count)
+        for n in range(N):
+            for i in range(HW):
+                dx[n, c, i] = _st(f * (_ld(dy[n, c, i]) - b0 - (_ld(x[n, c, i]) - m) * a), dx)
+        s1_out[c] = t1
+        s2_out[c] = t2
+
+
 # ------------------------------------------------------------- helpers -----
 def _bits(a):
     """An array as the loops take it: float16 / bfloat16 as their bits."""
@@ -590,6 +684,42 @@ def _dx(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat, count):
                                     np.asarray(sum_dy, np.float64) / count, k)
 
 
+def _per_channel_fits(shape, dtype):
+    """Whether a training pass runs channel by channel (:func:`_channel_forward`,
+    :func:`_channel_backward`): NCHW-like runs, enough channels to keep the
+    threads busy, and one channel's values of an array within
+    ``_CHANNEL_BYTES`` (the second loop over them then reads the cache).
+    Decided by the shape alone, so results do not depend on the thread count."""
+    outer, c, inner = shape
+    return (inner >= _ROWS_MIN and c >= _CHANNELS_MIN
+            and outer * inner * np.dtype(dtype).itemsize <= _CHANNEL_BYTES)
+
+
+def _forward_per_channel(x3, weight, bias, eps, z3, relu):
+    """``(y3, mean, m2)`` of :func:`_channel_forward` (float64 mean and m2)."""
+    acc = acc_dtype(x3.dtype)
+    c = x3.shape[1]
+    first = x3[0, :, 0].astype(np.float64)
+    first[~np.isfinite(first)] = 0.0
+    y3 = np.empty(x3.shape, x3.dtype)
+    mean, m2 = np.empty(c), np.empty(c)
+    z = np.empty((0, 0, 0), _bits_dtype(x3.dtype)) if z3 is None else _bits(z3)
+    _channel_forward(c, _bits(x3), z, relu, first.astype(acc), _vec(weight, acc, c, 1.0),
+                     _vec(bias, acc, c, 0.0), float(eps), _bits(y3), mean, m2)
+    return y3, mean, m2
+
+
+def _backward_per_channel(dy3, x3, mean, invstd, weight):
+    """``(dx3, (sum dy, sum dy * (x - mean)))`` of :func:`_channel_backward`."""
+    acc = acc_dtype(x3.dtype)
+    c = x3.shape[1]
+    dx3 = np.empty(x3.shape, x3.dtype)
+    s1, s2 = np.empty(c), np.empty(c)
+    _channel_backward(c, _bits(dy3), _bits(x3), np.asarray(mean, acc), np.asarray(invstd, acc),
+                      _vec(weight, acc, c, 1.0), s1, s2, _bits(dx3))
+    return dx3, (s1, s2)
+
+
 def _f64(v):
     return None if v is None else np.asarray(v, dtype=np.float64)
 
@@ -609,6 +739,11 @@ class CpuBackend(HostBackend):
     @_serialized
     def bn_forward_train_act(self, x3, weight, bias, running_mean, running_var, momentum, eps,
                              residual, relu, skipped=None):
+        if _per_channel_fits(x3.shape, x3.dtype):
+            # one loop computes the statistics and y: the passes hand over its results
+            y3, mean, m2 = _forward_per_channel(x3, weight, bias, eps, residual, relu)
+            return host_forward_train(x3, lambda _: (mean, m2), lambda *_: y3, eps,
+                                      running_mean, running_var, momentum, skipped)
         return host_forward_train(
             x3, _moments,
             lambda mean, invstd: _normalize(x3, mean, invstd, weight, bias, residual, relu),
@@ -642,20 +777,27 @@ class CpuBackend(HostBackend):
 
     @_serialized
     def bn_backward(self, dy3, x3, mean, invstd, weight, training):
-        return self._backward(dy3, x3, mean, invstd, weight, training,
-                              _backward_sums(dy3, x3, mean))
+        return self._backward(dy3, x3, mean, invstd, weight, training)
 
     @_serialized
     def bn_backward_relu(self, dy3, x3, mean, invstd, weight, y3, training):
         g3, sums = _masked_backward_sums(dy3, x3, mean, y3)
         return (*self._backward(g3, x3, mean, invstd, weight, training, sums), g3)
 
-    def _backward(self, dy3, x3, mean, invstd, weight, training, sums):
-        """:meth:`bn_backward` from the per-channel ``(sum dy, sum dy * (x - mean))``."""
+    def _backward(self, dy3, x3, mean, invstd, weight, training, sums=None):
+        """:meth:`bn_backward`, given the per-channel ``(sum dy, sum dy * (x -
+        mean))`` or (None) computing them."""
         acc = acc_dtype(x3.dtype)
+        fused = sums is None and training and _per_channel_fits(x3.shape, x3.dtype)
+        if fused:
+            dx3, sums = _backward_per_channel(dy3, x3, mean, invstd, weight)
+        elif sums is None:
+            sums = _backward_sums(dy3, x3, mean)
         sum_dy, sum_dy_xmu = sums
         sum_dy_xhat = sum_dy_xmu * _f64(invstd)
-        if training:
+        if fused:
+            pass     # dx3 came with the sums
+        elif training:
             dx3 = _dx(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat,
                       x3.shape[0] * x3.shape[2])
         else:   # statistics held fixed: dx = dy * weight * invstd
@@ -673,8 +815,8 @@ class CpuBackend(HostBackend):
         mean = np.empty(rows, acc)
         rstd = np.empty(rows, acc)
         per, nb = _row_plan(rows, n)
-        _ln_forward(nb, _bits(x2), x2[:, 0].astype(acc), _vec(weight, acc, n, 1.0), _vec(bias, acc, n, 0.0),
-                    float(eps), per, _bits(y), mean, rstd)
+        _ln_forward(nb, _bits(x2), x2[:, 0].astype(acc), _vec(weight, acc, n, 1.0),
+                    _vec(bias, acc, n, 0.0), float(eps), per, _bits(y), mean, rstd)
         return y, mean, rstd
 
     @_serialized
