@@ -461,6 +461,33 @@ def _ln_backward(dy, x, mean, rstd, w, per, dx, pw, pb):
                     pb[blk, j] += g
 
 
+@numba.njit(cache=True, fastmath=_FLAGS)
+def _channel_sums(x, dy, c, k, zero):
+    """Float64 totals over channel ``c`` of a ``(N, C, HW)`` array of the
+    run sums (in the dtype of ``zero``) of ``d = x - k``: ``(sum d, sum d *
+    d)``, or with ``dy`` values ``(sum dy, sum dy * d)``."""
+    N, _, HW = x.shape
+    with_dy = dy.size > 0
+    t1 = 0.0
+    t2 = 0.0
+    for n in range(N):
+        a1 = zero
+        a2 = zero
+        if with_dy:
+            for i in range(HW):
+                g = _ld(dy[n, c, i])
+                a1 += g
+                a2 += g * (_ld(x[n, c, i]) - k)
+        else:
+            for i in range(HW):
+                d = _ld(x[n, c, i]) - k
+                a1 += d
+                a2 += d * d
+        t1 += np.float64(a1)
+        t2 += np.float64(a2)
+    return t1, t2
+
+
 @_jit
 def _channel_forward(x, z, relu, first, w, b, eps, y, mean_out, m2_out):
     """Training forward of a ``(N, C, HW)`` array one channel at a time, for
@@ -477,17 +504,7 @@ def _channel_forward(x, z, relu, first, w, b, eps, y, mean_out, m2_out):
         t1 = 0.0
         t2 = 0.0
         for _ in range(2):
-            t1 = 0.0
-            t2 = 0.0
-            for n in range(N):
-                a1 = w.dtype.type(0.0)
-                a2 = w.dtype.type(0.0)
-                for i in range(HW):
-                    d = _ld(x[n, c, i]) - k
-                    a1 += d
-                    a2 += d * d
-                t1 += np.float64(a1)
-                t2 += np.float64(a2)
+            t1, t2 = _channel_sums(x, x[:0], c, k, w.dtype.type(0.0))
             dm = t1 / count
             m2 = t2 - t1 * dm
             if not dm * dm * count > _REDO * m2:      # False for NaN
@@ -526,17 +543,7 @@ def _channel_backward(dy, x, mean, invstd, w, s1_out, s2_out, dx):
     count = N * HW
     for c in numba.prange(C):
         m = mean[c]
-        t1 = 0.0
-        t2 = 0.0
-        for n in range(N):
-            a1 = mean.dtype.type(0.0)
-            a2 = mean.dtype.type(0.0)
-            for i in range(HW):
-                g = _ld(dy[n, c, i])
-                a1 += g
-                a2 += g * (_ld(x[n, c, i]) - m)
-            t1 += np.float64(a1)
-            t2 += np.float64(a2)
+        t1, t2 = _channel_sums(x, dy, c, m, mean.dtype.type(0.0))
         inv = np.float64(invstd[c])
         f = mean.dtype.type(inv * np.float64(w[c]))
         a = mean.dtype.type(inv * (t2 * inv) / count)
