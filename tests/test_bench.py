@@ -196,7 +196,34 @@ def test_add_ratios_uses_the_torch_row_of_the_same_case():
     assert rows[4]["ratio_to_torch"] == 1.5
     summary = report.ratio_summary(rows)
     assert summary["gpubn-numpy"]["fwd_bwd"]["median"] == 0.5
-    assert summary["gpubn-numpy"]["bwd"] == {"median": 1.5, "min": 1.5, "max": 1.5, "n": 1}
+    assert summary["gpubn-numpy"]["bwd"] == {"median": 1.5, "min": 1.5, "max": 1.5, "n": 1,
+                                             "worst": "bn NCHW 2x3x4x4 float32"}
+
+
+def test_summary_names_the_worst_case_and_the_floor_of_the_large_cases():
+    """The printed summary: the median ratio to PyTorch per op with the case
+    of the largest ratio, and the time over the copy-bandwidth floor
+    (1 / peak_share) of the cases moving at least LARGE_BYTES only."""
+    big, small = (32, 64, 56, 56), (2, 3, 4, 4)
+    bw = 10e9
+    rows = [_row("torch-cpu", "torch", 4.0, shape=big), _row("gpubn-cpu", "cpu", 1.0, shape=big),
+            _row("torch-cpu", "torch", 1.0, shape=small),
+            _row("gpubn-cpu", "cpu", 0.9, shape=small),
+            _row("torch-cpu", "torch", 1.0, shape=(8, 3, 4, 4)),
+            _row("gpubn-cpu", "cpu", 0.1, shape=(8, 3, 4, 4))]
+    for r in rows:      # the peak share as the runner computes it, from a known bandwidth
+        r["peak_share"] = r["bytes"] / r["median_s"] / bw
+    runner.add_ratios(rows)
+    s = report.ratio_summary(rows)["gpubn-cpu"]["fwd_bwd"]
+    assert (s["median"], s["max"], s["worst"]) == (0.25, 0.9, "bn NCHW 2x3x4x4 float32")
+    floor = report.floor_summary(rows)
+    assert set(floor) == {"gpubn-cpu", "torch-cpu"}
+    f = floor["gpubn-cpu"]["fwd_bwd"]
+    assert f["n"] == 1 and f["worst"] == "bn NCHW 32x64x56x56 float32"
+    assert f["median"] == pytest.approx(1.0 * bw / rows[1]["bytes"])
+    text = report.format_summary(rows)
+    assert "gpubn-cpu: fwd_bwd 0.25 [0.10-0.90, bn NCHW 2x3x4x4 float32]" in text
+    assert f"gpubn-cpu: fwd_bwd {f['median']:.2f} [{f['max']:.2f}, bn NCHW 32x64x56x56" in text
 
 
 # -- the runner with fake providers (the structure the GPU path uses) --------------
