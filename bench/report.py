@@ -19,7 +19,7 @@ import os
 import statistics
 import time
 from collections import OrderedDict
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .suites import KIND_ABBREV
 
@@ -157,31 +157,69 @@ def format_table(rows: Sequence[Dict], markdown: bool = False) -> str:
     return render(header, body, markdown)
 
 
-def ratio_summary(rows: Sequence[Dict]) -> Dict[str, Dict[str, Dict[str, float]]]:
-    """provider -> op -> {median, min, max, n} of ``ratio_to_torch`` over the
-    cases of the run."""
-    acc: Dict[str, Dict[str, List[float]]] = {}
+def case_name(r: Dict) -> str:
+    """A row's case in a few words: ``bn NCHW 32x64x56x56 float32``."""
+    return (f"{KIND_ABBREV.get(r['kind'], r['kind'])} {r['layout']} "
+            f"{'x'.join(map(str, r['shape']))} {r['dtype']}")
+
+
+def _spread(values: List[Tuple[float, str]]) -> Dict:
+    """``{median, min, max, n, worst}`` of ``(value, case)`` pairs; ``worst``
+    is the case of the largest value."""
+    v = [x for x, _ in values]
+    return {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v),
+            "worst": max(values, key=lambda p: p[0])[1]}
+
+
+def ratio_summary(rows: Sequence[Dict]) -> Dict[str, Dict[str, Dict]]:
+    """provider -> op -> {median, min, max, n, worst} of ``ratio_to_torch``
+    over the cases of the run (``worst``: the case of the largest ratio)."""
+    acc: Dict[str, Dict[str, List[Tuple[float, str]]]] = {}
     for r in rows:
         if r.get("ratio_to_torch") is None or r["backend"] == "torch":
             continue
-        acc.setdefault(r["provider"], {}).setdefault(r["op"], []).append(r["ratio_to_torch"])
-    out: Dict[str, Dict[str, Dict[str, float]]] = {}
-    for p, by_op in acc.items():
-        out[p] = {op: {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)}
-                  for op, v in by_op.items()}
-    return out
+        acc.setdefault(r["provider"], {}).setdefault(r["op"], []).append(
+            (r["ratio_to_torch"], case_name(r)))
+    return {p: {op: _spread(v) for op, v in by_op.items()} for p, by_op in acc.items()}
+
+
+LARGE_BYTES = 64 << 20     # cases moving at least this much are "large" for the floor
+
+
+def floor_summary(rows: Sequence[Dict], min_bytes: int = LARGE_BYTES) -> Dict[str, Dict[str, Dict]]:
+    """provider -> op -> {median, min, max, n, worst} of the time over the
+    memory-bandwidth floor (``1 / peak_share``: 1.0 is the minimum passes
+    at the bandwidth of the run's large copy), over the CPU cases moving at
+    least ``min_bytes``."""
+    acc: Dict[str, Dict[str, List[Tuple[float, str]]]] = {}
+    for r in rows:
+        if r.get("device") != "cpu" or not r.get("peak_share") or r["bytes"] < min_bytes:
+            continue
+        acc.setdefault(r["provider"], {}).setdefault(r["op"], []).append(
+            (1.0 / r["peak_share"], case_name(r)))
+    return {p: {op: _spread(v) for op, v in by_op.items()} for p, by_op in acc.items()}
 
 
 def format_summary(rows: Sequence[Dict]) -> str:
-    """Median ratio to PyTorch per provider and op across the run's cases."""
+    """Median ratio to PyTorch per provider and op across the run's cases
+    (with the worst case), and on the CPU the time over the bandwidth floor
+    of the large cases."""
     summary = ratio_summary(rows)
     if not summary:
         return "(no ratios: PyTorch unavailable or nothing measured)"
-    lines = ["time ratio to PyTorch (median over cases [min-max]; < 1 is faster):"]
+    lines = ["time ratio to PyTorch (median over cases [min-max, worst case]; < 1 is faster):"]
     for p, by_op in summary.items():
-        parts = [f"{op} {s['median']:.2f} [{s['min']:.2f}-{s['max']:.2f}]"
+        parts = [f"{op} {s['median']:.2f} [{s['min']:.2f}-{s['max']:.2f}, {s['worst']}]"
                  for op, s in by_op.items()]
         lines.append(f"  {p}: " + ", ".join(parts))
+    floor = floor_summary(rows)
+    if floor:
+        lines.append(f"time over the copy-bandwidth floor, cases moving >= {LARGE_BYTES >> 20} MiB "
+                     "(median [max, worst case]; 1 is the floor):")
+        for p, by_op in floor.items():
+            parts = [f"{op} {s['median']:.2f} [{s['max']:.2f}, {s['worst']}]"
+                     for op, s in by_op.items()]
+            lines.append(f"  {p}: " + ", ".join(parts))
     problems = [r for r in rows if r["status"] != "ok" or r.get("check", "").startswith("mismatch")]
     reasons = OrderedDict()
     for r in problems:

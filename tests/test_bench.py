@@ -196,7 +196,34 @@ def test_add_ratios_uses_the_torch_row_of_the_same_case():
     assert rows[4]["ratio_to_torch"] == 1.5
     summary = report.ratio_summary(rows)
     assert summary["gpubn-numpy"]["fwd_bwd"]["median"] == 0.5
-    assert summary["gpubn-numpy"]["bwd"] == {"median": 1.5, "min": 1.5, "max": 1.5, "n": 1}
+    assert summary["gpubn-numpy"]["bwd"] == {"median": 1.5, "min": 1.5, "max": 1.5, "n": 1,
+                                             "worst": "bn NCHW 2x3x4x4 float32"}
+
+
+def test_summary_names_the_worst_case_and_the_floor_of_the_large_cases():
+    """The printed summary: the median ratio to PyTorch per op with the case
+    of the largest ratio, and the time over the copy-bandwidth floor
+    (1 / peak_share) of the cases moving at least LARGE_BYTES only."""
+    big, small = (32, 64, 56, 56), (2, 3, 4, 4)
+    bw = 10e9
+    rows = [_row("torch-cpu", "torch", 4.0, shape=big), _row("gpubn-cpu", "cpu", 1.0, shape=big),
+            _row("torch-cpu", "torch", 1.0, shape=small),
+            _row("gpubn-cpu", "cpu", 0.9, shape=small),
+            _row("torch-cpu", "torch", 1.0, shape=(8, 3, 4, 4)),
+            _row("gpubn-cpu", "cpu", 0.1, shape=(8, 3, 4, 4))]
+    for r in rows:      # the peak share as the runner computes it, from a known bandwidth
+        r["peak_share"] = r["bytes"] / r["median_s"] / bw
+    runner.add_ratios(rows)
+    s = report.ratio_summary(rows)["gpubn-cpu"]["fwd_bwd"]
+    assert (s["median"], s["max"], s["worst"]) == (0.25, 0.9, "bn NCHW 2x3x4x4 float32")
+    floor = report.floor_summary(rows)
+    assert set(floor) == {"gpubn-cpu", "torch-cpu"}
+    f = floor["gpubn-cpu"]["fwd_bwd"]
+    assert f["n"] == 1 and f["worst"] == "bn NCHW 32x64x56x56 float32"
+    assert f["median"] == pytest.approx(1.0 * bw / rows[1]["bytes"])
+    text = report.format_summary(rows)
+    assert "gpubn-cpu: fwd_bwd 0.25 [0.10-0.90, bn NCHW 2x3x4x4 float32]" in text
+    assert f"gpubn-cpu: fwd_bwd {f['median']:.2f} [{f['max']:.2f}, bn NCHW 32x64x56x56" in text
 
 
 # -- the runner with fake providers (the structure the GPU path uses) --------------
@@ -737,3 +764,102 @@ def test_gpu_rows_through_the_runner_with_a_stand_in(monkeypatch):
         assert r["device"] == "gpu" and r["check"] == "ok" and r["median_s"] == 2e-6
         assert r["peak_share"] == pytest.approx(r["bytes"] / 2e-6 / 3.35232e12)
     assert "GB/s" in report.format_table(rows)
+
+
+# -- host yardsticks (bench/host.py) -----------------------------------------------
+
+class _Clock:
+    """A fake ``time.perf_counter``: each call advances by ``step`` seconds."""
+
+    def __init__(self, step):
+        self.t, self.step = 0.0, step
+
+    def __call__(self):
+        self.t += self.step
+        return self.t
+
+
+def test_copy_bandwidth_counts_the_read_and_the_write(monkeypatch):
+    """A copy of n bytes moves 2n (read + write); with every copy timed at
+    exactly one clock step the bandwidth is 2n / step."""
+    from bench import host
+    monkeypatch.setattr(host.time, "perf_counter", _Clock(0.5))
+    nbytes = 1 << 20
+    assert host.copy_bandwidth(nbytes, repeats=3) == 2 * nbytes / 0.5
+
+
+def test_copy_bandwidth_is_the_median_of_the_repeats(monkeypatch):
+    """One slow copy among five does not move the result."""
+    from bench import host
+    steps = iter([0.0, 1.0, 1.0, 2.0, 2.0, 12.0, 12.0, 13.0, 13.0, 14.0])
+    monkeypatch.setattr(host.time, "perf_counter", lambda: next(steps))
+    nbytes = 8 << 10
+    assert host.copy_bandwidth(nbytes, repeats=5) == 2 * nbytes / 1.0
+
+
+def test_first_call_compiles_into_an_empty_cache_then_loads_from_it(monkeypatch):
+    """Two child processes share one fresh cache directory: the first (cold)
+    one's time is the compile cost, the second's the cached cost, and its
+    second call the steady cost; the child gets this tree on its path."""
+    import json
+    import os
+    import subprocess
+    from types import SimpleNamespace
+    from bench import host
+    seen = []
+
+    def fake_run(cmd, env, cwd, capture_output, text, timeout):
+        cache = env["GPUBN_CACHE_DIR"]
+        seen.append((cache, sorted(os.listdir(cache)), cmd[-1]))
+        Path(cache, "compiled").write_text("")        # the cold run fills it
+        first = 30.0 if len(seen) == 1 else 0.5
+        out = {"import_s": 0.25, "first_s": first, "second_s": 0.01}
+        assert env["PYTHONPATH"].split(os.pathsep)[0] == host._ROOT
+        return SimpleNamespace(returncode=0, stdout="warming up\n" + json.dumps(out) + "\n",
+                               stderr="")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    got = host.cpu_first_call("float16")
+    assert got == {"compile_s": 30.0, "cached_s": 0.5, "steady_s": 0.01, "import_s": 0.25}
+    assert [s[1] for s in seen] == [[], ["compiled"]]
+    assert seen[0][0] == seen[1][0] and not os.path.exists(seen[0][0])   # removed after
+    assert [s[2] for s in seen] == ["float16", "float16"]
+
+
+def test_first_call_failure_names_the_childs_last_error_line(monkeypatch):
+    import subprocess
+    from types import SimpleNamespace
+    from bench import host
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: SimpleNamespace(
+        returncode=1, stdout="", stderr="Traceback\n  ...\nImportError: no numba\n"))
+    with pytest.raises(RuntimeError, match="^ImportError: no numba$"):
+        host.cpu_first_call()
+
+
+@pytest.mark.slow   # two child processes, the first compiling every loop it runs
+def test_first_call_measured_for_real():
+    """The disk cache pays off: loading the compiled loops is much cheaper
+    than compiling them, and a steady call is cheaper still."""
+    pytest.importorskip("numba")
+    from bench import host
+    got = host.cpu_first_call()
+    assert got["compile_s"] > 2 * got["cached_s"] > 0
+    assert got["cached_s"] > got["steady_s"] > 0
+
+
+def test_torch_after_cpu_times_torch_alone_and_right_after_a_cpu_call(monkeypatch):
+    """Each 'after' timing directly follows a cpu backend forward; 'alone'
+    ones follow nothing but torch (the call order is recorded)."""
+    pytest.importorskip("numba")
+    torch = pytest.importorskip("torch")
+    import gpubn
+    from bench import host
+    calls = []
+    real_bn, real_torch = gpubn.batch_norm_forward, torch.nn.functional.batch_norm
+    monkeypatch.setattr(gpubn, "batch_norm_forward",
+                        lambda *a, **k: calls.append("cpu") or real_bn(*a, **k))
+    monkeypatch.setattr(torch.nn.functional, "batch_norm",
+                        lambda *a, **k: calls.append("torch") or real_torch(*a, **k))
+    got = host.torch_after_cpu(shape=(2, 3, 4, 4), repeats=3)
+    assert set(got) == {"alone_s", "after_cpu_s"} and min(got.values()) > 0
+    assert calls == ["cpu", "torch"] + ["torch"] * 3 + ["cpu", "torch"] * 3

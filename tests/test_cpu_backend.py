@@ -15,16 +15,20 @@ import numpy as np
 import pytest
 
 import gpubn
-from conftest import assert_close
+from conftest import BFLOAT16, assert_close
 
 pytest.importorskip("numba", reason="Numba (the extra gpubn[cpu]) is not installed")
 from gpubn.backends import cpu  # noqa: E402
+import numba  # noqa: E402
 
 REF = gpubn.backends.get_backend("numpy")
 CPU = gpubn.backends.get_backend("cpu")
 
-# (outer, C, inner): NC, channels-last-like short runs, NCHW runs, one channel
-SHAPES = [(300, 7, 1), (40, 5, 3), (6, 4, 50), (3, 1, 200)]
+ALL_DTYPES = (np.float16, np.float32, np.float64) + ((BFLOAT16,) if BFLOAT16 is not None else ())
+
+# (outer, C, inner): NC, channels-last-like short runs, NCHW runs, one channel,
+# NCHW with enough channels to run channel by channel
+SHAPES = [(300, 7, 1), (40, 5, 3), (6, 4, 50), (3, 1, 200), (5, 16, 40)]
 
 
 def _case(shape, dtype, seed=0):
@@ -88,6 +92,93 @@ def test_layer_norm_matches_the_reference():
             assert_close(a, e, dtype, name, scale=3.0 if name in ("dw", "db") else 1.0)
 
 
+def _epilogue_ops(be, x, dy, w, b, z, training):
+    """The residual-block epilogue's methods: forward (training or eval) with
+    the residual and the ReLU, then the backward through the mask."""
+    c = x.shape[1]
+    rm, rv = np.full(c, 0.5, w.dtype), np.full(c, 2.0, w.dtype)
+    if training:
+        y, mean, invstd = be.bn_forward_train_act(x, w, b, rm, rv, 0.1, 1e-5, z, True)
+    else:
+        y, mean, invstd = be.bn_forward_eval_act(x, w, b, rm, rv, 1e-5, z, True)
+    y_add, _, _ = be.bn_forward_eval_act(x, w, b, rm, rv, 1e-5, z, False)
+    dx, dw, db, g = be.bn_backward_relu(dy, x, mean, invstd, w, y, training)
+    return dict(y=y, y_add=y_add, mean=mean, invstd=invstd, rm=rm, rv=rv, dx=dx, dw=dw, db=db,
+                g=g)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64],
+                         ids=lambda d: np.dtype(d).name)
+def test_epilogue_matches_the_reference(shape, dtype, training):
+    """relu(bn(x) + z) and its backward in the fused loops against the
+    reference; the ReLU's gradient is exactly dy where the backend's own y is
+    positive, and the rest is batch norm's backward of that g."""
+    x, dy, w, b = _case(shape, dtype)
+    z = np.random.default_rng(9).standard_normal(shape).astype(dtype) * 2
+    got, ref = _epilogue_ops(CPU, x, dy, w, b, z, training), \
+        _epilogue_ops(REF, x, dy, w, b, z, training)
+    assert (got["y"] == 0).any() and (got["y"] > 0).any()
+    m = shape[0] * shape[2]
+    for name in ("y", "y_add", "mean", "invstd", "rm", "rv"):
+        assert got[name].dtype == ref[name].dtype, name
+        assert_close(got[name], ref[name], dtype if name[0] == "y" else w.dtype, name)
+    g = np.where(got["y"] <= 0, np.zeros((), dtype), dy)
+    assert got["g"].dtype == x.dtype
+    np.testing.assert_array_equal(got["g"], g)
+    # the backward of that g, against the reference's
+    for name, e in zip(("dx", "dw", "db"),
+                       REF.bn_backward(g, x, got["mean"], got["invstd"], w, training)):
+        assert_close(got[name], e, dtype, name,
+                     scale=max(1.0, m ** 0.5 / 4) if name != "dx" else 1.0)
+
+
+def _peak_bytes(fn, *args):
+    """Peak bytes the call allocates through NumPy (tracemalloc sees every
+    NumPy array buffer)."""
+    import tracemalloc
+    fn(*args)                           # compiled and warm: measure the steady state
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        fn(*args)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("shape", [(8, 16, 1024), (8192, 16, 1)], ids=["rows", "columns"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: np.dtype(d).name)
+def test_passes_allocate_only_their_outputs(shape, dtype):
+    """No tensor-sized temporary, float16 and bfloat16 included (they are
+    widened in registers, not copied to float32): each call allocates its
+    outputs (y; dx; dx and the residual's gradient) plus per-channel vectors
+    and block partials, well under a tenth of the tensor here.  A float32
+    copy of float16 data, or the reference's float64 arithmetic, is far
+    above the bound."""
+    x, dy, w, b = _case(shape, dtype)
+    z = np.ones(shape, dtype)
+    c = shape[1]
+    rm, rv = np.zeros(c, w.dtype), np.ones(c, w.dtype)
+    bound = lambda outputs: outputs * x.nbytes + x.nbytes // 10  # noqa: E731
+    y, mean, invstd = CPU.bn_forward_train_act(x, w, b, rm, rv, 0.1, 1e-5, z, True)
+    calls = {
+        "forward": (1, lambda be: be.bn_forward_train(x, w, b, rm, rv, 0.1, 1e-5)),
+        "eval": (1, lambda be: be.bn_forward_eval(x, w, b, rm, rv, 1e-5)),
+        "backward": (1, lambda be: be.bn_backward(dy, x, mean, invstd, w, True)),
+        "backward-eval": (1, lambda be: be.bn_backward(dy, x, mean, invstd, w, False)),
+        "epilogue": (1, lambda be: be.bn_forward_train_act(x, w, b, rm, rv, 0.1, 1e-5, z,
+                                                           True)),
+        "epilogue-backward": (2, lambda be: be.bn_backward_relu(dy, x, mean, invstd, w, y,
+                                                                True)),
+    }
+    for name, (outputs, call) in calls.items():
+        assert _peak_bytes(call, CPU) <= bound(outputs), name
+    # the bound can fail: the reference computes in float64 copies
+    assert _peak_bytes(calls["forward"][1], REF) > bound(1)
+
+
 @pytest.fixture
 def many_blocks(monkeypatch):
     """Blocks of a few hundred values, so small inputs have many blocks and
@@ -95,7 +186,7 @@ def many_blocks(monkeypatch):
     monkeypatch.setattr(cpu, "_BLOCK", 256)
 
 
-@pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", SHAPES[:3] + SHAPES[4:], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
 def test_results_are_bitwise_the_same_for_any_thread_count(many_blocks, monkeypatch, shape,
                                                            dtype):
@@ -232,3 +323,164 @@ def test_the_threading_layer_is_workqueue(monkeypatch):
     monkeypatch.setattr(cpu, "_BLOCK", 256)
     CPU.bn_stats(np.ones((64, 4, 32), np.float32))       # a parallel loop has run
     assert numba.threading_layer() == "workqueue"
+
+
+# ------------------------------------------- float16 / bfloat16 in registers ---
+HALVES = [pytest.param(np.float16, cpu.f16_bits_to_f32, cpu.f32_to_f16_bits, id="float16")]
+if BFLOAT16 is not None:
+    HALVES.append(pytest.param(BFLOAT16, cpu.bf16_bits_to_f32, cpu.f32_to_bf16_bits,
+                               id="bfloat16"))
+
+
+@numba.njit
+def _each(fn, a, out):
+    for i in range(a.size):
+        out[i] = fn(a[i])
+    return out
+
+
+def _f32_bits(a):
+    return np.asarray(a, np.float32).view(np.uint32)
+
+
+@pytest.mark.parametrize("dtype,widen,narrow", HALVES)
+def test_widening_is_exact_for_every_bit_pattern(dtype, widen, narrow):
+    """All 65536 patterns: the same float32 as NumPy / ml_dtypes, bit for
+    bit; NaN keeps its sign and payload (the float16 / bfloat16 fraction in
+    the top of float32's); and narrowing the result gives the pattern back
+    (every finite value and Inf round-trip; NaN as narrowing defines it)."""
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    got = _each(widen, bits.view(cpu._bits_dtype(np.dtype(dtype))), np.empty(bits.size,
+                                                                               np.float32))
+    ref = bits.view(dtype).astype(np.float32)
+    nan = np.isnan(ref)
+    assert nan.sum() == (2046 if dtype == np.float16 else 254)   # every NaN pattern
+    np.testing.assert_array_equal(_f32_bits(got)[~nan], _f32_bits(ref)[~nan])
+    u = bits.astype(np.uint32)
+    sign, frac = (u & 0x8000) << 16, u & (0x3ff if dtype == np.float16 else 0x7f)
+    expected_nan = sign | 0x7f800000 | (frac << (13 if dtype == np.float16 else 16))
+    np.testing.assert_array_equal(_f32_bits(got)[nan], expected_nan[nan])
+    back = _each(narrow, got, np.empty(bits.size, cpu._bits_dtype(np.dtype(dtype))))
+    np.testing.assert_array_equal(back.view(np.uint16)[~nan], bits[~nan])
+
+
+def _narrowing_cases(dtype):
+    """float32 inputs that exercise rounding: every value of the format, one
+    float32 ulp either side, the exact midpoints to both neighbours (ties to
+    even), the overflow and subnormal boundaries, and a million random
+    patterns."""
+    shift = 13 if dtype == np.float16 else 16
+    exact = _f32_bits(np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(dtype)
+                      .astype(np.float32)).astype(np.int64)
+    half_ulp = 1 << (shift - 1)
+    cands = [exact, exact + 1, exact - 1, exact + half_ulp, exact - half_ulp,
+             exact + half_ulp + 1, exact + half_ulp - 1,
+             np.random.default_rng(0).integers(0, 1 << 32, 1 << 20)]
+    u = np.concatenate(cands) & 0xFFFFFFFF
+    return u.astype(np.uint32).view(np.float32)
+
+
+@pytest.mark.parametrize("dtype,widen,narrow", HALVES)
+def test_narrowing_rounds_as_numpy_for_every_format_value_and_tie(dtype, widen, narrow):
+    f = _narrowing_cases(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        ref = f.astype(dtype).view(np.uint16)
+    got = _each(narrow, f, np.empty(f.size, cpu._bits_dtype(np.dtype(dtype)))).view(np.uint16)
+    nan = np.isnan(f)
+    np.testing.assert_array_equal(got[~nan], ref[~nan])
+    u = _f32_bits(f)[nan]
+    sign = (u >> 16) & 0x8000
+    if dtype == np.float16:     # NumPy: the payload's top 10 bits, at least 1
+        expected = sign | 0x7c00 | np.maximum((u >> 13) & 0x3ff, 1)
+    else:                       # ml_dtypes: the quiet NaN of the sign
+        expected = sign | 0x7fc0
+    np.testing.assert_array_equal(got[nan], expected.astype(np.uint16))
+    if dtype == np.float16:
+        np.testing.assert_array_equal(got[nan], ref[nan])
+
+
+def _elementwise_ops(be, x, dy, z, w, b, mean, invstd, sums, y):
+    """The passes whose results depend only on the data and the given
+    per-channel vectors (the sums' order of addition is the compiler's, and
+    may differ between storage dtypes within float32's rounding)."""
+    c = x.shape[1]
+    rm, rv = np.full(c, 0.5, w.dtype), np.full(c, 2.0, w.dtype)
+    return dict(
+        y_apply=be.bn_apply(x, mean, invstd, w, b),
+        y_eval=be.bn_forward_eval(x, w, b, rm, rv, 1e-5)[0],
+        y_eval_relu=be.bn_forward_eval_act(x, w, b, rm, rv, 1e-5, z, True)[0],
+        dx_eval=be.bn_backward(dy, x, mean, invstd, w, False)[0],
+        dx_parts=be.bn_backward_dx(dy, x, mean, invstd, w, *sums, x.shape[0] * x.shape[2]),
+        g=be.bn_backward_relu(dy, x, mean, invstd, w, y, True)[3])
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", ALL_DTYPES[:1] + ALL_DTYPES[3:],
+                         ids=lambda d: np.dtype(d).name)
+def test_half_precision_results_are_those_of_float32_rounded(shape, dtype):
+    """float16 / bfloat16 data give bitwise what the backend computes for
+    the same data widened to float32, rounded to nearest even, in every pass
+    that reads the data with given per-channel vectors: the widening and the
+    rounding in the loops change the memory traffic, not the results."""
+    x, dy, w, b = _case(shape, dtype)
+    z = np.random.default_rng(9).standard_normal(shape).astype(dtype)
+    c = shape[1]
+    y, mean, invstd = CPU.bn_forward_train_act(x, w, b, np.zeros(c, w.dtype),
+                                               np.ones(c, w.dtype), 0.1, 1e-5, z, True)
+    sums = CPU.bn_backward_reduce(dy, x, mean, invstd)
+    half = _elementwise_ops(CPU, x, dy, z, w, b, mean, invstd, sums, y)
+    wide = _elementwise_ops(CPU, *(a.astype(np.float32) for a in (x, dy, z)), w, b, mean,
+                            invstd, sums, y.astype(np.float32))
+    for name, e in wide.items():
+        assert half[name].dtype == dtype, name
+        np.testing.assert_array_equal(half[name].view(np.uint16), e.astype(dtype).view(np.uint16),
+                                      err_msg=name)
+
+
+# ------------------------------------------------- channel by channel (NCHW) ---
+def test_channel_by_channel_is_chosen_by_the_shape(monkeypatch):
+    """NCHW runs with many channels whose values fit the cache budget run the
+    per-channel loops (one read of x forward, one of x and dy backward); too
+    few channels, short runs or too much data per channel the blocked ones."""
+    ran = []
+    for name in ("_channel_forward", "_channel_backward", "_sums", "_affine"):
+        real = getattr(cpu, name)
+        monkeypatch.setattr(cpu, name, lambda *a, _real=real, _name=name:
+                            ran.append(_name) or _real(*a))
+    fits = cpu._CHANNEL_BYTES // 4 // 50
+    for shape, per_channel in [((fits, 16, 50), True), ((fits + 1, 16, 50), False),
+                               ((4, 15, 50), False), ((50, 16, 15), False)]:
+        x, dy, w, b = _case(shape, np.float32)
+        ran.clear()
+        _, mean, invstd = CPU.bn_forward_train(x, w, b, None, None, 0.1, 1e-5)
+        CPU.bn_backward(dy, x, mean, invstd, w, True)
+        expected = (["_channel_forward", "_channel_backward"] if per_channel
+                    else ["_sums", "_affine", "_sums", "_affine"])
+        assert ran == expected, shape
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32], ids=lambda d: np.dtype(d).name)
+def test_channel_by_channel_statistics_summed_again_when_the_shift_is_far(dtype):
+    """1e4 + N(0, 1) data with every channel's first value 100 away (float16:
+    100 + N(0, 1) and 10 away): the variance keeps the accuracy of the
+    data's precision (without the second sum around the mean the float32
+    runs cancel about 4 digits)."""
+    base, off = (1e4, 100.0) if dtype == np.float32 else (100.0, 10.0)
+    x = (base + np.random.default_rng(4).standard_normal((4, 16, 2000))).astype(dtype)
+    x[0, :, 0] += off
+    assert cpu._per_channel_fits(x.shape, x.dtype)
+    xs = np.moveaxis(x, 1, 0).reshape(16, -1).astype(np.float64)
+    _, mean, invstd = CPU.bn_forward_train(x, None, None, None, None, 0.1, 0.0)
+    np.testing.assert_allclose(mean, xs.mean(axis=1), rtol=1e-7)
+    np.testing.assert_allclose(invstd, 1 / xs.std(axis=1), rtol=2e-6)
+
+
+def test_channel_by_channel_non_finite_channels():
+    """A NaN in one channel, an Inf in another: those channels are NaN in
+    training (as in the reference), the others untouched."""
+    x, dy, w, b = _case((5, 16, 40), np.float32)
+    x[2, 3, 7], x[0, 9, 0] = np.nan, np.inf
+    got, ref = _ops(CPU, x, dy, w, b), _ops(REF, x, dy, w, b)
+    for name in ("y", "mean", "invstd", "dx", "dw", "db"):
+        assert_close(got[name], ref[name], np.float32, name, scale=3.0)
+    assert np.isnan(got["y"][:, [3, 9]]).all() and np.isfinite(np.delete(got["y"], [3, 9], 1)).all()

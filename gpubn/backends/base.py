@@ -22,6 +22,8 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
+from .._validation import acc_dtype
+
 
 @dataclass
 class ChannelStats:
@@ -234,6 +236,52 @@ class Backend:
         (``(n,)``, accumulation dtype), or ``(dx2, None, None)`` when
         ``want_grads`` is False."""
         raise NotImplementedError
+
+
+class HostBackend(Backend):
+    """A backend of NumPy arrays whose per-channel vector arithmetic is
+    float64 NumPy (``numpy``, ``cpu``).  A subclass gives its statistics pass
+    as :meth:`moments`; :func:`host_forward_train` and
+    :func:`host_eval_constants` below build its forward from its passes."""
+
+    xp = np
+
+    def moments(self, x3) -> Tuple[Any, Any]:
+        """Per-channel ``(mean, m2)`` of a canonical array, float64 vectors."""
+        raise NotImplementedError
+
+    def bn_stats(self, x3) -> ChannelStats:
+        acc = acc_dtype(x3.dtype)
+        mean, m2 = self.moments(x3)
+        return ChannelStats(count=x3.shape[0] * x3.shape[2], mean=mean.astype(acc),
+                            m2=m2.astype(acc))
+
+
+# -- host backends (numpy, cpu): per-channel arithmetic in float64 NumPy ------
+def host_forward_train(x3, moments, normalize, eps: float, running_mean, running_var,
+                       momentum: float, skipped=None) -> Tuple[Any, Any, Any]:
+    """``Backend.bn_forward_train`` of a host backend from its two passes:
+    ``moments(x3) -> (mean, m2)`` and ``normalize(mean, invstd) -> y3``
+    (float64 per-channel vectors in both).  The biased variance normalizes,
+    the unbiased one goes into the running statistics."""
+    acc = acc_dtype(x3.dtype)
+    count = x3.shape[0] * x3.shape[2]
+    mean, m2 = moments(x3)
+    invstd = 1.0 / np.sqrt(m2 / count + eps)
+    y3 = normalize(mean, invstd)
+    update_running_stats(np, running_mean, running_var, mean, m2 / (count - 1), momentum,
+                         skipped)
+    return y3, mean.astype(acc), invstd.astype(acc)
+
+
+def host_eval_constants(x3, running_mean, running_var, eps: float) -> Tuple[Any, Any]:
+    """The per-channel ``(mean, invstd)`` of an inference forward on a host
+    backend, in the accumulation dtype: ``running_mean`` and
+    ``1 / sqrt(running_var + eps)`` computed in float64."""
+    acc = acc_dtype(x3.dtype)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        invstd = (1.0 / np.sqrt(np.asarray(running_var, np.float64) + eps)).astype(acc)
+    return np.array(running_mean, dtype=acc), invstd
 
 
 def update_running(running, batch, momentum: float, skip=None) -> None:

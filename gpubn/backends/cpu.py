@@ -7,12 +7,22 @@ passes as the GPU kernels:
 * normalize: one read of ``x``, one write of ``y``;
 * backward: one read of ``x`` and ``dy`` for the two sums, then one read of
   ``x`` and ``dy`` and one write of ``dx``;
+* the residual-block epilogue ``relu(bn(x) + residual)``: the residual is
+  read in the normalize loop; its backward masks ``dy`` by ``y > 0`` in the
+  loop of the sums, which writes the masked gradient (``dresidual``) that the
+  ``dx`` loop then reads in place of ``dy``;
+* NCHW training with many channels whose values fit the cache
+  (:func:`_per_channel_fits`): one loop per channel does both passes of a
+  direction, the second over values the first just read, so memory sees one
+  read of ``x`` and a write of ``y`` forward, one read of ``x`` and ``dy``
+  and a write of ``dx`` backward (the floor);
 * layer norm: one read and one write per direction (a row is normalized while
   it is still in the cache).
 
 Work is cut into blocks by the shape alone (never by the thread count).  Each
 block writes its own partial sums, and the partials are added in block order,
-so the results are bitwise the same for any number of threads.  A canonical
+so the results are bitwise the same for any number of threads (the
+per-channel loops sum each channel's runs in order, on one thread).  A canonical
 ``(outer, C, inner)`` array is walked in memory order: rows of ``inner``
 values of one channel when ``inner`` is long (NCHW), else whole ``C * inner``
 rows with the per-channel constants streamed alongside (NC, channels-last),
@@ -25,8 +35,8 @@ summed again around the mean.  Normalization subtracts the mean as
 ``hi + lo`` (``x - hi`` is exact near the mean, ``lo`` folds into the
 per-channel constants), so ``1e4 + N(0, 1)`` float32 data keeps float32
 accuracy.  float32 and float64 are computed in their own precision;
-float16 and bfloat16 are widened to float32 before and rounded (to nearest
-even) after.
+float16 and bfloat16 are widened to float32 in registers as they are read
+and rounded to nearest even as they are written (no float32 copy).
 
 Threads: Numba's ``workqueue`` layer, chosen because it survives ``os.fork()``
 and its idle threads sleep instead of spinning; it does not allow two
@@ -47,10 +57,11 @@ import types
 import numpy as np
 
 from .._validation import acc_dtype
-from .base import Backend, ChannelStats, update_running_stats
+from .base import HostBackend, host_eval_constants, host_forward_train
 
 try:
     import numba
+    import numba.extending
 except ImportError as exc:  # the backend registry reports this
     raise ImportError(f"Numba is not installed ({exc}); install the extra gpubn[cpu]") from exc
 
@@ -164,25 +175,127 @@ class _jit:
         return (self.parallel if blocks > 1 else self.serial)(*args)
 
 
+# ------------------------------------------------ float16 and bfloat16 -----
+# The loops take float16 and bfloat16 arrays as their bits, float16 as uint16
+# and bfloat16 as int16 (the integer type tells the compiled loop which format
+# it holds), widen each value to float32 in registers as it is read and round
+# each result to nearest even as it is written: no float32 copy of the tensor.
+# The results are bitwise those of NumPy's (float16) and ml_dtypes' (bfloat16)
+# conversions, NaN included (tests/test_cpu_backend.py runs every bit pattern).
+def _bits_dtype(dtype):
+    """The dtype the loops see for data of ``dtype``."""
+    if dtype == np.float16:
+        return np.dtype(np.uint16)
+    return np.dtype(np.int16) if dtype.name == "bfloat16" else dtype
+
+
+@numba.njit(cache=True)
+def f16_bits_to_f32(h):
+    """A float16 (its bits, uint16) as float32, exactly."""
+    u = np.uint32(np.uint16(h))
+    sign = np.uint32((u & 0x8000) << 16)
+    o = np.uint32((u & 0x7fff) << 13)       # exponent and fraction in float32's places
+    # finite values: the exponent bias moves from 15 to 127, a factor 2**112
+    # (exact, subnormal float16 values included); all-ones exponent: Inf / NaN
+    scaled = np.float32(np.uint32(o).view(np.float32) * np.float32(2.0 ** 112)).view(np.uint32)
+    o = np.uint32(o | 0x7f800000) if o >= np.uint32(0x0f800000) else scaled
+    return np.uint32(o | sign).view(np.float32)
+
+
+@numba.njit(cache=True)
+def f32_to_f16_bits(f):
+    """float32 to float16 (bits, uint16), rounded to nearest even; overflow to
+    Inf; NaN keeps its sign and the top of its payload (never 0, as NumPy)."""
+    u = np.float32(f).view(np.uint32)
+    sign = np.uint32((u >> 16) & 0x8000)
+    a = np.uint32(u & 0x7fffffff)
+    if a >= np.uint32(0x47800000):          # |f| >= 65536 (rounds to Inf), Inf, NaN
+        pay = np.uint32((a >> 13) & 0x3ff)
+        o = np.uint32(0x7c00 | max(pay, np.uint32(1))) if a > np.uint32(0x7f800000) \
+            else np.uint32(0x7c00)
+    elif a < np.uint32(0x38800000):         # below 2**-14: a subnormal result or 0
+        # adding 0.5 puts the float16 subnormal's bits at the bottom of the
+        # fraction, rounded to nearest even by the float32 add itself
+        o = np.uint32(np.float32(np.uint32(a).view(np.float32) + np.float32(0.5)).view(
+            np.uint32) - 0x3f000000)
+    else:                                   # normal: rebias by -112 << 23, round the 13 bits
+        o = np.uint32(np.uint32(a + 0xc8000fff + ((a >> 13) & 1)) >> 13)
+    return np.uint16(o | sign)
+
+
+@numba.njit(cache=True)
+def bf16_bits_to_f32(h):
+    """A bfloat16 (its bits, int16) as float32, exactly: the top half."""
+    return np.uint32(np.uint32(np.uint16(h)) << 16).view(np.float32)
+
+
+@numba.njit(cache=True)
+def f32_to_bf16_bits(f):
+    """float32 to bfloat16 (bits, int16), rounded to nearest even; NaN to the
+    quiet NaN of its sign (as ml_dtypes)."""
+    u = np.float32(f).view(np.uint32)
+    if np.uint32(u & 0x7fffffff) > np.uint32(0x7f800000):
+        return np.int16(np.uint16(((u >> 16) & 0x8000) | 0x7fc0))
+    return np.int16(np.uint16(np.uint32(u + 0x7fff + ((u >> 16) & 1)) >> 16))
+
+
+def _ld(v):
+    """A stored value as the loops compute with it (compiled code only)."""
+    raise NotImplementedError
+
+
+def _st(v, like):
+    """A computed value as stored in an array of ``like``'s dtype (compiled code only)."""
+    raise NotImplementedError
+
+
+@numba.extending.overload(_ld)
+def _ld_impl(v):
+    if v == numba.types.uint16:
+        return lambda v: f16_bits_to_f32(v)
+    if v == numba.types.int16:
+        return lambda v: bf16_bits_to_f32(v)
+    return lambda v: v
+
+
+@numba.extending.overload(_st)
+def _st_impl(v, like):
+    if like.dtype == numba.types.uint16:
+        return lambda v, like: f32_to_f16_bits(v)
+    if like.dtype == numba.types.int16:
+        return lambda v, like: f32_to_bf16_bits(v)
+    return lambda v, like: v
+
+
 _ROWS_MIN = 16          # inner extent from which a channel's runs are walked one by one
+_CHANNEL_BYTES = 1 << 20    # a channel's data (per array) kept in the cache between two loops
+_CHANNELS_MIN = 16      # ... when there are this many channels to share out
 _BLOCK = 1 << 15        # elements per block of work (about)
 _MAX_BLOCKS = 256
 _REDO = 16.0            # (mean - shift)**2 / var above which the sums are taken again
 
 
 # ---------------------------------------------------------------- loops ----
+# Data arrays (x, dy, y, z, out) hold the stored values (float16 / bfloat16 as
+# bits); each is read through _ld and written through _st.  The per-channel
+# vectors are in the accumulation dtype (float32, or float64 for float64 data),
+# which the accumulators take from them.
 @_jit
-def _sums(x, dy, shift, nc, rows, per, s1, s2):
+def _sums(x, dy, y, shift, nc, rows, per, s1, s2, g_out):
     """Partial sums per block ``b`` of ``per`` rows of the 2-D view ``x``
     (see :class:`_Layout`), per index ``q`` of the per-channel constants:
     ``s1[b, q] = sum d``, ``s2[b, q] = sum d * d`` for ``d = x - shift[q]``;
-    with ``dy`` values ``s1 = sum dy``, ``s2 = sum dy * d``.  ``rows``: row
-    ``r`` is one run of channel ``q = r % nc``, summed in the data's precision
-    (a vectorized reduction); else column ``q`` of every row, summed in
-    float64 (vectorized along the row)."""
+    with ``dy`` values ``s1 = sum g``, ``s2 = sum g * d`` for ``g = dy``, or
+    with ``y`` values (the ReLU's output) ``g = 0 where y <= 0, else dy``,
+    written to ``g_out``.  ``rows``: row ``r`` is one run of channel
+    ``q = r % nc``, summed in the accumulation dtype (a vectorized reduction);
+    else column ``q`` of every row, summed in float64 (vectorized along the
+    row)."""
     R, W = x.shape
     nb = s1.shape[0]
     with_dy = dy.size > 0
+    masked = y.size > 0
+    zero = shift.dtype.type(0.0)
     for b in numba.prange(nb):
         s1[b, :] = 0.0
         s2[b, :] = 0.0
@@ -191,41 +304,58 @@ def _sums(x, dy, shift, nc, rows, per, s1, s2):
             for r in range(b * per, r1):
                 q = r % nc
                 k = shift[q]
-                a1 = x.dtype.type(0.0)
-                a2 = x.dtype.type(0.0)
-                if with_dy:
+                a1 = zero
+                a2 = zero
+                if masked:
                     for i in range(W):
-                        g = dy[r, i]
+                        g = zero if _ld(y[r, i]) <= 0 else _ld(dy[r, i])
+                        g_out[r, i] = _st(g, g_out)
                         a1 += g
-                        a2 += g * (x[r, i] - k)
+                        a2 += g * (_ld(x[r, i]) - k)
+                elif with_dy:
+                    for i in range(W):
+                        g = _ld(dy[r, i])
+                        a1 += g
+                        a2 += g * (_ld(x[r, i]) - k)
                 else:
                     for i in range(W):
-                        d = x[r, i] - k
+                        d = _ld(x[r, i]) - k
                         a1 += d
                         a2 += d * d
                 s1[b, q] += a1
                 s2[b, q] += a2
         else:
             for r in range(b * per, r1):
-                if with_dy:
+                if masked:
                     for q in range(W):
-                        g = np.float64(dy[r, q])
+                        g = zero if _ld(y[r, q]) <= 0 else _ld(dy[r, q])
+                        g_out[r, q] = _st(g, g_out)
+                        s1[b, q] += np.float64(g)
+                        s2[b, q] += np.float64(g) * np.float64(_ld(x[r, q]) - shift[q])
+                elif with_dy:
+                    for q in range(W):
+                        g = np.float64(_ld(dy[r, q]))
                         s1[b, q] += g
-                        s2[b, q] += g * np.float64(x[r, q] - shift[q])
+                        s2[b, q] += g * np.float64(_ld(x[r, q]) - shift[q])
                 else:
                     for q in range(W):
-                        d = np.float64(x[r, q] - shift[q])
+                        d = np.float64(_ld(x[r, q]) - shift[q])
                         s1[b, q] += d
                         s2[b, q] += d * d
 
 
 @_jit
-def _affine(x, dy, mean, a, b0, k, nc, rows, per, out):
-    """Without ``dy`` values ``out = (x - mean[q]) * a[q] + b0[q]``; with
-    them ``out = k[q] * (dy - b0[q] - (x - mean[q]) * a[q])``; rows, blocks
-    and ``q`` as in :func:`_sums`."""
-    R, W = x.shape
+def _affine(x, dy, z, relu, mean, a, b0, k, nc, rows, per, out):
+    """Without ``dy`` values ``out = (x - mean[q]) * a[q] + b0[q]``, plus
+    ``z`` when it has values, then the ReLU (``v <= 0`` to 0, NaN kept) when
+    ``relu``; with ``dy`` values ``out = k[q] * (dy - b0[q] - (x - mean[q]) *
+    a[q])``, or ``out = k[q] * dy`` when ``x`` has none (statistics held
+    fixed); rows, blocks and ``q`` as in :func:`_sums`."""
+    R, W = out.shape
     with_dy = dy.size > 0
+    with_x = x.size > 0
+    add = z.size > 0
+    zero = mean.dtype.type(0.0)
     nb = (R + per - 1) // per
     for b in numba.prange(nb):
         r1 = min(R, (b + 1) * per)
@@ -233,51 +363,67 @@ def _affine(x, dy, mean, a, b0, k, nc, rows, per, out):
             if rows:
                 q = r % nc
                 m, s, t, f = mean[q], a[q], b0[q], k[q]
-                if with_dy:
+                if with_dy and not with_x:
                     for i in range(W):
-                        out[r, i] = f * (dy[r, i] - t - (x[r, i] - m) * s)
+                        out[r, i] = _st(f * _ld(dy[r, i]), out)
+                elif with_dy:
+                    for i in range(W):
+                        out[r, i] = _st(f * (_ld(dy[r, i]) - t - (_ld(x[r, i]) - m) * s), out)
                 else:
                     for i in range(W):
-                        out[r, i] = (x[r, i] - m) * s + t
+                        v = (_ld(x[r, i]) - m) * s + t
+                        if add:
+                            v += _ld(z[r, i])
+                        out[r, i] = _st(zero if relu and v <= 0 else v, out)
+            elif with_dy and not with_x:
+                for q in range(W):
+                    out[r, q] = _st(k[q] * _ld(dy[r, q]), out)
             elif with_dy:
                 for q in range(W):
-                    out[r, q] = k[q] * (dy[r, q] - b0[q] - (x[r, q] - mean[q]) * a[q])
+                    out[r, q] = _st(k[q] * (_ld(dy[r, q]) - b0[q] - (_ld(x[r, q]) - mean[q])
+                                            * a[q]), out)
             else:
                 for q in range(W):
-                    out[r, q] = (x[r, q] - mean[q]) * a[q] + b0[q]
+                    v = (_ld(x[r, q]) - mean[q]) * a[q] + b0[q]
+                    if add:
+                        v += _ld(z[r, q])
+                    out[r, q] = _st(zero if relu and v <= 0 else v, out)
 
 
 @_jit
-def _ln_forward(x, w, b, eps, per, y, mean_out, rstd_out):
+def _ln_forward(x, first, w, b, eps, per, y, mean_out, rstd_out):
     """Layer norm forward, one row at a time: sums around the row's first
-    value (again around the mean when that was far off), then ``y`` while the
-    row is in the cache."""
+    value (``first``, in the accumulation dtype; again around the mean when that
+    was far off), then ``y`` while the row is in the cache.  (The parallel
+    loop miscompiles the shift's redo when the shift starts as a converted
+    load of ``x`` or the accumulation dtype has an alias set before the
+    ``prange``; ``first`` and ``w.dtype.type`` avoid both.)"""
     rows, n = x.shape
     nb = (rows + per - 1) // per
     for blk in numba.prange(nb):
         for r in range(blk * per, min(rows, (blk + 1) * per)):
-            k = x[r, 0]
+            k = first[r]
             if not np.isfinite(k):
-                k = x.dtype.type(0.0)
+                k = w.dtype.type(0.0)
             for _ in range(2):
-                a1 = x.dtype.type(0.0)
-                a2 = x.dtype.type(0.0)
+                a1 = w.dtype.type(0.0)
+                a2 = w.dtype.type(0.0)
                 for j in range(n):
-                    d = x[r, j] - k
+                    d = _ld(x[r, j]) - k
                     a1 += d
                     a2 += d * d
                 dm = np.float64(a1) / n
                 m2 = np.float64(a2) - np.float64(a1) * dm
                 if not dm * dm * n > _REDO * m2:      # False for NaN
                     break
-                k = x.dtype.type(np.float64(k) + dm)
+                k = w.dtype.type(np.float64(k) + dm)
             mean = np.float64(k) + dm
             rstd = 1.0 / np.sqrt(max(m2, 0.0) / n + eps) if m2 == m2 else m2
-            hi = x.dtype.type(mean)
-            lo = x.dtype.type(-(mean - np.float64(hi)) * rstd if np.isfinite(hi) else 0.0)
-            rs = x.dtype.type(rstd)
+            hi = w.dtype.type(mean)
+            lo = w.dtype.type(-(mean - np.float64(hi)) * rstd if np.isfinite(hi) else 0.0)
+            rs = w.dtype.type(rstd)
             for j in range(n):
-                y[r, j] = ((x[r, j] - hi) * rs + lo) * w[j] + b[j]
+                y[r, j] = _st(((_ld(x[r, j]) - hi) * rs + lo) * w[j] + b[j], y)
             mean_out[r] = mean
             rstd_out[r] = rstd
 
@@ -297,36 +443,128 @@ def _ln_backward(dy, x, mean, rstd, w, per, dx, pw, pb):
                 pb[blk, j] = 0.0
         for r in range(blk * per, min(rows, (blk + 1) * per)):
             m, rs = mean[r], rstd[r]
-            a1 = x.dtype.type(0.0)
-            a2 = x.dtype.type(0.0)
+            a1 = w.dtype.type(0.0)
+            a2 = w.dtype.type(0.0)
             for j in range(n):
-                g = dy[r, j] * w[j]
+                g = _ld(dy[r, j]) * w[j]
                 a1 += g
-                a2 += g * (x[r, j] - m)
-            c1 = x.dtype.type(np.float64(a1) / n)
-            c2 = x.dtype.type(np.float64(a2) * np.float64(rs) / n)
+                a2 += g * (_ld(x[r, j]) - m)
+            c1 = w.dtype.type(np.float64(a1) / n)
+            c2 = w.dtype.type(np.float64(a2) * np.float64(rs) / n)
             for j in range(n):
-                xhat = (x[r, j] - m) * rs
-                dx[r, j] = rs * (dy[r, j] * w[j] - c1 - xhat * c2)
+                xhat = (_ld(x[r, j]) - m) * rs
+                dx[r, j] = _st(rs * (_ld(dy[r, j]) * w[j] - c1 - xhat * c2), dx)
             if grads:
                 for j in range(n):
-                    xhat = (x[r, j] - m) * rs
-                    pw[blk, j] += dy[r, j] * xhat
-                    pb[blk, j] += dy[r, j]
+                    xhat = (_ld(x[r, j]) - m) * rs
+                    g = _ld(dy[r, j])
+                    pw[blk, j] += g * xhat
+                    pb[blk, j] += g
+
+
+@numba.njit(cache=True, fastmath=_FLAGS)
+def _channel_sums(x, dy, c, k, zero):
+    """Float64 totals over channel ``c`` of a ``(N, C, HW)`` array of the
+    run sums (in the dtype of ``zero``) of ``d = x - k``: ``(sum d, sum d *
+    d)``, or with ``dy`` values ``(sum dy, sum dy * d)``."""
+    N, _, HW = x.shape
+    with_dy = dy.size > 0
+    t1 = 0.0
+    t2 = 0.0
+    for n in range(N):
+        a1 = zero
+        a2 = zero
+        if with_dy:
+            for i in range(HW):
+                g = _ld(dy[n, c, i])
+                a1 += g
+                a2 += g * (_ld(x[n, c, i]) - k)
+        else:
+            for i in range(HW):
+                d = _ld(x[n, c, i]) - k
+                a1 += d
+                a2 += d * d
+        t1 += np.float64(a1)
+        t2 += np.float64(a2)
+    return t1, t2
+
+
+@_jit
+def _channel_forward(x, z, relu, first, w, b, eps, y, mean_out, m2_out):
+    """Training forward of a ``(N, C, HW)`` array one channel at a time, for
+    channels whose ``N`` runs stay in the cache between the two loops: the
+    statistics as in :func:`_moments` (runs summed around ``first[c]`` in the
+    accumulation dtype, totals in float64, summed again around the mean when
+    that was far off), then ``y`` as in :func:`_normalize` (plus ``z`` and
+    the ReLU as in :func:`_affine`) from the runs just read: one read of
+    ``x`` from memory instead of two."""
+    N, C, HW = x.shape
+    count = N * HW
+    for c in numba.prange(C):
+        k = first[c]
+        t1 = 0.0
+        t2 = 0.0
+        for _ in range(2):
+            t1, t2 = _channel_sums(x, x[:0], c, k, w.dtype.type(0.0))
+            dm = t1 / count
+            m2 = t2 - t1 * dm
+            if not dm * dm * count > _REDO * m2:      # False for NaN
+                break
+            k = w.dtype.type(np.float64(k) + dm)
+        dm = t1 / count
+        m2 = t2 - t1 * dm
+        if m2 < 0.0:
+            m2 = 0.0
+        mean = np.float64(k) + dm
+        invstd = 1.0 / np.sqrt(m2 / count + eps)
+        scale = invstd * np.float64(w[c])
+        hi = w.dtype.type(mean)
+        lo = mean - np.float64(hi) if np.isfinite(hi) else 0.0
+        s = w.dtype.type(scale)
+        t = w.dtype.type(np.float64(b[c]) - lo * scale)
+        zero = w.dtype.type(0.0)
+        add = z.size > 0
+        for n in range(N):
+            for i in range(HW):
+                v = (_ld(x[n, c, i]) - hi) * s + t
+                if add:
+                    v += _ld(z[n, c, i])
+                y[n, c, i] = _st(zero if relu and v <= 0 else v, y)
+        mean_out[c] = mean
+        m2_out[c] = m2
+
+
+@_jit
+def _channel_backward(dy, x, mean, invstd, w, s1_out, s2_out, dx):
+    """Training backward of a ``(N, C, HW)`` array one channel at a time
+    (see :func:`_channel_forward`): the two sums as in :func:`_sums`, then
+    ``dx`` as in :func:`_dx` from the runs just read: one read of ``x`` and
+    ``dy`` from memory instead of two."""
+    N, C, HW = x.shape
+    count = N * HW
+    for c in numba.prange(C):
+        m = mean[c]
+        t1, t2 = _channel_sums(x, dy, c, m, mean.dtype.type(0.0))
+        inv = np.float64(invstd[c])
+        f = mean.dtype.type(inv * np.float64(w[c]))
+        a = mean.dtype.type(inv * (t2 * inv) / count)
+        b0 = mean.dtype.type(t1 / count)
+        for n in range(N):
+            for i in range(HW):
+                dx[n, c, i] = _st(f * (_ld(dy[n, c, i]) - b0 - (_ld(x[n, c, i]) - m) * a), dx)
+        s1_out[c] = t1
+        s2_out[c] = t2
 
 
 # ------------------------------------------------------------- helpers -----
-_EMPTY2 = {np.dtype(np.float32): np.empty((0, 0), np.float32),
-           np.dtype(np.float64): np.empty((0, 0), np.float64)}
+def _bits(a):
+    """An array as the loops take it: float16 / bfloat16 as their bits."""
+    dt = _bits_dtype(a.dtype)
+    return a if dt == a.dtype else a.view(dt)
 
 
-def _wide(a):
-    """float32 and float64 arrays as they are; float16 / bfloat16 widened to float32."""
-    return a if a.dtype in _EMPTY2 else a.astype(np.float32)
-
-
-def _store(a, dtype):
-    return a if a.dtype == dtype else a.astype(dtype)
+_NONE = {dt: np.empty((0, 0), dt) for dt in map(np.dtype, (np.float32, np.float64, np.uint16,
+                                                            np.int16))}
 
 
 class _Layout:
@@ -347,12 +585,17 @@ class _Layout:
         self.nb = -(-n_rows // self.per)
         self.width = self.c if self.rows else self.shape2[1]   # partial sums per block
 
-    def view(self, a3):
-        return a3.reshape(self.shape2)
+    def view(self, a3, dtype=None):
+        """A canonical array (None: absent, as an empty one of the loops'
+        ``dtype``) as the 2-D array the loops walk."""
+        if a3 is None:
+            return _NONE[_bits_dtype(dtype)]
+        return _bits(a3).reshape(self.shape2)
 
     def expand(self, v, dtype):
-        """A per-channel vector as the loops index it."""
-        v = np.asarray(v, dtype=dtype)
+        """A per-channel vector as the loops index it, in the accumulation dtype
+        of data of ``dtype``."""
+        v = np.asarray(v, dtype=acc_dtype(dtype))
         return v if self.rows or self.inner == 1 else np.repeat(v, self.inner)
 
     def channel_sums(self, parts):
@@ -360,22 +603,24 @@ class _Layout:
         total = parts.sum(axis=0)
         return total if self.rows else total.reshape(self.c, self.inner).sum(axis=1)
 
-    def sums(self, x3, dy3, shift):
-        """``_sums`` over the whole array: per-channel float64 totals."""
+    def sums(self, x3, dy3, shift, y3=None, g3=None):
+        """``_sums`` over the whole array: per-channel float64 totals (with
+        ``y3``, of ``dy3`` masked by ``y3 > 0``, written to ``g3``)."""
         s1, s2 = np.empty((self.nb, self.width)), np.empty((self.nb, self.width))
-        dy = _EMPTY2[x3.dtype] if dy3 is None else self.view(dy3)
-        _sums(self.nb, self.view(x3), dy, self.expand(shift, x3.dtype), self.c, self.rows, self.per,
-              s1, s2)
+        dt = x3.dtype
+        _sums(self.nb, self.view(x3), self.view(dy3, dt), self.view(y3, dt),
+              self.expand(shift, dt), self.c, self.rows, self.per, s1, s2, self.view(g3, dt))
         return self.channel_sums(s1), self.channel_sums(s2)
 
-    def affine(self, x3, dy3, mean, a, b0, k):
-        """``_affine`` over the whole array, into a new array."""
-        out = np.empty(x3.shape, x3.dtype)
-        dt = x3.dtype
-        dy = _EMPTY2[dt] if dy3 is None else self.view(dy3)
-        _affine(self.nb, self.view(x3), dy, self.expand(mean, dt), self.expand(a, dt),
-                self.expand(b0, dt), self.expand(k, dt), self.c, self.rows, self.per,
-                self.view(out))
+    def affine(self, x3, dy3, mean, a, b0, k, z3=None, relu=False):
+        """``_affine`` over the whole array, into a new array of the data's
+        dtype (``x3`` None: ``k * dy3``)."""
+        like = dy3 if x3 is None else x3
+        out = np.empty(like.shape, like.dtype)
+        dt = like.dtype
+        _affine(self.nb, self.view(x3, dt), self.view(dy3, dt), self.view(z3, dt), relu,
+                self.expand(mean, dt), self.expand(a, dt), self.expand(b0, dt),
+                self.expand(k, dt), self.c, self.rows, self.per, self.view(out))
         return out
 
 
@@ -398,8 +643,9 @@ def _split(mean, dtype):
 
 
 def _moments(x):
-    """Per-channel float64 ``(mean, m2)`` of a float32/float64 canonical array."""
+    """Per-channel float64 ``(mean, m2)`` of a canonical array."""
     lay = _Layout(x.shape)
+    acc = acc_dtype(x.dtype)
     n = x.shape[0] * x.shape[2]
     shift = x[0, :, 0].astype(np.float64)
     shift[~np.isfinite(shift)] = 0.0
@@ -410,78 +656,122 @@ def _moments(x):
         far = dm * dm * n > _REDO * m2            # False where NaN
         if not far.any():
             break
-        shift = np.where(far, (shift + dm).astype(x.dtype), shift).astype(np.float64)
+        shift = np.where(far, (shift + dm).astype(acc), shift).astype(np.float64)
     np.maximum(m2, 0.0, out=m2, where=~np.isnan(m2))
     return shift + dm, m2
 
 
-def _normalize(x3, mean, scale, shift):
-    """``y = (x - mean) * scale + shift`` per channel; mean, scale and shift
-    float64 vectors."""
-    x = _wide(x3)
-    hi, lo = _split(mean, x.dtype)
-    y = _Layout(x.shape).affine(x, None, hi, scale, shift - lo * scale, scale)
-    return _store(y, x3.dtype)
+def _normalize(x3, mean, invstd, weight, bias, z3=None, relu=False):
+    """``y = (x - mean) * invstd * weight + bias`` per channel (float64
+    ``mean`` and ``invstd``; ``weight`` / ``bias`` None for 1 / 0), plus
+    ``z3`` when given, then the ReLU when ``relu``."""
+    scale = invstd if weight is None else invstd * _f64(weight)
+    shift = np.zeros_like(scale) if bias is None else _f64(bias)
+    hi, lo = _split(mean, acc_dtype(x3.dtype))
+    return _Layout(x3.shape).affine(x3, None, hi, scale, shift - lo * scale, scale, z3, relu)
 
 
 def _backward_sums(dy3, x3, mean):
     """Per-channel float64 ``(sum dy, sum dy * (x - mean))``."""
-    x, dy = _wide(x3), _wide(dy3)
-    return _Layout(x.shape).sums(x, dy, mean)
+    return _Layout(x3.shape).sums(x3, dy3, mean)
+
+
+def _masked_backward_sums(dy3, x3, mean, y3):
+    """The ReLU's gradient ``g = 0 where y3 <= 0, else dy`` and its
+    per-channel float64 ``(sum g, sum g * (x - mean))``, in one pass."""
+    g = np.empty(x3.shape, x3.dtype)
+    return g, _Layout(x3.shape).sums(x3, dy3, mean, y3, g)
 
 
 def _dx(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat, count):
     """Training dx = weight*invstd*(dy - sum_dy/m - (x - mean)*invstd*sum_dy_xhat/m)."""
-    x, dy = _wide(x3), _wide(dy3)
     invstd = np.asarray(invstd, np.float64)
     k = invstd if weight is None else invstd * np.asarray(weight, np.float64)
-    dx = _Layout(x.shape).affine(x, dy, mean, invstd * np.asarray(sum_dy_xhat, np.float64) / count,
-                                 np.asarray(sum_dy, np.float64) / count, k)
-    return _store(dx, x3.dtype)
+    return _Layout(x3.shape).affine(x3, dy3, mean,
+                                    invstd * np.asarray(sum_dy_xhat, np.float64) / count,
+                                    np.asarray(sum_dy, np.float64) / count, k)
+
+
+def _per_channel_fits(shape, dtype):
+    """Whether a training pass runs channel by channel (:func:`_channel_forward`,
+    :func:`_channel_backward`): NCHW-like runs, enough channels to keep the
+    threads busy, and one channel's values of an array within
+    ``_CHANNEL_BYTES`` (the second loop over them then reads the cache).
+    Decided by the shape alone, so results do not depend on the thread count."""
+    outer, c, inner = shape
+    return (inner >= _ROWS_MIN and c >= _CHANNELS_MIN
+            and outer * inner * np.dtype(dtype).itemsize <= _CHANNEL_BYTES)
+
+
+def _forward_per_channel(x3, weight, bias, eps, z3, relu):
+    """``(y3, mean, m2)`` of :func:`_channel_forward` (float64 mean and m2)."""
+    acc = acc_dtype(x3.dtype)
+    c = x3.shape[1]
+    first = x3[0, :, 0].astype(np.float64)
+    first[~np.isfinite(first)] = 0.0
+    y3 = np.empty(x3.shape, x3.dtype)
+    mean, m2 = np.empty(c), np.empty(c)
+    z = np.empty((0, 0, 0), _bits_dtype(x3.dtype)) if z3 is None else _bits(z3)
+    _channel_forward(c, _bits(x3), z, relu, first.astype(acc), _vec(weight, acc, c, 1.0),
+                     _vec(bias, acc, c, 0.0), float(eps), _bits(y3), mean, m2)
+    return y3, mean, m2
+
+
+def _backward_per_channel(dy3, x3, mean, invstd, weight):
+    """``(dx3, (sum dy, sum dy * (x - mean)))`` of :func:`_channel_backward`."""
+    acc = acc_dtype(x3.dtype)
+    c = x3.shape[1]
+    dx3 = np.empty(x3.shape, x3.dtype)
+    s1, s2 = np.empty(c), np.empty(c)
+    _channel_backward(c, _bits(dy3), _bits(x3), np.asarray(mean, acc), np.asarray(invstd, acc),
+                      _vec(weight, acc, c, 1.0), s1, s2, _bits(dx3))
+    return dx3, (s1, s2)
 
 
 def _f64(v):
     return None if v is None else np.asarray(v, dtype=np.float64)
 
 
-class CpuBackend(Backend):
+class CpuBackend(HostBackend):
     name = "cpu"
-    xp = np
 
     @_serialized
-    def bn_stats(self, x3) -> ChannelStats:
-        acc = acc_dtype(x3.dtype)
-        mean, m2 = _moments(_wide(x3))
-        return ChannelStats(count=x3.shape[0] * x3.shape[2], mean=mean.astype(acc),
-                            m2=m2.astype(acc))
+    def moments(self, x3):
+        return _moments(x3)
 
-    @_serialized
     def bn_forward_train(self, x3, weight, bias, running_mean, running_var, momentum, eps,
                          skipped=None):
-        acc = acc_dtype(x3.dtype)
-        n = x3.shape[0] * x3.shape[2]
-        x = _wide(x3)
-        mean, m2 = _moments(x)
-        invstd = 1.0 / np.sqrt(m2 / n + eps)
-        scale = invstd if weight is None else invstd * _f64(weight)
-        shift = np.zeros_like(scale) if bias is None else _f64(bias)
-        y3 = _store(_normalize(x, mean, scale, shift), x3.dtype)
-        update_running_stats(np, running_mean, running_var, mean, m2 / (n - 1), momentum,
-                             skipped)
-        return y3, mean.astype(acc), invstd.astype(acc)
-
-    def bn_forward_eval(self, x3, weight, bias, running_mean, running_var, eps):
-        acc = acc_dtype(x3.dtype)
-        mean = np.array(running_mean, dtype=acc)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            invstd = (1.0 / np.sqrt(_f64(running_var) + eps)).astype(acc)
-        return self.bn_apply(x3, mean, invstd, weight, bias), mean, invstd
+        return self.bn_forward_train_act(x3, weight, bias, running_mean, running_var, momentum,
+                                         eps, None, False, skipped)
 
     @_serialized
+    def bn_forward_train_act(self, x3, weight, bias, running_mean, running_var, momentum, eps,
+                             residual, relu, skipped=None):
+        if _per_channel_fits(x3.shape, x3.dtype):
+            # one loop computes the statistics and y: the passes hand over its results
+            y3, mean, m2 = _forward_per_channel(x3, weight, bias, eps, residual, relu)
+            return host_forward_train(x3, lambda _: (mean, m2), lambda *_: y3, eps,
+                                      running_mean, running_var, momentum, skipped)
+        return host_forward_train(
+            x3, _moments,
+            lambda mean, invstd: _normalize(x3, mean, invstd, weight, bias, residual, relu),
+            eps, running_mean, running_var, momentum, skipped)
+
+    def bn_forward_eval(self, x3, weight, bias, running_mean, running_var, eps):
+        return self.bn_forward_eval_act(x3, weight, bias, running_mean, running_var, eps,
+                                        None, False)
+
+    def bn_forward_eval_act(self, x3, weight, bias, running_mean, running_var, eps, residual,
+                            relu):
+        mean, invstd = host_eval_constants(x3, running_mean, running_var, eps)
+        return self._apply(x3, mean, invstd, weight, bias, residual, relu), mean, invstd
+
     def bn_apply(self, x3, mean, invstd, weight, bias):
-        scale = _f64(invstd) if weight is None else _f64(invstd) * _f64(weight)
-        shift = np.zeros_like(scale) if bias is None else _f64(bias)
-        return _normalize(x3, _f64(mean), scale, shift)
+        return self._apply(x3, mean, invstd, weight, bias, None, False)
+
+    @_serialized
+    def _apply(self, x3, mean, invstd, weight, bias, residual, relu):
+        return _normalize(x3, _f64(mean), _f64(invstd), weight, bias, residual, relu)
 
     @_serialized
     def bn_backward_reduce(self, dy3, x3, mean, invstd):
@@ -495,44 +785,58 @@ class CpuBackend(Backend):
 
     @_serialized
     def bn_backward(self, dy3, x3, mean, invstd, weight, training):
+        return self._backward(dy3, x3, mean, invstd, weight, training)
+
+    @_serialized
+    def bn_backward_relu(self, dy3, x3, mean, invstd, weight, y3, training):
+        g3, sums = _masked_backward_sums(dy3, x3, mean, y3)
+        return (*self._backward(g3, x3, mean, invstd, weight, training, sums), g3)
+
+    def _backward(self, dy3, x3, mean, invstd, weight, training, sums=None):
+        """:meth:`bn_backward`, given the per-channel ``(sum dy, sum dy * (x -
+        mean))`` or (None) computing them."""
         acc = acc_dtype(x3.dtype)
-        sum_dy, sum_dy_xmu = _backward_sums(dy3, x3, mean)
+        fused = sums is None and training and _per_channel_fits(x3.shape, x3.dtype)
+        if fused:
+            dx3, sums = _backward_per_channel(dy3, x3, mean, invstd, weight)
+        elif sums is None:
+            sums = _backward_sums(dy3, x3, mean)
+        sum_dy, sum_dy_xmu = sums
         sum_dy_xhat = sum_dy_xmu * _f64(invstd)
-        if training:
+        if fused:
+            pass     # dx3 came with the sums
+        elif training:
             dx3 = _dx(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat,
                       x3.shape[0] * x3.shape[2])
         else:   # statistics held fixed: dx = dy * weight * invstd
             k = _f64(invstd) if weight is None else _f64(invstd) * _f64(weight)
-            dy = _wide(dy3)
-            dx3 = _store(dy * k.astype(dy.dtype)[None, :, None], x3.dtype)
+            unused = np.zeros_like(k)
+            dx3 = _Layout(x3.shape).affine(None, dy3, unused, unused, unused, k)
         return dx3, sum_dy_xhat.astype(acc), sum_dy.astype(acc)
 
     # -- layer norm ----------------------------------------------------
     @_serialized
     def ln_forward(self, x2, weight, bias, eps):
-        x = _wide(x2)
-        rows, n = x.shape
+        rows, n = x2.shape
         acc = acc_dtype(x2.dtype)
-        y = np.empty(x.shape, x.dtype)
+        y = np.empty(x2.shape, x2.dtype)
         mean = np.empty(rows, acc)
         rstd = np.empty(rows, acc)
         per, nb = _row_plan(rows, n)
-        _ln_forward(nb, x, _vec(weight, x.dtype, n, 1.0), _vec(bias, x.dtype, n, 0.0),
-                    float(eps), per, y, mean, rstd)
-        return _store(y, x2.dtype), mean, rstd
+        _ln_forward(nb, _bits(x2), x2[:, 0].astype(acc), _vec(weight, acc, n, 1.0),
+                    _vec(bias, acc, n, 0.0), float(eps), per, _bits(y), mean, rstd)
+        return y, mean, rstd
 
     @_serialized
     def ln_backward(self, dy2, x2, mean, rstd, weight, want_grads):
-        x, dy = _wide(x2), _wide(dy2)
-        rows, n = x.shape
+        rows, n = x2.shape
         acc = acc_dtype(x2.dtype)
         per, nb = _row_plan(rows, n)
-        dx = np.empty(x.shape, x.dtype)
+        dx = np.empty(x2.shape, x2.dtype)
         parts = (nb, n) if want_grads else (0, n)
         pw, pb = np.empty(parts), np.empty(parts)
-        _ln_backward(nb, dy, x, np.asarray(mean, x.dtype), np.asarray(rstd, x.dtype),
-                     _vec(weight, x.dtype, n, 1.0), per, dx, pw, pb)
-        dx = _store(dx, x2.dtype)
+        _ln_backward(nb, _bits(dy2), _bits(x2), np.asarray(mean, acc), np.asarray(rstd, acc),
+                     _vec(weight, acc, n, 1.0), per, _bits(dx), pw, pb)
         if not want_grads:
             return dx, None, None
         return dx, pw.sum(axis=0).astype(acc), pb.sum(axis=0).astype(acc)

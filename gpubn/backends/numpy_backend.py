@@ -42,7 +42,7 @@ import functools
 import numpy as np
 
 from .._validation import acc_dtype
-from .base import Backend, ChannelStats, update_running_stats
+from .base import HostBackend, host_eval_constants, host_forward_train
 
 _F64 = np.float64
 _CH = (0, 2)          # the axes of one channel's values in a canonical array
@@ -109,34 +109,23 @@ def _dx(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat, m):
     return dx.astype(x3.dtype)
 
 
-class NumpyBackend(Backend):
+class NumpyBackend(HostBackend):
     name = "numpy"
-    xp = np
 
     @_quiet
-    def bn_stats(self, x3) -> ChannelStats:
-        acc = acc_dtype(x3.dtype)
-        mean, m2 = _moments(x3)
-        return ChannelStats(count=x3.shape[0] * x3.shape[2], mean=mean.astype(acc),
-                            m2=m2.astype(acc))
+    def moments(self, x3):
+        return _moments(x3)
 
     @_quiet
     def bn_forward_train(self, x3, weight, bias, running_mean, running_var, momentum, eps,
                          skipped=None):
-        acc = acc_dtype(x3.dtype)
-        m = x3.shape[0] * x3.shape[2]
-        mean, m2 = _moments(x3)
-        invstd = 1.0 / np.sqrt(m2 / m + eps)
-        y3 = _affine(x3, mean, invstd, _f64(weight), _f64(bias))
-        update_running_stats(np, running_mean, running_var, mean, m2 / (m - 1), momentum,
-                             skipped)
-        return y3, mean.astype(acc), invstd.astype(acc)
+        return host_forward_train(
+            x3, _moments, lambda mean, invstd: _affine(x3, mean, invstd, _f64(weight), _f64(bias)),
+            eps, running_mean, running_var, momentum, skipped)
 
     @_quiet
     def bn_forward_eval(self, x3, weight, bias, running_mean, running_var, eps):
-        acc = acc_dtype(x3.dtype)
-        mean = np.array(running_mean, dtype=acc)
-        invstd = (1.0 / np.sqrt(_f64(running_var) + eps)).astype(acc)
+        mean, invstd = host_eval_constants(x3, running_mean, running_var, eps)
         return self.bn_apply(x3, mean, invstd, weight, bias), mean, invstd
 
     @_quiet
