@@ -472,6 +472,8 @@ def test_option_validation():
     with pytest.raises(TypeError, match="seed must be an int or None"):
         with emu.options(seed="3"):
             pass
+    with pytest.raises(TypeError, match="global_racecheck must be a bool, got int"):
+        emu.set_options(global_racecheck=0)
     assert emu.get_options().memcheck and emu.get_options().racecheck
 
 

@@ -66,6 +66,7 @@ struct Launch {
     int64_t grid[3], block[3];
     int64_t shared_mem, seed, shuffle, memcheck, racecheck, initcheck;
     int64_t resident;             // how many blocks run concurrently (interleaved)
+    int64_t global_report;        // report inter-block races (else: model their stale loads)
     // out
     int64_t error, is_store, size, region;
     uint64_t address;
@@ -111,7 +112,7 @@ struct Fiber {
     uint64_t spin_progress;             // Runtime::progress at the last hand-over
     // inter-block ordering (see "inter-block racecheck")
     uint32_t fence_t, fence_bar;        // time of the last __threadfence, the block's last barrier before it
-    uint32_t gstore_t;                  // time of the last store to global memory (0: none)
+    uint32_t gaccess_t;                 // time of the last load or store of global memory (0: none)
     int pending, acquired;              // indices into Runtime::covs (-1: none)
     uint32_t seen_release, seen_version; // the release record last merged into `pending` (by a load)
 };
@@ -136,13 +137,18 @@ struct Coverage {
 };
 
 // Per 2 bytes of an argument buffer (a group of overlapping ones): who stored
-// them last in this launch.  Kernels access global memory in units of at least
-// 2 bytes, so two bytes of one granule are not stored by different blocks.
+// them last in this launch, and the last two blocks' threads that loaded them
+// since.  Kernels access global memory in units of at least 2 bytes, so two
+// bytes of one granule are not stored by different blocks.
 constexpr size_t kGranule = 2;
-struct GlobalShadow {
-    uint32_t who;                       // 0: not stored in this launch; kAtomicByte: an atomic;
+struct Access {
+    uint32_t who;                       // 0: none; kAtomicByte (stores only): an atomic;
                                         // else (block linear index + 1) << 10 | thread
-    uint32_t t;                         // time of the store, or (atomic) the index of its release record
+    uint32_t t;                         // time of the access, or (atomic) the index of its release record
+};
+struct GlobalShadow {
+    Access w;                           // the last store
+    Access r0, r1;                      // loads since it, by two different blocks (r0 the latest)
 };
 constexpr uint32_t kAtomicByte = 0xffffffffu;
 
@@ -224,6 +230,14 @@ struct Runtime {
     uint32_t blin;                       // linear index of the running block
     uint32_t lastbar;                    // time of the running block's last barrier
     std::vector<GlobalShadow*> gshadow;  // per buffer: the shadow of its group
+    std::vector<uint16_t*> gbefore;      // per buffer: per granule, its value before its last writer's stores
+    bool global_report;                  // report inter-block races; else a racing load may read gbefore
+    uint64_t stale_rng;                  // draws which racing loads read the value from before the store
+    struct {                             // a stale value presented to the load about to run
+        uintptr_t addr;
+        size_t n;
+        unsigned char bytes[64];         // what memory really holds there
+    } stale;
     std::vector<uint64_t> goff;          // per buffer: its offset in its group
     std::vector<Coverage> covs;          // threads' pending / acquired coverage (Fiber indices)
     Coverage block_acquired;             // what the running block's threads share since a barrier
@@ -242,6 +256,27 @@ __attribute__((section(".data.gpubn_emu"))) Runtime* R = nullptr;
 
 extern "C" char __bss_start[] __attribute__((weak, visibility("hidden")));
 extern "C" char _end[] __attribute__((weak, visibility("hidden")));
+
+static uint64_t splitmix(uint64_t& s) {
+    uint64_t z = (s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+// ------------------------------------------------------------------ stale loads
+// A load that races with another block's store may return the value from
+// before that store (see global_access): the hook that runs before the load
+// puts the old bytes in place, and the next call into the runtime (the next
+// access's hook, or any switch of fibers) puts the real ones back.  No other
+// thread runs in between, so only that one load sees the old value.
+extern "C" void* __real_memcpy(void*, const void*, size_t);
+static inline void settle_stale() {
+    if (R && R->stale.n) {
+        __real_memcpy((void*)R->stale.addr, R->stale.bytes, R->stale.n);   // unchecked
+        R->stale.n = 0;
+    }
+}
 
 // ------------------------------------------------------------------ context switch
 #if GPUBN_EMU_ASM_SWITCH
@@ -282,7 +317,10 @@ static void* fiber_init_stack(Fiber& f, uintptr_t lo) {
     for (int i = 0; i < 6; ++i) *--sp = 0;      // rbp rbx r12 r13 r14 r15
     return sp;
 }
-static inline void ctx_switch(void** save, void* load) { gpubn_emu_switch(save, load); }
+static inline void ctx_switch(void** save, void* load) {
+    settle_stale();
+    gpubn_emu_switch(save, load);
+}
 #else
 // Portable fallback: ucontext (swapcontext also saves the signal mask: slower).
 static void fiber_main();
@@ -294,7 +332,10 @@ static void* fiber_init_stack(Fiber& f, uintptr_t lo) {
     makecontext(&f.uc, fiber_main, 0);
     return &f.uc;
 }
-static inline void ctx_switch(void** save, void* load) { swapcontext((ucontext_t*)*save, (ucontext_t*)load); }
+static inline void ctx_switch(void** save, void* load) {
+    settle_stale();
+    swapcontext((ucontext_t*)*save, (ucontext_t*)load);
+}
 #endif
 
 // ------------------------------------------------------------------ errors
@@ -473,14 +514,15 @@ static bool visible(const Fiber* f, uint32_t block, uint32_t thread, uint32_t t)
 
 static uint3 unlinear(uint32_t i, uint3 d) { return uint3{i % d.x, (i / d.x) % d.y, i / (d.x * d.y)}; }
 
-[[noreturn]] static void global_race(const char* what, const GlobalShadow& prev, bool store, int buf, uint64_t off) {
+[[noreturn]] static void global_race(const char* what, const Access& prev, bool prev_store, bool store, int buf,
+                                     uint64_t off) {
     Launch* L = R->L;
     L->error = RACE;
     set_where(R->cur);
     const uint3 ob = unlinear((prev.who >> 10) - 1, R->gdim), ot = unlinear(prev.who & 1023, R->bdim);
     L->other_block[0] = ob.x; L->other_block[1] = ob.y; L->other_block[2] = ob.z;
     L->other_thread[0] = ot.x; L->other_thread[1] = ot.y; L->other_thread[2] = ot.z;
-    L->other_is_store = 1;
+    L->other_is_store = prev_store;
     L->is_store = store;
     L->address = R->host_lo[buf] + off;
     L->region = R_GLOBAL;
@@ -490,29 +532,73 @@ static uint3 unlinear(uint32_t i, uint3 d) { return uint3{i % d.x, (i / d.x) % d
     abort_fiber();
 }
 
-static inline void global_access(int buf, uint64_t off, size_t n, bool store) {
+// Whether the running thread's access is ordered after `a`, an access by a thread of another block.
+static inline bool ordered_after(const Fiber* f, const Access& a, uint32_t me) {
+    return a.who == 0 || (a.who & ~1023u) == me || visible(f, (a.who >> 10) - 1, a.who & 1023, a.t);
+}
+
+// Puts the values the granules [k0, k1] held before their last writer's stores
+// (those that race: bit k - k0 of `racing`) into the bytes [a, a + n) for the
+// load about to run; settle_stale() restores them.
+static void present_stale(int buf, uintptr_t a, size_t n, uint64_t k0, uint64_t k1, uint64_t racing) {
+    if (n > sizeof R->stale.bytes) return;
+    const uintptr_t group_lo = R->bufs[buf].lo - R->goff[buf];    // where granule 0 lives
+    const uint16_t* before = R->gbefore[buf];
+    __real_memcpy(R->stale.bytes, (const void*)a, n);
+    R->stale.addr = a;
+    R->stale.n = n;
+    for (uint64_t k = k0; k <= k1; ++k) {
+        if (!(racing >> (k - k0) & 1)) continue;
+        const uint16_t v = before[k];
+        for (int b = 0; b < (int)kGranule; ++b) {
+            const uintptr_t p = group_lo + k * kGranule + b;
+            if (p - a < n) *(unsigned char*)p = (unsigned char)(v >> (8 * b));
+        }
+    }
+}
+
+static inline void global_access(int buf, uintptr_t a, uint64_t off, size_t n, bool store) {
     const uint64_t base = R->goff[buf] + off;
     GlobalShadow* sh = R->gshadow[buf];
     Fiber* f = R->cur;
-    const uint32_t me = (R->blin + 1) << 10;
-    for (uint64_t k = base / kGranule; k <= (base + n - 1) / kGranule; ++k) {
+    const uint32_t me = (R->blin + 1) << 10, id = me | (uint32_t)f->linear;
+    const uint64_t k0 = base / kGranule, k1 = (base + n - 1) / kGranule;
+    uint64_t racing = 0;                      // granules whose last store this load races with
+    for (uint64_t k = k0; k <= k1; ++k) {
         GlobalShadow& g = sh[k];
-        if (g.who == kAtomicByte) {
+        const uint64_t first = k * kGranule > base ? k * kGranule - R->goff[buf] : off;
+        if (g.w.who == kAtomicByte) {
             // a value an atomic wrote: the load observes that atomic's release sequence
-            const Coverage& rel = R->releases[g.t];
-            if (!store && (f->seen_release != g.t || f->seen_version != rel.version)) {
+            const Coverage& rel = R->releases[g.w.t];
+            if (!store && (f->seen_release != g.w.t || f->seen_version != rel.version)) {
                 Bookkeeping quiet;
-                f->seen_release = g.t;
+                f->seen_release = g.w.t;
                 f->seen_version = rel.version;
                 coverage(f->pending).merge(rel);
             }
-        } else if (g.who != 0 && (g.who & ~1023u) != me && !visible(f, (g.who >> 10) - 1, g.who & 1023, g.t)) {
-            const uint64_t first = k * kGranule > base ? k * kGranule - R->goff[buf] : off;
-            global_race(store ? "write-after-write" : "read-after-write", g, store, buf, first);
+        } else if (!ordered_after(f, g.w, me)) {
+            if (R->global_report)
+                global_race(store ? "write-after-write" : "read-after-write", g.w, true, store, buf, first);
+            if (!store && k - k0 < 64) racing |= 1ull << (k - k0);
         }
-        if (store) g = GlobalShadow{me | (uint32_t)f->linear, R->gtime};
+        if (store) {
+            if (R->global_report) {
+                if (!ordered_after(f, g.r0, me)) global_race("write-after-read", g.r0, false, true, buf, first);
+                if (!ordered_after(f, g.r1, me)) global_race("write-after-read", g.r1, false, true, buf, first);
+            }
+            if (g.w.who != id) {              // the value before this writer's stores (read before the store runs)
+                const unsigned char* p = (const unsigned char*)(R->bufs[buf].lo - R->goff[buf] + k * kGranule);
+                R->gbefore[buf][k] = (uint16_t)(p[0] | p[1] << 8);
+            }
+            g = GlobalShadow{Access{id, R->gtime}, Access{0, 0}, Access{0, 0}};
+        } else {                              // r0: this block's latest load; r1: the other block's before it
+            if ((g.r0.who & ~1023u) != me) g.r1 = g.r0;
+            g.r0 = Access{id, R->gtime};
+        }
     }
-    if (store) f->gstore_t = R->gtime;
+    f->gaccess_t = R->gtime;
+    // The load may return what the bytes held before the racing stores (chosen from the seed).
+    if (racing && (splitmix(R->stale_rng) & 1)) present_stale(buf, a, n, k0, k1, racing);
 }
 
 // An atomic on global memory: acquires what the location's earlier atomics
@@ -523,8 +609,8 @@ static void global_atomic(int buf, uint64_t off, size_t n) {
     GlobalShadow* sh = R->gshadow[buf];
     Fiber* f = R->cur;
     uint32_t idx;
-    if (sh[base / kGranule].who == kAtomicByte) {
-        idx = sh[base / kGranule].t;
+    if (sh[base / kGranule].w.who == kAtomicByte) {
+        idx = sh[base / kGranule].w.t;
     } else {
         idx = (uint32_t)R->releases.size();
         R->releases.emplace_back();
@@ -544,7 +630,8 @@ static void global_atomic(int buf, uint64_t off, size_t n) {
         if (f->fence_t > o) o = f->fence_t;
         ++rel.version;
     }
-    for (uint64_t k = base / kGranule; k <= (base + n - 1) / kGranule; ++k) sh[k] = GlobalShadow{kAtomicByte, idx};
+    for (uint64_t k = base / kGranule; k <= (base + n - 1) / kGranule; ++k)
+        sh[k] = GlobalShadow{Access{kAtomicByte, idx}, Access{0, 0}, Access{0, 0}};
     ++R->gtime;
 }
 
@@ -637,6 +724,7 @@ static inline void spin_watch(Fiber* f, uintptr_t a, size_t n) {
 static inline void check(uintptr_t a, size_t n, bool store) {
     Fiber* f = R ? R->cur : nullptr;
     if (!f || n == 0) return;
+    settle_stale();
     if (a - f->stack_lo < kStack) {
         if (a + n - f->stack_lo <= kStack) return;
     }
@@ -659,7 +747,7 @@ static inline void check(uintptr_t a, size_t n, bool store) {
                 spin_watch(f, a, n);    // may hand over: the load then reads what the others stored since
             }
             if (R->interblock && R->racecheck)
-                global_access(i, a - b.lo, n < b.lo + b.size - a ? n : b.lo + b.size - a, store);
+                global_access(i, a, a - b.lo, n < b.lo + b.size - a ? n : b.lo + b.size - a, store);
             return;
         }
     }
@@ -793,7 +881,7 @@ static void barrier(void* site, int pred) {
             for (int i = 0; i < R->nthreads; ++i) {
                 const Fiber& t = R->fibers[i];
                 if (t.acquired >= 0) R->block_acquired.merge(R->covs[t.acquired]);
-                if (t.gstore_t && t.fence_t > t.gstore_t) {   // stored to global memory, then fenced
+                if (t.gaccess_t && t.fence_t > t.gaccess_t) {   // accessed global memory, then fenced
                     uint32_t& o = R->block_published.own[writer_id(R->blin, t.linear)];
                     if (t.fence_t > o) o = t.fence_t;
                 }
@@ -1148,7 +1236,7 @@ static void start_block(uint3 b) {
         f.stack_lo = (uintptr_t)(R->stacks + (size_t)i * (kStack + kGuard) + kGuard);
         f.spin_addr = 0;
         f.spin_count = f.spin_rounds = 0;
-        f.fence_t = f.fence_bar = f.gstore_t = 0;
+        f.fence_t = f.fence_bar = f.gaccess_t = 0;
         f.pending = f.acquired = -1;
         f.seen_release = ~0u;
         f.seen_version = 0;
@@ -1268,12 +1356,6 @@ static void switch_to(int k) {
     R->cur_slot = k;
 }
 
-static uint64_t splitmix(uint64_t& s) {
-    uint64_t z = (s += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
 
 EMU_EXPORT int64_t gpubn_emu_abi_version() { return 1; }
 EMU_EXPORT int64_t gpubn_emu_launch_size() { return (int64_t)sizeof(Launch); }
@@ -1359,8 +1441,10 @@ struct Stage {
     char* map;                    // the reservation, gaps included
     size_t map_len;
     uintptr_t dev_lo;             // where host_lo is staged
-    GlobalShadow* shadow;         // inter-block racecheck: one entry per granule (zero pages until stored)
+    GlobalShadow* shadow;         // inter-block racecheck: one entry per granule (zero pages until accessed)
     size_t shadow_len;
+    uint16_t* before;             // per granule: its value before its last writer's stores (zero pages until stored)
+    size_t before_len;
 };
 
 static bool stage_buffers(std::vector<Stage>& stages) {
@@ -1374,7 +1458,7 @@ static bool stage_buffers(std::vector<Stage>& stages) {
     for (int k = 0; k < n; ++k) {
         const Buffer& b = R->bufs[order[k]];
         if (stages.empty() || b.lo >= stages.back().host_hi)
-            stages.push_back(Stage{b.lo, b.lo + b.size, nullptr, 0, 0, nullptr, 0});
+            stages.push_back(Stage{b.lo, b.lo + b.size, nullptr, 0, 0, nullptr, 0, nullptr, 0});
         else if (b.lo + b.size > stages.back().host_hi)
             stages.back().host_hi = b.lo + b.size;
         group[order[k]] = (int)stages.size() - 1;
@@ -1396,9 +1480,14 @@ static bool stage_buffers(std::vector<Stage>& stages) {
                            -1, 0);
             if (q == MAP_FAILED) { s.shadow = nullptr; return false; }
             s.shadow = (GlobalShadow*)q;
+            s.before_len = ((s.host_hi - s.host_lo) / kGranule + 1) * sizeof(uint16_t);
+            q = mmap(nullptr, s.before_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+            if (q == MAP_FAILED) { s.before = nullptr; return false; }
+            s.before = (uint16_t*)q;
         }
     }
     R->gshadow.assign(n, nullptr);
+    R->gbefore.assign(n, nullptr);
     R->goff.assign(n, 0);
     void** args = (void**)(uintptr_t)R->L->args;
     for (int i = 0; i < n; ++i) {
@@ -1408,6 +1497,7 @@ static bool stage_buffers(std::vector<Stage>& stages) {
         uintptr_t* cell = (uintptr_t*)args[b.arg_index];
         if (*cell == b.lo) *cell = dev;     // the argument's pointer (Python passes the array's start)
         R->gshadow[i] = s.shadow;
+        R->gbefore[i] = s.before;
         R->goff[i] = b.lo - s.host_lo;
         b.lo = dev;
     }
@@ -1421,6 +1511,7 @@ static void unstage_buffers(std::vector<Stage>& stages) {
         if (s.dev_lo) memcpy((void*)s.host_lo, (const void*)s.dev_lo, s.host_hi - s.host_lo);
         munmap(s.map, s.map_len);
         if (s.shadow) munmap(s.shadow, s.shadow_len);
+        if (s.before) munmap(s.before, s.before_len);
     }
     for (int i = 0; i < R->nbufs && i < (int)host_lo.size(); ++i) R->bufs[i].lo = host_lo[i];
 }
@@ -1472,6 +1563,9 @@ EMU_EXPORT int64_t gpubn_emu_launch(Launch* L) {
     R->interblock = R->racecheck && nblocks > 1 && nblocks < (1u << 22) - 1 && nt <= 1024;
     R->gtime = 1;
     R->releases.clear();
+    R->global_report = L->global_report != 0;
+    R->stale_rng = (uint64_t)L->seed ^ 0x2545f4914f6cdd1dull;
+    R->stale.n = 0;
     std::vector<Stage> stages;
     if (!stage_buffers(stages)) {
         unstage_buffers(stages);
