@@ -6,10 +6,11 @@
 // barriers, warp collectives, exits and spin-waits, so a block's threads really
 // meet at __syncthreads and exchange values at warp shuffles.
 //
-// The kernel translation unit is compiled with -fsanitize=kernel-address and
-// call-threshold 0, so the compiler calls __asan_{load,store}*_noabort on every
-// load and store it cannot prove local (and the linker sends memcpy/memset
-// calls to the __wrap_ functions below).  Those callbacks, defined here (this
+// The kernel translation unit is compiled with -fsanitize=thread (GCC's
+// instrumentation only: the hooks are defined here), so the compiler calls
+// __tsan_{read,write}N, or __tsan_volatile_{read,write}N for a volatile access,
+// before every load and store it cannot prove local (and the linker sends
+// memcpy/memset calls to the __wrap_ functions below).  Those callbacks, defined here (this
 // file is compiled without instrumentation), classify the address:
 //   - the calling thread's own stack             -> fine;
 //   - an argument buffer (global memory)         -> counted as traffic;
@@ -721,7 +722,7 @@ static inline void spin_watch(Fiber* f, uintptr_t a, size_t n) {
     if (++f->spin_count >= kSpinLoads) spin_hand_over(f, a, n);
 }
 
-static inline void check(uintptr_t a, size_t n, bool store) {
+static inline void check(uintptr_t a, size_t n, bool store, bool vol = false) {
     Fiber* f = R ? R->cur : nullptr;
     if (!f || n == 0) return;
     settle_stale();
@@ -785,21 +786,35 @@ static inline void check(uintptr_t a, size_t n, bool store) {
     }
 }
 
-#define EMU_ASAN(N)                                                                              \
-    EMU_EXPORT void __asan_load##N##_noabort(uintptr_t a) { check(a, N, false); }                \
-    EMU_EXPORT void __asan_store##N##_noabort(uintptr_t a) { check(a, N, true); }                \
-    EMU_EXPORT void __asan_load##N(uintptr_t a) { check(a, N, false); }                          \
-    EMU_EXPORT void __asan_store##N(uintptr_t a) { check(a, N, true); }
-EMU_ASAN(1)
-EMU_ASAN(2)
-EMU_ASAN(4)
-EMU_ASAN(8)
-EMU_ASAN(16)
-#undef EMU_ASAN
-EMU_EXPORT void __asan_loadN_noabort(uintptr_t a, size_t n) { check(a, n, false); }
-EMU_EXPORT void __asan_storeN_noabort(uintptr_t a, size_t n) { check(a, n, true); }
-EMU_EXPORT void __asan_loadN(uintptr_t a, size_t n) { check(a, n, false); }
-EMU_EXPORT void __asan_storeN(uintptr_t a, size_t n) { check(a, n, true); }
+// The hooks of the thread sanitizer's instrumentation.
+#define EMU_TSAN(N)                                                                                    \
+    EMU_EXPORT void __tsan_read##N(uintptr_t a) { check(a, N, false); }                                \
+    EMU_EXPORT void __tsan_write##N(uintptr_t a) { check(a, N, true); }                                \
+    EMU_EXPORT void __tsan_unaligned_read##N(uintptr_t a) { check(a, N, false); }                      \
+    EMU_EXPORT void __tsan_unaligned_write##N(uintptr_t a) { check(a, N, true); }                      \
+    EMU_EXPORT void __tsan_volatile_read##N(uintptr_t a) { check(a, N, false, true); }                 \
+    EMU_EXPORT void __tsan_volatile_write##N(uintptr_t a) { check(a, N, true, true); }
+EMU_TSAN(1)
+EMU_TSAN(2)
+EMU_TSAN(4)
+EMU_TSAN(8)
+EMU_TSAN(16)
+#undef EMU_TSAN
+EMU_EXPORT void __tsan_read_range(uintptr_t a, size_t n) { check(a, n, false); }
+EMU_EXPORT void __tsan_write_range(uintptr_t a, size_t n) { check(a, n, true); }
+// Atomics the compiler itself emits (the guards of function-local statics):
+// not kernel memory traffic, so not checked.
+#define EMU_TSAN_ATOMIC(N, T)                                                                          \
+    EMU_EXPORT T __tsan_atomic##N##_load(const volatile T* a, int) { return __atomic_load_n(a, __ATOMIC_SEQ_CST); } \
+    EMU_EXPORT void __tsan_atomic##N##_store(volatile T* a, T v, int) { __atomic_store_n(a, v, __ATOMIC_SEQ_CST); }
+EMU_TSAN_ATOMIC(8, uint8_t)
+EMU_TSAN_ATOMIC(16, uint16_t)
+EMU_TSAN_ATOMIC(32, uint32_t)
+EMU_TSAN_ATOMIC(64, uint64_t)
+#undef EMU_TSAN_ATOMIC
+EMU_EXPORT void __tsan_init() {}
+EMU_EXPORT void __tsan_func_entry(void*) {}
+EMU_EXPORT void __tsan_func_exit() {}
 // memcpy / memmove / memset calls the compiler leaves in kernel code (variable
 // sizes) are redirected here by the linker (--wrap) and checked like any access.
 extern "C" void* __real_memcpy(void*, const void*, size_t);
@@ -817,14 +832,6 @@ extern "C" EMU_HIDDEN void* __wrap_memset(void* d, int c, size_t n) {
     if (R && R->cur && !R->bookkeeping) check((uintptr_t)d, n, true);
     return __real_memset(d, c, n);
 }
-
-EMU_EXPORT void __asan_handle_no_return() {}
-EMU_EXPORT void __asan_init() {}
-EMU_EXPORT void __asan_version_mismatch_check_v8() {}
-EMU_EXPORT void __asan_before_dynamic_init(const char*) {}
-EMU_EXPORT void __asan_after_dynamic_init() {}
-EMU_EXPORT void __asan_register_globals(void*, size_t) {}
-EMU_EXPORT void __asan_unregister_globals(void*, size_t) {}
 
 // ------------------------------------------------------------------ device API
 namespace gpubn_emu {
