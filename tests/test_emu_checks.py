@@ -966,6 +966,85 @@ extern "C" __global__ void pairs(unsigned int* flags, float* out) {
     np.testing.assert_array_equal(out, [2, 1, 4, 3])
 
 
+HANDOFF_SRC = r"""
+// Even blocks publish a value and raise a flag; the odd block after each waits
+// for the flag, then reads the value.
+// writer: 0 raises the flag with atomicExch, 1 with a volatile store.
+// reader: 0 spins on a volatile load, 1 on an atomic, 2 on a plain load
+//         (planted: the compiler may keep it in a register), 3 on a volatile
+//         load with no fence after it (planted: the value is not ordered).
+extern "C" __global__ void handoff(unsigned int* flags, float* vals, float* out, int writer, int reader) {
+    if (threadIdx.x != 0) return;
+    const unsigned int b = blockIdx.x;
+    if (b % 2 == 0) {
+        vals[b] = (float)(b + 1);
+        __threadfence();
+        if (writer == 0) atomicExch(&flags[b], 1u);
+        else *(volatile unsigned int*)&flags[b] = 1u;
+    } else {
+        unsigned int* flag = &flags[b - 1];
+        if (reader == 1) { while (atomicAdd(flag, 0u) == 0u) {} }
+        else if (reader == 2) { while (*flag == 0u) {} }
+        else { while (*(volatile unsigned int*)flag == 0u) {} }
+        if (reader != 3) __threadfence();
+        out[b] = vals[b - 1];
+    }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def handoff():
+    fn = emu.RawKernel(HANDOFF_SRC, "handoff")
+
+    def run(writer, reader, seed=None):
+        flags, vals, out = np.zeros(4, np.uint32), np.zeros(4, np.float32), np.zeros(4, np.float32)
+        with emu.options(seed=seed):
+            fn(4, 32, (flags, vals, out, np.int32(writer), np.int32(reader)))
+        return out
+    return run
+
+
+@pytest.mark.parametrize("writer", [0, 1])
+@pytest.mark.parametrize("reader", [0, 1])
+@pytest.mark.parametrize("seed", [None, 1, 2, 3])
+def test_flag_handoff_with_volatile_or_atomic_loads_runs_clean(handoff, writer, reader, seed):
+    np.testing.assert_array_equal(handoff(writer, reader, seed), [0, 1, 0, 3])
+
+
+@pytest.mark.parametrize("writer", [0, 1])
+def test_spinning_on_a_plain_load_of_a_flag_is_reported(handoff, writer):
+    # blocks in order: block 0 raised the flag before block 1 loads it
+    with pytest.raises(emu.RaceError, match=r"^racecheck: inter-block race \(non-volatile load hazard\) at byte 0 "
+                                            r"\(element 0\) of argument 0 .* block \(1, 0, 0\) thread \(0, 0, 0\) "
+                                            r"loads it with a plain load while block \(0, 0, 0\) thread \(0, 0, 0\) "
+                                            r"writes it with an atomic or a volatile store") as info:
+        handoff(writer, 2)
+    e = info.value
+    assert (e.access, e.other_access, e.buffer, e.offset, e.other_block) == ("load", "store", 0, 0, (0, 0, 0))
+
+
+def test_a_volatile_flag_load_orders_nothing_without_a_fence(handoff):
+    with pytest.raises(emu.RaceError, match=r"inter-block race \(read-after-write hazard\) at byte 0 \(element 0\) "
+                                            r"of argument 1 .* block \(1, 0, 0\) thread \(0, 0, 0\) loads it after "
+                                            r"block \(0, 0, 0\) thread \(0, 0, 0\) stored it"):
+        handoff(0, 3)
+
+
+def test_a_plain_store_racing_with_another_blocks_atomic_is_reported():
+    src = r"""
+extern "C" __global__ void reset_early(unsigned int* counter) {
+    if (threadIdx.x == 0) {
+        if (blockIdx.x == 0) atomicAdd(counter, 1u);
+        else *counter = 0u;       // planted: block 0's atomic may come before or after
+    }
+}
+"""
+    with pytest.raises(emu.RaceError, match=r"inter-block race \(write-after-write hazard\) at byte 0 .* block "
+                                            r"\(1, 0, 0\) thread \(0, 0, 0\) stores it after block \(0, 0, 0\)"):
+        emu.RawKernel(src, "reset_early")(2, 32, (np.zeros(1, np.uint32),))
+
+
 def test_cooperative_launch_beyond_what_emu_can_hold_is_refused_clearly():
     fn = emu.RawModule(code=GRID_BARRIER_SRC, enable_cooperative_groups=True).get_function("exchange")
     slots = np.zeros(128, np.float32)

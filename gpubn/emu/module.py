@@ -341,12 +341,20 @@ class Function:
             arr = args[buf]
             elem = f" (element {off // arr.itemsize})" if arr.itemsize else ""
             other_access = "store" if L.other_is_store else "load"
-            text = (f"racecheck: inter-block race ({msg} hazard) at byte {off}{elem} of argument {buf} "
-                    f"({arr.dtype} array of shape {arr.shape}) in kernel {name!r}: block {blk} thread {thr} "
-                    f"{access}s it after block {other_block} thread {other} {'stored' if L.other_is_store else 'loaded'} it, with no "
-                    f"chain ordering them (the {'writer' if L.other_is_store else 'reader'}'s __threadfence() "
-                    f"after its {other_access}, then an atomic; this block's atomic on that location, then its "
-                    f"__threadfence())")
+            where = (f"at byte {off}{elem} of argument {buf} ({arr.dtype} array of shape {arr.shape}) in kernel "
+                     f"{name!r}")
+            if msg == "non-volatile load":
+                text = (f"racecheck: inter-block race (non-volatile load hazard) {where}: block {blk} thread {thr} "
+                        f"loads it with a plain load while block {other_block} thread {other} writes it with an "
+                        f"atomic or a volatile store, and nothing orders them; the compiler may keep a plain load "
+                        f"in a register (a spin-wait on it never ends): load it with a volatile load or an atomic, "
+                        f"then __threadfence() before using what it guards")
+            else:
+                text = (f"racecheck: inter-block race ({msg} hazard) {where}: block {blk} thread {thr} {access}s it "
+                        f"after block {other_block} thread {other} {'stored' if L.other_is_store else 'loaded'} "
+                        f"it, with no chain ordering them (the {'writer' if L.other_is_store else 'reader'}'s "
+                        f"__threadfence() after its {other_access}, then an atomic; this block's atomic on that "
+                        f"location, then its __threadfence())")
             return RaceError(text, name, blk, thr, other, access, other_access, "global", off, None,
                              other_block=other_block, buffer=buf)
         if L.error == _ERR_RACE:

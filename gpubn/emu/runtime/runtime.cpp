@@ -129,6 +129,7 @@ struct Coverage {
         for (const auto& kv : o.own) { uint32_t& v = own[kv.first]; if (kv.second > v) v = kv.second; }
     }
     uint32_t version = 0;               // (release records) bumped by every release into it
+    uint32_t last_who = 0, last_t = 0;  // (release records) the location's last strong store: who, when
     bool covers(uint32_t block, uint64_t writer, uint32_t t) const {
         auto b = bar.find(block);
         if (b != bar.end() && t < b->second) return true;
@@ -190,7 +191,6 @@ struct Runtime {
     Buffer* bufs;
     int nbufs;
     bool memcheck, racecheck, initcheck;
-    bool in_atomic;                      // an atomic is being checked (its store half)
     // block
     uint3 bidx, bdim, gdim;
     int nthreads, live, arrived;
@@ -558,7 +558,9 @@ static void present_stale(int buf, uintptr_t a, size_t n, uint64_t k0, uint64_t 
     }
 }
 
-static inline void global_access(int buf, uintptr_t a, uint64_t off, size_t n, bool store) {
+static void global_atomic(int buf, uint64_t off, size_t n, bool rmw);
+
+static inline void global_access(int buf, uintptr_t a, uint64_t off, size_t n, bool store, bool vol) {
     const uint64_t base = R->goff[buf] + off;
     GlobalShadow* sh = R->gshadow[buf];
     Fiber* f = R->cur;
@@ -569,8 +571,12 @@ static inline void global_access(int buf, uintptr_t a, uint64_t off, size_t n, b
         GlobalShadow& g = sh[k];
         const uint64_t first = k * kGranule > base ? k * kGranule - R->goff[buf] : off;
         if (g.w.who == kAtomicByte) {
-            // a value an atomic wrote: the load observes that atomic's release sequence
+            // a value an atomic or a volatile store wrote (a strong store): a plain access
+            // races with it unless ordered after it; a load observes its release sequence
             const Coverage& rel = R->releases[g.w.t];
+            const Access last{rel.last_who, rel.last_t};
+            if (!vol && R->global_report && !ordered_after(f, last, me))
+                global_race(store ? "write-after-write" : "non-volatile load", last, true, store, buf, first);
             if (!store && (f->seen_release != g.w.t || f->seen_version != rel.version)) {
                 Bookkeeping quiet;
                 f->seen_release = g.w.t;
@@ -587,28 +593,42 @@ static inline void global_access(int buf, uintptr_t a, uint64_t off, size_t n, b
                 if (!ordered_after(f, g.r0, me)) global_race("write-after-read", g.r0, false, true, buf, first);
                 if (!ordered_after(f, g.r1, me)) global_race("write-after-read", g.r1, false, true, buf, first);
             }
-            if (g.w.who != id) {              // the value before this writer's stores (read before the store runs)
+            if (g.w.who != id && !vol) {      // the value before this writer's stores (read before the store runs)
                 const unsigned char* p = (const unsigned char*)(R->bufs[buf].lo - R->goff[buf] + k * kGranule);
                 R->gbefore[buf][k] = (uint16_t)(p[0] | p[1] << 8);
             }
             g = GlobalShadow{Access{id, R->gtime}, Access{0, 0}, Access{0, 0}};
-        } else {                              // r0: this block's latest load; r1: the other block's before it
+        } else if (!vol) {                    // r0: this block's latest plain load; r1: the other block's before it
             if ((g.r0.who & ~1023u) != me) g.r1 = g.r0;
             g.r0 = Access{id, R->gtime};
         }
     }
     f->gaccess_t = R->gtime;
+    if (store && vol) global_atomic(buf, off, n, false);   // a strong store: releases like an atomic
     // The load may return what the bytes held before the racing stores (chosen from the seed).
     if (racing && (splitmix(R->stale_rng) & 1)) present_stale(buf, a, n, k0, k1, racing);
 }
 
-// An atomic on global memory: acquires what the location's earlier atomics
-// released, and releases what the thread's last fence published.
-static void global_atomic(int buf, uint64_t off, size_t n) {
+// An atomic on global memory (rmw), or a volatile store: the atomic acquires
+// what the location's earlier strong stores released; both release what the
+// thread's last fence published.  The location's plain accesses by other
+// blocks must be ordered before it.
+static void global_atomic(int buf, uint64_t off, size_t n, bool rmw) {
     Bookkeeping quiet;
     const uint64_t base = R->goff[buf] + off;
     GlobalShadow* sh = R->gshadow[buf];
     Fiber* f = R->cur;
+    const uint32_t me = (R->blin + 1) << 10;
+    if (rmw && R->global_report) {
+        for (uint64_t k = base / kGranule; k <= (base + n - 1) / kGranule; ++k) {
+            const GlobalShadow& g = sh[k];
+            const uint64_t first = k * kGranule > base ? k * kGranule - R->goff[buf] : off;
+            if (g.w.who != kAtomicByte && !ordered_after(f, g.w, me))
+                global_race("write-after-write", g.w, true, true, buf, first);
+            if (!ordered_after(f, g.r0, me)) global_race("write-after-read", g.r0, false, true, buf, first);
+            if (!ordered_after(f, g.r1, me)) global_race("write-after-read", g.r1, false, true, buf, first);
+        }
+    }
     uint32_t idx;
     if (sh[base / kGranule].w.who == kAtomicByte) {
         idx = sh[base / kGranule].w.t;
@@ -616,9 +636,8 @@ static void global_atomic(int buf, uint64_t off, size_t n) {
         idx = (uint32_t)R->releases.size();
         R->releases.emplace_back();
     }
-    Coverage& pending = coverage(f->pending);
     Coverage& rel = R->releases[idx];
-    pending.merge(rel);
+    if (rmw) coverage(f->pending).merge(R->releases[idx]);
     if (!R->block_published.own.empty()) {
         // stores other threads fenced before a barrier this thread has passed
         rel.merge(R->block_published);
@@ -631,6 +650,8 @@ static void global_atomic(int buf, uint64_t off, size_t n) {
         if (f->fence_t > o) o = f->fence_t;
         ++rel.version;
     }
+    rel.last_who = me | (uint32_t)f->linear;
+    rel.last_t = R->gtime;
     for (uint64_t k = base / kGranule; k <= (base + n - 1) / kGranule; ++k)
         sh[k] = GlobalShadow{Access{kAtomicByte, idx}, Access{0, 0}, Access{0, 0}};
     ++R->gtime;
@@ -722,7 +743,11 @@ static inline void spin_watch(Fiber* f, uintptr_t a, size_t n) {
     if (++f->spin_count >= kSpinLoads) spin_hand_over(f, a, n);
 }
 
-static inline void check(uintptr_t a, size_t n, bool store, bool vol = false) {
+// What kind of access a hook reports: a plain or a volatile one (from the
+// instrumentation), or the load or store half of an atomic (atomic_access).
+enum AccessKind : int { PLAIN = 0, VOLATILE = 1, ATOMIC = 2 };
+
+static inline void check(uintptr_t a, size_t n, bool store, int kind = PLAIN) {
     Fiber* f = R ? R->cur : nullptr;
     if (!f || n == 0) return;
     settle_stale();
@@ -741,14 +766,14 @@ static inline void check(uintptr_t a, size_t n, bool store, bool vol = false) {
                 bad_access(a, n, store, "access runs past the end of an argument buffer");
             if (store) {
                 b.stored += n;
-                if (!R->in_atomic) f->spin_addr = 0;
+                if (kind != ATOMIC) f->spin_addr = 0;    // an atomic's store half does not end a spin
                 ++R->progress;
             } else {
                 b.loaded += n;
                 spin_watch(f, a, n);    // may hand over: the load then reads what the others stored since
             }
-            if (R->interblock && R->racecheck)
-                global_access(i, a, a - b.lo, n < b.lo + b.size - a ? n : b.lo + b.size - a, store);
+            if (R->interblock && kind != ATOMIC)
+                global_access(i, a, a - b.lo, n < b.lo + b.size - a ? n : b.lo + b.size - a, store, kind == VOLATILE);
             return;
         }
     }
@@ -760,14 +785,14 @@ static inline void check(uintptr_t a, size_t n, bool store, bool vol = false) {
             R->L->offset = (int64_t)off;
             bad_access(a, n, store, "out of bounds of dynamic shared memory");
         }
-        if (R->racecheck) race_access(&R->dyn_shadow[off], n, store, a, R_DYNAMIC_SHARED, off);
-        if (!store) spin_watch(f, a, n); else if (!R->in_atomic) f->spin_addr = 0, ++R->progress;
+        if (R->racecheck && kind != ATOMIC) race_access(&R->dyn_shadow[off], n, store, a, R_DYNAMIC_SHARED, off);
+        if (!store) spin_watch(f, a, n); else if (kind != ATOMIC) f->spin_addr = 0, ++R->progress;
         return;
     }
     if (a - R->bss_lo < R->bss_hi - R->bss_lo) {
-        if (R->racecheck && a + n <= R->bss_hi)
+        if (R->racecheck && kind != ATOMIC && a + n <= R->bss_hi)
             race_access(&R->bss_shadow[a - R->bss_lo], n, store, a, R_STATIC_SHARED, a - R->module_base);
-        if (!store) spin_watch(f, a, n); else if (!R->in_atomic) f->spin_addr = 0, ++R->progress;
+        if (!store) spin_watch(f, a, n); else if (kind != ATOMIC) f->spin_addr = 0, ++R->progress;
         return;
     }
     if (!store) {
@@ -792,8 +817,8 @@ static inline void check(uintptr_t a, size_t n, bool store, bool vol = false) {
     EMU_EXPORT void __tsan_write##N(uintptr_t a) { check(a, N, true); }                                \
     EMU_EXPORT void __tsan_unaligned_read##N(uintptr_t a) { check(a, N, false); }                      \
     EMU_EXPORT void __tsan_unaligned_write##N(uintptr_t a) { check(a, N, true); }                      \
-    EMU_EXPORT void __tsan_volatile_read##N(uintptr_t a) { check(a, N, false, true); }                 \
-    EMU_EXPORT void __tsan_volatile_write##N(uintptr_t a) { check(a, N, true, true); }
+    EMU_EXPORT void __tsan_volatile_read##N(uintptr_t a) { check(a, N, false, VOLATILE); }             \
+    EMU_EXPORT void __tsan_volatile_write##N(uintptr_t a) { check(a, N, true, VOLATILE); }
 EMU_TSAN(1)
 EMU_TSAN(2)
 EMU_TSAN(4)
@@ -1034,24 +1059,19 @@ unsigned long long warp_op(int op, unsigned mask, unsigned long long value, int 
 void syncwarp(unsigned mask) { warp_op(SYNC, mask, 0, 0, 32, 0); }
 
 void atomic_access(const volatile void* addr, size_t size) {
-    // An atomic is checked like a load and a store, but never races; on shared
-    // memory it counts as initializing the bytes.
-    bool rc = R->racecheck, ic = R->initcheck;
-    R->racecheck = false;
-    R->initcheck = false;
-    check((uintptr_t)addr, size, false);
-    R->in_atomic = true;              // the store half does not end a spin (atomicCAS loops)
-    check((uintptr_t)addr, size, true);
-    R->in_atomic = false;
-    R->racecheck = rc;
-    R->initcheck = ic;
-    if (!rc) return;
+    // An atomic is checked like a load and a store (memcheck, traffic; the load
+    // half may hand over in a spin-wait), but is never a shared-memory race; on
+    // shared memory it counts as initializing the bytes.  Between blocks, see
+    // global_atomic.
+    check((uintptr_t)addr, size, false, ATOMIC);
+    check((uintptr_t)addr, size, true, ATOMIC);
+    if (!R->racecheck) return;
     const uintptr_t a = (uintptr_t)addr;
     if (R->interblock) {
         for (int i = 0; i < R->nbufs; ++i) {
             const Buffer& b = R->bufs[i];
             if (a - b.lo < b.size && size <= b.lo + b.size - a) {
-                global_atomic(i, a - b.lo, size);
+                global_atomic(i, a - b.lo, size, true);
                 return;
             }
         }
@@ -1553,7 +1573,6 @@ EMU_EXPORT int64_t gpubn_emu_launch(Launch* L) {
     R->memcheck = L->memcheck != 0;
     R->racecheck = L->racecheck != 0;
     R->initcheck = R->racecheck && L->initcheck != 0;
-    R->in_atomic = false;
     R->bufs = (Buffer*)(uintptr_t)L->buffers;
     R->nbufs = (int)L->nbuffers;
     R->nthreads = (int)nt;
