@@ -767,10 +767,10 @@ def test_reading_another_blocks_store_with_no_atomic_is_a_race(last_block_mod):
     out = np.zeros(4, np.float32)
     # blocks in order: block 0 loads slot 1 before block 1 stores it (write-after-read);
     # block 3 loads slot 0 after block 0 stored it (read-after-write)
-    with pytest.raises(emu.RaceError, match=r"inter-block race \(write-after-read hazard\) at byte 4 .* block "
-                                            r"\(1, 0, 0\) thread \(0, 0, 0\) stores it after block \(0, 0, 0\) "
-                                            r"thread \(0, 0, 0\) loaded it, with no chain ordering them \(the "
-                                            r"reader's __threadfence\(\) after its load"):
+    with emu.options(seed=None), pytest.raises(
+            emu.RaceError, match=r"inter-block race \(write-after-read hazard\) at byte 4 .* block \(1, 0, 0\) "
+                                 r"thread \(0, 0, 0\) stores it after block \(0, 0, 0\) thread \(0, 0, 0\) loaded "
+                                 r"it, with no chain ordering them \(the reader's __threadfence\(\) after its load"):
         last_block_mod.get_function("neighbour_slot")(4, 32, (slots, out))
     for seed in range(4):
         with emu.options(seed=seed), pytest.raises(emu.RaceError, match=r"inter-block race \((read-after-write|"
@@ -1024,6 +1024,35 @@ def test_spinning_on_a_plain_load_of_a_flag_is_reported(handoff, writer):
     assert (e.access, e.other_access, e.buffer, e.offset, e.other_block) == ("load", "store", 0, 0, (0, 0, 0))
 
 
+def test_a_plain_spin_started_before_the_flag_is_raised_is_reported_not_a_hang():
+    # block 0 starts first and spins; the compiler moved its plain load out of
+    # the loop, so the loop would never see block 1's atomicExch, on a GPU too
+    # (blocks 0 and 1 run at once: an ordinary launch of 3 blocks runs 2 at a time)
+    src = r"""
+extern "C" __global__ void wait_plain(unsigned int* flag, float* out, int plain) {
+    if (threadIdx.x != 0) return;
+    if (blockIdx.x == 0) {
+        if (plain) { while (*flag == 0u) {} }
+        else { while (*(volatile unsigned int*)flag == 0u) {} }
+        out[0] = 1.0f;
+    } else {
+        atomicExch(flag, 1u);
+    }
+}
+"""
+    fn = emu.RawKernel(src, "wait_plain")
+    with emu.options(seed=None), pytest.raises(emu.DeadlockError, match=r"^deadlock in kernel 'wait_plain', block "
+                                                                        r"\(0, 0, 0\): thread \(0, 0, 0\) runs on "
+                                                                        r"without a memory access .* after its last "
+                                                                        r"load \(argument 0 at offset 0\): a spin-wait "
+                                                                        r"on a plain \(non-volatile\) load"):
+        fn(3, 32, (np.zeros(1, np.uint32), np.zeros(1, np.float32), np.int32(1)))
+    out = np.zeros(1, np.float32)
+    with emu.options(seed=None):  # blocks 0 and 1 co-resident: the volatile spin hands over and ends
+        fn(3, 32, (np.zeros(1, np.uint32), out, np.int32(0)))
+    assert out[0] == 1.0
+
+
 def test_a_volatile_flag_load_orders_nothing_without_a_fence(handoff):
     with pytest.raises(emu.RaceError, match=r"inter-block race \(read-after-write hazard\) at byte 0 \(element 0\) "
                                             r"of argument 1 .* block \(1, 0, 0\) thread \(0, 0, 0\) loads it after "
@@ -1040,9 +1069,14 @@ extern "C" __global__ void reset_early(unsigned int* counter) {
     }
 }
 """
-    with pytest.raises(emu.RaceError, match=r"inter-block race \(write-after-write hazard\) at byte 0 .* block "
-                                            r"\(1, 0, 0\) thread \(0, 0, 0\) stores it after block \(0, 0, 0\)"):
-        emu.RawKernel(src, "reset_early")(2, 32, (np.zeros(1, np.uint32),))
+    fn = emu.RawKernel(src, "reset_early")
+    with emu.options(seed=None), pytest.raises(emu.RaceError, match=r"inter-block race \(write-after-write hazard\) "
+                                                                    r"at byte 0 .* block \(1, 0, 0\) thread "
+                                                                    r"\(0, 0, 0\) stores it after block \(0, 0, 0\)"):
+        fn(2, 32, (np.zeros(1, np.uint32),))
+    for seed in range(1, 5):      # either order: the atomic after the store is reported too
+        with emu.options(seed=seed), pytest.raises(emu.RaceError, match=r"write-after-write hazard"):
+            fn(2, 32, (np.zeros(1, np.uint32),))
 
 
 def test_cooperative_launch_beyond_what_emu_can_hold_is_refused_clearly():

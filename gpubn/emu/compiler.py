@@ -39,6 +39,7 @@ _KERNEL_FLAGS = (
 )
 _RUNTIME_FLAGS = ("-O2", "-fPIC", "-fvisibility=hidden", "-Wall")
 _LINK_FLAGS = ("-shared", "-Wl,-Bsymbolic", "-Wl,-z,noexecstack", "-Wl,--wrap=memcpy,--wrap=memmove,--wrap=memset")
+_LINK_LIBS = ("-lrt",)    # timer_create (the runtime's watchdog) before glibc 2.34
 
 
 # ---------------------------------------------------------------- compiler discovery
@@ -532,7 +533,7 @@ def build(source: str, options: Sequence[str], name_expressions: Sequence[str],
     cc = find_compiler()
     key = hashlib.sha256(b"\0".join([
         _CACHE_VERSION.encode(), cc.path.encode(), cc.version.encode(), _runtime_sources(),
-        " ".join(_KERNEL_FLAGS + _LINK_FLAGS + _runtime_flags()).encode(), repr(opts).encode(), repr(kernels).encode(),
+        " ".join(_KERNEL_FLAGS + _LINK_FLAGS + _LINK_LIBS + _runtime_flags()).encode(), repr(opts).encode(), repr(kernels).encode(),
         *[str(h.path).encode() + b"\0" + h.text.encode() for h in headers],
         filename.encode(), source.encode()])).hexdigest()[:32]
     with _build_lock:
@@ -576,7 +577,7 @@ def build(source: str, options: Sequence[str], name_expressions: Sequence[str],
                 cmd = [cc.path, f"-std={opts.std}", *_KERNEL_FLAGS, "-include", str(RUNTIME_DIR / "cuda_emu.h"),
                        *include, *opts.defines, "-x", "c++", "-c", src_path, "-o", obj]
                 _run(cmd, "kernel source", filename)
-                _run([cc.path, *_LINK_FLAGS, obj, str(runtime_o), "-o", tmp], "kernel source", filename)
+                _run([cc.path, *_LINK_FLAGS, obj, str(runtime_o), *_LINK_LIBS, "-o", tmp], "kernel source", filename)
                 os.replace(tmp, dest)
             finally:
                 shutil.rmtree(workdir, ignore_errors=True)

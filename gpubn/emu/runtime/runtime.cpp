@@ -33,6 +33,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -244,6 +245,10 @@ struct Runtime {
     Coverage block_acquired;             // what the running block's threads share since a barrier
     Coverage block_published;            // stores its threads fenced before its last barrier
     std::vector<Coverage> releases;      // per atomic location: what its atomics published
+    // the watchdog (see "hoisted spin-waits")
+    uint64_t beats;                      // memory accesses and fiber switches so far
+    uint64_t beats_seen;                 // at the watchdog's last tick
+    int idle_ticks;                      // its ticks since then
     // concurrent blocks
     std::vector<Slot> slots;             // slots[cur_slot] is stale: its block's state is here
     int cur_slot;
@@ -320,6 +325,7 @@ static void* fiber_init_stack(Fiber& f, uintptr_t lo) {
 }
 static inline void ctx_switch(void** save, void* load) {
     settle_stale();
+    ++R->beats;
     gpubn_emu_switch(save, load);
 }
 #else
@@ -335,6 +341,7 @@ static void* fiber_init_stack(Fiber& f, uintptr_t lo) {
 }
 static inline void ctx_switch(void** save, void* load) {
     settle_stale();
+    ++R->beats;
     swapcontext((ucontext_t*)*save, (ucontext_t*)load);
 }
 #endif
@@ -751,6 +758,7 @@ static inline void check(uintptr_t a, size_t n, bool store, int kind = PLAIN) {
     Fiber* f = R ? R->cur : nullptr;
     if (!f || n == 0) return;
     settle_stale();
+    ++R->beats;
     if (a - f->stack_lo < kStack) {
         if (a + n - f->stack_lo <= kStack) return;
     }
@@ -1430,6 +1438,69 @@ static void fault_handler(int sig, siginfo_t* si, void*) {
     ctx_switch(&f->sp, R->sched_sp);
 }
 
+// ------------------------------------------------------------------ hoisted spin-waits
+// A spin-wait on a plain load is a loop the compiler may reduce to a jump: the
+// load moves out of the loop (on the GPU too), so the loop never sees another
+// block's store, never calls the runtime, and would hang the process.  A timer
+// on the launching thread's CPU time ticks every kWatchTick; after
+// kWatchTicks ticks with no memory access and no switch of fibers, the running
+// thread is abandoned and the launch reports the hang.
+constexpr long kWatchTickNs = 200 * 1000 * 1000;
+constexpr int kWatchTicks = 10;
+constexpr int kWatchSignal = SIGVTALRM;
+
+static void watchdog_handler(int, siginfo_t*, void*) {
+    Fiber* f = R ? R->cur : nullptr;
+    if (!f || !R->L || !g_fault || !pthread_equal(pthread_self(), g_fault->owner)) return;
+    if (R->beats != R->beats_seen) {
+        R->beats_seen = R->beats;
+        R->idle_ticks = 0;
+        return;
+    }
+    if (++R->idle_ticks < kWatchTicks) return;
+    Launch* L = R->L;
+    L->error = DEADLOCK;
+    set_where(f);
+    const uintptr_t a = f->spin_addr;
+    L->address = a;
+    char where[128] = "";
+    for (int i = 0; i < R->nbufs; ++i)
+        if (a - R->bufs[i].lo < R->bufs[i].size)
+            snprintf(where, sizeof where, " (argument %lld at offset %llu)", (long long)R->bufs[i].arg_index,
+                     (unsigned long long)(a - R->bufs[i].lo));
+    snprintf(L->message, sizeof L->message,
+             "runs on without a memory access or a synchronization for %.1f s of CPU time after its last load%s: a "
+             "spin-wait on a plain (non-volatile) load, which the compiler moved out of the loop (as it may on a "
+             "GPU: the loop never sees another block's store); load the flag with a volatile load or an atomic",
+             kWatchTicks * kWatchTickNs / 1e9, where);
+    ctx_switch(&f->sp, R->sched_sp);
+}
+
+// Armed for the launch; the handler stays installed (it ignores ticks outside
+// a launch), so a tick still pending after the timer is deleted is harmless.
+static bool arm_watchdog(timer_t* timer) {
+    __attribute__((section(".data.gpubn_emu"))) static bool installed = false;
+    if (!installed) {
+        struct sigaction sa {};
+        sa.sa_sigaction = watchdog_handler;
+        sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER | SA_RESTART;
+        sigemptyset(&sa.sa_mask);
+        if (sigaction(kWatchSignal, &sa, nullptr) != 0) return false;
+        installed = true;
+    }
+    R->beats_seen = R->beats;
+    R->idle_ticks = 0;
+    struct sigevent sev {};
+    sev.sigev_notify = SIGEV_THREAD_ID;
+    sev.sigev_signo = kWatchSignal;
+    sev._sigev_un._tid = (pid_t)syscall(SYS_gettid);
+    if (timer_create(CLOCK_THREAD_CPUTIME_ID, &sev, timer) != 0) return false;
+    struct itimerspec its {};
+    its.it_value.tv_nsec = its.it_interval.tv_nsec = kWatchTickNs;
+    timer_settime(*timer, 0, &its, nullptr);
+    return true;
+}
+
 static void install_fault_handler() {
     if (!g_fault) {
         g_fault = new FaultState();
@@ -1610,6 +1681,8 @@ EMU_EXPORT int64_t gpubn_emu_launch(Launch* L) {
     for (int k = resident - 1; k >= 0; --k) idle.push_back(k);
     uint64_t next = 0, turn = 0, rng = (uint64_t)L->seed ^ 0x5bd1e995ull;
     install_fault_handler();
+    timer_t watchdog;
+    const bool watched = arm_watchdog(&watchdog);
     for (;;) {
         while (!idle.empty() && next < nblocks) {
             const int k = idle.back();
@@ -1644,6 +1717,7 @@ EMU_EXPORT int64_t gpubn_emu_launch(Launch* L) {
             running.erase(running.begin() + pick);
         }
     }
+    if (watched) timer_delete(watchdog);
     restore_fault_handler();
     unstage_buffers(stages);
     release_slots();
