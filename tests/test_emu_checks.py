@@ -823,6 +823,24 @@ def test_with_both_fences_no_load_returns_an_old_value(last_block_mod):
     assert all(total == expected for total, _ in results.values()), results
 
 
+def test_a_store_to_the_last_byte_of_an_odd_sized_buffer_at_a_page_end():
+    # the old value is kept per 2 bytes; the byte after the buffer is not mapped
+    src = r"""
+extern "C" __global__ void last_byte(unsigned char* y) {
+    if (threadIdx.x == 0 && blockIdx.x == 1) y[2] = 7;
+}
+"""
+    page = np.zeros(3 * 4096, np.uint8)
+    end = (-page.ctypes.data) % 4096 + 4096        # an index whose address is a multiple of 4096
+    y = page[end - 3:end]
+    assert y.ctypes.data % 2 == 1 and (y.ctypes.data + 3) % 4096 == 0
+    for report in (True, False):
+        y[:] = 0
+        with emu.options(global_racecheck=report):
+            emu.RawKernel(src, "last_byte")(2, 32, (y,))
+        np.testing.assert_array_equal(y, [0, 0, 7])
+
+
 def test_global_racecheck_off_keeps_shared_memory_racecheck(mod):
     x = np.arange(256, dtype=np.float32)
     y = np.zeros(256, np.float32)

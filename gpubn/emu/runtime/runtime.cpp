@@ -601,8 +601,12 @@ static inline void global_access(int buf, uintptr_t a, uint64_t off, size_t n, b
                 if (!ordered_after(f, g.r1, me)) global_race("write-after-read", g.r1, false, true, buf, first);
             }
             if (g.w.who != id && !vol) {      // the value before this writer's stores (read before the store runs)
-                const unsigned char* p = (const unsigned char*)(R->bufs[buf].lo - R->goff[buf] + k * kGranule);
-                R->gbefore[buf][k] = (uint16_t)(p[0] | p[1] << 8);
+                const Buffer& b = R->bufs[buf];
+                const uintptr_t p = b.lo - R->goff[buf] + k * kGranule;
+                uint16_t v = 0;
+                for (int i = 0; i < (int)kGranule; ++i)      // (the granule may pass the buffer's end)
+                    if (p + i - b.lo < b.size) v |= (uint16_t)(*(const unsigned char*)(p + i) << (8 * i));
+                R->gbefore[buf][k] = v;
             }
             g = GlobalShadow{Access{id, R->gtime}, Access{0, 0}, Access{0, 0}};
         } else if (!vol) {                    // r0: this block's latest plain load; r1: the other block's before it
