@@ -765,13 +765,88 @@ def test_last_block_reduction_without_a_fence_is_an_inter_block_race(last_block_
 def test_reading_another_blocks_store_with_no_atomic_is_a_race(last_block_mod):
     slots = np.zeros(4, np.float32)
     out = np.zeros(4, np.float32)
-    with pytest.raises(emu.RaceError, match=r"inter-block race .* block \(\d, 0, 0\) thread \(0, 0, 0\) loads it"):
+    # blocks in order: block 0 loads slot 1 before block 1 stores it (write-after-read);
+    # block 3 loads slot 0 after block 0 stored it (read-after-write)
+    with emu.options(seed=None), pytest.raises(
+            emu.RaceError, match=r"inter-block race \(write-after-read hazard\) at byte 4 .* block \(1, 0, 0\) "
+                                 r"thread \(0, 0, 0\) stores it after block \(0, 0, 0\) thread \(0, 0, 0\) loaded "
+                                 r"it, with no chain ordering them \(the reader's __threadfence\(\) after its load"):
         last_block_mod.get_function("neighbour_slot")(4, 32, (slots, out))
+    for seed in range(4):
+        with emu.options(seed=seed), pytest.raises(emu.RaceError, match=r"inter-block race \((read-after-write|"
+                                                                        r"write-after-read) hazard\)"):
+            last_block_mod.get_function("neighbour_slot")(4, 32, (slots, out))
     # one block: nothing to race with
     last_block_mod.get_function("neighbour_slot")(1, 32, (slots, out))
     assert out[0] == 0.0
     with emu.options(racecheck=False):
         last_block_mod.get_function("neighbour_slot")(4, 32, (slots, out))
+
+
+def _partial_sums_left_out(mod, fence_writer, seeds):
+    """The last-block reduction with race reports off, per seed: the result, and
+    the sets of blocks whose partial it is missing (stale loads read the zeros
+    the partials held before the launch), None where it is no such sum."""
+    x = np.arange(12 * 32, dtype=np.float32)
+    per_block = x.reshape(12, 32).sum(axis=1, dtype=np.float64)
+    out = {}
+    for seed in seeds:
+        with emu.options(global_racecheck=False):
+            total, expected, counter = _last_block(mod, fence_writer, 1, seed)
+        assert counter == 0 and expected == per_block.sum()
+        # float32 sums of integers below 2**24 are exact, so the missing blocks show exactly
+        missing = [m for m in range(1 << 12)
+                   if per_block.sum() - sum(per_block[b] for b in range(12) if m >> b & 1) == total]
+        out[seed] = (total, missing[0] if missing else None)
+    return out, per_block.sum()
+
+
+def test_without_the_writers_fence_a_load_may_return_the_value_from_before_the_store(last_block_mod):
+    # reports off: the race is not raised, but the last block may read a
+    # partial as it was before the other block stored it (0), as on a GPU
+    seeds = [None, *range(1, 9)]
+    results, expected = _partial_sums_left_out(last_block_mod, 0, seeds)
+    wrong = {seed: r for seed, r in results.items() if r[0] != expected}
+    assert len(wrong) >= 1, results
+    for seed, (total, missing) in wrong.items():
+        # some partials read as 0, never the last block's own (so never all 12)
+        assert missing is not None and 0 < bin(missing).count("1") < 12, (seed, total)
+    # the same seed, the same schedule, the same stale loads
+    again, _ = _partial_sums_left_out(last_block_mod, 0, list(wrong))
+    assert again == wrong
+    with pytest.raises(emu.RaceError, match=r"inter-block race \(read-after-write hazard\)"):
+        _last_block(last_block_mod, 0, 1)       # reports on: the race itself
+
+
+def test_with_both_fences_no_load_returns_an_old_value(last_block_mod):
+    results, expected = _partial_sums_left_out(last_block_mod, 1, [None, *range(1, 9)])
+    assert all(total == expected for total, _ in results.values()), results
+
+
+def test_a_store_to_the_last_byte_of_an_odd_sized_buffer_at_a_page_end():
+    # the old value is kept per 2 bytes; the byte after the buffer is not mapped
+    src = r"""
+extern "C" __global__ void last_byte(unsigned char* y) {
+    if (threadIdx.x == 0 && blockIdx.x == 1) y[2] = 7;
+}
+"""
+    page = np.zeros(3 * 4096, np.uint8)
+    end = (-page.ctypes.data) % 4096 + 4096        # an index whose address is a multiple of 4096
+    y = page[end - 3:end]
+    assert y.ctypes.data % 2 == 1 and (y.ctypes.data + 3) % 4096 == 0
+    for report in (True, False):
+        y[:] = 0
+        with emu.options(global_racecheck=report):
+            emu.RawKernel(src, "last_byte")(2, 32, (y,))
+        np.testing.assert_array_equal(y, [0, 0, 7])
+
+
+def test_global_racecheck_off_keeps_shared_memory_racecheck(mod):
+    x = np.arange(256, dtype=np.float32)
+    y = np.zeros(256, np.float32)
+    with emu.options(global_racecheck=False), pytest.raises(emu.RaceError, match=r"hazard at byte \d+ of "
+                                                                                r"__shared__ variable"):
+        mod.get_function("neighbour")(2, 128, (x, y, np.int32(0)))
 
 
 # ---------------------------------------------------------------- concurrent blocks, cooperative launch
@@ -793,6 +868,15 @@ extern "C" __global__ void exchange(float* slots, unsigned int* arrived, float* 
     grid_barrier(arrived);
     out[blockIdx.x * blockDim.x + threadIdx.x] = slots[(blockIdx.x + 1) % gridDim.x];
 }
+// Rotates v in place: every block loads its neighbour's element, then stores
+// its own.  Planted (sync == 0): nothing orders a block's load before the
+// neighbour's store (write-after-read between blocks).
+extern "C" __global__ void rotate(float* v, unsigned int* arrived, int sync) {
+    float mine = 0.f;
+    if (threadIdx.x == 0) mine = v[(blockIdx.x + 1) % gridDim.x];
+    if (sync) grid_barrier(arrived);
+    if (threadIdx.x == 0) v[blockIdx.x] = mine;
+}
 """
 
 
@@ -810,6 +894,36 @@ def test_grid_barrier_under_a_cooperative_launch(seed):
     with emu.options(seed=seed):
         out = _exchange(fn, 6)
     np.testing.assert_array_equal(out, np.roll(np.arange(1, 7, dtype=np.float32), -1)[:, None] * np.ones(32))
+
+
+def _rotate(sync, seed=None):
+    fn = emu.RawModule(code=GRID_BARRIER_SRC, enable_cooperative_groups=True).get_function("rotate")
+    v = np.arange(1, 7, dtype=np.float32)
+    arrived = np.zeros(1, np.uint32)
+    with emu.options(seed=seed):
+        fn(6, 32, (v, arrived, np.int32(sync)))
+    return v
+
+
+def test_store_after_another_blocks_load_with_no_chain_is_a_write_after_read_race():
+    # blocks started in order: block 0 loads v[1], then block 1 stores it
+    with pytest.raises(emu.RaceError, match=r"^racecheck: inter-block race \(write-after-read hazard\) at byte 4 "
+                                            r"\(element 1\) of argument 0 \(float32 array of shape \(6,\)\) in "
+                                            r"kernel 'rotate': block \(1, 0, 0\) thread \(0, 0, 0\) stores it after "
+                                            r"block \(0, 0, 0\) thread \(0, 0, 0\) loaded it, with no chain ordering "
+                                            r"them") as info:
+        _rotate(0)
+    e = info.value
+    assert (e.access, e.other_access, e.memory, e.buffer, e.offset) == ("store", "load", "global", 0, 4)
+    assert e.block == (1, 0, 0) and e.other_block == (0, 0, 0)
+    for seed in range(1, 5):    # other schedules: the load after the store, or before it
+        with pytest.raises(emu.RaceError, match=r"inter-block race \((write-after-read|read-after-write) hazard\)"):
+            _rotate(0, seed)
+
+
+@pytest.mark.parametrize("seed", [None, 1, 2, 3])
+def test_loads_ordered_before_the_stores_by_a_grid_barrier_run_clean(seed):
+    np.testing.assert_array_equal(_rotate(1, seed), [2, 3, 4, 5, 6, 1])
 
 
 def test_grid_barrier_cooperative_per_launch():
@@ -868,6 +982,119 @@ extern "C" __global__ void pairs(unsigned int* flags, float* out) {
     out = np.zeros(4, np.float32)
     fn(4, 32, (flags, out))
     np.testing.assert_array_equal(out, [2, 1, 4, 3])
+
+
+HANDOFF_SRC = r"""
+// Even blocks publish a value and raise a flag; the odd block after each waits
+// for the flag, then reads the value.
+// writer: 0 raises the flag with atomicExch, 1 with a volatile store.
+// reader: 0 spins on a volatile load, 1 on an atomic, 2 on a plain load
+//         (planted: the compiler may keep it in a register), 3 on a volatile
+//         load with no fence after it (planted: the value is not ordered).
+extern "C" __global__ void handoff(unsigned int* flags, float* vals, float* out, int writer, int reader) {
+    if (threadIdx.x != 0) return;
+    const unsigned int b = blockIdx.x;
+    if (b % 2 == 0) {
+        vals[b] = (float)(b + 1);
+        __threadfence();
+        if (writer == 0) atomicExch(&flags[b], 1u);
+        else *(volatile unsigned int*)&flags[b] = 1u;
+    } else {
+        unsigned int* flag = &flags[b - 1];
+        if (reader == 1) { while (atomicAdd(flag, 0u) == 0u) {} }
+        else if (reader == 2) { while (*flag == 0u) {} }
+        else { while (*(volatile unsigned int*)flag == 0u) {} }
+        if (reader != 3) __threadfence();
+        out[b] = vals[b - 1];
+    }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def handoff():
+    fn = emu.RawKernel(HANDOFF_SRC, "handoff")
+
+    def run(writer, reader, seed=None):
+        flags, vals, out = np.zeros(4, np.uint32), np.zeros(4, np.float32), np.zeros(4, np.float32)
+        with emu.options(seed=seed):
+            fn(4, 32, (flags, vals, out, np.int32(writer), np.int32(reader)))
+        return out
+    return run
+
+
+@pytest.mark.parametrize("writer", [0, 1])
+@pytest.mark.parametrize("reader", [0, 1])
+@pytest.mark.parametrize("seed", [None, 1, 2, 3])
+def test_flag_handoff_with_volatile_or_atomic_loads_runs_clean(handoff, writer, reader, seed):
+    np.testing.assert_array_equal(handoff(writer, reader, seed), [0, 1, 0, 3])
+
+
+@pytest.mark.parametrize("writer", [0, 1])
+def test_spinning_on_a_plain_load_of_a_flag_is_reported(handoff, writer):
+    # blocks in order: block 0 raised the flag before block 1 loads it
+    with pytest.raises(emu.RaceError, match=r"^racecheck: inter-block race \(non-volatile load hazard\) at byte 0 "
+                                            r"\(element 0\) of argument 0 .* block \(1, 0, 0\) thread \(0, 0, 0\) "
+                                            r"loads it with a plain load while block \(0, 0, 0\) thread \(0, 0, 0\) "
+                                            r"writes it with an atomic or a volatile store") as info:
+        handoff(writer, 2)
+    e = info.value
+    assert (e.access, e.other_access, e.buffer, e.offset, e.other_block) == ("load", "store", 0, 0, (0, 0, 0))
+
+
+def test_a_plain_spin_started_before_the_flag_is_raised_is_reported_not_a_hang():
+    # block 0 starts first and spins; the compiler moved its plain load out of
+    # the loop, so the loop would never see block 1's atomicExch, on a GPU too
+    # (blocks 0 and 1 run at once: an ordinary launch of 3 blocks runs 2 at a time)
+    src = r"""
+extern "C" __global__ void wait_plain(unsigned int* flag, float* out, int plain) {
+    if (threadIdx.x != 0) return;
+    if (blockIdx.x == 0) {
+        if (plain) { while (*flag == 0u) {} }
+        else { while (*(volatile unsigned int*)flag == 0u) {} }
+        out[0] = 1.0f;
+    } else {
+        atomicExch(flag, 1u);
+    }
+}
+"""
+    fn = emu.RawKernel(src, "wait_plain")
+    with emu.options(seed=None), pytest.raises(emu.DeadlockError, match=r"^deadlock in kernel 'wait_plain', block "
+                                                                        r"\(0, 0, 0\): thread \(0, 0, 0\) runs on "
+                                                                        r"without a memory access .* after its last "
+                                                                        r"load \(argument 0 at offset 0\): a spin-wait "
+                                                                        r"on a plain \(non-volatile\) load"):
+        fn(3, 32, (np.zeros(1, np.uint32), np.zeros(1, np.float32), np.int32(1)))
+    out = np.zeros(1, np.float32)
+    with emu.options(seed=None):  # blocks 0 and 1 co-resident: the volatile spin hands over and ends
+        fn(3, 32, (np.zeros(1, np.uint32), out, np.int32(0)))
+    assert out[0] == 1.0
+
+
+def test_a_volatile_flag_load_orders_nothing_without_a_fence(handoff):
+    with pytest.raises(emu.RaceError, match=r"inter-block race \(read-after-write hazard\) at byte 0 \(element 0\) "
+                                            r"of argument 1 .* block \(1, 0, 0\) thread \(0, 0, 0\) loads it after "
+                                            r"block \(0, 0, 0\) thread \(0, 0, 0\) stored it"):
+        handoff(0, 3)
+
+
+def test_a_plain_store_racing_with_another_blocks_atomic_is_reported():
+    src = r"""
+extern "C" __global__ void reset_early(unsigned int* counter) {
+    if (threadIdx.x == 0) {
+        if (blockIdx.x == 0) atomicAdd(counter, 1u);
+        else *counter = 0u;       // planted: block 0's atomic may come before or after
+    }
+}
+"""
+    fn = emu.RawKernel(src, "reset_early")
+    with emu.options(seed=None), pytest.raises(emu.RaceError, match=r"inter-block race \(write-after-write hazard\) "
+                                                                    r"at byte 0 .* block \(1, 0, 0\) thread "
+                                                                    r"\(0, 0, 0\) stores it after block \(0, 0, 0\)"):
+        fn(2, 32, (np.zeros(1, np.uint32),))
+    for seed in range(1, 5):      # either order: the atomic after the store is reported too
+        with emu.options(seed=seed), pytest.raises(emu.RaceError, match=r"write-after-write hazard"):
+            fn(2, 32, (np.zeros(1, np.uint32),))
 
 
 def test_cooperative_launch_beyond_what_emu_can_hold_is_refused_clearly():

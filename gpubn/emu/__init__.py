@@ -43,9 +43,15 @@ warp.  Every launch is checked:
   of the reader on that location (or a load of a value an atomic wrote), then
   the reader's ``__threadfence()`` (shared with its block by a
   ``__syncthreads()``).  A last-block reduction with both fences runs clean;
-  without either it is reported.  Loads are not told apart from volatile loads
-  (volatile orders nothing by itself); write-after-read between blocks is not
-  tracked;
+  without either it is reported.  A store after another block's load of the
+  byte with no such chain is a write-after-read race.  Volatile stores and
+  loads are strong, as atomics are: a volatile store publishes like an atomic,
+  a volatile load observes it (and orders nothing without the fence after it);
+  a plain load or store of a location another block writes with an atomic or a
+  volatile store, unordered, is a race ("non-volatile load": a spin-wait on a
+  plain load may never end).  With ``options(global_racecheck=False)`` these
+  races are not raised, but a racing load returns, as drawn from the seed, the
+  value from before the racing store, so results are wrong as on a GPU;
 * initcheck -- a load of shared memory no thread of the block has written
   raises :class:`MemcheckError` (reported at the next barrier, so that a
   missing barrier is reported as the race it is);

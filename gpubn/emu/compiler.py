@@ -4,8 +4,8 @@ Steps: refuse constructs the runtime does not support (with the construct's
 name and line), rewrite ``extern __shared__`` arrays to the launch's dynamic
 shared memory, append one ``extern "C"`` entry point per kernel, compile the
 result with g++ after the prelude ``runtime/cuda_emu.h`` (kernel code
-instrumented with ``-fsanitize=kernel-address``), link it with the runtime
-object, and cache the library on disk and in memory.
+instrumented with ``-fsanitize=thread``, whose hooks the runtime defines),
+link it with the runtime object, and cache the library on disk and in memory.
 """
 
 from __future__ import annotations
@@ -24,19 +24,22 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from .errors import EmuCompileError
 
 RUNTIME_DIR = Path(__file__).resolve().parent / "runtime"
-_CACHE_VERSION = "2"
+_CACHE_VERSION = "4"
 
 # Flags for the kernel translation unit.  -O1 keeps compile times short; the
-# sanitizer calls dominate run time anyway.
+# sanitizer calls dominate run time anyway.  The thread sanitizer's
+# instrumentation (not its run-time library: the hooks are emu's) calls a hook
+# before every load and store the compiler cannot prove local, and a separate
+# one for volatile accesses.
 _KERNEL_FLAGS = (
     "-O1", "-fno-tree-sra", "-fPIC", "-fno-strict-aliasing", "-fvisibility=hidden", "-fno-exceptions", "-w",
-    "-fsanitize=kernel-address",
-    "--param", "asan-instrumentation-with-call-threshold=0",
-    "--param", "asan-stack=0",
-    "--param", "asan-globals=0",
+    "-fsanitize=thread",
+    "--param", "tsan-distinguish-volatile=1",
+    "--param", "tsan-instrument-func-entry-exit=0",
 )
 _RUNTIME_FLAGS = ("-O2", "-fPIC", "-fvisibility=hidden", "-Wall")
 _LINK_FLAGS = ("-shared", "-Wl,-Bsymbolic", "-Wl,-z,noexecstack", "-Wl,--wrap=memcpy,--wrap=memmove,--wrap=memset")
+_LINK_LIBS = ("-lrt",)    # timer_create (the runtime's watchdog) before glibc 2.34
 
 
 # ---------------------------------------------------------------- compiler discovery
@@ -51,8 +54,9 @@ _compiler_lock = threading.Lock()
 
 
 def find_compiler() -> Compiler:
-    """The C++ compiler emu uses: ``$CXX`` if set, else ``g++``.  GCC is required
-    (its kernel-address sanitizer provides the memory-access hooks)."""
+    """The C++ compiler emu uses: ``$CXX`` if set, else ``g++``.  GCC 11 or newer
+    is required (its thread-sanitizer instrumentation provides the memory-access
+    hooks, with volatile accesses told apart)."""
     global _compiler
     with _compiler_lock:
         if _compiler is not None and _compiler.path == _wanted_compiler():
@@ -68,9 +72,11 @@ def find_compiler() -> Compiler:
         except OSError as exc:
             raise EmuCompileError(f"cannot run the C++ compiler {path!r}: {exc}") from exc
         version = out.stdout.strip()
-        if out.returncode != 0 or "Free Software Foundation" not in version or "clang" in version.lower():
+        major = re.search(r"\)\s+(\d+)\.", version.splitlines()[0] if version else "")
+        if (out.returncode != 0 or "Free Software Foundation" not in version or "clang" in version.lower()
+                or major is None or int(major.group(1)) < 11):
             raise EmuCompileError(
-                f"the emu backend needs GCC (g++ 9 or newer); {path!r} reports: "
+                f"the emu backend needs GCC (g++ 11 or newer); {path!r} reports: "
                 f"{version.splitlines()[0] if version else out.stderr.strip()}")
         _compiler = Compiler(path, version.splitlines()[0])
         return _compiler
@@ -302,13 +308,14 @@ def _split_top_level(code: str, lo: int, hi: int) -> Optional[List[Tuple[int, in
 
 def rewrite_static_shared(source: str) -> str:
     """``__shared__ T name[N];`` -> ``__shared__ T gpubn_emu_smem_name[N];`` plus a
-    static reference ``name`` to it that the compiler cannot see through.
+    static reference ``name`` to it.
 
-    The sanitizer hooks skip an access to a static variable at an offset the
-    compiler can prove in bounds (``s[0] = v`` or a ``__shared__`` scalar), so
-    racecheck and initcheck would never see it; through the reference every
-    access is a checked load or store.  Declarations the rewrite does not
-    understand are left alone.  Line numbers are kept."""
+    The prefix marks the kernel's shared variables in the library's symbol
+    table (their sizes, the names in reports); every access through the
+    reference is an instrumented load or store of the storage, also at offsets
+    the compiler can prove in bounds (``s[0] = v`` or a ``__shared__`` scalar).
+    Declarations the rewrite does not understand are left alone.  Line numbers
+    are kept."""
     code = code_only(source)
     edits = []                               # (start, end, replacement), in order
     for m in _STATIC_SHARED.finditer(code):
@@ -372,7 +379,7 @@ _WRAPPER_HEAD = r"""
 namespace gpubn_emu_entry {
 template <class T> using arg_t = typename std::remove_cv<typename std::remove_reference<T>::type>::type;
 template <class... A, size_t... I>
-__attribute__((no_sanitize_address)) static void invoke(void (*k)(A...), void** args, std::index_sequence<I...>) {
+__attribute__((no_sanitize_thread)) static void invoke(void (*k)(A...), void** args, std::index_sequence<I...>) {
     k(*static_cast<arg_t<A>*>(args[I])...);
 }
 template <class T> constexpr long long kind() {
@@ -526,7 +533,7 @@ def build(source: str, options: Sequence[str], name_expressions: Sequence[str],
     cc = find_compiler()
     key = hashlib.sha256(b"\0".join([
         _CACHE_VERSION.encode(), cc.path.encode(), cc.version.encode(), _runtime_sources(),
-        " ".join(_KERNEL_FLAGS + _LINK_FLAGS + _runtime_flags()).encode(), repr(opts).encode(), repr(kernels).encode(),
+        " ".join(_KERNEL_FLAGS + _LINK_FLAGS + _LINK_LIBS + _runtime_flags()).encode(), repr(opts).encode(), repr(kernels).encode(),
         *[str(h.path).encode() + b"\0" + h.text.encode() for h in headers],
         filename.encode(), source.encode()])).hexdigest()[:32]
     with _build_lock:
@@ -564,10 +571,13 @@ def build(source: str, options: Sequence[str], name_expressions: Sequence[str],
                         copy.parent.mkdir(parents=True, exist_ok=True)
                         copy.write_text(f'#line 1 "{h.path}"\n' + rewrite_shared(h.text))
                     include = [f"-I{workdir}"] + include
-                cmd = [cc.path, f"-std={opts.std}", *_KERNEL_FLAGS, *_LINK_FLAGS,
-                       "-include", str(RUNTIME_DIR / "cuda_emu.h"), *include, *opts.defines,
-                       "-x", "c++", src_path, "-x", "none", str(runtime_o), "-o", tmp]
+                # compiled and linked apart: linked with -fsanitize=thread, the
+                # driver would add the sanitizer's run-time library
+                obj = os.path.join(workdir, "kernel.o")
+                cmd = [cc.path, f"-std={opts.std}", *_KERNEL_FLAGS, "-include", str(RUNTIME_DIR / "cuda_emu.h"),
+                       *include, *opts.defines, "-x", "c++", "-c", src_path, "-o", obj]
                 _run(cmd, "kernel source", filename)
+                _run([cc.path, *_LINK_FLAGS, obj, str(runtime_o), *_LINK_LIBS, "-o", tmp], "kernel source", filename)
                 os.replace(tmp, dest)
             finally:
                 shutil.rmtree(workdir, ignore_errors=True)

@@ -55,12 +55,19 @@ class Options:
         round robin; an int shuffles the order in which the blocks of every
         launch start and picks the next running block at random (same seed,
         same schedule).
+    global_racecheck: inter-block races in global memory are reported (needs
+        racecheck, which keeps the shadow state; racecheck off turns off both).
+        Off, they are not reported but their effect is modelled, as a GPU may
+        show it: a load that races with another block's store returns, half of
+        the time as drawn from the seed, the value the bytes held before that
+        store.
     """
 
     memcheck: bool = True
     racecheck: bool = True
     initcheck: bool = True
     seed: Optional[int] = None
+    global_racecheck: bool = True
 
 
 def _env_seed() -> Optional[int]:
@@ -81,7 +88,7 @@ _local = threading.local()
 def _check(kwargs) -> dict:
     out = {}
     for key, value in kwargs.items():
-        if key in ("memcheck", "racecheck", "initcheck"):
+        if key in ("memcheck", "racecheck", "initcheck", "global_racecheck"):
             if not isinstance(value, bool):
                 raise TypeError(f"{key} must be a bool, got {type(value).__name__}")
         elif key == "seed":
@@ -90,7 +97,8 @@ def _check(kwargs) -> dict:
             if value is not None and not 0 <= value < 2**63:
                 raise ValueError(f"seed must be in [0, 2**63), got {value}")
         else:
-            raise TypeError(f"unknown emu option {key!r} (known: memcheck, racecheck, initcheck, seed)")
+            raise TypeError(f"unknown emu option {key!r} (known: memcheck, racecheck, initcheck, "
+                            f"global_racecheck, seed)")
         out[key] = value
     return out
 
@@ -103,7 +111,7 @@ def get_options() -> Options:
 
 def set_options(**kwargs) -> Options:
     """Change the module-wide defaults (``memcheck``, ``racecheck``, ``initcheck``,
-    ``seed``);
+    ``global_racecheck``, ``seed``);
     returns the previous defaults."""
     global _defaults
     checked = _check(kwargs)

@@ -30,7 +30,7 @@ class _Launch(ctypes.Structure):
         ("thunk", _U64), ("args", _U64), ("buffers", _U64), ("nbuffers", _I64),
         ("grid", _I64 * 3), ("block", _I64 * 3),
         ("shared_mem", _I64), ("seed", _I64), ("shuffle", _I64), ("memcheck", _I64), ("racecheck", _I64),
-        ("initcheck", _I64), ("resident", _I64),
+        ("initcheck", _I64), ("resident", _I64), ("global_report", _I64),
         ("error", _I64), ("is_store", _I64), ("size", _I64), ("region", _I64), ("address", _U64),
         ("block_idx", _I64 * 3), ("thread_idx", _I64 * 3), ("other_thread", _I64 * 3), ("other_is_store", _I64),
         ("buffer", _I64), ("offset", _I64), ("blocks_run", _I64), ("other_block", _I64 * 3),
@@ -278,6 +278,7 @@ class Function:
         L.racecheck = opts.racecheck
         L.initcheck = opts.initcheck
         L.resident = resident
+        L.global_report = opts.global_racecheck
         self._lib.gpubn_emu_launch(ctypes.byref(L))
         del keep
         if L.error:
@@ -339,12 +340,22 @@ class Function:
             buf, off = int(L.buffer), int(L.offset)
             arr = args[buf]
             elem = f" (element {off // arr.itemsize})" if arr.itemsize else ""
-            text = (f"racecheck: inter-block race ({msg} hazard) at byte {off}{elem} of argument {buf} "
-                    f"({arr.dtype} array of shape {arr.shape}) in kernel {name!r}: block {blk} thread {thr} "
-                    f"{access}s it after block {other_block} thread {other} stored it, with no chain ordering "
-                    f"them (the writer's __threadfence() after its store, then an atomic; this block's atomic "
-                    f"on that location, then its __threadfence())")
-            return RaceError(text, name, blk, thr, other, access, "store", "global", off, None,
+            other_access = "store" if L.other_is_store else "load"
+            where = (f"at byte {off}{elem} of argument {buf} ({arr.dtype} array of shape {arr.shape}) in kernel "
+                     f"{name!r}")
+            if msg == "non-volatile load":
+                text = (f"racecheck: inter-block race (non-volatile load hazard) {where}: block {blk} thread {thr} "
+                        f"loads it with a plain load while block {other_block} thread {other} writes it with an "
+                        f"atomic or a volatile store, and nothing orders them; the compiler may keep a plain load "
+                        f"in a register (a spin-wait on it never ends): load it with a volatile load or an atomic, "
+                        f"then __threadfence() before using what it guards")
+            else:
+                text = (f"racecheck: inter-block race ({msg} hazard) {where}: block {blk} thread {thr} {access}s it "
+                        f"after block {other_block} thread {other} {'stored' if L.other_is_store else 'loaded'} "
+                        f"it, with no chain ordering them (the {'writer' if L.other_is_store else 'reader'}'s "
+                        f"__threadfence() after its {other_access}, then an atomic; this block's atomic on that "
+                        f"location, then its __threadfence())")
+            return RaceError(text, name, blk, thr, other, access, other_access, "global", off, None,
                              other_block=other_block, buffer=buf)
         if L.error == _ERR_RACE:
             access = "store" if L.is_store else "load"

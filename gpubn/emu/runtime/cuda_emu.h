@@ -3,8 +3,9 @@
 // It maps the CUDA language extensions and device built-ins that the emu runtime
 // supports onto C++17 and calls into the SIMT runtime (runtime.cpp) for everything
 // that involves other threads: barriers, warp collectives, atomics.  The kernel
-// translation unit is compiled with -fsanitize=kernel-address so that every load
-// and store goes through the runtime's checker; the runtime itself is not.
+// translation unit is compiled with -fsanitize=thread (GCC's instrumentation, emu's
+// hooks) so that every load and store goes through the runtime's checker; the
+// runtime itself is not.
 //
 // Defined here: GPUBN_EMU=1.  Not defined: __CUDACC__, __CUDA_ARCH__, __CUDACC_RTC__.
 #ifndef GPUBN_EMU_CUDA_EMU_H
@@ -41,13 +42,11 @@
 #define __shared__ static
 namespace gpubn_emu {
 // The source rewrite turns `__shared__ T s[N];` into storage named
-// gpubn_emu_smem_s plus `static auto& s = shared_ref(&gpubn_emu_smem_s);`: the empty
-// asm hides which variable the reference names, so that the sanitizer checks
-// every access (it skips accesses to a static variable it can prove in bounds).
-template <class T> static inline __attribute__((always_inline)) T& shared_ref(T* p) {
-    __asm__("" : "+r"(p));
-    return *p;
-}
+// gpubn_emu_smem_s plus `static auto& s = shared_ref(&gpubn_emu_smem_s);`, a
+// constant reference the compiler sees through: every access to s is an
+// instrumented access to the storage (the thread sanitizer's instrumentation
+// checks accesses to static variables even at offsets known in bounds).
+template <class T> constexpr T& shared_ref(T* p) { return *p; }
 }  // namespace gpubn_emu
 
 // ---------------------------------------------------------------- vector types
@@ -204,7 +203,7 @@ static inline unsigned __reduce_xor_sync(unsigned mask, unsigned v) {
 // All blocks run on one OS thread and fibers switch only inside runtime calls,
 // so a read-modify-write is atomic by construction; the access is checked (and counted) by the runtime, and the
 // memory operation itself is not instrumented so that racecheck ignores it.
-#define GPUBN_EMU_ATOMIC __attribute__((no_sanitize_address)) static inline
+#define GPUBN_EMU_ATOMIC __attribute__((no_sanitize_thread)) static inline
 namespace gpubn_emu {
 template <class T, class F> GPUBN_EMU_ATOMIC T rmw(T* p, F f) {
     atomic_access(p, sizeof(T));

@@ -6,10 +6,11 @@
 // barriers, warp collectives, exits and spin-waits, so a block's threads really
 // meet at __syncthreads and exchange values at warp shuffles.
 //
-// The kernel translation unit is compiled with -fsanitize=kernel-address and
-// call-threshold 0, so the compiler calls __asan_{load,store}*_noabort on every
-// load and store it cannot prove local (and the linker sends memcpy/memset
-// calls to the __wrap_ functions below).  Those callbacks, defined here (this
+// The kernel translation unit is compiled with -fsanitize=thread (GCC's
+// instrumentation only: the hooks are defined here), so the compiler calls
+// __tsan_{read,write}N, or __tsan_volatile_{read,write}N for a volatile access,
+// before every load and store it cannot prove local (and the linker sends
+// memcpy/memset calls to the __wrap_ functions below).  Those callbacks, defined here (this
 // file is compiled without instrumentation), classify the address:
 //   - the calling thread's own stack             -> fine;
 //   - an argument buffer (global memory)         -> counted as traffic;
@@ -32,6 +33,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -66,6 +68,7 @@ struct Launch {
     int64_t grid[3], block[3];
     int64_t shared_mem, seed, shuffle, memcheck, racecheck, initcheck;
     int64_t resident;             // how many blocks run concurrently (interleaved)
+    int64_t global_report;        // report inter-block races (else: model their stale loads)
     // out
     int64_t error, is_store, size, region;
     uint64_t address;
@@ -111,7 +114,7 @@ struct Fiber {
     uint64_t spin_progress;             // Runtime::progress at the last hand-over
     // inter-block ordering (see "inter-block racecheck")
     uint32_t fence_t, fence_bar;        // time of the last __threadfence, the block's last barrier before it
-    uint32_t gstore_t;                  // time of the last store to global memory (0: none)
+    uint32_t gaccess_t;                 // time of the last load or store of global memory (0: none)
     int pending, acquired;              // indices into Runtime::covs (-1: none)
     uint32_t seen_release, seen_version; // the release record last merged into `pending` (by a load)
 };
@@ -127,6 +130,7 @@ struct Coverage {
         for (const auto& kv : o.own) { uint32_t& v = own[kv.first]; if (kv.second > v) v = kv.second; }
     }
     uint32_t version = 0;               // (release records) bumped by every release into it
+    uint32_t last_who = 0, last_t = 0;  // (release records) the location's last strong store: who, when
     bool covers(uint32_t block, uint64_t writer, uint32_t t) const {
         auto b = bar.find(block);
         if (b != bar.end() && t < b->second) return true;
@@ -136,13 +140,18 @@ struct Coverage {
 };
 
 // Per 2 bytes of an argument buffer (a group of overlapping ones): who stored
-// them last in this launch.  Kernels access global memory in units of at least
-// 2 bytes, so two bytes of one granule are not stored by different blocks.
+// them last in this launch, and the last two blocks' threads that loaded them
+// since.  Kernels access global memory in units of at least 2 bytes, so two
+// bytes of one granule are not stored by different blocks.
 constexpr size_t kGranule = 2;
-struct GlobalShadow {
-    uint32_t who;                       // 0: not stored in this launch; kAtomicByte: an atomic;
+struct Access {
+    uint32_t who;                       // 0: none; kAtomicByte (stores only): an atomic;
                                         // else (block linear index + 1) << 10 | thread
-    uint32_t t;                         // time of the store, or (atomic) the index of its release record
+    uint32_t t;                         // time of the access, or (atomic) the index of its release record
+};
+struct GlobalShadow {
+    Access w;                           // the last store
+    Access r0, r1;                      // loads since it, by two different blocks (r0 the latest)
 };
 constexpr uint32_t kAtomicByte = 0xffffffffu;
 
@@ -183,7 +192,6 @@ struct Runtime {
     Buffer* bufs;
     int nbufs;
     bool memcheck, racecheck, initcheck;
-    bool in_atomic;                      // an atomic is being checked (its store half)
     // block
     uint3 bidx, bdim, gdim;
     int nthreads, live, arrived;
@@ -224,11 +232,23 @@ struct Runtime {
     uint32_t blin;                       // linear index of the running block
     uint32_t lastbar;                    // time of the running block's last barrier
     std::vector<GlobalShadow*> gshadow;  // per buffer: the shadow of its group
+    std::vector<uint16_t*> gbefore;      // per buffer: per granule, its value before its last writer's stores
+    bool global_report;                  // report inter-block races; else a racing load may read gbefore
+    uint64_t stale_rng;                  // draws which racing loads read the value from before the store
+    struct {                             // a stale value presented to the load about to run
+        uintptr_t addr;
+        size_t n;
+        unsigned char bytes[64];         // what memory really holds there
+    } stale;
     std::vector<uint64_t> goff;          // per buffer: its offset in its group
     std::vector<Coverage> covs;          // threads' pending / acquired coverage (Fiber indices)
     Coverage block_acquired;             // what the running block's threads share since a barrier
     Coverage block_published;            // stores its threads fenced before its last barrier
     std::vector<Coverage> releases;      // per atomic location: what its atomics published
+    // the watchdog (see "hoisted spin-waits")
+    uint64_t beats;                      // memory accesses and fiber switches so far
+    uint64_t beats_seen;                 // at the watchdog's last tick
+    int idle_ticks;                      // its ticks since then
     // concurrent blocks
     std::vector<Slot> slots;             // slots[cur_slot] is stale: its block's state is here
     int cur_slot;
@@ -242,6 +262,27 @@ __attribute__((section(".data.gpubn_emu"))) Runtime* R = nullptr;
 
 extern "C" char __bss_start[] __attribute__((weak, visibility("hidden")));
 extern "C" char _end[] __attribute__((weak, visibility("hidden")));
+
+static uint64_t splitmix(uint64_t& s) {
+    uint64_t z = (s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+// ------------------------------------------------------------------ stale loads
+// A load that races with another block's store may return the value from
+// before that store (see global_access): the hook that runs before the load
+// puts the old bytes in place, and the next call into the runtime (the next
+// access's hook, or any switch of fibers) puts the real ones back.  No other
+// thread runs in between, so only that one load sees the old value.
+extern "C" void* __real_memcpy(void*, const void*, size_t);
+static inline void settle_stale() {
+    if (R && R->stale.n) {
+        __real_memcpy((void*)R->stale.addr, R->stale.bytes, R->stale.n);   // unchecked
+        R->stale.n = 0;
+    }
+}
 
 // ------------------------------------------------------------------ context switch
 #if GPUBN_EMU_ASM_SWITCH
@@ -282,7 +323,11 @@ static void* fiber_init_stack(Fiber& f, uintptr_t lo) {
     for (int i = 0; i < 6; ++i) *--sp = 0;      // rbp rbx r12 r13 r14 r15
     return sp;
 }
-static inline void ctx_switch(void** save, void* load) { gpubn_emu_switch(save, load); }
+static inline void ctx_switch(void** save, void* load) {
+    settle_stale();
+    ++R->beats;
+    gpubn_emu_switch(save, load);
+}
 #else
 // Portable fallback: ucontext (swapcontext also saves the signal mask: slower).
 static void fiber_main();
@@ -294,7 +339,11 @@ static void* fiber_init_stack(Fiber& f, uintptr_t lo) {
     makecontext(&f.uc, fiber_main, 0);
     return &f.uc;
 }
-static inline void ctx_switch(void** save, void* load) { swapcontext((ucontext_t*)*save, (ucontext_t*)load); }
+static inline void ctx_switch(void** save, void* load) {
+    settle_stale();
+    ++R->beats;
+    swapcontext((ucontext_t*)*save, (ucontext_t*)load);
+}
 #endif
 
 // ------------------------------------------------------------------ errors
@@ -473,14 +522,15 @@ static bool visible(const Fiber* f, uint32_t block, uint32_t thread, uint32_t t)
 
 static uint3 unlinear(uint32_t i, uint3 d) { return uint3{i % d.x, (i / d.x) % d.y, i / (d.x * d.y)}; }
 
-[[noreturn]] static void global_race(const char* what, const GlobalShadow& prev, bool store, int buf, uint64_t off) {
+[[noreturn]] static void global_race(const char* what, const Access& prev, bool prev_store, bool store, int buf,
+                                     uint64_t off) {
     Launch* L = R->L;
     L->error = RACE;
     set_where(R->cur);
     const uint3 ob = unlinear((prev.who >> 10) - 1, R->gdim), ot = unlinear(prev.who & 1023, R->bdim);
     L->other_block[0] = ob.x; L->other_block[1] = ob.y; L->other_block[2] = ob.z;
     L->other_thread[0] = ot.x; L->other_thread[1] = ot.y; L->other_thread[2] = ot.z;
-    L->other_is_store = 1;
+    L->other_is_store = prev_store;
     L->is_store = store;
     L->address = R->host_lo[buf] + off;
     L->region = R_GLOBAL;
@@ -490,48 +540,115 @@ static uint3 unlinear(uint32_t i, uint3 d) { return uint3{i % d.x, (i / d.x) % d
     abort_fiber();
 }
 
-static inline void global_access(int buf, uint64_t off, size_t n, bool store) {
+// Whether the running thread's access is ordered after `a`, an access by a thread of another block.
+static inline bool ordered_after(const Fiber* f, const Access& a, uint32_t me) {
+    return a.who == 0 || (a.who & ~1023u) == me || visible(f, (a.who >> 10) - 1, a.who & 1023, a.t);
+}
+
+// Puts the values the granules [k0, k1] held before their last writer's stores
+// (those that race: bit k - k0 of `racing`) into the bytes [a, a + n) for the
+// load about to run; settle_stale() restores them.
+static void present_stale(int buf, uintptr_t a, size_t n, uint64_t k0, uint64_t k1, uint64_t racing) {
+    if (n > sizeof R->stale.bytes) return;
+    const uintptr_t group_lo = R->bufs[buf].lo - R->goff[buf];    // where granule 0 lives
+    const uint16_t* before = R->gbefore[buf];
+    __real_memcpy(R->stale.bytes, (const void*)a, n);
+    R->stale.addr = a;
+    R->stale.n = n;
+    for (uint64_t k = k0; k <= k1; ++k) {
+        if (!(racing >> (k - k0) & 1)) continue;
+        const uint16_t v = before[k];
+        for (int b = 0; b < (int)kGranule; ++b) {
+            const uintptr_t p = group_lo + k * kGranule + b;
+            if (p - a < n) *(unsigned char*)p = (unsigned char)(v >> (8 * b));
+        }
+    }
+}
+
+static void global_atomic(int buf, uint64_t off, size_t n, bool rmw);
+
+static inline void global_access(int buf, uintptr_t a, uint64_t off, size_t n, bool store, bool vol) {
     const uint64_t base = R->goff[buf] + off;
     GlobalShadow* sh = R->gshadow[buf];
     Fiber* f = R->cur;
-    const uint32_t me = (R->blin + 1) << 10;
-    for (uint64_t k = base / kGranule; k <= (base + n - 1) / kGranule; ++k) {
+    const uint32_t me = (R->blin + 1) << 10, id = me | (uint32_t)f->linear;
+    const uint64_t k0 = base / kGranule, k1 = (base + n - 1) / kGranule;
+    uint64_t racing = 0;                      // granules whose last store this load races with
+    for (uint64_t k = k0; k <= k1; ++k) {
         GlobalShadow& g = sh[k];
-        if (g.who == kAtomicByte) {
-            // a value an atomic wrote: the load observes that atomic's release sequence
-            const Coverage& rel = R->releases[g.t];
-            if (!store && (f->seen_release != g.t || f->seen_version != rel.version)) {
+        const uint64_t first = k * kGranule > base ? k * kGranule - R->goff[buf] : off;
+        if (g.w.who == kAtomicByte) {
+            // a value an atomic or a volatile store wrote (a strong store): a plain access
+            // races with it unless ordered after it; a load observes its release sequence
+            const Coverage& rel = R->releases[g.w.t];
+            const Access last{rel.last_who, rel.last_t};
+            if (!vol && R->global_report && !ordered_after(f, last, me))
+                global_race(store ? "write-after-write" : "non-volatile load", last, true, store, buf, first);
+            if (!store && (f->seen_release != g.w.t || f->seen_version != rel.version)) {
                 Bookkeeping quiet;
-                f->seen_release = g.t;
+                f->seen_release = g.w.t;
                 f->seen_version = rel.version;
                 coverage(f->pending).merge(rel);
             }
-        } else if (g.who != 0 && (g.who & ~1023u) != me && !visible(f, (g.who >> 10) - 1, g.who & 1023, g.t)) {
-            const uint64_t first = k * kGranule > base ? k * kGranule - R->goff[buf] : off;
-            global_race(store ? "write-after-write" : "read-after-write", g, store, buf, first);
+        } else if (!ordered_after(f, g.w, me)) {
+            if (R->global_report)
+                global_race(store ? "write-after-write" : "read-after-write", g.w, true, store, buf, first);
+            if (!store && k - k0 < 64) racing |= 1ull << (k - k0);
         }
-        if (store) g = GlobalShadow{me | (uint32_t)f->linear, R->gtime};
+        if (store) {
+            if (R->global_report) {
+                if (!ordered_after(f, g.r0, me)) global_race("write-after-read", g.r0, false, true, buf, first);
+                if (!ordered_after(f, g.r1, me)) global_race("write-after-read", g.r1, false, true, buf, first);
+            }
+            if (g.w.who != id && !vol) {      // the value before this writer's stores (read before the store runs)
+                const Buffer& b = R->bufs[buf];
+                const uintptr_t p = b.lo - R->goff[buf] + k * kGranule;
+                uint16_t v = 0;
+                for (int i = 0; i < (int)kGranule; ++i)      // (the granule may pass the buffer's end)
+                    if (p + i - b.lo < b.size) v |= (uint16_t)(*(const unsigned char*)(p + i) << (8 * i));
+                R->gbefore[buf][k] = v;
+            }
+            g = GlobalShadow{Access{id, R->gtime}, Access{0, 0}, Access{0, 0}};
+        } else if (!vol) {                    // r0: this block's latest plain load; r1: the other block's before it
+            if ((g.r0.who & ~1023u) != me) g.r1 = g.r0;
+            g.r0 = Access{id, R->gtime};
+        }
     }
-    if (store) f->gstore_t = R->gtime;
+    f->gaccess_t = R->gtime;
+    if (store && vol) global_atomic(buf, off, n, false);   // a strong store: releases like an atomic
+    // The load may return what the bytes held before the racing stores (chosen from the seed).
+    if (racing && (splitmix(R->stale_rng) & 1)) present_stale(buf, a, n, k0, k1, racing);
 }
 
-// An atomic on global memory: acquires what the location's earlier atomics
-// released, and releases what the thread's last fence published.
-static void global_atomic(int buf, uint64_t off, size_t n) {
+// An atomic on global memory (rmw), or a volatile store: the atomic acquires
+// what the location's earlier strong stores released; both release what the
+// thread's last fence published.  The location's plain accesses by other
+// blocks must be ordered before it.
+static void global_atomic(int buf, uint64_t off, size_t n, bool rmw) {
     Bookkeeping quiet;
     const uint64_t base = R->goff[buf] + off;
     GlobalShadow* sh = R->gshadow[buf];
     Fiber* f = R->cur;
+    const uint32_t me = (R->blin + 1) << 10;
+    if (rmw && R->global_report) {
+        for (uint64_t k = base / kGranule; k <= (base + n - 1) / kGranule; ++k) {
+            const GlobalShadow& g = sh[k];
+            const uint64_t first = k * kGranule > base ? k * kGranule - R->goff[buf] : off;
+            if (g.w.who != kAtomicByte && !ordered_after(f, g.w, me))
+                global_race("write-after-write", g.w, true, true, buf, first);
+            if (!ordered_after(f, g.r0, me)) global_race("write-after-read", g.r0, false, true, buf, first);
+            if (!ordered_after(f, g.r1, me)) global_race("write-after-read", g.r1, false, true, buf, first);
+        }
+    }
     uint32_t idx;
-    if (sh[base / kGranule].who == kAtomicByte) {
-        idx = sh[base / kGranule].t;
+    if (sh[base / kGranule].w.who == kAtomicByte) {
+        idx = sh[base / kGranule].w.t;
     } else {
         idx = (uint32_t)R->releases.size();
         R->releases.emplace_back();
     }
-    Coverage& pending = coverage(f->pending);
     Coverage& rel = R->releases[idx];
-    pending.merge(rel);
+    if (rmw) coverage(f->pending).merge(R->releases[idx]);
     if (!R->block_published.own.empty()) {
         // stores other threads fenced before a barrier this thread has passed
         rel.merge(R->block_published);
@@ -544,7 +661,10 @@ static void global_atomic(int buf, uint64_t off, size_t n) {
         if (f->fence_t > o) o = f->fence_t;
         ++rel.version;
     }
-    for (uint64_t k = base / kGranule; k <= (base + n - 1) / kGranule; ++k) sh[k] = GlobalShadow{kAtomicByte, idx};
+    rel.last_who = me | (uint32_t)f->linear;
+    rel.last_t = R->gtime;
+    for (uint64_t k = base / kGranule; k <= (base + n - 1) / kGranule; ++k)
+        sh[k] = GlobalShadow{Access{kAtomicByte, idx}, Access{0, 0}, Access{0, 0}};
     ++R->gtime;
 }
 
@@ -634,9 +754,15 @@ static inline void spin_watch(Fiber* f, uintptr_t a, size_t n) {
     if (++f->spin_count >= kSpinLoads) spin_hand_over(f, a, n);
 }
 
-static inline void check(uintptr_t a, size_t n, bool store) {
+// What kind of access a hook reports: a plain or a volatile one (from the
+// instrumentation), or the load or store half of an atomic (atomic_access).
+enum AccessKind : int { PLAIN = 0, VOLATILE = 1, ATOMIC = 2 };
+
+static inline void check(uintptr_t a, size_t n, bool store, int kind = PLAIN) {
     Fiber* f = R ? R->cur : nullptr;
     if (!f || n == 0) return;
+    settle_stale();
+    ++R->beats;
     if (a - f->stack_lo < kStack) {
         if (a + n - f->stack_lo <= kStack) return;
     }
@@ -652,14 +778,14 @@ static inline void check(uintptr_t a, size_t n, bool store) {
                 bad_access(a, n, store, "access runs past the end of an argument buffer");
             if (store) {
                 b.stored += n;
-                if (!R->in_atomic) f->spin_addr = 0;
+                if (kind != ATOMIC) f->spin_addr = 0;    // an atomic's store half does not end a spin
                 ++R->progress;
             } else {
                 b.loaded += n;
                 spin_watch(f, a, n);    // may hand over: the load then reads what the others stored since
             }
-            if (R->interblock && R->racecheck)
-                global_access(i, a - b.lo, n < b.lo + b.size - a ? n : b.lo + b.size - a, store);
+            if (R->interblock && kind != ATOMIC)
+                global_access(i, a, a - b.lo, n < b.lo + b.size - a ? n : b.lo + b.size - a, store, kind == VOLATILE);
             return;
         }
     }
@@ -671,14 +797,14 @@ static inline void check(uintptr_t a, size_t n, bool store) {
             R->L->offset = (int64_t)off;
             bad_access(a, n, store, "out of bounds of dynamic shared memory");
         }
-        if (R->racecheck) race_access(&R->dyn_shadow[off], n, store, a, R_DYNAMIC_SHARED, off);
-        if (!store) spin_watch(f, a, n); else if (!R->in_atomic) f->spin_addr = 0, ++R->progress;
+        if (R->racecheck && kind != ATOMIC) race_access(&R->dyn_shadow[off], n, store, a, R_DYNAMIC_SHARED, off);
+        if (!store) spin_watch(f, a, n); else if (kind != ATOMIC) f->spin_addr = 0, ++R->progress;
         return;
     }
     if (a - R->bss_lo < R->bss_hi - R->bss_lo) {
-        if (R->racecheck && a + n <= R->bss_hi)
+        if (R->racecheck && kind != ATOMIC && a + n <= R->bss_hi)
             race_access(&R->bss_shadow[a - R->bss_lo], n, store, a, R_STATIC_SHARED, a - R->module_base);
-        if (!store) spin_watch(f, a, n); else if (!R->in_atomic) f->spin_addr = 0, ++R->progress;
+        if (!store) spin_watch(f, a, n); else if (kind != ATOMIC) f->spin_addr = 0, ++R->progress;
         return;
     }
     if (!store) {
@@ -697,21 +823,35 @@ static inline void check(uintptr_t a, size_t n, bool store) {
     }
 }
 
-#define EMU_ASAN(N)                                                                              \
-    EMU_EXPORT void __asan_load##N##_noabort(uintptr_t a) { check(a, N, false); }                \
-    EMU_EXPORT void __asan_store##N##_noabort(uintptr_t a) { check(a, N, true); }                \
-    EMU_EXPORT void __asan_load##N(uintptr_t a) { check(a, N, false); }                          \
-    EMU_EXPORT void __asan_store##N(uintptr_t a) { check(a, N, true); }
-EMU_ASAN(1)
-EMU_ASAN(2)
-EMU_ASAN(4)
-EMU_ASAN(8)
-EMU_ASAN(16)
-#undef EMU_ASAN
-EMU_EXPORT void __asan_loadN_noabort(uintptr_t a, size_t n) { check(a, n, false); }
-EMU_EXPORT void __asan_storeN_noabort(uintptr_t a, size_t n) { check(a, n, true); }
-EMU_EXPORT void __asan_loadN(uintptr_t a, size_t n) { check(a, n, false); }
-EMU_EXPORT void __asan_storeN(uintptr_t a, size_t n) { check(a, n, true); }
+// The hooks of the thread sanitizer's instrumentation.
+#define EMU_TSAN(N)                                                                                    \
+    EMU_EXPORT void __tsan_read##N(uintptr_t a) { check(a, N, false); }                                \
+    EMU_EXPORT void __tsan_write##N(uintptr_t a) { check(a, N, true); }                                \
+    EMU_EXPORT void __tsan_unaligned_read##N(uintptr_t a) { check(a, N, false); }                      \
+    EMU_EXPORT void __tsan_unaligned_write##N(uintptr_t a) { check(a, N, true); }                      \
+    EMU_EXPORT void __tsan_volatile_read##N(uintptr_t a) { check(a, N, false, VOLATILE); }             \
+    EMU_EXPORT void __tsan_volatile_write##N(uintptr_t a) { check(a, N, true, VOLATILE); }
+EMU_TSAN(1)
+EMU_TSAN(2)
+EMU_TSAN(4)
+EMU_TSAN(8)
+EMU_TSAN(16)
+#undef EMU_TSAN
+EMU_EXPORT void __tsan_read_range(uintptr_t a, size_t n) { check(a, n, false); }
+EMU_EXPORT void __tsan_write_range(uintptr_t a, size_t n) { check(a, n, true); }
+// Atomics the compiler itself emits (the guards of function-local statics):
+// not kernel memory traffic, so not checked.
+#define EMU_TSAN_ATOMIC(N, T)                                                                          \
+    EMU_EXPORT T __tsan_atomic##N##_load(const volatile T* a, int) { return __atomic_load_n(a, __ATOMIC_SEQ_CST); } \
+    EMU_EXPORT void __tsan_atomic##N##_store(volatile T* a, T v, int) { __atomic_store_n(a, v, __ATOMIC_SEQ_CST); }
+EMU_TSAN_ATOMIC(8, uint8_t)
+EMU_TSAN_ATOMIC(16, uint16_t)
+EMU_TSAN_ATOMIC(32, uint32_t)
+EMU_TSAN_ATOMIC(64, uint64_t)
+#undef EMU_TSAN_ATOMIC
+EMU_EXPORT void __tsan_init() {}
+EMU_EXPORT void __tsan_func_entry(void*) {}
+EMU_EXPORT void __tsan_func_exit() {}
 // memcpy / memmove / memset calls the compiler leaves in kernel code (variable
 // sizes) are redirected here by the linker (--wrap) and checked like any access.
 extern "C" void* __real_memcpy(void*, const void*, size_t);
@@ -729,14 +869,6 @@ extern "C" EMU_HIDDEN void* __wrap_memset(void* d, int c, size_t n) {
     if (R && R->cur && !R->bookkeeping) check((uintptr_t)d, n, true);
     return __real_memset(d, c, n);
 }
-
-EMU_EXPORT void __asan_handle_no_return() {}
-EMU_EXPORT void __asan_init() {}
-EMU_EXPORT void __asan_version_mismatch_check_v8() {}
-EMU_EXPORT void __asan_before_dynamic_init(const char*) {}
-EMU_EXPORT void __asan_after_dynamic_init() {}
-EMU_EXPORT void __asan_register_globals(void*, size_t) {}
-EMU_EXPORT void __asan_unregister_globals(void*, size_t) {}
 
 // ------------------------------------------------------------------ device API
 namespace gpubn_emu {
@@ -793,7 +925,7 @@ static void barrier(void* site, int pred) {
             for (int i = 0; i < R->nthreads; ++i) {
                 const Fiber& t = R->fibers[i];
                 if (t.acquired >= 0) R->block_acquired.merge(R->covs[t.acquired]);
-                if (t.gstore_t && t.fence_t > t.gstore_t) {   // stored to global memory, then fenced
+                if (t.gaccess_t && t.fence_t > t.gaccess_t) {   // accessed global memory, then fenced
                     uint32_t& o = R->block_published.own[writer_id(R->blin, t.linear)];
                     if (t.fence_t > o) o = t.fence_t;
                 }
@@ -939,24 +1071,19 @@ unsigned long long warp_op(int op, unsigned mask, unsigned long long value, int 
 void syncwarp(unsigned mask) { warp_op(SYNC, mask, 0, 0, 32, 0); }
 
 void atomic_access(const volatile void* addr, size_t size) {
-    // An atomic is checked like a load and a store, but never races; on shared
-    // memory it counts as initializing the bytes.
-    bool rc = R->racecheck, ic = R->initcheck;
-    R->racecheck = false;
-    R->initcheck = false;
-    check((uintptr_t)addr, size, false);
-    R->in_atomic = true;              // the store half does not end a spin (atomicCAS loops)
-    check((uintptr_t)addr, size, true);
-    R->in_atomic = false;
-    R->racecheck = rc;
-    R->initcheck = ic;
-    if (!rc) return;
+    // An atomic is checked like a load and a store (memcheck, traffic; the load
+    // half may hand over in a spin-wait), but is never a shared-memory race; on
+    // shared memory it counts as initializing the bytes.  Between blocks, see
+    // global_atomic.
+    check((uintptr_t)addr, size, false, ATOMIC);
+    check((uintptr_t)addr, size, true, ATOMIC);
+    if (!R->racecheck) return;
     const uintptr_t a = (uintptr_t)addr;
     if (R->interblock) {
         for (int i = 0; i < R->nbufs; ++i) {
             const Buffer& b = R->bufs[i];
             if (a - b.lo < b.size && size <= b.lo + b.size - a) {
-                global_atomic(i, a - b.lo, size);
+                global_atomic(i, a - b.lo, size, true);
                 return;
             }
         }
@@ -1148,7 +1275,7 @@ static void start_block(uint3 b) {
         f.stack_lo = (uintptr_t)(R->stacks + (size_t)i * (kStack + kGuard) + kGuard);
         f.spin_addr = 0;
         f.spin_count = f.spin_rounds = 0;
-        f.fence_t = f.fence_bar = f.gstore_t = 0;
+        f.fence_t = f.fence_bar = f.gaccess_t = 0;
         f.pending = f.acquired = -1;
         f.seen_release = ~0u;
         f.seen_version = 0;
@@ -1268,12 +1395,6 @@ static void switch_to(int k) {
     R->cur_slot = k;
 }
 
-static uint64_t splitmix(uint64_t& s) {
-    uint64_t z = (s += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
 
 EMU_EXPORT int64_t gpubn_emu_abi_version() { return 1; }
 EMU_EXPORT int64_t gpubn_emu_launch_size() { return (int64_t)sizeof(Launch); }
@@ -1321,6 +1442,69 @@ static void fault_handler(int sig, siginfo_t* si, void*) {
     ctx_switch(&f->sp, R->sched_sp);
 }
 
+// ------------------------------------------------------------------ hoisted spin-waits
+// A spin-wait on a plain load is a loop the compiler may reduce to a jump: the
+// load moves out of the loop (on the GPU too), so the loop never sees another
+// block's store, never calls the runtime, and would hang the process.  A timer
+// on the launching thread's CPU time ticks every kWatchTick; after
+// kWatchTicks ticks with no memory access and no switch of fibers, the running
+// thread is abandoned and the launch reports the hang.
+constexpr long kWatchTickNs = 200 * 1000 * 1000;
+constexpr int kWatchTicks = 10;
+constexpr int kWatchSignal = SIGVTALRM;
+
+static void watchdog_handler(int, siginfo_t*, void*) {
+    Fiber* f = R ? R->cur : nullptr;
+    if (!f || !R->L || !g_fault || !pthread_equal(pthread_self(), g_fault->owner)) return;
+    if (R->beats != R->beats_seen) {
+        R->beats_seen = R->beats;
+        R->idle_ticks = 0;
+        return;
+    }
+    if (++R->idle_ticks < kWatchTicks) return;
+    Launch* L = R->L;
+    L->error = DEADLOCK;
+    set_where(f);
+    const uintptr_t a = f->spin_addr;
+    L->address = a;
+    char where[128] = "";
+    for (int i = 0; i < R->nbufs; ++i)
+        if (a - R->bufs[i].lo < R->bufs[i].size)
+            snprintf(where, sizeof where, " (argument %lld at offset %llu)", (long long)R->bufs[i].arg_index,
+                     (unsigned long long)(a - R->bufs[i].lo));
+    snprintf(L->message, sizeof L->message,
+             "runs on without a memory access or a synchronization for %.1f s of CPU time after its last load%s: a "
+             "spin-wait on a plain (non-volatile) load, which the compiler moved out of the loop (as it may on a "
+             "GPU: the loop never sees another block's store); load the flag with a volatile load or an atomic",
+             kWatchTicks * kWatchTickNs / 1e9, where);
+    ctx_switch(&f->sp, R->sched_sp);
+}
+
+// Armed for the launch; the handler stays installed (it ignores ticks outside
+// a launch), so a tick still pending after the timer is deleted is harmless.
+static bool arm_watchdog(timer_t* timer) {
+    __attribute__((section(".data.gpubn_emu"))) static bool installed = false;
+    if (!installed) {
+        struct sigaction sa {};
+        sa.sa_sigaction = watchdog_handler;
+        sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER | SA_RESTART;
+        sigemptyset(&sa.sa_mask);
+        if (sigaction(kWatchSignal, &sa, nullptr) != 0) return false;
+        installed = true;
+    }
+    R->beats_seen = R->beats;
+    R->idle_ticks = 0;
+    struct sigevent sev {};
+    sev.sigev_notify = SIGEV_THREAD_ID;
+    sev.sigev_signo = kWatchSignal;
+    sev._sigev_un._tid = (pid_t)syscall(SYS_gettid);
+    if (timer_create(CLOCK_THREAD_CPUTIME_ID, &sev, timer) != 0) return false;
+    struct itimerspec its {};
+    its.it_value.tv_nsec = its.it_interval.tv_nsec = kWatchTickNs;
+    timer_settime(*timer, 0, &its, nullptr);
+    return true;
+}
+
 static void install_fault_handler() {
     if (!g_fault) {
         g_fault = new FaultState();
@@ -1359,8 +1543,10 @@ struct Stage {
     char* map;                    // the reservation, gaps included
     size_t map_len;
     uintptr_t dev_lo;             // where host_lo is staged
-    GlobalShadow* shadow;         // inter-block racecheck: one entry per granule (zero pages until stored)
+    GlobalShadow* shadow;         // inter-block racecheck: one entry per granule (zero pages until accessed)
     size_t shadow_len;
+    uint16_t* before;             // per granule: its value before its last writer's stores (zero pages until stored)
+    size_t before_len;
 };
 
 static bool stage_buffers(std::vector<Stage>& stages) {
@@ -1374,7 +1560,7 @@ static bool stage_buffers(std::vector<Stage>& stages) {
     for (int k = 0; k < n; ++k) {
         const Buffer& b = R->bufs[order[k]];
         if (stages.empty() || b.lo >= stages.back().host_hi)
-            stages.push_back(Stage{b.lo, b.lo + b.size, nullptr, 0, 0, nullptr, 0});
+            stages.push_back(Stage{b.lo, b.lo + b.size, nullptr, 0, 0, nullptr, 0, nullptr, 0});
         else if (b.lo + b.size > stages.back().host_hi)
             stages.back().host_hi = b.lo + b.size;
         group[order[k]] = (int)stages.size() - 1;
@@ -1396,9 +1582,14 @@ static bool stage_buffers(std::vector<Stage>& stages) {
                            -1, 0);
             if (q == MAP_FAILED) { s.shadow = nullptr; return false; }
             s.shadow = (GlobalShadow*)q;
+            s.before_len = ((s.host_hi - s.host_lo) / kGranule + 1) * sizeof(uint16_t);
+            q = mmap(nullptr, s.before_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+            if (q == MAP_FAILED) { s.before = nullptr; return false; }
+            s.before = (uint16_t*)q;
         }
     }
     R->gshadow.assign(n, nullptr);
+    R->gbefore.assign(n, nullptr);
     R->goff.assign(n, 0);
     void** args = (void**)(uintptr_t)R->L->args;
     for (int i = 0; i < n; ++i) {
@@ -1408,6 +1599,7 @@ static bool stage_buffers(std::vector<Stage>& stages) {
         uintptr_t* cell = (uintptr_t*)args[b.arg_index];
         if (*cell == b.lo) *cell = dev;     // the argument's pointer (Python passes the array's start)
         R->gshadow[i] = s.shadow;
+        R->gbefore[i] = s.before;
         R->goff[i] = b.lo - s.host_lo;
         b.lo = dev;
     }
@@ -1421,6 +1613,7 @@ static void unstage_buffers(std::vector<Stage>& stages) {
         if (s.dev_lo) memcpy((void*)s.host_lo, (const void*)s.dev_lo, s.host_hi - s.host_lo);
         munmap(s.map, s.map_len);
         if (s.shadow) munmap(s.shadow, s.shadow_len);
+        if (s.before) munmap(s.before, s.before_len);
     }
     for (int i = 0; i < R->nbufs && i < (int)host_lo.size(); ++i) R->bufs[i].lo = host_lo[i];
 }
@@ -1455,7 +1648,6 @@ EMU_EXPORT int64_t gpubn_emu_launch(Launch* L) {
     R->memcheck = L->memcheck != 0;
     R->racecheck = L->racecheck != 0;
     R->initcheck = R->racecheck && L->initcheck != 0;
-    R->in_atomic = false;
     R->bufs = (Buffer*)(uintptr_t)L->buffers;
     R->nbufs = (int)L->nbuffers;
     R->nthreads = (int)nt;
@@ -1472,6 +1664,9 @@ EMU_EXPORT int64_t gpubn_emu_launch(Launch* L) {
     R->interblock = R->racecheck && nblocks > 1 && nblocks < (1u << 22) - 1 && nt <= 1024;
     R->gtime = 1;
     R->releases.clear();
+    R->global_report = L->global_report != 0;
+    R->stale_rng = (uint64_t)L->seed ^ 0x2545f4914f6cdd1dull;
+    R->stale.n = 0;
     std::vector<Stage> stages;
     if (!stage_buffers(stages)) {
         unstage_buffers(stages);
@@ -1490,6 +1685,8 @@ EMU_EXPORT int64_t gpubn_emu_launch(Launch* L) {
     for (int k = resident - 1; k >= 0; --k) idle.push_back(k);
     uint64_t next = 0, turn = 0, rng = (uint64_t)L->seed ^ 0x5bd1e995ull;
     install_fault_handler();
+    timer_t watchdog;
+    const bool watched = arm_watchdog(&watchdog);
     for (;;) {
         while (!idle.empty() && next < nblocks) {
             const int k = idle.back();
@@ -1524,6 +1721,7 @@ EMU_EXPORT int64_t gpubn_emu_launch(Launch* L) {
             running.erase(running.begin() + pick);
         }
     }
+    if (watched) timer_delete(watchdog);
     restore_fault_handler();
     unstage_buffers(stages);
     release_slots();
