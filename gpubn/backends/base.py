@@ -253,8 +253,9 @@ class HostBackend(Backend):
     def bn_stats(self, x3) -> ChannelStats:
         acc = acc_dtype(x3.dtype)
         mean, m2 = self.moments(x3)
-        return ChannelStats(count=x3.shape[0] * x3.shape[2], mean=mean.astype(acc),
-                            m2=m2.astype(acc))
+        with np.errstate(over="ignore"):     # a sum of squares past float32 is Inf there too
+            return ChannelStats(count=x3.shape[0] * x3.shape[2], mean=mean.astype(acc),
+                                m2=m2.astype(acc))
 
 
 # -- host backends (numpy, cpu): per-channel arithmetic in float64 NumPy ------
