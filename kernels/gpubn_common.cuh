@@ -386,19 +386,53 @@ __device__ __forceinline__ bool arrive_last(unsigned int* counter, unsigned int 
 // Both walkers take three functors: load(offset) reads what one position
 // contributes (offset in elements, relative to the channel's first element
 // for channel axis 1, to the tensor's start for channels last);
-// push_group(state, v, off) consumes GPUBN_WALK_UNROLL loaded positions at
-// once (v[u] loaded from off[u]), push(state, value, offset) one position of
-// the tail.  Every load of a step is issued before any is consumed, so each
-// thread keeps GPUBN_WALK_UNROLL (vector) loads in flight, and a reduction
-// state sees a whole group at a time (one Welford merge per group).
-//
+// push_group(state, v, off) consumes UNROLL loaded positions at once (v[u]
+// loaded from off[u]), push(state, value, offset) one position of the tail.
+// Every load of a step is issued before any is consumed, so each thread
+// keeps UNROLL (vector) loads in flight, and a reduction state sees a whole
+// group at a time (one Welford merge per group).  UNROLL is
+// GPUBN_WALK_UNROLL unless a caller loading more per position (three vectors
+// instead of two) needs fewer positions at once to stay within its registers.
+// ---------------------------------------------------------------------------
+#define GPUBN_WALK_UNROLL 4
+
+// The loop both walkers share: positions k, k + step, ... below `end`, whose
+// offsets next() returns in that order, UNROLL at a time, then the at most
+// UNROLL - 1 left, loaded together too (a tail loop would be unrolled into
+// serial load-use pairs).
+template <int UNROLL, class State, class Next, class Load, class PushGroup, class Push>
+__device__ __forceinline__ void walk_positions(long long k, long long step, long long end,
+                                               State& state, Next next, Load load,
+                                               PushGroup push_group, Push push) {
+    static_assert(UNROLL >= 2, "the tail holds UNROLL - 1 positions");
+    for (; k + (UNROLL - 1) * step < end; k += UNROLL * step) {
+        long long off[UNROLL];
+        decltype(load(0LL)) v[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) off[u] = next();
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) v[u] = load(off[u]);
+        push_group(state, v, off);
+    }
+    long long off[UNROLL - 1];
+    decltype(load(0LL)) v[UNROLL - 1];
+#pragma unroll
+    for (int u = 0; u < UNROLL - 1; ++u)
+        if (k + u * step < end) {
+            off[u] = next();
+            v[u] = load(off[u]);
+        }
+#pragma unroll
+    for (int u = 0; u < UNROLL - 1; ++u)
+        if (k + u * step < end) push(state, v[u], off[u]);
+}
+
 // Channel axis 1 (inner > 1): grid (C, S), 1-D blocks.  Channel c is `outer`
 // runs of `inner` contiguous elements; block (c, s) walks the s-th of S equal
 // shares of the channel's outer*inner/VEC vector units, carrying a (row, col)
 // pair instead of dividing per element.
-// ---------------------------------------------------------------------------
-#define GPUBN_WALK_UNROLL 4
-template <int VEC, class S, class Load, class PushGroup, class Push>
+template <int VEC, class S, int UNROLL = GPUBN_WALK_UNROLL, class Load, class PushGroup,
+          class Push>
 __device__ __forceinline__ S channel_walk_nchw(long long outer, int channels, long long inner,
                                                Load load, PushGroup push_group, Push push) {
     const long long inner_v = inner / VEC;
@@ -409,7 +443,7 @@ __device__ __forceinline__ S channel_walk_nchw(long long outer, int channels, lo
     const long long end = min_ll(begin + chunk, units);
     const long long row_stride = (long long)channels * inner;
     S state = S::identity();
-    long long k = begin + threadIdx.x;
+    const long long k = begin + threadIdx.x;
     if (k < end) {
         long long row = k / inner_v;
         long long col = k - row * inner_v;
@@ -426,28 +460,7 @@ __device__ __forceinline__ S channel_walk_nchw(long long outer, int channels, lo
             }
             return offset;
         };
-        for (; k + (GPUBN_WALK_UNROLL - 1) * step < end; k += GPUBN_WALK_UNROLL * step) {
-            long long off[GPUBN_WALK_UNROLL];
-            decltype(load(0LL)) v[GPUBN_WALK_UNROLL];
-#pragma unroll
-            for (int u = 0; u < GPUBN_WALK_UNROLL; ++u) off[u] = next();
-#pragma unroll
-            for (int u = 0; u < GPUBN_WALK_UNROLL; ++u) v[u] = load(off[u]);
-            push_group(state, v, off);
-        }
-        // the tail: at most GPUBN_WALK_UNROLL - 1 positions, loaded together
-        // too (a tail loop would be unrolled into serial load-use pairs)
-        long long off[GPUBN_WALK_UNROLL - 1];
-        decltype(load(0LL)) v[GPUBN_WALK_UNROLL - 1];
-#pragma unroll
-        for (int u = 0; u < GPUBN_WALK_UNROLL - 1; ++u)
-            if (k + u * step < end) {
-                off[u] = next();
-                v[u] = load(off[u]);
-            }
-#pragma unroll
-        for (int u = 0; u < GPUBN_WALK_UNROLL - 1; ++u)
-            if (k + u * step < end) push(state, v[u], off[u]);
+        walk_positions<UNROLL>(k, step, end, state, next, load, push_group, push);
     }
     return state;
 }
@@ -477,7 +490,8 @@ __device__ __forceinline__ void channel_finish_nchw(S state, S* partials, unsign
 // (blockIdx.x * bx + tx) * VEC (one 8- or 16-byte load per row; consecutive
 // threads read consecutive vectors: coalesced) and every by-th row of the
 // block's share of the rows; it keeps one state per channel.
-template <int VEC, class S, class Load, class PushGroup, class Push>
+template <int VEC, int UNROLL = GPUBN_WALK_UNROLL, class S, class Load, class PushGroup,
+          class Push>
 __device__ __forceinline__ void channel_walk_nhwc(long long rows, int channels, Load load,
                                                   PushGroup push_group, Push push,
                                                   S (&state)[VEC]) {
@@ -491,26 +505,13 @@ __device__ __forceinline__ void channel_walk_nhwc(long long rows, int channels, 
     for (int j = 0; j < VEC; ++j) state[j] = S::identity();
     if (c0 < channels) {
         long long r = begin + threadIdx.y;
-        for (; r + (GPUBN_WALK_UNROLL - 1) * step < end; r += GPUBN_WALK_UNROLL * step) {
-            long long off[GPUBN_WALK_UNROLL];
-            decltype(load(0LL)) v[GPUBN_WALK_UNROLL];
-#pragma unroll
-            for (int u = 0; u < GPUBN_WALK_UNROLL; ++u) off[u] = (r + u * step) * channels + c0;
-#pragma unroll
-            for (int u = 0; u < GPUBN_WALK_UNROLL; ++u) v[u] = load(off[u]);
-            push_group(state, v, off);
-        }
-        // the tail: at most GPUBN_WALK_UNROLL - 1 rows, loaded together
-        long long off[GPUBN_WALK_UNROLL - 1];
-        decltype(load(0LL)) v[GPUBN_WALK_UNROLL - 1];
-#pragma unroll
-        for (int u = 0; u < GPUBN_WALK_UNROLL - 1; ++u) {
-            off[u] = (r + u * step) * channels + c0;
-            if (r + u * step < end) v[u] = load(off[u]);
-        }
-#pragma unroll
-        for (int u = 0; u < GPUBN_WALK_UNROLL - 1; ++u)
-            if (r + u * step < end) push(state, v[u], off[u]);
+        auto next = [&]() {  // the next row's offset
+            const long long offset = r * channels + c0;
+            r += step;
+            return offset;
+        };
+        walk_positions<UNROLL>(begin + threadIdx.y, step, end, state, next, load, push_group,
+                               push);
     }
 }
 
