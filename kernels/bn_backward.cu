@@ -27,8 +27,8 @@ namespace gpubn {
 
 template <class T, int VEC>
 struct VecPair {  // VEC elements of dy and of x
-    Vec<T, VEC> dy;
-    Vec<T, VEC> x;
+    typename Packed<T, VEC>::type dy;
+    typename Packed<T, VEC>::type x;
 };
 
 template <class Acc>
@@ -67,13 +67,13 @@ bn_backward_reduce_nchw(const T* __restrict__ dy, const T* __restrict__ x, const
         Vec<T, VEC> out;
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-            Acc d = to_acc(p.dy.v[j]);
+            Acc d = element(p.dy, j);
             if (y_mask) {
                 if (Acc(to_acc(y_mask[base + offset + j])) <= Acc(0)) d = Acc(0);
                 if (g_out) store_acc(g_out[base + offset + j], d);
             }
             s.sum_dy += d;
-            s.sum_dy_xmu = fma_acc(d, Acc(to_acc(p.x.v[j])) - m, s.sum_dy_xmu);
+            s.sum_dy_xmu = fma_acc(d, Acc(element(p.x, j)) - m, s.sum_dy_xmu);
             store_acc(out.v[j], a * d);
         }
         if (dx_eval) store_vec<T, VEC>(dx_eval + base + offset, out);
@@ -82,8 +82,8 @@ bn_backward_reduce_nchw(const T* __restrict__ dy, const T* __restrict__ x, const
         outer, channels, inner,
         [&](long long offset) {
             VecPair<T, VEC> p;
-            p.dy = load_vec<T, VEC>(dy + base + offset);
-            p.x = load_vec<T, VEC>(x + base + offset);
+            p.dy = load_packed<T, VEC>(dy + base + offset);
+            p.x = load_packed<T, VEC>(x + base + offset);
             return p;
         },
         [&](GradSums<Acc>& s, const VecPair<T, VEC>* p, const long long* offset) {
@@ -136,13 +136,13 @@ bn_backward_reduce_nhwc(const T* __restrict__ dy, const T* __restrict__ x, const
         Vec<T, VEC> out;
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-            Acc d = to_acc(p.dy.v[j]);
+            Acc d = element(p.dy, j);
             if (y_mask) {
                 if (Acc(to_acc(y_mask[offset + j])) <= Acc(0)) d = Acc(0);
                 if (g_out) store_acc(g_out[offset + j], d);
             }
             s[j].sum_dy += d;
-            s[j].sum_dy_xmu = fma_acc(d, Acc(to_acc(p.x.v[j])) - m[j], s[j].sum_dy_xmu);
+            s[j].sum_dy_xmu = fma_acc(d, Acc(element(p.x, j)) - m[j], s[j].sum_dy_xmu);
             store_acc(out.v[j], a[j] * d);
         }
         if (dx_eval) store_vec<T, VEC>(dx_eval + offset, out);
@@ -152,8 +152,8 @@ bn_backward_reduce_nhwc(const T* __restrict__ dy, const T* __restrict__ x, const
         rows, channels,
         [&](long long offset) {
             VecPair<T, VEC> p;
-            p.dy = load_vec<T, VEC>(dy + offset);
-            p.x = load_vec<T, VEC>(x + offset);
+            p.dy = load_packed<T, VEC>(dy + offset);
+            p.x = load_packed<T, VEC>(x + offset);
             return p;
         },
         [&](GradSums<Acc>(&s)[VEC], const VecPair<T, VEC>* v, const long long* offset) {
@@ -200,27 +200,25 @@ __device__ __forceinline__ VecPair<T, VEC> load_dy_x(const T* __restrict__ dy,
                                                      const T* __restrict__ x, long long off,
                                                      int training) {
     VecPair<T, VEC> p;
-    p.dy = load_vec<T, VEC>(dy + off);
-    if (training) p.x = load_vec<T, VEC>(x + off);
+    p.dy = load_packed<T, VEC>(dy + off);
+    if (training) p.x = load_packed<T, VEC>(x + off);
     return p;
 }
 
 template <class T, class Acc, int VEC>
 __device__ __forceinline__ void dx_body(T* __restrict__ dx, const DxConsts<Acc>* q, int qstride,
                                         const VecPair<T, VEC>& in, long long off, int training) {
-    const Vec<T, VEC>& gv = in.dy;
     Vec<T, VEC> out;
     if (training) {
-        const Vec<T, VEC>& xv = in.x;
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
             const DxConsts<Acc>& p = q[j * qstride];
-            const Acc xmu = Acc(to_acc(xv.v[j])) - p.mean;
-            store_acc(out.v[j], p.a * fma_acc(-xmu, p.k, Acc(to_acc(gv.v[j])) - p.b));
+            const Acc xmu = Acc(element(in.x, j)) - p.mean;
+            store_acc(out.v[j], p.a * fma_acc(-xmu, p.k, Acc(element(in.dy, j)) - p.b));
         }
     } else {
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) store_acc(out.v[j], q[j * qstride].a * Acc(to_acc(gv.v[j])));
+        for (int j = 0; j < VEC; ++j) store_acc(out.v[j], q[j * qstride].a * Acc(element(in.dy, j)));
     }
     store_vec<T, VEC>(dx + off, out);
 }

@@ -64,8 +64,8 @@ __device__ __forceinline__ Affine<Acc> affine_of(int c, bool first, const Acc* m
 
 template <class T, int VEC>
 struct XRes {  // VEC elements of x and (when there is one) of the residual
-    Vec<T, VEC> x;
-    Vec<T, VEC> z;
+    typename Packed<T, VEC>::type x;
+    typename Packed<T, VEC>::type z;
 };
 
 template <class T, int VEC>
@@ -73,8 +73,8 @@ __device__ __forceinline__ XRes<T, VEC> load_x_res(const T* x,
                                                    const T* residual,
                                                    long long off) {
     XRes<T, VEC> p;
-    p.x = load_vec<T, VEC>(x + off);
-    if (residual) p.z = load_vec<T, VEC>(residual + off);
+    p.x = load_packed<T, VEC>(x + off);
+    if (residual) p.z = load_packed<T, VEC>(residual + off);
     return p;
 }
 
@@ -85,9 +85,9 @@ __device__ __forceinline__ void affine_body(T* y, const Affine<Acc>* k, int kstr
     Vec<T, VEC> out;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-        Acc v = fma_acc(Acc(to_acc(in.x.v[j])) - k[j * kstride].mean, k[j * kstride].scale,
+        Acc v = fma_acc(Acc(element(in.x, j)) - k[j * kstride].mean, k[j * kstride].scale,
                         k[j * kstride].shift);
-        if (residual) v += Acc(to_acc(in.z.v[j]));
+        if (residual) v += Acc(element(in.z, j));
         if (relu && v <= Acc(0)) v = Acc(0);
         store_acc(out.v[j], v);
     }

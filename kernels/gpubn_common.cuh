@@ -130,6 +130,56 @@ __device__ __forceinline__ void store_vec(T* p, const Vec<T, VEC>& v) {
     *reinterpret_cast<Vec<T, VEC>*>(p) = v;
 }
 
+// What the streaming loops load: VEC elements as Packed<T, VEC>::type, read
+// with load_packed and converted with element(v, j).  For 2-byte types in
+// pairs that is Words, the 32-bit words one load brings, cut into elements
+// only where one is used: a Vec<half, VEC> load is split into 16-bit
+// registers right after it arrives, and ptxas schedules those moves (which
+// wait for the load) ahead of the next loads of an unrolled step, leaving
+// one or two in flight.  Otherwise it is the Vec itself.
+template <class T, int VEC>
+struct __align__(sizeof(T) * VEC) Words {
+    unsigned int w[sizeof(T) * VEC / 4];
+};
+
+template <class T, int VEC, bool WORDS = (sizeof(T) == 2 && VEC % 2 == 0)>
+struct Packed {
+    typedef Vec<T, VEC> type;
+    __device__ __forceinline__ static type load(const T* p) { return load_vec<T, VEC>(p); }
+};
+
+template <class T, int VEC>
+struct Packed<T, VEC, true> {
+    typedef Words<T, VEC> type;
+    __device__ __forceinline__ static type load(const T* p) {
+#if GPUBN_DEVICE_PTX
+        type r;
+        load_words(p, r.w);  // one PTX load the compiler cannot cut into halves
+        return r;
+#else
+        return *reinterpret_cast<const type*>(p);
+#endif
+    }
+};
+
+template <class T, int VEC>
+__device__ __forceinline__ typename Packed<T, VEC>::type load_packed(const T* p) {
+    return Packed<T, VEC>::load(p);
+}
+
+// Element j of a loaded vector, in its accumulation type (float for 2-byte types).
+template <class T, int VEC>
+__device__ __forceinline__ auto element(const Vec<T, VEC>& v, int j) -> decltype(to_acc(v.v[0])) {
+    return to_acc(v.v[j]);
+}
+
+template <class T, int VEC>
+__device__ __forceinline__ float element(const Words<T, VEC>& v, int j) {
+    T e;
+    e.bits = (unsigned short)(v.w[j >> 1] >> ((j & 1) * 16));  // little endian: 0 is low
+    return to_acc(e);
+}
+
 __device__ __forceinline__ float inv_sqrt(float v) { return 1.0f / sqrtf(v); }
 __device__ __forceinline__ double inv_sqrt(double v) { return 1.0 / sqrt(v); }
 

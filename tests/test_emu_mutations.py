@@ -200,7 +200,7 @@ def test_epilogue_unmodified_runs_clean(layout):
 
 
 def test_epilogue_residual_dropped_is_caught(plant):
-    plant("        if (residual) v += Acc(to_acc(in.z.v[j]));\n", "", "bn_forward.cu")
+    plant("        if (residual) v += Acc(element(in.z, j));\n", "", "bn_forward.cu")
     with pytest.raises(AssertionError):
         _check_epilogue(_epilogue_outputs("nchw"))
 

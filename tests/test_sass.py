@@ -231,13 +231,7 @@ _WHY = {
     "no-loop": "no streaming loop found",
 }
 _KNOWN_FAILING = """
-bn_apply_nchw            bfloat16  4 sm_80  in-flight
-bn_apply_nchw            bfloat16  4 sm_90  in-flight
 bn_apply_nhwc            bfloat16  1 sm_80  in-flight
-bn_backward_dx_nchw      bfloat16  4 sm_80  in-flight
-bn_backward_dx_nchw      bfloat16  4 sm_90  in-flight
-bn_backward_dx_nchw      bfloat16  8 sm_90  in-flight
-bn_backward_dx_nchw      float16   8 sm_90  in-flight
 bn_backward_reduce_nchw  bfloat16  8 sm_80  spills
 bn_backward_reduce_nchw  bfloat16  8 sm_90  spills
 bn_backward_reduce_nchw  float64   2 sm_80  spills
