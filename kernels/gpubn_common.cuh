@@ -408,6 +408,12 @@ __device__ __forceinline__ P* at_group(P* p, long long extent) {
     return p ? p + (long long)blockIdx.z * extent : p;
 }
 
+// at_group on several pointers with one extent: at_groups(extent, p, q, ...).
+template <class... P>
+__device__ __forceinline__ void at_groups(long long extent, P&... p) {
+    ((p = at_group(p, extent)), ...);
+}
+
 // Two-stage reduction handshake, called by every thread of a block after the
 // block wrote its partial(s).  Returns true (in every thread) for the one block
 // that arrived last at ``counter``; that block then merges all partials and
@@ -620,6 +626,21 @@ __device__ __forceinline__ void channel_finish_nhwc(S (&state)[VEC], int channel
 template <class Acc>
 __device__ __forceinline__ Acc read_only(const Acc* p) {
     return __ldg(p);
+}
+
+// The scale of channel c in the normalization and its gradient:
+// weight[c] * invstd, or invstd without a weight.
+template <class Acc>
+__device__ __forceinline__ Acc channel_scale(const Acc* weight, int c, Acc invstd) {
+    return weight ? read_only(weight + c) * invstd : invstd;
+}
+
+// The ReLU of the residual-block epilogue keeps a value (and passes its
+// gradient) unless it is <= 0: NaN is kept, as torch.relu keeps it.  The
+// forward applies it to its output, the backward masks dy with it on y.
+template <class Acc>
+__device__ __forceinline__ bool relu_keeps(Acc v) {
+    return !(v <= Acc(0));
 }
 
 template <int VEC, class K, class Make, class Load, class Apply>

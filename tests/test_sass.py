@@ -232,11 +232,6 @@ _WHY = {
 }
 _KNOWN_FAILING = """
 bn_apply_nhwc            bfloat16  1 sm_80  in-flight
-bn_backward_reduce_nchw  bfloat16  8 sm_80  spills
-bn_backward_reduce_nchw  bfloat16  8 sm_90  spills
-bn_backward_reduce_nchw  float64   2 sm_80  spills
-bn_backward_reduce_nchw  float64   2 sm_90  spills
-bn_backward_reduce_nhwc  float64   2 sm_90  spills
 bn_forward_once_nchw     float64   1 sm_90  spills
 """
 KNOWN_FAILING = {
