@@ -64,8 +64,8 @@ __device__ __forceinline__ Affine<Acc> affine_of(int c, bool first, const Acc* m
 
 template <class T, int VEC>
 struct XRes {  // VEC elements of x and (when there is one) of the residual
-    Vec<T, VEC> x;
-    Vec<T, VEC> z;
+    typename Packed<T, VEC>::type x;
+    typename Packed<T, VEC>::type z;
 };
 
 template <class T, int VEC>
@@ -73,8 +73,8 @@ __device__ __forceinline__ XRes<T, VEC> load_x_res(const T* x,
                                                    const T* residual,
                                                    long long off) {
     XRes<T, VEC> p;
-    p.x = load_vec<T, VEC>(x + off);
-    if (residual) p.z = load_vec<T, VEC>(residual + off);
+    p.x = load_packed<T, VEC>(x + off);
+    if (residual) p.z = load_packed<T, VEC>(residual + off);
     return p;
 }
 
@@ -85,10 +85,10 @@ __device__ __forceinline__ void affine_body(T* y, const Affine<Acc>* k, int kstr
     Vec<T, VEC> out;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-        Acc v = fma_acc(Acc(to_acc(in.x.v[j])) - k[j * kstride].mean, k[j * kstride].scale,
+        Acc v = fma_acc(Acc(element(in.x, j)) - k[j * kstride].mean, k[j * kstride].scale,
                         k[j * kstride].shift);
-        if (residual) v += Acc(to_acc(in.z.v[j]));
-        if (relu && v <= Acc(0)) v = Acc(0);
+        if (residual) v += Acc(element(in.z, j));
+        if (relu && !relu_keeps(v)) v = Acc(0);
         store_acc(out.v[j], v);
     }
     store_vec<T, VEC>(y + off, out);
@@ -104,14 +104,8 @@ __global__ void bn_apply_nchw(const T* x, T* y, const T* residual, const Acc* me
                               const Acc* bias,
                               Acc* mean_out, Acc* invstd_out, long long outer, int channels,
                               long long inner, int from_var, int relu, Acc eps) {
-    x = at_group(x, outer * channels * inner);
-    y = at_group(y, outer * channels * inner);
-    residual = at_group(residual, outer * channels * inner);
-    mean = at_group(mean, channels);
-    mean_lo = at_group(mean_lo, channels);
-    spread = at_group(spread, channels);
-    mean_out = at_group(mean_out, channels);
-    invstd_out = at_group(invstd_out, channels);
+    at_groups(outer * channels * inner, x, y, residual);
+    at_groups(channels, mean, mean_lo, spread, mean_out, invstd_out);
     channel_map_nchw<VEC, Affine<Acc>>(
         outer, channels, inner,
         [&](int c, bool first) {
@@ -130,14 +124,8 @@ __global__ void bn_apply_nhwc(const T* x, T* y, const T* residual, const Acc* me
                               const Acc* bias,
                               Acc* mean_out, Acc* invstd_out, long long rows, int channels,
                               int from_var, int relu, Acc eps) {
-    x = at_group(x, rows * channels);
-    y = at_group(y, rows * channels);
-    residual = at_group(residual, rows * channels);
-    mean = at_group(mean, channels);
-    mean_lo = at_group(mean_lo, channels);
-    spread = at_group(spread, channels);
-    mean_out = at_group(mean_out, channels);
-    invstd_out = at_group(invstd_out, channels);
+    at_groups(rows * channels, x, y, residual);
+    at_groups(channels, mean, mean_lo, spread, mean_out, invstd_out);
     channel_map_nhwc<VEC, Affine<Acc>>(
         rows, channels,
         [&](int c, bool first) {

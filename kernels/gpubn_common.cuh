@@ -130,6 +130,56 @@ __device__ __forceinline__ void store_vec(T* p, const Vec<T, VEC>& v) {
     *reinterpret_cast<Vec<T, VEC>*>(p) = v;
 }
 
+// What the streaming loops load: VEC elements as Packed<T, VEC>::type, read
+// with load_packed and converted with element(v, j).  For 2-byte types in
+// pairs that is Words, the 32-bit words one load brings, cut into elements
+// only where one is used: a Vec<half, VEC> load is split into 16-bit
+// registers right after it arrives, and ptxas schedules those moves (which
+// wait for the load) ahead of the next loads of an unrolled step, leaving
+// one or two in flight.  Otherwise it is the Vec itself.
+template <class T, int VEC>
+struct __align__(sizeof(T) * VEC) Words {
+    unsigned int w[sizeof(T) * VEC / 4];
+};
+
+template <class T, int VEC, bool WORDS = (sizeof(T) == 2 && VEC % 2 == 0)>
+struct Packed {
+    typedef Vec<T, VEC> type;
+    __device__ __forceinline__ static type load(const T* p) { return load_vec<T, VEC>(p); }
+};
+
+template <class T, int VEC>
+struct Packed<T, VEC, true> {
+    typedef Words<T, VEC> type;
+    __device__ __forceinline__ static type load(const T* p) {
+#if GPUBN_DEVICE_PTX
+        type r;
+        load_words(p, r.w);  // one PTX load the compiler cannot cut into halves
+        return r;
+#else
+        return *reinterpret_cast<const type*>(p);
+#endif
+    }
+};
+
+template <class T, int VEC>
+__device__ __forceinline__ typename Packed<T, VEC>::type load_packed(const T* p) {
+    return Packed<T, VEC>::load(p);
+}
+
+// Element j of a loaded vector, in its accumulation type (float for 2-byte types).
+template <class T, int VEC>
+__device__ __forceinline__ auto element(const Vec<T, VEC>& v, int j) -> decltype(to_acc(v.v[0])) {
+    return to_acc(v.v[j]);
+}
+
+template <class T, int VEC>
+__device__ __forceinline__ float element(const Words<T, VEC>& v, int j) {
+    T e;
+    e.bits = (unsigned short)(v.w[j >> 1] >> ((j & 1) * 16));  // little endian: 0 is low
+    return to_acc(e);
+}
+
 __device__ __forceinline__ float inv_sqrt(float v) { return 1.0f / sqrtf(v); }
 __device__ __forceinline__ double inv_sqrt(double v) { return 1.0 / sqrt(v); }
 
@@ -364,6 +414,12 @@ __device__ __forceinline__ P* at_group(P* p, long long extent) {
     return p ? p + (long long)blockIdx.z * extent : p;
 }
 
+// at_group on several pointers with one extent: at_groups(extent, p, q, ...).
+template <class... P>
+__device__ __forceinline__ void at_groups(long long extent, P&... p) {
+    ((p = at_group(p, extent)), ...);
+}
+
 // Two-stage reduction handshake, called by every thread of a block after the
 // block wrote its partial(s).  Returns true (in every thread) for the one block
 // that arrived last at ``counter``; that block then merges all partials and
@@ -392,19 +448,53 @@ __device__ __forceinline__ bool arrive_last(unsigned int* counter, unsigned int 
 // Both walkers take three functors: load(offset) reads what one position
 // contributes (offset in elements, relative to the channel's first element
 // for channel axis 1, to the tensor's start for channels last);
-// push_group(state, v, off) consumes GPUBN_WALK_UNROLL loaded positions at
-// once (v[u] loaded from off[u]), push(state, value, offset) one position of
-// the tail.  Every load of a step is issued before any is consumed, so each
-// thread keeps GPUBN_WALK_UNROLL (vector) loads in flight, and a reduction
-// state sees a whole group at a time (one Welford merge per group).
-//
+// push_group(state, v, off) consumes UNROLL loaded positions at once (v[u]
+// loaded from off[u]), push(state, value, offset) one position of the tail.
+// Every load of a step is issued before any is consumed, so each thread
+// keeps UNROLL (vector) loads in flight, and a reduction state sees a whole
+// group at a time (one Welford merge per group).  UNROLL is
+// GPUBN_WALK_UNROLL unless a caller loading more per position (three vectors
+// instead of two) needs fewer positions at once to stay within its registers.
+// ---------------------------------------------------------------------------
+#define GPUBN_WALK_UNROLL 4
+
+// The loop both walkers share: positions k, k + step, ... below `end`, whose
+// offsets next() returns in that order, UNROLL at a time, then the at most
+// UNROLL - 1 left, loaded together too (a tail loop would be unrolled into
+// serial load-use pairs).
+template <int UNROLL, class State, class Next, class Load, class PushGroup, class Push>
+__device__ __forceinline__ void walk_positions(long long k, long long step, long long end,
+                                               State& state, Next next, Load load,
+                                               PushGroup push_group, Push push) {
+    static_assert(UNROLL >= 2, "the tail holds UNROLL - 1 positions");
+    for (; k + (UNROLL - 1) * step < end; k += UNROLL * step) {
+        long long off[UNROLL];
+        decltype(load(0LL)) v[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) off[u] = next();
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) v[u] = load(off[u]);
+        push_group(state, v, off);
+    }
+    long long off[UNROLL - 1];
+    decltype(load(0LL)) v[UNROLL - 1];
+#pragma unroll
+    for (int u = 0; u < UNROLL - 1; ++u)
+        if (k + u * step < end) {
+            off[u] = next();
+            v[u] = load(off[u]);
+        }
+#pragma unroll
+    for (int u = 0; u < UNROLL - 1; ++u)
+        if (k + u * step < end) push(state, v[u], off[u]);
+}
+
 // Channel axis 1 (inner > 1): grid (C, S), 1-D blocks.  Channel c is `outer`
 // runs of `inner` contiguous elements; block (c, s) walks the s-th of S equal
 // shares of the channel's outer*inner/VEC vector units, carrying a (row, col)
 // pair instead of dividing per element.
-// ---------------------------------------------------------------------------
-#define GPUBN_WALK_UNROLL 4
-template <int VEC, class S, class Load, class PushGroup, class Push>
+template <int VEC, class S, int UNROLL = GPUBN_WALK_UNROLL, class Load, class PushGroup,
+          class Push>
 __device__ __forceinline__ S channel_walk_nchw(long long outer, int channels, long long inner,
                                                Load load, PushGroup push_group, Push push) {
     const long long inner_v = inner / VEC;
@@ -415,7 +505,7 @@ __device__ __forceinline__ S channel_walk_nchw(long long outer, int channels, lo
     const long long end = min_ll(begin + chunk, units);
     const long long row_stride = (long long)channels * inner;
     S state = S::identity();
-    long long k = begin + threadIdx.x;
+    const long long k = begin + threadIdx.x;
     if (k < end) {
         long long row = k / inner_v;
         long long col = k - row * inner_v;
@@ -432,28 +522,7 @@ __device__ __forceinline__ S channel_walk_nchw(long long outer, int channels, lo
             }
             return offset;
         };
-        for (; k + (GPUBN_WALK_UNROLL - 1) * step < end; k += GPUBN_WALK_UNROLL * step) {
-            long long off[GPUBN_WALK_UNROLL];
-            decltype(load(0LL)) v[GPUBN_WALK_UNROLL];
-#pragma unroll
-            for (int u = 0; u < GPUBN_WALK_UNROLL; ++u) off[u] = next();
-#pragma unroll
-            for (int u = 0; u < GPUBN_WALK_UNROLL; ++u) v[u] = load(off[u]);
-            push_group(state, v, off);
-        }
-        // the tail: at most GPUBN_WALK_UNROLL - 1 positions, loaded together
-        // too (a tail loop would be unrolled into serial load-use pairs)
-        long long off[GPUBN_WALK_UNROLL - 1];
-        decltype(load(0LL)) v[GPUBN_WALK_UNROLL - 1];
-#pragma unroll
-        for (int u = 0; u < GPUBN_WALK_UNROLL - 1; ++u)
-            if (k + u * step < end) {
-                off[u] = next();
-                v[u] = load(off[u]);
-            }
-#pragma unroll
-        for (int u = 0; u < GPUBN_WALK_UNROLL - 1; ++u)
-            if (k + u * step < end) push(state, v[u], off[u]);
+        walk_positions<UNROLL>(k, step, end, state, next, load, push_group, push);
     }
     return state;
 }
@@ -483,7 +552,8 @@ __device__ __forceinline__ void channel_finish_nchw(S state, S* partials, unsign
 // (blockIdx.x * bx + tx) * VEC (one 8- or 16-byte load per row; consecutive
 // threads read consecutive vectors: coalesced) and every by-th row of the
 // block's share of the rows; it keeps one state per channel.
-template <int VEC, class S, class Load, class PushGroup, class Push>
+template <int VEC, int UNROLL = GPUBN_WALK_UNROLL, class S, class Load, class PushGroup,
+          class Push>
 __device__ __forceinline__ void channel_walk_nhwc(long long rows, int channels, Load load,
                                                   PushGroup push_group, Push push,
                                                   S (&state)[VEC]) {
@@ -497,26 +567,13 @@ __device__ __forceinline__ void channel_walk_nhwc(long long rows, int channels, 
     for (int j = 0; j < VEC; ++j) state[j] = S::identity();
     if (c0 < channels) {
         long long r = begin + threadIdx.y;
-        for (; r + (GPUBN_WALK_UNROLL - 1) * step < end; r += GPUBN_WALK_UNROLL * step) {
-            long long off[GPUBN_WALK_UNROLL];
-            decltype(load(0LL)) v[GPUBN_WALK_UNROLL];
-#pragma unroll
-            for (int u = 0; u < GPUBN_WALK_UNROLL; ++u) off[u] = (r + u * step) * channels + c0;
-#pragma unroll
-            for (int u = 0; u < GPUBN_WALK_UNROLL; ++u) v[u] = load(off[u]);
-            push_group(state, v, off);
-        }
-        // the tail: at most GPUBN_WALK_UNROLL - 1 rows, loaded together
-        long long off[GPUBN_WALK_UNROLL - 1];
-        decltype(load(0LL)) v[GPUBN_WALK_UNROLL - 1];
-#pragma unroll
-        for (int u = 0; u < GPUBN_WALK_UNROLL - 1; ++u) {
-            off[u] = (r + u * step) * channels + c0;
-            if (r + u * step < end) v[u] = load(off[u]);
-        }
-#pragma unroll
-        for (int u = 0; u < GPUBN_WALK_UNROLL - 1; ++u)
-            if (r + u * step < end) push(state, v[u], off[u]);
+        auto next = [&]() {  // the next row's offset
+            const long long offset = r * channels + c0;
+            r += step;
+            return offset;
+        };
+        walk_positions<UNROLL>(begin + threadIdx.y, step, end, state, next, load, push_group,
+                               push);
     }
 }
 
@@ -575,6 +632,21 @@ __device__ __forceinline__ void channel_finish_nhwc(S (&state)[VEC], int channel
 template <class Acc>
 __device__ __forceinline__ Acc read_only(const Acc* p) {
     return __ldg(p);
+}
+
+// The scale of channel c in the normalization and its gradient:
+// weight[c] * invstd, or invstd without a weight.
+template <class Acc>
+__device__ __forceinline__ Acc channel_scale(const Acc* weight, int c, Acc invstd) {
+    return weight ? read_only(weight + c) * invstd : invstd;
+}
+
+// The ReLU of the residual-block epilogue keeps a value (and passes its
+// gradient) unless it is <= 0: NaN is kept, as torch.relu keeps it.  The
+// forward applies it to its output, the backward masks dy with it on y.
+template <class Acc>
+__device__ __forceinline__ bool relu_keeps(Acc v) {
+    return !(v <= Acc(0));
 }
 
 template <int VEC, class K, class Make, class Load, class Apply>

@@ -19,6 +19,8 @@ SHAPES = [
     ((2, 4, 8, 8), 1),        # NCHW, vector runs
     ((3, 6, 5, 8), -1),       # channels-last
     ((9, 5), 1),              # NC
+    ((8, 3, 16, 16), 1),      # NCHW, several vectors per thread (unrolled walks, tails)
+    ((16, 8, 8, 16), -1),     # channels-last, several rows per thread
 ]
 SHAPE_IDS = [f"{'x'.join(map(str, s))}-ax{a}" for s, a in SHAPES]
 ALL_DTYPES = DTYPES + ((BFLOAT16,) if BFLOAT16 is not None else ())
