@@ -243,7 +243,6 @@ bn_backward_reduce_nchw  bfloat16  8 sm_90  spills
 bn_backward_reduce_nchw  float64   2 sm_80  spills
 bn_backward_reduce_nchw  float64   2 sm_90  spills
 bn_backward_reduce_nhwc  float64   2 sm_90  spills
-bn_forward_once_nchw     float64   1 sm_90  spills
 """
 KNOWN_FAILING = {
     (k, d, int(v), a): "; ".join(_WHY[t] for t in tags.split(","))
