@@ -24,10 +24,13 @@
 // bn_stats_* + bn_apply_*.
 //
 // Exported kernels (name expressions, see gpubn/kernels.py):
-//   gpubn::bn_forward_once_nchw<T, Acc>   grid (C, S), block (threads)
-//   gpubn::bn_forward_once_nhwc<T, Acc>   grid (ceil(C / 32), S), block (32, 8)
+//   gpubn::bn_forward_once_nchw<T, Acc>    grid (C, S), block (threads)
+//   gpubn::bn_forward_once_nhwc<T, Acc>    grid (ceil(C / 32), S), block (32, 8)
+//   gpubn::bn_backward_once_nchw<T, Acc>   as the forward's
+//   gpubn::bn_backward_once_nhwc<T, Acc>
 #include "bn_stats.cu"
 #include "bn_forward.cu"
+#include "bn_backward.cu"
 
 // Elements each thread keeps in registers (gpubn/launch.py: ONCE_ITEMS).
 #define GPUBN_ONCE_ITEMS 16
@@ -251,6 +254,107 @@ bn_forward_once_nhwc(const T* __restrict__ x, T* __restrict__ y, const T* __rest
     forward_once<T, Acc>(OnceNhwc(rows, channels), x, y, residual, partials, bar, weight, bias,
                          mean_out, invstd_out, running_mean, running_var, skipped, relu,
                          momentum, eps);
+}
+
+// ---------------------------------------------------------------------------
+// Read-once training backward: dy and x read once and kept in registers,
+// (sum dy, sum dy * (x - mean)) reduced across the grid, dx written from the
+// registers: 3 passes (dy, x, dx) in one launch instead of 5 in 2.  With
+// y_mask (the residual-block epilogue's ReLU: the forward's y) dy becomes
+// g = (y <= 0 ? 0 : dy) as it is loaded, g_out receives g (= dresidual): 5
+// passes (dy, y, x; dx, g) instead of 7.  The same sums and dx formula as
+// bn_backward.cu (finish_grad, DxConsts, dx_body), merged in index order.
+
+// The channel's sums from its partials; the split-0 block writes
+// sum_dy_out (dbias) and sum_dy_xhat_out (dweight); returns dx's constants,
+// rounded as bn_backward_dx_* forms them from those two.
+template <class Acc>
+__device__ __forceinline__ DxConsts<Acc> once_dx_constants(const GradSums<Acc>* partials, int c,
+                                                           int splits, bool writer,
+                                                           const Acc* mean, const Acc* invstd,
+                                                           const Acc* weight, Acc* sum_dy_out,
+                                                           Acc* sum_dy_xhat_out,
+                                                           Acc inv_count) {
+    const GradSums<Acc> g = merge_partials(partials + (long long)c * splits, splits);
+    if (writer) finish_grad(g, c, invstd, sum_dy_out, sum_dy_xhat_out);
+    DxConsts<Acc> q;
+    const Acc is = invstd[c];
+    q.a = weight ? weight[c] * is : is;
+    q.b = g.sum_dy * inv_count;
+    q.k = is * (g.sum_dy_xmu * is) * inv_count;
+    q.mean = mean[c];
+    return q;
+}
+
+template <class T, class Acc, class Tile>
+__device__ __forceinline__ void backward_once(const Tile& t, const T* __restrict__ dy,
+                                              const T* __restrict__ x, T* __restrict__ dx,
+                                              const T* __restrict__ y_mask,
+                                              T* __restrict__ g_out, GradSums<Acc>* partials,
+                                              unsigned int* bar, const Acc* mean,
+                                              const Acc* invstd, const Acc* weight,
+                                              Acc* sum_dy_out, Acc* sum_dy_xhat_out,
+                                              Acc inv_count) {
+    const int splits = gridDim.y;
+    const int c = t.channel();
+    T g[GPUBN_ONCE_ITEMS], xv[GPUBN_ONCE_ITEMS], yv[GPUBN_ONCE_ITEMS];
+    t.each([&](int k, long long off) {
+        g[k] = dy[off];
+        xv[k] = x[off];
+        if (y_mask) yv[k] = y_mask[off];
+    });
+    __shared__ Acc means[32];  // per channel of the block, read while the loads fly
+    if (t.leader()) means[t.slot()] = mean[c];
+    __syncthreads();
+    const Acc mu = t.active() ? means[t.slot()] : Acc(0);
+    GradSums<Acc> s = GradSums<Acc>::identity();
+    t.each([&](int k, long long off) {
+        if (y_mask) {
+            if (Acc(to_acc(yv[k])) <= Acc(0)) store_acc(g[k], Acc(0));
+            if (g_out) g_out[off] = g[k];
+        }
+        const Acc d = to_acc(g[k]);
+        s.sum_dy += d;
+        s.sum_dy_xmu = fma_acc(d, Acc(to_acc(xv[k])) - mu, s.sum_dy_xmu);
+    });
+    s = Tile::reduce(s);
+    if (t.leader()) partials[(long long)c * splits + blockIdx.y] = s;
+    grid_barrier(bar);
+    __shared__ DxConsts<Acc> kq[32];
+    if (t.leader())
+        kq[t.slot()] = once_dx_constants(partials, c, splits, blockIdx.y == 0, mean, invstd,
+                                         weight, sum_dy_out, sum_dy_xhat_out, inv_count);
+    __syncthreads();
+    if (!t.active()) return;
+    const DxConsts<Acc> q = kq[t.slot()];
+    t.each([&](int k, long long off) {
+        VecPair<T, 1> p;
+        p.dy.v[0] = g[k];
+        p.x.v[0] = xv[k];
+        dx_body<T, Acc, 1>(dx, &q, 0, p, off, 1);
+    });
+}
+
+template <class T, class Acc>
+__global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS, 1)
+bn_backward_once_nchw(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
+                      const T* __restrict__ y_mask, T* __restrict__ g_out, long long outer,
+                      int channels, long long inner, GradSums<Acc>* partials, unsigned int* bar,
+                      const Acc* mean, const Acc* invstd, const Acc* weight, Acc* sum_dy_out,
+                      Acc* sum_dy_xhat_out, Acc inv_count) {
+    backward_once<T, Acc>(OnceNchw(outer, channels, inner), dy, x, dx, y_mask, g_out, partials,
+                          bar, mean, invstd, weight, sum_dy_out, sum_dy_xhat_out, inv_count);
+}
+
+template <class T, class Acc>
+__global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS, 1)
+bn_backward_once_nhwc(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
+                      const T* __restrict__ y_mask, T* __restrict__ g_out, long long rows,
+                      int channels, GradSums<Acc>* partials, unsigned int* bar,
+                      const Acc* mean, const Acc* invstd, const Acc* weight, Acc* sum_dy_out,
+                      Acc* sum_dy_xhat_out, Acc inv_count) {
+    backward_once<T, Acc>(OnceNhwc(rows, channels), dy, x, dx, y_mask, g_out, partials, bar,
+                          mean, invstd, weight, sum_dy_out, sum_dy_xhat_out, inv_count);
 }
 
 }  // namespace gpubn
