@@ -72,6 +72,7 @@ __device__ __forceinline__ S merge_partials(const S* p, int splits) {
 //
 //   each(f)     calls f(k, offset) for the thread's items k in range
 //               (unrolled; offsets recomputed per call, nothing kept);
+//   any()       item 0 is in range (then items 0 .. n - 1 are);
 //   reduce(s)   the block's merge of its threads' states (leaders hold it);
 //   leader()    the thread holding the block's state of its channel;
 //   active()    the thread has a channel (channels last: a column < C);
@@ -103,23 +104,28 @@ struct OnceNchw {
         dn = (long long)blockDim.x / inner;
         dr = (long long)blockDim.x - dn * inner;
     }
+    // the offsets first, then the calls: loads issued back to back
     template <class F>
     __device__ __forceinline__ void each(F f) const {
         const long long step = blockDim.x;
+        long long offs[GPUBN_ONCE_ITEMS];
         long long r = r0, off = off0;
 #pragma unroll
         for (int k = 0; k < GPUBN_ONCE_ITEMS; ++k) {
-            if (first + k * step < m) f(k, off);
+            offs[k] = off;
             off += dn * stride + dr;
             r += dr;
-            if (r >= inner) {
-                r -= inner;
-                off += stride - inner;
-            }
+            const bool wrap = r >= inner;
+            r -= wrap ? inner : 0;
+            off += wrap ? stride - inner : 0;
         }
+#pragma unroll
+        for (int k = 0; k < GPUBN_ONCE_ITEMS; ++k)
+            if (first + k * step < m) f(k, offs[k]);
     }
     template <class S>
     __device__ __forceinline__ static S reduce(S v) { return block_reduce_1d(v); }
+    __device__ __forceinline__ bool any() const { return first < m; }
     __device__ __forceinline__ bool leader() const { return threadIdx.x == 0; }
     __device__ __forceinline__ bool active() const { return true; }
     __device__ __forceinline__ int channel() const { return c; }
@@ -148,6 +154,7 @@ struct OnceNhwc {
     }
     template <class S>
     __device__ __forceinline__ static S reduce(S v) { return block_reduce_columns(v); }
+    __device__ __forceinline__ bool any() const { return c < channels && first < rows; }
     __device__ __forceinline__ bool leader() const { return threadIdx.y == 0 && c < channels; }
     __device__ __forceinline__ bool active() const { return c < channels; }
     __device__ __forceinline__ int channel() const { return c; }
@@ -163,14 +170,14 @@ template <class Acc, class T, class Tile>
 __device__ __forceinline__ Welford<Acc> items_welford(const Tile& t,
                                                       const T (&v)[GPUBN_ONCE_ITEMS]) {
     Welford<Acc> w = Welford<Acc>::identity();
+    if (!t.any()) return w;
+    w.hi = to_acc(v[0]);  // item 0 is in range whenever any is
     t.each([&](int k, long long) {
         const Acc a = to_acc(v[k]);
-        if (w.n == 0) w.hi = a;
         w.lo += a - w.hi;
         w.sum += a;
         ++w.n;
     });
-    if (w.n == 0) return w;
     w.lo = w.lo * (Acc(1) / Acc(w.n));
     t.each([&](int k, long long) {
         const Acc e = (Acc(to_acc(v[k])) - w.hi) - w.lo;
