@@ -43,7 +43,7 @@ import numpy as np
 
 from . import _validation as V
 from .backends import Backend, array_module, is_cupy_array
-from .backends.base import update_running
+from .backends.base import update_running_stats
 from .functional import BatchNormSaved, canonical_input, check_forward_options, to_acc
 from .layers import BatchNorm
 
@@ -59,7 +59,9 @@ def _to_host(a) -> np.ndarray:
     return a.get() if is_cupy_array(a) else np.asarray(a)
 
 
-def _check_buffer(buf, name: str = "buf"):
+def check_buffer(buf, name: str = "buf"):
+    """Raise ``ValueError`` unless ``buf`` is what a :class:`Communicator`
+    collective takes: a contiguous 1-D float64 array."""
     if getattr(buf, "ndim", None) != 1 or buf.dtype != np.float64 or not buf.flags.c_contiguous:
         raise ValueError(f"{name} must be a contiguous 1-D float64 array, got "
                          f"{getattr(buf, 'shape', None)} {getattr(buf, 'dtype', type(buf).__name__)}")
@@ -139,7 +141,7 @@ class MPIComm(Communicator):
         cupy.cuda.get_current_stream().synchronize()
 
     def allgather(self, buf):
-        _check_buffer(buf)
+        check_buffer(buf)
         if is_cupy_array(buf):
             if self.cuda_aware:
                 import cupy
@@ -156,7 +158,7 @@ class MPIComm(Communicator):
         return out
 
     def allreduce(self, buf):
-        _check_buffer(buf)
+        check_buffer(buf)
         if is_cupy_array(buf):
             if self.cuda_aware:
                 import cupy
@@ -247,7 +249,7 @@ class NCCLComm(Communicator):
         return array_module(buf).empty(shape, dtype=np.float64)
 
     def allgather(self, buf):
-        _check_buffer(buf)
+        check_buffer(buf)
         f64, _ = _nccl_constants()
         out = self._empty(buf, (self.size, buf.size))
         self.comm.allGather(_device_pointer(buf), _device_pointer(out), buf.size, f64,
@@ -255,7 +257,7 @@ class NCCLComm(Communicator):
         return out
 
     def allreduce(self, buf):
-        _check_buffer(buf)
+        check_buffer(buf)
         f64, op = _nccl_constants()
         out = self._empty(buf, (buf.size,))
         self.comm.allReduce(_device_pointer(buf), _device_pointer(out), buf.size, f64, op,
@@ -316,9 +318,10 @@ def merge_stats(counts, means, m2s, total=None):
     n = counts[:, None]
     if total is None:
         total = counts.sum()
-    mean = (n * means).sum(axis=0) / total
-    dev = means - mean
-    m2 = m2s.sum(axis=0) + (n * dev * dev).sum(axis=0)
+    with np.errstate(invalid="ignore", over="ignore"):   # NaN / Inf data propagate
+        mean = (n * means).sum(axis=0) / total
+        dev = means - mean
+        m2 = m2s.sum(axis=0) + (n * dev * dev).sum(axis=0)
     return mean, m2
 
 
@@ -362,6 +365,19 @@ def _num_channels(num_features, x, axis, *vectors) -> int:
                         f"running statistics, or a valid x ({exc})") from exc
 
 
+def check_no_ghost(virtual_batch_size) -> None:
+    """Synchronized batch norm has no ghost batch norm: it exists to
+    normalize with the statistics of a batch *larger* than one rank's,
+    ghost batch norm with those of groups *smaller* than it; the two ask for
+    opposite things.  Raises ``ValueError`` for anything but None."""
+    if virtual_batch_size is not None:
+        raise ValueError(f"virtual_batch_size={virtual_batch_size!r} is not supported by sync "
+                         "batch norm: it normalizes with the statistics of the global batch "
+                         "over all ranks, ghost batch norm with those of small groups of one "
+                         "rank's batch; use a per-rank BatchNorm(virtual_batch_size=...) for "
+                         "ghost batch norm")
+
+
 def _raise_for_status(status_host, comm, what: str):
     bad = [r for r, s in enumerate(status_host) if s != 0]
     if bad:
@@ -372,7 +388,8 @@ def _raise_for_status(status_host, comm, what: str):
 
 def sync_batch_norm_forward(x, *, comm, weight=None, bias=None, running_mean=None,
                             running_var=None, training=True, momentum=0.1, eps=1e-5, axis=1,
-                            backend=None, num_batches_tracked=None, num_features=None):
+                            backend=None, num_batches_tracked=None, num_features=None,
+                            guard_running_stats=False, virtual_batch_size=None):
     """:func:`gpubn.batch_norm_forward` over the global batch of all ranks of ``comm``.
 
     Every rank calls it with its own slice ``x`` of the batch (any number of
@@ -395,9 +412,18 @@ def sync_batch_norm_forward(x, *, comm, weight=None, bias=None, running_mean=Non
     data-parallel program (``comm``, ``eps``, ``momentum``, ``backend``,
     ``num_batches_tracked``) are checked before any communication and raise
     locally.
+
+    ``guard_running_stats=True`` keeps a channel's running statistics for
+    this step when its global batch mean or unbiased variance is not finite
+    (as in :func:`gpubn.batch_norm_forward`; the decision is the same on
+    every rank, since every rank holds the same global statistics) and sets
+    ``saved.skipped``.  ``virtual_batch_size`` (ghost batch norm) is refused
+    with ``ValueError``: see :func:`check_no_ghost`.
     """
     # ---- arguments shared by all ranks: raise before communicating ----
     _check_comm(comm)
+    guard = V.check_flag(guard_running_stats, "guard_running_stats")
+    check_no_ghost(virtual_batch_size)
     options = check_forward_options(x, training=training, momentum=momentum, eps=eps,
                                     backend=backend, num_batches_tracked=num_batches_tracked)
     be, training, eps = options.backend, options.training, options.eps
@@ -421,6 +447,7 @@ def sync_batch_norm_forward(x, *, comm, weight=None, bias=None, running_mean=Non
             comm.allgather(pack_stats(xp, c, failed=True))
         raise
     x3, w, b, acc, shape, local_count = f.x3, f.weight, f.bias, f.acc, f.shape, f.count
+    skipped = None
 
     if not training:
         if local_count > 0:
@@ -448,13 +475,15 @@ def sync_batch_norm_forward(x, *, comm, weight=None, bias=None, running_mean=Non
         mean = mean64.astype(acc)
         invstd = invstd64.astype(acc)
         if running_mean is not None:
-            update_running(running_mean, mean64, f.factor)
-            update_running(running_var, m2 / (global_count - 1), f.factor)
+            if guard:
+                skipped = xp.empty(c, dtype=np.int32)
+            update_running_stats(xp, running_mean, running_var, mean64, m2 / (global_count - 1),
+                                 f.factor, skipped)
         y3 = be.bn_apply(x3, mean, invstd, w, b) if local_count > 0 else x3.copy()
         f.count = global_count
 
     saved = f.saved(mean, invstd, w, cls=SyncBatchNormSaved, comm=comm,
-                    local_count=local_count, num_channels=c)
+                    local_count=local_count, num_channels=c, skipped=skipped)
     return f.output(y3), saved
 
 
@@ -469,7 +498,7 @@ def _pack_grads(xp, c, sum_dy=None, sum_dy_xhat=None, failed=False):
     return buf
 
 
-def sync_batch_norm_backward(dy, saved: SyncBatchNormSaved):
+def sync_batch_norm_backward(dy, saved: SyncBatchNormSaved, *, local_param_grads=False):
     """Gradients of :func:`sync_batch_norm_forward`: ``(dx, dweight, dbias)``.
 
     ``dx`` is this rank's slice of the gradient of the global batch.
@@ -484,7 +513,14 @@ def sync_batch_norm_backward(dy, saved: SyncBatchNormSaved):
     :class:`RemoteRankError`; with CuPy arrays (any communicator) the status
     is not read back, to keep the backward free of host synchronization, and
     their gradients come out NaN.
+
+    ``local_param_grads=True`` returns this rank's own sums as ``dweight`` /
+    ``dbias`` instead (``dx`` is the same): the convention of
+    ``torch.nn.SyncBatchNorm``, for a data-parallel wrapper (such as
+    PyTorch's DistributedDataParallel) that all-reduces the parameter
+    gradients itself.
     """
+    local_param_grads = V.check_flag(local_param_grads, "local_param_grads")
     if not isinstance(saved, SyncBatchNormSaved):
         raise TypeError("saved must be the SyncBatchNormSaved returned by "
                         f"sync_batch_norm_forward, got {type(saved).__name__}")
@@ -515,14 +551,16 @@ def sync_batch_norm_backward(dy, saved: SyncBatchNormSaved):
         _raise_for_status([float(total[0])], comm, "sync_batch_norm_backward")
     sum_dy = total[1:1 + c].astype(acc)
     sum_dy_xhat = total[1 + c:].astype(acc)
+    param_sums = buf if local_param_grads else total
     if saved.training:
         dx3 = (be.bn_backward_dx(dy3, x3, mean, invstd, saved.weight, sum_dy, sum_dy_xhat,
                                  saved.count) if nonempty else dy3.copy())
     elif dx3 is None:
         dx3 = dy3.copy()
-    dweight = None if saved.weight_dtype is None else sum_dy_xhat.astype(saved.weight_dtype,
-                                                                          copy=False)
-    dbias = None if saved.bias_dtype is None else sum_dy.astype(saved.bias_dtype, copy=False)
+    dweight = None if saved.weight_dtype is None else \
+        param_sums[1 + c:].astype(acc).astype(saved.weight_dtype, copy=False)
+    dbias = None if saved.bias_dtype is None else \
+        param_sums[1:1 + c].astype(acc).astype(saved.bias_dtype, copy=False)
     return V.from_canonical(dx3, saved.shape, saved.order), dweight, dbias
 
 
@@ -538,16 +576,22 @@ class SyncBatchNorm(BatchNorm):
     already identical on every rank: do not all-reduce them again.  Every rank
     must call forward and backward the same number of times in the same mode
     (each is a collective, or none in eval-mode forward).
+
+    ``guard_running_stats=True`` works as in ``BatchNorm`` (on the global
+    statistics, so ``skipped_updates`` agrees across ranks);
+    ``virtual_batch_size`` raises ``ValueError`` (see :func:`check_no_ghost`).
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, axis=1, dtype="float32", backend=None, *, comm):
+                 track_running_stats=True, axis=1, dtype="float32", backend=None, *, comm,
+                 guard_running_stats=False, virtual_batch_size=None):
         _check_comm(comm)
+        check_no_ghost(virtual_batch_size)
         if backend is None:
             backend = getattr(comm, "default_backend", None)
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
                          track_running_stats=track_running_stats, axis=axis, dtype=dtype,
-                         backend=backend)
+                         backend=backend, guard_running_stats=guard_running_stats)
         if hasattr(comm, "check_backend"):
             comm.check_backend(self.backend)
         self.comm = comm
@@ -570,5 +614,5 @@ __all__ = [
     "Communicator", "MPIComm", "NCCLComm", "RemoteRankError", "SyncBatchNorm",
     "SyncBatchNormSaved", "sync_batch_norm_forward", "sync_batch_norm_backward",
     "pack_stats", "unpack_stats", "merge_stats", "forward_message_size",
-    "backward_message_size",
+    "backward_message_size", "check_buffer", "check_no_ghost",
 ]

@@ -128,7 +128,9 @@ class ChannelNorm(Layer):
     ``weight`` / ``bias`` of ``num_features`` values in ``dtype``, the running
     statistics named by ``_running_names`` (a mean that starts at 0 and a
     spread that starts at 1) with ``num_batches_tracked``, and ``state_dict``
-    under those names.
+    under those names; with ``guard_running_stats=True`` (and running
+    statistics) the count of skipped channel updates, ``skipped_updates``,
+    which a subclass's forward adds to with :meth:`_count_skipped`.
     """
 
     # attribute (and state_dict key) names of the running statistics: the
@@ -136,7 +138,8 @@ class ChannelNorm(Layer):
     _running_names = ("running_mean", "running_var")
 
     def __init__(self, num_features, *, eps, momentum, affine, track_running_stats, axis,
-                 dtype, backend):
+                 dtype, backend, guard_running_stats=False):
+        guard = V.check_flag(guard_running_stats, "guard_running_stats")
         if (isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral)):
             raise TypeError(f"num_features must be an int, got {type(num_features).__name__}")
         if num_features < 1:
@@ -170,6 +173,29 @@ class ChannelNorm(Layer):
         self.grad_weight = None
         self.grad_bias = None
         self._saved = None
+        self.guard_running_stats = guard
+        self._skipped = None
+        if guard and self.track_running_stats:
+            # skipped channel updates, counted on the state's array module (no
+            # host round trip per step); read through ``skipped_updates``
+            self._counter_keys = ("num_batches_tracked", "skipped_updates")
+            self._state_arrays = self._state_arrays + ("_skipped",)
+            self._skipped = xp.zeros((), dtype=np.int64)
+
+    @property
+    def skipped_updates(self):
+        """Channel updates of the running statistics the guard skipped so far
+        (``guard_running_stats=True``; None without the guard)."""
+        return None if self._skipped is None else int(self._skipped)
+
+    @skipped_updates.setter
+    def skipped_updates(self, value):
+        self._skipped[...] = value
+
+    def _count_skipped(self, skipped):
+        """Add a forward's ``saved.skipped`` flags (None: no guard) to the count."""
+        if skipped is not None:
+            self._skipped += skipped.sum(dtype=np.int64)
 
     def reset_running_stats(self):
         if self.track_running_stats:
@@ -177,9 +203,12 @@ class ChannelNorm(Layer):
             getattr(self, mean_name)[...] = 0
             getattr(self, spread_name)[...] = 1
             self.num_batches_tracked = 0
+        if self._skipped is not None:
+            self._skipped[...] = 0
 
     def state_dict(self):
-        """Copies of the state under PyTorch's key names."""
+        """Copies of the state under PyTorch's key names, plus
+        ``skipped_updates`` when the guard is on."""
         xp = self.backend.xp
         state = {}
         if self.affine:
@@ -189,6 +218,8 @@ class ChannelNorm(Layer):
             for name in self._running_names:
                 state[name] = getattr(self, name).copy()
             state["num_batches_tracked"] = xp.asarray(self.num_batches_tracked, dtype=np.int64)
+        if self._skipped is not None:
+            state["skipped_updates"] = self._skipped.copy()
         return state
 
     def _state_shape(self, key):
@@ -228,45 +259,14 @@ class BatchNorm(ChannelNorm):
                  track_running_stats=True, axis=1, dtype="float32", backend=None, *,
                  guard_running_stats=False, virtual_batch_size=None, activation=None):
         V.check_activation(activation)
-        self.guard_running_stats = V.check_flag(guard_running_stats, "guard_running_stats")
         if virtual_batch_size is not None:   # a batch of one group checks the value itself
             V.check_virtual_batch_size(virtual_batch_size, (virtual_batch_size,), 1)
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
                          track_running_stats=track_running_stats, axis=axis, dtype=dtype,
-                         backend=backend)
+                         backend=backend, guard_running_stats=guard_running_stats)
         self.virtual_batch_size = virtual_batch_size if virtual_batch_size is None \
             else int(virtual_batch_size)
         self.activation = activation
-        self._skipped = None
-        if self.guard_running_stats and self.track_running_stats:
-            # skipped channel updates, counted on the state's array module (no
-            # host round trip per step); read through ``skipped_updates``
-            self._counter_keys = ("num_batches_tracked", "skipped_updates")
-            self._state_arrays = self._state_arrays + ("_skipped",)
-            self._skipped = self.backend.xp.zeros((), dtype=np.int64)
-
-    @property
-    def skipped_updates(self):
-        """Channel updates of the running statistics the guard skipped so far
-        (``guard_running_stats=True``; None without the guard)."""
-        return None if self._skipped is None else int(self._skipped)
-
-    @skipped_updates.setter
-    def skipped_updates(self, value):
-        self._skipped[...] = value
-
-    def reset_running_stats(self):
-        super().reset_running_stats()
-        if self._skipped is not None:
-            self._skipped[...] = 0
-
-    def state_dict(self):
-        """Copies of the state under PyTorch's key names, plus
-        ``skipped_updates`` when the guard is on."""
-        state = super().state_dict()
-        if self._skipped is not None:
-            state["skipped_updates"] = self._skipped.copy()
-        return state
 
     def forward(self, x, residual=None):
         backend = self._backend_for(x)
@@ -288,8 +288,7 @@ class BatchNorm(ChannelNorm):
             num_batches_tracked=self.num_batches_tracked if update else None, **options)
         if update:
             self.num_batches_tracked += 1
-        if saved.skipped is not None:
-            self._skipped += saved.skipped.sum(dtype=np.int64)
+        self._count_skipped(saved.skipped)
         self._saved = saved
         return y
 

@@ -101,9 +101,24 @@ class BatchRenormSaved:
     d: Any
 
 
+def check_no_ghost(virtual_batch_size) -> None:
+    """Batch renorm has no ghost batch norm (``virtual_batch_size``): its
+    ``r`` and ``d`` already pull each batch's statistics towards the moving
+    ones, which is what ghost batch norm's small groups work against, and
+    the paper defines neither per-group corrections nor how a step's groups
+    would move the moving statistics.  Raises ``ValueError`` for anything
+    but None."""
+    if virtual_batch_size is not None:
+        raise ValueError(f"virtual_batch_size={virtual_batch_size!r} is not supported by batch "
+                         "renorm: its r and d correct each batch's statistics towards the "
+                         "moving ones, ghost batch norm normalizes small groups with their own; "
+                         "use BatchNorm(virtual_batch_size=...) for ghost batch norm")
+
+
 def batch_renorm_forward(x, *, weight=None, bias=None, running_mean, running_std, rmax=1.0,
                          dmax=0.0, training=True, momentum=0.1, eps=1e-5, axis=1, backend=None,
-                         num_batches_tracked=None):
+                         num_batches_tracked=None, guard_running_stats=False,
+                         virtual_batch_size=None):
     """Batch renormalization over every axis of ``x`` except the channel ``axis``.
 
     Returns ``(y, saved)``; ``saved`` (a :class:`BatchRenormSaved`) goes to
@@ -117,10 +132,19 @@ def batch_renorm_forward(x, *, weight=None, bias=None, running_mean, running_std
     ``num_batches_tracked`` (batches already folded in).  See the module
     docstring for the algorithm and how it compares with Keras and Chainer.
 
+    ``guard_running_stats=True`` keeps a channel's moving statistics for this
+    step when its batch mean or ``sigma_B`` is not finite (the other
+    channels update; ``saved.bn.skipped`` flags those channels, a ``(C,)``
+    int32 array), as :func:`gpubn.batch_norm_forward` does, in the same
+    finishing step.  ``virtual_batch_size`` raises ``ValueError`` (see
+    :func:`check_no_ghost`).
+
     Bad arguments raise ``TypeError`` / ``ValueError`` before any state changes.
     """
     rmax = check_rmax(rmax)
     dmax = check_dmax(dmax)
+    guard = V.check_flag(guard_running_stats, "guard_running_stats")
+    check_no_ghost(virtual_batch_size)
 
     def check_vectors(c, be):
         V.check_channel_vector(weight, "weight", c, like=x)
@@ -136,18 +160,23 @@ def batch_renorm_forward(x, *, weight=None, bias=None, running_mean, running_std
                         eps=eps, axis=axis, backend=backend,
                         num_batches_tracked=num_batches_tracked, check_vectors=check_vectors)
     be, xp = f.backend, f.backend.xp
+    skipped = None
     if f.training:
+        guarded = {}
+        if guard:    # `skipped` only with the guard: a backend without it still runs
+            skipped = guarded["skipped"] = xp.empty(f.x3.shape[1], dtype=np.int32)
         y3, mean, invstd, r, d, w_bn = f.update_running(
             running_mean, running_std,
             lambda rm, rs: be.bn_renorm_forward_train(f.x3, f.weight, f.bias, rm, rs, rmax,
-                                                      dmax, f.factor, f.eps))
+                                                      dmax, f.factor, f.eps, **guarded))
     else:
         mean = to_acc(xp, running_mean, f.acc).copy()
         invstd = (1.0 / to_acc(xp, running_std, f.acc)).astype(f.acc, copy=False)
         y3 = be.bn_apply(f.x3, mean, invstd, f.weight, f.bias)
         r = d = None
         w_bn = f.weight
-    return f.output(y3), BatchRenormSaved(bn=f.saved(mean, invstd, w_bn), r=r, d=d)
+    return f.output(y3), BatchRenormSaved(bn=f.saved(mean, invstd, w_bn, skipped=skipped), r=r,
+                                          d=d)
 
 
 def batch_renorm_backward(dy, saved: BatchRenormSaved):
@@ -190,15 +219,24 @@ class BatchRenorm(ChannelNorm):
     ``dmax`` are attributes that may be changed between steps for the usual
     warm-up schedule (start at ``rmax=1, dmax=0``, which is batch norm, and
     relax them).
+
+    ``guard_running_stats=True`` keeps a channel's moving statistics for a
+    step whose batch mean or ``sigma_B`` is not finite and counts those
+    channel updates in ``skipped_updates`` (in ``state_dict`` only with the
+    guard), as ``BatchNorm`` does; ``virtual_batch_size`` raises
+    ``ValueError`` (see :func:`check_no_ghost`).
     """
 
     _running_names = ("running_mean", "running_std")
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, rmax=1.0, dmax=0.0, affine=True,
-                 axis=1, dtype="float32", backend=None):
+                 axis=1, dtype="float32", backend=None, *, guard_running_stats=False,
+                 virtual_batch_size=None):
         rmax, dmax = check_rmax(rmax), check_dmax(dmax)
+        check_no_ghost(virtual_batch_size)
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
-                         track_running_stats=True, axis=axis, dtype=dtype, backend=backend)
+                         track_running_stats=True, axis=axis, dtype=dtype, backend=backend,
+                         guard_running_stats=guard_running_stats)
         self._rmax, self._dmax = rmax, dmax
 
     @property
@@ -224,9 +262,11 @@ class BatchRenorm(ChannelNorm):
             running_std=self.running_std, rmax=self._rmax, dmax=self._dmax,
             training=self.training, momentum=self.momentum, eps=self.eps, axis=self.axis,
             backend=backend,
-            num_batches_tracked=self.num_batches_tracked if self.training else None)
+            num_batches_tracked=self.num_batches_tracked if self.training else None,
+            guard_running_stats=self.guard_running_stats)
         if self.training:
             self.num_batches_tracked += 1
+        self._count_skipped(saved.bn.skipped)
         self._saved = saved
         return y
 
@@ -242,7 +282,8 @@ class BatchRenorm(ChannelNorm):
     def __repr__(self):
         return (f"BatchRenorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"rmax={self._rmax}, dmax={self._dmax}, affine={self.affine}, "
-                f"axis={self.axis}, dtype={self.dtype.name}, backend={self._backend_repr()})")
+                f"axis={self.axis}, dtype={self.dtype.name}, backend={self._backend_repr()}"
+                + (", guard_running_stats=True" if self.guard_running_stats else "") + ")")
 
 
 def _host(a):

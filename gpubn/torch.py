@@ -4,8 +4,11 @@
 same constructor (plus a keyword-only ``backend``), parameters, buffers,
 ``state_dict`` keys and train/eval behaviour; their forward and backward go
 through gpubn (:func:`gpubn.batch_norm_forward` / :func:`gpubn.batch_norm_backward`)
-inside a ``torch.autograd.Function``.  :func:`convert` turns the batch norm
-layers of an existing model into these in place, :func:`revert` undoes it.
+inside a ``torch.autograd.Function``.  ``gpubn.torch.SyncBatchNorm`` does the
+same for ``torch.nn.SyncBatchNorm`` with gpubn's sync batch norm, its
+collectives run by ``torch.distributed`` on the layer's process group
+(:class:`ProcessGroupComm`).  :func:`convert` turns the batch norm layers of
+an existing model into these in place, :func:`revert` undoes it.
 
 Tensors reach gpubn without a copy: CPU tensors as NumPy views (bfloat16 as
 an ``int16`` view re-typed to ``ml_dtypes.bfloat16``), CUDA tensors as CuPy
@@ -26,6 +29,7 @@ Importing this module needs PyTorch (extra ``gpubn[torch]``) but not CuPy;
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import numpy as np
 
@@ -37,10 +41,12 @@ from torch.autograd.function import once_differentiable
 
 from . import _validation as V
 from .backends import BACKENDS
+from .distributed import (Communicator, check_buffer, check_no_ghost, sync_batch_norm_backward,
+                          sync_batch_norm_forward)
 from .functional import batch_norm_backward, batch_norm_forward
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "as_array", "as_tensor", "batch_norm",
-           "convert", "revert"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "ProcessGroupComm", "SyncBatchNorm",
+           "as_array", "as_tensor", "batch_norm", "convert", "revert", "sync_batch_norm"]
 
 
 # ------------------------------------------------- tensors <-> arrays ----
@@ -117,28 +123,29 @@ def _inverse(order):
 
 
 # ------------------------------------------------------- autograd ----
-class _BatchNormFunction(torch.autograd.Function):
-    """gpubn's forward and backward as one autograd node.  ``ctx.gpubn``
-    holds gpubn's saved state (statistics in float32 for narrow inputs) and
-    the channels-last order."""
+class _NormFunction(torch.autograd.Function):
+    """A gpubn forward and its backward as one autograd node.  ``forward``
+    (``batch_norm_forward`` or ``sync_batch_norm_forward`` with its fixed
+    arguments bound) gets the arrays, the channel axis, the guard and
+    ``options``; ``backward(dy, saved)`` returns ``(dx, dweight, dbias)``.
+    ``ctx.gpubn`` holds gpubn's saved state (statistics in float32 for
+    narrow inputs), the channels-last order and the backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps,
-                backend, virtual_batch_size, skipped_updates):
+    def forward(ctx, x, weight, bias, running_mean, running_var, skipped_updates, forward,
+                backward, options):
         order = _channels_last_order(x)
         xv = x if order is None else x.permute(order)
         with _stream_of(x):
-            y, saved = batch_norm_forward(
+            y, saved = forward(
                 as_array(xv), weight=as_array(weight), bias=as_array(bias),
                 running_mean=as_array(running_mean), running_var=as_array(running_var),
-                training=training, momentum=momentum, eps=eps,
-                axis=1 if order is None else -1, backend=backend,
-                guard_running_stats=skipped_updates is not None,
-                virtual_batch_size=virtual_batch_size)
+                axis=1 if order is None else -1,
+                guard_running_stats=skipped_updates is not None, **options)
             y = as_tensor(y)
             if saved.skipped is not None:
                 skipped_updates.add_(as_tensor(saved.skipped).sum())
-        ctx.gpubn = (saved, order)
+        ctx.gpubn = (saved, order, backward)
         # gpubn's saved state refers to x's and weight's memory: keep them
         # alive, and let autograd refuse a backward after an in-place change
         ctx.save_for_backward(x, weight)
@@ -147,14 +154,14 @@ class _BatchNormFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        saved, order = ctx.gpubn
+        saved, order, backward = ctx.gpubn
         ctx.saved_tensors  # noqa: B018 -- raises if x was modified in place
         dyv = dy if order is None else dy.permute(order)
         with _stream_of(dy):
-            grads = [as_tensor(g) for g in batch_norm_backward(as_array(dyv), saved)]
+            grads = [as_tensor(g) for g in backward(as_array(dyv), saved)]
         if order is not None:
             grads[0] = grads[0].permute(_inverse(order))
-        return (*grads, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 def _check_devices(x, *tensors):
@@ -162,6 +169,17 @@ def _check_devices(x, *tensors):
         if t is not None and t.device != x.device:
             raise ValueError(f"input is on {x.device} but the layer's parameters and buffers "
                              f"are on {t.device}: move one of them (layer.to(device))")
+
+
+def _check_call(input, skipped_updates, *tensors):
+    """The checks the functional entry points share, before anything runs."""
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if skipped_updates is not None and (
+            not isinstance(skipped_updates, torch.Tensor) or skipped_updates.dim() != 0
+            or skipped_updates.dtype.is_floating_point):
+        raise TypeError("skipped_updates must be a 0-d integer torch.Tensor or None")
+    _check_devices(input, *tensors, skipped_updates)
 
 
 @torch.compiler.disable
@@ -175,16 +193,11 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     ``gpubn.batch_norm_forward``).  ``skipped_updates``: a 0-d integer
     tensor turns ``guard_running_stats`` on and is incremented in place by
     the number of channels whose running-statistics update was skipped."""
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-    if skipped_updates is not None and (
-            not isinstance(skipped_updates, torch.Tensor) or skipped_updates.dim() != 0
-            or skipped_updates.dtype.is_floating_point):
-        raise TypeError("skipped_updates must be a 0-d integer torch.Tensor or None")
-    _check_devices(input, running_mean, running_var, weight, bias, skipped_updates)
-    return _BatchNormFunction.apply(input, weight, bias, running_mean, running_var,
-                                    bool(training), momentum, eps, backend, virtual_batch_size,
-                                    skipped_updates)
+    _check_call(input, skipped_updates, running_mean, running_var, weight, bias)
+    return _NormFunction.apply(input, weight, bias, running_mean, running_var, skipped_updates,
+                               batch_norm_forward, batch_norm_backward,
+                               dict(training=bool(training), momentum=momentum, eps=eps,
+                                    backend=backend, virtual_batch_size=virtual_batch_size))
 
 
 # --------------------------------------------------------- modules ----
@@ -226,15 +239,27 @@ class _GpubnBatchNorm:
             factor = 1.0 / float(self.num_batches_tracked + 1)
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         pass_running = not self.training or self.track_running_stats
-        y = batch_norm(input, self.running_mean if pass_running else None,
-                       self.running_var if pass_running else None, self.weight, self.bias,
-                       use_batch_stats, factor, self.eps, backend=self.backend,
-                       virtual_batch_size=self.virtual_batch_size if self.training else None,
-                       skipped_updates=self.skipped_updates if self.guard_running_stats
-                       and self.training else None)
+        y = self._normalize(input, self.running_mean if pass_running else None,
+                            self.running_var if pass_running else None, use_batch_stats, factor)
         if count:
             self.num_batches_tracked.add_(1)
         return y
+
+    def _skipped_arg(self):
+        """The counter the guard increments this call (None: no guard)."""
+        return self.skipped_updates if self.guard_running_stats and self.training else None
+
+    def _normalize(self, input, running_mean, running_var, use_batch_stats, factor):
+        if input.numel() == 0:
+            # gpubn refuses an empty batch; a drop-in must behave as torch's
+            # layer does (an empty output, the running statistics kept)
+            return torch.nn.functional.batch_norm(
+                input, running_mean, running_var, self.weight, self.bias, use_batch_stats,
+                factor, self.eps)
+        return batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                          use_batch_stats, factor, self.eps, backend=self.backend,
+                          virtual_batch_size=self.virtual_batch_size if self.training else None,
+                          skipped_updates=self._skipped_arg())
 
     def extra_repr(self):
         extra = f", backend={self.backend!r}"
@@ -257,17 +282,164 @@ class BatchNorm3d(_GpubnBatchNorm, torch.nn.BatchNorm3d):
     """``torch.nn.BatchNorm3d`` on gpubn's kernels (NCDHW, contiguous or channels_last_3d)."""
 
 
+class SyncBatchNorm(_GpubnBatchNorm, torch.nn.SyncBatchNorm):
+    """``torch.nn.SyncBatchNorm`` on gpubn's sync batch norm
+    (:func:`gpubn.sync_batch_norm_forward` / ``_backward``).
+
+    Same constructor (plus the keywords ``backend`` and
+    ``guard_running_stats``), parameters, buffers, ``state_dict`` keys and
+    modes as PyTorch's.  In training, when ``torch.distributed`` is
+    initialized and ``process_group`` (default: the world) has more than one
+    rank, the statistics are those of the global batch: each forward
+    all-gathers every rank's per-channel ``(count, mean, M2)`` and each
+    backward all-reduces the two per-channel sums, through
+    :class:`ProcessGroupComm` (``torch.distributed`` on the group: NCCL for
+    CUDA tensors, gloo for CPU tensors as well).  Otherwise (eval mode, one
+    rank, no process group) it is :class:`BatchNorm2d`'s plain batch norm
+    and communicates nothing, as PyTorch's does.
+
+    As in PyTorch, ``weight.grad`` / ``bias.grad`` are this rank's own sums:
+    the data-parallel wrapper (DistributedDataParallel) all-reduces them.
+
+    Unlike PyTorch's, CPU tensors synchronize too (over a gloo group), and
+    ``process_group`` may also be a gpubn communicator
+    (:class:`gpubn.NCCLComm`, :class:`gpubn.MPIComm`, ...), used as it is.
+    ``virtual_batch_size`` is refused with ``ValueError``: ghost batch norm
+    normalizes groups smaller than a rank's batch, sync batch norm a batch
+    larger than it.
+    """
+
+    def __init__(self, *args, virtual_batch_size=None, **kwargs):
+        check_no_ghost(virtual_batch_size)
+        super().__init__(*args, **kwargs)
+
+    def _communicator(self):
+        """The communicator a training forward synchronizes over, or None
+        when there is nothing to synchronize with (PyTorch's rule)."""
+        group = self.process_group
+        if _is_gpubn_comm(group):
+            return group if group.size > 1 else None
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return None
+        comm = ProcessGroupComm(group)
+        return comm if comm.size > 1 else None
+
+    def _normalize(self, input, running_mean, running_var, use_batch_stats, factor):
+        comm = self._communicator() if self.training else None
+        if comm is None:
+            return super()._normalize(input, running_mean, running_var, use_batch_stats, factor)
+        return sync_batch_norm(input, running_mean, running_var, self.weight, self.bias, factor,
+                               self.eps, process_group=comm, backend=self.backend,
+                               skipped_updates=self._skipped_arg(),
+                               num_features=self.num_features)
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module, process_group=None, *, backend=None):
+        """``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` giving gpubn's
+        SyncBatchNorm: every batch norm layer of ``module`` becomes one
+        (new modules, as PyTorch's does), synchronized over
+        ``process_group``.  Returns the converted module."""
+        return convert(torch.nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group),
+                       backend=backend)
+
+
+# ------------------------------------------------ torch.distributed ----
+def _is_gpubn_comm(obj) -> bool:
+    return all(hasattr(obj, a) for a in ("allgather", "allreduce", "rank", "size"))
+
+
+class ProcessGroupComm(Communicator):
+    """A gpubn communicator (see :class:`gpubn.distributed.Communicator`)
+    running ``torch.distributed`` collectives on ``group`` (None: the world
+    group of the initialized default process group).
+
+    The float64 buffers cross to tensors without a copy (NumPy arrays as CPU
+    tensors, CuPy arrays through DLPack); the collectives are synchronous,
+    ordered after the work already queued on PyTorch's current stream (the
+    stream gpubn's kernels run on inside the drop-ins).  Any backend that
+    has ``all_gather`` and ``all_reduce`` for the tensors' device works:
+    NCCL for CUDA tensors, gloo for CPU (and CUDA) tensors.
+    """
+
+    def __init__(self, group=None):
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("ProcessGroupComm needs an initialized torch.distributed process "
+                               "group: call torch.distributed.init_process_group first")
+        self.group = group
+        self.rank = int(dist.get_rank(group))
+        self.size = int(dist.get_world_size(group))
+        if self.rank < 0:
+            raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of "
+                             "the process group")
+        self.nccl = str(dist.get_backend(group)).lower() == "nccl"
+
+    def check_backend(self, backend) -> None:
+        if self.nccl and backend.name != "cuda":
+            raise ValueError("the process group runs on NCCL, which moves CUDA tensors only: "
+                             f"got gpubn backend {backend.name!r} (CPU tensors need a gloo "
+                             "group)")
+
+    def allgather(self, buf):
+        check_buffer(buf)
+        t = as_tensor(buf)
+        out = torch.empty((self.size, t.numel()), dtype=t.dtype, device=t.device)
+        torch.distributed.all_gather(list(out.unbind(0)), t, group=self.group)
+        return as_array(out)
+
+    def allreduce(self, buf):
+        check_buffer(buf)
+        out = as_tensor(buf).clone()
+        torch.distributed.all_reduce(out, group=self.group)
+        return as_array(out)
+
+    def __repr__(self):
+        return f"ProcessGroupComm(rank={self.rank}, size={self.size})"
+
+
+def _comm_for(process_group):
+    return process_group if _is_gpubn_comm(process_group) else ProcessGroupComm(process_group)
+
+
+@torch.compiler.disable
+def sync_batch_norm(input, running_mean, running_var, weight=None, bias=None, momentum=0.1,
+                    eps=1e-5, *, process_group=None, backend=None, skipped_updates=None,
+                    num_features=None):
+    """Training-mode batch norm over the global batch of ``process_group``'s
+    ranks (a ``torch.distributed`` group, None for the world, or a gpubn
+    communicator), as an autograd function: the forward all-gathers the
+    per-channel statistics, the backward all-reduces the two per-channel
+    sums; ``weight`` / ``bias`` get this rank's own gradient sums (PyTorch's
+    convention).  ``running_mean`` / ``running_var`` (or None) are updated
+    in place with the global statistics; ``skipped_updates`` as in
+    :func:`batch_norm`.  ``num_features`` sizes the collectives (default:
+    the length of ``weight`` or the running statistics, else the input's
+    channel count), so that a rank whose input has the wrong channel count
+    still takes part, raises its error, and the other ranks raise
+    ``gpubn.RemoteRankError`` instead of waiting.  Every rank must call it,
+    and its backward, alike."""
+    _check_call(input, skipped_updates, running_mean, running_var, weight, bias)
+    comm = _comm_for(process_group)
+    forward = functools.partial(sync_batch_norm_forward, comm=comm, num_features=num_features)
+    backward = functools.partial(sync_batch_norm_backward, local_param_grads=True)
+    return _NormFunction.apply(input, weight, bias, running_mean, running_var, skipped_updates,
+                               forward, backward,
+                               dict(training=True, momentum=momentum, eps=eps, backend=backend))
+
+
+# ---------------------------------------------------- convert/revert ----
 _DROP_INS = {torch.nn.BatchNorm1d: BatchNorm1d, torch.nn.BatchNorm2d: BatchNorm2d,
-             torch.nn.BatchNorm3d: BatchNorm3d}
+             torch.nn.BatchNorm3d: BatchNorm3d, torch.nn.SyncBatchNorm: SyncBatchNorm}
 _ORIGINALS = {v: k for k, v in _DROP_INS.items()}
 
 
 def convert(module, *, backend=None):
-    """Make every ``torch.nn.BatchNorm1d/2d/3d`` in ``module``'s tree (the
-    module itself included) a gpubn drop-in, in place: the same objects with
-    the same parameters, buffers, devices and hooks (an optimizer holding the
-    parameters keeps working).  Subclasses of those layers and SyncBatchNorm
-    are left alone.  Returns ``module``."""
+    """Make every ``torch.nn.BatchNorm1d/2d/3d`` and ``torch.nn.SyncBatchNorm``
+    in ``module``'s tree (the module itself included) a gpubn drop-in, in
+    place: the same objects with the same parameters, buffers, devices,
+    hooks and process group (an optimizer holding the parameters keeps
+    working).  Subclasses of those layers are left alone.  Returns
+    ``module``."""
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     _check_backend(backend)
@@ -280,8 +452,11 @@ def convert(module, *, backend=None):
 
 
 def revert(module):
-    """Undo :func:`convert` in place: gpubn drop-ins become the
-    ``torch.nn.BatchNorm*d`` they replace.  Returns ``module``."""
+    """Undo :func:`convert` in place: gpubn drop-ins become the PyTorch
+    layers they replace, with exactly those layers' parameters and buffers
+    (a guard's ``skipped_updates`` count is dropped, since PyTorch's layers
+    have no such key and ``load_state_dict`` into one would fail on it).
+    Returns ``module``."""
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     for m in module.modules():
@@ -290,4 +465,5 @@ def revert(module):
             m.__class__ = original
             for name in ("backend", "virtual_batch_size", "guard_running_stats"):
                 m.__dict__.pop(name, None)
+            m._buffers.pop("skipped_updates", None)
     return module

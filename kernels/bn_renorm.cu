@@ -11,6 +11,9 @@
 // statistics move towards the batch's:
 //   running_mean = (1 - momentum) * running_mean + momentum * mean
 //   running_std  = (1 - momentum) * running_std  + momentum * sigma_B.
+// skipped (non-null: guarded running statistics) gets 1 for a channel whose
+// mu_B or sigma_B is not finite, which then keeps both moving statistics, and
+// 0 for every other channel (the rule of bn_stats.cu's finish_stats).
 // Clipping propagates NaN (a NaN channel stays NaN, as in batch norm).
 // weight / bias may be null (1 and 0).  T is the storage type of the data (the
 // catalog instantiates every kernel per storage dtype); only Acc is used.
@@ -33,7 +36,8 @@ template <class T, class Acc>
 __global__ void bn_renorm_finish(const Acc* mean, const Acc* m2, long long count, int channels,
                                  const Acc* weight, const Acc* bias, Acc* running_mean,
                                  Acc* running_std, Acc* r_out, Acc* d_out, Acc* weight_out,
-                                 Acc* bias_out, Acc rmax, Acc dmax, Acc momentum, Acc eps) {
+                                 Acc* bias_out, int* skipped, Acc rmax, Acc dmax, Acc momentum,
+                                 Acc eps) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= channels) return;
     const Acc mu_b = mean[c];
@@ -47,6 +51,11 @@ __global__ void bn_renorm_finish(const Acc* mean, const Acc* m2, long long count
     d_out[c] = d;
     weight_out[c] = w * r;
     bias_out[c] = fma_acc(w, d, bias ? bias[c] : Acc(0));
+    if (skipped) {
+        const bool skip = !(is_finite(mu_b) && is_finite(sigma_b));
+        skipped[c] = skip ? 1 : 0;
+        if (skip) return;
+    }
     running_mean[c] = fma_acc(momentum, mu_b, (Acc(1) - momentum) * mu);
     running_std[c] = fma_acc(momentum, sigma_b, (Acc(1) - momentum) * sigma);
 }

@@ -26,12 +26,6 @@
 
 namespace gpubn {
 
-// v - v is 0 exactly for finite v, NaN for NaN and +-Inf (no fast-math here)
-template <class Acc>
-__device__ __forceinline__ bool is_finite(Acc v) {
-    return v - v == Acc(0);
-}
-
 template <class Acc>
 __device__ __forceinline__ void finish_stats(const Welford<Acc>& w, int c, Acc* mean_out,
                                              Acc* mean_lo_out, Acc* m2_out, Acc* invstd_out,

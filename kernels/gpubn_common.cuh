@@ -139,6 +139,12 @@ __device__ __forceinline__ double inv_sqrt(double v) { return 1.0 / sqrt(v); }
 __device__ __forceinline__ float fma_acc(float a, float b, float c) { return fmaf(a, b, c); }
 __device__ __forceinline__ double fma_acc(double a, double b, double c) { return fma(a, b, c); }
 
+// v - v is 0 exactly for finite v, NaN for NaN and +-Inf (no fast-math here)
+template <class Acc>
+__device__ __forceinline__ bool is_finite(Acc v) {
+    return v - v == Acc(0);
+}
+
 __device__ __forceinline__ long long min_ll(long long a, long long b) { return a < b ? a : b; }
 
 // ---------------------------------------------------------------------------

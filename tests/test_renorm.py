@@ -429,3 +429,89 @@ def test_unclipped_training_output_is_the_inference_output(backend):
                             to_backend(backend, sigma.copy()), float("inf"), float("inf"))
     assert not np.allclose(to_numpy(saved.r), 1.0)      # r and d do real work here
     assert_close(y_train, y_eval, np.float64, "training output vs inference output")
+
+
+# ------------------------------------------------ guarded moving statistics ----
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("bad", [np.inf, np.nan])
+def test_guard_keeps_a_non_finite_channels_moving_statistics(backend, dtype, bad):
+    """``guard_running_stats=True``: channel 1 (an Inf or NaN) keeps its
+    moving mu and sigma bit for bit and is flagged; channel 2, whose
+    variance overflows, too; the others update exactly as without the guard
+    (the same finishing step), which is the paper's update."""
+    x, w, b, mu, sigma, _ = make_case((6, 4, 5), 1, dtype)
+    x[2, 1, 3] = bad
+    big = np.finfo(np.float32 if dtype == np.float32 else np.float64).max / 4
+    x[:, 2] = np.where(np.arange(30).reshape(6, 5) % 2, big, -big)
+    runs = {}
+    for guard in (False, True):
+        rm, rs = to_backend(backend, mu.copy()), to_backend(backend, sigma.copy())
+        _, saved = renorm(backend, x, w, b, rm, rs, 2.0, 1.0, momentum=0.25,
+                          guard_running_stats=guard)
+        runs[guard] = to_numpy(rm), to_numpy(rs), saved.bn.skipped
+    rm, rs, skipped = runs[True]
+    np.testing.assert_array_equal(to_numpy(skipped), [0, 1, 1, 0])
+    np.testing.assert_array_equal(rm[1:3], mu[1:3])
+    np.testing.assert_array_equal(rs[1:3], sigma[1:3])
+    rm0, rs0, skipped0 = runs[False]
+    assert skipped0 is None and not np.isfinite(rm0[1]) and not np.isfinite(rs0[2])
+    np.testing.assert_array_equal(rm[[0, 3]], rm0[[0, 3]])
+    np.testing.assert_array_equal(rs[[0, 3]], rs0[[0, 3]])
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = paper_train_step(x, w, b, mu, sigma, 2.0, 1.0, 1e-5, 0.25)
+    assert_close(rm[[0, 3]], want["mu"][[0, 3]], dtype, "moving mu")
+    assert_close(rs[[0, 3]], want["sigma"][[0, 3]], dtype, "moving sigma")
+
+
+def test_guard_in_the_layer_counts_and_survives_state_dict(backend):
+    bn = gpubn.BatchRenorm(3, backend=backend.name, guard_running_stats=True)
+    assert "guard_running_stats=True" in repr(bn) and bn.skipped_updates == 0
+    x = np.random.default_rng(2).standard_normal((4, 3, 2)).astype(np.float32)
+    x[0, 0, 0] = np.nan
+    for _ in range(2):
+        bn(to_backend(backend, x))
+    assert bn.skipped_updates == 2
+    assert to_numpy(bn.running_mean)[0] == 0 and to_numpy(bn.running_std)[0] == 1
+    assert to_numpy(bn.running_std)[1] != 1
+    state = bn.state_dict()
+    assert sorted(state) == ["bias", "num_batches_tracked", "running_mean", "running_std",
+                             "skipped_updates", "weight"]
+    other = gpubn.BatchRenorm(3, backend=backend.name, guard_running_stats=True)
+    other.load_state_dict(state)
+    assert other.skipped_updates == 2
+    bn.reset_running_stats()
+    assert bn.skipped_updates == 0
+    assert "skipped_updates" not in gpubn.BatchRenorm(3).state_dict()
+
+
+def test_ghost_batch_norm_and_a_bad_guard_are_refused_before_any_state_changes():
+    with pytest.raises(ValueError, match="virtual_batch_size=2 is not supported by batch renorm"):
+        gpubn.BatchRenorm(3, virtual_batch_size=2)
+    x, w, b, mu, sigma, _ = make_case((4, 3), 1, np.float32)
+    rm = mu.copy()
+    for kw, err, msg in ((dict(virtual_batch_size=2), ValueError, "virtual_batch_size=2"),
+                         (dict(guard_running_stats=1), TypeError, "guard_running_stats must be")):
+        with pytest.raises(err, match=msg):
+            gpubn.batch_renorm_forward(x, weight=w, bias=b, running_mean=rm, running_std=sigma,
+                                       **kw)
+        np.testing.assert_array_equal(rm, mu)
+
+
+def test_guard_adds_no_launch_and_no_pass():
+    """The guard lives in bn_renorm_finish: the same three launches, and the
+    same bytes of x and y, as without it."""
+    pytest.importorskip("gpubn.emu")
+    from gpubn import emu
+    try:
+        be = gpubn.backends.get_backend("emu")
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    x, w, b, mu, sigma, _ = make_case((4, 3, 64), 1, np.float32)
+    logs = []
+    for guard in (False, True):
+        with emu.recording() as log:
+            renorm(be, x, w, b, mu.copy(), sigma.copy(), 2.0, 1.0, guard_running_stats=guard)
+        logs.append([(r.kernel, r.grid, {i: (t.loaded, t.stored) for i, t in r.buffers.items()
+                                          if max(t.loaded, t.stored) >= x.nbytes})
+                     for r in log])
+    assert logs[0] == logs[1] and len(logs[1]) == 3

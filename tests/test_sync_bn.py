@@ -540,3 +540,105 @@ def test_gpu_single_rank_matches_batch_norm(transport, monkeypatch):
         assert_close(bn.backward(dy), ref.backward(dy), np.float32, "dx")
     assert_close(bn.grad_weight, ref.grad_weight, np.float32, "dweight")
     assert_close(bn.running_var, ref.running_var, np.float32, "running_var")
+
+
+# ------------------------------------------ guard, local sums, no ghost ----
+def test_guard_keeps_a_non_finite_channels_running_stats_on_every_rank():
+    """Rank 0's slice has an Inf in channel 1: with the guard, channel 1 keeps
+    its running statistics on both ranks and is counted once per step; the
+    other channels update as batch norm on the concatenated batch does."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6, 3, 4))
+    x[1, 1, 2] = np.inf
+    bounds = [0, 2, 6]
+
+    def rank_fn(comm):
+        bn = gpubn.SyncBatchNorm(3, comm=comm, dtype="float64", backend="numpy",
+                                 guard_running_stats=True)
+        for _ in range(2):
+            bn(np.ascontiguousarray(x[bounds[comm.rank]:bounds[comm.rank + 1]]))
+        return bn.running_mean.copy(), bn.running_var.copy(), bn.skipped_updates, \
+            set(bn.state_dict())
+
+    results, _ = run_ranks(2, rank_fn)
+    ref = gpubn.BatchNorm(3, dtype="float64", backend="numpy", guard_running_stats=True)
+    for _ in range(2):
+        ref(x)
+    assert ref.skipped_updates == 2 and ref.running_mean[1] == 0 and ref.running_var[1] == 1
+    for r, (rm, rv, skipped, keys) in enumerate(ok(results)):
+        assert skipped == 2, f"rank {r}"
+        assert rm[1] == 0.0 and rv[1] == 1.0, f"rank {r}: the guarded channel moved"
+        assert_close(rm, ref.running_mean, np.float64, f"running_mean (rank {r})")
+        assert_close(rv, ref.running_var, np.float64, f"running_var (rank {r})")
+        assert "skipped_updates" in keys
+    # without the guard the Inf reaches the running statistics (the test can fail)
+    results, _ = run_ranks(2, lambda comm: gpubn.sync_batch_norm_forward(
+        np.ascontiguousarray(x[bounds[comm.rank]:bounds[comm.rank + 1]]), comm=comm,
+        running_mean=np.zeros(3), running_var=np.ones(3), backend="numpy")[1].skipped)
+    assert ok(results) == [None, None]
+
+
+def test_guard_flags_in_the_functional_call():
+    x = np.ones((4, 2, 3))
+    x[:, 0] = np.linspace(0, 1, 12).reshape(4, 3)
+    x[0, 1, 0] = np.nan
+
+    def rank_fn(comm):
+        rm, rv = np.zeros(2), np.ones(2)
+        _, saved = gpubn.sync_batch_norm_forward(x[2 * comm.rank:2 * comm.rank + 2], comm=comm,
+                                                 running_mean=rm, running_var=rv,
+                                                 backend="numpy", guard_running_stats=True)
+        return saved.skipped.tolist(), rm, rv
+
+    for skipped, rm, rv in ok(run_ranks(2, rank_fn)[0]):
+        assert skipped == [0, 1]
+        assert rm[0] == pytest.approx(0.1 * 0.5) and rm[1] == 0 and rv[1] == 1
+
+
+def test_local_param_grads_are_each_ranks_own_sums():
+    """``local_param_grads=True``: dweight / dbias are sums over this rank's
+    slice (PyTorch's SyncBatchNorm convention); they add up to the global
+    ones and dx does not change."""
+    rng = np.random.default_rng(5)
+    x, dy = rng.standard_normal((7, 3, 5)), rng.standard_normal((7, 3, 5))
+    bounds = [0, 3, 7]
+    mean = x.mean(axis=(0, 2))
+    invstd = 1.0 / np.sqrt(x.var(axis=(0, 2)) + 1e-5)
+    xhat = (x - mean[:, None]) * invstd[:, None]
+
+    def rank_fn(comm):
+        sl = slice(bounds[comm.rank], bounds[comm.rank + 1])
+        out = {}
+        for local in (False, True):
+            _, saved = gpubn.sync_batch_norm_forward(
+                np.ascontiguousarray(x[sl]), comm=comm, weight=np.full(3, 2.0),
+                bias=np.zeros(3), backend="numpy")
+            out[local] = gpubn.sync_batch_norm_backward(np.ascontiguousarray(dy[sl]), saved,
+                                                        local_param_grads=local)
+        return out
+
+    results = ok(run_ranks(2, rank_fn)[0])
+    for r, out in enumerate(results):
+        sl = slice(bounds[r], bounds[r + 1])
+        np.testing.assert_array_equal(out[True][0], out[False][0])
+        assert_close(out[True][1], (dy[sl] * xhat[sl]).sum(axis=(0, 2)), np.float64, "dweight")
+        assert_close(out[True][2], dy[sl].sum(axis=(0, 2)), np.float64, "dbias")
+        assert_close(out[False][1], (dy * xhat).sum(axis=(0, 2)), np.float64, "global dweight")
+    assert_close(results[0][True][1] + results[1][True][1], results[0][False][1], np.float64,
+                 "sum of local dweights")
+
+
+def test_ghost_batch_norm_is_refused_before_anything_changes():
+    group = _Group(1)
+    comm = ThreadComm(group, 0)
+    with pytest.raises(ValueError, match="virtual_batch_size=2 is not supported by sync batch"):
+        gpubn.SyncBatchNorm(3, comm=comm, virtual_batch_size=2)
+    rm = np.zeros(3)
+    with pytest.raises(ValueError, match="virtual_batch_size=2 is not supported by sync batch"):
+        gpubn.sync_batch_norm_forward(np.ones((4, 3)), comm=comm, running_mean=rm,
+                                      running_var=np.ones(3), virtual_batch_size=2)
+    assert group.calls == [] and (rm == 0).all()
+    with pytest.raises(TypeError, match="guard_running_stats must be a bool"):
+        gpubn.sync_batch_norm_forward(np.ones((4, 3)), comm=comm, guard_running_stats="yes")
+    with pytest.raises(TypeError, match="local_param_grads must be a bool"):
+        gpubn.sync_batch_norm_backward(np.ones((4, 3)), None, local_param_grads=1)

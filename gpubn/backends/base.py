@@ -178,7 +178,7 @@ class Backend:
     # -- batch renorm --------------------------------------------------
     def bn_renorm_forward_train(self, x3, weight, bias, running_mean, running_std,
                                 rmax: float, dmax: float, momentum: float,
-                                eps: float) -> Tuple[Any, Any, Any, Any, Any, Any]:
+                                eps: float, skipped=None) -> Tuple[Any, Any, Any, Any, Any, Any]:
         """Batch renorm training forward: returns
         ``(y3, mean, invstd, r, d, weight * r)`` (the last is the weight the
         batch-norm backward takes).
@@ -188,7 +188,11 @@ class Backend:
         ``d = clip((mean - running_mean)/running_std, -dmax, dmax)`` (NaN
         propagates), ``y = (x - mean)*invstd*(weight*r) + (bias + weight*d)``;
         then ``running_mean`` / ``running_std`` (required) move towards
-        ``mean`` / ``sigma_B`` by ``momentum``, in place.
+        ``mean`` / ``sigma_B`` by ``momentum``, in place.  ``skipped`` (None,
+        or a ``(C,)`` int32 array of ``xp``) turns the guard on: a channel
+        whose ``mean`` or ``sigma_B`` is not finite keeps both moving
+        statistics and gets ``skipped[c] = 1`` (:func:`guard_skips`), the
+        others update and get 0.
 
         This default composes :meth:`bn_stats` and :meth:`bn_apply` (one read
         pass for the statistics, one read and write pass to normalize) with
@@ -204,8 +208,12 @@ class Backend:
         r, d, w_eff, b_eff = renorm_constants(xp, mean, sigma, weight, bias, running_mean,
                                               running_std, rmax, dmax)
         y3 = self.bn_apply(x3, mean, invstd, w_eff, b_eff)
-        update_running(running_mean, mean, momentum)
-        update_running(running_std, sigma, momentum)
+        skip = None
+        if skipped is not None:
+            skip = guard_skips(xp, mean, sigma, running_std.dtype)
+            skipped[...] = skip
+        update_running(running_mean, mean, momentum, skip)
+        update_running(running_std, sigma, momentum, skip)
         return y3, mean, invstd, r, d, w_eff
 
     # -- layer norm ----------------------------------------------------
@@ -278,7 +286,8 @@ def update_running_stats(xp, running_mean, running_var, mean, unbiased_var, mome
 
 def guard_skips(xp, mean, unbiased_var, acc):
     """The guard of the running statistics: a boolean per-channel array, true
-    where the batch mean or the unbiased batch variance is not finite in the
+    where the batch mean or the unbiased batch variance (batch renorm: the
+    batch ``sigma_B``) is not finite in the
     accumulation dtype ``acc`` (that of the running statistics; a float64
     variance beyond float32's range counts as infinite, as it is in the
     kernels' float32 statistics): that channel keeps its running statistics

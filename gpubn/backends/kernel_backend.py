@@ -501,7 +501,7 @@ class KernelBackend(Backend):
     #                            (+ ln_backward_wgrad for dweight/dbias)   1-2
     # ======================================================================
     def bn_renorm_forward_train(self, x3, weight, bias, running_mean, running_std, rmax, dmax,
-                                momentum, eps):
+                                momentum, eps, skipped=None):
         self._check_tensor(x3, None, "x")
         key, acc = self._types(x3)
         channels = x3.shape[1]
@@ -509,6 +509,7 @@ class KernelBackend(Backend):
             self._check_channel(v, channels, acc, n)
         for v, n in ((running_mean, "running_mean"), (running_std, "running_std")):
             self._check_channel(v, channels, acc, n, optional=False)
+        self._check_channel(skipped, channels, np.dtype(np.int32), "skipped")
         count = int(x3.shape[0]) * int(x3.shape[2])
         if count == 0:
             raise ValueError("x has no values per channel")
@@ -518,7 +519,7 @@ class KernelBackend(Backend):
         r, d, w_eff, b_eff = (xp.empty(channels, dtype=acc) for _ in range(4))
         self._launch(renorm_finish_launch(channels), key, (
             mean, m2, np.int64(count), np.int32(channels), weight, bias, running_mean,
-            running_std, r, d, w_eff, b_eff, a(rmax), a(dmax), a(momentum), a(eps)))
+            running_std, r, d, w_eff, b_eff, skipped, a(rmax), a(dmax), a(momentum), a(eps)))
         y3 = self._apply(x3, key, acc, mean, mean_lo, invstd, w_eff, b_eff, None, None, False,
                          eps)
         return y3, mean, invstd, r, d, w_eff
