@@ -71,9 +71,12 @@ KERNELS: Dict[str, KernelSpec] = {
                    _RUN_VECTORS, max_vec=4),
         KernelSpec("bn_backward_dx_nchw", "bn_backward.cu", True, (0, 1, 2), _RUN_VECTORS),
         KernelSpec("bn_backward_dx_nhwc", "bn_backward.cu", True, (0, 1, 2)),
-        # read-once training forward (cooperative launches: COOPERATIVE_SOURCES)
+        # read-once training forward and backward (cooperative launches: COOPERATIVE_SOURCES)
         KernelSpec("bn_forward_once_nchw", "bn_persistent.cu", False, (0, 1, 2)),
         KernelSpec("bn_forward_once_nhwc", "bn_persistent.cu", False, (0, 1, 2)),
+        # read-once training backward: dy, x, dx and the ReLU's y and g
+        KernelSpec("bn_backward_once_nchw", "bn_persistent.cu", False, (0, 1, 2, 3, 4)),
+        KernelSpec("bn_backward_once_nhwc", "bn_persistent.cu", False, (0, 1, 2, 3, 4)),
         # batch renorm (per-channel finish between bn_stats_* and bn_apply_*)
         KernelSpec("bn_renorm_finish", "bn_renorm.cu", False, ()),
         # layer norm over (rows, n)

@@ -80,9 +80,10 @@ class Tuning:
     min_units_per_thread: int = 4    # split a channel only while each thread keeps this many
     max_splits: int = 1024           # upper bound on blocks per channel (partials workspace)
     map_blocks_per_sm: int = 32      # elementwise grids stop growing here (grid-stride loops)
-    read_once: Optional[bool] = None  # training forward: None picks the read-once kernels
-                                      # when the tensor fits on chip, False never, True
-                                      # always (an error where it does not fit)
+    read_once: Optional[bool] = None  # training forward and backward: None picks the
+                                      # read-once kernels when the tensor fits on chip,
+                                      # False never, True always (an error where it does
+                                      # not fit)
 
     def __post_init__(self):
         for name in ("reduce_threads", "map_threads"):
@@ -367,29 +368,32 @@ __all__ = ["DeviceAttributes", "EMU_DEVICE", "Tuning", "Launch", "MAX_REDUCE_THR
 ONCE_ITEMS = 16
 
 
-def once_launch(shape3, dtype) -> Launch:
-    """The read-once training forward (bn_forward_once_*): a grid of blocks
-    that together hold every element, ``ONCE_ITEMS`` per thread, in
-    registers.  Channel axis 1: grid (C, S) of 1-D blocks, split s of a
-    channel holding its values [s * chunk, (s + 1) * chunk).  Channels last:
-    grid (column tiles, S) of (bx, by) blocks, bx channels wide (coalesced
-    rows), split s holding rows [s * by * ONCE_ITEMS, ...).  Workspace: a
-    Welford partial per channel and split, and the grid barrier's two
-    counters.  Whether it may run is :func:`once_fits`'s question."""
+def once_launch(shape3, dtype, op: str = "forward") -> Launch:
+    """The read-once training forward (``op='forward'``, bn_forward_once_*)
+    or backward (``op='backward'``, bn_backward_once_*): a grid of blocks
+    that together hold every element (of x; the backward also of dy),
+    ``ONCE_ITEMS`` per thread, in registers.  Channel axis 1: grid (C, S) of
+    1-D blocks, split s of a channel holding its values [s * chunk, (s + 1)
+    * chunk).  Channels last: grid (column tiles, S) of (bx, by) blocks, bx
+    channels wide (coalesced rows), split s holding rows [s * by *
+    ONCE_ITEMS, ...).  Workspace: a partial state (Welford triple / gradient
+    sums) per channel and split, and the grid barrier's two counters.
+    Whether it may run is :func:`once_fits`'s question."""
     outer, channels, inner = (int(s) for s in shape3)
     key = _catalog.dtype_name(dtype)
-    state = _STATE_BYTES[("stats", _catalog.CXX_TYPES[key][1])]
+    state = _STATE_BYTES[({"forward": "stats", "backward": "grad"}[op],
+                          _catalog.CXX_TYPES[key][1])]
+    base = f"bn_{op}_once"
     if layout(shape3) == "nchw":
         m = outer * inner
         threads = min(MAX_REDUCE_THREADS, max(WARP, _pow2_at_least(_cdiv(m, ONCE_ITEMS))))
         splits = _cdiv(m, threads * ONCE_ITEMS)
-        grid, block, kernel = (channels, splits, 1), (threads, 1, 1), "bn_forward_once_nchw"
+        grid, block, kernel = (channels, splits, 1), (threads, 1, 1), f"{base}_nchw"
     else:
         bx = min(WARP, _pow2_at_least(channels))
         by = max(1, min(MAX_REDUCE_THREADS // bx, _pow2_at_least(_cdiv(outer, ONCE_ITEMS))))
         splits = _cdiv(outer, by * ONCE_ITEMS)
-        grid, block, kernel = ((_cdiv(channels, bx), splits, 1), (bx, by, 1),
-                               "bn_forward_once_nhwc")
+        grid, block, kernel = (_cdiv(channels, bx), splits, 1), (bx, by, 1), f"{base}_nhwc"
     return Launch(kernel, 1, grid, block, splits, channels * splits * state, 2)
 
 

@@ -8,9 +8,10 @@ disassembled by ``nvdisasm`` (pip: ``nvidia-cuda-nvcc`` brings ptxas,
 * registers, static shared memory, stack, spill stores and loads (``ptxas -v``);
 * the most dynamic shared memory its launches request (layer norm stages
   weight and bias; the other kernels use none);
-* in its streaming loop (the innermost loop with the most global loads), the
-  number of independent global loads issued before the first instruction
-  that reads a loaded register (``loads in flight`` per thread), and the
+* in its streaming loop (the innermost loop with the most global loads; the
+  whole function for the read-once kernels, which have none), the number of
+  independent global loads issued before the first instruction that reads a
+  loaded register (``loads in flight`` per thread), and the
   widest of those loads in bytes (``LDG.E.128``: 16);
 * theoretical occupancy (resident blocks per SM, share of the SM's warps) at
   the block size of the launch plan (``gpubn.launch``).
@@ -47,6 +48,11 @@ MIN_LOADS_IN_FLIGHT = 4
 STREAMING = ("bn_stats_nchw", "bn_stats_nhwc", "bn_apply_nchw", "bn_apply_nhwc",
              "bn_backward_reduce_nchw", "bn_backward_reduce_nhwc", "bn_backward_dx_nchw",
              "bn_backward_dx_nhwc")
+# The read-once kernels (kernels/bn_persistent.cu) have no streaming loop:
+# each thread's loads are straight-line code, all issued before the first
+# use, and the in-flight check applies to the whole function.
+READ_ONCE = ("bn_forward_once_nchw", "bn_forward_once_nhwc", "bn_backward_once_nchw",
+             "bn_backward_once_nhwc")
 # Channels-last statistics must read several channels per load.
 VECTOR_REQUIRED = ("bn_stats_nhwc",)
 
@@ -378,7 +384,13 @@ def assemble(source: str, arch: str) -> List[KernelReport]:
     for name, kernel, dtype, vec in insts:
         mangled = result.lowered_names[name]
         u = usage[mangled]
-        loop = streaming_loop(funcs[mangled]) if mangled in funcs else None
+        fn = funcs.get(mangled)
+        if fn is None:
+            loop = None
+        elif kernel in READ_ONCE:
+            loop = loop_loads(fn, 0, len(fn.instrs) - 1)
+        else:
+            loop = streaming_loop(fn)
         threads, assumed = planned_block(kernel)
         dyn = max_dynamic_shared(kernel, dtype, u["shared"])
         blocks, occ = occupancy(u["registers"], u["shared"] + dyn, threads, arch)
@@ -414,7 +426,7 @@ def problems(r: KernelReport) -> List[str]:
     if r.shared + r.dynamic_shared > plan.SHARED_MEMORY_LIMIT:
         out.append(f"static {r.shared} B + dynamic {r.dynamic_shared} B shared memory pass "
                    f"the {plan.SHARED_MEMORY_LIMIT} B a launch gets without opting in")
-    if r.kernel in STREAMING:
+    if r.kernel in STREAMING + READ_ONCE:
         if r.in_flight is None:
             out.append("no streaming loop with global loads found")
         elif r.in_flight < MIN_LOADS_IN_FLIGHT:

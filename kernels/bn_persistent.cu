@@ -4,8 +4,9 @@
 //
 //   1. every thread loads its GPUBN_ONCE_ITEMS elements of one channel (channel
 //      axis 1) or of one channel column (channels last) into registers and
-//      accumulates a Welford state; the block merges its threads' states and
-//      writes one partial per (channel, split) block;
+//      forms their Welford state (two passes over the registers); the block
+//      merges its threads' states and writes one partial per (channel,
+//      split) block;
 //   2. a grid barrier (the project's own: an atomic arrival count and
 //      fences, no cooperative-groups header; the launch is cooperative, so
 //      every block is co-resident);
@@ -15,15 +16,21 @@
 //      `skipped` is non-null (bn_stats.cu's finish_stats), and all normalize from the registers with bn_forward.cu's
 //      constants and epilogue (residual add, ReLU).
 //
+// Both layouts share one body (forward_once), written against OnceNchw /
+// OnceNhwc: where a thread's values lie and how its block shares a channel.
+//
 // The launch plan (gpubn/launch.py: once_launch) picks these kernels only
 // when the grid holds the whole tensor and is co-resident; otherwise
 // bn_stats_* + bn_apply_*.
 //
 // Exported kernels (name expressions, see gpubn/kernels.py):
-//   gpubn::bn_forward_once_nchw<T, Acc>   grid (C, S), block (threads)
-//   gpubn::bn_forward_once_nhwc<T, Acc>   grid (ceil(C / 32), S), block (32, 8)
+//   gpubn::bn_forward_once_nchw<T, Acc>    grid (C, S), block (threads)
+//   gpubn::bn_forward_once_nhwc<T, Acc>    grid (ceil(C / 32), S), block (32, 8)
+//   gpubn::bn_backward_once_nchw<T, Acc>   as the forward's
+//   gpubn::bn_backward_once_nhwc<T, Acc>
 #include "bn_stats.cu"
 #include "bn_forward.cu"
+#include "bn_backward.cu"
 
 // Elements each thread keeps in registers (gpubn/launch.py: ONCE_ITEMS).
 #define GPUBN_ONCE_ITEMS 16
@@ -51,12 +58,131 @@ __device__ __forceinline__ void grid_barrier(unsigned int* bar) {
     __syncthreads();
 }
 
-// The channel's S partials merged in index order (the same in every block).
-template <class Acc>
-__device__ __forceinline__ Welford<Acc> merge_partials(const Welford<Acc>* p, int splits) {
+// The channel's S partials (Welford triples or gradient sums) merged in
+// index order: the same in every block, so all agree bitwise, run after run.
+template <class S>
+__device__ __forceinline__ S merge_partials(const S* p, int splits) {
+    S w = S::identity();
+    for (int i = 0; i < splits; ++i) w = S::merge(w, S::load_volatile(p + i));
+    return w;
+}
+
+// Where a thread's GPUBN_ONCE_ITEMS values lie and how its block shares a
+// channel: the read-once kernels are written once against these two.
+//
+//   each(f)     calls f(k, offset) for the thread's items k in range
+//               (unrolled; offsets recomputed per call, nothing kept);
+//   any()       item 0 is in range (then items 0 .. n - 1 are);
+//   reduce(s)   the block's merge of its threads' states (leaders hold it);
+//   leader()    the thread holding the block's state of its channel;
+//   active()    the thread has a channel (channels last: a column < C);
+//   slot()      its channel's index in the block's shared constants.
+//
+// Channel axis 1: block (c, s) of 1-D threads holds the channel's values
+// [s * chunk, (s + 1) * chunk), chunk = blockDim.x * GPUBN_ONCE_ITEMS; value
+// j lies in run j / inner at position j % inner, and a thread's values are
+// blockDim.x apart, so its offsets follow from one division each way.
+struct OnceNchw {
+    long long first;   // the thread's first value of the channel
+    long long m;       // values per channel
+    long long inner;
+    long long stride;  // channels * inner
+    long long off0;    // offset of the first value
+    long long r0;      // its position in its run
+    long long dn, dr;  // runs and positions from one value to the next
+    int c;
+
+    // the 64-bit divisions (called subroutines) happen here, once, before
+    // any value is held
+    __device__ __forceinline__ OnceNchw(long long outer, int channels, long long inner_)
+        : first((long long)blockIdx.y * blockDim.x * GPUBN_ONCE_ITEMS + threadIdx.x),
+          m(outer * inner_), inner(inner_), stride((long long)channels * inner_),
+          c(blockIdx.x) {
+        const long long n = first / inner;
+        r0 = first - n * inner;
+        off0 = n * stride + (long long)c * inner + r0;
+        dn = (long long)blockDim.x / inner;
+        dr = (long long)blockDim.x - dn * inner;
+    }
+    // the offsets first, then the calls: loads issued back to back
+    template <class F>
+    __device__ __forceinline__ void each(F f) const {
+        const long long step = blockDim.x;
+        long long offs[GPUBN_ONCE_ITEMS];
+        long long r = r0, off = off0;
+#pragma unroll
+        for (int k = 0; k < GPUBN_ONCE_ITEMS; ++k) {
+            offs[k] = off;
+            off += dn * stride + dr;
+            r += dr;
+            const bool wrap = r >= inner;
+            r -= wrap ? inner : 0;
+            off += wrap ? stride - inner : 0;
+        }
+#pragma unroll
+        for (int k = 0; k < GPUBN_ONCE_ITEMS; ++k)
+            if (first + k * step < m) f(k, offs[k]);
+    }
+    template <class S>
+    __device__ __forceinline__ static S reduce(S v) { return block_reduce_1d(v); }
+    __device__ __forceinline__ bool any() const { return first < m; }
+    __device__ __forceinline__ bool leader() const { return threadIdx.x == 0; }
+    __device__ __forceinline__ bool active() const { return true; }
+    __device__ __forceinline__ int channel() const { return c; }
+    __device__ __forceinline__ int slot() const { return 0; }
+};
+
+// Channels last: block (t, s) of (bx, by) threads, thread column x holding
+// channel t * bx + x of rows [s * by * GPUBN_ONCE_ITEMS, ...), by rows apart.
+struct OnceNhwc {
+    long long first;  // the thread's first row
+    long long rows;
+    int channels;
+    int c;
+
+    __device__ __forceinline__ OnceNhwc(long long rows_, int channels_)
+        : first((long long)blockIdx.y * blockDim.y * GPUBN_ONCE_ITEMS + threadIdx.y),
+          rows(rows_), channels(channels_), c(blockIdx.x * blockDim.x + threadIdx.x) {}
+    template <class F>
+    __device__ __forceinline__ void each(F f) const {
+        if (c >= channels) return;
+#pragma unroll
+        for (int k = 0; k < GPUBN_ONCE_ITEMS; ++k) {
+            const long long r = first + (long long)k * blockDim.y;
+            if (r < rows) f(k, r * channels + c);
+        }
+    }
+    template <class S>
+    __device__ __forceinline__ static S reduce(S v) { return block_reduce_columns(v); }
+    __device__ __forceinline__ bool any() const { return c < channels && first < rows; }
+    __device__ __forceinline__ bool leader() const { return threadIdx.y == 0 && c < channels; }
+    __device__ __forceinline__ bool active() const { return c < channels; }
+    __device__ __forceinline__ int channel() const { return c; }
+    __device__ __forceinline__ int slot() const { return threadIdx.x; }
+};
+
+// The Welford state of a thread's values, as Welford::push_group leaves it
+// for one group of all of them (shift hi: the first value, lo: the mean of
+// the differences, m2 around it): two passes over registers and one
+// division, where a push per value costs a division each (in float64 a
+// called subroutine, whose register convention made ptxas spill).
+template <class Acc, class T, class Tile>
+__device__ __forceinline__ Welford<Acc> items_welford(const Tile& t,
+                                                      const T (&v)[GPUBN_ONCE_ITEMS]) {
     Welford<Acc> w = Welford<Acc>::identity();
-    for (int i = 0; i < splits; ++i)
-        w = Welford<Acc>::merge(w, Welford<Acc>::load_volatile(p + i));
+    if (!t.any()) return w;
+    w.hi = to_acc(v[0]);  // item 0 is in range whenever any is
+    t.each([&](int k, long long) {
+        const Acc a = to_acc(v[k]);
+        w.lo += a - w.hi;
+        w.sum += a;
+        ++w.n;
+    });
+    w.lo = w.lo * (Acc(1) / Acc(w.n));
+    t.each([&](int k, long long) {
+        const Acc e = (Acc(to_acc(v[k])) - w.hi) - w.lo;
+        w.m2 = fma_acc(e, e, w.m2);
+    });
     return w;
 }
 
@@ -86,83 +212,156 @@ __device__ __forceinline__ void once_store(T* __restrict__ y, const T* __restric
     affine_body<T, Acc, 1>(y, &k, 0, in, residual != nullptr, relu, off);
 }
 
+// The training forward of either layout (Tile: OnceNchw or OnceNhwc).
+template <class T, class Acc, class Tile>
+__device__ __forceinline__ void forward_once(const Tile& t, const T* __restrict__ x,
+                                             T* __restrict__ y, const T* __restrict__ residual,
+                                             Welford<Acc>* partials, unsigned int* bar,
+                                             const Acc* weight, const Acc* bias, Acc* mean_out,
+                                             Acc* invstd_out, Acc* running_mean,
+                                             Acc* running_var, int* skipped, int relu,
+                                             Acc momentum, Acc eps) {
+    const int splits = gridDim.y;
+    const int c = t.channel();
+    T v[GPUBN_ONCE_ITEMS];
+    t.each([&](int k, long long off) { v[k] = x[off]; });
+    Welford<Acc> w = Tile::reduce(items_welford<Acc>(t, v));
+    if (t.leader()) partials[(long long)c * splits + blockIdx.y] = w;
+    grid_barrier(bar);
+    __shared__ Affine<Acc> kc[32];  // per channel of the block (blockDim.x <= 32 columns)
+    if (t.leader())
+        kc[t.slot()] = once_constants(partials, c, splits, blockIdx.y == 0, weight, bias,
+                                      mean_out, invstd_out, running_mean, running_var, skipped,
+                                      momentum, eps);
+    __syncthreads();
+    if (!t.active()) return;
+    const Affine<Acc> k = kc[t.slot()];
+    t.each([&](int i, long long off) { once_store<T, Acc>(y, residual, k, v[i], off, relu); });
+}
+
 template <class T, class Acc>
-__global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS)
+__global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS, 1)
 bn_forward_once_nchw(const T* __restrict__ x, T* __restrict__ y, const T* __restrict__ residual,
                      long long outer, int channels, long long inner, Welford<Acc>* partials,
                      unsigned int* bar, const Acc* weight, const Acc* bias, Acc* mean_out,
                      Acc* invstd_out, Acc* running_mean, Acc* running_var, int* skipped,
                      int relu, Acc momentum, Acc eps) {
-    const int c = blockIdx.x;
-    const int splits = gridDim.y;
-    const long long m = outer * inner;
-    // split s holds the channel's values [s * chunk, (s + 1) * chunk)
-    const long long chunk = (long long)blockDim.x * GPUBN_ONCE_ITEMS;
-    const long long first = (long long)blockIdx.y * chunk + threadIdx.x;
-    T v[GPUBN_ONCE_ITEMS];
-    long long off[GPUBN_ONCE_ITEMS];
-#pragma unroll
-    for (int k = 0; k < GPUBN_ONCE_ITEMS; ++k) {
-        const long long j = first + (long long)k * blockDim.x;
-        const long long n = j / inner;
-        off[k] = j < m ? (n * channels + c) * inner + (j - n * inner) : -1;
-        if (off[k] >= 0) v[k] = x[off[k]];
-    }
-    Welford<Acc> w = Welford<Acc>::identity();
-#pragma unroll
-    for (int k = 0; k < GPUBN_ONCE_ITEMS; ++k)
-        if (off[k] >= 0) w.push(to_acc(v[k]));
-    w = block_reduce_1d(w);
-    if (threadIdx.x == 0) partials[(long long)c * splits + blockIdx.y] = w;
-    grid_barrier(bar);
-    __shared__ Affine<Acc> kc;
-    if (threadIdx.x == 0)
-        kc = once_constants(partials, c, splits, blockIdx.y == 0, weight, bias, mean_out,
-                            invstd_out, running_mean, running_var, skipped, momentum, eps);
-    __syncthreads();
-    const Affine<Acc> k = kc;
-#pragma unroll
-    for (int i = 0; i < GPUBN_ONCE_ITEMS; ++i)
-        if (off[i] >= 0) once_store<T, Acc>(y, residual, k, v[i], off[i], relu);
+    forward_once<T, Acc>(OnceNchw(outer, channels, inner), x, y, residual, partials, bar, weight,
+                         bias, mean_out, invstd_out, running_mean, running_var, skipped, relu,
+                         momentum, eps);
 }
 
 template <class T, class Acc>
-__global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS)
+__global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS, 1)
 bn_forward_once_nhwc(const T* __restrict__ x, T* __restrict__ y, const T* __restrict__ residual,
                      long long rows, int channels, Welford<Acc>* partials, unsigned int* bar,
                      const Acc* weight, const Acc* bias, Acc* mean_out, Acc* invstd_out,
                      Acc* running_mean, Acc* running_var, int* skipped, int relu, Acc momentum,
                      Acc eps) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;  // this thread's column
+    forward_once<T, Acc>(OnceNhwc(rows, channels), x, y, residual, partials, bar, weight, bias,
+                         mean_out, invstd_out, running_mean, running_var, skipped, relu,
+                         momentum, eps);
+}
+
+// ---------------------------------------------------------------------------
+// Read-once training backward: dy and x read once and kept in registers,
+// (sum dy, sum dy * (x - mean)) reduced across the grid, dx written from the
+// registers: 3 passes (dy, x, dx) in one launch instead of 5 in 2.  With
+// y_mask (the residual-block epilogue's ReLU: the forward's y) dy becomes
+// g = (y <= 0 ? 0 : dy) as it is loaded, g_out receives g (= dresidual): 5
+// passes (dy, y, x; dx, g) instead of 7.  The same sums and dx formula as
+// bn_backward.cu (finish_grad, DxConsts, dx_body), merged in index order.
+
+// The channel's sums from its partials; the split-0 block writes
+// sum_dy_out (dbias) and sum_dy_xhat_out (dweight); returns dx's constants,
+// rounded as bn_backward_dx_* forms them from those two.
+template <class Acc>
+__device__ __forceinline__ DxConsts<Acc> once_dx_constants(const GradSums<Acc>* partials, int c,
+                                                           int splits, bool writer,
+                                                           const Acc* mean, const Acc* invstd,
+                                                           const Acc* weight, Acc* sum_dy_out,
+                                                           Acc* sum_dy_xhat_out,
+                                                           Acc inv_count) {
+    const GradSums<Acc> g = merge_partials(partials + (long long)c * splits, splits);
+    if (writer) finish_grad(g, c, invstd, sum_dy_out, sum_dy_xhat_out);
+    DxConsts<Acc> q;
+    const Acc is = invstd[c];
+    q.a = weight ? weight[c] * is : is;
+    q.b = g.sum_dy * inv_count;
+    q.k = is * (g.sum_dy_xmu * is) * inv_count;
+    q.mean = mean[c];
+    return q;
+}
+
+template <class T, class Acc, class Tile>
+__device__ __forceinline__ void backward_once(const Tile& t, const T* __restrict__ dy,
+                                              const T* __restrict__ x, T* __restrict__ dx,
+                                              const T* __restrict__ y_mask,
+                                              T* __restrict__ g_out, GradSums<Acc>* partials,
+                                              unsigned int* bar, const Acc* mean,
+                                              const Acc* invstd, const Acc* weight,
+                                              Acc* sum_dy_out, Acc* sum_dy_xhat_out,
+                                              Acc inv_count) {
     const int splits = gridDim.y;
-    const long long chunk = (long long)blockDim.y * GPUBN_ONCE_ITEMS;
-    const long long first = (long long)blockIdx.y * chunk + threadIdx.y;
-    T v[GPUBN_ONCE_ITEMS];
-    long long off[GPUBN_ONCE_ITEMS];
-#pragma unroll
-    for (int k = 0; k < GPUBN_ONCE_ITEMS; ++k) {
-        const long long r = first + (long long)k * blockDim.y;
-        off[k] = (r < rows && c < channels) ? r * channels + c : -1;
-        if (off[k] >= 0) v[k] = x[off[k]];
-    }
-    Welford<Acc> w = Welford<Acc>::identity();
-#pragma unroll
-    for (int k = 0; k < GPUBN_ONCE_ITEMS; ++k)
-        if (off[k] >= 0) w.push(to_acc(v[k]));
-    w = block_reduce_columns(w);
-    if (threadIdx.y == 0 && c < channels) partials[(long long)c * splits + blockIdx.y] = w;
-    grid_barrier(bar);
-    __shared__ Affine<Acc> kc[32];  // per column of the block (blockDim.x <= 32)
-    if (threadIdx.y == 0 && c < channels)
-        kc[threadIdx.x] = once_constants(partials, c, splits, blockIdx.y == 0, weight, bias,
-                                         mean_out, invstd_out, running_mean, running_var,
-                                         skipped, momentum, eps);
+    const int c = t.channel();
+    T g[GPUBN_ONCE_ITEMS], xv[GPUBN_ONCE_ITEMS], yv[GPUBN_ONCE_ITEMS];
+    t.each([&](int k, long long off) {
+        g[k] = dy[off];
+        xv[k] = x[off];
+        if (y_mask) yv[k] = y_mask[off];
+    });
+    __shared__ Acc means[32];  // per channel of the block, read while the loads fly
+    if (t.leader()) means[t.slot()] = mean[c];
     __syncthreads();
-    if (c >= channels) return;
-    const Affine<Acc> k = kc[threadIdx.x];
-#pragma unroll
-    for (int i = 0; i < GPUBN_ONCE_ITEMS; ++i)
-        if (off[i] >= 0) once_store<T, Acc>(y, residual, k, v[i], off[i], relu);
+    const Acc mu = t.active() ? means[t.slot()] : Acc(0);
+    GradSums<Acc> s = GradSums<Acc>::identity();
+    t.each([&](int k, long long off) {
+        if (y_mask) {
+            if (!relu_keeps(Acc(to_acc(yv[k])))) store_acc(g[k], Acc(0));
+            if (g_out) g_out[off] = g[k];
+        }
+        const Acc d = to_acc(g[k]);
+        s.sum_dy += d;
+        s.sum_dy_xmu = fma_acc(d, Acc(to_acc(xv[k])) - mu, s.sum_dy_xmu);
+    });
+    s = Tile::reduce(s);
+    if (t.leader()) partials[(long long)c * splits + blockIdx.y] = s;
+    grid_barrier(bar);
+    __shared__ DxConsts<Acc> kq[32];
+    if (t.leader())
+        kq[t.slot()] = once_dx_constants(partials, c, splits, blockIdx.y == 0, mean, invstd,
+                                         weight, sum_dy_out, sum_dy_xhat_out, inv_count);
+    __syncthreads();
+    if (!t.active()) return;
+    const DxConsts<Acc> q = kq[t.slot()];
+    t.each([&](int k, long long off) {
+        GradIn<T, 1, false> p;  // the two-pass dx's inputs at one position
+        p.dy.v[0] = g[k];
+        p.x.v[0] = xv[k];
+        dx_body<T, Acc, 1>(dx, &q, 0, p, off, 1);
+    });
+}
+
+template <class T, class Acc>
+__global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS, 1)
+bn_backward_once_nchw(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
+                      const T* __restrict__ y_mask, T* __restrict__ g_out, long long outer,
+                      int channels, long long inner, GradSums<Acc>* partials, unsigned int* bar,
+                      const Acc* mean, const Acc* invstd, const Acc* weight, Acc* sum_dy_out,
+                      Acc* sum_dy_xhat_out, Acc inv_count) {
+    backward_once<T, Acc>(OnceNchw(outer, channels, inner), dy, x, dx, y_mask, g_out, partials,
+                          bar, mean, invstd, weight, sum_dy_out, sum_dy_xhat_out, inv_count);
+}
+
+template <class T, class Acc>
+__global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS, 1)
+bn_backward_once_nhwc(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
+                      const T* __restrict__ y_mask, T* __restrict__ g_out, long long rows,
+                      int channels, GradSums<Acc>* partials, unsigned int* bar,
+                      const Acc* mean, const Acc* invstd, const Acc* weight, Acc* sum_dy_out,
+                      Acc* sum_dy_xhat_out, Acc inv_count) {
+    backward_once<T, Acc>(OnceNhwc(rows, channels), dy, x, dx, y_mask, g_out, partials, bar,
+                          mean, invstd, weight, sum_dy_out, sum_dy_xhat_out, inv_count);
 }
 
 }  // namespace gpubn

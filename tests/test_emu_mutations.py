@@ -167,16 +167,21 @@ def test_layer_norm_backward_clean_and_identical_under_schedule_seeds(dtype):
 
 # -- the residual-block epilogue --------------------------------------------------------
 
-def _epilogue_outputs(layout):
-    """emu's and the reference's y = relu(bn(x) + z) and its dresidual, dx."""
+def _epilogue_outputs(layout, read_once=None):
+    """emu's (its read-once kernels forced on or off, or as planned) and the
+    reference's y = relu(bn(x) + z) and its dresidual, dx."""
+    import dataclasses
+
     import gpubn
+    from gpubn.backends.emu import EMU_TUNING, EmuBackend
 
     shape, axis = ((4, 3, 64), 1) if layout == "nchw" else ((64, 8), 1)
     rng = np.random.default_rng(3)
     x, z, dy = (rng.standard_normal(shape).astype(np.float32) for _ in range(3))
     out = {}
-    for name in ("emu", "numpy"):
-        y, saved = gpubn.batch_norm_forward(x, axis=axis, backend=name, residual=z,
+    emu_backend = EmuBackend(tuning=dataclasses.replace(EMU_TUNING, read_once=read_once))
+    for name, backend in (("emu", emu_backend), ("numpy", "numpy")):
+        y, saved = gpubn.batch_norm_forward(x, axis=axis, backend=backend, residual=z,
                                             activation="relu")
         dx, _, _, dres = gpubn.batch_norm_backward(dy, saved)
         out[name] = (y, dres, dx)
@@ -194,9 +199,10 @@ def _check_epilogue(out):
 # (each planted copy loads its own compiled modules into the test process,
 # whose memory mappings are limited: one plant per defect)
 
+@pytest.mark.parametrize("read_once", [False, True], ids=["two-pass", "read-once"])
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
-def test_epilogue_unmodified_runs_clean(layout):
-    _check_epilogue(_epilogue_outputs(layout))
+def test_epilogue_unmodified_runs_clean(layout, read_once):
+    _check_epilogue(_epilogue_outputs(layout, read_once))
 
 
 def test_epilogue_residual_dropped_is_caught(plant):
@@ -205,14 +211,16 @@ def test_epilogue_residual_dropped_is_caught(plant):
         _check_epilogue(_epilogue_outputs("nchw"))
 
 
-@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
-def test_epilogue_mask_passing_zeros_is_caught(plant, layout):
+@pytest.mark.parametrize("layout,read_once", [("nchw", False), ("nhwc", False), ("nchw", True),
+                                              ("nhwc", True)])
+def test_epilogue_mask_passing_zeros_is_caught(plant, layout, read_once):
     """A ReLU mask that lets the gradient through where y == 0 (the
-    forward's ReLU, which shares the test, still gives 0 there)."""
+    forward's ReLU, which shares the test, still gives 0 there), in the
+    two-pass and the read-once backward."""
     old = "    return !(v <= Acc(0));"
     plant(old, old.replace("<=", "<"))
     with pytest.raises(AssertionError, match="dres|Arrays are not equal"):
-        _check_epilogue(_epilogue_outputs(layout))
+        _check_epilogue(_epilogue_outputs(layout, read_once))
 
 
 # -- the read-once forward's grid barrier ---------------------------------------------

@@ -1,6 +1,7 @@
-"""The read-once training forward (kernels/bn_persistent.cu): one cooperative
-launch, x read once, against PyTorch float64 and the two-pass kernels; the
-automatic choice and its fallback; emu's barrier, race and co-residency
+"""The read-once training forward and backward (kernels/bn_persistent.cu):
+one cooperative launch each, x (and dy) read once, against PyTorch float64,
+finite differences and the two-pass kernels; the automatic choice and its
+fallback (ghost batch norm included); emu's barrier, race and co-residency
 checks.  Planted defects of the barrier are in test_emu_mutations.py.
 """
 
@@ -13,7 +14,8 @@ import pytest
 
 import gpubn
 from conftest import (BFLOAT16, DTYPES, acc_unit_roundoff, assert_rounded_close,
-                      bn_output_slack, torch_batch_norm, unavailable_reason)
+                      assert_sum_close, bn_dx_slack, bn_output_slack, bn_sum_terms,
+                      numeric_gradients, sum_tolerance, torch_batch_norm, unavailable_reason)
 from gpubn import kernels as catalog
 from gpubn.launch import ONCE_ITEMS, DeviceAttributes, Launch, once_fits, once_launch
 
@@ -52,6 +54,23 @@ def _run(be, x, z, w, b, rm, rv, relu):
     with emu.recording() as log:
         y, mean, invstd = be.bn_forward_train_act(x, w, b, rm, rv, 0.1, 1e-5, z, relu)
     return y, mean, invstd, log
+
+
+def _assert_side_traffic(log, shape, state_bytes):
+    """Besides the tensors, the one read-once launch in ``log`` moves a
+    partial state (``state_bytes``) written per block and the S of its
+    channel(s) read back, and per-channel vectors (at most 8 values of 8
+    bytes per channel a block handles); the grid barrier's counter is left
+    out (test_traffic.BARRIER_ARG)."""
+    from test_traffic import BARRIER_ARG
+
+    (rec,) = log
+    spec = catalog.kernel_of(rec.kernel)
+    side = sum(t.loaded + t.stored for i, t in rec.buffers.items()
+               if i not in spec.tensor_args and i != BARRIER_ARG[spec.name])
+    blocks, splits = rec.grid[0] * rec.grid[1], rec.grid[1]
+    channels_per_block = min(shape[1], rec.block[0]) if shape[2] == 1 else 1
+    assert side <= blocks * channels_per_block * (state_bytes * (splits + 1) + 8 * 8), side
 
 
 @pytest.mark.parametrize("epilogue", ["plain", "add-relu"])
@@ -105,18 +124,7 @@ def test_traffic_one_launch_read_x_once(case, epilogue, passes):
     _, _, _, log = _run(_emu(None), x, z, w, b, rm, rv, epilogue == "add-relu")
     launches, got, _ = _count(log, x.nbytes)
     assert launches == 1 and got == passes, [r.kernel for r in log]
-    # besides the tensors: a partial Welford state written per block and the
-    # S of its channel(s) read back, per-channel vectors (at most 8 values of
-    # 8 bytes per channel a block handles); the grid barrier's counters are
-    # left out (its polling of one word stays in L2, and emu's count of it
-    # depends on the schedule)
-    (rec,) = log
-    barrier = 7 if rec.kernel.startswith("gpubn::bn_forward_once_nchw") else 6
-    side = sum(t.loaded + t.stored for i, t in rec.buffers.items()
-               if i not in catalog.kernel_of(rec.kernel).tensor_args and i != barrier)
-    blocks, splits = rec.grid[0] * rec.grid[1], rec.grid[1]
-    channels_per_block = min(shape[1], rec.block[0]) if shape[2] == 1 else 1
-    assert side <= blocks * channels_per_block * (24 * (splits + 1) + 8 * 8), side
+    _assert_side_traffic(log, shape, 24)
 
 
 def test_automatic_choice_and_its_reasons(monkeypatch, capfd):
@@ -168,19 +176,23 @@ def test_plan_holds_every_element_once():
     assert not fits and "3136 blocks" in why  # ResNet's 64x56x56 at batch 64: 64 x 49 blocks
 
 
-@pytest.mark.parametrize("case", ["nchw-splits", "nhwc-tiles"])
+@pytest.mark.parametrize("case", ["nchw-splits", "nhwc", "nhwc-tiles"])
 def test_clean_and_bitwise_stable_under_schedule_seeds(case):
-    """emu's inter-block race checker runs on every access; several block
-    schedules give bitwise the same results (the partials merge in index
-    order)."""
+    """emu's inter-block race checker runs on every access of the forward and
+    the backward (with the epilogue); several block schedules give bitwise
+    the same results (the partials merge in index order)."""
     from gpubn import emu
 
     x, z, w, b, rm, rv = _data(SHAPES[case], np.float16)
+    dy = np.random.default_rng(5).standard_normal(x.shape).astype(np.float16)
     results = []
     for seed in (1, 2, 3):
         with emu.options(seed=seed):
             y, mean, invstd, _ = _run(_emu(True), x, z, w, b, rm.copy(), rv.copy(), True)
-        results.append((y.view(np.uint16), mean, invstd))
+            (dx, dw, db, dz), kernels, _ = _backward(_emu(True), dy, x, mean, invstd, w, y)
+        assert len(kernels) == 1 and kernels[0].startswith("bn_backward_once")
+        results.append((y.view(np.uint16), mean, invstd, dx.view(np.uint16), dw, db,
+                        dz.view(np.uint16)))
     for other in results[1:]:
         for a, b_ in zip(results[0], other):
             assert np.array_equal(a, b_)
@@ -220,3 +232,167 @@ def test_items_per_thread_match_the_kernel_source():
     text = catalog.read_source("bn_persistent.cu")
     (line,) = [ln for ln in text.splitlines() if ln.startswith("#define GPUBN_ONCE_ITEMS ")]
     assert int(line.split()[2]) == ONCE_ITEMS
+
+
+# -- the read-once training backward ------------------------------------------------
+
+def _backward(be, dy, x, mean, invstd, w, y):
+    """dx, dweight, dbias (and dresidual when ``y``, the epilogue's output,
+    masks dy) on ``be``, with the launches it made."""
+    from gpubn import emu
+
+    with emu.recording() as log:
+        if y is None:
+            out = be.bn_backward(dy, x, mean, invstd, w, True) + (None,)
+        else:
+            out = be.bn_backward_relu(dy, x, mean, invstd, w, y, True)
+    return out, [catalog.kernel_of(r.kernel).name for r in log], log
+
+
+def _backward_data(shape, dtype, relu, seed=0):
+    """x, dy, weight and the two-pass forward's y (relu(bn(x) + z) with the
+    epilogue, else None), mean and invstd: one forward for both backward
+    paths."""
+    x, z, w, b, _, _ = _data(shape, dtype, seed)
+    dy = np.random.default_rng(seed + 7).standard_normal(shape).astype(dtype)
+    y, mean, invstd = _emu(False).bn_forward_train_act(x, w, b, None, None, 0.1, 1e-5,
+                                                       z if relu else None, relu)
+    return x, dy, w, (y if relu else None), mean, invstd
+
+
+@pytest.mark.parametrize("epilogue", ["plain", "add-relu"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("case", list(SHAPES))
+def test_read_once_backward_matches_torch_and_the_two_pass_path(case, dtype, epilogue):
+    shape = SHAPES[case]
+    relu = epilogue == "add-relu"
+    x, dy, w, y, mean, invstd = _backward_data(shape, dtype, relu)
+    layout = "nchw" if shape[2] > 1 else "nhwc"
+    out = {}
+    for name, read_once in (("once", True), ("two-pass", False)):
+        out[name], kernels, _ = _backward(_emu(read_once), dy, x, mean, invstd, w, y)
+        if read_once:
+            assert kernels == [f"bn_backward_once_{layout}"]
+        else:
+            assert kernels == [f"bn_backward_reduce_{layout}", f"bn_backward_dx_{layout}"]
+    # the ReLU's mask: dresidual is dy where y > 0, else 0, on both paths
+    g = dy.astype(np.float64)
+    if relu:
+        g = np.where(y.astype(np.float64) > 0, g, 0.0)
+        assert (g == 0).any() and (g != 0).any()
+        for name in out:
+            assert out[name][3].dtype == x.dtype
+            assert np.array_equal(out[name][3].astype(np.float64), g), name
+    ref = torch_batch_norm(x, w, np.zeros_like(w), dy=g)  # a bias, for its gradient
+    red, sum_dy, sum_dy_xhat = bn_sum_terms(x, g, 1)
+    for name, (dx, dw, db, _) in out.items():
+        assert_rounded_close(dx, ref["dx"], dtype, bn_dx_slack(x, g, w, 1, dtype, True),
+                             name=f"dx ({name})")
+        assert_sum_close(db, ref["dbias"], sum_dy, red, dtype, name=f"dbias ({name})")
+        assert_sum_close(dw, ref["dweight"], sum_dy_xhat, red, dtype, name=f"dweight ({name})")
+    # the two paths: each within its bound of the reference, so within twice
+    # of each other (their sums merge in another order)
+    once, two = out["once"], out["two-pass"]
+    assert_sum_close(once[2], two[2], sum_dy, red, dtype, name="dbias (paths)",
+                     extra=sum_tolerance(sum_dy, red, dtype))
+    assert_sum_close(once[1], two[1], sum_dy_xhat, red, dtype, name="dweight (paths)",
+                     extra=sum_tolerance(sum_dy_xhat, red, dtype))
+
+
+@pytest.mark.parametrize("case", ["nchw-splits", "nhwc-tiles"])
+@pytest.mark.parametrize("epilogue,passes", [("plain", 3.0), ("add-relu", 5.0)])
+def test_traffic_backward_one_launch_read_dy_and_x_once(case, epilogue, passes):
+    """The issue's table: backward training that fits on chip is 1 launch
+    and 3 passes (read dy and x, write dx); of add + relu 5 (read dy, y and
+    x, write dx and dresidual: the mask is read from y)."""
+    from test_traffic import _count
+
+    shape = SHAPES[case]
+    x, dy, w, y, mean, invstd = _backward_data(shape, np.float32, epilogue == "add-relu")
+    _, _, log = _backward(_emu(None), dy, x, mean, invstd, w, y)
+    launches, got, _ = _count(log, x.nbytes)
+    assert launches == 1 and got == passes, [r.kernel for r in log]
+    _assert_side_traffic(log, shape, 8)
+
+
+def test_backward_automatic_choice_and_its_reasons(monkeypatch, capfd):
+    monkeypatch.setenv("GPUBN_DEBUG_KERNELS", "1")
+    x, dy, w, _, mean, invstd = _backward_data((4, 4, 64), np.float32, False)
+    capfd.readouterr()
+    _, kernels, _ = _backward(_emu(None), dy, x, mean, invstd, w, None)
+    assert kernels == ["bn_backward_once_nchw"]
+    assert "backward training: read-once (the tensor fits on chip: 4 blocks" in \
+        capfd.readouterr().err
+    small = DeviceAttributes(sm_count=1, name="small")
+    _, kernels, _ = _backward(_emu(None, small), dy, x, mean, invstd, w, None)
+    assert kernels == ["bn_backward_reduce_nchw", "bn_backward_dx_nchw"]
+    assert "backward training: two-pass (the tensor needs 4 blocks of 32 threads x 16 values " \
+           "on chip, 3 fit at once (1 SMs x 3))" in capfd.readouterr().err
+    nocoop = DeviceAttributes(sm_count=132, name="old", cooperative_launch=False)
+    _, kernels, _ = _backward(_emu(None, nocoop), dy, x, mean, invstd, w, None)
+    assert len(kernels) == 2 and "old has no cooperative launches" in capfd.readouterr().err
+    _, kernels, _ = _backward(_emu(False), dy, x, mean, invstd, w, None)
+    assert len(kernels) == 2 and "backward training: two-pass (Tuning.read_once=False)" in \
+        capfd.readouterr().err
+    with pytest.raises(ValueError, match="read_once=True, but the read-once backward cannot run"):
+        _backward(_emu(True, small), dy, x, mean, invstd, w, None)
+    # eval-mode backward is one launch already: no read-once kernel
+    from gpubn import emu
+
+    with emu.recording() as log:
+        _emu(True).bn_backward(dy, x, mean, invstd, w, False)
+    assert [catalog.kernel_of(r.kernel).name for r in log] == ["bn_backward_reduce_nchw"]
+
+
+def test_ghost_batch_norm_takes_the_two_pass_kernels(monkeypatch, capfd):
+    """virtual_batch_size (groups reduced separately, grid z) keeps the
+    two-pass kernels, forward and backward, and says so."""
+    monkeypatch.setenv("GPUBN_DEBUG_KERNELS", "1")
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((8, 3, 5, 5)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    from gpubn import emu
+
+    with emu.recording() as log:
+        y, saved = gpubn.batch_norm_forward(x, training=True, virtual_batch_size=2,
+                                            backend="emu")
+        dx, dw, db = gpubn.batch_norm_backward(dy, saved)
+    kernels = [catalog.kernel_of(r.kernel).name for r in log]
+    assert kernels == ["bn_stats_nchw", "bn_apply_nchw", "bn_backward_reduce_nchw",
+                       "bn_backward_dx_nchw"]
+    err = capfd.readouterr().err
+    assert "forward training: two-pass (ghost batch norm: 4 groups reduce separately)" in err
+    assert "backward training: two-pass (ghost batch norm: 4 groups reduce separately)" in err
+    y_ref, saved_ref = gpubn.batch_norm_forward(x, training=True, virtual_batch_size=2,
+                                                backend="numpy")
+    dx_ref, _, _ = gpubn.batch_norm_backward(dy, saved_ref)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+def test_public_backward_is_read_once_and_matches_finite_differences(monkeypatch, capfd, axis):
+    """The public API reaches the read-once backward on emu (the default
+    plan); the gradients of sum(r * relu(bn(x) + z)) with respect to x,
+    weight, bias and z against central differences of the numpy reference's
+    forward (float64, h = 1e-6: truncation O(h**2), rounding O(eps / h),
+    about 1e-10)."""
+    monkeypatch.setenv("GPUBN_DEBUG_KERNELS", "1")
+    shape = (3, 2, 2, 2) if axis == 1 else (3, 2, 2, 3)
+    c = shape[axis]
+    rng = np.random.default_rng(9)
+    x, z, r = (rng.standard_normal(shape) for _ in range(3))
+    w, b = rng.uniform(0.5, 1.5, c), rng.uniform(-0.5, 0.5, c)
+
+    def forward(x_, w_, b_, z_, backend):
+        return gpubn.batch_norm_forward(x_, weight=w_, bias=b_, axis=axis, backend=backend,
+                                        residual=z_, activation="relu")
+
+    pre = torch_batch_norm(x, w, b, axis=axis)["y"] + z
+    assert np.abs(pre).min() > 1e-3 and (pre < 0).any()  # the mask matters, far from the kink
+    _, saved = forward(x, w, b, z, "emu")
+    capfd.readouterr()
+    got = gpubn.batch_norm_backward(r, saved)
+    assert "backward training: read-once" in capfd.readouterr().err
+    num = numeric_gradients(lambda *a: float((forward(*a, "numpy")[0] * r).sum()), [x, w, b, z])
+    for name, g, n in zip(("dx", "dweight", "dbias", "dresidual"), got, num):
+        np.testing.assert_allclose(g, n, rtol=1e-6, atol=1e-7, err_msg=name)

@@ -41,7 +41,8 @@ bn_forward_train         bn_forward_once_* (x fits on chip)          1
 bn_forward_train_groups  bn_stats_*, bn_apply_*, the group as grid z 2
 bn_forward_eval          bn_apply_* (invstd from running_var)        1
 bn_apply                 bn_apply_*                                  1
-bn_backward (train)      bn_backward_reduce_*, bn_backward_dx_*      2
+bn_backward (train)      bn_backward_once_* (x, dy fit on chip)       1
+                         else bn_backward_reduce_*, bn_backward_dx_* 2
 bn_backward (eval)       bn_backward_reduce_* (writes dx as well)    1
 bn_backward_groups       the training two, the group as grid z       2
 =======================  ==========================================  ========
@@ -52,7 +53,8 @@ masks dy with ``y <= 0`` (the forward's output) and writes the masked
 gradient g (= dresidual), which bn_backward_dx_* reads in place of dy.
 Passes over tensor-sized buffers: forward training 4 (read x twice and the
 residual, write y; 3 read-once), inference 3; backward training with the ReLU 7 (read dy,
-y, x; write g; read g, x; write dx), eval 5 (read dy, y, x; write dx, g).
+y, x; write g; read g, x; write dx; 5 read-once: read dy, y, x, write dx, g), eval 5
+(read dy, y, x; write dx, g).
 """
 
 from __future__ import annotations
@@ -275,7 +277,7 @@ class KernelBackend(Backend):
             raise ValueError("x has no values per channel")
         mean = self.xp.empty(channels, dtype=acc)
         invstd = self.xp.empty(channels, dtype=acc)
-        once = self._once_plan(x3, key)
+        once = self._once_plan(x3, key, "forward")
         if once is not None:
             y3 = self.xp.empty_like(x3)
             partials = self.xp.empty(once.partial_bytes, dtype=np.uint8)
@@ -295,22 +297,23 @@ class KernelBackend(Backend):
                          eps, residual, relu)
         return y3, mean, invstd
 
-    def _once_plan(self, x3, key: str) -> Optional[Launch]:
-        """The read-once training forward's launch when it runs (the tensor
-        fits on chip, ``Tuning.read_once`` allows it), else None; with
-        ``GPUBN_DEBUG_KERNELS=1`` it says which path and why."""
-        if x3.shape[1] == 0:
+    def _once_plan(self, x3, key: str, op: str) -> Optional[Launch]:
+        """The read-once training ``op`` (``'forward'`` or ``'backward'``)
+        launch when it runs (the tensor fits on chip, ``Tuning.read_once``
+        allows it), else None; with ``GPUBN_DEBUG_KERNELS=1`` it says which
+        path and why."""
+        if x3.shape[1] == 0 or x3.size == 0:
             return None
         if self.tuning.read_once is False:
-            debug_report(f"{self.name}: forward training: two-pass (Tuning.read_once=False)")
+            debug_report(f"{self.name}: {op} training: two-pass (Tuning.read_once=False)")
             return None
-        cfg = once_launch(x3.shape, key)
+        cfg = once_launch(x3.shape, key, op)
         fits, why = once_fits(cfg, self._device(),
                               self._blocks_per_sm(self._function(cfg, key), cfg))
-        debug_report(f"{self.name}: forward training: {'read-once' if fits else 'two-pass'} "
+        debug_report(f"{self.name}: {op} training: {'read-once' if fits else 'two-pass'} "
                      f"({why})")
         if not fits and self.tuning.read_once:
-            raise ValueError(f"Tuning.read_once=True, but the read-once forward cannot run: {why}")
+            raise ValueError(f"Tuning.read_once=True, but the read-once {op} cannot run: {why}")
         return cfg if fits else None
 
     def bn_forward_train_groups(self, x3, groups, weight, bias, eps):
@@ -321,6 +324,8 @@ class KernelBackend(Backend):
             self._check_channel(v, channels, acc, n)
         if x3.shape[2] * (outer // groups) < 2:
             raise ValueError("x has fewer than 2 values per channel and group")
+        debug_report(f"{self.name}: forward training: two-pass (ghost batch norm: {groups} "
+                     f"groups reduce separately)")
         mean, mean_lo, m2, invstd = (self.xp.empty((groups, channels), dtype=acc)
                                      for _ in range(4))
         self._stats(x3, acc, key, mean, mean_lo, m2, invstd, None, None, 0.0, float(eps),
@@ -430,7 +435,20 @@ class KernelBackend(Backend):
     def _backward(self, dy3, x3, key, acc, mean, invstd, weight, training, y_mask, g_out):
         """dx (and with ``y_mask``, the ReLU's masked gradient into ``g_out``,
         which the dx launch then reads in place of dy and the mask)."""
-        if training:
+        once = self._once_plan(x3, key, "backward") if training else None
+        if once is not None:
+            outer, channels, inner = x3.shape
+            dx3 = self.xp.empty_like(x3)
+            sum_dy = self.xp.empty(channels, dtype=acc)
+            sum_dy_xhat = self.xp.empty(channels, dtype=acc)
+            partials = self.xp.empty(once.partial_bytes, dtype=np.uint8)
+            shape_args = (np.int64(outer), np.int32(channels))
+            if once.kernel.endswith("nchw"):
+                shape_args += (np.int64(inner),)
+            self._launch(once, key, (dy3, x3, dx3, y_mask, g_out) + shape_args + (
+                partials, self._launch_counters(once.counters), mean, invstd, weight, sum_dy,
+                sum_dy_xhat, acc.type(1.0 / (int(outer) * int(inner)))))
+        elif training:
             sum_dy, sum_dy_xhat = self._reduce(dy3, x3, key, acc, mean, invstd, None, None,
                                                y_mask, g_out)
             count = int(x3.shape[0]) * int(x3.shape[2])
@@ -464,6 +482,8 @@ class KernelBackend(Backend):
                                  f" got shape {v.shape} dtype {v.dtype}")
         groups = mean.shape[0]
         self._check_channel(weight, channels, acc, "weight")
+        debug_report(f"{self.name}: backward training: two-pass (ghost batch norm: {groups} "
+                     f"groups reduce separately)")
         sum_dy, sum_dy_xhat = self._reduce(dy3, x3, key, acc, mean, invstd, None, None,
                                            groups=groups)
         count = (outer // groups) * inner
