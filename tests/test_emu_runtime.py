@@ -265,7 +265,8 @@ def test_block_order_shuffled_by_seed(mod):
             fn((50,), (32,), (counter, o))
         return o
 
-    np.testing.assert_array_equal(order(), np.arange(50))
+    # seed=None pins the default schedule (blocks start in order) against GPUBN_EMU_SEED
+    np.testing.assert_array_equal(order(seed=None), np.arange(50))
     a, b = order(seed=1), order(seed=2)
     assert sorted(a.tolist()) == list(range(50))
     assert not np.array_equal(a, np.arange(50)) and not np.array_equal(a, b)
