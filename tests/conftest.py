@@ -301,6 +301,43 @@ def ln_dx_slack(x, dy, n, weight, dtype, eps=1e-5):
     return bn_dx_slack(x2, g, None, 0, dtype, True, eps=eps).reshape(np.shape(x))
 
 
+# ------------------------------------------------------ block schedules ----
+# emu seeds besides the default schedule (seed None); 1 and 2 start the
+# blocks in other orders than the default and than each other
+# (test_emu_runtime.py)
+SCHEDULE_SEEDS = (1, 2)
+
+
+def assert_same_under_schedules(run, seeds=SCHEDULE_SEEDS):
+    """Call ``run()`` (which returns a tuple of arrays, or None entries) under
+    emu's default block schedule and under each seed of ``seeds``; every
+    result must equal the default schedule's bit for bit (the kernels merge
+    partials in a fixed order).  Returns the default schedule's results."""
+    from gpubn import emu
+
+    with emu.options(seed=None):
+        first = run()
+    for seed in seeds:
+        with emu.options(seed=seed):
+            other = run()
+        assert len(other) == len(first)
+        for i, (a, b) in enumerate(zip(first, other)):
+            if a is None or b is None:
+                assert a is None and b is None, f"result {i}: None under one schedule only"
+                continue
+            a, b = np.asarray(a), np.asarray(b)
+            assert a.dtype == b.dtype and a.shape == b.shape, f"result {i}"
+            if a.tobytes() != b.tobytes():    # bit patterns: -0.0 and NaN payloads count
+                bytes_a, bytes_b = (np.ascontiguousarray(t).reshape(-1).view(np.uint8)
+                                    .reshape(t.size, t.itemsize) for t in (a, b))
+                k = int(np.flatnonzero((bytes_a != bytes_b).any(axis=1))[0])
+                raise AssertionError(
+                    f"result {i} depends on the block schedule: seed {seed} gives "
+                    f"{b.reshape(-1)[k]!r} at flat index {k}, the default schedule "
+                    f"{a.reshape(-1)[k]!r}")
+    return first
+
+
 # ---------------------------------------------------------------- oracle ----
 def numeric_gradients(loss, args, h=1e-6):
     """Central finite differences of the scalar ``loss(*args)`` with respect to

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from gpubn import kernels as catalog
-from conftest import unavailable_reason
+from conftest import assert_same_under_schedules, unavailable_reason
 from gpubn.backends import get_backend
 from gpubn.backends import emu as emu_backend
 from gpubn.backends.numpy_backend import NumpyBackend
@@ -146,8 +146,6 @@ def test_layer_norm_backward_clean_and_identical_under_schedule_seeds(dtype):
     # the weight-gradient reduction merges partials through the last-block
     # handshake; under every schedule it runs clean (all checks, inter-block
     # racecheck included) and gives the same bits
-    from gpubn import emu
-
     backend = get_backend("emu")
     rng = np.random.default_rng(5)
     rows, n = 300, 33
@@ -158,11 +156,8 @@ def test_layer_norm_backward_clean_and_identical_under_schedule_seeds(dtype):
     dy2 = rng.standard_normal((rows, n)).astype(dtype)
     weight = rng.standard_normal(n).astype(np.float32)
     _, mean, rstd = backend.ln_forward(x2, weight, None, 1e-5)
-    runs = []
-    for seed in (None, 1, 2, 3):
-        with emu.options(seed=seed):
-            runs.append([a.tobytes() for a in backend.ln_backward(dy2, x2, mean, rstd, weight, True)])
-    assert all(run == runs[0] for run in runs[1:])
+    assert_same_under_schedules(lambda: backend.ln_backward(dy2, x2, mean, rstd, weight, True),
+                                seeds=(1, 2, 3))
 
 
 # -- the residual-block epilogue --------------------------------------------------------
@@ -246,3 +241,4 @@ def test_read_once_barrier_without_publishing_fence_is_a_race(plant):
           "bn_persistent.cu")
     with pytest.raises(emu.RaceError):
         _read_once_forward()
+
