@@ -242,3 +242,24 @@ def test_read_once_barrier_without_publishing_fence_is_a_race(plant):
     with pytest.raises(emu.RaceError):
         _read_once_forward()
 
+
+MERGE = "            state = S::merge(state, S::load_volatile(mine + i));\n"
+
+
+def test_a_merge_that_depends_on_the_last_block_is_caught_by_the_schedule_guard(plant):
+    """The last block of a channel merges the partials starting from its own
+    split: the sum is rounded in an order that depends on which block came
+    last, so the results differ between schedules (no check of a single run
+    can see it; test_emu_schedules.py's guard does)."""
+    x3 = _x((4, 3, 51))
+    backend = get_backend("emu")
+
+    def stats():
+        s = backend.bn_stats(x3)
+        return s.mean, s.m2
+
+    assert_same_under_schedules(stats)            # the kernels as they are
+    plant(MERGE, "            state = S::merge(state, S::load_volatile(mine + (i + blockIdx.y) % splits));\n")
+    _check_stats(backend.bn_stats(x3), x3)        # each run alone is right to rounding
+    with pytest.raises(AssertionError, match=r"result \d depends on the block schedule: seed \d"):
+        assert_same_under_schedules(stats)
