@@ -236,7 +236,6 @@ _WHY = {
 }
 _KNOWN_FAILING = """
 bn_apply_nhwc            bfloat16  1 sm_80  in-flight,sm80-schedule
-bn_forward_once_nchw     float64   1 sm_90  spills
 """
 KNOWN_FAILING = {
     (k, d, int(v), a): "; ".join(_WHY[t] for t in tags.split(","))
