@@ -28,7 +28,7 @@ from .report import (format_summary, format_table, render, format_traffic_table,
                      format_model_table,
                      read_jsonl, write_jsonl)
 from .runner import Progress, run_suite
-from .suites import DTYPES, KINDS, OPS, SUITES, get_suite
+from .suites import ALL_OPS, DTYPES, KINDS, SUITES, get_suite
 from .traffic import (MODEL_ARCH, MODEL_DEVICE, copy_bandwidth_choice, model_cases, run_model,
                       run_traffic, traffic_cases)
 
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype(s) to run (repeatable; default float32)")
     p.add_argument("--kind", action="append", choices=KINDS, default=None,
                    help="op families to run (repeatable; default all)")
-    p.add_argument("--op", action="append", choices=OPS, default=None,
+    p.add_argument("--op", action="append", choices=ALL_OPS, default=None,
                    help="ops to run (repeatable; default all)")
     p.add_argument("--provider", action="append", default=None,
                    help="providers to run (repeatable; e.g. torch-cpu, gpubn-numpy, gpubn-cpu, "

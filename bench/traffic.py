@@ -27,16 +27,15 @@ from __future__ import annotations
 import importlib
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .inputs import DMAX, EPS, MOMENTUM, RENORM_MOMENTUM, RMAX, make_setup
+from .inputs import DMAX, EPS, MOMENTUM, RENORM_MOMENTUM, RMAX, make_setup, residual
 from .metrics import ITEMSIZE, bytes_moved
-from .suites import Case, KIND_ABBREV
+from .suites import EPILOGUE_OPS, Case, KIND_ABBREV
 
 # The residual-block epilogue, y = relu(bn(x) + residual) (``fwd_train_add_relu``)
 # and its backward (``bwd_add_relu``: dx and dresidual).  Ideal: read x and the
 # residual, write y; backward: read dy, x and y (the ReLU's mask), write dx and
 # dresidual (a 1-bit mask instead of y would make it 4 passes and an eighth
 # of a byte per element).
-EPILOGUE_OPS = ("fwd_train_add_relu", "bwd_add_relu")
 IDEAL_PASSES = {"fwd_train": 2, "fwd_infer": 2, "bwd": 3, "fwd_bwd": 5,
                 "fwd_train_add_relu": 3, "bwd_add_relu": 5}
 # PyTorch's CUDA batch norm: statistics, finalize, elementwise; backward:
@@ -200,7 +199,7 @@ def _run_op(case: Case, op: str, setup, recording, backend="emu"):
         kwargs = dict(weight=w, bias=b, running_mean=rm, running_var=rv, training=training,
                       momentum=MOMENTUM, eps=EPS, axis=case.axis, backend=backend)
         if op in EPILOGUE_OPS:   # a residual of x's shape and dtype, not x itself
-            kwargs.update(residual=x[::-1].copy(), activation="relu")
+            kwargs.update(residual=residual(setup), activation="relu")
     elif case.kind == "batch_renorm":
         fwd, bwd = gpubn.batch_renorm_forward, getattr(gpubn, "batch_renorm_backward", None)
         args = (x,)

@@ -993,3 +993,38 @@ def test_traffic_has_the_epilogue_rows_in_both_layouts():
     assert fwd["tensor_passes"] == pytest.approx(3.0) and bwd["tensor_passes"] == pytest.approx(5.0)
     assert (fwd["pytorch_passes"], bwd["pytorch_passes"]) == (8, 8)
     assert "read-once" in report.format_traffic_table(rows)
+
+
+# -- the epilogue ops through the providers (PyTorch's unfused add + ReLU) ----------------
+
+@pytest.mark.parametrize("layout, shape", [("NCHW", (4, 3, 5, 6)), ("NHWC", (4, 5, 6, 3))])
+def test_epilogue_ops_agree_between_gpubn_and_torch(layout, shape):
+    """gpubn's fused relu(bn(x) + residual) and its backward against
+    PyTorch's batch norm, in-place add and in-place ReLU (autograd) on the
+    same inputs, float64: outputs equal to rounding (the check the GPU run
+    makes between gpubn-cuda and torch-cuda)."""
+    pytest.importorskip("torch")
+    case = Case("batch_norm", shape, layout, "float64")
+    setup = make_setup(case)
+    ours, theirs = GpubnProvider("numpy"), TorchProvider("cpu")
+    for op in ("fwd_train_add_relu", "bwd_add_relu"):
+        a = ours.to_host(ours.prepare(setup, op)())
+        b = theirs.to_host(theirs.prepare(setup, op)())
+        assert len(a) == len(runner.OUTPUT_NAMES[op]) == len(b)
+        assert runner.compare(a, b, op, "float64") == "ok", op
+    y = ours.to_host(ours.prepare(setup, "fwd_train_add_relu")())[0]
+    assert (y == 0).any() and (y > 0).any()      # the ReLU cuts: the mask matters
+    # a wrong residual (the unfused sum without the ReLU) is caught
+    plain = theirs.to_host(theirs.prepare(setup, "fwd_train")())[0]
+    wrong = (plain + np.ascontiguousarray(setup.x[::-1]),)
+    assert runner.compare(wrong, (y,), "fwd_train_add_relu", "float64").startswith("mismatch")
+
+
+def test_epilogue_ops_are_refused_outside_batch_norm():
+    ln = Case("layer_norm", (4, 8), "rows")
+    for p in (GpubnProvider("numpy"), TorchProvider("cpu")):
+        assert "not defined for layer_norm" in p.supports(ln, "bwd_add_relu")
+    assert NaiveProvider().supports(Case("batch_norm", (4, 3), "NC"), "fwd_train_add_relu")
+    assert suites.get_suite("standard", ops=["bwd_add_relu"])
+    with pytest.raises(ValueError, match="ops must be among"):
+        suites.get_suite("standard", ops=["bwd_add_gelu"])
