@@ -1028,3 +1028,29 @@ def test_epilogue_ops_are_refused_outside_batch_norm():
     assert suites.get_suite("standard", ops=["bwd_add_relu"])
     with pytest.raises(ValueError, match="ops must be among"):
         suites.get_suite("standard", ops=["bwd_add_gelu"])
+
+
+def test_traffic_command_prints_the_modelled_table_with_its_sources(tmp_path, capsys,
+                                                                    monkeypatch):
+    """``python -m bench traffic --copy-gbps``: the header names the copy
+    bandwidth's source and the occupancy's, and the row's time is the
+    hand-computed one (NHWC 32x7x7x512 float32 forward, read-once at the
+    emu plan's 3 blocks per SM: 208 <= 396 blocks, 2 passes of 3,211,264
+    bytes at 2000 GB/s = 3.2 us; PyTorch's 3 passes: 4.8 us)."""
+    _emu_or_skip()
+    import bench.__main__ as cli
+    from bench import traffic
+    monkeypatch.setattr(traffic, "ptxas_occupancy", lambda arch=traffic.MODEL_ARCH: None)
+    monkeypatch.setattr(cli, "traffic_cases", lambda: [
+        (Case("batch_norm", (2, 3, 4, 4), "NCHW"), ("fwd_train",))])
+    monkeypatch.setattr(cli, "model_cases", lambda: [
+        (Case("batch_norm", (32, 7, 7, 512), "NHWC"), ("fwd_train",))])
+    out = tmp_path / "t.jsonl"
+    assert main(["traffic", "--copy-gbps", "2000", "--quiet", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "# copy bandwidth: 2000 GB/s, given with --copy-gbps" in text
+    assert "occupancy: assumed (no ptxas)" in text
+    line = next(ln for ln in text.splitlines() if "32x7x7x512" in ln)
+    assert line.split()[4:] == ["read-once", "2", "6.4", "3.2", "3", "9.6", "4.8", "1.50x"]
+    rows = report.read_jsonl(str(out))
+    assert [r["section"] for r in rows] == ["traffic", "model"]
