@@ -316,12 +316,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             if copy is None and gpu_reason is None:
                 copy = gpu_mod.copy_bandwidth()
             gbps, source = copy_bandwidth_choice(copy and copy["copy_gbps"], args.copy_gbps)
-            model_cases_ = [(c, o) for c, o in model_cases() if not args.kind or c.kind in args.kind]
-            rows = run_model(model_cases_, copy_gbps=gbps,
-                             progress=Progress(sum(len(o) for _, o in model_cases_),
+            realistic = [(c, o) for c, o in model_cases() if not args.kind or c.kind in args.kind]
+            rows = run_model(realistic, copy_gbps=gbps,
+                             progress=Progress(sum(len(o) for _, o in realistic),
                                                enabled=not quiet))
-            print(f"\n## Modelled time per op at ResNet-50 sizes: tensor bytes (emu-counted passes "
-                  f"x bytes of x) / copy bandwidth\n")
+            print("\n## Modelled time per op at ResNet-50 sizes: tensor bytes (emu-counted passes "
+                  "x bytes of x) / copy bandwidth\n")
             print(f"# copy bandwidth: {gbps:.0f} GB/s, {source}")
             print(f"# path: the launch plan's choice on an {MODEL_DEVICE} ({MODEL_ARCH}, 132 SMs), "
                   f"read-once kernels' occupancy: {rows[0]['occupancy_source'] if rows else '-'}")

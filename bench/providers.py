@@ -5,9 +5,10 @@ zero-argument callable that runs the op once and returns its outputs
 (``fwd_*``: ``(y,)``; ``bwd``: ``(dx, dweight, dbias)``; ``fwd_bwd``:
 ``(y, dx, dweight, dbias)``; ``bwd_add_relu``: ``(dx, dweight, dbias,
 dresidual)``).  The epilogue ops (``fwd_train_add_relu``, ``bwd_add_relu``:
-``y = relu(bn(x) + residual)`` and its backward) exist for batch norm only.  Everything that is not the op itself (copies
-to the device, the forward pass that a ``bwd`` measurement needs) happens in
-``prepare``, outside the timed region.
+``y = relu(bn(x) + residual)`` and its backward) exist for batch norm only.
+Everything that is not the op itself (copies to the device, the forward pass
+that a ``bwd`` measurement needs) happens in ``prepare``, outside the timed
+region.
 
 A provider that cannot run here (missing package, API not there yet, no
 device) says why through :meth:`Provider.unavailable_reason`; one that cannot

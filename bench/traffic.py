@@ -19,7 +19,12 @@ the records into:
 against the ideal (forward reads x and writes y: 2 passes; backward reads x
 and dy and writes dx: 3) and against what a PyTorch-style kernel sequence
 needs (forward: statistics pass + normalize pass = 3; backward: reduction
-pass over x and dy, then dx pass re-reading them = 5).
+pass over x and dy, then dx pass re-reading them = 5), with ``path`` saying
+whether the read-once or the two-pass kernels ran.
+
+:func:`run_model` turns the counts into modelled times at ResNet-50 sizes:
+tensor passes x bytes of the real tensor / copy bandwidth, on the path the
+launch plan picks for the real shape (see the section below).
 """
 
 from __future__ import annotations
@@ -355,8 +360,11 @@ def ptxas_occupancy(arch: str = MODEL_ARCH):
 
     if sass.unavailable_reason() is not None:
         return None
-    usage = {(r.kernel, r.dtype): (r.registers, r.shared)
-             for r in sass.assemble("bn_persistent.cu", arch)}
+    try:
+        reports = sass.assemble("bn_persistent.cu", arch)
+    except Exception:   # NVRTC or the tools failed: the caller falls back
+        return None
+    usage = {(r.kernel, r.dtype): (r.registers, r.shared) for r in reports}
     dev = sass.DEVICES[arch]
 
     def blocks_per_sm(kernel: str, dtype: str, threads: int) -> int:
@@ -381,8 +389,8 @@ def modelled_path(case: Case, op: str, blocks_per_sm) -> Tuple[bool, str]:
     cfg = plan.once_launch(canonical_shape(case), case.dtype,
                            "backward" if op.startswith("bwd") else "forward")
     threads = cfg.block[0] * cfg.block[1] * cfg.block[2]
-    kernel = cfg.kernel
-    return plan.once_fits(cfg, sass.DEVICES[MODEL_ARCH], blocks_per_sm(kernel, case.dtype, threads))
+    return plan.once_fits(cfg, sass.DEVICES[MODEL_ARCH],
+                          blocks_per_sm(cfg.kernel, case.dtype, threads))
 
 
 def _forced_emu(read_once: bool):
