@@ -25,10 +25,12 @@ from .dask_bench import format_dask_table, run_dask
 from .env import machine_info
 from .providers import cpu_providers, select
 from .report import (format_summary, format_table, render, format_traffic_table, plot,
+                     format_model_table,
                      read_jsonl, write_jsonl)
 from .runner import Progress, run_suite
-from .suites import DTYPES, KINDS, OPS, SUITES, get_suite
-from .traffic import run_traffic, traffic_cases
+from .suites import ALL_OPS, DTYPES, KINDS, SUITES, get_suite
+from .traffic import (MODEL_ARCH, MODEL_DEVICE, copy_bandwidth_choice, model_cases, run_model,
+                      run_traffic, traffic_cases)
 
 SECTIONS = ("cpu", "gpu", "traffic", "dask")
 STATIC_SECTIONS = ("kernels",)
@@ -52,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype(s) to run (repeatable; default float32)")
     p.add_argument("--kind", action="append", choices=KINDS, default=None,
                    help="op families to run (repeatable; default all)")
-    p.add_argument("--op", action="append", choices=OPS, default=None,
+    p.add_argument("--op", action="append", choices=ALL_OPS, default=None,
                    help="ops to run (repeatable; default all)")
     p.add_argument("--provider", action="append", default=None,
                    help="providers to run (repeatable; e.g. torch-cpu, gpubn-numpy, gpubn-cpu, "
@@ -84,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dask-gb", type=float, default=None, metavar="GB",
                    help="dask: size of the float64 array the scalers fit (default 2; "
                         "0.02 with --quick)")
+    p.add_argument("--copy-gbps", type=float, default=None, metavar="GB/S",
+                   help="traffic: copy bandwidth (read + write) the modelled times use when no "
+                        f"GPU measures it (default: an {MODEL_DEVICE}'s nominal)")
     p.add_argument("--dask-workers", default="1,2", metavar="N,M",
                    help="dask: worker-process counts of the local clusters (default 1,2)")
     return p
@@ -196,6 +201,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.budget < 0:
         print("error: --budget must be >= 0", file=sys.stderr)
         return 2
+    if args.copy_gbps is not None and not args.copy_gbps > 0:
+        print(f"error: --copy-gbps must be > 0, got {args.copy_gbps}", file=sys.stderr)
+        return 2
     if args.warmup < 0:
         print("error: --warmup must be >= 0", file=sys.stderr)
         return 2
@@ -237,6 +245,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     status = 0
     quiet = args.quiet
     written = 0     # rows appended to ``out``
+    copy = None     # the device-to-device copy bandwidth, once measured
     try:
         if "cpu" in sections:
             cases = get_suite(suite or "default", dtypes, args.kind, args.op)
@@ -274,7 +283,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     raise SystemExit("error: --provider names no GPU provider "
                                      "(torch-cuda, torch-cuda-native, gpubn-cuda)")
                 providers = select(gpu_mod.gpu_providers(), wanted)
-                copy = gpu_mod.copy_bandwidth()
+                copy = copy or gpu_mod.copy_bandwidth()
                 print(f"# gpu: device-to-device copy {copy['copy_gbps']:.0f} GB/s "
                       f"(cudaMemcpyAsync {copy['memcpy_gbps']:.0f}, copy kernel "
                       f"{copy['copy_kernel_gbps']:.0f})")
@@ -302,6 +311,25 @@ def main(argv: Optional[List[str]] = None) -> int:
             for r in rows:
                 r["section"] = "traffic"
             _print_section(rows, "traffic", args.markdown)
+            write_jsonl(rows, out, machine)
+            written += len(rows)
+            if copy is None and gpu_reason is None:
+                copy = gpu_mod.copy_bandwidth()
+            gbps, source = copy_bandwidth_choice(copy and copy["copy_gbps"], args.copy_gbps)
+            realistic = [(c, o) for c, o in model_cases() if not args.kind or c.kind in args.kind]
+            rows = run_model(realistic, copy_gbps=gbps,
+                             progress=Progress(sum(len(o) for _, o in realistic),
+                                               enabled=not quiet))
+            print("\n## Modelled time per op at ResNet-50 sizes: tensor bytes (emu-counted passes "
+                  "x bytes of x) / copy bandwidth\n")
+            print(f"# copy bandwidth: {gbps:.0f} GB/s, {source}")
+            print(f"# path: the launch plan's choice on an {MODEL_DEVICE} ({MODEL_ARCH}, 132 SMs), "
+                  f"read-once kernels' occupancy: {rows[0]['occupancy_source'] if rows else '-'}")
+            print("# pytorch: its native kernel sequence; the epilogue unfused (batch norm, then "
+                  "an add and a ReLU)\n")
+            print(format_model_table(rows, markdown=args.markdown))
+            for r in rows:
+                r["section"] = "model"
             write_jsonl(rows, out, machine)
             written += len(rows)
         if "dask" in sections:

@@ -127,8 +127,12 @@ class GpubnCudaProvider(GpubnProvider):
 
 class TorchCudaProvider(TorchProvider):
     """PyTorch on the GPU with cuDNN enabled (its default: cuDNN's batch norm
-    where PyTorch picks it) or disabled (``torch.backends.cudnn.enabled =
-    False``: PyTorch's native CUDA kernels).  The flag is set around every
+    where PyTorch picks it; for a channels-last input in training, ATen asks
+    for cuDNN's persistent mode, ``CUDNN_BATCHNORM_SPATIAL_PERSISTENT``, so
+    the NHWC training rows of ``torch-cuda`` time it) or disabled
+    (``torch.backends.cudnn.enabled = False``: PyTorch's native CUDA
+    kernels).  The epilogue ops run PyTorch's unfused sequence under either
+    flag (batch norm, in-place add, in-place ReLU).  The flag is set around every
     call, the forward that ``prepare`` runs for a backward included, so the
     backward autograd runs matches the forward."""
 
@@ -136,7 +140,8 @@ class TorchCudaProvider(TorchProvider):
         super().__init__("gpu")
         self.cudnn = bool(cudnn)
         self.name = "torch-cuda" if self.cudnn else "torch-cuda-native"
-        self.note = ("cuDNN enabled (PyTorch's default)" if self.cudnn
+        self.note = ("cuDNN enabled (PyTorch's default; channels-last training: its "
+                     "persistent mode)" if self.cudnn
                      else "torch.backends.cudnn.enabled = False (native kernels)")
 
     def _with_flag(self, fn):

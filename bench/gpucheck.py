@@ -533,7 +533,11 @@ def format_summary(report: Dict) -> str:
         lines += ["## Benchmark", "",
                   "median of CUDA-event timings; GB/s = minimum bytes of the op / time; "
                   "'of copy' = share of the measured device-to-device copy bandwidth; "
-                  "ratio < 1: gpubn is faster than the faster PyTorch path", "",
+                  "ratio < 1: gpubn is faster than the faster PyTorch path; 'cuDNN us' of a "
+                  "channels-last (NHWC) training row is cuDNN's persistent mode "
+                  "(CUDNN_BATCHNORM_SPATIAL_PERSISTENT, ATen's choice for channels-last "
+                  "training); *_add_relu rows: gpubn's fused epilogue against PyTorch's "
+                  "batch norm + in-place add + in-place ReLU", "",
                   bench_table(report["bench"]), ""]
     return "\n".join(lines)
 

@@ -45,6 +45,13 @@ class Setup:
         return {"running_mean": self.running_mean.copy(), "running_var": self.running_var.copy()}
 
 
+def residual(setup: Setup) -> np.ndarray:
+    """The residual the epilogue ops add (``y = relu(bn(x) + residual)``): x
+    reversed along its first axis, a contiguous array of x's shape and dtype
+    whose values do not line up with x's, the same for every provider."""
+    return np.ascontiguousarray(setup.x[::-1])
+
+
 def make_setup(case: Case, seed: int = 0) -> Setup:
     rng = np.random.default_rng(seed)
     dt = np.dtype(case.dtype)

@@ -19,6 +19,11 @@ batch norm / batch renorm
              read mean, invstd, weight; write
              dweight, dbias                          + 5*C*p
   fwd_bwd    fwd_train + bwd
+  fwd_train_add_relu   y = relu(bn(x) + residual): fwd_train plus the
+             residual's read                         3*n*e + 8*C*p
+  bwd_add_relu         its backward: read dy, x and y (the ReLU's mask),
+             write dx and dresidual                  5*n*e + 5*C*p
+             (a 1-bit mask instead of y: 4*n*e + n/8)
 
 layer norm (R rows of H features)
   fwd_train  read x, write y; read weight, bias (H); write mean, rstd (R)
@@ -47,9 +52,12 @@ def acc_itemsize(dtype: str) -> int:
 
 def element_passes(kind: str, op: str) -> int:
     """Element-sized tensors the op must read or write at minimum."""
-    if op not in ("fwd_train", "fwd_infer", "bwd", "fwd_bwd"):
-        raise ValueError(f"op must be fwd_train, fwd_infer, bwd or fwd_bwd, got {op!r}")
-    return {"fwd_train": 2, "fwd_infer": 2, "bwd": 3, "fwd_bwd": 5}[op]
+    passes = {"fwd_train": 2, "fwd_infer": 2, "bwd": 3, "fwd_bwd": 5}
+    if kind != "layer_norm":
+        passes.update(fwd_train_add_relu=3, bwd_add_relu=5)
+    if op not in passes:
+        raise ValueError(f"op must be one of {', '.join(passes)} for {kind}, got {op!r}")
+    return passes[op]
 
 
 def bytes_moved(kind: str, op: str, shape, axis: int, dtype: str) -> int:
@@ -79,7 +87,8 @@ def bytes_moved(kind: str, op: str, shape, axis: int, dtype: str) -> int:
         if not -len(shape) <= axis < len(shape):
             raise ValueError(f"axis {axis} is out of range for shape {shape}")
         c = shape[axis]
-        small = {"fwd_train": 8 * c, "fwd_infer": 4 * c, "bwd": 5 * c, "fwd_bwd": 13 * c}[op]
+        small = {"fwd_train": 8 * c, "fwd_infer": 4 * c, "bwd": 5 * c, "fwd_bwd": 13 * c,
+                 "fwd_train_add_relu": 8 * c, "bwd_add_relu": 5 * c}[op]
     return big + small * p
 
 

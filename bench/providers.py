@@ -3,9 +3,12 @@
 A provider turns a shared :class:`~bench.inputs.Setup` and an op into a
 zero-argument callable that runs the op once and returns its outputs
 (``fwd_*``: ``(y,)``; ``bwd``: ``(dx, dweight, dbias)``; ``fwd_bwd``:
-``(y, dx, dweight, dbias)``).  Everything that is not the op itself (copies
-to the device, the forward pass that a ``bwd`` measurement needs) happens in
-``prepare``, outside the timed region.
+``(y, dx, dweight, dbias)``; ``bwd_add_relu``: ``(dx, dweight, dbias,
+dresidual)``).  The epilogue ops (``fwd_train_add_relu``, ``bwd_add_relu``:
+``y = relu(bn(x) + residual)`` and its backward) exist for batch norm only.
+Everything that is not the op itself (copies to the device, the forward pass
+that a ``bwd`` measurement needs) happens in ``prepare``, outside the timed
+region.
 
 A provider that cannot run here (missing package, API not there yet, no
 device) says why through :meth:`Provider.unavailable_reason`; one that cannot
@@ -22,14 +25,22 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 
 from . import naive
-from .inputs import DMAX, EPS, MOMENTUM, RENORM_MOMENTUM, RMAX, Setup
-from .suites import Case
+from .inputs import DMAX, EPS, MOMENTUM, RENORM_MOMENTUM, RMAX, Setup, residual
+from .suites import EPILOGUE_OPS, Case
 
 _FORWARD_NAMES = {
     "batch_norm": ("batch_norm_forward", "batch_norm_backward"),
     "batch_renorm": ("batch_renorm_forward", "batch_renorm_backward"),
     "layer_norm": ("layer_norm_forward", "layer_norm_backward"),
 }
+
+
+def epilogue_unsupported(case: Case, op: str) -> Optional[str]:
+    """Why ``op`` cannot run on ``case`` when it is an epilogue op on
+    anything but batch norm, else None."""
+    if op in EPILOGUE_OPS and case.kind != "batch_norm":
+        return f"{op} is batch norm's residual-block epilogue, not defined for {case.kind}"
+    return None
 
 
 def cpu_timer(fn: Callable[[], object], repeats: int, warmup: int) -> List[float]:
@@ -101,6 +112,9 @@ class GpubnProvider(Provider):
         return None
 
     def supports(self, case, op):
+        reason = epilogue_unsupported(case, op)
+        if reason:
+            return reason
         fwd_name, bwd_name = _FORWARD_NAMES[case.kind]
         gpubn = self._gpubn()
         for fname in (fwd_name, bwd_name) if op != "fwd_infer" else (fwd_name,):
@@ -135,12 +149,15 @@ class GpubnProvider(Provider):
         fwd_fn = getattr(gpubn, fwd_name)
         bwd_fn = getattr(gpubn, bwd_name, None)
         training = op != "fwd_infer"
+        epilogue = {}
+        if op in EPILOGUE_OPS:
+            epilogue = dict(residual=xp.asarray(residual(setup)), activation="relu")
 
         if case.kind == "batch_norm":
             def forward():
                 return fwd_fn(x, weight=w, bias=b, running_mean=rm, running_var=rv,
                               training=training, momentum=MOMENTUM, eps=EPS, axis=case.axis,
-                              backend=backend)
+                              backend=backend, **epilogue)
         elif case.kind == "batch_renorm":
             def forward():
                 return fwd_fn(x, weight=w, bias=b, running_mean=rm, running_std=rv, rmax=RMAX,
@@ -152,9 +169,9 @@ class GpubnProvider(Provider):
             def forward():
                 return fwd_fn(x, normalized_shape, w, b, eps=EPS, backend=backend)
 
-        if op in ("fwd_train", "fwd_infer"):
+        if op in ("fwd_train", "fwd_infer", "fwd_train_add_relu"):
             return lambda: (forward()[0],)
-        if op == "bwd":
+        if op in ("bwd", "bwd_add_relu"):
             _, saved = forward()
             return lambda: tuple(bwd_fn(dy, saved))
         if op == "fwd_bwd":
@@ -221,6 +238,8 @@ class NaiveProvider(Provider):
     def supports(self, case, op):
         if case.kind == "layer_norm" and op == "fwd_infer":
             return "layer norm has no separate inference forward"
+        if op in EPILOGUE_OPS:
+            return "the textbook version has no residual add + ReLU"
         return None
 
 
@@ -253,7 +272,7 @@ class TorchProvider(Provider):
     def supports(self, case, op):
         if case.kind == "layer_norm" and op == "fwd_infer":
             return "layer norm has no separate inference forward"
-        return None
+        return epilogue_unsupported(case, op)
 
     def _tensor(self, a, case, requires_grad=False):
         torch = importlib.import_module("torch")
@@ -306,7 +325,19 @@ class TorchProvider(Provider):
         rm = self._vec(state["running_mean"])
         rv = self._vec(state["running_var"])
 
-        if case.kind == "batch_norm":
+        inputs = (x, w, b)
+        if op in EPILOGUE_OPS:
+            # as torchvision's residual blocks run it: batch norm, then an
+            # in-place add of the identity and an in-place ReLU (two more
+            # launches; PyTorch has no fused form)
+            z = self._tensor(residual(setup), case, requires_grad=True)
+            inputs = (x, w, b, z)
+
+            def forward():
+                out = F.batch_norm(x, rm, rv, w, b, training=True, momentum=MOMENTUM, eps=EPS)
+                out += z
+                return F.relu(out, inplace=True)
+        elif case.kind == "batch_norm":
             def forward():
                 return F.batch_norm(x, rm, rv, w, b, training=train, momentum=MOMENTUM, eps=EPS)
         elif case.kind == "batch_renorm":
@@ -333,15 +364,14 @@ class TorchProvider(Provider):
             def forward():
                 return F.layer_norm(x, normalized_shape, w, b, EPS)
 
-        inputs = (x, w, b)
         if op == "fwd_infer":
             def infer():
                 with torch.no_grad():
                     return (forward(),)
             return infer
-        if op == "fwd_train":
+        if op in ("fwd_train", "fwd_train_add_relu"):
             return lambda: (forward(),)
-        if op == "bwd":
+        if op in ("bwd", "bwd_add_relu"):
             y = forward()
             return lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True)
         if op == "fwd_bwd":

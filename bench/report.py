@@ -235,23 +235,44 @@ def format_traffic_table(rows: Sequence[Dict], markdown: bool = False) -> str:
     """emu traffic rows (see :mod:`bench.traffic`)."""
     if not rows:
         return "(no traffic results)"
-    header = ["op", "layout", "shape", "dtype", "launches", "bytes/elem",
+    header = ["op", "layout", "shape", "dtype", "path", "launches", "bytes/elem",
               "passes", "tensor passes", "minimum", "ideal", "pytorch-style", "status"]
     body = []
     for r in rows:
         if r["status"] != "ok":
             body.append([f"{KIND_ABBREV.get(r['kind'], r['kind'])} {r['op']}", r["layout"],
                          "x".join(map(str, r["shape"])), r["dtype"], "-", "-", "-", "-", "-",
-                         str(r["ideal_passes"]), str(r["pytorch_passes"]),
+                         "-", str(r["ideal_passes"]), str(r["pytorch_passes"]),
                          f"{r['status']}: {r['reason']}"])
             continue
         body.append([
             f"{KIND_ABBREV.get(r['kind'], r['kind'])} {r['op']}", r["layout"],
-            "x".join(map(str, r["shape"])), r["dtype"], str(r["launches"]),
+            "x".join(map(str, r["shape"])), r["dtype"], r.get("path", "-"), str(r["launches"]),
             f"{r['bytes_per_element']:.2f}", f"{r['passes']:.2f}",
             "-" if r.get("tensor_passes") is None else f"{r['tensor_passes']:.2f}",
             "-" if r.get("minimum_passes") is None else f"{r['minimum_passes']:.2f}",
             str(r["ideal_passes"]), str(r["pytorch_passes"]), "ok"])
+    return render(header, body, markdown)
+
+
+def format_model_table(rows: Sequence[Dict], markdown: bool = False) -> str:
+    """Modelled times at realistic sizes (see :func:`bench.traffic.run_model`):
+    the path, gpubn's and PyTorch's tensor passes and MB, the modelled
+    microseconds at the copy bandwidth, and PyTorch's time over gpubn's."""
+    if not rows:
+        return "(no modelled results)"
+    header = ["op", "layout", "shape", "dtype", "path", "passes", "MB", "us",
+              "pytorch passes", "pytorch MB", "pytorch us", "pytorch / gpubn"]
+    body = []
+    for r in rows:
+        head = [r["op"], r["layout"], "x".join(map(str, r["shape"])), r["dtype"], r["path"]]
+        tail = [str(r["pytorch_passes"]), f"{r['pytorch_bytes'] / 1e6:.1f}",
+                f"{r['pytorch_us']:.1f}"]
+        if r["status"] != "ok":
+            body.append(head + ["-", "-", "-"] + tail + [f"{r['status']}: {r['reason']}"])
+            continue
+        body.append(head + [f"{r['passes']:g}", f"{r['bytes'] / 1e6:.1f}", f"{r['us']:.1f}"]
+                    + tail + [f"{r['pytorch_ratio']:.2f}x"])
     return render(header, body, markdown)
 
 

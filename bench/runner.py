@@ -50,6 +50,8 @@ OUTPUT_NAMES = {
     "fwd_infer": ("y",),
     "bwd": ("dx", "dweight", "dbias"),
     "fwd_bwd": ("y", "dx", "dweight", "dbias"),
+    "fwd_train_add_relu": ("y",),
+    "bwd_add_relu": ("dx", "dweight", "dbias", "dresidual"),
 }
 
 

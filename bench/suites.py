@@ -17,7 +17,8 @@ Suites:
 ``full``      ``resnet50`` plus the other shape families.
 ``standard``  the GPU acceptance run's shapes (``.ci/gpu``): ResNet-style
               NCHW and channels-last, MLP features, layer-norm rows; forward
-              training, inference and backward; about a minute on one GPU.
+              training, inference and backward, and on the ResNet shapes the
+              add + ReLU epilogue; about a minute on one GPU.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ from typing import Dict, List, Sequence, Tuple
 
 KINDS = ("batch_norm", "batch_renorm", "layer_norm")
 OPS = ("fwd_train", "fwd_infer", "bwd", "fwd_bwd")
+# Batch norm's residual-block epilogue, y = relu(bn(x) + residual), training
+# forward and its backward (dx, dweight, dbias, dresidual).
+EPILOGUE_OPS = ("fwd_train_add_relu", "bwd_add_relu")
+ALL_OPS = OPS + EPILOGUE_OPS
 DTYPES = ("float16", "float32", "float64")
 LAYOUTS = ("NCHW", "NHWC", "NC", "rows")
 
@@ -193,7 +198,7 @@ def standard_suite() -> List[Tuple[Case, Sequence[str]]]:
     cases: List[Tuple[Case, Sequence[str]]] = []
     for (c, h, w) in [(256, 56, 56), (1024, 14, 14)]:
         cases += _nchw_and_nhwc("batch_norm", 32, c, h, w,
-                                "resnet50 " + RESNET50_BN_LAYERS[(c, h, w)], ops)
+                                "resnet50 " + RESNET50_BN_LAYERS[(c, h, w)], ops + EPILOGUE_OPS)
     cases += [
         (Case("batch_norm", (4096, 1024), "NC", label="mlp features, large batch"), ops),
         (Case("layer_norm", (16384, 768), "rows", label="transformer hidden 768, 16k tokens"),
@@ -226,9 +231,9 @@ def get_suite(name: str, dtypes: Sequence[str] = ("float32",), kinds=None, ops=N
         if bad:
             raise ValueError(f"kinds must be among {KINDS}, got {bad}")
     if ops is not None:
-        bad = [o for o in ops if o not in OPS]
+        bad = [o for o in ops if o not in ALL_OPS]
         if bad:
-            raise ValueError(f"ops must be among {OPS}, got {bad}")
+            raise ValueError(f"ops must be among {ALL_OPS}, got {bad}")
     out = []
     for case, case_ops in SUITES[name]():
         if kinds is not None and case.kind not in kinds:

@@ -19,7 +19,12 @@ the records into:
 against the ideal (forward reads x and writes y: 2 passes; backward reads x
 and dy and writes dx: 3) and against what a PyTorch-style kernel sequence
 needs (forward: statistics pass + normalize pass = 3; backward: reduction
-pass over x and dy, then dx pass re-reading them = 5).
+pass over x and dy, then dx pass re-reading them = 5), with ``path`` saying
+whether the read-once or the two-pass kernels ran.
+
+:func:`run_model` turns the counts into modelled times at ResNet-50 sizes:
+tensor passes x bytes of the real tensor / copy bandwidth, on the path the
+launch plan picks for the real shape (see the section below).
 """
 
 from __future__ import annotations
@@ -27,15 +32,31 @@ from __future__ import annotations
 import importlib
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .inputs import DMAX, EPS, MOMENTUM, RENORM_MOMENTUM, RMAX, make_setup
+from .inputs import DMAX, EPS, MOMENTUM, RENORM_MOMENTUM, RMAX, make_setup, residual
 from .metrics import ITEMSIZE, bytes_moved
-from .suites import Case, KIND_ABBREV
+from .suites import EPILOGUE_OPS, Case, KIND_ABBREV
 
-IDEAL_PASSES = {"fwd_train": 2, "fwd_infer": 2, "bwd": 3, "fwd_bwd": 5}
-PYTORCH_PASSES = {"fwd_train": 3, "fwd_infer": 2, "bwd": 5, "fwd_bwd": 8}
+# The residual-block epilogue, y = relu(bn(x) + residual) (``fwd_train_add_relu``)
+# and its backward (``bwd_add_relu``: dx and dresidual).  Ideal: read x and the
+# residual, write y; backward: read dy, x and y (the ReLU's mask), write dx and
+# dresidual (a 1-bit mask instead of y would make it 4 passes and an eighth
+# of a byte per element).
+IDEAL_PASSES = {"fwd_train": 2, "fwd_infer": 2, "bwd": 3, "fwd_bwd": 5,
+                "fwd_train_add_relu": 3, "bwd_add_relu": 5}
 # PyTorch's CUDA batch norm: statistics, finalize, elementwise; backward:
-# reduce + elementwise (fused into one for contiguous NCHW).
-PYTORCH_LAUNCHES = {"fwd_train": 3, "fwd_infer": 1, "bwd": 2, "fwd_bwd": 5}
+# reduce + elementwise (fused into one for contiguous NCHW).  The epilogue as
+# torchvision's residual blocks run it: batch norm, then ``out += identity``
+# (read out and identity, write out: 3 passes, 1 launch) and an in-place
+# ReLU (2 passes, 1 launch); backward: the ReLU's threshold_backward (read the
+# gradient and the output, write: 3 passes, 1 launch), the add passes its
+# gradient on as dresidual and to batch norm's backward (5 passes, 2
+# launches).  PyTorch never asks cuDNN for its fused BN_ADD_ACTIVATION (ATen
+# calls cuDNN's batch norm with CUDNN_BATCHNORM_OPS_BN), so this unfused
+# sequence is what a PyTorch model moves.
+PYTORCH_PASSES = {"fwd_train": 3, "fwd_infer": 2, "bwd": 5, "fwd_bwd": 8,
+                  "fwd_train_add_relu": 3 + 3 + 2, "bwd_add_relu": 3 + 5}
+PYTORCH_LAUNCHES = {"fwd_train": 3, "fwd_infer": 1, "bwd": 2, "fwd_bwd": 5,
+                    "fwd_train_add_relu": 3 + 1 + 1, "bwd_add_relu": 1 + 2}
 # Layer norm keeps a row on chip in the forward (one kernel, 2 passes); the
 # backward is a dx kernel plus a dweight/dbias column reduction.
 LN_PYTORCH_PASSES = {"fwd_train": 2, "fwd_infer": 2, "bwd": 5, "fwd_bwd": 7}
@@ -45,9 +66,10 @@ LN_PYTORCH_LAUNCHES = {"fwd_train": 1, "fwd_infer": 1, "bwd": 2, "fwd_bwd": 3}
 def traffic_cases() -> List[Tuple[Case, Sequence[str]]]:
     """Small shapes (the emu checks every access): NCHW, NHWC, NC, rows."""
     bn_ops = ("fwd_train", "fwd_infer", "bwd")
+    conv_ops = bn_ops + EPILOGUE_OPS
     return [
-        (Case("batch_norm", (8, 16, 16, 16), "NCHW", label="small conv"), bn_ops),
-        (Case("batch_norm", (8, 16, 16, 16), "NHWC", label="small conv"), bn_ops),
+        (Case("batch_norm", (8, 16, 16, 16), "NCHW", label="small conv"), conv_ops),
+        (Case("batch_norm", (8, 16, 16, 16), "NHWC", label="small conv"), conv_ops),
         (Case("batch_norm", (256, 64), "NC", label="small mlp"), bn_ops),
         (Case("batch_renorm", (8, 16, 16, 16), "NCHW", label="small conv"), ("fwd_train", "bwd")),
         (Case("layer_norm", (64, 256), "rows", label="small transformer"), ("fwd_train", "bwd")),
@@ -168,8 +190,9 @@ _API = {
 }
 
 
-def _run_op(case: Case, op: str, setup, recording):
-    """Run ``op`` on the emu backend; record only the op itself."""
+def _run_op(case: Case, op: str, setup, recording, backend="emu"):
+    """Run ``op`` on the emu backend (``backend``: its name or an emu backend
+    instance); record only the op itself."""
     gpubn = importlib.import_module("gpubn")
     state = setup.state()
     x, dy, w, b = setup.x, setup.dy, setup.weight, setup.bias
@@ -179,7 +202,9 @@ def _run_op(case: Case, op: str, setup, recording):
         fwd, bwd = gpubn.batch_norm_forward, getattr(gpubn, "batch_norm_backward", None)
         args = (x,)
         kwargs = dict(weight=w, bias=b, running_mean=rm, running_var=rv, training=training,
-                      momentum=MOMENTUM, eps=EPS, axis=case.axis, backend="emu")
+                      momentum=MOMENTUM, eps=EPS, axis=case.axis, backend=backend)
+        if op in EPILOGUE_OPS:   # a residual of x's shape and dtype, not x itself
+            kwargs.update(residual=residual(setup), activation="relu")
     elif case.kind == "batch_renorm":
         fwd, bwd = gpubn.batch_renorm_forward, getattr(gpubn, "batch_renorm_backward", None)
         args = (x,)
@@ -190,7 +215,7 @@ def _run_op(case: Case, op: str, setup, recording):
         fwd, bwd = gpubn.layer_norm_forward, getattr(gpubn, "layer_norm_backward", None)
         args = (x, (case.shape[-1],), w, b)
         kwargs = dict(eps=EPS, backend="emu")
-    if op in ("fwd_train", "fwd_infer"):
+    if op.startswith("fwd"):
         with recording() as log:
             fwd(*args, **kwargs)
         return list(log)
@@ -231,6 +256,7 @@ def run_traffic(cases=None, progress=None) -> List[Dict]:
                     row.update(summarize_records(
                         records, case.numel, ITEMSIZE[case.dtype],
                         bytes_moved(case.kind, op, case.shape, case.axis, case.dtype)))
+                    row["path"] = path_of(row["kernels"])
                 except NotImplementedError as exc:
                     row.update(status="unavailable",
                                reason="the emu backend does not implement this op yet" + (f" ({exc})" if str(exc) else ""))
@@ -242,3 +268,199 @@ def run_traffic(cases=None, progress=None) -> List[Dict]:
                 progress.step(desc + (f": {row['passes']:.2f} passes, {row['launches']} launches"
                                       if row["status"] == "ok" else f": {row['status']} ({row['reason']})"))
     return rows
+
+
+def path_of(kernels: Sequence[str]) -> str:
+    """Which path an op's launches took: ``read-once`` (a cooperative
+    bn_*_once_* kernel ran), ``two-pass`` (a training op's statistics or
+    gradient reduction ran separately) or ``-`` (neither: an elementwise op)."""
+    if any("_once_" in k for k in kernels):
+        return "read-once"
+    if any(("bn_stats" in k or "bn_backward_reduce" in k) for k in kernels):
+        return "two-pass"
+    return "-"
+
+
+# -- modelled time at realistic sizes --------------------------------------------------
+#
+# emu counts the bytes of small shapes; the passes over tensor-sized buffers do
+# not depend on the size as long as the path (read-once or two-pass) is the
+# same.  So each realistic shape's path is decided by the launch plan
+# (gpubn.launch.once_fits) for the modelled device, the small shape is run on
+# emu forced onto that path, and its tensor passes times the realistic
+# tensor's bytes, over the copy bandwidth, is the modelled time: the time of a
+# kernel sequence that moves its bytes at the speed of a device-to-device copy
+# (launch latency, the grid barrier and the statistics' arithmetic left out).
+
+# The device the launch plan models: an H200 (sm_90, 132 SMs, the limits of
+# gpubn.sass.DEVICES["sm_90"], which an H100 SXM shares) and its HBM3e's
+# nominal bandwidth, 4.8 TB/s (an H100 SXM's HBM3: 3.35 TB/s).  A copy
+# reaches about 90 % of the nominal figure, so a measured or given copy
+# bandwidth is preferred.
+MODEL_DEVICE = "H200"
+MODEL_ARCH = "sm_90"
+NOMINAL_COPY_GBPS = 4800.0
+MODEL_OPS = ("fwd_train", "bwd") + EPILOGUE_OPS
+# ResNet-50 (torchvision) batch-norm layers at batch 32: the largest (layer1's
+# bn3, 103 MB in float32), a middle one and a late one.
+MODEL_SHAPES = ((32, 256, 56, 56), (32, 256, 14, 14), (32, 512, 7, 7))
+MODEL_SMALL_SHAPE = (8, 16, 16, 16)
+
+
+def model_cases(dtype: str = "float32") -> List[Tuple[Case, Sequence[str]]]:
+    """The realistic cases whose time is modelled, NCHW and NHWC."""
+    out = []
+    for n, c, h, w in MODEL_SHAPES:
+        for layout, shape in (("NCHW", (n, c, h, w)), ("NHWC", (n, h, w, c))):
+            out.append((Case("batch_norm", shape, layout, dtype, label="ResNet-50 b32"),
+                        MODEL_OPS))
+    return out
+
+
+def copy_bandwidth_choice(measured: Optional[float] = None,
+                          given: Optional[float] = None) -> Tuple[float, str]:
+    """The copy bandwidth (GB/s, read + write) the modelled times use and
+    where it comes from: the device-to-device copy measured in this run, else
+    the user's ``--copy-gbps``, else the modelled device's nominal bandwidth."""
+    for value, name in ((measured, "measured copy bandwidth"), (given, "copy_gbps")):
+        if value is not None and not (isinstance(value, (int, float)) and value > 0):
+            raise ValueError(f"{name} must be a positive number of GB/s, got {value!r}")
+    if measured is not None:
+        return float(measured), "device-to-device copy measured in this run"
+    if given is not None:
+        return float(given), "given with --copy-gbps"
+    return NOMINAL_COPY_GBPS, (f"nominal HBM3e bandwidth of an {MODEL_DEVICE} (no GPU here, "
+                               f"no --copy-gbps)")
+
+
+def modelled_us(nbytes: float, copy_gbps: float) -> float:
+    """Microseconds to move ``nbytes`` (read + write) at ``copy_gbps``."""
+    if not copy_gbps > 0:
+        raise ValueError(f"copy_gbps must be positive, got {copy_gbps!r}")
+    return nbytes / (copy_gbps * 1e9) * 1e6
+
+
+def canonical_shape(case: Case) -> Tuple[int, int, int]:
+    """``(outer, C, inner)``, the view the kernels and the launch plan see."""
+    axis = case.axis % len(case.shape)
+    outer = inner = 1
+    for d in case.shape[:axis]:
+        outer *= d
+    for d in case.shape[axis + 1:]:
+        inner *= d
+    return outer, case.shape[axis], inner
+
+
+def ptxas_occupancy(arch: str = MODEL_ARCH):
+    """``blocks_per_sm(kernel, dtype, threads)`` for the read-once kernels as
+    ptxas compiles them for ``arch`` (registers and shared memory from
+    ``gpubn.sass``), or None when ptxas or nvdisasm is missing."""
+    from gpubn import launch as plan
+    from gpubn import sass
+
+    if sass.unavailable_reason() is not None:
+        return None
+    try:
+        reports = sass.assemble("bn_persistent.cu", arch)
+    except Exception:   # NVRTC or the tools failed: the caller falls back
+        return None
+    usage = {(r.kernel, r.dtype): (r.registers, r.shared) for r in reports}
+    dev = sass.DEVICES[arch]
+
+    def blocks_per_sm(kernel: str, dtype: str, threads: int) -> int:
+        registers, shared = usage[(kernel, dtype)]
+        return plan.occupancy(registers, shared, threads, 0, dev)
+    return blocks_per_sm
+
+
+def assumed_occupancy(kernel: str, dtype: str, threads: int) -> int:
+    """The occupancy the emu backend's launch plan assumes for every reduction
+    (``gpubn.launch.REDUCE_MIN_BLOCKS``), when ptxas cannot say."""
+    from gpubn.launch import REDUCE_MIN_BLOCKS
+    return REDUCE_MIN_BLOCKS
+
+
+def modelled_path(case: Case, op: str, blocks_per_sm) -> Tuple[bool, str]:
+    """Whether the launch plan runs ``op`` on ``case`` read-once on the
+    modelled device (``gpubn.launch.once_fits``), and why."""
+    from gpubn import launch as plan
+    from gpubn import sass
+
+    cfg = plan.once_launch(canonical_shape(case), case.dtype,
+                           "backward" if op.startswith("bwd") else "forward")
+    threads = cfg.block[0] * cfg.block[1] * cfg.block[2]
+    return plan.once_fits(cfg, sass.DEVICES[MODEL_ARCH],
+                          blocks_per_sm(cfg.kernel, case.dtype, threads))
+
+
+def _forced_emu(read_once: bool):
+    import dataclasses
+
+    from gpubn.backends.emu import EMU_TUNING, EmuBackend
+    return EmuBackend(tuning=dataclasses.replace(EMU_TUNING, read_once=read_once))
+
+
+def run_model(cases=None, copy_gbps: Optional[float] = None, blocks_per_sm=None,
+              progress=None) -> List[Dict]:
+    """One row per realistic (case, op): the path the launch plan takes on
+    the modelled device, gpubn's tensor passes (emu, on a small shape of the
+    same layout and dtype forced onto that path) and PyTorch's, both as bytes
+    of the realistic shape and as modelled microseconds at ``copy_gbps``
+    (default: the nominal bandwidth).  ``blocks_per_sm(kernel, dtype,
+    threads)``: the read-once kernels' occupancy (default: ptxas's, else the
+    emu plan's assumption)."""
+    cases = model_cases() if cases is None else cases
+    gbps = NOMINAL_COPY_GBPS if copy_gbps is None else copy_gbps
+    occupancy_source = "given"
+    if blocks_per_sm is None:
+        blocks_per_sm = ptxas_occupancy()
+        occupancy_source = f"ptxas {MODEL_ARCH}"
+        if blocks_per_sm is None:
+            blocks_per_sm, occupancy_source = assumed_occupancy, "assumed (no ptxas)"
+    reason = emu_unavailable_reason()
+    recording = None if reason else importlib.import_module("gpubn.emu").recording
+    counted: Dict[Tuple, Dict] = {}
+    rows = []
+    for case, ops in cases:
+        for op in ops:
+            once, why = modelled_path(case, op, blocks_per_sm)
+            x_bytes = case.numel * ITEMSIZE[case.dtype]
+            pt = PYTORCH_PASSES[op]
+            row = {"device": "model", "provider": "gpubn-model", "backend": "emu",
+                   "kind": case.kind, "op": op, "layout": case.layout,
+                   "shape": list(case.shape), "dtype": case.dtype, "numel": case.numel,
+                   "path": "read-once" if once else "two-pass", "path_reason": why,
+                   "occupancy_source": occupancy_source, "copy_gbps": gbps,
+                   "pytorch_passes": pt, "pytorch_bytes": pt * x_bytes,
+                   "pytorch_us": modelled_us(pt * x_bytes, gbps), "status": "ok", "reason": ""}
+            key = (case.layout, case.dtype, op, once)
+            if reason is None and key not in counted:
+                small = Case(case.kind, _small_shape(case.layout), case.layout, case.dtype)
+                try:
+                    records = _run_op(small, op, make_setup(small), recording,
+                                      backend=_forced_emu(once))
+                    counted[key] = summarize_records(records, small.numel, ITEMSIZE[small.dtype])
+                except Exception as exc:
+                    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                    counted[key] = {"error": text.splitlines()[0][:300]}
+            got = counted.get(key, {"error": reason})
+            if "error" in got:
+                row.update(status="error" if reason is None else "unavailable",
+                           reason=got["error"])
+            elif path_of(got["kernels"]) != row["path"]:
+                row.update(status="error", reason=f"emu ran {path_of(got['kernels'])}, "
+                                                  f"the plan picks {row['path']}")
+            else:
+                passes = got["tensor_passes"]
+                row.update(launches=got["launches"], kernels=got["kernels"], passes=passes,
+                           bytes=passes * x_bytes, us=modelled_us(passes * x_bytes, gbps))
+                row["pytorch_ratio"] = row["pytorch_us"] / row["us"]
+            rows.append(row)
+            if progress is not None:
+                progress.step(f"model {case.layout} {case.shape_str} {op}: {row['path']}")
+    return rows
+
+
+def _small_shape(layout: str) -> Tuple[int, ...]:
+    n, c, h, w = MODEL_SMALL_SHAPE
+    return (n, c, h, w) if layout == "NCHW" else (n, h, w, c)

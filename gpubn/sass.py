@@ -455,12 +455,6 @@ def table(reports: Iterable[KernelReport]):
                      str(r.blocks_per_sm), f"{100 * r.occupancy:.0f}%",
                      "ok" if not bad else "FAIL: " + "; ".join(bad)])
     return header, body
-    widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h)
-              for i, h in enumerate(header)]
-    fmt = "  ".join("{:<%d}" % w for w in widths)
-    lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
-    lines += [fmt.format(*row).rstrip() for row in body]
-    return "\n".join(lines)
 
 
 def format_summary(reports: Iterable[KernelReport], arch: str = "sm_90",

@@ -60,19 +60,28 @@ __device__ __forceinline__ void push_grad(GradSums<Acc>* s, int sstride,
                                           const GradIn<T, VEC, RELU>& p, const Acc* m,
                                           const Acc* a, int kstride, T* __restrict__ g_out,
                                           T* __restrict__ dx_eval, long long off) {
-    Vec<T, VEC> g, out;
+    Acc d[VEC];
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-        Acc d = element(p.dy, j);
-        if (RELU && !relu_keeps(Acc(element(p.y, j)))) d = Acc(0);
-        store_acc(g.v[j], d);
+        d[j] = element(p.dy, j);
+        if (RELU && !relu_keeps(Acc(element(p.y, j)))) d[j] = Acc(0);
         GradSums<Acc>& sj = s[j * sstride];
-        sj.sum_dy += d;
-        sj.sum_dy_xmu = fma_acc(d, Acc(element(p.x, j)) - m[j * kstride], sj.sum_dy_xmu);
-        store_acc(out.v[j], a[j * kstride] * d);
+        sj.sum_dy += d[j];
+        sj.sum_dy_xmu = fma_acc(d[j], Acc(element(p.x, j)) - m[j * kstride], sj.sum_dy_xmu);
     }
-    if (RELU && g_out) store_vec<T, VEC>(g_out + off, g);
-    if (dx_eval) store_vec<T, VEC>(dx_eval + off, out);
+    // rounded only where stored
+    if (RELU && g_out) {
+        Vec<T, VEC> g;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) store_acc(g.v[j], d[j]);
+        store_vec<T, VEC>(g_out + off, g);
+    }
+    if (dx_eval) {
+        Vec<T, VEC> out;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) store_acc(out.v[j], a[j * kstride] * d[j]);
+        store_vec<T, VEC>(dx_eval + off, out);
+    }
 }
 
 template <class Acc>

@@ -863,3 +863,194 @@ def test_torch_after_cpu_times_torch_alone_and_right_after_a_cpu_call(monkeypatc
     got = host.torch_after_cpu(shape=(2, 3, 4, 4), repeats=3)
     assert set(got) == {"alone_s", "after_cpu_s"} and min(got.values()) > 0
     assert calls == ["cpu", "torch"] + ["torch"] * 3 + ["cpu", "torch"] * 3
+
+
+# -- modelled time at realistic sizes (bench traffic) -------------------------------------
+
+def _emu_or_skip():
+    from bench import traffic
+    reason = traffic.emu_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def test_bytes_moved_of_the_epilogue_by_hand():
+    # (2, 3, 4, 4) float32: 96 elements of 4 bytes, 3 channels of 4 bytes
+    # forward + add + relu: x, residual, y + 8 per-channel vectors
+    assert metrics.bytes_moved("batch_norm", "fwd_train_add_relu", (2, 3, 4, 4), 1,
+                               "float32") == 3 * 384 + 8 * 12
+    # backward: dy, x, y (mask); dx, dresidual + 5 per-channel vectors
+    assert metrics.bytes_moved("batch_norm", "bwd_add_relu", (2, 3, 4, 4), 1,
+                               "float32") == 5 * 384 + 5 * 12
+    with pytest.raises(ValueError, match="op must be one of"):
+        metrics.bytes_moved("layer_norm", "bwd_add_relu", (4, 8), -1, "float32")
+
+
+def test_modelled_time_by_hand():
+    from bench import traffic
+    # ResNet-50's layer1 bn3 at batch 32, float32: 32*256*56*56 = 25,690,112
+    # elements, 102,760,448 bytes; 3 passes at 4.8 TB/s = 64.2253 us
+    assert traffic.modelled_us(3 * 102_760_448, 4800.0) == pytest.approx(64.2253, abs=1e-4)
+    # 1 GB at 1000 GB/s is a millisecond
+    assert traffic.modelled_us(1e9, 1000.0) == pytest.approx(1000.0)
+    with pytest.raises(ValueError, match="copy_gbps"):
+        traffic.modelled_us(1e9, 0.0)
+
+
+def test_copy_bandwidth_choice_prefers_measured_then_given_then_nominal():
+    from bench import traffic
+    assert traffic.copy_bandwidth_choice(4100.0, 3000.0) == (
+        4100.0, "device-to-device copy measured in this run")
+    gbps, source = traffic.copy_bandwidth_choice(None, 3000.0)
+    assert gbps == 3000.0 and "--copy-gbps" in source
+    gbps, source = traffic.copy_bandwidth_choice()
+    assert gbps == 4800.0 and "H200" in source and "nominal" in source
+    with pytest.raises(ValueError, match="copy_gbps must be a positive"):
+        traffic.copy_bandwidth_choice(None, -1.0)
+
+
+def test_cli_rejects_a_bad_copy_bandwidth(capsys):
+    assert main(["traffic", "--copy-gbps", "0"]) == 2
+    assert "--copy-gbps must be > 0" in capsys.readouterr().err
+
+
+def test_modelled_path_follows_the_occupancy():
+    from bench import traffic
+    # NHWC 32x7x7x512: blocks of 32 channels x 8 rows, each row 16 values:
+    # 512 / 32 = 16 column tiles x ceil(1568 / 128) = 13 splits = 208 blocks
+    late = Case("batch_norm", (32, 7, 7, 512), "NHWC")
+    fits, why = traffic.modelled_path(late, "fwd_train", lambda k, d, t: 2)   # 264 resident
+    assert fits and "208 blocks" in why
+    fits, why = traffic.modelled_path(late, "bwd_add_relu", lambda k, d, t: 1)  # 132 resident
+    assert not fits and "208 blocks" in why and "132 fit" in why
+    # the largest layer, 32x56x56x256: 8 tiles x 784 splits = 6272 blocks, more
+    # than 132 SMs hold even at the most blocks an SM can (2048 / 256 = 8)
+    big = Case("batch_norm", (32, 56, 56, 256), "NHWC")
+    assert not traffic.modelled_path(big, "fwd_train", lambda k, d, t: 8)[0]
+    # NCHW 32x512x7x7: a channel's 1568 values in one block of 128 threads
+    seen = []
+    fits, _ = traffic.modelled_path(Case("batch_norm", (32, 512, 7, 7), "NCHW"), "bwd",
+                                    lambda k, d, t: seen.append((k, d, t)) or 4)   # 528 >= 512
+    assert fits and seen == [("bn_backward_once_nchw", "float32", 128)]
+
+
+@pytest.mark.parametrize("occupancy, path, want", [
+    (2, "read-once", {"fwd_train": 2, "bwd": 3, "fwd_train_add_relu": 3, "bwd_add_relu": 5}),
+    (1, "two-pass", {"fwd_train": 3, "bwd": 5, "fwd_train_add_relu": 4, "bwd_add_relu": 7}),
+])
+def test_run_model_scales_the_small_shapes_passes(occupancy, path, want):
+    """The realistic NHWC 32x7x7x512 needs 208 read-once blocks: at 2
+    resident blocks per SM (264) every op reads once, at 1 (132) none does;
+    the modelled bytes are emu's tensor passes on the small shape, forced
+    onto that path, times the realistic tensor's 3,211,264 bytes."""
+    _emu_or_skip()
+    from bench import traffic
+    case = Case("batch_norm", (32, 7, 7, 512), "NHWC")
+    rows = traffic.run_model([(case, traffic.MODEL_OPS)], copy_gbps=1000.0,
+                             blocks_per_sm=lambda k, d, t: occupancy)
+    x_bytes = 32 * 7 * 7 * 512 * 4
+    assert x_bytes == 3_211_264
+    pytorch = {"fwd_train": 3, "bwd": 5, "fwd_train_add_relu": 8, "bwd_add_relu": 8}
+    assert [r["op"] for r in rows] == list(traffic.MODEL_OPS)
+    for r in rows:
+        assert r["status"] == "ok", r["reason"]
+        assert r["path"] == path
+        assert r["passes"] == want[r["op"]]
+        assert r["bytes"] == want[r["op"]] * x_bytes
+        assert r["us"] == pytest.approx(want[r["op"]] * x_bytes / 1e12 * 1e6)
+        assert r["pytorch_bytes"] == pytorch[r["op"]] * x_bytes
+        assert r["pytorch_ratio"] == pytest.approx(pytorch[r["op"]] / want[r["op"]])
+    text = report.format_model_table(rows)
+    assert path in text and "bwd_add_relu" in text and "32x7x7x512" in text
+
+
+def test_run_model_catches_a_small_shape_on_the_wrong_path(monkeypatch):
+    """The check that the emu run took the planned path: an emu backend that
+    ignores the forced choice (the small shape always fits, so it reads once)
+    against a plan that says two-pass is an error row, not a number."""
+    _emu_or_skip()
+    from bench import traffic
+    from gpubn.backends import get_backend
+    monkeypatch.setattr(traffic, "_forced_emu", lambda read_once: get_backend("emu"))
+    rows = traffic.run_model([(Case("batch_norm", (32, 7, 7, 512), "NHWC"), ("fwd_train",))],
+                             blocks_per_sm=lambda k, d, t: 1)
+    assert rows[0]["status"] == "error"
+    assert "emu ran read-once, the plan picks two-pass" in rows[0]["reason"]
+
+
+def test_traffic_has_the_epilogue_rows_in_both_layouts():
+    from bench import traffic
+    ops = {c.layout: set(o) for c, o in traffic.traffic_cases() if c.kind == "batch_norm"}
+    for layout in ("NCHW", "NHWC"):
+        assert {"fwd_train_add_relu", "bwd_add_relu"} <= ops[layout]
+    assert {c.layout for c, _ in traffic.model_cases()} == {"NCHW", "NHWC"}
+    _emu_or_skip()
+    rows = traffic.run_traffic([(Case("batch_norm", (2, 5, 3, 4), "NHWC"), traffic.EPILOGUE_OPS)])
+    fwd, bwd = rows
+    assert (fwd["status"], bwd["status"]) == ("ok", "ok"), (fwd["reason"], bwd["reason"])
+    # read x and the residual, write y; read dy, x and y, write dx and dresidual
+    assert fwd["path"] == bwd["path"] == "read-once"
+    assert fwd["tensor_passes"] == pytest.approx(3.0) and bwd["tensor_passes"] == pytest.approx(5.0)
+    assert (fwd["pytorch_passes"], bwd["pytorch_passes"]) == (8, 8)
+    assert "read-once" in report.format_traffic_table(rows)
+
+
+# -- the epilogue ops through the providers (PyTorch's unfused add + ReLU) ----------------
+
+@pytest.mark.parametrize("layout, shape", [("NCHW", (4, 3, 5, 6)), ("NHWC", (4, 5, 6, 3))])
+def test_epilogue_ops_agree_between_gpubn_and_torch(layout, shape):
+    """gpubn's fused relu(bn(x) + residual) and its backward against
+    PyTorch's batch norm, in-place add and in-place ReLU (autograd) on the
+    same inputs, float64: outputs equal to rounding (the check the GPU run
+    makes between gpubn-cuda and torch-cuda)."""
+    pytest.importorskip("torch")
+    case = Case("batch_norm", shape, layout, "float64")
+    setup = make_setup(case)
+    ours, theirs = GpubnProvider("numpy"), TorchProvider("cpu")
+    for op in ("fwd_train_add_relu", "bwd_add_relu"):
+        a = ours.to_host(ours.prepare(setup, op)())
+        b = theirs.to_host(theirs.prepare(setup, op)())
+        assert len(a) == len(runner.OUTPUT_NAMES[op]) == len(b)
+        assert runner.compare(a, b, op, "float64") == "ok", op
+    y = ours.to_host(ours.prepare(setup, "fwd_train_add_relu")())[0]
+    assert (y == 0).any() and (y > 0).any()      # the ReLU cuts: the mask matters
+    # a wrong residual (the unfused sum without the ReLU) is caught
+    plain = theirs.to_host(theirs.prepare(setup, "fwd_train")())[0]
+    wrong = (plain + np.ascontiguousarray(setup.x[::-1]),)
+    assert runner.compare(wrong, (y,), "fwd_train_add_relu", "float64").startswith("mismatch")
+
+
+def test_epilogue_ops_are_refused_outside_batch_norm():
+    ln = Case("layer_norm", (4, 8), "rows")
+    for p in (GpubnProvider("numpy"), TorchProvider("cpu")):
+        assert "not defined for layer_norm" in p.supports(ln, "bwd_add_relu")
+    assert NaiveProvider().supports(Case("batch_norm", (4, 3), "NC"), "fwd_train_add_relu")
+    assert suites.get_suite("standard", ops=["bwd_add_relu"])
+    with pytest.raises(ValueError, match="ops must be among"):
+        suites.get_suite("standard", ops=["bwd_add_gelu"])
+
+
+def test_traffic_command_prints_the_modelled_table_with_its_sources(tmp_path, capsys,
+                                                                    monkeypatch):
+    """``python -m bench traffic --copy-gbps``: the header names the copy
+    bandwidth's source and the occupancy's, and the row's time is the
+    hand-computed one (NHWC 32x7x7x512 float32 forward, read-once at the
+    emu plan's 3 blocks per SM: 208 <= 396 blocks, 2 passes of 3,211,264
+    bytes at 2000 GB/s = 3.2 us; PyTorch's 3 passes: 4.8 us)."""
+    _emu_or_skip()
+    import bench.__main__ as cli
+    from bench import traffic
+    monkeypatch.setattr(traffic, "ptxas_occupancy", lambda arch=traffic.MODEL_ARCH: None)
+    monkeypatch.setattr(cli, "traffic_cases", lambda: [
+        (Case("batch_norm", (2, 3, 4, 4), "NCHW"), ("fwd_train",))])
+    monkeypatch.setattr(cli, "model_cases", lambda: [
+        (Case("batch_norm", (32, 7, 7, 512), "NHWC"), ("fwd_train",))])
+    out = tmp_path / "t.jsonl"
+    assert main(["traffic", "--copy-gbps", "2000", "--quiet", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "# copy bandwidth: 2000 GB/s, given with --copy-gbps" in text
+    assert "occupancy: assumed (no ptxas)" in text
+    line = next(ln for ln in text.splitlines() if "32x7x7x512" in ln)
+    assert line.split()[4:] == ["read-once", "2", "6.4", "3.2", "3", "9.6", "4.8", "1.50x"]
+    rows = report.read_jsonl(str(out))
+    assert [r["section"] for r in rows] == ["traffic", "model"]

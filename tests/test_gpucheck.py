@@ -490,8 +490,15 @@ def test_standard_suite_has_both_layouts_mlp_and_rows():
 
     cases = suites.get_suite("standard", ["float32", "float16"])
     assert {c.layout for c, _ in cases} == {"NCHW", "NHWC", "NC", "rows"}
-    assert {op for _, ops in cases for op in ops} == {"fwd_train", "fwd_infer", "bwd"}
+    assert {op for _, ops in cases for op in ops} == {"fwd_train", "fwd_infer", "bwd",
+                                                      "fwd_train_add_relu", "bwd_add_relu"}
     assert {c.dtype for c, _ in cases} == {"float32", "float16"}
+    # the epilogue against PyTorch's unfused add + ReLU, and channels-last
+    # training (cuDNN's persistent mode under torch-cuda), on the ResNet shapes
+    epilogue = {(c.layout, c.shape) for c, ops in cases if "bwd_add_relu" in ops}
+    assert {layout for layout, _ in epilogue} == {"NCHW", "NHWC"}
+    assert all(c.kind == "batch_norm" and "fwd_train" in ops
+               for c, ops in cases if (c.layout, c.shape) in epilogue)
 
 
 # -- the self-check driver, for real on emu ------------------------------------------

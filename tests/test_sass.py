@@ -220,7 +220,7 @@ def test_table_rows():
 _REASON = sass.unavailable_reason()
 needs_tools = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 
-# Instantiations the static checks fail today, with what fails (issue 15);
+# Instantiations the static checks fail today (none now), with what fails (issue 15);
 # strict: a fix makes its test XPASS, which fails until the line is removed.
 _WHY = {
     "spills": "spills registers to local memory",
@@ -229,14 +229,8 @@ _WHY = {
     "scalar": "scalar loads in the channels-last statistics (item 6)",
     "shared": "static + dynamic shared memory above 48 KiB",
     "no-loop": "no streaming loop found",
-    "sm80-schedule": ("ptxas for sm_80 issues the first row's x and residual loads (LDG.E.U16), "
-                      "then converts, normalizes and rounds that row (IMAD.U32, FFMA, FSETP) "
-                      "between them and the other 6 loads of the step (sm_90 issues all 8 "
-                      "first; loading the residual before x changes nothing)"),
 }
 _KNOWN_FAILING = """
-bn_apply_nhwc            bfloat16  1 sm_80  in-flight,sm80-schedule
-bn_forward_once_nchw     float64   1 sm_90  spills
 """
 KNOWN_FAILING = {
     (k, d, int(v), a): "; ".join(_WHY[t] for t in tags.split(","))
