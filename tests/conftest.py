@@ -63,14 +63,20 @@ def unavailable_reason(name):
     return None
 
 
+def backend_or_skip(name):
+    """Backend ``name``, or a skip of the calling test with the backend's
+    own reason when it cannot run on this machine."""
+    try:
+        return get_backend(name)
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     """A gpubn backend object; skips with the backend's own reason when it
     cannot run on this machine."""
-    reason = unavailable_reason(request.param)
-    if reason is not None:
-        pytest.skip(reason)
-    return get_backend(request.param)
+    return backend_or_skip(request.param)
 
 
 def xp_of(backend):

@@ -23,6 +23,7 @@ if _ROOT not in sys.path:
 from bench import gpu, gpucheck, runner  # noqa: E402
 from bench.gpucheck import CommandResult, GpuCheck  # noqa: E402
 from bench.report import write_jsonl  # noqa: E402
+from conftest import backend_or_skip  # noqa: E402
 
 DEVICE = {"name": "NVIDIA H200", "sm_count": 132, "copy_gbps": 4100.0, "memcpy_gbps": 4000.0,
           "copy_kernel_gbps": 4100.0, "cupy": "14.0.0", "torch": "2.11.0"}
@@ -503,19 +504,10 @@ def test_standard_suite_has_both_layouts_mlp_and_rows():
 
 # -- the self-check driver, for real on emu ------------------------------------------
 
-def _emu_or_skip():
-    from gpubn.backends import get_backend
-
-    try:
-        return get_backend("emu")
-    except RuntimeError as exc:
-        pytest.skip(str(exc))
-
-
 def test_selfcheck_runs_every_family_on_emu_and_matches_the_reference():
     from gpubn import selfcheck
 
-    _emu_or_skip()
+    backend_or_skip("emu")
     shapes = [s for s in selfcheck.SHAPES if s.shape in ((16, 3, 1501), (4001, 3), (3, 1031))]
     outcomes = selfcheck.selfcheck("emu", dtypes=["float32"], shapes=shapes, repeat=True)
     summary = selfcheck.summarize(outcomes)

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 import gpubn
-from conftest import (DTYPES, assert_close, assert_rounded_close, assert_sum_close, ln_dx_slack,
-                      ln_output_slack, numeric_gradients, to_backend, to_numpy, torch_or_skip)
+from conftest import (DTYPES, assert_close, assert_rounded_close, assert_sum_close, backend_or_skip,
+                      ln_dx_slack, ln_output_slack, numeric_gradients, to_backend, to_numpy,
+                      torch_or_skip)
 
 
 def torch_layer_norm(x, normalized_shape, weight, bias, eps, dy):
@@ -278,10 +279,7 @@ def test_emu_launches_and_traffic(n, kind, passes):
     are read once; 1031 (odd: scalar, more than 64 x 8 units) twice."""
     pytest.importorskip("gpubn.emu")
     from gpubn import emu
-    try:
-        gpubn.backends.get_backend("emu")
-    except RuntimeError as exc:
-        pytest.skip(str(exc))
+    backend_or_skip("emu")
     opts = emu.get_options()
     assert opts.memcheck and opts.racecheck
     rows = 37 if n < 1000 else 3
@@ -317,10 +315,7 @@ def test_emu_column_reduction_is_deterministic():
     blocks here."""
     pytest.importorskip("gpubn.emu")
     from gpubn import emu
-    try:
-        gpubn.backends.get_backend("emu")
-    except RuntimeError as exc:
-        pytest.skip(str(exc))
+    backend_or_skip("emu")
     x, w, b, dy = make((203, 40), (40,), np.float32, seed=12)
     results = []
     for seed in (1, 2, 3):
@@ -354,10 +349,7 @@ def test_emu_grid_stride_over_rows(n):
     each block walks several rows, reusing its shared row statistics, under
     racecheck; results equal the NumPy backend's."""
     pytest.importorskip("gpubn.emu")
-    try:
-        gpubn.backends.get_backend("emu")
-    except RuntimeError as exc:
-        pytest.skip(str(exc))
+    backend_or_skip("emu")
     from gpubn.backends.emu import EMU_TUNING, EmuBackend
     from gpubn.emu import recording
     from gpubn.launch import DeviceAttributes

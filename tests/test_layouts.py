@@ -12,6 +12,7 @@ import pytest
 import gpubn
 from gpubn import _validation as V
 from gpubn import kernels as catalog
+from conftest import backend_or_skip
 
 
 def channels_last(shape_nchw, dtype=np.float32, seed=0):
@@ -57,12 +58,7 @@ def test_canonical_view_of_channels_last_is_a_view_and_maps_back():
 
 @pytest.mark.parametrize("backend", ["numpy", "emu"])
 def test_channels_last_results_equal_the_contiguous_nhwc_ones(backend):
-    from gpubn.backends import get_backend
-
-    try:
-        get_backend(backend)
-    except RuntimeError as exc:
-        pytest.skip(str(exc))
+    backend_or_skip(backend)
     x, nhwc = channels_last((3, 5, 4, 6))
     dy, dy_nhwc = channels_last((3, 5, 4, 6), seed=1)
     c = 5
@@ -107,12 +103,7 @@ def test_channels_last_costs_the_passes_of_a_contiguous_input(read_once, passes,
     is a view of x)."""
     import dataclasses
 
-    from gpubn.backends import get_backend
-
-    try:
-        get_backend("emu")
-    except RuntimeError as exc:
-        pytest.skip(str(exc))
+    backend_or_skip("emu")
     from gpubn.backends.emu import EMU_TUNING, EmuBackend
     from gpubn.emu import recording
 

@@ -13,7 +13,7 @@ import pytest
 import gpubn
 from gpubn.backends.kernel_backend import KernelBackend
 from conftest import (acc_unit_roundoff, assert_close, assert_rounded_close, assert_sum_close,
-                      bn_dx_slack, bn_output_slack, bn_sum_terms, numeric_gradients,
+                      backend_or_skip, bn_dx_slack, bn_output_slack, bn_sum_terms, numeric_gradients,
                       renorm_output_slack, to_backend, to_numpy)
 
 
@@ -402,10 +402,7 @@ def test_emu_launch_sequence():
     x and dy fit on chip, as here); memcheck and racecheck on."""
     pytest.importorskip("gpubn.emu")
     from gpubn import emu
-    try:
-        gpubn.backends.get_backend("emu")
-    except RuntimeError as exc:
-        pytest.skip(str(exc))
+    backend_or_skip("emu")
     assert emu.get_options().memcheck and emu.get_options().racecheck
     x, w, b, mu, sigma, dy = make_case((4, 3, 5, 7), 1, np.float32)
     with emu.recording() as log:
@@ -502,10 +499,7 @@ def test_guard_adds_no_launch_and_no_pass():
     same bytes of x and y, as without it."""
     pytest.importorskip("gpubn.emu")
     from gpubn import emu
-    try:
-        be = gpubn.backends.get_backend("emu")
-    except RuntimeError as exc:
-        pytest.skip(str(exc))
+    be = backend_or_skip("emu")
     x, w, b, mu, sigma, _ = make_case((4, 3, 64), 1, np.float32)
     logs = []
     for guard in (False, True):

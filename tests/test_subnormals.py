@@ -15,6 +15,7 @@ import pytest
 from gpubn import _nvrtc
 from gpubn import kernels as catalog
 from gpubn.backends import cuda as cuda_mod
+from conftest import backend_or_skip
 
 needs_nvrtc = pytest.mark.skipif(_nvrtc.unavailable_reason() is not None,
                                  reason=_nvrtc.unavailable_reason() or "")
@@ -119,15 +120,6 @@ def _subnormal_batch(seed=0):
     return x
 
 
-def _emu_or_skip():
-    from gpubn.backends import get_backend
-
-    try:
-        return get_backend("emu")
-    except RuntimeError as exc:
-        pytest.skip(str(exc))
-
-
 def test_emu_keeps_subnormal_inputs():
     """Documented behaviour: IEEE arithmetic with subnormals.  The batch
     variance of these values underflows to 0 in float32, so invstd is
@@ -138,7 +130,7 @@ def test_emu_keeps_subnormal_inputs():
     2**-24 each."""
     import gpubn
 
-    _emu_or_skip()
+    backend_or_skip("emu")
     x = _subnormal_batch()
     y, saved = gpubn.batch_norm_forward(x, training=True, eps=1e-5, backend="emu")
     ref_y, ref = gpubn.batch_norm_forward(x.astype(np.float64), training=True, eps=1e-5,
@@ -160,7 +152,7 @@ def test_cuda_keeps_subnormals_like_emu():
         pytest.skip(reason)
     import cupy
 
-    emu = _emu_or_skip()
+    emu = backend_or_skip("emu")
     gpu = cuda_mod.CudaBackend(tuning=emu.tuning, device_attributes=EMU_DEVICE)
     x = _subnormal_batch(1)
     want = emu.bn_forward_train(x, None, None, None, None, 0.1, 1e-5)
