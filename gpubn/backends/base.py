@@ -210,12 +210,8 @@ class Backend:
         r, d, w_eff, b_eff = renorm_constants(xp, mean, sigma, weight, bias, running_mean,
                                               running_std, rmax, dmax)
         y3 = self.bn_apply(x3, mean, invstd, w_eff, b_eff)
-        skip = None
-        if skipped is not None:
-            skip = guard_skips(xp, mean, sigma, running_std.dtype)
-            skipped[...] = skip
-        update_running(running_mean, mean, momentum, skip)
-        update_running(running_std, sigma, momentum, skip)
+        # the guard and the step are batch norm's, with sigma_B in the variance's place
+        update_running_stats(xp, running_mean, running_std, mean, sigma, momentum, skipped)
         return y3, mean, invstd, r, d, w_eff
 
     # -- layer norm ----------------------------------------------------
@@ -320,7 +316,8 @@ def update_running_stats(xp, running_mean, running_var, mean, unbiased_var, mome
                          skipped=None) -> None:
     """Batch norm's running-statistics step where the per-channel vectors are
     host arrays: :func:`update_running` of each (None: not tracked) with the
-    batch mean and unbiased variance, and with ``skipped`` (None or a
+    batch mean and unbiased variance (batch renorm: ``running_std`` and the
+    batch ``sigma_B``), and with ``skipped`` (None or a
     ``(C,)`` int32 array, see ``Backend.bn_forward_train``) the guard: the
     channels :func:`guard_skips` names keep theirs and are flagged 1."""
     skip = None
