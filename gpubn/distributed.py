@@ -336,8 +336,15 @@ class SyncBatchNormSaved(BatchNormSaved):
     num_channels: int = 0
 
 
+def is_communicator(obj) -> bool:
+    """Whether ``obj`` can serve as a gpubn communicator: it has ``rank``,
+    ``size``, ``allgather`` and ``allreduce`` (a :class:`Communicator` or
+    any object shaped like one)."""
+    return all(hasattr(obj, a) for a in ("allgather", "allreduce", "rank", "size"))
+
+
 def _check_comm(comm):
-    if not all(hasattr(comm, a) for a in ("allgather", "allreduce", "rank", "size")):
+    if not is_communicator(comm):
         raise TypeError("comm must be a gpubn communicator (MPIComm, NCCLComm or an object "
                         "with rank, size, allgather and allreduce), got "
                         f"{type(comm).__module__}.{type(comm).__name__}")

@@ -41,8 +41,8 @@ from torch.autograd.function import once_differentiable
 
 from . import _validation as V
 from .backends import BACKENDS
-from .distributed import (Communicator, check_buffer, check_no_ghost, sync_batch_norm_backward,
-                          sync_batch_norm_forward)
+from .distributed import (Communicator, check_buffer, check_no_ghost, is_communicator,
+                          sync_batch_norm_backward, sync_batch_norm_forward)
 from .functional import batch_norm_backward, batch_norm_forward
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "ProcessGroupComm", "SyncBatchNorm",
@@ -317,7 +317,7 @@ class SyncBatchNorm(_GpubnBatchNorm, torch.nn.SyncBatchNorm):
         """The communicator a training forward synchronizes over, or None
         when there is nothing to synchronize with (PyTorch's rule)."""
         group = self.process_group
-        if _is_gpubn_comm(group):
+        if is_communicator(group):
             return group if group.size > 1 else None
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return None
@@ -344,10 +344,6 @@ class SyncBatchNorm(_GpubnBatchNorm, torch.nn.SyncBatchNorm):
 
 
 # ------------------------------------------------ torch.distributed ----
-def _is_gpubn_comm(obj) -> bool:
-    return all(hasattr(obj, a) for a in ("allgather", "allreduce", "rank", "size"))
-
-
 class ProcessGroupComm(Communicator):
     """A gpubn communicator (see :class:`gpubn.distributed.Communicator`)
     running ``torch.distributed`` collectives on ``group`` (None: the world
@@ -398,7 +394,7 @@ class ProcessGroupComm(Communicator):
 
 
 def _comm_for(process_group):
-    return process_group if _is_gpubn_comm(process_group) else ProcessGroupComm(process_group)
+    return process_group if is_communicator(process_group) else ProcessGroupComm(process_group)
 
 
 @torch.compiler.disable
