@@ -280,15 +280,9 @@ class KernelBackend(Backend):
         once = self._once_plan(x3, key, "forward")
         if once is not None:
             y3 = self.xp.empty_like(x3)
-            partials = self.xp.empty(once.partial_bytes, dtype=np.uint8)
-            outer, _, inner = x3.shape
-            shape_args = (np.int64(outer), np.int32(channels))
-            if once.kernel.endswith("nchw"):
-                shape_args += (np.int64(inner),)
-            self._launch(once, key, (x3, y3, residual) + shape_args + (
-                partials, self._launch_counters(once.counters), weight, bias, mean, invstd,
-                running_mean, running_var, skipped, np.int32(1 if relu else 0), acc.type(momentum),
-                acc.type(eps)))
+            self._launch(once, key, (x3, y3, residual) + self._once_shape_and_workspace(once, x3)
+                         + (weight, bias, mean, invstd, running_mean, running_var, skipped,
+                            np.int32(1 if relu else 0), acc.type(momentum), acc.type(eps)))
             return y3, mean, invstd
         mean_lo = self.xp.empty(channels, dtype=acc)
         self._stats(x3, acc, key, mean, mean_lo, None, invstd, running_mean, running_var,
@@ -296,6 +290,17 @@ class KernelBackend(Backend):
         y3 = self._apply(x3, key, acc, mean, mean_lo, invstd, weight, bias, None, None, False,
                          eps, residual, relu)
         return y3, mean, invstd
+
+    def _once_shape_and_workspace(self, once: Launch, x3) -> tuple:
+        """The read-once kernels' arguments after their tensors: the shape
+        (``outer, channels`` plus ``inner`` for channel axis 1), the
+        partials' workspace and this launch's arrival counters."""
+        outer, channels, inner = x3.shape
+        shape_args = (np.int64(outer), np.int32(channels))
+        if once.kernel.endswith("nchw"):
+            shape_args += (np.int64(inner),)
+        return shape_args + (self.xp.empty(once.partial_bytes, dtype=np.uint8),
+                             self._launch_counters(once.counters))
 
     def _once_plan(self, x3, key: str, op: str) -> Optional[Launch]:
         """The read-once training ``op`` (``'forward'`` or ``'backward'``)
@@ -441,13 +446,10 @@ class KernelBackend(Backend):
             dx3 = self.xp.empty_like(x3)
             sum_dy = self.xp.empty(channels, dtype=acc)
             sum_dy_xhat = self.xp.empty(channels, dtype=acc)
-            partials = self.xp.empty(once.partial_bytes, dtype=np.uint8)
-            shape_args = (np.int64(outer), np.int32(channels))
-            if once.kernel.endswith("nchw"):
-                shape_args += (np.int64(inner),)
-            self._launch(once, key, (dy3, x3, dx3, y_mask, g_out) + shape_args + (
-                partials, self._launch_counters(once.counters), mean, invstd, weight, sum_dy,
-                sum_dy_xhat, acc.type(1.0 / (int(outer) * int(inner)))))
+            self._launch(once, key, (dy3, x3, dx3, y_mask, g_out)
+                         + self._once_shape_and_workspace(once, x3)
+                         + (mean, invstd, weight, sum_dy, sum_dy_xhat,
+                            acc.type(1.0 / (int(outer) * int(inner)))))
         elif training:
             sum_dy, sum_dy_xhat = self._reduce(dy3, x3, key, acc, mean, invstd, None, None,
                                                y_mask, g_out)
