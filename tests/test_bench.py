@@ -914,40 +914,54 @@ def test_cli_rejects_a_bad_copy_bandwidth(capsys):
     assert "--copy-gbps must be > 0" in capsys.readouterr().err
 
 
-def test_modelled_path_follows_the_occupancy():
+def test_modelled_path_follows_the_resources():
     from bench import traffic
     # NHWC 32x7x7x512: blocks of 32 channels x 8 rows, each row 16 values:
-    # 512 / 32 = 16 column tiles x ceil(1568 / 128) = 13 splits = 208 blocks
+    # 512 / 32 = 16 column tiles x ceil(1568 / 128) = 13 splits = 208 blocks;
+    # at 128 registers, 256 threads take 32768 of an SM's 65536: 264 resident
     late = Case("batch_norm", (32, 7, 7, 512), "NHWC")
-    fits, why = traffic.modelled_path(late, "fwd_train", lambda k, d, t: 2)   # 264 resident
-    assert fits and "208 blocks" in why
-    fits, why = traffic.modelled_path(late, "bwd_add_relu", lambda k, d, t: 1)  # 132 resident
-    assert not fits and "208 blocks" in why and "132 fit" in why
-    # the largest layer, 32x56x56x256: 8 tiles x 784 splits = 6272 blocks, more
-    # than 132 SMs hold even at the most blocks an SM can (2048 / 256 = 8)
+    fits, why, cfg = traffic.modelled_path(late, "fwd_train", lambda k, d: (128, 0))
+    assert fits and "208 blocks of 256 threads x 16 + 0 values" in why and cfg.staged == 0
+    # at 255 registers (8192 per warp: 8 warps per SM) 132 blocks of 256
+    # threads are resident, and 16 tiles need more: narrower blocks stage.
+    # 128 threads (4 rows, 264 resident): <= 16 splits of 98 rows, 4 x (16 +
+    # 9) >= 98: 9 staged; 64 threads (2 rows, 528): <= 33 splits of 47.5
+    # rows, 2 x (16 + 8): 8; 32 threads (1 row, 1056): <= 66 splits of 23.8
+    # rows: 8 too, and equal capacities keep the wider block.  The backward
+    # stages dy and x: 8 values x 64 threads x 2 arrays x 4 bytes.
+    fits, why, cfg = traffic.modelled_path(late, "bwd_add_relu", lambda k, d: (255, 0))
+    assert fits and (cfg.staged, cfg.block, cfg.shared_mem) == (8, (32, 2, 1), 4096)
+    assert "x 16 + 8 values (registers + staged; 0 + 4096 B shared per block)" in why
+    # the largest layer, 32x56x56x256 in float32: 103 MB, more than 132 SMs
+    # hold in shared memory (228 KiB each) and registers together
     big = Case("batch_norm", (32, 56, 56, 256), "NHWC")
-    assert not traffic.modelled_path(big, "fwd_train", lambda k, d, t: 8)[0]
+    fits, why, _ = traffic.modelled_path(big, "fwd_train", lambda k, d: (32, 0))
+    assert not fits and "fit at once" in why
     # NCHW 32x512x7x7: a channel's 1568 values in one block of 128 threads
     seen = []
-    fits, _ = traffic.modelled_path(Case("batch_norm", (32, 512, 7, 7), "NCHW"), "bwd",
-                                    lambda k, d, t: seen.append((k, d, t)) or 4)   # 528 >= 512
-    assert fits and seen == [("bn_backward_once_nchw", "float32", 128)]
+    fits, _, cfg = traffic.modelled_path(Case("batch_norm", (32, 512, 7, 7), "NCHW"), "bwd",
+                                         lambda k, d: seen.append((k, d)) or (64, 0))
+    assert fits and seen == [("bn_backward_once_nchw", "float32")] and cfg.block[0] == 128
 
 
-@pytest.mark.parametrize("occupancy, path, want", [
-    (2, "read-once", {"fwd_train": 2, "bwd": 3, "fwd_train_add_relu": 3, "bwd_add_relu": 5}),
-    (1, "two-pass", {"fwd_train": 3, "bwd": 5, "fwd_train_add_relu": 4, "bwd_add_relu": 7}),
+@pytest.mark.parametrize("static, path, want", [
+    (0, "read-once", {"fwd_train": 2, "bwd": 3, "fwd_train_add_relu": 3, "bwd_add_relu": 5}),
+    (228 * 1024, "two-pass", {"fwd_train": 3, "bwd": 5, "fwd_train_add_relu": 4,
+                              "bwd_add_relu": 7}),
 ])
-def test_run_model_scales_the_small_shapes_passes(occupancy, path, want):
-    """The realistic NHWC 32x7x7x512 needs 208 read-once blocks: at 2
-    resident blocks per SM (264) every op reads once, at 1 (132) none does;
-    the modelled bytes are emu's tensor passes on the small shape, forced
+def test_run_model_scales_the_small_shapes_passes(static, path, want):
+    """The realistic NHWC 32x7x7x512 needs 208 read-once blocks of 256
+    threads, 16 values each in registers: at 64 registers (4 blocks per SM,
+    528 resident) and no static shared memory every op reads once; a
+    function whose static shared memory alone fills an SM's 228 KiB (with
+    the 1 KiB reserved per block) has no resident block, so none does.
+    The modelled bytes are emu's tensor passes on the small shape, forced
     onto that path, times the realistic tensor's 3,211,264 bytes."""
     _emu_or_skip()
     from bench import traffic
     case = Case("batch_norm", (32, 7, 7, 512), "NHWC")
     rows = traffic.run_model([(case, traffic.MODEL_OPS)], copy_gbps=1000.0,
-                             blocks_per_sm=lambda k, d, t: occupancy)
+                             resources=lambda k, d: (64, static))
     x_bytes = 32 * 7 * 7 * 512 * 4
     assert x_bytes == 3_211_264
     pytorch = {"fwd_train": 3, "bwd": 5, "fwd_train_add_relu": 8, "bwd_add_relu": 8}
@@ -973,7 +987,7 @@ def test_run_model_catches_a_small_shape_on_the_wrong_path(monkeypatch):
     from gpubn.backends import get_backend
     monkeypatch.setattr(traffic, "_forced_emu", lambda read_once: get_backend("emu"))
     rows = traffic.run_model([(Case("batch_norm", (32, 7, 7, 512), "NHWC"), ("fwd_train",))],
-                             blocks_per_sm=lambda k, d, t: 1)
+                             resources=lambda k, d: (64, 230 * 1024))
     assert rows[0]["status"] == "error"
     assert "emu ran read-once, the plan picks two-pass" in rows[0]["reason"]
 
@@ -1040,7 +1054,7 @@ def test_traffic_command_prints_the_modelled_table_with_its_sources(tmp_path, ca
     _emu_or_skip()
     import bench.__main__ as cli
     from bench import traffic
-    monkeypatch.setattr(traffic, "ptxas_occupancy", lambda arch=traffic.MODEL_ARCH: None)
+    monkeypatch.setattr(traffic, "ptxas_resources", lambda arch=traffic.MODEL_ARCH: None)
     monkeypatch.setattr(cli, "traffic_cases", lambda: [
         (Case("batch_norm", (2, 3, 4, 4), "NCHW"), ("fwd_train",))])
     monkeypatch.setattr(cli, "model_cases", lambda: [

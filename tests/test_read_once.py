@@ -48,6 +48,13 @@ def _data(shape, dtype, seed=0):
     return x, z, w, b, np.zeros(c, acc), np.ones(c, acc)
 
 
+def _static_shared(kernel, dtype="float32"):
+    """Static shared memory of an emu-compiled read-once function (what the
+    backend's plan counts besides the staging)."""
+    be = _emu(None)
+    return int(be._function(Launch(kernel, 1, (1, 1, 1), (32, 1, 1)), dtype).shared_size_bytes)
+
+
 def _run(be, x, z, w, b, rm, rv, relu):
     from gpubn import emu
 
@@ -135,13 +142,16 @@ def test_automatic_choice_and_its_reasons(monkeypatch, capfd):
     assert [catalog.kernel_of(r.kernel).name for r in log] == ["bn_forward_once_nchw"]
     err = capfd.readouterr().err
     assert "forward training: read-once (the tensor fits on chip: 4 blocks" in err
-    # a device holding 3 such blocks at once: the two-pass kernels
-    small = DeviceAttributes(sm_count=1, name="small")
+    # a device holding 3 blocks at once: 4 channels need 4, whatever each
+    # holds; the plan states the most a block can (the widest block, staging
+    # all the shared memory a block may have besides the function's static)
+    small = DeviceAttributes(sm_count=1, max_blocks_per_sm=3, name="small")
     *_, log = _run(_emu(None, small), x, None, w, b, rm, rv, False)
     assert [catalog.kernel_of(r.kernel).name for r in log] == ["bn_stats_nchw", "bn_apply_nchw"]
     err = capfd.readouterr().err
-    assert "forward training: two-pass (the tensor needs 4 blocks of 32 threads x 16 values " \
-           "on chip, 3 fit at once (1 SMs x 3))" in err
+    most = (227 * 1024 - _static_shared("bn_forward_once_nchw")) // (32 * 4)
+    assert f"forward training: two-pass (the tensor needs 4 blocks of 32 threads x 16 + {most} " \
+           f"values" in err and "on chip, 1 fit at once (1 SMs x 1))" in err
     # no cooperative launches: the two-pass kernels
     nocoop = DeviceAttributes(sm_count=132, name="old", cooperative_launch=False)
     *_, log = _run(_emu(None, nocoop), x, None, w, b, rm, rv, False)
@@ -171,9 +181,11 @@ def test_plan_holds_every_element_once():
         assert cfg.grid[0] * bx >= shape[1] > (cfg.grid[0] - 1) * bx
         assert (cfg.splits - 1) * by * ONCE_ITEMS < shape[0] <= cfg.splits * by * ONCE_ITEMS
         assert bx * by <= 256 and by & (by - 1) == 0
+    # ResNet's 64x56x56 at batch 64, registers only: 64 x 49 blocks; at 80
+    # registers of 256 threads (3 blocks per SM) 396 fit
     fits, why = once_fits(once_launch((64, 64, 3136), "float32"),
-                          DeviceAttributes(sm_count=132), 3)
-    assert not fits and "3136 blocks" in why  # ResNet's 64x56x56 at batch 64: 64 x 49 blocks
+                          DeviceAttributes(sm_count=132), 80, 0)
+    assert not fits and "3136 blocks" in why and "396 fit at once" in why
 
 
 @pytest.mark.parametrize("case", ["nchw-splits", "nhwc", "nhwc-tiles"])
@@ -202,7 +214,7 @@ def test_emu_refuses_a_grid_that_is_not_co_resident():
     cfg = once_launch(x.shape, "float32")
     too_many = Launch(cfg.kernel, 1, (3, 2000, 1), cfg.block, 2000, 3 * 2000 * 24, 2)
     y = np.empty_like(x)
-    args = (x, y, None, np.int64(4), np.int32(3), np.int64(64),
+    args = (x, y, None, np.int64(4), np.int32(3), np.int64(64), np.int32(0),
             np.empty(too_many.partial_bytes, np.uint8), np.zeros(2, np.uint32), w, b,
             np.empty(3, np.float32), np.empty(3, np.float32), None, None, np.int32(0),
             np.float32(0.1), np.float32(1e-5))
@@ -319,11 +331,13 @@ def test_backward_automatic_choice_and_its_reasons(monkeypatch, capfd):
     assert kernels == ["bn_backward_once_nchw"]
     assert "backward training: read-once (the tensor fits on chip: 4 blocks" in \
         capfd.readouterr().err
-    small = DeviceAttributes(sm_count=1, name="small")
+    small = DeviceAttributes(sm_count=1, max_blocks_per_sm=3, name="small")
     _, kernels, _ = _backward(_emu(None, small), dy, x, mean, invstd, w, None)
     assert kernels == ["bn_backward_reduce_nchw", "bn_backward_dx_nchw"]
-    assert "backward training: two-pass (the tensor needs 4 blocks of 32 threads x 16 values " \
-           "on chip, 3 fit at once (1 SMs x 3))" in capfd.readouterr().err
+    most = (227 * 1024 - _static_shared("bn_backward_once_nchw")) // (32 * 2 * 4)
+    err = capfd.readouterr().err
+    assert f"backward training: two-pass (the tensor needs 4 blocks of 32 threads x 16 + {most} " \
+           f"values" in err and "on chip, 1 fit at once (1 SMs x 1))" in err
     nocoop = DeviceAttributes(sm_count=132, name="old", cooperative_launch=False)
     _, kernels, _ = _backward(_emu(None, nocoop), dy, x, mean, invstd, w, None)
     assert len(kernels) == 2 and "old has no cooperative launches" in capfd.readouterr().err
