@@ -29,6 +29,7 @@ launch plan picks for the real shape (see the section below).
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -351,6 +352,7 @@ def canonical_shape(case: Case) -> Tuple[int, int, int]:
     return outer, case.shape[axis], inner
 
 
+@functools.lru_cache(maxsize=None)
 def ptxas_resources(arch: str = MODEL_ARCH):
     """``resources(kernel, dtype) -> (registers, static shared bytes)`` of the
     read-once kernels as ptxas compiles them for ``arch`` (from
@@ -518,7 +520,7 @@ def coverage(resources=None) -> List[Dict]:
     return rows
 
 
-def format_coverage(rows: Sequence[Dict]) -> str:
+def format_coverage(rows: Sequence[Dict], markdown: bool = False) -> str:
     """The coverage table: a line per shape (its layers, float32 MB of x),
     a column per (op, dtype, layout) with what each thread holds on chip
     (registers + staged values x threads per block) or ``-`` (two-pass), and
@@ -544,4 +546,4 @@ def format_coverage(rows: Sequence[Dict]) -> str:
     body.append(["read once", str(total), ""] + [f"{held[col]}/{total}"
                                                  for col in COVERAGE_COLUMNS])
     from .report import render
-    return render(header, body, False)
+    return render(header, body, markdown)
