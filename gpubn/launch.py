@@ -411,20 +411,25 @@ def _once_geometry(shape3, dtype, op: str, staged: int, threads: Optional[int] =
     return Launch(kernel, 1, grid, block, splits, channels * splits * state, 2, staged, shared)
 
 
-def _least_staging(plain: Launch, values: int, step: int, per_item: int, dev: DeviceAttributes,
-                   registers: int, static_shared: int) -> Optional[int]:
+def _least_staging(shape3, cfg: Launch, per_value: int, dev: DeviceAttributes, registers: int,
+                   static_shared: int) -> Optional[int]:
     """The fewest values per thread to stage (0: registers only) for which
-    ``plain``'s grid (``plain.grid[0]`` blocks per split; ``values`` per
-    channel or column tile, ``step`` apart per item; ``per_item`` bytes of
-    shared memory per staged value of every thread) is co-resident, or None."""
-    threads = plain.block[0] * plain.block[1]
+    the grid of ``cfg``'s block (its ``grid[0]`` blocks per split) is
+    co-resident, each staged value taking ``per_value`` bytes of shared
+    memory per thread; None where no count is."""
+    threads = cfg.block[0] * cfg.block[1]
+    if cfg.kernel.endswith("nchw"):   # a channel's values, a thread's `threads` apart
+        values, step = int(shape3[0]) * int(shape3[2]), threads
+    else:                             # a column tile's rows, a thread's `by` apart
+        values, step = int(shape3[0]), cfg.block[1]
+    per_item = threads * per_value
     most = (dev.max_shared_per_block_optin - static_shared) // per_item
     best = None
     # for each number of resident blocks per SM, the fewest staged values
     # that bring the splits down to what that many blocks hold; the least of
     # those that keep that occupancy is the least staging that fits
     for per_sm in range(occupancy(registers, static_shared, threads, 0, dev), 0, -1):
-        splits = min(dev.sm_count * per_sm // plain.grid[0], dev.max_grid_y)
+        splits = min(dev.sm_count * per_sm // cfg.grid[0], dev.max_grid_y)
         if splits < 1:
             break
         staged = max(0, _cdiv(values, step * splits) - ONCE_ITEMS)
@@ -463,26 +468,20 @@ def once_launch(shape3, dtype, op: str = "forward", dev: Optional[DeviceAttribut
     plain = _once_geometry(shape3, dtype, op, 0)
     if dev is None:
         return plain
-    outer, _, inner = (int(s) for s in shape3)
     per_value = _ONCE_ARRAYS[op] * _catalog.itemsize(_catalog.dtype_name(dtype))
-    threads = plain.block[0] * plain.block[1]
+    widest = plain.block[0] * plain.block[1]
     narrowest = WARP if plain.kernel.endswith("nchw") else plain.block[0]
-    best = None
+    best = None   # (staged, threads)
+    threads = widest
     while threads >= narrowest:
-        cfg = _once_geometry(shape3, dtype, op, 0, threads)
-        # values of a channel (rows of a column tile) and how far apart one
-        # thread's lie: the threads of a channel (the rows of a block)
-        values, step = (outer * inner, threads) if plain.kernel.endswith("nchw") \
-            else (outer, cfg.block[1])
-        staged = _least_staging(cfg, values, step, threads * per_value, dev, registers,
-                                static_shared)
+        staged = _least_staging(shape3, _once_geometry(shape3, dtype, op, 0, threads), per_value,
+                                dev, registers, static_shared)
         if staged is not None and (best is None or staged < best[0]):
             best = (staged, threads)
         threads //= 2
     if best is None:
-        threads = plain.block[0] * plain.block[1]
-        best = (max(0, (dev.max_shared_per_block_optin - static_shared)
-                    // (threads * per_value)), threads)
+        best = (max(0, (dev.max_shared_per_block_optin - static_shared) // (widest * per_value)),
+                widest)
     return _once_geometry(shape3, dtype, op, *best)
 
 

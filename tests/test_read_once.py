@@ -17,7 +17,8 @@ from conftest import (BFLOAT16, DTYPES, acc_unit_roundoff, assert_rounded_close,
                       assert_same_under_schedules, assert_sum_close, bn_dx_slack, bn_output_slack, bn_sum_terms,
                       numeric_gradients, sum_tolerance, torch_batch_norm, unavailable_reason)
 from gpubn import kernels as catalog
-from gpubn.launch import ONCE_ITEMS, DeviceAttributes, Launch, once_fits, once_launch
+from gpubn.launch import (ONCE_ITEMS, DeviceAttributes, Launch, occupancy, once_fits,
+                          once_launch)
 
 _REASON = unavailable_reason("emu")
 
@@ -197,6 +198,24 @@ def test_plan_holds_every_element_once():
         assert cfg.grid[0] * bx >= shape[1] > (cfg.grid[0] - 1) * bx
         assert (cfg.splits - 1) * by * ONCE_ITEMS < shape[0] <= cfg.splits * by * ONCE_ITEMS
         assert bx * by <= 256 and by & (by - 1) == 0
+    # staged values continue each thread's items: a block holds threads x
+    # (16 + staged) values (rows), and the splits just cover the channel
+    # (two SMs at 64 registers: 2048 threads x 16 values in registers, less
+    # than each of these tensors, 456 KiB of shared memory, more)
+    two_sms = DeviceAttributes(sm_count=2, name="two SMs")
+    for shape, op in (((6, 3, 3000), "forward"), ((4, 3, 4000), "backward"),
+                      ((1500, 32, 1), "forward"), ((1200, 32, 1), "backward")):
+        cfg = once_launch(shape, "float32", op, two_sms, 64, 1024)
+        threads, items = cfg.block[0] * cfg.block[1], ONCE_ITEMS + cfg.staged
+        assert cfg.staged > 0 and cfg.shared_mem == cfg.staged * threads * 4 * (
+            2 if op == "backward" else 1)
+        span, step = (shape[0] * shape[2], threads) if shape[2] > 1 else (shape[0], cfg.block[1])
+        assert (cfg.splits - 1) * step * items < span <= cfg.splits * step * items
+        assert once_fits(cfg, two_sms, 64, 1024)[0]
+        # one value fewer per thread, at that block size: more blocks than fit
+        blocks = cfg.grid[0] * -(-span // (step * (items - 1)))
+        shared = cfg.shared_mem // cfg.staged * (cfg.staged - 1)
+        assert blocks > 2 * occupancy(64, 1024, threads, shared, two_sms)
     # ResNet's 64x56x56 at batch 64, registers only: 64 x 49 blocks; at 80
     # registers of 256 threads (3 blocks per SM) 396 fit
     fits, why = once_fits(once_launch((64, 64, 3136), "float32"),
