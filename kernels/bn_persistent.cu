@@ -110,9 +110,9 @@ __device__ __forceinline__ int stage_at(int k) {
 //
 // Channel axis 1: block (c, s) of 1-D threads holds the channel's values
 // [s * chunk, (s + 1) * chunk), chunk = blockDim.x * (GPUBN_ONCE_ITEMS +
-// staged); value
-// j lies in run j / inner at position j % inner, and a thread's values are
-// blockDim.x apart, so its offsets follow from one division each way.
+// staged); value j lies in run j / inner at position j % inner, and a
+// thread's values are blockDim.x apart, so its offsets follow from one
+// division each way.
 struct OnceNchw {
     long long first;   // the thread's first value of the channel
     long long m;       // values per channel
