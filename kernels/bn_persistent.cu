@@ -316,9 +316,9 @@ bn_forward_once_nchw(const T* __restrict__ x, T* __restrict__ y, const T* __rest
                      Welford<Acc>* partials, unsigned int* bar, const Acc* weight,
                      const Acc* bias, Acc* mean_out, Acc* invstd_out, Acc* running_mean,
                      Acc* running_var, int* skipped, int relu, Acc momentum, Acc eps) {
-    forward_once<T, Acc>(OnceNchw(outer, channels, inner, staged), x, y, residual, partials, bar, weight,
-                         bias, mean_out, invstd_out, running_mean, running_var, skipped, relu,
-                         momentum, eps);
+    forward_once<T, Acc>(OnceNchw(outer, channels, inner, staged), x, y, residual, partials, bar,
+                         weight, bias, mean_out, invstd_out, running_mean, running_var, skipped,
+                         relu, momentum, eps);
 }
 
 template <class T, class Acc>
@@ -328,8 +328,8 @@ bn_forward_once_nhwc(const T* __restrict__ x, T* __restrict__ y, const T* __rest
                      unsigned int* bar, const Acc* weight, const Acc* bias, Acc* mean_out,
                      Acc* invstd_out, Acc* running_mean, Acc* running_var, int* skipped,
                      int relu, Acc momentum, Acc eps) {
-    forward_once<T, Acc>(OnceNhwc(rows, channels, staged), x, y, residual, partials, bar, weight, bias,
-                         mean_out, invstd_out, running_mean, running_var, skipped, relu,
+    forward_once<T, Acc>(OnceNhwc(rows, channels, staged), x, y, residual, partials, bar, weight,
+                         bias, mean_out, invstd_out, running_mean, running_var, skipped, relu,
                          momentum, eps);
 }
 

@@ -1080,10 +1080,14 @@ def test_traffic_command_prints_the_modelled_table_with_its_sources(tmp_path, ca
 # them for sm_90 at this writing; the test fixes them so that its answer does
 # not move with the toolkit.
 _H200_RESOURCES = {
-    ("bn_forward_once_nchw", "float32"): (128, 1152), ("bn_forward_once_nchw", "bfloat16"): (126, 1152),
-    ("bn_forward_once_nhwc", "float32"): (64, 6528), ("bn_forward_once_nhwc", "bfloat16"): (72, 6528),
-    ("bn_backward_once_nchw", "float32"): (165, 896), ("bn_backward_once_nchw", "bfloat16"): (166, 896),
-    ("bn_backward_once_nhwc", "float32"): (127, 2688), ("bn_backward_once_nhwc", "bfloat16"): (105, 2688),
+    ("bn_forward_once_nchw", "float32"): (128, 1152),
+    ("bn_forward_once_nchw", "bfloat16"): (126, 1152),
+    ("bn_forward_once_nhwc", "float32"): (64, 6528),
+    ("bn_forward_once_nhwc", "bfloat16"): (72, 6528),
+    ("bn_backward_once_nchw", "float32"): (165, 896),
+    ("bn_backward_once_nchw", "bfloat16"): (166, 896),
+    ("bn_backward_once_nhwc", "float32"): (127, 2688),
+    ("bn_backward_once_nhwc", "bfloat16"): (105, 2688),
 }
 
 
