@@ -29,7 +29,8 @@ from .report import (format_summary, format_table, render, format_traffic_table,
                      read_jsonl, write_jsonl)
 from .runner import Progress, run_suite
 from .suites import ALL_OPS, DTYPES, KINDS, SUITES, get_suite
-from .traffic import (MODEL_ARCH, MODEL_DEVICE, copy_bandwidth_choice, model_cases, run_model,
+from .traffic import (MODEL_ARCH, MODEL_DEVICE, copy_bandwidth_choice, coverage,
+                      format_coverage, model_cases, resolve_resources, run_model,
                       run_traffic, traffic_cases)
 
 SECTIONS = ("cpu", "gpu", "traffic", "dask")
@@ -324,7 +325,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                   "x bytes of x) / copy bandwidth\n")
             print(f"# copy bandwidth: {gbps:.0f} GB/s, {source}")
             print(f"# path: the launch plan's choice on an {MODEL_DEVICE} ({MODEL_ARCH}, 132 SMs), "
-                  f"read-once kernels' occupancy: {rows[0]['occupancy_source'] if rows else '-'}")
+                  f"read-once kernels' registers and static shared memory (their occupancy): "
+                  f"{rows[0]['occupancy_source'] if rows else '-'}")
             print("# pytorch: its native kernel sequence; the epilogue unfused (batch norm, then "
                   "an add and a ReLU)\n")
             print(format_model_table(rows, markdown=args.markdown))
@@ -332,6 +334,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                 r["section"] = "model"
             write_jsonl(rows, out, machine)
             written += len(rows)
+            if not args.kind or "batch_norm" in args.kind:
+                resources, source = resolve_resources()
+                print(f"\n## ResNet-50 batch-32 batch-norm layers held on chip (read-once) on an "
+                      f"{MODEL_DEVICE}\n")
+                print(f"# each column: values per thread (16 in registers + staged in shared "
+                      f"memory) x threads per block, or - (two-pass); resources: {source}\n")
+                print(format_coverage(coverage(resources), markdown=args.markdown))
         if "dask" in sections:
             gb = args.dask_gb or (0.02 if args.quick else 2.0)
             rows = run_dask(gb=gb, workers=workers,

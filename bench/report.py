@@ -257,15 +257,18 @@ def format_traffic_table(rows: Sequence[Dict], markdown: bool = False) -> str:
 
 def format_model_table(rows: Sequence[Dict], markdown: bool = False) -> str:
     """Modelled times at realistic sizes (see :func:`bench.traffic.run_model`):
-    the path, gpubn's and PyTorch's tensor passes and MB, the modelled
-    microseconds at the copy bandwidth, and PyTorch's time over gpubn's."""
+    the path and, read once, what it holds on chip (values per thread in
+    registers + staged in shared memory, x threads per block), gpubn's and
+    PyTorch's tensor passes and MB, the modelled microseconds at the copy
+    bandwidth, and PyTorch's time over gpubn's."""
     if not rows:
         return "(no modelled results)"
-    header = ["op", "layout", "shape", "dtype", "path", "passes", "MB", "us",
+    header = ["op", "layout", "shape", "dtype", "path", "on chip", "passes", "MB", "us",
               "pytorch passes", "pytorch MB", "pytorch us", "pytorch / gpubn"]
     body = []
     for r in rows:
-        head = [r["op"], r["layout"], "x".join(map(str, r["shape"])), r["dtype"], r["path"]]
+        head = [r["op"], r["layout"], "x".join(map(str, r["shape"])), r["dtype"], r["path"],
+                r.get("on_chip") or "-"]
         tail = [str(r["pytorch_passes"]), f"{r['pytorch_bytes'] / 1e6:.1f}",
                 f"{r['pytorch_us']:.1f}"]
         if r["status"] != "ok":

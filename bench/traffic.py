@@ -29,6 +29,7 @@ launch plan picks for the real shape (see the section below).
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -351,11 +352,11 @@ def canonical_shape(case: Case) -> Tuple[int, int, int]:
     return outer, case.shape[axis], inner
 
 
-def ptxas_occupancy(arch: str = MODEL_ARCH):
-    """``blocks_per_sm(kernel, dtype, threads)`` for the read-once kernels as
-    ptxas compiles them for ``arch`` (registers and shared memory from
+@functools.lru_cache(maxsize=None)
+def ptxas_resources(arch: str = MODEL_ARCH):
+    """``resources(kernel, dtype) -> (registers, static shared bytes)`` of the
+    read-once kernels as ptxas compiles them for ``arch`` (from
     ``gpubn.sass``), or None when ptxas or nvdisasm is missing."""
-    from gpubn import launch as plan
     from gpubn import sass
 
     if sass.unavailable_reason() is not None:
@@ -365,32 +366,60 @@ def ptxas_occupancy(arch: str = MODEL_ARCH):
     except Exception:   # NVRTC or the tools failed: the caller falls back
         return None
     usage = {(r.kernel, r.dtype): (r.registers, r.shared) for r in reports}
-    dev = sass.DEVICES[arch]
 
-    def blocks_per_sm(kernel: str, dtype: str, threads: int) -> int:
-        registers, shared = usage[(kernel, dtype)]
-        return plan.occupancy(registers, shared, threads, 0, dev)
-    return blocks_per_sm
+    def resources(kernel: str, dtype: str) -> Tuple[int, int]:
+        return usage[(kernel, dtype)]
+    return resources
 
 
-def assumed_occupancy(kernel: str, dtype: str, threads: int) -> int:
-    """The occupancy the emu backend's launch plan assumes for every reduction
-    (``gpubn.launch.REDUCE_MIN_BLOCKS``), when ptxas cannot say."""
-    from gpubn.launch import REDUCE_MIN_BLOCKS
-    return REDUCE_MIN_BLOCKS
+# Without ptxas: the registers per thread emu's functions report
+# (gpubn.emu's Device.registers_per_thread) and no static shared memory.
+ASSUMED_REGISTERS = 64
 
 
-def modelled_path(case: Case, op: str, blocks_per_sm) -> Tuple[bool, str]:
-    """Whether the launch plan runs ``op`` on ``case`` read-once on the
-    modelled device (``gpubn.launch.once_fits``), and why."""
+def assumed_resources(kernel: str, dtype: str) -> Tuple[int, int]:
+    """The read-once kernels' resources when ptxas cannot say: emu's model."""
+    return ASSUMED_REGISTERS, 0
+
+
+def model_plan(shape3, dtype: str, op: str, resources) -> Tuple[bool, str, "object"]:
+    """Whether the launch plan runs the read-once ``op`` (a benchmark op:
+    ``fwd_*`` or ``bwd*``) on the canonical ``shape3`` on the modelled device
+    (``gpubn.launch.once_launch`` and ``once_fits`` with the function's
+    ``resources(kernel, dtype)``), why, and the launch."""
     from gpubn import launch as plan
     from gpubn import sass
 
-    cfg = plan.once_launch(canonical_shape(case), case.dtype,
-                           "backward" if op.startswith("bwd") else "forward")
-    threads = cfg.block[0] * cfg.block[1] * cfg.block[2]
-    return plan.once_fits(cfg, sass.DEVICES[MODEL_ARCH],
-                          blocks_per_sm(cfg.kernel, case.dtype, threads))
+    op_name = "backward" if op.startswith("bwd") else "forward"
+    kernel = plan.once_launch(shape3, dtype, op_name).kernel
+    dev = sass.DEVICES[MODEL_ARCH]
+    registers, static = resources(kernel, dtype)
+    cfg = plan.once_launch(shape3, dtype, op_name, dev, registers, static)
+    fits, why = plan.once_fits(cfg, dev, registers, static)
+    return fits, why, cfg
+
+
+def modelled_path(case: Case, op: str, resources) -> Tuple[bool, str, "object"]:
+    """:func:`model_plan` of a benchmark case."""
+    return model_plan(canonical_shape(case), case.dtype, op, resources)
+
+
+def on_chip(cfg) -> str:
+    """A read-once launch's capacity in words: values per thread (registers
+    + staged) and threads per block, e.g. ``16+82 x256``."""
+    return f"{cfg.staged and f'16+{cfg.staged}' or '16'} x{cfg.block[0] * cfg.block[1]}"
+
+
+def resolve_resources(resources=None):
+    """``(resources, where they come from)``: the given ones, else ptxas's,
+    else emu's model."""
+    if resources is not None:
+        return resources, "given"
+    found = ptxas_resources()
+    if found is not None:
+        return found, f"ptxas {MODEL_ARCH}"
+    return assumed_resources, (f"assumed (no ptxas): {ASSUMED_REGISTERS} registers per thread, "
+                               f"no static shared memory")
 
 
 def _forced_emu(read_once: bool):
@@ -400,36 +429,32 @@ def _forced_emu(read_once: bool):
     return EmuBackend(tuning=dataclasses.replace(EMU_TUNING, read_once=read_once))
 
 
-def run_model(cases=None, copy_gbps: Optional[float] = None, blocks_per_sm=None,
+def run_model(cases=None, copy_gbps: Optional[float] = None, resources=None,
               progress=None) -> List[Dict]:
     """One row per realistic (case, op): the path the launch plan takes on
     the modelled device, gpubn's tensor passes (emu, on a small shape of the
     same layout and dtype forced onto that path) and PyTorch's, both as bytes
     of the realistic shape and as modelled microseconds at ``copy_gbps``
-    (default: the nominal bandwidth).  ``blocks_per_sm(kernel, dtype,
-    threads)``: the read-once kernels' occupancy (default: ptxas's, else the
-    emu plan's assumption)."""
+    (default: the nominal bandwidth).  ``resources(kernel, dtype)``: the
+    read-once kernels' registers and static shared memory (default: ptxas's,
+    else emu's model)."""
     cases = model_cases() if cases is None else cases
     gbps = NOMINAL_COPY_GBPS if copy_gbps is None else copy_gbps
-    occupancy_source = "given"
-    if blocks_per_sm is None:
-        blocks_per_sm = ptxas_occupancy()
-        occupancy_source = f"ptxas {MODEL_ARCH}"
-        if blocks_per_sm is None:
-            blocks_per_sm, occupancy_source = assumed_occupancy, "assumed (no ptxas)"
+    resources, occupancy_source = resolve_resources(resources)
     reason = emu_unavailable_reason()
     recording = None if reason else importlib.import_module("gpubn.emu").recording
     counted: Dict[Tuple, Dict] = {}
     rows = []
     for case, ops in cases:
         for op in ops:
-            once, why = modelled_path(case, op, blocks_per_sm)
+            once, why, cfg = modelled_path(case, op, resources)
             x_bytes = case.numel * ITEMSIZE[case.dtype]
             pt = PYTORCH_PASSES[op]
             row = {"device": "model", "provider": "gpubn-model", "backend": "emu",
                    "kind": case.kind, "op": op, "layout": case.layout,
                    "shape": list(case.shape), "dtype": case.dtype, "numel": case.numel,
                    "path": "read-once" if once else "two-pass", "path_reason": why,
+                   "on_chip": on_chip(cfg) if once else "",
                    "occupancy_source": occupancy_source, "copy_gbps": gbps,
                    "pytorch_passes": pt, "pytorch_bytes": pt * x_bytes,
                    "pytorch_us": modelled_us(pt * x_bytes, gbps), "status": "ok", "reason": ""}
@@ -464,3 +489,61 @@ def run_model(cases=None, copy_gbps: Optional[float] = None, blocks_per_sm=None,
 def _small_shape(layout: str) -> Tuple[int, ...]:
     n, c, h, w = MODEL_SMALL_SHAPE
     return (n, c, h, w) if layout == "NCHW" else (n, h, w, c)
+
+
+# -- which ResNet-50 layers the read-once kernels hold --------------------------------
+
+# ResNet-50's (torchvision) batch-norm layers at batch 32: (C, H = W, how many
+# layers have that shape); 53 in all.
+RESNET50_BN = ((64, 112, 1), (64, 56, 6), (256, 56, 4), (128, 56, 1), (128, 28, 7),
+               (512, 28, 5), (256, 28, 1), (256, 14, 11), (1024, 14, 7), (512, 14, 1),
+               (512, 7, 5), (2048, 7, 4))
+RESNET50_BATCH = 32
+COVERAGE_COLUMNS = tuple((op, dtype, layout) for op in ("fwd_train", "bwd")
+                         for dtype in ("float32", "bfloat16") for layout in ("NCHW", "NHWC"))
+
+
+def coverage(resources=None) -> List[Dict]:
+    """One row per ResNet-50 batch-32 batch-norm shape and (op, dtype,
+    layout) of ``COVERAGE_COLUMNS``: whether the launch plan runs it
+    read-once on the modelled device, with what on chip, and why."""
+    resources, _ = resolve_resources(resources)
+    rows = []
+    for c, h, layers in RESNET50_BN:
+        for op, dtype, layout in COVERAGE_COLUMNS:
+            shape3 = (RESNET50_BATCH, c, h * h) if layout == "NCHW" \
+                else (RESNET50_BATCH * h * h, c, 1)
+            once, why, cfg = model_plan(shape3, dtype, op, resources)
+            rows.append({"channels": c, "size": h, "layers": layers, "op": op, "dtype": dtype,
+                         "layout": layout, "read_once": once,
+                         "on_chip": on_chip(cfg) if once else "", "reason": why})
+    return rows
+
+
+def format_coverage(rows: Sequence[Dict], markdown: bool = False) -> str:
+    """The coverage table: a line per shape (its layers, float32 MB of x),
+    a column per (op, dtype, layout) with what each thread holds on chip
+    (registers + staged values x threads per block) or ``-`` (two-pass), and
+    the layers read once out of all."""
+    by_shape: Dict[Tuple[int, int], Dict] = {}
+    for r in rows:
+        by_shape.setdefault((r["channels"], r["size"]), {"layers": r["layers"]})[
+            (r["op"], r["dtype"], r["layout"])] = r
+    header = ["shape (N=32)", "layers", "MB fp32"] + [
+        f"{op.split('_')[0]} {'fp32' if dtype == 'float32' else 'bf16'} {layout}"
+        for op, dtype, layout in COVERAGE_COLUMNS]
+    body, held = [], {col: 0 for col in COVERAGE_COLUMNS}
+    total = 0
+    for (c, h), cols in by_shape.items():
+        total += cols["layers"]
+        line = [f"{c}x{h}x{h}", str(cols["layers"]),
+                f"{RESNET50_BATCH * c * h * h * 4 / 1e6:.1f}"]
+        for col in COVERAGE_COLUMNS:
+            r = cols[col]
+            line.append(r["on_chip"] if r["read_once"] else "-")
+            held[col] += cols["layers"] if r["read_once"] else 0
+        body.append(line)
+    body.append(["read once", str(total), ""] + [f"{held[col]}/{total}"
+                                                 for col in COVERAGE_COLUMNS])
+    from .report import render
+    return render(header, body, markdown)

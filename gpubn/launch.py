@@ -36,7 +36,9 @@ WARP = 32
 MAX_GRID_Y = 65535
 # Static plus dynamic shared memory a block may use without opting in to more
 # (cudaFuncAttributeMaxDynamicSharedMemorySize): 48 KiB on every GPU since
-# compute capability 3.0.  The launches never opt in; they stay below it.
+# compute capability 3.0.  Only the read-once kernels' staging opts in (up
+# to DeviceAttributes.max_shared_per_block_optin); every other launch stays
+# below it.
 SHARED_MEMORY_LIMIT = 48 * 1024
 
 
@@ -61,11 +63,17 @@ class DeviceAttributes:
     reserved_shared_per_block: int = 1024
     max_blocks_per_sm: int = 32
     cooperative_launch: bool = True  # cudaDevAttrCooperativeLaunch
+    # static + dynamic shared memory of one block once the function opts in
+    # (cudaDevAttrMaxSharedMemoryPerBlockOptin): 227 KiB on sm_90, 163 KiB on sm_80
+    max_shared_per_block_optin: int = 227 * 1024
 
 
 # The emu backend has no device to ask; it configures launches as for a large
-# current GPU (132 SMs, like an H100 SXM), so the emulated launches have the
-# grid shapes a real one would have.
+# current GPU (132 SMs, like an H100 SXM, with its per-SM limits), so the
+# emulated launches have the grid shapes a real one would have.  Where a plan
+# needs a compiled function's registers (the read-once kernels' occupancy),
+# emu's functions report gpubn.emu's Device.registers_per_thread (64), the
+# number its cooperative-launch check counts with too.
 EMU_DEVICE = DeviceAttributes(sm_count=132, name="emu (132 SMs)")
 
 
@@ -107,6 +115,8 @@ class Launch:
     splits: int = 1               # blocks per channel (reductions)
     partial_bytes: int = 0        # workspace for partial states (0: single stage)
     counters: int = 0             # uint32 arrival counters (0: single stage)
+    staged: int = 0               # read-once: values per thread in dynamic shared memory
+    shared_mem: int = 0           # dynamic shared memory per block, bytes
 
 
 # sizeof of the reduction states in kernels/gpubn_common.cuh, per accumulation type
@@ -367,49 +377,135 @@ __all__ = ["DeviceAttributes", "EMU_DEVICE", "Tuning", "Launch", "MAX_REDUCE_THR
 # read-once kernel keeps in registers.
 ONCE_ITEMS = 16
 
+# Tensors a read-once kernel keeps on chip: the forward x, the backward the
+# masked dy and x (the ReLU mask's y is consumed as it is loaded).
+_ONCE_ARRAYS = {"forward": 1, "backward": 2}
 
-def once_launch(shape3, dtype, op: str = "forward") -> Launch:
-    """The read-once training forward (``op='forward'``, bn_forward_once_*)
-    or backward (``op='backward'``, bn_backward_once_*): a grid of blocks
-    that together hold every element (of x; the backward also of dy),
-    ``ONCE_ITEMS`` per thread, in registers.  Channel axis 1: grid (C, S) of
-    1-D blocks, split s of a channel holding its values [s * chunk, (s + 1)
-    * chunk).  Channels last: grid (column tiles, S) of (bx, by) blocks, bx
-    channels wide (coalesced rows), split s holding rows [s * by *
-    ONCE_ITEMS, ...).  Workspace: a partial state (Welford triple / gradient
-    sums) per channel and split, and the grid barrier's two counters.
-    Whether it may run is :func:`once_fits`'s question."""
+
+def _once_geometry(shape3, dtype, op: str, staged: int, threads: Optional[int] = None) -> Launch:
+    """The read-once launch keeping ``ONCE_ITEMS + staged`` values per thread
+    in blocks of ``threads`` (default: the most that ``ONCE_ITEMS`` values
+    each can use, up to ``MAX_REDUCE_THREADS``); see :func:`once_launch`."""
     outer, channels, inner = (int(s) for s in shape3)
     key = _catalog.dtype_name(dtype)
     state = _STATE_BYTES[({"forward": "stats", "backward": "grad"}[op],
                           _catalog.CXX_TYPES[key][1])]
     base = f"bn_{op}_once"
+    items = ONCE_ITEMS + staged
     if layout(shape3) == "nchw":
         m = outer * inner
-        threads = min(MAX_REDUCE_THREADS, max(WARP, _pow2_at_least(_cdiv(m, ONCE_ITEMS))))
-        splits = _cdiv(m, threads * ONCE_ITEMS)
+        if threads is None:
+            threads = min(MAX_REDUCE_THREADS, max(WARP, _pow2_at_least(_cdiv(m, ONCE_ITEMS))))
+        splits = _cdiv(m, threads * items)
         grid, block, kernel = (channels, splits, 1), (threads, 1, 1), f"{base}_nchw"
     else:
         bx = min(WARP, _pow2_at_least(channels))
-        by = max(1, min(MAX_REDUCE_THREADS // bx, _pow2_at_least(_cdiv(outer, ONCE_ITEMS))))
-        splits = _cdiv(outer, by * ONCE_ITEMS)
+        if threads is None:
+            by = max(1, min(MAX_REDUCE_THREADS // bx, _pow2_at_least(_cdiv(outer, ONCE_ITEMS))))
+        else:
+            by = max(1, threads // bx)
+        splits = _cdiv(outer, by * items)
         grid, block, kernel = (_cdiv(channels, bx), splits, 1), (bx, by, 1), f"{base}_nhwc"
-    return Launch(kernel, 1, grid, block, splits, channels * splits * state, 2)
+    threads = block[0] * block[1]
+    shared = staged * threads * _ONCE_ARRAYS[op] * _catalog.itemsize(key)
+    return Launch(kernel, 1, grid, block, splits, channels * splits * state, 2, staged, shared)
 
 
-def once_fits(cfg: Launch, dev: DeviceAttributes, blocks_per_sm: int) -> Tuple[bool, str]:
+def _least_staging(shape3, cfg: Launch, per_value: int, dev: DeviceAttributes, registers: int,
+                   static_shared: int) -> Optional[int]:
+    """The fewest values per thread to stage (0: registers only) for which
+    the grid of ``cfg``'s block (its ``grid[0]`` blocks per split) is
+    co-resident, each staged value taking ``per_value`` bytes of shared
+    memory per thread; None where no count is."""
+    threads = cfg.block[0] * cfg.block[1]
+    if cfg.kernel.endswith("nchw"):   # a channel's values, a thread's `threads` apart
+        values, step = int(shape3[0]) * int(shape3[2]), threads
+    else:                             # a column tile's rows, a thread's `by` apart
+        values, step = int(shape3[0]), cfg.block[1]
+    per_item = threads * per_value
+    most = (dev.max_shared_per_block_optin - static_shared) // per_item
+    best = None
+    # for each number of resident blocks per SM, the fewest staged values
+    # that bring the splits down to what that many blocks hold; the least of
+    # those that keep that occupancy is the least staging that fits
+    for per_sm in range(occupancy(registers, static_shared, threads, 0, dev), 0, -1):
+        splits = min(dev.sm_count * per_sm // cfg.grid[0], dev.max_grid_y)
+        if splits < 1:
+            break
+        staged = max(0, _cdiv(values, step * splits) - ONCE_ITEMS)
+        if staged > most or (best is not None and staged >= best):
+            continue
+        if occupancy(registers, static_shared, threads, staged * per_item, dev) >= per_sm:
+            best = staged
+    return best
+
+
+def once_launch(shape3, dtype, op: str = "forward", dev: Optional[DeviceAttributes] = None,
+                registers: int = 0, static_shared: int = 0) -> Launch:
+    """The read-once training forward (``op='forward'``, bn_forward_once_*)
+    or backward (``op='backward'``, bn_backward_once_*): a grid of blocks
+    that together hold every element (of x; the backward also of dy), each
+    thread ``ONCE_ITEMS`` values in registers plus ``staged`` in dynamic
+    shared memory (``shared_mem`` bytes per block: ``staged`` values per
+    thread of each kept tensor).  Channel axis 1: grid (C, S) of 1-D blocks,
+    split s of a channel holding its values [s * chunk, (s + 1) * chunk).
+    Channels last: grid (column tiles, S) of (bx, by) blocks, bx channels
+    wide (coalesced rows), split s holding rows [s * by * items, ...).
+    Workspace: a partial state (Welford triple / gradient sums) per channel
+    and split, and the grid barrier's two counters.
+
+    Without ``dev``: registers only, the widest block.  With ``dev`` and the
+    compiled function's ``registers`` per thread and ``static_shared``
+    bytes: the smallest per-thread capacity that makes the grid co-resident
+    at the function's occupancy (``occupancy`` at the block's dynamic
+    shared memory, at most ``dev.max_shared_per_block_optin`` static +
+    dynamic per block), over the block sizes from the widest down to one
+    warp (channel axis 1) or one row (channels last) -- narrower blocks are
+    more of them per SM, which a grid with many channels needs; equal
+    capacities keep the wider block.  Where nothing fits, the widest block
+    staging the most a block may: :func:`once_fits` says why it cannot
+    run."""
+    plain = _once_geometry(shape3, dtype, op, 0)
+    if dev is None:
+        return plain
+    per_value = _ONCE_ARRAYS[op] * _catalog.itemsize(_catalog.dtype_name(dtype))
+    widest = plain.block[0] * plain.block[1]
+    narrowest = WARP if plain.kernel.endswith("nchw") else plain.block[0]
+    best = None   # (staged, threads)
+    threads = widest
+    while threads >= narrowest:
+        staged = _least_staging(shape3, _once_geometry(shape3, dtype, op, 0, threads), per_value,
+                                dev, registers, static_shared)
+        if staged is not None and (best is None or staged < best[0]):
+            best = (staged, threads)
+        threads //= 2
+    if best is None:
+        best = (max(0, (dev.max_shared_per_block_optin - static_shared) // (widest * per_value)),
+                widest)
+    return _once_geometry(shape3, dtype, op, *best)
+
+
+def once_fits(cfg: Launch, dev: DeviceAttributes, registers: int,
+              static_shared: int) -> Tuple[bool, str]:
     """Whether the read-once launch ``cfg`` can run: the device supports
-    cooperative launches and its grid is co-resident (``blocks_per_sm``: the
-    compiled function's occupancy at cfg's block).  Returns the answer and
-    why, in words (for ``GPUBN_DEBUG_KERNELS``)."""
+    cooperative launches, a block's static plus dynamic shared memory is
+    within what a function may opt in to, and the grid is co-resident at the
+    occupancy of a function with ``registers`` per thread and
+    ``static_shared`` bytes.  Returns the answer and why, in words (for
+    ``GPUBN_DEBUG_KERNELS``): the values per thread (registers + staged),
+    the shared memory per block, the blocks and how many fit at once."""
     blocks = cfg.grid[0] * cfg.grid[1] * cfg.grid[2]
     threads = cfg.block[0] * cfg.block[1] * cfg.block[2]
-    resident = dev.sm_count * blocks_per_sm
+    per_sm = occupancy(registers, static_shared, threads, cfg.shared_mem, dev)
+    resident = dev.sm_count * per_sm
+    capacity = (f"{blocks} blocks of {threads} threads x {ONCE_ITEMS} + {cfg.staged} values "
+                f"(registers + staged; {static_shared} + {cfg.shared_mem} B shared per block)")
     if not dev.cooperative_launch:
         return False, f"{dev.name or 'the device'} has no cooperative launches"
+    if static_shared + cfg.shared_mem > dev.max_shared_per_block_optin:
+        return False, (f"the tensor needs {capacity}, more shared memory than a block may "
+                       f"have ({dev.max_shared_per_block_optin} B)")
     if cfg.splits > dev.max_grid_y or blocks > resident:
-        return False, (f"the tensor needs {blocks} blocks of {threads} threads x {ONCE_ITEMS} "
-                       f"values on chip, {resident} fit at once ({dev.sm_count} SMs x "
-                       f"{blocks_per_sm})")
-    return True, (f"the tensor fits on chip: {blocks} blocks of {threads} threads x "
-                  f"{ONCE_ITEMS} values, {resident} fit at once")
+        return False, (f"the tensor needs {capacity} on chip, {resident} fit at once "
+                       f"({dev.sm_count} SMs x {per_sm})")
+    return True, f"the tensor fits on chip: {capacity}, {resident} fit at once"

@@ -60,8 +60,10 @@ VECTOR_REQUIRED = ("bn_stats_nhwc",)
 # The per-SM limits of each architecture checked (CUDA programming guide,
 # "Technical Specifications per Compute Capability"): A100 and H100/H200.
 DEVICES = {
-    "sm_80": plan.DeviceAttributes(sm_count=108, shared_per_sm=164 * 1024, name="sm_80"),
-    "sm_90": plan.DeviceAttributes(sm_count=132, shared_per_sm=228 * 1024, name="sm_90"),
+    "sm_80": plan.DeviceAttributes(sm_count=108, shared_per_sm=164 * 1024,
+                                   max_shared_per_block_optin=163 * 1024, name="sm_80"),
+    "sm_90": plan.DeviceAttributes(sm_count=132, shared_per_sm=228 * 1024,
+                                   max_shared_per_block_optin=227 * 1024, name="sm_90"),
 }
 
 

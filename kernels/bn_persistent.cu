@@ -1,10 +1,12 @@
 // bn_persistent.cu -- read-once ("persistent") training forward: one
-// cooperative launch reads x once, keeps it in registers, and writes y:
+// cooperative launch reads x once, keeps it on chip, and writes y:
 // 2 passes over the tensor (3 with a residual) instead of 3 in 2 launches.
 //
-//   1. every thread loads its GPUBN_ONCE_ITEMS elements of one channel (channel
-//      axis 1) or of one channel column (channels last) into registers and
-//      forms their Welford state (two passes over the registers); the block
+//   1. every thread loads its values of one channel (channel axis 1) or of
+//      one channel column (channels last): GPUBN_ONCE_ITEMS into registers
+//      and, when the launch stages, `staged` more into dynamic shared memory
+//      (the launch plan sizes it: gpubn/launch.py once_launch), and forms
+//      their Welford state (two passes over them); the block
 //      merges its threads' states and writes one partial per (channel,
 //      split) block;
 //   2. a grid barrier (the project's own: an atomic arrival count and
@@ -13,15 +15,22 @@
 //   3. every block merges its channel's S partials in index order (so all
 //      blocks of a channel agree bitwise, run after run), the split-0 block
 //      writes mean / invstd / the running statistics, guarded when
-//      `skipped` is non-null (bn_stats.cu's finish_stats), and all normalize from the registers with bn_forward.cu's
-//      constants and epilogue (residual add, ReLU).
+//      `skipped` is non-null (bn_stats.cu's finish_stats), and all
+//      normalize from the copies on chip with bn_forward.cu's constants and
+//      epilogue (residual add, ReLU).
 //
 // Both layouts share one body (forward_once), written against OnceNchw /
 // OnceNhwc: where a thread's values lie and how its block shares a channel.
 //
+// Staged values: item k of thread t (t the thread's index in its block) at
+// stage[k * threads + t] of each staged array, so a warp's accesses are
+// consecutive words (no bank conflicts), and a thread reads back only the
+// items it wrote itself: no barrier is needed between the staging stores
+// and their loads.  The backward stages two arrays (the masked dy, then x).
+//
 // The launch plan (gpubn/launch.py: once_launch) picks these kernels only
-// when the grid holds the whole tensor and is co-resident; otherwise
-// bn_stats_* + bn_apply_*.
+// when the grid holds the whole tensor and is co-resident (staging as few
+// values per thread as that takes); otherwise bn_stats_* + bn_apply_*.
 //
 // Exported kernels (name expressions, see gpubn/kernels.py):
 //   gpubn::bn_forward_once_nchw<T, Acc>    grid (C, S), block (threads)
@@ -67,11 +76,32 @@ __device__ __forceinline__ S merge_partials(const S* p, int splits) {
     return w;
 }
 
-// Where a thread's GPUBN_ONCE_ITEMS values lie and how its block shares a
-// channel: the read-once kernels are written once against these two.
+// Of a thread's `staged` items after its registers', how many are in range,
+// when `rest` values of its channel lie from its first one on, `step` apart:
+// items GPUBN_ONCE_ITEMS + k with GPUBN_ONCE_ITEMS + k < ceil(rest / step).
+__device__ __forceinline__ int staged_in_range(long long rest, int step, int staged) {
+    rest -= (long long)GPUBN_ONCE_ITEMS * step;
+    if (rest <= 0) return 0;
+    if (rest >= (long long)staged * step) return staged;
+    return ((int)rest + step - 1) / step;  // < staged * step: a 32-bit division
+}
+
+// Staged item k of the calling thread in a staged array (see the top).
+__device__ __forceinline__ int stage_at(int k) {
+    return k * (int)(blockDim.x * blockDim.y) + (int)(threadIdx.y * blockDim.x + threadIdx.x);
+}
+
+// Where a thread's values lie and how its block shares a channel: the
+// read-once kernels are written once against these two.  A thread holds
+// GPUBN_ONCE_ITEMS + staged items, item k of the block's split at position
+// k * (threads per channel) + the thread's; items 0 .. GPUBN_ONCE_ITEMS - 1
+// are in registers, the others in shared memory.
 //
-//   each(f)     calls f(k, offset) for the thread's items k in range
-//               (unrolled; offsets recomputed per call, nothing kept);
+//   each(f)     calls f(k, offset) for the thread's register items k in
+//               range (unrolled; offsets recomputed per call, nothing kept);
+//   each_staged(f)  f(k, offset) for its staged items k < n_staged, in order;
+//   n_staged    how many staged items are in range (0 unless every register
+//               item is);
 //   any()       item 0 is in range (then items 0 .. n - 1 are);
 //   reduce(s)   the block's merge of its threads' states (leaders hold it);
 //   leader()    the thread holding the block's state of its channel;
@@ -79,9 +109,10 @@ __device__ __forceinline__ S merge_partials(const S* p, int splits) {
 //   slot()      its channel's index in the block's shared constants.
 //
 // Channel axis 1: block (c, s) of 1-D threads holds the channel's values
-// [s * chunk, (s + 1) * chunk), chunk = blockDim.x * GPUBN_ONCE_ITEMS; value
-// j lies in run j / inner at position j % inner, and a thread's values are
-// blockDim.x apart, so its offsets follow from one division each way.
+// [s * chunk, (s + 1) * chunk), chunk = blockDim.x * (GPUBN_ONCE_ITEMS +
+// staged); value j lies in run j / inner at position j % inner, and a
+// thread's values are blockDim.x apart, so its offsets follow from one
+// division each way.
 struct OnceNchw {
     long long first;   // the thread's first value of the channel
     long long m;       // values per channel
@@ -91,18 +122,29 @@ struct OnceNchw {
     long long r0;      // its position in its run
     long long dn, dr;  // runs and positions from one value to the next
     int c;
+    int n_staged;
 
     // the 64-bit divisions (called subroutines) happen here, once, before
     // any value is held
-    __device__ __forceinline__ OnceNchw(long long outer, int channels, long long inner_)
-        : first((long long)blockIdx.y * blockDim.x * GPUBN_ONCE_ITEMS + threadIdx.x),
+    __device__ __forceinline__ OnceNchw(long long outer, int channels, long long inner_,
+                                        int staged)
+        : first((long long)blockIdx.y * blockDim.x * (GPUBN_ONCE_ITEMS + staged) + threadIdx.x),
           m(outer * inner_), inner(inner_), stride((long long)channels * inner_),
-          c(blockIdx.x) {
+          c(blockIdx.x),
+          n_staged(staged_in_range(m - first, blockDim.x, staged)) {
         const long long n = first / inner;
         r0 = first - n * inner;
         off0 = n * stride + (long long)c * inner + r0;
         dn = (long long)blockDim.x / inner;
         dr = (long long)blockDim.x - dn * inner;
+    }
+    // from one of the thread's values (offset, position in its run) to the next
+    __device__ __forceinline__ void next(long long& off, long long& r) const {
+        off += dn * stride + dr;
+        r += dr;
+        const bool wrap = r >= inner;
+        r -= wrap ? inner : 0;
+        off += wrap ? stride - inner : 0;
     }
     // the offsets first, then the calls: loads issued back to back
     template <class F>
@@ -113,15 +155,22 @@ struct OnceNchw {
 #pragma unroll
         for (int k = 0; k < GPUBN_ONCE_ITEMS; ++k) {
             offs[k] = off;
-            off += dn * stride + dr;
-            r += dr;
-            const bool wrap = r >= inner;
-            r -= wrap ? inner : 0;
-            off += wrap ? stride - inner : 0;
+            next(off, r);
         }
 #pragma unroll
         for (int k = 0; k < GPUBN_ONCE_ITEMS; ++k)
             if (first + k * step < m) f(k, offs[k]);
+    }
+    template <class F>
+    __device__ __forceinline__ void each_staged(F f) const {
+        long long r = r0, off = off0;
+#pragma unroll
+        for (int k = 0; k < GPUBN_ONCE_ITEMS; ++k) next(off, r);
+#pragma unroll 4
+        for (int k = 0; k < n_staged; ++k) {
+            f(k, off);
+            next(off, r);
+        }
     }
     template <class S>
     __device__ __forceinline__ static S reduce(S v) { return block_reduce_1d(v); }
@@ -133,16 +182,19 @@ struct OnceNchw {
 };
 
 // Channels last: block (t, s) of (bx, by) threads, thread column x holding
-// channel t * bx + x of rows [s * by * GPUBN_ONCE_ITEMS, ...), by rows apart.
+// channel t * bx + x of rows [s * by * (GPUBN_ONCE_ITEMS + staged), ...), by
+// rows apart.
 struct OnceNhwc {
     long long first;  // the thread's first row
     long long rows;
     int channels;
     int c;
+    int n_staged;
 
-    __device__ __forceinline__ OnceNhwc(long long rows_, int channels_)
-        : first((long long)blockIdx.y * blockDim.y * GPUBN_ONCE_ITEMS + threadIdx.y),
-          rows(rows_), channels(channels_), c(blockIdx.x * blockDim.x + threadIdx.x) {}
+    __device__ __forceinline__ OnceNhwc(long long rows_, int channels_, int staged)
+        : first((long long)blockIdx.y * blockDim.y * (GPUBN_ONCE_ITEMS + staged) + threadIdx.y),
+          rows(rows_), channels(channels_), c(blockIdx.x * blockDim.x + threadIdx.x),
+          n_staged(c < channels ? staged_in_range(rows - first, blockDim.y, staged) : 0) {}
     template <class F>
     __device__ __forceinline__ void each(F f) const {
         if (c >= channels) return;
@@ -151,6 +203,12 @@ struct OnceNhwc {
             const long long r = first + (long long)k * blockDim.y;
             if (r < rows) f(k, r * channels + c);
         }
+    }
+    template <class F>
+    __device__ __forceinline__ void each_staged(F f) const {
+#pragma unroll 4
+        for (int k = 0; k < n_staged; ++k)
+            f(k, (first + (long long)(GPUBN_ONCE_ITEMS + k) * blockDim.y) * channels + c);
     }
     template <class S>
     __device__ __forceinline__ static S reduce(S v) { return block_reduce_columns(v); }
@@ -163,26 +221,32 @@ struct OnceNhwc {
 
 // The Welford state of a thread's values, as Welford::push_group leaves it
 // for one group of all of them (shift hi: the first value, lo: the mean of
-// the differences, m2 around it): two passes over registers and one
-// division, where a push per value costs a division each (in float64 a
-// called subroutine, whose register convention made ptxas spill).
+// the differences, m2 around it): two passes over registers and staged
+// values (in item order) and one division, where a push per value costs a
+// division each (in float64 a called subroutine, whose register convention
+// made ptxas spill).
 template <class Acc, class T, class Tile>
 __device__ __forceinline__ Welford<Acc> items_welford(const Tile& t,
-                                                      const T (&v)[GPUBN_ONCE_ITEMS]) {
+                                                      const T (&v)[GPUBN_ONCE_ITEMS],
+                                                      const T* stage) {
     Welford<Acc> w = Welford<Acc>::identity();
     if (!t.any()) return w;
     w.hi = to_acc(v[0]);  // item 0 is in range whenever any is
-    t.each([&](int k, long long) {
-        const Acc a = to_acc(v[k]);
+    const auto sum = [&](T value) {
+        const Acc a = to_acc(value);
         w.lo += a - w.hi;
         w.sum += a;
         ++w.n;
-    });
+    };
+    t.each([&](int k, long long) { sum(v[k]); });
+    for (int k = 0; k < t.n_staged; ++k) sum(stage[stage_at(k)]);
     w.lo = w.lo * (Acc(1) / Acc(w.n));
-    t.each([&](int k, long long) {
-        const Acc e = (Acc(to_acc(v[k])) - w.hi) - w.lo;
+    const auto square = [&](T value) {
+        const Acc e = (Acc(to_acc(value)) - w.hi) - w.lo;
         w.m2 = fma_acc(e, e, w.m2);
-    });
+    };
+    t.each([&](int k, long long) { square(v[k]); });
+    for (int k = 0; k < t.n_staged; ++k) square(stage[stage_at(k)]);
     return w;
 }
 
@@ -223,9 +287,12 @@ __device__ __forceinline__ void forward_once(const Tile& t, const T* __restrict_
                                              Acc momentum, Acc eps) {
     const int splits = gridDim.y;
     const int c = t.channel();
+    extern __shared__ __align__(16) unsigned char once_stage[];
+    T* const stage = reinterpret_cast<T*>(once_stage);
     T v[GPUBN_ONCE_ITEMS];
     t.each([&](int k, long long off) { v[k] = x[off]; });
-    Welford<Acc> w = Tile::reduce(items_welford<Acc>(t, v));
+    t.each_staged([&](int k, long long off) { stage[stage_at(k)] = x[off]; });
+    Welford<Acc> w = Tile::reduce(items_welford<Acc>(t, v, stage));
     if (t.leader()) partials[(long long)c * splits + blockIdx.y] = w;
     grid_barrier(bar);
     __shared__ Affine<Acc> kc[32];  // per channel of the block (blockDim.x <= 32 columns)
@@ -237,39 +304,44 @@ __device__ __forceinline__ void forward_once(const Tile& t, const T* __restrict_
     if (!t.active()) return;
     const Affine<Acc> k = kc[t.slot()];
     t.each([&](int i, long long off) { once_store<T, Acc>(y, residual, k, v[i], off, relu); });
+    t.each_staged([&](int i, long long off) {
+        once_store<T, Acc>(y, residual, k, stage[stage_at(i)], off, relu);
+    });
 }
 
 template <class T, class Acc>
 __global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS, 1)
 bn_forward_once_nchw(const T* __restrict__ x, T* __restrict__ y, const T* __restrict__ residual,
-                     long long outer, int channels, long long inner, Welford<Acc>* partials,
-                     unsigned int* bar, const Acc* weight, const Acc* bias, Acc* mean_out,
-                     Acc* invstd_out, Acc* running_mean, Acc* running_var, int* skipped,
-                     int relu, Acc momentum, Acc eps) {
-    forward_once<T, Acc>(OnceNchw(outer, channels, inner), x, y, residual, partials, bar, weight,
-                         bias, mean_out, invstd_out, running_mean, running_var, skipped, relu,
-                         momentum, eps);
+                     long long outer, int channels, long long inner, int staged,
+                     Welford<Acc>* partials, unsigned int* bar, const Acc* weight,
+                     const Acc* bias, Acc* mean_out, Acc* invstd_out, Acc* running_mean,
+                     Acc* running_var, int* skipped, int relu, Acc momentum, Acc eps) {
+    forward_once<T, Acc>(OnceNchw(outer, channels, inner, staged), x, y, residual, partials, bar,
+                         weight, bias, mean_out, invstd_out, running_mean, running_var, skipped,
+                         relu, momentum, eps);
 }
 
 template <class T, class Acc>
 __global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS, 1)
 bn_forward_once_nhwc(const T* __restrict__ x, T* __restrict__ y, const T* __restrict__ residual,
-                     long long rows, int channels, Welford<Acc>* partials, unsigned int* bar,
-                     const Acc* weight, const Acc* bias, Acc* mean_out, Acc* invstd_out,
-                     Acc* running_mean, Acc* running_var, int* skipped, int relu, Acc momentum,
-                     Acc eps) {
-    forward_once<T, Acc>(OnceNhwc(rows, channels), x, y, residual, partials, bar, weight, bias,
-                         mean_out, invstd_out, running_mean, running_var, skipped, relu,
+                     long long rows, int channels, int staged, Welford<Acc>* partials,
+                     unsigned int* bar, const Acc* weight, const Acc* bias, Acc* mean_out,
+                     Acc* invstd_out, Acc* running_mean, Acc* running_var, int* skipped,
+                     int relu, Acc momentum, Acc eps) {
+    forward_once<T, Acc>(OnceNhwc(rows, channels, staged), x, y, residual, partials, bar, weight,
+                         bias, mean_out, invstd_out, running_mean, running_var, skipped, relu,
                          momentum, eps);
 }
 
 // ---------------------------------------------------------------------------
-// Read-once training backward: dy and x read once and kept in registers,
-// (sum dy, sum dy * (x - mean)) reduced across the grid, dx written from the
-// registers: 3 passes (dy, x, dx) in one launch instead of 5 in 2.  With
-// y_mask (the residual-block epilogue's ReLU: the forward's y) dy becomes
-// g = (y <= 0 ? 0 : dy) as it is loaded, g_out receives g (= dresidual): 5
-// passes (dy, y, x; dx, g) instead of 7.  The same sums and dx formula as
+// Read-once training backward: dy and x read once and kept on chip (in
+// registers and, when the launch stages, shared memory: the masked dy's
+// staged array, then x's), (sum dy, sum dy * (x - mean)) reduced across the
+// grid, dx written from the copies on chip: 3 passes (dy, x, dx) in one
+// launch instead of 5 in 2.  With y_mask (the residual-block epilogue's
+// ReLU: the forward's y) dy becomes g = (y <= 0 ? 0 : dy) as it is loaded
+// (y is not kept), g_out receives g (= dresidual): 5 passes (dy, y, x; dx,
+// g) instead of 7.  The same sums and dx formula as
 // bn_backward.cu (finish_grad, DxConsts, dx_body), merged in index order.
 
 // The channel's sums from its partials; the split-0 block writes
@@ -297,18 +369,31 @@ template <class T, class Acc, class Tile>
 __device__ __forceinline__ void backward_once(const Tile& t, const T* __restrict__ dy,
                                               const T* __restrict__ x, T* __restrict__ dx,
                                               const T* __restrict__ y_mask,
-                                              T* __restrict__ g_out, GradSums<Acc>* partials,
+                                              T* __restrict__ g_out, int staged,
+                                              GradSums<Acc>* partials,
                                               unsigned int* bar, const Acc* mean,
                                               const Acc* invstd, const Acc* weight,
                                               Acc* sum_dy_out, Acc* sum_dy_xhat_out,
                                               Acc inv_count) {
     const int splits = gridDim.y;
     const int c = t.channel();
+    extern __shared__ __align__(16) unsigned char once_stage[];
+    T* const sg = reinterpret_cast<T*>(once_stage);
+    T* const sx = sg + staged * (int)(blockDim.x * blockDim.y);
     T g[GPUBN_ONCE_ITEMS], xv[GPUBN_ONCE_ITEMS], yv[GPUBN_ONCE_ITEMS];
     t.each([&](int k, long long off) {
         g[k] = dy[off];
         xv[k] = x[off];
         if (y_mask) yv[k] = y_mask[off];
+    });
+    t.each_staged([&](int k, long long off) {
+        T gk = dy[off];
+        if (y_mask) {
+            if (!relu_keeps(Acc(to_acc(y_mask[off])))) store_acc(gk, Acc(0));
+            if (g_out) g_out[off] = gk;
+        }
+        sg[stage_at(k)] = gk;
+        sx[stage_at(k)] = x[off];
     });
     __shared__ Acc means[32];  // per channel of the block, read while the loads fly
     if (t.leader()) means[t.slot()] = mean[c];
@@ -324,6 +409,11 @@ __device__ __forceinline__ void backward_once(const Tile& t, const T* __restrict
         s.sum_dy += d;
         s.sum_dy_xmu = fma_acc(d, Acc(to_acc(xv[k])) - mu, s.sum_dy_xmu);
     });
+    for (int k = 0; k < t.n_staged; ++k) {
+        const Acc d = to_acc(sg[stage_at(k)]);
+        s.sum_dy += d;
+        s.sum_dy_xmu = fma_acc(d, Acc(to_acc(sx[stage_at(k)])) - mu, s.sum_dy_xmu);
+    }
     s = Tile::reduce(s);
     if (t.leader()) partials[(long long)c * splits + blockIdx.y] = s;
     grid_barrier(bar);
@@ -334,11 +424,15 @@ __device__ __forceinline__ void backward_once(const Tile& t, const T* __restrict
     __syncthreads();
     if (!t.active()) return;
     const DxConsts<Acc> q = kq[t.slot()];
-    t.each([&](int k, long long off) {
+    const auto store_dx = [&](T gk, T xk, long long off) {
         GradIn<T, 1, false> p;  // the two-pass dx's inputs at one position
-        p.dy.v[0] = g[k];
-        p.x.v[0] = xv[k];
+        p.dy.v[0] = gk;
+        p.x.v[0] = xk;
         dx_body<T, Acc, 1>(dx, &q, 0, p, off, 1);
+    };
+    t.each([&](int k, long long off) { store_dx(g[k], xv[k], off); });
+    t.each_staged([&](int k, long long off) {
+        store_dx(sg[stage_at(k)], sx[stage_at(k)], off);
     });
 }
 
@@ -346,21 +440,23 @@ template <class T, class Acc>
 __global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS, 1)
 bn_backward_once_nchw(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
                       const T* __restrict__ y_mask, T* __restrict__ g_out, long long outer,
-                      int channels, long long inner, GradSums<Acc>* partials, unsigned int* bar,
-                      const Acc* mean, const Acc* invstd, const Acc* weight, Acc* sum_dy_out,
-                      Acc* sum_dy_xhat_out, Acc inv_count) {
-    backward_once<T, Acc>(OnceNchw(outer, channels, inner), dy, x, dx, y_mask, g_out, partials,
-                          bar, mean, invstd, weight, sum_dy_out, sum_dy_xhat_out, inv_count);
+                      int channels, long long inner, int staged, GradSums<Acc>* partials,
+                      unsigned int* bar, const Acc* mean, const Acc* invstd, const Acc* weight,
+                      Acc* sum_dy_out, Acc* sum_dy_xhat_out, Acc inv_count) {
+    backward_once<T, Acc>(OnceNchw(outer, channels, inner, staged), dy, x, dx, y_mask, g_out,
+                          staged, partials, bar, mean, invstd, weight, sum_dy_out,
+                          sum_dy_xhat_out, inv_count);
 }
 
 template <class T, class Acc>
 __global__ void __launch_bounds__(GPUBN_MAX_REDUCE_THREADS, 1)
 bn_backward_once_nhwc(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
                       const T* __restrict__ y_mask, T* __restrict__ g_out, long long rows,
-                      int channels, GradSums<Acc>* partials, unsigned int* bar,
+                      int channels, int staged, GradSums<Acc>* partials, unsigned int* bar,
                       const Acc* mean, const Acc* invstd, const Acc* weight, Acc* sum_dy_out,
                       Acc* sum_dy_xhat_out, Acc inv_count) {
-    backward_once<T, Acc>(OnceNhwc(rows, channels), dy, x, dx, y_mask, g_out, partials, bar,
+    backward_once<T, Acc>(OnceNhwc(rows, channels, staged), dy, x, dx, y_mask, g_out, staged,
+                          partials, bar,
                           mean, invstd, weight, sum_dy_out, sum_dy_xhat_out, inv_count);
 }
 

@@ -914,40 +914,54 @@ def test_cli_rejects_a_bad_copy_bandwidth(capsys):
     assert "--copy-gbps must be > 0" in capsys.readouterr().err
 
 
-def test_modelled_path_follows_the_occupancy():
+def test_modelled_path_follows_the_resources():
     from bench import traffic
     # NHWC 32x7x7x512: blocks of 32 channels x 8 rows, each row 16 values:
-    # 512 / 32 = 16 column tiles x ceil(1568 / 128) = 13 splits = 208 blocks
+    # 512 / 32 = 16 column tiles x ceil(1568 / 128) = 13 splits = 208 blocks;
+    # at 128 registers, 256 threads take 32768 of an SM's 65536: 264 resident
     late = Case("batch_norm", (32, 7, 7, 512), "NHWC")
-    fits, why = traffic.modelled_path(late, "fwd_train", lambda k, d, t: 2)   # 264 resident
-    assert fits and "208 blocks" in why
-    fits, why = traffic.modelled_path(late, "bwd_add_relu", lambda k, d, t: 1)  # 132 resident
-    assert not fits and "208 blocks" in why and "132 fit" in why
-    # the largest layer, 32x56x56x256: 8 tiles x 784 splits = 6272 blocks, more
-    # than 132 SMs hold even at the most blocks an SM can (2048 / 256 = 8)
+    fits, why, cfg = traffic.modelled_path(late, "fwd_train", lambda k, d: (128, 0))
+    assert fits and "208 blocks of 256 threads x 16 + 0 values" in why and cfg.staged == 0
+    # at 255 registers (8192 per warp: 8 warps per SM) 132 blocks of 256
+    # threads are resident, and 16 tiles need more: narrower blocks stage.
+    # 128 threads (4 rows, 264 resident): <= 16 splits of 98 rows, 4 x (16 +
+    # 9) >= 98: 9 staged; 64 threads (2 rows, 528): <= 33 splits of 47.5
+    # rows, 2 x (16 + 8): 8; 32 threads (1 row, 1056): <= 66 splits of 23.8
+    # rows: 8 too, and equal capacities keep the wider block.  The backward
+    # stages dy and x: 8 values x 64 threads x 2 arrays x 4 bytes.
+    fits, why, cfg = traffic.modelled_path(late, "bwd_add_relu", lambda k, d: (255, 0))
+    assert fits and (cfg.staged, cfg.block, cfg.shared_mem) == (8, (32, 2, 1), 4096)
+    assert "x 16 + 8 values (registers + staged; 0 + 4096 B shared per block)" in why
+    # the largest layer, 32x56x56x256 in float32: 103 MB, more than 132 SMs
+    # hold in shared memory (228 KiB each) and registers together
     big = Case("batch_norm", (32, 56, 56, 256), "NHWC")
-    assert not traffic.modelled_path(big, "fwd_train", lambda k, d, t: 8)[0]
+    fits, why, _ = traffic.modelled_path(big, "fwd_train", lambda k, d: (32, 0))
+    assert not fits and "fit at once" in why
     # NCHW 32x512x7x7: a channel's 1568 values in one block of 128 threads
     seen = []
-    fits, _ = traffic.modelled_path(Case("batch_norm", (32, 512, 7, 7), "NCHW"), "bwd",
-                                    lambda k, d, t: seen.append((k, d, t)) or 4)   # 528 >= 512
-    assert fits and seen == [("bn_backward_once_nchw", "float32", 128)]
+    fits, _, cfg = traffic.modelled_path(Case("batch_norm", (32, 512, 7, 7), "NCHW"), "bwd",
+                                         lambda k, d: seen.append((k, d)) or (64, 0))
+    assert fits and seen == [("bn_backward_once_nchw", "float32")] and cfg.block[0] == 128
 
 
-@pytest.mark.parametrize("occupancy, path, want", [
-    (2, "read-once", {"fwd_train": 2, "bwd": 3, "fwd_train_add_relu": 3, "bwd_add_relu": 5}),
-    (1, "two-pass", {"fwd_train": 3, "bwd": 5, "fwd_train_add_relu": 4, "bwd_add_relu": 7}),
+@pytest.mark.parametrize("static, path, want", [
+    (0, "read-once", {"fwd_train": 2, "bwd": 3, "fwd_train_add_relu": 3, "bwd_add_relu": 5}),
+    (228 * 1024, "two-pass", {"fwd_train": 3, "bwd": 5, "fwd_train_add_relu": 4,
+                              "bwd_add_relu": 7}),
 ])
-def test_run_model_scales_the_small_shapes_passes(occupancy, path, want):
-    """The realistic NHWC 32x7x7x512 needs 208 read-once blocks: at 2
-    resident blocks per SM (264) every op reads once, at 1 (132) none does;
-    the modelled bytes are emu's tensor passes on the small shape, forced
+def test_run_model_scales_the_small_shapes_passes(static, path, want):
+    """The realistic NHWC 32x7x7x512 needs 208 read-once blocks of 256
+    threads, 16 values each in registers: at 64 registers (4 blocks per SM,
+    528 resident) and no static shared memory every op reads once; a
+    function whose static shared memory alone fills an SM's 228 KiB (with
+    the 1 KiB reserved per block) has no resident block, so none does.
+    The modelled bytes are emu's tensor passes on the small shape, forced
     onto that path, times the realistic tensor's 3,211,264 bytes."""
     _emu_or_skip()
     from bench import traffic
     case = Case("batch_norm", (32, 7, 7, 512), "NHWC")
     rows = traffic.run_model([(case, traffic.MODEL_OPS)], copy_gbps=1000.0,
-                             blocks_per_sm=lambda k, d, t: occupancy)
+                             resources=lambda k, d: (64, static))
     x_bytes = 32 * 7 * 7 * 512 * 4
     assert x_bytes == 3_211_264
     pytorch = {"fwd_train": 3, "bwd": 5, "fwd_train_add_relu": 8, "bwd_add_relu": 8}
@@ -973,7 +987,7 @@ def test_run_model_catches_a_small_shape_on_the_wrong_path(monkeypatch):
     from gpubn.backends import get_backend
     monkeypatch.setattr(traffic, "_forced_emu", lambda read_once: get_backend("emu"))
     rows = traffic.run_model([(Case("batch_norm", (32, 7, 7, 512), "NHWC"), ("fwd_train",))],
-                             blocks_per_sm=lambda k, d, t: 1)
+                             resources=lambda k, d: (64, 230 * 1024))
     assert rows[0]["status"] == "error"
     assert "emu ran read-once, the plan picks two-pass" in rows[0]["reason"]
 
@@ -1040,7 +1054,7 @@ def test_traffic_command_prints_the_modelled_table_with_its_sources(tmp_path, ca
     _emu_or_skip()
     import bench.__main__ as cli
     from bench import traffic
-    monkeypatch.setattr(traffic, "ptxas_occupancy", lambda arch=traffic.MODEL_ARCH: None)
+    monkeypatch.setattr(traffic, "ptxas_resources", lambda arch=traffic.MODEL_ARCH: None)
     monkeypatch.setattr(cli, "traffic_cases", lambda: [
         (Case("batch_norm", (2, 3, 4, 4), "NCHW"), ("fwd_train",))])
     monkeypatch.setattr(cli, "model_cases", lambda: [
@@ -1049,8 +1063,97 @@ def test_traffic_command_prints_the_modelled_table_with_its_sources(tmp_path, ca
     assert main(["traffic", "--copy-gbps", "2000", "--quiet", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "# copy bandwidth: 2000 GB/s, given with --copy-gbps" in text
-    assert "occupancy: assumed (no ptxas)" in text
+    assert "(their occupancy): assumed (no ptxas)" in text
+    assert "ResNet-50 batch-32 batch-norm layers held on chip" in text
     line = next(ln for ln in text.splitlines() if "32x7x7x512" in ln)
-    assert line.split()[4:] == ["read-once", "2", "6.4", "3.2", "3", "9.6", "4.8", "1.50x"]
+    # 16 column tiles x 13 splits of 8 x 16 rows at emu's 64 registers: 4
+    # blocks of 256 threads per SM, nothing staged
+    assert line.split()[4:] == ["read-once", "16", "x256", "2", "6.4", "3.2", "3", "9.6", "4.8",
+                                "1.50x"]
     rows = report.read_jsonl(str(out))
     assert [r["section"] for r in rows] == ["traffic", "model"]
+
+
+# -- which ResNet-50 batch-32 layers the read-once kernels hold on an H200 ----------------
+
+# The read-once kernels' (registers, static shared bytes) as ptxas 12.x gives
+# them for sm_90 at this writing; the test fixes them so that its answer does
+# not move with the toolkit.
+_H200_RESOURCES = {
+    ("bn_forward_once_nchw", "float32"): (128, 1152),
+    ("bn_forward_once_nchw", "bfloat16"): (126, 1152),
+    ("bn_forward_once_nhwc", "float32"): (64, 6528),
+    ("bn_forward_once_nhwc", "bfloat16"): (72, 6528),
+    ("bn_backward_once_nchw", "float32"): (165, 896),
+    ("bn_backward_once_nchw", "bfloat16"): (166, 896),
+    ("bn_backward_once_nhwc", "float32"): (127, 2688),
+    ("bn_backward_once_nhwc", "bfloat16"): (105, 2688),
+}
+
+
+def _fits_by_hand(c, h, op, dtype, layout):
+    """Whether some block size and staged count holds the layer: every
+    block size the plan may take (channel axis 1: 256 down to 32 threads
+    per channel; channels last: 32 channels x 8 down to 1 rows), every count
+    of staged values, and CUDA's occupancy rules written out for an H200
+    (132 SMs; 65536 registers, allocated per warp in units of 256; 2048
+    threads, 32 blocks and 228 KiB of shared memory per SM, 1 KiB of it
+    reserved per block; at most 227 KiB per block)."""
+    kernel = f"bn_{'backward' if op == 'bwd' else 'forward'}_once_{layout.lower()}"
+    registers, static = _H200_RESOURCES[(kernel, dtype)]
+    per_value = (2 if op == "bwd" else 1) * (2 if dtype == "bfloat16" else 4)
+    values = 32 * h * h            # of a channel (NCHW) or rows of a column tile (NHWC)
+    if layout == "NCHW":
+        tiles, blocks = c, [(t, t) for t in (256, 128, 64, 32)]     # (threads, step)
+    else:
+        tiles, blocks = c // 32, [(32 * by, by) for by in (8, 4, 2, 1)]
+    per_warp = -(-registers * 32 // 256) * 256
+    for threads, step in blocks:
+        by_registers = 65536 // per_warp // (threads // 32)
+        staged = 0
+        while static + staged * threads * per_value <= 227 * 1024:
+            shared = static + staged * threads * per_value + 1024
+            per_sm = min(2048 // threads, by_registers, 228 * 1024 // shared, 32)
+            if tiles * -(-values // (step * (16 + staged))) <= 132 * per_sm:
+                return True
+            if per_sm == 0:
+                break
+            staged += 1
+    return False
+
+
+def test_resnet50_batch32_coverage_on_an_h200():
+    """The read-once path on an H200 for ResNet-50's 53 batch-norm layers at
+    batch 32 (12 shapes), forward and backward, float32 and bfloat16, both
+    layouts, against a brute force over block sizes and staged counts.
+
+    By hand: an SM holds at most 228 KiB of shared memory plus 2048 threads
+    x 16 values in registers (128 KiB of float32, 64 KiB of bfloat16): 132
+    SMs hold 48.1 MB of float32 and 39.5 MB of bfloat16.  So the 102.8 MB
+    layers (64x112x112, 256x56x56) never fit, nor in float32 the 51.4 MB ones
+    (128x56x56, 512x28x28): 11 layers of 53; the backward keeps twice the
+    bytes.  Everything else of the forward fits: 42 of 53 layers in float32
+    ("most"), 48 in bfloat16 ("nearly all")."""
+    from bench import traffic
+
+    rows = traffic.coverage(lambda kernel, dtype: _H200_RESOURCES[(kernel, dtype)])
+    assert len(rows) == 12 * 8 and sum(layers for _, _, layers in traffic.RESNET50_BN) == 53
+    for r in rows:
+        want = _fits_by_hand(r["channels"], r["size"], r["op"].split("_")[0], r["dtype"],
+                             r["layout"])
+        assert r["read_once"] == want, r
+    too_big = {(64, 112), (256, 56)} | {(128, 56), (512, 28)}
+    held = {}
+    for r in rows:
+        nbytes = 32 * r["channels"] * r["size"] ** 2 * (4 if r["dtype"] == "float32" else 2)
+        if nbytes > (48.1e6 if r["dtype"] == "float32" else 39.5e6):
+            assert not r["read_once"], r
+        key = (r["op"], r["dtype"], r["layout"])
+        held[key] = held.get(key, 0) + (r["layers"] if r["read_once"] else 0)
+        if r["op"] == "fwd_train" and r["dtype"] == "float32":
+            assert r["read_once"] == ((r["channels"], r["size"]) not in too_big), r
+    for layout in ("NCHW", "NHWC"):
+        assert held[("fwd_train", "float32", layout)] == 42
+        assert held[("fwd_train", "bfloat16", layout)] == 48
+    text = traffic.format_coverage(rows)
+    assert "42/53" in text and "48/53" in text and "64x112x112" in text

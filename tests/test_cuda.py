@@ -151,3 +151,31 @@ def test_dlpack_tensors_through_cupy_from_dlpack():
     back = torch.from_dlpack(y)
     ref = torch.nn.functional.batch_norm(t, None, None, training=True, eps=1e-5)
     assert torch.allclose(back, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("optin", [163 * 1024, None])
+def test_device_attributes_read_the_shared_memory_opt_in(monkeypatch, optin):
+    """The read-once plan's per-block shared memory limit comes from the
+    device (cudaDevAttrMaxSharedMemoryPerBlockOptin: an A100's 163 KiB
+    here); where the driver does not report it, the sm_80 / sm_90 default,
+    227 KiB.  A stand-in for CuPy's device."""
+    from gpubn.backends import cuda as cuda_mod
+
+    attributes = {"MultiProcessorCount": 108, "MaxThreadsPerBlock": 1024, "MaxGridDimY": 65535,
+                  "CooperativeLaunch": 1, "MaxSharedMemoryPerMultiprocessor": 164 * 1024}
+    if optin is not None:
+        attributes["MaxSharedMemoryPerBlockOptin"] = optin
+
+    class Device:
+        id = 0
+
+        def __init__(self):
+            self.attributes = attributes
+
+    monkeypatch.setattr(cuda_mod, "cupy", type("cupy", (), {"cuda": type("cuda", (), {
+        "Device": Device})}))
+    backend = CudaBackend.__new__(CudaBackend)
+    CudaBackend.__init__(backend)
+    dev = backend.device_attributes()
+    assert (dev.sm_count, dev.shared_per_sm) == (108, 164 * 1024)
+    assert dev.max_shared_per_block_optin == (optin or 227 * 1024)

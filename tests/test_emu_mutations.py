@@ -243,6 +243,40 @@ def test_read_once_barrier_without_publishing_fence_is_a_race(plant):
         _read_once_forward()
 
 
+def _read_once_forward_staged():
+    """The read-once forward on a device whose registers cannot hold the
+    tensor (test_read_once.STAGING_DEVICE): values staged in shared memory."""
+    import dataclasses
+
+    from gpubn import emu
+    from gpubn.backends.emu import EMU_TUNING, EmuBackend
+    from test_read_once import STAGING_DEVICE
+
+    be = EmuBackend(tuning=dataclasses.replace(EMU_TUNING, read_once=True),
+                    device_attributes=STAGING_DEVICE)
+    with emu.recording() as log:
+        be.bn_forward_train(_x((6, 3, 1000)), None, None, None, None, 0.1, 1e-5)
+    assert log[0].shared_mem > 0
+
+
+def test_read_once_staged_unmodified_runs_clean():
+    _read_once_forward_staged()
+
+
+def test_read_once_staging_read_by_another_thread_is_a_race(plant):
+    """Each thread reads back only the values it staged, so no barrier
+    stands between the staging stores and their loads.  A thread storing
+    into its neighbour's slot (and reading its own, the neighbour's store)
+    needs one: emu's block race checker reports the exchange."""
+    from gpubn import emu
+
+    plant("    t.each_staged([&](int k, long long off) { stage[stage_at(k)] = x[off]; });\n",
+          "    t.each_staged([&](int k, long long off) { stage[stage_at(k) ^ 1] = x[off]; });\n",
+          "bn_persistent.cu")
+    with pytest.raises(emu.RaceError, match="shared"):
+        _read_once_forward_staged()
+
+
 MERGE = "            state = S::merge(state, S::load_volatile(mine + i));\n"
 
 

@@ -28,10 +28,11 @@ _REASON = unavailable_reason("emu")
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 
 
-def _emu(read_once):
+def _emu(read_once, device=None):
     from gpubn.backends.emu import EMU_TUNING, EmuBackend
 
-    return EmuBackend(tuning=dataclasses.replace(EMU_TUNING, read_once=read_once))
+    return EmuBackend(tuning=dataclasses.replace(EMU_TUNING, read_once=read_once),
+                      device_attributes=device)
 
 
 def _data(shape, dtype, seed=0):
@@ -81,12 +82,17 @@ def test_two_pass_forward_and_backward(layout):
     assert not any("once" in k for k in _kernels(log))
 
 
-@pytest.mark.parametrize("layout", list(SHAPES))
-def test_read_once_forward_and_backward(layout):
+@pytest.mark.parametrize("layout,staged", [("nchw", False), ("nhwc", False), ("nchw", True),
+                                           ("nhwc", True)])
+def test_read_once_forward_and_backward(layout, staged):
+    """Registers only, and with values staged in shared memory (a device
+    whose registers cannot hold the tensor: test_read_once.STAGING_DEVICE)."""
     from gpubn import emu
+    from test_read_once import STAGED, STAGING_DEVICE
 
-    x, dy, z, w, b, rm0, rv0 = _data(SHAPES[layout], np.float16)
-    be = _emu(True)
+    shape = STAGED[f"{layout}-staged"] if staged else SHAPES[layout]
+    x, dy, z, w, b, rm0, rv0 = _data(shape, np.float16)
+    be = _emu(True, STAGING_DEVICE if staged else None)
 
     def forward():
         rm, rv = rm0.copy(), rv0.copy()
@@ -96,9 +102,11 @@ def test_read_once_forward_and_backward(layout):
     with emu.recording() as log:
         y, mean, invstd, _, _ = assert_same_under_schedules(forward)
     assert set(_kernels(log)) == {f"bn_forward_once_{layout}"}
+    assert all((r.shared_mem > 0) == staged for r in log)
     with emu.recording() as log:
         assert_same_under_schedules(lambda: be.bn_backward_relu(dy, x, mean, invstd, w, y, True))
     assert set(_kernels(log)) == {f"bn_backward_once_{layout}"}
+    assert all((r.shared_mem > 0) == staged for r in log)
 
 
 def test_layer_norm_forward_and_backward():

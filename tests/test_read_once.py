@@ -17,7 +17,8 @@ from conftest import (BFLOAT16, DTYPES, acc_unit_roundoff, assert_rounded_close,
                       assert_same_under_schedules, assert_sum_close, bn_dx_slack, bn_output_slack, bn_sum_terms,
                       numeric_gradients, sum_tolerance, torch_batch_norm, unavailable_reason)
 from gpubn import kernels as catalog
-from gpubn.launch import ONCE_ITEMS, DeviceAttributes, Launch, once_fits, once_launch
+from gpubn.launch import (ONCE_ITEMS, DeviceAttributes, Launch, occupancy, once_fits,
+                          once_launch)
 
 _REASON = unavailable_reason("emu")
 
@@ -28,6 +29,18 @@ ALL_DTYPES = DTYPES + ((BFLOAT16,) if BFLOAT16 is not None else ())
 # split, channels last with a partial column tile
 SHAPES = {"nchw-splits": (5, 3, 1000), "nchw-small": (3, 2, 7), "nhwc": (700, 5, 1),
           "nhwc-tiles": (90, 40, 1)}
+# A device whose registers hold less than these shapes: 4 SMs of 256 threads
+# (at emu's 64 registers per thread), 16 values each in registers, 16384 at
+# once, with an H100's 228 KiB of shared memory per SM: the plan must stage
+# (the float64 backward of nhwc-tiles-staged above 48 KiB per block, opting in).
+STAGING_DEVICE = DeviceAttributes(sm_count=4, max_threads_per_sm=256, name="4 SMs of 256 threads")
+STAGED = {"nchw-staged": (6, 3, 1000), "nhwc-staged": (3000, 5, 1),
+          "nhwc-tiles-staged": (800, 40, 1)}
+CASES = {**SHAPES, **STAGED}
+
+
+def _device(case):
+    return STAGING_DEVICE if case in STAGED else None
 
 
 def _emu(read_once, device=None):
@@ -46,6 +59,13 @@ def _data(shape, dtype, seed=0):
     w = rng.uniform(0.5, 1.5, c).astype(acc)
     b = rng.uniform(-0.5, 0.5, c).astype(acc)
     return x, z, w, b, np.zeros(c, acc), np.ones(c, acc)
+
+
+def _static_shared(kernel, dtype="float32"):
+    """Static shared memory of an emu-compiled read-once function (what the
+    backend's plan counts besides the staging)."""
+    be = _emu(None)
+    return int(be._function(Launch(kernel, 1, (1, 1, 1), (32, 1, 1)), dtype).shared_size_bytes)
 
 
 def _run(be, x, z, w, b, rm, rv, relu):
@@ -75,19 +95,20 @@ def _assert_side_traffic(log, shape, state_bytes):
 
 @pytest.mark.parametrize("epilogue", ["plain", "add-relu"])
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("case", list(SHAPES))
+@pytest.mark.parametrize("case", list(CASES))
 def test_read_once_matches_torch_and_the_two_pass_path(case, dtype, epilogue):
-    shape = SHAPES[case]
+    shape = CASES[case]
     x, z, w, b, rm0, rv0 = _data(shape, dtype)
     z, relu = (z, True) if epilogue == "add-relu" else (None, False)
     out = {}
     for name, read_once in (("once", True), ("two-pass", False)):
         rm, rv = rm0.copy(), rv0.copy()
-        y, mean, invstd, log = _run(_emu(read_once), x, z, w, b, rm, rv, relu)
+        y, mean, invstd, log = _run(_emu(read_once, _device(case)), x, z, w, b, rm, rv, relu)
         out[name] = (y, mean, invstd, rm, rv)
         kernels = [catalog.kernel_of(r.kernel).name for r in log]
         if read_once:
             assert kernels == [f"bn_forward_once_{'nchw' if shape[2] > 1 else 'nhwc'}"]
+            assert (log[0].shared_mem > 0) == (case in STAGED)  # staged values, or none
         else:
             assert len(kernels) == 2 and not any("once" in k for k in kernels)
     ref = torch_batch_norm(x, w, b, rm0.copy(), rv0.copy())
@@ -111,17 +132,20 @@ def test_read_once_matches_torch_and_the_two_pass_path(case, dtype, epilogue):
     np.testing.assert_allclose(rv, ref["running_var"], rtol=u * xs * xs, atol=0)
 
 
-@pytest.mark.parametrize("case", ["nchw-splits", "nhwc-tiles"])
+@pytest.mark.parametrize("case", ["nchw-splits", "nhwc-tiles", "nchw-staged",
+                                  "nhwc-tiles-staged"])
 @pytest.mark.parametrize("epilogue,passes", [("plain", 2.0), ("add", 3.0), ("add-relu", 3.0)])
 def test_traffic_one_launch_read_x_once(case, epilogue, passes):
     """The issue's table: forward training that fits on chip is 1 launch and
-    2 passes (read x, write y), 3 with a residual (read it too)."""
+    2 passes (read x, write y), 3 with a residual (read it too); values
+    staged in shared memory move no global bytes."""
     from test_traffic import _count
 
-    shape = SHAPES[case]
+    shape = CASES[case]
     x, z, w, b, rm, rv = _data(shape, np.float32)
     z = None if epilogue == "plain" else z
-    _, _, _, log = _run(_emu(None), x, z, w, b, rm, rv, epilogue == "add-relu")
+    _, _, _, log = _run(_emu(None, _device(case)), x, z, w, b, rm, rv, epilogue == "add-relu")
+    assert (log[0].shared_mem > 0) == (case in STAGED)
     launches, got, _ = _count(log, x.nbytes)
     assert launches == 1 and got == passes, [r.kernel for r in log]
     _assert_side_traffic(log, shape, 24)
@@ -135,13 +159,16 @@ def test_automatic_choice_and_its_reasons(monkeypatch, capfd):
     assert [catalog.kernel_of(r.kernel).name for r in log] == ["bn_forward_once_nchw"]
     err = capfd.readouterr().err
     assert "forward training: read-once (the tensor fits on chip: 4 blocks" in err
-    # a device holding 3 such blocks at once: the two-pass kernels
-    small = DeviceAttributes(sm_count=1, name="small")
+    # a device holding 3 blocks at once: 4 channels need 4, whatever each
+    # holds; the plan states the most a block can (the widest block, staging
+    # all the shared memory a block may have besides the function's static)
+    small = DeviceAttributes(sm_count=1, max_blocks_per_sm=3, name="small")
     *_, log = _run(_emu(None, small), x, None, w, b, rm, rv, False)
     assert [catalog.kernel_of(r.kernel).name for r in log] == ["bn_stats_nchw", "bn_apply_nchw"]
     err = capfd.readouterr().err
-    assert "forward training: two-pass (the tensor needs 4 blocks of 32 threads x 16 values " \
-           "on chip, 3 fit at once (1 SMs x 3))" in err
+    most = (227 * 1024 - _static_shared("bn_forward_once_nchw")) // (32 * 4)
+    assert f"forward training: two-pass (the tensor needs 4 blocks of 32 threads x 16 + {most} " \
+           f"values" in err and "on chip, 1 fit at once (1 SMs x 1))" in err
     # no cooperative launches: the two-pass kernels
     nocoop = DeviceAttributes(sm_count=132, name="old", cooperative_launch=False)
     *_, log = _run(_emu(None, nocoop), x, None, w, b, rm, rv, False)
@@ -171,23 +198,48 @@ def test_plan_holds_every_element_once():
         assert cfg.grid[0] * bx >= shape[1] > (cfg.grid[0] - 1) * bx
         assert (cfg.splits - 1) * by * ONCE_ITEMS < shape[0] <= cfg.splits * by * ONCE_ITEMS
         assert bx * by <= 256 and by & (by - 1) == 0
+    # staged values continue each thread's items: a block holds threads x
+    # (16 + staged) values (rows), and the splits just cover the channel
+    # (two SMs at 64 registers: 2048 threads x 16 values in registers, less
+    # than each of these tensors, 456 KiB of shared memory, more)
+    two_sms = DeviceAttributes(sm_count=2, name="two SMs")
+    for shape, op in (((6, 3, 3000), "forward"), ((4, 3, 4000), "backward"),
+                      ((1500, 32, 1), "forward"), ((1200, 32, 1), "backward")):
+        cfg = once_launch(shape, "float32", op, two_sms, 64, 1024)
+        threads, items = cfg.block[0] * cfg.block[1], ONCE_ITEMS + cfg.staged
+        assert cfg.staged > 0 and cfg.shared_mem == cfg.staged * threads * 4 * (
+            2 if op == "backward" else 1)
+        span, step = (shape[0] * shape[2], threads) if shape[2] > 1 else (shape[0], cfg.block[1])
+        assert (cfg.splits - 1) * step * items < span <= cfg.splits * step * items
+        assert once_fits(cfg, two_sms, 64, 1024)[0]
+        # one value fewer per thread, at that block size: more blocks than fit
+        blocks = cfg.grid[0] * -(-span // (step * (items - 1)))
+        shared = cfg.shared_mem // cfg.staged * (cfg.staged - 1)
+        assert blocks > 2 * occupancy(64, 1024, threads, shared, two_sms)
+    # ResNet's 64x56x56 at batch 64, registers only: 64 x 49 blocks; at 80
+    # registers of 256 threads (3 blocks per SM) 396 fit
     fits, why = once_fits(once_launch((64, 64, 3136), "float32"),
-                          DeviceAttributes(sm_count=132), 3)
-    assert not fits and "3136 blocks" in why  # ResNet's 64x56x56 at batch 64: 64 x 49 blocks
+                          DeviceAttributes(sm_count=132), 80, 0)
+    assert not fits and "3136 blocks" in why and "396 fit at once" in why
 
 
-@pytest.mark.parametrize("case", ["nchw-splits", "nhwc", "nhwc-tiles"])
+@pytest.mark.parametrize("case", ["nchw-splits", "nhwc", "nhwc-tiles", "nchw-staged",
+                                  "nhwc-tiles-staged"])
 def test_clean_and_bitwise_stable_under_schedule_seeds(case):
     """emu's inter-block race checker runs on every access of the forward and
-    the backward (with the epilogue); several block schedules give bitwise
-    the same results (the partials merge in index order)."""
-    x, z, w, b, rm, rv = _data(SHAPES[case], np.float16)
+    the backward (with the epilogue), its block race checker on every
+    shared-memory access (the staged values included); several block
+    schedules give bitwise the same results (the partials merge in index
+    order)."""
+    x, z, w, b, rm, rv = _data(CASES[case], np.float16)
     dy = np.random.default_rng(5).standard_normal(x.shape).astype(np.float16)
+    dev = _device(case)
 
     def run():
-        y, mean, invstd, log = _run(_emu(True), x, z, w, b, rm.copy(), rv.copy(), True)
+        y, mean, invstd, log = _run(_emu(True, dev), x, z, w, b, rm.copy(), rv.copy(), True)
         assert len(log) == 1 and catalog.kernel_of(log[0].kernel).name.startswith("bn_forward_once")
-        (dx, dw, db, dz), kernels, _ = _backward(_emu(True), dy, x, mean, invstd, w, y)
+        assert (log[0].shared_mem > 0) == (case in STAGED)
+        (dx, dw, db, dz), kernels, _ = _backward(_emu(True, dev), dy, x, mean, invstd, w, y)
         assert len(kernels) == 1 and kernels[0].startswith("bn_backward_once")
         return y, mean, invstd, dx, dw, db, dz
 
@@ -202,7 +254,7 @@ def test_emu_refuses_a_grid_that_is_not_co_resident():
     cfg = once_launch(x.shape, "float32")
     too_many = Launch(cfg.kernel, 1, (3, 2000, 1), cfg.block, 2000, 3 * 2000 * 24, 2)
     y = np.empty_like(x)
-    args = (x, y, None, np.int64(4), np.int32(3), np.int64(64),
+    args = (x, y, None, np.int64(4), np.int32(3), np.int64(64), np.int32(0),
             np.empty(too_many.partial_bytes, np.uint8), np.zeros(2, np.uint32), w, b,
             np.empty(3, np.float32), np.empty(3, np.float32), None, None, np.int32(0),
             np.float32(0.1), np.float32(1e-5))
@@ -258,17 +310,19 @@ def _backward_data(shape, dtype, relu, seed=0):
 
 @pytest.mark.parametrize("epilogue", ["plain", "add-relu"])
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("case", list(SHAPES))
+@pytest.mark.parametrize("case", list(CASES))
 def test_read_once_backward_matches_torch_and_the_two_pass_path(case, dtype, epilogue):
-    shape = SHAPES[case]
+    shape = CASES[case]
     relu = epilogue == "add-relu"
     x, dy, w, y, mean, invstd = _backward_data(shape, dtype, relu)
     layout = "nchw" if shape[2] > 1 else "nhwc"
     out = {}
     for name, read_once in (("once", True), ("two-pass", False)):
-        out[name], kernels, _ = _backward(_emu(read_once), dy, x, mean, invstd, w, y)
+        out[name], kernels, log = _backward(_emu(read_once, _device(case)), dy, x, mean,
+                                            invstd, w, y)
         if read_once:
             assert kernels == [f"bn_backward_once_{layout}"]
+            assert (log[0].shared_mem > 0) == (case in STAGED)
         else:
             assert kernels == [f"bn_backward_reduce_{layout}", f"bn_backward_dx_{layout}"]
     # the ReLU's mask: dresidual is dy where y > 0, else 0, on both paths
@@ -295,7 +349,8 @@ def test_read_once_backward_matches_torch_and_the_two_pass_path(case, dtype, epi
                      extra=sum_tolerance(sum_dy_xhat, red, dtype))
 
 
-@pytest.mark.parametrize("case", ["nchw-splits", "nhwc-tiles"])
+@pytest.mark.parametrize("case", ["nchw-splits", "nhwc-tiles", "nchw-staged",
+                                  "nhwc-tiles-staged"])
 @pytest.mark.parametrize("epilogue,passes", [("plain", 3.0), ("add-relu", 5.0)])
 def test_traffic_backward_one_launch_read_dy_and_x_once(case, epilogue, passes):
     """The issue's table: backward training that fits on chip is 1 launch
@@ -303,9 +358,10 @@ def test_traffic_backward_one_launch_read_dy_and_x_once(case, epilogue, passes):
     x, write dx and dresidual: the mask is read from y)."""
     from test_traffic import _count
 
-    shape = SHAPES[case]
+    shape = CASES[case]
     x, dy, w, y, mean, invstd = _backward_data(shape, np.float32, epilogue == "add-relu")
-    _, _, log = _backward(_emu(None), dy, x, mean, invstd, w, y)
+    _, _, log = _backward(_emu(None, _device(case)), dy, x, mean, invstd, w, y)
+    assert (log[0].shared_mem > 0) == (case in STAGED)
     launches, got, _ = _count(log, x.nbytes)
     assert launches == 1 and got == passes, [r.kernel for r in log]
     _assert_side_traffic(log, shape, 8)
@@ -319,11 +375,13 @@ def test_backward_automatic_choice_and_its_reasons(monkeypatch, capfd):
     assert kernels == ["bn_backward_once_nchw"]
     assert "backward training: read-once (the tensor fits on chip: 4 blocks" in \
         capfd.readouterr().err
-    small = DeviceAttributes(sm_count=1, name="small")
+    small = DeviceAttributes(sm_count=1, max_blocks_per_sm=3, name="small")
     _, kernels, _ = _backward(_emu(None, small), dy, x, mean, invstd, w, None)
     assert kernels == ["bn_backward_reduce_nchw", "bn_backward_dx_nchw"]
-    assert "backward training: two-pass (the tensor needs 4 blocks of 32 threads x 16 values " \
-           "on chip, 3 fit at once (1 SMs x 3))" in capfd.readouterr().err
+    most = (227 * 1024 - _static_shared("bn_backward_once_nchw")) // (32 * 2 * 4)
+    err = capfd.readouterr().err
+    assert f"backward training: two-pass (the tensor needs 4 blocks of 32 threads x 16 + {most} " \
+           f"values" in err and "on chip, 1 fit at once (1 SMs x 1))" in err
     nocoop = DeviceAttributes(sm_count=132, name="old", cooperative_launch=False)
     _, kernels, _ = _backward(_emu(None, nocoop), dy, x, mean, invstd, w, None)
     assert len(kernels) == 2 and "old has no cooperative launches" in capfd.readouterr().err
@@ -392,3 +450,58 @@ def test_public_backward_is_read_once_and_matches_finite_differences(monkeypatch
     num = numeric_gradients(lambda *a: float((forward(*a, "numpy")[0] * r).sum()), [x, w, b, z])
     for name, g, n in zip(("dx", "dweight", "dbias", "dresidual"), got, num):
         np.testing.assert_allclose(g, n, rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+def test_a_tensor_beyond_registers_and_shared_memory_takes_the_two_pass_path(monkeypatch,
+                                                                            capfd):
+    """One SM of 256 threads with 16 KiB of shared memory (15 KiB a block)
+    holds 256 x 16 values in registers and, next to the forward's static
+    shared memory, (15 KiB - static) / (256 threads x 4 bytes) = 13 float32
+    values per thread staged: 256 x 29 = 7424 values, fewer than the 18000 of
+    a (6, 3, 1000) tensor (3 channels: 3 blocks at the least, 1 resident).
+    The plan falls back to the two-pass kernels and says so with the most
+    it could hold; forced read-once is an error before any state changes."""
+    monkeypatch.setenv("GPUBN_DEBUG_KERNELS", "1")
+    tiny = DeviceAttributes(sm_count=1, max_threads_per_sm=256, shared_per_sm=16 * 1024,
+                            max_shared_per_block_optin=15 * 1024, name="tiny")
+    x, z, w, b, rm, rv = _data((6, 3, 1000), np.float32)
+    capfd.readouterr()
+    *_, log = _run(_emu(None, tiny), x, z, w, b, rm, rv, True)
+    assert [catalog.kernel_of(r.kernel).name for r in log] == ["bn_stats_nchw", "bn_apply_nchw"]
+    most = (15 * 1024 - _static_shared("bn_forward_once_nchw")) // (256 * 4)
+    assert most == 13
+    err = capfd.readouterr().err
+    assert f"two-pass (the tensor needs 3 blocks of 256 threads x 16 + {most} values" in err
+    assert "on chip, 1 fit at once (1 SMs x 1))" in err
+    rm0 = rm.copy()
+    with pytest.raises(ValueError, match="read_once=True, but the read-once forward cannot run"):
+        _run(_emu(True, tiny), x, z, w, b, rm, rv, True)
+    assert np.array_equal(rm, rm0)
+
+
+def test_launch_opts_in_to_the_devices_shared_memory_above_48k():
+    """Dynamic shared memory above 48 KiB minus the static needs the
+    function's opt-in (CUDA's cudaFuncAttributeMaxDynamicSharedMemorySize,
+    CuPy's and emu's ``max_dynamic_shared_size_bytes``): the backend raises
+    it to the device's most before such a launch, never lowers it, and
+    leaves it alone below."""
+    class Function:   # a stand-in for a CuPy Function
+        num_regs, shared_size_bytes = 64, 1152
+        max_dynamic_shared_size_bytes = 48 * 1024 - 1152
+
+        def __init__(self):
+            self.launched = []
+
+        def __call__(self, grid, block, args, shared_mem=0):
+            self.launched.append((shared_mem, self.max_dynamic_shared_size_bytes))
+
+    dev = DeviceAttributes(sm_count=4, max_shared_per_block_optin=100_000)
+    be = _emu(None, dev)
+    fn = Function()
+    be._function = lambda cfg, key: fn
+    cfg = Launch("bn_forward_once_nchw", 1, (1, 1, 1), (32, 1, 1))
+    for shared in (0, 40_000, 60_000, 50_000):
+        be._launch(cfg, "float32", (), shared)
+    low = 48 * 1024 - 1152
+    assert fn.launched == [(0, low), (40_000, low), (60_000, 100_000 - 1152),
+                           (50_000, 100_000 - 1152)]

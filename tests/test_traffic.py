@@ -54,8 +54,8 @@ SHAPES = {
 # The read-once kernels' grid barrier counter (argument position): emu counts
 # every poll of it, as many as the block schedule makes (on a GPU one word in
 # L2), so traffic counts leave it out.
-BARRIER_ARG = {"bn_forward_once_nchw": 7, "bn_forward_once_nhwc": 6,
-               "bn_backward_once_nchw": 9, "bn_backward_once_nhwc": 8}
+BARRIER_ARG = {"bn_forward_once_nchw": 8, "bn_forward_once_nhwc": 7,
+               "bn_backward_once_nchw": 10, "bn_backward_once_nhwc": 9}
 
 
 def _count(log, nbytes):

@@ -74,7 +74,8 @@ class CudaBackend(KernelBackend):
                 ("registers_per_sm", "MaxRegistersPerMultiprocessor"),
                 ("shared_per_sm", "MaxSharedMemoryPerMultiprocessor"),
                 ("reserved_shared_per_block", "ReservedSharedMemoryPerBlock"),
-                ("max_blocks_per_sm", "MaxBlocksPerMultiprocessor"))}
+                ("max_blocks_per_sm", "MaxBlocksPerMultiprocessor"),
+                ("max_shared_per_block_optin", "MaxSharedMemoryPerBlockOptin"))}
             attrs = DeviceAttributes(sm_count=int(a["MultiProcessorCount"]),
                                      max_threads_per_block=int(a["MaxThreadsPerBlock"]),
                                      max_grid_y=int(a["MaxGridDimY"]),

@@ -4,8 +4,10 @@ A kernel backend differs from another only in its seven hooks.  A subclass
 must provide four:
 
 * ``_get_function(source, dtype_key, name)``: a compiled kernel callable as
-  ``fn(grid, block, args, shared_mem=0)`` (CuPy ``RawModule`` functions and
-  ``gpubn.emu.RawModule`` functions both are);
+  ``fn(grid, block, args, shared_mem=0)``, reporting ``num_regs`` and
+  ``shared_size_bytes`` and with a settable ``max_dynamic_shared_size_bytes``
+  (CuPy ``RawModule`` functions and ``gpubn.emu.RawModule`` functions both
+  are);
 * ``xp``: the array module (CuPy or NumPy);
 * ``device_attributes()``: the ``gpubn.launch.DeviceAttributes`` the launch
   configuration is computed from;
@@ -192,6 +194,13 @@ class KernelBackend(Backend):
         debug_report(f"{self.name}: launch {name} grid={cfg.grid} block={cfg.block} "
                      f"splits={cfg.splits} shared={shared_mem}")
         args = tuple(NULL_POINTER if a is None else a for a in args)
+        if shared_mem and shared_mem > fn.max_dynamic_shared_size_bytes:
+            # above 48 KiB static + dynamic a function must opt in (CUDA's
+            # cudaFuncAttributeMaxDynamicSharedMemorySize; CuPy's and emu's
+            # Function attribute): always to the device's most, so that
+            # threads launching it concurrently never lower it for another
+            fn.max_dynamic_shared_size_bytes = \
+                self._device().max_shared_per_block_optin - int(fn.shared_size_bytes)
         fn(cfg.grid, cfg.block, args, shared_mem=int(shared_mem))
 
     def _workspace(self, cfg: Launch):
@@ -282,7 +291,8 @@ class KernelBackend(Backend):
             y3 = self.xp.empty_like(x3)
             self._launch(once, key, (x3, y3, residual) + self._once_shape_and_workspace(once, x3)
                          + (weight, bias, mean, invstd, running_mean, running_var, skipped,
-                            np.int32(1 if relu else 0), acc.type(momentum), acc.type(eps)))
+                            np.int32(1 if relu else 0), acc.type(momentum), acc.type(eps)),
+                         once.shared_mem)
             return y3, mean, invstd
         mean_lo = self.xp.empty(channels, dtype=acc)
         self._stats(x3, acc, key, mean, mean_lo, None, invstd, running_mean, running_var,
@@ -293,13 +303,15 @@ class KernelBackend(Backend):
 
     def _once_shape_and_workspace(self, once: Launch, x3) -> tuple:
         """The read-once kernels' arguments after their tensors: the shape
-        (``outer, channels`` plus ``inner`` for channel axis 1), the
-        partials' workspace and this launch's arrival counters."""
+        (``outer, channels`` plus ``inner`` for channel axis 1), the values
+        each thread stages in shared memory, the partials' workspace and
+        this launch's arrival counters."""
         outer, channels, inner = x3.shape
         shape_args = (np.int64(outer), np.int32(channels))
         if once.kernel.endswith("nchw"):
             shape_args += (np.int64(inner),)
-        return shape_args + (self.xp.empty(once.partial_bytes, dtype=np.uint8),
+        return shape_args + (np.int32(once.staged),
+                             self.xp.empty(once.partial_bytes, dtype=np.uint8),
                              self._launch_counters(once.counters))
 
     def _once_plan(self, x3, key: str, op: str) -> Optional[Launch]:
@@ -312,9 +324,12 @@ class KernelBackend(Backend):
         if self.tuning.read_once is False:
             debug_report(f"{self.name}: {op} training: two-pass (Tuning.read_once=False)")
             return None
-        cfg = once_launch(x3.shape, key, op)
-        fits, why = once_fits(cfg, self._device(),
-                              self._blocks_per_sm(self._function(cfg, key), cfg))
+        # the compiled function's registers and static shared memory (CuPy's
+        # and emu's functions report both) decide how many blocks fit per SM
+        fn = self._function(once_launch(x3.shape, key, op), key)
+        resources = (self._device(), int(fn.num_regs), int(fn.shared_size_bytes))
+        cfg = once_launch(x3.shape, key, op, *resources)
+        fits, why = once_fits(cfg, *resources)
         debug_report(f"{self.name}: {op} training: {'read-once' if fits else 'two-pass'} "
                      f"({why})")
         if not fits and self.tuning.read_once:
@@ -449,7 +464,7 @@ class KernelBackend(Backend):
             self._launch(once, key, (dy3, x3, dx3, y_mask, g_out)
                          + self._once_shape_and_workspace(once, x3)
                          + (mean, invstd, weight, sum_dy, sum_dy_xhat,
-                            acc.type(1.0 / (int(outer) * int(inner)))))
+                            acc.type(1.0 / (int(outer) * int(inner)))), once.shared_mem)
         elif training:
             sum_dy, sum_dy_xhat = self._reduce(dy3, x3, key, acc, mean, invstd, None, None,
                                                y_mask, g_out)

@@ -14,9 +14,11 @@ class Device:
     """The GPU whose limits emu enforces (default: H100 / H200, compute capability 9.0).
 
     ``registers_per_thread`` stands in for the register count ptxas would give a
-    kernel, which emu cannot know; it enters only co-residency (cooperative
-    launches).  Shared memory per block is at most ``default_shared_per_block``
-    (static + dynamic) unless the function opts in through
+    kernel, which emu cannot know (every function reports it as ``num_regs``);
+    it enters only co-residency: the cooperative-launch check, and the launch
+    plan of the read-once kernels, which sizes their grids from it.  Shared
+    memory per block is at most ``default_shared_per_block`` (static +
+    dynamic) unless the function opts in through
     ``Function.max_dynamic_shared_size_bytes``, and then at most
     ``max_shared_per_block``; each resident block also costs
     ``reserved_shared_per_block`` of the SM's ``shared_per_sm``.
