@@ -485,8 +485,9 @@ def _ln_forward(x, first, w, b, eps, per, y, mean_out, rstd_out):
             hi = w.dtype.type(mean)
             lo = w.dtype.type(-(mean - np.float64(hi)) * rstd if np.isfinite(hi) else 0.0)
             rs = w.dtype.type(rstd)
+            yr = y[r]   # a 1-D view: a plain unit-stride loop (not xr = x[r] above: see the note)
             for j in range(n):
-                y[r, j] = _st(((_ld(x[r, j]) - hi) * rs + lo) * w[j] + b[j], y)
+                yr[j] = _st(((_ld(x[r, j]) - hi) * rs + lo) * w[j] + b[j], y)
             mean_out[r] = mean
             rstd_out[r] = rstd
 
@@ -501,28 +502,31 @@ def _ln_backward(dy, x, mean, rstd, w, per, dx, pw, pb):
     grads = pw.shape[0] > 0
     for blk in numba.prange(nb):
         if grads:
-            for j in range(n):
-                pw[blk, j] = 0.0
-                pb[blk, j] = 0.0
+            pw[blk, :] = 0.0
+            pb[blk, :] = 0.0
         for r in range(blk * per, min(rows, (blk + 1) * per)):
+            gr, xr, dr = dy[r], x[r], dx[r]     # 1-D views: plain unit-stride loops
             m, rs = mean[r], rstd[r]
             a1 = w.dtype.type(0.0)
             a2 = w.dtype.type(0.0)
             for j in range(n):
-                g = _ld(dy[r, j]) * w[j]
+                g = _ld(gr[j]) * w[j]
                 a1 += g
-                a2 += g * (_ld(x[r, j]) - m)
+                a2 += g * (_ld(xr[j]) - m)
             c1 = w.dtype.type(np.float64(a1) / n)
             c2 = w.dtype.type(np.float64(a2) * np.float64(rs) / n)
-            for j in range(n):
-                xhat = (_ld(x[r, j]) - m) * rs
-                dx[r, j] = _st(rs * (_ld(dy[r, j]) * w[j] - c1 - xhat * c2), dx)
-            if grads:
+            if grads:       # dx and the partial column sums in one loop
+                pwr, pbr = pw[blk], pb[blk]
                 for j in range(n):
-                    xhat = (_ld(x[r, j]) - m) * rs
-                    g = _ld(dy[r, j])
-                    pw[blk, j] += g * xhat
-                    pb[blk, j] += g
+                    xhat = (_ld(xr[j]) - m) * rs
+                    g = _ld(gr[j])
+                    dr[j] = _st(rs * (g * w[j] - c1 - xhat * c2), dx)
+                    pwr[j] += g * xhat
+                    pbr[j] += g
+            else:
+                for j in range(n):
+                    xhat = (_ld(xr[j]) - m) * rs
+                    dr[j] = _st(rs * (_ld(gr[j]) * w[j] - c1 - xhat * c2), dx)
 
 
 @numba.njit(cache=True, fastmath=_FLAGS)
