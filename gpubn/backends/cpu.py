@@ -275,6 +275,7 @@ _TILE_BYTES = 1 << 20   # a tile's data (per array) kept in the cache between tw
 _TILES_MIN = 16         # ... when there are this many tiles to share out
 _BLOCK = 1 << 15        # elements per block of work (about)
 _MAX_BLOCKS = 256
+_SUM_BLOCKS = 16        # most blocks of the column sums (NC, channels-last)
 _FOLD = 64           # rows a column is summed over in the accumulation dtype
 _REDO = 16.0            # (mean - shift)**2 / var above which the sums are taken again
 
@@ -684,7 +685,8 @@ class _Layout:
     ``outer * C`` rows of ``inner`` values, row ``r`` in channel ``r % C``.
     Short runs (NC, channels-last): ``outer`` rows of ``C * inner`` values,
     the per-channel constants repeated to one per column.  Rows are cut into
-    ``nb`` blocks of ``per`` rows of about ``_BLOCK`` values."""
+    ``nb`` blocks of ``per`` rows of about ``_BLOCK`` values (the column sums:
+    ``sum_nb`` blocks of ``sum_per`` rows)."""
 
     def __init__(self, shape):
         outer, self.c, self.inner = shape
@@ -695,6 +697,10 @@ class _Layout:
         self.per = -(-n_rows // nb)
         self.nb = -(-n_rows // self.per)
         self.width = self.c if self.rows else self.shape2[1]   # partial sums per block
+        # the column sums write a row of partials per block: fewer, longer
+        # blocks (at most _SUM_BLOCKS, at least _FOLD rows) keep them small
+        self.sum_per = self.per if self.rows else max(_FOLD, -(-n_rows // _SUM_BLOCKS))
+        self.sum_nb = -(-n_rows // self.sum_per)
 
     def view(self, a3, dtype=None):
         """A canonical array (None: absent, as an empty one of the loops'
@@ -717,10 +723,11 @@ class _Layout:
     def sums(self, x3, dy3, shift, y3=None, g3=None):
         """``_sums`` over the whole array: per-channel float64 totals (with
         ``y3``, of ``dy3`` masked by ``y3 > 0``, written to ``g3``)."""
-        s1, s2 = np.empty((self.nb, self.width)), np.empty((self.nb, self.width))
+        s1, s2 = np.empty((self.sum_nb, self.width)), np.empty((self.sum_nb, self.width))
         dt = x3.dtype
-        _sums(self.nb, self.view(x3), self.view(dy3, dt), self.view(y3, dt),
-              self.expand(shift, dt), self.c, self.rows, self.per, s1, s2, self.view(g3, dt))
+        _sums(self.sum_nb, self.view(x3), self.view(dy3, dt), self.view(y3, dt),
+              self.expand(shift, dt), self.c, self.rows, self.sum_per, s1, s2,
+              self.view(g3, dt))
         return self.channel_sums(s1), self.channel_sums(s2)
 
     def affine(self, x3, dy3, mean, a, b0, k, z3=None, relu=False):
