@@ -7,6 +7,7 @@ state (running statistics, counters) is touched.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Optional, Sequence, Tuple
@@ -16,6 +17,7 @@ import numpy as np
 FLOAT_DTYPES = ("float16", "float32", "float64")
 
 
+@functools.lru_cache(maxsize=None)      # called for every array of every call
 def acc_dtype(dtype) -> np.dtype:
     """Accumulation dtype for a storage dtype: float64 for float64 data,
     float32 for everything narrower (float16, bfloat16, float32)."""

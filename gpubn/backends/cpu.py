@@ -184,6 +184,7 @@ class _jit:
 # each result to nearest even as it is written: no float32 copy of the tensor.
 # The results are bitwise those of NumPy's (float16) and ml_dtypes' (bfloat16)
 # conversions, NaN included (tests/test_cpu_backend.py runs every bit pattern).
+@functools.lru_cache(maxsize=None)      # called for every array of every call
 def _bits_dtype(dtype):
     """The dtype the loops see for data of ``dtype``."""
     if dtype == np.float16:
