@@ -731,11 +731,11 @@ class _Layout:
               self.view(g3, dt))
         return self.channel_sums(s1), self.channel_sums(s2)
 
-    def affine(self, x3, dy3, mean, a, b0, k, z3=None, relu=False):
-        """``_affine`` over the whole array, into a new array of the data's
-        dtype (``x3`` None: ``k * dy3``)."""
+    def affine(self, x3, dy3, mean, a, b0, k, z3=None, relu=False, out=None):
+        """``_affine`` over the whole array, into ``out`` or a new array of
+        the data's dtype (``x3`` None: ``k * dy3``)."""
         like = dy3 if x3 is None else x3
-        out = np.empty(like.shape, like.dtype)
+        out = np.empty(like.shape, like.dtype) if out is None else out
         dt = like.dtype
         _affine(self.nb, self.view(x3, dt), self.view(dy3, dt), self.view(z3, dt), relu,
                 self.expand(mean, dt), self.expand(a, dt), self.expand(b0, dt),
@@ -780,14 +780,15 @@ def _moments(x):
     return shift + dm, m2
 
 
-def _normalize(x3, mean, invstd, weight, bias, z3=None, relu=False):
+def _normalize(x3, mean, invstd, weight, bias, z3=None, relu=False, out=None):
     """``y = (x - mean) * invstd * weight + bias`` per channel (float64
     ``mean`` and ``invstd``; ``weight`` / ``bias`` None for 1 / 0), plus
-    ``z3`` when given, then the ReLU when ``relu``."""
+    ``z3`` when given, then the ReLU when ``relu``; into ``out`` when given."""
     scale = invstd if weight is None else invstd * _f64(weight)
     shift = np.zeros_like(scale) if bias is None else _f64(bias)
     hi, lo = _split(mean, acc_dtype(x3.dtype))
-    return _Layout(x3.shape).affine(x3, None, hi, scale, shift - lo * scale, scale, z3, relu)
+    return _Layout(x3.shape).affine(x3, None, hi, scale, shift - lo * scale, scale, z3, relu,
+                                    out)
 
 
 def _backward_sums(dy3, x3, mean):
@@ -802,13 +803,14 @@ def _masked_backward_sums(dy3, x3, mean, y3):
     return g, _Layout(x3.shape).sums(x3, dy3, mean, y3, g)
 
 
-def _dx(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat, count):
-    """Training dx = weight*invstd*(dy - sum_dy/m - (x - mean)*invstd*sum_dy_xhat/m)."""
+def _dx(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat, count, out=None):
+    """Training dx = weight*invstd*(dy - sum_dy/m - (x - mean)*invstd*sum_dy_xhat/m),
+    into ``out`` when given."""
     invstd = np.asarray(invstd, np.float64)
     k = invstd if weight is None else invstd * np.asarray(weight, np.float64)
     return _Layout(x3.shape).affine(x3, dy3, mean,
                                     invstd * np.asarray(sum_dy_xhat, np.float64) / count,
-                                    np.asarray(sum_dy, np.float64) / count, k)
+                                    np.asarray(sum_dy, np.float64) / count, k, out=out)
 
 
 def _tile_channels(shape, dtype):
@@ -827,13 +829,14 @@ def _tile_channels(shape, dtype):
     return max(1, min(_TILE // inner, _TILE_BYTES // per_channel, c // _TILES_MIN))
 
 
-def _forward_tiles(x3, t, weight, bias, eps, z3, relu):
-    """``(y3, mean, m2)`` of :func:`_tile_forward` (float64 mean and m2)."""
+def _forward_tiles(x3, t, weight, bias, eps, z3, relu, out=None):
+    """``(y3, mean, m2)`` of :func:`_tile_forward` (float64 mean and m2;
+    ``y3`` is ``out`` when given)."""
     acc = acc_dtype(x3.dtype)
     outer, c, inner = x3.shape
     first = x3[0, :, 0].astype(np.float64)
     first[~np.isfinite(first)] = 0.0
-    y3 = np.empty(x3.shape, x3.dtype)
+    y3 = np.empty(x3.shape, x3.dtype) if out is None else out
     mean, m2 = np.empty(c), np.empty(c)
     flat = (outer, c * inner)
     z = _NONE[_bits_dtype(x3.dtype)] if z3 is None else _bits(z3).reshape(flat)
@@ -843,11 +846,12 @@ def _forward_tiles(x3, t, weight, bias, eps, z3, relu):
     return y3, mean, m2
 
 
-def _backward_tiles(dy3, x3, t, mean, invstd, weight):
-    """``(dx3, (sum dy, sum dy * (x - mean)))`` of :func:`_tile_backward`."""
+def _backward_tiles(dy3, x3, t, mean, invstd, weight, out=None):
+    """``(dx3, (sum dy, sum dy * (x - mean)))`` of :func:`_tile_backward`
+    (``dx3`` is ``out`` when given)."""
     acc = acc_dtype(x3.dtype)
     outer, c, inner = x3.shape
-    dx3 = np.empty(x3.shape, x3.dtype)
+    dx3 = np.empty(x3.shape, x3.dtype) if out is None else out
     s1, s2 = np.empty(c), np.empty(c)
     flat = (outer, c * inner)
     _tile_backward(-(-c // t), _bits(dy3).reshape(flat), _bits(x3).reshape(flat),
@@ -868,39 +872,39 @@ class CpuBackend(HostBackend):
         return _moments(x3)
 
     def bn_forward_train(self, x3, weight, bias, running_mean, running_var, momentum, eps,
-                         skipped=None):
+                         skipped=None, out=None):
         return self.bn_forward_train_act(x3, weight, bias, running_mean, running_var, momentum,
-                                         eps, None, False, skipped)
+                                         eps, None, False, skipped, out)
 
     @_serialized
     def bn_forward_train_act(self, x3, weight, bias, running_mean, running_var, momentum, eps,
-                             residual, relu, skipped=None):
+                             residual, relu, skipped=None, out=None):
         tile = _tile_channels(x3.shape, x3.dtype)
         if tile:
             # one loop computes the statistics and y: the passes hand over its results
-            y3, mean, m2 = _forward_tiles(x3, tile, weight, bias, eps, residual, relu)
+            y3, mean, m2 = _forward_tiles(x3, tile, weight, bias, eps, residual, relu, out)
             return host_forward_train(x3, lambda _: (mean, m2), lambda *_: y3, eps,
                                       running_mean, running_var, momentum, skipped)
         return host_forward_train(
             x3, _moments,
-            lambda mean, invstd: _normalize(x3, mean, invstd, weight, bias, residual, relu),
+            lambda mean, invstd: _normalize(x3, mean, invstd, weight, bias, residual, relu, out),
             eps, running_mean, running_var, momentum, skipped)
 
-    def bn_forward_eval(self, x3, weight, bias, running_mean, running_var, eps):
+    def bn_forward_eval(self, x3, weight, bias, running_mean, running_var, eps, out=None):
         return self.bn_forward_eval_act(x3, weight, bias, running_mean, running_var, eps,
-                                        None, False)
+                                        None, False, out)
 
     def bn_forward_eval_act(self, x3, weight, bias, running_mean, running_var, eps, residual,
-                            relu):
+                            relu, out=None):
         mean, invstd = host_eval_constants(x3, running_mean, running_var, eps)
-        return self._apply(x3, mean, invstd, weight, bias, residual, relu), mean, invstd
+        return self._apply(x3, mean, invstd, weight, bias, residual, relu, out), mean, invstd
 
     def bn_apply(self, x3, mean, invstd, weight, bias):
         return self._apply(x3, mean, invstd, weight, bias, None, False)
 
     @_serialized
-    def _apply(self, x3, mean, invstd, weight, bias, residual, relu):
-        return _normalize(x3, _f64(mean), _f64(invstd), weight, bias, residual, relu)
+    def _apply(self, x3, mean, invstd, weight, bias, residual, relu, out=None):
+        return _normalize(x3, _f64(mean), _f64(invstd), weight, bias, residual, relu, out)
 
     @_serialized
     def bn_backward_reduce(self, dy3, x3, mean, invstd):
@@ -913,21 +917,21 @@ class CpuBackend(HostBackend):
         return _dx(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat, count)
 
     @_serialized
-    def bn_backward(self, dy3, x3, mean, invstd, weight, training):
-        return self._backward(dy3, x3, mean, invstd, weight, training)
+    def bn_backward(self, dy3, x3, mean, invstd, weight, training, out=None):
+        return self._backward(dy3, x3, mean, invstd, weight, training, out=out)
 
     @_serialized
-    def bn_backward_relu(self, dy3, x3, mean, invstd, weight, y3, training):
+    def bn_backward_relu(self, dy3, x3, mean, invstd, weight, y3, training, out=None):
         g3, sums = _masked_backward_sums(dy3, x3, mean, y3)
-        return (*self._backward(g3, x3, mean, invstd, weight, training, sums), g3)
+        return (*self._backward(g3, x3, mean, invstd, weight, training, sums, out), g3)
 
-    def _backward(self, dy3, x3, mean, invstd, weight, training, sums=None):
+    def _backward(self, dy3, x3, mean, invstd, weight, training, sums=None, out=None):
         """:meth:`bn_backward`, given the per-channel ``(sum dy, sum dy * (x -
         mean))`` or (None) computing them."""
         acc = acc_dtype(x3.dtype)
         tile = _tile_channels(x3.shape, x3.dtype) if sums is None and training else 0
         if tile:
-            dx3, sums = _backward_tiles(dy3, x3, tile, mean, invstd, weight)
+            dx3, sums = _backward_tiles(dy3, x3, tile, mean, invstd, weight, out)
         elif sums is None:
             sums = _backward_sums(dy3, x3, mean)
         sum_dy, sum_dy_xmu = sums
@@ -936,11 +940,11 @@ class CpuBackend(HostBackend):
             pass     # dx3 came with the sums
         elif training:
             dx3 = _dx(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat,
-                      x3.shape[0] * x3.shape[2])
+                      x3.shape[0] * x3.shape[2], out)
         else:   # statistics held fixed: dx = dy * weight * invstd
             k = _f64(invstd) if weight is None else _f64(invstd) * _f64(weight)
             unused = np.zeros_like(k)
-            dx3 = _Layout(x3.shape).affine(None, dy3, unused, unused, unused, k)
+            dx3 = _Layout(x3.shape).affine(None, dy3, unused, unused, unused, k, out=out)
         return dx3, sum_dy_xhat.astype(acc), sum_dy.astype(acc)
 
     # -- layer norm ----------------------------------------------------
