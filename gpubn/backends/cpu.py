@@ -22,8 +22,8 @@ passes as the GPU kernels:
 
 Work is cut into blocks by the shape alone (never by the thread count).  Each
 block writes its own partial sums, and the partials are added in block order,
-so the results are bitwise the same for any number of threads (a
-tile is summed in order, on one thread).  A canonical
+so the results are bitwise the same for any number of threads (a tile is
+summed in order, on one thread).  A canonical
 ``(outer, C, inner)`` array is walked in memory order: rows of ``inner``
 values of one channel when ``inner`` is long (NCHW), else whole ``C * inner``
 rows with the per-channel constants streamed alongside (NC, channels-last),
