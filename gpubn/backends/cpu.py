@@ -562,11 +562,22 @@ def _tile_sums(x, dy, j0, k, inner, t1, t2):
 
 
 @numba.njit(cache=True)
-def _per_column(v, c0, inner, out):
-    """``out[j] = v[c0 + j // inner]``: per-channel values of a tile, one
-    per column."""
-    for j in range(out.size):
+def _tile_span(tile, t, channels, inner):
+    """Tile ``tile`` of ``t`` channels: its first channel, its number of
+    channels, its first column and its number of columns."""
+    c0 = tile * t
+    tc = min(channels, c0 + t) - c0
+    return c0, tc, c0 * inner, tc * inner
+
+
+@numba.njit(cache=True)
+def _per_column(v, c0, inner, width):
+    """The per-channel values ``v`` of a tile from channel ``c0`` on, one
+    per column: ``out[j] = v[c0 + j // inner]``, ``width`` columns."""
+    out = np.empty(width, v.dtype)
+    for j in range(width):
         out[j] = v[c0 + j // inner]
+    return out
 
 
 @_jit
@@ -585,14 +596,9 @@ def _tile_forward(x, z, relu, first, w, b, eps, inner, t, y, mean_out, m2_out):
     add = z.size > 0
     zero = w.dtype.type(0.0)
     for tile in numba.prange((C + t - 1) // t):
-        c0 = tile * t
-        tc = min(C, c0 + t) - c0
-        j0 = c0 * inner
-        L = tc * inner
-        k = np.empty(L, w.dtype)
-        _per_column(first, c0, inner, k)
-        t1 = np.empty(tc)
-        t2 = np.empty(tc)
+        c0, tc, j0, L = _tile_span(tile, t, C, inner)
+        k = _per_column(first, c0, inner, L)
+        t1, t2 = np.empty(tc), np.empty(tc)
         for again in range(2):
             _tile_sums(x, x[:0], j0, k, inner, t1, t2)
             far = False
@@ -644,14 +650,9 @@ def _tile_backward(dy, x, mean, invstd, w, inner, t, s1_out, s2_out, dx):
     C = mean.size
     count = N * inner
     for tile in numba.prange((C + t - 1) // t):
-        c0 = tile * t
-        tc = min(C, c0 + t) - c0
-        j0 = c0 * inner
-        L = tc * inner
-        m = np.empty(L, mean.dtype)
-        _per_column(mean, c0, inner, m)
-        t1 = np.empty(tc)
-        t2 = np.empty(tc)
+        c0, tc, j0, L = _tile_span(tile, t, C, inner)
+        m = _per_column(mean, c0, inner, L)
+        t1, t2 = np.empty(tc), np.empty(tc)
         _tile_sums(x, dy, j0, m, inner, t1, t2)
         f = np.empty(L, mean.dtype)
         a = np.empty(L, mean.dtype)
