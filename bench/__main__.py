@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ops to run (repeatable; default all)")
     p.add_argument("--provider", action="append", default=None,
                    help="providers to run (repeatable; e.g. torch-cpu, gpubn-numpy, gpubn-cpu, "
+                        "gpubn-cpu-out, "
                         "naive-numpy, torch-cuda, torch-cuda-native, gpubn-cuda)")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed calls per measurement (default 5 CPU, 50 GPU; 3 with --quick)")
@@ -253,7 +254,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             wanted = args.provider and [p for p in args.provider if not p.endswith("cuda")]
             if args.provider and not wanted:
                 raise SystemExit("error: --provider names no CPU provider "
-                                 "(torch-cpu, gpubn-numpy, gpubn-cpu, naive-numpy)")
+                                 "(torch-cpu, gpubn-numpy, gpubn-cpu, gpubn-cpu-out, naive-numpy)")
             providers = select(cpu_providers(), wanted)
             repeats = args.repeats or (3 if args.quick else 5)
             _host_yardsticks(machine, providers, quick=args.quick)

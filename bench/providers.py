@@ -85,14 +85,20 @@ class Provider:
 
 class GpubnProvider(Provider):
     """gpubn's public functional API on one backend (``numpy`` or ``cpu`` on
-    the CPU, ``cuda`` on the GPU)."""
+    the CPU, ``cuda`` on the GPU).  ``out=True`` (batch norm only, named
+    ``gpubn-<backend>-out``): y and dx are written into arrays allocated once
+    in ``prepare`` (``out=`` of batch_norm_forward / batch_norm_backward), as
+    a training loop that keeps its buffers would."""
 
     peer = False
 
-    def __init__(self, backend: str = "numpy"):
+    def __init__(self, backend: str = "numpy", out: bool = False):
         self.backend = backend
-        self.name = f"gpubn-{backend}"
+        self.out = out
+        self.name = f"gpubn-{backend}" + ("-out" if out else "")
         self.device = "gpu" if backend == "cuda" else "cpu"
+        if out:
+            self.note = "y and dx written into the caller's arrays (out=)"
 
     def _gpubn(self):
         return importlib.import_module("gpubn")
@@ -115,6 +121,8 @@ class GpubnProvider(Provider):
         reason = epilogue_unsupported(case, op)
         if reason:
             return reason
+        if self.out and case.kind != "batch_norm":
+            return "out= is batch norm's (batch_norm_forward / batch_norm_backward)"
         fwd_name, bwd_name = _FORWARD_NAMES[case.kind]
         gpubn = self._gpubn()
         for fname in (fwd_name, bwd_name) if op != "fwd_infer" else (fwd_name,):
@@ -153,11 +161,14 @@ class GpubnProvider(Provider):
         if op in EPILOGUE_OPS:
             epilogue = dict(residual=xp.asarray(residual(setup)), activation="relu")
 
+        into_y, into_dx = {}, {}
+        if self.out:
+            into_y, into_dx = {"out": xp.empty_like(x)}, {"out": xp.empty_like(x)}
         if case.kind == "batch_norm":
             def forward():
                 return fwd_fn(x, weight=w, bias=b, running_mean=rm, running_var=rv,
                               training=training, momentum=MOMENTUM, eps=EPS, axis=case.axis,
-                              backend=backend, **epilogue)
+                              backend=backend, **epilogue, **into_y)
         elif case.kind == "batch_renorm":
             def forward():
                 return fwd_fn(x, weight=w, bias=b, running_mean=rm, running_std=rv, rmax=RMAX,
@@ -173,11 +184,11 @@ class GpubnProvider(Provider):
             return lambda: (forward()[0],)
         if op in ("bwd", "bwd_add_relu"):
             _, saved = forward()
-            return lambda: tuple(bwd_fn(dy, saved))
+            return lambda: tuple(bwd_fn(dy, saved, **into_dx))
         if op == "fwd_bwd":
             def fwd_bwd():
                 y, saved = forward()
-                return (y,) + tuple(bwd_fn(dy, saved))
+                return (y,) + tuple(bwd_fn(dy, saved, **into_dx))
             return fwd_bwd
         raise ValueError(f"unknown op {op!r}")
 
@@ -413,9 +424,10 @@ def cuda_event_timer(fn, repeats, warmup, event_cls, synchronize) -> List[float]
 
 def cpu_providers() -> List[Provider]:
     """The CPU line-up: PyTorch CPU (the peer), gpubn's numpy reference (the
-    peer when PyTorch is missing) and its fused cpu backend, the naive
-    textbook version."""
-    return [TorchProvider("cpu"), GpubnProvider("numpy"), GpubnProvider("cpu"), NaiveProvider()]
+    peer when PyTorch is missing) and its fused cpu backend (also writing
+    into the caller's arrays), the naive textbook version."""
+    return [TorchProvider("cpu"), GpubnProvider("numpy"), GpubnProvider("cpu"),
+            GpubnProvider("cpu", out=True), NaiveProvider()]
 
 
 def select(providers: Sequence[Provider], names: Optional[Sequence[str]]):

@@ -7,6 +7,7 @@ state (running statistics, counters) is touched.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Optional, Sequence, Tuple
@@ -16,6 +17,7 @@ import numpy as np
 FLOAT_DTYPES = ("float16", "float32", "float64")
 
 
+@functools.lru_cache(maxsize=None)      # called for every array of every call
 def acc_dtype(dtype) -> np.dtype:
     """Accumulation dtype for a storage dtype: float64 for float64 data,
     float32 for everything narrower (float16, bfloat16, float32)."""
@@ -306,6 +308,30 @@ def check_residual(residual, shape, dtype, backend, name: str = "residual", like
     shape, dtype and array module (on the device of ``like``, the input)."""
     if residual is not None:
         check_tensor_like(residual, shape, dtype, backend, name, "x", like)
+
+
+def check_out(out, shape, dtype, order, backend, like_name: str, reads, like=None,
+              name: str = "out"):
+    """Where an op writes its result of ``like_name``'s shape and dtype:
+    None, or a writeable array of that shape, dtype and array module (on the
+    device of ``like``), laid out in memory as the result would be (its axes
+    in ``order``, :func:`layout_order` of the input, C-contiguous: a
+    C-contiguous array, or channels-last memory for a channels-last input),
+    sharing no memory with any array in ``reads`` (a dict of the names and
+    arrays the op reads)."""
+    if out is None:
+        return
+    check_tensor_like(out, shape, dtype, backend, name, like_name, like)
+    if not getattr(out.flags, "writeable", True):
+        raise ValueError(f"{name} must be writeable")
+    laid = out if tuple(order) == tuple(range(out.ndim)) else out.transpose(order)
+    if not laid.flags.c_contiguous:
+        kind = "C-contiguous" if tuple(order) == tuple(range(out.ndim)) else \
+            f"contiguous in the axis order {tuple(order)} (the input's)"
+        raise ValueError(f"{name} must be laid out as the result: {kind}")
+    for n, a in reads.items():
+        if a is not None and backend.xp.may_share_memory(out, a):
+            raise ValueError(f"{name} must not share memory with {n}")
 
 
 def check_grad_output(dy, shape, dtype, backend, name: str = "dy", like=None):

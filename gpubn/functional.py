@@ -200,7 +200,7 @@ def prepare_forward(x, *, weight, bias, training, momentum, eps, axis, backend,
 def batch_norm_forward(x, *, weight=None, bias=None, running_mean=None, running_var=None,
                        training=True, momentum=0.1, eps=1e-5, axis=1, backend=None,
                        num_batches_tracked=None, guard_running_stats=False,
-                       virtual_batch_size=None, residual=None, activation=None):
+                       virtual_batch_size=None, residual=None, activation=None, out=None):
     """Batch normalization over every axis of ``x`` except the channel ``axis``.
 
     Returns ``(y, saved)``: ``y`` has the shape and dtype of ``x``; ``saved`` is a
@@ -227,6 +227,12 @@ def batch_norm_forward(x, *, weight=None, bias=None, running_mean=None, running_
       (each optional; computed in the accumulation dtype, rounded once).
       The backward then returns the residual's gradient as well and takes
       the ReLU's mask from ``y`` (keep ``y`` unmodified until then).
+
+    ``out`` (optional) receives ``y``, which is then ``out`` itself: an array
+    of x's shape, dtype and array module, laid out in memory as ``y`` would be
+    (C-contiguous, or channels-last for a channels-last ``x``), sharing no
+    memory with ``x`` or ``residual``.  It saves allocating ``y``, which on
+    the host is a fresh page-faulted array every call.
 
     ``x`` may be float16 or bfloat16 (``ml_dtypes.bfloat16``; statistics in
     float32), float32 or float64, of any layout: channels-last memory with
@@ -262,8 +268,8 @@ def batch_norm_forward(x, *, weight=None, bias=None, running_mean=None, running_
         nonlocal groups
         V.check_bn_vectors(weight, bias, running_mean, running_var, c, be, training, like=x)
         V.check_residual(residual, x.shape, x.dtype, be, like=x)
+        axis_ = V.normalize_axis(axis, x.ndim)
         if training:
-            axis_ = V.normalize_axis(axis, x.ndim)
             groups = V.check_virtual_batch_size(virtual_batch_size, x.shape, axis_)
             outer, _, inner = V.canonical_shape(tuple(x.shape), axis_)
             if groups > 1 and outer * inner // groups < 2:
@@ -274,6 +280,11 @@ def batch_norm_forward(x, *, weight=None, bias=None, running_mean=None, running_
                 raise ValueError(f"virtual_batch_size={virtual_batch_size} cannot be combined "
                                  f"with residual= or activation= (the residual-block epilogue "
                                  f"runs on whole batches only)")
+        order = V.layout_order(x, axis_)
+        if groups > 1 and order[0] != 0:
+            order = tuple(range(x.ndim))    # ghost groups run on a copy in the given order
+        V.check_out(out, x.shape, x.dtype, order, be, "x", {"x": x, "residual": residual},
+                    like=x)
 
     f = prepare_forward(x, weight=weight, bias=bias, training=training, momentum=momentum,
                         eps=eps, axis=axis, backend=backend,
@@ -290,8 +301,11 @@ def batch_norm_forward(x, *, weight=None, bias=None, running_mean=None, running_
     z3 = None if residual is None else V.canonical_view(residual, f.axis, xp, f.order)
     if guard and f.training and running_mean is not None:
         skipped = xp.empty(f.x3.shape[1], dtype="int32")
+    # out= reaches the backend only when given (wrappers without it keep working)
+    into = {} if out is None else {"out": V.canonical_view(out, f.axis, xp, f.order)}
     if f.training and groups > 1:
-        y3, mean, invstd, m2 = be.bn_forward_train_groups(f.x3, groups, f.weight, f.bias, f.eps)
+        y3, mean, invstd, m2 = be.bn_forward_train_groups(f.x3, groups, f.weight, f.bias, f.eps,
+                                                          **into)
         if running_mean is not None:
             f.update_running(running_mean, running_var, lambda rm, rv: update_running_groups(
                 xp, rm, rv, mean, m2, f.count // groups, f.factor, skipped))
@@ -302,26 +316,28 @@ def batch_norm_forward(x, *, weight=None, bias=None, running_mean=None, running_
             y3, mean, invstd = f.update_running(
                 running_mean, running_var,
                 lambda rm, rv: be.bn_forward_train_act(f.x3, f.weight, f.bias, rm, rv, f.factor,
-                                                       f.eps, z3, relu, **guarded))
+                                                       f.eps, z3, relu, **guarded, **into))
         else:
             y3, mean, invstd = f.update_running(
                 running_mean, running_var,
                 lambda rm, rv: be.bn_forward_train(f.x3, f.weight, f.bias, rm, rv, f.factor,
-                                                   f.eps, **guarded))
+                                                   f.eps, **guarded, **into))
     else:
         rm, rv = to_acc(xp, running_mean, f.acc), to_acc(xp, running_var, f.acc)
         if fused:
             y3, mean, invstd = be.bn_forward_eval_act(f.x3, f.weight, f.bias, rm, rv, f.eps, z3,
-                                                      relu)
+                                                      relu, **into)
         else:
-            y3, mean, invstd = be.bn_forward_eval(f.x3, f.weight, f.bias, rm, rv, f.eps)
-    return f.output(y3), f.saved(mean, invstd, f.weight, skipped=skipped, groups=groups,
+            y3, mean, invstd = be.bn_forward_eval(f.x3, f.weight, f.bias, rm, rv, f.eps, **into)
+    return out if out is not None else f.output(y3), f.saved(mean, invstd, f.weight, skipped=skipped, groups=groups,
                                  y3=y3 if relu else None, residual=residual is not None)
 
 
-def batch_norm_backward(dy, saved: BatchNormSaved):
+def batch_norm_backward(dy, saved: BatchNormSaved, *, out=None):
     """Gradients of :func:`batch_norm_forward`: ``(dx, dweight, dbias)``, and
     ``(dx, dweight, dbias, dresidual)`` when the forward added a ``residual``.
+    ``out`` (optional) receives ``dx``, as ``out`` of the forward receives
+    ``y`` (here sharing no memory with ``dy``, the saved input or ``y``).
 
     ``dx`` has the input's shape and dtype.  ``dweight`` / ``dbias`` are per-channel
     (in the dtype of the weight / bias given to the forward), or None when that
@@ -339,21 +355,25 @@ def batch_norm_backward(dy, saved: BatchNormSaved):
                         f"got {type(saved).__name__}")
     be = saved.backend
     V.check_grad_output(dy, saved.shape, saved.dtype, be, like=saved.x3)
+    V.check_out(out, saved.shape, saved.dtype, saved.order, be, "the forward input",
+                {"dy": dy, "the saved input": saved.x3, "the forward's y": saved.y3},
+                like=saved.x3)
     dy3 = V.canonical_view(dy, saved.axis, be.xp, saved.order)
+    into = {} if out is None else {"out": V.canonical_view(out, saved.axis, be.xp, saved.order)}
     dresidual = dy
     if saved.groups > 1:
         dx3, dw, db = be.bn_backward_groups(dy3, saved.x3, saved.mean, saved.invstd,
-                                            saved.weight)
+                                            saved.weight, **into)
     elif saved.y3 is not None:
         dx3, dw, db, g3 = be.bn_backward_relu(dy3, saved.x3, saved.mean, saved.invstd,
-                                              saved.weight, saved.y3, saved.training)
+                                              saved.weight, saved.y3, saved.training, **into)
         dresidual = V.from_canonical(g3, saved.shape, saved.order)
     else:
         dx3, dw, db = be.bn_backward(dy3, saved.x3, saved.mean, saved.invstd, saved.weight,
-                                     saved.training)
+                                     saved.training, **into)
     dweight = None if saved.weight_dtype is None else dw.astype(saved.weight_dtype, copy=False)
     dbias = None if saved.bias_dtype is None else db.astype(saved.bias_dtype, copy=False)
-    dx = V.from_canonical(dx3, saved.shape, saved.order)
+    dx = out if out is not None else V.from_canonical(dx3, saved.shape, saved.order)
     if saved.residual:
         return dx, dweight, dbias, dresidual
     return dx, dweight, dbias

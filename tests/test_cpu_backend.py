@@ -27,7 +27,7 @@ CPU = gpubn.backends.get_backend("cpu")
 ALL_DTYPES = (np.float16, np.float32, np.float64) + ((BFLOAT16,) if BFLOAT16 is not None else ())
 
 # (outer, C, inner): NC, channels-last-like short runs, NCHW runs, one channel,
-# NCHW with enough channels to run channel by channel
+# the last: NCHW with enough channels to run tile by tile
 SHAPES = [(300, 7, 1), (40, 5, 3), (6, 4, 50), (3, 1, 200), (5, 16, 40)]
 
 
@@ -64,15 +64,19 @@ def _ops(be, x, dy, w, b):
                          ids=lambda d: np.dtype(d).name)
 def test_every_method_matches_the_reference(shape, dtype):
     x, dy, w, b = _case(shape, dtype)
-    got, ref = _ops(CPU, x, dy, w, b), _ops(REF, x, dy, w, b)
-    m = shape[0] * shape[2]
+    _assert_ops_match(_ops(CPU, x, dy, w, b), _ops(REF, x, dy, w, b), x, w)
+
+
+def _assert_ops_match(got, ref, x, w):
+    """:func:`_ops`' results of the backend against the reference's."""
+    m = x.shape[0] * x.shape[2]
     for name, e in ref.items():
         a = got[name]
         assert a.dtype == e.dtype and a.shape == e.shape, name
         # sums over m values carry about sqrt(m) roundings of the data's precision
         scale = max(1.0, m ** 0.5 / 4) if name in ("dw", "db", "sum_dy", "sum_dy_xhat",
                                                    "st_m2") else 1.0
-        assert_close(a, e, dtype if name not in ("rm", "rv") else w.dtype, name, scale=scale)
+        assert_close(a, e, x.dtype if name not in ("rm", "rv") else w.dtype, name, scale=scale)
 
 
 def test_layer_norm_matches_the_reference():
@@ -192,7 +196,7 @@ def test_results_are_bitwise_the_same_for_any_thread_count(many_blocks, monkeypa
                                                            dtype):
     shape = (shape[0] * 4,) + shape[1:]
     x, dy, w, b = _case(shape, dtype, seed=2)
-    assert cpu._Layout(x.shape).nb > 4
+    assert cpu._Layout(x.shape).nb > 4 and cpu._Layout(x.shape).sum_nb > 2
     runs = []
     for threads in ("1", "2", "3"):
         monkeypatch.setenv("GPUBN_NUM_THREADS", threads)
@@ -437,26 +441,54 @@ def test_half_precision_results_are_those_of_float32_rounded(shape, dtype):
                                       err_msg=name)
 
 
-# ------------------------------------------------- channel by channel (NCHW) ---
-def test_channel_by_channel_is_chosen_by_the_shape(monkeypatch):
+# ------------------------------------------------- tiles of channels (NCHW) ---
+def test_tiles_of_channels_are_chosen_by_the_shape(monkeypatch):
     """NCHW runs with many channels whose values fit the cache budget run the
-    per-channel loops (one read of x forward, one of x and dy backward); too
-    few channels, short runs or too much data per channel the blocked ones."""
+    fused tile loops (one read of x forward, one of x and dy backward); too
+    few channels, short runs or too much data per channel the blocked ones.
+    Tiles are whole channels, about _TILE columns, and at least _TILES_MIN
+    of them."""
     ran = []
-    for name in ("_channel_forward", "_channel_backward", "_sums", "_affine"):
+    for name in ("_tile_forward", "_tile_backward", "_sums", "_affine"):
         real = getattr(cpu, name)
         monkeypatch.setattr(cpu, name, lambda *a, _real=real, _name=name:
                             ran.append(_name) or _real(*a))
-    fits = cpu._CHANNEL_BYTES // 4 // 50
-    for shape, per_channel in [((fits, 16, 50), True), ((fits + 1, 16, 50), False),
-                               ((4, 15, 50), False), ((50, 16, 15), False)]:
+    fits = cpu._TILE_BYTES // 4 // 50
+    for shape, tiled in [((fits, 16, 50), True), ((fits + 1, 16, 50), False),
+                         ((4, 15, 50), False), ((50, 16, 15), False)]:
         x, dy, w, b = _case(shape, np.float32)
         ran.clear()
         _, mean, invstd = CPU.bn_forward_train(x, w, b, None, None, 0.1, 1e-5)
         CPU.bn_backward(dy, x, mean, invstd, w, True)
-        expected = (["_channel_forward", "_channel_backward"] if per_channel
+        expected = (["_tile_forward", "_tile_backward"] if tiled
                     else ["_sums", "_affine", "_sums", "_affine"])
         assert ran == expected, shape
+    # channels per tile: 2048 // 49 columns; then the cache budget; then 16 tiles
+    assert cpu._tile_channels((32, 2048, 49), np.float32) == 41
+    assert cpu._tile_channels((4096, 2048, 49), np.float32) == (1 << 20) // (4096 * 49 * 4)
+    assert cpu._tile_channels((32, 64, 20), np.float32) == 4
+    assert cpu._tile_channels((32, 64, 3136), np.float32) == 1
+
+
+@pytest.mark.parametrize("shape", [(4, 64, 20), (5, 70, 16), (130, 32, 17)],
+                         ids=["tiles-of-4", "last-tile-short", "rows-over-fold"])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64],
+                         ids=lambda d: np.dtype(d).name)
+def test_tiles_of_several_channels_match_the_reference(shape, dtype):
+    """Tiles of several channels (a short last tile; more rows than one
+    _FOLD): forward, backward and the residual + ReLU epilogue against the
+    float64 reference."""
+    t = cpu._tile_channels(shape, dtype)
+    assert t > 1 and (shape[1] % t or shape[0] > cpu._FOLD or shape == (4, 64, 20))
+    x, dy, w, b = _case(shape, dtype)
+    _assert_ops_match(_ops(CPU, x, dy, w, b), _ops(REF, x, dy, w, b), x, w)
+    z = np.random.default_rng(3).standard_normal(shape).astype(dtype)
+    c = shape[1]
+    y, _, _ = CPU.bn_forward_train_act(x, w, b, np.zeros(c, w.dtype), np.ones(c, w.dtype),
+                                       0.1, 1e-5, z, True)
+    y_ref, _, _ = REF.bn_forward_train_act(x, w, b, np.zeros(c, w.dtype), np.ones(c, w.dtype),
+                                           0.1, 1e-5, z, True)
+    assert_close(y, y_ref, dtype, "y (add + relu)")
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32], ids=lambda d: np.dtype(d).name)
@@ -468,7 +500,7 @@ def test_channel_by_channel_statistics_summed_again_when_the_shift_is_far(dtype)
     base, off = (1e4, 100.0) if dtype == np.float32 else (100.0, 10.0)
     x = (base + np.random.default_rng(4).standard_normal((4, 16, 2000))).astype(dtype)
     x[0, :, 0] += off
-    assert cpu._per_channel_fits(x.shape, x.dtype)
+    assert cpu._tile_channels(x.shape, x.dtype)
     xs = np.moveaxis(x, 1, 0).reshape(16, -1).astype(np.float64)
     _, mean, invstd = CPU.bn_forward_train(x, None, None, None, None, 0.1, 0.0)
     np.testing.assert_allclose(mean, xs.mean(axis=1), rtol=1e-7)

@@ -57,8 +57,12 @@ class Backend:
         raise NotImplementedError
 
     def bn_forward_train(self, x3, weight, bias, running_mean, running_var,
-                         momentum: float, eps: float, skipped=None) -> Tuple[Any, Any, Any]:
-        """Training forward: returns ``(y3, mean, invstd)``.
+                         momentum: float, eps: float, skipped=None,
+                         out=None) -> Tuple[Any, Any, Any]:
+        """Training forward: returns ``(y3, mean, invstd)``; ``y3`` is ``out``
+        (a C-contiguous array like ``x3``, or None: a new one).  The same
+        ``out`` is taken by every method that returns a tensor of ``x3``'s
+        shape first (forward: y3, backward: dx3).
 
         Normalizes with the biased batch variance.  When ``running_mean`` /
         ``running_var`` are not None they are updated in place with the given
@@ -71,7 +75,7 @@ class Backend:
         raise NotImplementedError
 
     def bn_forward_train_groups(self, x3, groups: int, weight, bias,
-                                eps: float) -> Tuple[Any, Any, Any, Any]:
+                                eps: float, out=None) -> Tuple[Any, Any, Any, Any]:
         """Ghost batch norm's training forward: the outer extent of ``x3`` is
         ``groups`` consecutive equal batches, each normalized with its own
         statistics (shared weight and bias).  Returns ``(y3, mean, invstd,
@@ -84,7 +88,7 @@ class Backend:
         """
         xp = self.xp
         step = x3.shape[0] // groups
-        y3 = xp.empty_like(x3)
+        y3 = xp.empty_like(x3) if out is None else out
         mean, invstd, m2 = [], [], []
         for g in range(groups):
             xg = x3[g * step:(g + 1) * step]
@@ -97,7 +101,8 @@ class Backend:
             m2.append(st.m2)
         return y3, xp.stack(mean), xp.stack(invstd), xp.stack(m2)
 
-    def bn_backward_groups(self, dy3, x3, mean, invstd, weight) -> Tuple[Any, Any, Any]:
+    def bn_backward_groups(self, dy3, x3, mean, invstd, weight,
+                           out=None) -> Tuple[Any, Any, Any]:
         """Backward of :meth:`bn_forward_train_groups` (``mean`` / ``invstd``
         ``(groups, C)``): each group's training backward; ``dweight`` /
         ``dbias`` are summed over the groups.  Kernel backends override it
@@ -105,7 +110,7 @@ class Backend:
         xp = self.xp
         groups = mean.shape[0]
         step = x3.shape[0] // groups
-        dx3 = xp.empty_like(x3)
+        dx3 = xp.empty_like(x3) if out is None else out
         dw, db = [], []
         for g in range(groups):
             sl = slice(g * step, (g + 1) * step)
@@ -116,7 +121,7 @@ class Backend:
         return dx3, xp.stack(dw).sum(axis=0), xp.stack(db).sum(axis=0)
 
     def bn_forward_eval(self, x3, weight, bias, running_mean, running_var,
-                        eps: float) -> Tuple[Any, Any, Any]:
+                        eps: float, out=None) -> Tuple[Any, Any, Any]:
         """Inference forward with running statistics: ``(y3, mean, invstd)``
         where mean is running_mean and invstd = 1/sqrt(running_var + eps)."""
         raise NotImplementedError
@@ -137,7 +142,7 @@ class Backend:
         raise NotImplementedError
 
     def bn_backward(self, dy3, x3, mean, invstd, weight,
-                    training: bool) -> Tuple[Any, Any, Any]:
+                    training: bool, out=None) -> Tuple[Any, Any, Any]:
         """Fused backward: ``(dx3, dweight, dbias)``; dweight/dbias in the
         accumulation dtype.  ``training=False`` holds the statistics fixed
         (dx = dy * weight * invstd)."""
@@ -150,31 +155,32 @@ class Backend:
     # backends run it inside their forward and backward launches.
     def bn_forward_train_act(self, x3, weight, bias, running_mean, running_var,
                              momentum: float, eps: float, residual,
-                             relu: bool, skipped=None) -> Tuple[Any, Any, Any]:
+                             relu: bool, skipped=None, out=None) -> Tuple[Any, Any, Any]:
         """:meth:`bn_forward_train` (``skipped`` as there) followed by the
         epilogue."""
         guarded = {} if skipped is None else {"skipped": skipped}
         _, mean, invstd = self.bn_forward_train(x3, weight, bias, running_mean, running_var,
                                                 momentum, eps, **guarded)
-        return (epilogue_reference(self.xp, x3, mean, invstd, weight, bias, residual, relu),
-                mean, invstd)
+        return (into(out, epilogue_reference(self.xp, x3, mean, invstd, weight, bias,
+                                             residual, relu)), mean, invstd)
 
     def bn_forward_eval_act(self, x3, weight, bias, running_mean, running_var, eps: float,
-                            residual, relu: bool) -> Tuple[Any, Any, Any]:
+                            residual, relu: bool, out=None) -> Tuple[Any, Any, Any]:
         """:meth:`bn_forward_eval` followed by the epilogue."""
         _, mean, invstd = self.bn_forward_eval(x3, weight, bias, running_mean, running_var, eps)
-        return (epilogue_reference(self.xp, x3, mean, invstd, weight, bias, residual, relu),
-                mean, invstd)
+        return (into(out, epilogue_reference(self.xp, x3, mean, invstd, weight, bias,
+                                             residual, relu)), mean, invstd)
 
     def bn_backward_relu(self, dy3, x3, mean, invstd, weight, y3,
-                         training: bool) -> Tuple[Any, Any, Any, Any]:
+                         training: bool, out=None) -> Tuple[Any, Any, Any, Any]:
         """Backward through ``y3 = relu(bn(x3) + residual)``: the ReLU's mask
         comes from ``y3`` (``g = 0 where y3 <= 0, else dy``), then
         :meth:`bn_backward` of ``g``.  Returns ``(dx3, dweight, dbias, g3)``;
         ``g3`` is also the residual's gradient."""
         xp = self.xp
         g3 = xp.where(y3 <= 0, xp.zeros((), dtype=dy3.dtype), dy3)
-        dx3, dw, db = self.bn_backward(g3, x3, mean, invstd, weight, training)
+        dx3, dw, db = self.bn_backward(g3, x3, mean, invstd, weight, training,
+                                       **({} if out is None else {"out": out}))
         return dx3, dw, db, g3
 
     # -- batch renorm --------------------------------------------------
@@ -259,8 +265,9 @@ def host_forward_train(x3, moments, normalize, eps: float, running_mean, running
                        momentum: float, skipped=None) -> Tuple[Any, Any, Any]:
     """``Backend.bn_forward_train`` of a host backend from its two passes:
     ``moments(x3) -> (mean, m2)`` and ``normalize(mean, invstd) -> y3``
-    (float64 per-channel vectors in both).  The biased variance normalizes,
-    the unbiased one goes into the running statistics."""
+    (float64 per-channel vectors in both; ``normalize`` honours ``out=``).
+    The biased variance normalizes, the unbiased one goes into the running
+    statistics."""
     acc = acc_dtype(x3.dtype)
     count = x3.shape[0] * x3.shape[2]
     mean, m2 = moments(x3)
@@ -341,6 +348,16 @@ def guard_skips(xp, mean, unbiased_var, acc):
     finishing step."""
     with np.errstate(over="ignore", invalid="ignore"):
         return ~(xp.isfinite(mean.astype(acc)) & xp.isfinite(unbiased_var.astype(acc)))
+
+
+def into(out, a):
+    """``a``, or (``out`` given) ``out`` holding ``a``'s values: how a
+    backend that computes a tensor elsewhere (the reference) honours
+    ``out=``."""
+    if out is None:
+        return a
+    out[...] = a
+    return out
 
 
 def epilogue_reference(xp, x3, mean, invstd, weight, bias, residual, relu: bool):

@@ -12,25 +12,27 @@ passes as the GPU kernels:
   loop of the sums, which writes the masked gradient (``dresidual``) that the
   ``dx`` loop then reads in place of ``dy``;
 * NCHW training with many channels whose values fit the cache
-  (:func:`_per_channel_fits`): one loop per channel does both passes of a
-  direction, the second over values the first just read, so memory sees one
-  read of ``x`` and a write of ``y`` forward, one read of ``x`` and ``dy``
-  and a write of ``dx`` backward (the floor);
+  (:func:`_tile_channels`): one loop per tile of channels (their runs side
+  by side, so short runs make long rows) does both passes of a direction,
+  the second over values the first just read, so memory sees one read of
+  ``x`` and a write of ``y`` forward, one read of ``x`` and ``dy`` and a
+  write of ``dx`` backward (the floor);
 * layer norm: one read and one write per direction (a row is normalized while
   it is still in the cache).
 
 Work is cut into blocks by the shape alone (never by the thread count).  Each
 block writes its own partial sums, and the partials are added in block order,
-so the results are bitwise the same for any number of threads (the
-per-channel loops sum each channel's runs in order, on one thread).  A canonical
+so the results are bitwise the same for any number of threads (a tile is
+summed in order, on one thread).  A canonical
 ``(outer, C, inner)`` array is walked in memory order: rows of ``inner``
 values of one channel when ``inner`` is long (NCHW), else whole ``C * inner``
 rows with the per-channel constants streamed alongside (NC, channels-last),
 where the loop over channels is the one the compiler vectorizes.
 
 Accuracy: sums are taken around a per-channel (per-row for layer norm) shift,
-the first value of the channel, within a row in the data's precision and
-across rows in float64; a channel whose mean lands far from its shift is
+the first value of the channel, within a row (NCHW) or over up to
+``_FOLD`` rows (NC, channels-last) in the data's precision and across those
+in float64; a channel whose mean lands far from its shift is
 summed again around the mean.  Normalization subtracts the mean as
 ``hi + lo`` (``x - hi`` is exact near the mean, ``lo`` folds into the
 per-channel constants), so ``1e4 + N(0, 1)`` float32 data keeps float32
@@ -182,6 +184,7 @@ class _jit:
 # each result to nearest even as it is written: no float32 copy of the tensor.
 # The results are bitwise those of NumPy's (float16) and ml_dtypes' (bfloat16)
 # conversions, NaN included (tests/test_cpu_backend.py runs every bit pattern).
+@functools.lru_cache(maxsize=None)      # called for every array of every call
 def _bits_dtype(dtype):
     """The dtype the loops see for data of ``dtype``."""
     if dtype == np.float16:
@@ -268,10 +271,13 @@ def _st_impl(v, like):
 
 
 _ROWS_MIN = 16          # inner extent from which a channel's runs are walked one by one
-_CHANNEL_BYTES = 1 << 20    # a channel's data (per array) kept in the cache between two loops
-_CHANNELS_MIN = 16      # ... when there are this many channels to share out
+_TILE = 2048            # columns of a channel tile of the fused NCHW loops (about)
+_TILE_BYTES = 1 << 20   # a tile's data (per array) kept in the cache between two loops
+_TILES_MIN = 16         # ... when there are this many tiles to share out
 _BLOCK = 1 << 15        # elements per block of work (about)
 _MAX_BLOCKS = 256
+_SUM_BLOCKS = 16        # most blocks of the column sums (NC, channels-last)
+_FOLD = 64           # rows a column is summed over in the accumulation dtype
 _REDO = 16.0            # (mean - shift)**2 / var above which the sums are taken again
 
 
@@ -280,6 +286,51 @@ _REDO = 16.0            # (mean - shift)**2 / var above which the sums are taken
 # bits); each is read through _ld and written through _st.  The per-channel
 # vectors are in the accumulation dtype (float32, or float64 for float64 data),
 # which the accumulators take from them.
+@numba.njit(cache=True, fastmath=_FLAGS)
+def _column_sums(x, dy, r0, r1, j0, k, a1, a2):
+    """Add to ``a1[j]`` and ``a2[j]`` (in the accumulation dtype) the sums
+    over rows ``[r0, r1)`` of column ``j0 + j`` of the 2-D ``x``, for ``d = x
+    - k[j]``: ``d`` and ``d * d``, or with ``dy`` values ``dy`` and ``dy *
+    d``.  Vectorized along the row, four rows at a time (the accumulators
+    are loaded and stored once per four rows)."""
+    L = k.size
+    with_dy = dy.size > 0
+    r = r0
+    while r + 4 <= r1:
+        x0, x1 = x[r, j0:j0 + L], x[r + 1, j0:j0 + L]
+        x2, x3 = x[r + 2, j0:j0 + L], x[r + 3, j0:j0 + L]
+        if with_dy:
+            g0, g1 = dy[r, j0:j0 + L], dy[r + 1, j0:j0 + L]
+            g2, g3 = dy[r + 2, j0:j0 + L], dy[r + 3, j0:j0 + L]
+            for j in range(L):
+                kj = k[j]
+                e0, e1, e2, e3 = _ld(g0[j]), _ld(g1[j]), _ld(g2[j]), _ld(g3[j])
+                a1[j] += (e0 + e1) + (e2 + e3)
+                a2[j] += ((e0 * (_ld(x0[j]) - kj) + e1 * (_ld(x1[j]) - kj))
+                          + (e2 * (_ld(x2[j]) - kj) + e3 * (_ld(x3[j]) - kj)))
+        else:
+            for j in range(L):
+                kj = k[j]
+                d0, d1 = _ld(x0[j]) - kj, _ld(x1[j]) - kj
+                d2, d3 = _ld(x2[j]) - kj, _ld(x3[j]) - kj
+                a1[j] += (d0 + d1) + (d2 + d3)
+                a2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+        r += 4
+    for r in range(r, r1):
+        x0 = x[r, j0:j0 + L]
+        if with_dy:
+            g0 = dy[r, j0:j0 + L]
+            for j in range(L):
+                e0 = _ld(g0[j])
+                a1[j] += e0
+                a2[j] += e0 * (_ld(x0[j]) - k[j])
+        else:
+            for j in range(L):
+                d0 = _ld(x0[j]) - k[j]
+                a1[j] += d0
+                a2[j] += d0 * d0
+
+
 @_jit
 def _sums(x, dy, y, shift, nc, rows, per, s1, s2, g_out):
     """Partial sums per block ``b`` of ``per`` rows of the 2-D view ``x``
@@ -306,42 +357,45 @@ def _sums(x, dy, y, shift, nc, rows, per, s1, s2, g_out):
                 k = shift[q]
                 a1 = zero
                 a2 = zero
+                xr = x[r]   # rows as 1-D views: plain unit-stride loops
                 if masked:
+                    gr, yr, go = dy[r], y[r], g_out[r]
                     for i in range(W):
-                        g = zero if _ld(y[r, i]) <= 0 else _ld(dy[r, i])
-                        g_out[r, i] = _st(g, g_out)
+                        g = zero if _ld(yr[i]) <= 0 else _ld(gr[i])
+                        go[i] = _st(g, g_out)
                         a1 += g
-                        a2 += g * (_ld(x[r, i]) - k)
+                        a2 += g * (_ld(xr[i]) - k)
                 elif with_dy:
+                    gr = dy[r]
                     for i in range(W):
-                        g = _ld(dy[r, i])
+                        g = _ld(gr[i])
                         a1 += g
-                        a2 += g * (_ld(x[r, i]) - k)
+                        a2 += g * (_ld(xr[i]) - k)
                 else:
                     for i in range(W):
-                        d = _ld(x[r, i]) - k
+                        d = _ld(xr[i]) - k
                         a1 += d
                         a2 += d * d
                 s1[b, q] += a1
                 s2[b, q] += a2
         else:
-            for r in range(b * per, r1):
+            # column sums in the accumulation dtype over at most _FOLD rows
+            # at a time, folded into float64
+            a1 = np.empty(W, shift.dtype)
+            a2 = np.empty(W, shift.dtype)
+            for f0 in range(b * per, r1, _FOLD):
+                f1 = min(r1, f0 + _FOLD)
                 if masked:
-                    for q in range(W):
-                        g = zero if _ld(y[r, q]) <= 0 else _ld(dy[r, q])
-                        g_out[r, q] = _st(g, g_out)
-                        s1[b, q] += np.float64(g)
-                        s2[b, q] += np.float64(g) * np.float64(_ld(x[r, q]) - shift[q])
-                elif with_dy:
-                    for q in range(W):
-                        g = np.float64(_ld(dy[r, q]))
-                        s1[b, q] += g
-                        s2[b, q] += g * np.float64(_ld(x[r, q]) - shift[q])
-                else:
-                    for q in range(W):
-                        d = np.float64(_ld(x[r, q]) - shift[q])
-                        s1[b, q] += d
-                        s2[b, q] += d * d
+                    for r in range(f0, f1):
+                        for q in range(W):
+                            g_out[r, q] = _st(zero if _ld(y[r, q]) <= 0 else _ld(dy[r, q]),
+                                              g_out)
+                a1[:] = zero
+                a2[:] = zero
+                _column_sums(x, g_out if masked else dy, f0, f1, 0, shift, a1, a2)
+                for q in range(W):
+                    s1[b, q] += np.float64(a1[q])
+                    s2[b, q] += np.float64(a2[q])
 
 
 @_jit
@@ -358,36 +412,47 @@ def _affine(x, dy, z, relu, mean, a, b0, k, nc, rows, per, out):
     zero = mean.dtype.type(0.0)
     nb = (R + per - 1) // per
     for b in numba.prange(nb):
-        r1 = min(R, (b + 1) * per)
-        for r in range(b * per, r1):
+        for r in range(b * per, min(R, (b + 1) * per)):
+            o = out[r]      # rows as 1-D views: plain unit-stride loops
             if rows:
                 q = r % nc
                 m, s, t, f = mean[q], a[q], b0[q], k[q]
                 if with_dy and not with_x:
+                    g = dy[r]
                     for i in range(W):
-                        out[r, i] = _st(f * _ld(dy[r, i]), out)
+                        o[i] = _st(f * _ld(g[i]), out)
                 elif with_dy:
+                    g, xr = dy[r], x[r]
                     for i in range(W):
-                        out[r, i] = _st(f * (_ld(dy[r, i]) - t - (_ld(x[r, i]) - m) * s), out)
+                        o[i] = _st(f * (_ld(g[i]) - t - (_ld(xr[i]) - m) * s), out)
+                elif add:
+                    xr, zr = x[r], z[r]
+                    for i in range(W):
+                        v = (_ld(xr[i]) - m) * s + t + _ld(zr[i])
+                        o[i] = _st(zero if relu and v <= 0 else v, out)
                 else:
+                    xr = x[r]
                     for i in range(W):
-                        v = (_ld(x[r, i]) - m) * s + t
-                        if add:
-                            v += _ld(z[r, i])
-                        out[r, i] = _st(zero if relu and v <= 0 else v, out)
+                        v = (_ld(xr[i]) - m) * s + t
+                        o[i] = _st(zero if relu and v <= 0 else v, out)
             elif with_dy and not with_x:
+                g = dy[r]
                 for q in range(W):
-                    out[r, q] = _st(k[q] * _ld(dy[r, q]), out)
+                    o[q] = _st(k[q] * _ld(g[q]), out)
             elif with_dy:
+                g, xr = dy[r], x[r]
                 for q in range(W):
-                    out[r, q] = _st(k[q] * (_ld(dy[r, q]) - b0[q] - (_ld(x[r, q]) - mean[q])
-                                            * a[q]), out)
+                    o[q] = _st(k[q] * (_ld(g[q]) - b0[q] - (_ld(xr[q]) - mean[q]) * a[q]), out)
+            elif add:
+                xr, zr = x[r], z[r]
+                for q in range(W):
+                    v = (_ld(xr[q]) - mean[q]) * a[q] + b0[q] + _ld(zr[q])
+                    o[q] = _st(zero if relu and v <= 0 else v, out)
             else:
+                xr = x[r]
                 for q in range(W):
-                    v = (_ld(x[r, q]) - mean[q]) * a[q] + b0[q]
-                    if add:
-                        v += _ld(z[r, q])
-                    out[r, q] = _st(zero if relu and v <= 0 else v, out)
+                    v = (_ld(xr[q]) - mean[q]) * a[q] + b0[q]
+                    o[q] = _st(zero if relu and v <= 0 else v, out)
 
 
 @_jit
@@ -422,8 +487,9 @@ def _ln_forward(x, first, w, b, eps, per, y, mean_out, rstd_out):
             hi = w.dtype.type(mean)
             lo = w.dtype.type(-(mean - np.float64(hi)) * rstd if np.isfinite(hi) else 0.0)
             rs = w.dtype.type(rstd)
+            yr = y[r]   # a 1-D view: a plain unit-stride loop (not xr = x[r] above: see the note)
             for j in range(n):
-                y[r, j] = _st(((_ld(x[r, j]) - hi) * rs + lo) * w[j] + b[j], y)
+                yr[j] = _st(((_ld(x[r, j]) - hi) * rs + lo) * w[j] + b[j], y)
             mean_out[r] = mean
             rstd_out[r] = rstd
 
@@ -438,122 +504,170 @@ def _ln_backward(dy, x, mean, rstd, w, per, dx, pw, pb):
     grads = pw.shape[0] > 0
     for blk in numba.prange(nb):
         if grads:
-            for j in range(n):
-                pw[blk, j] = 0.0
-                pb[blk, j] = 0.0
+            pw[blk, :] = 0.0
+            pb[blk, :] = 0.0
         for r in range(blk * per, min(rows, (blk + 1) * per)):
+            gr, xr, dr = dy[r], x[r], dx[r]     # 1-D views: plain unit-stride loops
             m, rs = mean[r], rstd[r]
             a1 = w.dtype.type(0.0)
             a2 = w.dtype.type(0.0)
             for j in range(n):
-                g = _ld(dy[r, j]) * w[j]
+                g = _ld(gr[j]) * w[j]
                 a1 += g
-                a2 += g * (_ld(x[r, j]) - m)
+                a2 += g * (_ld(xr[j]) - m)
             c1 = w.dtype.type(np.float64(a1) / n)
             c2 = w.dtype.type(np.float64(a2) * np.float64(rs) / n)
-            for j in range(n):
-                xhat = (_ld(x[r, j]) - m) * rs
-                dx[r, j] = _st(rs * (_ld(dy[r, j]) * w[j] - c1 - xhat * c2), dx)
-            if grads:
+            if grads:       # dx and the partial column sums in one loop
+                pwr, pbr = pw[blk], pb[blk]
                 for j in range(n):
-                    xhat = (_ld(x[r, j]) - m) * rs
-                    g = _ld(dy[r, j])
-                    pw[blk, j] += g * xhat
-                    pb[blk, j] += g
+                    xhat = (_ld(xr[j]) - m) * rs
+                    g = _ld(gr[j])
+                    dr[j] = _st(rs * (g * w[j] - c1 - xhat * c2), dx)
+                    pwr[j] += g * xhat
+                    pbr[j] += g
+            else:
+                for j in range(n):
+                    xhat = (_ld(xr[j]) - m) * rs
+                    dr[j] = _st(rs * (_ld(gr[j]) * w[j] - c1 - xhat * c2), dx)
 
 
 @numba.njit(cache=True, fastmath=_FLAGS)
-def _channel_sums(x, dy, c, k, zero):
-    """Float64 totals over channel ``c`` of a ``(N, C, HW)`` array of the
-    run sums (in the dtype of ``zero``) of ``d = x - k``: ``(sum d, sum d *
-    d)``, or with ``dy`` values ``(sum dy, sum dy * d)``."""
-    N, _, HW = x.shape
-    with_dy = dy.size > 0
-    t1 = 0.0
-    t2 = 0.0
-    for n in range(N):
-        a1 = zero
-        a2 = zero
-        if with_dy:
-            for i in range(HW):
-                g = _ld(dy[n, c, i])
-                a1 += g
-                a2 += g * (_ld(x[n, c, i]) - k)
-        else:
-            for i in range(HW):
-                d = _ld(x[n, c, i]) - k
-                a1 += d
-                a2 += d * d
-        t1 += np.float64(a1)
-        t2 += np.float64(a2)
-    return t1, t2
+def _tile_sums(x, dy, j0, k, inner, t1, t2):
+    """Float64 totals per channel, into ``t1`` / ``t2``, of the columns
+    ``[j0, j0 + k.size)`` (whole channels of ``inner`` columns each) of the
+    2-D ``(N, C * inner)`` view ``x``: for ``d = x - k[j]`` (``k``: a shift
+    per column) ``(sum d, sum d * d)``, or with ``dy`` values ``(sum dy, sum
+    dy * d)``.  A column is summed in the accumulation dtype (``k``'s) over
+    ``_FOLD`` rows at a time (:func:`_column_sums`), those sums and a
+    channel's columns in float64."""
+    N = x.shape[0]
+    L = k.size
+    zero = k.dtype.type(0.0)
+    a1 = np.empty(L, k.dtype)
+    a2 = np.empty(L, k.dtype)
+    t1[:] = 0.0
+    t2[:] = 0.0
+    for f0 in range(0, N, _FOLD):
+        a1[:] = zero
+        a2[:] = zero
+        _column_sums(x, dy, f0, min(N, f0 + _FOLD), j0, k, a1, a2)
+        for c in range(t1.size):
+            s1 = 0.0
+            s2 = 0.0
+            for i in range(c * inner, (c + 1) * inner):
+                s1 += np.float64(a1[i])
+                s2 += np.float64(a2[i])
+            t1[c] += s1
+            t2[c] += s2
+
+
+@numba.njit(cache=True)
+def _tile_span(tile, t, channels, inner):
+    """Tile ``tile`` of ``t`` channels: its first channel, its number of
+    channels, its first column and its number of columns."""
+    c0 = tile * t
+    tc = min(channels, c0 + t) - c0
+    return c0, tc, c0 * inner, tc * inner
+
+
+@numba.njit(cache=True)
+def _per_column(v, c0, inner, width):
+    """The per-channel values ``v`` of a tile from channel ``c0`` on, one
+    per column: ``out[j] = v[c0 + j // inner]``, ``width`` columns."""
+    out = np.empty(width, v.dtype)
+    for j in range(width):
+        out[j] = v[c0 + j // inner]
+    return out
 
 
 @_jit
-def _channel_forward(x, z, relu, first, w, b, eps, y, mean_out, m2_out):
-    """Training forward of a ``(N, C, HW)`` array one channel at a time, for
-    channels whose ``N`` runs stay in the cache between the two loops: the
-    statistics as in :func:`_moments` (runs summed around ``first[c]`` in the
-    accumulation dtype, totals in float64, summed again around the mean when
-    that was far off), then ``y`` as in :func:`_normalize` (plus ``z`` and
-    the ReLU as in :func:`_affine`) from the runs just read: one read of
+def _tile_forward(x, z, relu, first, w, b, eps, inner, t, y, mean_out, m2_out):
+    """Training forward of the 2-D ``(N, C * inner)`` view of an NCHW array,
+    ``t`` channels (a tile: their runs side by side) at a time, for tiles
+    whose ``N`` rows stay in the cache between the two loops: the statistics
+    as in :func:`_moments` (around each channel's ``first`` value; a tile
+    with a channel whose mean was far off is summed again, that channel
+    around its mean), then ``y`` as in :func:`_normalize` (plus ``z`` and
+    the ReLU as in :func:`_affine`) from the rows just read: one read of
     ``x`` from memory instead of two."""
-    N, C, HW = x.shape
-    count = N * HW
-    for c in numba.prange(C):
-        k = first[c]
-        t1 = 0.0
-        t2 = 0.0
-        for _ in range(2):
-            t1, t2 = _channel_sums(x, x[:0], c, k, w.dtype.type(0.0))
-            dm = t1 / count
-            m2 = t2 - t1 * dm
-            if not dm * dm * count > _REDO * m2:      # False for NaN
+    N = x.shape[0]
+    C = first.size
+    count = N * inner
+    add = z.size > 0
+    zero = w.dtype.type(0.0)
+    for tile in numba.prange((C + t - 1) // t):
+        c0, tc, j0, L = _tile_span(tile, t, C, inner)
+        k = _per_column(first, c0, inner, L)
+        t1, t2 = np.empty(tc), np.empty(tc)
+        for again in range(2):
+            _tile_sums(x, x[:0], j0, k, inner, t1, t2)
+            far = False
+            for c in range(tc):
+                dm = t1[c] / count
+                if again == 0 and dm * dm * count > _REDO * (t2[c] - t1[c] * dm):  # not NaN
+                    far = True
+                    k[c * inner:(c + 1) * inner] = w.dtype.type(np.float64(k[c * inner]) + dm)
+            if not far:
                 break
-            k = w.dtype.type(np.float64(k) + dm)
-        dm = t1 / count
-        m2 = t2 - t1 * dm
-        if m2 < 0.0:
-            m2 = 0.0
-        mean = np.float64(k) + dm
-        invstd = 1.0 / np.sqrt(m2 / count + eps)
-        scale = invstd * np.float64(w[c])
-        hi = w.dtype.type(mean)
-        lo = mean - np.float64(hi) if np.isfinite(hi) else 0.0
-        s = w.dtype.type(scale)
-        t = w.dtype.type(np.float64(b[c]) - lo * scale)
-        zero = w.dtype.type(0.0)
-        add = z.size > 0
+        hi = np.empty(L, w.dtype)
+        s = np.empty(L, w.dtype)
+        sh = np.empty(L, w.dtype)
+        for c in range(tc):
+            dm = t1[c] / count
+            m2 = t2[c] - t1[c] * dm
+            if m2 < 0.0:
+                m2 = 0.0
+            mean = np.float64(k[c * inner]) + dm
+            invstd = 1.0 / np.sqrt(m2 / count + eps)
+            scale = invstd * np.float64(w[c0 + c])
+            h = w.dtype.type(mean)
+            lo = mean - np.float64(h) if np.isfinite(h) else 0.0
+            hi[c * inner:(c + 1) * inner] = h
+            s[c * inner:(c + 1) * inner] = w.dtype.type(scale)
+            sh[c * inner:(c + 1) * inner] = w.dtype.type(np.float64(b[c0 + c]) - lo * scale)
+            mean_out[c0 + c] = mean
+            m2_out[c0 + c] = m2
         for n in range(N):
-            for i in range(HW):
-                v = (_ld(x[n, c, i]) - hi) * s + t
-                if add:
-                    v += _ld(z[n, c, i])
-                y[n, c, i] = _st(zero if relu and v <= 0 else v, y)
-        mean_out[c] = mean
-        m2_out[c] = m2
+            xr, yr = x[n, j0:j0 + L], y[n, j0:j0 + L]
+            if add:
+                zr = z[n, j0:j0 + L]
+                for j in range(L):
+                    v = (_ld(xr[j]) - hi[j]) * s[j] + sh[j] + _ld(zr[j])
+                    yr[j] = _st(zero if relu and v <= 0 else v, y)
+            else:
+                for j in range(L):
+                    v = (_ld(xr[j]) - hi[j]) * s[j] + sh[j]
+                    yr[j] = _st(zero if relu and v <= 0 else v, y)
 
 
 @_jit
-def _channel_backward(dy, x, mean, invstd, w, s1_out, s2_out, dx):
-    """Training backward of a ``(N, C, HW)`` array one channel at a time
-    (see :func:`_channel_forward`): the two sums as in :func:`_sums`, then
-    ``dx`` as in :func:`_dx` from the runs just read: one read of ``x`` and
-    ``dy`` from memory instead of two."""
-    N, C, HW = x.shape
-    count = N * HW
-    for c in numba.prange(C):
-        m = mean[c]
-        t1, t2 = _channel_sums(x, dy, c, m, mean.dtype.type(0.0))
-        inv = np.float64(invstd[c])
-        f = mean.dtype.type(inv * np.float64(w[c]))
-        a = mean.dtype.type(inv * (t2 * inv) / count)
-        b0 = mean.dtype.type(t1 / count)
+def _tile_backward(dy, x, mean, invstd, w, inner, t, s1_out, s2_out, dx):
+    """Training backward of the 2-D ``(N, C * inner)`` view of an NCHW
+    array a tile at a time (see :func:`_tile_forward`): the two sums as in
+    :func:`_sums`, then ``dx`` as in :func:`_dx` from the rows just read:
+    one read of ``x`` and ``dy`` from memory instead of two."""
+    N = x.shape[0]
+    C = mean.size
+    count = N * inner
+    for tile in numba.prange((C + t - 1) // t):
+        c0, tc, j0, L = _tile_span(tile, t, C, inner)
+        m = _per_column(mean, c0, inner, L)
+        t1, t2 = np.empty(tc), np.empty(tc)
+        _tile_sums(x, dy, j0, m, inner, t1, t2)
+        f = np.empty(L, mean.dtype)
+        a = np.empty(L, mean.dtype)
+        b0 = np.empty(L, mean.dtype)
+        for c in range(tc):
+            inv = np.float64(invstd[c0 + c])
+            f[c * inner:(c + 1) * inner] = mean.dtype.type(inv * np.float64(w[c0 + c]))
+            a[c * inner:(c + 1) * inner] = mean.dtype.type(inv * (t2[c] * inv) / count)
+            b0[c * inner:(c + 1) * inner] = mean.dtype.type(t1[c] / count)
+            s1_out[c0 + c] = t1[c]
+            s2_out[c0 + c] = t2[c]
         for n in range(N):
-            for i in range(HW):
-                dx[n, c, i] = _st(f * (_ld(dy[n, c, i]) - b0 - (_ld(x[n, c, i]) - m) * a), dx)
-        s1_out[c] = t1
-        s2_out[c] = t2
+            gr, xr, dr = dy[n, j0:j0 + L], x[n, j0:j0 + L], dx[n, j0:j0 + L]
+            for j in range(L):
+                dr[j] = _st(f[j] * (_ld(gr[j]) - b0[j] - (_ld(xr[j]) - m[j]) * a[j]), dx)
 
 
 # ------------------------------------------------------------- helpers -----
@@ -573,7 +687,8 @@ class _Layout:
     ``outer * C`` rows of ``inner`` values, row ``r`` in channel ``r % C``.
     Short runs (NC, channels-last): ``outer`` rows of ``C * inner`` values,
     the per-channel constants repeated to one per column.  Rows are cut into
-    ``nb`` blocks of ``per`` rows of about ``_BLOCK`` values."""
+    ``nb`` blocks of ``per`` rows of about ``_BLOCK`` values (the column sums:
+    ``sum_nb`` blocks of ``sum_per`` rows)."""
 
     def __init__(self, shape):
         outer, self.c, self.inner = shape
@@ -584,6 +699,10 @@ class _Layout:
         self.per = -(-n_rows // nb)
         self.nb = -(-n_rows // self.per)
         self.width = self.c if self.rows else self.shape2[1]   # partial sums per block
+        # the column sums write a row of partials per block: fewer, longer
+        # blocks (at most _SUM_BLOCKS, at least _FOLD rows) keep them small
+        self.sum_per = self.per if self.rows else max(_FOLD, -(-n_rows // _SUM_BLOCKS))
+        self.sum_nb = -(-n_rows // self.sum_per)
 
     def view(self, a3, dtype=None):
         """A canonical array (None: absent, as an empty one of the loops'
@@ -606,17 +725,18 @@ class _Layout:
     def sums(self, x3, dy3, shift, y3=None, g3=None):
         """``_sums`` over the whole array: per-channel float64 totals (with
         ``y3``, of ``dy3`` masked by ``y3 > 0``, written to ``g3``)."""
-        s1, s2 = np.empty((self.nb, self.width)), np.empty((self.nb, self.width))
+        s1, s2 = np.empty((self.sum_nb, self.width)), np.empty((self.sum_nb, self.width))
         dt = x3.dtype
-        _sums(self.nb, self.view(x3), self.view(dy3, dt), self.view(y3, dt),
-              self.expand(shift, dt), self.c, self.rows, self.per, s1, s2, self.view(g3, dt))
+        _sums(self.sum_nb, self.view(x3), self.view(dy3, dt), self.view(y3, dt),
+              self.expand(shift, dt), self.c, self.rows, self.sum_per, s1, s2,
+              self.view(g3, dt))
         return self.channel_sums(s1), self.channel_sums(s2)
 
-    def affine(self, x3, dy3, mean, a, b0, k, z3=None, relu=False):
-        """``_affine`` over the whole array, into a new array of the data's
-        dtype (``x3`` None: ``k * dy3``)."""
+    def affine(self, x3, dy3, mean, a, b0, k, z3=None, relu=False, out=None):
+        """``_affine`` over the whole array, into ``out`` or a new array of
+        the data's dtype (``x3`` None: ``k * dy3``)."""
         like = dy3 if x3 is None else x3
-        out = np.empty(like.shape, like.dtype)
+        out = np.empty(like.shape, like.dtype) if out is None else out
         dt = like.dtype
         _affine(self.nb, self.view(x3, dt), self.view(dy3, dt), self.view(z3, dt), relu,
                 self.expand(mean, dt), self.expand(a, dt), self.expand(b0, dt),
@@ -661,14 +781,15 @@ def _moments(x):
     return shift + dm, m2
 
 
-def _normalize(x3, mean, invstd, weight, bias, z3=None, relu=False):
+def _normalize(x3, mean, invstd, weight, bias, z3=None, relu=False, out=None):
     """``y = (x - mean) * invstd * weight + bias`` per channel (float64
     ``mean`` and ``invstd``; ``weight`` / ``bias`` None for 1 / 0), plus
-    ``z3`` when given, then the ReLU when ``relu``."""
+    ``z3`` when given, then the ReLU when ``relu``; into ``out`` when given."""
     scale = invstd if weight is None else invstd * _f64(weight)
     shift = np.zeros_like(scale) if bias is None else _f64(bias)
     hi, lo = _split(mean, acc_dtype(x3.dtype))
-    return _Layout(x3.shape).affine(x3, None, hi, scale, shift - lo * scale, scale, z3, relu)
+    return _Layout(x3.shape).affine(x3, None, hi, scale, shift - lo * scale, scale, z3, relu,
+                                    out)
 
 
 def _backward_sums(dy3, x3, mean):
@@ -683,48 +804,60 @@ def _masked_backward_sums(dy3, x3, mean, y3):
     return g, _Layout(x3.shape).sums(x3, dy3, mean, y3, g)
 
 
-def _dx(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat, count):
-    """Training dx = weight*invstd*(dy - sum_dy/m - (x - mean)*invstd*sum_dy_xhat/m)."""
+def _dx(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat, count, out=None):
+    """Training dx = weight*invstd*(dy - sum_dy/m - (x - mean)*invstd*sum_dy_xhat/m),
+    into ``out`` when given."""
     invstd = np.asarray(invstd, np.float64)
     k = invstd if weight is None else invstd * np.asarray(weight, np.float64)
     return _Layout(x3.shape).affine(x3, dy3, mean,
                                     invstd * np.asarray(sum_dy_xhat, np.float64) / count,
-                                    np.asarray(sum_dy, np.float64) / count, k)
+                                    np.asarray(sum_dy, np.float64) / count, k, out=out)
 
 
-def _per_channel_fits(shape, dtype):
-    """Whether a training pass runs channel by channel (:func:`_channel_forward`,
-    :func:`_channel_backward`): NCHW-like runs, enough channels to keep the
-    threads busy, and one channel's values of an array within
-    ``_CHANNEL_BYTES`` (the second loop over them then reads the cache).
-    Decided by the shape alone, so results do not depend on the thread count."""
+def _tile_channels(shape, dtype):
+    """Channels per tile of the fused NCHW loops (:func:`_tile_forward`,
+    :func:`_tile_backward`), or 0 where they do not apply: they need runs
+    (``inner >= _ROWS_MIN``), ``_TILES_MIN`` channels or more, and one
+    channel's values of an array within ``_TILE_BYTES`` (the second loop over
+    a tile then reads the cache).  A tile is about ``_TILE`` columns wide, at
+    least one channel, and there are at least ``_TILES_MIN`` tiles to share
+    out.  Decided by the shape alone, so results do not depend on the thread
+    count."""
     outer, c, inner = shape
-    return (inner >= _ROWS_MIN and c >= _CHANNELS_MIN
-            and outer * inner * np.dtype(dtype).itemsize <= _CHANNEL_BYTES)
+    per_channel = outer * inner * np.dtype(dtype).itemsize
+    if inner < _ROWS_MIN or c < _TILES_MIN or per_channel > _TILE_BYTES:
+        return 0
+    return max(1, min(_TILE // inner, _TILE_BYTES // per_channel, c // _TILES_MIN))
 
 
-def _forward_per_channel(x3, weight, bias, eps, z3, relu):
-    """``(y3, mean, m2)`` of :func:`_channel_forward` (float64 mean and m2)."""
+def _forward_tiles(x3, t, weight, bias, eps, z3, relu, out=None):
+    """``(y3, mean, m2)`` of :func:`_tile_forward` (float64 mean and m2;
+    ``y3`` is ``out`` when given)."""
     acc = acc_dtype(x3.dtype)
-    c = x3.shape[1]
+    outer, c, inner = x3.shape
     first = x3[0, :, 0].astype(np.float64)
     first[~np.isfinite(first)] = 0.0
-    y3 = np.empty(x3.shape, x3.dtype)
+    y3 = np.empty(x3.shape, x3.dtype) if out is None else out
     mean, m2 = np.empty(c), np.empty(c)
-    z = np.empty((0, 0, 0), _bits_dtype(x3.dtype)) if z3 is None else _bits(z3)
-    _channel_forward(c, _bits(x3), z, relu, first.astype(acc), _vec(weight, acc, c, 1.0),
-                     _vec(bias, acc, c, 0.0), float(eps), _bits(y3), mean, m2)
+    flat = (outer, c * inner)
+    z = _NONE[_bits_dtype(x3.dtype)] if z3 is None else _bits(z3).reshape(flat)
+    _tile_forward(-(-c // t), _bits(x3).reshape(flat), z, relu, first.astype(acc),
+                  _vec(weight, acc, c, 1.0), _vec(bias, acc, c, 0.0), float(eps), inner, t,
+                  _bits(y3).reshape(flat), mean, m2)
     return y3, mean, m2
 
 
-def _backward_per_channel(dy3, x3, mean, invstd, weight):
-    """``(dx3, (sum dy, sum dy * (x - mean)))`` of :func:`_channel_backward`."""
+def _backward_tiles(dy3, x3, t, mean, invstd, weight, out=None):
+    """``(dx3, (sum dy, sum dy * (x - mean)))`` of :func:`_tile_backward`
+    (``dx3`` is ``out`` when given)."""
     acc = acc_dtype(x3.dtype)
-    c = x3.shape[1]
-    dx3 = np.empty(x3.shape, x3.dtype)
+    outer, c, inner = x3.shape
+    dx3 = np.empty(x3.shape, x3.dtype) if out is None else out
     s1, s2 = np.empty(c), np.empty(c)
-    _channel_backward(c, _bits(dy3), _bits(x3), np.asarray(mean, acc), np.asarray(invstd, acc),
-                      _vec(weight, acc, c, 1.0), s1, s2, _bits(dx3))
+    flat = (outer, c * inner)
+    _tile_backward(-(-c // t), _bits(dy3).reshape(flat), _bits(x3).reshape(flat),
+                   np.asarray(mean, acc), np.asarray(invstd, acc), _vec(weight, acc, c, 1.0),
+                   inner, t, s1, s2, _bits(dx3).reshape(flat))
     return dx3, (s1, s2)
 
 
@@ -740,38 +873,39 @@ class CpuBackend(HostBackend):
         return _moments(x3)
 
     def bn_forward_train(self, x3, weight, bias, running_mean, running_var, momentum, eps,
-                         skipped=None):
+                         skipped=None, out=None):
         return self.bn_forward_train_act(x3, weight, bias, running_mean, running_var, momentum,
-                                         eps, None, False, skipped)
+                                         eps, None, False, skipped, out)
 
     @_serialized
     def bn_forward_train_act(self, x3, weight, bias, running_mean, running_var, momentum, eps,
-                             residual, relu, skipped=None):
-        if _per_channel_fits(x3.shape, x3.dtype):
+                             residual, relu, skipped=None, out=None):
+        tile = _tile_channels(x3.shape, x3.dtype)
+        if tile:
             # one loop computes the statistics and y: the passes hand over its results
-            y3, mean, m2 = _forward_per_channel(x3, weight, bias, eps, residual, relu)
+            y3, mean, m2 = _forward_tiles(x3, tile, weight, bias, eps, residual, relu, out)
             return host_forward_train(x3, lambda _: (mean, m2), lambda *_: y3, eps,
                                       running_mean, running_var, momentum, skipped)
         return host_forward_train(
             x3, _moments,
-            lambda mean, invstd: _normalize(x3, mean, invstd, weight, bias, residual, relu),
+            lambda mean, invstd: _normalize(x3, mean, invstd, weight, bias, residual, relu, out),
             eps, running_mean, running_var, momentum, skipped)
 
-    def bn_forward_eval(self, x3, weight, bias, running_mean, running_var, eps):
+    def bn_forward_eval(self, x3, weight, bias, running_mean, running_var, eps, out=None):
         return self.bn_forward_eval_act(x3, weight, bias, running_mean, running_var, eps,
-                                        None, False)
+                                        None, False, out)
 
     def bn_forward_eval_act(self, x3, weight, bias, running_mean, running_var, eps, residual,
-                            relu):
+                            relu, out=None):
         mean, invstd = host_eval_constants(x3, running_mean, running_var, eps)
-        return self._apply(x3, mean, invstd, weight, bias, residual, relu), mean, invstd
+        return self._apply(x3, mean, invstd, weight, bias, residual, relu, out), mean, invstd
 
     def bn_apply(self, x3, mean, invstd, weight, bias):
         return self._apply(x3, mean, invstd, weight, bias, None, False)
 
     @_serialized
-    def _apply(self, x3, mean, invstd, weight, bias, residual, relu):
-        return _normalize(x3, _f64(mean), _f64(invstd), weight, bias, residual, relu)
+    def _apply(self, x3, mean, invstd, weight, bias, residual, relu, out=None):
+        return _normalize(x3, _f64(mean), _f64(invstd), weight, bias, residual, relu, out)
 
     @_serialized
     def bn_backward_reduce(self, dy3, x3, mean, invstd):
@@ -784,34 +918,34 @@ class CpuBackend(HostBackend):
         return _dx(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat, count)
 
     @_serialized
-    def bn_backward(self, dy3, x3, mean, invstd, weight, training):
-        return self._backward(dy3, x3, mean, invstd, weight, training)
+    def bn_backward(self, dy3, x3, mean, invstd, weight, training, out=None):
+        return self._backward(dy3, x3, mean, invstd, weight, training, out=out)
 
     @_serialized
-    def bn_backward_relu(self, dy3, x3, mean, invstd, weight, y3, training):
+    def bn_backward_relu(self, dy3, x3, mean, invstd, weight, y3, training, out=None):
         g3, sums = _masked_backward_sums(dy3, x3, mean, y3)
-        return (*self._backward(g3, x3, mean, invstd, weight, training, sums), g3)
+        return (*self._backward(g3, x3, mean, invstd, weight, training, sums, out), g3)
 
-    def _backward(self, dy3, x3, mean, invstd, weight, training, sums=None):
+    def _backward(self, dy3, x3, mean, invstd, weight, training, sums=None, out=None):
         """:meth:`bn_backward`, given the per-channel ``(sum dy, sum dy * (x -
         mean))`` or (None) computing them."""
         acc = acc_dtype(x3.dtype)
-        fused = sums is None and training and _per_channel_fits(x3.shape, x3.dtype)
-        if fused:
-            dx3, sums = _backward_per_channel(dy3, x3, mean, invstd, weight)
+        tile = _tile_channels(x3.shape, x3.dtype) if sums is None and training else 0
+        if tile:
+            dx3, sums = _backward_tiles(dy3, x3, tile, mean, invstd, weight, out)
         elif sums is None:
             sums = _backward_sums(dy3, x3, mean)
         sum_dy, sum_dy_xmu = sums
         sum_dy_xhat = sum_dy_xmu * _f64(invstd)
-        if fused:
+        if tile:
             pass     # dx3 came with the sums
         elif training:
             dx3 = _dx(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat,
-                      x3.shape[0] * x3.shape[2])
+                      x3.shape[0] * x3.shape[2], out)
         else:   # statistics held fixed: dx = dy * weight * invstd
             k = _f64(invstd) if weight is None else _f64(invstd) * _f64(weight)
             unused = np.zeros_like(k)
-            dx3 = _Layout(x3.shape).affine(None, dy3, unused, unused, unused, k)
+            dx3 = _Layout(x3.shape).affine(None, dy3, unused, unused, unused, k, out=out)
         return dx3, sum_dy_xhat.astype(acc), sum_dy.astype(acc)
 
     # -- layer norm ----------------------------------------------------

@@ -244,13 +244,14 @@ class KernelBackend(Backend):
     # -- forward -------------------------------------------------------------
     def _apply(self, x3, key, acc, mean, mean_lo, spread, weight, bias, mean_out, invstd_out,
                from_var: bool, eps: float, residual=None, relu: bool = False,
-               groups: int = 1):
+               groups: int = 1, out=None):
         """y from the channel mean ``mean`` (+ ``mean_lo``, what rounding it
         left out, or None) and ``spread`` (invstd, or the variance when
         ``from_var``), plus ``residual`` (or None) and through a ReLU when
-        ``relu``; with ``groups``, per-group ``(groups, C)`` statistics."""
+        ``relu``; with ``groups``, per-group ``(groups, C)`` statistics; into
+        ``out`` when given."""
         outer, channels, inner = x3.shape
-        y3 = self.xp.empty_like(x3)
+        y3 = self._output(x3, out)
         if x3.size == 0:
             return y3
         cfg = map_launch("apply", x3.shape, key, self._aligned(x3, y3, residual), self._device(),
@@ -266,16 +267,25 @@ class KernelBackend(Backend):
                                      acc.type(eps)))
         return y3
 
+    def _output(self, x3, out):
+        """A result like ``x3``: ``out`` (checked) when given, else a new array."""
+        if out is None:
+            return self.xp.empty_like(x3)
+        self._check_tensor(out, x3, "out")
+        return out
+
     def bn_forward_train(self, x3, weight, bias, running_mean, running_var, momentum, eps,
-                         skipped=None):
+                         skipped=None, out=None):
         return self.bn_forward_train_act(x3, weight, bias, running_mean, running_var, momentum,
-                                         eps, None, False, skipped=skipped)
+                                         eps, None, False, skipped=skipped, out=out)
 
     def bn_forward_train_act(self, x3, weight, bias, running_mean, running_var, momentum, eps,
-                             residual, relu, skipped=None):
+                             residual, relu, skipped=None, out=None):
         self._check_tensor(x3, None, "x")
         if residual is not None:
             self._check_tensor(residual, x3, "residual")
+        if out is not None:
+            self._check_tensor(out, x3, "out")
         key, acc = self._types(x3)
         channels = x3.shape[1]
         for v, n in ((weight, "weight"), (bias, "bias"), (running_mean, "running_mean"),
@@ -288,7 +298,7 @@ class KernelBackend(Backend):
         invstd = self.xp.empty(channels, dtype=acc)
         once = self._once_plan(x3, key, "forward")
         if once is not None:
-            y3 = self.xp.empty_like(x3)
+            y3 = self._output(x3, out)
             self._launch(once, key, (x3, y3, residual) + self._once_shape_and_workspace(once, x3)
                          + (weight, bias, mean, invstd, running_mean, running_var, skipped,
                             np.int32(1 if relu else 0), acc.type(momentum), acc.type(eps)),
@@ -298,7 +308,7 @@ class KernelBackend(Backend):
         self._stats(x3, acc, key, mean, mean_lo, None, invstd, running_mean, running_var,
                     float(momentum), float(eps), skipped)
         y3 = self._apply(x3, key, acc, mean, mean_lo, invstd, weight, bias, None, None, False,
-                         eps, residual, relu)
+                         eps, residual, relu, out=out)
         return y3, mean, invstd
 
     def _once_shape_and_workspace(self, once: Launch, x3) -> tuple:
@@ -336,7 +346,7 @@ class KernelBackend(Backend):
             raise ValueError(f"Tuning.read_once=True, but the read-once {op} cannot run: {why}")
         return cfg if fits else None
 
-    def bn_forward_train_groups(self, x3, groups, weight, bias, eps):
+    def bn_forward_train_groups(self, x3, groups, weight, bias, eps, out=None):
         self._check_tensor(x3, None, "x")
         key, acc = self._types(x3)
         outer, channels, _ = x3.shape
@@ -351,15 +361,15 @@ class KernelBackend(Backend):
         self._stats(x3, acc, key, mean, mean_lo, m2, invstd, None, None, 0.0, float(eps),
                     groups=groups)
         y3 = self._apply(x3, key, acc, mean, mean_lo, invstd, weight, bias, None, None, False,
-                         eps, groups=groups)
+                         eps, groups=groups, out=out)
         return y3, mean, invstd, m2
 
-    def bn_forward_eval(self, x3, weight, bias, running_mean, running_var, eps):
+    def bn_forward_eval(self, x3, weight, bias, running_mean, running_var, eps, out=None):
         return self.bn_forward_eval_act(x3, weight, bias, running_mean, running_var, eps, None,
-                                        False)
+                                        False, out=out)
 
     def bn_forward_eval_act(self, x3, weight, bias, running_mean, running_var, eps, residual,
-                            relu):
+                            relu, out=None):
         self._check_tensor(x3, None, "x")
         if residual is not None:
             self._check_tensor(residual, x3, "residual")
@@ -374,9 +384,9 @@ class KernelBackend(Backend):
         if x3.size == 0:  # nothing to launch over; the statistics still come back
             mean[...] = running_mean
             invstd[...] = 1.0 / self.xp.sqrt(running_var + acc.type(eps))
-            return self.xp.empty_like(x3), mean, invstd
+            return self._output(x3, out), mean, invstd
         y3 = self._apply(x3, key, acc, running_mean, None, running_var, weight, bias, mean,
-                         invstd, True, eps, residual, relu)
+                         invstd, True, eps, residual, relu, out=out)
         return y3, mean, invstd
 
     def bn_apply(self, x3, mean, invstd, weight, bias):
@@ -423,9 +433,9 @@ class KernelBackend(Backend):
         return sum_dy, sum_dy_xhat
 
     def _dx(self, dy3, x3, key, acc, mean, invstd, weight, sum_dy, sum_dy_xhat, count,
-            groups=1):
+            groups=1, out=None):
         outer, channels, inner = x3.shape
-        dx3 = self.xp.empty_like(x3)
+        dx3 = self._output(x3, out)
         if x3.size == 0:
             return dx3
         cfg = map_launch("dx", x3.shape, key, self._aligned(x3, dy3, dx3), self._device(),
@@ -452,13 +462,15 @@ class KernelBackend(Backend):
             raise ValueError(f"count must be a positive number of values per channel, got {count}")
         return self._dx(dy3, x3, key, acc, mean, invstd, weight, sum_dy, sum_dy_xhat, int(count))
 
-    def _backward(self, dy3, x3, key, acc, mean, invstd, weight, training, y_mask, g_out):
-        """dx (and with ``y_mask``, the ReLU's masked gradient into ``g_out``,
-        which the dx launch then reads in place of dy and the mask)."""
+    def _backward(self, dy3, x3, key, acc, mean, invstd, weight, training, y_mask, g_out,
+                  out=None):
+        """dx, into ``out`` when given (and with ``y_mask``, the ReLU's masked
+        gradient into ``g_out``, which the dx launch then reads in place of dy
+        and the mask)."""
         once = self._once_plan(x3, key, "backward") if training else None
         if once is not None:
             outer, channels, inner = x3.shape
-            dx3 = self.xp.empty_like(x3)
+            dx3 = self._output(x3, out)
             sum_dy = self.xp.empty(channels, dtype=acc)
             sum_dy_xhat = self.xp.empty(channels, dtype=acc)
             self._launch(once, key, (dy3, x3, dx3, y_mask, g_out)
@@ -470,24 +482,27 @@ class KernelBackend(Backend):
                                                y_mask, g_out)
             count = int(x3.shape[0]) * int(x3.shape[2])
             g3 = dy3 if y_mask is None else g_out
-            dx3 = self._dx(g3, x3, key, acc, mean, invstd, weight, sum_dy, sum_dy_xhat, count)
+            dx3 = self._dx(g3, x3, key, acc, mean, invstd, weight, sum_dy, sum_dy_xhat, count,
+                           out=out)
         else:
-            dx3 = self.xp.empty_like(x3)
+            dx3 = self._output(x3, out)
             sum_dy, sum_dy_xhat = self._reduce(dy3, x3, key, acc, mean, invstd, weight, dx3,
                                                y_mask, g_out)
         return dx3, sum_dy_xhat, sum_dy
 
-    def bn_backward(self, dy3, x3, mean, invstd, weight, training):
+    def bn_backward(self, dy3, x3, mean, invstd, weight, training, out=None):
         key, acc = self._check_backward(dy3, x3, mean, invstd, weight)
-        return self._backward(dy3, x3, key, acc, mean, invstd, weight, training, None, None)
+        return self._backward(dy3, x3, key, acc, mean, invstd, weight, training, None, None,
+                              out)
 
-    def bn_backward_relu(self, dy3, x3, mean, invstd, weight, y3, training):
+    def bn_backward_relu(self, dy3, x3, mean, invstd, weight, y3, training, out=None):
         key, acc = self._check_backward(dy3, x3, mean, invstd, weight)
         self._check_tensor(y3, x3, "y")
         g3 = self.xp.empty_like(x3)
-        return (*self._backward(dy3, x3, key, acc, mean, invstd, weight, training, y3, g3), g3)
+        return (*self._backward(dy3, x3, key, acc, mean, invstd, weight, training, y3, g3, out),
+                g3)
 
-    def bn_backward_groups(self, dy3, x3, mean, invstd, weight):
+    def bn_backward_groups(self, dy3, x3, mean, invstd, weight, out=None):
         self._check_tensor(x3, None, "x")
         self._check_tensor(dy3, x3, "dy")
         key, acc = self._types(x3)
@@ -505,7 +520,7 @@ class KernelBackend(Backend):
                                            groups=groups)
         count = (outer // groups) * inner
         dx3 = self._dx(dy3, x3, key, acc, mean, invstd, weight, sum_dy, sum_dy_xhat, count,
-                       groups)
+                       groups, out=out)
         return dx3, sum_dy_xhat.sum(axis=0), sum_dy.sum(axis=0)
 
     # ======================================================================

@@ -42,7 +42,7 @@ import functools
 import numpy as np
 
 from .._validation import acc_dtype
-from .base import HostBackend, host_eval_constants, host_forward_train
+from .base import HostBackend, host_eval_constants, host_forward_train, into
 
 _F64 = np.float64
 _CH = (0, 2)          # the axes of one channel's values in a canonical array
@@ -118,15 +118,16 @@ class NumpyBackend(HostBackend):
 
     @_quiet
     def bn_forward_train(self, x3, weight, bias, running_mean, running_var, momentum, eps,
-                         skipped=None):
+                         skipped=None, out=None):
         return host_forward_train(
-            x3, _moments, lambda mean, invstd: _affine(x3, mean, invstd, _f64(weight), _f64(bias)),
+            x3, _moments,
+            lambda mean, invstd: into(out, _affine(x3, mean, invstd, _f64(weight), _f64(bias))),
             eps, running_mean, running_var, momentum, skipped)
 
     @_quiet
-    def bn_forward_eval(self, x3, weight, bias, running_mean, running_var, eps):
+    def bn_forward_eval(self, x3, weight, bias, running_mean, running_var, eps, out=None):
         mean, invstd = host_eval_constants(x3, running_mean, running_var, eps)
-        return self.bn_apply(x3, mean, invstd, weight, bias), mean, invstd
+        return into(out, self.bn_apply(x3, mean, invstd, weight, bias)), mean, invstd
 
     @_quiet
     def bn_apply(self, x3, mean, invstd, weight, bias):
@@ -144,7 +145,7 @@ class NumpyBackend(HostBackend):
                    _f64(sum_dy_xhat), count)
 
     @_quiet
-    def bn_backward(self, dy3, x3, mean, invstd, weight, training):
+    def bn_backward(self, dy3, x3, mean, invstd, weight, training, out=None):
         acc = acc_dtype(x3.dtype)
         mean, invstd, weight = _f64(mean), _f64(invstd), _f64(weight)
         sum_dy, sum_dy_xhat = _backward_sums(dy3, x3, mean, invstd)
@@ -154,7 +155,7 @@ class NumpyBackend(HostBackend):
         else:   # statistics held fixed
             k = invstd if weight is None else invstd * weight
             dx3 = (dy3.astype(_F64) * _bcast(k)).astype(x3.dtype)
-        return dx3, sum_dy_xhat.astype(acc), sum_dy.astype(acc)
+        return into(out, dx3), sum_dy_xhat.astype(acc), sum_dy.astype(acc)
 
     # -- layer norm: statistics per row, weight and bias per column --------
     @_quiet
