@@ -164,13 +164,18 @@ def _replay(args) -> int:
     return 0
 
 
+def _copy_bytes(quick: bool) -> int:
+    """Size of the arrays of the host copy that measures the bandwidth floor."""
+    return 64 << 20 if quick else 256 << 20
+
+
 def _host_yardsticks(machine, providers, quick: bool) -> None:
     """Measure (and print, and keep in ``machine``) the host copy bandwidth,
     the floor of the CPU rows' share; on full runs with the ``cpu`` backend
     also its first-call cost and whether PyTorch runs slower right after it."""
-    machine["host_copy_gbps"] = host.copy_bandwidth(64 << 20 if quick else 256 << 20) / 1e9
-    print(f"# host copy bandwidth: {machine['host_copy_gbps']:.1f} GB/s (read + write; the "
-          f"CPU rows' share is of this)")
+    machine["host_copy_gbps"] = host.copy_bandwidth(_copy_bytes(quick)) / 1e9
+    print(f"# host copy bandwidth: {machine['host_copy_gbps']:.1f} GB/s at the start (read + "
+          f"write; each CPU row's share is of the same copy measured right after its timing)")
     if quick or "gpubn-cpu" not in {p.name for p in providers}:
         return
     first = machine["cpu_first_call"] = host.cpu_first_call()
@@ -266,7 +271,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                              peak_bytes_per_s=machine["host_copy_gbps"] * 1e9,
                              budget=args.budget or None, isolate=not args.shared_process,
                              torch_threads=args.torch_threads,
-                             progress=Progress(total, enabled=not quiet))
+                             progress=Progress(total, enabled=not quiet),
+                             measure_peak=lambda: host.copy_bandwidth(_copy_bytes(args.quick),
+                                                                      repeats=5))
+            peaks = sorted(r["peak_gbps"] for r in rows if r.get("peak_gbps"))
+            if peaks:
+                print(f"# host copy bandwidth next to the timings: {peaks[0]:.1f}-{peaks[-1]:.1f}"
+                      f" GB/s, median {peaks[len(peaks) // 2]:.1f}")
             for r in rows:
                 r["section"] = "cpu"
             _print_section(rows, "cpu", args.markdown)

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 import traceback
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -253,17 +253,29 @@ def time_isolated(case, provider: str, plan, *, seed: int = 0,
                           for op, v in reply["times"].items()}
 
 
+def _peak_now(opts: Dict, provider, measure_peak) -> Dict:
+    """``opts`` with the bandwidth floor measured now (CPU providers, when
+    ``measure_peak`` is given)."""
+    if measure_peak is None or provider.device != "cpu":
+        return opts
+    return dict(opts, peak_bytes_per_s=measure_peak())
+
+
 def run_suite(cases, providers, *, repeats: int = 5, warmup: int = 1, suite: str = "",
               peak_bytes_per_s: Optional[float] = None, check: bool = True,
               progress: Optional[Progress] = None, seed: int = 0,
               budget: Optional[float] = None, isolate: bool = False,
-              torch_threads: Optional[int] = None) -> List[Dict]:
+              torch_threads: Optional[int] = None,
+              measure_peak: Optional[Callable[[], float]] = None) -> List[Dict]:
     """Measure every ``(case, ops)`` of ``cases`` on every provider.
     ``budget``: seconds of timed calls per CPU provider and measurement after
     which the repeats are cut (never below 3); None times ``repeats`` calls.
     ``isolate``: time each CPU provider in a process of its own, per case
     (:func:`time_isolated`, with ``torch_threads``); the checks still run
-    here."""
+    here.  ``measure_peak`` (bytes/s, e.g. a large copy): measured right
+    after each CPU provider's timings of a case, the bandwidth floor of
+    those rows in place of the run's ``peak_bytes_per_s`` (a machine whose
+    bandwidth drifts is then compared with itself at the same time)."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     if warmup < 0:
@@ -294,7 +306,8 @@ def run_suite(cases, providers, *, repeats: int = 5, warmup: int = 1, suite: str
                     result = p.timer(fn, n, w)
                 except Exception as exc:
                     result = exc
-                by_op[op][p.name] = _timed_row(case, op, p, result, verdict, **opts)
+                by_op[op][p.name] = _timed_row(case, op, p, result, verdict,
+                                               **_peak_now(opts, p, measure_peak))
             ready.clear()
         del setup
         gc.collect()
@@ -304,10 +317,11 @@ def run_suite(cases, providers, *, repeats: int = 5, warmup: int = 1, suite: str
                 continue
             _, results = time_isolated(case, p.name, [step[:3] for step in plan], seed=seed,
                                        torch_threads=torch_threads)
+            now = _peak_now(opts, p, measure_peak)
             for op, _, _, verdict in plan:
                 result = results.get(op, RuntimeError("the worker returned no time"))
                 by_op[op][p.name] = _timed_row(case, op, p, result, verdict, isolated=True,
-                                               **opts)
+                                               **now)
         for op in ops:
             rows += [by_op[op][p.name] for p in ordered if p.name in by_op[op]]
     add_ratios(rows)

@@ -314,6 +314,27 @@ def test_cpu_providers_are_timed_in_one_block_each():
     assert by["b"]["check"] == "ok" and by["b"]["ratio_to_torch"] is not None
 
 
+def test_bandwidth_floor_measured_next_to_each_providers_timings():
+    """measure_peak runs right after each CPU provider's timings of a case
+    and is the floor of its rows (peak_gbps, peak_share), not the run's."""
+    log = []
+    a, b = _CountingProvider("a", log, peer=True), _CountingProvider("b", log)
+    measured = iter([10e9, 20e9, 30e9, 40e9])
+
+    def measure():
+        log.append("copy")
+        return next(measured)
+
+    cases = [(Case("batch_norm", (2, 3, 4, 4), "NCHW"), ("fwd_train",)),
+             (Case("batch_norm", (2, 3, 4, 5), "NCHW"), ("fwd_train",))]
+    rows = runner.run_suite(cases, [b, a], repeats=2, warmup=0, peak_bytes_per_s=1e9,
+                            measure_peak=measure, progress=runner.Progress(4, enabled=False))
+    assert log == ["a", "b", "a", "a", "copy", "b", "b", "copy"] * 2
+    assert [(r["provider"], r["peak_gbps"]) for r in rows] == [("a", 10.0), ("b", 20.0),
+                                                                ("a", 30.0), ("b", 40.0)]
+    assert all(r["peak_share"] == pytest.approx(r["gbps"] / r["peak_gbps"]) for r in rows)
+
+
 def test_time_budget_cuts_repeats_of_slow_providers_only():
     assert runner._calls(0.001, repeats=10, warmup=1, budget=2.0) == (10, 1)
     assert runner._calls(0.5, repeats=10, warmup=1, budget=2.0) == (4, 0)   # 2 s / 0.5 s
