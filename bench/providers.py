@@ -85,10 +85,10 @@ class Provider:
 
 class GpubnProvider(Provider):
     """gpubn's public functional API on one backend (``numpy`` or ``cpu`` on
-    the CPU, ``cuda`` on the GPU).  ``out=True`` (batch norm only, named
-    ``gpubn-<backend>-out``): y and dx are written into arrays allocated once
-    in ``prepare`` (``out=`` of batch_norm_forward / batch_norm_backward), as
-    a training loop that keeps its buffers would."""
+    the CPU, ``cuda`` on the GPU).  ``out=True`` (batch norm and layer norm,
+    named ``gpubn-<backend>-out``): y and dx are written into arrays
+    allocated once in ``prepare`` (``out=`` of the forward and backward), as a
+    training loop that keeps its buffers would."""
 
     peer = False
 
@@ -121,8 +121,8 @@ class GpubnProvider(Provider):
         reason = epilogue_unsupported(case, op)
         if reason:
             return reason
-        if self.out and case.kind != "batch_norm":
-            return "out= is batch norm's (batch_norm_forward / batch_norm_backward)"
+        if self.out and case.kind == "batch_renorm":
+            return "batch renorm takes no out="
         fwd_name, bwd_name = _FORWARD_NAMES[case.kind]
         gpubn = self._gpubn()
         for fname in (fwd_name, bwd_name) if op != "fwd_infer" else (fwd_name,):
@@ -178,7 +178,7 @@ class GpubnProvider(Provider):
             normalized_shape = (case.shape[-1],)
 
             def forward():
-                return fwd_fn(x, normalized_shape, w, b, eps=EPS, backend=backend)
+                return fwd_fn(x, normalized_shape, w, b, eps=EPS, backend=backend, **into_y)
 
         if op in ("fwd_train", "fwd_infer", "fwd_train_add_relu"):
             return lambda: (forward()[0],)

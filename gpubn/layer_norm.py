@@ -86,7 +86,8 @@ class LayerNormSaved:
     bias_dtype: Any = None
 
 
-def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, backend=None):
+def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, backend=None, *,
+                       out=None):
     """Layer normalization over the trailing ``normalized_shape`` dims of ``x``.
 
     Returns ``(y, saved)``: ``y`` has the shape and dtype of ``x``; ``saved``
@@ -94,7 +95,9 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, ba
     goes to :func:`layer_norm_backward`.  ``weight`` / ``bias`` have shape
     ``normalized_shape`` (None: 1 and 0), any float dtype.  ``x`` may be
     float16 or bfloat16 (statistics in float32), float32 or float64, of any
-    layout.
+    layout.  ``out`` (optional) receives ``y``, which is then ``out`` itself:
+    a C-contiguous array of x's shape, dtype and array module sharing no
+    memory with ``x`` (see ``batch_norm_forward``).
     Bad arguments raise ``TypeError`` / ``ValueError``.
     """
     V.check_float_array(x, "x")
@@ -107,6 +110,7 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, ba
     if x.size == 0:
         raise ValueError(f"x is empty (shape {tuple(x.shape)}): layer norm needs at least "
                          f"one row")
+    V.check_out(out, x.shape, x.dtype, tuple(range(x.ndim)), be, "x", {"x": x}, like=x)
     xp = be.xp
     shape = tuple(x.shape)
     n = math.prod(dims)
@@ -116,16 +120,19 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, ba
     acc = V.acc_dtype(x.dtype)
     w = None if weight is None else to_acc(xp, weight.reshape(n), acc)
     b = None if bias is None else to_acc(xp, bias.reshape(n), acc)
-    y2, mean, rstd = be.ln_forward(x2, w, b, eps)
+    y2, mean, rstd = be.ln_forward(x2, w, b, eps,
+                                   **({} if out is None else {"out": out.reshape(x2.shape)}))
     saved = LayerNormSaved(x2=x2, mean=mean, rstd=rstd, weight=w, shape=shape, dtype=x.dtype,
                            normalized_shape=dims, backend=be,
                            weight_dtype=None if weight is None else weight.dtype,
                            bias_dtype=None if bias is None else bias.dtype)
-    return y2.reshape(shape), saved
+    return (y2.reshape(shape) if out is None else out), saved
 
 
-def layer_norm_backward(dy, saved: LayerNormSaved):
+def layer_norm_backward(dy, saved: LayerNormSaved, *, out=None):
     """Gradients of :func:`layer_norm_forward`: ``(dx, dweight, dbias)``.
+    ``out`` (optional) receives ``dx``, as ``out`` of the forward ``y``
+    (sharing no memory with ``dy`` or the saved input).
 
     ``dx`` has the input's shape and dtype; ``dweight`` / ``dbias`` have shape
     ``normalized_shape`` and the dtype of the weight / bias given to the
@@ -136,18 +143,21 @@ def layer_norm_backward(dy, saved: LayerNormSaved):
                         f"got {type(saved).__name__}")
     be = saved.backend
     V.check_grad_output(dy, saved.shape, saved.dtype, be, like=saved.x2)
+    V.check_out(out, saved.shape, saved.dtype, tuple(range(len(saved.shape))), be,
+                "the forward input", {"dy": dy, "the saved input": saved.x2}, like=saved.x2)
     dy2 = dy.reshape(saved.x2.shape)
     if not dy2.flags.c_contiguous:
         dy2 = be.xp.ascontiguousarray(dy2)
     want_grads = saved.weight_dtype is not None or saved.bias_dtype is not None
     dx2, dw, db = be.ln_backward(dy2, saved.x2, saved.mean, saved.rstd, saved.weight,
-                                 want_grads)
+                                 want_grads,
+                                 **({} if out is None else {"out": out.reshape(dy2.shape)}))
     dims = saved.normalized_shape
     dweight = (None if saved.weight_dtype is None
                else dw.reshape(dims).astype(saved.weight_dtype, copy=False))
     dbias = (None if saved.bias_dtype is None
              else db.reshape(dims).astype(saved.bias_dtype, copy=False))
-    return dx2.reshape(saved.shape), dweight, dbias
+    return (dx2.reshape(saved.shape) if out is None else out), dweight, dbias
 
 
 class LayerNorm(Layer):

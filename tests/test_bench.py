@@ -607,7 +607,7 @@ def test_setup_is_shared_and_state_copies_are_independent():
 def test_out_provider_writes_y_and_dx_into_the_same_arrays():
     """gpubn-<backend>-out passes arrays allocated once in prepare as out=:
     every call returns those same arrays, holding what a new result holds;
-    it runs batch norm only."""
+    batch renorm has no out=."""
     setup = make_setup(Case("batch_norm", (4, 16, 4, 5), "NCHW"))
     plain, into = GpubnProvider("numpy"), GpubnProvider("numpy", out=True)
     assert into.name == "gpubn-numpy-out" and plain.name == "gpubn-numpy"
@@ -617,8 +617,14 @@ def test_out_provider_writes_y_and_dx_into_the_same_arrays():
     for name, a, e in zip(("y", "dx", "dweight", "dbias"), second,
                           plain.prepare(setup, "fwd_bwd")()):
         np.testing.assert_array_equal(a, e, err_msg=name)
-    assert "batch norm" in into.supports(Case("layer_norm", (4, 8), "rows"), "fwd_bwd")
-    assert plain.supports(Case("layer_norm", (4, 8), "rows"), "fwd_bwd") is None
+    ln = make_setup(Case("layer_norm", (4, 8), "rows"))
+    run = into.prepare(ln, "fwd_bwd")
+    first, second = run(), run()
+    assert first[0] is second[0] and first[1] is second[1]
+    for name, a, e in zip(("y", "dx", "dweight", "dbias"), second, plain.prepare(ln, "fwd_bwd")()):
+        np.testing.assert_array_equal(a, e, err_msg=name)
+    renorm = Case("batch_renorm", (2, 3, 4, 4), "NCHW")
+    assert "renorm" in into.supports(renorm, "fwd_bwd") and plain.supports(renorm, "fwd_bwd") is None
 
 
 # -- end to end ----------------------------------------------------------------------------
@@ -634,7 +640,7 @@ def test_quick_cpu_run_end_to_end(tmp_path, capsys):
     assert "gpubn-cpu" in stdout and "# host copy bandwidth" in stdout
     rows = report.read_jsonl(str(out))
     quick = suites.get_suite("quick")
-    # five providers (gpubn-cpu-out's rows for other kinds than batch norm say why not)
+    # five providers (gpubn-cpu-out's rows for batch renorm say why not)
     assert len(rows) == sum(len(ops) for _, ops in quick) * 5
     assert all(r["machine"]["numpy"] == np.__version__ for r in rows)
     by = {(r["provider"], r["kind"], r["layout"], r["op"]): r for r in rows}

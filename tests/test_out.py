@@ -1,7 +1,8 @@
-"""``out=`` of batch_norm_forward (y) and batch_norm_backward (dx): the
-result is written into the caller's array, which is returned, with the same
-values as a new result, on every backend, layout and op; bad ``out``
-arguments raise before any state changes."""
+"""``out=`` of batch_norm_forward / layer_norm_forward (y) and
+batch_norm_backward / layer_norm_backward (dx): the result is written into
+the caller's array, which is returned, with the same values as a new result,
+on every backend, layout and op; bad ``out`` arguments raise before any
+state changes."""
 
 from __future__ import annotations
 
@@ -138,3 +139,34 @@ def test_bad_out_of_the_backward():
     dyc = _channels_last(dy)
     dx = gpubn.batch_norm_backward(dyc, saved, out=_channels_last(np.empty_like(dy)))[0]
     np.testing.assert_array_equal(dx, gpubn.batch_norm_backward(dyc, saved)[0])
+
+
+@pytest.mark.parametrize("affine", [False, True], ids=["plain", "affine"])
+def test_layer_norm_out(backend, affine):
+    x, _, dy = _arrays(backend, (6, 5, 8), "c")
+    xp = backend.xp
+    w = b = None
+    if affine:
+        w, b = xp.linspace(0.5, 1.5, 8).astype(np.float32), xp.ones(8, np.float32)
+    y0, s0 = gpubn.layer_norm_forward(x, (8,), w, b, backend=backend.name)
+    oy, odx = _nan_like(backend, x), _nan_like(backend, x)
+    y1, s1 = gpubn.layer_norm_forward(x, (8,), w, b, backend=backend.name, out=oy)
+    g0 = gpubn.layer_norm_backward(dy, s0)
+    g1 = gpubn.layer_norm_backward(dy, s1, out=odx)
+    assert y1 is oy and g1[0] is odx
+    np.testing.assert_array_equal(to_numpy(y1), to_numpy(y0))
+    for a, e in zip(g1, g0):
+        np.testing.assert_array_equal(to_numpy(a), to_numpy(e))
+
+
+def test_bad_out_of_layer_norm():
+    x, _, dy = _arrays(backend_or_skip("numpy"), (6, 5, 8), "c")
+    for out, exc, msg in [(np.empty((6, 5, 9), x.dtype), ValueError, "must have the shape"),
+                          (np.empty(x.shape, np.float64), TypeError, "must have the dtype"),
+                          (np.empty((6, 5, 16), x.dtype)[..., ::2], ValueError, "laid out"),
+                          (x[...], ValueError, "must not share memory with x")]:
+        with pytest.raises(exc, match=msg):
+            gpubn.layer_norm_forward(x, (8,), out=out)
+    _, saved = gpubn.layer_norm_forward(x, (8,))
+    with pytest.raises(ValueError, match="must not share memory with dy"):
+        gpubn.layer_norm_backward(dy, saved, out=dy)

@@ -221,16 +221,17 @@ class Backend:
         return y3, mean, invstd, r, d, w_eff
 
     # -- layer norm ----------------------------------------------------
-    def ln_forward(self, x2, weight, bias, eps: float) -> Tuple[Any, Any, Any]:
+    def ln_forward(self, x2, weight, bias, eps: float, out=None) -> Tuple[Any, Any, Any]:
         """Layer norm forward over the rows of a C-contiguous ``(rows, n)``
         array: returns ``(y2, mean, rstd)``, per-row mean and
         ``rstd = 1/sqrt(biased var + eps)`` in the accumulation dtype.
         ``weight`` / ``bias`` are ``(n,)`` vectors in the accumulation dtype
-        or None (1 and 0)."""
+        or None (1 and 0); ``y2`` is ``out`` when given (as in
+        :meth:`bn_forward_train`), and so is ``dx2`` of :meth:`ln_backward`."""
         raise NotImplementedError
 
     def ln_backward(self, dy2, x2, mean, rstd, weight,
-                    want_grads: bool) -> Tuple[Any, Any, Any]:
+                    want_grads: bool, out=None) -> Tuple[Any, Any, Any]:
         """Layer norm backward: ``(dx2, dweight, dbias)``.  With ``g = dy *
         weight`` and ``xhat = (x - mean) * rstd`` per row,
         ``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))``;

@@ -950,10 +950,10 @@ class CpuBackend(HostBackend):
 
     # -- layer norm ----------------------------------------------------
     @_serialized
-    def ln_forward(self, x2, weight, bias, eps):
+    def ln_forward(self, x2, weight, bias, eps, out=None):
         rows, n = x2.shape
         acc = acc_dtype(x2.dtype)
-        y = np.empty(x2.shape, x2.dtype)
+        y = np.empty(x2.shape, x2.dtype) if out is None else out
         mean = np.empty(rows, acc)
         rstd = np.empty(rows, acc)
         per, nb = _row_plan(rows, n)
@@ -962,11 +962,11 @@ class CpuBackend(HostBackend):
         return y, mean, rstd
 
     @_serialized
-    def ln_backward(self, dy2, x2, mean, rstd, weight, want_grads):
+    def ln_backward(self, dy2, x2, mean, rstd, weight, want_grads, out=None):
         rows, n = x2.shape
         acc = acc_dtype(x2.dtype)
         per, nb = _row_plan(rows, n)
-        dx = np.empty(x2.shape, x2.dtype)
+        dx = np.empty(x2.shape, x2.dtype) if out is None else out
         parts = (nb, n) if want_grads else (0, n)
         pw, pb = np.empty(parts), np.empty(parts)
         _ln_backward(nb, _bits(dy2), _bits(x2), np.asarray(mean, acc), np.asarray(rstd, acc),

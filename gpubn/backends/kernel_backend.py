@@ -570,13 +570,15 @@ class KernelBackend(Backend):
         arrays = (weight is not None) + (bias is not None)
         return ln_stage_bytes(n, acc.itemsize, arrays, static)
 
-    def ln_forward(self, x2, weight, bias, eps):
+    def ln_forward(self, x2, weight, bias, eps, out=None):
         self._check_rows(x2, None, "x")
+        if out is not None:
+            self._check_rows(out, x2, "out")
         key, acc = self._types(x2)
         rows, n = (int(s) for s in x2.shape)
         for v, name in ((weight, "weight"), (bias, "bias")):
             self._check_channel(v, n, acc, name)
-        y2 = self.xp.empty_like(x2)
+        y2 = self.xp.empty_like(x2) if out is None else out
         mean = self.xp.empty(rows, dtype=acc)
         rstd = self.xp.empty(rows, dtype=acc)
         if rows:
@@ -587,15 +589,17 @@ class KernelBackend(Backend):
                                     np.int64(n), acc.type(eps), np.int32(smem > 0)), smem)
         return y2, mean, rstd
 
-    def ln_backward(self, dy2, x2, mean, rstd, weight, want_grads):
+    def ln_backward(self, dy2, x2, mean, rstd, weight, want_grads, out=None):
         self._check_rows(x2, None, "x")
         self._check_rows(dy2, x2, "dy")
+        if out is not None:
+            self._check_rows(out, x2, "out")
         key, acc = self._types(x2)
         rows, n = (int(s) for s in x2.shape)
         self._check_channel(mean, rows, acc, "mean", optional=False)
         self._check_channel(rstd, rows, acc, "rstd", optional=False)
         self._check_channel(weight, n, acc, "weight")
-        dx2 = self.xp.empty_like(x2)
+        dx2 = self.xp.empty_like(x2) if out is None else out
         if rows:
             cfg = ln_row_launch("backward_dx", rows, n, key, self._aligned(x2, dy2, dx2),
                                 self._device(), self.tuning)

@@ -159,7 +159,7 @@ class NumpyBackend(HostBackend):
 
     # -- layer norm: statistics per row, weight and bias per column --------
     @_quiet
-    def ln_forward(self, x2, weight, bias, eps):
+    def ln_forward(self, x2, weight, bias, eps, out=None):
         acc = acc_dtype(x2.dtype)
         x = x2.astype(_F64)
         n = x2.shape[1]
@@ -170,10 +170,10 @@ class NumpyBackend(HostBackend):
         if weight is not None:
             y *= _f64(weight)
         y += 0.0 if bias is None else _f64(bias)
-        return y.astype(x2.dtype), mean.astype(acc), rstd.astype(acc)
+        return into(out, y.astype(x2.dtype)), mean.astype(acc), rstd.astype(acc)
 
     @_quiet
-    def ln_backward(self, dy2, x2, mean, rstd, weight, want_grads):
+    def ln_backward(self, dy2, x2, mean, rstd, weight, want_grads, out=None):
         acc = acc_dtype(x2.dtype)
         rstd = _f64(rstd)[:, None]
         dy = dy2.astype(_F64)
@@ -181,7 +181,8 @@ class NumpyBackend(HostBackend):
         g = dy if weight is None else dy * _f64(weight)
         dx = rstd * (g - g.mean(axis=1, keepdims=True)
                      - xhat * np.einsum("rj,rj->r", g, xhat)[:, None] / x2.shape[1])
+        dx = into(out, dx.astype(x2.dtype))
         if not want_grads:
-            return dx.astype(x2.dtype), None, None
-        return (dx.astype(x2.dtype), np.einsum("rj,rj->j", dy, xhat).astype(acc),
+            return dx, None, None
+        return (dx, np.einsum("rj,rj->j", dy, xhat).astype(acc),
                 dy.sum(axis=0).astype(acc))
