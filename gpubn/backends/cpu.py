@@ -457,78 +457,91 @@ def _affine(x, dy, z, relu, mean, a, b0, k, nc, rows, per, out):
 
 @_jit
 def _ln_forward(x, first, w, b, eps, per, y, mean_out, rstd_out):
-    """Layer norm forward, one row at a time: sums around the row's first
-    value (``first``, in the accumulation dtype; again around the mean when that
-    was far off), then ``y`` while the row is in the cache.  (The parallel
-    loop miscompiles the shift's redo when the shift starts as a converted
-    load of ``x`` or the accumulation dtype has an alias set before the
-    ``prange``; ``first`` and ``w.dtype.type`` avoid both.)"""
+    """Layer norm forward, one row at a time (:func:`_ln_row`)."""
     rows, n = x.shape
     nb = (rows + per - 1) // per
     for blk in numba.prange(nb):
         for r in range(blk * per, min(rows, (blk + 1) * per)):
-            k = first[r]
-            if not np.isfinite(k):
-                k = w.dtype.type(0.0)
-            for _ in range(2):
-                a1 = w.dtype.type(0.0)
-                a2 = w.dtype.type(0.0)
-                for j in range(n):
-                    d = _ld(x[r, j]) - k
-                    a1 += d
-                    a2 += d * d
-                dm = np.float64(a1) / n
-                m2 = np.float64(a2) - np.float64(a1) * dm
-                if not dm * dm * n > _REDO * m2:      # False for NaN
-                    break
-                k = w.dtype.type(np.float64(k) + dm)
-            mean = np.float64(k) + dm
-            rstd = 1.0 / np.sqrt(max(m2, 0.0) / n + eps) if m2 == m2 else m2
-            hi = w.dtype.type(mean)
-            lo = w.dtype.type(-(mean - np.float64(hi)) * rstd if np.isfinite(hi) else 0.0)
-            rs = w.dtype.type(rstd)
-            yr = y[r]   # a 1-D view: a plain unit-stride loop (not xr = x[r] above: see the note)
-            for j in range(n):
-                yr[j] = _st(((_ld(x[r, j]) - hi) * rs + lo) * w[j] + b[j], y)
-            mean_out[r] = mean
-            rstd_out[r] = rstd
+            mean_out[r], rstd_out[r] = _ln_row(x[r], first[r], w, b, eps, y[r])
+
+
+@numba.njit(cache=True, fastmath=_FLAGS)
+def _ln_row(xr, k, w, b, eps, yr):
+    """One row of the layer norm forward: sums around the row's first value
+    ``k`` (in the accumulation dtype; again around the mean when that was
+    far off), then ``yr`` while the row is in the cache; returns the float64
+    ``(mean, rstd)``.  (A function of its own: inside the parallel loop the
+    shift's redo was miscompiled.)"""
+    n = xr.size
+    if not np.isfinite(k):
+        k = w.dtype.type(0.0)
+    for _ in range(2):
+        a1 = w.dtype.type(0.0)
+        a2 = w.dtype.type(0.0)
+        for j in range(n):
+            d = _ld(xr[j]) - k
+            a1 += d
+            a2 += d * d
+        dm = np.float64(a1) / n
+        m2 = np.float64(a2) - np.float64(a1) * dm
+        if not dm * dm * n > _REDO * m2:      # False for NaN
+            break
+        k = w.dtype.type(np.float64(k) + dm)
+    mean = np.float64(k) + dm
+    rstd = 1.0 / np.sqrt(max(m2, 0.0) / n + eps) if m2 == m2 else m2
+    hi = w.dtype.type(mean)
+    lo = w.dtype.type(-(mean - np.float64(hi)) * rstd if np.isfinite(hi) else 0.0)
+    rs = w.dtype.type(rstd)
+    for j in range(n):
+        yr[j] = _st(((_ld(xr[j]) - hi) * rs + lo) * w[j] + b[j], yr)
+    return mean, rstd
 
 
 @_jit
 def _ln_backward(dy, x, mean, rstd, w, per, dx, pw, pb):
     """Layer norm backward, one row at a time: the row's two sums, then
     ``dx``; block partial column sums ``pw`` (dy * xhat) and ``pb`` (dy)
-    when they have rows."""
+    when they have rows, summed in the accumulation dtype over ``_FOLD``
+    rows at a time and those sums in float64."""
     rows, n = x.shape
     nb = (rows + per - 1) // per
     grads = pw.shape[0] > 0
     for blk in numba.prange(nb):
+        aw = np.empty(n if grads else 0, w.dtype)
+        ab = np.empty(n if grads else 0, w.dtype)
         if grads:
             pw[blk, :] = 0.0
             pb[blk, :] = 0.0
-        for r in range(blk * per, min(rows, (blk + 1) * per)):
-            gr, xr, dr = dy[r], x[r], dx[r]     # 1-D views: plain unit-stride loops
-            m, rs = mean[r], rstd[r]
-            a1 = w.dtype.type(0.0)
-            a2 = w.dtype.type(0.0)
-            for j in range(n):
-                g = _ld(gr[j]) * w[j]
-                a1 += g
-                a2 += g * (_ld(xr[j]) - m)
-            c1 = w.dtype.type(np.float64(a1) / n)
-            c2 = w.dtype.type(np.float64(a2) * np.float64(rs) / n)
-            if grads:       # dx and the partial column sums in one loop
-                pwr, pbr = pw[blk], pb[blk]
+        r1 = min(rows, (blk + 1) * per)
+        for f0 in range(blk * per, r1, _FOLD):
+            aw[:] = 0.0
+            ab[:] = 0.0
+            for r in range(f0, min(r1, f0 + _FOLD)):
+                gr, xr, dr = dy[r], x[r], dx[r]     # 1-D views: plain unit-stride loops
+                m, rs = mean[r], rstd[r]
+                a1 = w.dtype.type(0.0)
+                a2 = w.dtype.type(0.0)
                 for j in range(n):
-                    xhat = (_ld(xr[j]) - m) * rs
-                    g = _ld(gr[j])
-                    dr[j] = _st(rs * (g * w[j] - c1 - xhat * c2), dx)
-                    pwr[j] += g * xhat
-                    pbr[j] += g
-            else:
+                    g = _ld(gr[j]) * w[j]
+                    a1 += g
+                    a2 += g * (_ld(xr[j]) - m)
+                c1 = w.dtype.type(np.float64(a1) / n)
+                c2 = w.dtype.type(np.float64(a2) * np.float64(rs) / n)
+                if grads:       # dx and the column sums in one loop
+                    for j in range(n):
+                        xhat = (_ld(xr[j]) - m) * rs
+                        g = _ld(gr[j])
+                        dr[j] = _st(rs * (g * w[j] - c1 - xhat * c2), dx)
+                        aw[j] += g * xhat
+                        ab[j] += g
+                else:
+                    for j in range(n):
+                        xhat = (_ld(xr[j]) - m) * rs
+                        dr[j] = _st(rs * (_ld(gr[j]) * w[j] - c1 - xhat * c2), dx)
+            if grads:
                 for j in range(n):
-                    xhat = (_ld(xr[j]) - m) * rs
-                    dr[j] = _st(rs * (_ld(gr[j]) * w[j] - c1 - xhat * c2), dx)
+                    pw[blk, j] += np.float64(aw[j])
+                    pb[blk, j] += np.float64(ab[j])
 
 
 @numba.njit(cache=True, fastmath=_FLAGS)
