@@ -446,8 +446,8 @@ def test_tiles_of_channels_are_chosen_by_the_shape(monkeypatch):
     """NCHW runs with many channels whose values fit the cache budget run the
     fused tile loops (one read of x forward, one of x and dy backward); too
     few channels, short runs or too much data per channel the blocked ones.
-    Tiles are whole channels, about _TILE columns, and at least _TILES_MIN
-    of them."""
+    Tiles are whole channels, at least _TILE columns where the cache budget
+    allows, and at least _TILES_MIN of them."""
     ran = []
     for name in ("_tile_forward", "_tile_backward", "_sums", "_affine"):
         real = getattr(cpu, name)
@@ -463,11 +463,12 @@ def test_tiles_of_channels_are_chosen_by_the_shape(monkeypatch):
         expected = (["_tile_forward", "_tile_backward"] if tiled
                     else ["_sums", "_affine", "_sums", "_affine"])
         assert ran == expected, shape
-    # channels per tile: 2048 // 49 columns; then the cache budget; then 16 tiles
-    assert cpu._tile_channels((32, 2048, 49), np.float32) == 41
+    # channels per tile: 4096 columns or more (ceil(4096 / 49) = 84); then the
+    # cache budget (1 MiB of a channel's values); then 16 tiles
+    assert cpu._tile_channels((32, 2048, 49), np.float32) == 84
     assert cpu._tile_channels((4096, 2048, 49), np.float32) == (1 << 20) // (4096 * 49 * 4)
     assert cpu._tile_channels((32, 64, 20), np.float32) == 4
-    assert cpu._tile_channels((32, 64, 3136), np.float32) == 1
+    assert cpu._tile_channels((32, 64, 3136), np.float32) == 2
 
 
 @pytest.mark.parametrize("shape", [(4, 64, 20), (5, 70, 16), (130, 32, 17)],

@@ -271,7 +271,7 @@ def _st_impl(v, like):
 
 
 _ROWS_MIN = 16          # inner extent from which a channel's runs are walked one by one
-_TILE = 2048            # columns of a channel tile of the fused NCHW loops (about)
+_TILE = 4096            # columns of a channel tile of the fused NCHW loops (at least)
 _TILE_BYTES = 1 << 20   # a tile's data (per array) kept in the cache between two loops
 _TILES_MIN = 16         # ... when there are this many tiles to share out
 _BLOCK = 1 << 15        # elements per block of work (about)
@@ -832,15 +832,15 @@ def _tile_channels(shape, dtype):
     :func:`_tile_backward`), or 0 where they do not apply: they need runs
     (``inner >= _ROWS_MIN``), ``_TILES_MIN`` channels or more, and one
     channel's values of an array within ``_TILE_BYTES`` (the second loop over
-    a tile then reads the cache).  A tile is about ``_TILE`` columns wide, at
-    least one channel, and there are at least ``_TILES_MIN`` tiles to share
-    out.  Decided by the shape alone, so results do not depend on the thread
+    a tile then reads the cache).  A tile is the fewest whole channels that
+    make ``_TILE`` columns or more (longer rows stream better), within the
+    cache budget, and there are at least ``_TILES_MIN`` tiles to share out.  Decided by the shape alone, so results do not depend on the thread
     count."""
     outer, c, inner = shape
     per_channel = outer * inner * np.dtype(dtype).itemsize
     if inner < _ROWS_MIN or c < _TILES_MIN or per_channel > _TILE_BYTES:
         return 0
-    return max(1, min(_TILE // inner, _TILE_BYTES // per_channel, c // _TILES_MIN))
+    return max(1, min(-(-_TILE // inner), _TILE_BYTES // per_channel, c // _TILES_MIN))
 
 
 def _forward_tiles(x3, t, weight, bias, eps, z3, relu, out=None):
