@@ -324,9 +324,9 @@ def check_out(out, shape, dtype, order, backend, like_name: str, reads, like=Non
     check_tensor_like(out, shape, dtype, backend, name, like_name, like)
     if not getattr(out.flags, "writeable", True):
         raise ValueError(f"{name} must be writeable")
-    laid = out if tuple(order) == tuple(range(out.ndim)) else out.transpose(order)
-    if not laid.flags.c_contiguous:
-        kind = "C-contiguous" if tuple(order) == tuple(range(out.ndim)) else \
+    identity = tuple(order) == tuple(range(out.ndim))
+    if not (out if identity else out.transpose(order)).flags.c_contiguous:
+        kind = "C-contiguous" if identity else \
             f"contiguous in the axis order {tuple(order)} (the input's)"
         raise ValueError(f"{name} must be laid out as the result: {kind}")
     for n, a in reads.items():

@@ -16,35 +16,25 @@ block's data before it was published, shows here.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 
 from conftest import assert_same_under_schedules, unavailable_reason
+from test_read_once import STAGED, STAGING_DEVICE, _data as _read_once_data, _emu
 
 _REASON = unavailable_reason("emu")
 
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 
 
-def _emu(read_once, device=None):
-    from gpubn.backends.emu import EMU_TUNING, EmuBackend
-
-    return EmuBackend(tuning=dataclasses.replace(EMU_TUNING, read_once=read_once),
-                      device_attributes=device)
-
-
 def _data(shape, dtype, seed=0):
-    rng = np.random.default_rng(seed)
+    """test_read_once's inputs (x, the residual z, weight, bias), with an
+    incoming gradient dy and running statistics away from 0 and 1."""
+    x, z, w, b, _, _ = _read_once_data(shape, dtype, seed)
+    rng = np.random.default_rng(seed + 1)
     c = shape[1]
-    acc = np.float64 if dtype == np.float64 else np.float32
-    x = (rng.standard_normal(shape) * 2.0 + 3.0).astype(dtype)
-    dy = rng.standard_normal(shape).astype(dtype)
-    z = rng.standard_normal(shape).astype(dtype)
-    w = rng.uniform(0.5, 1.5, c).astype(acc)
-    b = rng.uniform(-0.5, 0.5, c).astype(acc)
-    return x, dy, z, w, b, rng.standard_normal(c).astype(acc), rng.uniform(0.5, 1.5, c).astype(acc)
+    return (x, rng.standard_normal(shape).astype(dtype), z, w, b,
+            rng.standard_normal(c).astype(w.dtype), rng.uniform(0.5, 1.5, c).astype(w.dtype))
 
 
 # several blocks per channel (last-block merges) in both layouts, ragged tails
@@ -88,7 +78,6 @@ def test_read_once_forward_and_backward(layout, staged):
     """Registers only, and with values staged in shared memory (a device
     whose registers cannot hold the tensor: test_read_once.STAGING_DEVICE)."""
     from gpubn import emu
-    from test_read_once import STAGED, STAGING_DEVICE
 
     shape = STAGED[f"{layout}-staged"] if staged else SHAPES[layout]
     x, dy, z, w, b, rm0, rv0 = _data(shape, np.float16)

@@ -76,6 +76,18 @@ def _run(be, x, z, w, b, rm, rv, relu):
     return y, mean, invstd, log
 
 
+def _assert_read_once_traffic(log, case, x, passes, state_bytes):
+    """``log`` is one read-once launch, staging in shared memory exactly for
+    the STAGED cases, moving ``passes`` passes over x-sized tensors plus the
+    side traffic of :func:`_assert_side_traffic`."""
+    from test_traffic import _count
+
+    assert (log[0].shared_mem > 0) == (case in STAGED)
+    launches, got, _ = _count(log, x.nbytes)
+    assert launches == 1 and got == passes, [r.kernel for r in log]
+    _assert_side_traffic(log, x.shape, state_bytes)
+
+
 def _assert_side_traffic(log, shape, state_bytes):
     """Besides the tensors, the one read-once launch in ``log`` moves a
     partial state (``state_bytes``) written per block and the S of its
@@ -139,16 +151,11 @@ def test_traffic_one_launch_read_x_once(case, epilogue, passes):
     """The issue's table: forward training that fits on chip is 1 launch and
     2 passes (read x, write y), 3 with a residual (read it too); values
     staged in shared memory move no global bytes."""
-    from test_traffic import _count
-
     shape = CASES[case]
     x, z, w, b, rm, rv = _data(shape, np.float32)
     z = None if epilogue == "plain" else z
     _, _, _, log = _run(_emu(None, _device(case)), x, z, w, b, rm, rv, epilogue == "add-relu")
-    assert (log[0].shared_mem > 0) == (case in STAGED)
-    launches, got, _ = _count(log, x.nbytes)
-    assert launches == 1 and got == passes, [r.kernel for r in log]
-    _assert_side_traffic(log, shape, 24)
+    _assert_read_once_traffic(log, case, x, passes, 24)
 
 
 def test_automatic_choice_and_its_reasons(monkeypatch, capfd):
@@ -356,15 +363,10 @@ def test_traffic_backward_one_launch_read_dy_and_x_once(case, epilogue, passes):
     """The issue's table: backward training that fits on chip is 1 launch
     and 3 passes (read dy and x, write dx); of add + relu 5 (read dy, y and
     x, write dx and dresidual: the mask is read from y)."""
-    from test_traffic import _count
-
     shape = CASES[case]
     x, dy, w, y, mean, invstd = _backward_data(shape, np.float32, epilogue == "add-relu")
     _, _, log = _backward(_emu(None, _device(case)), dy, x, mean, invstd, w, y)
-    assert (log[0].shared_mem > 0) == (case in STAGED)
-    launches, got, _ = _count(log, x.nbytes)
-    assert launches == 1 and got == passes, [r.kernel for r in log]
-    _assert_side_traffic(log, shape, 8)
+    _assert_read_once_traffic(log, case, x, passes, 8)
 
 
 def test_backward_automatic_choice_and_its_reasons(monkeypatch, capfd):
