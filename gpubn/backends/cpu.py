@@ -277,7 +277,7 @@ _TILES_MIN = 16         # ... when there are this many tiles to share out
 _BLOCK = 1 << 15        # elements per block of work (about)
 _MAX_BLOCKS = 256
 _SUM_BLOCKS = 16        # most blocks of the column sums (NC, channels-last)
-_FOLD = 64           # rows a column is summed over in the accumulation dtype
+_FOLD = 64              # rows a column is summed over in the accumulation dtype
 _REDO = 16.0            # (mean - shift)**2 / var above which the sums are taken again
 
 
