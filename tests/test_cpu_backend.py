@@ -186,8 +186,10 @@ def test_passes_allocate_only_their_outputs(shape, dtype):
 @pytest.fixture
 def many_blocks(monkeypatch):
     """Blocks of a few hundred values, so small inputs have many blocks and
-    every thread gets several."""
+    every thread gets several (the column sums group short rows to 8 values
+    at most)."""
     monkeypatch.setattr(cpu, "_BLOCK", 256)
+    monkeypatch.setattr(cpu, "_WIDE", 8)
 
 
 @pytest.mark.parametrize("shape", SHAPES[:3] + SHAPES[4:], ids=lambda s: "x".join(map(str, s)))
@@ -439,6 +441,43 @@ def test_half_precision_results_are_those_of_float32_rounded(shape, dtype):
         assert half[name].dtype == dtype, name
         np.testing.assert_array_equal(half[name].view(np.uint16), e.astype(dtype).view(np.uint16),
                                       err_msg=name)
+
+
+# ------------------------------------------ groups of short rows (NC, NHWC) ---
+def test_short_rows_are_grouped_by_the_shape():
+    """The column sums of short rows (NC, channels-last) take several rows
+    as one: the fewest rows that make _WIDE (2048) values, among the
+    divisors of the row count up to _FOLD (64), else the most of those."""
+    assert cpu._row_group(100352, 256) == 8        # 32x56x56x256 channels-last
+    assert cpu._row_group(256, 4096) == 1          # long enough already
+    assert cpu._row_group(98, 64) == 49            # 2, 7 and 14 rows are too few
+    assert cpu._row_group(300, 7) == 60            # never 2048: the most rows
+    assert cpu._row_group(101, 64) == 1            # a prime count of rows
+    assert cpu._Layout((100352, 256, 1)).group == 8
+    assert cpu._Layout((16, 128, 4)).group == 4
+    assert cpu._Layout((8, 16, 1024)).group == 1   # NCHW runs are not grouped
+
+
+@pytest.mark.parametrize("shape", [(64, 64, 1), (16, 128, 4), (98, 64, 1), (101, 24, 1)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64],
+                         ids=lambda d: np.dtype(d).name)
+def test_groups_of_short_rows_match_the_reference(shape, dtype):
+    """Every method and the residual + ReLU epilogue with rows grouped to
+    _WIDE values (32, 4 and 49 rows as one) or not at all (a prime row
+    count), against the float64 reference."""
+    x, dy, w, b = _case(shape, dtype)
+    _assert_ops_match(_ops(CPU, x, dy, w, b), _ops(REF, x, dy, w, b), x, w)
+    z = np.random.default_rng(3).standard_normal(shape).astype(dtype)
+    c = shape[1]
+    state = lambda: (np.zeros(c, w.dtype), np.ones(c, w.dtype))  # noqa: E731
+    y, mean, invstd = CPU.bn_forward_train_act(x, w, b, *state(), 0.1, 1e-5, z, True)
+    y_ref, mean_ref, invstd_ref = REF.bn_forward_train_act(x, w, b, *state(), 0.1, 1e-5, z, True)
+    assert_close(y, y_ref, dtype, "y (add + relu)")
+    got = CPU.bn_backward_relu(dy, x, mean, invstd, w, y, True)
+    ref = REF.bn_backward_relu(dy, x, mean_ref, invstd_ref, w, y_ref, True)
+    for name, a, e in zip(("dx", "dresidual"), (got[0], got[3]), (ref[0], ref[3])):
+        assert_close(a, e, dtype, name)
 
 
 # ------------------------------------------------- tiles of channels (NCHW) ---

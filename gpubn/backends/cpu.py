@@ -278,6 +278,7 @@ _BLOCK = 1 << 15        # elements per block of work (about)
 _MAX_BLOCKS = 256
 _SUM_BLOCKS = 16        # most blocks of the column sums (NC, channels-last)
 _FOLD = 64              # rows a column is summed over in the accumulation dtype
+_WIDE = 2048            # values per row of the column sums (at least, rows allowing)
 _REDO = 16.0            # (mean - shift)**2 / var above which the sums are taken again
 
 
@@ -699,7 +700,8 @@ class _Layout:
     alone.  Long runs (``inner >= _ROWS_MIN``, NCHW): a 2-D view of
     ``outer * C`` rows of ``inner`` values, row ``r`` in channel ``r % C``.
     Short runs (NC, channels-last): ``outer`` rows of ``C * inner`` values,
-    the per-channel constants repeated to one per column.  Rows are cut into
+    the per-channel constants repeated to one per column; the column sums
+    take ``group`` of them (:func:`_row_group`) as one row.  Rows are cut into
     ``nb`` blocks of ``per`` rows of about ``_BLOCK`` values (the column sums:
     ``sum_nb`` blocks of ``sum_per`` rows)."""
 
@@ -711,38 +713,48 @@ class _Layout:
         nb = max(1, min(_MAX_BLOCKS, n_rows, outer * self.c * self.inner // _BLOCK))
         self.per = -(-n_rows // nb)
         self.nb = -(-n_rows // self.per)
-        self.width = self.c if self.rows else self.shape2[1]   # partial sums per block
-        # the column sums write a row of partials per block: fewer, longer
-        # blocks (at most _SUM_BLOCKS, at least _FOLD rows) keep them small
-        self.sum_per = self.per if self.rows else max(_FOLD, -(-n_rows // _SUM_BLOCKS))
-        self.sum_nb = -(-n_rows // self.sum_per)
+        # the column sums keep an accumulator per column, loaded and stored
+        # every few rows: short rows are summed ``group`` at a time (adjacent
+        # in memory, one row to the loop), and a block writes a row of
+        # partials: fewer, longer blocks (at most _SUM_BLOCKS, at least _FOLD
+        # rows) keep those small
+        self.group = 1 if self.rows else _row_group(n_rows, self.shape2[1])
+        sum_rows = n_rows // self.group
+        self.width = self.c if self.rows else self.shape2[1] * self.group  # partials per block
+        self.sum_per = self.per if self.rows else max(_FOLD, -(-sum_rows // _SUM_BLOCKS))
+        self.sum_nb = -(-sum_rows // self.sum_per)
 
-    def view(self, a3, dtype=None):
+    def view(self, a3, dtype=None, group=1):
         """A canonical array (None: absent, as an empty one of the loops'
-        ``dtype``) as the 2-D array the loops walk."""
+        ``dtype``) as the 2-D array the loops walk (``group`` rows as one)."""
         if a3 is None:
             return _NONE[_bits_dtype(dtype)]
-        return _bits(a3).reshape(self.shape2)
+        rows, width = self.shape2
+        return _bits(a3).reshape(rows // group, width * group)
 
-    def expand(self, v, dtype):
-        """A per-channel vector as the loops index it, in the accumulation dtype
-        of data of ``dtype``."""
+    def expand(self, v, dtype, group=1):
+        """A per-channel vector as the loops index it (for ``group`` rows as
+        one), in the accumulation dtype of data of ``dtype``."""
         v = np.asarray(v, dtype=acc_dtype(dtype))
-        return v if self.rows or self.inner == 1 else np.repeat(v, self.inner)
+        if self.rows:
+            return v
+        return np.tile(v if self.inner == 1 else np.repeat(v, self.inner), group)
 
     def channel_sums(self, parts):
-        """Per-channel float64 totals of the blocks' partials, in block order."""
+        """Per-channel float64 totals of the column sums' block partials, in
+        block order."""
         total = parts.sum(axis=0)
-        return total if self.rows else total.reshape(self.c, self.inner).sum(axis=1)
+        return total if self.rows else \
+            total.reshape(self.group, self.c, self.inner).sum(axis=(0, 2))
 
     def sums(self, x3, dy3, shift, y3=None, g3=None):
         """``_sums`` over the whole array: per-channel float64 totals (with
         ``y3``, of ``dy3`` masked by ``y3 > 0``, written to ``g3``)."""
         s1, s2 = np.empty((self.sum_nb, self.width)), np.empty((self.sum_nb, self.width))
-        dt = x3.dtype
-        _sums(self.sum_nb, self.view(x3), self.view(dy3, dt), self.view(y3, dt),
-              self.expand(shift, dt), self.c, self.rows, self.sum_per, s1, s2,
-              self.view(g3, dt))
+        dt, g = x3.dtype, self.group
+        _sums(self.sum_nb, self.view(x3, dt, g), self.view(dy3, dt, g), self.view(y3, dt, g),
+              self.expand(shift, dt, g), self.c, self.rows, self.sum_per, s1, s2,
+              self.view(g3, dt, g))
         return self.channel_sums(s1), self.channel_sums(s2)
 
     def affine(self, x3, dy3, mean, a, b0, k, z3=None, relu=False, out=None):
@@ -755,6 +767,21 @@ class _Layout:
                 self.expand(mean, dt), self.expand(a, dt), self.expand(b0, dt),
                 self.expand(k, dt), self.c, self.rows, self.per, self.view(out))
         return out
+
+
+def _row_group(rows, width):
+    """How many of ``rows`` rows of ``width`` values the column sums take as
+    one: the fewest (dividing ``rows``) that make ``_WIDE`` values or more,
+    else the most, up to ``_FOLD``.  (Summed row by row, short rows cost more
+    in accumulator loads and stores than in reading the data; the normalize
+    loops keep the rows as they are, their per-column constants in L1.)"""
+    group = 1
+    for g in range(1, _FOLD + 1):
+        if rows % g == 0:
+            group = g
+            if g * width >= _WIDE:
+                break
+    return group
 
 
 def _row_plan(rows, n):
