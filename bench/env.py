@@ -35,6 +35,23 @@ def _loadavg():
         return None
 
 
+def allocator_env() -> Dict[str, str]:
+    """The environment variables that change how the C allocator keeps or
+    gives back freed memory (glibc's ``MALLOC_*_`` and ``GLIBC_TUNABLES``, a
+    preloaded allocator): on the CPU, whether a fresh output faults in new
+    pages on every call, and so the times, depend on them.  Workers inherit
+    them."""
+    return {k: v for k, v in sorted(os.environ.items())
+            if k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD")}
+
+
+def describe_allocator(env: Optional[Dict[str, str]]) -> str:
+    """One line for a results header: the C allocator's settings."""
+    if not env:
+        return "the C library's defaults"
+    return ", ".join(f"{k}={v}" for k, v in env.items())
+
+
 def machine_info(gpu: Optional[Dict] = None) -> Dict:
     """Machine, CPU and library versions; ``gpu`` (from
     :func:`bench.gpu.device_info`) is included when given."""
@@ -49,6 +66,7 @@ def machine_info(gpu: Optional[Dict] = None) -> Dict:
         "torch": _version("torch"),
         "gpubn": _version("gpubn"),
         "cupy": _version("cupy"),
+        "allocator_env": allocator_env(),
     }
     try:
         torch = importlib.import_module("torch")

@@ -3,6 +3,7 @@ bandwidth from device attributes, timer plumbing, output checks, report
 formats, suites, the textbook NumPy version, and a tiny CPU run end to end."""
 
 import io
+import os
 import re
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ if _ROOT not in sys.path:
 
 from bench import gpu, metrics, naive, report, runner, suites  # noqa: E402
 from bench.__main__ import main  # noqa: E402
+from bench.env import describe_allocator, machine_info  # noqa: E402
 from bench.inputs import make_setup  # noqa: E402
 from bench.providers import (GpubnProvider, NaiveProvider, Provider, TorchProvider,  # noqa: E402
                              cuda_event_timer)
@@ -395,6 +397,24 @@ def test_jsonl_round_trip_keeps_machine_and_fields(tmp_path):
     path.write_text("{not json}\n")
     with pytest.raises(ValueError, match="r.jsonl:1"):
         report.read_jsonl(str(path))
+
+
+def test_machine_info_records_the_allocator_settings(monkeypatch):
+    """Fresh outputs' page faults depend on how the C allocator gives freed
+    memory back: the settings that change it are recorded and printed."""
+    for k in [k for k in os.environ if k.startswith("MALLOC_")] + ["GLIBC_TUNABLES",
+                                                                   "LD_PRELOAD"]:
+        monkeypatch.delenv(k, raising=False)
+    assert machine_info()["allocator_env"] == {}
+    assert describe_allocator({}) == "the C library's defaults"
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "2000000000")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1000000000")
+    monkeypatch.setenv("MALLOCATE", "unrelated")
+    env = machine_info()["allocator_env"]
+    assert env == {"MALLOC_MMAP_THRESHOLD_": "1000000000",
+                   "MALLOC_TRIM_THRESHOLD_": "2000000000"}
+    assert describe_allocator(env) == ("MALLOC_MMAP_THRESHOLD_=1000000000, "
+                                       "MALLOC_TRIM_THRESHOLD_=2000000000")
 
 
 def test_format_ratio():
