@@ -45,6 +45,22 @@ def allocator_env() -> Dict[str, str]:
             if k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD")}
 
 
+def transparent_hugepages(path: str = "/sys/kernel/mm/transparent_hugepage/enabled"
+                          ) -> Optional[str]:
+    """Linux's transparent huge page mode (``always``, ``madvise`` or
+    ``never``), or None where there is none.  Under ``madvise`` only memory
+    asked for gets 2 MiB pages: NumPy asks for its arrays of 4 MiB and more,
+    PyTorch does not for its tensors, whose page faults and TLB misses then
+    weigh on its times."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return None
+    start, end = text.find("["), text.find("]")
+    return text[start + 1:end] if 0 <= start < end else None
+
+
 def describe_allocator(env: Optional[Dict[str, str]]) -> str:
     """One line for a results header: the C allocator's settings."""
     if not env:
@@ -67,6 +83,7 @@ def machine_info(gpu: Optional[Dict] = None) -> Dict:
         "gpubn": _version("gpubn"),
         "cupy": _version("cupy"),
         "allocator_env": allocator_env(),
+        "transparent_hugepages": transparent_hugepages(),
     }
     try:
         torch = importlib.import_module("torch")
