@@ -185,6 +185,22 @@ def test_passes_allocate_only_their_outputs(monkeypatch, shape, dtype):
     assert _peak_bytes(calls["forward"][1], REF) > bound(1)
 
 
+def test_layer_norm_passes_allocate_only_their_outputs(monkeypatch):
+    """Layer norm over long rows: the forward allocates y (and a mean and
+    rstd per row), the backward dx plus its blocks' partial sums of the
+    weight's and bias's gradients, which stay well under a tenth of the
+    tensor (with a block per 8 rows of 4096 values they were half of it)."""
+    monkeypatch.setenv("GPUBN_NUM_THREADS", "2")
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((512, 4096)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    w, b = np.full(4096, 0.5, np.float32), np.zeros(4096, np.float32)
+    _, mean, rstd = CPU.ln_forward(x, w, b, 1e-5)
+    bound = x.nbytes + x.nbytes // 10
+    assert _peak_bytes(lambda: CPU.ln_forward(x, w, b, 1e-5)) <= bound
+    assert _peak_bytes(lambda: CPU.ln_backward(dy, x, mean, rstd, w, True)) <= bound
+
+
 @pytest.fixture
 def many_blocks(monkeypatch):
     """Blocks of a few hundred values, so small inputs have many blocks and

@@ -1006,6 +1006,12 @@ class CpuBackend(HostBackend):
         rows, n = x2.shape
         acc = acc_dtype(x2.dtype)
         per, nb = _row_plan(rows, n)
+        if want_grads:
+            # each block writes a row of partials of the weight's and bias's
+            # gradients: at most _SUM_BLOCKS blocks of _FOLD rows or more keep
+            # them small (short blocks of long rows made them as large as x)
+            per = max(per, min(rows, _FOLD), -(-rows // _SUM_BLOCKS))
+            nb = -(-rows // per)
         dx = np.empty(x2.shape, x2.dtype) if out is None else out
         parts = (nb, n) if want_grads else (0, n)
         pw, pb = np.empty(parts), np.empty(parts)
