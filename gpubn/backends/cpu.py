@@ -276,7 +276,7 @@ _TILE_BYTES = 1 << 20   # a tile's data (per array) kept in the cache between tw
 _TILES_MIN = 16         # ... when there are this many tiles to share out
 _BLOCK = 1 << 15        # elements per block of work (about)
 _MAX_BLOCKS = 256
-_SUM_BLOCKS = 16        # most blocks of the column sums (NC, channels-last)
+_SUM_BLOCKS = 16        # most blocks of a loop writing partial sums (_partials_plan)
 _FOLD = 64              # rows a column is summed over in the accumulation dtype
 _WIDE = 2048            # values per row of the column sums (at least, rows allowing)
 _REDO = 16.0            # (mean - shift)**2 / var above which the sums are taken again
@@ -716,13 +716,11 @@ class _Layout:
         # the column sums keep an accumulator per column, loaded and stored
         # every few rows: short rows are summed ``group`` at a time (adjacent
         # in memory, one row to the loop), and a block writes a row of
-        # partials: fewer, longer blocks (at most _SUM_BLOCKS, at least _FOLD
-        # rows) keep those small
+        # partials (:func:`_partials_plan`)
         self.group = 1 if self.rows else _row_group(n_rows, self.shape2[1])
-        sum_rows = n_rows // self.group
         self.width = self.c if self.rows else self.shape2[1] * self.group  # partials per block
-        self.sum_per = self.per if self.rows else max(_FOLD, -(-sum_rows // _SUM_BLOCKS))
-        self.sum_nb = -(-sum_rows // self.sum_per)
+        self.sum_per, self.sum_nb = (self.per, self.nb) if self.rows else \
+            _partials_plan(n_rows // self.group)
 
     def view(self, a3, dtype=None, group=1):
         """A canonical array (None: absent, as an empty one of the loops'
@@ -784,6 +782,15 @@ def _row_group(rows, width):
     return group
 
 
+def _partials_plan(rows, per=1):
+    """``(rows per block, blocks)`` of a loop whose blocks each write a row
+    of float64 partial sums (the column sums; layer norm's weight and bias
+    gradients): at most ``_SUM_BLOCKS`` blocks of ``_FOLD`` rows or more
+    (and ``per`` or more), so the partials stay small."""
+    per = max(per, _FOLD, -(-rows // _SUM_BLOCKS))
+    return per, -(-rows // per)
+
+
 def _row_plan(rows, n):
     per = max(1, min(rows, _BLOCK // max(n, 1)))
     per = max(per, -(-rows // _MAX_BLOCKS))
@@ -802,13 +809,20 @@ def _split(mean, dtype):
     return hi, lo
 
 
+def _first_values(x3):
+    """Each channel's first value in float64 (0 where not finite): the shift
+    its sums are taken around."""
+    first = x3[0, :, 0].astype(np.float64)
+    first[~np.isfinite(first)] = 0.0
+    return first
+
+
 def _moments(x):
     """Per-channel float64 ``(mean, m2)`` of a canonical array."""
     lay = _Layout(x.shape)
     acc = acc_dtype(x.dtype)
     n = x.shape[0] * x.shape[2]
-    shift = x[0, :, 0].astype(np.float64)
-    shift[~np.isfinite(shift)] = 0.0
+    shift = _first_values(x)
     for _ in range(2):
         t1, t2 = lay.sums(x, None, shift)
         dm = t1 / n
@@ -861,7 +875,8 @@ def _tile_channels(shape, dtype):
     channel's values of an array within ``_TILE_BYTES`` (the second loop over
     a tile then reads the cache).  A tile is the fewest whole channels that
     make ``_TILE`` columns or more (longer rows stream better), within the
-    cache budget, and there are at least ``_TILES_MIN`` tiles to share out.  Decided by the shape alone, so results do not depend on the thread
+    cache budget, and there are at least ``_TILES_MIN`` tiles to share out.
+    Decided by the shape alone, so results do not depend on the thread
     count."""
     outer, c, inner = shape
     per_channel = outer * inner * np.dtype(dtype).itemsize
@@ -875,8 +890,7 @@ def _forward_tiles(x3, t, weight, bias, eps, z3, relu, out=None):
     ``y3`` is ``out`` when given)."""
     acc = acc_dtype(x3.dtype)
     outer, c, inner = x3.shape
-    first = x3[0, :, 0].astype(np.float64)
-    first[~np.isfinite(first)] = 0.0
+    first = _first_values(x3)
     y3 = np.empty(x3.shape, x3.dtype) if out is None else out
     mean, m2 = np.empty(c), np.empty(c)
     flat = (outer, c * inner)
@@ -1006,12 +1020,8 @@ class CpuBackend(HostBackend):
         rows, n = x2.shape
         acc = acc_dtype(x2.dtype)
         per, nb = _row_plan(rows, n)
-        if want_grads:
-            # each block writes a row of partials of the weight's and bias's
-            # gradients: at most _SUM_BLOCKS blocks of _FOLD rows or more keep
-            # them small (short blocks of long rows made them as large as x)
-            per = max(per, min(rows, _FOLD), -(-rows // _SUM_BLOCKS))
-            nb = -(-rows // per)
+        if want_grads:      # a block writes a row of partials of the two gradients
+            per, nb = _partials_plan(rows, per)
         dx = np.empty(x2.shape, x2.dtype) if out is None else out
         parts = (nb, n) if want_grads else (0, n)
         pw, pb = np.empty(parts), np.empty(parts)
