@@ -22,7 +22,7 @@ from typing import List, Optional
 from . import gpu as gpu_mod
 from . import host
 from .dask_bench import format_dask_table, run_dask
-from .env import describe_allocator, machine_info
+from .env import describe_memory, machine_info
 from .providers import cpu_providers, select
 from .report import (format_summary, format_table, render, format_traffic_table, plot,
                      format_model_table,
@@ -152,8 +152,7 @@ def _replay(args) -> int:
     print(f"# machine: {m.get('cpu')} ({m.get('cpu_count')} cores, load {m.get('loadavg')}), "
           f"numpy {m.get('numpy')}, torch {m.get('torch')} ({m.get('torch_threads')} threads), "
           f"gpubn {m.get('gpubn')}; {rows[-1].get('timestamp')}")
-    print(f"# allocator: {describe_allocator(m.get('allocator_env'))}; transparent huge pages: "
-          f"{m.get('transparent_hugepages')}")
+    print(f"# {describe_memory(m)}")
     for section in SECTIONS:
         part = [r for r in rows if r.get("section", r.get("device")) == section
                 or (section == "traffic" and r.get("device") == "emu")]
@@ -248,8 +247,7 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"python {machine['python']}, "
           f"numpy {machine['numpy']}, torch {machine['torch']} ({machine['torch_threads']} threads), "
           f"gpubn {machine['gpubn']}, cupy {machine['cupy']}")
-    print(f"# allocator: {describe_allocator(machine['allocator_env'])}; transparent huge pages: "
-          f"{machine['transparent_hugepages']}")
+    print(f"# {describe_memory(machine)}")
     if gpu_info:
         print(f"# gpu: {gpu_info['name']}, {gpu_info['sm_count']} SMs, peak "
               f"{gpu_info['peak_gbps'] or float('nan'):.0f} GB/s")

@@ -68,6 +68,13 @@ def describe_allocator(env: Optional[Dict[str, str]]) -> str:
     return ", ".join(f"{k}={v}" for k, v in env.items())
 
 
+def describe_memory(machine: Dict) -> str:
+    """The results header's line on memory: the allocator's settings and the
+    huge page mode of a :func:`machine_info` record."""
+    return (f"allocator: {describe_allocator(machine.get('allocator_env'))}; "
+            f"transparent huge pages: {machine.get('transparent_hugepages')}")
+
+
 def machine_info(gpu: Optional[Dict] = None) -> Dict:
     """Machine, CPU and library versions; ``gpu`` (from
     :func:`bench.gpu.device_info`) is included when given."""

@@ -329,8 +329,9 @@ def batch_norm_forward(x, *, weight=None, bias=None, running_mean=None, running_
                                                       relu, **into)
         else:
             y3, mean, invstd = be.bn_forward_eval(f.x3, f.weight, f.bias, rm, rv, f.eps, **into)
-    return out if out is not None else f.output(y3), f.saved(mean, invstd, f.weight, skipped=skipped, groups=groups,
-                                 y3=y3 if relu else None, residual=residual is not None)
+    y = out if out is not None else f.output(y3)
+    return y, f.saved(mean, invstd, f.weight, skipped=skipped, groups=groups,
+                      y3=y3 if relu else None, residual=residual is not None)
 
 
 def batch_norm_backward(dy, saved: BatchNormSaved, *, out=None):

@@ -18,7 +18,8 @@ if _ROOT not in sys.path:
 
 from bench import gpu, metrics, naive, report, runner, suites  # noqa: E402
 from bench.__main__ import main  # noqa: E402
-from bench.env import describe_allocator, machine_info, transparent_hugepages  # noqa: E402
+from bench.env import (describe_allocator, describe_memory, machine_info,  # noqa: E402
+                       transparent_hugepages)
 from bench.inputs import make_setup  # noqa: E402
 from bench.providers import (GpubnProvider, NaiveProvider, Provider, TorchProvider,  # noqa: E402
                              cuda_event_timer)
@@ -415,6 +416,9 @@ def test_machine_info_records_the_allocator_settings(monkeypatch):
                    "MALLOC_TRIM_THRESHOLD_": "2000000000"}
     assert describe_allocator(env) == ("MALLOC_MMAP_THRESHOLD_=1000000000, "
                                        "MALLOC_TRIM_THRESHOLD_=2000000000")
+    assert describe_memory({"allocator_env": env, "transparent_hugepages": "madvise"}) == (
+        "allocator: MALLOC_MMAP_THRESHOLD_=1000000000, MALLOC_TRIM_THRESHOLD_=2000000000; "
+        "transparent huge pages: madvise")
 
 
 def test_transparent_huge_page_mode_is_the_bracketed_one(tmp_path):
