@@ -476,6 +476,18 @@ def test_short_rows_are_grouped_by_the_shape():
     assert cpu._Layout((8, 16, 1024)).group == 1   # NCHW runs are not grouped
 
 
+def test_a_shape_is_planned_once_per_value_of_the_constants(monkeypatch):
+    """The plan of a shape is kept (a call of a small input spent a third
+    of its time planning) and made again when a constant it reads changes."""
+    plan = cpu._layout((100352, 256, 1))
+    assert cpu._layout((100352, 256, 1)) is plan and plan.group == 8
+    monkeypatch.setattr(cpu, "_WIDE", 8)
+    assert cpu._layout((100352, 256, 1)).group == 1
+    assert cpu._layout((64, 64, 1)).nb == 1
+    monkeypatch.setattr(cpu, "_BLOCK", 256)
+    assert cpu._layout((64, 64, 1)).nb == 16
+
+
 @pytest.mark.parametrize("shape", [(64, 64, 1), (16, 128, 4), (98, 64, 1), (101, 24, 1)],
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64],

@@ -736,7 +736,9 @@ class _Layout:
         v = np.asarray(v, dtype=acc_dtype(dtype))
         if self.rows:
             return v
-        return np.tile(v if self.inner == 1 else np.repeat(v, self.inner), group)
+        if self.inner > 1:
+            v = np.repeat(v, self.inner)
+        return v if group == 1 else np.tile(v, group)
 
     def channel_sums(self, parts):
         """Per-channel float64 totals of the column sums' block partials, in
@@ -765,6 +767,17 @@ class _Layout:
                 self.expand(mean, dt), self.expand(a, dt), self.expand(b0, dt),
                 self.expand(k, dt), self.c, self.rows, self.per, self.view(out))
         return out
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_layout(shape, constants):
+    return _Layout(shape)
+
+
+def _layout(shape):
+    """The :class:`_Layout` of a shape, made once per shape (and per value
+    of the tuning constants it reads, which tests change)."""
+    return _cached_layout(shape, (_ROWS_MIN, _BLOCK, _MAX_BLOCKS, _SUM_BLOCKS, _FOLD, _WIDE))
 
 
 def _row_group(rows, width):
@@ -819,7 +832,7 @@ def _first_values(x3):
 
 def _moments(x):
     """Per-channel float64 ``(mean, m2)`` of a canonical array."""
-    lay = _Layout(x.shape)
+    lay = _layout(x.shape)
     acc = acc_dtype(x.dtype)
     n = x.shape[0] * x.shape[2]
     shift = _first_values(x)
@@ -842,20 +855,20 @@ def _normalize(x3, mean, invstd, weight, bias, z3=None, relu=False, out=None):
     scale = invstd if weight is None else invstd * _f64(weight)
     shift = np.zeros_like(scale) if bias is None else _f64(bias)
     hi, lo = _split(mean, acc_dtype(x3.dtype))
-    return _Layout(x3.shape).affine(x3, None, hi, scale, shift - lo * scale, scale, z3, relu,
+    return _layout(x3.shape).affine(x3, None, hi, scale, shift - lo * scale, scale, z3, relu,
                                     out)
 
 
 def _backward_sums(dy3, x3, mean):
     """Per-channel float64 ``(sum dy, sum dy * (x - mean))``."""
-    return _Layout(x3.shape).sums(x3, dy3, mean)
+    return _layout(x3.shape).sums(x3, dy3, mean)
 
 
 def _masked_backward_sums(dy3, x3, mean, y3):
     """The ReLU's gradient ``g = 0 where y3 <= 0, else dy`` and its
     per-channel float64 ``(sum g, sum g * (x - mean))``, in one pass."""
     g = np.empty(x3.shape, x3.dtype)
-    return g, _Layout(x3.shape).sums(x3, dy3, mean, y3, g)
+    return g, _layout(x3.shape).sums(x3, dy3, mean, y3, g)
 
 
 def _dx(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat, count, out=None):
@@ -863,7 +876,7 @@ def _dx(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat, count, out=None):
     into ``out`` when given."""
     invstd = np.asarray(invstd, np.float64)
     k = invstd if weight is None else invstd * np.asarray(weight, np.float64)
-    return _Layout(x3.shape).affine(x3, dy3, mean,
+    return _layout(x3.shape).affine(x3, dy3, mean,
                                     invstd * np.asarray(sum_dy_xhat, np.float64) / count,
                                     np.asarray(sum_dy, np.float64) / count, k, out=out)
 
@@ -999,7 +1012,7 @@ class CpuBackend(HostBackend):
         else:   # statistics held fixed: dx = dy * weight * invstd
             k = _f64(invstd) if weight is None else _f64(invstd) * _f64(weight)
             unused = np.zeros_like(k)
-            dx3 = _Layout(x3.shape).affine(None, dy3, unused, unused, unused, k, out=out)
+            dx3 = _layout(x3.shape).affine(None, dy3, unused, unused, unused, k, out=out)
         return dx3, sum_dy_xhat.astype(acc), sum_dy.astype(acc)
 
     # -- layer norm ----------------------------------------------------
