@@ -5,18 +5,22 @@ each provider for a callable, calls it once untimed (warm-up, and its outputs
 are compared with the peer's, so a wrong result cannot hide behind a fast
 time), then times ``warmup`` more untimed and ``repeats`` timed calls with
 the provider's timer (the host clock on the CPU, CUDA events on the GPU).
-Each provider's calls run in one block, back to back, so every timed call
-follows one of its own: interleaving the providers' calls would time each
-partly in the wake of the one before it (PyTorch's OpenMP threads keep
-spinning on the cores for a while after its call returns; a 2.8 ms call of
-the NumPy backend took 4.6 ms right after PyTorch on two cores), which no
-program calling one library in a loop sees.  With ``isolate`` (the command
-line's default), each CPU provider is timed in a process of its own per case
-(:mod:`bench.worker`): the providers share no allocator, caches or threads,
-so one library's memory (a cache holding buffers, another's freed blocks at
-the top of the heap) cannot decide whether another's fresh outputs fault in
-new pages.  Each
-measurement becomes one row (a dict, see :func:`make_row`); providers that
+Every timed call follows one of the same provider's: a call right after
+another library's would be timed partly in its wake (PyTorch's OpenMP
+threads keep spinning on the cores for a while after its call returns; a
+2.8 ms call of the NumPy backend took 4.6 ms right after PyTorch on two
+cores), which no program calling one library in a loop sees.  In one
+process, a provider's calls run in one block, back to back.  With
+``isolate`` (the command line's default), each CPU provider is timed in a
+process of its own per case (:mod:`bench.worker`): the providers share no
+allocator, caches or threads, so one library's memory (a cache holding
+buffers, another's freed blocks at the top of the heap) cannot decide
+whether another's fresh outputs fault in new pages.  Those processes take
+turns (:func:`time_interleaved`): a provider's timed calls are spread over
+up to five rounds, each begun with untimed warm-up calls, so a machine
+whose speed drifts from minute to minute (a shared virtual machine's
+memory bandwidth) meets all providers alike.  Each measurement becomes one
+row (a dict, see :func:`make_row`); providers that
 cannot run become rows with ``status`` "unavailable" and the reason.
 """
 
@@ -27,6 +31,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -37,8 +42,10 @@ from .inputs import make_setup
 from .metrics import bytes_moved, gbps, summarize
 from .report import format_time
 from .suites import Case, KIND_ABBREV
+from .worker import REPLY
 
 MIN_REPEATS = 3
+ROUNDS = 5          # turns the providers' timed calls are spread over (isolated timing)
 
 # Largest allowed relative error (max |a - b| / max |b|) of any output
 # against the peer's, per dtype.  float32 reductions over millions of values
@@ -232,25 +239,100 @@ def _timed_row(case, op, p, result, verdict, *, suite, peak_bytes_per_s, progres
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def time_isolated(case, provider: str, plan, *, seed: int = 0,
-                  torch_threads: Optional[int] = None) -> Tuple[Optional[int], Dict[str, object]]:
-    """Time ``plan`` (``[(op, timed calls, warm-up calls), ...]``) of one CPU
-    provider on ``case`` in a new process (:mod:`bench.worker`).  Returns the
-    worker's pid and op -> list of seconds, or the exception that stopped it."""
-    spec = {"provider": provider, "kind": case.kind, "shape": list(case.shape),
-            "layout": case.layout, "dtype": case.dtype, "axis": case.axis, "seed": seed,
-            "torch_threads": torch_threads, "ops": [list(step) for step in plan]}
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([_ROOT] + [v for v in [env.get("PYTHONPATH")] if v])
-    proc = subprocess.run([sys.executable, "-m", "bench.worker"], input=json.dumps(spec),
-                          capture_output=True, text=True, env=env, cwd=_ROOT)
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        err = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
-        return None, {op: RuntimeError(f"worker process failed: {err}") for op, _, _ in plan}
-    reply = json.loads(lines[-1])
-    return reply["pid"], {op: RuntimeError(v["error"]) if isinstance(v, dict) else v
-                          for op, v in reply["times"].items()}
+class Worker:
+    """One CPU provider's process for one case (:mod:`bench.worker`).
+    ``error`` is why it could not start (None when it did)."""
+
+    def __init__(self, case, provider: str, *, seed: int = 0,
+                 torch_threads: Optional[int] = None):
+        spec = {"provider": provider, "kind": case.kind, "shape": list(case.shape),
+                "layout": case.layout, "dtype": case.dtype, "axis": case.axis, "seed": seed,
+                "torch_threads": torch_threads}
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([_ROOT] + [v for v in [env.get("PYTHONPATH")] if v])
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        self._proc = subprocess.Popen([sys.executable, "-m", "bench.worker"], cwd=_ROOT, env=env,
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=self._stderr, text=True, bufsize=1)
+        reply = self._ask(spec)
+        self.pid = reply.get("pid")
+        self.error = reply.get("error")
+
+    def _ask(self, obj: dict) -> dict:
+        """Send one line, return the answer (``{"error": ...}`` when the
+        process is gone)."""
+        try:
+            self._proc.stdin.write(json.dumps(obj) + "\n")
+            self._proc.stdin.flush()
+            for line in self._proc.stdout:
+                if line.startswith(REPLY):
+                    return json.loads(line[len(REPLY):])
+        except (BrokenPipeError, OSError):
+            pass
+        self._proc.wait()
+        self._stderr.seek(0)
+        err = self._stderr.read().strip().splitlines() or [
+            f"exit status {self._proc.returncode}"]
+        return {"error": f"worker process failed: {err[-1]}"}
+
+    def time(self, op: str, calls: int, warmup: int) -> dict:
+        """``warmup`` untimed and ``calls`` timed calls of ``op``: the
+        worker's answer (``times``, ``start``, ``end``, or ``error``)."""
+        if self.error:
+            return {"error": self.error}
+        return self._ask({"op": op, "calls": calls, "warmup": warmup})
+
+    def close(self) -> None:
+        """End the process (the end of its stdin) and wait for it."""
+        try:
+            self._proc.stdin.close()
+        except OSError:         # it is gone already
+            pass
+        self._proc.wait()
+        self._proc.stdout.close()
+        self._stderr.close()
+
+
+def time_interleaved(case, plans: Dict[str, Sequence[Tuple[str, int, int]]], *,
+                     rounds: int = ROUNDS, seed: int = 0,
+                     torch_threads: Optional[int] = None) -> Dict[str, Dict]:
+    """Time CPU providers on ``case``, each in a process of its own, taking
+    turns.  ``plans``: provider name -> ``[(op, timed calls, warm-up calls),
+    ...]``.  Per op, round after round, each provider in the order of
+    ``plans`` makes its warm-up calls (untimed: no timed call follows
+    another library's) and its share of the timed calls (spread over up to
+    ``rounds`` rounds), so all are timed over the same minutes of a machine
+    whose speed drifts.  Returns provider name -> ``{"pid": ..., "times": {op:
+    seconds or the exception that stopped it}, "spans": {op: [(start, end)
+    of each round's timed calls]}}``."""
+    workers = {name: Worker(case, name, seed=seed, torch_threads=torch_threads)
+               for name in plans}
+    out = {name: {"pid": w.pid, "times": {}, "spans": {}} for name, w in workers.items()}
+    try:
+        ops = list(dict.fromkeys(op for plan in plans.values() for op, _, _ in plan))
+        for op in ops:
+            left = {name: (n, w, -(-n // min(rounds, n))) for name, plan in plans.items()
+                    for step_op, n, w in plan if step_op == op}
+            for name in left:
+                out[name]["times"][op], out[name]["spans"][op] = [], []
+            while left:
+                for name, (n, w, share) in list(left.items()):
+                    reply = workers[name].time(op, min(share, n), w)
+                    if "error" in reply:
+                        out[name]["times"][op] = RuntimeError(reply["error"])
+                        del left[name]
+                        continue
+                    out[name]["times"][op] += reply["times"]
+                    out[name]["spans"][op].append((reply["start"], reply["end"]))
+                    n -= len(reply["times"])
+                    if n > 0:
+                        left[name] = (n, w, share)
+                    else:
+                        del left[name]
+    finally:
+        for w in workers.values():
+            w.close()
+    return out
 
 
 def _peak_now(opts: Dict, provider, measure_peak) -> Dict:
@@ -270,12 +352,13 @@ def run_suite(cases, providers, *, repeats: int = 5, warmup: int = 1, suite: str
     """Measure every ``(case, ops)`` of ``cases`` on every provider.
     ``budget``: seconds of timed calls per CPU provider and measurement after
     which the repeats are cut (never below 3); None times ``repeats`` calls.
-    ``isolate``: time each CPU provider in a process of its own, per case
-    (:func:`time_isolated`, with ``torch_threads``); the checks still run
-    here.  ``measure_peak`` (bytes/s, e.g. a large copy): measured right
-    after each CPU provider's timings of a case, the bandwidth floor of
-    those rows in place of the run's ``peak_bytes_per_s`` (a machine whose
-    bandwidth drifts is then compared with itself at the same time)."""
+    ``isolate``: time each CPU provider in a process of its own, per case,
+    the providers taking turns (:func:`time_interleaved`, with
+    ``torch_threads``); the checks still run here.  ``measure_peak``
+    (bytes/s, e.g. a large copy): measured right after a CPU provider's
+    timings of a case (isolated: after all of theirs), the bandwidth floor
+    of those rows in place of the run's ``peak_bytes_per_s`` (a machine
+    whose bandwidth drifts is then compared with itself at the same time)."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     if warmup < 0:
@@ -311,17 +394,17 @@ def run_suite(cases, providers, *, repeats: int = 5, warmup: int = 1, suite: str
             ready.clear()
         del setup
         gc.collect()
-        for p in ordered:
-            plan = pending.get(p.name)
-            if not plan:
-                continue
-            _, results = time_isolated(case, p.name, [step[:3] for step in plan], seed=seed,
-                                       torch_threads=torch_threads)
-            now = _peak_now(opts, p, measure_peak)
-            for op, _, _, verdict in plan:
-                result = results.get(op, RuntimeError("the worker returned no time"))
-                by_op[op][p.name] = _timed_row(case, op, p, result, verdict, isolated=True,
-                                               **now)
+        if pending:
+            results = time_interleaved(case, {p.name: [step[:3] for step in pending[p.name]]
+                                              for p in ordered if p.name in pending},
+                                       seed=seed, torch_threads=torch_threads)
+            now = dict(opts, peak_bytes_per_s=measure_peak()) if measure_peak else opts
+            for p in ordered:
+                for op, _, _, verdict in pending.get(p.name, ()):
+                    result = results[p.name]["times"].get(
+                        op, RuntimeError("the worker returned no time"))
+                    by_op[op][p.name] = _timed_row(case, op, p, result, verdict, isolated=True,
+                                                   **now)
         for op in ops:
             rows += [by_op[op][p.name] for p in ordered if p.name in by_op[op]]
     add_ratios(rows)

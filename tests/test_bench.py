@@ -351,16 +351,41 @@ def test_time_budget_cuts_repeats_of_slow_providers_only():
     assert [r["repeats"] for r in rows] == [runner.MIN_REPEATS] * 2
 
 
-def test_isolated_timing_runs_in_a_process_of_its_own():
+def test_isolated_timing_runs_each_provider_in_a_process_of_its_own_taking_turns():
     import os
     case = Case("batch_norm", (4, 3, 5, 5), "NCHW")
-    pid, res = runner.time_isolated(case, "naive-numpy", [("fwd_train", 3, 1), ("bwd", 2, 0)])
-    assert pid is not None and pid != os.getpid()
-    assert len(res["fwd_train"]) == 3 and len(res["bwd"]) == 2
-    assert all(t > 0 for t in res["fwd_train"] + res["bwd"])
-    _, res = runner.time_isolated(case, "no-such-provider", [("fwd_train", 3, 1)])
-    assert isinstance(res["fwd_train"], RuntimeError)
-    assert "no-such-provider" in str(res["fwd_train"])
+    plans = {"naive-numpy": [("fwd_train", 3, 1), ("bwd", 2, 0)],
+             "gpubn-numpy": [("fwd_train", 7, 1)]}
+    res = runner.time_interleaved(case, plans, rounds=3)
+    pids = {name: r["pid"] for name, r in res.items()}
+    assert None not in pids.values() and os.getpid() not in pids.values()
+    assert len(set(pids.values())) == 2
+    naive, ours = res["naive-numpy"], res["gpubn-numpy"]
+    assert len(naive["times"]["fwd_train"]) == 3 and len(naive["times"]["bwd"]) == 2
+    assert len(ours["times"]["fwd_train"]) == 7 and "bwd" not in ours["times"]
+    assert all(t > 0 for r in res.values() for ts in r["times"].values() for t in ts)
+    # fwd_train: 3 rounds each (1 + 1 + 1 calls and 3 + 3 + 1), in turns
+    turns = sorted((span, name) for name, r in res.items() for span in r["spans"]["fwd_train"])
+    assert [name for _, name in turns] == ["naive-numpy", "gpubn-numpy"] * 3
+    assert all(a[0][1] <= b[0][0] for a, b in zip(turns, turns[1:]))   # never at once
+    assert len(naive["spans"]["bwd"]) == 2                              # 2 calls: 2 rounds
+
+
+def test_isolated_timing_reports_a_provider_that_cannot_start_or_dies():
+    case = Case("batch_norm", (4, 3, 5, 5), "NCHW")
+    res = runner.time_interleaved(case, {"no-such-provider": [("fwd_train", 3, 1)]})
+    assert isinstance(res["no-such-provider"]["times"]["fwd_train"], RuntimeError)
+    assert "no-such-provider" in str(res["no-such-provider"]["times"]["fwd_train"])
+    worker = runner.Worker(case, "naive-numpy")
+    try:
+        assert worker.error is None
+        assert len(worker.time("fwd_train", 2, 0)["times"]) == 2
+        os.kill(worker.pid, 9)
+        worker._proc.wait()
+        reply = worker.time("fwd_train", 2, 0)
+        assert "worker process failed" in reply["error"]
+    finally:
+        worker.close()
 
 
 def test_run_suite_isolated_checks_here_and_times_in_workers():
