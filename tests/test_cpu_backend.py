@@ -205,9 +205,10 @@ def test_layer_norm_passes_allocate_only_their_outputs(monkeypatch):
 def many_blocks(monkeypatch):
     """Blocks of a few hundred values, so small inputs have many blocks and
     every thread gets several (the column sums group short rows to 8 values
-    at most)."""
+    at most), and the loops run on the threads whatever the input's size."""
     monkeypatch.setattr(cpu, "_BLOCK", 256)
     monkeypatch.setattr(cpu, "_WIDE", 8)
+    monkeypatch.setattr(cpu, "_SERIAL_MAX", 0)
 
 
 @pytest.mark.parametrize("shape", SHAPES[:3] + SHAPES[4:], ids=lambda s: "x".join(map(str, s)))
@@ -247,6 +248,29 @@ def test_thread_count_follows_the_environment(monkeypatch):
     monkeypatch.setenv("GPUBN_NUM_THREADS", "1")
     CPU.bn_stats(np.ones((4, 2, 3), np.float32))
     assert seen == [1]
+
+
+def test_small_inputs_run_on_the_calling_thread(monkeypatch):
+    """A loop over at most _SERIAL_MAX values runs its serial twin (waking
+    the threads costs more than they save), a larger one the parallel loop;
+    both walk the same blocks, so the results are bitwise the same."""
+    ran = []
+    for name in ("_sums", "_affine"):
+        loop = getattr(cpu, name)
+        for kind in ("parallel", "serial"):
+            monkeypatch.setattr(loop, kind, lambda *a, _real=getattr(loop, kind), _kind=kind:
+                                ran.append(_kind) or _real(*a))
+    x, dy, w, b = _case((64, 8, 1024), np.float32)
+    assert cpu._layout(x.shape).nb > 1 and cpu._layout(x.shape).sum_nb > 1
+    results = []
+    for limit, expected in ((x.size, "serial"), (x.size - 1, "parallel")):
+        monkeypatch.setattr(cpu, "_SERIAL_MAX", limit)
+        ran.clear()
+        y, mean, invstd = CPU.bn_forward_train(x, w, b, None, None, 0.1, 1e-5)
+        results.append((y, mean, invstd) + CPU.bn_backward(dy, x, mean, invstd, w, True))
+        assert ran == [expected] * 4, limit
+    for a, e in zip(*results):
+        np.testing.assert_array_equal(a, e)
 
 
 def test_concurrent_calls_from_python_threads(many_blocks):
@@ -345,6 +369,7 @@ def test_the_threading_layer_is_workqueue(monkeypatch):
     if "NUMBA_THREADING_LAYER" in os.environ:
         pytest.skip("NUMBA_THREADING_LAYER is set by the user")
     monkeypatch.setattr(cpu, "_BLOCK", 256)
+    monkeypatch.setattr(cpu, "_SERIAL_MAX", 0)
     CPU.bn_stats(np.ones((64, 4, 32), np.float32))       # a parallel loop has run
     assert numba.threading_layer() == "workqueue"
 

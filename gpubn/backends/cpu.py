@@ -43,7 +43,8 @@ and rounded to nearest even as they are written (no float32 copy).
 Threads: Numba's ``workqueue`` layer, chosen because it survives ``os.fork()``
 and its idle threads sleep instead of spinning; it does not allow two
 parallel regions at once, so calls from several Python threads take turns on
-a lock.  ``GPUBN_NUM_THREADS`` caps the threads used.  Compiled loops are
+a lock.  ``GPUBN_NUM_THREADS`` caps the threads used; a loop over at most
+``_SERIAL_MAX`` (2M) values runs on the calling thread.  Compiled loops are
 cached on disk under ``$GPUBN_CACHE_DIR/cpu`` (default
 ``~/.cache/gpubn/cpu``), so a new process does not compile them again.
 """
@@ -163,9 +164,11 @@ _FLAGS = {"reassoc"}
 
 class _jit:
     """A loop compiled twice: ``parallel`` (its ``prange`` spread over the
-    threads) and ``serial`` (a plain loop, for inputs of one block, where
-    waking the threads would cost more than the work).  Called with the
-    number of blocks first."""
+    threads) and ``serial`` (a plain loop on the calling thread, the same
+    blocks in the same order, so the same results).  Called with the number
+    of blocks and the number of values the loop walks first: inputs of one
+    block, or of at most ``_SERIAL_MAX`` values, run the serial one, where
+    waking the threads costs more than they save."""
 
     def __init__(self, fn):
         self.parallel = numba.njit(parallel=True, cache=True, fastmath=_FLAGS)(fn)
@@ -173,8 +176,8 @@ class _jit:
         twin.__qualname__ = fn.__qualname__ + "_serial"     # its own cache entry
         self.serial = numba.njit(cache=True, fastmath=_FLAGS)(twin)
 
-    def __call__(self, blocks, *args):
-        return (self.parallel if blocks > 1 else self.serial)(*args)
+    def __call__(self, blocks, values, *args):
+        return (self.parallel if blocks > 1 and values > _SERIAL_MAX else self.serial)(*args)
 
 
 # ------------------------------------------------ float16 and bfloat16 -----
@@ -280,6 +283,12 @@ _SUM_BLOCKS = 16        # most blocks of a loop writing partial sums (_partials_
 _FOLD = 64              # rows a column is summed over in the accumulation dtype
 _WIDE = 2048            # values per row of the column sums (at least, rows allowing)
 _REDO = 16.0            # (mean - shift)**2 / var above which the sums are taken again
+# Values up to which a loop runs on the calling thread (_jit).  Waking
+# Numba's workqueue threads costs about 0.1 ms a loop on a 2-core machine;
+# a forward+backward over 1M float32 values took 1.6 ms on one thread and
+# 2.6 ms on two, one and two threads were even at 2-3M, two were ahead from
+# about 4M (6.4M: 7.0 against 10.4 ms).
+_SERIAL_MAX = 1 << 21
 
 
 # ---------------------------------------------------------------- loops ----
@@ -752,9 +761,9 @@ class _Layout:
         ``y3``, of ``dy3`` masked by ``y3 > 0``, written to ``g3``)."""
         s1, s2 = np.empty((self.sum_nb, self.width)), np.empty((self.sum_nb, self.width))
         dt, g = x3.dtype, self.group
-        _sums(self.sum_nb, self.view(x3, dt, g), self.view(dy3, dt, g), self.view(y3, dt, g),
-              self.expand(shift, dt, g), self.c, self.rows, self.sum_per, s1, s2,
-              self.view(g3, dt, g))
+        _sums(self.sum_nb, x3.size, self.view(x3, dt, g), self.view(dy3, dt, g),
+              self.view(y3, dt, g), self.expand(shift, dt, g), self.c, self.rows,
+              self.sum_per, s1, s2, self.view(g3, dt, g))
         return self.channel_sums(s1), self.channel_sums(s2)
 
     def affine(self, x3, dy3, mean, a, b0, k, z3=None, relu=False, out=None):
@@ -763,7 +772,7 @@ class _Layout:
         like = dy3 if x3 is None else x3
         out = np.empty(like.shape, like.dtype) if out is None else out
         dt = like.dtype
-        _affine(self.nb, self.view(x3, dt), self.view(dy3, dt), self.view(z3, dt), relu,
+        _affine(self.nb, like.size, self.view(x3, dt), self.view(dy3, dt), self.view(z3, dt), relu,
                 self.expand(mean, dt), self.expand(a, dt), self.expand(b0, dt),
                 self.expand(k, dt), self.c, self.rows, self.per, self.view(out))
         return out
@@ -908,7 +917,7 @@ def _forward_tiles(x3, t, weight, bias, eps, z3, relu, out=None):
     mean, m2 = np.empty(c), np.empty(c)
     flat = (outer, c * inner)
     z = _NONE[_bits_dtype(x3.dtype)] if z3 is None else _bits(z3).reshape(flat)
-    _tile_forward(-(-c // t), _bits(x3).reshape(flat), z, relu, first.astype(acc),
+    _tile_forward(-(-c // t), x3.size, _bits(x3).reshape(flat), z, relu, first.astype(acc),
                   _vec(weight, acc, c, 1.0), _vec(bias, acc, c, 0.0), float(eps), inner, t,
                   _bits(y3).reshape(flat), mean, m2)
     return y3, mean, m2
@@ -922,7 +931,7 @@ def _backward_tiles(dy3, x3, t, mean, invstd, weight, out=None):
     dx3 = np.empty(x3.shape, x3.dtype) if out is None else out
     s1, s2 = np.empty(c), np.empty(c)
     flat = (outer, c * inner)
-    _tile_backward(-(-c // t), _bits(dy3).reshape(flat), _bits(x3).reshape(flat),
+    _tile_backward(-(-c // t), x3.size, _bits(dy3).reshape(flat), _bits(x3).reshape(flat),
                    np.asarray(mean, acc), np.asarray(invstd, acc), _vec(weight, acc, c, 1.0),
                    inner, t, s1, s2, _bits(dx3).reshape(flat))
     return dx3, (s1, s2)
@@ -1024,7 +1033,7 @@ class CpuBackend(HostBackend):
         mean = np.empty(rows, acc)
         rstd = np.empty(rows, acc)
         per, nb = _row_plan(rows, n)
-        _ln_forward(nb, _bits(x2), x2[:, 0].astype(acc), _vec(weight, acc, n, 1.0),
+        _ln_forward(nb, x2.size, _bits(x2), x2[:, 0].astype(acc), _vec(weight, acc, n, 1.0),
                     _vec(bias, acc, n, 0.0), float(eps), per, _bits(y), mean, rstd)
         return y, mean, rstd
 
@@ -1038,8 +1047,8 @@ class CpuBackend(HostBackend):
         dx = np.empty(x2.shape, x2.dtype) if out is None else out
         parts = (nb, n) if want_grads else (0, n)
         pw, pb = np.empty(parts), np.empty(parts)
-        _ln_backward(nb, _bits(dy2), _bits(x2), np.asarray(mean, acc), np.asarray(rstd, acc),
-                     _vec(weight, acc, n, 1.0), per, _bits(dx), pw, pb)
+        _ln_backward(nb, x2.size, _bits(dy2), _bits(x2), np.asarray(mean, acc),
+                     np.asarray(rstd, acc), _vec(weight, acc, n, 1.0), per, _bits(dx), pw, pb)
         if not want_grads:
             return dx, None, None
         return dx, pw.sum(axis=0).astype(acc), pb.sum(axis=0).astype(acc)
