@@ -5,6 +5,7 @@ automatic choice."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -362,16 +363,49 @@ def test_automatic_choice_is_cpu_for_numpy_arrays_and_numpy_without_numba(monkey
 
 
 
-def test_the_threading_layer_is_workqueue(monkeypatch):
-    """The layer the fork and concurrency tests above exercise: workqueue
-    (fork-safe, sleeps when idle), unless the user chose another."""
+def _tbb_installed():
+    try:
+        importlib.metadata.distribution("tbb")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def test_the_threading_layer(monkeypatch):
+    """The layer the fork and concurrency tests above exercise: tbb when
+    the tbb package is installed (gpubn[cpu] brings it on x86-64), else
+    workqueue; the user's NUMBA_THREADING_LAYER when set."""
     import numba
-    if "NUMBA_THREADING_LAYER" in os.environ:
-        pytest.skip("NUMBA_THREADING_LAYER is set by the user")
     monkeypatch.setattr(cpu, "_BLOCK", 256)
     monkeypatch.setattr(cpu, "_SERIAL_MAX", 0)
     CPU.bn_stats(np.ones((64, 4, 32), np.float32))       # a parallel loop has run
-    assert numba.threading_layer() == "workqueue"
+    expected = os.environ.get("NUMBA_THREADING_LAYER") or (
+        "tbb" if _tbb_installed() else "workqueue")
+    assert numba.threading_layer() == expected
+
+
+@pytest.mark.parametrize("layer", ["tbb", "workqueue"])
+def test_fork_and_python_threads_under_either_layer(layer):
+    """The fork, concurrency and thread-count tests pass under both layers
+    gpubn picks, each in a process of its own (a process has one layer):
+    this one's is tested by this run."""
+    import numba
+    if layer == "tbb" and not _tbb_installed():
+        pytest.skip("the tbb package is not installed")
+    numba.get_num_threads()     # starts this process's layer
+    if numba.threading_layer() == layer:
+        pytest.skip(f"this process runs {layer}")
+    here = Path(__file__).parent
+    tests = [f"{here / 'test_cpu_backend.py'}::{name}" for name in (
+        "test_the_threading_layer", "test_concurrent_calls_from_python_threads",
+        "test_results_are_bitwise_the_same_for_any_thread_count")]
+    tests.append(f"{here / 'test_host_backends.py'}::"
+                 "test_forked_child_runs_after_the_parent_used_its_threads")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+                         env=dict(os.environ, NUMBA_THREADING_LAYER=layer), cwd=here,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout.splitlines()[-1]
 
 
 # ------------------------------------------- float16 / bfloat16 in registers ---

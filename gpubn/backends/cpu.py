@@ -40,20 +40,26 @@ accuracy.  float32 and float64 are computed in their own precision;
 float16 and bfloat16 are widened to float32 in registers as they are read
 and rounded to nearest even as they are written (no float32 copy).
 
-Threads: Numba's ``workqueue`` layer, chosen because it survives ``os.fork()``
-and its idle threads sleep instead of spinning; it does not allow two
-parallel regions at once, so calls from several Python threads take turns on
-a lock.  ``GPUBN_NUM_THREADS`` caps the threads used; a loop over at most
-``_SERIAL_MAX`` (2M) values runs on the calling thread.  Compiled loops are
+Threads: Numba's ``tbb`` layer when the ``tbb`` package is installed (the
+extra ``gpubn[cpu]`` brings it where it has wheels), else ``workqueue``: the
+two that survive ``os.fork()`` and whose idle threads sleep instead of
+spinning.  ``tbb`` starts a loop in microseconds, ``workqueue`` wakes its
+threads for each loop (about 0.1 ms) and does not allow two parallel regions
+at once; calls from several Python threads take turns on a lock under
+either.  ``GPUBN_NUM_THREADS`` caps the threads used; a loop over few
+values runs on the calling thread (:func:`_serial_max`).  Compiled loops are
 cached on disk under ``$GPUBN_CACHE_DIR/cpu`` (default
 ``~/.cache/gpubn/cpu``), so a new process does not compile them again.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
+import importlib.metadata
 import os
+import sys
 import threading
 import types
 
@@ -74,8 +80,35 @@ from ..emu.compiler import cache_dir as _gpubn_cache_dir
 
 
 # ------------------------------------------------------------ threading ----
+_TBB_LIBRARY = {"win32": "tbb12.dll", "darwin": "libtbb.12.dylib"}.get(sys.platform,
+                                                                        "libtbb.so.12")
+
+
+def _load_tbb() -> bool:
+    """Load the library of the ``tbb`` package, if installed, so that
+    Numba's ``tbb`` layer finds it (pip puts it in the environment's lib
+    folder, which the loader does not search in a virtual environment)."""
+    try:
+        files = importlib.metadata.files("tbb") or ()
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    for f in files:
+        if f.name == _TBB_LIBRARY:
+            try:
+                ctypes.CDLL(str(f.locate()), mode=ctypes.RTLD_GLOBAL)
+                return True
+            except OSError:
+                return False
+    return False
+
+
+_load_tbb()     # also for a user who asks for tbb with NUMBA_THREADING_LAYER
 if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "workqueue"
+    # tbb when it loads (Numba checks its version too), else workqueue, which
+    # is always there: never the GNU OpenMP layer, which hangs in a forked
+    # child and keeps its threads spinning after a loop
+    numba.config.THREADING_LAYER = "default"
+    numba.config.THREADING_LAYER_PRIORITY = ["tbb", "workqueue", "omp"]
 
 _LOCK = threading.Lock()
 
@@ -104,7 +137,8 @@ def num_threads() -> int:
 def _serialized(fn):
     """Run a backend method alone (the workqueue layer runs one parallel
     region at a time), on ``num_threads()`` threads, without RuntimeWarnings
-    from the NumPy arithmetic on non-finite per-channel vectors."""
+    from the NumPy arithmetic on non-finite per-channel vectors.  (Setting
+    the thread count starts Numba's threads, so the layer is known.)"""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         with _LOCK, np.errstate(invalid="ignore", over="ignore", divide="ignore"):
@@ -167,8 +201,8 @@ class _jit:
     threads) and ``serial`` (a plain loop on the calling thread, the same
     blocks in the same order, so the same results).  Called with the number
     of blocks and the number of values the loop walks first: inputs of one
-    block, or of at most ``_SERIAL_MAX`` values, run the serial one, where
-    waking the threads costs more than they save."""
+    block, or of at most :func:`_serial_max` values, run the serial one,
+    where waking the threads costs more than they save."""
 
     def __init__(self, fn):
         self.parallel = numba.njit(parallel=True, cache=True, fastmath=_FLAGS)(fn)
@@ -177,7 +211,7 @@ class _jit:
         self.serial = numba.njit(cache=True, fastmath=_FLAGS)(twin)
 
     def __call__(self, blocks, values, *args):
-        return (self.parallel if blocks > 1 and values > _SERIAL_MAX else self.serial)(*args)
+        return (self.parallel if blocks > 1 and values > _serial_max() else self.serial)(*args)
 
 
 # ------------------------------------------------ float16 and bfloat16 -----
@@ -283,12 +317,24 @@ _SUM_BLOCKS = 16        # most blocks of a loop writing partial sums (_partials_
 _FOLD = 64              # rows a column is summed over in the accumulation dtype
 _WIDE = 2048            # values per row of the column sums (at least, rows allowing)
 _REDO = 16.0            # (mean - shift)**2 / var above which the sums are taken again
-# Values up to which a loop runs on the calling thread (_jit).  Waking
-# Numba's workqueue threads costs about 0.1 ms a loop on a 2-core machine;
-# a forward+backward over 1M float32 values took 1.6 ms on one thread and
-# 2.6 ms on two, one and two threads were even at 2-3M, two were ahead from
-# about 4M (6.4M: 7.0 against 10.4 ms).
-_SERIAL_MAX = 1 << 21
+# Values up to which a loop runs on the calling thread (_jit), by threading
+# layer.  Waking Numba's workqueue threads costs about 0.1 ms a loop on a
+# 2-core machine: a forward+backward over 1M float32 values took 1.6 ms on
+# one thread and 2.6 ms on two, they were even at 2-3M and two were ahead
+# from about 4M (6.4M: 7.0 against 10.4 ms).  tbb starts a loop in about
+# 5 us: two threads were ahead from about 100K values, so only inputs of one
+# block (_BLOCK) run on one thread.
+_SERIAL_MAX_BY_LAYER = {"workqueue": 1 << 21}
+_SERIAL_MAX = None      # set by _serial_max (tests set it)
+
+
+def _serial_max() -> int:
+    """``_SERIAL_MAX``, from the threading layer Numba started."""
+    global _SERIAL_MAX
+    if _SERIAL_MAX is None:
+        numba.get_num_threads()     # starts the threads: the layer is known
+        _SERIAL_MAX = _SERIAL_MAX_BY_LAYER.get(numba.threading_layer(), 0)
+    return _SERIAL_MAX
 
 
 # ---------------------------------------------------------------- loops ----
