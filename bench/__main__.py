@@ -187,7 +187,8 @@ def _host_yardsticks(machine, providers, quick: bool) -> None:
     spin = machine["torch_after_cpu"] = host.torch_after_cpu()
     if spin:
         print(f"# torch bn forward 32x64x56x56: {1e3 * spin['alone_s']:.1f} ms alone, "
-              f"{1e3 * spin['after_cpu_s']:.1f} ms right after a cpu backend forward")
+              f"{1e3 * spin['after_cpu_s']:.1f} ms right after a cpu backend forward "
+              f"(threads: Numba's {spin['threading_layer']} layer)")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

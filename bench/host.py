@@ -85,7 +85,8 @@ def cpu_first_call(dtype: str = "float32") -> Optional[Dict[str, float]]:
 
 def torch_after_cpu(shape=(32, 64, 56, 56), repeats: int = 9) -> Optional[Dict[str, float]]:
     """Median seconds of PyTorch's CPU batch-norm forward alone and right
-    after a ``cpu`` backend forward, in this process."""
+    after a ``cpu`` backend forward, in this process, and the threading
+    layer those forwards ran on."""
     try:
         import torch
         import gpubn
@@ -108,4 +109,6 @@ def torch_after_cpu(shape=(32, 64, 56, 56), repeats: int = 9) -> Optional[Dict[s
     for _ in range(repeats):
         gpubn.batch_norm_forward(x, backend="cpu")
         after.append(torch_fwd())
-    return {"alone_s": float(np.median(alone)), "after_cpu_s": float(np.median(after))}
+    import numba
+    return {"alone_s": float(np.median(alone)), "after_cpu_s": float(np.median(after)),
+            "threading_layer": numba.threading_layer()}
