@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "gpubn-cpu-out, "
                         "naive-numpy, torch-cuda, torch-cuda-native, gpubn-cuda)")
     p.add_argument("--repeats", type=int, default=None,
-                   help="timed calls per measurement (default 5 CPU, 50 GPU; 3 with --quick)")
+                   help="timed calls per measurement (default 20 CPU, 50 GPU; 3 with --quick)")
     p.add_argument("--budget", type=float, default=2.0,
                    help="CPU: seconds of timed calls per provider and measurement after which "
                         "repeats are cut, never below 3 (default 2; 0 for always --repeats)")
@@ -264,7 +264,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 raise SystemExit("error: --provider names no CPU provider "
                                  "(torch-cpu, gpubn-numpy, gpubn-cpu, gpubn-cpu-out, naive-numpy)")
             providers = select(cpu_providers(), wanted)
-            repeats = args.repeats or (3 if args.quick else 5)
+            repeats = args.repeats or (3 if args.quick else 20)
             _host_yardsticks(machine, providers, quick=args.quick)
             total = sum(len(o) for _, o in cases) * len(providers)
             print(f"# cpu: suite {suite or 'default'}, {len(cases)} shapes, {total} measurements, "

@@ -137,8 +137,7 @@ def num_threads() -> int:
 def _serialized(fn):
     """Run a backend method alone (the workqueue layer runs one parallel
     region at a time), on ``num_threads()`` threads, without RuntimeWarnings
-    from the NumPy arithmetic on non-finite per-channel vectors.  (Setting
-    the thread count starts Numba's threads, so the layer is known.)"""
+    from the NumPy arithmetic on non-finite per-channel vectors."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         with _LOCK, np.errstate(invalid="ignore", over="ignore", divide="ignore"):
