@@ -385,6 +385,28 @@ def test_the_threading_layer(monkeypatch):
     assert numba.threading_layer() == (asked or ("tbb" if _tbb_installed() else "workqueue"))
 
 
+def test_the_tbb_library_is_loaded_from_the_package_when_there(monkeypatch, tmp_path):
+    """_load_tbb finds the library in the tbb package's install record
+    (a virtual environment's loader would not), and says False, raising
+    nothing, when the package is missing, lists no library or its file does
+    not load."""
+    if _tbb_installed():
+        assert cpu._load_tbb()
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "files", missing)
+    assert cpu._load_tbb() is False
+    monkeypatch.setattr(importlib.metadata, "files", lambda name: None)
+    assert cpu._load_tbb() is False
+    broken = tmp_path / cpu._TBB_LIBRARY
+    broken.write_bytes(b"not a shared library")
+    record = type("Record", (), {"name": broken.name, "locate": lambda self: broken})()
+    monkeypatch.setattr(importlib.metadata, "files", lambda name: [record])
+    assert cpu._load_tbb() is False
+
+
 @pytest.mark.parametrize("layer", ["tbb", "workqueue"])
 def test_fork_and_python_threads_under_either_layer(layer):
     """The fork, concurrency and thread-count tests pass under both layers
