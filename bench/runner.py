@@ -293,6 +293,13 @@ class Worker:
         self._stderr.close()
 
 
+def _round_calls(n: int, rounds: int) -> List[int]:
+    """``n`` timed calls spread over up to ``rounds`` rounds, as even as
+    whole rounds allow, the last one short: 7 over 3 is 3 + 3 + 1."""
+    share = -(-n // min(rounds, n))
+    return [min(share, n - done) for done in range(0, n, share)]
+
+
 def time_interleaved(case, plans: Dict[str, Sequence[Tuple[str, int, int]]], *,
                      rounds: int = ROUNDS, seed: int = 0,
                      torch_threads: Optional[int] = None) -> Dict[str, Dict]:
@@ -311,24 +318,21 @@ def time_interleaved(case, plans: Dict[str, Sequence[Tuple[str, int, int]]], *,
     try:
         ops = list(dict.fromkeys(op for plan in plans.values() for op, _, _ in plan))
         for op in ops:
-            left = {name: (n, w, -(-n // min(rounds, n))) for name, plan in plans.items()
-                    for step_op, n, w in plan if step_op == op}
-            for name in left:
+            steps = {name: (_round_calls(n, rounds), w) for name, plan in plans.items()
+                     for step_op, n, w in plan if step_op == op}
+            for name in steps:
                 out[name]["times"][op], out[name]["spans"][op] = [], []
-            while left:
-                for name, (n, w, share) in list(left.items()):
-                    reply = workers[name].time(op, min(share, n), w)
+            for r in range(max(len(calls) for calls, _ in steps.values())):
+                for name, (calls, w) in steps.items():
+                    times = out[name]["times"][op]
+                    if r >= len(calls) or isinstance(times, Exception):
+                        continue
+                    reply = workers[name].time(op, calls[r], w)
                     if "error" in reply:
                         out[name]["times"][op] = RuntimeError(reply["error"])
-                        del left[name]
                         continue
-                    out[name]["times"][op] += reply["times"]
+                    times += reply["times"]
                     out[name]["spans"][op].append((reply["start"], reply["end"]))
-                    n -= len(reply["times"])
-                    if n > 0:
-                        left[name] = (n, w, share)
-                    else:
-                        del left[name]
     finally:
         for w in workers.values():
             w.close()
@@ -394,13 +398,14 @@ def run_suite(cases, providers, *, repeats: int = 5, warmup: int = 1, suite: str
             ready.clear()
         del setup
         gc.collect()
-        if pending:
+        isolated = [p for p in ordered if p.name in pending]
+        if isolated:
             results = time_interleaved(case, {p.name: [step[:3] for step in pending[p.name]]
-                                              for p in ordered if p.name in pending},
+                                              for p in isolated},
                                        seed=seed, torch_threads=torch_threads)
-            now = dict(opts, peak_bytes_per_s=measure_peak()) if measure_peak else opts
-            for p in ordered:
-                for op, _, _, verdict in pending.get(p.name, ()):
+            now = _peak_now(opts, isolated[0], measure_peak)    # after all of them
+            for p in isolated:
+                for op, _, _, verdict in pending[p.name]:
                     result = results[p.name]["times"].get(
                         op, RuntimeError("the worker returned no time"))
                     by_op[op][p.name] = _timed_row(case, op, p, result, verdict, isolated=True,

@@ -352,7 +352,6 @@ def test_time_budget_cuts_repeats_of_slow_providers_only():
 
 
 def test_isolated_timing_runs_each_provider_in_a_process_of_its_own_taking_turns():
-    import os
     case = Case("batch_norm", (4, 3, 5, 5), "NCHW")
     plans = {"naive-numpy": [("fwd_train", 3, 1), ("bwd", 2, 0)],
              "gpubn-numpy": [("fwd_train", 7, 1)]}
@@ -369,6 +368,13 @@ def test_isolated_timing_runs_each_provider_in_a_process_of_its_own_taking_turns
     assert [name for _, name in turns] == ["naive-numpy", "gpubn-numpy"] * 3
     assert all(a[0][1] <= b[0][0] for a, b in zip(turns, turns[1:]))   # never at once
     assert len(naive["spans"]["bwd"]) == 2                              # 2 calls: 2 rounds
+
+
+def test_timed_calls_are_spread_over_the_rounds():
+    assert runner._round_calls(7, 3) == [3, 3, 1]
+    assert runner._round_calls(3, 5) == [1, 1, 1]
+    assert runner._round_calls(20, 5) == [4] * 5
+    assert runner._round_calls(1, 5) == [1]
 
 
 def test_isolated_timing_reports_a_provider_that_cannot_start_or_dies():
