@@ -174,9 +174,14 @@ def _host_yardsticks(machine, providers, quick: bool) -> None:
     """Measure (and print, and keep in ``machine``) the host copy bandwidth,
     the floor of the CPU rows' share; on full runs with the ``cpu`` backend
     also its first-call cost and whether PyTorch runs slower right after it."""
-    machine["host_copy_gbps"] = host.copy_bandwidth(_copy_bytes(quick)) / 1e9
+    floors = host.yardsticks(_copy_bytes(quick))
+    machine["host_copy_gbps"] = floors["peak_bytes_per_s"] / 1e9
     print(f"# host copy bandwidth: {machine['host_copy_gbps']:.1f} GB/s at the start (read + "
           f"write; each CPU row's share is of the same copy measured right after its timing)")
+    if floors["loop_bytes_per_s"]:
+        machine["host_loop_copy_gbps"] = floors["loop_bytes_per_s"] / 1e9
+        print(f"# the same copy as a compiled loop over memory in order: "
+              f"{machine['host_loop_copy_gbps']:.1f} GB/s (the rows' loop share)")
     if quick or "gpubn-cpu" not in {p.name for p in providers}:
         return
     first = machine["cpu_first_call"] = host.cpu_first_call()
@@ -275,8 +280,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                              budget=args.budget or None, isolate=not args.shared_process,
                              torch_threads=args.torch_threads,
                              progress=Progress(total, enabled=not quiet),
-                             measure_peak=lambda: host.copy_bandwidth(_copy_bytes(args.quick),
-                                                                      repeats=5))
+                             measure_peak=lambda: host.yardsticks(_copy_bytes(args.quick),
+                                                                  repeats=5))
             peaks = sorted(r["peak_gbps"] for r in rows if r.get("peak_gbps"))
             if peaks:
                 print(f"# host copy bandwidth next to the timings: {peaks[0]:.1f}-{peaks[-1]:.1f}"

@@ -3,6 +3,12 @@
 * :func:`copy_bandwidth`: bytes per second of a large NumPy copy (read +
   write), the memory-bandwidth floor the CPU rows' ``peak_share`` is taken
   against (``bytes of the minimum passes / time`` over this).
+* :func:`loop_copy_bandwidth`: the same copy as a compiled loop on the
+  ``cpu`` backend's threads, walking memory in order as its loops do: the
+  second yardstick of the CPU rows (``loop_share``).  glibc copies arrays
+  this large with its own scheme (non-temporal stores, several pages read
+  at once), which a loop over memory in order does not reach.
+* :func:`yardsticks`: both, as the keyword arguments of a row.
 * :func:`cpu_first_call`: what the ``cpu`` backend's first call costs in a
   new process, compiling (empty cache directory) and loading the compiled
   loops from the disk cache.
@@ -19,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import numpy as np
 
@@ -38,6 +44,58 @@ def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 7) -> float:
         np.copyto(dst, src)
         times.append(time.perf_counter() - t0)
     return 2 * src.nbytes / float(np.median(times))
+
+
+_COPY_LOOP: Optional[Callable] = None
+
+
+def _copy_loop() -> Callable:
+    """``copy(src, dst)``: a parallel loop over blocks of the ``cpu``
+    backend's size, on its threading layer and thread count (ImportError
+    without Numba)."""
+    global _COPY_LOOP
+    if _COPY_LOOP is None:
+        from gpubn.backends import cpu      # its threading layer, before Numba starts threads
+        import numba
+
+        @numba.njit(parallel=True)
+        def loop(src, dst, block):
+            for b in numba.prange(-(-src.size // block)):
+                for i in range(b * block, min(src.size, (b + 1) * block)):
+                    dst[i] = src[i]
+
+        def copy(src, dst):
+            numba.set_num_threads(cpu.num_threads())
+            loop(src, dst, cpu._BLOCK)
+
+        _COPY_LOOP = copy
+    return _COPY_LOOP
+
+
+def loop_copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 7) -> Optional[float]:
+    """Median bytes/s (read + write) of :func:`copy_bandwidth`'s copy done by
+    a compiled loop (:func:`_copy_loop`); None without Numba."""
+    try:
+        copy = _copy_loop()
+    except ImportError:
+        return None
+    src = np.ones(nbytes // 8)
+    dst = np.zeros_like(src)
+    copy(src, dst)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        copy(src, dst)
+        times.append(time.perf_counter() - t0)
+    return 2 * src.nbytes / float(np.median(times))
+
+
+def yardsticks(nbytes: int = 256 << 20, repeats: int = 7) -> Dict[str, Optional[float]]:
+    """The CPU rows' two floors measured now: ``peak_bytes_per_s``
+    (:func:`copy_bandwidth`) and ``loop_bytes_per_s``
+    (:func:`loop_copy_bandwidth`)."""
+    return {"peak_bytes_per_s": copy_bandwidth(nbytes, repeats),
+            "loop_bytes_per_s": loop_copy_bandwidth(nbytes, repeats)}
 
 
 _FIRST_CALL = r"""

@@ -186,17 +186,19 @@ def ratio_summary(rows: Sequence[Dict]) -> Dict[str, Dict[str, Dict]]:
 LARGE_BYTES = 64 << 20     # cases moving at least this much are "large" for the floor
 
 
-def floor_summary(rows: Sequence[Dict], min_bytes: int = LARGE_BYTES) -> Dict[str, Dict[str, Dict]]:
+def floor_summary(rows: Sequence[Dict], min_bytes: int = LARGE_BYTES,
+                  share: str = "peak_share") -> Dict[str, Dict[str, Dict]]:
     """provider -> op -> {median, min, max, n, worst} of the time over the
-    memory-bandwidth floor (``1 / peak_share``: 1.0 is the minimum passes
-    at the bandwidth of the run's large copy), over the CPU cases moving at
-    least ``min_bytes``."""
+    memory-bandwidth floor (``1 / share``: 1.0 is the minimum passes at the
+    bandwidth of the run's large copy, by NumPy for ``peak_share``, by a
+    compiled loop for ``loop_share``), over the CPU cases moving at least
+    ``min_bytes``."""
     acc: Dict[str, Dict[str, List[Tuple[float, str]]]] = {}
     for r in rows:
-        if r.get("device") != "cpu" or not r.get("peak_share") or r["bytes"] < min_bytes:
+        if r.get("device") != "cpu" or not r.get(share) or r["bytes"] < min_bytes:
             continue
         acc.setdefault(r["provider"], {}).setdefault(r["op"], []).append(
-            (1.0 / r["peak_share"], case_name(r)))
+            (1.0 / r[share], case_name(r)))
     return {p: {op: _spread(v) for op, v in by_op.items()} for p, by_op in acc.items()}
 
 
@@ -212,10 +214,12 @@ def format_summary(rows: Sequence[Dict]) -> str:
         parts = [f"{op} {s['median']:.2f} [{s['min']:.2f}-{s['max']:.2f}, {s['worst']}]"
                  for op, s in by_op.items()]
         lines.append(f"  {p}: " + ", ".join(parts))
-    floor = floor_summary(rows)
-    if floor:
-        lines.append(f"time over the copy-bandwidth floor, cases moving >= {LARGE_BYTES >> 20} MiB "
-                     "(median [max, worst case]; 1 is the floor):")
+    for share, what in (("peak_share", "the copy-bandwidth floor"),
+                        ("loop_share", "a compiled copy loop's bandwidth")):
+        floor = floor_summary(rows, share=share)
+        if floor:
+            lines.append(f"time over {what}, cases moving >= {LARGE_BYTES >> 20} MiB "
+                         "(median [max, worst case]; 1 is the floor):")
         for p, by_op in floor.items():
             parts = [f"{op} {s['median']:.2f} [{s['max']:.2f}, {s['worst']}]"
                      for op, s in by_op.items()]

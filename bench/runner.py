@@ -88,7 +88,11 @@ def compare(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray], op: 
 
 def make_row(case: Case, op: str, provider, *, status: str = "ok", times=None,
              reason: str = "", check: str = "", peak_bytes_per_s: Optional[float] = None,
-             suite: str = "") -> Dict:
+             loop_bytes_per_s: Optional[float] = None, suite: str = "") -> Dict:
+    """One result row.  ``peak_bytes_per_s``: the floor ``peak_share`` is
+    taken against (GPU: the device's peak; CPU: a large NumPy copy);
+    ``loop_bytes_per_s`` (CPU): the same copy by a compiled loop, for
+    ``loop_share``."""
     nbytes = bytes_moved(case.kind, op, case.shape, case.axis, case.dtype)
     row = {
         "suite": suite,
@@ -109,6 +113,7 @@ def make_row(case: Case, op: str, provider, *, status: str = "ok", times=None,
         "check": check,
         "median_s": None, "min_s": None, "max_s": None, "repeats": 0,
         "gbps": None, "peak_gbps": None, "peak_share": None,
+        "loop_gbps": None, "loop_share": None,
         "ratio_to_torch": None,
     }
     if provider.note:
@@ -120,6 +125,9 @@ def make_row(case: Case, op: str, provider, *, status: str = "ok", times=None,
         if peak_bytes_per_s:
             row["peak_gbps"] = peak_bytes_per_s / 1e9
             row["peak_share"] = row["gbps"] / row["peak_gbps"] if row["gbps"] else None
+        if loop_bytes_per_s:
+            row["loop_gbps"] = loop_bytes_per_s / 1e9
+            row["loop_share"] = row["gbps"] / row["loop_gbps"] if row["gbps"] else None
     return row
 
 
@@ -222,14 +230,14 @@ def _check_op(case, op, setup, providers, reasons, *, suite, check, progress):
 
 
 def _timed_row(case, op, p, result, verdict, *, suite, peak_bytes_per_s, progress,
-               isolated=False) -> Dict:
+               isolated=False, loop_bytes_per_s=None) -> Dict:
     """The row of one timing: a list of seconds, or the exception that stopped it."""
     if isinstance(result, BaseException):
         msg = error_text(result)
         progress.step(f"{_desc(case, op, p)}: error ({msg})")
         return make_row(case, op, p, status="error", reason=msg, suite=suite)
     row = make_row(case, op, p, times=result, check=verdict, suite=suite,
-                   peak_bytes_per_s=peak_bytes_per_s)
+                   peak_bytes_per_s=peak_bytes_per_s, loop_bytes_per_s=loop_bytes_per_s)
     row["isolated"] = isolated
     flag = f" [{verdict}]" if verdict not in ("", "ok", "reference") else ""
     progress.step(f"{_desc(case, op, p)}: {format_time(row['median_s'])}{flag}")
@@ -340,11 +348,12 @@ def time_interleaved(case, plans: Dict[str, Sequence[Tuple[str, int, int]]], *,
 
 
 def _peak_now(opts: Dict, provider, measure_peak) -> Dict:
-    """``opts`` with the bandwidth floor measured now (CPU providers, when
-    ``measure_peak`` is given)."""
+    """``opts`` with the bandwidth floors measured now (CPU providers, when
+    ``measure_peak`` is given: it returns ``make_row``'s
+    ``peak_bytes_per_s`` and ``loop_bytes_per_s``)."""
     if measure_peak is None or provider.device != "cpu":
         return opts
-    return dict(opts, peak_bytes_per_s=measure_peak())
+    return dict(opts, **measure_peak())
 
 
 def run_suite(cases, providers, *, repeats: int = 5, warmup: int = 1, suite: str = "",
@@ -352,15 +361,17 @@ def run_suite(cases, providers, *, repeats: int = 5, warmup: int = 1, suite: str
               progress: Optional[Progress] = None, seed: int = 0,
               budget: Optional[float] = None, isolate: bool = False,
               torch_threads: Optional[int] = None,
-              measure_peak: Optional[Callable[[], float]] = None) -> List[Dict]:
+              measure_peak: Optional[Callable[[], Dict[str, Optional[float]]]] = None
+              ) -> List[Dict]:
     """Measure every ``(case, ops)`` of ``cases`` on every provider.
     ``budget``: seconds of timed calls per CPU provider and measurement after
     which the repeats are cut (never below 3); None times ``repeats`` calls.
     ``isolate``: time each CPU provider in a process of its own, per case,
     the providers taking turns (:func:`time_interleaved`, with
     ``torch_threads``); the checks still run here.  ``measure_peak``
-    (bytes/s, e.g. a large copy): measured right after a CPU provider's
-    timings of a case (isolated: after all of theirs), the bandwidth floor
+    (:func:`bench.host.yardsticks`: ``make_row``'s ``peak_bytes_per_s``
+    and ``loop_bytes_per_s``): measured right after a CPU provider's
+    timings of a case (isolated: after all of theirs), the bandwidth floors
     of those rows in place of the run's ``peak_bytes_per_s`` (a machine
     whose bandwidth drifts is then compared with itself at the same time)."""
     if repeats < 1:

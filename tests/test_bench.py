@@ -214,8 +214,9 @@ def test_summary_names_the_worst_case_and_the_floor_of_the_large_cases():
             _row("gpubn-cpu", "cpu", 0.9, shape=small),
             _row("torch-cpu", "torch", 1.0, shape=(8, 3, 4, 4)),
             _row("gpubn-cpu", "cpu", 0.1, shape=(8, 3, 4, 4))]
-    for r in rows:      # the peak share as the runner computes it, from a known bandwidth
+    for r in rows:      # the shares as the runner computes them, from known bandwidths
         r["peak_share"] = r["bytes"] / r["median_s"] / bw
+        r["loop_share"] = r["bytes"] / r["median_s"] / (bw / 2)
     runner.add_ratios(rows)
     s = report.ratio_summary(rows)["gpubn-cpu"]["fwd_bwd"]
     assert (s["median"], s["max"], s["worst"]) == (0.25, 0.9, "bn NCHW 2x3x4x4 float32")
@@ -224,9 +225,17 @@ def test_summary_names_the_worst_case_and_the_floor_of_the_large_cases():
     f = floor["gpubn-cpu"]["fwd_bwd"]
     assert f["n"] == 1 and f["worst"] == "bn NCHW 32x64x56x56 float32"
     assert f["median"] == pytest.approx(1.0 * bw / rows[1]["bytes"])
+    # against a copy loop at half the bandwidth, the same case is half as far
+    g = report.floor_summary(rows, share="loop_share")["gpubn-cpu"]["fwd_bwd"]
+    assert g["median"] == pytest.approx(f["median"] / 2) and g["worst"] == f["worst"]
     text = report.format_summary(rows)
     assert "gpubn-cpu: fwd_bwd 0.25 [0.10-0.90, bn NCHW 2x3x4x4 float32]" in text
-    assert f"gpubn-cpu: fwd_bwd {f['median']:.2f} [{f['max']:.2f}, bn NCHW 32x64x56x56" in text
+    copy, loop = text.index("over the copy-bandwidth floor"), text.index("a compiled copy loop")
+    assert copy < loop
+    assert text.index(f"gpubn-cpu: fwd_bwd {f['median']:.2f} [{f['max']:.2f}, bn NCHW 32x64x56x56",
+                      copy) < loop
+    assert text.index(f"gpubn-cpu: fwd_bwd {g['median']:.2f} [{g['max']:.2f}, bn NCHW 32x64x56x56",
+                      loop) > loop
 
 
 # -- the runner with fake providers (the structure the GPU path uses) --------------
@@ -326,7 +335,8 @@ def test_bandwidth_floor_measured_next_to_each_providers_timings():
 
     def measure():
         log.append("copy")
-        return next(measured)
+        peak = next(measured)
+        return {"peak_bytes_per_s": peak, "loop_bytes_per_s": peak / 2}
 
     cases = [(Case("batch_norm", (2, 3, 4, 4), "NCHW"), ("fwd_train",)),
              (Case("batch_norm", (2, 3, 4, 5), "NCHW"), ("fwd_train",))]
@@ -336,6 +346,8 @@ def test_bandwidth_floor_measured_next_to_each_providers_timings():
     assert [(r["provider"], r["peak_gbps"]) for r in rows] == [("a", 10.0), ("b", 20.0),
                                                                 ("a", 30.0), ("b", 40.0)]
     assert all(r["peak_share"] == pytest.approx(r["gbps"] / r["peak_gbps"]) for r in rows)
+    assert all(r["loop_gbps"] == r["peak_gbps"] / 2 for r in rows)
+    assert all(r["loop_share"] == pytest.approx(r["gbps"] / r["loop_gbps"]) for r in rows)
 
 
 def test_time_budget_cuts_repeats_of_slow_providers_only():
@@ -906,6 +918,33 @@ def test_copy_bandwidth_is_the_median_of_the_repeats(monkeypatch):
     monkeypatch.setattr(host.time, "perf_counter", lambda: next(steps))
     nbytes = 8 << 10
     assert host.copy_bandwidth(nbytes, repeats=5) == 2 * nbytes / 1.0
+
+
+def test_the_copy_loop_copies_and_counts_the_read_and_the_write(monkeypatch):
+    """The compiled copy loop copies every value, blocks and a partial last
+    one included, and is timed as the NumPy copy is (2n bytes a copy)."""
+    pytest.importorskip("numba")
+    from bench import host
+    from gpubn.backends import cpu
+    src = np.arange(3 * cpu._BLOCK + 5, dtype=np.float64)
+    dst = np.zeros_like(src)
+    host._copy_loop()(src, dst)
+    np.testing.assert_array_equal(dst, src)
+    monkeypatch.setattr(host.time, "perf_counter", _Clock(0.25))
+    nbytes = 1 << 20
+    assert host.loop_copy_bandwidth(nbytes, repeats=3) == 2 * nbytes / 0.25
+    assert host.yardsticks(nbytes, repeats=3) == {"peak_bytes_per_s": 2 * nbytes / 0.25,
+                                                  "loop_bytes_per_s": 2 * nbytes / 0.25}
+
+
+def test_the_copy_loop_is_absent_without_numba(monkeypatch):
+    from bench import host
+
+    def missing():
+        raise ImportError("no numba")
+    monkeypatch.setattr(host, "_copy_loop", missing)
+    assert host.loop_copy_bandwidth(1 << 20, repeats=1) is None
+    assert host.yardsticks(1 << 20, repeats=1)["loop_bytes_per_s"] is None
 
 
 def test_first_call_compiles_into_an_empty_cache_then_loads_from_it(monkeypatch):
