@@ -346,6 +346,52 @@ def test_compiled_loops_are_cached_under_the_gpubn_cache_dir(tmp_path):
     assert not list(package.glob("cpu.*.nbi")), "Numba cache written into the package"
 
 
+_FAULTS_PER_CALL = r"""
+import resource, sys
+import numpy as np
+import gpubn
+x = np.random.default_rng(0).standard_normal((256, 1024), dtype=np.float32)
+def call():
+    y, saved = gpubn.batch_norm_forward(x, backend="cpu")
+    return gpubn.batch_norm_backward(x, saved)
+for _ in range(3):
+    call()
+faults = []
+for _ in range(10):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    call()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sorted(faults)[len(faults) // 2])
+"""
+
+
+def _faults_per_call(**env):
+    run = subprocess.run([sys.executable, "-c", _FAULTS_PER_CALL], env=dict(os.environ, **env),
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    return int(run.stdout.split()[-1])
+
+
+@pytest.mark.skipif(not hasattr(os, "confstr") or sys.platform != "linux",
+                    reason="glibc's malloc thresholds: Linux only")
+def test_fresh_outputs_reuse_the_heap_in_a_new_process():
+    """In a process that has freed no large block, glibc gives a forward's y
+    and a backward's dx (1 MiB each here) back to the system on every call
+    and faults their 512 pages in again on the next; the backend raises the
+    thresholds at import (_prime_malloc), so the median call faults in no
+    page.  GPUBN_MALLOC_PRIME=0 turns that off and shows the faults."""
+    try:
+        os.confstr("CS_GNU_LIBC_VERSION")
+    except (ValueError, OSError):
+        pytest.skip("the C library is not glibc")
+    primed = _faults_per_call()
+    assert primed < 32, f"{primed} page faults in the median call"
+    unprimed = _faults_per_call(GPUBN_MALLOC_PRIME="0")
+    if unprimed < 256:
+        pytest.skip(f"glibc kept the pages here without priming ({unprimed} faults a call)")
+    assert unprimed >= 256 > primed
+
+
 def test_automatic_choice_is_cpu_for_numpy_arrays_and_numpy_without_numba(monkeypatch):
     from gpubn import backends
     monkeypatch.delenv("GPUBN_BACKEND", raising=False)
