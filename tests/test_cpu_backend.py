@@ -590,6 +590,28 @@ def test_half_precision_results_are_those_of_float32_rounded(shape, dtype):
 
 
 # ------------------------------------------ groups of short rows (NC, NHWC) ---
+@pytest.mark.parametrize("blocks,group,c,inner", [(4, 1, 7, 1), (3, 2, 5, 4), (1, 3, 2, 1)])
+def test_channel_totals_add_the_blocks_in_order_then_a_channels_columns(blocks, group, c, inner):
+    """The partials of the column sums become per-channel totals in a fixed
+    order (bitwise results for any thread count): each column over the
+    blocks first, then a channel's columns in memory order."""
+    parts = np.random.default_rng(6).standard_normal((blocks, group * c * inner)) * 1e8
+    col = [0.0] * parts.shape[1]
+    for j in range(parts.shape[1]):
+        total = float(parts[0, j])
+        for b in range(1, blocks):
+            total += float(parts[b, j])
+        col[j] = total
+    want = [0.0] * c
+    for g in range(group):
+        for ch in range(c):
+            for i in range(inner):
+                want[ch] += col[(g * c + ch) * inner + i]
+    out = np.empty(c)
+    cpu._channel_totals(parts, group, inner, out)
+    assert out.tolist() == want
+
+
 def test_short_rows_are_grouped_by_the_shape():
     """The column sums of short rows (NC, channels-last) take several rows
     as one: the fewest rows that make _WIDE (2048) values, among the
