@@ -161,7 +161,7 @@ def _serialized(fn):
 # backward of 256x1024 float32 took 2.0 ms (480 faults a call) against
 # 0.5 ms with the thresholds up.  Freeing one block of just under 32 MiB
 # (never touched, so never faulted in) once sets them where a program that
-# has used a large array has them anyway (importing PyTorch does as much).
+# has freed a large array has them anyway.
 # Larger arrays still get mappings of their own; out= avoids them all.
 _PRIME_BYTES = (32 << 20) - (64 << 10)  # its mapping within glibc's 32 MiB cap
 
