@@ -841,10 +841,7 @@ class _Layout:
         """Per-channel float64 totals of the column sums' block partials
         (:func:`_channel_totals`)."""
         out = np.empty(self.c)
-        if self.rows:
-            _channel_totals(parts, 1, 1, out)
-        else:
-            _channel_totals(parts, self.group, self.inner, out)
+        _channel_totals(parts, *((1, 1) if self.rows else (self.group, self.inner)), out)
         return out
 
     def sums(self, x3, dy3, shift, y3=None, g3=None):
@@ -917,9 +914,10 @@ def _vec(v, dtype, c, fill):
 # The arithmetic on per-channel vectors between the loops is compiled too: a
 # NumPy expression costs 2-6 us a ufunc at 4096 channels, and a forward +
 # backward chained about forty of them (0.45 ms of 0.83 for 256x4096
-# float32).  Plain IEEE arithmetic, no fastmath flags: the operations and
-# their order are those of the formulas in the docstrings.
-@numba.njit(cache=True)
+# float32).  Plain IEEE arithmetic, no fastmath flags, NumPy's error model (a
+# division by zero gives Inf or NaN): the operations and their order are
+# those of the formulas in the docstrings.
+@numba.njit(cache=True, error_model="numpy")
 def _channel_totals(parts, group, inner, out):
     """``out[ch]``: the float64 total of the block partials ``parts`` (rows:
     blocks; columns: ``group`` copies of ``C`` channels of ``inner`` columns
@@ -940,7 +938,7 @@ def _channel_totals(parts, group, inner, out):
                 out[ch] += col[(g * c + ch) * inner + i]
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _centre(t1, t2, n, shift, redo, move, like, mean, m2):
     """From the sums ``t1 = sum d``, ``t2 = sum d * d`` of ``d = x - shift``
     over ``n`` values per channel: ``mean = shift + dm`` and ``m2 = t2 - t1 *
@@ -961,7 +959,7 @@ def _centre(t1, t2, n, shift, redo, move, like, mean, m2):
     return far
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _affine_constants(mean, invstd, w, b, hi, a, b0):
     """The normalize loop's per-channel constants, in the accumulation dtype
     (``hi``'s): ``y = (x - hi) * a + b0`` with ``mean = hi + lo`` (``lo = mean
@@ -976,7 +974,7 @@ def _affine_constants(mean, invstd, w, b, hi, a, b0):
         b0[c] = b[c] - lo * scale
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _dx_constants(invstd, w, sum_dy, sum_dy_xhat, count, k, a, b0):
     """The dx loop's per-channel constants, in the accumulation dtype
     (``k``'s): ``k = invstd * w``, ``a = invstd * sum_dy_xhat / count``, ``b0
