@@ -21,6 +21,18 @@ def run_slow(config) -> bool:
     return ci or config.getoption("--run-slow")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _environment_per_module():
+    """Each test module leaves ``os.environ`` as it found it: Dask's
+    distributed sets variables for its workers in its parent's environment
+    (``MALLOC_TRIM_THRESHOLD_``, ``OMP_NUM_THREADS``, ...), which every later
+    subprocess of the suite would inherit."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def pytest_collection_modifyitems(config, items):
     if run_slow(config):
         return

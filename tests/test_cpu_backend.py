@@ -366,7 +366,12 @@ print(sorted(faults)[len(faults) // 2])
 
 
 def _faults_per_call(**env):
-    run = subprocess.run([sys.executable, "-c", _FAULTS_PER_CALL], env=dict(os.environ, **env),
+    """The median call's page faults in a new process, without the C
+    allocator's own settings (``MALLOC_*_``, ``GLIBC_TUNABLES``: any of them
+    turns glibc's dynamic thresholds off, and Dask sets one for its workers)."""
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    run = subprocess.run([sys.executable, "-c", _FAULTS_PER_CALL], env=dict(base, **env),
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     return int(run.stdout.split()[-1])

@@ -162,7 +162,9 @@ def _serialized(fn):
 # 0.5 ms with the thresholds up.  Freeing one block of just under 32 MiB
 # (never touched, so never faulted in) once sets them where a program that
 # has freed a large array has them anyway.
-# Larger arrays still get mappings of their own; out= avoids them all.
+# Larger arrays still get mappings of their own, and an explicit setting
+# (MALLOC_TRIM_THRESHOLD_ and the like) turns the dynamic thresholds off;
+# out= avoids them all.
 _PRIME_BYTES = (32 << 20) - (64 << 10)  # its mapping within glibc's 32 MiB cap
 
 
