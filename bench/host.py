@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -32,62 +33,51 @@ import numpy as np
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 7) -> float:
-    """Median bytes/s (read + write) of ``np.copyto`` between two arrays of
-    ``nbytes`` each, pages touched beforehand."""
+def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 7,
+                   copy: Callable = np.copyto) -> float:
+    """Median bytes/s (read + write) of ``copy(dst, src)`` (NumPy's copy
+    unless given) between two arrays of ``nbytes`` each, pages touched
+    beforehand."""
     src = np.ones(nbytes // 8)
     dst = np.zeros_like(src)
-    np.copyto(dst, src)
+    copy(dst, src)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        np.copyto(dst, src)
+        copy(dst, src)
         times.append(time.perf_counter() - t0)
     return 2 * src.nbytes / float(np.median(times))
 
 
-_COPY_LOOP: Optional[Callable] = None
-
-
+@functools.lru_cache(maxsize=None)
 def _copy_loop() -> Callable:
-    """``copy(src, dst)``: a parallel loop over blocks of the ``cpu``
+    """``copy(dst, src)``: a parallel loop over blocks of the ``cpu``
     backend's size, on its threading layer and thread count (ImportError
     without Numba)."""
-    global _COPY_LOOP
-    if _COPY_LOOP is None:
-        from gpubn.backends import cpu      # its threading layer, before Numba starts threads
-        import numba
+    from gpubn.backends import cpu      # its threading layer, before Numba starts threads
+    import numba
 
-        @numba.njit(parallel=True)
-        def loop(src, dst, block):
-            for b in numba.prange(-(-src.size // block)):
-                for i in range(b * block, min(src.size, (b + 1) * block)):
-                    dst[i] = src[i]
+    @numba.njit(parallel=True)
+    def loop(dst, src, block):
+        for b in numba.prange(-(-src.size // block)):
+            for i in range(b * block, min(src.size, (b + 1) * block)):
+                dst[i] = src[i]
 
-        def copy(src, dst):
-            numba.set_num_threads(cpu.num_threads())
-            loop(src, dst, cpu._BLOCK)
+    def copy(dst, src):
+        numba.set_num_threads(cpu.num_threads())
+        loop(dst, src, cpu._BLOCK)
 
-        _COPY_LOOP = copy
-    return _COPY_LOOP
+    return copy
 
 
 def loop_copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 7) -> Optional[float]:
-    """Median bytes/s (read + write) of :func:`copy_bandwidth`'s copy done by
-    a compiled loop (:func:`_copy_loop`); None without Numba."""
+    """:func:`copy_bandwidth` of the copy done by a compiled loop
+    (:func:`_copy_loop`); None without Numba."""
     try:
         copy = _copy_loop()
     except ImportError:
         return None
-    src = np.ones(nbytes // 8)
-    dst = np.zeros_like(src)
-    copy(src, dst)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        copy(src, dst)
-        times.append(time.perf_counter() - t0)
-    return 2 * src.nbytes / float(np.median(times))
+    return copy_bandwidth(nbytes, repeats, copy)
 
 
 def yardsticks(nbytes: int = 256 << 20, repeats: int = 7) -> Dict[str, Optional[float]]:

@@ -928,7 +928,7 @@ def test_the_copy_loop_copies_and_counts_the_read_and_the_write(monkeypatch):
     from gpubn.backends import cpu
     src = np.arange(3 * cpu._BLOCK + 5, dtype=np.float64)
     dst = np.zeros_like(src)
-    host._copy_loop()(src, dst)
+    host._copy_loop()(dst, src)
     np.testing.assert_array_equal(dst, src)
     monkeypatch.setattr(host.time, "perf_counter", _Clock(0.25))
     nbytes = 1 << 20
