@@ -688,8 +688,8 @@ def _per_column(v, c0, inner, width):
     """The per-channel values ``v`` of a tile from channel ``c0`` on, one
     per column: ``out[j] = v[c0 + j // inner]``, ``width`` columns."""
     out = np.empty(width, v.dtype)
-    for j in range(width):
-        out[j] = v[c0 + j // inner]
+    for c in range(-(-width // inner)):
+        out[c * inner:(c + 1) * inner] = v[c0 + c]
     return out
 
 
@@ -711,35 +711,26 @@ def _tile_forward(x, z, relu, first, w, b, eps, inner, t, y, mean_out, m2_out):
     for tile in numba.prange((C + t - 1) // t):
         c0, tc, j0, L = _tile_span(tile, t, C, inner)
         k = _per_column(first, c0, inner, L)
+        shift = np.empty(tc)
+        for c in range(tc):
+            shift[c] = np.float64(first[c0 + c])
         t1, t2 = np.empty(tc), np.empty(tc)
+        mean, m2 = mean_out[c0:c0 + tc], m2_out[c0:c0 + tc]
         for again in range(2):
             _tile_sums(x, x[:0], j0, k, inner, t1, t2)
-            far = False
-            for c in range(tc):
-                dm = t1[c] / count
-                if again == 0 and dm * dm * count > _REDO * (t2[c] - t1[c] * dm):  # not NaN
-                    far = True
-                    k[c * inner:(c + 1) * inner] = w.dtype.type(np.float64(k[c * inner]) + dm)
-            if not far:
+            far = _centre(t1, t2, count, shift, _REDO, again == 0, w, mean, m2)
+            if again == 1 or not far:
                 break
-        hi = np.empty(L, w.dtype)
-        s = np.empty(L, w.dtype)
-        sh = np.empty(L, w.dtype)
+            for c in range(tc):     # around the moved shifts
+                k[c * inner:(c + 1) * inner] = w.dtype.type(shift[c])
+        invstd = np.empty(tc)
         for c in range(tc):
-            dm = t1[c] / count
-            m2 = t2[c] - t1[c] * dm
-            if m2 < 0.0:
-                m2 = 0.0
-            mean = np.float64(k[c * inner]) + dm
-            invstd = 1.0 / np.sqrt(m2 / count + eps)
-            scale = invstd * np.float64(w[c0 + c])
-            h = w.dtype.type(mean)
-            lo = mean - np.float64(h) if np.isfinite(h) else 0.0
-            hi[c * inner:(c + 1) * inner] = h
-            s[c * inner:(c + 1) * inner] = w.dtype.type(scale)
-            sh[c * inner:(c + 1) * inner] = w.dtype.type(np.float64(b[c0 + c]) - lo * scale)
-            mean_out[c0 + c] = mean
-            m2_out[c0 + c] = m2
+            invstd[c] = 1.0 / np.sqrt(m2[c] / count + eps)
+        hi_c, s_c, sh_c = np.empty(tc, w.dtype), np.empty(tc, w.dtype), np.empty(tc, w.dtype)
+        _affine_constants(mean, invstd, w[c0:c0 + tc], b[c0:c0 + tc], hi_c, s_c, sh_c)
+        hi = _per_column(hi_c, 0, inner, L)
+        s = _per_column(s_c, 0, inner, L)
+        sh = _per_column(sh_c, 0, inner, L)
         for n in range(N):
             xr, yr = x[n, j0:j0 + L], y[n, j0:j0 + L]
             if add:
@@ -767,16 +758,18 @@ def _tile_backward(dy, x, mean, invstd, w, inner, t, s1_out, s2_out, dx):
         m = _per_column(mean, c0, inner, L)
         t1, t2 = np.empty(tc), np.empty(tc)
         _tile_sums(x, dy, j0, m, inner, t1, t2)
-        f = np.empty(L, mean.dtype)
-        a = np.empty(L, mean.dtype)
-        b0 = np.empty(L, mean.dtype)
+        inv, sum_dy_xhat = np.empty(tc), np.empty(tc)
         for c in range(tc):
-            inv = np.float64(invstd[c0 + c])
-            f[c * inner:(c + 1) * inner] = mean.dtype.type(inv * np.float64(w[c0 + c]))
-            a[c * inner:(c + 1) * inner] = mean.dtype.type(inv * (t2[c] * inv) / count)
-            b0[c * inner:(c + 1) * inner] = mean.dtype.type(t1[c] / count)
+            inv[c] = np.float64(invstd[c0 + c])
+            sum_dy_xhat[c] = t2[c] * inv[c]
             s1_out[c0 + c] = t1[c]
             s2_out[c0 + c] = t2[c]
+        f_c, a_c, b0_c = np.empty(tc, mean.dtype), np.empty(tc, mean.dtype), \
+            np.empty(tc, mean.dtype)
+        _dx_constants(inv, w[c0:c0 + tc], t1, sum_dy_xhat, count, f_c, a_c, b0_c)
+        f = _per_column(f_c, 0, inner, L)
+        a = _per_column(a_c, 0, inner, L)
+        b0 = _per_column(b0_c, 0, inner, L)
         for n in range(N):
             gr, xr, dr = dy[n, j0:j0 + L], x[n, j0:j0 + L], dx[n, j0:j0 + L]
             for j in range(L):
