@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -741,3 +742,113 @@ def test_channel_by_channel_non_finite_channels():
     for name in ("y", "mean", "invstd", "dx", "dw", "db"):
         assert_close(got[name], ref[name], np.float32, name, scale=3.0)
     assert np.isnan(got["y"][:, [3, 9]]).all() and np.isfinite(np.delete(got["y"], [3, 9], 1)).all()
+
+
+# ------------------------------------------------- writes around the caches ---
+def _at_offset(shape, dtype, offset):
+    """A NaN-filled array of ``shape`` whose data start ``offset`` bytes past
+    a cache line (an item a loop leaves unwritten stays NaN)."""
+    dtype = np.dtype(dtype)
+    raw = np.empty(int(np.prod(shape)) * dtype.itemsize + 128, np.uint8)
+    start = -raw.ctypes.data % 64 + offset
+    a = raw[start:start + int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
+    a[...] = np.nan
+    return a
+
+
+def _writing_ops(x, dy, z, w, b, offset):
+    """Every loop that writes an element-sized output, each into an ``out``
+    array ``offset`` bytes past a cache line."""
+    c = x.shape[1]
+    out = lambda: _at_offset(x.shape, x.dtype, offset)  # noqa: E731
+    rm, rv = np.full(c, 0.5, w.dtype), np.full(c, 2.0, w.dtype)
+    y, mean, invstd = CPU.bn_forward_train_act(x, w, b, None, None, 0.1, 1e-5, z, True,
+                                               out=out())
+    r = dict(y_relu=y,
+             y=CPU.bn_forward_train(x, w, b, None, None, 0.1, 1e-5, out=out())[0],
+             y_eval=CPU.bn_forward_eval_act(x, w, b, rm, rv, 1e-5, z, False, out=out())[0],
+             dx=CPU.bn_backward(dy, x, mean, invstd, w, True, out=out())[0],
+             dx_eval=CPU.bn_backward(dy, x, mean, invstd, w, False, out=out())[0],
+             dx_relu=CPU.bn_backward_relu(dy, x, mean, invstd, w, y, True, out=out())[0])
+    x2, dy2 = x.reshape(x.shape[0], -1), dy.reshape(x.shape[0], -1)
+    n = x2.shape[1]
+    w2, b2 = np.linspace(0.5, 1.5, n).astype(w.dtype), np.linspace(-1, 1, n).astype(w.dtype)
+    o2 = lambda: _at_offset(x2.shape, x.dtype, offset)  # noqa: E731
+    r["ln_y"], mean, rstd = CPU.ln_forward(x2, w2, b2, 1e-5, out=o2())
+    r["ln_dx"], r["ln_dw"], r["ln_db"] = CPU.ln_backward(dy2, x2, mean, rstd, w2, True, out=o2())
+    r["ln_dx_only"] = CPU.ln_backward(dy2, x2, mean, rstd, w2, False, out=o2())[0]
+    return r
+
+
+# NCHW runs of 300 (blocked loops), tiles of 4 channels of 20, NC with grouped
+# rows, short channels-last runs
+@pytest.mark.parametrize("shape", [(3, 4, 300), (4, 64, 20), (300, 70, 1), (60, 24, 3)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: np.dtype(d).name)
+def test_streamed_outputs_are_bitwise_those_of_plain_stores(monkeypatch, shape, dtype):
+    """Non-temporal stores change where the bytes go, not the results: every
+    loop writing an output, into arrays starting at each offset within a
+    cache line that the item size allows (rows then begin and end at every
+    position within a line), gives bitwise what plain stores give, and
+    leaves no item unwritten."""
+    x, dy, w, b = _case(shape, dtype)
+    z = np.random.default_rng(5).standard_normal(shape).astype(dtype)
+    offsets = range(0, 64, np.dtype(dtype).itemsize * (1 if shape == (3, 4, 300) else 3))
+    for offset in offsets:
+        results = []
+        for threshold in (1 << 62, 0):      # plain stores, then every output streamed
+            monkeypatch.setattr(cpu, "_STREAM_BYTES", threshold)
+            results.append(_writing_ops(x, dy, z, w, b, offset))
+        plain, streamed = results
+        for name, e in plain.items():
+            if e.dtype.kind == "f" and e.size == x.size:
+                assert not np.isnan(e).any(), (name, offset)
+            np.testing.assert_array_equal(streamed[name].view(np.uint8), e.view(np.uint8),
+                                          err_msg=f"{name}, offset {offset}")
+
+
+@pytest.mark.parametrize("itemsize", [2, 4, 8])
+def test_the_streamed_span_is_the_whole_cache_lines_of_a_row(itemsize):
+    """The items a row writes with non-temporal stores start at the row's
+    first cache-line boundary and end at its last, for a row starting
+    anywhere; none when streaming is off, or when the row's address is not a
+    multiple of its item size."""
+    dtype = {2: np.uint16, 4: np.float32, 8: np.float64}[itemsize]
+    raw = np.zeros(4096, np.uint8)
+    base = -raw.ctypes.data % 64
+    for n in (0, 3, 40, 333):
+        for offset in range(0, 64, itemsize):
+            row = raw[base + offset:base + offset + n * itemsize].view(dtype)
+            lo, hi = cpu._stream_span(row, True)
+            first = min(n, (-offset % 64) // itemsize)
+            last = first + (n - first) * itemsize // 64 * 64 // itemsize
+            assert (lo, hi) == (first, last), (n, offset)
+            if hi > lo:
+                assert (offset + lo * itemsize) % 64 == 0 and (hi - lo) * itemsize % 64 == 0
+            assert cpu._stream_span(row, False) == (n, n)
+        odd = raw[base + 1:base + 1 + 40 * itemsize].view(dtype)
+        assert cpu._stream_span(odd, True) == (40, 40)
+
+
+@pytest.mark.skipif(cpu._X86 is False or sys.maxsize < 2**32,
+                    reason="the machine-code check reads x86-64 mnemonics")
+@pytest.mark.parametrize("dtype,packed", [(np.float32, "movntps"), (np.float64, "movntpd"),
+                                          (np.uint16, "movntdq")],
+                         ids=["float32", "float64", "float16-bits"])
+def test_streamed_rows_compile_to_vector_non_temporal_stores(dtype, packed):
+    """The streamed loops are vectorized: their machine code stores whole
+    vectors non-temporally (a scalar loop of non-temporal stores writes at a
+    fraction of the bandwidth).  Checked on the two row loops, compiled
+    afresh so their code can be read."""
+    acc = np.float64 if dtype == np.float64 else np.float32
+    normalize = numba.njit(lambda out, x, m, a, b0, s: cpu._normalize_row(
+        out, s, x, x[:0], False, m, a, b0))
+    dx = numba.njit(lambda out, g, x, m, a, b0, k, s: cpu._dx_row(out, s, g, x, m, a, b0, k))
+    x = np.ones(1000, dtype)
+    c = np.ones(1000, acc)
+    out = np.empty_like(x)
+    normalize(out, x, c, c, c, True)
+    dx(out, x, x, c, c, c, c, True)
+    for probe in (normalize, dx):
+        asm = probe.inspect_asm(probe.signatures[0])
+        assert re.search(rf"\bv?{packed}\s", asm), probe
