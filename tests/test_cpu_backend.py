@@ -852,3 +852,24 @@ def test_streamed_rows_compile_to_vector_non_temporal_stores(dtype, packed):
     for probe in (normalize, dx):
         asm = probe.inspect_asm(probe.signatures[0])
         assert re.search(rf"\bv?{packed}\s", asm), probe
+
+
+@pytest.mark.parametrize("threshold", [1 << 62, 0], ids=["plain", "streamed"])
+@pytest.mark.parametrize("shape", [(40, 8, 1), (4, 1, 40)], ids=["columns", "rows"])
+def test_the_relu_maps_non_positive_values_to_plus_zero_and_keeps_nan(monkeypatch, threshold,
+                                                                        shape):
+    """The normalize loops' ReLU is branch-free (``max(v, 0) + 0``) so they
+    vectorize: it still gives +0 for negative values, -0 and -Inf, keeps NaN
+    and +Inf; without the ReLU, ``(x - 0) * 1 + 0`` is every value unchanged
+    but -0, which the added bias makes +0."""
+    monkeypatch.setattr(cpu, "_STREAM_BYTES", threshold)
+    v = np.array([-1.5, -0.0, 0.0, np.nan, np.inf, -np.inf, 2.5, -1e-30], np.float32)
+    x = np.resize(v, shape)
+    c = shape[1]
+    one, zero = np.ones(c, np.float32), np.zeros(c, np.float32)
+    for relu in (True, False):
+        y = CPU.bn_forward_eval_act(x, one, zero, zero, one, 0.0, np.zeros_like(x), relu)[0]
+        expected = np.where(np.isnan(x) | (x > 0), x, np.float32(0)) if relu else x + 0
+        np.testing.assert_array_equal(y, expected)
+        zeros = ~np.isnan(x) & (expected == 0)
+        assert not np.signbit(y[zeros]).any(), relu

@@ -403,11 +403,15 @@ _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
 @numba.extending.intrinsic
 def _stream_store(typingctx, a, i, v):
-    """``a[i] = v`` as a non-temporal store (compiled code only).  It states
-    ``_STREAM_ALIGN`` alignment, which the vector stores the compiler makes of
-    a loop of them have when the loop starts at such a boundary
-    (:func:`_stream_span`) and walks a unit-stride view (scalar stores,
-    the remainder's, need none)."""
+    """``a[i] = v`` as a non-temporal store (compiled code only).
+
+    The store states ``_STREAM_ALIGN``-byte alignment.  For one item that is
+    not true, but the compiler vectorizes a non-temporal store only when its
+    stated alignment allows the vector instruction (which needs it), and the
+    vectors it makes of a loop of these stores are aligned when the loop
+    walks a unit-stride view from a cache-line boundary on, as the row
+    loops do (:func:`_stream_span`); the scalar stores of a remainder need
+    no alignment."""
     sig = numba.types.void(a, i, v)
 
     def codegen(context, builder, signature, args):
