@@ -696,16 +696,18 @@ def test_tiles_of_channels_are_chosen_by_the_shape(monkeypatch):
     assert cpu._tile_channels((32, 64, 3136), np.float32) == 2
 
 
-@pytest.mark.parametrize("shape", [(4, 64, 20), (5, 70, 16), (130, 32, 17)],
-                         ids=["tiles-of-4", "last-tile-short", "rows-over-fold"])
+@pytest.mark.parametrize("shape", [(4, 64, 20), (5, 70, 16), (130, 32, 17), (3, 33, 130)],
+                         ids=["tiles-of-4", "last-tile-short", "rows-over-fold",
+                              "runs-one-by-one"])
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64],
                          ids=lambda d: np.dtype(d).name)
 def test_tiles_of_several_channels_match_the_reference(shape, dtype):
     """Tiles of several channels (a short last tile; more rows than one
-    _FOLD): forward, backward and the residual + ReLU epilogue against the
-    float64 reference."""
+    _FOLD; runs of _RUNS_MIN or more, walked one by one): forward, backward
+    and the residual + ReLU epilogue against the float64 reference."""
     t = cpu._tile_channels(shape, dtype)
     assert t > 1 and (shape[1] % t or shape[0] > cpu._FOLD or shape == (4, 64, 20))
+    assert (shape[2] >= cpu._RUNS_MIN) == (shape == (3, 33, 130))
     x, dy, w, b = _case(shape, dtype)
     _assert_ops_match(_ops(CPU, x, dy, w, b), _ops(REF, x, dy, w, b), x, w)
     z = np.random.default_rng(3).standard_normal(shape).astype(dtype)
@@ -780,9 +782,11 @@ def _writing_ops(x, dy, z, w, b, offset):
     return r
 
 
-# NCHW runs of 300 (blocked loops), tiles of 4 channels of 20, NC with grouped
-# rows, short channels-last runs
-@pytest.mark.parametrize("shape", [(3, 4, 300), (4, 64, 20), (300, 70, 1), (60, 24, 3)],
+# NCHW runs of 300 (blocked loops), tiles of 4 channels of 20 (by columns),
+# tiles of 2 channels of 130 (run by run, a run ending within a cache line),
+# NC with grouped rows, short channels-last runs
+@pytest.mark.parametrize("shape", [(3, 4, 300), (4, 64, 20), (2, 32, 130), (300, 70, 1),
+                                   (60, 24, 3)],
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: np.dtype(d).name)
 def test_streamed_outputs_are_bitwise_those_of_plain_stores(monkeypatch, shape, dtype):
@@ -828,6 +832,28 @@ def test_the_streamed_span_is_the_whole_cache_lines_of_a_row(itemsize):
             assert cpu._stream_span(row, False) == (n, n)
         odd = raw[base + 1:base + 1 + 40 * itemsize].view(dtype)
         assert cpu._stream_span(odd, True) == (40, 40)
+
+
+def test_a_part_of_a_row_streams_the_whole_lines_of_the_span_within_it():
+    """A loop over the items [i0, i1) of a row (one channel's run within a
+    tile's row) streams exactly the lines of the row's span that lie wholly
+    within [i0, i1), so each streamed vector starts on a line; nothing when
+    the row is not streamed (span [n, n))."""
+    part = numba.njit(lambda i0, i1, lo, hi, per: cpu._line_part(i0, i1, lo, hi, per))
+    for per in (4, 16):
+        for n in (0, 7, 3 * per + 5):
+            for lo in {min(n, s) for s in range(per)} | {n}:
+                hi = n if lo == n else lo + (n - lo) // per * per
+                lines = [(a, a + per) for a in range(lo, hi, per)]
+                for i0 in range(n + 1):
+                    for i1 in range(i0, n + 1):
+                        p0, p1 = part(i0, i1, lo, hi, per)
+                        assert i0 <= p0 <= p1 <= i1, (per, n, lo, i0, i1)
+                        inside = [(a, b) for a, b in lines if i0 <= a and b <= i1]
+                        if inside:
+                            assert (p0, p1) == (inside[0][0], inside[-1][1]), (per, n, lo, i0, i1)
+                        else:
+                            assert p0 == p1, (per, n, lo, i0, i1)
 
 
 @pytest.mark.skipif(cpu._X86 is False or sys.maxsize < 2**32,
