@@ -696,7 +696,7 @@ def test_tiles_of_channels_are_chosen_by_the_shape(monkeypatch):
     assert cpu._tile_channels((32, 64, 3136), np.float32) == 2
 
 
-@pytest.mark.parametrize("shape", [(4, 64, 20), (5, 70, 16), (130, 32, 17), (3, 33, 130)],
+@pytest.mark.parametrize("shape", [(4, 64, 20), (5, 70, 16), (130, 32, 17), (3, 33, 1030)],
                          ids=["tiles-of-4", "last-tile-short", "rows-over-fold",
                               "runs-one-by-one"])
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64],
@@ -707,7 +707,7 @@ def test_tiles_of_several_channels_match_the_reference(shape, dtype):
     and the residual + ReLU epilogue against the float64 reference."""
     t = cpu._tile_channels(shape, dtype)
     assert t > 1 and (shape[1] % t or shape[0] > cpu._FOLD or shape == (4, 64, 20))
-    assert (shape[2] >= cpu._RUNS_MIN) == (shape == (3, 33, 130))
+    assert (shape[2] >= cpu._RUNS_MIN) == (shape == (3, 33, 1030))
     x, dy, w, b = _case(shape, dtype)
     _assert_ops_match(_ops(CPU, x, dy, w, b), _ops(REF, x, dy, w, b), x, w)
     z = np.random.default_rng(3).standard_normal(shape).astype(dtype)
@@ -783,9 +783,9 @@ def _writing_ops(x, dy, z, w, b, offset):
 
 
 # NCHW runs of 300 (blocked loops), tiles of 4 channels of 20 (by columns),
-# tiles of 2 channels of 130 (run by run, a run ending within a cache line),
+# tiles of 2 channels of 1030 (run by run, a run ending within a cache line),
 # NC with grouped rows, short channels-last runs
-@pytest.mark.parametrize("shape", [(3, 4, 300), (4, 64, 20), (2, 32, 130), (300, 70, 1),
+@pytest.mark.parametrize("shape", [(3, 4, 300), (4, 64, 20), (2, 32, 1030), (300, 70, 1),
                                    (60, 24, 3)],
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: np.dtype(d).name)

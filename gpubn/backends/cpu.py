@@ -483,11 +483,13 @@ _ROWS_MIN = 16          # inner extent from which a channel's runs are walked on
 _TILE = 4096            # columns of a channel tile of the fused NCHW loops (at least)
 _TILE_BYTES = 1 << 20   # a tile's data (per array) kept in the cache between two loops
 _TILES_MIN = 16         # ... when there are this many tiles to share out
-_RUNS_MIN = 128         # a tile's runs from this length on are walked one by one:
+_RUNS_MIN = 1024        # a tile's runs from this length on are walked one by one:
 # 8x64x56x56 float32 (in the last-level cache) forward 0.44 to 0.23 ms and
-# backward 0.58 to 0.37 against the columns, 16x256x14x14 0.23 to 0.19 and
-# 0.31 to 0.26; at 7x7 the columns are well ahead (32x2048x7x7 forward 1.40
-# against 2.47 ms run by run)
+# backward 0.58 to 0.37 against the columns.  Shorter runs stay with the
+# columns: at 28x28 the two were within noise, at 14x14 the columns are ahead
+# once the tensor is out of the cache (32x1024x14x14 forward + backward 5.6
+# against 7.9 ms run by run), at 7x7 always (32x2048x7x7 forward 1.40
+# against 2.47 ms)
 _BLOCK = 1 << 15        # elements per block of work (about)
 _MAX_BLOCKS = 256
 _SUM_BLOCKS = 16        # most blocks of a loop writing partial sums (_partials_plan)
