@@ -619,9 +619,10 @@ def test_channel_totals_add_the_blocks_in_order_then_a_channels_columns(blocks, 
 
 
 def test_short_rows_are_grouped_by_the_shape():
-    """The column sums of short rows (NC, channels-last) take several rows
-    as one: the fewest rows that make _WIDE (2048) values, among the
-    divisors of the row count up to _FOLD (64), else the most of those."""
+    """The loops over short rows (NC, channels-last) take several rows as
+    one: the column sums the fewest rows that make _WIDE (2048) values,
+    among the divisors of the row count up to _FOLD (64), else the most of
+    those; the normalize and dx loops likewise to _AFFINE_WIDE (512)."""
     assert cpu._row_group(100352, 256) == 8        # 32x56x56x256 channels-last
     assert cpu._row_group(256, 4096) == 1          # long enough already
     assert cpu._row_group(98, 64) == 49            # 2, 7 and 14 rows are too few
@@ -630,6 +631,13 @@ def test_short_rows_are_grouped_by_the_shape():
     assert cpu._Layout((100352, 256, 1)).group == 8
     assert cpu._Layout((16, 128, 4)).group == 4
     assert cpu._Layout((8, 16, 1024)).group == 1   # NCHW runs are not grouped
+    # the normalize and dx loops writing an output kept in the cache: rows
+    # of _AFFINE_WIDE (512) values (a streamed output's as the column sums')
+    assert cpu._Layout((1152, 16, 1)).affine_group == 32   # 8x12x12x16 channels-last
+    assert cpu._Layout((64, 64, 1)).affine_group == 8
+    assert cpu._Layout((98, 64, 1)).affine_group == 14
+    assert cpu._Layout((256, 1024, 1)).affine_group == 1
+    assert cpu._Layout((8, 16, 1024)).affine_group == 1
 
 
 def test_a_shape_is_planned_once_per_value_of_the_constants(monkeypatch):
@@ -650,8 +658,9 @@ def test_a_shape_is_planned_once_per_value_of_the_constants(monkeypatch):
                          ids=lambda d: np.dtype(d).name)
 def test_groups_of_short_rows_match_the_reference(shape, dtype):
     """Every method and the residual + ReLU epilogue with rows grouped to
-    _WIDE values (32, 4 and 49 rows as one) or not at all (a prime row
-    count), against the float64 reference."""
+    _WIDE values (32, 4 and 49 rows as one; the normalize and dx loops 8, 1
+    and 14) or not at all (a prime row count), against the float64
+    reference."""
     x, dy, w, b = _case(shape, dtype)
     _assert_ops_match(_ops(CPU, x, dy, w, b), _ops(REF, x, dy, w, b), x, w)
     z = np.random.default_rng(3).standard_normal(shape).astype(dtype)

@@ -495,6 +495,12 @@ _MAX_BLOCKS = 256
 _SUM_BLOCKS = 16        # most blocks of a loop writing partial sums (_partials_plan)
 _FOLD = 64              # rows a column is summed over in the accumulation dtype
 _WIDE = 2048            # values per row of the column sums (at least, rows allowing)
+_AFFINE_WIDE = 512      # ... of the normalize and dx loops writing an output not streamed:
+# each row costs a loop setup and ends in a scalar remainder, which for rows
+# of 16 values cost more than the values (a 1152x16 float32 normalize took
+# 102 us row by row, 15 us 32 rows at a time, 21 at 64); the constants,
+# repeated once per row of a group, grow with it (64x256: 11 us at 256
+# values a row, 20 at 1024)
 _REDO = 16.0            # (mean - shift)**2 / var above which the sums are taken again
 # Values up to which a loop runs on the calling thread (_jit), by threading
 # layer.  Waking Numba's workqueue threads costs about 0.1 ms a loop on a
@@ -1064,6 +1070,8 @@ class _Layout:
         # in memory, one row to the loop), and a block writes a row of
         # partials (:func:`_partials_plan`)
         self.group = 1 if self.rows else _row_group(n_rows, self.shape2[1])
+        self.affine_group = 1 if self.rows else _row_group(n_rows, self.shape2[1],
+                                                           _AFFINE_WIDE)
         self.width = self.c if self.rows else self.shape2[1] * self.group  # partials per block
         self.sum_per, self.sum_nb = (self.per, self.nb) if self.rows else \
             _partials_plan(n_rows // self.group)
@@ -1079,12 +1087,10 @@ class _Layout:
     def expand(self, v, dtype, group=1):
         """A per-channel vector as the loops index it (for ``group`` rows as
         one), in the accumulation dtype of data of ``dtype``."""
-        v = np.asarray(v, dtype=acc_dtype(dtype))
-        if self.rows:
-            return v
-        if self.inner > 1:
-            v = np.repeat(v, self.inner)
-        return v if group == 1 else np.tile(v, group)
+        acc = acc_dtype(dtype)
+        if self.rows or self.inner * group == 1:
+            return np.asarray(v, dtype=acc)
+        return _columns(v, self.inner, group, _NONE[acc])
 
     def channel_sums(self, parts):
         """Per-channel float64 totals of the column sums' block partials
@@ -1105,15 +1111,16 @@ class _Layout:
 
     def affine(self, x3, dy3, mean, a, b0, k, z3=None, relu=False, out=None):
         """``_affine`` over the whole array, into ``out`` or a new array of
-        the data's dtype (``x3`` None: ``k * dy3``).  A streamed output's
-        short rows are taken ``group`` at a time, as in the column sums: the
-        partial cache lines at either end of a row (:func:`_stream_span`)
-        are then paid once per group (the constants repeated ``group``
-        times cost microseconds, nothing next to a streamed output)."""
+        the data's dtype (``x3`` None: ``k * dy3``).  Short rows are taken
+        several at a time: a streamed output's ``group`` at a time, as in the
+        column sums, so the partial cache lines at either end of a row
+        (:func:`_stream_span`) are paid once per group (the constants
+        repeated ``group`` times cost microseconds, nothing next to a
+        streamed output), others to ``_AFFINE_WIDE`` values."""
         like = dy3 if x3 is None else x3
         out = np.empty(like.shape, like.dtype) if out is None else out
         stream = _streamed(out)
-        dt, g = like.dtype, self.group if stream else 1
+        dt, g = like.dtype, self.group if stream else self.affine_group
         per = max(1, self.per // g)
         _affine(-(-(self.shape2[0] // g) // per), like.size, self.view(x3, dt, g),
                 self.view(dy3, dt, g), self.view(z3, dt, g), relu, self.expand(mean, dt, g),
@@ -1130,22 +1137,25 @@ def _cached_layout(shape, constants):
 def _layout(shape):
     """The :class:`_Layout` of a shape, made once per shape (and per value
     of the tuning constants it reads, which tests change)."""
-    return _cached_layout(shape, (_ROWS_MIN, _BLOCK, _MAX_BLOCKS, _SUM_BLOCKS, _FOLD, _WIDE))
+    return _cached_layout(shape, (_ROWS_MIN, _BLOCK, _MAX_BLOCKS, _SUM_BLOCKS, _FOLD, _WIDE,
+                                  _AFFINE_WIDE))
 
 
-def _row_group(rows, width):
-    """How many of ``rows`` rows of ``width`` values the column sums take as
-    one: the fewest (dividing ``rows``) that make ``_WIDE`` values or more,
-    else the most, up to ``_FOLD``.  (Summed row by row, short rows cost more
-    in accumulator loads and stores than in reading the data.  The normalize
-    and dx loops group rows so only for streamed outputs (:meth:`_Layout.affine`);
-    otherwise they keep the rows as they are, their per-column constants in
-    L1.)"""
+def _row_group(rows, width, wide=None):
+    """How many of ``rows`` rows of ``width`` values a loop takes as one: the
+    fewest (dividing ``rows``) that make ``wide`` (default ``_WIDE``) values
+    or more, else the most, up to ``_FOLD``.  (Short rows cost more in loop
+    setup, and summed row by row in accumulator loads and stores, than in
+    the data: the column sums and the loops writing a streamed output make
+    rows of ``_WIDE`` values; the normalize and dx loops writing an output
+    kept in the cache rows of ``_AFFINE_WIDE``, their per-column constants
+    in L1.)"""
+    wide = _WIDE if wide is None else wide
     group = 1
     for g in range(1, _FOLD + 1):
         if rows % g == 0:
             group = g
-            if g * width >= _WIDE:
+            if g * width >= wide:
                 break
     return group
 
@@ -1251,6 +1261,19 @@ def _first_values(x3):
     return first
 
 
+@numba.njit(cache=True)
+def _columns(v, inner, group, like):
+    """The per-channel ``v`` as the loops index it, in ``like``'s dtype:
+    ``inner`` values per channel, all of them ``group`` times.  (NumPy's
+    ``repeat`` and ``tile`` took 6-8 us for 64 channels here, this 3.)"""
+    c = v.size
+    out = np.empty(group * c * inner, like.dtype)
+    for g in range(group):
+        for ch in range(c):
+            out[(g * c + ch) * inner:(g * c + ch + 1) * inner] = v[ch]
+    return out
+
+
 def _moments(x):
     """Per-channel float64 ``(mean, m2)`` of a canonical array."""
     lay = _layout(x.shape)
@@ -1280,13 +1303,6 @@ def _normalize(x3, mean, invstd, weight, bias, z3=None, relu=False, out=None):
 def _backward_sums(dy3, x3, mean):
     """Per-channel float64 ``(sum dy, sum dy * (x - mean))``."""
     return _layout(x3.shape).sums(x3, dy3, mean)
-
-
-def _masked_backward_sums(dy3, x3, mean, y3):
-    """The ReLU's gradient ``g = 0 where y3 <= 0, else dy`` and its
-    per-channel float64 ``(sum g, sum g * (x - mean))``, in one pass."""
-    g = np.empty(x3.shape, x3.dtype)
-    return g, _layout(x3.shape).sums(x3, dy3, mean, y3, g)
 
 
 def _dx(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat, count, out=None):
@@ -1409,29 +1425,30 @@ class CpuBackend(HostBackend):
 
     @_serialized
     def bn_backward_relu(self, dy3, x3, mean, invstd, weight, y3, training, out=None):
-        g3, sums = _masked_backward_sums(dy3, x3, mean, y3)
-        return (*self._backward(g3, x3, mean, invstd, weight, training, sums, out), g3)
+        g3 = np.empty(x3.shape, x3.dtype)
+        return (*self._backward(dy3, x3, mean, invstd, weight, training, y3, g3, out), g3)
 
-    def _backward(self, dy3, x3, mean, invstd, weight, training, sums=None, out=None):
-        """:meth:`bn_backward`, given the per-channel ``(sum dy, sum dy * (x -
-        mean))`` or (None) computing them."""
+    def _backward(self, dy3, x3, mean, invstd, weight, training, y3=None, g3=None, out=None):
+        """:meth:`bn_backward`; with ``y3`` (the forward's output) of the
+        ReLU's gradient ``g = 0 where y3 <= 0, else dy``, written to ``g3``."""
         acc = acc_dtype(x3.dtype)
-        tile = _tile_channels(x3.shape, x3.dtype) if sums is None and training else 0
+        tile = _tile_channels(x3.shape, x3.dtype) if training and y3 is None else 0
         if tile:
             dx3, sums = _backward_tiles(dy3, x3, tile, mean, invstd, weight, out)
-        elif sums is None:
-            sums = _backward_sums(dy3, x3, mean)
+        else:
+            sums = _layout(x3.shape).sums(x3, dy3, mean, y3, g3)
         sum_dy, sum_dy_xmu = sums
         sum_dy_xhat = sum_dy_xmu * _f64(invstd)
+        g = dy3 if y3 is None else g3
         if tile:
             pass     # dx3 came with the sums
         elif training:
-            dx3 = _dx(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat,
+            dx3 = _dx(g, x3, mean, invstd, weight, sum_dy, sum_dy_xhat,
                       x3.shape[0] * x3.shape[2], out)
         else:   # statistics held fixed: dx = dy * weight * invstd
             k = _f64(invstd) if weight is None else _f64(invstd) * _f64(weight)
             unused = np.zeros_like(k)
-            dx3 = _layout(x3.shape).affine(None, dy3, unused, unused, unused, k, out=out)
+            dx3 = _layout(x3.shape).affine(None, g, unused, unused, unused, k, out=out)
         return dx3, sum_dy_xhat.astype(acc), sum_dy.astype(acc)
 
     # -- layer norm ----------------------------------------------------
