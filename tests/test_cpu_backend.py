@@ -623,11 +623,11 @@ def test_short_rows_are_grouped_by_the_shape():
     one: the column sums the fewest rows that make _WIDE (2048) values,
     among the divisors of the row count up to _FOLD (64), else the most of
     those; the normalize and dx loops likewise to _AFFINE_WIDE (512)."""
-    assert cpu._row_group(100352, 256) == 8        # 32x56x56x256 channels-last
-    assert cpu._row_group(256, 4096) == 1          # long enough already
-    assert cpu._row_group(98, 64) == 49            # 2, 7 and 14 rows are too few
-    assert cpu._row_group(300, 7) == 60            # never 2048: the most rows
-    assert cpu._row_group(101, 64) == 1            # a prime count of rows
+    assert cpu._row_group(100352, 256, cpu._WIDE) == 8        # 32x56x56x256 channels-last
+    assert cpu._row_group(256, 4096, cpu._WIDE) == 1          # long enough already
+    assert cpu._row_group(98, 64, cpu._WIDE) == 49            # 2, 7 and 14 rows are too few
+    assert cpu._row_group(300, 7, cpu._WIDE) == 60            # never 2048: the most rows
+    assert cpu._row_group(101, 64, cpu._WIDE) == 1            # a prime count of rows
     assert cpu._Layout((100352, 256, 1)).group == 8
     assert cpu._Layout((16, 128, 4)).group == 4
     assert cpu._Layout((8, 16, 1024)).group == 1   # NCHW runs are not grouped

@@ -912,7 +912,7 @@ def _tile_sums(x, dy, j0, k, inner, t1, t2):
                 t1[c] += np.float64(a1)
                 t2[c] += np.float64(a2)
         return
-    kc = _per_column(k, 0, inner, k.size * inner)
+    kc = _per_column(k, inner, k.size * inner)
     c1, c2 = np.empty(kc.size, k.dtype), np.empty(kc.size, k.dtype)
     for f0 in range(0, N, _FOLD):
         c1[:] = zero
@@ -938,12 +938,14 @@ def _tile_span(tile, t, channels, inner):
 
 
 @numba.njit(cache=True)
-def _per_column(v, c0, inner, width):
-    """The per-channel values ``v`` of a tile from channel ``c0`` on, one
-    per column: ``out[j] = v[c0 + j // inner]``, ``width`` columns."""
+def _per_column(v, inner, width):
+    """The per-channel values ``v`` one per column, ``inner`` columns per
+    channel and the channels over again as often as ``width`` columns take
+    (``out[j] = v[j // inner % v.size]``): a tile's constants, and those of
+    ``group`` short rows taken as one (:meth:`_Layout.expand`)."""
     out = np.empty(width, v.dtype)
     for c in range(-(-width // inner)):
-        out[c * inner:(c + 1) * inner] = v[c0 + c]
+        out[c * inner:(c + 1) * inner] = v[c % v.size]
     return out
 
 
@@ -982,8 +984,8 @@ def _tile_forward(x, z, relu, first, w, b, eps, inner, t, stream, y, mean_out, m
         _affine_constants(mean, invstd, w[c0:c0 + tc], b[c0:c0 + tc], hi, s, sh)
         runs = inner >= _RUNS_MIN     # else the constants one per column
         cols = 0 if runs else L
-        hi_j, s_j = _per_column(hi, 0, inner, cols), _per_column(s, 0, inner, cols)
-        sh_j = _per_column(sh, 0, inner, cols)
+        hi_j, s_j = _per_column(hi, inner, cols), _per_column(s, inner, cols)
+        sh_j = _per_column(sh, inner, cols)
         for n in range(N):
             yr, xr, zr = y[n, j0:j0 + L], x[n, j0:j0 + L], _row(z, n)[j0:j0 + L]
             lo, up = _stream_span(yr, stream)
@@ -1021,8 +1023,8 @@ def _tile_backward(dy, x, mean, invstd, w, inner, t, stream, s1_out, s2_out, dx)
         _dx_constants(inv, w[c0:c0 + tc], t1, sum_dy_xhat, count, f, a, b0)
         runs = inner >= _RUNS_MIN
         cols = 0 if runs else L
-        m_j, f_j = _per_column(m, 0, inner, cols), _per_column(f, 0, inner, cols)
-        a_j, b0_j = _per_column(a, 0, inner, cols), _per_column(b0, 0, inner, cols)
+        m_j, f_j = _per_column(m, inner, cols), _per_column(f, inner, cols)
+        a_j, b0_j = _per_column(a, inner, cols), _per_column(b0, inner, cols)
         for n in range(N):
             dxr, gr, xr = dx[n, j0:j0 + L], dy[n, j0:j0 + L], x[n, j0:j0 + L]
             lo, up = _stream_span(dxr, stream)
@@ -1069,7 +1071,7 @@ class _Layout:
         # every few rows: short rows are summed ``group`` at a time (adjacent
         # in memory, one row to the loop), and a block writes a row of
         # partials (:func:`_partials_plan`)
-        self.group = 1 if self.rows else _row_group(n_rows, self.shape2[1])
+        self.group = 1 if self.rows else _row_group(n_rows, self.shape2[1], _WIDE)
         self.affine_group = 1 if self.rows else _row_group(n_rows, self.shape2[1],
                                                            _AFFINE_WIDE)
         self.width = self.c if self.rows else self.shape2[1] * self.group  # partials per block
@@ -1087,10 +1089,11 @@ class _Layout:
     def expand(self, v, dtype, group=1):
         """A per-channel vector as the loops index it (for ``group`` rows as
         one), in the accumulation dtype of data of ``dtype``."""
-        acc = acc_dtype(dtype)
+        v = np.asarray(v, dtype=acc_dtype(dtype))
         if self.rows or self.inner * group == 1:
-            return np.asarray(v, dtype=acc)
-        return _columns(v, self.inner, group, _NONE[acc])
+            return v
+        # NumPy's repeat and tile took 6-8 us for 64 channels here, this 3
+        return _per_column(v, self.inner, group * self.c * self.inner)
 
     def channel_sums(self, parts):
         """Per-channel float64 totals of the column sums' block partials
@@ -1141,16 +1144,14 @@ def _layout(shape):
                                   _AFFINE_WIDE))
 
 
-def _row_group(rows, width, wide=None):
+def _row_group(rows, width, wide):
     """How many of ``rows`` rows of ``width`` values a loop takes as one: the
-    fewest (dividing ``rows``) that make ``wide`` (default ``_WIDE``) values
-    or more, else the most, up to ``_FOLD``.  (Short rows cost more in loop
-    setup, and summed row by row in accumulator loads and stores, than in
-    the data: the column sums and the loops writing a streamed output make
-    rows of ``_WIDE`` values; the normalize and dx loops writing an output
-    kept in the cache rows of ``_AFFINE_WIDE``, their per-column constants
-    in L1.)"""
-    wide = _WIDE if wide is None else wide
+    fewest (dividing ``rows``) that make ``wide`` values or more, else the
+    most, up to ``_FOLD``.  (Short rows cost more in loop setup, and summed
+    row by row in accumulator loads and stores, than in the data: the column
+    sums and the loops writing a streamed output make rows of ``_WIDE``
+    values; the normalize and dx loops writing an output kept in the cache
+    rows of ``_AFFINE_WIDE``, their per-column constants in L1.)"""
     group = 1
     for g in range(1, _FOLD + 1):
         if rows % g == 0:
@@ -1259,19 +1260,6 @@ def _first_values(x3):
     first = x3[0, :, 0].astype(np.float64)
     first[~np.isfinite(first)] = 0.0
     return first
-
-
-@numba.njit(cache=True)
-def _columns(v, inner, group, like):
-    """The per-channel ``v`` as the loops index it, in ``like``'s dtype:
-    ``inner`` values per channel, all of them ``group`` times.  (NumPy's
-    ``repeat`` and ``tile`` took 6-8 us for 64 channels here, this 3.)"""
-    c = v.size
-    out = np.empty(group * c * inner, like.dtype)
-    for g in range(group):
-        for ch in range(c):
-            out[(g * c + ch) * inner:(g * c + ch + 1) * inner] = v[ch]
-    return out
 
 
 def _moments(x):
