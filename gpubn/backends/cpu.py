@@ -939,13 +939,11 @@ def _tile_span(tile, t, channels, inner):
 
 @numba.njit(cache=True)
 def _per_column(v, inner, width):
-    """The per-channel values ``v`` one per column, ``inner`` columns per
-    channel and the channels over again as often as ``width`` columns take
-    (``out[j] = v[j // inner % v.size]``): a tile's constants, and those of
-    ``group`` short rows taken as one (:meth:`_Layout.expand`)."""
+    """The per-channel values ``v`` of a tile one per column: ``out[j] =
+    v[j // inner]``, ``width`` columns."""
     out = np.empty(width, v.dtype)
     for c in range(-(-width // inner)):
-        out[c * inner:(c + 1) * inner] = v[c % v.size]
+        out[c * inner:(c + 1) * inner] = v[c]
     return out
 
 
@@ -1090,10 +1088,11 @@ class _Layout:
         """A per-channel vector as the loops index it (for ``group`` rows as
         one), in the accumulation dtype of data of ``dtype``."""
         v = np.asarray(v, dtype=acc_dtype(dtype))
-        if self.rows or self.inner * group == 1:
+        if self.rows:
             return v
-        # NumPy's repeat and tile took 6-8 us for 64 channels here, this 3
-        return _per_column(v, self.inner, group * self.c * self.inner)
+        if self.inner > 1:
+            v = np.repeat(v, self.inner)
+        return v if group == 1 else np.tile(v, group)
 
     def channel_sums(self, parts):
         """Per-channel float64 totals of the column sums' block partials
