@@ -33,6 +33,17 @@ ALL_DTYPES = (np.float16, np.float32, np.float64) + ((BFLOAT16,) if BFLOAT16 is 
 SHAPES = [(300, 7, 1), (40, 5, 3), (6, 4, 50), (3, 1, 200), (5, 16, 40)]
 
 
+@pytest.fixture(params=["one-tile", "blocked"])
+def small_plan(request, monkeypatch):
+    """Inputs of up to _ONE_TILE values run the fused tile loops as one tile
+    of every channel; "blocked" runs them, as larger inputs, through the
+    blocked loops (``_ONE_TILE = 0``), so the small shapes of these tests
+    cover both."""
+    if request.param == "blocked":
+        monkeypatch.setattr(cpu, "_ONE_TILE", 0)
+    return request.param
+
+
 def _case(shape, dtype, seed=0):
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
@@ -64,7 +75,7 @@ def _ops(be, x, dy, w, b):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64],
                          ids=lambda d: np.dtype(d).name)
-def test_every_method_matches_the_reference(shape, dtype):
+def test_every_method_matches_the_reference(shape, dtype, small_plan):
     x, dy, w, b = _case(shape, dtype)
     _assert_ops_match(_ops(CPU, x, dy, w, b), _ops(REF, x, dy, w, b), x, w)
 
@@ -117,7 +128,7 @@ def _epilogue_ops(be, x, dy, w, b, z, training):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64],
                          ids=lambda d: np.dtype(d).name)
-def test_epilogue_matches_the_reference(shape, dtype, training):
+def test_epilogue_matches_the_reference(shape, dtype, training, small_plan):
     """relu(bn(x) + z) and its backward in the fused loops against the
     reference; the ReLU's gradient is exactly dy where the backend's own y is
     positive, and the rest is batch norm's backward of that g."""
@@ -154,7 +165,7 @@ def _peak_bytes(fn, *args):
         tracemalloc.stop()
 
 
-@pytest.mark.parametrize("shape", [(32, 16, 1024), (8192, 16, 1)], ids=["rows", "columns"])
+@pytest.mark.parametrize("shape", [(32, 16, 1024), (16384, 16, 1)], ids=["rows", "columns"])
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: np.dtype(d).name)
 def test_passes_allocate_only_their_outputs(monkeypatch, shape, dtype):
     """No tensor-sized temporary, float16 and bfloat16 included (they are
@@ -207,8 +218,10 @@ def test_layer_norm_passes_allocate_only_their_outputs(monkeypatch):
 def many_blocks(monkeypatch):
     """Blocks of a few hundred values, so small inputs have many blocks and
     every thread gets several (the column sums group short rows to 8 values
-    at most), and the loops run on the threads whatever the input's size."""
+    at most), and the loops run on the threads whatever the input's size
+    (none as one tile)."""
     monkeypatch.setattr(cpu, "_BLOCK", 256)
+    monkeypatch.setattr(cpu, "_ONE_TILE", 0)
     monkeypatch.setattr(cpu, "_WIDE", 8)
     monkeypatch.setattr(cpu, "_SERIAL_MAX", 0)
 
@@ -243,13 +256,18 @@ def test_thread_count_follows_the_environment(monkeypatch):
     assert cpu.num_threads() == numba.config.NUMBA_NUM_THREADS
     monkeypatch.delenv("GPUBN_NUM_THREADS")
     assert cpu.num_threads() == numba.config.NUMBA_NUM_THREADS
+    # a parallel loop runs on that many threads (set as it is called)
     seen = []
-    real = cpu._moments
-    monkeypatch.setattr(cpu, "_moments", lambda x: seen.append(numba.get_num_threads())
-                        or real(x))
-    monkeypatch.setenv("GPUBN_NUM_THREADS", "1")
-    CPU.bn_stats(np.ones((4, 2, 3), np.float32))
-    assert seen == [1]
+    real = cpu._sums.parallel
+    monkeypatch.setattr(cpu._sums, "parallel", lambda *a: seen.append(numba.get_num_threads())
+                        or real(*a))
+    monkeypatch.setattr(cpu, "_SERIAL_MAX", 0)
+    x = np.ones((64, 8, 1024), np.float32)
+    assert cpu._layout(x.shape).sum_nb > 1 and not cpu._tile_channels(x.shape, x.dtype)
+    for n in ("1", str(numba.config.NUMBA_NUM_THREADS)):
+        monkeypatch.setenv("GPUBN_NUM_THREADS", n)
+        CPU.bn_stats(x)
+    assert seen == [1, numba.config.NUMBA_NUM_THREADS]
 
 
 def test_small_inputs_run_on_the_calling_thread(monkeypatch):
@@ -575,7 +593,7 @@ def _elementwise_ops(be, x, dy, z, w, b, mean, invstd, sums, y):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", ALL_DTYPES[:1] + ALL_DTYPES[3:],
                          ids=lambda d: np.dtype(d).name)
-def test_half_precision_results_are_those_of_float32_rounded(shape, dtype):
+def test_half_precision_results_are_those_of_float32_rounded(shape, dtype, small_plan):
     """float16 / bfloat16 data give bitwise what the backend computes for
     the same data widened to float32, rounded to nearest even, in every pass
     that reads the data with given per-channel vectors: the widening and the
@@ -595,25 +613,73 @@ def test_half_precision_results_are_those_of_float32_rounded(shape, dtype):
                                       err_msg=name)
 
 
+# ------------------------------------------------- the finishing step ------
+@pytest.mark.parametrize("acc", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("momentum", [0.1, 1.0, 0.0, 1 / 3])
+@pytest.mark.parametrize("tracked,guard", [(True, False), (True, True), (False, False)],
+                         ids=["running", "guarded", "untracked"])
+def test_finishing_step_is_the_host_arithmetic_bitwise(acc, momentum, tracked, guard):
+    """The compiled step between the passes (invstd, the per-channel vectors
+    in the accumulation dtype, the running statistics and their guard) gives
+    the bits of the NumPy arithmetic the numpy backend runs
+    (``host_forward_train``), non-finite and out-of-range channels
+    included."""
+    from gpubn.backends.base import host_forward_train
+    rng = np.random.default_rng(11)
+    c, count = 12, 37
+    mean = rng.standard_normal(c) * 1e3
+    m2 = rng.random(c) * 1e4
+    mean[1], mean[2], m2[3], m2[4] = np.nan, np.inf, np.inf, 1e300   # 1e300: Inf in float32
+    m2[5] = 0.0
+    start = [rng.standard_normal(c).astype(acc), rng.random(c).astype(acc) + 0.5]
+    want_run = [v.copy() for v in start] if tracked else [None, None]
+    got_run = [v.copy() for v in start] if tracked else [None, None]
+    want_skip = np.full(c, 7, np.int32) if guard else None
+    got_skip = np.full(c, 7, np.int32) if guard else None
+    x3 = np.empty((count, c, 1), acc)
+    with np.errstate(all="ignore"):
+        _, want_mean, want_inv = host_forward_train(x3, lambda _: (mean, m2), lambda *_: None,
+                                                    1e-5, *want_run, momentum, want_skip)
+    inv = np.empty(c)
+    got_mean, got_inv = np.empty(c, acc), np.empty(c, acc)
+    empty = np.empty(0, acc)
+    cpu._finish(mean, m2, count, 1e-5, *(empty if v is None else v for v in got_run), momentum,
+                np.empty(0, np.int32) if got_skip is None else got_skip, inv, got_mean, got_inv)
+    np.testing.assert_array_equal(inv, 1.0 / np.sqrt(m2 / count + 1e-5))
+    for got, want, name in [(got_mean, want_mean, "mean"), (got_inv, want_inv, "invstd"),
+                            *zip(got_run, want_run, ("running_mean", "running_var")),
+                            (got_skip, want_skip, "skipped")]:
+        if want is None:
+            continue
+        assert got.dtype == want.dtype, name
+        assert got.tobytes() == want.tobytes(), name
+    if guard:
+        # the variance of channel 4 is finite in float64 only
+        assert got_skip.tolist() == [0, 1, 1, 1, int(acc == np.float32)] + [0] * (c - 5)
+
+
 # ------------------------------------------ groups of short rows (NC, NHWC) ---
 @pytest.mark.parametrize("blocks,group,c,inner", [(4, 1, 7, 1), (3, 2, 5, 4), (1, 3, 2, 1)])
 def test_channel_totals_add_the_blocks_in_order_then_a_channels_columns(blocks, group, c, inner):
     """The partials of the column sums become per-channel totals in a fixed
     order (bitwise results for any thread count): each column over the
-    blocks first, then a channel's columns in memory order."""
-    parts = np.random.default_rng(6).standard_normal((blocks, group * c * inner)) * 1e8
-    col = [0.0] * parts.shape[1]
-    for j in range(parts.shape[1]):
-        total = float(parts[0, j])
-        for b in range(1, blocks):
-            total += float(parts[b, j])
-        col[j] = total
-    want = [0.0] * c
-    for g in range(group):
-        for ch in range(c):
-            for i in range(inner):
-                want[ch] += col[(g * c + ch) * inner + i]
-    out = np.empty(c)
+    blocks first, then a channel's columns in memory order; both sums of a
+    pass (their own data) in one call."""
+    parts = np.random.default_rng(6).standard_normal((2, blocks, group * c * inner)) * 1e8
+    want = []
+    for s in range(2):
+        col = [0.0] * parts.shape[2]
+        for j in range(parts.shape[2]):
+            total = float(parts[s, 0, j])
+            for b in range(1, blocks):
+                total += float(parts[s, b, j])
+            col[j] = total
+        want.append([0.0] * c)
+        for g in range(group):
+            for ch in range(c):
+                for i in range(inner):
+                    want[s][ch] += col[(g * c + ch) * inner + i]
+    out = np.empty((2, c))
     cpu._channel_totals(parts, group, inner, out)
     assert out.tolist() == want
 
@@ -656,7 +722,7 @@ def test_a_shape_is_planned_once_per_value_of_the_constants(monkeypatch):
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64],
                          ids=lambda d: np.dtype(d).name)
-def test_groups_of_short_rows_match_the_reference(shape, dtype):
+def test_groups_of_short_rows_match_the_reference(shape, dtype, small_plan):
     """Every method and the residual + ReLU epilogue with rows grouped to
     _WIDE values (32, 4 and 49 rows as one; the normalize and dx loops 8, 1
     and 14) or not at all (a prime row count), against the float64
@@ -681,7 +747,9 @@ def test_tiles_of_channels_are_chosen_by_the_shape(monkeypatch):
     fused tile loops (one read of x forward, one of x and dy backward); too
     few channels, short runs or too much data per channel the blocked ones.
     Tiles are whole channels, at least _TILE columns where the cache budget
-    allows, and at least _TILES_MIN of them."""
+    allows, and at least _TILES_MIN of them.  (Small inputs, one tile of
+    every channel, aside: ``_ONE_TILE = 0``.)"""
+    monkeypatch.setattr(cpu, "_ONE_TILE", 0)
     ran = []
     for name in ("_tile_forward", "_tile_backward", "_sums", "_affine"):
         real = getattr(cpu, name)
@@ -705,15 +773,43 @@ def test_tiles_of_channels_are_chosen_by_the_shape(monkeypatch):
     assert cpu._tile_channels((32, 64, 3136), np.float32) == 2
 
 
+def test_small_inputs_are_one_tile_of_every_channel(monkeypatch):
+    """An input of _ONE_TILE values or fewer, of any layout, runs a training
+    forward and a backward as one compiled call each (the tile loops over
+    one tile of every channel, short rows several at a time, as the
+    normalize loop groups them), on the calling thread; one value more and
+    it is planned as before."""
+    assert cpu._tiles((16, 64, 1), np.float32) == (64, 8)          # NC: 8 rows as one
+    assert cpu._tiles((1152, 16, 1), np.float32) == (16, 32)       # 8x12x12x16 channels-last
+    assert cpu._tiles((8, 16, 144), np.float32) == (16, 1)         # NCHW 8x16x12x12
+    assert cpu._tiles((101, 24, 1), np.float32) == (24, 1)         # a prime row count
+    assert cpu._tiles((1, 1, cpu._ONE_TILE), np.float32) == (1, 1)
+    assert cpu._tiles((2, 1, cpu._ONE_TILE // 2 + 1), np.float32) == (0, 1)
+    assert cpu._tiles((cpu._ONE_TILE + 1, 1, 1), np.float16) == (0, 1)
+    ran = []
+    for name in ("_tile_forward", "_tile_backward", "_sums", "_affine"):
+        for kind in ("parallel", "serial"):
+            loop = getattr(cpu, name)
+            monkeypatch.setattr(loop, kind, lambda *a, _real=getattr(loop, kind),
+                                _name=f"{name}.{kind}": ran.append(_name) or _real(*a))
+    for shape in [(16, 64, 1), (1152, 16, 1), (8, 16, 144), (101, 24, 1)]:
+        x, dy, w, b = _case(shape, np.float32)
+        ran.clear()
+        _, mean, invstd = CPU.bn_forward_train(x, w, b, None, None, 0.1, 1e-5)
+        CPU.bn_backward(dy, x, mean, invstd, w, True)
+        assert ran == ["_tile_forward.serial", "_tile_backward.serial"], shape
+
+
 @pytest.mark.parametrize("shape", [(4, 64, 20), (5, 70, 16), (130, 32, 17), (3, 33, 1030)],
                          ids=["tiles-of-4", "last-tile-short", "rows-over-fold",
                               "runs-one-by-one"])
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64],
                          ids=lambda d: np.dtype(d).name)
-def test_tiles_of_several_channels_match_the_reference(shape, dtype):
+def test_tiles_of_several_channels_match_the_reference(monkeypatch, shape, dtype):
     """Tiles of several channels (a short last tile; more rows than one
     _FOLD; runs of _RUNS_MIN or more, walked one by one): forward, backward
     and the residual + ReLU epilogue against the float64 reference."""
+    monkeypatch.setattr(cpu, "_ONE_TILE", 0)    # the small ones: tiles of several
     t = cpu._tile_channels(shape, dtype)
     assert t > 1 and (shape[1] % t or shape[0] > cpu._FOLD or shape == (4, 64, 20))
     assert (shape[2] >= cpu._RUNS_MIN) == (shape == (3, 33, 1030))
@@ -798,7 +894,8 @@ def _writing_ops(x, dy, z, w, b, offset):
                                    (60, 24, 3)],
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: np.dtype(d).name)
-def test_streamed_outputs_are_bitwise_those_of_plain_stores(monkeypatch, shape, dtype):
+def test_streamed_outputs_are_bitwise_those_of_plain_stores(monkeypatch, shape, dtype,
+                                                          small_plan):
     """Non-temporal stores change where the bytes go, not the results: every
     loop writing an output, into arrays starting at each offset within a
     cache line that the item size allows (rows then begin and end at every

@@ -80,7 +80,7 @@ import types
 import numpy as np
 
 from .._validation import acc_dtype
-from .base import HostBackend, host_eval_constants, host_forward_train
+from .base import HostBackend, host_eval_constants
 
 try:
     import llvmlite.ir
@@ -152,12 +152,12 @@ def num_threads() -> int:
 
 def _serialized(fn):
     """Run a backend method alone (the workqueue layer runs one parallel
-    region at a time), on ``num_threads()`` threads, without RuntimeWarnings
-    from the NumPy arithmetic on non-finite per-channel vectors."""
+    region at a time; :class:`_jit` sets the threads of each), without
+    RuntimeWarnings from the NumPy arithmetic on non-finite per-channel
+    vectors."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         with _LOCK, np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-            numba.set_num_threads(num_threads())
             return fn(*args, **kwargs)
     return wrapper
 
@@ -257,7 +257,9 @@ class _jit:
     blocks in the same order, so the same results).  Called with the number
     of blocks and the number of values the loop walks first: inputs of one
     block, or of at most :func:`_serial_max` values, run the serial one,
-    where waking the threads costs more than they save."""
+    where waking the threads costs more than they save; the parallel one
+    runs on ``num_threads()`` threads (a setting of the calling thread,
+    made here: a few microseconds a serial call need not pay)."""
 
     def __init__(self, fn):
         self.parallel = numba.njit(parallel=True, cache=True, fastmath=_FLAGS)(fn)
@@ -266,7 +268,10 @@ class _jit:
         self.serial = numba.njit(cache=True, fastmath=_FLAGS)(twin)
 
     def __call__(self, blocks, values, *args):
-        return (self.parallel if blocks > 1 and values > _serial_max() else self.serial)(*args)
+        if blocks > 1 and values > _serial_max():
+            numba.set_num_threads(num_threads())
+            return self.parallel(*args)
+        return self.serial(*args)
 
 
 # ------------------------------------------------ float16 and bfloat16 -----
@@ -491,6 +496,12 @@ _RUNS_MIN = 1024        # a tile's runs from this length on are walked one by on
 # against 7.9 ms run by run), at 7x7 always (32x2048x7x7 forward 1.40
 # against 2.47 ms)
 _BLOCK = 1 << 15        # elements per block of work (about)
+_ONE_TILE = 1 << 17     # values up to which an input is one tile (_tile_channels): a
+# pass in one call on the calling thread, where the blocked loops make two
+# parallel regions of 10-25 us each to wake the threads.  Forward + backward
+# through the API against the blocked plan (float32, two threads): 64x512
+# 0.69x, 128x512 0.70x, 128x1024 0.87x, 32x32x8x8 0.85x; at 256x1024 1.05x,
+# 32x14x14x64 channels-last 1.22x
 _MAX_BLOCKS = 256
 _SUM_BLOCKS = 16        # most blocks of a loop writing partial sums (_partials_plan)
 _FOLD = 64              # rows a column is summed over in the accumulation dtype
@@ -710,21 +721,24 @@ def _run_sums(xr, gr, with_dy, k, zero):
 
 
 @_jit
-def _sums(x, dy, y, shift, nc, rows, per, s1, s2, g_out):
+def _sums(x, dy, y, shift, nc, inner, rows, per, s1, s2, g_out):
     """Partial sums per block ``b`` of ``per`` rows of the 2-D view ``x``
-    (see :class:`_Layout`), per index ``q`` of the per-channel constants:
-    ``s1[b, q] = sum d``, ``s2[b, q] = sum d * d`` for ``d = x - shift[q]``;
-    with ``dy`` values ``s1 = sum g``, ``s2 = sum g * d`` for ``g = dy``, or
-    with ``y`` values (the ReLU's output) ``g = 0 where y <= 0, else dy``,
-    written to ``g_out``.  ``rows``: row ``r`` is one run of channel
-    ``q = r % nc``, summed in the accumulation dtype (a vectorized reduction);
-    else column ``q`` of every row, summed in float64 (vectorized along the
-    row)."""
+    (see :class:`_Layout`), per channel ``q`` (``rows``) or column ``q``:
+    ``s1[b, q] = sum d``, ``s2[b, q] = sum d * d`` for ``d = x - shift``
+    (``shift``: a value per channel, of the ``nc`` channels); with ``dy``
+    values ``s1 = sum g``, ``s2 = sum g * d`` for ``g = dy``, or with ``y``
+    values (the ReLU's output) ``g = 0 where y <= 0, else dy``, written to
+    ``g_out``.  ``rows``: row ``r`` is one run of channel ``q = r % nc``,
+    summed in the accumulation dtype (a vectorized reduction); else column
+    ``q`` of every row (channel ``(q // inner) % nc``: rows of ``inner``
+    values per channel, several rows taken as one), summed in float64
+    (vectorized along the row)."""
     R, W = x.shape
     nb = s1.shape[0]
     with_dy = dy.size > 0
     masked = y.size > 0
     zero = shift.dtype.type(0.0)
+    k_col = shift if rows else _per_column(shift, inner, W)
     for b in numba.prange(nb):
         s1[b, :] = 0.0
         s2[b, :] = 0.0
@@ -761,23 +775,26 @@ def _sums(x, dy, y, shift, nc, rows, per, s1, s2, g_out):
                                               g_out)
                 a1[:] = zero
                 a2[:] = zero
-                _column_sums(x, g_out if masked else dy, f0, f1, 0, shift, a1, a2)
+                _column_sums(x, g_out if masked else dy, f0, f1, 0, k_col, a1, a2)
                 for q in range(W):
                     s1[b, q] += np.float64(a1[q])
                     s2[b, q] += np.float64(a2[q])
 
 
 @_jit
-def _affine(x, dy, z, relu, mean, a, b0, k, nc, rows, per, stream, out):
+def _affine(x, dy, z, relu, mean, a, b0, k, nc, inner, rows, per, stream, out):
     """Without ``dy`` values ``out = (x - mean[q]) * a[q] + b0[q]``, plus
     ``z`` when it has values, then the ReLU (``v <= 0`` to 0, NaN kept) when
     ``relu``; with ``dy`` values ``out = k[q] * (dy - b0[q] - (x - mean[q]) *
     a[q])``, or ``out = k[q] * dy`` when ``x`` has none (statistics held
-    fixed); rows, blocks and ``q`` as in :func:`_sums`; non-temporal stores
-    when ``stream``."""
-    R = out.shape[0]
+    fixed); the constants a value per channel, rows, blocks and channel
+    ``q`` as in :func:`_sums`; non-temporal stores when ``stream``."""
+    R, W = out.shape
     with_dy = dy.size > 0
     nb = (R + per - 1) // per
+    if not rows:    # the constants one per column
+        mean, a = _per_column(mean, inner, W), _per_column(a, inner, W)
+        b0, k = _per_column(b0, inner, W), _per_column(k, inner, W)
     for b in numba.prange(nb):
         for r in range(b * per, min(R, (b + 1) * per)):
             # rows as 1-D views (an absent array as an empty one)
@@ -886,17 +903,19 @@ def _ln_backward(dy, x, mean, rstd, w, per, stream, dx, pw, pb):
 
 
 @numba.njit(cache=True, fastmath=_FLAGS)
-def _tile_sums(x, dy, j0, k, inner, t1, t2):
+def _tile_sums(x, dy, j0, k, inner, group, t1, t2):
     """Float64 totals per channel, into ``t1`` / ``t2``, of the tile of
     ``k.size`` whole channels from column ``j0`` (``inner`` columns each) of
-    the 2-D ``(N, C * inner)`` view ``x``: for ``d = x - k[c]`` (``k``: a
-    shift per channel, in the accumulation dtype) ``(sum d, sum d * d)``,
-    or with ``dy`` values ``(sum dy, sum dy * d)``.  Runs of ``_RUNS_MIN``
-    values or more (a row's values of one channel) are summed one by one in
-    the accumulation dtype, as :func:`_sums` sums a row, a channel's runs in
-    float64 in row order; shorter ones by columns, over ``_FOLD`` rows at a
-    time (:func:`_column_sums`), those sums and a channel's columns in
-    float64."""
+    the 2-D ``(N, C * inner)`` view ``x`` (or, for a tile of every channel,
+    the ``(N / group, group * C * inner)`` view: ``group`` rows as one): for
+    ``d = x - k[c]`` (``k``: a shift per channel, in the accumulation dtype)
+    ``(sum d, sum d * d)``, or with ``dy`` values ``(sum dy, sum dy * d)``.
+    Runs of ``_RUNS_MIN`` values or more (a row's values of one channel) are
+    summed one by one in the accumulation dtype, as :func:`_sums` sums a
+    row, a channel's runs in float64 in row order; shorter ones by columns,
+    over ``_FOLD`` rows at a time (:func:`_column_sums`), those sums and a
+    channel's columns (its ``inner`` columns of each row of the group, in
+    memory order) in float64."""
     N = x.shape[0]
     with_dy = dy.size > 0
     zero = k.dtype.type(0.0)
@@ -912,7 +931,7 @@ def _tile_sums(x, dy, j0, k, inner, t1, t2):
                 t1[c] += np.float64(a1)
                 t2[c] += np.float64(a2)
         return
-    kc = _per_column(k, inner, k.size * inner)
+    kc = _per_column(k, inner, k.size * inner * group)
     c1, c2 = np.empty(kc.size, k.dtype), np.empty(kc.size, k.dtype)
     for f0 in range(0, N, _FOLD):
         c1[:] = zero
@@ -921,9 +940,11 @@ def _tile_sums(x, dy, j0, k, inner, t1, t2):
         for c in range(k.size):
             s1 = 0.0
             s2 = 0.0
-            for i in range(c * inner, (c + 1) * inner):
-                s1 += np.float64(c1[i])
-                s2 += np.float64(c2[i])
+            for g in range(group):
+                i0 = (g * k.size + c) * inner
+                for i in range(i0, i0 + inner):
+                    s1 += np.float64(c1[i])
+                    s2 += np.float64(c2[i])
             t1[c] += s1
             t2[c] += s2
 
@@ -939,37 +960,47 @@ def _tile_span(tile, t, channels, inner):
 
 @numba.njit(cache=True)
 def _per_column(v, inner, width):
-    """The per-channel values ``v`` of a tile one per column: ``out[j] =
-    v[j // inner]``, ``width`` columns."""
+    """The per-channel values ``v`` one per column of ``width`` columns:
+    ``out[j] = v[(j // inner) % v.size]`` (a tile's channels; or every
+    channel, then again for each further row of a group taken as one)."""
     out = np.empty(width, v.dtype)
-    for c in range(-(-width // inner)):
-        out[c * inner:(c + 1) * inner] = v[c]
+    period = min(width, v.size * inner)
+    for c in range(-(-period // inner)):    # plain loops: a slice per channel costs
+        val = v[c]                          # 10x more at inner = 1
+        for j in range(c * inner, min(period, (c + 1) * inner)):
+            out[j] = val
+    for j in range(period, width):
+        out[j] = out[j - period]
     return out
 
 
 @_jit
-def _tile_forward(x, z, relu, first, w, b, eps, inner, t, stream, y, mean_out, m2_out):
-    """Training forward of the 2-D ``(N, C * inner)`` view of an NCHW array,
-    ``t`` channels (a tile: their runs side by side) at a time, for tiles
-    whose ``N`` rows stay in the cache between the two loops: the statistics
-    as in :func:`_moments` (around each channel's ``first`` value; a tile
-    with a channel whose mean was far off is summed again, that channel
+def _tile_forward(x, z, relu, w, b, eps, inner, t, group, stream, y, mean_out, m2_out):
+    """Training forward of the 2-D ``(N, C * inner)`` view of a canonical
+    array, ``t`` channels (a tile: their runs side by side) at a time, for
+    tiles whose ``N`` rows stay in the cache between the two loops: the
+    statistics as in :func:`_moments` (around each channel's first value; a
+    tile with a channel whose mean was far off is summed again, that channel
     around its mean), then ``y`` as in :func:`_normalize` (plus ``z`` and
     the ReLU as in :func:`_affine`) from the rows just read: one read of
-    ``x`` from memory instead of two."""
+    ``x`` from memory instead of two.  A tile of every channel may take
+    ``group`` rows as one (the views then ``(N / group, group * C *
+    inner)``)."""
     N = x.shape[0]
-    C = first.size
-    count = N * inner
+    C = w.size
+    count = N * inner * group
     for tile in numba.prange((C + t - 1) // t):
         c0, tc, j0, L = _tile_span(tile, t, C, inner)
-        k = first[c0:c0 + tc].copy()
+        L *= group
+        k = np.empty(tc, w.dtype)
+        _first_values(x, j0, inner, k)
         shift = np.empty(tc)
         for c in range(tc):
             shift[c] = np.float64(k[c])
         t1, t2 = np.empty(tc), np.empty(tc)
         mean, m2 = mean_out[c0:c0 + tc], m2_out[c0:c0 + tc]
         for again in range(2):
-            _tile_sums(x, x[:0], j0, k, inner, t1, t2)
+            _tile_sums(x, x[:0], j0, k, inner, group, t1, t2)
             far = _centre(t1, t2, count, shift, _REDO, again == 0, w, mean, m2)
             if again == 1 or not far:
                 break
@@ -998,25 +1029,29 @@ def _tile_forward(x, z, relu, first, w, b, eps, inner, t, stream, y, mean_out, m
 
 
 @_jit
-def _tile_backward(dy, x, mean, invstd, w, inner, t, stream, s1_out, s2_out, dx):
-    """Training backward of the 2-D ``(N, C * inner)`` view of an NCHW
-    array a tile at a time (see :func:`_tile_forward`): the two sums as in
-    :func:`_sums`, then ``dx`` as in :func:`_dx` from the rows just read:
-    one read of ``x`` and ``dy`` from memory instead of two."""
+def _tile_backward(dy, x, mean, invstd, w, inner, t, group, stream, dw_out, db_out, dx):
+    """Training backward of the 2-D ``(N, C * inner)`` view of a canonical
+    array a tile at a time (``group`` as in :func:`_tile_forward`): the two
+    sums as in :func:`_sums`, then ``dx`` as in :func:`_dx` from the rows
+    just read: one read of ``x`` and ``dy`` from memory instead of two;
+    ``dw_out = sum dy * xhat`` and ``db_out = sum dy`` per channel, in the
+    accumulation dtype (the float64 sums rounded once, as
+    ``CpuBackend._backward`` rounds those of the blocked loops)."""
     N = x.shape[0]
     C = mean.size
-    count = N * inner
+    count = N * inner * group
     for tile in numba.prange((C + t - 1) // t):
         c0, tc, j0, L = _tile_span(tile, t, C, inner)
+        L *= group
         m = mean[c0:c0 + tc]
         t1, t2 = np.empty(tc), np.empty(tc)
-        _tile_sums(x, dy, j0, m, inner, t1, t2)
+        _tile_sums(x, dy, j0, m, inner, group, t1, t2)
         inv, sum_dy_xhat = np.empty(tc), np.empty(tc)
         for c in range(tc):
             inv[c] = np.float64(invstd[c0 + c])
             sum_dy_xhat[c] = t2[c] * inv[c]
-            s1_out[c0 + c] = t1[c]
-            s2_out[c0 + c] = t2[c]
+            db_out[c0 + c] = t1[c]
+            dw_out[c0 + c] = sum_dy_xhat[c]
         f, a, b0 = np.empty(tc, mean.dtype), np.empty(tc, mean.dtype), np.empty(tc, mean.dtype)
         _dx_constants(inv, w[c0:c0 + tc], t1, sum_dy_xhat, count, f, a, b0)
         runs = inner >= _RUNS_MIN
@@ -1045,15 +1080,16 @@ def _bits(a):
 
 _NONE = {dt: np.empty((1, 0), dt) for dt in map(np.dtype, (np.float32, np.float64, np.uint16,
                                                             np.int16))}
+_EMPTY = {dt: np.empty(0, dt) for dt in map(np.dtype, (np.float32, np.float64, np.int32))}
 
 
 class _Layout:
     """How a canonical ``(outer, C, inner)`` array is walked, from its shape
     alone.  Long runs (``inner >= _ROWS_MIN``, NCHW): a 2-D view of
     ``outer * C`` rows of ``inner`` values, row ``r`` in channel ``r % C``.
-    Short runs (NC, channels-last): ``outer`` rows of ``C * inner`` values,
-    the per-channel constants repeated to one per column; the column sums
-    take ``group`` of them (:func:`_row_group`) as one row.  Rows are cut into
+    Short runs (NC, channels-last): ``outer`` rows of ``C * inner`` values
+    (the loops repeat the per-channel constants to one per column); the
+    column sums take ``group`` of them (:func:`_row_group`) as one row.  Rows are cut into
     ``nb`` blocks of ``per`` rows of about ``_BLOCK`` values (the column sums:
     ``sum_nb`` blocks of ``sum_per`` rows)."""
 
@@ -1084,32 +1120,17 @@ class _Layout:
         rows, width = self.shape2
         return _bits(a3).reshape(rows // group, width * group)
 
-    def expand(self, v, dtype, group=1):
-        """A per-channel vector as the loops index it (for ``group`` rows as
-        one), in the accumulation dtype of data of ``dtype``."""
-        v = np.asarray(v, dtype=acc_dtype(dtype))
-        if self.rows:
-            return v
-        if self.inner > 1:
-            v = np.repeat(v, self.inner)
-        return v if group == 1 else np.tile(v, group)
-
-    def channel_sums(self, parts):
-        """Per-channel float64 totals of the column sums' block partials
-        (:func:`_channel_totals`)."""
-        out = np.empty(self.c)
-        _channel_totals(parts, *((1, 1) if self.rows else (self.group, self.inner)), out)
-        return out
-
     def sums(self, x3, dy3, shift, y3=None, g3=None):
         """``_sums`` over the whole array: per-channel float64 totals (with
         ``y3``, of ``dy3`` masked by ``y3 > 0``, written to ``g3``)."""
-        s1, s2 = np.empty((self.sum_nb, self.width)), np.empty((self.sum_nb, self.width))
+        parts = np.empty((2, self.sum_nb, self.width))
         dt, g = x3.dtype, self.group
         _sums(self.sum_nb, x3.size, self.view(x3, dt, g), self.view(dy3, dt, g),
-              self.view(y3, dt, g), self.expand(shift, dt, g), self.c, self.rows,
-              self.sum_per, s1, s2, self.view(g3, dt, g))
-        return self.channel_sums(s1), self.channel_sums(s2)
+              self.view(y3, dt, g), _acc(shift, dt), self.c, self.inner, self.rows,
+              self.sum_per, parts[0], parts[1], self.view(g3, dt, g))
+        totals = np.empty((2, self.c))
+        _channel_totals(parts, *((1, 1) if self.rows else (self.group, self.inner)), totals)
+        return totals[0], totals[1]
 
     def affine(self, x3, dy3, mean, a, b0, k, z3=None, relu=False, out=None):
         """``_affine`` over the whole array, into ``out`` or a new array of
@@ -1125,9 +1146,9 @@ class _Layout:
         dt, g = like.dtype, self.group if stream else self.affine_group
         per = max(1, self.per // g)
         _affine(-(-(self.shape2[0] // g) // per), like.size, self.view(x3, dt, g),
-                self.view(dy3, dt, g), self.view(z3, dt, g), relu, self.expand(mean, dt, g),
-                self.expand(a, dt, g), self.expand(b0, dt, g), self.expand(k, dt, g), self.c,
-                self.rows, per, stream, self.view(out, dt, g))
+                self.view(dy3, dt, g), self.view(z3, dt, g), relu, _acc(mean, dt), _acc(a, dt),
+                _acc(b0, dt), _acc(k, dt), self.c, self.inner, self.rows, per, stream,
+                self.view(out, dt, g))
         return out
 
 
@@ -1175,6 +1196,11 @@ def _row_plan(rows, n):
     return per, -(-rows // per)
 
 
+def _acc(v, dtype):
+    """A per-channel vector in the accumulation dtype of data of ``dtype``."""
+    return np.asarray(v, dtype=acc_dtype(dtype))
+
+
 def _vec(v, dtype, c, fill):
     return np.full(c, fill, dtype) if v is None else np.asarray(v, dtype=dtype)
 
@@ -1187,23 +1213,35 @@ def _vec(v, dtype, c, fill):
 # those of the formulas in the docstrings.
 @numba.njit(cache=True, error_model="numpy")
 def _channel_totals(parts, group, inner, out):
-    """``out[ch]``: the float64 total of the block partials ``parts`` (rows:
-    blocks; columns: ``group`` copies of ``C`` channels of ``inner`` columns
-    each), each column summed over the blocks in block order, then a
-    channel's columns in memory order."""
+    """``out[s, ch]``: the float64 total of the block partials ``parts[s]``
+    of each sum ``s`` (rows: blocks; columns: ``group`` copies of ``C``
+    channels of ``inner`` columns each), each column summed over the blocks
+    in block order, then a channel's columns in memory order."""
     one = group == 1 and inner == 1         # a column per channel: no second sum
-    col = out if one else np.empty(parts.shape[1])
-    col[:] = parts[0]
-    for b in range(1, parts.shape[0]):
-        col += parts[b]
-    if one:
-        return
-    c = out.size
-    out[:] = 0.0
-    for g in range(group):
-        for ch in range(c):
-            for i in range(inner):
-                out[ch] += col[(g * c + ch) * inner + i]
+    c = out.shape[1]
+    for s in range(parts.shape[0]):
+        col = out[s] if one else np.empty(parts.shape[2])
+        col[:] = parts[s, 0]
+        for b in range(1, parts.shape[1]):
+            col += parts[s, b]
+        if one:
+            continue
+        out[s] = 0.0
+        for g in range(group):
+            for ch in range(c):
+                for i in range(inner):
+                    out[s, ch] += col[(g * c + ch) * inner + i]
+
+
+@numba.njit(cache=True)
+def _first_values(x, j0, inner, out):
+    """The shifts the sums are taken around: ``out[c]``, the first value of
+    channel ``c`` from column ``j0`` of the 2-D ``(N, C * inner)`` view
+    ``x`` (its first row's column ``j0 + c * inner``), 0 where not finite,
+    in ``out``'s dtype (the accumulation dtype or float64: exact)."""
+    for c in range(out.size):
+        v = _ld(x[0, j0 + c * inner])
+        out[c] = v if np.isfinite(v) else 0.0
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -1225,6 +1263,38 @@ def _centre(t1, t2, n, shift, redo, move, like, mean, m2):
             if move:
                 shift[c] = np.float64(like.dtype.type(mean[c]))
     return far
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _finish(mean, m2, count, eps, running_mean, running_var, momentum, skipped, invstd,
+            mean_acc, invstd_acc):
+    """The step between a training forward's two passes, from the float64
+    ``mean`` and ``m2`` of ``count`` values per channel: ``invstd = 1 /
+    sqrt(m2 / count + eps)`` (float64) and both in the accumulation dtype
+    (``mean_acc``, ``invstd_acc``); the running statistics (absent: no
+    values) step towards the mean and the unbiased variance ``m2 / (count -
+    1)`` by ``momentum`` in float64, rounded once to their dtype; with
+    ``skipped`` values the guard (a channel whose mean or unbiased variance
+    is not finite in the accumulation dtype keeps its running statistics and
+    gets 1, the others 0).  The arithmetic of :func:`host_forward_train`
+    (``update_running`` and ``guard_skips`` of the base module), in one
+    call instead of a score of NumPy ones; the tests hold the two bitwise
+    equal."""
+    acc = mean_acc.dtype.type
+    for c in range(mean.size):
+        invstd[c] = 1.0 / np.sqrt(m2[c] / count + eps)
+        mean_acc[c] = mean[c]
+        invstd_acc[c] = invstd[c]
+        var = m2[c] / (count - 1)
+        if skipped.size > 0:
+            skip = not (np.isfinite(acc(mean[c])) and np.isfinite(acc(var)))
+            skipped[c] = 1 if skip else 0
+            if skip:
+                continue
+        if running_mean.size > 0:
+            running_mean[c] = (1.0 - momentum) * np.float64(running_mean[c]) + momentum * mean[c]
+        if running_var.size > 0:
+            running_var[c] = (1.0 - momentum) * np.float64(running_var[c]) + momentum * var
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -1253,19 +1323,12 @@ def _dx_constants(invstd, w, sum_dy, sum_dy_xhat, count, k, a, b0):
         b0[c] = sum_dy[c] / count
 
 
-def _first_values(x3):
-    """Each channel's first value in float64 (0 where not finite): the shift
-    its sums are taken around."""
-    first = x3[0, :, 0].astype(np.float64)
-    first[~np.isfinite(first)] = 0.0
-    return first
-
-
 def _moments(x):
     """Per-channel float64 ``(mean, m2)`` of a canonical array."""
     lay = _layout(x.shape)
     like = _NONE[np.dtype(acc_dtype(x.dtype))]
-    shift = _first_values(x)
+    shift = np.empty(lay.c)
+    _first_values(_bits(x).reshape(x.shape[0], -1), 0, lay.inner, shift)
     mean, m2 = np.empty(lay.c), np.empty(lay.c)
     for again in range(2):
         t1, t2 = lay.sums(x, None, shift)
@@ -1304,50 +1367,78 @@ def _dx(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat, count, out=None):
 
 
 def _tile_channels(shape, dtype):
-    """Channels per tile of the fused NCHW loops (:func:`_tile_forward`,
-    :func:`_tile_backward`), or 0 where they do not apply: they need runs
-    (``inner >= _ROWS_MIN``), ``_TILES_MIN`` channels or more, and one
+    """Channels per tile of the fused loops (:func:`_tile_forward`,
+    :func:`_tile_backward`), or 0 where they do not apply.  An input of
+    ``_ONE_TILE`` values or fewer, of any layout, is one tile of every
+    channel: a pass is one compiled call on the calling thread (a small
+    input's cost is the calls, not the values).  Else they need runs
+    (``inner >= _ROWS_MIN``, NCHW), ``_TILES_MIN`` channels or more, and one
     channel's values of an array within ``_TILE_BYTES`` (the second loop over
-    a tile then reads the cache).  A tile is the fewest whole channels that
-    make ``_TILE`` columns or more (longer rows stream better), within the
-    cache budget, and there are at least ``_TILES_MIN`` tiles to share out.
-    Decided by the shape alone, so results do not depend on the thread
+    a tile then reads the cache); a tile is then the fewest whole channels
+    that make ``_TILE`` columns or more (longer rows stream better), within
+    the cache budget, and there are at least ``_TILES_MIN`` tiles to share
+    out.  Decided by the shape alone, so results do not depend on the thread
     count."""
     outer, c, inner = shape
+    if outer * c * inner <= _ONE_TILE:
+        return c
     per_channel = outer * inner * np.dtype(dtype).itemsize
     if inner < _ROWS_MIN or c < _TILES_MIN or per_channel > _TILE_BYTES:
         return 0
     return max(1, min(-(-_TILE // inner), _TILE_BYTES // per_channel, c // _TILES_MIN))
 
 
-def _forward_tiles(x3, t, weight, bias, eps, z3, relu, out=None):
+def _tiles(shape, dtype):
+    """``(t, group)``: the channels per tile (:func:`_tile_channels`) and the
+    rows the tile loops take as one: a tile of every channel takes short rows
+    several at a time, as the normalize loop does (:func:`_row_group`, to
+    ``_AFFINE_WIDE`` values).  Made once per shape and dtype (and per value
+    of the tuning constants it reads, which tests change)."""
+    return _cached_tiles(shape, dtype, (_ONE_TILE, _ROWS_MIN, _TILE, _TILE_BYTES, _TILES_MIN,
+                                        _FOLD, _AFFINE_WIDE))
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_tiles(shape, dtype, constants):
+    outer, c, inner = shape
+    t = _tile_channels(shape, dtype)
+    return t, (_row_group(outer, c * inner, _AFFINE_WIDE) if t >= c else 1)
+
+
+def _tile_views(x3, group, *arrays):
+    """The 2-D views the tile loops walk, ``group`` rows as one, of ``x3``
+    and of ``arrays`` (canonical arrays of its shape, or None: absent)."""
+    outer, c, inner = x3.shape
+    flat = (outer // group, group * c * inner)
+    return [_NONE[_bits_dtype(x3.dtype)] if a is None else _bits(a).reshape(flat)
+            for a in (x3, *arrays)]
+
+
+def _forward_tiles(x3, t, group, weight, bias, eps, z3, relu, out=None):
     """``(y3, mean, m2)`` of :func:`_tile_forward` (float64 mean and m2;
     ``y3`` is ``out`` when given)."""
     acc = acc_dtype(x3.dtype)
-    outer, c, inner = x3.shape
-    first = _first_values(x3)
+    c, inner = x3.shape[1:]
     y3 = np.empty(x3.shape, x3.dtype) if out is None else out
     mean, m2 = np.empty(c), np.empty(c)
-    flat = (outer, c * inner)
-    z = _NONE[_bits_dtype(x3.dtype)] if z3 is None else _bits(z3).reshape(flat)
-    _tile_forward(-(-c // t), x3.size, _bits(x3).reshape(flat), z, relu, first.astype(acc),
-                  _vec(weight, acc, c, 1.0), _vec(bias, acc, c, 0.0), float(eps), inner, t,
-                  _streamed(y3), _bits(y3).reshape(flat), mean, m2)
+    x, z, y = _tile_views(x3, group, z3, y3)
+    _tile_forward(-(-c // t), x3.size, x, z, relu, _vec(weight, acc, c, 1.0),
+                  _vec(bias, acc, c, 0.0), float(eps), inner, t, group, _streamed(y3), y, mean,
+                  m2)
     return y3, mean, m2
 
 
-def _backward_tiles(dy3, x3, t, mean, invstd, weight, out=None):
-    """``(dx3, (sum dy, sum dy * (x - mean)))`` of :func:`_tile_backward`
-    (``dx3`` is ``out`` when given)."""
+def _backward_tiles(dy3, x3, t, group, mean, invstd, weight, out=None):
+    """``(dx3, dweight, dbias)`` of :func:`_tile_backward` (``dx3`` is
+    ``out`` when given)."""
     acc = acc_dtype(x3.dtype)
-    outer, c, inner = x3.shape
+    c, inner = x3.shape[1:]
     dx3 = np.empty(x3.shape, x3.dtype) if out is None else out
-    s1, s2 = np.empty(c), np.empty(c)
-    flat = (outer, c * inner)
-    _tile_backward(-(-c // t), x3.size, _bits(dy3).reshape(flat), _bits(x3).reshape(flat),
-                   np.asarray(mean, acc), np.asarray(invstd, acc), _vec(weight, acc, c, 1.0),
-                   inner, t, _streamed(dx3), s1, s2, _bits(dx3).reshape(flat))
-    return dx3, (s1, s2)
+    dw, db = np.empty(c, acc), np.empty(c, acc)
+    x, dy, dx = _tile_views(x3, group, dy3, dx3)
+    _tile_backward(-(-c // t), x3.size, dy, x, np.asarray(mean, acc), np.asarray(invstd, acc),
+                   _vec(weight, acc, c, 1.0), inner, t, group, _streamed(dx3), dw, db, dx)
+    return dx3, dw, db
 
 
 def _f64(v):
@@ -1369,16 +1460,23 @@ class CpuBackend(HostBackend):
     @_serialized
     def bn_forward_train_act(self, x3, weight, bias, running_mean, running_var, momentum, eps,
                              residual, relu, skipped=None, out=None):
-        tile = _tile_channels(x3.shape, x3.dtype)
-        if tile:
-            # one loop computes the statistics and y: the passes hand over its results
-            y3, mean, m2 = _forward_tiles(x3, tile, weight, bias, eps, residual, relu, out)
-            return host_forward_train(x3, lambda _: (mean, m2), lambda *_: y3, eps,
-                                      running_mean, running_var, momentum, skipped)
-        return host_forward_train(
-            x3, _moments,
-            lambda mean, invstd: _normalize(x3, mean, invstd, weight, bias, residual, relu, out),
-            eps, running_mean, running_var, momentum, skipped)
+        tile, group = _tiles(x3.shape, x3.dtype)
+        if tile:    # one loop computes the statistics and y
+            y3, mean, m2 = _forward_tiles(x3, tile, group, weight, bias, eps, residual, relu,
+                                          out)
+        else:
+            mean, m2 = _moments(x3)
+        c, acc = mean.size, acc_dtype(x3.dtype)
+        invstd, mean_acc, invstd_acc = np.empty(c), np.empty(c, acc), np.empty(c, acc)
+        absent = _EMPTY[acc]
+        _finish(mean, m2, x3.shape[0] * x3.shape[2], float(eps),
+                absent if running_mean is None else running_mean,
+                absent if running_var is None else running_var, float(momentum),
+                _EMPTY[np.dtype(np.int32)] if skipped is None else skipped, invstd, mean_acc,
+                invstd_acc)
+        if not tile:
+            y3 = _normalize(x3, mean, invstd, weight, bias, residual, relu, out)
+        return y3, mean_acc, invstd_acc
 
     def bn_forward_eval(self, x3, weight, bias, running_mean, running_var, eps, out=None):
         return self.bn_forward_eval_act(x3, weight, bias, running_mean, running_var, eps,
@@ -1418,18 +1516,14 @@ class CpuBackend(HostBackend):
     def _backward(self, dy3, x3, mean, invstd, weight, training, y3=None, g3=None, out=None):
         """:meth:`bn_backward`; with ``y3`` (the forward's output) of the
         ReLU's gradient ``g = 0 where y3 <= 0, else dy``, written to ``g3``."""
+        tile, group = _tiles(x3.shape, x3.dtype) if training and y3 is None else (0, 1)
+        if tile:    # one loop computes the sums and dx
+            return _backward_tiles(dy3, x3, tile, group, mean, invstd, weight, out)
         acc = acc_dtype(x3.dtype)
-        tile = _tile_channels(x3.shape, x3.dtype) if training and y3 is None else 0
-        if tile:
-            dx3, sums = _backward_tiles(dy3, x3, tile, mean, invstd, weight, out)
-        else:
-            sums = _layout(x3.shape).sums(x3, dy3, mean, y3, g3)
-        sum_dy, sum_dy_xmu = sums
+        sum_dy, sum_dy_xmu = _layout(x3.shape).sums(x3, dy3, mean, y3, g3)
         sum_dy_xhat = sum_dy_xmu * _f64(invstd)
         g = dy3 if y3 is None else g3
-        if tile:
-            pass     # dx3 came with the sums
-        elif training:
+        if training:
             dx3 = _dx(g, x3, mean, invstd, weight, sum_dy, sum_dy_xhat,
                       x3.shape[0] * x3.shape[2], out)
         else:   # statistics held fixed: dx = dy * weight * invstd
