@@ -82,7 +82,7 @@ def check_input(x, axis, name: str = "x", min_ndim: int = 2, allow_empty: bool =
 
 
 def check_eps(eps, name: str = "eps") -> float:
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+    if type(eps) is not float and (isinstance(eps, bool) or not isinstance(eps, numbers.Real)):
         raise TypeError(f"{name} must be a positive float, got {type(eps).__name__}")
     eps = float(eps)
     if not (eps > 0 and math.isfinite(eps)):
@@ -101,7 +101,8 @@ def check_momentum(momentum, name: str = "momentum"):
     """``None`` (cumulative average) or a number in [0, 1]."""
     if momentum is None:
         return None
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+    if type(momentum) is not float and (isinstance(momentum, bool)
+                                        or not isinstance(momentum, numbers.Real)):
         raise TypeError(f"{name} must be a float in [0, 1] or None, "
                         f"got {type(momentum).__name__}")
     momentum = float(momentum)
@@ -114,6 +115,8 @@ def device_id(a):
     """The GPU an array lives on (``a.device.id`` for CuPy and other device
     arrays), or None for host arrays (NumPy 2's ``device`` is the string
     ``"cpu"``; older NumPy has none)."""
+    if type(a) is np.ndarray:
+        return None
     dev = getattr(a, "device", None)
     if dev is None or isinstance(dev, str):
         return None

@@ -80,19 +80,22 @@ def get_backend(backend=None, x=None) -> Backend:
     """Resolve a backend name (or ``None``) for array ``x``."""
     if isinstance(backend, Backend):
         return backend
-    known = ", ".join(map(repr, _REGISTRY))
     if backend is None:
         backend = os.environ.get("GPUBN_BACKEND") or None
         if backend is not None and backend not in _REGISTRY:
             raise ValueError(f"GPUBN_BACKEND={backend!r} (environment variable) is not one "
-                             f"of {known}; unset it for automatic selection")
+                             f"of {_known()}; unset it for automatic selection")
     if backend is None:
         if is_cupy_array(x):
             return _load("cuda")
         return _load(_host_auto())
     if not isinstance(backend, str) or backend not in _REGISTRY:
-        raise ValueError(f"backend must be one of {known} or None, got {backend!r}")
-    return _load(backend)
+        raise ValueError(f"backend must be one of {_known()} or None, got {backend!r}")
+    return _INSTANCES.get(backend) or _load(backend)
+
+
+def _known() -> str:
+    return ", ".join(map(repr, _REGISTRY))
 
 
 __all__ = ["Backend", "ChannelStats", "BACKENDS", "array_module", "available_backends",
