@@ -14,6 +14,9 @@ Suites:
               transformer rows; a few minutes on two cores.
 ``resnet50``  every distinct batch-norm layer of ResNet-50, batch 32 and 256,
               NCHW and NHWC (the GPU suite; large for a CPU).
+``small``     inputs of up to about 1 MB (MLP features, small convolutions
+              in both layouts, short layer-norm rows), where the cost of a
+              call, not of its bytes, decides; a minute or two on two cores.
 ``full``      ``resnet50`` plus the other shape families.
 ``standard``  the GPU acceptance run's shapes (``.ci/gpu``): ResNet-style
               NCHW and channels-last, MLP features, layer-norm rows; forward
@@ -168,6 +171,18 @@ def default_suite() -> List[Tuple[Case, Sequence[str]]]:
     return cases
 
 
+def small_suite() -> List[Tuple[Case, Sequence[str]]]:
+    """Inputs of 4 KB to 1 MB (float32): per-call cost against the peer's."""
+    cases: List[Tuple[Case, Sequence[str]]] = [
+        (Case("batch_norm", shape, "NC", label="mlp features, small"), BN_OPS)
+        for shape in [(16, 64), (64, 256), (128, 512), (256, 1024)]]
+    for n, c, hw in [(8, 16, 12), (16, 64, 8), (8, 64, 14), (4, 64, 28)]:
+        cases += _nchw_and_nhwc("batch_norm", n, c, hw, hw, "small conv", BN_OPS)
+    cases += [(Case("layer_norm", shape, "rows", label="transformer rows, short"), LN_OPS)
+              for shape in [(64, 256), (256, 768)]]
+    return cases
+
+
 def resnet50_suite() -> List[Tuple[Case, Sequence[str]]]:
     """Every distinct ResNet-50 batch-norm layer, batch 32 and 256, both layouts."""
     cases: List[Tuple[Case, Sequence[str]]] = []
@@ -212,6 +227,7 @@ def standard_suite() -> List[Tuple[Case, Sequence[str]]]:
 SUITES = {
     "quick": quick_suite,
     "default": default_suite,
+    "small": small_suite,
     "resnet50": resnet50_suite,
     "full": full_suite,
     "standard": standard_suite,

@@ -564,6 +564,15 @@ def test_resnet50_suite_has_every_layer_in_both_layouts_and_batches():
     assert Case("batch_norm", (256, 2048, 7, 7), "NCHW") in cases
 
 
+def test_small_suite_stays_within_a_megabyte_in_every_layout():
+    cases = [c for c, _ in suites.get_suite("small")]
+    assert {c.layout for c in cases} == set(suites.LAYOUTS)
+    assert max(c.numel for c in cases) * 4 <= 1 << 20
+    assert min(c.numel for c in cases) * 4 <= 4096
+    nhwc = [c for c in cases if c.layout == "NHWC"]
+    assert nhwc and all(c.axis == -1 and c.channels == c.shape[3] for c in nhwc)
+
+
 def test_default_suite_has_the_issue_families():
     cases = [c for c, _ in suites.get_suite("default")]
     assert any(c.layout == "NCHW" and c.shape[0] == 32 for c in cases)
