@@ -779,13 +779,21 @@ def test_small_inputs_are_one_tile_of_every_channel(monkeypatch):
     one tile of every channel, short rows several at a time, as the
     normalize loop groups them), on the calling thread; one value more and
     it is planned as before."""
-    assert cpu._tiles((16, 64, 1), np.float32) == (64, 8)          # NC: 8 rows as one
-    assert cpu._tiles((1152, 16, 1), np.float32) == (16, 32)       # 8x12x12x16 channels-last
-    assert cpu._tiles((8, 16, 144), np.float32) == (16, 1)         # NCHW 8x16x12x12
-    assert cpu._tiles((101, 24, 1), np.float32) == (24, 1)         # a prime row count
-    assert cpu._tiles((1, 1, cpu._ONE_TILE), np.float32) == (1, 1)
-    assert cpu._tiles((2, 1, cpu._ONE_TILE // 2 + 1), np.float32) == (0, 1)
-    assert cpu._tiles((cpu._ONE_TILE + 1, 1, 1), np.float16) == (0, 1)
+    assert cpu._tiles((16, 64, 1), np.float32)[:2] == (64, 8)          # NC: 8 rows as one
+    assert cpu._tiles((1152, 16, 1), np.float32)[:2] == (16, 32)       # 8x12x12x16 channels-last
+    assert cpu._tiles((8, 16, 144), np.float32)[:2] == (16, 1)         # NCHW 8x16x12x12
+    assert cpu._tiles((101, 24, 1), np.float32)[:2] == (24, 1)         # a prime row count
+    assert cpu._tiles((1, 1, cpu._ONE_TILE), np.float32)[:2] == (1, 1)
+    assert cpu._tiles((2, 1, cpu._ONE_TILE // 2 + 1), np.float32)[0] == 0
+    assert cpu._tiles((cpu._ONE_TILE + 1, 1, 1), np.float16)[0] == 0
+    # runs of 512 values or more are walked one by one, of 128 or more in a
+    # tensor under _CACHED_BYTES; shorter ones (and those of a larger
+    # tensor) by columns
+    assert cpu._tiles((4, 64, 784), np.float32)[2]
+    assert cpu._tiles((32, 512, 784), np.float32)[2]
+    assert cpu._tiles((8, 16, 144), np.float32)[2]
+    assert not cpu._tiles((32, 1024, 196), np.float32)[2]
+    assert not cpu._tiles((16, 64, 64), np.float32)[2]
     ran = []
     for name in ("_tile_forward", "_tile_backward", "_sums", "_affine"):
         for kind in ("parallel", "serial"):

@@ -18,8 +18,9 @@ passes as the GPU kernels:
   ``x`` and a write of ``y`` forward, one read of ``x`` and ``dy`` and a
   write of ``dx`` backward (the floor).  Short runs are walked by columns
   (the loop over a tile's row vectorizes across its channels), runs of
-  ``_RUNS_MIN`` values or more one by one, as the rows of NCHW (constants
-  per run, none per column);
+  ``_RUNS_MIN`` values or more (``_RUNS_MIN_CACHED`` in a tensor held in the
+  cache) one by one, as the rows of NCHW (constants per run, none per
+  column);
 * layer norm: one read and one write per direction (a row is normalized while
   it is still in the cache).
 
@@ -488,13 +489,18 @@ _ROWS_MIN = 16          # inner extent from which a channel's runs are walked on
 _TILE = 4096            # columns of a channel tile of the fused NCHW loops (at least)
 _TILE_BYTES = 1 << 20   # a tile's data (per array) kept in the cache between two loops
 _TILES_MIN = 16         # ... when there are this many tiles to share out
-_RUNS_MIN = 1024        # a tile's runs from this length on are walked one by one:
+_RUNS_MIN = 512         # a tile's runs from this length on are walked one by one:
 # 8x64x56x56 float32 (in the last-level cache) forward 0.44 to 0.23 ms and
-# backward 0.58 to 0.37 against the columns.  Shorter runs stay with the
-# columns: at 28x28 the two were within noise, at 14x14 the columns are ahead
-# once the tensor is out of the cache (32x1024x14x14 forward + backward 5.6
-# against 7.9 ms run by run), at 7x7 always (32x2048x7x7 forward 1.40
-# against 2.47 ms)
+# backward 0.58 to 0.37 against the columns; forward + backward 32x512x28x28
+# 0.88x and 4x64x28x28 0.52x the columns' time (the constants per column,
+# made per tile, cost as much as the data over a few rows).  At 7x7 the
+# columns are ahead (32x2048x7x7 forward 1.40 against 2.47 ms run by run),
+# at 14x14 once the tensor is out of the cache (32x1024x14x14 forward +
+# backward 1.13x the columns' time run by run) ...
+_RUNS_MIN_CACHED = 128  # ... and runs of 128 or more are walked one by one when
+_CACHED_BYTES = 8 << 20  # the tensor is under this size (32x256x14x14, 6.4 MB:
+# 0.77x the columns' time, 8x64x14x14 0.79x, 8x16x12x12 0.92x; 16x64x8x8
+# 1.29x at 64, left to them)
 _BLOCK = 1 << 15        # elements per block of work (about)
 _ONE_TILE = 1 << 17     # values up to which an input is one tile (_tile_channels): a
 # pass in one call on the calling thread, where the blocked loops make two
@@ -903,16 +909,16 @@ def _ln_backward(dy, x, mean, rstd, w, per, stream, dx, pw, pb):
 
 
 @numba.njit(cache=True, fastmath=_FLAGS)
-def _tile_sums(x, dy, j0, k, inner, group, t1, t2):
+def _tile_sums(x, dy, j0, k, inner, group, runs, t1, t2):
     """Float64 totals per channel, into ``t1`` / ``t2``, of the tile of
     ``k.size`` whole channels from column ``j0`` (``inner`` columns each) of
     the 2-D ``(N, C * inner)`` view ``x`` (or, for a tile of every channel,
     the ``(N / group, group * C * inner)`` view: ``group`` rows as one): for
     ``d = x - k[c]`` (``k``: a shift per channel, in the accumulation dtype)
     ``(sum d, sum d * d)``, or with ``dy`` values ``(sum dy, sum dy * d)``.
-    Runs of ``_RUNS_MIN`` values or more (a row's values of one channel) are
-    summed one by one in the accumulation dtype, as :func:`_sums` sums a
-    row, a channel's runs in float64 in row order; shorter ones by columns,
+    With ``runs`` a row's values of one channel are summed run by run in the
+    accumulation dtype, as :func:`_sums` sums a row, a channel's runs in
+    float64 in row order (``group`` is then 1); else by columns,
     over ``_FOLD`` rows at a time (:func:`_column_sums`), those sums and a
     channel's columns (its ``inner`` columns of each row of the group, in
     memory order) in float64."""
@@ -921,7 +927,7 @@ def _tile_sums(x, dy, j0, k, inner, group, t1, t2):
     zero = k.dtype.type(0.0)
     t1[:] = 0.0
     t2[:] = 0.0
-    if inner >= _RUNS_MIN:
+    if runs:
         for n in range(N):
             for c in range(k.size):
                 i0 = j0 + c * inner
@@ -975,7 +981,7 @@ def _per_column(v, inner, width):
 
 
 @_jit
-def _tile_forward(x, z, relu, w, b, eps, inner, t, group, stream, y, mean_out, m2_out):
+def _tile_forward(x, z, relu, w, b, eps, inner, t, group, runs, stream, y, mean_out, m2_out):
     """Training forward of the 2-D ``(N, C * inner)`` view of a canonical
     array, ``t`` channels (a tile: their runs side by side) at a time, for
     tiles whose ``N`` rows stay in the cache between the two loops: the
@@ -1000,7 +1006,7 @@ def _tile_forward(x, z, relu, w, b, eps, inner, t, group, stream, y, mean_out, m
         t1, t2 = np.empty(tc), np.empty(tc)
         mean, m2 = mean_out[c0:c0 + tc], m2_out[c0:c0 + tc]
         for again in range(2):
-            _tile_sums(x, x[:0], j0, k, inner, group, t1, t2)
+            _tile_sums(x, x[:0], j0, k, inner, group, runs, t1, t2)
             far = _centre(t1, t2, count, shift, _REDO, again == 0, w, mean, m2)
             if again == 1 or not far:
                 break
@@ -1011,8 +1017,7 @@ def _tile_forward(x, z, relu, w, b, eps, inner, t, group, stream, y, mean_out, m
             invstd[c] = 1.0 / np.sqrt(m2[c] / count + eps)
         hi, s, sh = np.empty(tc, w.dtype), np.empty(tc, w.dtype), np.empty(tc, w.dtype)
         _affine_constants(mean, invstd, w[c0:c0 + tc], b[c0:c0 + tc], hi, s, sh)
-        runs = inner >= _RUNS_MIN     # else the constants one per column
-        cols = 0 if runs else L
+        cols = 0 if runs else L     # the constants one per column, or per run
         hi_j, s_j = _per_column(hi, inner, cols), _per_column(s, inner, cols)
         sh_j = _per_column(sh, inner, cols)
         for n in range(N):
@@ -1029,7 +1034,8 @@ def _tile_forward(x, z, relu, w, b, eps, inner, t, group, stream, y, mean_out, m
 
 
 @_jit
-def _tile_backward(dy, x, mean, invstd, w, inner, t, group, stream, dw_out, db_out, dx):
+def _tile_backward(dy, x, mean, invstd, w, inner, t, group, runs, stream, dw_out, db_out,
+                   dx):
     """Training backward of the 2-D ``(N, C * inner)`` view of a canonical
     array a tile at a time (``group`` as in :func:`_tile_forward`): the two
     sums as in :func:`_sums`, then ``dx`` as in :func:`_dx` from the rows
@@ -1045,7 +1051,7 @@ def _tile_backward(dy, x, mean, invstd, w, inner, t, group, stream, dw_out, db_o
         L *= group
         m = mean[c0:c0 + tc]
         t1, t2 = np.empty(tc), np.empty(tc)
-        _tile_sums(x, dy, j0, m, inner, group, t1, t2)
+        _tile_sums(x, dy, j0, m, inner, group, runs, t1, t2)
         inv, sum_dy_xhat = np.empty(tc), np.empty(tc)
         for c in range(tc):
             inv[c] = np.float64(invstd[c0 + c])
@@ -1054,7 +1060,6 @@ def _tile_backward(dy, x, mean, invstd, w, inner, t, group, stream, dw_out, db_o
             dw_out[c0 + c] = sum_dy_xhat[c]
         f, a, b0 = np.empty(tc, mean.dtype), np.empty(tc, mean.dtype), np.empty(tc, mean.dtype)
         _dx_constants(inv, w[c0:c0 + tc], t1, sum_dy_xhat, count, f, a, b0)
-        runs = inner >= _RUNS_MIN
         cols = 0 if runs else L
         m_j, f_j = _per_column(m, inner, cols), _per_column(f, inner, cols)
         a_j, b0_j = _per_column(a, inner, cols), _per_column(b0, inner, cols)
@@ -1389,20 +1394,27 @@ def _tile_channels(shape, dtype):
 
 
 def _tiles(shape, dtype):
-    """``(t, group)``: the channels per tile (:func:`_tile_channels`) and the
-    rows the tile loops take as one: a tile of every channel takes short rows
-    several at a time, as the normalize loop does (:func:`_row_group`, to
-    ``_AFFINE_WIDE`` values).  Made once per shape and dtype (and per value
-    of the tuning constants it reads, which tests change)."""
+    """``(t, group, runs)``: the channels per tile (:func:`_tile_channels`),
+    the rows the tile loops take as one (a tile of every channel takes short
+    rows several at a time, as the normalize loop does: :func:`_row_group`,
+    to ``_AFFINE_WIDE`` values) and whether they walk a row run by run
+    (constants per run; else by columns, the constants one per column, made
+    per tile: ``_RUNS_MIN``, ``_RUNS_MIN_CACHED``).  Made once per shape and
+    dtype (and per value of the tuning constants it reads, which tests
+    change)."""
     return _cached_tiles(shape, dtype, (_ONE_TILE, _ROWS_MIN, _TILE, _TILE_BYTES, _TILES_MIN,
-                                        _FOLD, _AFFINE_WIDE))
+                                        _FOLD, _AFFINE_WIDE, _RUNS_MIN, _RUNS_MIN_CACHED,
+                                        _CACHED_BYTES))
 
 
 @functools.lru_cache(maxsize=64)
 def _cached_tiles(shape, dtype, constants):
     outer, c, inner = shape
     t = _tile_channels(shape, dtype)
-    return t, (_row_group(outer, c * inner, _AFFINE_WIDE) if t >= c else 1)
+    runs = inner >= _RUNS_MIN or (inner >= _RUNS_MIN_CACHED
+                                  and outer * c * inner * np.dtype(dtype).itemsize
+                                  < _CACHED_BYTES)
+    return t, (_row_group(outer, c * inner, _AFFINE_WIDE) if t >= c and not runs else 1), runs
 
 
 def _tile_views(x3, group, *arrays):
@@ -1414,30 +1426,33 @@ def _tile_views(x3, group, *arrays):
             for a in (x3, *arrays)]
 
 
-def _forward_tiles(x3, t, group, weight, bias, eps, z3, relu, out=None):
-    """``(y3, mean, m2)`` of :func:`_tile_forward` (float64 mean and m2;
-    ``y3`` is ``out`` when given)."""
+def _forward_tiles(x3, plan, weight, bias, eps, z3, relu, out=None):
+    """``(y3, mean, m2)`` of :func:`_tile_forward` by the :func:`_tiles`
+    ``plan`` (float64 mean and m2; ``y3`` is ``out`` when given)."""
+    t, group, runs = plan
     acc = acc_dtype(x3.dtype)
     c, inner = x3.shape[1:]
     y3 = np.empty(x3.shape, x3.dtype) if out is None else out
     mean, m2 = np.empty(c), np.empty(c)
     x, z, y = _tile_views(x3, group, z3, y3)
     _tile_forward(-(-c // t), x3.size, x, z, relu, _vec(weight, acc, c, 1.0),
-                  _vec(bias, acc, c, 0.0), float(eps), inner, t, group, _streamed(y3), y, mean,
-                  m2)
+                  _vec(bias, acc, c, 0.0), float(eps), inner, t, group, runs, _streamed(y3), y,
+                  mean, m2)
     return y3, mean, m2
 
 
-def _backward_tiles(dy3, x3, t, group, mean, invstd, weight, out=None):
-    """``(dx3, dweight, dbias)`` of :func:`_tile_backward` (``dx3`` is
-    ``out`` when given)."""
+def _backward_tiles(dy3, x3, plan, mean, invstd, weight, out=None):
+    """``(dx3, dweight, dbias)`` of :func:`_tile_backward` by the
+    :func:`_tiles` ``plan`` (``dx3`` is ``out`` when given)."""
+    t, group, runs = plan
     acc = acc_dtype(x3.dtype)
     c, inner = x3.shape[1:]
     dx3 = np.empty(x3.shape, x3.dtype) if out is None else out
     dw, db = np.empty(c, acc), np.empty(c, acc)
     x, dy, dx = _tile_views(x3, group, dy3, dx3)
     _tile_backward(-(-c // t), x3.size, dy, x, np.asarray(mean, acc), np.asarray(invstd, acc),
-                   _vec(weight, acc, c, 1.0), inner, t, group, _streamed(dx3), dw, db, dx)
+                   _vec(weight, acc, c, 1.0), inner, t, group, runs, _streamed(dx3), dw, db,
+                   dx)
     return dx3, dw, db
 
 
@@ -1460,10 +1475,10 @@ class CpuBackend(HostBackend):
     @_serialized
     def bn_forward_train_act(self, x3, weight, bias, running_mean, running_var, momentum, eps,
                              residual, relu, skipped=None, out=None):
-        tile, group = _tiles(x3.shape, x3.dtype)
+        plan = _tiles(x3.shape, x3.dtype)
+        tile = plan[0]
         if tile:    # one loop computes the statistics and y
-            y3, mean, m2 = _forward_tiles(x3, tile, group, weight, bias, eps, residual, relu,
-                                          out)
+            y3, mean, m2 = _forward_tiles(x3, plan, weight, bias, eps, residual, relu, out)
         else:
             mean, m2 = _moments(x3)
         c, acc = mean.size, acc_dtype(x3.dtype)
@@ -1516,9 +1531,9 @@ class CpuBackend(HostBackend):
     def _backward(self, dy3, x3, mean, invstd, weight, training, y3=None, g3=None, out=None):
         """:meth:`bn_backward`; with ``y3`` (the forward's output) of the
         ReLU's gradient ``g = 0 where y3 <= 0, else dy``, written to ``g3``."""
-        tile, group = _tiles(x3.shape, x3.dtype) if training and y3 is None else (0, 1)
-        if tile:    # one loop computes the sums and dx
-            return _backward_tiles(dy3, x3, tile, group, mean, invstd, weight, out)
+        plan = _tiles(x3.shape, x3.dtype)
+        if plan[0] and training and y3 is None:    # one loop computes the sums and dx
+            return _backward_tiles(dy3, x3, plan, mean, invstd, weight, out)
         acc = acc_dtype(x3.dtype)
         sum_dy, sum_dy_xmu = _layout(x3.shape).sums(x3, dy3, mean, y3, g3)
         sum_dy_xhat = sum_dy_xmu * _f64(invstd)
