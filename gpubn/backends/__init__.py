@@ -91,7 +91,7 @@ def get_backend(backend=None, x=None) -> Backend:
         return _load(_host_auto())
     if not isinstance(backend, str) or backend not in _REGISTRY:
         raise ValueError(f"backend must be one of {_known()} or None, got {backend!r}")
-    return _INSTANCES.get(backend) or _load(backend)
+    return _load(backend)
 
 
 def _known() -> str:
