@@ -271,9 +271,10 @@ def test_thread_count_follows_the_environment(monkeypatch):
 
 
 def test_small_inputs_run_on_the_calling_thread(monkeypatch):
-    """A loop over at most _SERIAL_MAX values runs its serial twin (waking
-    the threads costs more than they save), a larger one the parallel loop;
-    both walk the same blocks, so the results are bitwise the same."""
+    """A loop over at most _SERIAL_MAX values runs its blocks one after the
+    other on the calling thread (waking the threads costs more than they
+    save), a larger one the parallel loop over them; both walk the same
+    blocks, so the results are bitwise the same."""
     ran = []
     for name in ("_sums", "_affine"):
         loop = getattr(cpu, name)

@@ -76,7 +76,6 @@ import os
 import platform
 import sys
 import threading
-import types
 
 import numpy as np
 
@@ -252,27 +251,44 @@ if _CacheLocator not in _LOCATORS._locator_classes:
 _FLAGS = {"reassoc"}
 
 
-class _jit:
-    """A loop compiled twice: ``parallel`` (its ``prange`` spread over the
-    threads) and ``serial`` (a plain loop on the calling thread, the same
-    blocks in the same order, so the same results).  Called with the number
-    of blocks and the number of values the loop walks first: inputs of one
-    block, or of at most :func:`_serial_max` values, run the serial one,
-    where waking the threads costs more than they save; the parallel one
-    runs on ``num_threads()`` threads (a setting of the calling thread,
-    made here: a few microseconds a serial call need not pay)."""
+def _compiled(fn):
+    """``fn`` compiled (cached on disk, the loops' floating-point flags)."""
+    return numba.njit(cache=True, fastmath=_FLAGS)(fn)
 
-    def __init__(self, fn):
-        self.parallel = numba.njit(parallel=True, cache=True, fastmath=_FLAGS)(fn)
-        twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial")
-        twin.__qualname__ = fn.__qualname__ + "_serial"     # its own cache entry
-        self.serial = numba.njit(cache=True, fastmath=_FLAGS)(twin)
+
+@numba.njit(inline="always")
+def _i64(i):
+    """A ``prange`` index (unsigned) as the int64 a caller from Python passes:
+    one compiled version of the blocks' code for both."""
+    return np.int64(i)
+
+
+class _jit:
+    """A loop over blocks: ``serial(b0, b1, *args)`` runs the blocks ``[b0,
+    b1)`` in order on the calling thread; ``parallel(n, *args)``, a
+    ``prange`` over the ``n`` blocks, calls it a block at a time on the
+    threads: the same blocks, so the same results.  The blocks' code is
+    compiled once, in ``serial``; ``parallel`` is a short loop around it.
+    Called with the number of blocks and the number of values the loop
+    walks first: inputs of one block, or of at most :func:`_serial_max`
+    values, run ``serial`` over every block, where waking the threads costs
+    more than they save; ``parallel`` runs on ``num_threads()`` threads (a
+    setting of the calling thread, made here: a few microseconds a serial
+    call need not pay).  Use: ``@_jit.over(serial)`` on the parallel loop."""
+
+    def __init__(self, serial, parallel):
+        self.serial = serial
+        self.parallel = numba.njit(parallel=True, cache=True, fastmath=_FLAGS)(parallel)
+
+    @classmethod
+    def over(cls, serial):
+        return lambda parallel: cls(serial, parallel)
 
     def __call__(self, blocks, values, *args):
         if blocks > 1 and values > _serial_max():
             numba.set_num_threads(num_threads())
-            return self.parallel(*args)
-        return self.serial(*args)
+            return self.parallel(blocks, *args)
+        return self.serial(0, blocks, *args)
 
 
 # ------------------------------------------------ float16 and bfloat16 -----
@@ -454,7 +470,7 @@ def _store_fence(typingctx):
     return sig, codegen
 
 
-@numba.njit(inline="always")
+@numba.njit(cache=True)
 def _put(out, j, v, streamed):
     """``out[j] = v``: non-temporal when ``streamed``."""
     if streamed:
@@ -589,7 +605,7 @@ def _column_sums(x, dy, r0, r1, j0, k, a1, a2):
                 a2[j] += d0 * d0
 
 
-@numba.njit(inline="always")
+@numba.njit(cache=True)
 def _row(a, r):
     """Row ``r`` of the 2-D ``a`` as a 1-D view; of an absent array (one row
     of no values, :data:`_NONE`), that empty row."""
@@ -633,7 +649,7 @@ def _dx_run(out, i0, i1, streamed, g, x, m, a, b0, k):
             _put(out, j, _st(_at(k, j) * _ld(g[j]), out), streamed)
 
 
-@numba.njit(inline="always")
+@numba.njit(cache=True)
 def _line_part(i0, i1, lo, hi, per_line):
     """The items ``[p0, p1)`` of ``[i0, i1)`` a loop over part of a row
     streams, given the row's span ``[lo, hi)`` (:func:`_stream_span`): the
@@ -726,8 +742,8 @@ def _run_sums(xr, gr, with_dy, k, zero):
     return a1, a2
 
 
-@_jit
-def _sums(x, dy, y, shift, nc, inner, rows, per, s1, s2, g_out):
+@_compiled
+def _sums_blocks(b0, b1, x, dy, y, shift, nc, inner, rows, per, s1, s2, g_out):
     """Partial sums per block ``b`` of ``per`` rows of the 2-D view ``x``
     (see :class:`_Layout`), per channel ``q`` (``rows``) or column ``q``:
     ``s1[b, q] = sum d``, ``s2[b, q] = sum d * d`` for ``d = x - shift``
@@ -738,97 +754,128 @@ def _sums(x, dy, y, shift, nc, inner, rows, per, s1, s2, g_out):
     summed in the accumulation dtype (a vectorized reduction); else column
     ``q`` of every row (channel ``(q // inner) % nc``: rows of ``inner``
     values per channel, several rows taken as one), summed in float64
-    (vectorized along the row)."""
+    (vectorized along the row).  Blocks ``[b0, b1)``."""
     R, W = x.shape
-    nb = s1.shape[0]
     with_dy = dy.size > 0
     masked = y.size > 0
     zero = shift.dtype.type(0.0)
-    k_col = shift if rows else _per_column(shift, inner, W)
-    for b in numba.prange(nb):
+    # without rows, a shift per column (as _affine_blocks its constants)
+    k = shift if rows or shift.size == W else _per_column(shift, inner, W)
+    a1 = np.empty(0 if rows else W, shift.dtype)
+    a2 = np.empty(0 if rows else W, shift.dtype)
+    for b in range(b0, b1):
         s1[b, :] = 0.0
         s2[b, :] = 0.0
         r1 = min(R, (b + 1) * per)
         if rows:
             for r in range(b * per, r1):
                 q = r % nc
-                k = shift[q]
                 xr = x[r]   # rows as 1-D views: plain unit-stride loops
                 if masked:
-                    a1 = zero
-                    a2 = zero
+                    c1 = zero
+                    c2 = zero
                     gr, yr, go = dy[r], y[r], g_out[r]
                     for i in range(W):
                         g = zero if _ld(yr[i]) <= 0 else _ld(gr[i])
                         go[i] = _st(g, g_out)
-                        a1 += g
-                        a2 += g * (_ld(xr[i]) - k)
+                        c1 += g
+                        c2 += g * (_ld(xr[i]) - k[q])
                 else:
-                    a1, a2 = _run_sums(xr, dy[r] if with_dy else xr, with_dy, k, zero)
-                s1[b, q] += a1
-                s2[b, q] += a2
-        else:
-            # column sums in the accumulation dtype over at most _FOLD rows
-            # at a time, folded into float64
-            a1 = np.empty(W, shift.dtype)
-            a2 = np.empty(W, shift.dtype)
-            for f0 in range(b * per, r1, _FOLD):
-                f1 = min(r1, f0 + _FOLD)
-                if masked:
-                    for r in range(f0, f1):
-                        for q in range(W):
-                            g_out[r, q] = _st(zero if _ld(y[r, q]) <= 0 else _ld(dy[r, q]),
-                                              g_out)
-                a1[:] = zero
-                a2[:] = zero
-                _column_sums(x, g_out if masked else dy, f0, f1, 0, k_col, a1, a2)
-                for q in range(W):
-                    s1[b, q] += np.float64(a1[q])
-                    s2[b, q] += np.float64(a2[q])
+                    c1, c2 = _run_sums(xr, dy[r] if with_dy else xr, with_dy, k[q], zero)
+                s1[b, q] += c1
+                s2[b, q] += c2
+            continue
+        # column sums in the accumulation dtype over at most _FOLD rows at a
+        # time, folded into float64
+        for f0 in range(b * per, r1, _FOLD):
+            f1 = min(r1, f0 + _FOLD)
+            if masked:
+                for r in range(f0, f1):
+                    for q in range(W):
+                        g_out[r, q] = _st(zero if _ld(y[r, q]) <= 0 else _ld(dy[r, q]), g_out)
+            a1[:] = zero
+            a2[:] = zero
+            _column_sums(x, g_out if masked else dy, f0, f1, 0, k, a1, a2)
+            for q in range(W):
+                s1[b, q] += np.float64(a1[q])
+                s2[b, q] += np.float64(a2[q])
 
 
-@_jit
-def _affine(x, dy, z, relu, mean, a, b0, k, nc, inner, rows, per, stream, out):
-    """Without ``dy`` values ``out = (x - mean[q]) * a[q] + b0[q]``, plus
+@_jit.over(_sums_blocks)
+def _sums(n, x, dy, y, shift, nc, inner, rows, per, s1, s2, g_out):
+    """:func:`_sums_blocks` over ``n`` blocks in parallel (the shift made one
+    per column once, for every block)."""
+    k = shift if rows else _per_column(shift, inner, x.shape[1])
+    for b in numba.prange(n):
+        i = _i64(b)
+        _sums_blocks(i, i + 1, x, dy, y, k, nc, inner, rows, per, s1, s2, g_out)
+
+
+@_compiled
+def _affine_blocks(b0, b1, x, dy, z, relu, mean, a, b0v, k, nc, inner, rows, per, stream,
+                   out):
+    """Without ``dy`` values ``out = (x - mean[q]) * a[q] + b0v[q]``, plus
     ``z`` when it has values, then the ReLU (``v <= 0`` to 0, NaN kept) when
-    ``relu``; with ``dy`` values ``out = k[q] * (dy - b0[q] - (x - mean[q]) *
-    a[q])``, or ``out = k[q] * dy`` when ``x`` has none (statistics held
+    ``relu``; with ``dy`` values ``out = k[q] * (dy - b0v[q] - (x - mean[q])
+    * a[q])``, or ``out = k[q] * dy`` when ``x`` has none (statistics held
     fixed); the constants a value per channel, rows, blocks and channel
-    ``q`` as in :func:`_sums`; non-temporal stores when ``stream``."""
+    ``q`` as in :func:`_sums_blocks`; non-temporal stores when ``stream``.
+    Blocks ``[b0, b1)`` of ``per`` rows."""
     R, W = out.shape
     with_dy = dy.size > 0
-    nb = (R + per - 1) // per
-    if not rows:    # the constants one per column
+    if not rows and mean.size != W:
+        # the constants one per column (_affine passes them so, made once for
+        # all its blocks; W values per channel are that already: inner == 1)
         mean, a = _per_column(mean, inner, W), _per_column(a, inner, W)
-        b0, k = _per_column(b0, inner, W), _per_column(k, inner, W)
-    for b in numba.prange(nb):
+        b0v, k = _per_column(b0v, inner, W), _per_column(k, inner, W)
+    for b in range(b0, b1):
         for r in range(b * per, min(R, (b + 1) * per)):
             # rows as 1-D views (an absent array as an empty one)
             xr, gr, zr = _row(x, r), _row(dy, r), _row(z, r)
             if rows:
                 q = r % nc
                 if with_dy:
-                    _dx_row(out[r], stream, gr, xr, mean[q], a[q], b0[q], k[q])
+                    _dx_row(out[r], stream, gr, xr, mean[q], a[q], b0v[q], k[q])
                 else:
-                    _normalize_row(out[r], stream, xr, zr, relu, mean[q], a[q], b0[q])
+                    _normalize_row(out[r], stream, xr, zr, relu, mean[q], a[q], b0v[q])
             elif with_dy:
-                _dx_row(out[r], stream, gr, xr, mean, a, b0, k)
+                _dx_row(out[r], stream, gr, xr, mean, a, b0v, k)
             else:
-                _normalize_row(out[r], stream, xr, zr, relu, mean, a, b0)
+                _normalize_row(out[r], stream, xr, zr, relu, mean, a, b0v)
         if stream:
             _store_fence()
 
 
-@_jit
-def _ln_forward(x, first, w, b, eps, per, stream, y, mean_out, rstd_out):
-    """Layer norm forward, one row at a time (:func:`_ln_row`)."""
-    rows, n = x.shape
-    nb = (rows + per - 1) // per
-    for blk in numba.prange(nb):
-        for r in range(blk * per, min(rows, (blk + 1) * per)):
+@_jit.over(_affine_blocks)
+def _affine(n, x, dy, z, relu, mean, a, b0v, k, nc, inner, rows, per, stream, out):
+    """:func:`_affine_blocks` over ``n`` blocks in parallel (the constants
+    made one per column once, for every block)."""
+    W = out.shape[1]
+    if not rows:
+        mean, a = _per_column(mean, inner, W), _per_column(a, inner, W)
+        b0v, k = _per_column(b0v, inner, W), _per_column(k, inner, W)
+    for b in numba.prange(n):
+        i = _i64(b)
+        _affine_blocks(i, i + 1, x, dy, z, relu, mean, a, b0v, k, nc, inner, rows, per, stream, out)
+
+
+@_compiled
+def _ln_forward_blocks(b0, b1, x, first, w, b, eps, per, stream, y, mean_out, rstd_out):
+    """Layer norm forward, one row at a time (:func:`_ln_row`), the blocks
+    ``[b0, b1)`` of ``per`` rows."""
+    for blk in range(b0, b1):
+        for r in range(blk * per, min(x.shape[0], (blk + 1) * per)):
             mean_out[r], rstd_out[r] = _ln_row(x[r], first[r], w, b, eps, stream, y[r])
         if stream:
             _store_fence()
+
+
+@_jit.over(_ln_forward_blocks)
+def _ln_forward(n, x, first, w, b, eps, per, stream, y, mean_out, rstd_out):
+    """:func:`_ln_forward_blocks` over ``n`` blocks in parallel."""
+    for blk in numba.prange(n):
+        i = _i64(blk)
+        _ln_forward_blocks(i, i + 1, x, first, w, b, eps, per, stream, y, mean_out, rstd_out)
 
 
 @numba.njit(cache=True, fastmath=_FLAGS)
@@ -865,18 +912,18 @@ def _ln_row(xr, k, w, b, eps, stream, yr):
     return mean, rstd
 
 
-@_jit
-def _ln_backward(dy, x, mean, rstd, w, per, stream, dx, pw, pb):
+@_compiled
+def _ln_backward_blocks(b0, b1, dy, x, mean, rstd, w, per, stream, dx, pw, pb):
     """Layer norm backward, one row at a time: the row's two sums, then
     ``dx``; block partial column sums ``pw`` (dy * xhat) and ``pb`` (dy)
     when they have rows, summed in the accumulation dtype over ``_FOLD``
-    rows at a time and those sums in float64."""
+    rows at a time and those sums in float64.  The blocks ``[b0, b1)`` of
+    ``per`` rows."""
     rows, n = x.shape
-    nb = (rows + per - 1) // per
     grads = pw.shape[0] > 0
-    for blk in numba.prange(nb):
-        aw = np.empty(n if grads else 0, w.dtype)
-        ab = np.empty(n if grads else 0, w.dtype)
+    aw = np.empty(n if grads else 0, w.dtype)
+    ab = np.empty(n if grads else 0, w.dtype)
+    for blk in range(b0, b1):
         if grads:
             pw[blk, :] = 0.0
             pb[blk, :] = 0.0
@@ -906,6 +953,14 @@ def _ln_backward(dy, x, mean, rstd, w, per, stream, dx, pw, pb):
                     pb[blk, j] += np.float64(ab[j])
         if stream:
             _store_fence()
+
+
+@_jit.over(_ln_backward_blocks)
+def _ln_backward(n, dy, x, mean, rstd, w, per, stream, dx, pw, pb):
+    """:func:`_ln_backward_blocks` over ``n`` blocks in parallel."""
+    for blk in numba.prange(n):
+        i = _i64(blk)
+        _ln_backward_blocks(i, i + 1, dy, x, mean, rstd, w, per, stream, dx, pw, pb)
 
 
 @numba.njit(cache=True, fastmath=_FLAGS)
@@ -980,8 +1035,9 @@ def _per_column(v, inner, width):
     return out
 
 
-@_jit
-def _tile_forward(x, z, relu, w, b, eps, inner, t, group, runs, stream, y, mean_out, m2_out):
+@_compiled
+def _tile_forward_blocks(tile0, tile1, x, z, relu, w, b, eps, inner, t, group, runs, stream, y,
+                         mean_out, m2_out):
     """Training forward of the 2-D ``(N, C * inner)`` view of a canonical
     array, ``t`` channels (a tile: their runs side by side) at a time, for
     tiles whose ``N`` rows stay in the cache between the two loops: the
@@ -991,11 +1047,11 @@ def _tile_forward(x, z, relu, w, b, eps, inner, t, group, runs, stream, y, mean_
     the ReLU as in :func:`_affine`) from the rows just read: one read of
     ``x`` from memory instead of two.  A tile of every channel may take
     ``group`` rows as one (the views then ``(N / group, group * C *
-    inner)``)."""
+    inner)``).  The tiles ``[tile0, tile1)``."""
     N = x.shape[0]
     C = w.size
     count = N * inner * group
-    for tile in numba.prange((C + t - 1) // t):
+    for tile in range(tile0, tile1):
         c0, tc, j0, L = _tile_span(tile, t, C, inner)
         L *= group
         k = np.empty(tc, w.dtype)
@@ -1033,20 +1089,30 @@ def _tile_forward(x, z, relu, w, b, eps, inner, t, group, runs, stream, y, mean_
             _store_fence()
 
 
-@_jit
-def _tile_backward(dy, x, mean, invstd, w, inner, t, group, runs, stream, dw_out, db_out,
-                   dx):
+@_jit.over(_tile_forward_blocks)
+def _tile_forward(n, x, z, relu, w, b, eps, inner, t, group, runs, stream, y, mean_out, m2_out):
+    """:func:`_tile_forward_blocks` over ``n`` tiles in parallel."""
+    for tile in numba.prange(n):
+        i = _i64(tile)
+        _tile_forward_blocks(i, i + 1, x, z, relu, w, b, eps, inner, t, group, runs, stream, y,
+                             mean_out, m2_out)
+
+
+@_compiled
+def _tile_backward_blocks(tile0, tile1, dy, x, mean, invstd, w, inner, t, group, runs, stream,
+                          dw_out, db_out, dx):
     """Training backward of the 2-D ``(N, C * inner)`` view of a canonical
     array a tile at a time (``group`` as in :func:`_tile_forward`): the two
     sums as in :func:`_sums`, then ``dx`` as in :func:`_dx` from the rows
     just read: one read of ``x`` and ``dy`` from memory instead of two;
     ``dw_out = sum dy * xhat`` and ``db_out = sum dy`` per channel, in the
     accumulation dtype (the float64 sums rounded once, as
-    ``CpuBackend._backward`` rounds those of the blocked loops)."""
+    ``CpuBackend._backward`` rounds those of the blocked loops).  The tiles
+    ``[tile0, tile1)``."""
     N = x.shape[0]
     C = mean.size
     count = N * inner * group
-    for tile in numba.prange((C + t - 1) // t):
+    for tile in range(tile0, tile1):
         c0, tc, j0, L = _tile_span(tile, t, C, inner)
         L *= group
         m = mean[c0:c0 + tc]
@@ -1074,6 +1140,15 @@ def _tile_backward(dy, x, mean, invstd, w, inner, t, group, runs, stream, dw_out
                 _dx_part(dxr, 0, L, lo, up, gr, xr, m_j, a_j, b0_j, f_j)
         if stream:
             _store_fence()
+
+
+@_jit.over(_tile_backward_blocks)
+def _tile_backward(n, dy, x, mean, invstd, w, inner, t, group, runs, stream, dw_out, db_out, dx):
+    """:func:`_tile_backward_blocks` over ``n`` tiles in parallel."""
+    for tile in numba.prange(n):
+        i = _i64(tile)
+        _tile_backward_blocks(i, i + 1, dy, x, mean, invstd, w, inner, t, group, runs, stream,
+                              dw_out, db_out, dx)
 
 
 # ------------------------------------------------------------- helpers -----
@@ -1226,9 +1301,11 @@ def _channel_totals(parts, group, inner, out):
     c = out.shape[1]
     for s in range(parts.shape[0]):
         col = out[s] if one else np.empty(parts.shape[2])
-        col[:] = parts[s, 0]
+        for i in range(col.size):       # loops: an array expression compiles
+            col[i] = parts[s, 0, i]     # for seconds
         for b in range(1, parts.shape[1]):
-            col += parts[s, b]
+            for i in range(col.size):
+                col[i] += parts[s, b, i]
         if one:
             continue
         out[s] = 0.0
