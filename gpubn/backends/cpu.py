@@ -251,11 +251,6 @@ if _CacheLocator not in _LOCATORS._locator_classes:
 _FLAGS = {"reassoc"}
 
 
-def _compiled(fn):
-    """``fn`` compiled (cached on disk, the loops' floating-point flags)."""
-    return numba.njit(cache=True, fastmath=_FLAGS)(fn)
-
-
 @numba.njit(inline="always")
 def _i64(i):
     """A ``prange`` index (unsigned) as the int64 a caller from Python passes:
@@ -742,7 +737,7 @@ def _run_sums(xr, gr, with_dy, k, zero):
     return a1, a2
 
 
-@_compiled
+@numba.njit(cache=True, fastmath=_FLAGS)
 def _sums_blocks(b0, b1, x, dy, y, shift, nc, inner, rows, per, s1, s2, g_out):
     """Partial sums per block ``b`` of ``per`` rows of the 2-D view ``x``
     (see :class:`_Layout`), per channel ``q`` (``rows``) or column ``q``:
@@ -759,8 +754,7 @@ def _sums_blocks(b0, b1, x, dy, y, shift, nc, inner, rows, per, s1, s2, g_out):
     with_dy = dy.size > 0
     masked = y.size > 0
     zero = shift.dtype.type(0.0)
-    # without rows, a shift per column (as _affine_blocks its constants)
-    k = shift if rows or shift.size == W else _per_column(shift, inner, W)
+    k = _layout_constant(shift, rows, inner, W)
     a1 = np.empty(0 if rows else W, shift.dtype)
     a2 = np.empty(0 if rows else W, shift.dtype)
     for b in range(b0, b1):
@@ -805,13 +799,13 @@ def _sums_blocks(b0, b1, x, dy, y, shift, nc, inner, rows, per, s1, s2, g_out):
 def _sums(n, x, dy, y, shift, nc, inner, rows, per, s1, s2, g_out):
     """:func:`_sums_blocks` over ``n`` blocks in parallel (the shift made one
     per column once, for every block)."""
-    k = shift if rows else _per_column(shift, inner, x.shape[1])
+    k = _layout_constant(shift, rows, inner, x.shape[1])
     for b in numba.prange(n):
         i = _i64(b)
         _sums_blocks(i, i + 1, x, dy, y, k, nc, inner, rows, per, s1, s2, g_out)
 
 
-@_compiled
+@numba.njit(cache=True, fastmath=_FLAGS)
 def _affine_blocks(b0, b1, x, dy, z, relu, mean, a, b0v, k, nc, inner, rows, per, stream,
                    out):
     """Without ``dy`` values ``out = (x - mean[q]) * a[q] + b0v[q]``, plus
@@ -823,11 +817,8 @@ def _affine_blocks(b0, b1, x, dy, z, relu, mean, a, b0v, k, nc, inner, rows, per
     Blocks ``[b0, b1)`` of ``per`` rows."""
     R, W = out.shape
     with_dy = dy.size > 0
-    if not rows and mean.size != W:
-        # the constants one per column (_affine passes them so, made once for
-        # all its blocks; W values per channel are that already: inner == 1)
-        mean, a = _per_column(mean, inner, W), _per_column(a, inner, W)
-        b0v, k = _per_column(b0v, inner, W), _per_column(k, inner, W)
+    mean, a = _layout_constant(mean, rows, inner, W), _layout_constant(a, rows, inner, W)
+    b0v, k = _layout_constant(b0v, rows, inner, W), _layout_constant(k, rows, inner, W)
     for b in range(b0, b1):
         for r in range(b * per, min(R, (b + 1) * per)):
             # rows as 1-D views (an absent array as an empty one)
@@ -851,15 +842,14 @@ def _affine(n, x, dy, z, relu, mean, a, b0v, k, nc, inner, rows, per, stream, ou
     """:func:`_affine_blocks` over ``n`` blocks in parallel (the constants
     made one per column once, for every block)."""
     W = out.shape[1]
-    if not rows:
-        mean, a = _per_column(mean, inner, W), _per_column(a, inner, W)
-        b0v, k = _per_column(b0v, inner, W), _per_column(k, inner, W)
+    mean, a = _layout_constant(mean, rows, inner, W), _layout_constant(a, rows, inner, W)
+    b0v, k = _layout_constant(b0v, rows, inner, W), _layout_constant(k, rows, inner, W)
     for b in numba.prange(n):
         i = _i64(b)
         _affine_blocks(i, i + 1, x, dy, z, relu, mean, a, b0v, k, nc, inner, rows, per, stream, out)
 
 
-@_compiled
+@numba.njit(cache=True, fastmath=_FLAGS)
 def _ln_forward_blocks(b0, b1, x, first, w, b, eps, per, stream, y, mean_out, rstd_out):
     """Layer norm forward, one row at a time (:func:`_ln_row`), the blocks
     ``[b0, b1)`` of ``per`` rows."""
@@ -912,7 +902,7 @@ def _ln_row(xr, k, w, b, eps, stream, yr):
     return mean, rstd
 
 
-@_compiled
+@numba.njit(cache=True, fastmath=_FLAGS)
 def _ln_backward_blocks(b0, b1, dy, x, mean, rstd, w, per, stream, dx, pw, pb):
     """Layer norm backward, one row at a time: the row's two sums, then
     ``dx``; block partial column sums ``pw`` (dy * xhat) and ``pb`` (dy)
@@ -1035,7 +1025,16 @@ def _per_column(v, inner, width):
     return out
 
 
-@_compiled
+@numba.njit(cache=True)
+def _layout_constant(v, rows, inner, width):
+    """A constant of the loops over a :class:`_Layout` view of ``width``
+    columns: per channel with ``rows``, else one per column
+    (:func:`_per_column`), which ``v`` of ``width`` values already is (made
+    so once by a parallel loop for all its blocks; or ``inner == 1``)."""
+    return v if rows or v.size == width else _per_column(v, inner, width)
+
+
+@numba.njit(cache=True, fastmath=_FLAGS)
 def _tile_forward_blocks(tile0, tile1, x, z, relu, w, b, eps, inner, t, group, runs, stream, y,
                          mean_out, m2_out):
     """Training forward of the 2-D ``(N, C * inner)`` view of a canonical
@@ -1098,7 +1097,7 @@ def _tile_forward(n, x, z, relu, w, b, eps, inner, t, group, runs, stream, y, me
                              mean_out, m2_out)
 
 
-@_compiled
+@numba.njit(cache=True, fastmath=_FLAGS)
 def _tile_backward_blocks(tile0, tile1, dy, x, mean, invstd, w, inner, t, group, runs, stream,
                           dw_out, db_out, dx):
     """Training backward of the 2-D ``(N, C * inner)`` view of a canonical
