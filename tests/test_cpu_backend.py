@@ -276,7 +276,7 @@ def test_small_inputs_run_on_the_calling_thread(monkeypatch):
     save), a larger one the parallel loop over them; both walk the same
     blocks, so the results are bitwise the same."""
     ran = []
-    for name in ("_sums", "_affine"):
+    for name in ("_sums", "_normalize_loop", "_dx_loop"):
         loop = getattr(cpu, name)
         for kind in ("parallel", "serial"):
             monkeypatch.setattr(loop, kind, lambda *a, _real=getattr(loop, kind), _kind=kind:
@@ -659,6 +659,38 @@ def test_finishing_step_is_the_host_arithmetic_bitwise(acc, momentum, tracked, g
         assert got_skip.tolist() == [0, 1, 1, 1, int(acc == np.float32)] + [0] * (c - 5)
 
 
+@pytest.mark.parametrize("acc", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+def test_eval_constants_are_the_host_arithmetic_bitwise(acc, affine):
+    """The compiled step of an inference forward gives the bits of the numpy
+    backend's ``host_eval_constants`` for mean and invstd (non-finite,
+    negative and zero variances included), and the normalize loop's
+    constants of the formulas in float64: ``hi`` the mean rounded, ``a =
+    invstd * w``, ``b0 = b - (mean - hi) * a`` (0 for ``mean - hi`` where
+    ``hi`` is not finite)."""
+    from gpubn.backends.base import host_eval_constants
+    rng = np.random.default_rng(12)
+    c = 10
+    rm = (rng.standard_normal(c) * 1e3).astype(acc)
+    rv = (rng.random(c) * 1e2).astype(acc)
+    rm[1], rm[2], rv[3], rv[4], rv[5], rv[6] = np.nan, -np.inf, -1.0, 0.0, np.inf, np.nan
+    w = rng.standard_normal(c).astype(acc) if affine else np.ones(c, acc)
+    b = rng.standard_normal(c).astype(acc) if affine else np.zeros(c, acc)
+    with np.errstate(all="ignore"):
+        want_mean, want_inv = host_eval_constants(np.empty((2, c, 1), acc), rm, rv, 1e-5)
+        m = want_mean.astype(np.float64)
+        want_hi = m.astype(acc)
+        lo = np.where(np.isfinite(want_hi), m - want_hi.astype(np.float64), 0.0)
+        scale = want_inv.astype(np.float64) * w.astype(np.float64)
+        want_a, want_b0 = scale.astype(acc), (b.astype(np.float64) - lo * scale).astype(acc)
+    got = [np.empty(c, acc) for _ in range(5)]
+    cpu._eval_constants(rm, rv, 1e-5, w, b, *got)
+    for g, want, name in zip(got, (want_mean, want_inv, want_hi, want_a, want_b0),
+                             ("mean", "invstd", "hi", "a", "b0")):
+        assert g.dtype == want.dtype, name
+        assert g.tobytes() == want.tobytes(), name
+
+
 # ------------------------------------------ groups of short rows (NC, NHWC) ---
 @pytest.mark.parametrize("blocks,group,c,inner", [(4, 1, 7, 1), (3, 2, 5, 4), (1, 3, 2, 1)])
 def test_channel_totals_add_the_blocks_in_order_then_a_channels_columns(blocks, group, c, inner):
@@ -752,7 +784,7 @@ def test_tiles_of_channels_are_chosen_by_the_shape(monkeypatch):
     every channel, aside: ``_ONE_TILE = 0``.)"""
     monkeypatch.setattr(cpu, "_ONE_TILE", 0)
     ran = []
-    for name in ("_tile_forward", "_tile_backward", "_sums", "_affine"):
+    for name in ("_tile_forward", "_tile_backward", "_sums", "_normalize_loop", "_dx_loop"):
         real = getattr(cpu, name)
         monkeypatch.setattr(cpu, name, lambda *a, _real=real, _name=name:
                             ran.append(_name) or _real(*a))
@@ -764,7 +796,7 @@ def test_tiles_of_channels_are_chosen_by_the_shape(monkeypatch):
         _, mean, invstd = CPU.bn_forward_train(x, w, b, None, None, 0.1, 1e-5)
         CPU.bn_backward(dy, x, mean, invstd, w, True)
         expected = (["_tile_forward", "_tile_backward"] if tiled
-                    else ["_sums", "_affine", "_sums", "_affine"])
+                    else ["_sums", "_normalize_loop", "_sums", "_dx_loop"])
         assert ran == expected, shape
     # channels per tile: 4096 columns or more (ceil(4096 / 49) = 84); then the
     # cache budget (1 MiB of a channel's values); then 16 tiles
@@ -796,7 +828,7 @@ def test_small_inputs_are_one_tile_of_every_channel(monkeypatch):
     assert not cpu._tiles((32, 1024, 196), np.float32)[2]
     assert not cpu._tiles((16, 64, 64), np.float32)[2]
     ran = []
-    for name in ("_tile_forward", "_tile_backward", "_sums", "_affine"):
+    for name in ("_tile_forward", "_tile_backward", "_sums", "_normalize_loop", "_dx_loop"):
         for kind in ("parallel", "serial"):
             loop = getattr(cpu, name)
             monkeypatch.setattr(loop, kind, lambda *a, _real=getattr(loop, kind),
@@ -979,17 +1011,16 @@ def test_a_part_of_a_row_streams_the_whole_lines_of_the_span_within_it():
 def test_streamed_rows_compile_to_vector_non_temporal_stores(dtype, packed):
     """The streamed loops are vectorized: their machine code stores whole
     vectors non-temporally (a scalar loop of non-temporal stores writes at a
-    fraction of the bandwidth).  Checked on the two row loops, compiled
-    afresh so their code can be read."""
+    fraction of the bandwidth).  Checked on the two streamed row
+    functions, compiled afresh so their code can be read."""
     acc = np.float64 if dtype == np.float64 else np.float32
-    normalize = numba.njit(lambda out, x, m, a, b0, s: cpu._normalize_row(
-        out, s, x, x[:0], False, m, a, b0))
-    dx = numba.njit(lambda out, g, x, m, a, b0, k, s: cpu._dx_row(out, s, g, x, m, a, b0, k))
+    afresh = numba.njit(fastmath=cpu._FLAGS)
+    normalize, dx = afresh(cpu._normalize_streamed.py_func), afresh(cpu._dx_streamed.py_func)
     x = np.ones(1000, dtype)
     c = np.ones(1000, acc)
     out = np.empty_like(x)
-    normalize(out, x, c, c, c, True)
-    dx(out, x, x, c, c, c, c, True)
+    normalize(out, 0, out.size, x, x[:0], False, c, c, c)
+    dx(out, 0, out.size, x, x, c, c, c, c)
     for probe in (normalize, dx):
         asm = probe.inspect_asm(probe.signatures[0])
         assert re.search(rf"\bv?{packed}\s", asm), probe

@@ -80,7 +80,7 @@ import threading
 import numpy as np
 
 from .._validation import acc_dtype
-from .base import HostBackend, host_eval_constants
+from .base import HostBackend
 
 try:
     import llvmlite.ir
@@ -535,9 +535,11 @@ _REDO = 16.0            # (mean - shift)**2 / var above which the sums are taken
 # 2-core machine: a forward+backward over 1M float32 values took 1.6 ms on
 # one thread and 2.6 ms on two, they were even at 2-3M and two were ahead
 # from about 4M (6.4M: 7.0 against 10.4 ms).  tbb starts a loop in about
-# 5 us: two threads were ahead from about 100K values, so only inputs of one
-# block (_BLOCK) run on one thread.
-_SERIAL_MAX_BY_LAYER = {"workqueue": 1 << 21}
+# 5 us, but with the row loops at their speed one thread still finished a
+# forward + backward first up to about 256K values (float32, two threads
+# against one: 256x1024 1.16x, 4x28x28x64 channels-last 1.34x the serial
+# time; 512x1024 0.79x, 8x64x28x28 0.90x).
+_SERIAL_MAX_BY_LAYER = {"workqueue": 1 << 21, "tbb": 1 << 18}
 _SERIAL_MAX = None      # set by _serial_max (tests set it)
 
 
@@ -600,7 +602,7 @@ def _column_sums(x, dy, r0, r1, j0, k, a1, a2):
                 a2[j] += d0 * d0
 
 
-@numba.njit(cache=True)
+@numba.njit(inline="always")
 def _row(a, r):
     """Row ``r`` of the 2-D ``a`` as a 1-D view; of an absent array (one row
     of no values, :data:`_NONE`), that empty row."""
@@ -655,21 +657,31 @@ def _line_part(i0, i1, lo, hi, per_line):
     return p0, p1
 
 
-@numba.njit(inline="always")
-def _normalize_part(out, i0, i1, lo, hi, x, z, relu, m, a, b0):
+# A row, or part of one, is written by one of two paths.  Not streamed: one
+# loop, inlined into the caller's loop over rows.  Streamed: a called
+# function with three loops (the partial lines at either end, the whole lines
+# between).  Three loops inlined per row would cost Numba's reference counts
+# of the row views there (their increments and decrements are pruned only
+# around a simple body): 80 ns a row, more than a short row's values
+# (4096x64 float32 normalized in 350 us against 45).
+@numba.njit(cache=True, fastmath=_FLAGS)
+def _normalize_streamed(out, i0, i1, x, z, relu, m, a, b0):
     """:func:`_normalize_run` over the items ``[i0, i1)`` of the row
-    ``out`` whose streamed span is ``[lo, hi)``: its whole lines there with
-    non-temporal stores, the rest with plain ones."""
+    ``out``: the whole cache lines of its streamed span
+    (:func:`_stream_span`) with non-temporal stores, the rest with plain
+    ones."""
+    lo, hi = _stream_span(out, True)
     p0, p1 = _line_part(i0, i1, lo, hi, _LINE // out.itemsize)
     _normalize_run(out, i0, p0, False, x, z, relu, m, a, b0)
     _normalize_run(out, p0, p1, True, x, z, relu, m, a, b0)
     _normalize_run(out, p1, i1, False, x, z, relu, m, a, b0)
 
 
-@numba.njit(inline="always")
-def _dx_part(out, i0, i1, lo, hi, g, x, m, a, b0, k):
-    """:func:`_dx_run` over part of a row, streamed as in
-    :func:`_normalize_part`."""
+@numba.njit(cache=True, fastmath=_FLAGS)
+def _dx_streamed(out, i0, i1, g, x, m, a, b0, k):
+    """:func:`_dx_run` over part of a streamed row, as in
+    :func:`_normalize_streamed`."""
+    lo, hi = _stream_span(out, True)
     p0, p1 = _line_part(i0, i1, lo, hi, _LINE // out.itemsize)
     _dx_run(out, i0, p0, False, g, x, m, a, b0, k)
     _dx_run(out, p0, p1, True, g, x, m, a, b0, k)
@@ -677,19 +689,23 @@ def _dx_part(out, i0, i1, lo, hi, g, x, m, a, b0, k):
 
 
 @numba.njit(inline="always")
-def _normalize_row(out, stream, x, z, relu, m, a, b0):
-    """:func:`_normalize_run` over the row ``out``, its whole cache lines
-    with non-temporal stores when ``stream`` (:func:`_stream_span`)."""
-    lo, hi = _stream_span(out, stream)
-    _normalize_part(out, 0, out.size, lo, hi, x, z, relu, m, a, b0)
+def _normalize_part(out, i0, i1, stream, x, z, relu, m, a, b0):
+    """:func:`_normalize_run` over the items ``[i0, i1)`` of the row
+    ``out``, streamed when ``stream`` (:func:`_normalize_streamed`)."""
+    if stream:
+        _normalize_streamed(out, i0, i1, x, z, relu, m, a, b0)
+    else:
+        _normalize_run(out, i0, i1, False, x, z, relu, m, a, b0)
 
 
 @numba.njit(inline="always")
-def _dx_row(out, stream, g, x, m, a, b0, k):
-    """:func:`_dx_run` over the row ``out``, streamed as in
-    :func:`_normalize_row`."""
-    lo, hi = _stream_span(out, stream)
-    _dx_part(out, 0, out.size, lo, hi, g, x, m, a, b0, k)
+def _dx_part(out, i0, i1, stream, g, x, m, a, b0, k):
+    """:func:`_dx_run` over the items ``[i0, i1)`` of the row ``out``,
+    streamed when ``stream`` (:func:`_dx_streamed`)."""
+    if stream:
+        _dx_streamed(out, i0, i1, g, x, m, a, b0, k)
+    else:
+        _dx_run(out, i0, i1, False, g, x, m, a, b0, k)
 
 
 @numba.njit(inline="always")
@@ -716,6 +732,26 @@ def _ln_dx_run(out, i0, i1, streamed, g, x, m, rs, w, c1, c2, aw, ab):
             xhat = (_ld(x[j]) - m) * rs
             _put(out, j, _st(rs * (_ld(g[j]) * w[j] - c1 - xhat * c2), out), streamed)
 
+
+
+@numba.njit(cache=True, fastmath=_FLAGS)
+def _ln_y_streamed(out, x, hi, rs, lo, w, b):
+    """:func:`_ln_y_run` over the row ``out``, streamed as in
+    :func:`_normalize_streamed`."""
+    i0, i1 = _stream_span(out, True)
+    _ln_y_run(out, 0, i0, False, x, hi, rs, lo, w, b)
+    _ln_y_run(out, i0, i1, True, x, hi, rs, lo, w, b)
+    _ln_y_run(out, i1, out.size, False, x, hi, rs, lo, w, b)
+
+
+@numba.njit(cache=True, fastmath=_FLAGS)
+def _ln_dx_streamed(out, g, x, m, rs, w, c1, c2, aw, ab):
+    """:func:`_ln_dx_run` over the row ``out``, streamed as in
+    :func:`_normalize_streamed`."""
+    i0, i1 = _stream_span(out, True)
+    _ln_dx_run(out, 0, i0, False, g, x, m, rs, w, c1, c2, aw, ab)
+    _ln_dx_run(out, i0, i1, True, g, x, m, rs, w, c1, c2, aw, ab)
+    _ln_dx_run(out, i1, out.size, False, g, x, m, rs, w, c1, c2, aw, ab)
 
 @numba.njit(inline="always")
 def _run_sums(xr, gr, with_dy, k, zero):
@@ -805,48 +841,77 @@ def _sums(n, x, dy, y, shift, nc, inner, rows, per, s1, s2, g_out):
         _sums_blocks(i, i + 1, x, dy, y, k, nc, inner, rows, per, s1, s2, g_out)
 
 
+# The normalize and the dx loop are two functions, each one loop over the
+# rows per layout: with the four in one function the compiler kept the
+# reference counts of the row views in the loops it did not prune (2048x64
+# float32 dx: 132 us, 42 in a function of its own).
 @numba.njit(cache=True, fastmath=_FLAGS)
-def _affine_blocks(b0, b1, x, dy, z, relu, mean, a, b0v, k, nc, inner, rows, per, stream,
-                   out):
-    """Without ``dy`` values ``out = (x - mean[q]) * a[q] + b0v[q]``, plus
-    ``z`` when it has values, then the ReLU (``v <= 0`` to 0, NaN kept) when
-    ``relu``; with ``dy`` values ``out = k[q] * (dy - b0v[q] - (x - mean[q])
-    * a[q])``, or ``out = k[q] * dy`` when ``x`` has none (statistics held
-    fixed); the constants a value per channel, rows, blocks and channel
-    ``q`` as in :func:`_sums_blocks`; non-temporal stores when ``stream``.
-    Blocks ``[b0, b1)`` of ``per`` rows."""
+def _normalize_blocks(b0, b1, x, z, relu, mean, a, b0v, nc, inner, rows, per, stream, out):
+    """``out = (x - mean[q]) * a[q] + b0v[q]``, plus ``z`` when it has
+    values, then the ReLU (``v <= 0`` to 0, NaN kept) when ``relu``, the
+    constants a value per channel, rows, blocks and channel ``q`` as in
+    :func:`_sums_blocks`; non-temporal stores when ``stream``.  Blocks
+    ``[b0, b1)`` of ``per`` rows."""
     R, W = out.shape
-    with_dy = dy.size > 0
     mean, a = _layout_constant(mean, rows, inner, W), _layout_constant(a, rows, inner, W)
-    b0v, k = _layout_constant(b0v, rows, inner, W), _layout_constant(k, rows, inner, W)
+    b0v = _layout_constant(b0v, rows, inner, W)
     for b in range(b0, b1):
-        for r in range(b * per, min(R, (b + 1) * per)):
-            # rows as 1-D views (an absent array as an empty one)
-            xr, gr, zr = _row(x, r), _row(dy, r), _row(z, r)
-            if rows:
+        r0, r1 = b * per, min(R, (b + 1) * per)
+        if rows:
+            for r in range(r0, r1):
                 q = r % nc
-                if with_dy:
-                    _dx_row(out[r], stream, gr, xr, mean[q], a[q], b0v[q], k[q])
-                else:
-                    _normalize_row(out[r], stream, xr, zr, relu, mean[q], a[q], b0v[q])
-            elif with_dy:
-                _dx_row(out[r], stream, gr, xr, mean, a, b0v, k)
-            else:
-                _normalize_row(out[r], stream, xr, zr, relu, mean, a, b0v)
+                _normalize_part(out[r], 0, W, stream, x[r], _row(z, r), relu, mean[q], a[q],
+                                b0v[q])
+        else:
+            for r in range(r0, r1):
+                _normalize_part(out[r], 0, W, stream, x[r], _row(z, r), relu, mean, a, b0v)
         if stream:
             _store_fence()
 
 
-@_jit.over(_affine_blocks)
-def _affine(n, x, dy, z, relu, mean, a, b0v, k, nc, inner, rows, per, stream, out):
-    """:func:`_affine_blocks` over ``n`` blocks in parallel (the constants
-    made one per column once, for every block)."""
+@_jit.over(_normalize_blocks)
+def _normalize_loop(n, x, z, relu, mean, a, b0v, nc, inner, rows, per, stream, out):
+    """:func:`_normalize_blocks` over ``n`` blocks in parallel (the
+    constants made one per column once, for every block)."""
+    W = out.shape[1]
+    mean, a = _layout_constant(mean, rows, inner, W), _layout_constant(a, rows, inner, W)
+    b0v = _layout_constant(b0v, rows, inner, W)
+    for b in numba.prange(n):
+        i = _i64(b)
+        _normalize_blocks(i, i + 1, x, z, relu, mean, a, b0v, nc, inner, rows, per, stream, out)
+
+
+@numba.njit(cache=True, fastmath=_FLAGS)
+def _dx_blocks(b0, b1, dy, x, mean, a, b0v, k, nc, inner, rows, per, stream, out):
+    """``out = k[q] * (dy - b0v[q] - (x - mean[q]) * a[q])``, or ``out =
+    k[q] * dy`` when ``x`` has no values (statistics held fixed); rows,
+    blocks and streaming as in :func:`_normalize_blocks`."""
+    R, W = out.shape
+    mean, a = _layout_constant(mean, rows, inner, W), _layout_constant(a, rows, inner, W)
+    b0v, k = _layout_constant(b0v, rows, inner, W), _layout_constant(k, rows, inner, W)
+    for b in range(b0, b1):
+        r0, r1 = b * per, min(R, (b + 1) * per)
+        if rows:
+            for r in range(r0, r1):
+                q = r % nc
+                _dx_part(out[r], 0, W, stream, dy[r], _row(x, r), mean[q], a[q], b0v[q], k[q])
+        else:
+            for r in range(r0, r1):
+                _dx_part(out[r], 0, W, stream, dy[r], _row(x, r), mean, a, b0v, k)
+        if stream:
+            _store_fence()
+
+
+@_jit.over(_dx_blocks)
+def _dx_loop(n, dy, x, mean, a, b0v, k, nc, inner, rows, per, stream, out):
+    """:func:`_dx_blocks` over ``n`` blocks in parallel (the constants made
+    one per column once, for every block)."""
     W = out.shape[1]
     mean, a = _layout_constant(mean, rows, inner, W), _layout_constant(a, rows, inner, W)
     b0v, k = _layout_constant(b0v, rows, inner, W), _layout_constant(k, rows, inner, W)
     for b in numba.prange(n):
         i = _i64(b)
-        _affine_blocks(i, i + 1, x, dy, z, relu, mean, a, b0v, k, nc, inner, rows, per, stream, out)
+        _dx_blocks(i, i + 1, dy, x, mean, a, b0v, k, nc, inner, rows, per, stream, out)
 
 
 @numba.njit(cache=True, fastmath=_FLAGS)
@@ -868,13 +933,14 @@ def _ln_forward(n, x, first, w, b, eps, per, stream, y, mean_out, rstd_out):
         _ln_forward_blocks(i, i + 1, x, first, w, b, eps, per, stream, y, mean_out, rstd_out)
 
 
-@numba.njit(cache=True, fastmath=_FLAGS)
+@numba.njit(inline="always")
 def _ln_row(xr, k, w, b, eps, stream, yr):
     """One row of the layer norm forward: sums around the row's first value
     ``k`` (in the accumulation dtype; again around the mean when that was
     far off), then ``yr`` while the row is in the cache; returns the float64
-    ``(mean, rstd)``.  (A function of its own: inside the parallel loop the
-    shift's redo was miscompiled.)"""
+    ``(mean, rstd)``.  Inlined into the loop over rows: called, it cost
+    Numba's reference counts of the row views, 30 ns a row (64-value rows
+    normalized in 370 us against 260 inlined, 4096x64 float32)."""
     n = xr.size
     if not np.isfinite(k):
         k = w.dtype.type(0.0)
@@ -895,10 +961,10 @@ def _ln_row(xr, k, w, b, eps, stream, yr):
     hi = w.dtype.type(mean)
     lo = w.dtype.type(-(mean - np.float64(hi)) * rstd if np.isfinite(hi) else 0.0)
     rs = w.dtype.type(rstd)
-    i0, i1 = _stream_span(yr, stream)
-    _ln_y_run(yr, 0, i0, False, xr, hi, rs, lo, w, b)
-    _ln_y_run(yr, i0, i1, True, xr, hi, rs, lo, w, b)
-    _ln_y_run(yr, i1, n, False, xr, hi, rs, lo, w, b)
+    if stream:
+        _ln_y_streamed(yr, xr, hi, rs, lo, w, b)
+    else:
+        _ln_y_run(yr, 0, n, False, xr, hi, rs, lo, w, b)
     return mean, rstd
 
 
@@ -933,10 +999,10 @@ def _ln_backward_blocks(b0, b1, dy, x, mean, rstd, w, per, stream, dx, pw, pb):
                 c1 = w.dtype.type(np.float64(a1) / n)
                 c2 = w.dtype.type(np.float64(a2) * np.float64(rs) / n)
                 # dx, and the column sums in the same loop
-                i0, i1 = _stream_span(dr, stream)
-                _ln_dx_run(dr, 0, i0, False, gr, xr, m, rs, w, c1, c2, aw, ab)
-                _ln_dx_run(dr, i0, i1, True, gr, xr, m, rs, w, c1, c2, aw, ab)
-                _ln_dx_run(dr, i1, n, False, gr, xr, m, rs, w, c1, c2, aw, ab)
+                if stream:
+                    _ln_dx_streamed(dr, gr, xr, m, rs, w, c1, c2, aw, ab)
+                else:
+                    _ln_dx_run(dr, 0, n, False, gr, xr, m, rs, w, c1, c2, aw, ab)
             if grads:
                 for j in range(n):
                     pw[blk, j] += np.float64(aw[j])
@@ -1043,7 +1109,7 @@ def _tile_forward_blocks(tile0, tile1, x, z, relu, w, b, eps, inner, t, group, r
     statistics as in :func:`_moments` (around each channel's first value; a
     tile with a channel whose mean was far off is summed again, that channel
     around its mean), then ``y`` as in :func:`_normalize` (plus ``z`` and
-    the ReLU as in :func:`_affine`) from the rows just read: one read of
+    the ReLU as in :func:`_normalize_blocks`) from the rows just read: one read of
     ``x`` from memory instead of two.  A tile of every channel may take
     ``group`` rows as one (the views then ``(N / group, group * C *
     inner)``).  The tiles ``[tile0, tile1)``."""
@@ -1077,13 +1143,12 @@ def _tile_forward_blocks(tile0, tile1, x, z, relu, w, b, eps, inner, t, group, r
         sh_j = _per_column(sh, inner, cols)
         for n in range(N):
             yr, xr, zr = y[n, j0:j0 + L], x[n, j0:j0 + L], _row(z, n)[j0:j0 + L]
-            lo, up = _stream_span(yr, stream)
             if runs:
                 for c in range(tc):
-                    _normalize_part(yr, c * inner, (c + 1) * inner, lo, up, xr, zr, relu,
+                    _normalize_part(yr, c * inner, (c + 1) * inner, stream, xr, zr, relu,
                                     hi[c], s[c], sh[c])
             else:
-                _normalize_part(yr, 0, L, lo, up, xr, zr, relu, hi_j, s_j, sh_j)
+                _normalize_part(yr, 0, L, stream, xr, zr, relu, hi_j, s_j, sh_j)
         if stream:
             _store_fence()
 
@@ -1130,13 +1195,12 @@ def _tile_backward_blocks(tile0, tile1, dy, x, mean, invstd, w, inner, t, group,
         a_j, b0_j = _per_column(a, inner, cols), _per_column(b0, inner, cols)
         for n in range(N):
             dxr, gr, xr = dx[n, j0:j0 + L], dy[n, j0:j0 + L], x[n, j0:j0 + L]
-            lo, up = _stream_span(dxr, stream)
             if runs:
                 for c in range(tc):
-                    _dx_part(dxr, c * inner, (c + 1) * inner, lo, up, gr, xr, m[c], a[c], b0[c],
-                             f[c])
+                    _dx_part(dxr, c * inner, (c + 1) * inner, stream, gr, xr, m[c], a[c],
+                             b0[c], f[c])
             else:
-                _dx_part(dxr, 0, L, lo, up, gr, xr, m_j, a_j, b0_j, f_j)
+                _dx_part(dxr, 0, L, stream, gr, xr, m_j, a_j, b0_j, f_j)
         if stream:
             _store_fence()
 
@@ -1212,10 +1276,12 @@ class _Layout:
         return totals[0], totals[1]
 
     def affine(self, x3, dy3, mean, a, b0, k, z3=None, relu=False, out=None):
-        """``_affine`` over the whole array, into ``out`` or a new array of
-        the data's dtype (``x3`` None: ``k * dy3``).  Short rows are taken
-        several at a time: a streamed output's ``group`` at a time, as in the
-        column sums, so the partial cache lines at either end of a row
+        """The normalize loop (``dy3`` None: ``(x3 - mean) * a + b0``, plus
+        ``z3``, then the ReLU) or the dx loop (``k * (dy3 - b0 - (x3 - mean)
+        * a)``; ``x3`` None: ``k * dy3``) over the whole array, into ``out``
+        or a new array of the data's dtype.  Short rows are taken several at
+        a time: a streamed output's ``group`` at a time, as in the column
+        sums, so the partial cache lines at either end of a row
         (:func:`_stream_span`) are paid once per group (the constants
         repeated ``group`` times cost microseconds, nothing next to a
         streamed output), others to ``_AFFINE_WIDE`` values."""
@@ -1224,10 +1290,15 @@ class _Layout:
         stream = _streamed(out)
         dt, g = like.dtype, self.group if stream else self.affine_group
         per = max(1, self.per // g)
-        _affine(-(-(self.shape2[0] // g) // per), like.size, self.view(x3, dt, g),
-                self.view(dy3, dt, g), self.view(z3, dt, g), relu, _acc(mean, dt), _acc(a, dt),
-                _acc(b0, dt), _acc(k, dt), self.c, self.inner, self.rows, per, stream,
-                self.view(out, dt, g))
+        n = -(-(self.shape2[0] // g) // per)
+        x, y = self.view(x3, dt, g), self.view(out, dt, g)
+        if dy3 is None:
+            _normalize_loop(n, like.size, x, self.view(z3, dt, g), relu, _acc(mean, dt),
+                            _acc(a, dt), _acc(b0, dt), self.c, self.inner, self.rows, per, stream,
+                            y)
+        else:
+            _dx_loop(n, like.size, self.view(dy3, dt, g), x, _acc(mean, dt), _acc(a, dt),
+                     _acc(b0, dt), _acc(k, dt), self.c, self.inner, self.rows, per, stream, y)
         return out
 
 
@@ -1307,11 +1378,25 @@ def _channel_totals(parts, group, inner, out):
                 col[i] += parts[s, b, i]
         if one:
             continue
-        out[s] = 0.0
-        for g in range(group):
+        # a channel's columns added in memory order; with one column per
+        # channel and group, a row of the channels at a time (a vector add:
+        # a channel's sum alone is a chain of dependent adds, 12 us for 32
+        # groups of 64 channels)
+        tot = out[s]
+        if inner == 1:
             for ch in range(c):
-                for i in range(inner):
-                    out[s, ch] += col[(g * c + ch) * inner + i]
+                tot[ch] = 0.0
+            for g in range(group):
+                cg = col[g * c:(g + 1) * c]
+                for ch in range(c):
+                    tot[ch] += cg[ch]
+            continue
+        for ch in range(c):
+            t = 0.0
+            for g in range(group):
+                for i in range((g * c + ch) * inner, (g * c + ch + 1) * inner):
+                    t += col[i]
+            tot[ch] = t
 
 
 @numba.njit(cache=True)
@@ -1383,14 +1468,30 @@ def _affine_constants(mean, invstd, w, b, hi, a, b0):
     """The normalize loop's per-channel constants, in the accumulation dtype
     (``hi``'s): ``y = (x - hi) * a + b0`` with ``mean = hi + lo`` (``lo = mean
     - hi``, 0 where ``hi`` is not finite), ``a = invstd * w``, ``b0 = b - lo *
-    a`` (float64 ``mean``, ``invstd``, ``w`` and ``b``)."""
+    a``, computed in float64 (``mean``, ``invstd``, ``w`` and ``b`` of any
+    float dtype, widened)."""
     for c in range(mean.size):
-        h = hi.dtype.type(mean[c])
-        lo = mean[c] - np.float64(h) if np.isfinite(h) else 0.0
-        scale = invstd[c] * w[c]
+        m = np.float64(mean[c])
+        h = hi.dtype.type(m)
+        lo = m - np.float64(h) if np.isfinite(h) else 0.0
+        scale = np.float64(invstd[c]) * np.float64(w[c])
         hi[c] = h
         a[c] = scale
-        b0[c] = b[c] - lo * scale
+        b0[c] = np.float64(b[c]) - lo * scale
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _eval_constants(running_mean, running_var, eps, w, b, mean, invstd, hi, a, b0):
+    """An inference forward's per-channel vectors: ``mean`` (the running
+    mean) and ``invstd = 1 / sqrt(running_var + eps)`` computed in float64,
+    both in their arrays' accumulation dtype, as ``host_eval_constants`` of
+    the base module computes them (the tests hold the two bitwise equal);
+    then the normalize loop's constants from them (:func:`_affine_constants`).
+    One call instead of a dozen NumPy ones."""
+    for c in range(mean.size):
+        mean[c] = running_mean[c]
+        invstd[c] = 1.0 / np.sqrt(np.float64(running_var[c]) + eps)
+    _affine_constants(mean, invstd, w, b, hi, a, b0)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -1573,10 +1674,15 @@ class CpuBackend(HostBackend):
         return self.bn_forward_eval_act(x3, weight, bias, running_mean, running_var, eps,
                                         None, False, out)
 
+    @_serialized
     def bn_forward_eval_act(self, x3, weight, bias, running_mean, running_var, eps, residual,
                             relu, out=None):
-        mean, invstd = host_eval_constants(x3, running_mean, running_var, eps)
-        return self._apply(x3, mean, invstd, weight, bias, residual, relu, out), mean, invstd
+        c, acc = x3.shape[1], acc_dtype(x3.dtype)
+        mean, invstd, hi, a, b0 = (np.empty(c, acc) for _ in range(5))
+        _eval_constants(running_mean, running_var, float(eps), _vec(weight, acc, c, 1.0),
+                        _vec(bias, acc, c, 0.0), mean, invstd, hi, a, b0)
+        return _layout(x3.shape).affine(x3, None, hi, a, b0, None, residual, relu, out), mean, \
+            invstd
 
     def bn_apply(self, x3, mean, invstd, weight, bias):
         return self._apply(x3, mean, invstd, weight, bias, None, False)
