@@ -733,7 +733,6 @@ def _ln_dx_run(out, i0, i1, streamed, g, x, m, rs, w, c1, c2, aw, ab):
             _put(out, j, _st(rs * (_ld(g[j]) * w[j] - c1 - xhat * c2), out), streamed)
 
 
-
 @numba.njit(cache=True, fastmath=_FLAGS)
 def _ln_y_streamed(out, x, hi, rs, lo, w, b):
     """:func:`_ln_y_run` over the row ``out``, streamed as in
@@ -752,6 +751,7 @@ def _ln_dx_streamed(out, g, x, m, rs, w, c1, c2, aw, ab):
     _ln_dx_run(out, 0, i0, False, g, x, m, rs, w, c1, c2, aw, ab)
     _ln_dx_run(out, i0, i1, True, g, x, m, rs, w, c1, c2, aw, ab)
     _ln_dx_run(out, i1, out.size, False, g, x, m, rs, w, c1, c2, aw, ab)
+
 
 @numba.njit(inline="always")
 def _run_sums(xr, gr, with_dy, k, zero):
