@@ -657,14 +657,16 @@ def _line_part(i0, i1, lo, hi, per_line):
     return p0, p1
 
 
-# A row, or part of one, is written by one of two paths.  Not streamed: one
-# loop, inlined into the caller's loop over rows.  Streamed: a called
-# function with three loops (the partial lines at either end, the whole lines
-# between).  Three loops inlined per row would cost Numba's reference counts
-# of the row views there (their increments and decrements are pruned only
-# around a simple body): 80 ns a row, more than a short row's values
-# (4096x64 float32 normalized in 350 us against 45).
-@numba.njit(cache=True, fastmath=_FLAGS)
+# A loop over rows writes them by one of two paths, chosen once for all its
+# rows: not streamed, one loop per row (or run); streamed, three (the partial
+# lines at either end, the whole lines between: _normalize_streamed,
+# _dx_streamed).  The three loops inlined in the same loop over rows would
+# cost Numba's reference counts of the row views there (their increments
+# and decrements are pruned only around a simple loop body): 80 ns a row,
+# more than a short row's values (4096x64 float32 normalized in 350 us
+# against 45); called per row instead, the call cost 10-14 % of a large
+# streamed output.
+@numba.njit(inline="always")
 def _normalize_streamed(out, i0, i1, x, z, relu, m, a, b0):
     """:func:`_normalize_run` over the items ``[i0, i1)`` of the row
     ``out``: the whole cache lines of its streamed span
@@ -677,7 +679,7 @@ def _normalize_streamed(out, i0, i1, x, z, relu, m, a, b0):
     _normalize_run(out, p1, i1, False, x, z, relu, m, a, b0)
 
 
-@numba.njit(cache=True, fastmath=_FLAGS)
+@numba.njit(inline="always")
 def _dx_streamed(out, i0, i1, g, x, m, a, b0, k):
     """:func:`_dx_run` over part of a streamed row, as in
     :func:`_normalize_streamed`."""
@@ -686,26 +688,6 @@ def _dx_streamed(out, i0, i1, g, x, m, a, b0, k):
     _dx_run(out, i0, p0, False, g, x, m, a, b0, k)
     _dx_run(out, p0, p1, True, g, x, m, a, b0, k)
     _dx_run(out, p1, i1, False, g, x, m, a, b0, k)
-
-
-@numba.njit(inline="always")
-def _normalize_part(out, i0, i1, stream, x, z, relu, m, a, b0):
-    """:func:`_normalize_run` over the items ``[i0, i1)`` of the row
-    ``out``, streamed when ``stream`` (:func:`_normalize_streamed`)."""
-    if stream:
-        _normalize_streamed(out, i0, i1, x, z, relu, m, a, b0)
-    else:
-        _normalize_run(out, i0, i1, False, x, z, relu, m, a, b0)
-
-
-@numba.njit(inline="always")
-def _dx_part(out, i0, i1, stream, g, x, m, a, b0, k):
-    """:func:`_dx_run` over the items ``[i0, i1)`` of the row ``out``,
-    streamed when ``stream`` (:func:`_dx_streamed`)."""
-    if stream:
-        _dx_streamed(out, i0, i1, g, x, m, a, b0, k)
-    else:
-        _dx_run(out, i0, i1, False, g, x, m, a, b0, k)
 
 
 @numba.njit(inline="always")
@@ -733,7 +715,7 @@ def _ln_dx_run(out, i0, i1, streamed, g, x, m, rs, w, c1, c2, aw, ab):
             _put(out, j, _st(rs * (_ld(g[j]) * w[j] - c1 - xhat * c2), out), streamed)
 
 
-@numba.njit(cache=True, fastmath=_FLAGS)
+@numba.njit(inline="always")
 def _ln_y_streamed(out, x, hi, rs, lo, w, b):
     """:func:`_ln_y_run` over the row ``out``, streamed as in
     :func:`_normalize_streamed`."""
@@ -743,7 +725,7 @@ def _ln_y_streamed(out, x, hi, rs, lo, w, b):
     _ln_y_run(out, i1, out.size, False, x, hi, rs, lo, w, b)
 
 
-@numba.njit(cache=True, fastmath=_FLAGS)
+@numba.njit(inline="always")
 def _ln_dx_streamed(out, g, x, m, rs, w, c1, c2, aw, ab):
     """:func:`_ln_dx_run` over the row ``out``, streamed as in
     :func:`_normalize_streamed`."""
@@ -841,10 +823,10 @@ def _sums(n, x, dy, y, shift, nc, inner, rows, per, s1, s2, g_out):
         _sums_blocks(i, i + 1, x, dy, y, k, nc, inner, rows, per, s1, s2, g_out)
 
 
-# The normalize and the dx loop are two functions, each one loop over the
-# rows per layout: with the four in one function the compiler kept the
-# reference counts of the row views in the loops it did not prune (2048x64
-# float32 dx: 132 us, 42 in a function of its own).
+# The normalize and the dx loop are two functions: with the row loops of
+# both in one function the compiler kept the reference counts of the row
+# views in the loops it did not prune (2048x64 float32 dx: 132 us, 42 in a
+# function of its own).
 @numba.njit(cache=True, fastmath=_FLAGS)
 def _normalize_blocks(b0, b1, x, z, relu, mean, a, b0v, nc, inner, rows, per, stream, out):
     """``out = (x - mean[q]) * a[q] + b0v[q]``, plus ``z`` when it has
@@ -857,16 +839,24 @@ def _normalize_blocks(b0, b1, x, z, relu, mean, a, b0v, nc, inner, rows, per, st
     b0v = _layout_constant(b0v, rows, inner, W)
     for b in range(b0, b1):
         r0, r1 = b * per, min(R, (b + 1) * per)
-        if rows:
+        if stream:
+            if rows:
+                for r in range(r0, r1):
+                    q = r % nc
+                    _normalize_streamed(out[r], 0, W, x[r], _row(z, r), relu, mean[q], a[q],
+                                        b0v[q])
+            else:
+                for r in range(r0, r1):
+                    _normalize_streamed(out[r], 0, W, x[r], _row(z, r), relu, mean, a, b0v)
+            _store_fence()
+        elif rows:
             for r in range(r0, r1):
                 q = r % nc
-                _normalize_part(out[r], 0, W, stream, x[r], _row(z, r), relu, mean[q], a[q],
-                                b0v[q])
+                _normalize_run(out[r], 0, W, False, x[r], _row(z, r), relu, mean[q], a[q],
+                               b0v[q])
         else:
             for r in range(r0, r1):
-                _normalize_part(out[r], 0, W, stream, x[r], _row(z, r), relu, mean, a, b0v)
-        if stream:
-            _store_fence()
+                _normalize_run(out[r], 0, W, False, x[r], _row(z, r), relu, mean, a, b0v)
 
 
 @_jit.over(_normalize_blocks)
@@ -891,15 +881,22 @@ def _dx_blocks(b0, b1, dy, x, mean, a, b0v, k, nc, inner, rows, per, stream, out
     b0v, k = _layout_constant(b0v, rows, inner, W), _layout_constant(k, rows, inner, W)
     for b in range(b0, b1):
         r0, r1 = b * per, min(R, (b + 1) * per)
-        if rows:
+        if stream:
+            if rows:
+                for r in range(r0, r1):
+                    q = r % nc
+                    _dx_streamed(out[r], 0, W, dy[r], _row(x, r), mean[q], a[q], b0v[q], k[q])
+            else:
+                for r in range(r0, r1):
+                    _dx_streamed(out[r], 0, W, dy[r], _row(x, r), mean, a, b0v, k)
+            _store_fence()
+        elif rows:
             for r in range(r0, r1):
                 q = r % nc
-                _dx_part(out[r], 0, W, stream, dy[r], _row(x, r), mean[q], a[q], b0v[q], k[q])
+                _dx_run(out[r], 0, W, False, dy[r], _row(x, r), mean[q], a[q], b0v[q], k[q])
         else:
             for r in range(r0, r1):
-                _dx_part(out[r], 0, W, stream, dy[r], _row(x, r), mean, a, b0v, k)
-        if stream:
-            _store_fence()
+                _dx_run(out[r], 0, W, False, dy[r], _row(x, r), mean, a, b0v, k)
 
 
 @_jit.over(_dx_blocks)
@@ -916,13 +913,22 @@ def _dx_loop(n, dy, x, mean, a, b0v, k, nc, inner, rows, per, stream, out):
 
 @numba.njit(cache=True, fastmath=_FLAGS)
 def _ln_forward_blocks(b0, b1, x, first, w, b, eps, per, stream, y, mean_out, rstd_out):
-    """Layer norm forward, one row at a time (:func:`_ln_row`), the blocks
-    ``[b0, b1)`` of ``per`` rows."""
+    """Layer norm forward, one row at a time: its statistics
+    (:func:`_ln_row`), then ``y`` while the row is in the cache
+    (streamed or not for all the rows, as in :func:`_normalize_blocks`),
+    the blocks ``[b0, b1)`` of ``per`` rows."""
+    n = x.shape[1]
     for blk in range(b0, b1):
-        for r in range(blk * per, min(x.shape[0], (blk + 1) * per)):
-            mean_out[r], rstd_out[r] = _ln_row(x[r], first[r], w, b, eps, stream, y[r])
+        r0, r1 = blk * per, min(x.shape[0], (blk + 1) * per)
         if stream:
+            for r in range(r0, r1):
+                mean_out[r], rstd_out[r], hi, rs, lo = _ln_row(x[r], first[r], w, eps)
+                _ln_y_streamed(y[r], x[r], hi, rs, lo, w, b)
             _store_fence()
+        else:
+            for r in range(r0, r1):
+                mean_out[r], rstd_out[r], hi, rs, lo = _ln_row(x[r], first[r], w, eps)
+                _ln_y_run(y[r], 0, n, False, x[r], hi, rs, lo, w, b)
 
 
 @_jit.over(_ln_forward_blocks)
@@ -934,13 +940,14 @@ def _ln_forward(n, x, first, w, b, eps, per, stream, y, mean_out, rstd_out):
 
 
 @numba.njit(inline="always")
-def _ln_row(xr, k, w, b, eps, stream, yr):
-    """One row of the layer norm forward: sums around the row's first value
-    ``k`` (in the accumulation dtype; again around the mean when that was
-    far off), then ``yr`` while the row is in the cache; returns the float64
-    ``(mean, rstd)``.  Inlined into the loop over rows: called, it cost
-    Numba's reference counts of the row views, 30 ns a row (64-value rows
-    normalized in 370 us against 260 inlined, 4096x64 float32)."""
+def _ln_row(xr, k, w, eps):
+    """The statistics of one row of the layer norm forward: sums around the
+    row's first value ``k`` (in the accumulation dtype; again around the
+    mean when that was far off); returns the float64 ``(mean, rstd)`` and
+    the constants of ``y = ((x - hi) * rs + lo) * w + b`` (:func:`_ln_y_run`).
+    Inlined into the loop over rows: called, it cost Numba's reference
+    counts of the row views, 30 ns a row (64-value rows normalized in 370 us
+    against 260 inlined, 4096x64 float32)."""
     n = xr.size
     if not np.isfinite(k):
         k = w.dtype.type(0.0)
@@ -960,12 +967,22 @@ def _ln_row(xr, k, w, b, eps, stream, yr):
     rstd = 1.0 / np.sqrt(max(m2, 0.0) / n + eps) if m2 == m2 else m2
     hi = w.dtype.type(mean)
     lo = w.dtype.type(-(mean - np.float64(hi)) * rstd if np.isfinite(hi) else 0.0)
-    rs = w.dtype.type(rstd)
-    if stream:
-        _ln_y_streamed(yr, xr, hi, rs, lo, w, b)
-    else:
-        _ln_y_run(yr, 0, n, False, xr, hi, rs, lo, w, b)
-    return mean, rstd
+    return mean, rstd, hi, w.dtype.type(rstd), lo
+
+
+@numba.njit(inline="always")
+def _ln_dx_constants(gr, xr, m, rs, w):
+    """A layer-norm backward row's ``(c1, c2)`` (:func:`_ln_dx_run`): the
+    means of ``g = dy * w`` and of ``g * (x - m)`` times ``rs``, summed in
+    the accumulation dtype."""
+    n = xr.size
+    a1 = w.dtype.type(0.0)
+    a2 = w.dtype.type(0.0)
+    for j in range(n):
+        g = _ld(gr[j]) * w[j]
+        a1 += g
+        a2 += g * (_ld(xr[j]) - m)
+    return w.dtype.type(np.float64(a1) / n), w.dtype.type(np.float64(a2) * np.float64(rs) / n)
 
 
 @numba.njit(cache=True, fastmath=_FLAGS)
@@ -987,22 +1004,18 @@ def _ln_backward_blocks(b0, b1, dy, x, mean, rstd, w, per, stream, dx, pw, pb):
         for f0 in range(blk * per, r1, _FOLD):
             aw[:] = 0.0
             ab[:] = 0.0
-            for r in range(f0, min(r1, f0 + _FOLD)):
-                gr, xr, dr = dy[r], x[r], dx[r]     # 1-D views: plain unit-stride loops
-                m, rs = mean[r], rstd[r]
-                a1 = w.dtype.type(0.0)
-                a2 = w.dtype.type(0.0)
-                for j in range(n):
-                    g = _ld(gr[j]) * w[j]
-                    a1 += g
-                    a2 += g * (_ld(xr[j]) - m)
-                c1 = w.dtype.type(np.float64(a1) / n)
-                c2 = w.dtype.type(np.float64(a2) * np.float64(rs) / n)
-                # dx, and the column sums in the same loop
-                if stream:
-                    _ln_dx_streamed(dr, gr, xr, m, rs, w, c1, c2, aw, ab)
-                else:
-                    _ln_dx_run(dr, 0, n, False, gr, xr, m, rs, w, c1, c2, aw, ab)
+            # a row's sums, then dx and the column sums in one loop (1-D
+            # views: plain unit-stride loops), streamed or not for all rows
+            if stream:
+                for r in range(f0, min(r1, f0 + _FOLD)):
+                    m, rs = mean[r], rstd[r]
+                    c1, c2 = _ln_dx_constants(dy[r], x[r], m, rs, w)
+                    _ln_dx_streamed(dx[r], dy[r], x[r], m, rs, w, c1, c2, aw, ab)
+            else:
+                for r in range(f0, min(r1, f0 + _FOLD)):
+                    m, rs = mean[r], rstd[r]
+                    c1, c2 = _ln_dx_constants(dy[r], x[r], m, rs, w)
+                    _ln_dx_run(dx[r], 0, n, False, dy[r], x[r], m, rs, w, c1, c2, aw, ab)
             if grads:
                 for j in range(n):
                     pw[blk, j] += np.float64(aw[j])
@@ -1141,16 +1154,25 @@ def _tile_forward_blocks(tile0, tile1, x, z, relu, w, b, eps, inner, t, group, r
         cols = 0 if runs else L     # the constants one per column, or per run
         hi_j, s_j = _per_column(hi, inner, cols), _per_column(s, inner, cols)
         sh_j = _per_column(sh, inner, cols)
-        for n in range(N):
-            yr, xr, zr = y[n, j0:j0 + L], x[n, j0:j0 + L], _row(z, n)[j0:j0 + L]
-            if runs:
-                for c in range(tc):
-                    _normalize_part(yr, c * inner, (c + 1) * inner, stream, xr, zr, relu,
-                                    hi[c], s[c], sh[c])
-            else:
-                _normalize_part(yr, 0, L, stream, xr, zr, relu, hi_j, s_j, sh_j)
         if stream:
+            for n in range(N):
+                yr, xr, zr = y[n, j0:j0 + L], x[n, j0:j0 + L], _row(z, n)[j0:j0 + L]
+                if runs:
+                    for c in range(tc):
+                        _normalize_streamed(yr, c * inner, (c + 1) * inner, xr, zr, relu, hi[c],
+                                            s[c], sh[c])
+                else:
+                    _normalize_streamed(yr, 0, L, xr, zr, relu, hi_j, s_j, sh_j)
             _store_fence()
+        else:
+            for n in range(N):
+                yr, xr, zr = y[n, j0:j0 + L], x[n, j0:j0 + L], _row(z, n)[j0:j0 + L]
+                if runs:
+                    for c in range(tc):
+                        _normalize_run(yr, c * inner, (c + 1) * inner, False, xr, zr, relu, hi[c],
+                                       s[c], sh[c])
+                else:
+                    _normalize_run(yr, 0, L, False, xr, zr, relu, hi_j, s_j, sh_j)
 
 
 @_jit.over(_tile_forward_blocks)
@@ -1193,16 +1215,25 @@ def _tile_backward_blocks(tile0, tile1, dy, x, mean, invstd, w, inner, t, group,
         cols = 0 if runs else L
         m_j, f_j = _per_column(m, inner, cols), _per_column(f, inner, cols)
         a_j, b0_j = _per_column(a, inner, cols), _per_column(b0, inner, cols)
-        for n in range(N):
-            dxr, gr, xr = dx[n, j0:j0 + L], dy[n, j0:j0 + L], x[n, j0:j0 + L]
-            if runs:
-                for c in range(tc):
-                    _dx_part(dxr, c * inner, (c + 1) * inner, stream, gr, xr, m[c], a[c],
-                             b0[c], f[c])
-            else:
-                _dx_part(dxr, 0, L, stream, gr, xr, m_j, a_j, b0_j, f_j)
         if stream:
+            for n in range(N):
+                dxr, gr, xr = dx[n, j0:j0 + L], dy[n, j0:j0 + L], x[n, j0:j0 + L]
+                if runs:
+                    for c in range(tc):
+                        _dx_streamed(dxr, c * inner, (c + 1) * inner, gr, xr, m[c], a[c], b0[c],
+                                     f[c])
+                else:
+                    _dx_streamed(dxr, 0, L, gr, xr, m_j, a_j, b0_j, f_j)
             _store_fence()
+        else:
+            for n in range(N):
+                dxr, gr, xr = dx[n, j0:j0 + L], dy[n, j0:j0 + L], x[n, j0:j0 + L]
+                if runs:
+                    for c in range(tc):
+                        _dx_run(dxr, c * inner, (c + 1) * inner, False, gr, xr, m[c], a[c], b0[c],
+                                f[c])
+                else:
+                    _dx_run(dxr, 0, L, False, gr, xr, m_j, a_j, b0_j, f_j)
 
 
 @_jit.over(_tile_backward_blocks)
