@@ -1095,10 +1095,14 @@ def _per_column(v, inner, width):
     channel, then again for each further row of a group taken as one)."""
     out = np.empty(width, v.dtype)
     period = min(width, v.size * inner)
-    for c in range(-(-period // inner)):    # plain loops: a slice per channel costs
-        val = v[c]                          # 10x more at inner = 1
-        for j in range(c * inner, min(period, (c + 1) * inner)):
-            out[j] = val
+    if inner == 1:                          # a copy (a loop per channel of one
+        for j in range(period):             # value each cost 2 us at 512)
+            out[j] = v[j]
+    else:
+        for c in range(-(-period // inner)):    # plain loops: a slice per channel
+            val = v[c]                          # costs 10x more at inner = 1
+            for j in range(c * inner, min(period, (c + 1) * inner)):
+                out[j] = val
     for j in range(period, width):
         out[j] = out[j - period]
     return out
