@@ -29,7 +29,8 @@ _FLOAT_NP_DTYPES = frozenset(np.dtype(n) for n in ("float16", "float32", "float6
 
 def is_array(x) -> bool:
     """Whether ``x`` looks like an array (NumPy, CuPy or alike)."""
-    return hasattr(x, "dtype") and hasattr(x, "shape") and hasattr(x, "ndim")
+    return type(x) is np.ndarray or (hasattr(x, "dtype") and hasattr(x, "shape")
+                                     and hasattr(x, "ndim"))
 
 
 def check_float_array(x, name: str):
@@ -57,9 +58,10 @@ def check_param_dtype(dtype, name: str = "dtype") -> np.dtype:
 
 
 def normalize_axis(axis, ndim: int, name: str = "axis") -> int:
-    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(axis).__name__}")
-    axis = int(axis)
+    if type(axis) is not int:       # the common case without the abstract-class checks
+        if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {type(axis).__name__}")
+        axis = int(axis)
     if not -ndim <= axis < ndim:
         raise ValueError(f"{name}={axis} is out of range for an input with {ndim} "
                          f"dimensions (allowed: {-ndim} to {ndim - 1})")
@@ -128,7 +130,7 @@ def check_same_device(a, name: str, like, like_name: str = "x"):
     input): a kernel given a pointer to another GPU's memory reads an
     illegal address.  Host arrays are not compared (the array-module checks
     decide about them)."""
-    if a is None or like is None:
+    if a is None or like is None or type(a) is np.ndarray:
         return
     got, want = device_id(a), device_id(like)
     if got is not None and want is not None and got != want:
@@ -202,6 +204,14 @@ def canonical_shape(shape, axis: int):
     return outer, shape[axis], inner
 
 
+_IDENTITY = tuple(tuple(range(n)) for n in range(65))    # NumPy's most dimensions is 64
+
+
+def identity_order(ndim: int) -> Tuple[int, ...]:
+    """The axes ``0 .. ndim - 1`` in order: the layout of a C-contiguous array."""
+    return _IDENTITY[ndim] if ndim < len(_IDENTITY) else tuple(range(ndim))
+
+
 def layout_order(x, axis: int) -> Tuple[int, ...]:
     """The order of ``x``'s axes in memory, outermost first, when ``x`` is a
     canonical layout with its channel ``axis`` moved: the other axes in their
@@ -211,8 +221,7 @@ def layout_order(x, axis: int) -> Tuple[int, ...]:
     it runs as channels-last.  The identity for C-contiguous arrays and for
     every other layout (Fortran order, slices, other transposes: those are
     copied once)."""
-    ndim = x.ndim
-    identity = tuple(range(ndim))
+    identity = identity_order(x.ndim)
     if x.flags.c_contiguous:
         return identity
     strides, shape = x.strides, x.shape
@@ -236,7 +245,7 @@ def canonical_view(x, axis: int, xp=None, order: Optional[Sequence[int]] = None)
     if xp is None:
         xp = np
     order = layout_order(x, axis) if order is None else tuple(order)
-    xt = x if order == tuple(range(x.ndim)) else x.transpose(order)
+    xt = x if order == identity_order(x.ndim) else x.transpose(order)
     x3 = xt.reshape(canonical_shape(tuple(xt.shape), order.index(axis)))
     if not x3.flags.c_contiguous:
         x3 = xp.ascontiguousarray(x3)
@@ -247,7 +256,7 @@ def from_canonical(a3, shape, order: Optional[Sequence[int]] = None):
     """An array of ``shape`` holding the canonical ``a3`` that
     :func:`canonical_view` made with ``order``: a view, laid out in memory
     like that input (channels-last in, channels-last out, as PyTorch does)."""
-    if order is None or tuple(order) == tuple(range(len(shape))):
+    if order is None or tuple(order) == identity_order(len(shape)):
         return a3.reshape(shape)
     a = a3.reshape(tuple(shape[i] for i in order))
     return a.transpose(tuple(int(i) for i in np.argsort(order)))
@@ -327,7 +336,7 @@ def check_out(out, shape, dtype, order, backend, like_name: str, reads, like=Non
     check_tensor_like(out, shape, dtype, backend, name, like_name, like)
     if not getattr(out.flags, "writeable", True):
         raise ValueError(f"{name} must be writeable")
-    identity = tuple(order) == tuple(range(out.ndim))
+    identity = tuple(order) == identity_order(out.ndim)
     if not (out if identity else out.transpose(order)).flags.c_contiguous:
         kind = "C-contiguous" if identity else \
             f"contiguous in the axis order {tuple(order)} (the input's)"

@@ -439,9 +439,9 @@ def sync_batch_norm_forward(x, *, comm, weight=None, bias=None, running_mean=Non
     c = _num_channels(num_features, x, axis, weight, bias, running_mean, running_var)
     xp = be.xp
 
-    def check_vectors(xc, be):
+    def check_vectors(xc, be, axis_, order):
         if xc != c:
-            raise ValueError(f"x has {xc} channels on axis {V.normalize_axis(axis, x.ndim)} "
+            raise ValueError(f"x has {xc} channels on axis {axis_} "
                              f"(shape {tuple(x.shape)}), expected {c}")
         V.check_bn_vectors(weight, bias, running_mean, running_var, c, be, training, like=x)
 

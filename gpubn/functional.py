@@ -159,9 +159,10 @@ class ForwardInput:
 def canonical_input(x, options: ForwardOptions, *, weight, bias, axis, check_vectors,
                     local: bool = False) -> ForwardInput:
     """Validate the arrays of a per-channel forward (``check_vectors(num_channels,
-    backend)`` checks the op's own per-channel vectors) before anything is
-    converted or written, then put ``x`` in the canonical layout and the
-    parameters in the accumulation dtype.  ``local=True``: ``x`` is one
+    backend, axis, order)`` checks the op's own per-channel vectors; ``axis``
+    is the channel axis in ``[0, ndim)``, ``order`` :func:`V.layout_order` of
+    ``x``) before anything is converted or written, then put ``x`` in the
+    canonical layout and the parameters in the accumulation dtype.  ``local=True``: ``x`` is one
     rank's share of a global batch, which may be empty; the caller checks the
     values per channel of the whole batch."""
     be = options.backend
@@ -170,13 +171,13 @@ def canonical_input(x, options: ForwardOptions, *, weight, bias, axis, check_vec
     shape = tuple(x.shape)
     outer, c, inner = V.canonical_shape(shape, axis)
     count = outer * inner
-    check_vectors(c, be)
+    order = V.layout_order(x, axis)
+    check_vectors(c, be, axis, order)
     if not local:
         V.check_count(count, options.training, shape)
 
     xp = be.xp
     acc = V.acc_dtype(x.dtype)
-    order = V.layout_order(x, axis)
     return ForwardInput(
         backend=be, x3=V.canonical_view(x, axis, xp, order), order=order,
         weight=to_acc(xp, weight, acc),
@@ -264,15 +265,14 @@ def batch_norm_forward(x, *, weight=None, bias=None, running_mean=None, running_
     relu = V.check_activation(activation)
     groups = 1
 
-    def check_vectors(c, be):
+    def check_vectors(c, be, axis_, order):
         nonlocal groups
         V.check_bn_vectors(weight, bias, running_mean, running_var, c, be, training, like=x)
         V.check_residual(residual, x.shape, x.dtype, be, like=x)
-        axis_ = V.normalize_axis(axis, x.ndim)
-        if training:
+        if training and virtual_batch_size is not None:
             groups = V.check_virtual_batch_size(virtual_batch_size, x.shape, axis_)
-            outer, _, inner = V.canonical_shape(tuple(x.shape), axis_)
-            if groups > 1 and outer * inner // groups < 2:
+            count = x.size // c
+            if groups > 1 and count // groups < 2:
                 raise ValueError(f"expected more than 1 value per channel in each group of "
                                  f"virtual_batch_size={virtual_batch_size} samples when "
                                  f"training, got x of shape {tuple(x.shape)}")
@@ -280,7 +280,6 @@ def batch_norm_forward(x, *, weight=None, bias=None, running_mean=None, running_
                 raise ValueError(f"virtual_batch_size={virtual_batch_size} cannot be combined "
                                  f"with residual= or activation= (the residual-block epilogue "
                                  f"runs on whole batches only)")
-        order = V.layout_order(x, axis_)
         if groups > 1 and order[0] != 0:
             order = tuple(range(x.ndim))    # ghost groups run on a copy in the given order
         V.check_out(out, x.shape, x.dtype, order, be, "x", {"x": x, "residual": residual},

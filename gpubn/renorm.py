@@ -146,7 +146,7 @@ def batch_renorm_forward(x, *, weight=None, bias=None, running_mean, running_std
     guard = V.check_flag(guard_running_stats, "guard_running_stats")
     check_no_ghost(virtual_batch_size)
 
-    def check_vectors(c, be):
+    def check_vectors(c, be, axis_, order):
         V.check_channel_vector(weight, "weight", c, like=x)
         V.check_channel_vector(bias, "bias", c, like=x)
         if running_mean is None or running_std is None:

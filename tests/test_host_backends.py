@@ -64,11 +64,12 @@ def _nonfinite_input(shape):
     return x
 
 
-def test_nonfinite_input_gives_nan_channels_and_no_warning(host):
-    """At a size that uses every thread: NaN / Inf in a channel make that
-    channel's training outputs NaN (Inf-only: mean Inf) and raise no
-    RuntimeWarning, forward and backward, training and eval."""
-    shape = (16, 8, 64, 64)
+@pytest.mark.parametrize("shape", [(16, 8, 64, 64), (4, 8, 6, 6)])
+def test_nonfinite_input_gives_nan_channels_and_no_warning(host, shape):
+    """At a size that uses every thread, and at one that runs as a single
+    tile: NaN / Inf in a channel make that channel's training outputs NaN
+    (Inf-only: mean Inf) and raise no RuntimeWarning, forward and backward,
+    training and eval."""
     x = _nonfinite_input(shape)
     dy = np.ones(shape, np.float32)
     with warnings.catch_warnings():
@@ -88,6 +89,47 @@ def test_nonfinite_input_gives_nan_channels_and_no_warning(host):
     # eval: non-finite values stay in their own elements
     assert np.isnan(rv[:3]).all()
     assert np.isfinite(ye[:, 3:]).all()
+
+
+@pytest.mark.parametrize("shape", [(16, 8, 64, 64), (4, 8, 6, 6)])
+def test_nonfinite_input_raises_no_warning_in_any_op(host, shape):
+    """The ops besides plain batch norm on the same non-finite input, large
+    and one-tile: the residual + ReLU epilogue and its backward, the two
+    backward passes of sync batch norm, layer norm over the rows, batch
+    renorm.  NaN stays NaN, and a gradient sum past float32's range is Inf
+    (channel 4's dy, as in PyTorch); no RuntimeWarning anywhere."""
+    from gpubn.backends import get_backend
+
+    x = _nonfinite_input(shape)
+    dy = np.ones(shape, np.float32)
+    dy[:, 4] = 3e38
+    be = get_backend(host)
+    x3, dy3 = x.reshape(shape[0], shape[1], -1), dy.reshape(shape[0], shape[1], -1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y, saved = gpubn.batch_norm_forward(x, residual=np.ones_like(x), activation="relu",
+                                            backend=host)
+        dx, _, _, dres = gpubn.batch_norm_backward(dy, saved)
+        mean, invstd = saved.mean, saved.invstd
+        sum_dy, sum_dy_xhat = be.bn_backward_reduce(dy3, x3, mean, invstd)
+        dx_split = be.bn_backward_dx(dy3, x3, mean, invstd, None, sum_dy, sum_dy_xhat,
+                                     shape[0] * shape[2] * shape[3])
+        rows = x.reshape(-1, shape[-1])
+        yl, saved_l = gpubn.layer_norm_forward(rows, shape[-1], np.ones(shape[-1], np.float32),
+                                               np.zeros(shape[-1], np.float32), backend=host)
+        dxl, dwl, dbl = gpubn.layer_norm_backward(np.ones_like(rows), saved_l)
+        yr, saved_r = gpubn.batch_renorm_forward(x, running_mean=np.zeros(8, np.float32),
+                                                 running_std=np.ones(8, np.float32),
+                                                 backend=host)
+        dxr, _, _ = gpubn.batch_renorm_backward(dy, saved_r)
+    assert np.isnan(y[:, 0]).all() and np.isnan(dx[:, 0]).all() and np.isnan(dx_split[:, 0]).all()
+    finite = [3, 5, 6, 7]
+    assert np.isfinite(y[:, 3:]).all() and np.isfinite(dx[:, finite]).all()
+    assert np.isnan(sum_dy_xhat[0]) and sum_dy[4] == np.inf and np.isfinite(sum_dy[:4]).all()
+    assert np.isnan(dx_split[:, 4]).all() or np.isinf(dx_split[:, 4]).all()
+    assert np.isnan(yl[0]).all() and np.isnan(dxl[0]).all()     # the row holding the NaN
+    assert np.isnan(dwl).any() and np.isfinite(dbl).all()
+    assert np.isnan(yr[:, 0]).all() and np.isnan(dxr[:, 0]).all()
 
 
 _CHILD_TIMEOUT = 120.0

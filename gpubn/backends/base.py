@@ -364,17 +364,19 @@ def into(out, a):
 def epilogue_reference(xp, x3, mean, invstd, weight, bias, residual, relu: bool):
     """``relu(bn(x3) + residual)`` in float64 (``relu`` and ``residual``
     optional), rounded once to x3's dtype: the reference the fused kernels are
-    tested against.  NaN passes the ReLU, as in ``torch.relu``."""
+    tested against.  NaN passes the ReLU, as in ``torch.relu``; non-finite
+    data raise no RuntimeWarning."""
     f = np.float64
-    scale = invstd.astype(f) if weight is None else invstd.astype(f) * weight.astype(f)
-    v = (x3.astype(f) - mean.astype(f)[:, None]) * scale[:, None]
-    if bias is not None:
-        v += bias.astype(f)[:, None]
-    if residual is not None:
-        v += residual.astype(f)
-    if relu:
-        v[v <= 0] = 0
-    return v.astype(x3.dtype)
+    with np.errstate(invalid="ignore", over="ignore"):
+        scale = invstd.astype(f) if weight is None else invstd.astype(f) * weight.astype(f)
+        v = (x3.astype(f) - mean.astype(f)[:, None]) * scale[:, None]
+        if bias is not None:
+            v += bias.astype(f)[:, None]
+        if residual is not None:
+            v += residual.astype(f)
+        if relu:
+            v[v <= 0] = 0
+        return v.astype(x3.dtype)
 
 
 def renorm_constants(xp, mean, sigma_b, weight, bias, running_mean, running_std, rmax, dmax):

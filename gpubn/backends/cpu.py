@@ -152,14 +152,20 @@ def num_threads() -> int:
 
 def _serialized(fn):
     """Run a backend method alone (the workqueue layer runs one parallel
-    region at a time; :class:`_jit` sets the threads of each), without
-    RuntimeWarnings from the NumPy arithmetic on non-finite per-channel
-    vectors."""
+    region at a time; :class:`_jit` sets the threads of each)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with _LOCK, np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        with _LOCK:
             return fn(*args, **kwargs)
     return wrapper
+
+
+def _quiet():
+    """NumPy arithmetic on per-channel vectors that may hold NaN or Inf,
+    without RuntimeWarnings.  Only the few NumPy expressions left between the
+    compiled loops need it (entering it costs a microsecond, a small input's
+    whole loop)."""
+    return np.errstate(invalid="ignore", over="ignore", divide="ignore")
 
 
 # ------------------------------------------------------------ allocator ----
@@ -1730,7 +1736,8 @@ class CpuBackend(HostBackend):
     def bn_backward_reduce(self, dy3, x3, mean, invstd):
         acc = acc_dtype(x3.dtype)
         sum_dy, sum_dy_xmu = _backward_sums(dy3, x3, mean)
-        return sum_dy.astype(acc), (sum_dy_xmu * _f64(invstd)).astype(acc)
+        with _quiet():
+            return sum_dy.astype(acc), (sum_dy_xmu * _f64(invstd)).astype(acc)
 
     @_serialized
     def bn_backward_dx(self, dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat, count):
@@ -1753,16 +1760,18 @@ class CpuBackend(HostBackend):
             return _backward_tiles(dy3, x3, plan, mean, invstd, weight, out)
         acc = acc_dtype(x3.dtype)
         sum_dy, sum_dy_xmu = _layout(x3.shape).sums(x3, dy3, mean, y3, g3)
-        sum_dy_xhat = sum_dy_xmu * _f64(invstd)
+        with _quiet():
+            sum_dy_xhat = sum_dy_xmu * _f64(invstd)
+            k = _f64(invstd) if weight is None else _f64(invstd) * _f64(weight)
+            dweight, dbias = sum_dy_xhat.astype(acc), sum_dy.astype(acc)
         g = dy3 if y3 is None else g3
         if training:
             dx3 = _dx(g, x3, mean, invstd, weight, sum_dy, sum_dy_xhat,
                       x3.shape[0] * x3.shape[2], out)
         else:   # statistics held fixed: dx = dy * weight * invstd
-            k = _f64(invstd) if weight is None else _f64(invstd) * _f64(weight)
             unused = np.zeros_like(k)
             dx3 = _layout(x3.shape).affine(None, g, unused, unused, unused, k, out=out)
-        return dx3, sum_dy_xhat.astype(acc), sum_dy.astype(acc)
+        return dx3, dweight, dbias
 
     # -- layer norm ----------------------------------------------------
     @_serialized
@@ -1792,4 +1801,5 @@ class CpuBackend(HostBackend):
                      _bits(dx), pw, pb)
         if not want_grads:
             return dx, None, None
-        return dx, pw.sum(axis=0).astype(acc), pb.sum(axis=0).astype(acc)
+        with _quiet():
+            return dx, pw.sum(axis=0).astype(acc), pb.sum(axis=0).astype(acc)
