@@ -1003,16 +1003,32 @@ def test_a_part_of_a_row_streams_the_whole_lines_of_the_span_within_it():
                             assert p0 == p1, (per, n, lo, i0, i1)
 
 
+def _truncating_vector_stores() -> bool:
+    """Whether the compiler's target has AVX-512BW (with VL): there LLVM
+    folds the rounding of 32-bit lanes to 16 bits and their store into one
+    truncating store (``vpmovdw`` to memory), which has no non-temporal form,
+    and drops the store's non-temporal hint."""
+    import llvmlite.binding as llvm
+    features = llvm.get_host_cpu_features()
+    return bool(features.get("avx512bw", False) and features.get("avx512vl", False))
+
+
 @pytest.mark.skipif(cpu._X86 is False or sys.maxsize < 2**32,
                     reason="the machine-code check reads x86-64 mnemonics")
-@pytest.mark.parametrize("dtype,packed", [(np.float32, "movntps"), (np.float64, "movntpd"),
-                                          (np.uint16, "movntdq")],
-                         ids=["float32", "float64", "float16-bits"])
+@pytest.mark.parametrize("dtype,packed", [
+    (np.float32, "movntps"), (np.float64, "movntpd"),
+    pytest.param(np.uint16, "movntdq", marks=pytest.mark.xfail(
+        _truncating_vector_stores(), strict=True,
+        reason="known: on AVX-512BW targets the float16 bits are written with truncating "
+               "stores (vpmovdw), not streamed; large float16 outputs there pay a read "
+               "of each line they write"))],
+    ids=["float32", "float64", "float16-bits"])
 def test_streamed_rows_compile_to_vector_non_temporal_stores(dtype, packed):
     """The streamed loops are vectorized: their machine code stores whole
     vectors non-temporally (a scalar loop of non-temporal stores writes at a
     fraction of the bandwidth).  Checked on the two streamed row
-    functions, compiled afresh so their code can be read."""
+    functions, compiled afresh so their code can be read.  (float16 on
+    AVX-512BW targets: a known exception, see the mark.)"""
     acc = np.float64 if dtype == np.float64 else np.float32
     afresh = numba.njit(fastmath=cpu._FLAGS)
     normalize, dx = afresh(cpu._normalize_streamed.py_func), afresh(cpu._dx_streamed.py_func)
@@ -1024,6 +1040,21 @@ def test_streamed_rows_compile_to_vector_non_temporal_stores(dtype, packed):
     for probe in (normalize, dx):
         asm = probe.inspect_asm(probe.signatures[0])
         assert re.search(rf"\bv?{packed}\s", asm), probe
+
+
+@pytest.mark.skipif(cpu._X86 is False or sys.maxsize < 2**32 or not _truncating_vector_stores(),
+                    reason="an AVX-512BW target's machine code")
+def test_float16_streamed_rows_fold_into_truncating_stores_on_avx512bw():
+    """What the exception above is: the float16 streamed loop is vectorized
+    (it is not a scalar loop) but stores with ``vpmovdw`` to memory and no
+    non-temporal instruction."""
+    afresh = numba.njit(fastmath=cpu._FLAGS)
+    normalize = afresh(cpu._normalize_streamed.py_func)
+    x, c = np.ones(1000, np.uint16), np.ones(1000, np.float32)
+    normalize(np.empty_like(x), 0, x.size, x, x[:0], False, c, c, c)
+    asm = normalize.inspect_asm(normalize.signatures[0])
+    assert re.search(r"\bvpmovdw\s+%[xyz]mm\d+, [^%]*\(", asm)
+    assert not re.search(r"\bv?movnt", asm)
 
 
 @pytest.mark.parametrize("threshold", [1 << 62, 0], ids=["plain", "streamed"])
