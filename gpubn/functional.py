@@ -162,9 +162,9 @@ def canonical_input(x, options: ForwardOptions, *, weight, bias, axis, check_vec
     backend, axis, order)`` checks the op's own per-channel vectors; ``axis``
     is the channel axis in ``[0, ndim)``, ``order`` :func:`V.layout_order` of
     ``x``) before anything is converted or written, then put ``x`` in the
-    canonical layout and the parameters in the accumulation dtype.  ``local=True``: ``x`` is one
-    rank's share of a global batch, which may be empty; the caller checks the
-    values per channel of the whole batch."""
+    canonical layout and the parameters in the accumulation dtype.
+    ``local=True``: ``x`` is one rank's share of a global batch, which may be
+    empty; the caller checks the values per channel of the whole batch."""
     be = options.backend
     axis = V.check_input(x, axis, "x", allow_empty=local)
     V.check_owned(x, be, "x")
@@ -281,7 +281,7 @@ def batch_norm_forward(x, *, weight=None, bias=None, running_mean=None, running_
                                  f"with residual= or activation= (the residual-block epilogue "
                                  f"runs on whole batches only)")
         if groups > 1 and order[0] != 0:
-            order = tuple(range(x.ndim))    # ghost groups run on a copy in the given order
+            order = V.identity_order(x.ndim)    # ghost groups run on a copy in the given order
         V.check_out(out, x.shape, x.dtype, order, be, "x", {"x": x, "residual": residual},
                     like=x)
 
@@ -295,7 +295,7 @@ def batch_norm_forward(x, *, weight=None, bias=None, running_mean=None, running_
         # ghost groups are runs of the canonical outer extent: the batch axis
         # must be outermost in memory (a layout with the channel axis first is
         # copied once into the given axis order)
-        f.order = tuple(range(len(f.shape)))
+        f.order = V.identity_order(len(f.shape))
         f.x3 = V.canonical_view(x, f.axis, xp, f.order)
     z3 = None if residual is None else V.canonical_view(residual, f.axis, xp, f.order)
     if guard and f.training and running_mean is not None:

@@ -110,7 +110,7 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, ba
     if x.size == 0:
         raise ValueError(f"x is empty (shape {tuple(x.shape)}): layer norm needs at least "
                          f"one row")
-    V.check_out(out, x.shape, x.dtype, tuple(range(x.ndim)), be, "x", {"x": x}, like=x)
+    V.check_out(out, x.shape, x.dtype, V.identity_order(x.ndim), be, "x", {"x": x}, like=x)
     xp = be.xp
     shape = tuple(x.shape)
     n = math.prod(dims)
@@ -143,7 +143,7 @@ def layer_norm_backward(dy, saved: LayerNormSaved, *, out=None):
                         f"got {type(saved).__name__}")
     be = saved.backend
     V.check_grad_output(dy, saved.shape, saved.dtype, be, like=saved.x2)
-    V.check_out(out, saved.shape, saved.dtype, tuple(range(len(saved.shape))), be,
+    V.check_out(out, saved.shape, saved.dtype, V.identity_order(len(saved.shape)), be,
                 "the forward input", {"dy": dy, "the saved input": saved.x2}, like=saved.x2)
     dy2 = dy.reshape(saved.x2.shape)
     if not dy2.flags.c_contiguous:

@@ -109,7 +109,7 @@ def test_nonfinite_input_raises_no_warning_in_any_op(host, shape):
         warnings.simplefilter("error")
         y, saved = gpubn.batch_norm_forward(x, residual=np.ones_like(x), activation="relu",
                                             backend=host)
-        dx, _, _, dres = gpubn.batch_norm_backward(dy, saved)
+        dx, _, _, _ = gpubn.batch_norm_backward(dy, saved)
         mean, invstd = saved.mean, saved.invstd
         sum_dy, sum_dy_xhat = be.bn_backward_reduce(dy3, x3, mean, invstd)
         dx_split = be.bn_backward_dx(dy3, x3, mean, invstd, None, sum_dy, sum_dy_xhat,

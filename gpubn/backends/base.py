@@ -93,7 +93,7 @@ class Backend:
         for g in range(groups):
             xg = x3[g * step:(g + 1) * step]
             st = self.bn_stats(xg)
-            with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            with quiet():
                 inv = (1.0 / xp.sqrt(st.m2 / st.count + eps)).astype(st.mean.dtype, copy=False)
             y3[g * step:(g + 1) * step] = self.bn_apply(xg, st.mean, inv, weight, bias)
             mean.append(st.mean)
@@ -351,6 +351,14 @@ def guard_skips(xp, mean, unbiased_var, acc):
         return ~(xp.isfinite(mean.astype(acc)) & xp.isfinite(unbiased_var.astype(acc)))
 
 
+def quiet():
+    """NumPy arithmetic on values that may hold NaN or Inf, without
+    RuntimeWarnings: non-finite data give NaN / Inf results, as in PyTorch.
+    A context manager; the host backends enter it around their NumPy
+    expressions."""
+    return np.errstate(invalid="ignore", over="ignore", divide="ignore")
+
+
 def into(out, a):
     """``a``, or (``out`` given) ``out`` holding ``a``'s values: how a
     backend that computes a tensor elsewhere (the reference) honours
@@ -367,7 +375,7 @@ def epilogue_reference(xp, x3, mean, invstd, weight, bias, residual, relu: bool)
     tested against.  NaN passes the ReLU, as in ``torch.relu``; non-finite
     data raise no RuntimeWarning."""
     f = np.float64
-    with np.errstate(invalid="ignore", over="ignore"):
+    with quiet():
         scale = invstd.astype(f) if weight is None else invstd.astype(f) * weight.astype(f)
         v = (x3.astype(f) - mean.astype(f)[:, None]) * scale[:, None]
         if bias is not None:

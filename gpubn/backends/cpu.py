@@ -80,7 +80,7 @@ import threading
 import numpy as np
 
 from .._validation import acc_dtype
-from .base import HostBackend
+from .base import HostBackend, quiet
 
 try:
     import llvmlite.ir
@@ -152,20 +152,15 @@ def num_threads() -> int:
 
 def _serialized(fn):
     """Run a backend method alone (the workqueue layer runs one parallel
-    region at a time; :class:`_jit` sets the threads of each)."""
+    region at a time; :class:`_jit` sets the threads of each).  NumPy's error
+    state (:func:`quiet`) is entered only around the few NumPy expressions
+    left between the compiled loops: it costs a microsecond, a small input's
+    whole loop."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         with _LOCK:
             return fn(*args, **kwargs)
     return wrapper
-
-
-def _quiet():
-    """NumPy arithmetic on per-channel vectors that may hold NaN or Inf,
-    without RuntimeWarnings.  Only the few NumPy expressions left between the
-    compiled loops need it (entering it costs a microsecond, a small input's
-    whole loop)."""
-    return np.errstate(invalid="ignore", over="ignore", divide="ignore")
 
 
 # ------------------------------------------------------------ allocator ----
@@ -1736,7 +1731,7 @@ class CpuBackend(HostBackend):
     def bn_backward_reduce(self, dy3, x3, mean, invstd):
         acc = acc_dtype(x3.dtype)
         sum_dy, sum_dy_xmu = _backward_sums(dy3, x3, mean)
-        with _quiet():
+        with quiet():
             return sum_dy.astype(acc), (sum_dy_xmu * _f64(invstd)).astype(acc)
 
     @_serialized
@@ -1760,15 +1755,16 @@ class CpuBackend(HostBackend):
             return _backward_tiles(dy3, x3, plan, mean, invstd, weight, out)
         acc = acc_dtype(x3.dtype)
         sum_dy, sum_dy_xmu = _layout(x3.shape).sums(x3, dy3, mean, y3, g3)
-        with _quiet():
+        with quiet():
             sum_dy_xhat = sum_dy_xmu * _f64(invstd)
-            k = _f64(invstd) if weight is None else _f64(invstd) * _f64(weight)
             dweight, dbias = sum_dy_xhat.astype(acc), sum_dy.astype(acc)
         g = dy3 if y3 is None else g3
         if training:
             dx3 = _dx(g, x3, mean, invstd, weight, sum_dy, sum_dy_xhat,
                       x3.shape[0] * x3.shape[2], out)
         else:   # statistics held fixed: dx = dy * weight * invstd
+            with quiet():
+                k = _f64(invstd) if weight is None else _f64(invstd) * _f64(weight)
             unused = np.zeros_like(k)
             dx3 = _layout(x3.shape).affine(None, g, unused, unused, unused, k, out=out)
         return dx3, dweight, dbias
@@ -1801,5 +1797,5 @@ class CpuBackend(HostBackend):
                      _bits(dx), pw, pb)
         if not want_grads:
             return dx, None, None
-        with _quiet():
+        with quiet():
             return dx, pw.sum(axis=0).astype(acc), pb.sum(axis=0).astype(acc)

@@ -42,7 +42,7 @@ import functools
 import numpy as np
 
 from .._validation import acc_dtype
-from .base import HostBackend, host_eval_constants, host_forward_train, into
+from .base import HostBackend, host_eval_constants, host_forward_train, into, quiet
 
 _F64 = np.float64
 _CH = (0, 2)          # the axes of one channel's values in a canonical array
@@ -53,7 +53,7 @@ def _quiet(fn):
     RuntimeWarnings."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        with quiet():
             return fn(*args, **kwargs)
     return wrapper
 
