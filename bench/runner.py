@@ -174,27 +174,31 @@ def error_text(exc) -> str:
     return text.splitlines()[0][:300]
 
 
-def _calls(first: Optional[float], repeats: int, warmup: int,
+def _calls(per_call: Optional[float], repeats: int, warmup: int,
            budget: Optional[float]) -> Tuple[int, int]:
-    """``(timed, warm-up)`` calls for a CPU provider whose first call took
-    ``first`` seconds: with a ``budget`` (seconds per provider),
-    ``max(3, budget / first)`` timed calls at most ``repeats``, and no warm-up
-    calls beyond the first when that alone exceeds the budget."""
+    """``(timed, warm-up)`` calls for a CPU provider whose call takes
+    ``per_call`` seconds: with a ``budget`` (seconds per provider),
+    ``max(3, budget / per_call)`` timed calls at most ``repeats``, and no
+    warm-up calls beyond the first when that alone exceeds the budget."""
     n, w = repeats, warmup
-    if budget and first:
-        n = max(min(repeats, MIN_REPEATS), min(repeats, int(budget / first)))
-        w = 0 if first * (warmup + n) > budget else warmup
+    if budget and per_call:
+        n = max(min(repeats, MIN_REPEATS), min(repeats, int(budget / per_call)))
+        w = 0 if per_call * (warmup + n) > budget else warmup
     return n, w
 
 
-def _check_op(case, op, setup, providers, reasons, *, suite, check, progress):
+def _check_op(case, op, setup, providers, reasons, *, suite, check, progress,
+              slow: Optional[float] = None):
     """Prepare every provider for one (case, op) and make its first call,
     untimed, checking its outputs against the peer's.  Returns the rows of
     providers that cannot run it, ``ready`` as ``(provider, fn, verdict)``
-    and the seconds of each first call."""
+    and the seconds of each one's call.  A CPU provider's first call slower
+    than ``slow`` seconds is followed by a second, and the lesser counts: a
+    first call may load or compile code, and sizing the timed calls by it
+    left a median of 3 cold calls where 20 warm ones fit the budget."""
     rows: Dict[str, Dict] = {}
     ready = []
-    first: Dict[str, float] = {}
+    per_call: Dict[str, float] = {}
     reference = None
     for p in providers:
         reason = reasons[p.name] or p.supports(case, op)
@@ -206,9 +210,14 @@ def _check_op(case, op, setup, providers, reasons, *, suite, check, progress):
             fn = p.prepare(setup, op)
             t0 = time.perf_counter()
             raw = fn()
-            first[p.name] = time.perf_counter() - t0
+            t1 = time.perf_counter()
             outputs = p.to_host(raw)
             del raw
+            per_call[p.name] = t1 - t0
+            if p.device == "cpu" and slow is not None and per_call[p.name] > slow:
+                t0 = time.perf_counter()
+                fn()
+                per_call[p.name] = min(per_call[p.name], time.perf_counter() - t0)
         except Exception as exc:  # one failing provider must not stop the run
             msg = error_text(exc)
             # a backend without this op yet is unavailable, not broken
@@ -226,7 +235,7 @@ def _check_op(case, op, setup, providers, reasons, *, suite, check, progress):
         ready.append((p, fn, verdict))
     reference = None
     gc.collect()
-    return rows, ready, first
+    return rows, ready, per_call
 
 
 def _timed_row(case, op, p, result, verdict, *, suite, peak_bytes_per_s, progress,
@@ -390,10 +399,11 @@ def run_suite(cases, providers, *, repeats: int = 5, warmup: int = 1, suite: str
         by_op = {}        # op -> rows by provider name
         pending = {}      # provider name -> [(op, timed, warm-up, verdict)] to time apart
         for op in ops:
-            by_op[op], ready, first = _check_op(case, op, setup, ordered, reasons, suite=suite,
-                                                check=check, progress=progress)
+            by_op[op], ready, per_call = _check_op(case, op, setup, ordered, reasons,
+                                                   suite=suite, check=check, progress=progress,
+                                                   slow=budget / repeats if budget else None)
             for p, fn, verdict in ready:
-                n, w = (_calls(first.get(p.name), repeats, warmup, budget)
+                n, w = (_calls(per_call.get(p.name), repeats, warmup, budget)
                         if p.device == "cpu" else (repeats, warmup))
                 if isolate and p.device == "cpu":
                     pending.setdefault(p.name, []).append((op, n, w, verdict))

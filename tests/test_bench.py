@@ -6,6 +6,7 @@ import io
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -361,6 +362,30 @@ def test_time_budget_cuts_repeats_of_slow_providers_only():
     rows = runner.run_suite(cases, [fast, slow], repeats=10, warmup=1, budget=1e-12,
                             progress=runner.Progress(2, enabled=False))
     assert [r["repeats"] for r in rows] == [runner.MIN_REPEATS] * 2
+
+
+class _ColdStartProvider(_CountingProvider):
+    """A CPU provider whose first call is slow (code loaded or compiled)."""
+
+    def prepare(self, setup, op):
+        fn = super().prepare(setup, op)
+
+        def first_slow():
+            if not self.log:
+                time.sleep(0.05)
+            return fn()
+        return first_slow
+
+
+def test_budget_sizes_the_timed_calls_by_a_warm_call_not_a_cold_first_one():
+    log = []
+    p = _ColdStartProvider("cold", log, peer=True)
+    cases = [(Case("batch_norm", (2, 3, 4, 4), "NCHW"), ("fwd_train",))]
+    rows = runner.run_suite(cases, [p], repeats=10, warmup=1, budget=0.1,
+                            progress=runner.Progress(1, enabled=False))
+    # the 0.05 s first call alone would allow 2 calls in 0.1 s (cut to 3)
+    assert rows[0]["repeats"] == 10
+    assert log.count("cold") == 2 + 1 + 10       # checked + warm estimate, warm-up, timed
 
 
 def test_isolated_timing_runs_each_provider_in_a_process_of_its_own_taking_turns():
