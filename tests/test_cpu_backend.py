@@ -969,16 +969,23 @@ def test_the_streamed_span_is_the_whole_cache_lines_of_a_row(itemsize):
     base = -raw.ctypes.data % 64
     for n in (0, 3, 40, 333):
         for offset in range(0, 64, itemsize):
-            row = raw[base + offset:base + offset + n * itemsize].view(dtype)
-            lo, hi = cpu._stream_span(row, True)
+            row = raw[base + offset:base + offset + n * itemsize].view(dtype)[None]
+            lo, hi = cpu._stream_span(row, 0, 0, n, True)
             first = min(n, (-offset % 64) // itemsize)
             last = first + (n - first) * itemsize // 64 * 64 // itemsize
             assert (lo, hi) == (first, last), (n, offset)
             if hi > lo:
                 assert (offset + lo * itemsize) % 64 == 0 and (hi - lo) * itemsize % 64 == 0
-            assert cpu._stream_span(row, False) == (n, n)
-        odd = raw[base + 1:base + 1 + 40 * itemsize].view(dtype)
-        assert cpu._stream_span(odd, True) == (40, 40)
+            assert cpu._stream_span(row, 0, 0, n, False) == (n, n)
+        odd = raw[base + 1:base + 1 + 40 * itemsize].view(dtype)[None]
+        assert cpu._stream_span(odd, 0, 0, 40, True) == (40, 40)
+    # a part of a row of a 2-D array: the address of its first item counts
+    rows = raw[base:base + 2 * 100 * itemsize].view(dtype).reshape(2, 100)
+    for r, j0 in ((0, 0), (1, 0), (1, 3), (0, 17)):
+        first = min(50, (-(r * 100 + j0) * itemsize % 64) // itemsize)
+        lo, hi = cpu._stream_span(rows, r, j0, 50, True)
+        assert lo == first and ((r * 100 + j0 + lo) * itemsize) % 64 == 0, (r, j0)
+        assert hi == lo + (50 - lo) * itemsize // 64 * 64 // itemsize
 
 
 def test_a_part_of_a_row_streams_the_whole_lines_of_the_span_within_it():
@@ -1032,11 +1039,11 @@ def test_streamed_rows_compile_to_vector_non_temporal_stores(dtype, packed):
     acc = np.float64 if dtype == np.float64 else np.float32
     afresh = numba.njit(fastmath=cpu._FLAGS)
     normalize, dx = afresh(cpu._normalize_streamed.py_func), afresh(cpu._dx_streamed.py_func)
-    x = np.ones(1000, dtype)
+    x = np.ones((2, 1000), dtype)
     c = np.ones(1000, acc)
     out = np.empty_like(x)
-    normalize(out, 0, out.size, x, x[:0], False, c, c, c)
-    dx(out, 0, out.size, x, x, c, c, c, c)
+    normalize(out, 1, 0, 1000, 0, 1000, x, x[:0], False, c, c, c)
+    dx(out, 1, 0, 1000, 0, 1000, x, x, c, c, c, c)
     for probe in (normalize, dx):
         asm = probe.inspect_asm(probe.signatures[0])
         assert re.search(rf"\bv?{packed}\s", asm), probe
@@ -1050,8 +1057,8 @@ def test_float16_streamed_rows_fold_into_truncating_stores_on_avx512bw():
     non-temporal instruction."""
     afresh = numba.njit(fastmath=cpu._FLAGS)
     normalize = afresh(cpu._normalize_streamed.py_func)
-    x, c = np.ones(1000, np.uint16), np.ones(1000, np.float32)
-    normalize(np.empty_like(x), 0, x.size, x, x[:0], False, c, c, c)
+    x, c = np.ones((2, 1000), np.uint16), np.ones(1000, np.float32)
+    normalize(np.empty_like(x), 1, 0, 1000, 0, 1000, x, x[:0], False, c, c, c)
     asm = normalize.inspect_asm(normalize.signatures[0])
     assert re.search(r"\bvpmovdw\s+%[xyz]mm\d+, [^%]*\(", asm)
     assert not re.search(r"\bv?movnt", asm)

@@ -467,24 +467,24 @@ def _store_fence(typingctx):
 
 
 @numba.njit(cache=True)
-def _put(out, j, v, streamed):
-    """``out[j] = v``: non-temporal when ``streamed``."""
+def _put(out, r, j, v, streamed):
+    """``out[r, j] = v`` of the C-contiguous 2-D ``out`` (unsigned ``r`` and
+    ``j``): non-temporal when ``streamed``."""
     if streamed:
-        _stream_store(out, j, v)
+        _stream_store(out, r * np.uint64(out.shape[1]) + j, v)
     else:
-        out[j] = v
+        out[r, j] = v
 
 
 @numba.njit(cache=True)
-def _stream_span(out, stream):
-    """The items ``[lo, hi)`` of the unit-stride 1-D ``out`` a loop writes
-    with non-temporal stores: its whole cache lines when ``stream`` (and
-    ``out``'s address is a multiple of its item size), else none.  The
-    partial lines at either end keep plain stores: a line written partly
-    each way (the end of one row, the start of the next) costs a read and a
-    write of memory of its own."""
-    n = out.size
-    addr = out.ctypes.data
+def _stream_span(out, r, j0, n, stream):
+    """The items ``[lo, hi)`` of the ``n`` items from ``out[r, j0]`` (a part
+    of a row of the C-contiguous 2-D ``out``) a loop writes with non-temporal
+    stores: their whole cache lines when ``stream`` (and their address is a
+    multiple of the item size), else none.  The partial lines at either end
+    keep plain stores: a line written partly each way (the end of one row,
+    the start of the next) costs a read and a write of memory of its own."""
+    addr = out.ctypes.data + (np.int64(r) * out.shape[1] + np.int64(j0)) * out.itemsize
     if not stream or addr % out.itemsize:
         return n, n
     per_line = _LINE // out.itemsize
@@ -565,58 +565,57 @@ def _column_sums(x, dy, r0, r1, j0, k, a1, a2):
     - k[j]``: ``d`` and ``d * d``, or with ``dy`` values ``dy`` and ``dy *
     d``.  Vectorized along the row, four rows at a time (the accumulators
     are loaded and stored once per four rows)."""
-    L = k.size
+    L = np.uint64(k.size)
+    j0 = np.uint64(j0)
     with_dy = dy.size > 0
-    r = r0
-    while r + 4 <= r1:
-        x0, x1 = x[r, j0:j0 + L], x[r + 1, j0:j0 + L]
-        x2, x3 = x[r + 2, j0:j0 + L], x[r + 3, j0:j0 + L]
+    r = np.uint64(r0)
+    r1 = np.uint64(r1)
+    one = np.uint64(1)
+    while r + np.uint64(4) <= r1:
+        r_1, r_2, r_3 = r + one, r + np.uint64(2), r + np.uint64(3)
         if with_dy:
-            g0, g1 = dy[r, j0:j0 + L], dy[r + 1, j0:j0 + L]
-            g2, g3 = dy[r + 2, j0:j0 + L], dy[r + 3, j0:j0 + L]
             for j in range(L):
-                kj = k[j]
-                e0, e1, e2, e3 = _ld(g0[j]), _ld(g1[j]), _ld(g2[j]), _ld(g3[j])
+                kj, c = k[j], j0 + j
+                e0, e1, e2, e3 = _ld(dy[r, c]), _ld(dy[r_1, c]), _ld(dy[r_2, c]), _ld(dy[r_3, c])
                 a1[j] += (e0 + e1) + (e2 + e3)
-                a2[j] += ((e0 * (_ld(x0[j]) - kj) + e1 * (_ld(x1[j]) - kj))
-                          + (e2 * (_ld(x2[j]) - kj) + e3 * (_ld(x3[j]) - kj)))
+                a2[j] += ((e0 * (_ld(x[r, c]) - kj) + e1 * (_ld(x[r_1, c]) - kj))
+                          + (e2 * (_ld(x[r_2, c]) - kj) + e3 * (_ld(x[r_3, c]) - kj)))
         else:
             for j in range(L):
-                kj = k[j]
-                d0, d1 = _ld(x0[j]) - kj, _ld(x1[j]) - kj
-                d2, d3 = _ld(x2[j]) - kj, _ld(x3[j]) - kj
+                kj, c = k[j], j0 + j
+                d0, d1 = _ld(x[r, c]) - kj, _ld(x[r_1, c]) - kj
+                d2, d3 = _ld(x[r_2, c]) - kj, _ld(x[r_3, c]) - kj
                 a1[j] += (d0 + d1) + (d2 + d3)
                 a2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-        r += 4
-    for r in range(r, r1):
-        x0 = x[r, j0:j0 + L]
+        r += np.uint64(4)
+    while r < r1:
         if with_dy:
-            g0 = dy[r, j0:j0 + L]
             for j in range(L):
-                e0 = _ld(g0[j])
+                e0 = _ld(dy[r, j0 + j])
                 a1[j] += e0
-                a2[j] += e0 * (_ld(x0[j]) - k[j])
+                a2[j] += e0 * (_ld(x[r, j0 + j]) - k[j])
         else:
             for j in range(L):
-                d0 = _ld(x0[j]) - k[j]
+                d0 = _ld(x[r, j0 + j]) - k[j]
                 a1[j] += d0
                 a2[j] += d0 * d0
+        r += one
 
 
+# The loops over a row take the 2-D arrays and the row's index, never a view
+# of the row: a view made per row costs Numba's reference counts (an atomic
+# increment and decrement each), which the compiler prunes only around the
+# simplest loop bodies: 50-100 ns a row, as much as a short row's values
+# (a 128x512 float32 tile normalized in 16 us through row views, 8 without).
+# They write the items [i0, i1) of a part of row ``r`` that starts at column
+# ``j0`` (items j0 + i0 to j0 + i1 of the row), with non-temporal stores
+# when ``streamed``.  Constants are a value per item of the part (indexed
+# from the part's start) or one for the row (:func:`_at`), in the
+# accumulation dtype.  An absent array (:data:`_NONE`) has no values.  (The
+# indices are unsigned: a signed one gets a negative-index wraparound on
+# every access, which keeps the compiler from vectorizing the loop.)
 @numba.njit(inline="always")
-def _row(a, r):
-    """Row ``r`` of the 2-D ``a`` as a 1-D view; of an absent array (one row
-    of no values, :data:`_NONE`), that empty row."""
-    return a[r if a.size > 0 else 0]
-
-
-# The loops writing a row: the items [i0, i1) of 1-D unit-stride views, with
-# non-temporal stores when ``streamed``.  Constants are a value per column or
-# one for the row (:func:`_at`), in the accumulation dtype.  (The indices are
-# unsigned: a signed one gets a negative-index wraparound on every access,
-# which keeps the compiler from vectorizing the loop.)
-@numba.njit(inline="always")
-def _normalize_run(out, i0, i1, streamed, x, z, relu, m, a, b0):
+def _normalize_run(out, r, j0, i0, i1, streamed, x, z, relu, m, a, b0):
     """``out = (x - m) * a + b0``, plus ``z`` when it has values, then the
     ReLU (``v <= 0`` to +0, NaN kept) when ``relu``.  The ReLU is
     ``max(v, 0) + 0``, else ``max(v, -inf) + -0`` (``v`` itself): selects, no
@@ -624,27 +623,33 @@ def _normalize_run(out, i0, i1, streamed, x, z, relu, m, a, b0):
     loop."""
     floor = _as(a, 0.0) if relu else _as(a, -np.inf)
     plus = _as(a, 0.0) if relu else _as(a, -0.0)
+    r, j0 = np.uint64(r), np.uint64(j0)
     if z.size > 0:
         for j in range(np.uint64(i0), np.uint64(i1)):
-            v = (_ld(x[j]) - _at(m, j)) * _at(a, j) + _at(b0, j) + _ld(z[j])
-            _put(out, j, _st(max(v, floor) + plus, out), streamed)
+            c = j0 + j
+            v = (_ld(x[r, c]) - _at(m, j)) * _at(a, j) + _at(b0, j) + _ld(z[r, c])
+            _put(out, r, c, _st(max(v, floor) + plus, out), streamed)
     else:
         for j in range(np.uint64(i0), np.uint64(i1)):
-            v = (_ld(x[j]) - _at(m, j)) * _at(a, j) + _at(b0, j)
-            _put(out, j, _st(max(v, floor) + plus, out), streamed)
+            c = j0 + j
+            v = (_ld(x[r, c]) - _at(m, j)) * _at(a, j) + _at(b0, j)
+            _put(out, r, c, _st(max(v, floor) + plus, out), streamed)
 
 
 @numba.njit(inline="always")
-def _dx_run(out, i0, i1, streamed, g, x, m, a, b0, k):
+def _dx_run(out, r, j0, i0, i1, streamed, g, x, m, a, b0, k):
     """``out = k * (g - b0 - (x - m) * a)``, or ``out = k * g`` when ``x``
     has no values."""
+    r, j0 = np.uint64(r), np.uint64(j0)
     if x.size > 0:
         for j in range(np.uint64(i0), np.uint64(i1)):
-            v = _at(k, j) * (_ld(g[j]) - _at(b0, j) - (_ld(x[j]) - _at(m, j)) * _at(a, j))
-            _put(out, j, _st(v, out), streamed)
+            c = j0 + j
+            v = _at(k, j) * (_ld(g[r, c]) - _at(b0, j) - (_ld(x[r, c]) - _at(m, j)) * _at(a, j))
+            _put(out, r, c, _st(v, out), streamed)
     else:
         for j in range(np.uint64(i0), np.uint64(i1)):
-            _put(out, j, _st(_at(k, j) * _ld(g[j]), out), streamed)
+            c = j0 + j
+            _put(out, r, c, _st(_at(k, j) * _ld(g[r, c]), out), streamed)
 
 
 @numba.njit(cache=True)
@@ -661,96 +666,99 @@ def _line_part(i0, i1, lo, hi, per_line):
 # A loop over rows writes them by one of two paths, chosen once for all its
 # rows: not streamed, one loop per row (or run); streamed, three (the partial
 # lines at either end, the whole lines between: _normalize_streamed,
-# _dx_streamed).  The three loops inlined in the same loop over rows would
-# cost Numba's reference counts of the row views there (their increments
-# and decrements are pruned only around a simple loop body): 80 ns a row,
-# more than a short row's values (4096x64 float32 normalized in 350 us
-# against 45); called per row instead, the call cost 10-14 % of a large
-# streamed output.
+# _dx_streamed).
 @numba.njit(inline="always")
-def _normalize_streamed(out, i0, i1, x, z, relu, m, a, b0):
-    """:func:`_normalize_run` over the items ``[i0, i1)`` of the row
-    ``out``: the whole cache lines of its streamed span
-    (:func:`_stream_span`) with non-temporal stores, the rest with plain
-    ones."""
-    lo, hi = _stream_span(out, True)
+def _normalize_streamed(out, r, j0, n, i0, i1, x, z, relu, m, a, b0):
+    """:func:`_normalize_run` over the items ``[i0, i1)`` of the part of
+    ``n`` items of row ``r`` from column ``j0``: the whole cache lines of
+    its streamed span (:func:`_stream_span`) with non-temporal stores, the
+    rest with plain ones."""
+    lo, hi = _stream_span(out, r, j0, n, True)
     p0, p1 = _line_part(i0, i1, lo, hi, _LINE // out.itemsize)
-    _normalize_run(out, i0, p0, False, x, z, relu, m, a, b0)
-    _normalize_run(out, p0, p1, True, x, z, relu, m, a, b0)
-    _normalize_run(out, p1, i1, False, x, z, relu, m, a, b0)
+    _normalize_run(out, r, j0, i0, p0, False, x, z, relu, m, a, b0)
+    _normalize_run(out, r, j0, p0, p1, True, x, z, relu, m, a, b0)
+    _normalize_run(out, r, j0, p1, i1, False, x, z, relu, m, a, b0)
 
 
 @numba.njit(inline="always")
-def _dx_streamed(out, i0, i1, g, x, m, a, b0, k):
+def _dx_streamed(out, r, j0, n, i0, i1, g, x, m, a, b0, k):
     """:func:`_dx_run` over part of a streamed row, as in
     :func:`_normalize_streamed`."""
-    lo, hi = _stream_span(out, True)
+    lo, hi = _stream_span(out, r, j0, n, True)
     p0, p1 = _line_part(i0, i1, lo, hi, _LINE // out.itemsize)
-    _dx_run(out, i0, p0, False, g, x, m, a, b0, k)
-    _dx_run(out, p0, p1, True, g, x, m, a, b0, k)
-    _dx_run(out, p1, i1, False, g, x, m, a, b0, k)
+    _dx_run(out, r, j0, i0, p0, False, g, x, m, a, b0, k)
+    _dx_run(out, r, j0, p0, p1, True, g, x, m, a, b0, k)
+    _dx_run(out, r, j0, p1, i1, False, g, x, m, a, b0, k)
 
 
 @numba.njit(inline="always")
-def _ln_y_run(out, i0, i1, streamed, x, hi, rs, lo, w, b):
-    """Layer norm's ``y = ((x - hi) * rs + lo) * w + b`` (:func:`_ln_row`)."""
+def _ln_y_run(out, r, i0, i1, streamed, x, hi, rs, lo, w, b):
+    """Layer norm's ``y = ((x - hi) * rs + lo) * w + b`` (:func:`_ln_row`)
+    on the items ``[i0, i1)`` of row ``r``."""
+    r = np.uint64(r)
     for j in range(np.uint64(i0), np.uint64(i1)):
-        _put(out, j, _st(((_ld(x[j]) - hi) * rs + lo) * w[j] + b[j], out), streamed)
+        _put(out, r, j, _st(((_ld(x[r, j]) - hi) * rs + lo) * w[j] + b[j], out), streamed)
 
 
 @numba.njit(inline="always")
-def _ln_dx_run(out, i0, i1, streamed, g, x, m, rs, w, c1, c2, aw, ab):
+def _ln_dx_run(out, r, i0, i1, streamed, g, x, m, rs, w, c1, c2, aw, ab):
     """Layer norm's ``dx = rs * (g * w - c1 - xhat * c2)`` for ``xhat = (x -
-    m) * rs``; when ``aw`` has values, ``aw += g * xhat`` and ``ab += g``
-    in the same loop (:func:`_ln_backward`)."""
+    m) * rs`` on the items ``[i0, i1)`` of row ``r``; when ``aw`` has
+    values, ``aw += g * xhat`` and ``ab += g`` in the same loop
+    (:func:`_ln_backward`)."""
+    r = np.uint64(r)
     if aw.size > 0:
         for j in range(np.uint64(i0), np.uint64(i1)):
-            xhat = (_ld(x[j]) - m) * rs
-            gj = _ld(g[j])
-            _put(out, j, _st(rs * (gj * w[j] - c1 - xhat * c2), out), streamed)
+            xhat = (_ld(x[r, j]) - m) * rs
+            gj = _ld(g[r, j])
+            _put(out, r, j, _st(rs * (gj * w[j] - c1 - xhat * c2), out), streamed)
             aw[j] += gj * xhat
             ab[j] += gj
     else:
         for j in range(np.uint64(i0), np.uint64(i1)):
-            xhat = (_ld(x[j]) - m) * rs
-            _put(out, j, _st(rs * (_ld(g[j]) * w[j] - c1 - xhat * c2), out), streamed)
+            xhat = (_ld(x[r, j]) - m) * rs
+            _put(out, r, j, _st(rs * (_ld(g[r, j]) * w[j] - c1 - xhat * c2), out), streamed)
 
 
 @numba.njit(inline="always")
-def _ln_y_streamed(out, x, hi, rs, lo, w, b):
-    """:func:`_ln_y_run` over the row ``out``, streamed as in
+def _ln_y_streamed(out, r, x, hi, rs, lo, w, b):
+    """:func:`_ln_y_run` over row ``r``, streamed as in
     :func:`_normalize_streamed`."""
-    i0, i1 = _stream_span(out, True)
-    _ln_y_run(out, 0, i0, False, x, hi, rs, lo, w, b)
-    _ln_y_run(out, i0, i1, True, x, hi, rs, lo, w, b)
-    _ln_y_run(out, i1, out.size, False, x, hi, rs, lo, w, b)
+    n = out.shape[1]
+    i0, i1 = _stream_span(out, r, 0, n, True)
+    _ln_y_run(out, r, 0, i0, False, x, hi, rs, lo, w, b)
+    _ln_y_run(out, r, i0, i1, True, x, hi, rs, lo, w, b)
+    _ln_y_run(out, r, i1, n, False, x, hi, rs, lo, w, b)
 
 
 @numba.njit(inline="always")
-def _ln_dx_streamed(out, g, x, m, rs, w, c1, c2, aw, ab):
-    """:func:`_ln_dx_run` over the row ``out``, streamed as in
+def _ln_dx_streamed(out, r, g, x, m, rs, w, c1, c2, aw, ab):
+    """:func:`_ln_dx_run` over row ``r``, streamed as in
     :func:`_normalize_streamed`."""
-    i0, i1 = _stream_span(out, True)
-    _ln_dx_run(out, 0, i0, False, g, x, m, rs, w, c1, c2, aw, ab)
-    _ln_dx_run(out, i0, i1, True, g, x, m, rs, w, c1, c2, aw, ab)
-    _ln_dx_run(out, i1, out.size, False, g, x, m, rs, w, c1, c2, aw, ab)
+    n = out.shape[1]
+    i0, i1 = _stream_span(out, r, 0, n, True)
+    _ln_dx_run(out, r, 0, i0, False, g, x, m, rs, w, c1, c2, aw, ab)
+    _ln_dx_run(out, r, i0, i1, True, g, x, m, rs, w, c1, c2, aw, ab)
+    _ln_dx_run(out, r, i1, n, False, g, x, m, rs, w, c1, c2, aw, ab)
 
 
 @numba.njit(inline="always")
-def _run_sums(xr, gr, with_dy, k, zero):
-    """``(sum d, sum d * d)`` for ``d = xr - k``, or with ``dy`` values
-    ``(sum g, sum g * d)`` for ``g = gr``, over 1-D unit-stride views, in
-    the accumulation dtype (``zero``'s): a vectorized reduction."""
+def _run_sums(x, g, r, j0, n, with_dy, k, zero):
+    """``(sum d, sum d * d)`` for ``d = x - k``, or with ``dy`` values
+    ``(sum g, sum g * d)``, over the ``n`` items of row ``r`` from column
+    ``j0`` of the 2-D ``x`` (and ``g``), in the accumulation dtype
+    (``zero``'s): a vectorized reduction."""
     a1 = zero
     a2 = zero
+    r, j0 = np.uint64(r), np.uint64(j0)
     if with_dy:
-        for i in range(xr.size):
-            g = _ld(gr[i])
-            a1 += g
-            a2 += g * (_ld(xr[i]) - k)
+        for j in range(j0, j0 + np.uint64(n)):
+            gj = _ld(g[r, j])
+            a1 += gj
+            a2 += gj * (_ld(x[r, j]) - k)
     else:
-        for i in range(xr.size):
-            d = _ld(xr[i]) - k
+        for j in range(j0, j0 + np.uint64(n)):
+            d = _ld(x[r, j]) - k
             a1 += d
             a2 += d * d
     return a1, a2
@@ -783,18 +791,17 @@ def _sums_blocks(b0, b1, x, dy, y, shift, nc, inner, rows, per, s1, s2, g_out):
         if rows:
             for r in range(b * per, r1):
                 q = r % nc
-                xr = x[r]   # rows as 1-D views: plain unit-stride loops
                 if masked:
                     c1 = zero
                     c2 = zero
-                    gr, yr, go = dy[r], y[r], g_out[r]
-                    for i in range(W):
-                        g = zero if _ld(yr[i]) <= 0 else _ld(gr[i])
-                        go[i] = _st(g, g_out)
+                    u = np.uint64(r)
+                    for i in range(np.uint64(W)):
+                        g = zero if _ld(y[u, i]) <= 0 else _ld(dy[u, i])
+                        g_out[u, i] = _st(g, g_out)
                         c1 += g
-                        c2 += g * (_ld(xr[i]) - k[q])
+                        c2 += g * (_ld(x[u, i]) - k[q])
                 else:
-                    c1, c2 = _run_sums(xr, dy[r] if with_dy else xr, with_dy, k[q], zero)
+                    c1, c2 = _run_sums(x, dy, r, 0, W, with_dy, k[q], zero)
                 s1[b, q] += c1
                 s2[b, q] += c2
             continue
@@ -844,20 +851,18 @@ def _normalize_blocks(b0, b1, x, z, relu, mean, a, b0v, nc, inner, rows, per, st
             if rows:
                 for r in range(r0, r1):
                     q = r % nc
-                    _normalize_streamed(out[r], 0, W, x[r], _row(z, r), relu, mean[q], a[q],
-                                        b0v[q])
+                    _normalize_streamed(out, r, 0, W, 0, W, x, z, relu, mean[q], a[q], b0v[q])
             else:
                 for r in range(r0, r1):
-                    _normalize_streamed(out[r], 0, W, x[r], _row(z, r), relu, mean, a, b0v)
+                    _normalize_streamed(out, r, 0, W, 0, W, x, z, relu, mean, a, b0v)
             _store_fence()
         elif rows:
             for r in range(r0, r1):
                 q = r % nc
-                _normalize_run(out[r], 0, W, False, x[r], _row(z, r), relu, mean[q], a[q],
-                               b0v[q])
+                _normalize_run(out, r, 0, 0, W, False, x, z, relu, mean[q], a[q], b0v[q])
         else:
             for r in range(r0, r1):
-                _normalize_run(out[r], 0, W, False, x[r], _row(z, r), relu, mean, a, b0v)
+                _normalize_run(out, r, 0, 0, W, False, x, z, relu, mean, a, b0v)
 
 
 @_jit.over(_normalize_blocks)
@@ -886,18 +891,18 @@ def _dx_blocks(b0, b1, dy, x, mean, a, b0v, k, nc, inner, rows, per, stream, out
             if rows:
                 for r in range(r0, r1):
                     q = r % nc
-                    _dx_streamed(out[r], 0, W, dy[r], _row(x, r), mean[q], a[q], b0v[q], k[q])
+                    _dx_streamed(out, r, 0, W, 0, W, dy, x, mean[q], a[q], b0v[q], k[q])
             else:
                 for r in range(r0, r1):
-                    _dx_streamed(out[r], 0, W, dy[r], _row(x, r), mean, a, b0v, k)
+                    _dx_streamed(out, r, 0, W, 0, W, dy, x, mean, a, b0v, k)
             _store_fence()
         elif rows:
             for r in range(r0, r1):
                 q = r % nc
-                _dx_run(out[r], 0, W, False, dy[r], _row(x, r), mean[q], a[q], b0v[q], k[q])
+                _dx_run(out, r, 0, 0, W, False, dy, x, mean[q], a[q], b0v[q], k[q])
         else:
             for r in range(r0, r1):
-                _dx_run(out[r], 0, W, False, dy[r], _row(x, r), mean, a, b0v, k)
+                _dx_run(out, r, 0, 0, W, False, dy, x, mean, a, b0v, k)
 
 
 @_jit.over(_dx_blocks)
@@ -923,13 +928,13 @@ def _ln_forward_blocks(b0, b1, x, first, w, b, eps, per, stream, y, mean_out, rs
         r0, r1 = blk * per, min(x.shape[0], (blk + 1) * per)
         if stream:
             for r in range(r0, r1):
-                mean_out[r], rstd_out[r], hi, rs, lo = _ln_row(x[r], first[r], w, eps)
-                _ln_y_streamed(y[r], x[r], hi, rs, lo, w, b)
+                mean_out[r], rstd_out[r], hi, rs, lo = _ln_row(x, r, first[r], w, eps)
+                _ln_y_streamed(y, r, x, hi, rs, lo, w, b)
             _store_fence()
         else:
             for r in range(r0, r1):
-                mean_out[r], rstd_out[r], hi, rs, lo = _ln_row(x[r], first[r], w, eps)
-                _ln_y_run(y[r], 0, n, False, x[r], hi, rs, lo, w, b)
+                mean_out[r], rstd_out[r], hi, rs, lo = _ln_row(x, r, first[r], w, eps)
+                _ln_y_run(y, r, 0, n, False, x, hi, rs, lo, w, b)
 
 
 @_jit.over(_ln_forward_blocks)
@@ -941,24 +946,16 @@ def _ln_forward(n, x, first, w, b, eps, per, stream, y, mean_out, rstd_out):
 
 
 @numba.njit(inline="always")
-def _ln_row(xr, k, w, eps):
-    """The statistics of one row of the layer norm forward: sums around the
+def _ln_row(x, r, k, w, eps):
+    """The statistics of row ``r`` of the layer norm forward: sums around the
     row's first value ``k`` (in the accumulation dtype; again around the
     mean when that was far off); returns the float64 ``(mean, rstd)`` and
-    the constants of ``y = ((x - hi) * rs + lo) * w + b`` (:func:`_ln_y_run`).
-    Inlined into the loop over rows: called, it cost Numba's reference
-    counts of the row views, 30 ns a row (64-value rows normalized in 370 us
-    against 260 inlined, 4096x64 float32)."""
-    n = xr.size
+    the constants of ``y = ((x - hi) * rs + lo) * w + b`` (:func:`_ln_y_run`)."""
+    n = x.shape[1]
     if not np.isfinite(k):
         k = w.dtype.type(0.0)
     for _ in range(2):
-        a1 = w.dtype.type(0.0)
-        a2 = w.dtype.type(0.0)
-        for j in range(n):
-            d = _ld(xr[j]) - k
-            a1 += d
-            a2 += d * d
+        a1, a2 = _run_sums(x, x, r, 0, n, False, k, w.dtype.type(0.0))
         dm = np.float64(a1) / n
         m2 = np.float64(a2) - np.float64(a1) * dm
         if not dm * dm * n > _REDO * m2:      # False for NaN
@@ -972,17 +969,18 @@ def _ln_row(xr, k, w, eps):
 
 
 @numba.njit(inline="always")
-def _ln_dx_constants(gr, xr, m, rs, w):
-    """A layer-norm backward row's ``(c1, c2)`` (:func:`_ln_dx_run`): the
-    means of ``g = dy * w`` and of ``g * (x - m)`` times ``rs``, summed in
-    the accumulation dtype."""
-    n = xr.size
+def _ln_dx_constants(g, x, r, m, rs, w):
+    """The ``(c1, c2)`` of row ``r`` of a layer-norm backward
+    (:func:`_ln_dx_run`): the means of ``g = dy * w`` and of ``g * (x - m)``
+    times ``rs``, summed in the accumulation dtype."""
+    n = x.shape[1]
     a1 = w.dtype.type(0.0)
     a2 = w.dtype.type(0.0)
-    for j in range(n):
-        g = _ld(gr[j]) * w[j]
-        a1 += g
-        a2 += g * (_ld(xr[j]) - m)
+    u = np.uint64(r)
+    for j in range(np.uint64(n)):
+        gj = _ld(g[u, j]) * w[j]
+        a1 += gj
+        a2 += gj * (_ld(x[u, j]) - m)
     return w.dtype.type(np.float64(a1) / n), w.dtype.type(np.float64(a2) * np.float64(rs) / n)
 
 
@@ -1005,18 +1003,18 @@ def _ln_backward_blocks(b0, b1, dy, x, mean, rstd, w, per, stream, dx, pw, pb):
         for f0 in range(blk * per, r1, _FOLD):
             aw[:] = 0.0
             ab[:] = 0.0
-            # a row's sums, then dx and the column sums in one loop (1-D
-            # views: plain unit-stride loops), streamed or not for all rows
+            # a row's sums, then dx and the column sums in one loop,
+            # streamed or not for all rows
             if stream:
                 for r in range(f0, min(r1, f0 + _FOLD)):
                     m, rs = mean[r], rstd[r]
-                    c1, c2 = _ln_dx_constants(dy[r], x[r], m, rs, w)
-                    _ln_dx_streamed(dx[r], dy[r], x[r], m, rs, w, c1, c2, aw, ab)
+                    c1, c2 = _ln_dx_constants(dy, x, r, m, rs, w)
+                    _ln_dx_streamed(dx, r, dy, x, m, rs, w, c1, c2, aw, ab)
             else:
                 for r in range(f0, min(r1, f0 + _FOLD)):
                     m, rs = mean[r], rstd[r]
-                    c1, c2 = _ln_dx_constants(dy[r], x[r], m, rs, w)
-                    _ln_dx_run(dx[r], 0, n, False, dy[r], x[r], m, rs, w, c1, c2, aw, ab)
+                    c1, c2 = _ln_dx_constants(dy, x, r, m, rs, w)
+                    _ln_dx_run(dx, r, 0, n, False, dy, x, m, rs, w, c1, c2, aw, ab)
             if grads:
                 for j in range(n):
                     pw[blk, j] += np.float64(aw[j])
@@ -1055,10 +1053,7 @@ def _tile_sums(x, dy, j0, k, inner, group, runs, t1, t2):
     if runs:
         for n in range(N):
             for c in range(k.size):
-                i0 = j0 + c * inner
-                xr = x[n, i0:i0 + inner]
-                a1, a2 = _run_sums(xr, dy[n, i0:i0 + inner] if with_dy else xr, with_dy, k[c],
-                                   zero)
+                a1, a2 = _run_sums(x, dy, n, j0 + c * inner, inner, with_dy, k[c], zero)
                 t1[c] += np.float64(a1)
                 t2[c] += np.float64(a2)
         return
@@ -1093,18 +1088,22 @@ def _tile_span(tile, t, channels, inner):
 def _per_column(v, inner, width):
     """The per-channel values ``v`` one per column of ``width`` columns:
     ``out[j] = v[(j // inner) % v.size]`` (a tile's channels; or every
-    channel, then again for each further row of a group taken as one)."""
+    channel, then again for each further row of a group taken as one).
+    Plain loops over unsigned indices (a slice per channel cost 10x more at
+    ``inner = 1``; signed indices kept the stores from vectorizing, 1.4 us
+    for 64 channels of 64 columns)."""
     out = np.empty(width, v.dtype)
-    period = min(width, v.size * inner)
-    if inner == 1:                          # a copy (a loop per channel of one
-        for j in range(period):             # value each cost 2 us at 512)
+    period = np.uint64(min(width, v.size * inner))
+    n = np.uint64(inner)
+    if inner == 1:
+        for j in range(period):
             out[j] = v[j]
     else:
-        for c in range(-(-period // inner)):    # plain loops: a slice per channel
-            val = v[c]                          # costs 10x more at inner = 1
-            for j in range(c * inner, min(period, (c + 1) * inner)):
+        for c in range((period + n - np.uint64(1)) // n):
+            val = v[c]
+            for j in range(c * n, min(period, (c + np.uint64(1)) * n)):
                 out[j] = val
-    for j in range(period, width):
+    for j in range(period, np.uint64(width)):
         out[j] = out[j - period]
     return out
 
@@ -1161,23 +1160,21 @@ def _tile_forward_blocks(tile0, tile1, x, z, relu, w, b, eps, inner, t, group, r
         sh_j = _per_column(sh, inner, cols)
         if stream:
             for n in range(N):
-                yr, xr, zr = y[n, j0:j0 + L], x[n, j0:j0 + L], _row(z, n)[j0:j0 + L]
                 if runs:
                     for c in range(tc):
-                        _normalize_streamed(yr, c * inner, (c + 1) * inner, xr, zr, relu, hi[c],
-                                            s[c], sh[c])
+                        _normalize_streamed(y, n, j0, L, c * inner, (c + 1) * inner, x, z, relu,
+                                            hi[c], s[c], sh[c])
                 else:
-                    _normalize_streamed(yr, 0, L, xr, zr, relu, hi_j, s_j, sh_j)
+                    _normalize_streamed(y, n, j0, L, 0, L, x, z, relu, hi_j, s_j, sh_j)
             _store_fence()
         else:
             for n in range(N):
-                yr, xr, zr = y[n, j0:j0 + L], x[n, j0:j0 + L], _row(z, n)[j0:j0 + L]
                 if runs:
                     for c in range(tc):
-                        _normalize_run(yr, c * inner, (c + 1) * inner, False, xr, zr, relu, hi[c],
-                                       s[c], sh[c])
+                        _normalize_run(y, n, j0, c * inner, (c + 1) * inner, False, x, z, relu,
+                                       hi[c], s[c], sh[c])
                 else:
-                    _normalize_run(yr, 0, L, False, xr, zr, relu, hi_j, s_j, sh_j)
+                    _normalize_run(y, n, j0, 0, L, False, x, z, relu, hi_j, s_j, sh_j)
 
 
 @_jit.over(_tile_forward_blocks)
@@ -1222,23 +1219,21 @@ def _tile_backward_blocks(tile0, tile1, dy, x, mean, invstd, w, inner, t, group,
         a_j, b0_j = _per_column(a, inner, cols), _per_column(b0, inner, cols)
         if stream:
             for n in range(N):
-                dxr, gr, xr = dx[n, j0:j0 + L], dy[n, j0:j0 + L], x[n, j0:j0 + L]
                 if runs:
                     for c in range(tc):
-                        _dx_streamed(dxr, c * inner, (c + 1) * inner, gr, xr, m[c], a[c], b0[c],
-                                     f[c])
+                        _dx_streamed(dx, n, j0, L, c * inner, (c + 1) * inner, dy, x, m[c], a[c],
+                                     b0[c], f[c])
                 else:
-                    _dx_streamed(dxr, 0, L, gr, xr, m_j, a_j, b0_j, f_j)
+                    _dx_streamed(dx, n, j0, L, 0, L, dy, x, m_j, a_j, b0_j, f_j)
             _store_fence()
         else:
             for n in range(N):
-                dxr, gr, xr = dx[n, j0:j0 + L], dy[n, j0:j0 + L], x[n, j0:j0 + L]
                 if runs:
                     for c in range(tc):
-                        _dx_run(dxr, c * inner, (c + 1) * inner, False, gr, xr, m[c], a[c], b0[c],
-                                f[c])
+                        _dx_run(dx, n, j0, c * inner, (c + 1) * inner, False, dy, x, m[c], a[c],
+                                b0[c], f[c])
                 else:
-                    _dx_run(dxr, 0, L, False, gr, xr, m_j, a_j, b0_j, f_j)
+                    _dx_run(dx, n, j0, 0, L, False, dy, x, m_j, a_j, b0_j, f_j)
 
 
 @_jit.over(_tile_backward_blocks)
