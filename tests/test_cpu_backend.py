@@ -294,6 +294,55 @@ def test_small_inputs_run_on_the_calling_thread(monkeypatch):
         np.testing.assert_array_equal(a, e)
 
 
+@pytest.mark.parametrize("wake_us, expected", [
+    (20.0, 20e-6 / 1e-10),              # 20 us + 0.1 ns n = 0.2 ns n at n = 200000
+    (1.0, 32768),                        # ahead from 10000, under the lower bound
+    (1e6, 1 << 22),                      # never ahead within the range: the upper bound
+])
+def test_the_serial_limit_is_where_the_two_ways_cross(monkeypatch, wake_us, expected):
+    """_crossover joins the serial and the parallel times of its two sizes by
+    straight lines and returns where they cross (a machine where a value
+    costs 0.2 ns on one thread, 0.1 on two, and waking them ``wake_us``),
+    within _SERIAL_MAX_RANGE."""
+    monkeypatch.setenv("GPUBN_NUM_THREADS", "2")
+    if cpu.num_threads() < 2:
+        pytest.skip("Numba started one thread: _crossover has nothing to time")
+    sizes = (1 << 15, 1 << 18)
+    model = []
+    for n in sizes:         # the order _crossover times them in
+        model += [n * 2e-10, wake_us * 1e-6 + n * 1e-10]
+    timed = iter(model)
+    monkeypatch.setattr(cpu, "_best_time", lambda fn, repeats: next(timed))
+    assert cpu._crossover(sizes) == pytest.approx(expected, abs=1)
+
+
+def test_the_serial_limit_without_a_second_thread_or_a_gain(monkeypatch):
+    """With one thread, or when two threads gain nothing a value, every loop
+    within the range runs on the calling thread (the upper bound)."""
+    hi = cpu._SERIAL_MAX_RANGE[1]
+    monkeypatch.setenv("GPUBN_NUM_THREADS", "1")
+    monkeypatch.setattr(cpu, "_best_time", lambda fn, repeats: pytest.fail("timed with one thread"))
+    assert cpu._crossover() == hi
+    monkeypatch.setenv("GPUBN_NUM_THREADS", "2")
+    if cpu.num_threads() < 2:
+        return
+    monkeypatch.setattr(cpu, "_best_time", lambda fn, repeats: 1e-5)    # flat: no gain
+    assert cpu._crossover() == hi
+
+
+def test_the_serial_limit_is_measured_once_per_process(monkeypatch):
+    """_serial_max measures at its first call only, and the measurement runs
+    the real loops to a limit within the range."""
+    calls = []
+    real = cpu._crossover
+    monkeypatch.setattr(cpu, "_crossover", lambda: calls.append(1) or real())
+    monkeypatch.setattr(cpu, "_SERIAL_MAX", None)
+    first = cpu._serial_max()
+    assert cpu._serial_max() == first and calls == [1]
+    lo, hi = cpu._SERIAL_MAX_RANGE
+    assert lo <= first <= hi
+
+
 def test_concurrent_calls_from_python_threads(many_blocks):
     """Several Python threads calling at once (the threading layer runs one
     parallel region at a time; the backend queues them) get the results of

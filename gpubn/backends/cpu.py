@@ -76,6 +76,7 @@ import os
 import platform
 import sys
 import threading
+import time
 
 import numpy as np
 
@@ -531,26 +532,70 @@ _AFFINE_WIDE = 512      # ... of the normalize and dx loops writing an output no
 # repeated once per row of a group, grow with it (64x256: 11 us at 256
 # values a row, 20 at 1024)
 _REDO = 16.0            # (mean - shift)**2 / var above which the sums are taken again
-# Values up to which a loop runs on the calling thread (_jit), by threading
-# layer.  Waking Numba's workqueue threads costs about 0.1 ms a loop on a
-# 2-core machine: a forward+backward over 1M float32 values took 1.6 ms on
-# one thread and 2.6 ms on two, they were even at 2-3M and two were ahead
-# from about 4M (6.4M: 7.0 against 10.4 ms).  tbb starts a loop in about
-# 5 us, but with the row loops at their speed one thread still finished a
-# forward + backward first up to about 256K values (float32, two threads
-# against one: 256x1024 1.16x, 4x28x28x64 channels-last 1.34x the serial
-# time; 512x1024 0.79x, 8x64x28x28 0.90x).
-_SERIAL_MAX_BY_LAYER = {"workqueue": 1 << 21, "tbb": 1 << 18}
+# Values up to which a loop runs on the calling thread (_jit): where waking
+# the threads costs more than they save.  That depends on the machine, not
+# on the layer alone: tbb starts a loop in about 5 us, and on a 2-core AMD
+# EPYC one thread still finished a forward + backward first up to about 256K
+# values (float32; 256x1024 1.16x, 4x28x28x64 channels-last 1.34x the serial
+# time with two), while on a 2-core Intel Xeon two threads were ahead from
+# 32-100K.  Numba's workqueue threads cost about 0.1 ms a loop (1M values:
+# 1.6 ms on one thread, 2.6 on two).  So it is measured, once per process,
+# at the first input that could use the threads (_crossover: 60-100K on
+# that Xeon, where forward + backward then took 0.71x the time of the 256K
+# limit at 256x1024, 0.63x at layer norm 256x768 and 4x64x28x28).
+_SERIAL_MAX_RANGE = (1 << 15, 1 << 22)
 _SERIAL_MAX = None      # set by _serial_max (tests set it)
 
 
 def _serial_max() -> int:
-    """``_SERIAL_MAX``, from the threading layer Numba started."""
+    """``_SERIAL_MAX``, measured by :func:`_crossover` at the first call."""
     global _SERIAL_MAX
     if _SERIAL_MAX is None:
-        numba.get_num_threads()     # starts the threads: the layer is known
-        _SERIAL_MAX = _SERIAL_MAX_BY_LAYER.get(numba.threading_layer(), 0)
+        _SERIAL_MAX = _crossover()
     return _SERIAL_MAX
+
+
+def _crossover(sizes=(1 << 15, 1 << 18), repeats=15) -> int:
+    """The number of values from which the normalize loop (one read, one
+    write: the middle of the passes) finishes first on ``num_threads()``
+    threads rather than on the calling thread, within
+    ``_SERIAL_MAX_RANGE``: each way timed on float32 inputs of the two
+    ``sizes`` (best of ``repeats`` calls in a row, as a training step's
+    passes follow each other), the two times of each way joined by a
+    straight line, and where the lines cross.  About 3 ms, once."""
+    lo, hi = _SERIAL_MAX_RANGE
+    threads = num_threads()
+    if threads < 2:
+        return hi
+    numba.set_num_threads(threads)
+    width = 1024
+    c = np.zeros(width, np.float32)
+    times = []                  # (serial, parallel) seconds per size
+    for n in sizes:
+        x = np.ones((n // width, width), np.float32)      # written: not the zero page
+        blocks = max(2, n // _BLOCK)
+        args = (x, x[:0], False, c, c, c, width, 1, False, -(-x.shape[0] // blocks), False,
+                np.empty_like(x))
+        times.append((_best_time(lambda: _normalize_loop.serial(0, blocks, *args), repeats),
+                      _best_time(lambda: _normalize_loop.parallel(blocks, *args), repeats)))
+    (s0, p0), (s1, p1) = times
+    span = sizes[1] - sizes[0]
+    gain = ((s1 - s0) - (p1 - p0)) / span       # seconds a value saves on the threads
+    if gain <= 0:
+        return hi
+    return int(min(hi, max(lo, sizes[0] + (p0 - s0) / gain)))
+
+
+def _best_time(fn, repeats: int) -> float:
+    """The least wall-clock seconds of ``repeats`` calls of ``fn`` in a row,
+    after one untimed (which may load code, start threads, map pages)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
 
 
 # ---------------------------------------------------------------- loops ----
