@@ -296,8 +296,8 @@ def test_small_inputs_run_on_the_calling_thread(monkeypatch):
 
 @pytest.mark.parametrize("wake_us, expected", [
     (20.0, 20e-6 / 1e-10),              # 20 us + 0.1 ns n = 0.2 ns n at n = 200000
-    (1.0, 32768),                        # ahead from 10000, under the lower bound
-    (1e6, 1 << 22),                      # never ahead within the range: the upper bound
+    (1.0, cpu._SERIAL_MAX_RANGE[0]),     # ahead from 10000, under the lower bound
+    (1e6, cpu._SERIAL_MAX_RANGE[1]),     # never ahead within the range: the upper bound
 ])
 def test_the_serial_limit_is_where_the_two_ways_cross(monkeypatch, wake_us, expected):
     """_crossover joins the serial and the parallel times of its two sizes by

@@ -534,16 +534,18 @@ _AFFINE_WIDE = 512      # ... of the normalize and dx loops writing an output no
 _REDO = 16.0            # (mean - shift)**2 / var above which the sums are taken again
 # Values up to which a loop runs on the calling thread (_jit): where waking
 # the threads costs more than they save.  That depends on the machine, not
-# on the layer alone: tbb starts a loop in about 5 us, and on a 2-core AMD
-# EPYC one thread still finished a forward + backward first up to about 256K
+# on the layer alone.  tbb starts a loop in about 5 us; on a 2-core AMD EPYC
+# one thread still finished a forward + backward first up to about 256K
 # values (float32; 256x1024 1.16x, 4x28x28x64 channels-last 1.34x the serial
-# time with two), while on a 2-core Intel Xeon two threads were ahead from
-# 32-100K.  Numba's workqueue threads cost about 0.1 ms a loop (1M values:
-# 1.6 ms on one thread, 2.6 on two).  So it is measured, once per process,
-# at the first input that could use the threads (_crossover: 60-100K on
-# that Xeon, where forward + backward then took 0.71x the time of the 256K
-# limit at 256x1024, 0.63x at layer norm 256x768 and 4x64x28x28).
-_SERIAL_MAX_RANGE = (1 << 15, 1 << 22)
+# time with two), on a 2-core Intel Xeon two threads took 0.71x the serial
+# time at 256x1024 and 0.63x at layer norm 256x768 and 4x64x28x28.  Numba's
+# workqueue threads cost about 0.1 ms a loop (1M values: 1.6 ms on one
+# thread, 2.6 on two).  So the limit is measured, once per process, at the
+# first input that could use the threads (_crossover: 55-130K on that
+# Xeon).  It is never below the one-tile inputs, which a training forward
+# and backward walk on the calling thread anyway: there an inference over
+# 64K values took 1.3x longer on two threads than on one.
+_SERIAL_MAX_RANGE = (_ONE_TILE, 1 << 22)
 _SERIAL_MAX = None      # set by _serial_max (tests set it)
 
 
@@ -559,25 +561,30 @@ def _crossover(sizes=(1 << 15, 1 << 18), repeats=15) -> int:
     """The number of values from which the normalize loop (one read, one
     write: the middle of the passes) finishes first on ``num_threads()``
     threads rather than on the calling thread, within
-    ``_SERIAL_MAX_RANGE``: each way timed on float32 inputs of the two
-    ``sizes`` (best of ``repeats`` calls in a row, as a training step's
-    passes follow each other), the two times of each way joined by a
-    straight line, and where the lines cross.  About 3 ms, once."""
+    ``_SERIAL_MAX_RANGE``: each way timed as a call runs it (into a fresh
+    output; the threads set) on float32 inputs of the two ``sizes`` (best of
+    ``repeats`` calls in a row), the two times of each way joined by a
+    straight line, and where the lines cross.  A few milliseconds, once."""
     lo, hi = _SERIAL_MAX_RANGE
     threads = num_threads()
     if threads < 2:
         return hi
-    numba.set_num_threads(threads)
     width = 1024
     c = np.zeros(width, np.float32)
     times = []                  # (serial, parallel) seconds per size
     for n in sizes:
         x = np.ones((n // width, width), np.float32)      # written: not the zero page
         blocks = max(2, n // _BLOCK)
-        args = (x, x[:0], False, c, c, c, width, 1, False, -(-x.shape[0] // blocks), False,
-                np.empty_like(x))
-        times.append((_best_time(lambda: _normalize_loop.serial(0, blocks, *args), repeats),
-                      _best_time(lambda: _normalize_loop.parallel(blocks, *args), repeats)))
+        args = (x, x[:0], False, c, c, c, width, 1, False, -(-x.shape[0] // blocks), False)
+
+        def serial():
+            _normalize_loop.serial(0, blocks, *args, np.empty_like(x))
+
+        def parallel():
+            numba.set_num_threads(threads)
+            _normalize_loop.parallel(blocks, *args, np.empty_like(x))
+
+        times.append((_best_time(serial, repeats), _best_time(parallel, repeats)))
     (s0, p0), (s1, p1) = times
     span = sizes[1] - sizes[0]
     gain = ((s1 - s0) - (p1 - p0)) / span       # seconds a value saves on the threads
