@@ -283,9 +283,13 @@ class _jit:
 
     def __call__(self, blocks, values, *args):
         if blocks > 1 and values > _serial_max():
-            numba.set_num_threads(num_threads())
-            return self.parallel(blocks, *args)
+            return self.threaded(blocks, *args)
         return self.serial(0, blocks, *args)
+
+    def threaded(self, blocks, *args):
+        """``parallel`` on ``num_threads()`` threads."""
+        numba.set_num_threads(num_threads())
+        return self.parallel(blocks, *args)
 
 
 # ------------------------------------------------ float16 and bfloat16 -----
@@ -566,8 +570,7 @@ def _crossover(sizes=(1 << 15, 1 << 18), repeats=15) -> int:
     ``repeats`` calls in a row), the two times of each way joined by a
     straight line, and where the lines cross.  A few milliseconds, once."""
     lo, hi = _SERIAL_MAX_RANGE
-    threads = num_threads()
-    if threads < 2:
+    if num_threads() < 2:
         return hi
     width = 1024
     c = np.zeros(width, np.float32)
@@ -576,15 +579,10 @@ def _crossover(sizes=(1 << 15, 1 << 18), repeats=15) -> int:
         x = np.ones((n // width, width), np.float32)      # written: not the zero page
         blocks = max(2, n // _BLOCK)
         args = (x, x[:0], False, c, c, c, width, 1, False, -(-x.shape[0] // blocks), False)
-
-        def serial():
-            _normalize_loop.serial(0, blocks, *args, np.empty_like(x))
-
-        def parallel():
-            numba.set_num_threads(threads)
-            _normalize_loop.parallel(blocks, *args, np.empty_like(x))
-
-        times.append((_best_time(serial, repeats), _best_time(parallel, repeats)))
+        serial = functools.partial(_normalize_loop.serial, 0, blocks, *args)
+        threaded = functools.partial(_normalize_loop.threaded, blocks, *args)
+        times.append((_best_time(lambda: serial(np.empty_like(x)), repeats),
+                      _best_time(lambda: threaded(np.empty_like(x)), repeats)))
     (s0, p0), (s1, p1) = times
     span = sizes[1] - sizes[0]
     gain = ((s1 - s0) - (p1 - p0)) / span       # seconds a value saves on the threads
