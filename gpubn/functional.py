@@ -8,7 +8,7 @@ accumulation dtype, and come back in the caller's shape and dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Tuple
+from typing import Any, NamedTuple, Tuple
 
 from . import _validation as V
 from .backends import get_backend
@@ -81,8 +81,7 @@ def to_acc(xp, v, acc):
     return xp.ascontiguousarray(xp.asarray(v), dtype=acc)
 
 
-@dataclass(frozen=True)
-class ForwardOptions:
+class ForwardOptions(NamedTuple):
     """A forward call's arguments other than the arrays, checked.  They are
     checked before any array is looked at: sync batch norm, whose ranks pass
     the same options but each its own arrays, raises on them before it
@@ -98,12 +97,11 @@ def check_forward_options(x, *, training, momentum, eps, backend,
                           num_batches_tracked) -> ForwardOptions:
     """Check the options of a per-channel forward and resolve the backend
     (for ``x`` when ``backend`` is None)."""
-    be = get_backend(backend, x if V.is_array(x) else None)
+    be = get_backend(backend, x)
     eps = V.check_eps(eps)
     momentum = V.check_momentum(momentum)
     check_num_batches(num_batches_tracked)
-    return ForwardOptions(backend=be, training=bool(training), eps=eps,
-                          factor=resolve_momentum(momentum, num_batches_tracked))
+    return ForwardOptions(be, bool(training), eps, resolve_momentum(momentum, num_batches_tracked))
 
 
 @dataclass
@@ -138,8 +136,12 @@ class ForwardInput:
         accumulation dtype where the caller's are of another dtype or not
         contiguous, then copy the working copies back; returns what ``step``
         returns."""
-        work = [v if v is None or (v.dtype == self.acc and v.flags.c_contiguous)
-                else to_acc(self.backend.xp, v, self.acc) for v in (first, second)]
+        acc = self.acc
+        if ((first is None or (first.dtype == acc and first.flags.c_contiguous))
+                and (second is None or (second.dtype == acc and second.flags.c_contiguous))):
+            return step(first, second)      # the common case: no working copies
+        work = [v if v is None or (v.dtype == acc and v.flags.c_contiguous)
+                else to_acc(self.backend.xp, v, acc) for v in (first, second)]
         out = step(*work)
         for dst, w in zip((first, second), work):
             if w is not dst:
@@ -150,10 +152,8 @@ class ForwardInput:
         """The saved state for the backward: ``weight`` is the one the
         backward scales by (batch renorm's ``weight * r``)."""
         return (cls or BatchNormSaved)(
-            x3=self.x3, mean=mean, invstd=invstd, weight=weight, axis=self.axis,
-            shape=self.shape, dtype=self.dtype, training=self.training, backend=self.backend,
-            count=self.count, weight_dtype=self.weight_dtype, bias_dtype=self.bias_dtype,
-            order=self.order, **extra)
+            self.x3, mean, invstd, weight, self.axis, self.shape, self.dtype, self.training,
+            self.backend, self.count, self.weight_dtype, self.bias_dtype, self.order, **extra)
 
 
 def canonical_input(x, options: ForwardOptions, *, weight, bias, axis, check_vectors,
@@ -168,7 +168,7 @@ def canonical_input(x, options: ForwardOptions, *, weight, bias, axis, check_vec
     be = options.backend
     axis = V.check_input(x, axis, "x", allow_empty=local)
     V.check_owned(x, be, "x")
-    shape = tuple(x.shape)
+    shape = x.shape
     outer, c, inner = V.canonical_shape(shape, axis)
     count = outer * inner
     order = V.layout_order(x, axis)
@@ -179,12 +179,10 @@ def canonical_input(x, options: ForwardOptions, *, weight, bias, axis, check_vec
     xp = be.xp
     acc = V.acc_dtype(x.dtype)
     return ForwardInput(
-        backend=be, x3=V.canonical_view(x, axis, xp, order), order=order,
-        weight=to_acc(xp, weight, acc),
-        bias=to_acc(xp, bias, acc), acc=acc, axis=axis, shape=shape, dtype=x.dtype,
-        count=count, training=options.training, eps=options.eps, factor=options.factor,
-        weight_dtype=None if weight is None else weight.dtype,
-        bias_dtype=None if bias is None else bias.dtype)
+        be, V.canonical_view(x, axis, xp, order),
+        to_acc(xp, weight, acc), to_acc(xp, bias, acc), acc, axis, shape, x.dtype, count,
+        options.training, options.eps, options.factor,
+        None if weight is None else weight.dtype, None if bias is None else bias.dtype, order)
 
 
 def prepare_forward(x, *, weight, bias, training, momentum, eps, axis, backend,
@@ -282,8 +280,9 @@ def batch_norm_forward(x, *, weight=None, bias=None, running_mean=None, running_
                                  f"runs on whole batches only)")
         if groups > 1 and order[0] != 0:
             order = V.identity_order(x.ndim)    # ghost groups run on a copy in the given order
-        V.check_out(out, x.shape, x.dtype, order, be, "x", {"x": x, "residual": residual},
-                    like=x)
+        if out is not None:
+            V.check_out(out, x.shape, x.dtype, order, be, "x", {"x": x, "residual": residual},
+                        like=x)
 
     f = prepare_forward(x, weight=weight, bias=bias, training=training, momentum=momentum,
                         eps=eps, axis=axis, backend=backend,
@@ -355,9 +354,10 @@ def batch_norm_backward(dy, saved: BatchNormSaved, *, out=None):
                         f"got {type(saved).__name__}")
     be = saved.backend
     V.check_grad_output(dy, saved.shape, saved.dtype, be, like=saved.x3)
-    V.check_out(out, saved.shape, saved.dtype, saved.order, be, "the forward input",
-                {"dy": dy, "the saved input": saved.x3, "the forward's y": saved.y3},
-                like=saved.x3)
+    if out is not None:
+        V.check_out(out, saved.shape, saved.dtype, saved.order, be, "the forward input",
+                    {"dy": dy, "the saved input": saved.x3, "the forward's y": saved.y3},
+                    like=saved.x3)
     dy3 = V.canonical_view(dy, saved.axis, be.xp, saved.order)
     into = {} if out is None else {"out": V.canonical_view(out, saved.axis, be.xp, saved.order)}
     dresidual = dy

@@ -13,6 +13,8 @@ import functools
 import importlib
 import os
 
+import numpy as np
+
 from .base import Backend, ChannelStats
 
 # name -> "module:Class", imported on first use so that importing gpubn never
@@ -78,20 +80,20 @@ def array_module(x):
 
 def get_backend(backend=None, x=None) -> Backend:
     """Resolve a backend name (or ``None``) for array ``x``."""
-    if isinstance(backend, Backend):
-        return backend
     if backend is None:
         backend = os.environ.get("GPUBN_BACKEND") or None
-        if backend is not None and backend not in _REGISTRY:
+        if backend is None:     # automatic
+            if type(x) is not np.ndarray and is_cupy_array(x):
+                return _load("cuda")
+            return _INSTANCES.get(_host_auto()) or _load(_host_auto())
+        if backend not in _REGISTRY:
             raise ValueError(f"GPUBN_BACKEND={backend!r} (environment variable) is not one "
                              f"of {_known()}; unset it for automatic selection")
-    if backend is None:
-        if is_cupy_array(x):
-            return _load("cuda")
-        return _load(_host_auto())
+    elif isinstance(backend, Backend):
+        return backend
     if not isinstance(backend, str) or backend not in _REGISTRY:
         raise ValueError(f"backend must be one of {_known()} or None, got {backend!r}")
-    return _load(backend)
+    return _INSTANCES.get(backend) or _load(backend)
 
 
 def _known() -> str:
