@@ -868,14 +868,15 @@ def test_small_inputs_are_one_tile_of_every_channel(monkeypatch):
     assert cpu._tiles((1, 1, cpu._ONE_TILE), np.float32)[:2] == (1, 1)
     assert cpu._tiles((2, 1, cpu._ONE_TILE // 2 + 1), np.float32)[0] == 0
     assert cpu._tiles((cpu._ONE_TILE + 1, 1, 1), np.float16)[0] == 0
-    # runs of 512 values or more are walked one by one, of 128 or more in a
+    # runs of 512 values or more are walked one by one, of 64 or more in a
     # tensor under _CACHED_BYTES; shorter ones (and those of a larger
     # tensor) by columns
     assert cpu._tiles((4, 64, 784), np.float32)[2]
     assert cpu._tiles((32, 512, 784), np.float32)[2]
     assert cpu._tiles((8, 16, 144), np.float32)[2]
+    assert cpu._tiles((16, 64, 64), np.float32)[2]
     assert not cpu._tiles((32, 1024, 196), np.float32)[2]
-    assert not cpu._tiles((16, 64, 64), np.float32)[2]
+    assert not cpu._tiles((32, 64, 49), np.float32)[2]
     ran = []
     for name in ("_tile_forward", "_tile_backward", "_sums", "_normalize_loop", "_dx_loop"):
         for kind in ("parallel", "serial"):
@@ -1111,6 +1112,90 @@ def test_float16_streamed_rows_fold_into_truncating_stores_on_avx512bw():
     asm = normalize.inspect_asm(normalize.signatures[0])
     assert re.search(r"\bvpmovdw\s+%[xyz]mm\d+, [^%]*\(", asm)
     assert not re.search(r"\bv?movnt", asm)
+
+
+def _loop_reference_counts(fn, *args):
+    """``(increments, loops)``: the reference-count increments the compiled
+    code of ``fn`` (compiled afresh for ``args``, so its code can be read)
+    makes inside its loops, and how many loops it has.  A loop is read off
+    the compiled function's blocks, which the compiler lays out in order: a
+    branch back to an earlier block closes one, and the blocks from there to
+    the branch are its body."""
+    afresh = numba.njit(fastmath=cpu._FLAGS)(fn)
+    afresh(*args)
+    ir = afresh.inspect_llvm(afresh.signatures[0])
+    body = ir[ir.index("\ndefine "):]
+    body = body[:body.index("\n}\n")]
+    blocks = [[]]
+    names = {}
+    for line in body.splitlines()[2:]:
+        label = re.match(r"^([\w.$-]+):", line)
+        if label:
+            names[label.group(1)] = len(blocks)
+            blocks.append([])
+        else:
+            blocks[-1].append(line)
+    inside, loops = set(), 0
+    for j, lines in enumerate(blocks):
+        for line in lines:
+            if line.strip().startswith("br "):
+                for target in re.findall(r"label %([\w.$-]+)", line):
+                    i = names.get(target)
+                    if i is not None and i <= j:
+                        inside.update(range(i, j + 1))
+                        loops += 1
+    increments = sum("\n".join(blocks[i]).count("call void @NRT_incref(") for i in inside)
+    return increments, loops
+
+
+def _row_loop_args(dtype=np.float32):
+    x = np.ones((6, 64), dtype)
+    per_col, per_run = np.ones(64, np.float32), np.ones(4, np.float32)
+    sums = np.zeros(4), np.zeros(4)
+    return {
+        "_normalize_columns": (np.empty_like(x), 0, 6, 0, 64, x, x[:0], True, per_col, per_col,
+                               per_col),
+        "_normalize_runs": (np.empty_like(x), 0, 6, 0, 64, 16, x, x[:0], True, per_run,
+                            per_run, per_run),
+        "_dx_columns": (np.empty_like(x), 0, 6, 0, 64, x, x, per_col, per_col, per_col,
+                        per_col),
+        "_dx_runs": (np.empty_like(x), 0, 6, 0, 64, 16, x, x, per_run, per_run, per_run,
+                     per_run),
+        "_runs_sums": (x, x, 0, 6, 0, 64, 16, per_run, *sums),
+        "_masked_runs_sums": (x, x, x, 0, 6, per_run, *sums, np.empty_like(x)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_row_loop_args()))
+def test_the_row_loops_keep_no_reference_counts(name):
+    """The loops over rows that are not streamed keep no reference counting
+    in their loops: an increment and a decrement of each array a row reads
+    are atomic operations, which kept in a loop cost more than a short row's
+    values (the reason each row loop is a function of its own)."""
+    increments, loops = _loop_reference_counts(getattr(cpu, name).py_func,
+                                               *_row_loop_args()[name])
+    assert loops > 0
+    assert increments == 0
+
+
+def test_the_reference_count_check_sees_counts_kept_in_a_row_loop():
+    """The check above finds the counts in a row loop the compiler keeps
+    them in: the plain and the streamed row, one inlined call each, in one
+    loop."""
+    plain, streamed = cpu._normalize_run, cpu._normalize_streamed
+
+    def kept(out, r0, r1, n, stream, x, z, m, a, b0):
+        for r in range(r0, r1):
+            if stream:
+                streamed(out, r, 0, n, 0, n, x, z, False, m, a, b0)
+            else:
+                plain(out, r, 0, 0, n, False, x, z, False, m, a, b0)
+
+    x, c = np.ones((6, 64), np.float32), np.ones(64, np.float32)
+    increments, loops = _loop_reference_counts(kept, np.empty_like(x), 0, 6, 64, False, x,
+                                               x[:0], c, c, c)
+    assert loops > 0
+    assert increments > 0
 
 
 @pytest.mark.parametrize("threshold", [1 << 62, 0], ids=["plain", "streamed"])

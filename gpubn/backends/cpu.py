@@ -514,10 +514,11 @@ _RUNS_MIN = 512         # a tile's runs from this length on are walked one by on
 # columns are ahead (32x2048x7x7 forward 1.40 against 2.47 ms run by run),
 # at 14x14 once the tensor is out of the cache (32x1024x14x14 forward +
 # backward 1.13x the columns' time run by run) ...
-_RUNS_MIN_CACHED = 128  # ... and runs of 128 or more are walked one by one when
+_RUNS_MIN_CACHED = 64   # ... and runs of 64 or more are walked one by one when
 _CACHED_BYTES = 8 << 20  # the tensor is under this size (32x256x14x14, 6.4 MB:
 # 0.77x the columns' time, 8x64x14x14 0.79x, 8x16x12x12 0.92x; 16x64x8x8
-# 1.29x at 64, left to them)
+# forward 0.72x, backward 0.65x, 16x256x8x8 0.90x and 0.85x; 32x64x7x7
+# 1.3x and 1.1x at 49, left to them)
 _BLOCK = 1 << 15        # elements per block of work (about)
 _ONE_TILE = 1 << 17     # values up to which an input is one tile (_tile_channels): a
 # pass in one call on the calling thread, where the blocked loops make two
@@ -578,7 +579,7 @@ def _crossover(sizes=(1 << 15, 1 << 18), repeats=15) -> int:
     for n in sizes:
         x = np.ones((n // width, width), np.float32)      # written: not the zero page
         blocks = max(2, n // _BLOCK)
-        args = (x, x[:0], False, c, c, c, width, 1, False, -(-x.shape[0] // blocks), False)
+        args = (x, x[:0], False, c, c, c, 1, False, -(-x.shape[0] // blocks), False)
         serial = functools.partial(_normalize_loop.serial, 0, blocks, *args)
         threaded = functools.partial(_normalize_loop.threaded, blocks, *args)
         times.append((_best_time(lambda: serial(np.empty_like(x)), repeats),
@@ -741,6 +742,131 @@ def _dx_streamed(out, r, j0, n, i0, i1, g, x, m, a, b0, k):
     _dx_run(out, r, j0, p1, i1, False, g, x, m, a, b0, k)
 
 
+# The loops over rows are functions of their own, each one loop nest
+# around one inlined row function.  Inlined into a function that also
+# allocates arrays and branches around its loops (the blocked and the tile
+# loops), or next to another inlined call, the compiler kept reference
+# counts of the arrays a row reads: a few atomic operations a row (the
+# normalize loop of a 128x512 float32 tile took 21 us there, 9 us in a
+# function of its own).  tests/test_cpu_backend.py reads their code.  The
+# streamed loops (outputs of _STREAM_BYTES or more, rows of _WIDE values or
+# more) keep some: the three parts of a streamed row are three calls.
+@numba.njit(cache=True, fastmath=_FLAGS)
+def _normalize_columns(out, r0, r1, j0, n, x, z, relu, m, a, b0):
+    """:func:`_normalize_run` on the ``n`` items from column ``j0`` of the
+    rows ``[r0, r1)``, the constants one per item (``m[j]`` for item
+    ``j``)."""
+    for r in range(r0, r1):
+        _normalize_run(out, r, j0, 0, n, False, x, z, relu, m, a, b0)
+
+
+@numba.njit(cache=True, fastmath=_FLAGS)
+def _normalize_columns_streamed(out, r0, r1, j0, n, x, z, relu, m, a, b0):
+    """:func:`_normalize_columns` with non-temporal stores
+    (:func:`_normalize_streamed`), then the fence."""
+    for r in range(r0, r1):
+        _normalize_streamed(out, r, j0, n, 0, n, x, z, relu, m, a, b0)
+    _store_fence()
+
+
+@numba.njit(cache=True, fastmath=_FLAGS)
+def _normalize_runs(out, r0, r1, j0, n, inner, x, z, relu, m, a, b0):
+    """:func:`_normalize_run` on the ``n`` items from column ``j0`` of the
+    rows ``[r0, r1)``, a run of ``inner`` items at a time: counting the runs
+    from the first row (``n // inner`` a row), run ``i`` is channel ``q = i
+    % m.size``, with the constants ``m[q]``, ``a[q]``, ``b0[q]`` (the order
+    of the canonical layout)."""
+    per_row = n // inner
+    q = (r0 * per_row) % m.size       # the channel of the next run
+    for r in range(r0, r1):
+        for c in range(per_row):
+            _normalize_run(out, r, j0, c * inner, (c + 1) * inner, False, x, z, relu, m[q],
+                           a[q], b0[q])
+            q = 0 if q + 1 == m.size else q + 1
+
+
+@numba.njit(cache=True, fastmath=_FLAGS)
+def _normalize_runs_streamed(out, r0, r1, j0, n, inner, x, z, relu, m, a, b0):
+    """:func:`_normalize_runs` with non-temporal stores, then the fence."""
+    per_row = n // inner
+    q = (r0 * per_row) % m.size
+    for r in range(r0, r1):
+        for c in range(per_row):
+            _normalize_streamed(out, r, j0, n, c * inner, (c + 1) * inner, x, z, relu, m[q],
+                                a[q], b0[q])
+            q = 0 if q + 1 == m.size else q + 1
+    _store_fence()
+
+
+@numba.njit(cache=True, fastmath=_FLAGS)
+def _dx_columns(out, r0, r1, j0, n, g, x, m, a, b0, k):
+    """:func:`_dx_run` as :func:`_normalize_columns` runs the normalize."""
+    for r in range(r0, r1):
+        _dx_run(out, r, j0, 0, n, False, g, x, m, a, b0, k)
+
+
+@numba.njit(cache=True, fastmath=_FLAGS)
+def _dx_columns_streamed(out, r0, r1, j0, n, g, x, m, a, b0, k):
+    """:func:`_dx_columns` with non-temporal stores, then the fence."""
+    for r in range(r0, r1):
+        _dx_streamed(out, r, j0, n, 0, n, g, x, m, a, b0, k)
+    _store_fence()
+
+
+@numba.njit(cache=True, fastmath=_FLAGS)
+def _dx_runs(out, r0, r1, j0, n, inner, g, x, m, a, b0, k):
+    """:func:`_dx_run` as :func:`_normalize_runs` runs the normalize."""
+    per_row = n // inner
+    q = (r0 * per_row) % m.size
+    for r in range(r0, r1):
+        for c in range(per_row):
+            _dx_run(out, r, j0, c * inner, (c + 1) * inner, False, g, x, m[q], a[q], b0[q], k[q])
+            q = 0 if q + 1 == m.size else q + 1
+
+
+@numba.njit(cache=True, fastmath=_FLAGS)
+def _dx_runs_streamed(out, r0, r1, j0, n, inner, g, x, m, a, b0, k):
+    """:func:`_dx_runs` with non-temporal stores, then the fence."""
+    per_row = n // inner
+    q = (r0 * per_row) % m.size
+    for r in range(r0, r1):
+        for c in range(per_row):
+            _dx_streamed(out, r, j0, n, c * inner, (c + 1) * inner, g, x, m[q], a[q], b0[q],
+                         k[q])
+            q = 0 if q + 1 == m.size else q + 1
+    _store_fence()
+
+
+@numba.njit(inline="always")
+def _normalize_rows(out, r0, r1, j0, n, inner, runs, stream, x, z, relu, m, a, b0):
+    """The normalize over rows ``[r0, r1)`` by runs (``runs``: constants per
+    channel) or by columns (one per item), streamed or not: the loop
+    functions above."""
+    if runs:
+        if stream:
+            _normalize_runs_streamed(out, r0, r1, j0, n, inner, x, z, relu, m, a, b0)
+        else:
+            _normalize_runs(out, r0, r1, j0, n, inner, x, z, relu, m, a, b0)
+    elif stream:
+        _normalize_columns_streamed(out, r0, r1, j0, n, x, z, relu, m, a, b0)
+    else:
+        _normalize_columns(out, r0, r1, j0, n, x, z, relu, m, a, b0)
+
+
+@numba.njit(inline="always")
+def _dx_rows(out, r0, r1, j0, n, inner, runs, stream, g, x, m, a, b0, k):
+    """The dx loop over rows as :func:`_normalize_rows` runs the normalize."""
+    if runs:
+        if stream:
+            _dx_runs_streamed(out, r0, r1, j0, n, inner, g, x, m, a, b0, k)
+        else:
+            _dx_runs(out, r0, r1, j0, n, inner, g, x, m, a, b0, k)
+    elif stream:
+        _dx_columns_streamed(out, r0, r1, j0, n, g, x, m, a, b0, k)
+    else:
+        _dx_columns(out, r0, r1, j0, n, g, x, m, a, b0, k)
+
+
 @numba.njit(inline="always")
 def _ln_y_run(out, r, i0, i1, streamed, x, hi, rs, lo, w, b):
     """Layer norm's ``y = ((x - hi) * rs + lo) * w + b`` (:func:`_ln_row`)
@@ -815,20 +941,60 @@ def _run_sums(x, g, r, j0, n, with_dy, k, zero):
 
 
 @numba.njit(cache=True, fastmath=_FLAGS)
-def _sums_blocks(b0, b1, x, dy, y, shift, nc, inner, rows, per, s1, s2, g_out):
+def _runs_sums(x, dy, r0, r1, j0, n, inner, k, t1, t2):
+    """Add to ``t1[q]`` and ``t2[q]`` (float64) the sums of
+    :func:`_run_sums` over the ``n`` items from column ``j0`` of the rows
+    ``[r0, r1)`` of the 2-D ``x`` (and ``dy``), a run of ``inner`` items at a
+    time, each run summed in the accumulation dtype; run ``i`` (counting
+    from the first row) is channel ``q = i % k.size``, its shift ``k[q]``.
+    A loop nest of its own (see :func:`_normalize_columns`)."""
+    per_row = n // inner
+    with_dy = dy.size > 0
+    zero = k.dtype.type(0.0)
+    q = (r0 * per_row) % k.size
+    for r in range(r0, r1):
+        for c in range(per_row):
+            a1, a2 = _run_sums(x, dy, r, j0 + c * inner, inner, with_dy, k[q], zero)
+            t1[q] += np.float64(a1)
+            t2[q] += np.float64(a2)
+            q = 0 if q + 1 == k.size else q + 1
+
+
+@numba.njit(cache=True, fastmath=_FLAGS)
+def _masked_runs_sums(x, dy, y, r0, r1, k, t1, t2, g_out):
+    """:func:`_runs_sums` of whole rows (a row is one run) of ``g = 0 where
+    y <= 0, else dy``, written to ``g_out``: ``sum g`` and ``sum g * (x -
+    k[q])`` (the ReLU's gradient, :func:`_sums_blocks`)."""
+    W = x.shape[1]
+    zero = k.dtype.type(0.0)
+    for r in range(r0, r1):
+        q = r % k.size
+        c1 = zero
+        c2 = zero
+        u = np.uint64(r)
+        for i in range(np.uint64(W)):
+            g = zero if _ld(y[u, i]) <= 0 else _ld(dy[u, i])
+            g_out[u, i] = _st(g, g_out)
+            c1 += g
+            c2 += g * (_ld(x[u, i]) - k[q])
+        t1[q] += c1
+        t2[q] += c2
+
+
+@numba.njit(cache=True, fastmath=_FLAGS)
+def _sums_blocks(b0, b1, x, dy, y, shift, inner, rows, per, s1, s2, g_out):
     """Partial sums per block ``b`` of ``per`` rows of the 2-D view ``x``
     (see :class:`_Layout`), per channel ``q`` (``rows``) or column ``q``:
     ``s1[b, q] = sum d``, ``s2[b, q] = sum d * d`` for ``d = x - shift``
-    (``shift``: a value per channel, of the ``nc`` channels); with ``dy``
+    (``shift``: a value per channel, of the ``C`` channels); with ``dy``
     values ``s1 = sum g``, ``s2 = sum g * d`` for ``g = dy``, or with ``y``
     values (the ReLU's output) ``g = 0 where y <= 0, else dy``, written to
-    ``g_out``.  ``rows``: row ``r`` is one run of channel ``q = r % nc``,
+    ``g_out``.  ``rows``: row ``r`` is one run of channel ``q = r % C``,
     summed in the accumulation dtype (a vectorized reduction); else column
-    ``q`` of every row (channel ``(q // inner) % nc``: rows of ``inner``
+    ``q`` of every row (channel ``(q // inner) % C``: rows of ``inner``
     values per channel, several rows taken as one), summed in float64
     (vectorized along the row).  Blocks ``[b0, b1)``."""
     R, W = x.shape
-    with_dy = dy.size > 0
     masked = y.size > 0
     zero = shift.dtype.type(0.0)
     k = _layout_constant(shift, rows, inner, W)
@@ -838,22 +1004,11 @@ def _sums_blocks(b0, b1, x, dy, y, shift, nc, inner, rows, per, s1, s2, g_out):
         s1[b, :] = 0.0
         s2[b, :] = 0.0
         r1 = min(R, (b + 1) * per)
-        if rows:
-            for r in range(b * per, r1):
-                q = r % nc
-                if masked:
-                    c1 = zero
-                    c2 = zero
-                    u = np.uint64(r)
-                    for i in range(np.uint64(W)):
-                        g = zero if _ld(y[u, i]) <= 0 else _ld(dy[u, i])
-                        g_out[u, i] = _st(g, g_out)
-                        c1 += g
-                        c2 += g * (_ld(x[u, i]) - k[q])
-                else:
-                    c1, c2 = _run_sums(x, dy, r, 0, W, with_dy, k[q], zero)
-                s1[b, q] += c1
-                s2[b, q] += c2
+        if rows:    # a row is one run
+            if masked:
+                _masked_runs_sums(x, dy, y, b * per, r1, k, s1[b], s2[b], g_out)
+            else:
+                _runs_sums(x, dy, b * per, r1, 0, W, W, k, s1[b], s2[b])
             continue
         # column sums in the accumulation dtype over at most _FOLD rows at a
         # time, folded into float64
@@ -872,13 +1027,13 @@ def _sums_blocks(b0, b1, x, dy, y, shift, nc, inner, rows, per, s1, s2, g_out):
 
 
 @_jit.over(_sums_blocks)
-def _sums(n, x, dy, y, shift, nc, inner, rows, per, s1, s2, g_out):
+def _sums(n, x, dy, y, shift, inner, rows, per, s1, s2, g_out):
     """:func:`_sums_blocks` over ``n`` blocks in parallel (the shift made one
     per column once, for every block)."""
     k = _layout_constant(shift, rows, inner, x.shape[1])
     for b in numba.prange(n):
         i = _i64(b)
-        _sums_blocks(i, i + 1, x, dy, y, k, nc, inner, rows, per, s1, s2, g_out)
+        _sums_blocks(i, i + 1, x, dy, y, k, inner, rows, per, s1, s2, g_out)
 
 
 # The normalize and the dx loop are two functions: with the row loops of
@@ -886,7 +1041,7 @@ def _sums(n, x, dy, y, shift, nc, inner, rows, per, s1, s2, g_out):
 # views in the loops it did not prune (2048x64 float32 dx: 132 us, 42 in a
 # function of its own).
 @numba.njit(cache=True, fastmath=_FLAGS)
-def _normalize_blocks(b0, b1, x, z, relu, mean, a, b0v, nc, inner, rows, per, stream, out):
+def _normalize_blocks(b0, b1, x, z, relu, mean, a, b0v, inner, rows, per, stream, out):
     """``out = (x - mean[q]) * a[q] + b0v[q]``, plus ``z`` when it has
     values, then the ReLU (``v <= 0`` to 0, NaN kept) when ``relu``, the
     constants a value per channel, rows, blocks and channel ``q`` as in
@@ -897,26 +1052,12 @@ def _normalize_blocks(b0, b1, x, z, relu, mean, a, b0v, nc, inner, rows, per, st
     b0v = _layout_constant(b0v, rows, inner, W)
     for b in range(b0, b1):
         r0, r1 = b * per, min(R, (b + 1) * per)
-        if stream:
-            if rows:
-                for r in range(r0, r1):
-                    q = r % nc
-                    _normalize_streamed(out, r, 0, W, 0, W, x, z, relu, mean[q], a[q], b0v[q])
-            else:
-                for r in range(r0, r1):
-                    _normalize_streamed(out, r, 0, W, 0, W, x, z, relu, mean, a, b0v)
-            _store_fence()
-        elif rows:
-            for r in range(r0, r1):
-                q = r % nc
-                _normalize_run(out, r, 0, 0, W, False, x, z, relu, mean[q], a[q], b0v[q])
-        else:
-            for r in range(r0, r1):
-                _normalize_run(out, r, 0, 0, W, False, x, z, relu, mean, a, b0v)
+        # with rows, a row is one run
+        _normalize_rows(out, r0, r1, 0, W, W, rows, stream, x, z, relu, mean, a, b0v)
 
 
 @_jit.over(_normalize_blocks)
-def _normalize_loop(n, x, z, relu, mean, a, b0v, nc, inner, rows, per, stream, out):
+def _normalize_loop(n, x, z, relu, mean, a, b0v, inner, rows, per, stream, out):
     """:func:`_normalize_blocks` over ``n`` blocks in parallel (the
     constants made one per column once, for every block)."""
     W = out.shape[1]
@@ -924,11 +1065,11 @@ def _normalize_loop(n, x, z, relu, mean, a, b0v, nc, inner, rows, per, stream, o
     b0v = _layout_constant(b0v, rows, inner, W)
     for b in numba.prange(n):
         i = _i64(b)
-        _normalize_blocks(i, i + 1, x, z, relu, mean, a, b0v, nc, inner, rows, per, stream, out)
+        _normalize_blocks(i, i + 1, x, z, relu, mean, a, b0v, inner, rows, per, stream, out)
 
 
 @numba.njit(cache=True, fastmath=_FLAGS)
-def _dx_blocks(b0, b1, dy, x, mean, a, b0v, k, nc, inner, rows, per, stream, out):
+def _dx_blocks(b0, b1, dy, x, mean, a, b0v, k, inner, rows, per, stream, out):
     """``out = k[q] * (dy - b0v[q] - (x - mean[q]) * a[q])``, or ``out =
     k[q] * dy`` when ``x`` has no values (statistics held fixed); rows,
     blocks and streaming as in :func:`_normalize_blocks`."""
@@ -937,26 +1078,11 @@ def _dx_blocks(b0, b1, dy, x, mean, a, b0v, k, nc, inner, rows, per, stream, out
     b0v, k = _layout_constant(b0v, rows, inner, W), _layout_constant(k, rows, inner, W)
     for b in range(b0, b1):
         r0, r1 = b * per, min(R, (b + 1) * per)
-        if stream:
-            if rows:
-                for r in range(r0, r1):
-                    q = r % nc
-                    _dx_streamed(out, r, 0, W, 0, W, dy, x, mean[q], a[q], b0v[q], k[q])
-            else:
-                for r in range(r0, r1):
-                    _dx_streamed(out, r, 0, W, 0, W, dy, x, mean, a, b0v, k)
-            _store_fence()
-        elif rows:
-            for r in range(r0, r1):
-                q = r % nc
-                _dx_run(out, r, 0, 0, W, False, dy, x, mean[q], a[q], b0v[q], k[q])
-        else:
-            for r in range(r0, r1):
-                _dx_run(out, r, 0, 0, W, False, dy, x, mean, a, b0v, k)
+        _dx_rows(out, r0, r1, 0, W, W, rows, stream, dy, x, mean, a, b0v, k)
 
 
 @_jit.over(_dx_blocks)
-def _dx_loop(n, dy, x, mean, a, b0v, k, nc, inner, rows, per, stream, out):
+def _dx_loop(n, dy, x, mean, a, b0v, k, inner, rows, per, stream, out):
     """:func:`_dx_blocks` over ``n`` blocks in parallel (the constants made
     one per column once, for every block)."""
     W = out.shape[1]
@@ -964,7 +1090,7 @@ def _dx_loop(n, dy, x, mean, a, b0v, k, nc, inner, rows, per, stream, out):
     b0v, k = _layout_constant(b0v, rows, inner, W), _layout_constant(k, rows, inner, W)
     for b in numba.prange(n):
         i = _i64(b)
-        _dx_blocks(i, i + 1, dy, x, mean, a, b0v, k, nc, inner, rows, per, stream, out)
+        _dx_blocks(i, i + 1, dy, x, mean, a, b0v, k, inner, rows, per, stream, out)
 
 
 @numba.njit(cache=True, fastmath=_FLAGS)
@@ -1096,16 +1222,11 @@ def _tile_sums(x, dy, j0, k, inner, group, runs, t1, t2):
     channel's columns (its ``inner`` columns of each row of the group, in
     memory order) in float64."""
     N = x.shape[0]
-    with_dy = dy.size > 0
     zero = k.dtype.type(0.0)
     t1[:] = 0.0
     t2[:] = 0.0
     if runs:
-        for n in range(N):
-            for c in range(k.size):
-                a1, a2 = _run_sums(x, dy, n, j0 + c * inner, inner, with_dy, k[c], zero)
-                t1[c] += np.float64(a1)
-                t2[c] += np.float64(a2)
+        _runs_sums(x, dy, 0, N, j0, k.size * inner, inner, k, t1, t2)
         return
     kc = _per_column(k, inner, k.size * inner * group)
     c1, c2 = np.empty(kc.size, k.dtype), np.empty(kc.size, k.dtype)
@@ -1205,26 +1326,11 @@ def _tile_forward_blocks(tile0, tile1, x, z, relu, w, b, eps, inner, t, group, r
             invstd[c] = 1.0 / np.sqrt(m2[c] / count + eps)
         hi, s, sh = np.empty(tc, w.dtype), np.empty(tc, w.dtype), np.empty(tc, w.dtype)
         _affine_constants(mean, invstd, w[c0:c0 + tc], b[c0:c0 + tc], hi, s, sh)
-        cols = 0 if runs else L     # the constants one per column, or per run
-        hi_j, s_j = _per_column(hi, inner, cols), _per_column(s, inner, cols)
-        sh_j = _per_column(sh, inner, cols)
-        if stream:
-            for n in range(N):
-                if runs:
-                    for c in range(tc):
-                        _normalize_streamed(y, n, j0, L, c * inner, (c + 1) * inner, x, z, relu,
-                                            hi[c], s[c], sh[c])
-                else:
-                    _normalize_streamed(y, n, j0, L, 0, L, x, z, relu, hi_j, s_j, sh_j)
-            _store_fence()
-        else:
-            for n in range(N):
-                if runs:
-                    for c in range(tc):
-                        _normalize_run(y, n, j0, c * inner, (c + 1) * inner, False, x, z, relu,
-                                       hi[c], s[c], sh[c])
-                else:
-                    _normalize_run(y, n, j0, 0, L, False, x, z, relu, hi_j, s_j, sh_j)
+        # the constants one per channel with runs, else one per column
+        _normalize_rows(y, 0, N, j0, L, inner, runs, stream, x, z, relu,
+                        hi if runs else _per_column(hi, inner, L),
+                        s if runs else _per_column(s, inner, L),
+                        sh if runs else _per_column(sh, inner, L))
 
 
 @_jit.over(_tile_forward_blocks)
@@ -1264,26 +1370,9 @@ def _tile_backward_blocks(tile0, tile1, dy, x, mean, invstd, w, inner, t, group,
             dw_out[c0 + c] = sum_dy_xhat[c]
         f, a, b0 = np.empty(tc, mean.dtype), np.empty(tc, mean.dtype), np.empty(tc, mean.dtype)
         _dx_constants(inv, w[c0:c0 + tc], t1, sum_dy_xhat, count, f, a, b0)
-        cols = 0 if runs else L
-        m_j, f_j = _per_column(m, inner, cols), _per_column(f, inner, cols)
-        a_j, b0_j = _per_column(a, inner, cols), _per_column(b0, inner, cols)
-        if stream:
-            for n in range(N):
-                if runs:
-                    for c in range(tc):
-                        _dx_streamed(dx, n, j0, L, c * inner, (c + 1) * inner, dy, x, m[c], a[c],
-                                     b0[c], f[c])
-                else:
-                    _dx_streamed(dx, n, j0, L, 0, L, dy, x, m_j, a_j, b0_j, f_j)
-            _store_fence()
-        else:
-            for n in range(N):
-                if runs:
-                    for c in range(tc):
-                        _dx_run(dx, n, j0, c * inner, (c + 1) * inner, False, dy, x, m[c], a[c],
-                                b0[c], f[c])
-                else:
-                    _dx_run(dx, n, j0, 0, L, False, dy, x, m_j, a_j, b0_j, f_j)
+        _dx_rows(dx, 0, N, j0, L, inner, runs, stream, dy, x,
+                 m if runs else _per_column(m, inner, L), a if runs else _per_column(a, inner, L),
+                 b0 if runs else _per_column(b0, inner, L), f if runs else _per_column(f, inner, L))
 
 
 @_jit.over(_tile_backward_blocks)
@@ -1350,7 +1439,7 @@ class _Layout:
         parts = np.empty((2, self.sum_nb, self.width))
         dt, g = x3.dtype, self.group
         _sums(self.sum_nb, x3.size, self.view(x3, dt, g), self.view(dy3, dt, g),
-              self.view(y3, dt, g), _acc(shift, dt), self.c, self.inner, self.rows,
+              self.view(y3, dt, g), _acc(shift, dt), self.inner, self.rows,
               self.sum_per, parts[0], parts[1], self.view(g3, dt, g))
         totals = np.empty((2, self.c))
         _channel_totals(parts, *((1, 1) if self.rows else (self.group, self.inner)), totals)
@@ -1375,11 +1464,10 @@ class _Layout:
         x, y = self.view(x3, dt, g), self.view(out, dt, g)
         if dy3 is None:
             _normalize_loop(n, like.size, x, self.view(z3, dt, g), relu, _acc(mean, dt),
-                            _acc(a, dt), _acc(b0, dt), self.c, self.inner, self.rows, per, stream,
-                            y)
+                            _acc(a, dt), _acc(b0, dt), self.inner, self.rows, per, stream, y)
         else:
             _dx_loop(n, like.size, self.view(dy3, dt, g), x, _acc(mean, dt), _acc(a, dt),
-                     _acc(b0, dt), _acc(k, dt), self.c, self.inner, self.rows, per, stream, y)
+                     _acc(b0, dt), _acc(k, dt), self.inner, self.rows, per, stream, y)
         return out
 
 
