@@ -1768,8 +1768,10 @@ def _tile_views(x3, group, *arrays):
     and of ``arrays`` (canonical arrays of its shape, or None: absent)."""
     outer, c, inner = x3.shape
     flat = (outer // group, group * c * inner)
-    return [_NONE[_bits_dtype(x3.dtype)] if a is None else _bits(a).reshape(flat)
-            for a in (x3, *arrays)]
+    bits = _bits_dtype(x3.dtype)
+    if bits == x3.dtype:        # float32, float64: the arrays themselves
+        return [_NONE[bits] if a is None else a.reshape(flat) for a in (x3, *arrays)]
+    return [_NONE[bits] if a is None else a.view(bits).reshape(flat) for a in (x3, *arrays)]
 
 
 def _forward_tiles(x3, plan, weight, bias, eps, z3, relu, out=None):
