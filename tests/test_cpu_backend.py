@@ -708,6 +708,33 @@ def test_finishing_step_is_the_host_arithmetic_bitwise(acc, momentum, tracked, g
         assert got_skip.tolist() == [0, 1, 1, 1, int(acc == np.float32)] + [0] * (c - 5)
 
 
+def test_finishing_step_keeps_its_arithmetic_when_a_fast_loop_calls_it():
+    """The step between the passes gives the bits of the host arithmetic
+    also when it is first compiled for a call from a loop compiled with the
+    loops' flags (reassociation), as the tile forward calls it: it sets its
+    own flags rather than take its caller's.  Checked on a copy compiled
+    afresh with the step's own options."""
+    from gpubn.backends.base import host_forward_train
+    options = {k: v for k, v in cpu._finish.targetoptions.items() if k != "nopython"}
+    fresh = numba.njit(**options)(cpu._finish.py_func)
+
+    @numba.njit(fastmath=cpu._FLAGS)
+    def from_a_loop(mean, m2, count, eps, rm, rv, momentum, skipped, inv, mean_acc, inv_acc):
+        fresh(mean, m2, count, eps, rm, rv, momentum, skipped, inv, mean_acc, inv_acc)
+
+    rng = np.random.default_rng(5)
+    c, count = 64, 37
+    mean, m2 = rng.standard_normal(c) * 1e3, rng.random(c) * 1e4
+    start = [rng.standard_normal(c), rng.random(c) + 0.5]
+    want, got = [v.copy() for v in start], [v.copy() for v in start]
+    x3 = np.empty((count, c, 1))
+    host_forward_train(x3, lambda _: (mean, m2), lambda *_: None, 1e-5, *want, 0.1, None)
+    from_a_loop(mean, m2, count, 1e-5, *got, 0.1, np.empty(0, np.int32), np.empty(c),
+                np.empty(c), np.empty(c))
+    for g, w in zip(got, want):
+        assert g.tobytes() == w.tobytes()
+
+
 @pytest.mark.parametrize("acc", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
 def test_eval_constants_are_the_host_arithmetic_bitwise(acc, affine):

@@ -1290,17 +1290,20 @@ def _layout_constant(v, rows, inner, width):
 
 @numba.njit(cache=True, fastmath=_FLAGS)
 def _tile_forward_blocks(tile0, tile1, x, z, relu, w, b, eps, inner, t, group, runs, stream, y,
-                         mean_out, m2_out):
+                         running_mean, running_var, momentum, skipped, mean_out, invstd_out):
     """Training forward of the 2-D ``(N, C * inner)`` view of a canonical
     array, ``t`` channels (a tile: their runs side by side) at a time, for
     tiles whose ``N`` rows stay in the cache between the two loops: the
     statistics as in :func:`_moments` (around each channel's first value; a
     tile with a channel whose mean was far off is summed again, that channel
-    around its mean), then ``y`` as in :func:`_normalize` (plus ``z`` and
-    the ReLU as in :func:`_normalize_blocks`) from the rows just read: one read of
-    ``x`` from memory instead of two.  A tile of every channel may take
-    ``group`` rows as one (the views then ``(N / group, group * C *
-    inner)``).  The tiles ``[tile0, tile1)``."""
+    around its mean); the step between the passes for the tile's channels
+    (:func:`_finish`: ``mean_out`` and ``invstd_out`` in the accumulation
+    dtype, the running statistics and the guard, each absent when it has no
+    values); then ``y`` as in :func:`_normalize` (plus ``z`` and the ReLU as
+    in :func:`_normalize_blocks`) from the rows just read: one read of ``x``
+    from memory instead of two.  A tile of every channel may take ``group``
+    rows as one (the views then ``(N / group, group * C * inner)``).  The
+    tiles ``[tile0, tile1)``."""
     N = x.shape[0]
     C = w.size
     count = N * inner * group
@@ -1313,7 +1316,7 @@ def _tile_forward_blocks(tile0, tile1, x, z, relu, w, b, eps, inner, t, group, r
         for c in range(tc):
             shift[c] = np.float64(k[c])
         t1, t2 = np.empty(tc), np.empty(tc)
-        mean, m2 = mean_out[c0:c0 + tc], m2_out[c0:c0 + tc]
+        mean, m2 = np.empty(tc), np.empty(tc)
         for again in range(2):
             _tile_sums(x, x[:0], j0, k, inner, group, runs, t1, t2)
             far = _centre(t1, t2, count, shift, _REDO, again == 0, w, mean, m2)
@@ -1322,8 +1325,10 @@ def _tile_forward_blocks(tile0, tile1, x, z, relu, w, b, eps, inner, t, group, r
             for c in range(tc):     # around the moved shifts
                 k[c] = w.dtype.type(shift[c])
         invstd = np.empty(tc)
-        for c in range(tc):
-            invstd[c] = 1.0 / np.sqrt(m2[c] / count + eps)
+        # slices of an absent (empty) array are empty
+        _finish(mean, m2, count, eps, running_mean[c0:c0 + tc], running_var[c0:c0 + tc],
+                momentum, skipped[c0:c0 + tc], invstd, mean_out[c0:c0 + tc],
+                invstd_out[c0:c0 + tc])
         hi, s, sh = np.empty(tc, w.dtype), np.empty(tc, w.dtype), np.empty(tc, w.dtype)
         _affine_constants(mean, invstd, w[c0:c0 + tc], b[c0:c0 + tc], hi, s, sh)
         # the constants one per channel with runs, else one per column
@@ -1334,12 +1339,13 @@ def _tile_forward_blocks(tile0, tile1, x, z, relu, w, b, eps, inner, t, group, r
 
 
 @_jit.over(_tile_forward_blocks)
-def _tile_forward(n, x, z, relu, w, b, eps, inner, t, group, runs, stream, y, mean_out, m2_out):
+def _tile_forward(n, x, z, relu, w, b, eps, inner, t, group, runs, stream, y, running_mean,
+                  running_var, momentum, skipped, mean_out, invstd_out):
     """:func:`_tile_forward_blocks` over ``n`` tiles in parallel."""
     for tile in numba.prange(n):
         i = _i64(tile)
         _tile_forward_blocks(i, i + 1, x, z, relu, w, b, eps, inner, t, group, runs, stream, y,
-                             mean_out, m2_out)
+                             running_mean, running_var, momentum, skipped, mean_out, invstd_out)
 
 
 @numba.njit(cache=True, fastmath=_FLAGS)
@@ -1529,8 +1535,10 @@ def _vec(v, dtype, c, fill):
 # backward chained about forty of them (0.45 ms of 0.83 for 256x4096
 # float32).  Plain IEEE arithmetic, no fastmath flags, NumPy's error model (a
 # division by zero gives Inf or NaN): the operations and their order are
-# those of the formulas in the docstrings.
-@numba.njit(cache=True, error_model="numpy")
+# those of the formulas in the docstrings.  Both are set explicitly: a
+# function left without them takes those of the compiled loop that first
+# calls it (Numba's inherited flags), and the loops reassociate.
+@numba.njit(cache=True, error_model="numpy", fastmath=False)
 def _channel_totals(parts, group, inner, out):
     """``out[s, ch]``: the float64 total of the block partials ``parts[s]``
     of each sum ``s`` (rows: blocks; columns: ``group`` copies of ``C``
@@ -1579,7 +1587,7 @@ def _first_values(x, j0, inner, out):
         out[c] = v if np.isfinite(v) else 0.0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", fastmath=False)
 def _centre(t1, t2, n, shift, redo, move, like, mean, m2):
     """From the sums ``t1 = sum d``, ``t2 = sum d * d`` of ``d = x - shift``
     over ``n`` values per channel: ``mean = shift + dm`` and ``m2 = t2 - t1 *
@@ -1600,7 +1608,7 @@ def _centre(t1, t2, n, shift, redo, move, like, mean, m2):
     return far
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", fastmath=False)
 def _finish(mean, m2, count, eps, running_mean, running_var, momentum, skipped, invstd,
             mean_acc, invstd_acc):
     """The step between a training forward's two passes, from the float64
@@ -1632,7 +1640,7 @@ def _finish(mean, m2, count, eps, running_mean, running_var, momentum, skipped, 
             running_var[c] = (1.0 - momentum) * np.float64(running_var[c]) + momentum * var
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", fastmath=False)
 def _affine_constants(mean, invstd, w, b, hi, a, b0):
     """The normalize loop's per-channel constants, in the accumulation dtype
     (``hi``'s): ``y = (x - hi) * a + b0`` with ``mean = hi + lo`` (``lo = mean
@@ -1649,7 +1657,7 @@ def _affine_constants(mean, invstd, w, b, hi, a, b0):
         b0[c] = np.float64(b[c]) - lo * scale
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", fastmath=False)
 def _eval_constants(running_mean, running_var, eps, w, b, mean, invstd, hi, a, b0):
     """An inference forward's per-channel vectors: ``mean`` (the running
     mean) and ``invstd = 1 / sqrt(running_var + eps)`` computed in float64,
@@ -1663,7 +1671,7 @@ def _eval_constants(running_mean, running_var, eps, w, b, mean, invstd, hi, a, b
     _affine_constants(mean, invstd, w, b, hi, a, b0)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", fastmath=False)
 def _dx_constants(invstd, w, sum_dy, sum_dy_xhat, count, k, a, b0):
     """The dx loop's per-channel constants, in the accumulation dtype
     (``k``'s): ``k = invstd * w``, ``a = invstd * sum_dy_xhat / count``, ``b0
@@ -1774,19 +1782,20 @@ def _tile_views(x3, group, *arrays):
     return [_NONE[bits] if a is None else a.view(bits).reshape(flat) for a in (x3, *arrays)]
 
 
-def _forward_tiles(x3, plan, weight, bias, eps, z3, relu, out=None):
-    """``(y3, mean, m2)`` of :func:`_tile_forward` by the :func:`_tiles`
-    ``plan`` (float64 mean and m2; ``y3`` is ``out`` when given)."""
+def _forward_tiles(x3, plan, weight, bias, eps, z3, relu, running, out=None):
+    """``(y3, mean, invstd)`` of :func:`_tile_forward` by the :func:`_tiles`
+    ``plan`` (``running``: its running statistics, momentum and guard
+    arguments; ``y3`` is ``out`` when given)."""
     t, group, runs = plan
     acc = acc_dtype(x3.dtype)
     c, inner = x3.shape[1:]
     y3 = np.empty(x3.shape, x3.dtype) if out is None else out
-    mean, m2 = np.empty(c), np.empty(c)
+    mean, invstd = np.empty(c, acc), np.empty(c, acc)
     x, z, y = _tile_views(x3, group, z3, y3)
     _tile_forward(-(-c // t), x3.size, x, z, relu, _vec(weight, acc, c, 1.0),
                   _vec(bias, acc, c, 0.0), float(eps), inner, t, group, runs, _streamed(y3), y,
-                  mean, m2)
-    return y3, mean, m2
+                  *running, mean, invstd)
+    return y3, mean, invstd
 
 
 def _backward_tiles(dy3, x3, plan, mean, invstd, weight, out=None):
@@ -1824,21 +1833,19 @@ class CpuBackend(HostBackend):
     def bn_forward_train_act(self, x3, weight, bias, running_mean, running_var, momentum, eps,
                              residual, relu, skipped=None, out=None):
         plan = _tiles(x3.shape, x3.dtype)
-        tile = plan[0]
-        if tile:    # one loop computes the statistics and y
-            y3, mean, m2 = _forward_tiles(x3, plan, weight, bias, eps, residual, relu, out)
-        else:
-            mean, m2 = _moments(x3)
-        c, acc = mean.size, acc_dtype(x3.dtype)
+        acc = acc_dtype(x3.dtype)
+        absent = _EMPTY[acc]        # what _finish takes for no values
+        running = (absent if running_mean is None else running_mean,
+                   absent if running_var is None else running_var, float(momentum),
+                   _EMPTY[np.dtype(np.int32)] if skipped is None else skipped)
+        if plan[0]:    # one loop computes the statistics, steps the running ones, and y
+            return _forward_tiles(x3, plan, weight, bias, eps, residual, relu, running, out)
+        mean, m2 = _moments(x3)
+        c = mean.size
         invstd, mean_acc, invstd_acc = np.empty(c), np.empty(c, acc), np.empty(c, acc)
-        absent = _EMPTY[acc]
-        _finish(mean, m2, x3.shape[0] * x3.shape[2], float(eps),
-                absent if running_mean is None else running_mean,
-                absent if running_var is None else running_var, float(momentum),
-                _EMPTY[np.dtype(np.int32)] if skipped is None else skipped, invstd, mean_acc,
+        _finish(mean, m2, x3.shape[0] * x3.shape[2], float(eps), *running, invstd, mean_acc,
                 invstd_acc)
-        if not tile:
-            y3 = _normalize(x3, mean, invstd, weight, bias, residual, relu, out)
+        y3 = _normalize(x3, mean, invstd, weight, bias, residual, relu, out)
         return y3, mean_acc, invstd_acc
 
     def bn_forward_eval(self, x3, weight, bias, running_mean, running_var, eps, out=None):
