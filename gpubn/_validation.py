@@ -36,10 +36,12 @@ def is_array(x) -> bool:
 def check_float_array(x, name: str):
     """``x`` must be an array of float16, bfloat16 (``ml_dtypes.bfloat16``, the
     dtype CuPy uses as well), float32 or float64."""
+    if type(x) is np.ndarray and x.dtype in _FLOAT_NP_DTYPES:     # the common case
+        return
     if not is_array(x):
         raise TypeError(f"{name} must be an array (numpy.ndarray or cupy.ndarray), "
                         f"got {type(x).__name__}")
-    if x.dtype in _FLOAT_NP_DTYPES:          # the common case, without formatting names
+    if x.dtype in _FLOAT_NP_DTYPES:          # without formatting names
         return
     if np.dtype(x.dtype).name != "bfloat16":
         raise TypeError(f"{name} must have a floating-point dtype (float16, bfloat16, float32 "
