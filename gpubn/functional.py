@@ -151,7 +151,7 @@ class ForwardInput:
     def saved(self, mean, invstd, weight, cls=None, **extra):
         """The saved state for the backward: ``weight`` is the one the
         backward scales by (batch renorm's ``weight * r``)."""
-        return (cls or BatchNormSaved)(
+        return (cls or BatchNormSaved)(     # the fields in order: a call's fixed cost
             self.x3, mean, invstd, weight, self.axis, self.shape, self.dtype, self.training,
             self.backend, self.count, self.weight_dtype, self.bias_dtype, self.order, **extra)
 
@@ -178,7 +178,7 @@ def canonical_input(x, options: ForwardOptions, *, weight, bias, axis, check_vec
 
     xp = be.xp
     acc = V.acc_dtype(x.dtype)
-    return ForwardInput(
+    return ForwardInput(                    # the fields in order: a call's fixed cost
         be, V.canonical_view(x, axis, xp, order),
         to_acc(xp, weight, acc), to_acc(xp, bias, acc), acc, axis, shape, x.dtype, count,
         options.training, options.eps, options.factor,
