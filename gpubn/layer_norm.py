@@ -34,9 +34,11 @@ from .layers import Layer
 def check_normalized_shape(normalized_shape, shape, name: str = "normalized_shape"):
     """An int or a sequence of positive ints equal to the trailing dims of
     ``shape``; returned as a tuple."""
-    if isinstance(normalized_shape, (bool, np.bool_)):
+    if type(normalized_shape) is int:
+        normalized_shape = (normalized_shape,)
+    elif isinstance(normalized_shape, (bool, np.bool_)):
         raise TypeError(f"{name} must be an int or a tuple of ints, got bool")
-    if isinstance(normalized_shape, numbers.Integral):
+    elif isinstance(normalized_shape, numbers.Integral):
         normalized_shape = (normalized_shape,)
     try:
         dims = tuple(normalized_shape)
@@ -44,9 +46,11 @@ def check_normalized_shape(normalized_shape, shape, name: str = "normalized_shap
         raise TypeError(f"{name} must be an int or a tuple of ints, got "
                         f"{type(normalized_shape).__name__}") from None
     for d in dims:
-        if isinstance(d, (bool, np.bool_)) or not isinstance(d, numbers.Integral):
+        if type(d) is not int and (isinstance(d, (bool, np.bool_))
+                                   or not isinstance(d, numbers.Integral)):
             raise TypeError(f"{name} must be an int or a tuple of ints, got {normalized_shape!r}")
-    dims = tuple(int(d) for d in dims)
+    if not all(type(d) is int for d in dims):     # the common case keeps the tuple
+        dims = tuple(int(d) for d in dims)
     if not dims:
         raise ValueError(f"{name} must name at least one dimension, got ()")
     if any(d < 1 for d in dims):
