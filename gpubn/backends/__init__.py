@@ -85,7 +85,7 @@ def get_backend(backend=None, x=None) -> Backend:
         if backend is None:     # automatic
             if type(x) is not np.ndarray and is_cupy_array(x):
                 return _load("cuda")
-            return _INSTANCES.get(_host_auto()) or _load(_host_auto())
+            return _load(_host_auto())
         if backend not in _REGISTRY:
             raise ValueError(f"GPUBN_BACKEND={backend!r} (environment variable) is not one "
                              f"of {_known()}; unset it for automatic selection")
@@ -93,7 +93,7 @@ def get_backend(backend=None, x=None) -> Backend:
         return backend
     if not isinstance(backend, str) or backend not in _REGISTRY:
         raise ValueError(f"backend must be one of {_known()} or None, got {backend!r}")
-    return _INSTANCES.get(backend) or _load(backend)
+    return _load(backend)
 
 
 def _known() -> str:

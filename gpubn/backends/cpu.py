@@ -1333,9 +1333,8 @@ def _tile_forward_blocks(tile0, tile1, x, z, relu, w, b, eps, inner, t, group, r
         _affine_constants(mean, invstd, w[c0:c0 + tc], b[c0:c0 + tc], hi, s, sh)
         # the constants one per channel with runs, else one per column
         _normalize_rows(y, 0, N, j0, L, inner, runs, stream, x, z, relu,
-                        hi if runs else _per_column(hi, inner, L),
-                        s if runs else _per_column(s, inner, L),
-                        sh if runs else _per_column(sh, inner, L))
+                        _layout_constant(hi, runs, inner, L), _layout_constant(s, runs, inner, L),
+                        _layout_constant(sh, runs, inner, L))
 
 
 @_jit.over(_tile_forward_blocks)
@@ -1377,8 +1376,8 @@ def _tile_backward_blocks(tile0, tile1, dy, x, mean, invstd, w, inner, t, group,
         f, a, b0 = np.empty(tc, mean.dtype), np.empty(tc, mean.dtype), np.empty(tc, mean.dtype)
         _dx_constants(inv, w[c0:c0 + tc], t1, sum_dy_xhat, count, f, a, b0)
         _dx_rows(dx, 0, N, j0, L, inner, runs, stream, dy, x,
-                 m if runs else _per_column(m, inner, L), a if runs else _per_column(a, inner, L),
-                 b0 if runs else _per_column(b0, inner, L), f if runs else _per_column(f, inner, L))
+                 _layout_constant(m, runs, inner, L), _layout_constant(a, runs, inner, L),
+                 _layout_constant(b0, runs, inner, L), _layout_constant(f, runs, inner, L))
 
 
 @_jit.over(_tile_backward_blocks)
