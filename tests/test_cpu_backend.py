@@ -797,7 +797,8 @@ def test_short_rows_are_grouped_by_the_shape():
     """The loops over short rows (NC, channels-last) take several rows as
     one: the column sums the fewest rows that make _WIDE (2048) values,
     among the divisors of the row count up to _FOLD (64), else the most of
-    those; the normalize and dx loops likewise to _AFFINE_WIDE (512)."""
+    those; the normalize and dx loops likewise to _AFFINE_WIDE (512), or
+    for a small input to sqrt(2 * rows * width) values."""
     assert cpu._row_group(100352, 256, cpu._WIDE) == 8        # 32x56x56x256 channels-last
     assert cpu._row_group(256, 4096, cpu._WIDE) == 1          # long enough already
     assert cpu._row_group(98, 64, cpu._WIDE) == 49            # 2, 7 and 14 rows are too few
@@ -807,10 +808,14 @@ def test_short_rows_are_grouped_by_the_shape():
     assert cpu._Layout((16, 128, 4)).group == 4
     assert cpu._Layout((8, 16, 1024)).group == 1   # NCHW runs are not grouped
     # the normalize and dx loops writing an output kept in the cache: rows
-    # of _AFFINE_WIDE (512) values (a streamed output's as the column sums')
-    assert cpu._Layout((1152, 16, 1)).affine_group == 32   # 8x12x12x16 channels-last
-    assert cpu._Layout((64, 64, 1)).affine_group == 8
-    assert cpu._Layout((98, 64, 1)).affine_group == 14
+    # of _AFFINE_WIDE (512) values (a streamed output's as the column
+    # sums'), fewer for small inputs, whose constants per column cost as
+    # much as their rows' setups
+    assert cpu._Layout((100352, 16, 1)).affine_group == 32  # 512 values
+    assert cpu._Layout((1152, 16, 1)).affine_group == 12    # 8x12x12x16: sqrt(36864) = 192
+    assert cpu._Layout((64, 64, 1)).affine_group == 2       # sqrt(8192) = 90.5
+    assert cpu._Layout((98, 64, 1)).affine_group == 2       # sqrt(12544) = 112
+    assert cpu._Layout((16, 64, 1)).affine_group == 1       # sqrt(2048) = 45
     assert cpu._Layout((256, 1024, 1)).affine_group == 1
     assert cpu._Layout((8, 16, 1024)).affine_group == 1
 
@@ -888,8 +893,8 @@ def test_small_inputs_are_one_tile_of_every_channel(monkeypatch):
     one tile of every channel, short rows several at a time, as the
     normalize loop groups them), on the calling thread; one value more and
     it is planned as before."""
-    assert cpu._tiles((16, 64, 1), np.float32)[:2] == (64, 8)          # NC: 8 rows as one
-    assert cpu._tiles((1152, 16, 1), np.float32)[:2] == (16, 32)       # 8x12x12x16 channels-last
+    assert cpu._tiles((16, 64, 1), np.float32)[:2] == (64, 1)          # NC: rows of 64 >= 45
+    assert cpu._tiles((1152, 16, 1), np.float32)[:2] == (16, 12)       # 8x12x12x16 channels-last
     assert cpu._tiles((8, 16, 144), np.float32)[:2] == (16, 1)         # NCHW 8x16x12x12
     assert cpu._tiles((101, 24, 1), np.float32)[:2] == (24, 1)         # a prime row count
     assert cpu._tiles((1, 1, cpu._ONE_TILE), np.float32)[:2] == (1, 1)

@@ -72,6 +72,7 @@ import ctypes
 import functools
 import hashlib
 import importlib.metadata
+import math
 import os
 import platform
 import sys
@@ -1424,8 +1425,7 @@ class _Layout:
         # in memory, one row to the loop), and a block writes a row of
         # partials (:func:`_partials_plan`)
         self.group = 1 if self.rows else _row_group(n_rows, self.shape2[1], _WIDE)
-        self.affine_group = 1 if self.rows else _row_group(n_rows, self.shape2[1],
-                                                           _AFFINE_WIDE)
+        self.affine_group = 1 if self.rows else _affine_group(n_rows, self.shape2[1])
         self.width = self.c if self.rows else self.shape2[1] * self.group  # partials per block
         self.sum_per, self.sum_nb = (self.per, self.nb) if self.rows else \
             _partials_plan(n_rows // self.group)
@@ -1503,6 +1503,18 @@ def _row_group(rows, width, wide):
             if g * width >= wide:
                 break
     return group
+
+
+def _affine_group(rows, width):
+    """How many of ``rows`` short rows of ``width`` values the normalize and
+    dx loops take as one (:func:`_row_group`): to ``_AFFINE_WIDE`` values,
+    or for a small input to ``sqrt(2 * rows * width)``.  Their constants,
+    repeated to one per column, are made on every call, at a cost that
+    grows with the width of a row as the rows' setups fall with it; the
+    balance is near that width (float32 forward + backward of 16x64: 5.0
+    and 4.7 us one row at a time, 6.4 and 6.0 eight rows as one; 1152x16:
+    12.6 and 14.9 one at a time, 9.5 and 10.4 at eight)."""
+    return _row_group(rows, width, min(_AFFINE_WIDE, math.isqrt(2 * rows * width)))
 
 
 def _partials_plan(rows, per=1):
@@ -1749,8 +1761,8 @@ def _tile_channels(shape, dtype):
 def _tiles(shape, dtype):
     """``(t, group, runs)``: the channels per tile (:func:`_tile_channels`),
     the rows the tile loops take as one (a tile of every channel takes short
-    rows several at a time, as the normalize loop does: :func:`_row_group`,
-    to ``_AFFINE_WIDE`` values) and whether they walk a row run by run
+    rows several at a time, as the normalize loop does: :func:`_affine_group`)
+    and whether they walk a row run by run
     (constants per run; else by columns, the constants one per column, made
     per tile: ``_RUNS_MIN``, ``_RUNS_MIN_CACHED``).  Made once per shape and
     dtype (and per value of the tuning constants it reads, which tests
@@ -1767,7 +1779,7 @@ def _cached_tiles(shape, dtype, constants):
     runs = inner >= _RUNS_MIN or (inner >= _RUNS_MIN_CACHED
                                   and outer * c * inner * np.dtype(dtype).itemsize
                                   < _CACHED_BYTES)
-    return t, (_row_group(outer, c * inner, _AFFINE_WIDE) if t >= c and not runs else 1), runs
+    return t, (_affine_group(outer, c * inner) if t >= c and not runs else 1), runs
 
 
 def _tile_views(x3, group, *arrays):
