@@ -140,6 +140,13 @@ def check_same_device(a, name: str, like, like_name: str = "x"):
                          f"every array of one call must be on the same device")
 
 
+def _plain_vector(v, num_channels: int) -> bool:
+    """None, or a NumPy vector of ``num_channels`` floats: a per-channel
+    argument that passes its checks (:func:`check_channel_vector`)."""
+    return v is None or (type(v) is np.ndarray and v.shape == (num_channels,)
+                         and v.dtype in _FLOAT_NP_DTYPES)
+
+
 def check_channel_vector(v, name: str, num_channels: int, backend=None,
                          writable: bool = False, like=None):
     """A per-channel parameter: None, or a 1-D float array of length C, on
@@ -152,8 +159,8 @@ def check_channel_vector(v, name: str, num_channels: int, backend=None,
         return
     # the common case in one test: a NumPy vector of the right length and
     # dtype (writeable, of the backend's module, when updated in place)
-    if (type(v) is np.ndarray and v.shape == (num_channels,) and v.dtype in _FLOAT_NP_DTYPES
-            and (not writable or (v.flags.writeable and (backend is None or backend.owns(v))))):
+    if _plain_vector(v, num_channels) and (not writable or (
+            v.flags.writeable and (backend is None or backend.owns(v)))):
         return
     check_float_array(v, name)
     if tuple(v.shape) != (num_channels,):
@@ -242,19 +249,21 @@ def layout_order(x, axis: int) -> Tuple[int, ...]:
     return identity
 
 
-def canonical_view(x, axis: int, xp=None, order: Optional[Sequence[int]] = None):
+def canonical_view(x, axis: int, xp=None, order: Optional[Sequence[int]] = None,
+                   shape3=None):
     """C-contiguous ``(outer, C, inner)`` array holding ``x`` with its axes
     in ``order`` (default: :func:`layout_order`), channel axis ``axis``: a
     view when ``x`` laid out in that order is contiguous (C-contiguous
     arrays, and channels-last tensors of PyTorch with shape NCHW, which run
-    as (N*H*W, C, 1)), else one copy.  :func:`from_canonical` maps a result
+    as (N*H*W, C, 1)), else one copy.  ``shape3``: ``canonical_shape(x.shape,
+    axis)`` when the caller has it.  :func:`from_canonical` maps a result
     back."""
     if xp is None:
         xp = np
     order = layout_order(x, axis) if order is None else tuple(order)
     identity = order == identity_order(x.ndim)
     if identity and x.flags.c_contiguous:       # the common case: a view
-        return x.reshape(canonical_shape(x.shape, axis))
+        return x.reshape(shape3 or canonical_shape(x.shape, axis))
     xt = x if identity else x.transpose(order)
     x3 = xt.reshape(canonical_shape(tuple(xt.shape), order.index(axis)))
     if not x3.flags.c_contiguous:
@@ -286,6 +295,13 @@ def check_bn_vectors(weight, bias, running_mean, running_var, num_channels: int,
     (None or length C), and the running statistics, which are updated in place
     when training, must come as a pair, and are required for inference; all
     on the device of ``like`` (the input) when given."""
+    if (type(running_mean) is np.ndarray and type(running_var) is np.ndarray
+            and _plain_vector(weight, num_channels) and _plain_vector(bias, num_channels)
+            and _plain_vector(running_mean, num_channels)
+            and _plain_vector(running_var, num_channels)
+            and (not training or (running_mean.flags.writeable and running_var.flags.writeable
+                                  and backend.owns(running_mean)))):
+        return      # the common case in one test: NumPy vectors, the running ones writeable
     check_channel_vector(weight, "weight", num_channels, like=like)
     check_channel_vector(bias, "bias", num_channels, like=like)
     check_channel_vector(running_mean, "running_mean", num_channels, backend, writable=training,

@@ -78,6 +78,7 @@ import platform
 import sys
 import threading
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -1393,13 +1394,17 @@ def _tile_backward(n, dy, x, mean, invstd, w, inner, t, group, runs, stream, dw_
 # ------------------------------------------------------------- helpers -----
 def _bits(a):
     """An array as the loops take it: float16 / bfloat16 as their bits."""
-    dt = _bits_dtype(a.dtype)
-    return a if dt == a.dtype else a.view(dt)
+    dt = a.dtype
+    return a if dt in _FLOATS else a.view(_bits_dtype(dt))
+
+
+_FLOATS = frozenset(map(np.dtype, (np.float32, np.float64)))     # taken as they are
 
 
 _NONE = {dt: np.empty((1, 0), dt) for dt in map(np.dtype, (np.float32, np.float64, np.uint16,
                                                             np.int16))}
 _EMPTY = {dt: np.empty(0, dt) for dt in map(np.dtype, (np.float32, np.float64, np.int32))}
+_NO_GUARD = _EMPTY[np.dtype(np.int32)]      # the guard's flags when there is no guard
 
 
 class _Layout:
@@ -1758,11 +1763,21 @@ def _tile_channels(shape, dtype):
     return max(1, min(-(-_TILE // inner), _TILE_BYTES // per_channel, c // _TILES_MIN))
 
 
+class _TilePlan(NamedTuple):
+    """How the tile loops walk a shape (:func:`_tiles`)."""
+
+    t: int              # channels per tile (:func:`_tile_channels`; 0: no tiles)
+    group: int          # rows taken as one
+    runs: bool          # a row walked run by run (else by columns)
+    tiles: int          # the number of tiles
+    flat: tuple         # the 2-D shape of the views the loops walk
+
+
 def _tiles(shape, dtype):
-    """``(t, group, runs)``: the channels per tile (:func:`_tile_channels`),
-    the rows the tile loops take as one (a tile of every channel takes short
-    rows several at a time, as the normalize loop does: :func:`_affine_group`)
-    and whether they walk a row run by run
+    """The :class:`_TilePlan` of a canonical shape: the channels per tile
+    (:func:`_tile_channels`), the rows the tile loops take as one (a tile of
+    every channel takes short rows several at a time, as the normalize loop
+    does: :func:`_affine_group`) and whether they walk a row run by run
     (constants per run; else by columns, the constants one per column, made
     per tile: ``_RUNS_MIN``, ``_RUNS_MIN_CACHED``).  Made once per shape and
     dtype (and per value of the tuning constants it reads, which tests
@@ -1779,32 +1794,24 @@ def _cached_tiles(shape, dtype, constants):
     runs = inner >= _RUNS_MIN or (inner >= _RUNS_MIN_CACHED
                                   and outer * c * inner * np.dtype(dtype).itemsize
                                   < _CACHED_BYTES)
-    return t, (_affine_group(outer, c * inner) if t >= c and not runs else 1), runs
-
-
-def _tile_views(x3, group, *arrays):
-    """The 2-D views the tile loops walk, ``group`` rows as one, of ``x3``
-    and of ``arrays`` (canonical arrays of its shape, or None: absent)."""
-    outer, c, inner = x3.shape
-    flat = (outer // group, group * c * inner)
-    bits = _bits_dtype(x3.dtype)
-    if bits == x3.dtype:        # float32, float64: the arrays themselves
-        return [_NONE[bits] if a is None else a.reshape(flat) for a in (x3, *arrays)]
-    return [_NONE[bits] if a is None else a.view(bits).reshape(flat) for a in (x3, *arrays)]
+    group = _affine_group(outer, c * inner) if t >= c and not runs else 1
+    return _TilePlan(t, group, runs, -(-c // t) if t else 0,
+                     (outer // group, group * c * inner))
 
 
 def _forward_tiles(x3, plan, weight, bias, eps, z3, relu, running, out=None):
     """``(y3, mean, invstd)`` of :func:`_tile_forward` by the :func:`_tiles`
     ``plan`` (``running``: its running statistics, momentum and guard
     arguments; ``y3`` is ``out`` when given)."""
-    t, group, runs = plan
     acc = acc_dtype(x3.dtype)
-    c, inner = x3.shape[1:]
+    c = x3.shape[1]
     y3 = np.empty(x3.shape, x3.dtype) if out is None else out
     mean, invstd = np.empty(c, acc), np.empty(c, acc)
-    x, z, y = _tile_views(x3, group, z3, y3)
-    _tile_forward(-(-c // t), x3.size, x, z, relu, _vec(weight, acc, c, 1.0),
-                  _vec(bias, acc, c, 0.0), float(eps), inner, t, group, runs, _streamed(y3), y,
+    flat = plan.flat
+    _tile_forward(plan.tiles, x3.size, _bits(x3).reshape(flat),
+                  _NONE[_bits_dtype(x3.dtype)] if z3 is None else _bits(z3).reshape(flat), relu,
+                  _vec(weight, acc, c, 1.0), _vec(bias, acc, c, 0.0), float(eps), x3.shape[2],
+                  plan.t, plan.group, plan.runs, _streamed(y3), _bits(y3).reshape(flat),
                   *running, mean, invstd)
     return y3, mean, invstd
 
@@ -1812,15 +1819,15 @@ def _forward_tiles(x3, plan, weight, bias, eps, z3, relu, running, out=None):
 def _backward_tiles(dy3, x3, plan, mean, invstd, weight, out=None):
     """``(dx3, dweight, dbias)`` of :func:`_tile_backward` by the
     :func:`_tiles` ``plan`` (``dx3`` is ``out`` when given)."""
-    t, group, runs = plan
     acc = acc_dtype(x3.dtype)
-    c, inner = x3.shape[1:]
+    c = x3.shape[1]
     dx3 = np.empty(x3.shape, x3.dtype) if out is None else out
     dw, db = np.empty(c, acc), np.empty(c, acc)
-    x, dy, dx = _tile_views(x3, group, dy3, dx3)
-    _tile_backward(-(-c // t), x3.size, dy, x, np.asarray(mean, acc), np.asarray(invstd, acc),
-                   _vec(weight, acc, c, 1.0), inner, t, group, runs, _streamed(dx3), dw, db,
-                   dx)
+    flat = plan.flat
+    _tile_backward(plan.tiles, x3.size, _bits(dy3).reshape(flat), _bits(x3).reshape(flat),
+                   np.asarray(mean, acc), np.asarray(invstd, acc), _vec(weight, acc, c, 1.0),
+                   x3.shape[2], plan.t, plan.group, plan.runs, _streamed(dx3), dw, db,
+                   _bits(dx3).reshape(flat))
     return dx3, dw, db
 
 
@@ -1835,21 +1842,27 @@ class CpuBackend(HostBackend):
     def moments(self, x3):
         return _moments(x3)
 
+    @_serialized
     def bn_forward_train(self, x3, weight, bias, running_mean, running_var, momentum, eps,
                          skipped=None, out=None):
-        return self.bn_forward_train_act(x3, weight, bias, running_mean, running_var, momentum,
-                                         eps, None, False, skipped, out)
+        return self._forward_train(x3, weight, bias, running_mean, running_var, momentum, eps,
+                                   None, False, skipped, out)
 
     @_serialized
     def bn_forward_train_act(self, x3, weight, bias, running_mean, running_var, momentum, eps,
                              residual, relu, skipped=None, out=None):
+        return self._forward_train(x3, weight, bias, running_mean, running_var, momentum, eps,
+                                   residual, relu, skipped, out)
+
+    def _forward_train(self, x3, weight, bias, running_mean, running_var, momentum, eps,
+                       residual, relu, skipped, out):
         plan = _tiles(x3.shape, x3.dtype)
         acc = acc_dtype(x3.dtype)
         absent = _EMPTY[acc]        # what _finish takes for no values
         running = (absent if running_mean is None else running_mean,
                    absent if running_var is None else running_var, float(momentum),
-                   _EMPTY[np.dtype(np.int32)] if skipped is None else skipped)
-        if plan[0]:    # one loop computes the statistics, steps the running ones, and y
+                   _NO_GUARD if skipped is None else skipped)
+        if plan.t:    # one loop computes the statistics, steps the running ones, and y
             return _forward_tiles(x3, plan, weight, bias, eps, residual, relu, running, out)
         mean, m2 = _moments(x3)
         c = mean.size
@@ -1859,15 +1872,21 @@ class CpuBackend(HostBackend):
         y3 = _normalize(x3, mean, invstd, weight, bias, residual, relu, out)
         return y3, mean_acc, invstd_acc
 
+    @_serialized
     def bn_forward_eval(self, x3, weight, bias, running_mean, running_var, eps, out=None):
-        return self.bn_forward_eval_act(x3, weight, bias, running_mean, running_var, eps,
-                                        None, False, out)
+        return self._forward_eval(x3, weight, bias, running_mean, running_var, eps, None, False,
+                                  out)
 
     @_serialized
     def bn_forward_eval_act(self, x3, weight, bias, running_mean, running_var, eps, residual,
                             relu, out=None):
+        return self._forward_eval(x3, weight, bias, running_mean, running_var, eps, residual,
+                                  relu, out)
+
+    def _forward_eval(self, x3, weight, bias, running_mean, running_var, eps, residual, relu,
+                      out):
         c, acc = x3.shape[1], acc_dtype(x3.dtype)
-        mean, invstd, hi, a, b0 = (np.empty(c, acc) for _ in range(5))
+        mean, invstd, hi, a, b0 = np.empty((5, c), acc)
         _eval_constants(running_mean, running_var, float(eps), _vec(weight, acc, c, 1.0),
                         _vec(bias, acc, c, 0.0), mean, invstd, hi, a, b0)
         return _layout(x3.shape).affine(x3, None, hi, a, b0, None, residual, relu, out), mean, \
@@ -1904,7 +1923,7 @@ class CpuBackend(HostBackend):
         """:meth:`bn_backward`; with ``y3`` (the forward's output) of the
         ReLU's gradient ``g = 0 where y3 <= 0, else dy``, written to ``g3``."""
         plan = _tiles(x3.shape, x3.dtype)
-        if plan[0] and training and y3 is None:    # one loop computes the sums and dx
+        if plan.t and training and y3 is None:    # one loop computes the sums and dx
             return _backward_tiles(dy3, x3, plan, mean, invstd, weight, out)
         acc = acc_dtype(x3.dtype)
         sum_dy, sum_dy_xmu = _layout(x3.shape).sums(x3, dy3, mean, y3, g3)
