@@ -361,8 +361,9 @@ def batch_norm_backward(dy, saved: BatchNormSaved, *, out=None):
         V.check_out(out, saved.shape, saved.dtype, saved.order, be, "the forward input",
                     {"dy": dy, "the saved input": saved.x3, "the forward's y": saved.y3},
                     like=saved.x3)
-    dy3 = V.canonical_view(dy, saved.axis, be.xp, saved.order)
-    into = {} if out is None else {"out": V.canonical_view(out, saved.axis, be.xp, saved.order)}
+    dy3 = V.canonical_view(dy, saved.axis, be.xp, saved.order, saved.x3.shape)
+    into = {} if out is None else {"out": V.canonical_view(out, saved.axis, be.xp, saved.order,
+                                                           saved.x3.shape)}
     dresidual = dy
     if saved.groups > 1:
         dx3, dw, db = be.bn_backward_groups(dy3, saved.x3, saved.mean, saved.invstd,
