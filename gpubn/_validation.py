@@ -85,6 +85,21 @@ def check_input(x, axis, name: str = "x", min_ndim: int = 2, allow_empty: bool =
     return axis
 
 
+def plain_input(x, axis, backend) -> Optional[int]:
+    """``axis`` in ``[0, ndim)`` when ``x`` is a non-empty C-contiguous NumPy
+    float array of two or more dimensions that ``backend`` owns and ``axis``
+    an int in range: an input :func:`check_input` and :func:`check_owned`
+    pass, whose :func:`layout_order` is the identity and canonical view a
+    reshape.  Else None: the full checks decide."""
+    if type(x) is not np.ndarray or type(axis) is not int:
+        return None
+    ndim = x.ndim
+    if (ndim >= 2 and -ndim <= axis < ndim and x.dtype in _FLOAT_NP_DTYPES
+            and x.flags.c_contiguous and x.size and backend.owns(x)):
+        return axis % ndim
+    return None
+
+
 def check_eps(eps, name: str = "eps") -> float:
     if type(eps) is not float and (isinstance(eps, bool) or not isinstance(eps, numbers.Real)):
         raise TypeError(f"{name} must be a positive float, got {type(eps).__name__}")
@@ -305,7 +320,7 @@ def check_bn_vectors(weight, bias, running_mean, running_var, num_channels: int,
             and (bias is None or (type(bias) is np.ndarray and bias.shape == vec
                                   and bias.dtype in _FLOAT_NP_DTYPES))
             and (not training or (running_mean.flags.writeable and running_var.flags.writeable
-                                  and backend.xp is np))):
+                                  and backend.owns(running_mean)))):
         return      # the common case in one test: NumPy vectors, the running ones writeable
                     # arrays of a host backend (check_channel_vector's common case, unrolled)
     check_channel_vector(weight, "weight", num_channels, like=like)

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Tuple
 
+import numpy as np
+
 from . import _validation as V
 from .backends import get_backend
 from .backends.base import update_running_groups
@@ -76,8 +78,8 @@ def check_num_batches(num_batches_tracked):
 def to_acc(xp, v, acc):
     """Per-channel vector as a contiguous array of the accumulation dtype
     (``v`` itself when it already is one; None passes through)."""
-    if v is None:
-        return None
+    if v is None or (type(v) is np.ndarray and v.dtype == acc and v.flags.c_contiguous):
+        return v
     return xp.ascontiguousarray(xp.asarray(v), dtype=acc)
 
 
@@ -168,13 +170,17 @@ def canonical_input(x, options: ForwardOptions, *, weight, bias, axis, check_vec
     ``local=True``: ``x`` is one rank's share of a global batch, which may be
     empty; the caller checks the values per channel of the whole batch."""
     be = options.backend
-    axis = V.check_input(x, axis, "x", allow_empty=local)
-    V.check_owned(x, be, "x")
+    plain = V.plain_input(x, axis, be)      # the common case, checked in one test
+    if plain is None:
+        axis = V.check_input(x, axis, "x", allow_empty=local)
+        V.check_owned(x, be, "x")
+        order = V.layout_order(x, axis)
+    else:
+        axis, order = plain, V.identity_order(x.ndim)
     shape = x.shape
     shape3 = V.canonical_shape(shape, axis)
     outer, c, inner = shape3
     count = outer * inner
-    order = V.layout_order(x, axis)
     check_vectors(c, be, axis, order)
     if not local:
         V.check_count(count, options.training, shape)
@@ -182,7 +188,8 @@ def canonical_input(x, options: ForwardOptions, *, weight, bias, axis, check_vec
     xp = be.xp
     acc = V.acc_dtype(x.dtype)
     return ForwardInput(                    # the fields in order: a call's fixed cost
-        be, V.canonical_view(x, axis, xp, order, shape3),
+        be, x.reshape(shape3) if plain is not None else V.canonical_view(x, axis, xp, order,
+                                                                         shape3),
         to_acc(xp, weight, acc), to_acc(xp, bias, acc), acc, axis, shape, x.dtype, count,
         options.training, options.eps, options.factor,
         None if weight is None else weight.dtype, None if bias is None else bias.dtype, order)

@@ -198,3 +198,50 @@ def test_pytorch_positional_order_is_refused(name):
         getattr(gpubn, name)(x, rm, rv)
     np.testing.assert_array_equal(rm, 0.0)
     np.testing.assert_array_equal(rv, 1.0)
+
+
+def _plain_cases():
+    """Inputs and channel axes around the edges of the common case."""
+    rng = np.random.default_rng(1)
+    x4 = rng.standard_normal((2, 3, 4, 5)).astype(np.float32)
+    return [
+        (x4, 1), (x4, -1), (x4, 3), (x4, -4), (x4, 4), (x4, -5), (x4, True), (x4, np.int64(1)),
+        (x4.astype(np.float16), 1), (x4.astype(np.float64), 0), (x4.astype(np.int32), 1),
+        (x4.transpose(0, 2, 3, 1), 3), (np.asfortranarray(x4), 1), (x4[:, :, ::2], 1),
+        (x4[0, 0], 0), (x4[0, 0, 0], 0), (x4[:0], 1), (x4.tolist(), 1),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_plain_cases())))
+def test_the_common_case_test_accepts_only_what_the_full_checks_pass(case):
+    """plain_input, the one-test path of a forward's input, agrees with the
+    checks it stands for: it answers None or the axis check_input returns,
+    for an input check_owned passes whose layout is the identity and whose
+    canonical view is the reshape.  Inputs that are not plain go the full
+    way and keep their messages."""
+    from gpubn import _validation as V
+    from gpubn.backends import get_backend
+    x, axis = _plain_cases()[case]
+    be = get_backend("numpy")
+    got = V.plain_input(x, axis, be)
+    if got is None:
+        return
+    assert got == V.check_input(x, axis, "x")
+    V.check_owned(x, be, "x")
+    assert V.layout_order(x, got) == V.identity_order(x.ndim)
+    shape3 = V.canonical_shape(x.shape, got)
+    view = V.canonical_view(x, got, np)
+    assert view.shape == shape3 and np.shares_memory(view, x)
+
+
+def test_the_common_case_test_takes_the_usual_inputs():
+    """The test above must not pass by answering None: the usual
+    C-contiguous inputs take the one-test path."""
+    from gpubn import _validation as V
+    from gpubn.backends import get_backend
+    be = get_backend("numpy")
+    x = np.zeros((2, 3, 4, 5), np.float32)
+    assert V.plain_input(x, 1, be) == 1 and V.plain_input(x, -1, be) == 3
+    assert V.plain_input(x.astype(np.float64), 0, be) == 0
+    assert V.plain_input(np.asfortranarray(x), 1, be) is None
+    assert V.plain_input(x, True, be) is None                  # a bool is not an axis
