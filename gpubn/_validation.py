@@ -290,8 +290,7 @@ def from_canonical(a3, shape, order: Optional[Sequence[int]] = None):
     """An array of ``shape`` holding the canonical ``a3`` that
     :func:`canonical_view` made with ``order``: a view, laid out in memory
     like that input (channels-last in, channels-last out, as PyTorch does)."""
-    if order is None or order is _IDENTITY[len(shape)] or tuple(order) == identity_order(
-            len(shape)):
+    if order is None or tuple(order) == identity_order(len(shape)):
         return a3.reshape(shape)
     a = a3.reshape(tuple(shape[i] for i in order))
     return a.transpose(tuple(int(i) for i in np.argsort(order)))
@@ -311,18 +310,14 @@ def check_bn_vectors(weight, bias, running_mean, running_var, num_channels: int,
     (None or length C), and the running statistics, which are updated in place
     when training, must come as a pair, and are required for inference; all
     on the device of ``like`` (the input) when given."""
-    vec = (num_channels,)
-    if (type(running_mean) is np.ndarray and type(running_var) is np.ndarray
-            and running_mean.shape == vec and running_var.shape == vec
-            and running_mean.dtype in _FLOAT_NP_DTYPES and running_var.dtype in _FLOAT_NP_DTYPES
-            and (weight is None or (type(weight) is np.ndarray and weight.shape == vec
-                                    and weight.dtype in _FLOAT_NP_DTYPES))
-            and (bias is None or (type(bias) is np.ndarray and bias.shape == vec
-                                  and bias.dtype in _FLOAT_NP_DTYPES))
+    if (running_mean is not None and running_var is not None
+            and _plain_vector(weight, num_channels) and _plain_vector(bias, num_channels)
+            and _plain_vector(running_mean, num_channels)
+            and _plain_vector(running_var, num_channels)
             and (not training or (running_mean.flags.writeable and running_var.flags.writeable
                                   and backend.owns(running_mean)))):
         return      # the common case in one test: NumPy vectors, the running ones writeable
-                    # arrays of a host backend (check_channel_vector's common case, unrolled)
+                    # arrays of a host backend (check_channel_vector's common case)
     check_channel_vector(weight, "weight", num_channels, like=like)
     check_channel_vector(bias, "bias", num_channels, like=like)
     check_channel_vector(running_mean, "running_mean", num_channels, backend, writable=training,

@@ -150,14 +150,12 @@ class ForwardInput:
                 dst[...] = w
         return out
 
-    def saved(self, mean, invstd, weight, cls=None, *fields, **extra):
+    def saved(self, mean, invstd, weight, cls=None, **extra):
         """The saved state for the backward: ``weight`` is the one the
-        backward scales by (batch renorm's ``weight * r``); the fields after
-        those of the forward's input in ``fields`` (in order) or ``extra``."""
+        backward scales by (batch renorm's ``weight * r``)."""
         return (cls or BatchNormSaved)(     # the fields in order: a call's fixed cost
             self.x3, mean, invstd, weight, self.axis, self.shape, self.dtype, self.training,
-            self.backend, self.count, self.weight_dtype, self.bias_dtype, self.order, *fields,
-            **extra)
+            self.backend, self.count, self.weight_dtype, self.bias_dtype, self.order, **extra)
 
 
 def canonical_input(x, options: ForwardOptions, *, weight, bias, axis, check_vectors,
@@ -171,7 +169,7 @@ def canonical_input(x, options: ForwardOptions, *, weight, bias, axis, check_vec
     empty; the caller checks the values per channel of the whole batch."""
     be = options.backend
     plain = V.plain_input(x, axis, be)      # the common case, checked in one test
-    if plain is None:
+    if plain is None:                       # the full checks, and any layout
         axis = V.check_input(x, axis, "x", allow_empty=local)
         V.check_owned(x, be, "x")
         order = V.layout_order(x, axis)
@@ -188,8 +186,7 @@ def canonical_input(x, options: ForwardOptions, *, weight, bias, axis, check_vec
     xp = be.xp
     acc = V.acc_dtype(x.dtype)
     return ForwardInput(                    # the fields in order: a call's fixed cost
-        be, x.reshape(shape3) if plain is not None else V.canonical_view(x, axis, xp, order,
-                                                                         shape3),
+        be, V.canonical_view(x, axis, xp, order, shape3),
         to_acc(xp, weight, acc), to_acc(xp, bias, acc), acc, axis, shape, x.dtype, count,
         options.training, options.eps, options.factor,
         None if weight is None else weight.dtype, None if bias is None else bias.dtype, order)
@@ -338,8 +335,8 @@ def batch_norm_forward(x, *, weight=None, bias=None, running_mean=None, running_
         else:
             y3, mean, invstd = be.bn_forward_eval(f.x3, f.weight, f.bias, rm, rv, f.eps, **into)
     y = out if out is not None else f.output(y3)
-    return y, f.saved(mean, invstd, f.weight, None, skipped, groups, y3 if relu else None,
-                      residual is not None)
+    return y, f.saved(mean, invstd, f.weight, skipped=skipped, groups=groups,
+                      y3=y3 if relu else None, residual=residual is not None)
 
 
 def batch_norm_backward(dy, saved: BatchNormSaved, *, out=None):
