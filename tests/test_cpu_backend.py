@@ -1152,7 +1152,9 @@ def _loop_reference_counts(fn, *args):
     makes inside its loops, and how many loops it has.  A loop is read off
     the compiled function's blocks, which the compiler lays out in order: a
     branch back to an earlier block closes one, and the blocks from there to
-    the branch are its body."""
+    the branch are its body.  A block on the way out of a raised exception
+    (it writes the exception's record) runs once, not once a row, so its
+    counts are not counted; the compiler may lay it out among a loop's."""
     afresh = numba.njit(fastmath=cpu._FLAGS)(fn)
     afresh(*args)
     ir = afresh.inspect_llvm(afresh.signatures[0])
@@ -1176,7 +1178,9 @@ def _loop_reference_counts(fn, *args):
                     if i is not None and i <= j:
                         inside.update(range(i, j + 1))
                         loops += 1
-    increments = sum("\n".join(blocks[i]).count("call void @NRT_incref(") for i in inside)
+    raising = {i for i, lines in enumerate(blocks) if "!numba_exception_output" in "".join(lines)}
+    increments = sum("\n".join(blocks[i]).count("call void @NRT_incref(")
+                     for i in inside - raising)
     return increments, loops
 
 
@@ -1184,6 +1188,9 @@ def _row_loop_args(dtype=np.float32):
     x = np.ones((6, 64), dtype)
     per_col, per_run = np.ones(64, np.float32), np.ones(4, np.float32)
     sums = np.zeros(4), np.zeros(4)
+    per_row = np.ones(6, np.float32)
+    stats = per_row.copy(), per_row.copy()      # layer norm's mean and rstd
+    chunk = per_row.copy(), per_row.copy()      # ... and a chunk's row constants
     return {
         "_normalize_columns": (np.empty_like(x), 0, 6, 0, 64, x, x[:0], True, per_col, per_col,
                                per_col),
@@ -1195,6 +1202,9 @@ def _row_loop_args(dtype=np.float32):
                      per_run),
         "_runs_sums": (x, x, 0, 6, 0, 64, 16, per_run, *sums),
         "_masked_runs_sums": (x, x, x, 0, 6, per_run, *sums, np.empty_like(x)),
+        "_ln_dx_constants_rows": (x, x, 0, 6, *stats, per_col, *chunk),
+        "_ln_dx_rows": (np.empty_like(x), 0, 6, x, x, *stats, per_col, *chunk, per_col.copy(),
+                        per_col.copy()),
     }
 
 

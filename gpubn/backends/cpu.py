@@ -1095,55 +1095,29 @@ def _dx_loop(n, dy, x, mean, a, b0v, k, inner, rows, per, stream, out):
         _dx_blocks(i, i + 1, dy, x, mean, a, b0v, k, inner, rows, per, stream, out)
 
 
-@numba.njit(cache=True, fastmath=_FLAGS)
-def _ln_forward_blocks(b0, b1, x, first, w, b, eps, per, stream, y, mean_out, rstd_out):
-    """Layer norm forward, one row at a time: its statistics
-    (:func:`_ln_row`), then ``y`` while the row is in the cache
-    (streamed or not for all the rows, as in :func:`_normalize_blocks`),
-    the blocks ``[b0, b1)`` of ``per`` rows."""
-    n = x.shape[1]
-    for blk in range(b0, b1):
-        r0, r1 = blk * per, min(x.shape[0], (blk + 1) * per)
-        if stream:
-            for r in range(r0, r1):
-                mean_out[r], rstd_out[r], hi, rs, lo = _ln_row(x, r, first[r], w, eps)
-                _ln_y_streamed(y, r, x, hi, rs, lo, w, b)
-            _store_fence()
-        else:
-            for r in range(r0, r1):
-                mean_out[r], rstd_out[r], hi, rs, lo = _ln_row(x, r, first[r], w, eps)
-                _ln_y_run(y, r, 0, n, False, x, hi, rs, lo, w, b)
-
-
-@_jit.over(_ln_forward_blocks)
-def _ln_forward(n, x, first, w, b, eps, per, stream, y, mean_out, rstd_out):
-    """:func:`_ln_forward_blocks` over ``n`` blocks in parallel."""
-    for blk in numba.prange(n):
-        i = _i64(blk)
-        _ln_forward_blocks(i, i + 1, x, first, w, b, eps, per, stream, y, mean_out, rstd_out)
-
-
 @numba.njit(inline="always")
-def _ln_row(x, r, k, w, eps):
+def _ln_row(x, r, k, eps):
     """The statistics of row ``r`` of the layer norm forward: sums around the
-    row's first value ``k`` (in the accumulation dtype; again around the
-    mean when that was far off); returns the float64 ``(mean, rstd)`` and
-    the constants of ``y = ((x - hi) * rs + lo) * w + b`` (:func:`_ln_y_run`)."""
+    row's first value ``k`` (in the accumulation dtype, ``k``'s; again around
+    the mean when that was far off); returns the float64 ``(mean, rstd)``
+    and the constants of ``y = ((x - hi) * rs + lo) * w + b``
+    (:func:`_ln_y_run`)."""
     n = x.shape[1]
+    zero = _as(k, 0.0)
     if not np.isfinite(k):
-        k = w.dtype.type(0.0)
+        k = zero
     for _ in range(2):
-        a1, a2 = _run_sums(x, x, r, 0, n, False, k, w.dtype.type(0.0))
+        a1, a2 = _run_sums(x, x, r, 0, n, False, k, zero)
         dm = np.float64(a1) / n
         m2 = np.float64(a2) - np.float64(a1) * dm
         if not dm * dm * n > _REDO * m2:      # False for NaN
             break
-        k = w.dtype.type(np.float64(k) + dm)
+        k = _as(k, np.float64(k) + dm)
     mean = np.float64(k) + dm
     rstd = 1.0 / np.sqrt(max(m2, 0.0) / n + eps) if m2 == m2 else m2
-    hi = w.dtype.type(mean)
-    lo = w.dtype.type(-(mean - np.float64(hi)) * rstd if np.isfinite(hi) else 0.0)
-    return mean, rstd, hi, w.dtype.type(rstd), lo
+    hi = _as(k, mean)
+    lo = _as(k, -(mean - np.float64(hi)) * rstd if np.isfinite(hi) else 0.0)
+    return mean, rstd, hi, _as(k, rstd), lo
 
 
 @numba.njit(inline="always")
@@ -1162,17 +1136,111 @@ def _ln_dx_constants(g, x, r, m, rs, w):
     return w.dtype.type(np.float64(a1) / n), w.dtype.type(np.float64(a2) * np.float64(rs) / n)
 
 
+# Layer norm's row loops are functions of their own, each one loop nest, for
+# the reason given above the normalize loops: inlined side by side in the
+# blocks' function, the row functions kept about ten reference counts a row
+# in the forward and 26 in the backward (64x256 float32 backward: 10.4 us,
+# 8.3 in loops of their own).  The forward's loop keeps one (``x``, passed
+# on to sums that may be taken twice).  The backward takes a chunk of rows
+# at a time, as many as keep dy's and x's values of them in L1
+# (_CHUNK_BYTES): the row constants of the chunk in one loop, then dx, plain
+# or streamed, reading them from two small arrays, so that plain and
+# streamed dx are the same bits (each loop summing for itself gave dx
+# differing in the last bit: the sums compiled differently in the two
+# functions).  A call of a loop costs about 50 ns, hence chunks and not rows.
+_CHUNK_BYTES = 16 << 10
+
+
+@numba.njit(inline="always")
+def _ln_chunk(x):
+    """Rows of the 2-D ``x`` a layer-norm loop takes at a time (above)."""
+    return max(1, min(_FOLD, _CHUNK_BYTES // max(1, x.shape[1] * x.itemsize)))
+
+
+@numba.njit(cache=True, fastmath=_FLAGS)
+def _ln_rows(out, r0, r1, x, first, w, b, eps, mean_out, rstd_out):
+    """Layer norm forward on the rows ``[r0, r1)``: a row's statistics
+    (:func:`_ln_row`, into ``mean_out[r]`` and ``rstd_out[r]``), then its
+    ``y`` (:func:`_ln_y_run`) while the row is in L1."""
+    n = x.shape[1]
+    for r in range(r0, r1):
+        mean_out[r], rstd_out[r], hi, rs, lo = _ln_row(x, r, first[r], eps)
+        _ln_y_run(out, r, 0, n, False, x, hi, rs, lo, w, b)
+
+
+@numba.njit(cache=True, fastmath=_FLAGS)
+def _ln_rows_streamed(out, r0, r1, x, first, w, b, eps, mean_out, rstd_out):
+    """:func:`_ln_rows` with non-temporal stores (the caller fences)."""
+    for r in range(r0, r1):
+        mean_out[r], rstd_out[r], hi, rs, lo = _ln_row(x, r, first[r], eps)
+        _ln_y_streamed(out, r, x, hi, rs, lo, w, b)
+
+
+@numba.njit(cache=True, fastmath=_FLAGS)
+def _ln_dx_constants_rows(g, x, r0, r1, mean, rstd, w, c1, c2):
+    """:func:`_ln_dx_constants` of the rows ``[r0, r1)`` into ``c1[i]`` and
+    ``c2[i]`` for ``i = r - r0``."""
+    for r in range(r0, r1):
+        i = r - r0
+        c1[i], c2[i] = _ln_dx_constants(g, x, r, mean[r], rstd[r], w)
+
+
+@numba.njit(cache=True, fastmath=_FLAGS)
+def _ln_dx_rows(out, r0, r1, g, x, mean, rstd, w, c1, c2, aw, ab):
+    """:func:`_ln_dx_run` on the rows ``[r0, r1)``, their constants from
+    :func:`_ln_dx_constants_rows`."""
+    n = x.shape[1]
+    for r in range(r0, r1):
+        i = r - r0
+        _ln_dx_run(out, r, 0, n, False, g, x, mean[r], rstd[r], w, c1[i], c2[i], aw, ab)
+
+
+@numba.njit(cache=True, fastmath=_FLAGS)
+def _ln_dx_rows_streamed(out, r0, r1, g, x, mean, rstd, w, c1, c2, aw, ab):
+    """:func:`_ln_dx_rows` with non-temporal stores (the caller fences)."""
+    for r in range(r0, r1):
+        i = r - r0
+        _ln_dx_streamed(out, r, g, x, mean[r], rstd[r], w, c1[i], c2[i], aw, ab)
+
+
+@numba.njit(cache=True, fastmath=_FLAGS)
+def _ln_forward_blocks(b0, b1, x, first, w, b, eps, per, stream, y, mean_out, rstd_out):
+    """Layer norm forward, a chunk of rows at a time (:func:`_ln_chunk`):
+    their statistics (:func:`_ln_stats_rows`), then ``y`` while the rows
+    are in the cache (streamed or not for all the rows, as in
+    :func:`_normalize_blocks`); the blocks ``[b0, b1)`` of ``per`` rows."""
+    rows = x.shape[0]
+    for blk in range(b0, b1):
+        r0, r1 = blk * per, min(rows, (blk + 1) * per)
+        if stream:
+            _ln_rows_streamed(y, r0, r1, x, first, w, b, eps, mean_out, rstd_out)
+            _store_fence()
+        else:
+            _ln_rows(y, r0, r1, x, first, w, b, eps, mean_out, rstd_out)
+
+
+@_jit.over(_ln_forward_blocks)
+def _ln_forward(n, x, first, w, b, eps, per, stream, y, mean_out, rstd_out):
+    """:func:`_ln_forward_blocks` over ``n`` blocks in parallel."""
+    for blk in numba.prange(n):
+        i = _i64(blk)
+        _ln_forward_blocks(i, i + 1, x, first, w, b, eps, per, stream, y, mean_out, rstd_out)
+
+
 @numba.njit(cache=True, fastmath=_FLAGS)
 def _ln_backward_blocks(b0, b1, dy, x, mean, rstd, w, per, stream, dx, pw, pb):
-    """Layer norm backward, one row at a time: the row's two sums, then
-    ``dx``; block partial column sums ``pw`` (dy * xhat) and ``pb`` (dy)
-    when they have rows, summed in the accumulation dtype over ``_FOLD``
-    rows at a time and those sums in float64.  The blocks ``[b0, b1)`` of
-    ``per`` rows."""
+    """Layer norm backward, a chunk of rows at a time (:func:`_ln_chunk`):
+    their two sums (:func:`_ln_dx_constants_rows`), then ``dx``; block
+    partial column sums ``pw`` (dy * xhat) and ``pb`` (dy) when they have
+    rows, summed in the accumulation dtype over ``_FOLD`` rows at a time and
+    those sums in float64.  The blocks ``[b0, b1)`` of ``per`` rows."""
     rows, n = x.shape
     grads = pw.shape[0] > 0
     aw = np.empty(n if grads else 0, w.dtype)
     ab = np.empty(n if grads else 0, w.dtype)
+    chunk = _ln_chunk(x)
+    c1 = np.empty(chunk, w.dtype)
+    c2 = np.empty(chunk, w.dtype)
     for blk in range(b0, b1):
         if grads:
             pw[blk, :] = 0.0
@@ -1181,18 +1249,14 @@ def _ln_backward_blocks(b0, b1, dy, x, mean, rstd, w, per, stream, dx, pw, pb):
         for f0 in range(blk * per, r1, _FOLD):
             aw[:] = 0.0
             ab[:] = 0.0
-            # a row's sums, then dx and the column sums in one loop,
-            # streamed or not for all rows
-            if stream:
-                for r in range(f0, min(r1, f0 + _FOLD)):
-                    m, rs = mean[r], rstd[r]
-                    c1, c2 = _ln_dx_constants(dy, x, r, m, rs, w)
-                    _ln_dx_streamed(dx, r, dy, x, m, rs, w, c1, c2, aw, ab)
-            else:
-                for r in range(f0, min(r1, f0 + _FOLD)):
-                    m, rs = mean[r], rstd[r]
-                    c1, c2 = _ln_dx_constants(dy, x, r, m, rs, w)
-                    _ln_dx_run(dx, r, 0, n, False, dy, x, m, rs, w, c1, c2, aw, ab)
+            f1 = min(r1, f0 + _FOLD)
+            for c0 in range(f0, f1, chunk):
+                ce = min(f1, c0 + chunk)
+                _ln_dx_constants_rows(dy, x, c0, ce, mean, rstd, w, c1, c2)
+                if stream:
+                    _ln_dx_rows_streamed(dx, c0, ce, dy, x, mean, rstd, w, c1, c2, aw, ab)
+                else:
+                    _ln_dx_rows(dx, c0, ce, dy, x, mean, rstd, w, c1, c2, aw, ab)
             if grads:
                 for j in range(n):
                     pw[blk, j] += np.float64(aw[j])
@@ -1962,12 +2026,14 @@ class CpuBackend(HostBackend):
         if want_grads:      # a block writes a row of partials of the two gradients
             per, nb = _partials_plan(rows, per)
         dx = np.empty(x2.shape, x2.dtype) if out is None else out
-        parts = (nb, n) if want_grads else (0, n)
-        pw, pb = np.empty(parts), np.empty(parts)
+        parts = np.empty((2, nb if want_grads else 0, n))      # dweight's and dbias's
         _ln_backward(nb, x2.size, _bits(dy2), _bits(x2), np.asarray(mean, acc),
                      np.asarray(rstd, acc), _vec(weight, acc, n, 1.0), per, _streamed(dx),
-                     _bits(dx), pw, pb)
+                     _bits(dx), parts[0], parts[1])
         if not want_grads:
             return dx, None, None
+        totals = np.empty((2, n))
+        _channel_totals(parts, 1, 1, totals)
         with quiet():
-            return dx, pw.sum(axis=0).astype(acc), pb.sum(axis=0).astype(acc)
+            dweight, dbias = totals.astype(acc)
+        return dx, dweight, dbias
