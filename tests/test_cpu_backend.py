@@ -37,10 +37,11 @@ SHAPES = [(300, 7, 1), (40, 5, 3), (6, 4, 50), (3, 1, 200), (5, 16, 40)]
 def small_plan(request, monkeypatch):
     """Inputs of up to _ONE_TILE values run the fused tile loops as one tile
     of every channel; "blocked" runs them, as larger inputs, through the
-    blocked loops (``_ONE_TILE = 0``), so the small shapes of these tests
-    cover both."""
+    blocked loops (``_ONE_TILE = 0``, and short rows no longer one tile for
+    the L2's sake), so the small shapes of these tests cover both."""
     if request.param == "blocked":
         monkeypatch.setattr(cpu, "_ONE_TILE", 0)
+        monkeypatch.setattr(cpu, "_L2_BYTES", 0)
     return request.param
 
 
@@ -222,6 +223,7 @@ def many_blocks(monkeypatch):
     (none as one tile)."""
     monkeypatch.setattr(cpu, "_BLOCK", 256)
     monkeypatch.setattr(cpu, "_ONE_TILE", 0)
+    monkeypatch.setattr(cpu, "_L2_BYTES", 0)
     monkeypatch.setattr(cpu, "_WIDE", 8)
     monkeypatch.setattr(cpu, "_SERIAL_MAX", 0)
 
@@ -864,6 +866,7 @@ def test_tiles_of_channels_are_chosen_by_the_shape(monkeypatch):
     allows, and at least _TILES_MIN of them.  (Small inputs, one tile of
     every channel, aside: ``_ONE_TILE = 0``.)"""
     monkeypatch.setattr(cpu, "_ONE_TILE", 0)
+    monkeypatch.setattr(cpu, "_L2_BYTES", 0)
     ran = []
     for name in ("_tile_forward", "_tile_backward", "_sums", "_normalize_loop", "_dx_loop"):
         real = getattr(cpu, name)
@@ -899,6 +902,7 @@ def test_small_inputs_are_one_tile_of_every_channel(monkeypatch):
     assert cpu._tiles((101, 24, 1), np.float32)[:2] == (24, 1)         # a prime row count
     assert cpu._tiles((1, 1, cpu._ONE_TILE), np.float32)[:2] == (1, 1)
     assert cpu._tiles((2, 1, cpu._ONE_TILE // 2 + 1), np.float32)[0] == 0
+    monkeypatch.setattr(cpu, "_L2_BYTES", 0)
     assert cpu._tiles((cpu._ONE_TILE + 1, 1, 1), np.float16)[0] == 0
     # runs of 512 values or more are walked one by one, of 64 or more in a
     # tensor under _CACHED_BYTES; shorter ones (and those of a larger
@@ -923,6 +927,44 @@ def test_small_inputs_are_one_tile_of_every_channel(monkeypatch):
         assert ran == ["_tile_forward.serial", "_tile_backward.serial"], shape
 
 
+def test_short_rows_are_one_tile_while_x_and_dy_fit_in_the_l2(monkeypatch):
+    """Short rows (NC, channels-last) above _ONE_TILE values are one tile as
+    long as x and dy take at most the L2 together; NCHW runs keep the
+    _ONE_TILE limit (their tile loops wake the threads once a pass)."""
+    monkeypatch.setattr(cpu, "_L2_BYTES", 2 << 20)
+    assert cpu._tiles((3136, 64, 1), np.float32)[:2] == (64, 8)        # 4x28x28x64 channels-last
+    assert cpu._tiles((256, 1024, 1), np.float32)[0] == 1024           # 2 x 1 MiB
+    assert cpu._tiles((257, 1024, 1), np.float32)[0] == 0
+    assert cpu._tiles((512, 1024, 1), np.float16)[0] == 1024           # 2 x 1 MiB of float16
+    assert cpu._tiles((128, 1024, 1), np.float64)[0] == 1024
+    assert cpu._tiles((129, 1024, 1), np.float64)[0] == 0
+    assert cpu._tiles((4, 64, 784), np.float32)[0] == 4                # NCHW: tiles as before
+    monkeypatch.setattr(cpu, "_L2_BYTES", 512 << 10)
+    assert cpu._tiles((3136, 64, 1), np.float32)[0] == 0
+    assert cpu._tiles((32, 4096, 1), np.float32)[0] == 4096            # _ONE_TILE values
+
+
+def test_the_l2_size_is_the_systems():
+    """The L2 size read from sysfs is the one the C library reports."""
+    try:
+        reported = int(subprocess.run(["getconf", "LEVEL2_CACHE_SIZE"], capture_output=True,
+                                      text=True, check=True).stdout.strip())
+    except (OSError, ValueError, subprocess.CalledProcessError):
+        pytest.skip("getconf does not report the L2 size here")
+    if reported <= 0:
+        pytest.skip("getconf does not report the L2 size here")
+    assert cpu._l2_bytes() == reported
+
+
+def test_a_short_row_input_of_one_tile_for_the_l2_matches_the_reference(monkeypatch):
+    """Above _ONE_TILE values, as one tile: every method against the
+    reference (the loops are those of small inputs, the rows longer)."""
+    monkeypatch.setattr(cpu, "_L2_BYTES", 2 << 20)
+    x, dy, w, b = _case((2100, 64, 1), np.float32)
+    assert x.size > cpu._ONE_TILE and cpu._tiles(x.shape, x.dtype)[0] == 64
+    _assert_ops_match(_ops(CPU, x, dy, w, b), _ops(REF, x, dy, w, b), x, w)
+
+
 @pytest.mark.parametrize("shape", [(4, 64, 20), (5, 70, 16), (130, 32, 17), (3, 33, 1030)],
                          ids=["tiles-of-4", "last-tile-short", "rows-over-fold",
                               "runs-one-by-one"])
@@ -933,6 +975,7 @@ def test_tiles_of_several_channels_match_the_reference(monkeypatch, shape, dtype
     _FOLD; runs of _RUNS_MIN or more, walked one by one): forward, backward
     and the residual + ReLU epilogue against the float64 reference."""
     monkeypatch.setattr(cpu, "_ONE_TILE", 0)    # the small ones: tiles of several
+    monkeypatch.setattr(cpu, "_L2_BYTES", 0)
     t = cpu._tile_channels(shape, dtype)
     assert t > 1 and (shape[1] % t or shape[0] > cpu._FOLD or shape == (4, 64, 20))
     assert (shape[2] >= cpu._RUNS_MIN) == (shape == (3, 33, 1030))

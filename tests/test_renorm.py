@@ -188,6 +188,7 @@ def test_rmax_1_dmax_0_is_batch_norm(backend, dtype, affine, monkeypatch):
     if backend.name == "cpu":   # likewise its loops (a small input is one tile, read once)
         from gpubn.backends import cpu
         monkeypatch.setattr(cpu, "_ONE_TILE", 0)
+        monkeypatch.setattr(cpu, "_L2_BYTES", 0)
     B = lambda a: to_backend(backend, a)  # noqa: E731
     y, saved = gpubn.batch_renorm_forward(B(x), weight=B(w), bias=B(b), running_mean=B(mu),
                                           running_std=B(sigma), rmax=1.0, dmax=0.0, axis=axis,

@@ -528,6 +528,40 @@ _ONE_TILE = 1 << 17     # values up to which an input is one tile (_tile_channel
 # through the API against the blocked plan (float32, two threads): 64x512
 # 0.69x, 128x512 0.70x, 128x1024 0.87x, 32x32x8x8 0.85x; at 256x1024 1.05x,
 # 32x14x14x64 channels-last 1.22x
+
+
+def _l2_bytes() -> int:
+    """The size of the first CPU's level-2 cache in bytes (Linux: sysfs), 0
+    where it cannot be read."""
+    base = "/sys/devices/system/cpu/cpu0/cache"
+
+    def read(index, name):
+        with open(os.path.join(base, index, name)) as f:
+            return f.read().strip()
+    try:
+        for index in sorted(os.listdir(base)):
+            if read(index, "level") == "2" and read(index, "type") in ("Unified", "Data"):
+                size = read(index, "size")          # "2048K"
+                scale = {"K": 1 << 10, "M": 1 << 20}.get(size[-1:], 1)
+                return int(size.rstrip("KM")) * scale
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+# Short rows (NC, channels-last) above _ONE_TILE values are one tile still
+# while their x and dy fit in a core's L2 together: their blocked loops make
+# two parallel regions a pass, and waking the threads costs 18-26 us here
+# after the calling thread has worked for 0.1-1 ms (1.4 us back to back),
+# while one tile runs at the cache's speed on the calling thread.  Forward +
+# backward through the API, timed as the bench times (20 calls after an idle
+# pause, in turns), float32, two threads, L2 2 MiB, one tile against
+# blocked, median: 3136x64 335 / 565 us, 256x1024 444 / 442 (the slowest
+# quarter from 492 / 696), 6272x64 681 / 711, 512x1024 835 / 784,
+# 1024x1024 1527 / 1235.  (On the 512 KiB L2 of the machine _ONE_TILE
+# was measured on, 256x1024 was 1.05x slower as one tile.)  NCHW runs tile
+# by tile on the threads, a region a pass, and keeps _ONE_TILE.
+_L2_BYTES = _l2_bytes()
 _MAX_BLOCKS = 256
 _SUM_BLOCKS = 16        # most blocks of a loop writing partial sums (_partials_plan)
 _FOLD = 64              # rows a column is summed over in the accumulation dtype
@@ -1816,12 +1850,14 @@ def _tile_channels(shape, dtype):
     a tile then reads the cache); a tile is then the fewest whole channels
     that make ``_TILE`` columns or more (longer rows stream better), within
     the cache budget, and there are at least ``_TILES_MIN`` tiles to share
-    out.  Decided by the shape alone, so results do not depend on the thread
-    count."""
+    out.  Short rows are one tile up to ``_L2_BYTES`` of x and dy (see
+    there).  Decided by the shape and the machine's L2 size, so results do
+    not depend on the thread count."""
     outer, c, inner = shape
-    if outer * c * inner <= _ONE_TILE:
+    values, itemsize = outer * c * inner, np.dtype(dtype).itemsize
+    if values <= _ONE_TILE or (inner < _ROWS_MIN and 2 * values * itemsize <= _L2_BYTES):
         return c
-    per_channel = outer * inner * np.dtype(dtype).itemsize
+    per_channel = outer * inner * itemsize
     if inner < _ROWS_MIN or c < _TILES_MIN or per_channel > _TILE_BYTES:
         return 0
     return max(1, min(-(-_TILE // inner), _TILE_BYTES // per_channel, c // _TILES_MIN))
@@ -1846,7 +1882,7 @@ def _tiles(shape, dtype):
     per tile: ``_RUNS_MIN``, ``_RUNS_MIN_CACHED``).  Made once per shape and
     dtype (and per value of the tuning constants it reads, which tests
     change)."""
-    return _cached_tiles(shape, dtype, (_ONE_TILE, _ROWS_MIN, _TILE, _TILE_BYTES, _TILES_MIN,
+    return _cached_tiles(shape, dtype, (_ONE_TILE, _L2_BYTES, _ROWS_MIN, _TILE, _TILE_BYTES, _TILES_MIN,
                                         _FOLD, _AFFINE_WIDE, _RUNS_MIN, _RUNS_MIN_CACHED,
                                         _CACHED_BYTES))
 
