@@ -1239,10 +1239,9 @@ def _ln_dx_rows_streamed(out, r0, r1, g, x, mean, rstd, w, c1, c2, aw, ab):
 
 @numba.njit(cache=True, fastmath=_FLAGS)
 def _ln_forward_blocks(b0, b1, x, first, w, b, eps, per, stream, y, mean_out, rstd_out):
-    """Layer norm forward, a chunk of rows at a time (:func:`_ln_chunk`):
-    their statistics (:func:`_ln_stats_rows`), then ``y`` while the rows
-    are in the cache (streamed or not for all the rows, as in
-    :func:`_normalize_blocks`); the blocks ``[b0, b1)`` of ``per`` rows."""
+    """Layer norm forward (:func:`_ln_rows`), streamed or not for all the
+    rows (as in :func:`_normalize_blocks`), on the blocks ``[b0, b1)`` of
+    ``per`` rows."""
     rows = x.shape[0]
     for blk in range(b0, b1):
         r0, r1 = blk * per, min(rows, (blk + 1) * per)
@@ -1882,9 +1881,9 @@ def _tiles(shape, dtype):
     per tile: ``_RUNS_MIN``, ``_RUNS_MIN_CACHED``).  Made once per shape and
     dtype (and per value of the tuning constants it reads, which tests
     change)."""
-    return _cached_tiles(shape, dtype, (_ONE_TILE, _L2_BYTES, _ROWS_MIN, _TILE, _TILE_BYTES, _TILES_MIN,
-                                        _FOLD, _AFFINE_WIDE, _RUNS_MIN, _RUNS_MIN_CACHED,
-                                        _CACHED_BYTES))
+    return _cached_tiles(shape, dtype, (_ONE_TILE, _L2_BYTES, _ROWS_MIN, _TILE, _TILE_BYTES,
+                                        _TILES_MIN, _FOLD, _AFFINE_WIDE, _RUNS_MIN,
+                                        _RUNS_MIN_CACHED, _CACHED_BYTES))
 
 
 @functools.lru_cache(maxsize=64)
