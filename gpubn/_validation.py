@@ -155,11 +155,14 @@ def check_same_device(a, name: str, like, like_name: str = "x"):
                          f"every array of one call must be on the same device")
 
 
-def _plain_vector(v, num_channels: int) -> bool:
-    """None, or a NumPy vector of ``num_channels`` floats: a per-channel
-    argument that passes its checks (:func:`check_channel_vector`)."""
+def _plain_vector(v, num_channels: int, backend=None, writable: bool = False) -> bool:
+    """None, or a NumPy vector of ``num_channels`` floats (writeable, and of
+    ``backend``'s array module, when ``writable``): a per-channel argument
+    that passes its checks (:func:`check_channel_vector`) in one test."""
     return v is None or (type(v) is np.ndarray and v.shape == (num_channels,)
-                         and v.dtype in _FLOAT_NP_DTYPES)
+                         and v.dtype in _FLOAT_NP_DTYPES
+                         and (not writable or (v.flags.writeable
+                                               and (backend is None or backend.owns(v)))))
 
 
 def check_channel_vector(v, name: str, num_channels: int, backend=None,
@@ -172,10 +175,7 @@ def check_channel_vector(v, name: str, num_channels: int, backend=None,
     """
     if v is None:
         return
-    # the common case in one test: a NumPy vector of the right length and
-    # dtype (writeable, of the backend's module, when updated in place)
-    if _plain_vector(v, num_channels) and (not writable or (
-            v.flags.writeable and (backend is None or backend.owns(v)))):
+    if _plain_vector(v, num_channels, backend, writable):      # the common case
         return
     check_float_array(v, name)
     if tuple(v.shape) != (num_channels,):
@@ -312,12 +312,9 @@ def check_bn_vectors(weight, bias, running_mean, running_var, num_channels: int,
     on the device of ``like`` (the input) when given."""
     if (running_mean is not None and running_var is not None
             and _plain_vector(weight, num_channels) and _plain_vector(bias, num_channels)
-            and _plain_vector(running_mean, num_channels)
-            and _plain_vector(running_var, num_channels)
-            and (not training or (running_mean.flags.writeable and running_var.flags.writeable
-                                  and backend.owns(running_mean)))):
-        return      # the common case in one test: NumPy vectors, the running ones writeable
-                    # arrays of a host backend (check_channel_vector's common case)
+            and _plain_vector(running_mean, num_channels, backend, training)
+            and _plain_vector(running_var, num_channels, backend, training)):
+        return      # the common case: each vector as check_channel_vector's common case
     check_channel_vector(weight, "weight", num_channels, like=like)
     check_channel_vector(bias, "bias", num_channels, like=like)
     check_channel_vector(running_mean, "running_mean", num_channels, backend, writable=training,
