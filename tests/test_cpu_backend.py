@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import threading
+import types
 from pathlib import Path
 
 import numpy as np
@@ -298,24 +299,32 @@ def test_small_inputs_run_on_the_calling_thread(monkeypatch):
 
 @pytest.mark.parametrize("wake_us, expected", [
     (20.0, 20e-6 / 1e-10),              # 20 us + 0.1 ns n = 0.2 ns n at n = 200000
-    (1.0, cpu._SERIAL_MAX_RANGE[0]),     # ahead from 10000, under the lower bound
+    (1.0, cpu._SERIAL_MAX_RANGE[0]),     # ahead at the first size, the lower bound
     (1e6, cpu._SERIAL_MAX_RANGE[1]),     # never ahead within the range: the upper bound
 ])
 def test_the_serial_limit_is_where_the_two_ways_cross(monkeypatch, wake_us, expected):
-    """_crossover joins the serial and the parallel times of its two sizes by
-    straight lines and returns where they cross (a machine where a value
-    costs 0.2 ns on one thread, 0.1 on two, and waking them ``wake_us``),
-    within _SERIAL_MAX_RANGE."""
+    """_crossover times sizes doubling from the range's lower bound until
+    the threads are ahead and returns where the difference of the two ways
+    crosses zero between that size and the one before (a machine where a
+    value costs 0.2 ns on one thread, 0.1 on two, and waking them
+    ``wake_us``), within _SERIAL_MAX_RANGE; it stops timing there."""
     monkeypatch.setenv("GPUBN_NUM_THREADS", "2")
     if cpu.num_threads() < 2:
         pytest.skip("Numba started one thread: _crossover has nothing to time")
-    sizes = (1 << 15, 1 << 18)
-    model = []
-    for n in sizes:         # the order _crossover times them in
-        model += [n * 2e-10, wake_us * 1e-6 + n * 1e-10]
-    timed = iter(model)
-    monkeypatch.setattr(cpu, "_best_time", lambda fn, repeats: next(timed))
-    assert cpu._crossover(sizes) == pytest.approx(expected, abs=1)
+    timed = []
+
+    def model(n, repeats):
+        timed.append(n)
+        return n * 2e-10, wake_us * 1e-6 + n * 1e-10
+
+    monkeypatch.setattr(cpu, "_loop_times", model)
+    assert cpu._crossover() == pytest.approx(expected, abs=1)
+    lo, hi = cpu._SERIAL_MAX_RANGE
+    ladder = [lo << i for i in range((hi // lo).bit_length())]
+    assert ladder[-1] == hi
+    # the sizes up to the first where the threads are ahead, and no further
+    ahead = [n for n in ladder if n * 2e-10 > wake_us * 1e-6 + n * 1e-10]
+    assert timed == (ladder[:ladder.index(ahead[0]) + 1] if ahead else ladder)
 
 
 def test_the_serial_limit_without_a_second_thread_or_a_gain(monkeypatch):
@@ -323,13 +332,28 @@ def test_the_serial_limit_without_a_second_thread_or_a_gain(monkeypatch):
     within the range runs on the calling thread (the upper bound)."""
     hi = cpu._SERIAL_MAX_RANGE[1]
     monkeypatch.setenv("GPUBN_NUM_THREADS", "1")
-    monkeypatch.setattr(cpu, "_best_time", lambda fn, repeats: pytest.fail("timed with one thread"))
+    monkeypatch.setattr(cpu, "_loop_times",
+                        lambda n, repeats: pytest.fail("timed with one thread"))
     assert cpu._crossover() == hi
     monkeypatch.setenv("GPUBN_NUM_THREADS", "2")
     if cpu.num_threads() < 2:
         return
-    monkeypatch.setattr(cpu, "_best_time", lambda fn, repeats: 1e-5)    # flat: no gain
+    monkeypatch.setattr(cpu, "_loop_times", lambda n, repeats: (n * 1e-10, n * 1e-10))
     assert cpu._crossover() == hi
+
+
+def test_the_loop_times_are_the_two_ways_of_the_normalize_loop(monkeypatch):
+    """_loop_times times the normalize loop on the calling thread and on the
+    threads, in turns, and returns the best of each (the fastest call)."""
+    calls = []
+    monkeypatch.setattr(cpu._normalize_loop, "serial",
+                        lambda *args: calls.append("serial"))
+    monkeypatch.setattr(cpu._normalize_loop, "threaded",
+                        lambda *args: calls.append("threaded"))
+    clock = iter([0.0, 3.0, 10.0, 11.0, 20.0, 22.0, 30.0, 35.0])   # serial 3, 2; threaded 1, 5
+    monkeypatch.setattr(cpu, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    assert cpu._loop_times(1 << 16, 2) == (2.0, 1.0)
+    assert calls == ["serial", "threaded"] * 3       # one untimed call each, then in turns
 
 
 def test_the_serial_limit_is_measured_once_per_process(monkeypatch):

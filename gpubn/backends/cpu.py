@@ -583,7 +583,9 @@ _REDO = 16.0            # (mean - shift)**2 / var above which the sums are taken
 # workqueue threads cost about 0.1 ms a loop (1M values: 1.6 ms on one
 # thread, 2.6 on two).  So the limit is measured, once per process, at the
 # first input that could use the threads (_crossover: 55-130K on that
-# Xeon).  It is never below the one-tile inputs, which a training forward
+# Xeon; 130-550K from process to process on the EPYC, whose threads wake
+# slower or faster from minute to minute; a line through two sizes far
+# apart put it anywhere from 130K to 4M there).  It is never below the one-tile inputs, which a training forward
 # and backward walk on the calling thread anyway: there an inference over
 # 64K values took 1.3x longer on two threads than on one.
 _SERIAL_MAX_RANGE = (_ONE_TILE, 1 << 22)
@@ -598,46 +600,61 @@ def _serial_max() -> int:
     return _SERIAL_MAX
 
 
-def _crossover(sizes=(1 << 15, 1 << 18), repeats=15) -> int:
+def _crossover(repeats=15) -> int:
     """The number of values from which the normalize loop (one read, one
     write: the middle of the passes) finishes first on ``num_threads()``
     threads rather than on the calling thread, within
-    ``_SERIAL_MAX_RANGE``: each way timed as a call runs it (into a fresh
-    output; the threads set) on float32 inputs of the two ``sizes`` (best of
-    ``repeats`` calls in a row), the two times of each way joined by a
-    straight line, and where the lines cross.  A few milliseconds, once."""
+    ``_SERIAL_MAX_RANGE``: float32 inputs of sizes doubling from the range's
+    lower bound are timed both ways (:func:`_loop_times`) until the threads
+    are ahead; the limit is where the difference of the two times, joined by
+    a straight line from the size before, is zero (the lower bound when the
+    threads are ahead at once, the upper bound when never).  The times of
+    two sizes far apart would not do: a loop's time per value rises where
+    its arrays leave the cache, and the threads' gain with it, so a line
+    through them misplaced the crossing (and a small timing error moved it
+    by hundreds of thousands of values).  About 10 ms, once."""
     lo, hi = _SERIAL_MAX_RANGE
     if num_threads() < 2:
         return hi
+    before = None               # (size, serial - threaded seconds) of the size before
+    n = lo
+    while n <= hi:
+        serial, threaded = _loop_times(n, repeats)
+        ahead = serial - threaded
+        if ahead > 0:
+            if before is None:
+                return lo
+            n0, ahead0 = before
+            return int(n0 + (n - n0) * -ahead0 / (ahead - ahead0))
+        before = (n, ahead)
+        n *= 2
+    return hi
+
+
+def _loop_times(n, repeats: int):
+    """``(serial, threaded)``: the least wall-clock seconds of the normalize
+    loop over ``n`` float32 values on the calling thread and on
+    ``num_threads()`` threads, each way as a call runs it (into a fresh
+    output; the threads set), best of ``repeats`` calls each after one
+    untimed (which may load code, start threads, map pages).  The two ways
+    take turns, so a machine whose speed drifts meets both alike."""
     width = 1024
     c = np.zeros(width, np.float32)
-    times = []                  # (serial, parallel) seconds per size
-    for n in sizes:
-        x = np.ones((n // width, width), np.float32)      # written: not the zero page
-        blocks = max(2, n // _BLOCK)
-        args = (x, x[:0], False, c, c, c, 1, False, -(-x.shape[0] // blocks), False)
-        serial = functools.partial(_normalize_loop.serial, 0, blocks, *args)
-        threaded = functools.partial(_normalize_loop.threaded, blocks, *args)
-        times.append((_best_time(lambda: serial(np.empty_like(x)), repeats),
-                      _best_time(lambda: threaded(np.empty_like(x)), repeats)))
-    (s0, p0), (s1, p1) = times
-    span = sizes[1] - sizes[0]
-    gain = ((s1 - s0) - (p1 - p0)) / span       # seconds a value saves on the threads
-    if gain <= 0:
-        return hi
-    return int(min(hi, max(lo, sizes[0] + (p0 - s0) / gain)))
-
-
-def _best_time(fn, repeats: int) -> float:
-    """The least wall-clock seconds of ``repeats`` calls of ``fn`` in a row,
-    after one untimed (which may load code, start threads, map pages)."""
-    fn()
-    best = float("inf")
+    x = np.ones((n // width, width), np.float32)      # written: not the zero page
+    blocks = max(2, n // _BLOCK)
+    args = (x, x[:0], False, c, c, c, 1, False, -(-x.shape[0] // blocks), False)
+    ways = (functools.partial(_normalize_loop.serial, 0, blocks, *args),
+            functools.partial(_normalize_loop.threaded, blocks, *args))
+    best = [float("inf")] * len(ways)
+    for way in ways:
+        way(np.empty_like(x))
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+        for i, way in enumerate(ways):
+            out = np.empty_like(x)
+            t = time.perf_counter()
+            way(out)
+            best[i] = min(best[i], time.perf_counter() - t)
+    return tuple(best)
 
 
 # ---------------------------------------------------------------- loops ----
