@@ -1334,9 +1334,12 @@ def _tile_sums(x, dy, j0, k, inner, group, runs, t1, t2):
     With ``runs`` a row's values of one channel are summed run by run in the
     accumulation dtype, as :func:`_sums` sums a row, a channel's runs in
     float64 in row order (``group`` is then 1); else by columns,
-    over ``_FOLD`` rows at a time (:func:`_column_sums`), those sums and a
-    channel's columns (its ``inner`` columns of each row of the group, in
-    memory order) in float64."""
+    over ``_FOLD`` rows at a time (:func:`_column_sums`), those sums of a
+    column in float64 in row order, then a channel's columns (its ``inner``
+    columns of each row of the group, in memory order), as
+    :func:`_channel_totals` adds the blocked loops' partials.  (Adding a
+    channel's columns after every fold cost a third of a one-tile forward
+    at 8x14x14x64 channels-last: 1.8K scalar additions.)"""
     N = x.shape[0]
     zero = k.dtype.type(0.0)
     t1[:] = 0.0
@@ -1344,22 +1347,29 @@ def _tile_sums(x, dy, j0, k, inner, group, runs, t1, t2):
     if runs:
         _runs_sums(x, dy, 0, N, j0, k.size * inner, inner, k, t1, t2)
         return
-    kc = _per_column(k, inner, k.size * inner * group)
-    c1, c2 = np.empty(kc.size, k.dtype), np.empty(kc.size, k.dtype)
+    width = k.size * inner * group
+    kc = _per_column(k, inner, width)
+    c1, c2 = np.empty(width, k.dtype), np.empty(width, k.dtype)
+    s1, s2 = np.zeros(width), np.zeros(width)
     for f0 in range(0, N, _FOLD):
         c1[:] = zero
         c2[:] = zero
         _column_sums(x, dy, f0, min(N, f0 + _FOLD), j0, kc, c1, c2)
-        for c in range(k.size):
-            s1 = 0.0
-            s2 = 0.0
-            for g in range(group):
-                i0 = (g * k.size + c) * inner
-                for i in range(i0, i0 + inner):
-                    s1 += np.float64(c1[i])
-                    s2 += np.float64(c2[i])
-            t1[c] += s1
-            t2[c] += s2
+        for i in range(np.uint64(width)):     # a column's folds, in order
+            s1[i] += np.float64(c1[i])
+            s2[i] += np.float64(c2[i])
+    C = np.uint64(k.size)
+    for g in range(np.uint64(group)):     # a channel's columns in memory order
+        if inner == 1:
+            for c in range(C):
+                t1[c] += s1[g * C + c]
+                t2[c] += s2[g * C + c]
+        else:
+            for c in range(C):
+                i0 = (g * C + c) * np.uint64(inner)
+                for i in range(i0, i0 + np.uint64(inner)):
+                    t1[c] += s1[i]
+                    t2[c] += s2[i]
 
 
 @numba.njit(cache=True)
