@@ -929,14 +929,18 @@ def test_small_inputs_are_one_tile_of_every_channel(monkeypatch):
     monkeypatch.setattr(cpu, "_L2_BYTES", 0)
     assert cpu._tiles((cpu._ONE_TILE + 1, 1, 1), np.float16)[0] == 0
     # runs of 512 values or more are walked one by one, of 64 or more in a
-    # tensor under _CACHED_BYTES; shorter ones (and those of a larger
-    # tensor) by columns
+    # tensor under _CACHED_BYTES, of 16 or more in fewer than 16 rows;
+    # shorter ones (and those of a larger tensor with more rows) by columns
     assert cpu._tiles((4, 64, 784), np.float32)[2]
     assert cpu._tiles((32, 512, 784), np.float32)[2]
     assert cpu._tiles((8, 16, 144), np.float32)[2]
     assert cpu._tiles((16, 64, 64), np.float32)[2]
     assert not cpu._tiles((32, 1024, 196), np.float32)[2]
     assert not cpu._tiles((32, 64, 49), np.float32)[2]
+    assert cpu._tiles((8, 256, 49), np.float32)[2]
+    assert cpu._tiles((15, 64, 16), np.float32)[2]
+    assert not cpu._tiles((16, 64, 16), np.float32)[2]
+    assert not cpu._tiles((8, 64, 15), np.float32)[2]
     ran = []
     for name in ("_tile_forward", "_tile_backward", "_sums", "_normalize_loop", "_dx_loop"):
         for kind in ("parallel", "serial"):
@@ -991,13 +995,15 @@ def test_a_short_row_input_of_one_tile_for_the_l2_matches_the_reference(monkeypa
     _assert_ops_match(_ops(CPU, x, dy, w, b), _ops(REF, x, dy, w, b), x, w)
 
 
-@pytest.mark.parametrize("shape", [(4, 64, 20), (5, 70, 16), (130, 32, 17), (3, 33, 1030)],
-                         ids=["tiles-of-4", "last-tile-short", "rows-over-fold",
-                              "runs-one-by-one"])
+@pytest.mark.parametrize("shape", [(4, 64, 20), (5, 70, 16), (20, 70, 16), (130, 32, 17),
+                                   (3, 33, 1030)],
+                         ids=["tiles-of-4", "last-tile-short", "last-tile-short-columns",
+                              "rows-over-fold", "runs-one-by-one"])
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64],
                          ids=lambda d: np.dtype(d).name)
 def test_tiles_of_several_channels_match_the_reference(monkeypatch, shape, dtype):
-    """Tiles of several channels (a short last tile; more rows than one
+    """Tiles of several channels (a short last tile, walked run by run in
+    fewer than _FEW_ROWS rows and by columns in more; more rows than one
     _FOLD; runs of _RUNS_MIN or more, walked one by one): forward, backward
     and the residual + ReLU epilogue against the float64 reference."""
     monkeypatch.setattr(cpu, "_ONE_TILE", 0)    # the small ones: tiles of several
@@ -1005,6 +1011,8 @@ def test_tiles_of_several_channels_match_the_reference(monkeypatch, shape, dtype
     t = cpu._tile_channels(shape, dtype)
     assert t > 1 and (shape[1] % t or shape[0] > cpu._FOLD or shape == (4, 64, 20))
     assert (shape[2] >= cpu._RUNS_MIN) == (shape == (3, 33, 1030))
+    # fewer than _FEW_ROWS rows: run by run; more: by columns
+    assert cpu._tiles(shape, dtype).runs == (shape[0] < cpu._FEW_ROWS or shape[2] >= cpu._RUNS_MIN)
     x, dy, w, b = _case(shape, dtype)
     _assert_ops_match(_ops(CPU, x, dy, w, b), _ops(REF, x, dy, w, b), x, w)
     z = np.random.default_rng(3).standard_normal(shape).astype(dtype)

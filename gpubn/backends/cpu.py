@@ -19,8 +19,8 @@ passes as the GPU kernels:
   write of ``dx`` backward (the floor).  Short runs are walked by columns
   (the loop over a tile's row vectorizes across its channels), runs of
   ``_RUNS_MIN`` values or more (``_RUNS_MIN_CACHED`` in a tensor held in the
-  cache) one by one, as the rows of NCHW (constants per run, none per
-  column);
+  cache, ``_ROWS_MIN`` in fewer than ``_FEW_ROWS`` rows) one by one, as the
+  rows of NCHW (constants per run, none per column);
 * layer norm: one read and one write per direction (a row is normalized while
   it is still in the cache).
 
@@ -520,7 +520,12 @@ _RUNS_MIN_CACHED = 64   # ... and runs of 64 or more are walked one by one when
 _CACHED_BYTES = 8 << 20  # the tensor is under this size (32x256x14x14, 6.4 MB:
 # 0.77x the columns' time, 8x64x14x14 0.79x, 8x16x12x12 0.92x; 16x64x8x8
 # forward 0.72x, backward 0.65x, 16x256x8x8 0.90x and 0.85x; 32x64x7x7
-# 1.3x and 1.1x at 49, left to them)
+# 1.3x and 1.1x at 49, left to them) ...
+_FEW_ROWS = 16          # ... and runs of _ROWS_MIN or more in fewer rows than this:
+# the constants per column, made on every call, and the column sums' fold
+# partials, a row's width each, are paid for over too few rows (forward +
+# backward 1x2048x7x7 0.13x the columns' time run by run, 8x256x7x7 0.53x,
+# 4x128x6x6 0.63x; at 16 rows 0.64-1.34x, at 32 0.79-1.61x)
 _BLOCK = 1 << 15        # elements per block of work (about)
 _ONE_TILE = 1 << 17     # values up to which an input is one tile (_tile_channels): a
 # pass in one call on the calling thread, where the blocked loops make two
@@ -1905,12 +1910,12 @@ def _tiles(shape, dtype):
     every channel takes short rows several at a time, as the normalize loop
     does: :func:`_affine_group`) and whether they walk a row run by run
     (constants per run; else by columns, the constants one per column, made
-    per tile: ``_RUNS_MIN``, ``_RUNS_MIN_CACHED``).  Made once per shape and
+    per tile: ``_RUNS_MIN``, ``_RUNS_MIN_CACHED``, ``_FEW_ROWS``).  Made once per shape and
     dtype (and per value of the tuning constants it reads, which tests
     change)."""
     return _cached_tiles(shape, dtype, (_ONE_TILE, _L2_BYTES, _ROWS_MIN, _TILE, _TILE_BYTES,
                                         _TILES_MIN, _FOLD, _AFFINE_WIDE, _RUNS_MIN,
-                                        _RUNS_MIN_CACHED, _CACHED_BYTES))
+                                        _RUNS_MIN_CACHED, _CACHED_BYTES, _FEW_ROWS))
 
 
 @functools.lru_cache(maxsize=64)
@@ -1919,7 +1924,7 @@ def _cached_tiles(shape, dtype, constants):
     t = _tile_channels(shape, dtype)
     runs = inner >= _RUNS_MIN or (inner >= _RUNS_MIN_CACHED
                                   and outer * c * inner * np.dtype(dtype).itemsize
-                                  < _CACHED_BYTES)
+                                  < _CACHED_BYTES) or (inner >= _ROWS_MIN and outer < _FEW_ROWS)
     group = _affine_group(outer, c * inner) if t >= c and not runs else 1
     return _TilePlan(t, group, runs, -(-c // t) if t else 0,
                      (outer // group, group * c * inner))
