@@ -354,6 +354,12 @@ def test_the_loop_times_are_the_two_ways_of_the_normalize_loop(monkeypatch):
     monkeypatch.setattr(cpu, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
     assert cpu._loop_times(1 << 16, 2) == (2.0, 1.0)
     assert calls == ["serial", "threaded"] * 3       # one untimed call each, then in turns
+    # once the calls have taken _TIMING_SECONDS, three rounds are enough
+    calls.clear()
+    clock = iter(float(t) for t in range(100))
+    monkeypatch.setattr(cpu, "_TIMING_SECONDS", 0.5)
+    assert cpu._loop_times(1 << 16, 15) == (1.0, 1.0)
+    assert calls == ["serial", "threaded"] * 4
 
 
 def test_the_serial_limit_is_measured_once_per_process(monkeypatch):

@@ -617,7 +617,8 @@ def _crossover(repeats=15) -> int:
     two sizes far apart would not do: a loop's time per value rises where
     its arrays leave the cache, and the threads' gain with it, so a line
     through them misplaced the crossing (and a small timing error moved it
-    by hundreds of thousands of values).  About 10 ms, once."""
+    by hundreds of thousands of values).  Once per process: a few
+    milliseconds (0.05-0.13 s where the threads are never ahead)."""
     lo, hi = _SERIAL_MAX_RANGE
     if num_threads() < 2:
         return hi
@@ -641,7 +642,9 @@ def _loop_times(n, repeats: int):
     loop over ``n`` float32 values on the calling thread and on
     ``num_threads()`` threads, each way as a call runs it (into a fresh
     output; the threads set), best of ``repeats`` calls each after one
-    untimed (which may load code, start threads, map pages).  The two ways
+    untimed (which may load code, start threads, map pages), or of fewer,
+    three at least, once the calls have taken ``_TIMING_SECONDS`` (large
+    sizes, where the two ways differ by more than the noise).  The two ways
     take turns, so a machine whose speed drifts meets both alike."""
     width = 1024
     c = np.zeros(width, np.float32)
@@ -653,13 +656,21 @@ def _loop_times(n, repeats: int):
     best = [float("inf")] * len(ways)
     for way in ways:
         way(np.empty_like(x))
-    for _ in range(repeats):
+    spent = 0.0
+    for done in range(repeats):
+        if done >= 3 and spent > _TIMING_SECONDS:
+            break
         for i, way in enumerate(ways):
             out = np.empty_like(x)
             t = time.perf_counter()
             way(out)
-            best[i] = min(best[i], time.perf_counter() - t)
+            took = time.perf_counter() - t
+            best[i] = min(best[i], took)
+            spent += took
     return tuple(best)
+
+
+_TIMING_SECONDS = 0.01
 
 
 # ---------------------------------------------------------------- loops ----
