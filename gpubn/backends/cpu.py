@@ -590,11 +590,13 @@ _REDO = 16.0            # (mean - shift)**2 / var above which the sums are taken
 # first input that could use the threads (_crossover: 55-130K on that
 # Xeon; 130-550K from process to process on the EPYC, whose threads wake
 # slower or faster from minute to minute; a line through two sizes far
-# apart put it anywhere from 130K to 4M there).  It is never below the one-tile inputs, which a training forward
-# and backward walk on the calling thread anyway: there an inference over
-# 64K values took 1.3x longer on two threads than on one.
+# apart put it anywhere from 130K to 4M there).  It is never below the
+# one-tile inputs, which a training forward and backward walk on the
+# calling thread anyway: there an inference over 64K values took 1.3x
+# longer on two threads than on one.
 _SERIAL_MAX_RANGE = (_ONE_TILE, 1 << 22)
 _SERIAL_MAX = None      # set by _serial_max (tests set it)
+_TIMING_SECONDS = 0.01  # seconds of calls after which _loop_times stops at a size
 
 
 def _serial_max() -> int:
@@ -668,9 +670,6 @@ def _loop_times(n, repeats: int):
             best[i] = min(best[i], took)
             spent += took
     return tuple(best)
-
-
-_TIMING_SECONDS = 0.01
 
 
 # ---------------------------------------------------------------- loops ----
@@ -1374,8 +1373,11 @@ def _tile_sums(x, dy, j0, k, inner, group, runs, t1, t2):
         for i in range(np.uint64(width)):     # a column's folds, in order
             s1[i] += np.float64(c1[i])
             s2[i] += np.float64(c2[i])
+    # a channel's columns in memory order; a column per channel (NC,
+    # channels-last) apart, which reads them in a row over the channels and
+    # vectorizes (the general loop took 1.1-1.2x the time of a 2x4096 forward)
     C = np.uint64(k.size)
-    for g in range(np.uint64(group)):     # a channel's columns in memory order
+    for g in range(np.uint64(group)):
         if inner == 1:
             for c in range(C):
                 t1[c] += s1[g * C + c]
