@@ -186,7 +186,8 @@ def _host_yardsticks(machine, providers, quick: bool) -> None:
         return
     first = machine["cpu_first_call"] = host.cpu_first_call()
     if first:
-        print(f"# cpu backend, first bn forward+backward (16x32x32x32) in a new process: "
+        print(f"# cpu backend, first bn forward+backward "
+              f"({'x'.join(map(str, host.FIRST_CALL_SHAPE))}) in a new process: "
               f"{first['compile_s']:.1f} s compiling, {first['cached_s']:.2f} s from the disk "
               f"cache, {1e3 * first['steady_s']:.1f} ms the next call")
     spin = machine["torch_after_cpu"] = host.torch_after_cpu()
