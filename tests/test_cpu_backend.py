@@ -1214,6 +1214,36 @@ def test_streamed_rows_compile_to_vector_non_temporal_stores(dtype, packed):
         assert re.search(rf"\bv?{packed}\s", asm), probe
 
 
+def _calls_streamed_loops(fn, stream):
+    """Whether the compiled code of the blocks loop ``fn`` (compiled afresh
+    for a 6x64 float32 output and ``stream``, so its code can be read) calls
+    a streamed row loop."""
+    afresh = numba.njit(fastmath=cpu._FLAGS)(fn.py_func)
+    x, c = np.ones((6, 64), np.float32), np.ones(64, np.float32)
+    if fn is cpu._normalize_blocks:
+        afresh(0, 1, x, x[:0], False, c, c, c, 1, False, 6, stream, np.empty_like(x))
+    else:
+        afresh(0, 1, x, x, c, c, c, c, 1, False, 6, stream, np.empty_like(x))
+    ir = afresh.inspect_llvm(afresh.signatures[0])
+    return any(name in ir for name in ("_normalize_columns_streamed", "_normalize_runs_streamed",
+                                       "_dx_columns_streamed", "_dx_runs_streamed"))
+
+
+@pytest.mark.parametrize("fn", ["_normalize_blocks", "_dx_blocks"])
+def test_a_loop_for_an_output_not_streamed_leaves_the_streamed_loops_out(fn):
+    """An output not streamed is ``stream=None`` (:func:`cpu._streamed`): the
+    compiler drops the streamed branch of the row loops, so a process that
+    writes no large output never compiles the streamed loops."""
+    assert cpu._streamed(np.empty(16)) is None
+    assert cpu._streamed(np.empty(cpu._STREAM_BYTES, np.uint8)) is True
+    assert not _calls_streamed_loops(getattr(cpu, fn), None)
+
+
+def test_the_streamed_loop_check_sees_them_called():
+    """The check above finds the streamed loops where they are compiled in."""
+    assert _calls_streamed_loops(cpu._normalize_blocks, True)
+
+
 @pytest.mark.skipif(cpu._X86 is False or sys.maxsize < 2**32 or not _truncating_vector_stores(),
                     reason="an AVX-512BW target's machine code")
 def test_float16_streamed_rows_fold_into_truncating_stores_on_avx512bw():

@@ -499,9 +499,15 @@ def _stream_span(out, r, j0, n, stream):
     return lo, lo + (n - lo) // per_line * per_line
 
 
-def _streamed(a) -> bool:
-    """Whether the loops write the output ``a`` with non-temporal stores."""
-    return a.nbytes >= _STREAM_BYTES
+def _streamed(a):
+    """Whether the loops write the output ``a`` with non-temporal stores:
+    True, or None for plain stores.  The loops' ``stream`` is one of the
+    two, never False: the compiler drops the code under a test of an
+    argument against None (not under a boolean's value), so a loop compiled
+    for None leaves the streamed row loops out, and a process with no output
+    of ``_STREAM_BYTES`` never compiles them (about half the compile time
+    of a first forward + backward)."""
+    return True if a.nbytes >= _STREAM_BYTES else None
 
 
 _ROWS_MIN = 16          # inner extent from which a channel's runs are walked one by one
@@ -652,7 +658,7 @@ def _loop_times(n, repeats: int):
     c = np.zeros(width, np.float32)
     x = np.ones((n // width, width), np.float32)      # written: not the zero page
     blocks = max(2, n // _BLOCK)
-    args = (x, x[:0], False, c, c, c, 1, False, -(-x.shape[0] // blocks), False)
+    args = (x, x[:0], False, c, c, c, 1, False, -(-x.shape[0] // blocks), None)
     ways = (functools.partial(_normalize_loop.serial, 0, blocks, *args),
             functools.partial(_normalize_loop.threaded, blocks, *args))
     best = [float("inf")] * len(ways)
@@ -908,31 +914,32 @@ def _dx_runs_streamed(out, r0, r1, j0, n, inner, g, x, m, a, b0, k):
 @numba.njit(inline="always")
 def _normalize_rows(out, r0, r1, j0, n, inner, runs, stream, x, z, relu, m, a, b0):
     """The normalize over rows ``[r0, r1)`` by runs (``runs``: constants per
-    channel) or by columns (one per item), streamed or not: the loop
-    functions above."""
-    if runs:
-        if stream:
-            _normalize_runs_streamed(out, r0, r1, j0, n, inner, x, z, relu, m, a, b0)
-        else:
+    channel) or by columns (one per item), streamed (``stream`` True) or
+    not (None; only these two loops are compiled then, :func:`_streamed`):
+    the loop functions above."""
+    if stream is None:
+        if runs:
             _normalize_runs(out, r0, r1, j0, n, inner, x, z, relu, m, a, b0)
-    elif stream:
-        _normalize_columns_streamed(out, r0, r1, j0, n, x, z, relu, m, a, b0)
+        else:
+            _normalize_columns(out, r0, r1, j0, n, x, z, relu, m, a, b0)
+    elif runs:
+        _normalize_runs_streamed(out, r0, r1, j0, n, inner, x, z, relu, m, a, b0)
     else:
-        _normalize_columns(out, r0, r1, j0, n, x, z, relu, m, a, b0)
+        _normalize_columns_streamed(out, r0, r1, j0, n, x, z, relu, m, a, b0)
 
 
 @numba.njit(inline="always")
 def _dx_rows(out, r0, r1, j0, n, inner, runs, stream, g, x, m, a, b0, k):
     """The dx loop over rows as :func:`_normalize_rows` runs the normalize."""
-    if runs:
-        if stream:
-            _dx_runs_streamed(out, r0, r1, j0, n, inner, g, x, m, a, b0, k)
-        else:
+    if stream is None:
+        if runs:
             _dx_runs(out, r0, r1, j0, n, inner, g, x, m, a, b0, k)
-    elif stream:
-        _dx_columns_streamed(out, r0, r1, j0, n, g, x, m, a, b0, k)
+        else:
+            _dx_columns(out, r0, r1, j0, n, g, x, m, a, b0, k)
+    elif runs:
+        _dx_runs_streamed(out, r0, r1, j0, n, inner, g, x, m, a, b0, k)
     else:
-        _dx_columns(out, r0, r1, j0, n, g, x, m, a, b0, k)
+        _dx_columns_streamed(out, r0, r1, j0, n, g, x, m, a, b0, k)
 
 
 @numba.njit(inline="always")
@@ -1113,7 +1120,8 @@ def _normalize_blocks(b0, b1, x, z, relu, mean, a, b0v, inner, rows, per, stream
     """``out = (x - mean[q]) * a[q] + b0v[q]``, plus ``z`` when it has
     values, then the ReLU (``v <= 0`` to 0, NaN kept) when ``relu``, the
     constants a value per channel, rows, blocks and channel ``q`` as in
-    :func:`_sums_blocks`; non-temporal stores when ``stream``.  Blocks
+    :func:`_sums_blocks`; non-temporal stores when ``stream`` is True
+    (None: plain stores, :func:`_streamed`).  Blocks
     ``[b0, b1)`` of ``per`` rows."""
     R, W = out.shape
     mean, a = _layout_constant(mean, rows, inner, W), _layout_constant(a, rows, inner, W)
@@ -1277,11 +1285,11 @@ def _ln_forward_blocks(b0, b1, x, first, w, b, eps, per, stream, y, mean_out, rs
     rows = x.shape[0]
     for blk in range(b0, b1):
         r0, r1 = blk * per, min(rows, (blk + 1) * per)
-        if stream:
+        if stream is None:
+            _ln_rows(y, r0, r1, x, first, w, b, eps, mean_out, rstd_out)
+        else:
             _ln_rows_streamed(y, r0, r1, x, first, w, b, eps, mean_out, rstd_out)
             _store_fence()
-        else:
-            _ln_rows(y, r0, r1, x, first, w, b, eps, mean_out, rstd_out)
 
 
 @_jit.over(_ln_forward_blocks)
@@ -1318,15 +1326,15 @@ def _ln_backward_blocks(b0, b1, dy, x, mean, rstd, w, per, stream, dx, pw, pb):
             for c0 in range(f0, f1, chunk):
                 ce = min(f1, c0 + chunk)
                 _ln_dx_constants_rows(dy, x, c0, ce, mean, rstd, w, c1, c2)
-                if stream:
-                    _ln_dx_rows_streamed(dx, c0, ce, dy, x, mean, rstd, w, c1, c2, aw, ab)
-                else:
+                if stream is None:
                     _ln_dx_rows(dx, c0, ce, dy, x, mean, rstd, w, c1, c2, aw, ab)
+                else:
+                    _ln_dx_rows_streamed(dx, c0, ce, dy, x, mean, rstd, w, c1, c2, aw, ab)
             if grads:
                 for j in range(n):
                     pw[blk, j] += np.float64(aw[j])
                     pb[blk, j] += np.float64(ab[j])
-        if stream:
+        if stream is not None:
             _store_fence()
 
 
